@@ -1,0 +1,2 @@
+def hello(event, context):
+    return {"statusCode": 200, "body": "Hello, World!"}

@@ -1,0 +1,1 @@
+"""Control API (deploy, invoke, logs, status) and deploy orchestration."""

@@ -1,0 +1,1 @@
+"""HTTP in, Lambda event out: routing, dispatch, error mapping."""

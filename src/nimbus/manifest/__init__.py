@@ -1,0 +1,1 @@
+"""Manifests: load and validate app.yaml into :class:`AppSpec`."""

@@ -1,0 +1,1 @@
+"""What runs inside an instance: the zygote, the bootstrap loop, the Lambda context."""

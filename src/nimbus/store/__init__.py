@@ -1,0 +1,1 @@
+"""Storage seams (Store, Blobs) and their backends, picked by name."""

@@ -1,0 +1,1 @@
+"""Node agent: starts instances from the zygote, supervises them, enforces limits."""
