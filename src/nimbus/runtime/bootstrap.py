@@ -1,0 +1,245 @@
+"""The loop that runs inside an instance process.
+
+The zygote forks, then calls :func:`run_instance` in the child with the
+socket to its worker and the instance's spec. The instance prepares its
+environment (code folder, requirements, env vars, temporary directory),
+imports the handler, says READY, then answers INVOKE frames until its worker
+hangs up. Anything printed while a handler runs goes back as LOG frames
+tagged with the invocation's request id.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import resource
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+
+from nimbus.runtime import protocol as p
+from nimbus.runtime.context import LambdaContext
+
+_HEADER = p.HEADER
+_HS = p.HEADER_SIZE
+
+
+def error_body(exc: BaseException, request_id: str | None = None) -> dict[str, Any]:
+    """The Lambda-shaped error: what a client sees for a handler exception."""
+    body: dict[str, Any] = {
+        "errorMessage": str(exc),
+        "errorType": type(exc).__name__,
+    }
+    if request_id is not None:
+        body["requestId"] = request_id
+    return body
+
+
+class _Channel:
+    """Blocking framed I/O on the worker socket; sends are serialised by a lock."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.rfile = sock.makefile("rb", buffering=65536)
+        self._lock = threading.Lock()
+
+    def send(self, kind: int, payload: bytes) -> None:
+        data = p.frame(kind, payload)
+        with self._lock:
+            self.sock.sendall(data)
+
+    def recv(self) -> tuple[int, bytes] | None:
+        head = self.rfile.read(_HS)
+        if len(head) < _HS:
+            return None
+        size, kind = _HEADER.unpack(head)
+        body = self.rfile.read(size)
+        if len(body) < size:
+            return None
+        return kind, body
+
+
+class _LogWriter(io.TextIOBase):
+    """Replaces sys.stdout/sys.stderr: each line becomes a LOG frame.
+
+    The request id comes from a thread-local set around each invocation, so
+    concurrent invocations in one instance keep their lines apart.
+    """
+
+    def __init__(self, channel: _Channel, stream: str, current: threading.local) -> None:
+        self._channel = channel
+        self._stream = stream
+        self._current = current
+        self._buf: list[str] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not s:
+            return 0
+        self._buf.append(s)
+        if "\n" in s:
+            self.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        text = "".join(self._buf)
+        self._buf.clear()
+        rid = getattr(self._current, "request_id", None)
+        self._channel.send(p.LOG, orjson.dumps([rid, self._stream, text]))
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _apply_spec(spec: dict[str, Any]) -> None:
+    code_dir = spec["code_dir"]
+    for path in reversed(spec.get("sys_path", [])):
+        sys.path.insert(0, path)
+    sys.path.insert(0, code_dir)
+    os.chdir(code_dir)
+    os.makedirs(spec["tmp_dir"], exist_ok=True)
+    os.environ.update(spec["env"])
+
+
+def _limit_memory(memory_mb: int) -> None:
+    # RLIMIT_AS counts address space, not RSS. Measuring it after the handler
+    # module is imported and adding memory_mb gives the handler memory_mb of
+    # room for its own allocations; MemoryError is reported as a limit error.
+    with open("/proc/self/statm") as f:
+        vm_pages = int(f.read().split()[0])
+    base = vm_pages * os.sysconf("SC_PAGE_SIZE")
+    limit = base + memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
+    """Serve invocations on ``sock`` until the worker hangs up. Never returns
+    normally into the zygote's code: the caller must ``os._exit`` after."""
+    channel = _Channel(sock)
+    current = threading.local()
+    try:
+        _apply_spec(spec)
+        module = importlib.import_module(spec["module"])
+        handler = getattr(module, spec["callable"])
+        if not callable(handler):
+            raise TypeError(f"{spec['module']}.{spec['callable']} is not callable")
+    except BaseException as exc:  # noqa: BLE001 - any import failure is the user's
+        body = error_body(exc)
+        body["stackTrace"] = traceback.format_exception(exc)
+        channel.send(p.INIT_ERROR, orjson.dumps(body))
+        return
+    sys.stdout = _LogWriter(channel, "stdout", current)
+    sys.stderr = _LogWriter(channel, "stderr", current)
+    make_context = _context_factory(spec)
+    concurrency = spec.get("concurrency", 1)
+    if concurrency > 1:
+        pool = _started_pool(concurrency)  # thread stacks count in RLIMIT_AS
+        _limit_memory(spec["memory_mb"])
+        channel.send(p.READY, orjson.dumps({"pid": os.getpid()}))
+        with pool:
+            _serve_concurrent(channel, handler, make_context, current, pool)
+    else:
+        _limit_memory(spec["memory_mb"])
+        channel.send(p.READY, orjson.dumps({"pid": os.getpid()}))
+        _serve(channel, handler, make_context, current)
+
+
+def _context_factory(spec: dict[str, Any]) -> Callable[[str, int], LambdaContext]:
+    name = spec["function"]
+    version = str(spec["version"])
+    memory = spec["memory_mb"]
+    arn = spec["arn"]
+    group = f"/aws/lambda/{name}"
+    stream = spec["instance_id"]
+
+    def make(request_id: str, deadline_ms: int) -> LambdaContext:
+        return LambdaContext(request_id, deadline_ms, name, version, memory, arn, group, stream)
+
+    return make
+
+
+def _invoke_one(
+    channel: _Channel,
+    handler: Callable[[Any, Any], Any],
+    make_context: Callable[[str, int], LambdaContext],
+    current: threading.local,
+    body: bytes,
+) -> None:
+    rid, deadline_ms, event = orjson.loads(body)
+    current.request_id = rid
+    fatal = False
+    try:
+        result = handler(event, make_context(rid, deadline_ms))
+        try:
+            payload = orjson.dumps([rid, result])
+            kind = p.RESULT
+        except TypeError as exc:
+            payload = orjson.dumps(
+                [rid, {"errorMessage": f"Unable to marshal response: {exc}",
+                       "errorType": "Runtime.MarshalError", "requestId": rid}]
+            )
+            kind = p.ERROR
+    except MemoryError:
+        fatal = True  # the heap may be in any state: answer, then leave
+        kind = p.ERROR
+        payload = orjson.dumps(
+            [rid, {"errorMessage": f"function exceeded its memory limit of "
+                   f"{make_context(rid, 0).memory_limit_in_mb} MB",
+                   "errorType": "Runtime.OutOfMemory", "requestId": rid}]
+        )
+    except Exception as exc:  # noqa: BLE001 - the user's handler failed
+        traceback.print_exception(exc)  # to the logs, tagged with rid
+        kind = p.ERROR
+        payload = orjson.dumps([rid, error_body(exc, rid)])
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        current.request_id = None
+    channel.send(kind, payload)
+    if fatal:
+        os._exit(3)
+
+
+def _serve(channel, handler, make_context, current) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        got = channel.recv()
+        if got is None:
+            return
+        kind, body = got
+        if kind == p.INVOKE:
+            _invoke_one(channel, handler, make_context, current, body)
+
+
+def _started_pool(n: int) -> ThreadPoolExecutor:
+    """A pool whose n threads already exist (the executor starts them lazily)."""
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="invoke")
+    barrier = threading.Barrier(n + 1)
+    for _ in range(n):
+        pool.submit(barrier.wait, 5.0)
+    barrier.wait(5.0)
+    return pool
+
+
+def _serve_concurrent(channel, handler, make_context, current, pool) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        got = channel.recv()
+        if got is None:
+            return
+        kind, body = got
+        if kind == p.INVOKE:
+            pool.submit(_invoke_one, channel, handler, make_context, current, body)

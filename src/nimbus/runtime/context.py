@@ -1,0 +1,58 @@
+"""The Lambda ``context`` object handed to every handler."""
+
+from __future__ import annotations
+
+import time
+
+
+class LambdaContext:
+    """What AWS Lambda's Python runtime passes as ``context``.
+
+    One object per invocation; ``get_remaining_time_in_millis`` counts down to
+    the invocation's deadline (wall clock, milliseconds since the epoch).
+    """
+
+    __slots__ = (
+        "aws_request_id",
+        "function_name",
+        "function_version",
+        "memory_limit_in_mb",
+        "invoked_function_arn",
+        "log_group_name",
+        "log_stream_name",
+        "identity",
+        "client_context",
+        "_deadline_ms",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        deadline_ms: int,
+        function_name: str,
+        function_version: str,
+        memory_mb: int,
+        arn: str,
+        log_group: str,
+        log_stream: str,
+    ) -> None:
+        self.aws_request_id = request_id
+        self.function_name = function_name
+        self.function_version = function_version
+        self.memory_limit_in_mb = str(memory_mb)
+        self.invoked_function_arn = arn
+        self.log_group_name = log_group
+        self.log_stream_name = log_stream
+        self.identity = None
+        self.client_context = None
+        self._deadline_ms = deadline_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, self._deadline_ms - int(time.time() * 1000))
+
+    def __repr__(self) -> str:
+        return (
+            f"LambdaContext(aws_request_id={self.aws_request_id!r}, "
+            f"function_name={self.function_name!r}, "
+            f"function_version={self.function_version!r})"
+        )

@@ -1,0 +1,182 @@
+"""One running instance as the worker sees it: a process and its socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from nimbus.errors import (
+    DeployError,
+    HandlerError,
+    InstanceDiedError,
+    InvocationTimeoutError,
+    UnavailableError,
+)
+from nimbus.runtime import protocol as p
+
+LogFn = Callable[[str | None, str, str], None]  # (request_id, stream, text)
+
+_HEADER = p.HEADER
+_HS = p.HEADER_SIZE
+_INVOKE = p.INVOKE
+_RESULT = p.RESULT
+
+
+class InstanceProtocol(asyncio.Protocol):
+    """Parses frames from one instance and resolves the matching futures."""
+
+    def __init__(self, on_log: LogFn, on_lost: Callable[[], None]) -> None:
+        self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending: dict[str, asyncio.Future[Any]] = {}
+        self.transport: asyncio.Transport | None = None
+        self.alive = True
+        self._buf = bytearray()
+        self._on_log = on_log
+        self._on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        while end - pos >= _HS:
+            size, kind = _HEADER.unpack_from(buf, pos)
+            stop = pos + _HS + size
+            if stop > end:
+                break
+            self._frame(kind, bytes(buf[pos + _HS : stop]))
+            pos = stop
+        if pos:
+            del buf[:pos]
+
+    def _frame(self, kind: int, body: bytes) -> None:
+        if kind == _RESULT:
+            rid, result = orjson.loads(body)
+            fut = self.pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+        elif kind == p.ERROR:
+            rid, error = orjson.loads(body)
+            fut = self.pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(HandlerError(error))
+        elif kind == p.LOG:
+            rid, stream, text = orjson.loads(body)
+            self._on_log(rid, stream, text)
+        elif kind == p.READY:
+            if not self.ready.done():
+                self.ready.set_result(orjson.loads(body))
+        elif kind == p.INIT_ERROR:
+            err = orjson.loads(body)
+            if not self.ready.done():
+                self.ready.set_exception(InitError(err))
+            self._on_log(None, "stderr", "".join(err.get("stackTrace", [])))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        if not self.ready.done():
+            self.ready.set_exception(InstanceDiedError("instance exited while starting"))
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(InstanceDiedError("instance exited during the invocation"))
+        self.pending.clear()
+        self._on_lost()
+
+
+class InitError(DeployError):
+    """The handler module failed to import (Lambda: Runtime.ImportModuleError)."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        self.error = {
+            "errorMessage": error.get("errorMessage", ""),
+            "errorType": f"Runtime.ImportModuleError: {error.get('errorType', '')}",
+        }
+        super().__init__(
+            f"handler failed to import: {error.get('errorType')}: {error.get('errorMessage')}"
+        )
+
+
+class Instance:
+    """A started instance. ``outstanding`` counts invocations it holds."""
+
+    __slots__ = ("id", "pid", "target_key", "proto", "outstanding", "capacity",
+                 "draining", "started_at", "last_used")
+
+    def __init__(self, id: str, pid: int, target_key: tuple[str, int],
+                 proto: InstanceProtocol, capacity: int) -> None:
+        self.id = id
+        self.pid = pid
+        self.target_key = target_key
+        self.proto = proto
+        self.outstanding = 0
+        self.capacity = capacity
+        self.draining = False
+        self.started_at = time.monotonic()
+        self.last_used = self.started_at
+
+    @property
+    def alive(self) -> bool:
+        return self.proto.alive
+
+    def invoke(self, rid: str, event: Any, timeout_s: float) -> asyncio.Future[Any]:
+        """Send one invocation; the future resolves to the handler's result,
+        or fails with HandlerError / InvocationTimeoutError / InstanceDiedError.
+        On timeout the instance is killed (its state is unknown)."""
+        proto = self.proto
+        if not proto.alive or proto.transport is None:
+            raise UnavailableError("instance is gone")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        proto.pending[rid] = fut
+        deadline_ms = int((time.time() + timeout_s) * 1000)
+        payload = orjson.dumps([rid, deadline_ms, event])
+        proto.transport.write(_HEADER.pack(len(payload), _INVOKE) + payload)
+        timer = loop.call_later(timeout_s, self._timed_out, rid, fut, timeout_s)
+        fut.add_done_callback(lambda _f: timer.cancel())
+        return fut
+
+    def _timed_out(self, rid: str, fut: asyncio.Future[Any], timeout_s: float) -> None:
+        if fut.done():
+            return
+        self.proto.pending.pop(rid, None)
+        fut.set_exception(InvocationTimeoutError(f"Task timed out after {timeout_s:.2f} seconds"))
+        self.kill()
+
+    def kill(self) -> None:
+        if self.proto.alive:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def stop(self, grace_s: float) -> None:
+        """Hang up (the instance exits on EOF), wait ``grace_s``, then SIGKILL."""
+        if self.proto.transport is not None:
+            self.proto.transport.close()
+        deadline = time.monotonic() + grace_s
+        while _pid_alive(self.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if _pid_alive(self.pid):
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
