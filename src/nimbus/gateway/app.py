@@ -1,0 +1,127 @@
+"""The gateway: an ASGI app that turns HTTP requests into invocations.
+
+Per request: match the route (a dict lookup for static paths), read the body
+up to the payload limit, encode the API Gateway v2 event, hand it to the
+target's pool, turn the result (or the error, through one table) into the
+response. Every response carries ``x-nimbus-request-id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from nimbus.errors import NimbusError, PayloadTooLargeError
+from nimbus.gateway.events import http_event
+from nimbus.gateway.responses import JSON, error_response, result_response
+from nimbus.gateway.router import Router
+from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
+
+log = logging.getLogger("nimbus.gateway")
+
+REQUEST_ID_HEADER = b"x-nimbus-request-id"
+RESERVED_PREFIX = "/_nimbus/"
+
+
+class Invoker(Protocol):
+    """What a route points at: something that runs one invocation."""
+
+    async def invoke(self, rid: str, event: Any) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    max_body_bytes: int = DEFAULT_PAYLOAD_LIMIT_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be positive, was: {self.max_body_bytes}")
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig | None = None) -> None:
+        self.config = config or GatewayConfig()
+        self.router: Router[Invoker] = Router()
+        self.requests = 0
+
+    def set_router(self, router: Router[Invoker]) -> None:
+        self.router = router  # swapped whole: requests in flight keep the old one
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await _lifespan(receive, send)
+            return
+        self.requests += 1
+        rid = str(uuid.uuid4())
+        try:
+            path = scope["path"]
+            if path.startswith(RESERVED_PREFIX):
+                status, headers, data = self._reserved(scope)
+            else:
+                match = self.router.match(scope["method"], path)
+                body = await self._read_body(scope, receive)
+                event = http_event(scope, body, route_key=match.route_key,
+                                   path_params=match.path_params, request_id=rid,
+                                   now_s=time.time())
+                result = await match.target.invoke(rid, event)
+                status, headers, data = result_response(result)
+        except NimbusError as exc:
+            status, headers, data = error_response(exc, rid)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours; the client gets a 500
+            log.exception("request %s failed", rid)
+            status, headers, data = error_response(exc, rid)
+        headers.append((REQUEST_ID_HEADER, rid.encode()))
+        headers.append((b"content-length", str(len(data)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
+        limit = self.config.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > limit:
+                    raise PayloadTooLargeError(
+                        f"request body of {declared} bytes is over the limit of {limit} bytes")
+                break
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(
+                        f"request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    def _reserved(self, scope: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if scope["path"] == "/_nimbus/health" and scope["method"] in ("GET", "HEAD"):
+            return 200, [(b"content-type", JSON)], orjson.dumps({"status": "ok"})
+        return 404, [(b"content-type", JSON)], orjson.dumps(
+            {"errorMessage": f"{scope['path']} is reserved for nimbus", "errorType": "NotFound"})
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
