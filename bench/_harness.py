@@ -1,0 +1,117 @@
+"""Shared bench plumbing: start servers on free ports, run wrk, parse it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer within {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def nimbus_up(app: Path) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
+    """``nimbus up APP`` on free ports; yields (gateway_url, state_dir, proc)."""
+    state = Path(tempfile.mkdtemp(prefix="nimbus-bench-"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nimbus.cli.main", "up", str(app), "--port", "0",
+         "--control-port", "0", "--state-dir", str(state)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        info = state / "control.json"
+        deadline = time.monotonic() + 60
+        while not info.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("nimbus up did not start")
+            time.sleep(0.05)
+        url = orjson.loads(info.read_bytes())["gateway_url"]
+        wait_http(url + "/hello")
+        yield url, state, proc
+    finally:
+        stop(proc)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def baseline_up() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--port", str(port),
+         "--workers", "1", "--http", "httptools", "--loop", "uvloop", "--no-access-log",
+         "--log-level", "warning"], cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/hello")
+        yield url
+    finally:
+        stop(proc)
+
+
+def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
+    """Run wrk; returns {"rps", "p50_ms", "p99_ms", "errors"}."""
+    exe = shutil.which("wrk")
+    if exe is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    out = subprocess.run(
+        [exe, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert m, out
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        return float(m.group(1)) * scale
+
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(g) for g in m.groups())
+    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "errors": errors}
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

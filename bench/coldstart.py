@@ -1,0 +1,93 @@
+"""Cold start: time from asking for a new instance to its first response.
+
+    python bench/coldstart.py [--starts 200]
+
+Each trial forks a fresh instance of the seed ``hello`` from the zygote,
+waits for it to import the handler, sends one invocation and takes the
+answer; then stops the instance. Prints p50/p99 and, side by side, the cost
+of the alternative a zygote avoids: a fresh ``python -c 'import hello'``
+interpreter per instance. Goal (issue 2): p50 <= 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._harness import ROOT  # noqa: E402
+
+from nimbus.manifest.model import FunctionSpec  # noqa: E402
+from nimbus.observe.logs import LogSink  # noqa: E402
+from nimbus.worker.target import Target, code_dir_for  # noqa: E402
+from nimbus.worker.worker import Worker  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+async def trials(n: int) -> list[float]:
+    state = Path(tempfile.mkdtemp(prefix="nimbus-cold-"))
+    try:
+        code = code_dir_for(state, "bench")
+        code.mkdir(parents=True)
+        shutil.copy(ROOT / "examples" / "hello" / "hello.py", code / "hello.py")
+        worker = Worker(state, LogSink(state / "logs"))
+        await worker.start()
+        target = Target("bench", 1, FunctionSpec("hello", "hello", "hello"), "bench", None)
+        pool = worker.pool(target)
+        out = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            inst = await pool.ensure_warm()
+            result = await inst.invoke(f"cold-{i}", {}, 5.0)
+            out.append((time.perf_counter() - t0) * 1000)
+            assert result["body"] == "Hello, World!", result
+            pool.instances.remove(inst)
+            await inst.stop(1.0)
+        await worker.aclose()
+        return out
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def interpreter_starts(n: int) -> list[float]:
+    out = []
+    hello_dir = ROOT / "examples" / "hello"
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import hello; hello.hello({}, None)"],
+                       cwd=hello_dir, check=True)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--starts", type=int, default=200)
+    args = ap.parse_args()
+    try:
+        import uvloop
+        cold = uvloop.run(trials(args.starts))
+    except ImportError:
+        cold = asyncio.run(trials(args.starts))
+    fresh = interpreter_starts(max(20, args.starts // 10))
+    print(f"{'':34}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    print(f"{'nimbus fork from zygote + invoke':34}{pct(cold, .5):>10.2f}{pct(cold, .99):>10.2f}"
+          f"{statistics.mean(cold):>10.2f}   ({len(cold)} starts)")
+    print(f"{'fresh interpreter + import':34}{pct(fresh, .5):>10.2f}{pct(fresh, .99):>10.2f}"
+          f"{statistics.mean(fresh):>10.2f}   ({len(fresh)} starts)")
+    print(f"ratio fresh/nimbus p50: {pct(fresh, .5) / pct(cold, .5):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Warm requests: the seed ``hello`` through nimbus vs the same handler on bare uvicorn.
+
+    python bench/warm.py [--seconds 10]
+
+Prints requests/s at 32 connections and p50/p99 latency at 1 connection for
+both, run one after the other in this one process, and the ratios. Needs
+wrk (apt-get install wrk). Goals (issue 2): throughput ratio >= 0.5, p50
+added <= 0.15 ms at 1 connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._harness import ROOT, baseline_up, nimbus_up, wrk  # noqa: E402
+
+
+def measure(url: str, seconds: int) -> dict[str, float]:
+    wrk(url, 8, 2)  # warm up
+    busy = wrk(url, 32, seconds)
+    single = wrk(url, 1, seconds)
+    return {"rps32": busy["rps"], "errors": busy["errors"] + single["errors"],
+            "p50_1": single["p50_ms"], "p99_1": single["p99_ms"],
+            "p50_32": busy["p50_ms"], "p99_32": busy["p99_ms"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=int, default=10)
+    args = ap.parse_args()
+    with baseline_up() as url:
+        base = measure(url + "/hello", args.seconds)
+    with nimbus_up(ROOT / "examples" / "hello") as (url, _state, _proc):
+        nim = measure(url + "/hello", args.seconds)
+    print(f"{'':24}{'bare uvicorn':>14}{'nimbus':>14}{'ratio/added':>14}")
+    print(f"{'req/s @32 conns':24}{base['rps32']:>14.0f}{nim['rps32']:>14.0f}"
+          f"{nim['rps32'] / base['rps32']:>13.2f}x")
+    print(f"{'p50 ms @1 conn':24}{base['p50_1']:>14.3f}{nim['p50_1']:>14.3f}"
+          f"{nim['p50_1'] - base['p50_1']:>+13.3f}ms")
+    print(f"{'p99 ms @1 conn':24}{base['p99_1']:>14.3f}{nim['p99_1']:>14.3f}"
+          f"{nim['p99_1'] - base['p99_1']:>+13.3f}ms")
+    print(f"{'p99 ms @32 conns':24}{base['p99_32']:>14.3f}{nim['p99_32']:>14.3f}"
+          f"{nim['p99_32'] - base['p99_32']:>+13.3f}ms")
+    print(f"{'errors':24}{base['errors']:>14.0f}{nim['errors']:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
