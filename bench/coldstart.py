@@ -12,6 +12,7 @@ interpreter per instance. Goal (issue 2): p50 <= 5 ms.
 from __future__ import annotations
 
 import argparse
+import compileall
 import asyncio
 import shutil
 import statistics
@@ -41,6 +42,7 @@ async def trials(n: int) -> list[float]:
         code = code_dir_for(state, "bench")
         code.mkdir(parents=True)
         shutil.copy(ROOT / "examples" / "hello" / "hello.py", code / "hello.py")
+        compileall.compile_dir(str(code), quiet=2)  # as a deploy does
         worker = Worker(state, LogSink(state / "logs"))
         await worker.start()
         target = Target("bench", 1, FunctionSpec("hello", "hello", "hello"), "bench", None)

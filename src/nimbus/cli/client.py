@@ -1,0 +1,87 @@
+"""How the CLI finds and talks to a running nimbus's control API."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from nimbus.errors import NimbusError
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class CLIError(NimbusError):
+    """A failure the CLI reports in one line (exit 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    url: str
+    token: str
+
+
+def find_connection(url: str | None, token: str | None, state_dirs: list[Path]) -> Connection:
+    """--url/--token, then NIMBUS_URL/NIMBUS_TOKEN, then the first state
+    folder (``--state-dir``, ``$NIMBUS_STATE_DIR``, ``./.nimbus``, the app's
+    ``.nimbus``) that a running ``nimbus up`` wrote its address into."""
+    url = url or os.environ.get("NIMBUS_URL")
+    token = token or os.environ.get("NIMBUS_TOKEN")
+    if url and token:
+        return Connection(url.rstrip("/"), token)
+    env_dir = os.environ.get("NIMBUS_STATE_DIR")
+    candidates = [*state_dirs, *([Path(env_dir)] if env_dir else []), Path(".nimbus")]
+    for d in candidates:
+        info, tok = d / "control.json", d / "token"
+        if info.exists() and tok.exists():
+            data = orjson.loads(info.read_bytes())
+            return Connection(url or data["control_url"], token or tok.read_text().strip())
+    looked = ", ".join(str(d) for d in candidates)
+    raise CLIError(f"no running nimbus found (looked in {looked}); start one with "
+                   "`nimbus up`, or pass --state-dir, or --url and --token")
+
+
+class Client:
+    def __init__(self, conn: Connection, timeout_s: float = 60.0) -> None:
+        self.conn = conn
+        self.http = httpx.Client(
+            base_url=conn.url,
+            headers={"authorization": f"Bearer {conn.token}"},
+            timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
+        )
+
+    def _check(self, r: httpx.Response) -> None:
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                msg = body.get("errorMessage") or body
+            except ValueError:
+                msg = r.text
+            raise CLIError(f"{msg} (HTTP {r.status_code})")
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise CLIError(f"cannot reach nimbus at {self.conn.url}: {exc}") from exc
+        if path.endswith("/invoke"):
+            return r.status_code, r.json()
+        self._check(r)
+        return r.json()
+
+    def stream_lines(self, method: str, path: str, **kw: Any) -> Iterator[dict[str, Any]]:
+        try:
+            with self.http.stream(method, path, **kw) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._check(r)
+                for line in r.iter_lines():
+                    if line:
+                        yield orjson.loads(line)
+        except httpx.HTTPError as exc:
+            raise CLIError(f"cannot reach nimbus at {self.conn.url}: {exc}") from exc

@@ -1,0 +1,175 @@
+"""The ``nimbus`` command. Errors print as one line: exit 2 for usage and
+manifest errors, 1 for failures; never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import orjson
+
+from nimbus.errors import ManifestError, NimbusError, UserInputError
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"nimbus: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _client(state_dir: Path | None, url: str | None, token: str | None,
+            app_dir: Path | None = None, timeout_s: float = 60.0) -> Any:
+    from nimbus.cli.client import Client, find_connection
+
+    dirs = [d for d in (state_dir, app_dir and app_dir / ".nimbus") if d]
+    return Client(find_connection(url, token, dirs), timeout_s)
+
+
+def connection_options(f: Any) -> Any:
+    f = click.option("--token", help="Control API bearer token (or $NIMBUS_TOKEN).")(f)
+    f = click.option("--url", help="Control API URL (or $NIMBUS_URL).")(f)
+    f = click.option("--state-dir", type=click.Path(path_type=Path),
+                     help="State folder of the nimbus to talk to (holds control.json, token).")(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nimbus")
+def cli() -> None:
+    """nimbus: serve Python functions (Lambda-style handlers) over HTTP."""
+
+
+@cli.command()
+@click.argument("app_dir", default=".", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Gateway address.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="Gateway port (0 picks a free one).")
+@click.option("--control-host", default="127.0.0.1", show_default=True)
+@click.option("--control-port", default=8081, show_default=True, type=click.IntRange(0, 65535),
+              help="Control API port (0 picks a free one).")
+@click.option("--state-dir", type=click.Path(path_type=Path),
+              help="Where nimbus keeps its store, bundles, venvs and logs [APP_DIR/.nimbus].")
+@click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds in-flight requests get to finish on shutdown.")
+def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
+       state_dir: Path | None, grace_s: float) -> None:
+    """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
+    from nimbus.cli.up import run_up
+
+    run_up(app_dir, host=host, port=port, control_host=control_host,
+           control_port=control_port, state_dir=state_dir, grace_s=grace_s)
+
+
+@cli.command()
+@click.argument("app_dir", default=".", type=click.Path(path_type=Path))
+@connection_options
+def deploy(app_dir: Path, state_dir: Path | None, url: str | None, token: str | None) -> None:
+    """Deploy APP_DIR to a running nimbus."""
+    from nimbus.cli.output import print_deploy_stream
+    from nimbus.control.bundle import make_bundle
+    from nimbus.manifest.loader import load_app
+
+    load_app(app_dir)  # fail fast, locally, with file and line
+    bundle = make_bundle(app_dir)
+    client = _client(state_dir, url, token, app_dir, timeout_s=900.0)
+    lines = client.stream_lines("POST", "/v1/deploy", content=bundle,
+                                headers={"content-type": "application/zip"})
+    print_deploy_stream(lines, gateway_url=None)
+
+
+@cli.command()
+@click.argument("function")
+@click.option("--data", "-d", default=None,
+              help="The event: JSON text, or @FILE to read it from a file.")
+@connection_options
+def invoke(function: str, data: str | None, state_dir: Path | None, url: str | None,
+           token: str | None) -> None:
+    """Invoke FUNCTION once and print its result."""
+    raw = b"{}"
+    if data is not None:
+        if data.startswith("@"):
+            try:
+                raw = Path(data[1:]).read_bytes()
+            except OSError as exc:
+                fail(f"--data: cannot read {data[1:]}: {exc.strerror}", 2)
+        else:
+            raw = data.encode()
+        try:
+            orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            fail(f"--data is not valid JSON: {exc}", 2)
+    status, body = _client(state_dir, url, token).request(
+        "POST", f"/v1/functions/{function}/invoke", content=raw)
+    if "result" in body:
+        click.echo(orjson.dumps(body["result"], option=orjson.OPT_INDENT_2).decode())
+        return
+    err = body.get("error") or body
+    fail(f"{err.get('errorType', 'Error')}: {err.get('errorMessage', '')} "
+         f"(request {body.get('requestId', '-')}, HTTP {status})")
+
+
+@cli.command(name="ls")
+@connection_options
+def ls_(state_dir: Path | None, url: str | None, token: str | None) -> None:
+    """List deployed functions."""
+    from nimbus.cli.output import print_functions
+
+    print_functions(_client(state_dir, url, token).request("GET", "/v1/functions"))
+
+
+@cli.command()
+@click.argument("function")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines as they come.")
+@click.option("--request-id", help="Only this invocation's lines.")
+@click.option("--tail", type=click.IntRange(1), help="Only the last N lines.")
+@connection_options
+def logs(function: str, follow: bool, request_id: str | None, tail: int | None,
+         state_dir: Path | None, url: str | None, token: str | None) -> None:
+    """Show FUNCTION's logs (stdout/stderr of each invocation, by request id)."""
+    from nimbus.cli.output import format_log
+
+    params: dict[str, str] = {"follow": "1" if follow else "0"}
+    if request_id:
+        params["request_id"] = request_id
+    if tail:
+        params["tail"] = str(tail)
+    client = _client(state_dir, url, token, timeout_s=None if follow else 60.0)  # type: ignore[arg-type]
+    try:
+        for rec in client.stream_lines("GET", f"/v1/functions/{function}/logs", params=params):
+            click.echo(format_log(rec))
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@connection_options
+def status(state_dir: Path | None, url: str | None, token: str | None) -> None:
+    """Show the platform: functions, instances, memory."""
+    from nimbus.cli.output import print_status
+
+    print_status(_client(state_dir, url, token).request("GET", "/v1/status"))
+
+
+def main() -> None:
+    try:
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click.exceptions.Abort:
+        fail("aborted", 1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ManifestError as exc:
+        fail(str(exc), 2)
+    except UserInputError as exc:
+        fail(str(exc), 1)
+    except NimbusError as exc:
+        fail(str(exc), 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""How the CLI prints things: deploy progress, tables, log lines."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from nimbus.errors import DeployError, ManifestError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def print_deploy_stream(lines: Iterable[dict[str, Any]], gateway_url: str | None) -> dict[str, Any]:
+    """Show progress lines as they arrive; returns the result or raises the error."""
+    result: dict[str, Any] | None = None
+    with err_console.status("deploying…", spinner="dots") as spinner:
+        for msg in lines:
+            if "progress" in msg:
+                err_console.print(f"[dim]{msg['progress']}[/dim]", markup=True)
+                spinner.update(msg["progress"][:70])
+            elif "error" in msg:
+                err = msg["error"]
+                if err.get("errorType") == "ManifestError":
+                    raise _ManifestFailure(err["errorMessage"])
+                raise DeployError(err["errorMessage"])
+            elif "result" in msg:
+                result = msg["result"]
+    if result is None:
+        raise DeployError("the control API closed the deploy stream without a result")
+    print_deployed(result, gateway_url)
+    return result
+
+
+class _ManifestFailure(ManifestError):
+    """A manifest error reported by the server: its message is already rendered."""
+
+    def __init__(self, rendered: str) -> None:
+        Exception.__init__(self, rendered)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def print_deployed(result: dict[str, Any], gateway_url: str | None) -> None:
+    for fn in result["functions"]:
+        state = f"version {fn['version']}" + ("" if fn["changed"] else " (unchanged)")
+        click.echo(f"deployed {result['app']}/{fn['name']}: {state}")
+        for route in fn["routes"]:
+            method, path = route.split(" ", 1)
+            where = f"{gateway_url}{path}" if gateway_url else path
+            click.echo(f"  {method:6} {where}")
+
+
+def print_functions(fns: list[dict[str, Any]]) -> None:
+    table = Table("FUNCTION", "APP", "VERSION", "HANDLER", "ROUTES", "INSTANCES", box=None)
+    for f in fns:
+        table.add_row(f["name"], f["app"], str(f["version"]), f["handler"],
+                      ", ".join(f["routes"]) or "-", str(f["instances"]))
+    console.print(table)
+
+
+def _mb(mem: dict[str, int] | None, key: str) -> str:
+    return f"{mem[key] / 1024:.1f} MB" if mem else "-"
+
+
+def print_status(s: dict[str, Any]) -> None:
+    console.print(f"nimbus pid {s['pid']}, up {s['uptime_s']} s, {s['requests']} requests")
+    console.print(f"gateway {s['gateway_url']}   control {s['control_url']}")
+    console.print(f"state   {s['state_dir']}")
+    console.print(f"memory  platform {_mb(s['memory']['platform'], 'pss_kb')} PSS, "
+                  f"zygote {_mb(s['memory']['zygote'], 'pss_kb')} PSS")
+    table = Table("FUNCTION", "VERSION", "INSTANCE", "PID", "BUSY", "PSS", "PRIVATE",
+                  "COLD STARTS", box=None)
+    for f in s["functions"]:
+        if not f["instances"]:
+            table.add_row(f["name"], str(f["version"]), "-", "-", "-", "-", "-",
+                          str(f["cold_starts"]))
+        for i in f["instances"]:
+            table.add_row(f["name"], str(f["version"]), i["id"], str(i["pid"]),
+                          str(i["outstanding"]), _mb(i["memory"], "pss_kb"),
+                          _mb(i["memory"], "private_kb"), str(f["cold_starts"]))
+    console.print(table)
+
+
+def format_log(rec: dict[str, Any]) -> str:
+    ts = dt.datetime.fromtimestamp(rec["ts"], dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    rid = rec.get("rid") or "-"
+    return f"{ts[:-4]}Z {rid} {rec['stream']:8} {rec['text']}"

@@ -1,0 +1,77 @@
+"""``nimbus up``: run the platform in the foreground and deploy an app folder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from nimbus.errors import NimbusError
+
+
+def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_port: int,
+           state_dir: Path | None, grace_s: float) -> None:
+    from nimbus.control.bundle import make_bundle
+    from nimbus.manifest.loader import MANIFEST_NAMES, load_app
+
+    has_app = any((app_dir / n).exists() for n in MANIFEST_NAMES)
+    if not app_dir.is_dir():
+        raise click.BadParameter(f"{app_dir} is not a folder", param_hint="APP_DIR")
+    bundle = None
+    if has_app:
+        load_app(app_dir)  # manifest errors: one line, exit 2, before anything starts
+        bundle = make_bundle(app_dir)
+    logging.basicConfig(level=logging.WARNING, format="nimbus: %(levelname)s %(message)s")
+    from nimbus.control.server import ServerConfig
+
+    config = ServerConfig(
+        state_dir=(state_dir or app_dir / ".nimbus").resolve(), host=host, port=port,
+        control_host=control_host, control_port=control_port, grace_s=grace_s)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    code = runner(_main(config, bundle))
+    sys.exit(code)
+
+
+async def _main(config: object, bundle: bytes | None) -> int:
+    from nimbus.cli.output import print_deployed
+    from nimbus.control.server import Platform, install_stop_signals
+
+    platform = await Platform.create(config)  # type: ignore[arg-type]
+    code = 0
+    try:
+        install_stop_signals(platform)
+        await platform.start()
+        click.echo(f"nimbus: gateway {platform.gateway_url}  control {platform.control_url}  "
+                   f"state {platform.state_dir}", err=True)
+        if bundle is not None:
+            deploy = asyncio.create_task(platform.deploy(
+                bundle, lambda m: click.echo(f"nimbus: {m}", err=True)))
+            stop = asyncio.create_task(platform.wait_stopped())
+            await asyncio.wait({deploy, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if deploy.done():
+                try:
+                    print_deployed(deploy.result(), platform.gateway_url)
+                except NimbusError as exc:
+                    click.echo(f"nimbus: error: {exc}", err=True)
+                    code = 1
+                    platform.request_stop()
+            else:
+                deploy.cancel()
+            stop.cancel()
+        if code == 0:
+            click.echo(f"nimbus: serving at {platform.gateway_url} (Ctrl-C to stop)", err=True)
+            sys.stdout.flush()
+        await platform.wait_stopped()
+        click.echo("nimbus: stopping: draining requests and instances", err=True)
+    finally:
+        await platform.aclose()
+    click.echo("nimbus: stopped", err=True)
+    return code

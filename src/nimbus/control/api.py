@@ -1,0 +1,190 @@
+"""The control API: deploy, invoke, list, logs, status. Bearer-token auth.
+
+Served on its own port beside the gateway. Errors are JSON
+``{"errorType", "errorMessage"}`` with the status from the gateway's table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from nimbus.errors import ManifestError, NimbusError, NotFoundError, PayloadTooLargeError
+from nimbus.gateway.responses import status_for
+from nimbus.observe.logs import follow_records, read_records
+from nimbus.observe.memory import memory_of
+
+if TYPE_CHECKING:
+    from nimbus.control.server import Platform
+
+MAX_BUNDLE_UPLOAD = 250 * 1024 * 1024
+MAX_INVOKE_PAYLOAD = 6 * 1024 * 1024
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status, media_type="application/json")
+
+
+def _error(exc: BaseException) -> Response:
+    status = 400 if isinstance(exc, ManifestError) else status_for(exc)
+    body = {"errorType": type(exc).__name__, "errorMessage": str(exc)}
+    return _json(body, status)
+
+
+def create_control_app(platform: Platform) -> Starlette:
+    token = platform.token
+
+    def authorized(request: Request) -> bool:
+        got = request.headers.get("authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+
+    async def read_limited(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLargeError(f"body of {declared} bytes is over the limit of {limit}")
+        body = await request.body()
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"body is over the limit of {limit} bytes")
+        return body
+
+    async def deploy(request: Request) -> Response:
+        bundle = await read_limited(request, MAX_BUNDLE_UPLOAD)
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def progress(message: str) -> None:
+            lines.put_nowait(orjson.dumps({"progress": message}) + b"\n")
+
+        async def run() -> None:
+            try:
+                result = await platform.deploy(bundle, progress)
+                lines.put_nowait(orjson.dumps({"result": result}) + b"\n")
+            except NimbusError as exc:
+                lines.put_nowait(orjson.dumps(
+                    {"error": {"errorType": type(exc).__name__, "errorMessage": str(exc)}}) + b"\n")
+            except Exception as exc:  # noqa: BLE001 - reported, not raised into starlette
+                lines.put_nowait(orjson.dumps(
+                    {"error": {"errorType": "InternalError", "errorMessage": repr(exc)}}) + b"\n")
+            finally:
+                lines.put_nowait(None)
+
+        task = asyncio.create_task(run())
+
+        async def stream() -> AsyncIterator[bytes]:
+            while (line := await lines.get()) is not None:
+                yield line
+            await task
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    async def invoke(request: Request) -> Response:
+        name = request.path_params["name"]
+        raw = await read_limited(request, MAX_INVOKE_PAYLOAD)
+        try:
+            event = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            return _json({"errorType": "InvalidRequestContent",
+                          "errorMessage": f"payload is not JSON: {exc}"}, 400)
+        pool = platform.routes.functions.get(name)
+        if pool is None:
+            raise NotFoundError(f"function {name!r} is not deployed")
+        rid = str(uuid.uuid4())
+        try:
+            result = await pool.invoke(rid, event)
+        except NimbusError as exc:
+            body = getattr(exc, "error", None) or {"errorType": type(exc).__name__,
+                                                   "errorMessage": str(exc)}
+            return _json({"requestId": rid, "version": pool.target.version, "error": body},
+                         status_for(exc))
+        return _json({"requestId": rid, "version": pool.target.version, "result": result})
+
+    async def functions(request: Request) -> Response:
+        out = []
+        for app in platform.routes.apps.values():
+            for name, rec in app["functions"].items():
+                pool = platform.routes.functions.get(name)
+                out.append({
+                    "name": name, "app": app["name"], "version": rec["version"],
+                    "handler": f"{rec['spec']['module']}.{rec['spec']['callable']}",
+                    "routes": [f"{r['method']} {r['path']}" for r in rec["spec"]["routes"]],
+                    "memory_mb": rec["spec"]["memory_mb"], "timeout_s": rec["spec"]["timeout_s"],
+                    "instances": len(pool.instances) if pool else 0,
+                })
+        return _json(sorted(out, key=lambda f: f["name"]))
+
+    async def logs(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in platform.routes.functions:
+            raise NotFoundError(f"function {name!r} is not deployed")
+        rid = request.query_params.get("request_id") or None
+        tail_s = request.query_params.get("tail")
+        tail = int(tail_s) if tail_s and tail_s.isdigit() else None
+        follow = request.query_params.get("follow") in ("1", "true")
+        path = platform.worker.logs.path(name)
+        platform.worker.logs.flush()
+        records, offset = read_records(path, request_id=rid, tail=tail)
+
+        async def stream() -> AsyncIterator[bytes]:
+            for rec in records:
+                yield orjson.dumps(rec) + b"\n"
+            if follow:
+                async for rec in follow_records(path, offset, request_id=rid):
+                    yield orjson.dumps(rec) + b"\n"
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    async def status(request: Request) -> Response:
+        fns = []
+        for name, pool in sorted(platform.routes.functions.items()):
+            fns.append({
+                "name": name, "version": pool.target.version,
+                "cold_starts": pool.cold_starts,
+                "instances": [{"id": i.id, "pid": i.pid, "outstanding": i.outstanding,
+                               "memory": memory_of(i.pid)} for i in pool.instances],
+            })
+        zpid = platform.worker.zygote.pid
+        return _json({
+            "pid": os.getpid(), "uptime_s": round(time.time() - platform.started_at, 1),
+            "gateway_url": platform.gateway_url, "control_url": platform.control_url,
+            "state_dir": str(platform.state_dir), "requests": platform.gateway.requests,
+            "memory": {"platform": memory_of(os.getpid()),
+                       "zygote": memory_of(zpid) if zpid else None},
+            "functions": fns,
+        })
+
+    async def health(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    handlers = {"deploy": deploy, "invoke": invoke, "functions": functions,
+                "logs": logs, "status": status}
+
+    def guarded(fn: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            if not authorized(request):
+                return _json({"errorType": "Unauthorized",
+                              "errorMessage": "missing or wrong bearer token"}, 401)
+            try:
+                return await fn(request)
+            except NimbusError as exc:
+                return _error(exc)
+        return endpoint
+
+    g = {k: guarded(v) for k, v in handlers.items()}
+    return Starlette(routes=[
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/v1/deploy", g["deploy"], methods=["POST"]),
+        Route("/v1/functions", g["functions"], methods=["GET"]),
+        Route("/v1/functions/{name}/invoke", g["invoke"], methods=["POST"]),
+        Route("/v1/functions/{name}/logs", g["logs"], methods=["GET"]),
+        Route("/v1/status", g["status"], methods=["GET"]),
+    ])

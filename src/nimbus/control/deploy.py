@@ -1,0 +1,175 @@
+"""Deploys: bundle in, immutable versions and a live app record out.
+
+Order matters for the promise that a failed deploy leaves the running
+version serving:
+
+1. store the bundle (content-addressed) and unpack it on this node;
+2. load and validate the manifest from the unpacked code;
+   byte-compile it, so no cold start compiles;
+3. build requirements venvs (pip's failure fails the deploy);
+4. for each function whose code or config changed, warm one instance of the
+   new version: an import error fails the deploy before anything moves;
+5. write the version records (create-only, numbered) and then the app record
+   (compare-and-set): the app record is what gateways watch, so routes move
+   to the new versions in one write.
+
+Store layout::
+
+    functions/<fn>/versions/<n:08d>   version record (immutable)
+    functions/<fn>/owner              {"app": name}: function names are global
+    apps/<app>                        live record: functions -> version record, routes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import compileall
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from nimbus.control.bundle import extract_bundle
+from nimbus.control.venvs import ensure_venv
+from nimbus.errors import ConflictError, DeployError
+from nimbus.manifest.loader import load_app
+from nimbus.manifest.model import AppSpec, FunctionSpec
+from nimbus.store.base import Blobs, Store
+from nimbus.worker.target import Target, code_dir_for
+from nimbus.worker.worker import Worker
+
+Progress = Callable[[str], None]
+
+
+def version_key(fn: str, n: int) -> str:
+    return f"functions/{fn}/versions/{n:08d}"
+
+
+def target_from_record(app: str, rec: dict[str, Any]) -> Target:
+    return Target(app=app, version=rec["version"], spec=FunctionSpec.from_dict(rec["spec"]),
+                  digest=rec["digest"], requirements_hash=rec.get("requirements_hash"))
+
+
+def _config_hash(spec: FunctionSpec, digest: str, req_hash: str | None) -> str:
+    blob = orjson.dumps({"spec": spec.to_dict(), "digest": digest, "req": req_hash},
+                        option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(blob).hexdigest()
+
+
+class Deployer:
+    def __init__(self, store: Store, blobs: Blobs, worker: Worker, state_dir: Path) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.worker = worker
+        self.state_dir = state_dir
+
+    async def deploy(self, bundle: bytes, progress: Progress) -> dict[str, Any]:
+        digest = await self.blobs.put(bundle)
+        code_dir = code_dir_for(self.state_dir, digest)
+        extract_bundle(bundle, code_dir)
+        # Byte-compile once here so that no cold start compiles (instances
+        # may run with PYTHONDONTWRITEBYTECODE and would compile every time).
+        await asyncio.to_thread(compileall.compile_dir, str(code_dir), quiet=2)
+        progress(f"bundle {digest[:12]} ({len(bundle)} bytes)")
+        app = load_app(code_dir)
+        for notice in app.notices:
+            progress(notice)
+        await self._check_ownership(app)
+        req_hashes: dict[str, str | None] = {}
+        for fn in app.functions.values():
+            req_hashes[fn.name] = (
+                await ensure_venv(self.state_dir, code_dir / fn.requirements, progress)
+                if fn.requirements else None
+            )
+        current = await self.store.get(f"apps/{app.name}")
+        live = orjson.loads(current.value) if current else {"functions": {}}
+        records: dict[str, dict[str, Any]] = {}
+        new: list[dict[str, Any]] = []
+        for fn in app.functions.values():
+            chash = _config_hash(fn, digest, req_hashes[fn.name])
+            prev = live["functions"].get(fn.name)
+            if prev is not None and prev.get("config_hash") == chash:
+                records[fn.name] = prev
+                continue
+            number = await self._next_version(fn.name)
+            rec = {"version": number, "app": app.name, "digest": digest,
+                   "requirements_hash": req_hashes[fn.name], "spec": fn.to_dict(),
+                   "config_hash": chash, "created": time.time()}
+            records[fn.name] = rec
+            new.append(rec)
+        for rec in new:  # warm before anything moves: an import error stops here
+            target = target_from_record(app.name, rec)
+            progress(f"starting {target.function} version {target.version}")
+            await self.worker.pool(target).ensure_warm()
+        for rec in new:
+            try:
+                await self.store.create(version_key(rec["spec"]["name"], rec["version"]),
+                                        orjson.dumps(rec))
+            except ConflictError:
+                raise DeployError(
+                    f"another deploy of {rec['spec']['name']} is in progress; retry") from None
+        app_record = {
+            "name": app.name, "digest": digest, "deployed": time.time(),
+            "functions": records,
+            "routes": [[r.method, r.path, fn.name]
+                       for fn in app.functions.values() for r in fn.routes],
+        }
+        await self._write_app(app.name, current, app_record)
+        return {
+            "app": app.name,
+            "digest": digest,
+            "functions": [
+                {"name": name, "version": rec["version"], "changed": rec in new,
+                 "routes": [f"{r['method']} {r['path']}" for r in rec["spec"]["routes"]]}
+                for name, rec in records.items()
+            ],
+            "notices": list(app.notices),
+        }
+
+    async def _check_ownership(self, app: AppSpec) -> None:
+        for fn in app.functions:
+            key = f"functions/{fn}/owner"
+            owner = await self.store.get(key)
+            if owner is None:
+                try:
+                    await self.store.create(key, orjson.dumps({"app": app.name}))
+                except ConflictError:
+                    owner = await self.store.get(key)
+            if owner is not None and orjson.loads(owner.value)["app"] != app.name:
+                other = orjson.loads(owner.value)["app"]
+                raise DeployError(f"function {fn!r} already belongs to app {other!r}")
+        await self._check_routes(app)
+
+    async def _check_routes(self, app: AppSpec) -> None:
+        taken: dict[tuple[str, str], str] = {}
+        for entry in await self.store.list("apps/"):
+            other = orjson.loads(entry.value)
+            if other["name"] == app.name:
+                continue
+            for method, path, fn in other["routes"]:
+                taken[(method, path)] = f"{other['name']}/{fn}"
+        for fn in app.functions.values():
+            for r in fn.routes:
+                for method in ([r.method] if r.method != "ANY" else
+                               sorted({m for m, p in taken if p == r.path})):
+                    holder = taken.get((method, r.path)) or taken.get(("ANY", r.path))
+                    if holder:
+                        raise DeployError(
+                            f"route {r.method} {r.path} of {fn.name} is already served by {holder}")
+
+    async def _next_version(self, fn: str) -> int:
+        entries = await self.store.list(f"functions/{fn}/versions/")
+        return (int(entries[-1].key.rsplit("/", 1)[1]) + 1) if entries else 1
+
+    async def _write_app(self, name: str, current: Any, record: dict[str, Any]) -> None:
+        data = orjson.dumps(record)
+        try:
+            if current is None:
+                await self.store.create(f"apps/{name}", data)
+            else:
+                await self.store.update(f"apps/{name}", data, current.revision)
+        except ConflictError:
+            raise DeployError(f"app {name} changed during this deploy; retry") from None

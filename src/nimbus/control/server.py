@@ -1,0 +1,183 @@
+"""``nimbus up``: the whole single-machine platform in one process.
+
+Wiring happens here and only here (:meth:`Platform.create`): store, blobs,
+worker (with its zygote), gateway, route sync, control API, and the two
+HTTP servers. Shutdown is a sequence (uvicorn's, extended to instances):
+
+1. stop accepting connections on both ports;
+2. let in-flight requests finish, up to ``grace_s``;
+3. drain every pool: SIGTERM-equivalent hang-up, grace, SIGKILL;
+4. stop the zygote, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvicorn
+
+from nimbus.control.api import create_control_app
+from nimbus.control.deploy import Deployer
+from nimbus.control.routesync import RouteSync
+from nimbus.gateway.app import Gateway, GatewayConfig
+from nimbus.observe.logs import LogSink
+from nimbus.store.base import Blobs, Store
+from nimbus.store.registry import open_blobs, open_store
+from nimbus.worker.worker import Worker
+
+log = logging.getLogger("nimbus")
+
+CONTROL_FILE = "control.json"
+TOKEN_FILE = "token"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    control_host: str = "127.0.0.1"
+    control_port: int = 8081
+    grace_s: float = 10.0
+    max_body_bytes: int = 6 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("port", "control_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be 0..65535, was: {value}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s cannot be negative, was: {self.grace_s}")
+
+
+def ensure_token(state_dir: Path) -> str:
+    path = state_dir / TOKEN_FILE
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to us (we run two of them)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Platform:
+    def __init__(self, config: ServerConfig, store: Store, blobs: Blobs, worker: Worker,
+                 gateway: Gateway) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self.store = store
+        self.blobs = blobs
+        self.worker = worker
+        self.gateway = gateway
+        self.routes = RouteSync(store, gateway, worker)
+        self.deployer = Deployer(store, blobs, worker, config.state_dir)
+        self.token = ensure_token(config.state_dir)
+        self.started_at = time.time()
+        self.gateway_url = ""
+        self.control_url = ""
+        self._servers: list[_Server] = []
+        self._stop = asyncio.Event()
+
+    @classmethod
+    async def create(cls, config: ServerConfig) -> Platform:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        store = await open_store("sqlite", config.state_dir / "store.db")
+        blobs = await open_blobs(config.state_dir / "blobs")
+        worker = Worker(config.state_dir, LogSink(config.state_dir / "logs"))
+        await worker.start()
+        gateway = Gateway(GatewayConfig(max_body_bytes=config.max_body_bytes))
+        return cls(config, store, blobs, worker, gateway)
+
+    async def deploy(self, bundle: bytes, progress: Callable[[str], None]) -> dict[str, Any]:
+        result = await self.deployer.deploy(bundle, progress)
+        want = {f["name"]: f["version"] for f in result["functions"]}
+        await self.routes.wait_for(lambda rs: all(
+            name in rs.functions and rs.functions[name].target.version == v
+            for name, v in want.items()))
+        return result
+
+    async def start(self) -> None:
+        await self.routes.start()
+        c = self.config
+        gw_sock = _bind(c.host, c.port)
+        ctl_sock = _bind(c.control_host, c.control_port)
+        self.gateway_url = f"http://{_url_host(c.host)}:{gw_sock.getsockname()[1]}"
+        self.control_url = f"http://{_url_host(c.control_host)}:{ctl_sock.getsockname()[1]}"
+        common = dict(lifespan="off", access_log=False, log_level="warning",
+                      timeout_graceful_shutdown=c.grace_s, http="httptools",
+                      loop="none", server_header=False, date_header=False)
+        gw = _Server(uvicorn.Config(self.gateway, **common))  # type: ignore[arg-type]
+        ctl = _Server(uvicorn.Config(create_control_app(self), **common))  # type: ignore[arg-type]
+        self._servers = [gw, ctl]
+        self._serving = [asyncio.create_task(gw.serve(sockets=[gw_sock])),
+                         asyncio.create_task(ctl.serve(sockets=[ctl_sock]))]
+        while not (gw.started and ctl.started):
+            if any(t.done() for t in self._serving):
+                await asyncio.gather(*self._serving)
+                raise RuntimeError("a server stopped during start")
+            await asyncio.sleep(0.01)
+        info = {"pid": os.getpid(), "gateway_url": self.gateway_url,
+                "control_url": self.control_url}
+        tmp = self.state_dir / (CONTROL_FILE + ".tmp")
+        tmp.write_bytes(orjson.dumps(info))
+        tmp.replace(self.state_dir / CONTROL_FILE)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def aclose(self) -> None:
+        for s in self._servers:  # 1 + 2: uvicorn stops accepting, then drains
+            s.should_exit = True
+        if self._servers:
+            await asyncio.gather(*self._serving, return_exceptions=True)
+        await self.routes.aclose()
+        await self.worker.aclose(grace_s=min(self.config.grace_s, 5.0))  # 3
+        await self.store.aclose()  # 4
+        await self.blobs.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / CONTROL_FILE).unlink()
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def install_stop_signals(platform: Platform) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, platform.request_stop)

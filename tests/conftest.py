@@ -1,0 +1,124 @@
+"""Fixtures that start real ``nimbus up`` processes on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 90.0
+
+
+class Nimbus:
+    """A running ``nimbus up`` subprocess and ways to talk to it."""
+
+    def __init__(self, app: Path | None, state: Path, log_path: Path, *extra: str) -> None:
+        self.state = state
+        self.log_path = log_path
+        self.http: httpx.Client | None = None
+        args = [sys.executable, "-m", "nimbus.cli.main", "up"]
+        if app is not None:
+            args.append(str(app))
+        args += ["--port", "0", "--control-port", "0", "--state-dir", str(state), *extra]
+        self._out = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT,
+                                     cwd=state.parent)
+        info = state / "control.json"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if info.exists() and b"serving at" in self.output_bytes():
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nimbus up exited {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"nimbus up did not start:\n{self.output()}")
+            time.sleep(0.05)
+        data = orjson.loads(info.read_bytes())
+        self.url = data["gateway_url"]
+        self.control_url = data["control_url"]
+        self.token = (state / "token").read_text().strip()
+        self.http = httpx.Client(base_url=self.url, timeout=30.0)
+
+    def output_bytes(self) -> bytes:
+        self._out.flush()
+        return self.log_path.read_bytes()
+
+    def output(self) -> str:
+        return self.output_bytes().decode(errors="replace")
+
+    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nimbus.cli.main", *args, "--state-dir", str(self.state)],
+            capture_output=True, text=True, timeout=timeout, cwd=self.state.parent)
+
+    def descendants(self) -> set[int]:
+        return descendants(self.proc.pid)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+        if self.http is not None:
+            self.http.close()
+        return self.proc.returncode
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (by walking /proc parent links)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+    out: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        nxt = {c for c, p in parents.items() if p in frontier and c not in out}
+        out |= nxt
+        frontier = nxt
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def start_nimbus(tmp_path: Path) -> Iterator[object]:
+    started: list[Nimbus] = []
+
+    def start(app: Path | None, *extra: str, name: str = "state",
+              state: Path | None = None) -> Nimbus:
+        n = Nimbus(app, state or tmp_path / name, tmp_path / f"{name}.out", *extra)
+        started.append(n)
+        return n
+
+    yield start
+    for n in started:
+        n.stop(signal.SIGKILL if n.proc.poll() is None else signal.SIGTERM)
