@@ -1,0 +1,263 @@
+"""Load app.yaml (short "seed" form or rich form) into an :class:`AppSpec`.
+
+Steps, each raising :class:`ManifestError` with file, line and field:
+
+1. find the manifest and parse the YAML, remembering lines (:mod:`.source`);
+2. pick the form and validate it with pydantic (:mod:`.schema`);
+3. turn both forms into the same per-function drafts;
+4. cross-checks pydantic cannot do: routes that collide, files that must
+   exist (handler module, requirements) and, with ``check_code``, that the
+   module defines the callable (parsed with ``ast``, never imported).
+"""
+
+from __future__ import annotations
+
+import difflib
+import keyword
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from nimbus.errors import ManifestError
+from nimbus.manifest.errmap import format_loc, from_validation_error, show, unknown_key
+from nimbus.manifest.model import AppSpec, FunctionSpec, Route
+from nimbus.manifest.modules import (
+    ModuleNames,
+    ModuleSyntaxError,
+    find_module,
+    module_candidates,
+    top_level_names,
+)
+from nimbus.manifest.routes import Declared, conflict_message, find_conflict
+from nimbus.manifest.schema import RUNTIME_RE, RichApp, SeedApp, sanitise_app_name
+from nimbus.manifest.source import Loc, Source, read_source
+
+MANIFEST_NAMES = ("app.yaml", "app.yml")
+_FORMS = ("handlers", "functions")
+
+
+@dataclass
+class _Draft:
+    """One function before the cross-checks, with where its parts were written."""
+
+    name: str
+    module: str
+    callable: str
+    runtime: str
+    handler_loc: Loc
+    routes: list[Declared] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    requirements_loc: Loc = ()
+
+
+def load_app(
+    path: str | Path, *, check_code: bool = True, default_name: str | None = None
+) -> AppSpec:
+    """Load and validate the app at ``path`` (its folder, or its app.yaml).
+
+    The app is named by the manifest's ``name:``, else ``default_name``
+    (for callers whose folder is not named after the app, e.g. an unpacked
+    bundle), else the folder's name, sanitised to ``[a-z0-9-]``.
+
+    Handler module files and requirements files must always exist;
+    ``check_code`` adds parsing each module (never importing it) to check
+    that it defines the callable and has no syntax error.
+    """
+    file, app_dir = _locate(Path(path))
+    src = read_source(file)
+    form = _form(src)
+    if form == "handlers":
+        seed = _validate(SeedApp, src)
+        app_name, drafts = seed.name, _seed_drafts(seed, src)
+    else:
+        rich = _validate(RichApp, src)
+        app_name, drafts = rich.name, _rich_drafts(rich, src)
+    _check_routes(drafts, src)
+    names_cache: dict[Path, ModuleNames] = {}
+    for draft in drafts.values():
+        _check_code(draft, app_dir, src, names_cache, check_code)
+        _check_requirements(draft, app_dir, src)
+    functions = {d.name: _build(d) for d in drafts.values()}
+    return AppSpec(
+        name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
+        source=str(file.resolve()),
+        functions=functions,
+        notices=_runtime_notices(drafts.values()),
+    )
+
+
+def _locate(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        found = [path / n for n in MANIFEST_NAMES if (path / n).is_file()]
+        if not found:
+            raise ManifestError(f"no {' or '.join(MANIFEST_NAMES)} in this folder", file=path)
+        if len(found) > 1:
+            raise ManifestError(f"both {' and '.join(MANIFEST_NAMES)} exist; keep one", file=path)
+        return found[0], path
+    if path.is_file():
+        return path, path.parent
+    raise ManifestError("no such manifest file or app folder", file=path)
+
+
+def _form(src: Source) -> str:
+    data = src.data
+    if data is None:
+        raise ManifestError("the manifest is empty; expected a mapping with a 'handlers' list "
+                            "or a 'functions' mapping", file=src.file, line=1)
+    if not isinstance(data, dict):
+        raise ManifestError(f"expected a mapping at the top level, got {show(data)}",
+                            file=src.file, line=src.root_line)
+    present = [k for k in _FORMS if k in data]
+    if len(present) == 2:
+        raise ManifestError("use either 'handlers' (short form) or 'functions' (rich form), "
+                            "not both", file=src.file, line=src.line(("functions",), key=True),
+                            field="functions")
+    if present:
+        return present[0]
+    for key in data:  # a misspelt form key is the likeliest reason for neither
+        if difflib.get_close_matches(str(key), _FORMS, n=1, cutoff=0.6):
+            raise ManifestError(unknown_key(key, list(_FORMS)), file=src.file,
+                                line=src.line((key,), key=True), field=str(key))
+    raise ManifestError("expected a 'handlers' list (short form) or a 'functions' mapping "
+                        f"(rich form); found keys: {', '.join(map(str, data))}",
+                        file=src.file, line=src.root_line)
+
+
+def _validate(model: type[SeedApp] | type[RichApp], src: Source) -> Any:
+    try:
+        return model.model_validate(src.data)
+    except ValidationError as exc:
+        raise from_validation_error(exc, model, src) from None
+
+
+def _error(src: Source, loc: Loc, message: str, *, key: bool = False) -> ManifestError:
+    return ManifestError(message, file=src.file, line=src.line(loc, key=key),
+                         field=format_loc(loc))
+
+
+def _seed_drafts(seed: SeedApp, src: Source) -> dict[str, _Draft]:
+    drafts: dict[str, _Draft] = {}
+    for i, h in enumerate(seed.handlers):
+        loc: Loc = ("handlers", i)
+        route = Declared(h.method, h.path or f"/{h.function}", h.function,
+                         format_loc(loc), src.line(loc, key=True))
+        draft = drafts.get(h.function)
+        if draft is not None and h.handler is None:
+            draft.routes.append(route)  # another trigger for a function declared above
+            continue
+        if h.handler:
+            module, func = h.handler.rsplit(".", 1)
+            ref_loc = loc + ("handler",)
+        else:
+            # The function name doubles as module and callable, so it must be importable.
+            if not h.function.isidentifier() or keyword.iskeyword(h.function):
+                raise _error(src, loc + ("function",),
+                             f"function name {h.function!r} is not a Python identifier, so it "
+                             "cannot name the module and callable; add handler: module.callable")
+            module, func, ref_loc = h.function, h.function, loc + ("function",)
+        if draft is None:
+            drafts[h.function] = _Draft(h.function, module, func, seed.runtime, ref_loc, [route])
+        elif (draft.module, draft.callable) != (module, func):
+            # Several handlers may add triggers to one function, not redefine it.
+            raise _error(src, ref_loc, f"function {h.function!r} is already declared at "
+                         f"{format_loc(draft.handler_loc)} with handler "
+                         f"{draft.module}.{draft.callable}, not {module}.{func}")
+        else:
+            draft.routes.append(route)
+    return drafts
+
+
+def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
+    drafts: dict[str, _Draft] = {}
+    for name, fn in rich.functions.items():
+        loc: Loc = ("functions", name)
+        module, func = fn.handler.rsplit(".", 1)
+        single = isinstance(src.data["functions"][name].get("http"), dict)
+        routes = []
+        for j, r in enumerate(fn.http):
+            rloc = loc + ("http",) if single else loc + ("http", j)
+            routes.append(Declared(r.method, r.path, name, format_loc(rloc),
+                                   src.line(rloc, key=True)))
+        settings = {
+            "memory_mb": fn.memory_mb, "timeout_s": float(fn.timeout_s),
+            "concurrency": fn.concurrency, "max_instances": fn.max_instances,
+            "env": tuple(sorted(fn.env.items())), "requirements": fn.requirements,
+        }
+        drafts[name] = _Draft(name, module, func, fn.runtime or rich.runtime,
+                              loc + ("handler",), routes, settings, loc + ("requirements",))
+    return drafts
+
+
+def _check_routes(drafts: dict[str, _Draft], src: Source) -> None:
+    routes = [r for d in drafts.values() for r in d.routes]
+    clash = find_conflict(routes)
+    if clash is not None:
+        first, second = clash
+        raise ManifestError(conflict_message(first, second), file=src.file, line=second.line,
+                            field=second.field)
+
+
+def _check_code(draft: _Draft, app_dir: Path, src: Source,
+                cache: dict[Path, ModuleNames], check_code: bool) -> None:
+    module_file = find_module(app_dir, draft.module)
+    if module_file is None:
+        looked = " and ".join(str(p.relative_to(app_dir)) for p in
+                              module_candidates(app_dir, draft.module))
+        raise _error(src, draft.handler_loc, f"handler module {draft.module!r} not found: "
+                     f"looked for {looked} in {app_dir}")
+    if not check_code:
+        return
+    if module_file not in cache:
+        try:
+            cache[module_file] = top_level_names(module_file)
+        except ModuleSyntaxError as exc:
+            where = f"{src.file}:{src.line(draft.handler_loc)}"
+            raise ManifestError(f"cannot parse handler module: {exc.message} "
+                                f"(handler {draft.module}.{draft.callable}, {where})",
+                                file=exc.file, line=exc.line,
+                                field=format_loc(draft.handler_loc)) from None
+    names = cache[module_file].names
+    if names is None or draft.callable in names:
+        return
+    rel = module_file.relative_to(app_dir)
+    message = f"{rel} defines no top-level {draft.callable!r}"
+    close = difflib.get_close_matches(draft.callable, sorted(names), n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    raise _error(src, draft.handler_loc, message)
+
+
+def _check_requirements(draft: _Draft, app_dir: Path, src: Source) -> None:
+    req = draft.settings.get("requirements")
+    if req is not None and not (app_dir / req).is_file():
+        raise _error(src, draft.requirements_loc,
+                     f"requirements file {req!r} not found in {app_dir}")
+
+
+def _build(draft: _Draft) -> FunctionSpec:
+    return FunctionSpec(
+        name=draft.name,
+        module=draft.module,
+        callable=draft.callable,
+        runtime=draft.runtime,
+        routes=tuple(Route(r.method, r.path) for r in draft.routes),
+        **draft.settings,
+    )
+
+
+def _runtime_notices(drafts: Any) -> tuple[str, ...]:
+    """Declared python3.X runtimes are all served by this interpreter; say so when X differs."""
+    here = sys.version_info
+    by_runtime: dict[str, list[str]] = {}
+    for d in drafts:
+        m = RUNTIME_RE.fullmatch(d.runtime)
+        if m and m.group(1) is not None and int(m.group(1)) != here.minor:
+            by_runtime.setdefault(d.runtime, []).append(d.name)
+    notices = []
+    for runtime, names in sorted(by_runtime.items()):
+        which = f"function {names[0]}" if len(names) == 1 else f"functions {', '.join(names)}"
+        notices.append(f"runtime {runtime} ({which}) is served by Python {here.major}.{here.minor}")
+    return tuple(notices)

@@ -1,0 +1,81 @@
+"""Route rules: what a valid path looks like and which routes collide.
+
+The rules follow API Gateway HTTP APIs, which is what the gateway's router
+(:mod:`nimbus.gateway.router`) matches: a parameter is a whole segment,
+``{name}`` with an identifier name, and a greedy ``{name+}`` may only be last.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "ANY")
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\+?)\}")
+_BAD_CHARS = re.compile(r"[\s?#]")
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` is not a valid route path, or None if it is."""
+    if not path.startswith("/"):
+        return "a route path must start with '/'"
+    if path == "/":
+        return None
+    segments = path[1:].split("/")
+    names: set[str] = set()
+    for i, seg in enumerate(segments):
+        if seg == "":
+            return "a route path must not have empty segments ('//') or end with '/'"
+        if _BAD_CHARS.search(seg):
+            return f"segment {seg!r} contains whitespace, '?' or '#'"
+        if "{" not in seg and "}" not in seg:
+            continue
+        m = _PARAM.fullmatch(seg)
+        if m is None:
+            return (f"segment {seg!r} is not a path parameter: a parameter is a whole segment "
+                    "like {id} (or greedy {proxy+}) whose name is an identifier")
+        name, greedy = m.groups()
+        if greedy and i != len(segments) - 1:
+            return f"greedy parameter {seg!r} is only allowed as the last segment"
+        if name in names:
+            return f"parameter {{{name}}} appears twice"
+        names.add(name)
+    return None
+
+
+def shape(path: str) -> str:
+    """Paths that match the same requests have the same shape: /users/{id} == /users/{uid}."""
+    return _PARAM.sub(lambda m: "{+}" if m.group(2) else "{}", path)
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """One route as written, with where it was written (for messages)."""
+
+    method: str
+    path: str
+    function: str
+    field: str
+    line: int
+
+
+def find_conflict(routes: list[Declared]) -> tuple[Declared, Declared] | None:
+    """The first (earlier, later) pair of routes that would match the same request."""
+    seen: dict[str, list[Declared]] = {}
+    for route in routes:
+        bucket = seen.setdefault(shape(route.path), [])
+        for other in bucket:
+            if "ANY" in (route.method, other.method) or route.method == other.method:
+                return other, route
+        bucket.append(route)
+    return None
+
+
+def conflict_message(first: Declared, second: Declared) -> str:
+    if (first.method, first.path) == (second.method, second.path):
+        what = f"duplicate route {second.method} {second.path}"
+    else:
+        what = f"route {second.method} {second.path} overlaps {first.method} {first.path}"
+    mine = "this function" if first.function == second.function else f"function {first.function!r}"
+    return f"{what}: already declared by {mine} at {first.field} (line {first.line})"

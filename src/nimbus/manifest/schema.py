@@ -1,0 +1,182 @@
+"""Pydantic models for the two manifest forms, exactly as written in app.yaml.
+
+Strict on purpose: YAML happily turns ``timeout_s: ten`` into a string and
+``memory_mb: 1.5`` into a float, and a serverless config that silently
+coerces is a config that surprises in production. Field descriptions are
+the "expected ..." half of error messages (see :mod:`.errmap`); our own
+validators raise errors of type ``nimbus`` whose message is used verbatim.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from pathlib import PurePosixPath
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+from nimbus.manifest.errmap import show
+from nimbus.manifest.model import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
+from nimbus.manifest.routes import METHODS, path_problem
+
+EVENTS = ("http",)
+RUNTIME_RE = re.compile(r"python3(?:\.(\d+))?")
+_APP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def fail(message: str) -> PydanticCustomError:
+    # The message goes through a context value: paths like /users/{id}
+    # must not be read as format placeholders.
+    return PydanticCustomError("nimbus", "{msg}", {"msg": message})
+
+
+def sanitise_app_name(text: str) -> str:
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63].strip("-")
+    return name or "app"
+
+
+def _app_name(v: Any) -> Any:
+    if isinstance(v, str) and not _APP_NAME.fullmatch(v):
+        raise fail(f"expected an app name of lower-case letters, digits and '-' (at most 63), "
+                   f"got {show(v)}; did you mean {sanitise_app_name(v)!r}?")
+    return v
+
+
+def _function_name(v: Any) -> Any:
+    if not isinstance(v, str) or not _FUNCTION_NAME.fullmatch(v):
+        raise fail("expected a function name (a letter, then up to 63 letters, digits, "
+                   f"'_' or '-'), got {show(v)}")
+    return v
+
+
+def _runtime(v: Any) -> Any:
+    if not isinstance(v, str):
+        raise fail(f"expected a runtime like 'python3.11', got {show(v)}")
+    if not RUNTIME_RE.fullmatch(v):
+        raise fail(f"runtime {v!r} is not supported: only python3.x runtimes "
+                   "(e.g. python3.11) are supported")
+    return v
+
+
+def _handler_ref(v: Any) -> Any:
+    parts = v.split(".") if isinstance(v, str) else []
+    if len(parts) < 2 or not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
+        raise fail(f"expected 'module.callable' (e.g. api.get_user), got {show(v)}")
+    return v
+
+
+def _method(v: Any) -> Any:
+    if not isinstance(v, str) or v.upper() not in METHODS:
+        raise fail(f"expected one of {' '.join(METHODS)}, got {show(v)}")
+    return v.upper()
+
+
+def _path(v: Any) -> Any:
+    if not isinstance(v, str):
+        raise fail(f"expected a route path starting with '/', got {show(v)}")
+    problem = path_problem(v)
+    if problem:
+        raise fail(f"invalid path {v!r}: {problem}")
+    return v
+
+
+def _event(v: Any) -> Any:
+    if not isinstance(v, str) or v.lower() not in EVENTS:
+        raise fail(f"unsupported event {show(v)}; valid events: {', '.join(EVENTS)}")
+    return v.lower()
+
+
+def _env_key(v: Any) -> Any:
+    if not isinstance(v, str) or not _ENV_KEY.fullmatch(v):
+        raise fail("expected an environment variable name (letters, digits and '_', "
+                   f"not starting with a digit), got {show(v)}")
+    return v
+
+
+def _env_value(v: Any) -> Any:
+    # Environment values are strings; numbers and booleans are stringified
+    # as YAML spells them (true, not True) since that is what the user typed.
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if not isinstance(v, str):
+        raise fail(f"expected a string, number or boolean, got {show(v)}")
+    return v
+
+
+def _requirements(v: Any) -> Any:
+    if not isinstance(v, str) or not v.strip():
+        raise fail(f"expected a path to a requirements file, got {show(v)}")
+    p = PurePosixPath(v)
+    if p.is_absolute() or ".." in p.parts:
+        # The file is shipped inside the app bundle; outside it, it would not exist.
+        raise fail(f"requirements file {v!r} must be a path inside the app folder")
+    return p.as_posix()
+
+
+def _routes(v: Any) -> Any:
+    # `http: {method: GET, path: /x}` is one route; `http:` with nothing is none.
+    if v is None:
+        return []
+    return [v] if isinstance(v, dict) else v
+
+
+AppName = Annotated[str, BeforeValidator(_app_name)]
+FunctionName = Annotated[str, BeforeValidator(_function_name)]
+Runtime = Annotated[str, BeforeValidator(_runtime)]
+HandlerRef = Annotated[str, BeforeValidator(_handler_ref)]
+Method = Annotated[str, BeforeValidator(_method)]
+RoutePath = Annotated[str, BeforeValidator(_path)]
+EnvKey = Annotated[str, BeforeValidator(_env_key)]
+EnvValue = Annotated[str, BeforeValidator(_env_value)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class HttpRoute(_Model):
+    method: Method = "GET"
+    path: RoutePath = Field(description="a route path starting with '/'")
+
+
+class FunctionModel(_Model):
+    handler: HandlerRef = Field(description="'module.callable' (e.g. api.get_user)")
+    http: Annotated[list[HttpRoute], BeforeValidator(_routes)] = Field(
+        default_factory=list, description="a route {method, path} or a list of routes")
+    memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=16, le=10240,
+                           description="an integer from 16 to 10240 (megabytes)")
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=900,
+                             description="a number of seconds greater than 0 and at most 900")
+    concurrency: int = Field(1, ge=1, le=1000, description="an integer from 1 to 1000")
+    max_instances: int = Field(4, ge=1, le=1000, description="an integer from 1 to 1000")
+    runtime: Runtime | None = None
+    env: dict[EnvKey, EnvValue] = Field(
+        default_factory=dict, description="a mapping of variable names to values")
+    requirements: Annotated[str, BeforeValidator(_requirements)] | None = None
+
+
+class RichApp(_Model):
+    name: AppName | None = None
+    runtime: Runtime = "python3"
+    functions: dict[FunctionName, FunctionModel] = Field(
+        min_length=1, description="a mapping of function names to their settings")
+
+
+class SeedHandler(_Model):
+    function: FunctionName = Field(description="a function name")
+    event: Annotated[str, BeforeValidator(_event)] = Field(description="'http'")
+    method: Method = "GET"
+    path: RoutePath | None = None
+    handler: HandlerRef | None = None
+
+
+class SeedApp(_Model):
+    name: AppName | None = None
+    runtime: Runtime = "python3"
+    handlers: list[SeedHandler] = Field(min_length=1, description="a non-empty list of handlers")
