@@ -74,6 +74,7 @@ def deploy(app_dir: Path, state_dir: Path | None, url: str | None, token: str | 
     bundle = make_bundle(app_dir)
     client = _client(state_dir, url, token, app_dir, timeout_s=900.0)
     lines = client.stream_lines("POST", "/v1/deploy", content=bundle,
+                                params={"name": app_dir.resolve().name},
                                 headers={"content-type": "application/zip"})
     print_deploy_stream(lines, gateway_url=None)
 

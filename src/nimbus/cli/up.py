@@ -36,11 +36,11 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
-    code = runner(_main(config, bundle))
+    code = runner(_main(config, bundle, app_dir.resolve().name))
     sys.exit(code)
 
 
-async def _main(config: object, bundle: bytes | None) -> int:
+async def _main(config: object, bundle: bytes | None, name: str) -> int:
     from nimbus.cli.output import print_deployed
     from nimbus.control.server import Platform, install_stop_signals
 
@@ -53,7 +53,7 @@ async def _main(config: object, bundle: bytes | None) -> int:
                    f"state {platform.state_dir}", err=True)
         if bundle is not None:
             deploy = asyncio.create_task(platform.deploy(
-                bundle, lambda m: click.echo(f"nimbus: {m}", err=True)))
+                bundle, lambda m: click.echo(f"nimbus: {m}", err=True), name))
             stop = asyncio.create_task(platform.wait_stopped())
             await asyncio.wait({deploy, stop}, return_when=asyncio.FIRST_COMPLETED)
             if deploy.done():

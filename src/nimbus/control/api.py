@@ -67,7 +67,8 @@ def create_control_app(platform: Platform) -> Starlette:
 
         async def run() -> None:
             try:
-                result = await platform.deploy(bundle, progress)
+                result = await platform.deploy(bundle, progress,
+                                               request.query_params.get("name"))
                 lines.put_nowait(orjson.dumps({"result": result}) + b"\n")
             except NimbusError as exc:
                 lines.put_nowait(orjson.dumps(

@@ -66,7 +66,10 @@ class Deployer:
         self.worker = worker
         self.state_dir = state_dir
 
-    async def deploy(self, bundle: bytes, progress: Progress) -> dict[str, Any]:
+    async def deploy(self, bundle: bytes, progress: Progress,
+                     name: str | None = None) -> dict[str, Any]:
+        """Deploy ``bundle``; ``name`` names the app when its manifest does not
+        (the folder's name on the client: the bundle itself carries none)."""
         digest = await self.blobs.put(bundle)
         code_dir = code_dir_for(self.state_dir, digest)
         extract_bundle(bundle, code_dir)
@@ -74,7 +77,7 @@ class Deployer:
         # may run with PYTHONDONTWRITEBYTECODE and would compile every time).
         await asyncio.to_thread(compileall.compile_dir, str(code_dir), quiet=2)
         progress(f"bundle {digest[:12]} ({len(bundle)} bytes)")
-        app = load_app(code_dir)
+        app = load_app(code_dir, default_name=name)
         for notice in app.notices:
             progress(notice)
         await self._check_ownership(app)

@@ -118,8 +118,9 @@ class Platform:
         gateway = Gateway(GatewayConfig(max_body_bytes=config.max_body_bytes))
         return cls(config, store, blobs, worker, gateway)
 
-    async def deploy(self, bundle: bytes, progress: Callable[[str], None]) -> dict[str, Any]:
-        result = await self.deployer.deploy(bundle, progress)
+    async def deploy(self, bundle: bytes, progress: Callable[[str], None],
+                     name: str | None = None) -> dict[str, Any]:
+        result = await self.deployer.deploy(bundle, progress, name)
         want = {f["name"]: f["version"] for f in result["functions"]}
         await self.routes.wait_for(lambda rs: all(
             name in rs.functions and rs.functions[name].target.version == v
