@@ -1,0 +1,318 @@
+"""Contract suites every ``Store`` and ``Blobs`` backend must pass.
+
+Call them from a backend's tests::
+
+    async def make_store(clock: ManualClock | None = None) -> Store:
+        return await open_my_store(..., clock=clock)
+
+    asyncio.run(check_store(make_store))
+
+``make_store(clock=None)`` returns a fresh, empty, open store each call. When
+given a ``ManualClock`` the store must measure lease expiry by
+``clock.now()``; after the suite advances that clock, an expired lease must
+be gone by the next read (``get``/``list``) or by ``await store.sweep()``,
+which the suite calls when the store has it. The suite closes every store it
+makes. A failure raises ``AssertionError`` naming the broken rule; every wait
+has a deadline, so a broken backend fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from nimbus.clock import ManualClock
+from nimbus.errors import ClosedError, ConflictError, NotFoundError
+from nimbus.store.base import Blobs, Store, WatchEvent
+
+MakeStore = Callable[..., Awaitable[Store]]
+MakeBlobs = Callable[[], Awaitable[Blobs]]
+WAIT_S = 5.0
+
+
+async def _next(watch: AsyncIterator[WatchEvent], what: str) -> WatchEvent:
+    try:
+        return await asyncio.wait_for(watch.__anext__(), WAIT_S)
+    except TimeoutError:
+        raise AssertionError(f"watch: no event within {WAIT_S}s, expected {what}") from None
+    except StopAsyncIteration:
+        raise AssertionError(f"watch ended early, expected {what}") from None
+
+
+async def _idle_next(watch: AsyncIterator[WatchEvent]) -> asyncio.Future[WatchEvent]:
+    """Ask for the next event and give the watcher time to catch up and wait.
+
+    The pause only makes the "waiting watcher is woken" path the one tested;
+    correctness never depends on its length."""
+    pending = asyncio.ensure_future(watch.__anext__())
+    await asyncio.sleep(0.1)
+    assert not pending.done(), f"watch: unexpected event {pending.result()}"
+    return pending
+
+
+async def _await(pending: asyncio.Future[WatchEvent], what: str) -> WatchEvent:
+    try:
+        return await asyncio.wait_for(pending, WAIT_S)
+    except TimeoutError:
+        raise AssertionError(f"watch: no event within {WAIT_S}s, expected {what}") from None
+
+
+async def _expect(watch: AsyncIterator[WatchEvent],
+                  *want: tuple[str, str, bytes, int | None]) -> list[WatchEvent]:
+    """The next events must be ``want``; a None revision means any newer one."""
+    got: list[WatchEvent] = []
+    for kind, key, value, rev in want:
+        ev = await _next(watch, f"{kind} {key}@{rev}")
+        assert (ev.kind, ev.key, ev.value) == (kind, key, value), \
+            f"watch: got {ev}, expected {kind} {key} {value!r}"
+        assert rev is None or ev.revision == rev, f"watch: got {ev}, expected revision {rev}"
+        assert not got or ev.revision > got[-1].revision, f"watch out of order: {got[-1]}, {ev}"
+        got.append(ev)
+    return got
+
+
+async def _raises(exc: type[BaseException], what: str, aw: Awaitable[Any]) -> None:
+    try:
+        await aw
+    except exc:
+        return
+    raise AssertionError(f"{what}: expected {exc.__name__}")
+
+
+async def _sweep(store: Store) -> None:
+    sweep = getattr(store, "sweep", None)
+    if sweep is not None:
+        await sweep()
+
+
+async def _basics(s: Store) -> None:
+    assert await s.get("nope") is None, "get of a missing key must return None"
+    r1 = await s.put("a", b"1")
+    e = await s.get("a")
+    assert e is not None and (e.key, e.value, e.revision) == ("a", b"1", r1), f"put/get: got {e}"
+    revs = [r1, await s.put("b", b"2"), await s.put("a", b"3"), await s.create("c", b"4")]
+    revs.append(await s.update("c", b"5", revs[-1]))
+    await s.delete("b")
+    revs.append(await s.put("b", b"6"))
+    assert revs == sorted(set(revs)), f"revisions must strictly increase: {revs}"
+    assert revs[-1] > revs[-2] + 1, "a delete must take a revision of its own"
+    await s.put("empty", b"")
+    e = await s.get("empty")
+    assert e is not None and e.value == b"", "an empty value must round-trip"
+
+
+async def _cas(s: Store) -> None:
+    r = await s.create("k", b"v1")
+    await _raises(ConflictError, "create of an existing key", s.create("k", b"v2"))
+    assert (await s.get("k")).value == b"v1", "a failed create must not write"  # type: ignore[union-attr]
+    r2 = await s.update("k", b"v2", r)
+    assert r2 > r, "update must return a newer revision"
+    await _raises(ConflictError, "update at a stale revision", s.update("k", b"v3", r))
+    await _raises(ConflictError, "update of a missing key", s.update("missing", b"x", r2))
+    assert await s.get("missing") is None, "a failed update must not create the key"
+    await _raises(ConflictError, "delete at a stale revision", s.delete("k", revision=r))
+    assert await s.get("k") is not None, "a failed delete must keep the key"
+    assert await s.delete("k", revision=r2) is True, "delete at the current revision"
+    assert await s.get("k") is None, "deleted key must be gone"
+    assert await s.delete("k") is False, "delete of a missing key returns False"
+    await _raises(ConflictError, "delete of a missing key at a revision",
+                  s.delete("k", revision=r2))
+    await s.put("k", b"again")
+    assert await s.delete("k") is True, "unconditional delete returns True"
+
+
+async def _list(s: Store) -> None:
+    for key in ["a/2", "a/1", "ab", "a/3/x", "b/1", "A/1"]:
+        await s.put(key, key.encode())
+    got = [e.key for e in await s.list("a/")]
+    assert got == ["a/1", "a/2", "a/3/x"], f"list('a/') must be sorted and exact: {got}"
+    assert [e.value for e in await s.list("a/")] == [b"a/1", b"a/2", b"a/3/x"]
+    assert [e.key for e in await s.list("a")] == ["a/1", "a/2", "a/3/x", "ab"]
+    assert [e.key for e in await s.list("")] == ["A/1", "a/1", "a/2", "a/3/x", "ab", "b/1"]
+    assert await s.list("zzz") == [], "list of an unused prefix must be empty"
+    for e in await s.list(""):
+        assert e == await s.get(e.key), f"list and get disagree on {e.key}"
+
+
+async def _watch(s: Store) -> None:
+    start = await s.put("other", b"x")
+    w = s.watch("w/", after=start)
+    r1 = await s.put("w/a", b"1")
+    await s.put("elsewhere", b"no")
+    r2 = await s.put("w/b", b"2")
+    await s.delete("w/a")
+    r4 = await s.put("w/b", b"3")
+    events = await _expect(w, ("put", "w/a", b"1", r1), ("put", "w/b", b"2", r2),
+                           ("delete", "w/a", b"", None), ("put", "w/b", b"3", r4))
+    r3 = events[2].revision
+    pending = await _idle_next(w)  # a write must wake a watcher that is waiting
+    r5 = await s.put("w/live", b"L")
+    ev = await _await(pending, "the live put of w/live")
+    assert (ev.kind, ev.key, ev.value, ev.revision) == ("put", "w/live", b"L", r5), ev
+    await w.aclose()  # type: ignore[attr-defined]
+    # Replay: a watcher from an old revision gets what it missed, in order.
+    w = s.watch("w/", after=r2)
+    await _expect(w, ("delete", "w/a", b"", r3), ("put", "w/b", b"3", r4),
+                  ("put", "w/live", b"L", r5))
+    await w.aclose()  # type: ignore[attr-defined]
+    w = s.watch("w/")  # after=0: from the beginning
+    await _expect(w, ("put", "w/a", b"1", r1))
+    await w.aclose()  # type: ignore[attr-defined]
+
+
+async def _watch_from_list(s: Store) -> None:
+    """list + watch(after=max revision) reconstructs state under concurrent writes."""
+    halfway = asyncio.Event()
+
+    async def writer() -> None:
+        for i in range(60):
+            key = f"c/k{i % 7}"
+            await (s.delete(key) if i % 5 == 4 else s.put(key, str(i).encode()))
+            if i == 20:
+                halfway.set()
+            await asyncio.sleep(0)
+        await s.put("c/zz-done", b"")
+
+    task = asyncio.create_task(writer())
+    try:
+        await asyncio.wait_for(halfway.wait(), WAIT_S)  # list while writes keep coming
+        entries = await s.list("c/")
+        state = {e.key: e.value for e in entries}
+        w = s.watch("c/", after=max((e.revision for e in entries), default=0))
+        while "c/zz-done" not in state:
+            ev = await _next(w, "the writer's events")
+            if ev.kind == "put":
+                state[ev.key] = ev.value
+            else:
+                state.pop(ev.key, None)
+        await asyncio.wait_for(task, WAIT_S)
+        final = {e.key: e.value for e in await s.list("c/")}
+        assert state == final, f"list+watch missed writes:\n got {state}\n want {final}"
+        await w.aclose()  # type: ignore[attr-defined]
+    finally:
+        task.cancel()
+
+
+async def _watch_ends_on_close(s: Store) -> None:
+    seen: list[WatchEvent] = []
+
+    async def consume() -> None:
+        async for ev in s.watch("x/"):
+            seen.append(ev)
+
+    task = asyncio.create_task(consume())
+    await s.put("x/1", b"1")
+    for _ in range(100):  # let the watcher get the event and start waiting
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    await s.aclose()
+    try:
+        await asyncio.wait_for(task, WAIT_S)
+    except TimeoutError:
+        raise AssertionError("watch must end when the store closes") from None
+    assert [e.key for e in seen] == ["x/1"], f"watch before close saw {seen}"
+
+
+async def _leases(s: Store, clock: ManualClock) -> None:
+    await _raises(NotFoundError, "put with an unknown lease", s.put("l/x", b"", lease=987654))
+    lease = await s.grant_lease(10)
+    start = await s.put("l/a", b"a", lease=lease)
+    await s.create("l/b", b"b", lease=lease)
+    await s.put("l/keep", b"k")
+    w = s.watch("l/", after=start)
+    await _next(w, "put l/b")
+    await _next(w, "put l/keep")
+    clock.advance(6)
+    await s.keepalive(lease)  # now expires at 16
+    clock.advance(6)
+    await _sweep(s)
+    assert [e.key for e in await s.list("l/")] == ["l/a", "l/b", "l/keep"], \
+        "keepalive must extend the lease"
+    clock.advance(5)
+    await _sweep(s)
+    assert await s.get("l/a") is None, "a key must vanish when its lease expires"
+    assert [e.key for e in await s.list("l/")] == ["l/keep"], "only unleased keys stay"
+    got = {(ev.kind, ev.key) for ev in [await _next(w, "delete"), await _next(w, "delete")]}
+    assert got == {("delete", "l/a"), ("delete", "l/b")}, f"expiry must emit deletes: {got}"
+    await _raises(NotFoundError, "keepalive of an expired lease", s.keepalive(lease))
+    await _raises(NotFoundError, "put with an expired lease", s.put("l/c", b"", lease=lease))
+
+    late = await s.grant_lease(5)
+    await s.put("l/late", b"", lease=late)
+    clock.advance(6)  # expired but not swept: keepalive must still refuse
+    await _raises(NotFoundError, "keepalive after expiry", s.keepalive(late))
+    assert await s.get("l/late") is None, "expired key must be gone on read"
+
+    other = await s.grant_lease(100)
+    await s.put("l/r", b"", lease=other)
+    await s.revoke(other)
+    assert await s.get("l/r") is None, "revoke must delete the lease's keys"
+    await s.revoke(other)  # idempotent
+    await _raises(NotFoundError, "put with a revoked lease", s.put("l/r", b"", lease=other))
+    await _raises(NotFoundError, "keepalive of a revoked lease", s.keepalive(other))
+    await w.aclose()  # type: ignore[attr-defined]
+
+
+async def _closed(s: Store) -> None:
+    await s.put("k", b"v")
+    await s.aclose()
+    await s.aclose()  # idempotent
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "get": lambda: s.get("k"), "list": lambda: s.list(""), "put": lambda: s.put("k", b""),
+        "create": lambda: s.create("n", b""), "update": lambda: s.update("k", b"", 1),
+        "delete": lambda: s.delete("k"), "grant_lease": lambda: s.grant_lease(1),
+        "keepalive": lambda: s.keepalive(1), "revoke": lambda: s.revoke(1),
+    }
+    for name, call in calls.items():
+        await _raises(ClosedError, f"{name} after aclose", call())
+
+    async def first_event() -> None:
+        await s.watch("").__anext__()
+    await _raises(ClosedError, "watch after aclose", first_event())
+
+
+async def check_store(make_store: MakeStore) -> None:
+    """Run every Store rule against fresh stores from ``make_store``."""
+    for check in (_basics, _cas, _list, _watch, _watch_from_list, _watch_ends_on_close,
+                  _closed):
+        store = await make_store()
+        try:
+            await check(store)
+        finally:
+            await store.aclose()
+    clock = ManualClock()
+    store = await make_store(clock=clock)
+    try:
+        await _leases(store, clock)
+    finally:
+        await store.aclose()
+
+
+async def check_blobs(make_blobs: MakeBlobs) -> None:
+    """Run every Blobs rule against fresh blob stores from ``make_blobs``."""
+    b = await make_blobs()
+    try:
+        data = b"hello blobs"
+        digest = await b.put(data)
+        assert digest == hashlib.sha256(data).hexdigest(), "put must return the sha256 hex"
+        assert await b.put(data) == digest, "put must be idempotent"
+        assert await b.get(digest) == data, "get must return the stored bytes"
+        assert await b.has(digest) is True, "has must see a stored blob"
+        empty = await b.put(b"")
+        assert await b.get(empty) == b"", "the empty blob must round-trip"
+        big = bytes(range(256)) * 4096
+        assert await b.get(await b.put(big)) == big, "a 1 MiB blob must round-trip"
+        missing = hashlib.sha256(b"never stored").hexdigest()
+        assert await b.has(missing) is False, "has must be False for a missing blob"
+        await _raises(NotFoundError, "get of a missing blob", b.get(missing))
+        await _raises(NotFoundError, "get of a non-digest", b.get("../../etc/passwd"))
+        assert await b.has("not-a-digest") is False, "has of a non-digest is False"
+    finally:
+        await b.aclose()
+    await b.aclose()  # idempotent
+    await _raises(ClosedError, "blobs put after aclose", b.put(b"x"))
+    await _raises(ClosedError, "blobs get after aclose", b.get(digest))
+    await _raises(ClosedError, "blobs has after aclose", b.has(digest))

@@ -1,0 +1,252 @@
+"""SQLiteStore and FileBlobs: the contract suites plus what only a file can do."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import sqlite3
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from nimbus.clock import ManualClock
+from nimbus.errors import UnavailableError, UserInputError
+from nimbus.store.base import Store, WatchEvent
+from nimbus.store.files import FileBlobs, open_file_blobs
+from nimbus.store.registry import open_blobs, open_store
+from nimbus.store.sqlite import SQLiteStore, open_sqlite_store
+from nimbus.testing import check_blobs, check_store
+
+T = TypeVar("T")
+WAIT_S = 5.0
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one async test body with an overall deadline."""
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def within(aw: Any) -> Any:
+    return await asyncio.wait_for(aw, WAIT_S)
+
+
+async def idle_next(w: AsyncIterator[WatchEvent]) -> asyncio.Future[WatchEvent]:
+    """Ask for the next event, and let the watcher catch up and start waiting
+    (so the test covers waking a waiting watcher; the pause length is not
+    load-bearing for correctness)."""
+    pending = asyncio.ensure_future(w.__anext__())
+    await asyncio.sleep(0.15)
+    assert not pending.done()
+    return pending
+
+
+def test_store_contract(tmp_path: Path) -> None:
+    counter = itertools.count()
+
+    async def make_store(clock: ManualClock | None = None) -> Store:
+        return await open_sqlite_store(tmp_path / f"s{next(counter)}.db", clock=clock)
+
+    run(check_store(make_store))
+
+
+def test_blobs_contract(tmp_path: Path) -> None:
+    counter = itertools.count()
+
+    async def make_blobs() -> FileBlobs:
+        return await open_file_blobs(tmp_path / f"b{next(counter)}")
+
+    run(check_blobs(make_blobs))
+
+
+def test_data_survives_reopen(tmp_path: Path) -> None:
+    async def body() -> None:
+        path = tmp_path / "store.db"
+        s = await open_sqlite_store(path)
+        lease = await s.grant_lease(3600)
+        rev = await s.put("apps/a", b"A")
+        await s.put("apps/b", b"B", lease=lease)
+        await s.aclose()
+        s = await open_sqlite_store(path)
+        try:
+            assert [(e.key, e.value) for e in await s.list("apps/")] == [
+                ("apps/a", b"A"), ("apps/b", b"B")]
+            assert (await s.get("apps/a")).revision == rev  # type: ignore[union-attr]
+            assert await s.put("apps/c", b"C") > rev + 1, "revisions continue after reopen"
+            await s.keepalive(lease)  # the lease survived too
+            await s.revoke(lease)
+            assert await s.get("apps/b") is None
+        finally:
+            await s.aclose()
+    run(body())
+
+
+def test_second_store_on_same_file_sees_writes(tmp_path: Path) -> None:
+    async def body() -> None:
+        path = tmp_path / "shared.db"
+        a = await open_sqlite_store(path)
+        b = await open_sqlite_store(path)
+        try:
+            w = a.watch("apps/")
+            pending = await idle_next(w)
+            rev = await b.put("apps/x", b"1")
+            ev = await within(pending)
+            assert (ev.kind, ev.key, ev.value, ev.revision) == ("put", "apps/x", b"1", rev)
+            assert await b.delete("apps/x")
+            ev = await within(w.__anext__())
+            assert (ev.kind, ev.key) == ("delete", "apps/x")
+            # Both sides allocate from the same counter.
+            assert await a.put("apps/y", b"2") > ev.revision
+            await w.aclose()  # type: ignore[attr-defined]
+        finally:
+            await a.aclose()
+            await b.aclose()
+    run(body())
+
+
+def test_other_process_writes_wake_watchers(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    script = textwrap.dedent(f"""
+        import asyncio
+        from pathlib import Path
+        from nimbus.store.sqlite import open_sqlite_store
+        async def main():
+            s = await open_sqlite_store(Path({str(path)!r}))
+            await s.put("apps/child", b"hi")
+            await s.aclose()
+        asyncio.run(main())
+    """)
+
+    async def body() -> None:
+        s = await open_sqlite_store(path)
+        try:
+            w = s.watch("apps/")
+            pending = await idle_next(w)
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            ev = await within(pending)
+            assert (ev.kind, ev.key, ev.value) == ("put", "apps/child", b"hi")
+            await w.aclose()  # type: ignore[attr-defined]
+        finally:
+            await s.aclose()
+    run(body())
+
+
+def test_expiry_in_one_store_reaches_watchers_of_another(tmp_path: Path) -> None:
+    async def body() -> None:
+        clock = ManualClock()
+        path = tmp_path / "shared.db"
+        a = await open_sqlite_store(path, clock=clock)
+        b = await open_sqlite_store(path, clock=clock)
+        try:
+            lease = await a.grant_lease(5)
+            rev = await a.put("nodes/n1", b"", lease=lease)
+            w = b.watch("nodes/", after=rev)
+            pending = await idle_next(w)
+            clock.advance(6)
+            await a.sweep()
+            ev = await within(pending)
+            assert (ev.kind, ev.key) == ("delete", "nodes/n1")
+            await w.aclose()  # type: ignore[attr-defined]
+        finally:
+            await a.aclose()
+            await b.aclose()
+    run(body())
+
+
+def test_trimmed_history_replays_current_state(tmp_path: Path) -> None:
+    async def body() -> None:
+        s = await open_sqlite_store(tmp_path / "s.db", keep_changes=3)
+        try:
+            first = await s.put("k/a", b"1")
+            await s.put("k/b", b"1")
+            await s.put("k/gone", b"1")
+            await s.delete("k/gone")
+            for i in range(5):
+                last = await s.put("k/b", str(i).encode())
+            # History from `first` is trimmed: the watcher gets today's entries newer
+            # than `first` as puts (k/a is not newer; k/gone no longer exists).
+            w = s.watch("k/", after=first)
+            ev = await within(w.__anext__())
+            assert (ev.kind, ev.key, ev.value, ev.revision) == ("put", "k/b", b"4", last)
+            live = await s.put("k/c", b"new")
+            ev = await within(w.__anext__())
+            assert (ev.key, ev.revision) == ("k/c", live)
+            await w.aclose()  # type: ignore[attr-defined]
+            # A recent `after` still gets the exact log, deletes included.
+            w = s.watch("k/", after=last - 1)
+            ev = await within(w.__anext__())
+            assert (ev.key, ev.revision) == ("k/b", last)
+            await w.aclose()  # type: ignore[attr-defined]
+        finally:
+            await s.aclose()
+    run(body())
+
+
+def test_missing_directory_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(UnavailableError) as info:
+        run(open_sqlite_store(tmp_path / "no" / "such" / "dir" / "s.db"))
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+
+
+def test_corrupt_file_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    path.write_bytes(b"this is not a database at all" * 200)
+    with pytest.raises(UnavailableError) as info:
+        run(open_sqlite_store(path))
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+
+
+def test_driver_errors_during_use_are_unavailable(tmp_path: Path) -> None:
+    async def body() -> None:
+        s = await open_sqlite_store(tmp_path / "s.db")
+        try:
+            # Simulate the disk going away under us: the driver raises, we translate.
+            await s._call(lambda: s._db().execute("DROP TABLE kv"))
+            with pytest.raises(UnavailableError) as info:
+                await s.put("k", b"v")
+            assert isinstance(info.value.__cause__, sqlite3.Error)
+            with pytest.raises(UnavailableError):
+                await s.get("k")
+        finally:
+            await s.aclose()
+    run(body())
+
+
+def test_corrupt_blob_is_detected_and_repaired_by_put(tmp_path: Path) -> None:
+    async def body() -> None:
+        blobs = await open_file_blobs(tmp_path / "blobs")
+        data = b"bundle bytes"
+        digest = await blobs.put(data)
+        path = tmp_path / "blobs" / "sha256" / digest[:2] / digest
+        assert path.read_bytes() == data
+        path.write_bytes(b"bundle bytez")
+        with pytest.raises(UnavailableError, match="corrupt"):
+            await blobs.get(digest)
+        assert await blobs.put(data) == digest
+        assert await blobs.get(digest) == data
+        assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]
+        await blobs.aclose()
+    run(body())
+
+
+def test_registry_opens_backends_by_name(tmp_path: Path) -> None:
+    async def body() -> None:
+        s = await open_store("sqlite", tmp_path / "a.db")
+        assert isinstance(s, SQLiteStore)
+        await s.put("k", b"v")
+        await s.aclose()
+        s = await open_store(f"sqlite://{tmp_path / 'a.db'}")
+        assert (await s.get("k")).value == b"v"  # type: ignore[union-attr]
+        await s.aclose()
+        with pytest.raises(UserInputError):
+            await open_store("nosuch", tmp_path / "b.db")
+        blobs = await open_blobs(tmp_path / "blobs")
+        digest = await blobs.put(b"x")
+        assert digest == hashlib.sha256(b"x").hexdigest()
+        await blobs.aclose()
+    run(body())
