@@ -174,6 +174,7 @@ def test_logs_follow(kitchen):
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close()
 
 
 def test_cli_ls_status_invoke(kitchen):

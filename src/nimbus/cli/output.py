@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +13,8 @@ from rich.table import Table
 
 from nimbus.errors import DeployError, ManifestError
 
-console = Console(highlight=False)
+# Piped output (scripts, tests) is not wrapped at 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 err_console = Console(stderr=True, highlight=False)
 
 
