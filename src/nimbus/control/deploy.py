@@ -103,17 +103,21 @@ class Deployer:
                    "config_hash": chash, "created": time.time()}
             records[fn.name] = rec
             new.append(rec)
-        for rec in new:  # warm before anything moves: an import error stops here
-            target = target_from_record(app.name, rec)
-            progress(f"starting {target.function} version {target.version}")
-            await self.worker.pool(target).ensure_warm()
-        for rec in new:
-            try:
-                await self.store.create(version_key(rec["spec"]["name"], rec["version"]),
-                                        orjson.dumps(rec))
-            except ConflictError:
-                raise DeployError(
-                    f"another deploy of {rec['spec']['name']} is in progress; retry") from None
+        warmed = [target_from_record(app.name, rec) for rec in new]
+        try:
+            for target in warmed:  # warm before anything moves: an import error stops here
+                progress(f"starting {target.function} version {target.version}")
+                await self.worker.pool(target).ensure_warm()
+            for rec in new:
+                try:
+                    await self.store.create(version_key(rec["spec"]["name"], rec["version"]),
+                                            orjson.dumps(rec))
+                except ConflictError:
+                    raise DeployError(f"another deploy of {rec['spec']['name']} is in "
+                                      "progress; retry") from None
+        except BaseException:
+            self.worker.discard(warmed)
+            raise
         app_record = {
             "name": app.name, "digest": digest, "deployed": time.time(),
             "functions": records,

@@ -31,6 +31,7 @@ import uvicorn
 from nimbus.control.api import create_control_app
 from nimbus.control.deploy import Deployer
 from nimbus.control.routesync import RouteSync
+from nimbus.errors import UnavailableError
 from nimbus.gateway.app import Gateway, GatewayConfig
 from nimbus.observe.logs import LogSink
 from nimbus.store.base import Blobs, Store
@@ -76,7 +77,11 @@ def ensure_token(state_dir: Path) -> str:
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UnavailableError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -131,7 +136,11 @@ class Platform:
         await self.routes.start()
         c = self.config
         gw_sock = _bind(c.host, c.port)
-        ctl_sock = _bind(c.control_host, c.control_port)
+        try:
+            ctl_sock = _bind(c.control_host, c.control_port)
+        except UnavailableError:
+            gw_sock.close()
+            raise
         self.gateway_url = f"http://{_url_host(c.host)}:{gw_sock.getsockname()[1]}"
         self.control_url = f"http://{_url_host(c.control_host)}:{ctl_sock.getsockname()[1]}"
         common = dict(lifespan="off", access_log=False, log_level="warning",

@@ -41,6 +41,10 @@ class Worker:
         if self._closed:
             raise ClosedError("worker is closed")
         pool = self.pools.get(target.key)
+        if pool is not None and pool.target != target:
+            # A number reused after a failed deploy: the old pool runs other code.
+            self._drain(self.pools.pop(target.key), 0.5)
+            pool = None
         if pool is None:
             pool = self.pools[target.key] = FunctionPool(target, self._start_instance)
         return pool
@@ -82,10 +86,19 @@ class Worker:
     def retire(self, keep: set[tuple[str, int]], grace_s: float = 1.0) -> None:
         """Drain and stop the pools of every version not in ``keep``."""
         for key in [k for k in self.pools if k not in keep]:
-            pool = self.pools.pop(key)
-            task = asyncio.get_running_loop().create_task(pool.drain(grace_s))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._drain(self.pools.pop(key), grace_s)
+
+    def discard(self, targets: list[Target]) -> None:
+        """Stop the pools of ``targets`` (a deploy that failed after warming them)."""
+        for t in targets:
+            pool = self.pools.get(t.key)
+            if pool is not None and pool.target == t:
+                self._drain(self.pools.pop(t.key), 0.5)
+
+    def _drain(self, pool: FunctionPool, grace_s: float) -> None:
+        task = asyncio.get_running_loop().create_task(pool.drain(grace_s))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def instances(self) -> list[tuple[FunctionPool, Instance]]:
         return [(pool, inst) for pool in self.pools.values() for inst in pool.instances]
