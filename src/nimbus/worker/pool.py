@@ -46,8 +46,9 @@ class FunctionPool:
     async def invoke(self, rid: str, event: Any) -> Any:
         inst = self._pick()
         if inst is None:
-            inst = await self._acquire_slow()
-        inst.outstanding += 1
+            inst = await self._acquire_slow()  # its slot comes reserved
+        else:
+            inst.outstanding += 1
         try:
             return await inst.invoke(rid, event, self.timeout_s)
         finally:
@@ -76,26 +77,38 @@ class FunctionPool:
             self._start_one()
         try:
             return await asyncio.wait_for(waiter, self.timeout_s + ACQUIRE_GRACE_S)
-        except TimeoutError:
-            raise ThrottledError(
-                f"no instance of {self.target.function} became free in time"
-            ) from None
-        finally:
-            if not waiter.done() or waiter.cancelled():
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # handed a slot in the same instant we gave up: give it back
+                inst = waiter.result()
+                inst.outstanding -= 1
+                self._released(inst)
+            else:
+                waiter.cancel()
                 try:
                     self._waiters.remove(waiter)
                 except ValueError:
                     pass
+            if isinstance(exc, TimeoutError):
+                raise ThrottledError(
+                    f"no instance of {self.target.function} became free in time") from None
+            raise
+
+    def _hand_over(self, inst: Instance) -> bool:
+        """Give one of ``inst``'s free slots to the oldest waiting request."""
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                inst.outstanding += 1  # reserved now, so no one else takes it
+                w.set_result(inst)
+                return True
+        return False
 
     def _released(self, inst: Instance) -> None:
         if inst.draining or not inst.alive:
             return
-        # hand the slot straight to a waiting request, if any
-        while self._waiters and inst.outstanding < inst.capacity:
-            w = self._waiters.popleft()
-            if not w.done():
-                w.set_result(inst)
-                return
+        while inst.outstanding < inst.capacity and self._hand_over(inst):
+            pass
 
     # -- growth and loss ----------------------------------------------------
 
@@ -113,6 +126,8 @@ class FunctionPool:
             self.last_start_error = exc
             log.warning("starting %s v%d failed: %s", self.target.function,
                         self.target.version, exc)
+            if self.instances or self._starting:
+                return  # the waiting requests still have instances to wait for
             while self._waiters:
                 w = self._waiters.popleft()
                 if not w.done():
@@ -125,12 +140,7 @@ class FunctionPool:
             await inst.stop(0.5)
             return
         self.instances.append(inst)
-        for _ in range(inst.capacity):
-            if not self._waiters:
-                break
-            w = self._waiters.popleft()
-            if not w.done():
-                w.set_result(inst)
+        self._released(inst)  # its free slots go to the waiting requests
 
     async def ensure_warm(self) -> Instance:
         """Start one instance now (deploy warm-up); raises if it fails to start."""
