@@ -10,6 +10,7 @@ tagged with the invocation's request id.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import os
@@ -145,18 +146,18 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
         return
     sys.stdout = _LogWriter(channel, "stdout", current)
     sys.stderr = _LogWriter(channel, "stderr", current)
-    make_context = _context_factory(spec)
+    invoke = functools.partial(_invoke_one, channel, handler, _context_factory(spec), current)
     concurrency = spec.get("concurrency", 1)
     if concurrency > 1:
         pool = _started_pool(concurrency)  # thread stacks count in RLIMIT_AS
         _limit_memory(spec["memory_mb"])
         channel.send(p.READY, orjson.dumps({"pid": os.getpid()}))
         with pool:
-            _serve_concurrent(channel, handler, make_context, current, pool)
+            _serve(channel, functools.partial(pool.submit, invoke))
     else:
         _limit_memory(spec["memory_mb"])
         channel.send(p.READY, orjson.dumps({"pid": os.getpid()}))
-        _serve(channel, handler, make_context, current)
+        _serve(channel, invoke)
 
 
 def _context_factory(spec: dict[str, Any]) -> Callable[[str, int], LambdaContext]:
@@ -215,14 +216,15 @@ def _invoke_one(
         os._exit(3)
 
 
-def _serve(channel, handler, make_context, current) -> None:  # type: ignore[no-untyped-def]
+def _serve(channel: _Channel, run: Callable[[bytes], object]) -> None:
+    """Hand every INVOKE frame's body to ``run`` until the worker hangs up."""
     while True:
         got = channel.recv()
         if got is None:
             return
         kind, body = got
         if kind == p.INVOKE:
-            _invoke_one(channel, handler, make_context, current, body)
+            run(body)
 
 
 def _started_pool(n: int) -> ThreadPoolExecutor:
@@ -233,13 +235,3 @@ def _started_pool(n: int) -> ThreadPoolExecutor:
         pool.submit(barrier.wait, 5.0)
     barrier.wait(5.0)
     return pool
-
-
-def _serve_concurrent(channel, handler, make_context, current, pool) -> None:  # type: ignore[no-untyped-def]
-    while True:
-        got = channel.recv()
-        if got is None:
-            return
-        kind, body = got
-        if kind == p.INVOKE:
-            pool.submit(_invoke_one, channel, handler, make_context, current, body)

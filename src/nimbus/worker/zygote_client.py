@@ -122,13 +122,16 @@ class ZygoteClient:
             raise
         return pid, ours
 
-    def _teardown(self) -> None:
+    def _hang_up(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
         if self._ctl is not None:
-            self._ctl.close()
+            self._ctl.close()  # the zygote exits when its socket closes
             self._ctl = None
+
+    def _teardown(self) -> None:
+        self._hang_up()
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(timeout=5)
@@ -139,12 +142,7 @@ class ZygoteClient:
         to ``grace_s``, then SIGKILL. Idempotent."""
         self._closed = True
         proc = self._proc
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        if self._ctl is not None:
-            self._ctl.close()
-            self._ctl = None
+        self._hang_up()
         if proc is None:
             return
         self._proc = None
