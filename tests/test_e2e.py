@@ -86,6 +86,12 @@ def test_timeout_answers_504_and_replaces_the_instance(kitchen):
     r = kitchen.http.get("/slow")
     assert r.status_code == 504
     assert time.monotonic() - t0 < 10
+    rid = r.headers["x-nimbus-request-id"]
+    deadline = time.monotonic() + 10
+    while "Task timed out after 1.00 seconds" not in (
+            out := kitchen.cli("logs", "slow", "--request-id", rid)).stdout:
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
     # the platform still serves the other functions, and slow gets a new instance
     assert kitchen.http.get("/echo").status_code == 200
     r = kitchen.http.get("/slow")

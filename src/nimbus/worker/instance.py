@@ -37,7 +37,7 @@ class InstanceProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.alive = True
         self._buf = bytearray()
-        self._on_log = on_log
+        self.on_log = on_log
         self._on_lost = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,7 +71,7 @@ class InstanceProtocol(asyncio.Protocol):
                 fut.set_exception(HandlerError(error))
         elif kind == p.LOG:
             rid, stream, text = orjson.loads(body)
-            self._on_log(rid, stream, text)
+            self.on_log(rid, stream, text)
         elif kind == p.READY:
             if not self.ready.done():
                 self.ready.set_result(orjson.loads(body))
@@ -79,15 +79,16 @@ class InstanceProtocol(asyncio.Protocol):
             err = orjson.loads(body)
             if not self.ready.done():
                 self.ready.set_exception(InitError(err))
-            self._on_log(None, "stderr", "".join(err.get("stackTrace", [])))
+            self.on_log(None, "stderr", "".join(err.get("stackTrace", [])))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
         if not self.ready.done():
             self.ready.set_exception(InstanceDiedError("instance exited while starting"))
-        for fut in self.pending.values():
+        for rid, fut in self.pending.items():
             if not fut.done():
                 fut.set_exception(InstanceDiedError("instance exited during the invocation"))
+                self.on_log(rid, "platform", "instance exited during the invocation")
         self.pending.clear()
         self._on_lost()
 
@@ -148,7 +149,9 @@ class Instance:
         if fut.done():
             return
         self.proto.pending.pop(rid, None)
-        fut.set_exception(InvocationTimeoutError(f"Task timed out after {timeout_s:.2f} seconds"))
+        message = f"Task timed out after {timeout_s:.2f} seconds"
+        fut.set_exception(InvocationTimeoutError(message))
+        self.proto.on_log(rid, "platform", message)
         self.kill()
 
     def kill(self) -> None:
