@@ -50,7 +50,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def nimbus_up(app: Path) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
+def nimbus_up(app: Path, probe: str = "/hello") -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
     """``nimbus up APP`` on free ports; yields (gateway_url, state_dir, proc)."""
     state = Path(tempfile.mkdtemp(prefix="nimbus-bench-"))
     proc = subprocess.Popen(
@@ -65,7 +65,7 @@ def nimbus_up(app: Path) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
                 raise SystemExit("nimbus up did not start")
             time.sleep(0.05)
         url = orjson.loads(info.read_bytes())["gateway_url"]
-        wait_http(url + "/hello")
+        wait_http(url + probe)
         yield url, state, proc
     finally:
         stop(proc)

@@ -27,6 +27,7 @@ from bench._harness import ROOT  # noqa: E402
 
 from nimbus.manifest.model import FunctionSpec  # noqa: E402
 from nimbus.observe.logs import LogSink  # noqa: E402
+from nimbus.worker.deps import BASE, DepSet  # noqa: E402
 from nimbus.worker.target import Target, code_dir_for  # noqa: E402
 from nimbus.worker.worker import Worker  # noqa: E402
 
@@ -36,17 +37,35 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
-async def trials(n: int) -> list[float]:
+JINJA_HANDLER = """\
+import jinja2
+
+TEMPLATE = jinja2.Template("Hello, {{ name }}!")
+
+def hello(event, context):
+    return {"statusCode": 200, "body": TEMPLATE.render(name="World")}
+"""
+
+
+async def trials(n: int, handler: str | None = None,
+                 deps: DepSet | None = None) -> list[float]:
+    """Cold starts of a hello handler (the seed's, or ``handler``'s source),
+    forked from the zygote of ``deps`` (default: what the worker picks)."""
     state = Path(tempfile.mkdtemp(prefix="nimbus-cold-"))
     try:
         code = code_dir_for(state, "bench")
         code.mkdir(parents=True)
-        shutil.copy(ROOT / "examples" / "hello" / "hello.py", code / "hello.py")
+        if handler is None:
+            shutil.copy(ROOT / "examples" / "hello" / "hello.py", code / "hello.py")
+        else:
+            (code / "hello.py").write_text(handler)
         compileall.compile_dir(str(code), quiet=2)  # as a deploy does
         worker = Worker(state, LogSink(state / "logs"))
         await worker.start()
         target = Target("bench", 1, FunctionSpec("hello", "hello", "hello"), "bench", None)
         pool = worker.pool(target)
+        if deps is not None:
+            pool.deps = deps
         out = []
         for i in range(n):
             t0 = time.perf_counter()
@@ -73,22 +92,32 @@ def interpreter_starts(n: int) -> list[float]:
     return out
 
 
+def row(name: str, xs: list[float]) -> None:
+    print(f"{name:44}{pct(xs, .5):>10.2f}{pct(xs, .99):>10.2f}"
+          f"{statistics.mean(xs):>10.2f}   ({len(xs)} starts)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--starts", type=int, default=200)
     args = ap.parse_args()
     try:
         import uvloop
-        cold = uvloop.run(trials(args.starts))
+        run = uvloop.run
     except ImportError:
-        cold = asyncio.run(trials(args.starts))
+        run = asyncio.run
+    cold = run(trials(args.starts))
     fresh = interpreter_starts(max(20, args.starts // 10))
-    print(f"{'':34}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
-    print(f"{'nimbus fork from zygote + invoke':34}{pct(cold, .5):>10.2f}{pct(cold, .99):>10.2f}"
-          f"{statistics.mean(cold):>10.2f}   ({len(cold)} starts)")
-    print(f"{'fresh interpreter + import':34}{pct(fresh, .5):>10.2f}{pct(fresh, .99):>10.2f}"
-          f"{statistics.mean(fresh):>10.2f}   ({len(fresh)} starts)")
+    print(f"{'':44}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    row("seed hello: fork from zygote + invoke", cold)
+    row("seed hello: fresh interpreter + import", fresh)
     print(f"ratio fresh/nimbus p50: {pct(fresh, .5) / pct(cold, .5):.1f}x")
+    n = max(20, args.starts // 4)
+    with_deps = run(trials(n, JINJA_HANDLER))  # the worker preloads jinja2 (top-level import)
+    without = run(trials(n, JINJA_HANDLER, deps=BASE))  # forced onto the base zygote
+    row("jinja2 hello: dependency-set zygote", with_deps)
+    row("jinja2 hello: base zygote (imports jinja2)", without)
+    print(f"ratio base/dependency-set p50: {pct(without, .5) / pct(with_deps, .5):.1f}x")
 
 
 if __name__ == "__main__":

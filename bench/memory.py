@@ -35,8 +35,9 @@ def main() -> None:
         ctl = orjson.loads((state / "control.json").read_bytes())["control_url"]
         status = httpx.get(ctl + "/v1/status",
                            headers={"authorization": f"Bearer {token}"}).json()
-        rows = [("platform (gateway+control+worker)", status["memory"]["platform"]),
-                ("zygote", status["memory"]["zygote"])]
+        rows = [("platform (gateway+control+worker)", status["memory"]["platform"])]
+        rows += [(f"zygote ({', '.join(z['preload']) or 'base'})", z["memory"])
+                 for z in status["zygotes"] if z["memory"]]
         for f in status["functions"]:
             for i in f["instances"]:
                 rows.append((f"idle warm instance of {f['name']}", i["memory"]))

@@ -38,7 +38,9 @@ class Nimbus:
             if info.exists() and b"serving at" in self.output_bytes():
                 break
             if self.proc.poll() is not None:
-                raise RuntimeError(f"nimbus up exited {self.proc.returncode}:\n{self.output()}")
+                out = self.output()
+                self._out.close()
+                raise RuntimeError(f"nimbus up exited {self.proc.returncode}:\n{out}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"nimbus up did not start:\n{self.output()}")

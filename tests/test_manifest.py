@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -730,3 +731,315 @@ def test_python_tags_are_not_constructed(tmp_path):
     err = load_error(make_app(tmp_path, "functions: !!python/object/apply:os.system [echo]\n"))
     assert err.line == 1
     assert "could not determine a constructor" in err.message
+
+
+# --- autoscaling keys ----------------------------------------------------------------
+
+SCALING_DEFAULTS = {
+    "min_instances": 0, "max_instances": 4, "max_concurrency": None,
+    "target_concurrency": 0.7, "stable_window_s": 60.0, "panic_window_s": 6.0,
+    "scale_to_zero_after_s": 30.0, "max_queue": 100, "preload": (),
+}
+
+
+def scaling(fn: FunctionSpec) -> dict[str, object]:
+    return {key: getattr(fn, key) for key in SCALING_DEFAULTS}
+
+
+def test_scaling_defaults(tmp_path):
+    spec = load_app(rich(tmp_path, "f: {handler: api.plain}\n"))
+    assert scaling(spec.functions["f"]) == SCALING_DEFAULTS
+    seed = load_app(make_app(tmp_path / "seed", SEED, {"hello.py": HELLO_PY}))
+    assert scaling(seed.functions["hello"]) == SCALING_DEFAULTS
+    # and the same defaults for code that builds a FunctionSpec itself
+    assert scaling(FunctionSpec("f", "api", "plain")) == SCALING_DEFAULTS
+    for key in ("target_concurrency", "stable_window_s", "panic_window_s",
+                "scale_to_zero_after_s"):
+        assert isinstance(getattr(spec.functions["f"], key), float)
+
+
+def test_scaling_defaults_derived_from_other_keys(tmp_path):
+    spec = load_app(rich(tmp_path, """\
+        a: {handler: api.plain, concurrency: 3}
+        b: {handler: api.plain, concurrency: 10, stable_window_s: 4}
+        c: {handler: api.plain, target_concurrency: null, max_concurrency: null}
+        """))
+    a, b, c = (spec.functions[n] for n in "abc")
+    assert a.target_concurrency == 2.1  # concurrency x 0.7, not 2.0999999999999996
+    assert (b.target_concurrency, b.stable_window_s) == (7.0, 4.0)
+    assert b.panic_window_s == 4.0  # the default 6 s, cut to a shorter stable window
+    assert scaling(c) == SCALING_DEFAULTS  # null spells the default
+    assert FunctionSpec("f", "m", "c", concurrency=3).target_concurrency == 2.1
+    assert FunctionSpec("f", "m", "c", stable_window_s=2.5).panic_window_s == 2.5
+
+
+def test_scaling_every_key_round_trips(tmp_path):
+    spec = load_app(rich(tmp_path, """\
+        f:
+          handler: api.plain
+          concurrency: 8
+          min_instances: 2
+          max_instances: 10
+          max_concurrency: 50
+          target_concurrency: 6
+          stable_window_s: 30
+          panic_window_s: 2.5
+          scale_to_zero_after_s: 0
+          max_queue: 0
+          preload: [jinja2, os.path, _private.mod2, jinja2]
+        """))
+    fn = spec.functions["f"]
+    assert scaling(fn) == {
+        "min_instances": 2, "max_instances": 10, "max_concurrency": 50,
+        "target_concurrency": 6.0, "stable_window_s": 30.0, "panic_window_s": 2.5,
+        "scale_to_zero_after_s": 0.0, "max_queue": 0,
+        "preload": ("jinja2", "os.path", "_private.mod2"),  # a repeat is dropped
+    }
+    assert isinstance(fn.target_concurrency, float) and isinstance(fn.stable_window_s, float)
+    record = json.loads(json.dumps(fn.to_dict()))  # as the store keeps it
+    assert record["preload"] == ["jinja2", "os.path", "_private.mod2"]
+    assert record["min_instances"] == 2 and record["target_concurrency"] == 6.0
+    assert FunctionSpec.from_dict(record) == fn
+    assert FunctionSpec.from_dict(fn.to_dict()) == fn
+
+
+def test_scaling_limits_accepted(tmp_path):
+    spec = load_app(rich(tmp_path, """\
+        a: {handler: api.plain, min_instances: 4, max_instances: 4, max_concurrency: 1}
+        b: {handler: api.plain, concurrency: 2, target_concurrency: 2, stable_window_s: 3600,
+            panic_window_s: 3600, scale_to_zero_after_s: 86400, preload: []}
+        c: {handler: api.plain, target_concurrency: 0.01, stable_window_s: 0.5,
+            panic_window_s: 0.5, max_queue: 100000, max_instances: 1000, min_instances: 1000}
+        """))
+    a, b, c = (spec.functions[n] for n in "abc")
+    assert (a.min_instances, a.max_instances, a.max_concurrency) == (4, 4, 1)
+    assert (b.target_concurrency, b.stable_window_s, b.panic_window_s) == (2.0, 3600.0, 3600.0)
+    assert (b.scale_to_zero_after_s, b.preload) == (86400.0, ())
+    assert (c.target_concurrency, c.panic_window_s, c.max_queue) == (0.01, 0.5, 100000)
+    assert c.min_instances == c.max_instances == 1000
+
+
+def test_from_dict_of_a_record_without_the_scaling_keys():
+    # What versions before autoscaling wrote to the store.
+    old = {"name": "f", "module": "api", "callable": "plain", "runtime": "python3",
+           "routes": [{"method": "GET", "path": "/f"}], "memory_mb": 256, "timeout_s": 5.0,
+           "concurrency": 3, "max_instances": 6, "env": {"A": "1"}, "requirements": None}
+    fn = FunctionSpec.from_dict(old)
+    assert (fn.routes, fn.env, fn.max_instances) == ((Route("GET", "/f"),), (("A", "1"),), 6)
+    assert scaling(fn) == {**SCALING_DEFAULTS, "max_instances": 6, "target_concurrency": 2.1}
+    assert FunctionSpec.from_dict(fn.to_dict()) == fn
+
+
+def test_scaling_keys_in_the_seed_form(tmp_path):
+    spec = load_app(make_app(tmp_path, """\
+        handlers:
+          - function: hello
+            event: http
+            min_instances: 1
+            max_instances: 2
+            preload: [json]
+          - function: hello
+            event: http
+            method: post
+            max_queue: 5
+            max_instances: 2
+          - {function: other, event: http, handler: api.plain, target_concurrency: 0.5,
+             max_concurrency: 3, stable_window_s: 20, panic_window_s: 2,
+             scale_to_zero_after_s: 600}
+        """, {"hello.py": HELLO_PY, "api.py": API_PY}))
+    hello, other = spec.functions["hello"], spec.functions["other"]
+    assert hello.routes == (Route("GET", "/hello"), Route("POST", "/hello"))
+    assert scaling(hello) == {**SCALING_DEFAULTS, "min_instances": 1, "max_instances": 2,
+                              "preload": ("json",), "max_queue": 5}
+    assert scaling(other) == {**SCALING_DEFAULTS, "target_concurrency": 0.5,
+                              "max_concurrency": 3, "stable_window_s": 20.0,
+                              "panic_window_s": 2.0, "scale_to_zero_after_s": 600.0}
+
+
+def test_seed_scaling_key_given_twice_with_another_value(tmp_path):
+    err = load_error(make_app(tmp_path, """\
+        handlers:
+          - {function: hello, event: http, max_instances: 2}
+          - {function: hello, event: http, method: post, max_instances: 3}
+        """, {"hello.py": HELLO_PY}))
+    assert (err.line, err.field) == (3, "handlers[1].max_instances")
+    assert err.message == ("max_instances of function 'hello' is already set to 2 at "
+                           "handlers[0].max_instances (line 2); set it once")
+
+
+def test_seed_scaling_keys_are_checked_across_entries(tmp_path):
+    err = load_error(make_app(tmp_path, """\
+        handlers:
+          - {function: hello, event: http, max_instances: 2}
+          - {function: hello, event: http, method: post, min_instances: 3}
+        """, {"hello.py": HELLO_PY}))
+    assert (err.line, err.field) == (3, "handlers[1].min_instances")
+    assert err.message == "min_instances (3) must not exceed max_instances (2)"
+
+
+def test_seed_target_concurrency_is_bounded_by_concurrency_1(tmp_path):
+    err = load_error(make_app(tmp_path, "handlers:\n  - function: hello\n    event: http\n"
+                                        "    target_concurrency: 2\n", {"hello.py": HELLO_PY}))
+    assert (err.line, err.field) == (4, "handlers[0].target_concurrency")
+    assert err.message == ("target_concurrency (2) must not exceed concurrency "
+                           "(1; the short form has no 'concurrency' key)")
+
+
+def test_seed_bad_scaling_value(tmp_path):
+    err = load_error(make_app(tmp_path, SEED + "    max_queue: ten\n", {"hello.py": HELLO_PY}))
+    assert (err.line, err.field) == (6, "handlers[0].max_queue")
+    assert err.message == "expected an integer of at least 0, got 'ten'"
+
+
+_INT_0 = "an integer of at least 0"
+_MIN = "an integer from 0 to max_instances"
+_MAX = "an integer from 1 to 1000"
+_CAP = "an integer of at least 1, or null for no cap"
+_TARGET = "a number greater than 0 and at most concurrency, or null for concurrency x 0.7"
+_STABLE = "a number of seconds greater than 0 and at most 3600"
+_PANIC = "a number of seconds greater than 0 and at most stable_window_s"
+_ZERO = "a number of seconds from 0 to 86400"
+_PRELOAD = "a list of module names (e.g. [jinja2, os.path])"
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("min_instances", "-1", f"{_MIN}, got -1"),
+    ("min_instances", "ten", f"{_MIN}, got 'ten'"),
+    ("min_instances", "'1'", f"{_MIN}, got '1'"),
+    ("min_instances", "true", f"{_MIN}, got true"),
+    ("min_instances", "1.5", f"{_MIN}, got 1.5"),
+    ("max_instances", "0", f"{_MAX}, got 0"),
+    ("max_instances", "1001", f"{_MAX}, got 1001"),
+    ("max_instances", "ten", f"{_MAX}, got 'ten'"),
+    ("max_instances", "false", f"{_MAX}, got false"),
+    ("max_concurrency", "0", f"{_CAP}, got 0"),
+    ("max_concurrency", "ten", f"{_CAP}, got 'ten'"),
+    ("max_concurrency", "true", f"{_CAP}, got true"),
+    ("max_concurrency", "2.5", f"{_CAP}, got 2.5"),
+    ("target_concurrency", "0", f"{_TARGET}, got 0"),
+    ("target_concurrency", "-0.5", f"{_TARGET}, got -0.5"),
+    ("target_concurrency", "ten", f"{_TARGET}, got 'ten'"),
+    ("target_concurrency", "true", f"{_TARGET}, got true"),
+    ("target_concurrency", ".nan", f"{_TARGET}, got nan"),
+    ("stable_window_s", "0", f"{_STABLE}, got 0"),
+    ("stable_window_s", "3601", f"{_STABLE}, got 3601"),
+    ("stable_window_s", "ten", f"{_STABLE}, got 'ten'"),
+    ("stable_window_s", "true", f"{_STABLE}, got true"),
+    ("stable_window_s", ".inf", f"{_STABLE}, got inf"),
+    ("panic_window_s", "0", f"{_PANIC}, got 0"),
+    ("panic_window_s", "-6", f"{_PANIC}, got -6"),
+    ("panic_window_s", "six", f"{_PANIC}, got 'six'"),
+    ("panic_window_s", "true", f"{_PANIC}, got true"),
+    ("scale_to_zero_after_s", "-1", f"{_ZERO}, got -1"),
+    ("scale_to_zero_after_s", "86401", f"{_ZERO}, got 86401"),
+    ("scale_to_zero_after_s", "thirty", f"{_ZERO}, got 'thirty'"),
+    ("scale_to_zero_after_s", "true", f"{_ZERO}, got true"),
+    ("max_queue", "-1", f"{_INT_0}, got -1"),
+    ("max_queue", "ten", f"{_INT_0}, got 'ten'"),
+    ("max_queue", "true", f"{_INT_0}, got true"),
+    ("max_queue", "1.0", f"{_INT_0}, got 1.0"),
+    ("max_queue", "null", f"{_INT_0}, got null"),
+    ("preload", "jinja2", f"{_PRELOAD}, got 'jinja2'"),
+    ("preload", "{jinja2: 1}", f"{_PRELOAD}, got a mapping"),
+    ("preload", "3", f"{_PRELOAD}, got 3"),
+])
+def test_bad_scaling_value(tmp_path, key, value, expected):
+    err = load_error(rich(tmp_path, f"f:\n  handler: api.plain\n  {key}: {value}\n"))
+    assert (err.line, err.field) == (4, f"functions.f.{key}")
+    assert err.message == f"expected {expected}"
+
+
+@pytest.mark.parametrize(("entry", "given"), [
+    ("'not a module'", "'not a module'"),
+    ("3", "3"),
+    ("1jinja", "'1jinja'"),
+    ("os..path", "'os..path'"),
+    ("os.path.", "'os.path.'"),
+    (".rel", "'.rel'"),
+    ("import", "'import'"),
+    ("''", "''"),
+    ("null", "null"),
+    ("[jinja2]", "a list"),
+])
+def test_bad_preload_entry(tmp_path, entry, given):
+    err = load_error(rich(tmp_path, f"f:\n  handler: api.plain\n  preload:\n    - jinja2\n"
+                                    f"    - {entry}\n"))
+    assert (err.line, err.field) == (6, "functions.f.preload[1]")
+    assert err.message == f"expected a module name like 'jinja2' or 'os.path', got {given}"
+
+
+def test_bad_preload_entry_in_a_flow_list(tmp_path):
+    err = load_error(rich(tmp_path, "f: {handler: api.plain, preload: [os, 'not a module']}\n"))
+    assert (err.line, err.field) == (2, "functions.f.preload[1]")
+    assert "got 'not a module'" in err.message
+
+
+def test_min_instances_above_max_instances(tmp_path):
+    err = load_error(rich(tmp_path, """\
+        f:
+          handler: api.plain
+          min_instances: 5
+          max_instances: 3
+        """))
+    assert (err.line, err.field) == (4, "functions.f.min_instances")
+    assert err.message == "min_instances (5) must not exceed max_instances (3)"
+    err = load_error(rich(tmp_path / "b", "f:\n  handler: api.plain\n  min_instances: 5\n"))
+    assert (err.line, err.field) == (4, "functions.f.min_instances")
+    assert err.message == "min_instances (5) must not exceed max_instances (4, the default)"
+
+
+def test_target_concurrency_above_concurrency(tmp_path):
+    err = load_error(rich(tmp_path, """\
+        f:
+          handler: api.plain
+          target_concurrency: 4.5
+          concurrency: 4
+        """))
+    assert (err.line, err.field) == (4, "functions.f.target_concurrency")
+    assert err.message == "target_concurrency (4.5) must not exceed concurrency (4)"
+    err = load_error(rich(tmp_path / "b", "f:\n  handler: api.plain\n  target_concurrency: 2\n"))
+    assert (err.line, err.field) == (4, "functions.f.target_concurrency")
+    assert err.message == "target_concurrency (2) must not exceed concurrency (1, the default)"
+
+
+def test_panic_window_longer_than_stable_window(tmp_path):
+    err = load_error(rich(tmp_path, """\
+        f:
+          handler: api.plain
+          stable_window_s: 10
+          panic_window_s: 12
+        """))
+    assert (err.line, err.field) == (5, "functions.f.panic_window_s")
+    assert err.message == "panic_window_s (12) must not exceed stable_window_s (10)"
+    err = load_error(rich(tmp_path / "b", "f:\n  handler: api.plain\n  panic_window_s: 60.5\n"))
+    assert (err.line, err.field) == (4, "functions.f.panic_window_s")
+    assert err.message == "panic_window_s (60.5) must not exceed stable_window_s (60, the default)"
+
+
+def test_value_errors_come_before_checks_between_keys(tmp_path):
+    # min_instances > the default max_instances, but max_instances itself is invalid
+    err = load_error(rich(tmp_path, "f:\n  handler: api.plain\n  min_instances: 5\n"
+                                    "  max_instances: ten\n"))
+    assert (err.line, err.field) == (5, "functions.f.max_instances")
+
+
+@pytest.mark.parametrize(("typo", "meant"), [
+    ("max_instance", "max_instances"),
+    ("min_instance", "min_instances"),
+    ("minInstances", "min_instances"),
+    ("max_concurency", "max_concurrency"),
+    ("target_concurency", "target_concurrency"),
+    ("stable_window", "stable_window_s"),
+    ("panic_window", "panic_window_s"),
+    ("scale_to_zero_after", "scale_to_zero_after_s"),
+    ("max_queu", "max_queue"),
+    ("preloads", "preload"),
+])
+def test_unknown_scaling_key_suggests_the_name(tmp_path, typo, meant):
+    err = load_error(rich(tmp_path, f"f:\n  handler: api.plain\n  {typo}: 1\n"))
+    assert (err.line, err.field) == (4, f"functions.f.{typo}")
+    assert err.message == f"unknown key '{typo}'; did you mean '{meant}'?"
+    app = make_app(tmp_path / "seed", SEED + f"    {typo}: 1\n", {"hello.py": HELLO_PY})
+    err = load_error(app)
+    assert (err.line, err.field) == (6, f"handlers[0].{typo}")
+    assert err.message == f"unknown key '{typo}'; did you mean '{meant}'?"

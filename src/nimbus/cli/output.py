@@ -75,18 +75,24 @@ def print_status(s: dict[str, Any]) -> None:
     console.print(f"nimbus pid {s['pid']}, up {s['uptime_s']} s, {s['requests']} requests")
     console.print(f"gateway {s['gateway_url']}   control {s['control_url']}")
     console.print(f"state   {s['state_dir']}")
-    console.print(f"memory  platform {_mb(s['memory']['platform'], 'pss_kb')} PSS, "
-                  f"zygote {_mb(s['memory']['zygote'], 'pss_kb')} PSS")
-    table = Table("FUNCTION", "VERSION", "INSTANCE", "PID", "BUSY", "PSS", "PRIVATE",
-                  "COLD STARTS", box=None)
+    console.print(f"memory  platform {_mb(s['memory']['platform'], 'pss_kb')} PSS")
+    for z in s["zygotes"]:
+        what = ", ".join(z["preload"]) or "base runtime"
+        console.print(f"zygote  pid {z['pid'] or '-'}: {what}, {_mb(z['memory'], 'pss_kb')} PSS")
+    scaling = Table("FUNCTION", "VERSION", "CONCURRENCY", "HELD", "READY", "STARTING",
+                    "DESIRED", "PANIC", "COLD STARTS", "THROTTLES", box=None)
     for f in s["functions"]:
-        if not f["instances"]:
-            table.add_row(f["name"], str(f["version"]), "-", "-", "-", "-", "-",
-                          str(f["cold_starts"]))
+        scaling.add_row(f["name"], str(f["version"]), str(f["concurrency"]), str(f["held"]),
+                        str(f["ready"]), str(f["starting"]), str(f["desired"] if f["desired"]
+                                                                  is not None else "-"),
+                        "yes" if f["panic"] else "no", str(f["cold_starts"]),
+                        str(f["throttles"]))
+    console.print(scaling)
+    table = Table("FUNCTION", "INSTANCE", "PID", "BUSY", "PSS", "PRIVATE", box=None)
+    for f in s["functions"]:
         for i in f["instances"]:
-            table.add_row(f["name"], str(f["version"]), i["id"], str(i["pid"]),
-                          str(i["outstanding"]), _mb(i["memory"], "pss_kb"),
-                          _mb(i["memory"], "private_kb"), str(f["cold_starts"]))
+            table.add_row(f["name"], i["id"], str(i["pid"]), str(i["outstanding"]),
+                          _mb(i["memory"], "pss_kb"), _mb(i["memory"], "private_kb"))
     console.print(table)
 
 

@@ -148,18 +148,19 @@ def create_control_app(platform: Platform) -> Starlette:
         fns = []
         for name, pool in sorted(platform.routes.functions.items()):
             fns.append({
-                "name": name, "version": pool.target.version,
-                "cold_starts": pool.cold_starts,
+                "name": name, "version": pool.target.version, **pool.stats(),
                 "instances": [{"id": i.id, "pid": i.pid, "outstanding": i.outstanding,
                                "memory": memory_of(i.pid)} for i in pool.instances],
             })
-        zpid = platform.worker.zygote.pid
+        zygotes = [{"pid": z.pid, "preload": list(z.preload), "sys_path": list(z.sys_path),
+                    "memory": memory_of(z.pid) if z.pid else None}
+                   for z in platform.worker.zygotes.values()]
         return _json({
             "pid": os.getpid(), "uptime_s": round(time.time() - platform.started_at, 1),
             "gateway_url": platform.gateway_url, "control_url": platform.control_url,
             "state_dir": str(platform.state_dir), "requests": platform.gateway.requests,
-            "memory": {"platform": memory_of(os.getpid()),
-                       "zygote": memory_of(zpid) if zpid else None},
+            "memory": {"platform": memory_of(os.getpid())},
+            "zygotes": zygotes,
             "functions": fns,
         })
 

@@ -5,9 +5,11 @@ Steps, each raising :class:`ManifestError` with file, line and field:
 1. find the manifest and parse the YAML, remembering lines (:mod:`.source`);
 2. pick the form and validate it with pydantic (:mod:`.schema`);
 3. turn both forms into the same per-function drafts;
-4. cross-checks pydantic cannot do: routes that collide, files that must
-   exist (handler module, requirements) and, with ``check_code``, that the
-   module defines the callable (parsed with ``ast``, never imported).
+4. cross-checks pydantic cannot do: keys bounded by other keys (e.g.
+   ``min_instances`` by ``max_instances``) and defaults derived from them,
+   routes that collide, files that must exist (handler module,
+   requirements) and, with ``check_code``, that the module defines the
+   callable (parsed with ``ast``, never imported).
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from pydantic import ValidationError
 
 from nimbus.errors import ManifestError
 from nimbus.manifest.errmap import format_loc, from_validation_error, show, unknown_key
-from nimbus.manifest.model import AppSpec, FunctionSpec, Route
+from nimbus.manifest.model import (
+    DEFAULT_MAX_INSTANCES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MIN_INSTANCES,
+    DEFAULT_SCALE_TO_ZERO_AFTER_S,
+    DEFAULT_STABLE_WINDOW_S,
+    AppSpec,
+    FunctionSpec,
+    Route,
+)
 from nimbus.manifest.modules import (
     ModuleNames,
     ModuleSyntaxError,
@@ -32,7 +43,15 @@ from nimbus.manifest.modules import (
     top_level_names,
 )
 from nimbus.manifest.routes import Declared, conflict_message, find_conflict
-from nimbus.manifest.schema import RUNTIME_RE, RichApp, SeedApp, sanitise_app_name
+from nimbus.manifest.schema import (
+    RUNTIME_RE,
+    SCALING_KEYS,
+    FunctionModel,
+    RichApp,
+    SeedApp,
+    SeedHandler,
+    sanitise_app_name,
+)
 from nimbus.manifest.source import Loc, Source, read_source
 
 MANIFEST_NAMES = ("app.yaml", "app.yml")
@@ -51,6 +70,9 @@ class _Draft:
     routes: list[Declared] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     requirements_loc: Loc = ()
+    # Autoscaling keys the manifest sets, and concurrency if it is set (it bounds
+    # target_concurrency): key -> (value, where it was written).
+    scaling: dict[str, tuple[Any, Loc]] = field(default_factory=dict)
 
 
 def load_app(
@@ -75,6 +97,8 @@ def load_app(
     else:
         rich = _validate(RichApp, src)
         app_name, drafts = rich.name, _rich_drafts(rich, src)
+    for draft in drafts.values():
+        draft.settings.update(_scaling_settings(draft, src))
     _check_routes(drafts, src)
     names_cache: dict[Path, ModuleNames] = {}
     for draft in drafts.values():
@@ -147,6 +171,7 @@ def _seed_drafts(seed: SeedApp, src: Source) -> dict[str, _Draft]:
         draft = drafts.get(h.function)
         if draft is not None and h.handler is None:
             draft.routes.append(route)  # another trigger for a function declared above
+            _merge_scaling(draft, h, loc, src)
             continue
         if h.handler:
             module, func = h.handler.rsplit(".", 1)
@@ -159,7 +184,9 @@ def _seed_drafts(seed: SeedApp, src: Source) -> dict[str, _Draft]:
                              "cannot name the module and callable; add handler: module.callable")
             module, func, ref_loc = h.function, h.function, loc + ("function",)
         if draft is None:
-            drafts[h.function] = _Draft(h.function, module, func, seed.runtime, ref_loc, [route])
+            draft = drafts[h.function] = _Draft(h.function, module, func, seed.runtime, ref_loc,
+                                                [route])
+            _merge_scaling(draft, h, loc, src)
         elif (draft.module, draft.callable) != (module, func):
             # Several handlers may add triggers to one function, not redefine it.
             raise _error(src, ref_loc, f"function {h.function!r} is already declared at "
@@ -167,7 +194,25 @@ def _seed_drafts(seed: SeedApp, src: Source) -> dict[str, _Draft]:
                          f"{draft.module}.{draft.callable}, not {module}.{func}")
         else:
             draft.routes.append(route)
+            _merge_scaling(draft, h, loc, src)
     return drafts
+
+
+def _merge_scaling(draft: _Draft, model: SeedHandler | FunctionModel, loc: Loc,
+                   src: Source) -> None:
+    """Record the autoscaling keys ``model`` sets. In the short form a function's
+    keys may be spread over its handler entries, but each is set only once
+    (or to the same value again)."""
+    for key in SCALING_KEYS:
+        if key not in model.model_fields_set:
+            continue
+        value = getattr(model, key)
+        if key in draft.scaling and draft.scaling[key][0] != value:
+            first, first_loc = draft.scaling[key]
+            raise _error(src, loc + (key,), f"{key} of function {draft.name!r} is already "
+                         f"set to {_num(first)} at {format_loc(first_loc)} "
+                         f"(line {src.line(first_loc)}); set it once")
+        draft.scaling.setdefault(key, (value, loc + (key,)))
 
 
 def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
@@ -183,12 +228,72 @@ def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
                                    src.line(rloc, key=True)))
         settings = {
             "memory_mb": fn.memory_mb, "timeout_s": float(fn.timeout_s),
-            "concurrency": fn.concurrency, "max_instances": fn.max_instances,
+            "concurrency": fn.concurrency,
             "env": tuple(sorted(fn.env.items())), "requirements": fn.requirements,
         }
-        drafts[name] = _Draft(name, module, func, fn.runtime or rich.runtime,
-                              loc + ("handler",), routes, settings, loc + ("requirements",))
+        draft = drafts[name] = _Draft(name, module, func, fn.runtime or rich.runtime,
+                                      loc + ("handler",), routes, settings,
+                                      loc + ("requirements",))
+        _merge_scaling(draft, fn, loc, src)
+        if "concurrency" in fn.model_fields_set:
+            draft.scaling["concurrency"] = (fn.concurrency, loc + ("concurrency",))
     return drafts
+
+
+def _num(value: Any) -> str:
+    """A value as it was most likely written: 60, not the 60.0 pydantic made of it."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return show(value)
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _scaling_settings(draft: _Draft, src: Source) -> dict[str, Any]:
+    """The autoscaling fields of the function: given values checked against the
+    keys that bound them, and defaults filled in. The defaults derived from other
+    keys (target_concurrency, panic_window_s) are left None for FunctionSpec to resolve."""
+    given = draft.scaling
+
+    def get(key: str, default: Any) -> Any:
+        return given[key][0] if key in given else default
+
+    def bound(key: str, value: Any) -> str:
+        # The other side of a failed check, saying where its value came from.
+        if key in given:
+            return f"{key} ({_num(value)})"
+        if key == "concurrency" and key not in draft.settings:
+            return f"{key} ({_num(value)}; the short form has no '{key}' key)"
+        return f"{key} ({_num(value)}, the default)"
+
+    def check(key: str, limit_key: str, limit: Any) -> None:
+        if key in given and given[key][0] is not None and given[key][0] > limit:
+            raise _error(src, given[key][1], f"{key} ({_num(given[key][0])}) must not exceed "
+                         f"{bound(limit_key, limit)}")
+
+    concurrency = draft.settings.get("concurrency", 1)
+    max_instances = get("max_instances", DEFAULT_MAX_INSTANCES)
+    stable = float(get("stable_window_s", DEFAULT_STABLE_WINDOW_S))
+    check("min_instances", "max_instances", max_instances)
+    check("target_concurrency", "concurrency", concurrency)
+    check("panic_window_s", "stable_window_s", stable)
+    return {
+        "min_instances": get("min_instances", DEFAULT_MIN_INSTANCES),
+        "max_instances": max_instances,
+        "max_concurrency": get("max_concurrency", None),
+        "target_concurrency": _float(get("target_concurrency", None)),
+        "stable_window_s": stable,
+        "panic_window_s": _float(get("panic_window_s", None)),
+        "scale_to_zero_after_s": float(get("scale_to_zero_after_s",
+                                           DEFAULT_SCALE_TO_ZERO_AFTER_S)),
+        "max_queue": get("max_queue", DEFAULT_MAX_QUEUE),
+        # Importing a module twice is a no-op; keep the first mention's order.
+        "preload": tuple(dict.fromkeys(get("preload", ()))),
+    }
 
 
 def _check_routes(drafts: dict[str, _Draft], src: Source) -> None:

@@ -18,7 +18,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from nimbus.manifest.errmap import show
-from nimbus.manifest.model import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
+from nimbus.manifest.model import (
+    DEFAULT_MAX_INSTANCES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MEMORY_MB,
+    DEFAULT_MIN_INSTANCES,
+    DEFAULT_PANIC_WINDOW_S,
+    DEFAULT_SCALE_TO_ZERO_AFTER_S,
+    DEFAULT_STABLE_WINDOW_S,
+    DEFAULT_TIMEOUT_S,
+)
 from nimbus.manifest.routes import METHODS, path_problem
 
 EVENTS = ("http",)
@@ -66,6 +75,13 @@ def _handler_ref(v: Any) -> Any:
     parts = v.split(".") if isinstance(v, str) else []
     if len(parts) < 2 or not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
         raise fail(f"expected 'module.callable' (e.g. api.get_user), got {show(v)}")
+    return v
+
+
+def _module_name(v: Any) -> Any:
+    parts = v.split(".") if isinstance(v, str) else []
+    if not parts or not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
+        raise fail(f"expected a module name like 'jinja2' or 'os.path', got {show(v)}")
     return v
 
 
@@ -134,6 +150,7 @@ Method = Annotated[str, BeforeValidator(_method)]
 RoutePath = Annotated[str, BeforeValidator(_path)]
 EnvKey = Annotated[str, BeforeValidator(_env_key)]
 EnvValue = Annotated[str, BeforeValidator(_env_value)]
+ModuleName = Annotated[str, BeforeValidator(_module_name)]
 
 
 class _Model(BaseModel):
@@ -145,6 +162,33 @@ class HttpRoute(_Model):
     path: RoutePath = Field(description="a route path starting with '/'")
 
 
+# Autoscaling keys, accepted by a rich-form function and by a short-form
+# handler entry. Defaults that depend on other keys (target_concurrency, and
+# panic_window_s when stable_window_s is shorter) and the checks between
+# keys are the loader's: in the short form one function's keys may be spread
+# over several handler entries.
+MaxInstances = Annotated[int, Field(ge=1, le=1000, description="an integer from 1 to 1000")]
+MinInstances = Annotated[int, Field(ge=0, description="an integer from 0 to max_instances")]
+MaxConcurrency = Annotated[int | None, Field(
+    ge=1, description="an integer of at least 1, or null for no cap")]
+TargetConcurrency = Annotated[float | None, Field(
+    gt=0, description="a number greater than 0 and at most concurrency, "
+                      "or null for concurrency x 0.7")]
+StableWindow = Annotated[float, Field(
+    gt=0, le=3600, description="a number of seconds greater than 0 and at most 3600")]
+PanicWindow = Annotated[float, Field(
+    gt=0, description="a number of seconds greater than 0 and at most stable_window_s")]
+ScaleToZeroAfter = Annotated[float, Field(
+    ge=0, le=86400, description="a number of seconds from 0 to 86400")]
+MaxQueue = Annotated[int, Field(ge=0, description="an integer of at least 0")]
+Preload = Annotated[list[ModuleName], Field(
+    description="a list of module names (e.g. [jinja2, os.path])")]
+
+SCALING_KEYS = ("min_instances", "max_instances", "max_concurrency", "target_concurrency",
+                "stable_window_s", "panic_window_s", "scale_to_zero_after_s", "max_queue",
+                "preload")
+
+
 class FunctionModel(_Model):
     handler: HandlerRef = Field(description="'module.callable' (e.g. api.get_user)")
     http: Annotated[list[HttpRoute], BeforeValidator(_routes)] = Field(
@@ -154,7 +198,15 @@ class FunctionModel(_Model):
     timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=900,
                              description="a number of seconds greater than 0 and at most 900")
     concurrency: int = Field(1, ge=1, le=1000, description="an integer from 1 to 1000")
-    max_instances: int = Field(4, ge=1, le=1000, description="an integer from 1 to 1000")
+    min_instances: MinInstances = DEFAULT_MIN_INSTANCES
+    max_instances: MaxInstances = DEFAULT_MAX_INSTANCES
+    max_concurrency: MaxConcurrency = None
+    target_concurrency: TargetConcurrency = None
+    stable_window_s: StableWindow = DEFAULT_STABLE_WINDOW_S
+    panic_window_s: PanicWindow = DEFAULT_PANIC_WINDOW_S
+    scale_to_zero_after_s: ScaleToZeroAfter = DEFAULT_SCALE_TO_ZERO_AFTER_S
+    max_queue: MaxQueue = DEFAULT_MAX_QUEUE
+    preload: Preload = []
     runtime: Runtime | None = None
     env: dict[EnvKey, EnvValue] = Field(
         default_factory=dict, description="a mapping of variable names to values")
@@ -174,6 +226,15 @@ class SeedHandler(_Model):
     method: Method = "GET"
     path: RoutePath | None = None
     handler: HandlerRef | None = None
+    min_instances: MinInstances = DEFAULT_MIN_INSTANCES
+    max_instances: MaxInstances = DEFAULT_MAX_INSTANCES
+    max_concurrency: MaxConcurrency = None
+    target_concurrency: TargetConcurrency = None
+    stable_window_s: StableWindow = DEFAULT_STABLE_WINDOW_S
+    panic_window_s: PanicWindow = DEFAULT_PANIC_WINDOW_S
+    scale_to_zero_after_s: ScaleToZeroAfter = DEFAULT_SCALE_TO_ZERO_AFTER_S
+    max_queue: MaxQueue = DEFAULT_MAX_QUEUE
+    preload: Preload = []
 
 
 class SeedApp(_Model):

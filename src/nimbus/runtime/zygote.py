@@ -1,7 +1,8 @@
 """The zygote: a Python process with the runtime preloaded that forks instances.
 
-Started once per runtime by the worker (``python -m nimbus.runtime.zygote
-FD PARENT_PID``). It reads fork requests from a SOCK_SEQPACKET socket; each
+Started by the worker once per dependency set (``python -m
+nimbus.runtime.zygote FD PARENT_PID DEPS_JSON``, DEPS_JSON naming the
+requirements venv's site-packages and the modules to preload). It reads fork requests from a SOCK_SEQPACKET socket; each
 request is an instance spec (JSON) with one file descriptor attached, the
 instance's end of a socketpair to its worker. The zygote forks, answers
 ``{"instance_id", "pid"}``, and the child runs
@@ -151,19 +152,35 @@ class Zygote:
                     break  # out of processes: fork on demand instead
 
 
+def preload(sys_path: list[str], modules: list[str]) -> list[str]:
+    """Put the dependency set's site-packages on the path and import its
+    modules; returns one line per module that failed (the instance that
+    needs it will report the real error when it imports it)."""
+    for path in reversed(sys_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    failed = []
+    for name in (*PRELOAD, *modules):
+        try:
+            __import__(name)
+        except BaseException as exc:  # noqa: BLE001 - a preload is an optimisation only
+            failed.append(f"{name}: {type(exc).__name__}: {exc}")
+    return failed
+
+
 def main() -> None:
     fd, parent = int(sys.argv[1]), int(sys.argv[2])
+    deps = orjson.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     _die_with_parent(parent)
     # Ctrl-C reaches the whole foreground group; the worker decides when
     # instances stop, so the zygote ignores SIGINT. SIGCHLD ignored = auto-reap.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    for name in PRELOAD:
-        __import__(name)
+    failed = preload(deps.get("sys_path", []), deps.get("preload", []))
     ctl = socket.socket(fileno=fd)
     gc.collect()
     gc.freeze()  # keep preloaded objects out of the collector: fewer COW faults
-    ctl.send(orjson.dumps({"ready": True, "pid": os.getpid()}))
+    ctl.send(orjson.dumps({"ready": True, "pid": os.getpid(), "preload_failed": failed}))
     Zygote(ctl).serve()
 
 

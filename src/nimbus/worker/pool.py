@@ -1,10 +1,18 @@
 """The instances of one function version, and how an invocation gets one.
 
 Dispatch picks the ready instance with the fewest outstanding invocations.
-When every instance is full and the pool may grow, it starts one more; the
-request waits (with a deadline) for whichever frees first: the new
-instance or a busy one. Simultaneous cold starts coalesce: a pool never
-starts more instances than there are waiting requests.
+When every instance is full the request is held (at most ``max_queue`` of
+them, each until its deadline) and, if the pool may grow, one more instance
+starts: simultaneous cold starts coalesce, a pool never starts more
+instances than there are held requests. Held requests get slots in arrival
+order as instances free up or become ready. Past ``max_concurrency`` (or
+``max_instances x concurrency``) and the queue bound, requests are answered
+429 with ``Retry-After``.
+
+How many instances a pool keeps is the autoscaler's decision
+(:mod:`nimbus.autoscale.decider`); the pool carries it out with
+:meth:`FunctionPool.scale_to`. Instances chosen for removal take no new
+requests and stop only after their in-flight ones finish.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from nimbus.autoscale.decider import Decider, Decision, ScalingConfig
 from nimbus.errors import ClosedError, InstanceDiedError, ThrottledError
+from nimbus.worker.deps import BASE, DepSet
 from nimbus.worker.instance import Instance
 from nimbus.worker.target import Target
 
@@ -23,36 +33,59 @@ log = logging.getLogger("nimbus.worker")
 
 Starter = Callable[["FunctionPool"], Awaitable[Instance]]
 
-# How long a request may wait for an instance beyond its own timeout.
+# How long a request may be held for an instance beyond its own timeout.
 ACQUIRE_GRACE_S = 10.0
+STOP_GRACE_S = 1.0
+
+
+def scaling_config(target: Target) -> ScalingConfig:
+    s = target.spec
+    return ScalingConfig(
+        target_concurrency=s.target_concurrency, max_instances=s.max_instances,
+        min_instances=s.min_instances, stable_window_s=s.stable_window_s,
+        panic_window_s=s.panic_window_s, scale_to_zero_after_s=s.scale_to_zero_after_s)
 
 
 class FunctionPool:
     def __init__(self, target: Target, starter: Starter) -> None:
+        spec = target.spec
         self.target = target
-        self.timeout_s = target.spec.timeout_s
-        self.max_instances = target.spec.max_instances
+        self.timeout_s = spec.timeout_s
+        self.max_instances = spec.max_instances
+        self.cap = min(spec.max_concurrency or spec.max_instances * spec.concurrency,
+                       spec.max_instances * spec.concurrency)
+        self.max_queue = spec.max_queue
         self.instances: list[Instance] = []
+        self.deps: DepSet = BASE  # the zygote it forks from; set by the worker
+        self.decider = Decider(scaling_config(target))
+        self.decision: Decision | None = None
+        self.retired = False
+        # figures the autoscaler and `nimbus status` read
+        self.in_flight = 0
+        self.arrivals = 0  # since the autoscaler's last sample
+        self.cold_starts = 0
+        self.throttles = 0
+        self.last_start_error: BaseException | None = None
         self._starter = starter
         self._starting = 0
         self._waiters: deque[asyncio.Future[Instance]] = deque()
-        self.retired = False
-        self.cold_starts = 0
-        self.last_start_error: BaseException | None = None
-        self._tasks: set[asyncio.Task[None]] = set()  # strong refs to start tasks
+        self._tasks: set[asyncio.Task[None]] = set()  # strong refs to background work
 
     # -- the request path ---------------------------------------------------
 
     async def invoke(self, rid: str, event: Any) -> Any:
-        inst = self._pick()
+        self.arrivals += 1
+        inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
             inst = await self._acquire_slow()  # its slot comes reserved
         else:
             inst.outstanding += 1
+            self.in_flight += 1
         try:
             return await inst.invoke(rid, event, self.timeout_s)
         finally:
             inst.outstanding -= 1
+            self.in_flight -= 1
             self._released(inst)
 
     def _pick(self) -> Instance | None:
@@ -60,20 +93,25 @@ class FunctionPool:
         low = 1 << 30
         for inst in self.instances:
             n = inst.outstanding
-            if n < low and n < inst.capacity and not inst.draining:
+            if n < low and n < inst.capacity:
                 best, low = inst, n
                 if n == 0:
                     break
         return best
 
     async def _acquire_slow(self) -> Instance:
-        if self.retired:
+        if self.retired and not self.instances and not self._starting:
             raise ClosedError(f"{self.target.function} version {self.target.version} was retired")
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Instance] = loop.create_future()
+        # Requests within the cap may wait for an instance to start; past the
+        # cap, at most max_queue wait for a slot to free.
+        if self.in_flight + len(self._waiters) >= self.cap + self.max_queue:
+            self.throttles += 1
+            raise ThrottledError(
+                f"{self.target.function} is at its concurrency limit ({self.cap}) and "
+                f"{len(self._waiters)} requests are waiting", retry_after_s=1)
+        waiter: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        if len(self.instances) + self._starting < self.max_instances and \
-                self._starting < len(self._waiters):
+        if self._may_grow() and self._starting < len(self._waiters):
             self._start_one()
         try:
             return await asyncio.wait_for(waiter, self.timeout_s + ACQUIRE_GRACE_S)
@@ -82,6 +120,7 @@ class FunctionPool:
                 # handed a slot in the same instant we gave up: give it back
                 inst = waiter.result()
                 inst.outstanding -= 1
+                self.in_flight -= 1
                 self._released(inst)
             else:
                 waiter.cancel()
@@ -90,33 +129,37 @@ class FunctionPool:
                 except ValueError:
                     pass
             if isinstance(exc, TimeoutError):
+                self.throttles += 1
                 raise ThrottledError(
                     f"no instance of {self.target.function} became free in time") from None
             raise
 
-    def _hand_over(self, inst: Instance) -> bool:
-        """Give one of ``inst``'s free slots to the oldest waiting request."""
-        while self._waiters:
+    def _may_grow(self) -> bool:
+        n = len(self.instances) + self._starting
+        return (not self.retired and n < self.max_instances
+                and n * self.target.spec.concurrency < self.cap)
+
+    def _released(self, inst: Instance) -> None:
+        """Give ``inst``'s free slots to held requests, oldest first."""
+        if inst.draining or not inst.alive:
+            return
+        while inst.outstanding < inst.capacity and self.in_flight < self.cap and self._waiters:
             w = self._waiters.popleft()
             if not w.done():
                 inst.outstanding += 1  # reserved now, so no one else takes it
+                self.in_flight += 1
                 w.set_result(inst)
-                return True
-        return False
 
-    def _released(self, inst: Instance) -> None:
-        if inst.draining or not inst.alive:
-            return
-        while inst.outstanding < inst.capacity and self._hand_over(inst):
-            pass
+    # -- growth, shrinking and loss -------------------------------------------
 
-    # -- growth and loss ----------------------------------------------------
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _start_one(self) -> None:
         self._starting += 1
-        task = asyncio.get_running_loop().create_task(self._start())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(self._start())
 
     async def _start(self) -> None:
         try:
@@ -127,7 +170,7 @@ class FunctionPool:
             log.warning("starting %s v%d failed: %s", self.target.function,
                         self.target.version, exc)
             if self.instances or self._starting:
-                return  # the waiting requests still have instances to wait for
+                return  # the held requests still have instances to wait for
             while self._waiters:
                 w = self._waiters.popleft()
                 if not w.done():
@@ -136,11 +179,11 @@ class FunctionPool:
             return
         self._starting -= 1
         self.cold_starts += 1
-        if self.retired:
-            await inst.stop(0.5)
+        if self.retired and not self._waiters:
+            await inst.stop(STOP_GRACE_S)
             return
         self.instances.append(inst)
-        self._released(inst)  # its free slots go to the waiting requests
+        self._released(inst)
 
     async def ensure_warm(self) -> Instance:
         """Start one instance now (deploy warm-up); raises if it fails to start."""
@@ -153,27 +196,68 @@ class FunctionPool:
         """The instance's process went away (crash, timeout kill, memory)."""
         if inst in self.instances:
             self.instances.remove(inst)
-        if not inst.draining and not self.retired and not self.instances and not self._starting:
-            # Replace it now so that the next request finds a warm instance.
+        if self._waiters and not self._starting and self._may_grow():
+            self._start_one()  # the held requests need somewhere to go
+
+    def scale_to(self, desired: int) -> None:
+        """Carry out the autoscaler's decision: start instances up to
+        ``desired``, or retire the idlest down to it (they drain first)."""
+        current = len(self.instances) + self._starting
+        limit = min(self.max_instances, -(-self.cap // self.target.spec.concurrency))
+        for _ in range(min(desired, limit) - current):
             self._start_one()
+        surplus = len(self.instances) - max(desired, 0)
+        if surplus > 0:
+            # idle first; among equals the least recently started
+            victims = sorted(self.instances, key=lambda i: (i.outstanding, i.started_at))
+            for inst in victims[:surplus]:
+                self._retire_instance(inst)
+
+    def _retire_instance(self, inst: Instance) -> None:
+        inst.draining = True
+        self.instances.remove(inst)
+        self._background(self._stop_when_idle(inst))
+
+    async def _stop_when_idle(self, inst: Instance) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s + STOP_GRACE_S
+        while inst.outstanding and inst.alive and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await inst.stop(STOP_GRACE_S)
+
+    def take_arrivals(self) -> int:
+        n, self.arrivals = self.arrivals, 0
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        d = self.decision
+        return {
+            "concurrency": self.in_flight, "held": len(self._waiters),
+            "ready": len(self.instances), "starting": self._starting,
+            "desired": d.desired if d else None, "panic": d.panic if d else False,
+            "stable_concurrency": round(d.stable_concurrency, 2) if d else 0.0,
+            "cold_starts": self.cold_starts, "throttles": self.throttles,
+        }
 
     # -- shutdown -----------------------------------------------------------
 
     async def drain(self, grace_s: float) -> None:
-        """Take no new requests; stop each instance once its invocations end
-        (or after their timeout plus ``grace_s``)."""
+        """Take no new requests from routing; finish the held and in-flight
+        ones (up to their timeout plus ``grace_s``), then stop every instance."""
         self.retired = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s + ACQUIRE_GRACE_S + grace_s
+        while (self.in_flight or self._waiters) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         for w in self._waiters:
             if not w.done():
                 w.set_exception(ClosedError("function version retired"))
         self._waiters.clear()
         insts = list(self.instances)
+        self.instances.clear()
         for inst in insts:
             inst.draining = True
-        deadline = asyncio.get_running_loop().time() + self.timeout_s + grace_s
-        while any(i.outstanding and i.alive for i in insts):
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.02)
         await asyncio.gather(*(i.stop(grace_s) for i in insts))
-        self.instances.clear()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+

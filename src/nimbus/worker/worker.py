@@ -1,4 +1,5 @@
-"""The node agent: one zygote, a pool per live function version, their logs."""
+"""The node agent: a zygote per dependency set, a pool per live function
+version, their logs."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import itertools
 import logging
 import os
 import shutil
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
-from nimbus.errors import ClosedError, UnavailableError
+from nimbus.errors import ClosedError, ThrottledError, UnavailableError
 from nimbus.observe.logs import LogSink
 from nimbus.worker.instance import Instance, InstanceProtocol
 from nimbus.worker.pool import FunctionPool
+from nimbus.worker.autoscaler import Autoscaler, AutoscalerConfig
+from nimbus.worker.budget import NodeBudget, Usage, admit
+from nimbus.worker.deps import BASE, DepSet, dependency_set
 from nimbus.worker.target import Target
 from nimbus.worker.zygote_client import ZygoteClient
 
@@ -23,10 +29,13 @@ READY_TIMEOUT_S = 30.0
 
 
 class Worker:
-    def __init__(self, state_dir: Path, logs: LogSink) -> None:
+    def __init__(self, state_dir: Path, logs: LogSink, budget: NodeBudget | None = None,
+                 autoscaler: AutoscalerConfig | None = None) -> None:
         self.state_dir = state_dir
         self.logs = logs
-        self.zygote = ZygoteClient()
+        self.budget = budget or NodeBudget()
+        self._autoscaler_config = autoscaler or AutoscalerConfig()
+        self.zygotes: dict[DepSet, ZygoteClient] = {BASE: ZygoteClient()}
         self.pools: dict[tuple[str, int], FunctionPool] = {}
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
@@ -34,7 +43,34 @@ class Worker:
         self._retiring: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await self.zygote.start()
+        await self.zygotes[BASE].start()
+        self.autoscaler = Autoscaler(self.pools, self._autoscaler_config)
+        self.autoscaler.start()
+
+    def _make_room(self, pool: FunctionPool) -> None:
+        """Apply the node budget before ``pool`` starts one more instance
+        (already counted in its ``_starting``): reclaim idle instances of
+        functions above their fair share, or refuse."""
+        for _ in range(len(self.pools) + 1):
+            usages = [Usage(p, len(p.instances) + p._starting,
+                            sum(1 for i in p.instances if not i.outstanding),
+                            p.target.spec.memory_mb, p.in_flight + len(p._waiters))
+                      for p in self.pools.values()]
+            verdict = admit(self.budget, usages, pool)
+            if verdict.verdict == "start":
+                return
+            if verdict.verdict == "deny":
+                raise ThrottledError(f"cannot start {pool.target.function}: {verdict.reason}")
+            victim = verdict.victim
+            assert isinstance(victim, FunctionPool)
+            victim.scale_to(len(victim.instances) - 1)  # takes an idle one first
+        raise ThrottledError(f"cannot start {pool.target.function}: node budget full")
+
+    def _zygote_for(self, deps: DepSet) -> ZygoteClient:
+        z = self.zygotes.get(deps)
+        if z is None:  # started by its first fork
+            z = self.zygotes[deps] = ZygoteClient(deps.sys_path, deps.preload)
+        return z
 
     def pool(self, target: Target) -> FunctionPool:
         """The pool for ``target``, created on first use (no instance yet)."""
@@ -47,13 +83,15 @@ class Worker:
             pool = None
         if pool is None:
             pool = self.pools[target.key] = FunctionPool(target, self._start_instance)
+            pool.deps = dependency_set(target, self.state_dir)
         return pool
 
     async def _start_instance(self, pool: FunctionPool) -> Instance:
         target = pool.target
+        self._make_room(pool)
         instance_id = f"{target.function}-{target.version}-{self._prefix}-{next(self._ids)}"
         spec = target.instance_spec(instance_id, self.state_dir)
-        pid, sock = await self.zygote.fork(spec)
+        pid, sock = await self._zygote_for(pool.deps).fork(spec)
         fn = target.function
         holder: list[Instance] = []
 
@@ -87,6 +125,16 @@ class Worker:
         """Drain and stop the pools of every version not in ``keep``."""
         for key in [k for k in self.pools if k not in keep]:
             self._drain(self.pools.pop(key), grace_s)
+        live = {p.deps for p in self.pools.values()}
+        for deps in [d for d in self.zygotes if d not in live and d != BASE]:
+            # Its instances die with it (PDEATHSIG): stop it only after every
+            # drain under way has finished.
+            self._later(self._close_after_drains(self.zygotes.pop(deps), grace_s))
+
+    async def _close_after_drains(self, zygote: ZygoteClient, grace_s: float) -> None:
+        draining = [t for t in self._retiring if t is not asyncio.current_task()]
+        await asyncio.gather(*draining, return_exceptions=True)
+        await zygote.aclose(grace_s)
 
     def discard(self, targets: list[Target]) -> None:
         """Stop the pools of ``targets`` (a deploy that failed after warming them)."""
@@ -96,7 +144,10 @@ class Worker:
                 self._drain(self.pools.pop(t.key), 0.5)
 
     def _drain(self, pool: FunctionPool, grace_s: float) -> None:
-        task = asyncio.get_running_loop().create_task(pool.drain(grace_s))
+        self._later(pool.drain(grace_s))
+
+    def _later(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -108,9 +159,10 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        await self.autoscaler.aclose()
         pools = list(self.pools.values())
         self.pools.clear()
         await asyncio.gather(*(p.drain(grace_s) for p in pools), *self._retiring,
                              return_exceptions=True)
-        await self.zygote.aclose(grace_s)
+        await asyncio.gather(*(z.aclose(grace_s) for z in self.zygotes.values()))
         self.logs.close()

@@ -17,14 +17,18 @@ from nimbus.errors import ClosedError, UnavailableError
 
 log = logging.getLogger("nimbus.worker")
 
-START_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 60.0  # preloading a dependency set may import a lot
 FORK_TIMEOUT_S = 5.0
 
 
 class ZygoteClient:
-    """One zygote process. Restarts it on the next fork if it died."""
+    """One zygote process for one dependency set (``sys_path`` entries to
+    add and modules to preload). Restarts it on the next fork if it died."""
 
-    def __init__(self) -> None:
+    def __init__(self, sys_path: tuple[str, ...] = (), preload: tuple[str, ...] = ()) -> None:
+        self.sys_path = sys_path
+        self.preload = preload
+        self.preload_failed: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None
         self._pending: dict[str, asyncio.Future[int]] = {}
@@ -55,7 +59,8 @@ class ZygoteClient:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "nimbus.runtime.zygote",
-                 str(theirs.fileno()), str(os.getpid())],
+                 str(theirs.fileno()), str(os.getpid()),
+                 orjson.dumps({"sys_path": self.sys_path, "preload": self.preload}).decode()],
                 pass_fds=[theirs.fileno()],
                 start_new_session=True,  # Ctrl-C goes to us; we stop instances
                 env=env,
@@ -73,6 +78,9 @@ class ZygoteClient:
         if not first:
             self._teardown()
             raise UnavailableError("zygote exited during start")
+        self.preload_failed = orjson.loads(first).get("preload_failed", [])
+        for line in self.preload_failed:
+            log.warning("zygote could not preload %s", line)
         self._reader = asyncio.create_task(self._read_replies(ours))
         log.debug("zygote %d ready", self._proc.pid)
 

@@ -1,0 +1,1 @@
+"""Autoscaling decisions: pure functions of samples and time."""

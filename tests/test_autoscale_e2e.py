@@ -1,0 +1,121 @@
+"""Autoscaling end to end: real bursts against a real ``nimbus up``."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SCALING_APP = """\
+name: scaling
+functions:
+  sleepy:
+    handler: h.sleepy
+    max_instances: 10
+    stable_window_s: 4
+    panic_window_s: 1
+    scale_to_zero_after_s: 2
+    http: [{method: GET, path: /sleepy}]
+  capped:
+    handler: h.sleepy
+    max_concurrency: 2
+    max_queue: 0
+    max_instances: 10
+    http: [{method: GET, path: /capped}]
+"""
+
+HANDLERS = """\
+import time
+
+def sleepy(event, context):
+    time.sleep(0.2)
+    return {"statusCode": 200, "body": context.aws_request_id}
+"""
+
+
+@pytest.fixture
+def scaling(start_nimbus, tmp_path):
+    app = tmp_path / "scaling"
+    app.mkdir()
+    (app / "app.yaml").write_text(SCALING_APP)
+    (app / "h.py").write_text(HANDLERS)
+    return start_nimbus(app)
+
+
+def status(n) -> dict:
+    r = httpx.get(n.control_url + "/v1/status",
+                  headers={"authorization": f"Bearer {n.token}"}, timeout=10)
+    r.raise_for_status()
+    return {f["name"]: f for f in r.json()["functions"]}
+
+
+def test_burst_scales_up_to_the_cap_then_down_to_zero(scaling):
+    peak = 0
+    stop = threading.Event()
+
+    def watch():
+        nonlocal peak
+        while not stop.is_set():
+            s = status(scaling)["sleepy"]
+            peak = max(peak, s["ready"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with httpx.Client(base_url=scaling.url, timeout=30,
+                          limits=httpx.Limits(max_connections=60)) as c:
+            with concurrent.futures.ThreadPoolExecutor(50) as pool:
+                results = list(pool.map(lambda _: c.get("/sleepy"), range(50)))
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert [r.status_code for r in results] == [200] * 50
+    assert len({r.text for r in results}) == 50  # 50 distinct invocations
+    assert peak == 10  # rose to max_instances, never past it
+
+    # Quiet now: instances step down and reach zero after the idle grace.
+    deadline = time.monotonic() + 30
+    while status(scaling)["sleepy"]["ready"] > 0:
+        assert time.monotonic() < deadline, status(scaling)["sleepy"]
+        time.sleep(0.1)
+    # ... and the first request after zero is served (a cold start, not an error)
+    r = httpx.get(scaling.url + "/sleepy", timeout=30)
+    assert r.status_code == 200
+
+
+def test_requests_during_scale_down_are_never_dropped(scaling):
+    with httpx.Client(base_url=scaling.url, timeout=30,
+                      limits=httpx.Limits(max_connections=40)) as c:
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            assert all(r.status_code == 200 for r in pool.map(lambda _: c.get("/sleepy"),
+                                                              range(30)))
+        # a steady trickle while the autoscaler takes instances away
+        codes = []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            codes.append(c.get("/sleepy").status_code)
+    assert codes and set(codes) == {200}
+    s = status(scaling)["sleepy"]
+    assert s["ready"] < 10  # it did scale down meanwhile
+
+
+def test_max_concurrency_answers_429_with_retry_after(scaling):
+    with httpx.Client(base_url=scaling.url, timeout=30,
+                      limits=httpx.Limits(max_connections=20)) as c:
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(lambda _: c.get("/capped"), range(10)))
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 429}, codes  # never a 5xx
+    assert codes.count(200) >= 2 and codes.count(429) >= 1, codes
+    for r in results:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["requestId"] == r.headers["x-nimbus-request-id"]
+    assert status(scaling)["capped"]["throttles"] == codes.count(429)
+    assert status(scaling)["capped"]["ready"] <= 2  # the cap bounds the instances too
