@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import io
 import os
 import resource
 import socket
@@ -26,6 +25,7 @@ from typing import Any
 import orjson
 
 from nimbus.runtime import protocol as p
+from nimbus.runtime.capture import LogWriter, RequestIds, capture_fds
 from nimbus.runtime.context import LambdaContext
 
 _HEADER = p.HEADER
@@ -61,50 +61,12 @@ class _Channel:
         if len(head) < _HS:
             return None
         size, kind = _HEADER.unpack(head)
+        if size > p.MAX_FRAME:
+            return None  # garbage: treat as a hang-up
         body = self.rfile.read(size)
         if len(body) < size:
             return None
         return kind, body
-
-
-class _LogWriter(io.TextIOBase):
-    """Replaces sys.stdout/sys.stderr: each line becomes a LOG frame.
-
-    The request id comes from a thread-local set around each invocation, so
-    concurrent invocations in one instance keep their lines apart.
-    """
-
-    def __init__(self, channel: _Channel, stream: str, current: threading.local) -> None:
-        self._channel = channel
-        self._stream = stream
-        self._current = current
-        self._buf: list[str] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s: str) -> int:
-        if not s:
-            return 0
-        self._buf.append(s)
-        if "\n" in s:
-            self.flush()
-        return len(s)
-
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        text = "".join(self._buf)
-        self._buf.clear()
-        rid = getattr(self._current, "request_id", None)
-        self._channel.send(p.LOG, orjson.dumps([rid, self._stream, text]))
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def isatty(self) -> bool:
-        return False
 
 
 def _apply_spec(spec: dict[str, Any]) -> None:
@@ -132,7 +94,17 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
     """Serve invocations on ``sock`` until the worker hangs up. Never returns
     normally into the zygote's code: the caller must ``os._exit`` after."""
     channel = _Channel(sock)
-    current = threading.local()
+    concurrency = spec.get("concurrency", 1)
+    ids = RequestIds(one_at_a_time=concurrency == 1)
+
+    def send_log(rid: str | None, stream: str, text: str) -> None:
+        channel.send(p.LOG, orjson.dumps([rid, stream, text]))
+
+    # Before the import, so that logging handlers set up at import time
+    # write to the invocation logs too; init output has no request id.
+    sys.stdout = LogWriter(send_log, "stdout", ids)
+    sys.stderr = LogWriter(send_log, "stderr", ids)
+    capture_fds(send_log, ids)
     try:
         _apply_spec(spec)
         module = importlib.import_module(spec["module"])
@@ -144,10 +116,7 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
         body["stackTrace"] = traceback.format_exception(exc)
         channel.send(p.INIT_ERROR, orjson.dumps(body))
         return
-    sys.stdout = _LogWriter(channel, "stdout", current)
-    sys.stderr = _LogWriter(channel, "stderr", current)
-    invoke = functools.partial(_invoke_one, channel, handler, _context_factory(spec), current)
-    concurrency = spec.get("concurrency", 1)
+    invoke = functools.partial(_invoke_one, channel, handler, _context_factory(spec), ids)
     if concurrency > 1:
         pool = _started_pool(concurrency)  # thread stacks count in RLIMIT_AS
         _limit_memory(spec["memory_mb"])
@@ -178,11 +147,11 @@ def _invoke_one(
     channel: _Channel,
     handler: Callable[[Any, Any], Any],
     make_context: Callable[[str, int], LambdaContext],
-    current: threading.local,
+    ids: RequestIds,
     body: bytes,
 ) -> None:
     rid, deadline_ms, event = orjson.loads(body)
-    current.request_id = rid
+    ids.begin(rid)
     fatal = False
     try:
         result = handler(event, make_context(rid, deadline_ms))
@@ -190,19 +159,18 @@ def _invoke_one(
             payload = orjson.dumps([rid, result])
             kind = p.RESULT
         except TypeError as exc:
-            payload = orjson.dumps(
-                [rid, {"errorMessage": f"Unable to marshal response: {exc}",
-                       "errorType": "Runtime.MarshalError", "requestId": rid}]
-            )
-            kind = p.ERROR
+            kind, payload = p.ERROR, _error_frame(
+                rid, f"Unable to marshal response: {exc}", "Runtime.MarshalError")
     except MemoryError:
         fatal = True  # the heap may be in any state: answer, then leave
-        kind = p.ERROR
-        payload = orjson.dumps(
-            [rid, {"errorMessage": f"function exceeded its memory limit of "
-                   f"{make_context(rid, 0).memory_limit_in_mb} MB",
-                   "errorType": "Runtime.OutOfMemory", "requestId": rid}]
-        )
+        kind, payload = p.ERROR, _error_frame(
+            rid, f"function exceeded its memory limit of "
+                 f"{make_context(rid, 0).memory_limit_in_mb} MB", "Runtime.OutOfMemory", fatal)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # Lambda restarts its runtime here; the instance is still sound, so
+        # it answers and keeps serving (its other invocations are untouched).
+        kind, payload = p.ERROR, _error_frame(
+            rid, f"handler exited: {type(exc).__name__}({exc})", "Runtime.ExitError")
     except Exception as exc:  # noqa: BLE001 - the user's handler failed
         traceback.print_exception(exc)  # to the logs, tagged with rid
         kind = p.ERROR
@@ -210,10 +178,16 @@ def _invoke_one(
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        current.request_id = None
+        ids.end()
     channel.send(kind, payload)
     if fatal:
         os._exit(3)
+
+
+def _error_frame(rid: str, message: str, kind: str, fatal: bool = False) -> bytes:
+    """An ERROR payload; ``fatal`` tells the worker this instance is leaving."""
+    return orjson.dumps([rid, {"errorMessage": message, "errorType": kind,
+                               "requestId": rid}, fatal])
 
 
 def _serve(channel: _Channel, run: Callable[[bytes], object]) -> None:
