@@ -38,7 +38,7 @@ class InstanceProtocol(asyncio.Protocol):
         self.alive = True
         self._buf = bytearray()
         self.on_log = on_log
-        self._on_lost = on_lost
+        self._on_lost: Callable[[], None] | None = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -50,6 +50,11 @@ class InstanceProtocol(asyncio.Protocol):
         end = len(buf)
         while end - pos >= _HS:
             size, kind = _HEADER.unpack_from(buf, pos)
+            if size > p.MAX_FRAME:  # garbage on the wire: this instance is unusable
+                self.doomed()
+                if self.transport is not None:
+                    self.transport.abort()
+                return
             stop = pos + _HS + size
             if stop > end:
                 break
@@ -65,7 +70,9 @@ class InstanceProtocol(asyncio.Protocol):
             if fut is not None and not fut.done():
                 fut.set_result(result)
         elif kind == p.ERROR:
-            rid, error = orjson.loads(body)
+            rid, error, *fatal = orjson.loads(body)
+            if fatal and fatal[0]:
+                self.doomed()  # it exits after this frame: hand it nothing more
             fut = self.pending.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_exception(HandlerError(error))
@@ -81,6 +88,14 @@ class InstanceProtocol(asyncio.Protocol):
                 self.ready.set_exception(InitError(err))
             self.on_log(None, "stderr", "".join(err.get("stackTrace", [])))
 
+    def doomed(self) -> None:
+        """The process is going (killed, or leaving on its own): stop handing
+        it work now, before its socket closes. Idempotent."""
+        self.alive = False
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
         if not self.ready.done():
@@ -90,7 +105,7 @@ class InstanceProtocol(asyncio.Protocol):
                 fut.set_exception(InstanceDiedError("instance exited during the invocation"))
                 self.on_log(rid, "platform", "instance exited during the invocation")
         self.pending.clear()
-        self._on_lost()
+        self.doomed()
 
 
 class InitError(DeployError):
@@ -160,6 +175,7 @@ class Instance:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.proto.doomed()
 
     async def stop(self, grace_s: float) -> None:
         """Hang up (the instance exits on EOF), wait ``grace_s``, then SIGKILL."""
