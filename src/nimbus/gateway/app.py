@@ -18,7 +18,7 @@ import orjson
 
 from nimbus.errors import NimbusError, PayloadTooLargeError
 from nimbus.gateway.events import http_event
-from nimbus.gateway.responses import JSON, error_response, result_response
+from nimbus.gateway.responses import JSON, NO_BODY, error_response, result_response
 from nimbus.gateway.router import Router
 from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
 
@@ -26,6 +26,10 @@ log = logging.getLogger("nimbus.gateway")
 
 REQUEST_ID_HEADER = b"x-nimbus-request-id"
 RESERVED_PREFIX = "/_nimbus/"
+
+
+class ClientGone(Exception):
+    """The client hung up before its request body was complete."""
 
 
 class Invoker(Protocol):
@@ -71,13 +75,16 @@ class Gateway:
                                    now_s=time.time())
                 result = await match.target.invoke(rid, event)
                 status, headers, data = result_response(result)
+        except ClientGone:
+            return  # nobody to answer; the handler never ran on a partial body
         except NimbusError as exc:
             status, headers, data = error_response(exc, rid)
         except Exception as exc:  # noqa: BLE001 - a bug of ours; the client gets a 500
             log.exception("request %s failed", rid)
             status, headers, data = error_response(exc, rid)
         headers.append((REQUEST_ID_HEADER, rid.encode()))
-        headers.append((b"content-length", str(len(data)).encode()))
+        if data or status not in NO_BODY:
+            headers.append((b"content-length", str(len(data)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
 
@@ -98,7 +105,7 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise ClientGone()
             chunk = message.get("body", b"")
             if chunk:
                 size += len(chunk)

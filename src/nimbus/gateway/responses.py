@@ -7,6 +7,8 @@ Pure functions: ``(status, headers, body)`` tuples with headers as a list of
 from __future__ import annotations
 
 import base64
+import binascii
+import re
 from typing import Any
 
 import orjson
@@ -82,28 +84,27 @@ def result_response(result: Any) -> Response:
                               "errorType": "Runtime.InvalidResponse"})
     headers: Headers = []
     has_type = False
+    pairs: list[tuple[object, object]] = []
     raw_headers = result.get("headers")
     if isinstance(raw_headers, dict):
-        for k, v in raw_headers.items():
-            name = str(k).lower().encode("latin-1")
-            has_type = has_type or name == b"content-type"
-            headers.append((name, str(v).encode("latin-1")))
+        pairs += raw_headers.items()
     multi = result.get("multiValueHeaders")  # payload 1.0 shape, accepted too
     if isinstance(multi, dict):
-        for k, vs in multi.items():
-            name = str(k).lower().encode("latin-1")
-            has_type = has_type or name == b"content-type"
-            for v in vs if isinstance(vs, list) else [vs]:
-                headers.append((name, str(v).encode("latin-1")))
-    for cookie in result.get("cookies") or ():
-        headers.append((b"set-cookie", str(cookie).encode("latin-1")))
+        pairs += [(k, v) for k, vs in multi.items() for v in (vs if isinstance(vs, list) else [vs])]
+    pairs += [("set-cookie", c) for c in result.get("cookies") or ()]
+    for k, v in pairs:
+        name, value = _header(k, v)
+        if name in _FRAMING:
+            continue  # nimbus frames the response itself
+        has_type = has_type or name == b"content-type"
+        headers.append((name, value))
     body = result.get("body")
+    if status in NO_BODY:
+        return status, headers, b""
     if body is None:
         data = b""
     elif isinstance(body, str):
-        data = base64.b64decode(body) if result.get("isBase64Encoded") else body.encode()
-    elif isinstance(body, bytes):
-        data = body
+        data = _decode_b64(body) if result.get("isBase64Encoded") else body.encode()
     else:
         data = orjson.dumps(body)
         if not has_type:
@@ -112,3 +113,35 @@ def result_response(result: Any) -> Response:
     if not has_type:
         headers.append((b"content-type", TEXT))
     return status, headers, data
+
+
+# Headers the gateway sets itself; a handler's own would frame the body twice.
+_FRAMING = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+            b"x-nimbus-request-id"}
+NO_BODY = {204, 304} | set(range(100, 200))
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE = re.compile(rb"[\r\n\x00]")
+
+
+def _invalid(message: str) -> e.HandlerError:
+    return e.HandlerError({"errorMessage": message, "errorType": "Runtime.InvalidResponse"})
+
+
+def _header(name: object, value: object) -> tuple[bytes, bytes]:
+    try:
+        n = str(name).lower().encode("latin-1")
+        v = str(value).encode("latin-1")
+    except UnicodeEncodeError:
+        raise _invalid(f"header {name!r}: names and values must be latin-1 text") from None
+    if not _TOKEN.match(n):
+        raise _invalid(f"header name {name!r} is not a valid HTTP token")
+    if _BAD_VALUE.search(v):
+        raise _invalid(f"header {name!r} has a line break or NUL in its value")
+    return n, v
+
+
+def _decode_b64(body: str) -> bytes:
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid("isBase64Encoded is true but the body is not valid base64") from None
