@@ -69,10 +69,15 @@ class Client:
             r = self.http.request(method, path, **kw)
         except httpx.HTTPError as exc:
             raise CLIError(f"cannot reach nimbus at {self.conn.url}: {exc}") from exc
-        if path.endswith("/invoke"):
+        if path.endswith("/invoke") and r.headers.get("content-type", "").startswith(
+                "application/json"):
             return r.status_code, r.json()
         self._check(r)
-        return r.json()
+        try:
+            return r.json()
+        except ValueError:
+            raise CLIError(f"unexpected answer from {self.conn.url}{path}: "
+                           f"{r.text[:200]!r} (HTTP {r.status_code})") from None
 
     def stream_lines(self, method: str, path: str, **kw: Any) -> Iterator[dict[str, Any]]:
         try:

@@ -160,8 +160,9 @@ def main() -> None:
     except click.exceptions.Abort:
         fail("aborted", 1)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        fail(exc.format_message().replace("\n", " ") + hint, exc.exit_code)
     except ManifestError as exc:
         fail(str(exc), 2)
     except UserInputError as exc:

@@ -21,13 +21,17 @@ SKIP_DIRS = {".nimbus", ".git", "__pycache__", ".venv", "venv", "node_modules",
              ".pytest_cache", ".mypy_cache", ".ruff_cache", ".aws-sam"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
 _EPOCH = (1980, 1, 1, 0, 0, 0)
+# Written into every state folder, so a --state-dir inside an app folder is
+# never bundled, whatever its name.
+STATE_MARKER = ".nimbus-state"
 
 
 def make_bundle(app_dir: Path) -> bytes:
     app_dir = app_dir.resolve()
     files: list[Path] = []
     for root, dirs, names in os.walk(app_dir):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS
+                         and not (Path(root) / d / STATE_MARKER).exists())
         for name in sorted(names):
             if not name.endswith(SKIP_SUFFIXES):
                 files.append(Path(root) / name)

@@ -29,6 +29,7 @@ import orjson
 import uvicorn
 
 from nimbus.control.api import create_control_app
+from nimbus.control.bundle import STATE_MARKER
 from nimbus.control.deploy import Deployer
 from nimbus.control.routesync import RouteSync
 from nimbus.errors import UnavailableError
@@ -116,6 +117,7 @@ class Platform:
     @classmethod
     async def create(cls, config: ServerConfig) -> Platform:
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        (config.state_dir / STATE_MARKER).touch()
         store = await open_store("sqlite", config.state_dir / "store.db")
         blobs = await open_blobs(config.state_dir / "blobs")
         worker = Worker(config.state_dir, LogSink(config.state_dir / "logs"))

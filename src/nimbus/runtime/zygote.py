@@ -119,6 +119,14 @@ class Zygote:
             _run(fd, spec)
         return pid
 
+    def _reply(self, message: dict[str, object]) -> bool:
+        """Answer the worker; False if it has gone (then the zygote ends)."""
+        try:
+            self.ctl.send(orjson.dumps(message))
+            return True
+        except OSError:
+            return False
+
     def serve(self) -> None:
         for _ in range(SPARES):
             self.fork_spare()
@@ -134,17 +142,17 @@ class Zygote:
             if len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
-                self.ctl.send(orjson.dumps({"instance_id": iid,
-                                            "error": "fork request without a socket"}))
+                self._reply({"instance_id": iid, "error": "fork request without a socket"})
                 continue
             try:
                 pid = self.start(msg, fds[0], spec)
             except OSError as exc:
-                self.ctl.send(orjson.dumps({"instance_id": iid, "error": str(exc)}))
+                self._reply({"instance_id": iid, "error": str(exc)})
                 continue
             finally:
                 os.close(fds[0])
-            self.ctl.send(orjson.dumps({"instance_id": iid, "pid": pid}))
+            if not self._reply({"instance_id": iid, "pid": pid}):
+                return
             while len(self.spares) < SPARES:
                 try:
                     self.fork_spare()
