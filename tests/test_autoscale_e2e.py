@@ -119,3 +119,50 @@ def test_max_concurrency_answers_429_with_retry_after(scaling):
             assert r.json()["requestId"] == r.headers["x-nimbus-request-id"]
     assert status(scaling)["capped"]["throttles"] == codes.count(429)
     assert status(scaling)["capped"]["ready"] <= 2  # the cap bounds the instances too
+
+
+BUDGET_APP = """\
+name: budget
+functions:
+  a:
+    handler: h.sleepy
+    max_instances: 4
+    http: [{method: GET, path: /a}]
+  b:
+    handler: h.sleepy
+    max_instances: 4
+    http: [{method: GET, path: /b}]
+"""
+
+
+def test_node_budget_is_never_exceeded_and_shared(start_nimbus, tmp_path):
+    app = tmp_path / "budget"
+    app.mkdir()
+    (app / "app.yaml").write_text(BUDGET_APP)
+    (app / "h.py").write_text(HANDLERS)
+    n = start_nimbus(app, "--max-instances", "2")
+    totals = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            s = status(n)
+            totals.append(sum(f["ready"] + f["starting"] for f in s.values()))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with httpx.Client(base_url=n.url, timeout=30,
+                          limits=httpx.Limits(max_connections=20)) as c:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                burst = [pool.submit(c.get, "/a") for _ in range(6)]
+                other = [pool.submit(c.get, "/b") for _ in range(2)]
+                codes = [f.result().status_code for f in burst + other]
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert codes == [200] * 8  # held until a slot freed, never refused or failed
+    assert totals and max(totals) <= 2  # the node never ran more than its budget
+    s = status(n)
+    assert s["b"]["ready"] >= 1  # a's burst did not take b's fair share

@@ -52,13 +52,20 @@ def cli() -> None:
               help="Where nimbus keeps its store, bundles, venvs and logs [APP_DIR/.nimbus].")
 @click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0),
               help="Seconds in-flight requests get to finish on shutdown.")
+@click.option("--max-instances", "node_instances", default=256, show_default=True,
+              type=click.IntRange(1), help="Instances this node may run, all functions together.")
+@click.option("--memory-budget-mb", "node_memory_mb", default=0, type=click.IntRange(0),
+              help="Memory (sum of memory_mb) this node's instances may hold "
+                   "[default: three quarters of the machine].")
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
-       state_dir: Path | None, grace_s: float) -> None:
+       state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int) -> None:
     """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
     from nimbus.cli.up import run_up
+    from nimbus.worker.budget import NodeBudget
 
     run_up(app_dir, host=host, port=port, control_host=control_host,
-           control_port=control_port, state_dir=state_dir, grace_s=grace_s)
+           control_port=control_port, state_dir=state_dir, grace_s=grace_s,
+           budget=NodeBudget(node_instances, node_memory_mb))
 
 
 @cli.command()

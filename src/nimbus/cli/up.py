@@ -10,10 +10,11 @@ from pathlib import Path
 import click
 
 from nimbus.errors import NimbusError
+from nimbus.worker.budget import NodeBudget
 
 
 def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_port: int,
-           state_dir: Path | None, grace_s: float) -> None:
+           state_dir: Path | None, grace_s: float, budget: NodeBudget) -> None:
     from nimbus.control.bundle import make_bundle
     from nimbus.manifest.loader import MANIFEST_NAMES, load_app
 
@@ -29,7 +30,7 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
 
     config = ServerConfig(
         state_dir=(state_dir or app_dir / ".nimbus").resolve(), host=host, port=port,
-        control_host=control_host, control_port=control_port, grace_s=grace_s)
+        control_host=control_host, control_port=control_port, grace_s=grace_s, budget=budget)
     try:
         import uvloop
 

@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from nimbus.gateway.app import Gateway, GatewayConfig
 from nimbus.observe.logs import LogSink
 from nimbus.store.base import Blobs, Store
 from nimbus.store.registry import open_blobs, open_store
+from nimbus.worker.budget import NodeBudget
 from nimbus.worker.worker import Worker
 
 log = logging.getLogger("nimbus")
@@ -54,6 +55,7 @@ class ServerConfig:
     control_port: int = 8081
     grace_s: float = 10.0
     max_body_bytes: int = 6 * 1024 * 1024
+    budget: NodeBudget = field(default_factory=NodeBudget)
 
     def __post_init__(self) -> None:
         for name in ("port", "control_port"):
@@ -120,7 +122,7 @@ class Platform:
         (config.state_dir / STATE_MARKER).touch()
         store = await open_store("sqlite", config.state_dir / "store.db")
         blobs = await open_blobs(config.state_dir / "blobs")
-        worker = Worker(config.state_dir, LogSink(config.state_dir / "logs"))
+        worker = Worker(config.state_dir, LogSink(config.state_dir / "logs"), config.budget)
         await worker.start()
         gateway = Gateway(GatewayConfig(max_body_bytes=config.max_body_bytes))
         return cls(config, store, blobs, worker, gateway)

@@ -187,7 +187,11 @@ class FunctionPool:
 
     async def ensure_warm(self) -> Instance:
         """Start one instance now (deploy warm-up); raises if it fails to start."""
-        inst = await self._starter(self)
+        self._starting += 1  # counted like any start (the node budget sees it)
+        try:
+            inst = await self._starter(self)
+        finally:
+            self._starting -= 1
         self.cold_starts += 1
         self.instances.append(inst)
         return inst
