@@ -116,7 +116,12 @@ class Deployer:
                     raise DeployError(f"another deploy of {rec['spec']['name']} is in "
                                       "progress; retry") from None
         except BaseException:
-            self.worker.discard(warmed)
+            # Stop what this deploy warmed, unless a concurrent identical deploy
+            # already made those versions live.
+            latest = await self.store.get(f"apps/{app.name}")
+            live = orjson.loads(latest.value)["functions"] if latest else {}
+            self.worker.discard([t for t in warmed if live.get(t.function, {}).get(
+                "config_hash") != records[t.function]["config_hash"]])
             raise
         app_record = {
             "name": app.name, "digest": digest, "deployed": time.time(),

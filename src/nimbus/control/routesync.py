@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from nimbus.aio import cancel_and_wait
 from nimbus.control.deploy import target_from_record
 from nimbus.gateway.app import Gateway, Invoker
 from nimbus.gateway.router import Router
@@ -74,9 +75,5 @@ class RouteSync:
                 await self.synced.wait()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from nimbus.aio import cancel_and_wait
 from nimbus.clock import Clock, SystemClock
 from nimbus.worker.pool import FunctionPool
 
@@ -34,8 +35,8 @@ def tick(pools: list[FunctionPool], now: float) -> None:
     for pool in pools:
         if pool.retired:
             continue
-        pool.decider.record(now, pool.in_flight + len(pool._waiters), pool.take_arrivals())
-        ready = len(pool.instances) + pool._starting
+        pool.decider.record(now, pool.in_flight + pool.held, pool.take_arrivals())
+        ready = len(pool.instances) + pool.starting
         decision = pool.decider.decide(now, ready)
         if pool.decision is None or decision.desired != pool.decision.desired:
             log.debug("%s v%d: %d -> %d (%s)", pool.target.function, pool.target.version,
@@ -64,10 +65,5 @@ class Autoscaler:
             await asyncio.sleep(self.config.tick_s)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -229,6 +229,16 @@ class FunctionPool:
             await asyncio.sleep(0.02)
         await inst.stop(STOP_GRACE_S)
 
+    @property
+    def held(self) -> int:
+        """Requests waiting for an instance."""
+        return len(self._waiters)
+
+    @property
+    def starting(self) -> int:
+        """Instances being started."""
+        return self._starting
+
     def take_arrivals(self) -> int:
         n, self.arrivals = self.arrivals, 0
         return n

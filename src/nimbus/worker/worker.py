@@ -49,12 +49,12 @@ class Worker:
 
     def _make_room(self, pool: FunctionPool) -> None:
         """Apply the node budget before ``pool`` starts one more instance
-        (already counted in its ``_starting``): reclaim idle instances of
+        (already counted in its ``starting``): reclaim idle instances of
         functions above their fair share, or refuse."""
         for _ in range(len(self.pools) + 1):
-            usages = [Usage(p, len(p.instances) + p._starting,
+            usages = [Usage(p, len(p.instances) + p.starting,
                             sum(1 for i in p.instances if not i.outstanding),
-                            p.target.spec.memory_mb, p.in_flight + len(p._waiters))
+                            p.target.spec.memory_mb, p.in_flight + p.held)
                       for p in self.pools.values()]
             verdict = admit(self.budget, usages, pool)
             if verdict.verdict == "start":
