@@ -327,3 +327,28 @@ def test_concurrent_requests_all_succeed(kitchen):
         results = list(pool.map(lambda i: kitchen.http.get(f"/users/{i}"), range(200)))
     assert all(r.status_code == 200 for r in results)
     assert [r.json()["pathParameters"]["id"] for r in results] == [str(i) for i in range(200)]
+
+
+def test_dependency_set_zygote_preloads_the_requirements(start_nimbus, tmp_path):
+    app = tmp_path / "preloaded"
+    app.mkdir()
+    make_wheel(app, code="import os\nIMPORTED_IN = os.getpid()\n")
+    (app / "requirements.txt").write_text("./nimbusdemo-1.0-py3-none-any.whl\n")
+    (app / "app.yaml").write_text(
+        "functions:\n"
+        "  p:\n    handler: h.p\n    requirements: requirements.txt\n"
+        "    http: [{method: GET, path: /p}]\n")
+    (app / "h.py").write_text(
+        "import os\nimport nimbusdemo\n\n"
+        "def p(event, context):\n"
+        "    return {'imported_in': nimbusdemo.IMPORTED_IN, 'pid': os.getpid()}\n")
+    n = start_nimbus(app)
+    got = n.http.get("/p").json()
+    r = httpx.get(n.control_url + "/v1/status", headers={"authorization": f"Bearer {n.token}"})
+    zygotes = {z["pid"]: z for z in r.json()["zygotes"]}
+    # imported once, in the zygote of its dependency set, not in the instance
+    assert got["imported_in"] != got["pid"]
+    assert got["imported_in"] in zygotes
+    z = zygotes[got["imported_in"]]
+    assert z["preload"] == ["nimbusdemo", "os"]  # the handler's top-level imports
+    assert any(p.endswith("site-packages") for p in z["sys_path"])
