@@ -65,7 +65,6 @@ class FunctionPool:
         self.arrivals = 0  # since the autoscaler's last sample
         self.cold_starts = 0
         self.throttles = 0
-        self.last_start_error: BaseException | None = None
         self._starter = starter
         self._starting = 0
         self._waiters: deque[asyncio.Future[Instance]] = deque()
@@ -166,7 +165,6 @@ class FunctionPool:
             inst = await self._starter(self)
         except BaseException as exc:  # noqa: BLE001 - reported to the waiters
             self._starting -= 1
-            self.last_start_error = exc
             log.warning("starting %s v%d failed: %s", self.target.function,
                         self.target.version, exc)
             if self.instances or self._starting:

@@ -151,9 +151,6 @@ class Worker:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def instances(self) -> list[tuple[FunctionPool, Instance]]:
-        return [(pool, inst) for pool in self.pools.values() for inst in pool.instances]
-
     async def aclose(self, grace_s: float = 2.0) -> None:
         """Drain every pool, stop every instance, then the zygote. Idempotent."""
         if self._closed:
