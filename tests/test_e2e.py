@@ -352,3 +352,21 @@ def test_dependency_set_zygote_preloads_the_requirements(start_nimbus, tmp_path)
     z = zygotes[got["imported_in"]]
     assert z["preload"] == ["nimbusdemo", "os"]  # the handler's top-level imports
     assert any(p.endswith("site-packages") for p in z["sys_path"])
+
+
+def test_a_failed_first_deploy_keeps_no_function_names(start_nimbus, tmp_path):
+    n = start_nimbus(None)
+    bad = tmp_path / "first"
+    bad.mkdir()
+    (bad / "app.yaml").write_text(
+        "functions:\n  shared:\n    handler: h.f\n    http: [{method: GET, path: /shared}]\n")
+    (bad / "h.py").write_text("import nosuchmodule_abc\n\ndef f(e, c):\n    return 1\n")
+    out = n.cli("deploy", str(bad))
+    assert out.returncode == 1 and "nosuchmodule_abc" in out.stderr
+    good = tmp_path / "second"
+    good.mkdir()
+    (good / "app.yaml").write_text((bad / "app.yaml").read_text())
+    (good / "h.py").write_text("def f(e, c):\n    return {'statusCode': 200, 'body': 'mine'}\n")
+    out = n.cli("deploy", str(good))
+    assert out.returncode == 0, out.stderr  # the name was not kept by the failed app
+    assert n.http.get("/shared").text == "mine"

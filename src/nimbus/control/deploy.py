@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import compileall
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ import orjson
 
 from nimbus.control.bundle import extract_bundle
 from nimbus.control.venvs import ensure_venv
-from nimbus.errors import ConflictError, DeployError
+from nimbus.errors import ConflictError, DeployError, NimbusError
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, FunctionSpec
 from nimbus.store.base import Blobs, Store
@@ -80,7 +81,15 @@ class Deployer:
         app = load_app(code_dir, default_name=name)
         for notice in app.notices:
             progress(notice)
-        await self._check_ownership(app)
+        claimed = await self._check_ownership(app)
+        try:
+            return await self._deploy_app(app, digest, code_dir, progress)
+        except BaseException:
+            await self._release(claimed)  # a failed first deploy keeps no names
+            raise
+
+    async def _deploy_app(self, app: AppSpec, digest: str, code_dir: Path,
+                          progress: Progress) -> dict[str, Any]:
         req_hashes: dict[str, str | None] = {}
         for fn in app.functions.values():
             req_hashes[fn.name] = (
@@ -141,19 +150,33 @@ class Deployer:
             "notices": list(app.notices),
         }
 
-    async def _check_ownership(self, app: AppSpec) -> None:
-        for fn in app.functions:
-            key = f"functions/{fn}/owner"
-            owner = await self.store.get(key)
-            if owner is None:
-                try:
-                    await self.store.create(key, orjson.dumps({"app": app.name}))
-                except ConflictError:
-                    owner = await self.store.get(key)
-            if owner is not None and orjson.loads(owner.value)["app"] != app.name:
-                other = orjson.loads(owner.value)["app"]
-                raise DeployError(f"function {fn!r} already belongs to app {other!r}")
-        await self._check_routes(app)
+    async def _check_ownership(self, app: AppSpec) -> list[tuple[str, int]]:
+        """Claim the app's function names; returns the claims made now (key,
+        revision), which a failed deploy gives back."""
+        claimed: list[tuple[str, int]] = []
+        try:
+            for fn in app.functions:
+                key = f"functions/{fn}/owner"
+                owner = await self.store.get(key)
+                if owner is None:
+                    try:
+                        claimed.append(
+                            (key, await self.store.create(key, orjson.dumps({"app": app.name}))))
+                    except ConflictError:
+                        owner = await self.store.get(key)
+                if owner is not None and orjson.loads(owner.value)["app"] != app.name:
+                    other = orjson.loads(owner.value)["app"]
+                    raise DeployError(f"function {fn!r} already belongs to app {other!r}")
+            await self._check_routes(app)
+        except BaseException:
+            await self._release(claimed)
+            raise
+        return claimed
+
+    async def _release(self, claimed: list[tuple[str, int]]) -> None:
+        for key, revision in claimed:
+            with contextlib.suppress(NimbusError):
+                await self.store.delete(key, revision=revision)
 
     async def _check_routes(self, app: AppSpec) -> None:
         taken: dict[tuple[str, str], str] = {}
