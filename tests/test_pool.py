@@ -240,3 +240,24 @@ def test_instances_get_their_own_environment_and_tmp(tmp_path):
             assert got[0]["TMPDIR"] != got[1]["TMPDIR"]
 
     run(tmp_path, scenario, source=src, callable="env", max_instances=2)
+
+
+def test_a_request_held_past_its_deadline_is_throttled_not_failed(tmp_path, monkeypatch):
+    # max_instances 1, timeout 2 s, no extra grace: a request held behind two
+    # 1.5 s invocations cannot start before its 2 s deadline, so it gets a
+    # ThrottledError (429), while the two before it succeed.
+    from nimbus.errors import ThrottledError
+    from nimbus.worker import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "ACQUIRE_GRACE_S", 0.0)
+
+    async def scenario(pool: FunctionPool) -> list[Any]:
+        async def call(i: int) -> Any:
+            await asyncio.sleep(0.05 * i)  # arrive in order
+            return await pool.invoke(f"r{i}", {"s": 1.5})
+
+        return await asyncio.gather(*(call(i) for i in range(3)), return_exceptions=True)
+
+    results = run(tmp_path, scenario, max_instances=1, timeout_s=2.0)
+    assert isinstance(results[0], dict) and isinstance(results[1], dict), results
+    assert isinstance(results[2], ThrottledError), results
