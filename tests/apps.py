@@ -46,6 +46,9 @@ functions:
     http: [{method: GET, path: /nap}]
   plain:
     handler: handlers.plain
+  badb64:
+    handler: handlers.badb64
+    http: [{method: GET, path: /badb64}]
 """
 
 KITCHEN_HANDLERS = '''\
@@ -104,6 +107,9 @@ def nap(event, context):
 
 def plain(event, context):
     return {"got": event}
+
+def badb64(event, context):
+    return {"statusCode": 200, "body": "not base64!", "isBase64Encoded": True}
 '''
 
 

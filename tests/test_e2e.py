@@ -81,6 +81,19 @@ def test_error_statuses(kitchen):
     assert "Traceback" not in r.text
 
 
+def test_a_malformed_response_is_500_and_logged_for_the_function(kitchen):
+    r = kitchen.http.get("/badb64")
+    assert r.status_code == 500
+    assert r.json()["errorType"] == "Runtime.InvalidResponse"
+    rid = r.headers["x-nimbus-request-id"]
+    deadline = time.monotonic() + 10
+    while "Runtime.InvalidResponse" not in (
+            out := kitchen.cli("logs", "badb64", "--request-id", rid)).stdout:
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
+    assert "base64" in out.stdout
+
+
 def test_timeout_answers_504_and_replaces_the_instance(kitchen):
     t0 = time.monotonic()
     r = kitchen.http.get("/slow")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from nimbus.errors import NimbusError, PayloadTooLargeError
+from nimbus.errors import HandlerError, NimbusError, PayloadTooLargeError
 from nimbus.gateway.events import http_event
 from nimbus.gateway.responses import JSON, NO_BODY, error_response, result_response
 from nimbus.gateway.router import Router
@@ -36,6 +36,9 @@ class Invoker(Protocol):
     """What a route points at: something that runs one invocation."""
 
     async def invoke(self, rid: str, event: Any) -> Any: ...
+
+    def log(self, rid: str | None, stream: str, text: str) -> None:
+        """Add a line to the function's logs (for errors only the gateway sees)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,11 @@ class Gateway:
                                    path_params=match.path_params, request_id=rid,
                                    now_s=time.time())
                 result = await match.target.invoke(rid, event)
-                status, headers, data = result_response(result)
+                try:
+                    status, headers, data = result_response(result)
+                except HandlerError as exc:  # the handler's answer is malformed
+                    match.target.log(rid, "platform", f"{exc.error['errorType']}: {exc}")
+                    raise
         except ClientGone:
             return  # nobody to answer; the handler never ran on a partial body
         except NimbusError as exc:

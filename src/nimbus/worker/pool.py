@@ -47,7 +47,8 @@ def scaling_config(target: Target) -> ScalingConfig:
 
 
 class FunctionPool:
-    def __init__(self, target: Target, starter: Starter) -> None:
+    def __init__(self, target: Target, starter: Starter,
+                 log: Callable[[str | None, str, str], None] | None = None) -> None:
         spec = target.spec
         self.target = target
         self.timeout_s = spec.timeout_s
@@ -66,6 +67,7 @@ class FunctionPool:
         self.cold_starts = 0
         self.throttles = 0
         self._starter = starter
+        self._log = log
         self._starting = 0
         self._waiters: deque[asyncio.Future[Instance]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()  # strong refs to background work
@@ -232,6 +234,11 @@ class FunctionPool:
         while inst.outstanding and inst.alive and loop.time() < deadline:
             await asyncio.sleep(0.02)
         await inst.stop(STOP_GRACE_S)
+
+    def log(self, rid: str | None, stream: str, text: str) -> None:
+        """A line in this function's logs."""
+        if self._log is not None:
+            self._log(rid, stream, text)
 
     @property
     def held(self) -> int:

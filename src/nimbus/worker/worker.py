@@ -82,7 +82,10 @@ class Worker:
             self._drain(self.pools.pop(target.key), 0.5)
             pool = None
         if pool is None:
-            pool = self.pools[target.key] = FunctionPool(target, self._start_instance)
+            fn = target.function
+            pool = self.pools[target.key] = FunctionPool(
+                target, self._start_instance,
+                lambda rid, stream, text: self.logs.write(fn, rid, stream, text))
             pool.deps = dependency_set(target, self.state_dir)
         return pool
 
@@ -92,11 +95,7 @@ class Worker:
         instance_id = f"{target.function}-{target.version}-{self._prefix}-{next(self._ids)}"
         spec = target.instance_spec(instance_id, self.state_dir)
         pid, sock = await self._zygote_for(pool.deps).fork(spec)
-        fn = target.function
         holder: list[Instance] = []
-
-        def on_log(rid: str | None, stream: str, text: str) -> None:
-            self.logs.write(fn, rid, stream, text)
 
         def on_lost() -> None:
             if holder:
@@ -106,7 +105,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             _t, proto = await loop.connect_accepted_socket(
-                lambda: InstanceProtocol(on_log, on_lost), sock=sock
+                lambda: InstanceProtocol(pool.log, on_lost), sock=sock
             )
         except OSError as exc:
             sock.close()
