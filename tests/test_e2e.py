@@ -383,3 +383,39 @@ def test_a_failed_first_deploy_keeps_no_function_names(start_nimbus, tmp_path):
     out = n.cli("deploy", str(good))
     assert out.returncode == 0, out.stderr  # the name was not kept by the failed app
     assert n.http.get("/shared").text == "mine"
+
+
+def test_a_dependency_set_zygote_no_version_uses_is_stopped(start_nimbus, tmp_path):
+    app = tmp_path / "deps"
+    app.mkdir()
+    make_wheel(app)
+    (app / "requirements.txt").write_text("./nimbusdemo-1.0-py3-none-any.whl\n")
+    (app / "app.yaml").write_text(
+        "functions:\n  d:\n    handler: h.d\n    requirements: requirements.txt\n"
+        "    http: [{method: GET, path: /d}]\n")
+    (app / "h.py").write_text(
+        "import nimbusdemo\n\ndef d(event, context):\n"
+        "    return {'statusCode': 200, 'body': nimbusdemo.VALUE}\n")
+    n = start_nimbus(app)
+    assert n.http.get("/d").text == "from the wheel"
+
+    def zygotes():
+        r = httpx.get(n.control_url + "/v1/status",
+                      headers={"authorization": f"Bearer {n.token}"})
+        return {z["pid"]: z for z in r.json()["zygotes"] if z["pid"]}
+
+    old = [pid for pid, z in zygotes().items() if z["sys_path"]]
+    assert len(old) == 1
+    # the new version drops the requirements: its zygote is the base one
+    (app / "app.yaml").write_text(
+        "functions:\n  d:\n    handler: h.d\n    http: [{method: GET, path: /d}]\n")
+    (app / "h.py").write_text("def d(event, context):\n    return {'statusCode': 200, "
+                              "'body': 'plain'}\n")
+    out = n.cli("deploy", str(app))
+    assert out.returncode == 0, out.stderr
+    assert n.http.get("/d").text == "plain"
+    deadline = time.monotonic() + 15
+    while alive(old[0]) or old[0] in zygotes():
+        assert time.monotonic() < deadline, "the unused zygote kept running"
+        time.sleep(0.1)
+    assert n.http.get("/d").text == "plain"
