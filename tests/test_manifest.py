@@ -830,6 +830,14 @@ def test_from_dict_of_a_record_without_the_scaling_keys():
     assert FunctionSpec.from_dict(fn.to_dict()) == fn
 
 
+def test_from_dict_ignores_keys_a_newer_nimbus_added():
+    # A record written by a later nimbus must still load after a rollback.
+    record = FunctionSpec("f", "api", "plain", memory_mb=256).to_dict()
+    record["a_key_from_the_future"] = {"anything": 1}
+    fn = FunctionSpec.from_dict(record)
+    assert fn == FunctionSpec("f", "api", "plain", memory_mb=256)
+
+
 def test_scaling_keys_in_the_seed_form(tmp_path):
     spec = load_app(make_app(tmp_path, """\
         handlers:

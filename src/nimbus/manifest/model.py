@@ -7,7 +7,7 @@ once, in :mod:`nimbus.manifest.loader`; nothing here checks input.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DEFAULT_MEMORY_MB = 128
@@ -86,11 +86,15 @@ class FunctionSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FunctionSpec:
-        d = dict(d)
+        # Keys a newer nimbus added are ignored (records outlive versions of
+        # nimbus: a rollback must still read them); keys missing from older
+        # records take their defaults.
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
         d["routes"] = tuple(Route(r["method"], r["path"]) for r in d.get("routes", ()))
         d["env"] = tuple(sorted(d.get("env", {}).items()))
         d["preload"] = tuple(d.get("preload", ()))
-        return cls(**d)  # keys missing from older records take their defaults
+        return cls(**d)
 
 
 @dataclass(frozen=True, slots=True)
