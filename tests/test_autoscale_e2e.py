@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -54,27 +56,33 @@ def status(n) -> dict:
     return {f["name"]: f for f in r.json()["functions"]}
 
 
-def test_burst_scales_up_to_the_cap_then_down_to_zero(scaling):
-    peak = 0
+@contextlib.contextmanager
+def sampling(n, figure) -> Iterator[list]:
+    """Samples ``figure(status)`` every 20 ms in a thread while the block runs."""
+    samples: list = []
     stop = threading.Event()
 
     def watch():
-        nonlocal peak
         while not stop.is_set():
-            s = status(scaling)["sleepy"]
-            peak = max(peak, s["ready"])
-            time.sleep(0.05)
+            samples.append(figure(status(n)))
+            time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
+        yield samples
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+
+
+def test_burst_scales_up_to_the_cap_then_down_to_zero(scaling):
+    with sampling(scaling, lambda s: s["sleepy"]["ready"]) as readies:
         with httpx.Client(base_url=scaling.url, timeout=30,
                           limits=httpx.Limits(max_connections=60)) as c:
             with concurrent.futures.ThreadPoolExecutor(50) as pool:
                 results = list(pool.map(lambda _: c.get("/sleepy"), range(50)))
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
+    peak = max(readies)
     assert [r.status_code for r in results] == [200] * 50
     assert len({r.text for r in results}) == 50  # 50 distinct invocations
     assert peak == 10  # rose to max_instances, never past it
@@ -141,27 +149,14 @@ def test_node_budget_is_never_exceeded_and_shared(start_nimbus, tmp_path):
     (app / "app.yaml").write_text(BUDGET_APP)
     (app / "h.py").write_text(HANDLERS)
     n = start_nimbus(app, "--max-instances", "2")
-    totals = []
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            s = status(n)
-            totals.append(sum(f["ready"] + f["starting"] for f in s.values()))
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    total = lambda s: sum(f["ready"] + f["starting"] for f in s.values())  # noqa: E731
+    with sampling(n, total) as totals:
         with httpx.Client(base_url=n.url, timeout=30,
                           limits=httpx.Limits(max_connections=20)) as c:
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 burst = [pool.submit(c.get, "/a") for _ in range(6)]
                 other = [pool.submit(c.get, "/b") for _ in range(2)]
                 codes = [f.result().status_code for f in burst + other]
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
     assert codes == [200] * 8  # held until a slot freed, never refused or failed
     assert totals and max(totals) <= 2  # the node never ran more than its budget
     s = status(n)

@@ -19,6 +19,19 @@ from tests.conftest import ROOT, alive
 pytestmark = pytest.mark.e2e
 
 
+def logs_until(n, function: str, rid: str, text: str, timeout_s: float = 10.0) -> str:
+    """``nimbus logs FUNCTION --request-id RID`` once it shows ``text``
+    (logs are flushed every 100 ms); fails with the last output past the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = n.cli("logs", function, "--request-id", rid)
+        assert out.returncode == 0, out.stderr
+        if text in out.stdout:
+            return out.stdout
+        assert time.monotonic() < deadline, out.stdout
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def kitchen(start_nimbus, tmp_path):
     return start_nimbus(write_kitchen(tmp_path))
@@ -86,12 +99,8 @@ def test_a_malformed_response_is_500_and_logged_for_the_function(kitchen):
     assert r.status_code == 500
     assert r.json()["errorType"] == "Runtime.InvalidResponse"
     rid = r.headers["x-nimbus-request-id"]
-    deadline = time.monotonic() + 10
-    while "Runtime.InvalidResponse" not in (
-            out := kitchen.cli("logs", "badb64", "--request-id", rid)).stdout:
-        assert time.monotonic() < deadline, out
-        time.sleep(0.2)
-    assert "base64" in out.stdout
+    out = logs_until(kitchen, "badb64", rid, "Runtime.InvalidResponse")
+    assert "base64" in out
 
 
 def test_timeout_answers_504_and_replaces_the_instance(kitchen):
@@ -100,11 +109,7 @@ def test_timeout_answers_504_and_replaces_the_instance(kitchen):
     assert r.status_code == 504
     assert time.monotonic() - t0 < 10
     rid = r.headers["x-nimbus-request-id"]
-    deadline = time.monotonic() + 10
-    while "Task timed out after 1.00 seconds" not in (
-            out := kitchen.cli("logs", "slow", "--request-id", rid)).stdout:
-        assert time.monotonic() < deadline, out
-        time.sleep(0.2)
+    logs_until(kitchen, "slow", rid, "Task timed out after 1.00 seconds")
     # the platform still serves the other functions, and slow gets a new instance
     assert kitchen.http.get("/echo").status_code == 200
     r = kitchen.http.get("/slow")
@@ -153,26 +158,17 @@ def test_logs_by_request_id(kitchen):
     r2 = kitchen.http.get("/print")
     rid1, rid2 = r1.text, r2.text
     assert rid1 != rid2
-    deadline = time.monotonic() + 10
-    while True:
-        out = kitchen.cli("logs", "printer", "--request-id", rid1)
-        if f"hello from {rid1}" in out.stdout or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert out.returncode == 0, out.stderr
-    assert f"hello from {rid1}" in out.stdout
-    assert "to stderr" in out.stdout
-    assert rid2 not in out.stdout
+    out = logs_until(kitchen, "printer", rid1, f"hello from {rid1}")
+    assert f"hello from {rid1}" in out
+    assert "to stderr" in out
+    assert rid2 not in out
     every = kitchen.cli("logs", "printer").stdout
     assert rid1 in every and rid2 in every
     # the handler's traceback goes to the logs (not to the client)
     r = kitchen.http.get("/boom")
     rid = r.headers["x-nimbus-request-id"]
-    deadline = time.monotonic() + 10
-    while "kaboom" not in (out := kitchen.cli("logs", "boom", "--request-id", rid)).stdout:
-        assert time.monotonic() < deadline, out
-        time.sleep(0.2)
-    assert "Traceback" in out.stdout
+    out = logs_until(kitchen, "boom", rid, "kaboom")
+    assert "Traceback" in out
 
 
 def test_logs_follow(kitchen):
