@@ -1,7 +1,8 @@
-"""Helpers for testing nimbus backends: the Store and Blobs contract suites."""
+"""Helpers for testing nimbus backends: the Store, Blobs and Queue contract suites."""
 
 from __future__ import annotations
 
+from nimbus.testing.queue_contract import check_queue
 from nimbus.testing.store_contract import check_blobs, check_store
 
-__all__ = ["check_blobs", "check_store"]
+__all__ = ["check_blobs", "check_queue", "check_store"]

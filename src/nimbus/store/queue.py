@@ -1,0 +1,160 @@
+"""The ``Queue`` seam: durable messages that are also invocation records.
+
+One message is one unit of async work (an async invocation, a queue or topic
+message, a schedule tick). It is stored before ``send`` returns and kept,
+with its outcome, after it is settled, so the same row answers
+``nimbus invocation ID``. Statuses::
+
+    queued ──receive──> running ──ack──────────> succeeded
+      ^                   │ ──retry(delay)────> retrying ──receive──> running
+      │                   │ ──release(delay)──> (back to queued/retrying, try not counted)
+      │                   │ ──dead_letter─────> dead     (kept for redrive)
+      │                   │ ──fail────────────> failed   (terminal, not kept for redrive)
+      └────redrive─────── dead
+
+Delivery is at-least-once: a received message is leased for
+``visibility_s``; if it is not settled by then (its consumer died) it is
+delivered again with ``attempts`` one higher. Settling with a stale
+delivery (another consumer has it now) raises ``ConflictError``.
+
+Every backend passes :func:`nimbus.testing.check_queue`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Status = Literal["queued", "running", "retrying", "succeeded", "failed", "dead"]
+STATUSES: tuple[str, ...] = ("queued", "running", "retrying", "succeeded", "failed", "dead")
+TERMINAL: tuple[str, ...] = ("succeeded", "failed", "dead")
+
+DEFAULT_DEDUP_WINDOW_S = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to send. ``dedup_key``: a second send of the same key to the
+    same queue within the dedup window returns the first message's id."""
+
+    body: bytes
+    attributes: dict[str, str] = field(default_factory=dict)
+    id: str | None = None  # chosen by the queue when None
+    delay_s: float = 0.0
+    dedup_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One delivery of a message. ``receipt`` identifies this delivery."""
+
+    id: str
+    queue: str
+    body: bytes
+    attributes: dict[str, str]
+    attempts: int  # deliveries so far, this one included
+    enqueued_at: float
+    receipt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A message as ``nimbus invocation ID`` shows it."""
+
+    id: str
+    queue: str
+    status: str
+    attempts: int
+    enqueued_at: float
+    updated_at: float
+    body: bytes
+    attributes: dict[str, str]
+    request_id: str | None = None
+    result: bytes | None = None  # JSON, on success
+    error: dict[str, Any] | None = None  # the last failure
+    visible_at: float | None = None  # next delivery, for queued / retrying
+
+    def to_dict(self, *, with_body: bool = True) -> dict[str, Any]:
+        import orjson  # local: this module stays import-light for backends
+
+        d: dict[str, Any] = {
+            "id": self.id, "queue": self.queue, "status": self.status,
+            "attempts": self.attempts, "enqueued_at": self.enqueued_at,
+            "updated_at": self.updated_at, "attributes": self.attributes,
+            "request_id": self.request_id, "error": self.error,
+            "result": orjson.loads(self.result) if self.result else None,
+        }
+        if self.status in ("queued", "retrying") and self.visible_at is not None:
+            d["next_attempt_at"] = self.visible_at
+        if with_body:
+            d["body"] = self.body.decode("utf-8", "replace")
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    id: str
+    created: bool  # False: a duplicate of an earlier send (same dedup key)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    ready: int  # deliverable now
+    delayed: int  # waiting for a retry delay
+    running: int
+    dead: int
+    succeeded: int
+    failed: int
+
+
+class Queue(Protocol):
+    """Durable named queues (a queue exists once something is sent to it).
+
+    Methods raise ``ClosedError`` after :meth:`aclose` and
+    ``UnavailableError`` (``__cause__`` set) when the backend fails.
+    """
+
+    async def send(self, queue: str, messages: list[Outgoing]) -> list[SendResult]:
+        """Store ``messages`` durably, all or none, before returning."""
+
+    async def receive(self, queue: str, *, max_messages: int, visibility_s: float,
+                      wait_s: float = 0.0) -> list[Message]:
+        """Lease up to ``max_messages`` deliverable messages, oldest first.
+        Waits up to ``wait_s`` for one to become deliverable."""
+
+    async def ack(self, message: Message, *, result: bytes | None = None,
+                  request_id: str | None = None) -> None:
+        """The work is done: ``succeeded``, with its result (JSON bytes)."""
+
+    async def retry(self, message: Message, *, delay_s: float, error: dict[str, Any],
+                    request_id: str | None = None) -> None:
+        """The try failed: deliver again after ``delay_s`` (``retrying``)."""
+
+    async def release(self, message: Message, *, delay_s: float) -> None:
+        """Not tried (e.g. throttled): deliver again after ``delay_s``; this
+        delivery does not count as an attempt."""
+
+    async def dead_letter(self, message: Message, *, error: dict[str, Any],
+                          request_id: str | None = None) -> None:
+        """Give up and keep it for redrive (``dead``)."""
+
+    async def fail(self, message: Message, *, error: dict[str, Any],
+                   request_id: str | None = None) -> None:
+        """Give up without keeping it for redrive (``failed``)."""
+
+    async def get(self, message_id: str) -> Record | None: ...
+
+    async def records(self, queue: str, *, status: str | None = None,
+                      limit: int = 100) -> list[Record]:
+        """Newest first."""
+
+    async def redrive(self, queue: str, ids: list[str] | None = None) -> int:
+        """Dead messages (all, or those of ``ids``) back to ``queued`` with
+        their attempts reset; returns how many moved."""
+
+    async def stats(self, queue: str) -> QueueStats: ...
+
+    async def purge_settled(self, older_than: float) -> int:
+        """Forget succeeded / failed messages settled before ``older_than``."""
+
+    async def aclose(self) -> None: ...

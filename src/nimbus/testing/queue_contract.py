@@ -1,0 +1,263 @@
+"""The contract suite every ``Queue`` backend must pass.
+
+Call it from a backend's tests::
+
+    async def open_queue(clock: ManualClock) -> Queue:
+        return await open_my_queue(<the same storage every call>, clock=clock)
+
+    asyncio.run(check_queue(open_queue))
+
+``open_queue(clock)`` opens the backend over the SAME storage every time it
+is called (the suite reopens it to check durability) and must measure
+delays, leases and the dedup window by ``clock.now()``. The suite uses fresh
+queue names, closes every queue it opens, and raises ``AssertionError``
+naming the broken rule. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+from nimbus.clock import ManualClock
+from nimbus.errors import ClosedError, ConflictError
+from nimbus.store.queue import DEFAULT_DEDUP_WINDOW_S, Message, Outgoing, Queue
+
+OpenQueue = Callable[[ManualClock], Awaitable[Queue]]
+WAIT_S = 5.0
+ERR = {"errorType": "Boom", "errorMessage": "it failed"}
+
+
+def _name(what: str) -> str:
+    return f"contract-{what}-{uuid.uuid4().hex[:8]}"
+
+
+async def _one(q: Queue, name: str, visibility_s: float = 30.0) -> Message:
+    got = await q.receive(name, max_messages=1, visibility_s=visibility_s)
+    assert len(got) == 1, f"receive({name}): expected one message, got {len(got)}"
+    return got[0]
+
+
+async def _nothing(q: Queue, name: str, why: str) -> None:
+    got = await q.receive(name, max_messages=10, visibility_s=30.0)
+    assert got == [], f"receive({name}) should be empty ({why}), got {[m.id for m in got]}"
+
+
+async def check_queue(open_queue: OpenQueue) -> None:
+    clock = ManualClock()
+    q = await open_queue(clock)
+    try:
+        for check in (_roundtrip, _order_and_batches, _lease_and_redelivery, _retry_delay,
+                      _release_not_counted, _dead_letters, _fail, _dedup, _isolation,
+                      _wakes_waiting_receiver, _stats, _purge):
+            await check(q, clock)
+        name = _name("durable")
+        sent = await q.send(name, [Outgoing(b'{"n": 1}'), Outgoing(b'{"n": 2}')])
+        first = await _one(q, name)
+        await q.ack(first, result=b"1")
+    finally:
+        await q.aclose()
+    with _raises(ClosedError, "send after aclose"):
+        await q.send(_name("closed"), [Outgoing(b"x")])
+    await q.aclose()  # idempotent
+
+    q = await open_queue(clock)  # everything acknowledged survives a reopen
+    try:
+        rec = await q.get(sent[0].id)
+        assert rec is not None and rec.status == "succeeded" and rec.result == b"1", \
+            f"after reopen, the acked message should be succeeded with its result: {rec}"
+        again = await _one(q, name)
+        assert again.id == sent[1].id and again.body == b'{"n": 2}', \
+            "after reopen, the unacked message should still be delivered"
+    finally:
+        await q.aclose()
+
+
+class _raises:
+    def __init__(self, exc: type[BaseException], what: str) -> None:
+        self.exc, self.what = exc, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: object) -> bool:
+        if et is None:
+            raise AssertionError(f"{self.what}: expected {self.exc.__name__}, nothing raised")
+        return issubclass(et, self.exc)
+
+
+async def _roundtrip(q: Queue, clock: ManualClock) -> None:
+    name = _name("roundtrip")
+    [sent] = await q.send(name, [Outgoing(b'{"a": 1}', {"kind": "invoke"})])
+    assert sent.created and sent.id, "send should create a message with an id"
+    rec = await q.get(sent.id)
+    assert rec is not None and rec.status == "queued" and rec.attempts == 0, \
+        f"a sent message should be queued with 0 attempts: {rec}"
+    m = await _one(q, name)
+    assert (m.id, m.queue, m.body, m.attributes, m.attempts) == \
+        (sent.id, name, b'{"a": 1}', {"kind": "invoke"}, 1), f"delivered message wrong: {m}"
+    assert m.enqueued_at == clock.now(), "enqueued_at should be the clock's time at send"
+    rec = await q.get(m.id)
+    assert rec is not None and rec.status == "running", f"a received message is running: {rec}"
+    await q.ack(m, result=b'{"ok": true}', request_id="r-1")
+    rec = await q.get(m.id)
+    assert rec is not None and (rec.status, rec.result, rec.request_id, rec.attempts) == \
+        ("succeeded", b'{"ok": true}', "r-1", 1), f"an acked message is succeeded: {rec}"
+    await _nothing(q, name, "its only message was acked")
+    assert await q.get("no-such-id") is None, "get of an unknown id should be None"
+    with _raises(ConflictError, "ack of an already acked delivery"):
+        await q.ack(m)
+
+
+async def _order_and_batches(q: Queue, clock: ManualClock) -> None:
+    name = _name("order")
+    sent = await q.send(name, [Outgoing(str(i).encode()) for i in range(5)])
+    first = await q.receive(name, max_messages=3, visibility_s=30)
+    rest = await q.receive(name, max_messages=10, visibility_s=30)
+    assert [m.id for m in first] == [s.id for s in sent[:3]], "oldest first, max_messages kept"
+    assert [m.id for m in rest] == [s.id for s in sent[3:]], "the rest in order"
+    recs = await q.records(name)
+    assert [r.id for r in recs] == [s.id for s in reversed(sent)], "records: newest first"
+    assert len(await q.records(name, limit=2)) == 2, "records: limit kept"
+
+
+async def _lease_and_redelivery(q: Queue, clock: ManualClock) -> None:
+    name = _name("lease")
+    await q.send(name, [Outgoing(b"x")])
+    m1 = await _one(q, name, visibility_s=10)
+    clock.advance(9)
+    await _nothing(q, name, "its lease has 1 s left")
+    clock.advance(2)
+    m2 = await _one(q, name, visibility_s=10)
+    assert m2.id == m1.id and m2.attempts == 2 and m2.receipt != m1.receipt, \
+        f"an expired lease is delivered again with attempts 2: {m2}"
+    with _raises(ConflictError, "ack with the stale delivery"):
+        await q.ack(m1)
+    await q.ack(m2)
+
+
+async def _retry_delay(q: Queue, clock: ManualClock) -> None:
+    name = _name("retry")
+    await q.send(name, [Outgoing(b"x")])
+    m = await _one(q, name)
+    await q.retry(m, delay_s=5, error=ERR, request_id="r-1")
+    rec = await q.get(m.id)
+    assert rec is not None and rec.status == "retrying" and rec.error == ERR, \
+        f"a retried message is retrying with its error: {rec}"
+    assert rec.visible_at == clock.now() + 5, "next_attempt_at is the delay from now"
+    await _nothing(q, name, "its retry delay has not passed")
+    clock.advance(5)
+    m2 = await _one(q, name)
+    assert m2.attempts == 2, f"a retried message comes back with attempts 2: {m2}"
+    await q.ack(m2)
+
+
+async def _release_not_counted(q: Queue, clock: ManualClock) -> None:
+    name = _name("release")
+    await q.send(name, [Outgoing(b"x")])
+    m = await _one(q, name)
+    await q.release(m, delay_s=1)
+    rec = await q.get(m.id)
+    assert rec is not None and rec.status == "queued" and rec.attempts == 0, \
+        f"a released first delivery is queued with 0 attempts: {rec}"
+    clock.advance(1)
+    m2 = await _one(q, name)
+    assert m2.attempts == 1, f"a released delivery does not count: {m2}"
+    await q.ack(m2)
+
+
+async def _dead_letters(q: Queue, clock: ManualClock) -> None:
+    name = _name("dlq")
+    sent = await q.send(name, [Outgoing(b"a"), Outgoing(b"b"), Outgoing(b"c")])
+    for m in await q.receive(name, max_messages=3, visibility_s=30):
+        await q.dead_letter(m, error=ERR)
+    dead = await q.records(name, status="dead")
+    assert {r.id for r in dead} == {s.id for s in sent}, "dead letters are listed"
+    assert all(r.error == ERR for r in dead), "dead letters keep their error"
+    await _nothing(q, name, "every message is dead")
+    assert await q.redrive(name, [sent[0].id]) == 1, "redrive of one id moves one"
+    m = await _one(q, name)
+    assert m.id == sent[0].id and m.attempts == 1, f"a redriven message starts over: {m}"
+    await q.ack(m)
+    assert await q.redrive(name, []) == 0, "redrive of no ids moves none"
+    assert await q.redrive(name) == 2, "redrive of the queue moves the rest"
+    assert len(await q.receive(name, max_messages=5, visibility_s=30)) == 2
+
+
+async def _fail(q: Queue, clock: ManualClock) -> None:
+    name = _name("fail")
+    await q.send(name, [Outgoing(b"x")])
+    m = await _one(q, name)
+    await q.fail(m, error=ERR)
+    rec = await q.get(m.id)
+    assert rec is not None and rec.status == "failed" and rec.error == ERR
+    assert await q.redrive(name) == 0, "failed messages are not redriven"
+
+
+async def _dedup(q: Queue, clock: ManualClock) -> None:
+    name = _name("dedup")
+    a = await q.send(name, [Outgoing(b"1", dedup_key="k")])
+    b = await q.send(name, [Outgoing(b"2", dedup_key="k")])
+    assert a[0].created and not b[0].created and a[0].id == b[0].id, \
+        "a second send with the same dedup key returns the first id, not created"
+    other = await q.send(_name("dedup-other"), [Outgoing(b"3", dedup_key="k")])
+    assert other[0].created, "dedup keys are per queue"
+    m = await _one(q, name)
+    assert m.body == b"1"
+    await q.ack(m)
+    c = await q.send(name, [Outgoing(b"4", dedup_key="k")])
+    assert not c[0].created, "dedup holds after the first message was processed"
+    clock.advance(DEFAULT_DEDUP_WINDOW_S + 1)
+    d = await q.send(name, [Outgoing(b"5", dedup_key="k")])
+    assert d[0].created and d[0].id != a[0].id, "after the window the key is new again"
+    fixed = f"id-{uuid.uuid4().hex}"
+    e = await q.send(name, [Outgoing(b"6", id=fixed), Outgoing(b"7", id=fixed)])
+    assert [r.created for r in e] == [True, False] and e[1].id == fixed, \
+        "a message sent again with the same id is not created twice"
+
+
+async def _isolation(q: Queue, clock: ManualClock) -> None:
+    a, b = _name("iso-a"), _name("iso-b")
+    await q.send(a, [Outgoing(b"a")])
+    await _nothing(q, b, "messages belong to their queue")
+    m = await _one(q, a)
+    await q.ack(m)
+
+
+async def _wakes_waiting_receiver(q: Queue, clock: ManualClock) -> None:
+    name = _name("wake")
+    waiting = asyncio.ensure_future(q.receive(name, max_messages=1, visibility_s=30,
+                                              wait_s=WAIT_S))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "receive with wait_s should wait for a message"
+    await q.send(name, [Outgoing(b"x")])
+    got = await asyncio.wait_for(waiting, WAIT_S)
+    assert len(got) == 1, "a waiting receiver gets a message sent meanwhile"
+    await q.ack(got[0])
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await q.receive(name, max_messages=1, visibility_s=30, wait_s=0.2) == []
+    assert loop.time() - t0 >= 0.15, "an empty receive waits about wait_s"
+
+
+async def _stats(q: Queue, clock: ManualClock) -> None:
+    name = _name("stats")
+    await q.send(name, [Outgoing(b"1"), Outgoing(b"2"), Outgoing(b"3"), Outgoing(b"4")])
+    ms = await q.receive(name, max_messages=3, visibility_s=30)
+    await q.ack(ms[0])
+    await q.retry(ms[1], delay_s=60, error=ERR)
+    s = await q.stats(name)
+    assert (s.ready, s.delayed, s.running, s.succeeded, s.dead, s.failed) == (1, 1, 1, 1, 0, 0), \
+        f"stats should count 1 ready, 1 delayed, 1 running, 1 succeeded: {s}"
+
+
+async def _purge(q: Queue, clock: ManualClock) -> None:
+    name = _name("purge")
+    sent = await q.send(name, [Outgoing(b"1"), Outgoing(b"2")])
+    m = await _one(q, name)
+    await q.ack(m)
+    clock.advance(10)
+    removed = await q.purge_settled(clock.now() - 5)
+    assert removed >= 1 and await q.get(sent[0].id) is None, "settled messages are purged"
+    assert await q.get(sent[1].id) is not None, "unsettled messages are never purged"
