@@ -480,10 +480,17 @@ def test_runtime_not_a_string(tmp_path):
 
 
 def test_unsupported_event(tmp_path):
+    app = make_app(tmp_path, SEED.replace("event: http", "event: webhook"), {"hello.py": HELLO_PY})
+    err = load_error(app)
+    assert (err.line, err.field) == (4, "handlers[0].event")
+    assert err.message == "unsupported event 'webhook'; valid events: http, schedule, queue, topic"
+
+
+def test_seed_trigger_event_needs_its_key(tmp_path):
     app = make_app(tmp_path, SEED.replace("event: http", "event: schedule"), {"hello.py": HELLO_PY})
     err = load_error(app)
     assert (err.line, err.field) == (4, "handlers[0].event")
-    assert err.message == "unsupported event 'schedule'; valid events: http"
+    assert "event: schedule needs a 'schedule' key" in err.message
 
 
 def test_missing_required_keys(tmp_path):

@@ -34,6 +34,7 @@ from nimbus.manifest.model import (
     AppSpec,
     FunctionSpec,
     Route,
+    ScheduleSpec,
 )
 from nimbus.manifest.modules import (
     ModuleNames,
@@ -44,8 +45,10 @@ from nimbus.manifest.modules import (
 )
 from nimbus.manifest.routes import Declared, conflict_message, find_conflict
 from nimbus.manifest.schema import (
+    EVENT_KEYS,
     RUNTIME_RE,
     SCALING_KEYS,
+    EventSettings,
     FunctionModel,
     RichApp,
     SeedApp,
@@ -73,6 +76,10 @@ class _Draft:
     # Autoscaling keys the manifest sets, and concurrency if it is set (it bounds
     # target_concurrency): key -> (value, where it was written).
     scaling: dict[str, tuple[Any, Loc]] = field(default_factory=dict)
+    # Async / trigger keys: key -> (value, where); schedules and topics add up.
+    events: dict[str, tuple[Any, Loc]] = field(default_factory=dict)
+    schedules: list[tuple[ScheduleSpec, Loc]] = field(default_factory=list)
+    topics: list[tuple[str, Loc]] = field(default_factory=list)
 
 
 def load_app(
@@ -99,7 +106,9 @@ def load_app(
         app_name, drafts = rich.name, _rich_drafts(rich, src)
     for draft in drafts.values():
         draft.settings.update(_scaling_settings(draft, src))
+        draft.settings.update(_event_settings(draft))
     _check_routes(drafts, src)
+    _check_events(drafts, src)
     names_cache: dict[Path, ModuleNames] = {}
     for draft in drafts.values():
         _check_code(draft, app_dir, src, names_cache, check_code)
@@ -166,12 +175,15 @@ def _seed_drafts(seed: SeedApp, src: Source) -> dict[str, _Draft]:
     drafts: dict[str, _Draft] = {}
     for i, h in enumerate(seed.handlers):
         loc: Loc = ("handlers", i)
+        _check_seed_trigger(h, loc, src)
         route = Declared(h.method, h.path or f"/{h.function}", h.function,
                          format_loc(loc), src.line(loc, key=True))
+        routes = [route] if h.event == "http" else []
         draft = drafts.get(h.function)
         if draft is not None and h.handler is None:
-            draft.routes.append(route)  # another trigger for a function declared above
+            draft.routes.extend(routes)  # another trigger for a function declared above
             _merge_scaling(draft, h, loc, src)
+            _merge_events(draft, h, loc, src)
             continue
         if h.handler:
             module, func = h.handler.rsplit(".", 1)
@@ -185,17 +197,130 @@ def _seed_drafts(seed: SeedApp, src: Source) -> dict[str, _Draft]:
             module, func, ref_loc = h.function, h.function, loc + ("function",)
         if draft is None:
             draft = drafts[h.function] = _Draft(h.function, module, func, seed.runtime, ref_loc,
-                                                [route])
+                                                routes)
             _merge_scaling(draft, h, loc, src)
+            _merge_events(draft, h, loc, src)
         elif (draft.module, draft.callable) != (module, func):
             # Several handlers may add triggers to one function, not redefine it.
             raise _error(src, ref_loc, f"function {h.function!r} is already declared at "
                          f"{format_loc(draft.handler_loc)} with handler "
                          f"{draft.module}.{draft.callable}, not {module}.{func}")
         else:
-            draft.routes.append(route)
+            draft.routes.extend(routes)
             _merge_scaling(draft, h, loc, src)
+            _merge_events(draft, h, loc, src)
     return drafts
+
+
+_TRIGGER_KEY = {"schedule": "schedule", "queue": "queue", "topic": "topic"}
+
+
+def _check_seed_trigger(h: SeedHandler, loc: Loc, src: Source) -> None:
+    """A short-form entry is one trigger: ``event: schedule`` needs ``schedule:``,
+    and a trigger key belongs only to its own event."""
+    need = _TRIGGER_KEY.get(h.event)
+    if need is not None and need not in h.model_fields_set:
+        raise _error(src, loc + ("event",), f"event: {h.event} needs a '{need}' key "
+                     f"(e.g. {_EXAMPLE[need]})")
+    for key in _TRIGGER_KEY.values():
+        if key in h.model_fields_set and key != need:
+            raise _error(src, loc + (key,), f"'{key}' belongs to event: {key}, "
+                         f"but this entry is event: {h.event}", key=True)
+    if h.event != "http":
+        for key in ("method", "path"):
+            if key in h.model_fields_set:
+                raise _error(src, loc + (key,), f"'{key}' is for event: http, "
+                             f"but this entry is event: {h.event}", key=True)
+
+
+_EXAMPLE = {"schedule": "schedule: rate(5 minutes)", "queue": "queue: orders",
+            "topic": "topic: signups"}
+
+
+def _merge_events(draft: _Draft, model: EventSettings, loc: Loc, src: Source) -> None:
+    """Record the async and trigger keys ``model`` sets (each scalar set once)."""
+    for key in EVENT_KEYS:
+        if key not in model.model_fields_set:
+            continue
+        value = getattr(model, key)
+        if key == "schedule":
+            single = not isinstance(_raw(src, loc + (key,)), list)
+            for j, sch in enumerate(value):
+                sloc = loc + (key,) if single else loc + (key, j)
+                draft.schedules.append((ScheduleSpec(
+                    sch.expression, sch.timezone, sch.missed,
+                    tuple(sorted(sch.input.items()))), sloc))
+            continue
+        if key == "topic":
+            draft.topics.extend((t, loc + (key,)) for t in value)
+            continue
+        if key in draft.events and draft.events[key][0] != value:
+            first_loc = draft.events[key][1]
+            raise _error(src, loc + (key,), f"{key} of function {draft.name!r} is already "
+                         f"set at {format_loc(first_loc)} (line {src.line(first_loc)}); "
+                         "set it once")
+        draft.events.setdefault(key, (value, loc + (key,)))
+
+
+def _raw(src: Source, loc: Loc) -> Any:
+    node: Any = src.data
+    for part in loc:
+        node = node[part]
+    return node
+
+
+def _event_settings(draft: _Draft) -> dict[str, Any]:
+    given = {k: v for k, (v, _loc) in draft.events.items()}
+    dest = given.get("destinations")
+    queue = given.get("queue")
+    out: dict[str, Any] = {
+        "schedules": tuple(s for s, _loc in draft.schedules),
+        "topics": tuple(dict.fromkeys(t for t, _loc in draft.topics)),
+        "on_success": dest.on_success.ref if dest and dest.on_success else None,
+        "on_failure": dest.on_failure.ref if dest and dest.on_failure else None,
+    }
+    for key in ("retries", "dead_letter"):
+        if key in given:
+            out[key] = given[key]
+    for key in ("retry_delay_s", "max_event_age_s"):
+        if key in given:
+            out[key] = float(given[key])
+    if queue is not None:
+        out.update(queue=queue.name, batch_size=queue.batch_size,
+                   max_batching_window_s=float(queue.max_batching_window_s))
+    return out
+
+
+def _check_events(drafts: dict[str, _Draft], src: Source) -> None:
+    """One consumer per queue; destinations name a function or a queue of this app."""
+    consumers: dict[str, _Draft] = {}
+    for d in drafts.values():
+        if "queue" not in d.events:
+            continue
+        name = d.events["queue"][0].name
+        if name in consumers:
+            first = consumers[name]
+            raise _error(src, d.events["queue"][1], f"queue {name!r} is already consumed by "
+                         f"function {first.name!r} (line {src.line(first.events['queue'][1])}); "
+                         "a queue has one consumer (use a topic to fan out)")
+        consumers[name] = d
+    for d in drafts.values():
+        if "destinations" not in d.events:
+            continue
+        dest, loc = d.events["destinations"]
+        for when in ("on_success", "on_failure"):
+            target = getattr(dest, when)
+            if target is None:
+                continue
+            wloc = loc + (when,)
+            if target.function is not None and target.function not in drafts:
+                raise _error(src, wloc + ("function",), f"destination function "
+                             f"{target.function!r} is not a function of this app; "
+                             f"functions: {', '.join(sorted(drafts))}")
+            if target.queue is not None and target.queue not in consumers:
+                known = ", ".join(sorted(consumers)) or "none"
+                raise _error(src, wloc + ("queue",), f"destination queue {target.queue!r} is "
+                             f"not consumed by any function of this app (queues: {known})")
 
 
 def _merge_scaling(draft: _Draft, model: SeedHandler | FunctionModel, loc: Loc,
@@ -235,6 +360,7 @@ def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
                                       loc + ("handler",), routes, settings,
                                       loc + ("requirements",))
         _merge_scaling(draft, fn, loc, src)
+        _merge_events(draft, fn, loc, src)
         if "concurrency" in fn.model_fields_set:
             draft.scaling["concurrency"] = (fn.concurrency, loc + ("concurrency",))
     return drafts

@@ -20,6 +20,12 @@ DEFAULT_STABLE_WINDOW_S = 60.0
 DEFAULT_PANIC_WINDOW_S = 6.0  # or stable_window_s when that is shorter
 DEFAULT_SCALE_TO_ZERO_AFTER_S = 30.0
 DEFAULT_MAX_QUEUE = 100
+# Async invocations (issue 4), Lambda's defaults.
+DEFAULT_RETRIES = 2
+DEFAULT_RETRY_DELAY_S = 1.0
+DEFAULT_MAX_EVENT_AGE_S = 6 * 3600.0
+DEFAULT_BATCH_SIZE = 10
+MISSED_POLICIES = ("once", "none", "all")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +39,27 @@ class Route:
     def key(self) -> str:
         """The API Gateway ``routeKey``: ``"GET /users/{id}"``."""
         return f"{self.method} {self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSpec:
+    """One schedule trigger. ``missed``: what to do with ticks that passed
+    while nothing was running: fire the latest ``once``, ``none`` or ``all``
+    (bounded). ``input``: the event's ``detail`` (JSON object)."""
+
+    expression: str
+    timezone: str = "UTC"
+    missed: str = "once"
+    input: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expression": self.expression, "timezone": self.timezone,
+                "missed": self.missed, "input": dict(self.input)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScheduleSpec:
+        return cls(d["expression"], d.get("timezone", "UTC"), d.get("missed", "once"),
+                   tuple(sorted(d.get("input", {}).items())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +90,18 @@ class FunctionSpec:
     scale_to_zero_after_s: float = DEFAULT_SCALE_TO_ZERO_AFTER_S
     max_queue: int = DEFAULT_MAX_QUEUE  # requests held waiting for an instance before 429
     preload: tuple[str, ...] = ()  # modules the function's zygote imports ahead of time
+    # Async invocations and event triggers (issue 4).
+    retries: int = DEFAULT_RETRIES
+    retry_delay_s: float = DEFAULT_RETRY_DELAY_S  # the first; doubling each time
+    max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S
+    dead_letter: bool = True  # keep events that ran out of tries for redrive
+    on_success: str | None = None  # "function:NAME" or "queue:NAME"
+    on_failure: str | None = None
+    schedules: tuple[ScheduleSpec, ...] = ()
+    queue: str | None = None  # the queue whose messages this function consumes
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batching_window_s: float = 0.0
+    topics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.target_concurrency is None:
@@ -82,6 +121,8 @@ class FunctionSpec:
         d["routes"] = [{"method": r.method, "path": r.path} for r in self.routes]
         d["env"] = dict(self.env)
         d["preload"] = list(self.preload)
+        d["schedules"] = [s.to_dict() for s in self.schedules]
+        d["topics"] = list(self.topics)
         return d
 
     @classmethod
@@ -94,6 +135,8 @@ class FunctionSpec:
         d["routes"] = tuple(Route(r["method"], r["path"]) for r in d.get("routes", ()))
         d["env"] = tuple(sorted(d.get("env", {}).items()))
         d["preload"] = tuple(d.get("preload", ()))
+        d["schedules"] = tuple(ScheduleSpec.from_dict(s) for s in d.get("schedules", ()))
+        d["topics"] = tuple(d.get("topics", ()))
         return cls(**d)
 
 

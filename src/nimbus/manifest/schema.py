@@ -14,27 +14,33 @@ import re
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from nimbus.manifest.errmap import show
 from nimbus.manifest.model import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_EVENT_AGE_S,
     DEFAULT_MAX_INSTANCES,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_MB,
     DEFAULT_MIN_INSTANCES,
     DEFAULT_PANIC_WINDOW_S,
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_DELAY_S,
     DEFAULT_SCALE_TO_ZERO_AFTER_S,
     DEFAULT_STABLE_WINDOW_S,
     DEFAULT_TIMEOUT_S,
+    MISSED_POLICIES,
 )
 from nimbus.manifest.routes import METHODS, path_problem
 
-EVENTS = ("http",)
+EVENTS = ("http", "schedule", "queue", "topic")
 RUNTIME_RE = re.compile(r"python3(?:\.(\d+))?")
 _APP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
 
 def fail(message: str) -> PydanticCustomError:
@@ -106,6 +112,58 @@ def _event(v: Any) -> Any:
     return v.lower()
 
 
+def _queue_name(v: Any) -> Any:
+    if not isinstance(v, str) or not _QUEUE_NAME.fullmatch(v):
+        raise fail("expected a queue or topic name (1 to 80 letters, digits, '_' or '-'), "
+                   f"got {show(v)}")
+    return v
+
+
+def _schedule_expression(v: Any) -> Any:
+    from nimbus.events.schedule_expr import ScheduleError, parse_schedule
+
+    if not isinstance(v, str):
+        raise fail("expected a schedule like 'rate(5 minutes)', 'cron(0 12 * * ? *)' or "
+                   f"'0 12 * * *', got {show(v)}")
+    try:
+        parse_schedule(v)
+    except ScheduleError as exc:
+        raise fail(str(exc)) from None
+    return v.strip()
+
+
+def _timezone(v: Any) -> Any:
+    import zoneinfo
+
+    if not isinstance(v, str):
+        raise fail(f"expected an IANA time zone like 'Europe/Paris', got {show(v)}")
+    try:
+        zoneinfo.ZoneInfo(v)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise fail(f"unknown time zone {v!r}; expected an IANA name like 'Europe/Paris'") from None
+    return v
+
+
+def _missed(v: Any) -> Any:
+    if v not in MISSED_POLICIES:
+        raise fail(f"expected one of {', '.join(MISSED_POLICIES)}, got {show(v)}")
+    return v
+
+
+def _one_or_many(v: Any) -> Any:
+    if v is None:
+        return []
+    return v if isinstance(v, list) else [v]
+
+
+def _schedule_entry(v: Any) -> Any:
+    return {"expression": v} if isinstance(v, str) else v
+
+
+def _queue_trigger(v: Any) -> Any:
+    return {"name": v} if isinstance(v, str) else v
+
+
 def _env_key(v: Any) -> Any:
     if not isinstance(v, str) or not _ENV_KEY.fullmatch(v):
         raise fail("expected an environment variable name (letters, digits and '_', "
@@ -151,6 +209,7 @@ RoutePath = Annotated[str, BeforeValidator(_path)]
 EnvKey = Annotated[str, BeforeValidator(_env_key)]
 EnvValue = Annotated[str, BeforeValidator(_env_value)]
 ModuleName = Annotated[str, BeforeValidator(_module_name)]
+QueueName = Annotated[str, BeforeValidator(_queue_name)]
 
 
 class _Model(BaseModel):
@@ -160,6 +219,78 @@ class _Model(BaseModel):
 class HttpRoute(_Model):
     method: Method = "GET"
     path: RoutePath = Field(description="a route path starting with '/'")
+
+
+class ScheduleModel(_Model):
+    expression: Annotated[str, BeforeValidator(_schedule_expression)] = Field(
+        description="'rate(N unit)', 'cron(6 fields)' or a 5-field cron")
+    timezone: Annotated[str, BeforeValidator(_timezone)] = "UTC"
+    missed: Annotated[str, BeforeValidator(_missed)] = "once"
+    input: dict[str, Any] = Field(default_factory=dict,
+                                  description="a mapping, passed as the event's detail")
+
+    @model_validator(mode="after")
+    def _expression_in_zone(self) -> ScheduleModel:
+        from nimbus.events.schedule_expr import ScheduleError, parse_schedule
+
+        try:
+            parse_schedule(self.expression, self.timezone)
+        except ScheduleError as exc:
+            raise fail(str(exc)) from None
+        return self
+
+
+class QueueTrigger(_Model):
+    name: QueueName = Field(description="a queue name")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=1000,
+                            description="an integer from 1 to 1000")
+    max_batching_window_s: float = Field(0.0, ge=0, le=300,
+                                         description="a number of seconds from 0 to 300")
+
+
+class Destination(_Model):
+    function: Annotated[str, BeforeValidator(_function_name)] | None = None
+    queue: QueueName | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Destination:
+        if (self.function is None) == (self.queue is None):
+            raise fail("expected exactly one of 'function: NAME' or 'queue: NAME'")
+        return self
+
+    @property
+    def ref(self) -> str:
+        return f"function:{self.function}" if self.function else f"queue:{self.queue}"
+
+
+class Destinations(_Model):
+    on_success: Destination | None = None
+    on_failure: Destination | None = None
+
+
+Schedules = Annotated[list[Annotated[ScheduleModel, BeforeValidator(_schedule_entry)]],
+                      BeforeValidator(_one_or_many)]
+Topics = Annotated[list[QueueName], BeforeValidator(_one_or_many)]
+
+EVENT_KEYS = ("retries", "retry_delay_s", "max_event_age_s", "dead_letter", "destinations",
+              "schedule", "queue", "topic")
+
+
+class EventSettings(_Model):
+    """Async and trigger keys, shared by both forms."""
+
+    retries: int = Field(DEFAULT_RETRIES, ge=0, le=20, description="an integer from 0 to 20")
+    retry_delay_s: float = Field(DEFAULT_RETRY_DELAY_S, gt=0, le=3600,
+                                 description="a number of seconds greater than 0, at most 3600")
+    max_event_age_s: float = Field(DEFAULT_MAX_EVENT_AGE_S, ge=1, le=DEFAULT_MAX_EVENT_AGE_S,
+                                   description="a number of seconds from 1 to 21600")
+    dead_letter: bool = True
+    destinations: Destinations | None = None
+    schedule: Schedules = Field(default_factory=list, description=(
+        "a schedule expression, a mapping {expression, timezone, missed, input}, or a list"))
+    queue: Annotated[QueueTrigger, BeforeValidator(_queue_trigger)] | None = Field(
+        None, description="a queue name or {name, batch_size, max_batching_window_s}")
+    topic: Topics = Field(default_factory=list, description="a topic name or a list of them")
 
 
 # Autoscaling keys, accepted by a rich-form function and by a short-form
@@ -189,7 +320,7 @@ SCALING_KEYS = ("min_instances", "max_instances", "max_concurrency", "target_con
                 "preload")
 
 
-class FunctionModel(_Model):
+class FunctionModel(EventSettings):
     handler: HandlerRef = Field(description="'module.callable' (e.g. api.get_user)")
     http: Annotated[list[HttpRoute], BeforeValidator(_routes)] = Field(
         default_factory=list, description="a route {method, path} or a list of routes")
@@ -220,9 +351,10 @@ class RichApp(_Model):
         min_length=1, description="a mapping of function names to their settings")
 
 
-class SeedHandler(_Model):
+class SeedHandler(EventSettings):
     function: FunctionName = Field(description="a function name")
-    event: Annotated[str, BeforeValidator(_event)] = Field(description="'http'")
+    event: Annotated[str, BeforeValidator(_event)] = Field(
+        description="'http', 'schedule', 'queue' or 'topic'")
     method: Method = "GET"
     path: RoutePath | None = None
     handler: HandlerRef | None = None
