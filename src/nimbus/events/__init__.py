@@ -1,0 +1,1 @@
+"""Async work: the dispatcher, retries, triggers (queues, topics) and schedules."""

@@ -1,0 +1,325 @@
+"""Running queued work: one consumer per subscription, each with its own slots.
+
+A consumer leases at most as many messages as its function may run at once
+(the pool's cap: ``max_concurrency`` or ``max_instances x concurrency``;
+queue triggers lease that many batches), so it never takes more than it can
+start and never holds work another node could run. Each message is settled
+after its invocation: ack with the result, retry later with backoff,
+release when throttled (not counted), or dead-letter; the message row is
+also the invocation record, so settling and recording are one write.
+Destinations are sent before the settlement, so a crash at any point
+repeats work instead of losing it (at-least-once; a repeated destination is
+dropped by its dedup key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from nimbus.errors import (
+    ClosedError,
+    ConflictError,
+    NimbusError,
+    ThrottledError,
+)
+from nimbus.events.names import Subscription, invoke_queue, user_queue
+from nimbus.events.retry import RetryPolicy, next_retry, too_old
+from nimbus.events.shapes import destination_record, sns_event, sqs_event
+from nimbus.store.queue import Message, Outgoing, Queue
+
+if TYPE_CHECKING:
+    from nimbus.clock import Clock
+    from nimbus.manifest.model import FunctionSpec
+    from nimbus.worker.pool import FunctionPool
+
+log = logging.getLogger("nimbus.events")
+
+WAIT_S = 5.0  # one receive's long-poll
+VISIBILITY_MARGIN_S = 20.0  # beyond timeout_s: a held request may wait for an instance
+RELEASE_DELAY_S = 0.05  # a retired pool's message goes to the new version
+NO_FUNCTION_DELAY_S = 5.0
+MAX_LEASE = 256
+
+
+def policy_of(spec: FunctionSpec) -> RetryPolicy:
+    return RetryPolicy(spec.retries, spec.retry_delay_s, spec.max_event_age_s)
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    error = getattr(exc, "error", None)
+    if isinstance(error, dict):
+        return dict(error)
+    name = type(exc).__name__
+    if isinstance(exc, NimbusError):
+        name = name.removesuffix("Error") or name
+    return {"errorType": name, "errorMessage": str(exc) or name}
+
+
+class Dispatcher:
+    """Runs subscriptions against the live pools (``pools()``)."""
+
+    def __init__(self, queue: Queue, pools: Callable[[], dict[str, FunctionPool]],
+                 clock: Clock) -> None:
+        self.queue = queue
+        self._pools = pools
+        self._clock = clock
+        self._consumers: dict[str, _Consumer] = {}
+        self.completed = 0  # settled invocations, for status and benchmarks
+
+    def sync(self, subs: dict[str, Subscription]) -> None:
+        """Start consumers for new subscriptions; stop those that went away
+        (their running invocations finish and settle)."""
+        for name in list(self._consumers):
+            if name not in subs or self._consumers[name].sub != subs[name]:
+                self._consumers.pop(name).stop()
+        for name, sub in subs.items():
+            if name not in self._consumers:
+                c = self._consumers[name] = _Consumer(self, sub)
+                c.start()
+
+    def running(self) -> int:
+        return sum(c.running for c in self._consumers.values())
+
+    async def aclose(self, grace_s: float = 5.0) -> None:
+        consumers = list(self._consumers.values())
+        self._consumers.clear()
+        for c in consumers:
+            c.stop()
+        await asyncio.gather(*(c.wait_idle(grace_s) for c in consumers))
+
+    # -- one message / one batch ----------------------------------------------
+
+    async def run_one(self, sub: Subscription, m: Message) -> None:
+        pool = self._pools().get(sub.function)
+        if pool is None:
+            await self._settle(self.queue.release(m, delay_s=NO_FUNCTION_DELAY_S))
+            return
+        spec = pool.target.spec
+        if sub.kind == "topic":
+            payload: Any = sns_event(m, sub.source, sub.function)
+        else:
+            payload = orjson.loads(m.body)
+        if too_old(policy_of(spec), enqueued_at=m.enqueued_at, now=self._clock.now()):
+            await self._give_up(sub, spec, m, payload, "EventAgeExceeded", {
+                "errorType": "EventAgeExceeded", "errorMessage":
+                f"not run: older than max_event_age_s ({spec.max_event_age_s:g} s)"})
+            return
+        try:
+            result = await pool.invoke(m.id, payload)
+        except ThrottledError as exc:
+            await self._settle(self.queue.release(m, delay_s=_jitter(exc.retry_after_s)))
+            return
+        except ClosedError:
+            await self._settle(self.queue.release(m, delay_s=RELEASE_DELAY_S))
+            return
+        except NimbusError as exc:
+            await self._failed(sub, spec, m, payload, error_body(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: the event is retried, not lost
+            log.exception("invocation %s of %s failed in nimbus", m.id, sub.function)
+            await self._failed(sub, spec, m, payload, {"errorType": "InternalError",
+                                                       "errorMessage": repr(exc)})
+            return
+        if spec.on_success:
+            await self._destination(spec.on_success, sub, m, "Success", payload, result,
+                                    error=False)
+        await self._settle(self.queue.ack(m, result=orjson.dumps(result), request_id=m.id))
+
+    async def run_batch(self, sub: Subscription, msgs: list[Message], rid: str) -> None:
+        pool = self._pools().get(sub.function)
+        if pool is None:
+            await asyncio.gather(*(self._settle(self.queue.release(
+                m, delay_s=NO_FUNCTION_DELAY_S)) for m in msgs))
+            return
+        spec = pool.target.spec
+        now = self._clock.now()
+        fresh = []
+        for m in msgs:
+            if too_old(policy_of(spec), enqueued_at=m.enqueued_at, now=now):
+                await self._give_up(sub, spec, m, None, "EventAgeExceeded", {
+                    "errorType": "EventAgeExceeded", "errorMessage":
+                    f"not run: older than max_event_age_s ({spec.max_event_age_s:g} s)"})
+            else:
+                fresh.append(m)
+        if not fresh:
+            return
+        try:
+            result = await pool.invoke(rid, sqs_event(fresh, sub.source, now))
+        except ThrottledError as exc:
+            await asyncio.gather(*(self._settle(self.queue.release(
+                m, delay_s=_jitter(exc.retry_after_s))) for m in fresh))
+            return
+        except ClosedError:
+            await asyncio.gather(*(self._settle(self.queue.release(
+                m, delay_s=RELEASE_DELAY_S)) for m in fresh))
+            return
+        except Exception as exc:  # noqa: BLE001 - NimbusError or a bug of ours: retried either way
+            if not isinstance(exc, NimbusError):
+                log.exception("batch %s of %s failed in nimbus", rid, sub.function)
+            error = error_body(exc)
+            await asyncio.gather(*(self._failed(sub, spec, m, None, error, rid) for m in fresh))
+            return
+        failed, problem = batch_failures(result, {m.id for m in fresh})
+        if problem:
+            failed = {m.id for m in fresh}
+            error = {"errorType": "InvalidBatchResponse", "errorMessage": problem}
+        else:
+            error = {"errorType": "BatchItemFailure",
+                     "errorMessage": f"reported in batchItemFailures by request {rid}"}
+        await asyncio.gather(*(
+            self._failed(sub, spec, m, None, error, rid) if m.id in failed
+            else self._settle(self.queue.ack(m, request_id=rid)) for m in fresh))
+
+    async def _failed(self, sub: Subscription, spec: FunctionSpec, m: Message, payload: Any,
+                      error: dict[str, Any], rid: str | None = None) -> None:
+        verdict = next_retry(policy_of(spec), attempts=m.attempts, enqueued_at=m.enqueued_at,
+                             now=self._clock.now(), rand=random.random())
+        if verdict.delay_s is not None:
+            await self._settle(self.queue.retry(m, delay_s=verdict.delay_s, error=error,
+                                                request_id=rid or m.id))
+            return
+        await self._give_up(sub, spec, m, payload, "RetriesExhausted",
+                            {**error, "nimbusReason": verdict.reason}, rid)
+
+    async def _give_up(self, sub: Subscription, spec: FunctionSpec, m: Message, payload: Any,
+                       condition: str, error: dict[str, Any], rid: str | None = None) -> None:
+        if spec.on_failure and sub.kind != "queue":
+            await self._destination(spec.on_failure, sub, m, condition, payload, error,
+                                    error=True)
+        if spec.dead_letter:
+            await self._settle(self.queue.dead_letter(m, error=error, request_id=rid or m.id))
+        else:
+            await self._settle(self.queue.fail(m, error=error, request_id=rid or m.id))
+
+    async def _destination(self, ref: str, sub: Subscription, m: Message, condition: str,
+                           payload: Any, response: Any, *, error: bool) -> None:
+        kind, _, name = ref.partition(":")
+        record = destination_record(request_id=m.id, function=sub.function,
+                                    condition=condition, attempts=m.attempts, payload=payload,
+                                    response=response, now=self._clock.now(), error=error)
+        target = invoke_queue(name) if kind == "function" else user_queue(name)
+        # The dedup key makes a repeat (after a crash before the ack) a no-op.
+        out = Outgoing(orjson.dumps(record), {"nimbus.source": "destination",
+                                              "nimbus.from": m.id},
+                       dedup_key=f"destination:{m.id}:{condition}")
+        await self.queue.send(target, [out])
+
+    async def _settle(self, op: Awaitable[None]) -> None:
+        try:
+            await op
+        except ConflictError as exc:  # our lease ran out; the next delivery settles it
+            log.warning("could not settle: %s", exc)
+        self.completed += 1
+
+
+def batch_failures(result: Any, ids: set[str]) -> tuple[set[str], str]:
+    """The ``batchItemFailures`` of a queue handler's result: (failed ids, problem).
+
+    A result without the key means every message succeeded; a malformed
+    list fails the whole batch, as Lambda does."""
+    if not isinstance(result, dict) or "batchItemFailures" not in result:
+        return set(), ""
+    items = result["batchItemFailures"]
+    if items is None:
+        return set(), ""
+    if not isinstance(items, list):
+        return ids, "batchItemFailures must be a list of {itemIdentifier: messageId}"
+    failed = set()
+    for item in items:
+        mid = item.get("itemIdentifier") if isinstance(item, dict) else None
+        if not isinstance(mid, str) or mid not in ids:
+            return ids, f"batchItemFailures names {mid!r}, which is not a messageId of the batch"
+        failed.add(mid)
+    return failed, ""
+
+
+def _jitter(seconds: float) -> float:
+    return max(0.01, seconds) * (0.5 + random.random() / 2)
+
+
+class _Consumer:
+    def __init__(self, dispatcher: Dispatcher, sub: Subscription) -> None:
+        self.d = dispatcher
+        self.sub = sub
+        self.running = 0
+        self._free = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._work: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"consume {self.sub.queue}")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def wait_idle(self, grace_s: float) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._work:
+            await asyncio.wait(self._work, timeout=grace_s)
+
+    async def _loop(self) -> None:
+        sub, q = self.sub, self.d.queue
+        while True:
+            pool = self.d._pools().get(sub.function)
+            if pool is None:
+                await asyncio.sleep(NO_FUNCTION_DELAY_S)
+                continue
+            spec = pool.target.spec
+            limit = max(1, pool.cap)
+            while self.running >= limit:
+                self._free.clear()
+                await self._free.wait()
+            batch = spec.batch_size if sub.kind == "queue" else 1
+            want = min(MAX_LEASE, (limit - self.running) * batch)
+            vis = spec.timeout_s + VISIBILITY_MARGIN_S
+            try:
+                msgs = await q.receive(sub.queue, max_messages=want, visibility_s=vis,
+                                       wait_s=WAIT_S)
+                if batch > 1 and msgs and spec.max_batching_window_s > 0 and len(msgs) < batch:
+                    msgs += await self._fill(len(msgs), batch, vis,
+                                             spec.max_batching_window_s)
+            except ClosedError:
+                return
+            except NimbusError:
+                log.warning("receive from %s failed; retrying", sub.queue, exc_info=True)
+                await asyncio.sleep(1.0)
+                continue
+            if batch == 1:
+                for m in msgs:
+                    self._spawn(self.d.run_one(sub, m))
+            else:
+                for i in range(0, len(msgs), batch):
+                    self._spawn(self.d.run_batch(sub, msgs[i:i + batch], str(uuid.uuid4())))
+
+    async def _fill(self, have: int, batch: int, vis: float, window_s: float) -> list[Message]:
+        """Wait up to the batching window for the batch to fill."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + window_s
+        more: list[Message] = []
+        while have + len(more) < batch and (left := deadline - loop.time()) > 0:
+            more += await self.d.queue.receive(self.sub.queue,
+                                               max_messages=batch - have - len(more),
+                                               visibility_s=vis, wait_s=left)
+        return more
+
+    def _spawn(self, coro: Any) -> None:
+        self.running += 1
+        task = asyncio.create_task(coro)
+        self._work.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._work.discard(task)
+        self.running -= 1
+        self._free.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("work on %s failed", self.sub.queue, exc_info=task.exception())

@@ -1,0 +1,222 @@
+"""The async side of the platform: accept work, run it, answer questions about it.
+
+``Events`` is what the gateway, the control API and the scheduler talk to:
+
+* :meth:`Events.submit` stores an async invocation (after which the caller
+  answers 202) and :meth:`Events.publish` a queue or topic message;
+* :meth:`Events.sync` follows the deployed functions (called by route sync
+  on every change): it starts and stops the dispatcher's consumers and
+  knows which function consumes which queue and topic;
+* records, dead letters and redrive for ``nimbus invocations`` / ``dlq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from nimbus.errors import NotFoundError, PayloadTooLargeError, UserInputError
+from nimbus.events.dispatch import Dispatcher
+from nimbus.events.names import Subscription, invoke_queue, topic_queue, user_queue
+from nimbus.store.queue import DEFAULT_DEDUP_WINDOW_S, Outgoing, Queue, Record, SendResult
+
+if TYPE_CHECKING:
+    from nimbus.clock import Clock
+    from nimbus.worker.pool import FunctionPool
+
+log = logging.getLogger("nimbus.events")
+
+DEFAULT_ASYNC_MAX_BYTES = 256 * 1024
+RECORD_RETENTION_S = 24 * 3600.0  # succeeded / failed records; dead ones stay until redriven
+PURGE_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    message_id: str
+    kind: str  # "queue" or "topic"
+    deliveries: list[SendResult]
+
+
+class Events:
+    def __init__(self, queue: Queue, clock: Clock, *,
+                 max_bytes: int = DEFAULT_ASYNC_MAX_BYTES,
+                 retention_s: float = max(RECORD_RETENTION_S, DEFAULT_DEDUP_WINDOW_S)) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, was: {max_bytes}")
+        self.queue = queue
+        self.clock = clock
+        self.max_bytes = max_bytes
+        self.retention_s = retention_s
+        self.pools: dict[str, FunctionPool] = {}
+        self.queue_owner: dict[str, str] = {}  # queue name -> consuming function
+        self.topic_subs: dict[str, list[str]] = {}  # topic -> subscribed functions
+        self.dispatcher = Dispatcher(queue, lambda: self.pools, clock)
+        self.on_sync: list[Callable[[dict[str, FunctionPool]], None]] = []
+        self._purger: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._purger = asyncio.create_task(self._purge_loop(), name="purge records")
+
+    # -- following the deployed functions ---------------------------------------
+
+    def sync(self, pools: dict[str, FunctionPool]) -> None:
+        subs: dict[str, Subscription] = {}
+        owner: dict[str, str] = {}
+        topics: dict[str, list[str]] = {}
+        for fn, pool in sorted(pools.items()):
+            spec = pool.target.spec
+            subs[invoke_queue(fn)] = Subscription(invoke_queue(fn), fn, "invoke", fn)
+            if spec.queue:
+                if spec.queue in owner:  # two apps claim it: the first (by name) keeps it
+                    log.error("queue %s is consumed by %s and %s; only %s gets its messages",
+                              spec.queue, owner[spec.queue], fn, owner[spec.queue])
+                    continue
+                owner[spec.queue] = fn
+                subs[user_queue(spec.queue)] = Subscription(user_queue(spec.queue), fn,
+                                                            "queue", spec.queue)
+            for t in spec.topics:
+                topics.setdefault(t, []).append(fn)
+                subs[topic_queue(t, fn)] = Subscription(topic_queue(t, fn), fn, "topic", t)
+        self.pools, self.queue_owner, self.topic_subs = dict(pools), owner, topics
+        self.dispatcher.sync(subs)
+        for listener in self.on_sync:
+            listener(self.pools)
+
+    def _pool(self, function: str) -> FunctionPool:
+        pool = self.pools.get(function)
+        if pool is None:
+            known = ", ".join(sorted(self.pools)) or "none"
+            raise NotFoundError(f"function {function!r} is not deployed (functions: {known})")
+        return pool
+
+    def _queues_of(self, function: str) -> list[str]:
+        spec = self._pool(function).target.spec
+        names = [invoke_queue(function)]
+        if spec.queue and self.queue_owner.get(spec.queue) == function:
+            names.append(user_queue(spec.queue))
+        names += [topic_queue(t, function) for t in spec.topics]
+        return names
+
+    def _check_size(self, body: bytes, what: str) -> None:
+        if len(body) > self.max_bytes:
+            raise PayloadTooLargeError(
+                f"{what} of {len(body)} bytes is over the async limit of {self.max_bytes} "
+                "bytes (nimbus up --async-max-bytes)")
+
+    # -- accepting work -------------------------------------------------------------
+
+    async def submit(self, function: str, event: bytes, *, idempotency_key: str | None = None,
+                     source: str = "invoke") -> SendResult:
+        """Store one async invocation of ``function``; durable on return."""
+        self._pool(function)
+        self._check_size(event, "async invocation payload")
+        out = Outgoing(event, {"nimbus.source": source},
+                       dedup_key=f"idem:{idempotency_key}" if idempotency_key else None)
+        [result] = await self.queue.send(invoke_queue(function), [out])
+        return result
+
+    async def publish(self, name: str, body: bytes, *, kind: str | None = None,
+                      attributes: dict[str, str] | None = None,
+                      idempotency_key: str | None = None) -> Published:
+        """A message to the queue or topic ``name``: one delivery to the queue's
+        consumer, or one per subscriber of the topic (each with its own queue)."""
+        self._check_size(body, "message")
+        is_queue, is_topic = name in self.queue_owner, name in self.topic_subs
+        if kind is None:
+            if is_queue and is_topic:
+                raise UserInputError(f"{name!r} is both a queue and a topic; say which "
+                                     "(--queue or --topic)")
+            kind = "queue" if is_queue else "topic" if is_topic else None
+        if kind not in ("queue", "topic") or (kind == "queue" and not is_queue) or (
+                kind == "topic" and not is_topic):
+            what = {"queue": "queue", "topic": "topic"}.get(kind or "", "queue or topic")
+            raise NotFoundError(
+                f"no {what} {name!r}: no deployed function has 'queue: {name}' or "
+                f"'topic: {name}' (queues: {', '.join(sorted(self.queue_owner)) or 'none'}; "
+                f"topics: {', '.join(sorted(self.topic_subs)) or 'none'})")
+        attrs = dict(attributes or {})
+        dedup = f"idem:{idempotency_key}" if idempotency_key else None
+        if kind == "queue":
+            [r] = await self.queue.send(user_queue(name), [Outgoing(body, attrs,
+                                                                    dedup_key=dedup)])
+            return Published(r.id, "queue", [r])
+        message_id = str(uuid.uuid4())
+        attrs["nimbus.message_id"] = message_id
+        results = []
+        for fn in self.topic_subs[name]:
+            [r] = await self.queue.send(topic_queue(name, fn), [Outgoing(body, attrs,
+                                                                         dedup_key=dedup)])
+            results.append(r)
+        return Published(message_id, "topic", results)
+
+    # -- records and dead letters ---------------------------------------------------
+
+    async def invocation(self, invocation_id: str) -> Record:
+        rec = await self.queue.get(invocation_id)
+        if rec is None:
+            raise NotFoundError(f"no invocation {invocation_id!r} (records of finished "
+                                f"invocations are kept {self.retention_s / 3600:g} h)")
+        return rec
+
+    async def invocations(self, function: str, *, status: str | None = None,
+                          limit: int = 50) -> list[Record]:
+        out: list[Record] = []
+        for q in self._queues_of(function):
+            out += await self.queue.records(q, status=status, limit=limit)
+        out.sort(key=lambda r: r.enqueued_at, reverse=True)
+        return out[:limit]
+
+    async def redrive(self, function: str, ids: list[str] | None = None) -> int:
+        moved = 0
+        for q in self._queues_of(function):
+            moved += await self.queue.redrive(q, ids)
+        if ids is not None and moved < len(ids):
+            dead = {r.id for r in await self.invocations(function, status="dead", limit=10_000)}
+            missing = [i for i in ids if i not in dead]
+            if missing and moved == 0:
+                raise NotFoundError(f"no dead letters of {function} with id "
+                                    f"{', '.join(missing)}")
+        return moved
+
+    async def stats(self, function: str) -> dict[str, int]:
+        total = dict.fromkeys(("ready", "delayed", "running", "dead", "succeeded", "failed"), 0)
+        for q in self._queues_of(function):
+            s = await self.queue.stats(q)
+            for k in total:
+                total[k] += getattr(s, k)
+        return total
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_EVERY_S)
+            try:
+                n = await self.queue.purge_settled(self.clock.now() - self.retention_s)
+                if n:
+                    log.info("forgot %d settled invocation records", n)
+            except Exception:  # noqa: BLE001 - housekeeping must not die
+                log.warning("purging records failed", exc_info=True)
+
+    async def aclose(self, grace_s: float = 5.0) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+        await self.dispatcher.aclose(grace_s)
+
+
+def record_view(rec: Record, *, with_body: bool = True) -> dict[str, Any]:
+    """A record as the API shows it: which function and trigger it belongs to."""
+    d = rec.to_dict(with_body=with_body)
+    kind, _, rest = rec.queue.partition("/")
+    d["trigger"] = {"fn": "invoke", "q": "queue", "topic": "topic"}.get(kind, kind)
+    d["function"] = rest.rsplit("/", 1)[-1] if kind != "q" else None
+    d["source"] = rec.attributes.get("nimbus.source", d["trigger"])
+    return d
