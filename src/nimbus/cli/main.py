@@ -57,15 +57,18 @@ def cli() -> None:
 @click.option("--memory-budget-mb", "node_memory_mb", default=0, type=click.IntRange(0),
               help="Memory (sum of memory_mb) this node's instances may hold "
                    "[default: three quarters of the machine].")
+@click.option("--async-max-bytes", default=256 * 1024, show_default=True,
+              type=click.IntRange(1), help="Largest async invocation or queue message.")
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
-       state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int) -> None:
+       state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
+       async_max_bytes: int) -> None:
     """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
     from nimbus.cli.up import run_up
     from nimbus.worker.budget import NodeBudget
 
     run_up(app_dir, host=host, port=port, control_host=control_host,
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,
-           budget=NodeBudget(node_instances, node_memory_mb))
+           budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes)
 
 
 @cli.command()
@@ -86,29 +89,48 @@ def deploy(app_dir: Path, state_dir: Path | None, url: str | None, token: str | 
     print_deploy_stream(lines, gateway_url=None)
 
 
+def _data(data: str | None, default: bytes) -> bytes:
+    """``--data``: the text itself, or ``@FILE``."""
+    if data is None:
+        return default
+    if data.startswith("@"):
+        try:
+            return Path(data[1:]).read_bytes()
+        except OSError as exc:
+            fail(f"--data: cannot read {data[1:]}: {exc.strerror}", 2)
+    return data.encode()
+
+
 @cli.command()
 @click.argument("function")
 @click.option("--data", "-d", default=None,
               help="The event: JSON text, or @FILE to read it from a file.")
+@click.option("--async", "is_async", is_flag=True,
+              help="Queue the invocation and print its id instead of waiting for the result.")
+@click.option("--idempotency-key", default=None,
+              help="With --async: a repeat with the same key within 24 h returns the first "
+                   "invocation's id and does not run again.")
 @connection_options
-def invoke(function: str, data: str | None, state_dir: Path | None, url: str | None,
-           token: str | None) -> None:
-    """Invoke FUNCTION once and print its result."""
-    raw = b"{}"
-    if data is not None:
-        if data.startswith("@"):
-            try:
-                raw = Path(data[1:]).read_bytes()
-            except OSError as exc:
-                fail(f"--data: cannot read {data[1:]}: {exc.strerror}", 2)
-        else:
-            raw = data.encode()
-        try:
-            orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            fail(f"--data is not valid JSON: {exc}", 2)
+def invoke(function: str, data: str | None, is_async: bool, idempotency_key: str | None,
+           state_dir: Path | None, url: str | None, token: str | None) -> None:
+    """Invoke FUNCTION once and print its result (or, with --async, its invocation id)."""
+    raw = _data(data, b"{}")
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        fail(f"--data is not valid JSON: {exc}", 2)
+    if idempotency_key is not None and not is_async:
+        fail("--idempotency-key needs --async", 2)
+    headers = {"x-nimbus-invocation-type": "Event"} if is_async else {}
+    if idempotency_key:
+        headers["idempotency-key"] = idempotency_key
     status, body = _client(state_dir, url, token).request(
-        "POST", f"/v1/functions/{function}/invoke", content=raw)
+        "POST", f"/v1/functions/{function}/invoke", content=raw, headers=headers)
+    if status == 202:
+        dup = " (duplicate: already accepted with this idempotency key)" if body.get(
+            "duplicate") else ""
+        click.echo(f"{body['invocationId']}{dup}")
+        return
     if "result" in body:
         click.echo(orjson.dumps(body["result"], option=orjson.OPT_INDENT_2).decode())
         return
@@ -148,6 +170,99 @@ def logs(function: str, follow: bool, request_id: str | None, tail: int | None,
             click.echo(format_log(rec))
     except KeyboardInterrupt:
         pass
+
+
+@cli.command()
+@click.argument("function")
+@click.option("--status", "status_", type=click.Choice(
+    ["queued", "running", "retrying", "succeeded", "failed", "dead"]), help="Only these.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@connection_options
+def invocations(function: str, status_: str | None, limit: int, as_json: bool,
+                state_dir: Path | None, url: str | None, token: str | None) -> None:
+    """List FUNCTION's async invocations, newest first."""
+    from nimbus.cli.output import print_json, print_records
+
+    params = {"limit": str(limit), **({"status": status_} if status_ else {})}
+    recs = _client(state_dir, url, token).request(
+        "GET", f"/v1/functions/{function}/invocations", params=params)
+    print_json(recs) if as_json else print_records(recs)
+
+
+@cli.command()
+@click.argument("invocation_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@connection_options
+def invocation(invocation_id: str, as_json: bool, state_dir: Path | None, url: str | None,
+               token: str | None) -> None:
+    """Show one async invocation: status, attempts, result or error."""
+    from nimbus.cli.output import print_json, print_record
+
+    rec = _client(state_dir, url, token).request("GET", f"/v1/invocations/{invocation_id}")
+    print_json(rec) if as_json else print_record(rec)
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: async invocations that ran out of tries."""
+
+
+@dlq.command(name="ls")
+@click.argument("function")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@connection_options
+def dlq_ls(function: str, limit: int, as_json: bool, state_dir: Path | None, url: str | None,
+           token: str | None) -> None:
+    """List FUNCTION's dead letters with their last error."""
+    from nimbus.cli.output import print_json, print_records
+
+    recs = _client(state_dir, url, token).request(
+        "GET", f"/v1/functions/{function}/dlq", params={"limit": str(limit)})
+    print_json(recs) if as_json else print_records(recs)
+
+
+@dlq.command(name="redrive")
+@click.argument("function")
+@click.option("--id", "ids", multiple=True, help="Only this invocation (repeatable).")
+@connection_options
+def dlq_redrive(function: str, ids: tuple[str, ...], state_dir: Path | None, url: str | None,
+                token: str | None) -> None:
+    """Queue FUNCTION's dead letters (all, or --id ones) again, with fresh tries."""
+    body = orjson.dumps({"ids": list(ids)}) if ids else b""
+    out = _client(state_dir, url, token).request(
+        "POST", f"/v1/functions/{function}/dlq/redrive", content=body)
+    click.echo(f"redriven: {out['redriven']}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--data", "-d", required=True, help="The message body: text, or @FILE.")
+@click.option("--queue", "kind", flag_value="queue", help="NAME is a queue.")
+@click.option("--topic", "kind", flag_value="topic", help="NAME is a topic.")
+@click.option("--attribute", "-a", "attributes", multiple=True,
+              help="A message attribute KEY=VALUE (repeatable).")
+@click.option("--idempotency-key", default=None,
+              help="A repeat with the same key within 24 h is not delivered again.")
+@connection_options
+def publish(name: str, data: str, kind: str | None, attributes: tuple[str, ...],
+            idempotency_key: str | None, state_dir: Path | None, url: str | None,
+            token: str | None) -> None:
+    """Send a message to the queue or topic NAME."""
+    for a in attributes:
+        if "=" not in a or a.startswith("="):
+            fail(f"--attribute must be KEY=VALUE, got {a!r}", 2)
+    params: dict[str, Any] = {"attribute": list(attributes)}
+    if kind:
+        params["kind"] = kind
+    headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
+    out = _client(state_dir, url, token).request(
+        "POST", f"/v1/publish/{name}", content=_data(data, b""), params=params,
+        headers=headers)
+    n = len(out["deliveries"])
+    where = f"{n} subscriber{'s' if n != 1 else ''}" if out["kind"] == "topic" else "its consumer"
+    click.echo(f"{out['messageId']} ({out['kind']} {name}, to {where})")
 
 
 @cli.command()

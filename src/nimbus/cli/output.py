@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import click
+import orjson
 from rich.console import Console
 from rich.table import Table
 
@@ -100,3 +101,47 @@ def format_log(rec: dict[str, Any]) -> str:
     ts = dt.datetime.fromtimestamp(rec["ts"], dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     rid = rec.get("rid") or "-"
     return f"{ts[:-4]}Z {rid} {rec['stream']:8} {rec['text']}"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_json(data: Any) -> None:
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def print_records(recs: list[dict[str, Any]]) -> None:
+    if not recs:
+        console.print("no invocations")
+        return
+    table = Table("ID", "STATUS", "TRIES", "TRIGGER", "ENQUEUED (UTC)", "UPDATED", "ERROR",
+                  box=None)
+    for r in recs:
+        err = r.get("error") or {}
+        table.add_row(r["id"], r["status"], str(r["attempts"]), r["source"],
+                      _when(r["enqueued_at"]), _when(r["updated_at"]),
+                      f"{err.get('errorType', '')}: {err.get('errorMessage', '')}"[:60]
+                      if err else "-")
+    console.print(table)
+
+
+def print_record(r: dict[str, Any]) -> None:
+    click.echo(f"invocation  {r['id']}")
+    click.echo(f"function    {r['function'] or '-'} ({r['source']}, queue {r['queue']})")
+    click.echo(f"status      {r['status']} after {r['attempts']} "
+               f"{'try' if r['attempts'] == 1 else 'tries'}")
+    click.echo(f"enqueued    {_when(r['enqueued_at'])} UTC")
+    click.echo(f"updated     {_when(r['updated_at'])} UTC")
+    if r.get("next_attempt_at"):
+        click.echo(f"next try    {_when(r['next_attempt_at'])} UTC")
+    if r.get("error"):
+        click.echo(f"error       {r['error'].get('errorType')}: {r['error'].get('errorMessage')}")
+        if r["error"].get("nimbusReason"):
+            click.echo(f"gave up     {r['error']['nimbusReason']}")
+    if r["status"] == "succeeded":
+        click.echo(f"result      {orjson.dumps(r['result']).decode()}")
+    if r.get("request_id") and r.get("function"):
+        click.echo(f"logs        nimbus logs {r['function']} --request-id {r['request_id']}")

@@ -14,7 +14,8 @@ from nimbus.worker.budget import NodeBudget
 
 
 def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_port: int,
-           state_dir: Path | None, grace_s: float, budget: NodeBudget) -> None:
+           state_dir: Path | None, grace_s: float, budget: NodeBudget,
+           async_max_bytes: int) -> None:
     from nimbus.control.bundle import make_bundle
     from nimbus.manifest.loader import MANIFEST_NAMES, load_app
 
@@ -30,7 +31,8 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
 
     config = ServerConfig(
         state_dir=(state_dir or app_dir / ".nimbus").resolve(), host=host, port=port,
-        control_host=control_host, control_port=control_port, grace_s=grace_s, budget=budget)
+        control_host=control_host, control_port=control_port, grace_s=grace_s, budget=budget,
+        async_max_bytes=async_max_bytes)
     try:
         import uvloop
 

@@ -20,10 +20,18 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from nimbus.errors import ManifestError, NimbusError, NotFoundError, PayloadTooLargeError
+from nimbus.errors import (
+    ManifestError,
+    NimbusError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UserInputError,
+)
+from nimbus.events.service import record_view
 from nimbus.gateway.responses import status_for
 from nimbus.observe.logs import follow_records, read_records
 from nimbus.observe.memory import memory_of
+from nimbus.store.queue import STATUSES
 
 if TYPE_CHECKING:
     from nimbus.control.server import Platform
@@ -88,14 +96,31 @@ def create_control_app(platform: Platform) -> Starlette:
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
+    def invocation_type(request: Request) -> str:
+        h = request.headers
+        kind = (h.get("x-nimbus-invocation-type") or h.get("x-amz-invocation-type")
+                or ("Event" if request.query_params.get("async") in ("1", "true")
+                    else "RequestResponse"))
+        if kind not in ("Event", "RequestResponse"):
+            raise UserInputError(f"invocation type {kind!r} is not supported: "
+                                 "use Event or RequestResponse")
+        return kind
+
     async def invoke(request: Request) -> Response:
         name = request.path_params["name"]
+        kind = invocation_type(request)
         raw = await read_limited(request, MAX_INVOKE_PAYLOAD)
         try:
             event = orjson.loads(raw) if raw.strip() else {}
         except orjson.JSONDecodeError as exc:
             return _json({"errorType": "InvalidRequestContent",
                           "errorMessage": f"payload is not JSON: {exc}"}, 400)
+        if kind == "Event":
+            result = await platform.events.submit(
+                name, raw if raw.strip() else b"{}",
+                idempotency_key=request.headers.get("idempotency-key"))
+            return _json({"invocationId": result.id, "function": name,
+                          "duplicate": not result.created}, 202)
         pool = platform.routes.functions.get(name)
         if pool is None:
             raise NotFoundError(f"function {name!r} is not deployed")
@@ -108,6 +133,71 @@ def create_control_app(platform: Platform) -> Starlette:
             return _json({"requestId": rid, "version": pool.target.version, "error": body},
                          status_for(exc))
         return _json({"requestId": rid, "version": pool.target.version, "result": result})
+
+    def view(rec: Any, function: str | None = None) -> dict[str, Any]:
+        d = record_view(rec)
+        if d["function"] is None:
+            d["function"] = function or platform.events.queue_owner.get(
+                rec.queue.partition("/")[2])
+        return d
+
+    def limit_of(request: Request) -> int:
+        raw = request.query_params.get("limit", "50")
+        if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+            raise UserInputError(f"limit must be an integer from 1 to 10000, got {raw!r}")
+        return int(raw)
+
+    async def invocations(request: Request) -> Response:
+        name = request.path_params["name"]
+        status = request.query_params.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise UserInputError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
+        recs = await platform.events.invocations(name, status=status, limit=limit_of(request))
+        return _json([view(r, name) for r in recs])
+
+    async def invocation(request: Request) -> Response:
+        rec = await platform.events.invocation(request.path_params["id"])
+        return _json(view(rec))
+
+    async def dlq(request: Request) -> Response:
+        name = request.path_params["name"]
+        recs = await platform.events.invocations(name, status="dead", limit=limit_of(request))
+        return _json([view(r, name) for r in recs])
+
+    async def redrive(request: Request) -> Response:
+        name = request.path_params["name"]
+        raw = await read_limited(request, 1024 * 1024)
+        ids = None
+        if raw.strip():
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise UserInputError(f"body is not JSON: {exc}") from None
+            ids = body.get("ids") if isinstance(body, dict) else None
+            if ids is not None and not (isinstance(ids, list)
+                                        and all(isinstance(i, str) for i in ids)):
+                raise UserInputError('expected {"ids": ["invocation id", ...]}')
+        moved = await platform.events.redrive(name, ids)
+        return _json({"redriven": moved})
+
+    async def publish(request: Request) -> Response:
+        name = request.path_params["name"]
+        kind = request.query_params.get("kind") or None
+        if kind not in (None, "queue", "topic"):
+            raise UserInputError(f"kind must be queue or topic, got {kind!r}")
+        raw = await read_limited(request, MAX_INVOKE_PAYLOAD)
+        attrs = {}
+        for item in request.query_params.getlist("attribute"):
+            k, sep, v = item.partition("=")
+            if not sep or not k:
+                raise UserInputError(f"attribute must be KEY=VALUE, got {item!r}")
+            attrs[k] = v
+        pub = await platform.events.publish(
+            name, raw, kind=kind, attributes=attrs,
+            idempotency_key=request.headers.get("idempotency-key"))
+        return _json({"messageId": pub.message_id, "kind": pub.kind,
+                      "deliveries": [{"id": r.id, "duplicate": not r.created}
+                                     for r in pub.deliveries]}, 202)
 
     async def functions(request: Request) -> Response:
         out = []
@@ -149,6 +239,7 @@ def create_control_app(platform: Platform) -> Starlette:
         for name, pool in sorted(platform.routes.functions.items()):
             fns.append({
                 "name": name, "version": pool.target.version, **pool.stats(),
+                "async": await platform.events.stats(name),
                 "instances": [{"id": i.id, "pid": i.pid, "outstanding": i.outstanding,
                                "memory": memory_of(i.pid)} for i in pool.instances],
             })
@@ -168,7 +259,8 @@ def create_control_app(platform: Platform) -> Starlette:
         return _json({"status": "ok"})
 
     handlers = {"deploy": deploy, "invoke": invoke, "functions": functions,
-                "logs": logs, "status": status}
+                "logs": logs, "status": status, "invocations": invocations,
+                "invocation": invocation, "dlq": dlq, "redrive": redrive, "publish": publish}
 
     def guarded(fn: Any) -> Any:
         async def endpoint(request: Request) -> Response:
@@ -189,4 +281,9 @@ def create_control_app(platform: Platform) -> Starlette:
         Route("/v1/functions/{name}/invoke", g["invoke"], methods=["POST"]),
         Route("/v1/functions/{name}/logs", g["logs"], methods=["GET"]),
         Route("/v1/status", g["status"], methods=["GET"]),
+        Route("/v1/functions/{name}/invocations", g["invocations"], methods=["GET"]),
+        Route("/v1/invocations/{id}", g["invocation"], methods=["GET"]),
+        Route("/v1/functions/{name}/dlq", g["dlq"], methods=["GET"]),
+        Route("/v1/functions/{name}/dlq/redrive", g["redrive"], methods=["POST"]),
+        Route("/v1/publish/{name}", g["publish"], methods=["POST"]),
     ])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -26,8 +27,10 @@ log = logging.getLogger("nimbus.control")
 
 
 class RouteSync:
-    def __init__(self, store: Store, gateway: Gateway, worker: Worker) -> None:
+    def __init__(self, store: Store, gateway: Gateway, worker: Worker,
+                 on_change: Callable[[dict[str, FunctionPool]], None] | None = None) -> None:
         self.store = store
+        self.on_change = on_change  # told the live pools after every rebuild
         self.gateway = gateway
         self.worker = worker
         self.apps: dict[str, dict[str, Any]] = {}
@@ -65,6 +68,8 @@ class RouteSync:
         self.gateway.set_router(Router(routes))
         self.functions = functions
         self.worker.retire({p.target.key for p in functions.values()})
+        if self.on_change is not None:
+            self.on_change(functions)
         self.synced.set()
 
     async def wait_for(self, predicate: Any, timeout_s: float = 5.0) -> None:

@@ -28,15 +28,19 @@ from typing import Any
 import orjson
 import uvicorn
 
+from nimbus.clock import SystemClock
 from nimbus.control.api import create_control_app
 from nimbus.control.bundle import STATE_MARKER
 from nimbus.control.deploy import Deployer
 from nimbus.control.routesync import RouteSync
 from nimbus.errors import UnavailableError
+from nimbus.events.service import DEFAULT_ASYNC_MAX_BYTES, Events
 from nimbus.gateway.app import Gateway, GatewayConfig
 from nimbus.observe.logs import LogSink
 from nimbus.store.base import Blobs, Store
+from nimbus.store.queue import Queue
 from nimbus.store.registry import open_blobs, open_store
+from nimbus.store.sqlite_queue import open_sqlite_queue
 from nimbus.worker.budget import NodeBudget
 from nimbus.worker.worker import Worker
 
@@ -55,6 +59,7 @@ class ServerConfig:
     control_port: int = 8081
     grace_s: float = 10.0
     max_body_bytes: int = 6 * 1024 * 1024
+    async_max_bytes: int = DEFAULT_ASYNC_MAX_BYTES
     budget: NodeBudget = field(default_factory=NodeBudget)
 
     def __post_init__(self) -> None:
@@ -62,6 +67,8 @@ class ServerConfig:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be 0..65535, was: {value}")
+        if self.async_max_bytes <= 0:
+            raise ValueError(f"async_max_bytes must be positive, was: {self.async_max_bytes}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s cannot be negative, was: {self.grace_s}")
 
@@ -99,15 +106,18 @@ class _Server(uvicorn.Server):
 
 
 class Platform:
-    def __init__(self, config: ServerConfig, store: Store, blobs: Blobs, worker: Worker,
-                 gateway: Gateway) -> None:
+    def __init__(self, config: ServerConfig, store: Store, blobs: Blobs, queue: Queue,
+                 worker: Worker, gateway: Gateway) -> None:
         self.config = config
         self.state_dir = config.state_dir
         self.store = store
         self.blobs = blobs
+        self.queue = queue
         self.worker = worker
         self.gateway = gateway
-        self.routes = RouteSync(store, gateway, worker)
+        self.events = Events(queue, SystemClock(), max_bytes=config.async_max_bytes)
+        gateway.events = self.events
+        self.routes = RouteSync(store, gateway, worker, on_change=self.events.sync)
         self.deployer = Deployer(store, blobs, worker, config.state_dir)
         self.token = ensure_token(config.state_dir)
         self.started_at = time.time()
@@ -122,10 +132,14 @@ class Platform:
         (config.state_dir / STATE_MARKER).touch()
         store = await open_store("sqlite", config.state_dir / "store.db")
         blobs = await open_blobs(config.state_dir / "blobs")
+        queue = await open_sqlite_queue(config.state_dir / "queue.db")
+        # This process owns the embedded queue: what a dead predecessor had
+        # leased is deliverable again now, not after the lease.
+        await queue.recover()
         worker = Worker(config.state_dir, LogSink(config.state_dir / "logs"), config.budget)
         await worker.start()
         gateway = Gateway(GatewayConfig(max_body_bytes=config.max_body_bytes))
-        return cls(config, store, blobs, worker, gateway)
+        return cls(config, store, blobs, queue, worker, gateway)
 
     async def deploy(self, bundle: bytes, progress: Callable[[str], None],
                      name: str | None = None) -> dict[str, Any]:
@@ -137,6 +151,7 @@ class Platform:
         return result
 
     async def start(self) -> None:
+        self.events.start()
         await self.routes.start()
         c = self.config
         gw_sock = _bind(c.host, c.port)
@@ -178,8 +193,10 @@ class Platform:
         if self._servers:
             await asyncio.gather(*self._serving, return_exceptions=True)
         await self.routes.aclose()
+        await self.events.aclose(grace_s=min(self.config.grace_s, 5.0))
         await self.worker.aclose(grace_s=min(self.config.grace_s, 5.0))  # 3
-        await self.store.aclose()  # 4
+        await self.queue.aclose()  # 4
+        await self.store.aclose()
         await self.blobs.aclose()
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / CONTROL_FILE).unlink()

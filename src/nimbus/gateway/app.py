@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from nimbus.errors import HandlerError, NimbusError, PayloadTooLargeError
+from nimbus.errors import HandlerError, NimbusError, PayloadTooLargeError, UserInputError
 from nimbus.gateway.events import http_event
 from nimbus.gateway.responses import JSON, NO_BODY, error_response, result_response
 from nimbus.gateway.router import Router
@@ -25,11 +25,20 @@ from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
 log = logging.getLogger("nimbus.gateway")
 
 REQUEST_ID_HEADER = b"x-nimbus-request-id"
+INVOCATION_ID_HEADER = b"x-nimbus-invocation-id"
+INVOCATION_TYPE_HEADERS = ("x-nimbus-invocation-type", "x-amz-invocation-type")
 RESERVED_PREFIX = "/_nimbus/"
 
 
 class ClientGone(Exception):
     """The client hung up before its request body was complete."""
+
+
+class AsyncSubmitter(Protocol):
+    """Where ``X-Nimbus-Invocation-Type: Event`` requests go (the events service)."""
+
+    async def submit(self, function: str, event: bytes, *, idempotency_key: str | None = None,
+                     source: str = "invoke") -> Any: ...
 
 
 class Invoker(Protocol):
@@ -54,6 +63,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig | None = None) -> None:
         self.config = config or GatewayConfig()
         self.router: Router[Invoker] = Router()
+        self.events: AsyncSubmitter | None = None
         self.requests = 0
 
     def set_router(self, router: Router[Invoker]) -> None:
@@ -76,6 +86,16 @@ class Gateway:
                 event = http_event(scope, body, route_key=match.route_key,
                                    path_params=match.path_params, request_id=rid,
                                    now_s=time.time())
+                ev_headers = event["headers"]
+                if (INVOCATION_TYPE_HEADERS[0] in ev_headers
+                        or INVOCATION_TYPE_HEADERS[1] in ev_headers):
+                    status, headers, data = await self._not_now(match.target, event)
+                    headers.append((REQUEST_ID_HEADER, rid.encode()))
+                    headers.append((b"content-length", str(len(data)).encode()))
+                    await send({"type": "http.response.start", "status": status,
+                                "headers": headers})
+                    await send({"type": "http.response.body", "body": data})
+                    return
                 result = await match.target.invoke(rid, event)
                 try:
                     status, headers, data = result_response(result)
@@ -123,6 +143,31 @@ class Gateway:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+    async def _not_now(self, target: Any, event: dict[str, Any]) -> tuple[
+            int, list[tuple[bytes, bytes]], bytes]:
+        """An HTTP request that asked not to wait: ``Event`` stores it and
+        answers 202 with the invocation id; ``DryRun`` only checks it."""
+        h = event["headers"]
+        kind = h.get(INVOCATION_TYPE_HEADERS[0]) or h.get(INVOCATION_TYPE_HEADERS[1]) or ""
+        kind_l = kind.strip().lower()
+        if kind_l == "requestresponse":
+            return 400, [(b"content-type", JSON)], orjson.dumps({
+                "errorType": "InvalidInvocationType", "errorMessage":
+                "RequestResponse is the default: send the request without the header"})
+        if kind_l == "dryrun":
+            return 204, [], b""
+        if kind_l != "event" or self.events is None:
+            raise UserInputError(f"invocation type {kind!r} is not supported: use Event "
+                                 "(async) or leave the header out")
+        function = target.target.function
+        result = await self.events.submit(function, orjson.dumps(event),
+                                          idempotency_key=h.get("idempotency-key"),
+                                          source="http")
+        body = {"invocationId": result.id, "function": function,
+                "duplicate": not result.created}
+        return 202, [(b"content-type", JSON), (INVOCATION_ID_HEADER, result.id.encode())], \
+            orjson.dumps(body)
 
     def _reserved(self, scope: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if scope["path"] == "/_nimbus/health" and scope["method"] in ("GET", "HEAD"):

@@ -32,6 +32,9 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (e.InvocationTimeoutError, 504),
     (e.InstanceDiedError, 502),
     (e.DeployError, 502),  # the handler failed to import: Lambda answers 502
+    (e.UserInputError, 400),
+    (e.NotFoundError, 404),
+    (e.ConflictError, 409),
     (e.UnavailableError, 503),
     (e.ClosedError, 503),
     (e.NimbusError, 500),
@@ -51,7 +54,8 @@ def error_response(exc: BaseException, request_id: str) -> Response:
     if isinstance(exc, e.HandlerError):
         body = dict(exc.error)
         body.setdefault("requestId", request_id)
-    elif isinstance(exc, e.InvocationError | e.UnavailableError | e.ClosedError | e.DeployError):
+    elif isinstance(exc, e.InvocationError | e.UnavailableError | e.ClosedError | e.UserInputError
+                    | e.NotFoundError | e.ConflictError):
         error = getattr(exc, "error", None)
         body = dict(error) if isinstance(error, dict) else {
             "errorMessage": str(exc) or type(exc).__name__,
