@@ -1058,3 +1058,67 @@ def test_unknown_scaling_key_suggests_the_name(tmp_path, typo, meant):
     err = load_error(app)
     assert (err.line, err.field) == (6, f"handlers[0].{typo}")
     assert err.message == f"unknown key '{typo}'; did you mean '{meant}'?"
+
+
+# -- async invocations and event triggers (issue 4) -----------------------------
+
+def test_event_keys_load_with_defaults_and_round_trip(tmp_path):
+    app = load_app(rich(tmp_path, """\
+        worker:
+          handler: api.plain
+          retries: 0
+          retry_delay_s: 2
+          destinations:
+            on_success: {function: sink}
+            on_failure: {queue: failed}
+          schedule: [rate(5 minutes), {expression: "0 9 * * MON-FRI", timezone: Europe/Paris,
+                                       missed: all, input: {kind: weekly}}]
+          topic: signups
+        sink:
+          handler: api.plain
+          queue: {name: failed, batch_size: 3}
+        """))
+    w, s = app.functions["worker"], app.functions["sink"]
+    assert (w.retries, w.retry_delay_s, w.max_event_age_s, w.dead_letter) == (0, 2.0, 21600.0, True)
+    assert (w.on_success, w.on_failure) == ("function:sink", "queue:failed")
+    assert [(x.expression, x.timezone, x.missed) for x in w.schedules] == [
+        ("rate(5 minutes)", "UTC", "once"), ("0 9 * * MON-FRI", "Europe/Paris", "all")]
+    assert dict(w.schedules[1].input) == {"kind": "weekly"}
+    assert w.topics == ("signups",) and w.queue is None
+    assert (s.queue, s.batch_size, s.max_batching_window_s, s.retries) == ("failed", 3, 0.0, 2)
+    assert FunctionSpec.from_dict(w.to_dict()) == w
+
+
+def test_seed_form_triggers(tmp_path):
+    app = load_app(make_app(tmp_path, """\
+        handlers:
+          - {function: hello, event: http, method: get}
+          - {function: hello, event: schedule, schedule: rate(1 hour)}
+          - {function: hello, event: queue, queue: jobs, retries: 1}
+        """, {"hello.py": HELLO_PY}))
+    h = app.functions["hello"]
+    assert [r.key for r in h.routes] == ["GET /hello"]
+    assert h.schedules[0].expression == "rate(1 hour)" and h.queue == "jobs" and h.retries == 1
+
+
+@pytest.mark.parametrize("body, line, field, phrase", [
+    ("f:\n  handler: api.plain\n  schedule: cron(0 12 * * * *)\n", 4, "functions.f.schedule",
+     "'?'"),
+    ("f:\n  handler: api.plain\n  schedule: every day\n", 4, "functions.f.schedule",
+     "rate("),
+    ("f:\n  handler: api.plain\n  schedule: {expression: rate(1 hour), timezone: Mars/Base}\n",
+     4, "functions.f.schedule.timezone", "unknown time zone 'Mars/Base'"),
+    ("f:\n  handler: api.plain\n  retries: -1\n", 4, "functions.f.retries", "0 to 20"),
+    ("f:\n  handler: api.plain\n  queue: {name: 'a b'}\n", 4, "functions.f.queue.name",
+     "queue or topic name"),
+    ("f:\n  handler: api.plain\n  destinations: {on_success: {function: ghost}}\n", 4,
+     "functions.f.destinations.on_success.function", "'ghost' is not a function of this app"),
+    ("f:\n  handler: api.plain\n  destinations: {on_failure: {queue: q9}}\n", 4,
+     "functions.f.destinations.on_failure.queue", "not consumed by any function"),
+    ("f:\n  handler: api.plain\n  queue: q\ng:\n  handler: api.plain\n  queue: q\n", 7,
+     "functions.g.queue", "already consumed by function 'f'"),
+])
+def test_event_key_errors_name_file_line_and_field(tmp_path, body, line, field, phrase):
+    err = load_error(rich(tmp_path, body))
+    assert (err.line, err.field) == (line, field), str(err)
+    assert phrase in err.message, err.message

@@ -110,7 +110,9 @@ def _walk(data: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, str]:
 
     A single route mapping given for ``http`` is wrapped in a list before
     validation; its phantom ``[0]`` is dropped so the field names what the
-    user actually wrote. Integer mapping keys print as ``.1``, indexes as ``[1]``.
+    user actually wrote. A shorthand scalar (``schedule: rate(1 hour)`` for
+    ``[{expression: ...}]``) is named itself, not the parts it expands to.
+    Integer mapping keys print as ``.1``, indexes as ``[1]``.
     """
     path: list[Any] = []
     field = ""
@@ -118,6 +120,8 @@ def _walk(data: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, str]:
     for part in loc:
         if isinstance(part, int) and isinstance(cur, dict) and part not in cur:
             continue
+        if path and cur is not MISSING and not isinstance(cur, (dict, list)):
+            break
         path.append(part)
         if isinstance(cur, list) and isinstance(part, int):
             field += f"[{part}]"
