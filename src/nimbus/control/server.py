@@ -34,6 +34,7 @@ from nimbus.control.bundle import STATE_MARKER
 from nimbus.control.deploy import Deployer
 from nimbus.control.routesync import RouteSync
 from nimbus.errors import UnavailableError
+from nimbus.events.scheduler import Scheduler
 from nimbus.events.service import DEFAULT_ASYNC_MAX_BYTES, Events
 from nimbus.gateway.app import Gateway, GatewayConfig
 from nimbus.observe.logs import LogSink
@@ -115,7 +116,10 @@ class Platform:
         self.queue = queue
         self.worker = worker
         self.gateway = gateway
-        self.events = Events(queue, SystemClock(), max_bytes=config.async_max_bytes)
+        clock = SystemClock()
+        self.events = Events(queue, clock, max_bytes=config.async_max_bytes)
+        self.scheduler = Scheduler(store, queue, clock)
+        self.events.on_sync.append(self.scheduler.set_pools)
         gateway.events = self.events
         self.routes = RouteSync(store, gateway, worker, on_change=self.events.sync)
         self.deployer = Deployer(store, blobs, worker, config.state_dir)
@@ -153,6 +157,7 @@ class Platform:
     async def start(self) -> None:
         self.events.start()
         await self.routes.start()
+        self.scheduler.start()
         c = self.config
         gw_sock = _bind(c.host, c.port)
         try:
@@ -193,6 +198,7 @@ class Platform:
         if self._servers:
             await asyncio.gather(*self._serving, return_exceptions=True)
         await self.routes.aclose()
+        await self.scheduler.aclose()
         await self.events.aclose(grace_s=min(self.config.grace_s, 5.0))
         await self.worker.aclose(grace_s=min(self.config.grace_s, 5.0))  # 3
         await self.queue.aclose()  # 4

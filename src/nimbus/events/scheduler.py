@@ -1,0 +1,205 @@
+"""Schedules: each tick fires exactly once per region, however many controllers run.
+
+* Leadership: the controller holding the lease on ``schedules/leader`` (in
+  the Store) fires; the others wait. A leader that dies stops renewing and
+  its lease expires after ``LEASE_TTL_S``; another takes over.
+* Progress: every schedule keeps the time of the last tick it handled in
+  ``schedules/ticks/<function>/<id>``, advanced with compare-and-set after
+  the tick's invocations are queued. A new leader starts from there.
+* Exactly once: a tick is queued with the dedup key
+  ``schedule:<id>:<tick>``, so a leader that queued a tick and died before
+  advancing the record cannot make its successor fire it again.
+* Missed ticks (nothing was running at their time, or a leader change took
+  longer than ``LATE_S``): the schedule's ``missed`` policy fires the latest
+  ``once`` (default), ``none``, or ``all`` of them (at most ``CATCHUP_LIMIT``).
+
+A scheduled invocation is an async invocation of the function: same
+retries, records and dead letters. Decisions (:func:`ticks_to_fire`) are
+pure and take ``now``; :meth:`Scheduler.tick` is one round, so tests drive
+it with a manual clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import orjson
+
+from nimbus.errors import ConflictError, NimbusError, NotFoundError
+from nimbus.events.names import invoke_queue
+from nimbus.events.schedule_expr import Schedule, parse_schedule
+from nimbus.events.shapes import scheduled_event
+from nimbus.store.queue import Outgoing, Queue
+
+if TYPE_CHECKING:
+    from nimbus.clock import Clock
+    from nimbus.manifest.model import ScheduleSpec
+    from nimbus.store.base import Store
+    from nimbus.worker.pool import FunctionPool
+
+log = logging.getLogger("nimbus.schedule")
+
+LEADER_KEY = "schedules/leader"
+TICKS_PREFIX = "schedules/ticks/"
+LEASE_TTL_S = 5.0
+ROUND_S = 0.5  # how often the leader looks for due ticks
+LATE_S = 30.0  # a tick fired later than this after its time counts as missed
+CATCHUP_LIMIT = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    function: str
+    index: int  # among the function's schedules: names the EventBridge rule
+    spec: ScheduleSpec
+
+    @property
+    def key(self) -> str:
+        """Changing the expression or zone makes a new schedule (no backlog)."""
+        digest = hashlib.sha256(f"{self.spec.expression}|{self.spec.timezone}".encode())
+        return f"{self.function}/{digest.hexdigest()[:12]}"
+
+    def parsed(self) -> Schedule:
+        return parse_schedule(self.spec.expression, self.spec.timezone)
+
+
+def schedules_of(pools: dict[str, FunctionPool]) -> list[Scheduled]:
+    return [Scheduled(fn, i, s) for fn, pool in sorted(pools.items())
+            for i, s in enumerate(pool.target.spec.schedules)]
+
+
+def ticks_to_fire(schedule: Schedule, missed: str, last: float,
+                  now: float) -> tuple[list[float], float]:
+    """(ticks to fire now, the new ``last``) for ticks in (``last``, ``now``]."""
+    due = [d.timestamp() for d in schedule.due(_dt(last), _dt(now), CATCHUP_LIMIT)]
+    if not due:
+        return [], last
+    on_time = [t for t in due if now - t <= LATE_S]
+    late = [t for t in due if now - t > LATE_S]
+    if missed == "all":
+        fire = due
+    elif missed == "once":
+        fire = on_time or late[-1:]
+    else:
+        fire = on_time
+    return fire, due[-1]
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Scheduler:
+    def __init__(self, store: Store, queue: Queue, clock: Clock, *,
+                 node: str | None = None, lease_ttl_s: float = LEASE_TTL_S) -> None:
+        self.store = store
+        self.queue = queue
+        self.clock = clock
+        self.node = node or uuid.uuid4().hex[:12]
+        self.lease_ttl_s = lease_ttl_s
+        self.schedules: list[Scheduled] = []
+        self.fired = 0
+        self._lease: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def leading(self) -> bool:
+        return self._lease is not None
+
+    def set_pools(self, pools: dict[str, FunctionPool]) -> None:
+        self.schedules = schedules_of(pools)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="scheduler")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except NimbusError:
+                log.warning("schedule round failed; trying again", exc_info=True)
+            except Exception:  # noqa: BLE001 - the scheduler must outlive a bug in one round
+                log.exception("schedule round failed")
+            await asyncio.sleep(ROUND_S)
+
+    async def tick(self) -> list[tuple[str, float]]:
+        """One round: keep or take the lead, then fire what is due.
+        Returns the (schedule key, tick) pairs this round queued."""
+        if not self.schedules:
+            await self.resign()
+            return []
+        if not await self._lead():
+            return []
+        fired: list[tuple[str, float]] = []
+        for s in list(self.schedules):
+            fired += await self._fire_due(s)
+        return fired
+
+    async def _lead(self) -> bool:
+        if self._lease is not None:
+            try:
+                await self.store.keepalive(self._lease)
+                return True
+            except NotFoundError:  # expired: someone else may lead now
+                log.warning("scheduler %s lost the lead", self.node)
+                self._lease = None
+        if await self.store.get(LEADER_KEY) is not None:
+            return False
+        lease = await self.store.grant_lease(self.lease_ttl_s)
+        try:
+            await self.store.create(LEADER_KEY, self.node.encode(), lease=lease)
+        except ConflictError:
+            await self.store.revoke(lease)
+            return False
+        self._lease = lease
+        log.info("scheduler %s leads", self.node)
+        return True
+
+    async def _fire_due(self, s: Scheduled) -> list[tuple[str, float]]:
+        key = TICKS_PREFIX + s.key
+        now = self.clock.now()
+        entry = await self.store.get(key)
+        if entry is None:  # a new schedule starts now: no backlog from the epoch
+            try:
+                await self.store.create(key, orjson.dumps({"last": now}))
+            except ConflictError:
+                pass
+            return []
+        last = float(orjson.loads(entry.value)["last"])
+        fire, new_last = ticks_to_fire(s.parsed(), s.spec.missed, last, now)
+        if new_last == last:
+            return []
+        detail = dict(s.spec.input)
+        for t in fire:
+            event = scheduled_event(str(uuid.uuid4()), s.function, f"schedule-{s.index}", t,
+                                    detail)
+            await self.queue.send(invoke_queue(s.function), [Outgoing(
+                orjson.dumps(event), {"nimbus.source": "schedule"},
+                dedup_key=f"schedule:{s.key}:{t:.3f}")])
+        try:
+            await self.store.update(key, orjson.dumps({"last": new_last}), entry.revision)
+        except ConflictError:  # another leader moved it: its ticks were deduplicated
+            log.warning("schedule %s advanced by another controller", s.key)
+        self.fired += len(fire)
+        return [(s.key, t) for t in fire]
+
+    async def resign(self) -> None:
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            try:
+                await self.store.revoke(lease)
+            except NimbusError:
+                log.warning("could not give up the schedule lead", exc_info=True)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.resign()

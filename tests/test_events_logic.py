@@ -1,0 +1,189 @@
+"""Pure decisions of the events side: retry schedule, batch responses, which
+ticks to fire; and the scheduler's leader election with a manual clock
+(two controllers racing over one real SQLite store and queue)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from nimbus.clock import ManualClock
+from nimbus.events.dispatch import batch_failures
+from nimbus.events.names import invoke_queue
+from nimbus.events.retry import MAX_DELAY_S, RetryPolicy, next_retry, too_old
+from nimbus.events.schedule_expr import parse_schedule
+from nimbus.events.scheduler import LEADER_KEY, LATE_S, Scheduled, Scheduler, ticks_to_fire
+from nimbus.manifest.model import ScheduleSpec
+from nimbus.store.sqlite import open_sqlite_store
+from nimbus.store.sqlite_queue import open_sqlite_queue
+
+POLICY = RetryPolicy(retries=2, retry_delay_s=1.0, max_event_age_s=3600)
+
+
+# -- retries -------------------------------------------------------------------
+
+def test_backoff_doubles_with_jitter_between_half_and_whole() -> None:
+    for attempts, base in ((1, 1.0), (2, 2.0)):
+        low = next_retry(POLICY, attempts=attempts, enqueued_at=0, now=0, rand=0.0).delay_s
+        high = next_retry(POLICY, attempts=attempts, enqueued_at=0, now=0, rand=0.999).delay_s
+        assert low == base / 2 and high is not None and base * 0.99 < high < base
+
+
+def test_gives_up_after_the_last_retry() -> None:
+    v = next_retry(POLICY, attempts=3, enqueued_at=0, now=0, rand=0.5)
+    assert v.delay_s is None and "failed after 3 tries (retries: 2)" in v.reason
+    none = RetryPolicy(retries=0, retry_delay_s=1.0, max_event_age_s=3600)
+    assert next_retry(none, attempts=1, enqueued_at=0, now=0, rand=0.5).delay_s is None
+
+
+def test_gives_up_when_the_retry_would_be_past_the_maximum_age() -> None:
+    v = next_retry(POLICY, attempts=1, enqueued_at=0, now=3599.9, rand=0.5)
+    assert v.delay_s is None and "maximum event age" in v.reason
+    assert too_old(POLICY, enqueued_at=0, now=3600.1)
+    assert not too_old(POLICY, enqueued_at=0, now=3599)
+
+
+def test_delay_is_capped() -> None:
+    many = RetryPolicy(retries=20, retry_delay_s=100.0, max_event_age_s=10**9)
+    assert next_retry(many, attempts=15, enqueued_at=0, now=0, rand=0.999).delay_s == MAX_DELAY_S
+
+
+def test_batch_item_failures() -> None:
+    ids = {"a", "b", "c"}
+    assert batch_failures(None, ids) == (set(), "")
+    assert batch_failures({"batchItemFailures": []}, ids) == (set(), "")
+    assert batch_failures({"batchItemFailures": [{"itemIdentifier": "b"}]}, ids) == ({"b"}, "")
+    failed, problem = batch_failures({"batchItemFailures": [{"itemIdentifier": "zz"}]}, ids)
+    assert failed == ids and "'zz'" in problem
+    failed, problem = batch_failures({"batchItemFailures": "b"}, ids)
+    assert failed == ids and "must be a list" in problem
+
+
+# -- which ticks fire ---------------------------------------------------------
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+MINUTELY = parse_schedule("rate(1 minute)")
+
+
+def test_on_time_tick_fires_whatever_the_policy() -> None:
+    for policy in ("once", "none", "all"):
+        fire, last = ticks_to_fire(MINUTELY, policy, ts("2026-01-01T00:00:30"),
+                                   ts("2026-01-01T00:01:01"))
+        assert fire == [ts("2026-01-01T00:01:00")] and last == fire[0]
+
+
+def test_missed_ticks_policies() -> None:
+    last, now = ts("2026-01-01T00:00:00"), ts("2026-01-01T01:00:45")  # down an hour
+    once, new_last = ticks_to_fire(MINUTELY, "once", last, now)
+    assert now - ts("2026-01-01T01:00:00") > LATE_S  # so every due tick is a missed one
+    assert once == [ts("2026-01-01T01:00:00")]  # only the latest
+    assert new_last == ts("2026-01-01T01:00:00")
+    none, _ = ticks_to_fire(MINUTELY, "none", last, now)
+    assert none == []
+    every, _ = ticks_to_fire(MINUTELY, "all", last, now)
+    assert len(every) == 60 and every[0] == ts("2026-01-01T00:01:00")
+    nothing, same = ticks_to_fire(MINUTELY, "all", now, now + 1)
+    assert nothing == [] and same == now
+
+
+def test_catch_up_is_bounded() -> None:
+    fire, last = ticks_to_fire(MINUTELY, "all", ts("2025-01-01T00:00:00"),
+                               ts("2026-01-01T00:00:00"))
+    assert len(fire) == 100 and last == ts("2026-01-01T00:00:00")
+
+
+# -- two controllers, one store, a manual clock --------------------------------
+
+def test_each_tick_fires_once_with_two_controllers_racing(tmp_path: Path) -> None:
+    """Two schedulers over one SQLite store and queue (each with its own
+    connections, as two processes would have) race for the lease through
+    ~40 minutes of manual time; the leader "crashes" (stops renewing) now
+    and then and comes back. Every minute's tick must be queued exactly once."""
+
+    async def main() -> None:
+        clock = ManualClock(ts("2026-03-01T00:00:10"))
+        stores = [await open_sqlite_store(tmp_path / "store.db", clock=clock) for _ in range(2)]
+        queues = [await open_sqlite_queue(tmp_path / "queue.db", clock=clock) for _ in range(2)]
+        spec = ScheduleSpec("rate(1 minute)", missed="all")
+        nodes = [Scheduler(s, q, clock, node=f"n{i}", lease_ttl_s=5.0)
+                 for i, (s, q) in enumerate(zip(stores, queues, strict=True))]
+        sched = [Scheduled("cron_fn", 0, spec)]
+        for node in nodes:
+            node.schedules = sched
+        rng = random.Random(4)
+        down: dict[int, float] = {}
+        leaders_seen = set()
+        start = clock.now()
+        try:
+            while clock.now() < start + 40 * 60:
+                clock.advance(rng.uniform(0.5, 4.0))
+                order = [0, 1]
+                rng.shuffle(order)
+                for i in order:
+                    if down.get(i, 0) > clock.now():
+                        continue
+                    await nodes[i].tick()
+                    if nodes[i].leading:
+                        leaders_seen.add(i)
+                        if rng.random() < 0.03:  # crash: no renewals for a while
+                            nodes[i]._lease = None
+                            down[i] = clock.now() + rng.uniform(6, 90)
+                leaders = [i for i in (0, 1) if nodes[i].leading]
+                assert len(leaders) <= 1, f"two leaders at once: {leaders}"
+            got = await queues[0].receive(invoke_queue("cron_fn"), max_messages=1000,
+                                          visibility_s=60)
+        finally:
+            for q in queues:
+                await q.aclose()
+            for s in stores:
+                await s.aclose()
+        times = [orjson.loads(m.body)["time"] for m in got]
+        assert len(times) == len(set(times)), "a tick was queued twice"
+        minutes = sorted(datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+                         for t in times)
+        assert minutes, "nothing fired"
+        assert all(b - a == 60 for a, b in zip(minutes, minutes[1:], strict=False)), \
+            "a tick was skipped"
+        assert minutes[0] == ts("2026-03-01T00:01:00")
+        assert leaders_seen == {0, 1}, "the lead should have changed hands"
+        assert len(minutes) >= 38
+
+    asyncio.run(main())
+
+
+def test_a_new_schedule_does_not_fire_its_past(tmp_path: Path) -> None:
+    async def main() -> None:
+        clock = ManualClock(ts("2026-03-01T00:00:10"))
+        store = await open_sqlite_store(tmp_path / "s.db", clock=clock)
+        queue = await open_sqlite_queue(tmp_path / "q.db", clock=clock)
+        node = Scheduler(store, queue, clock)
+        node.schedules = [Scheduled("f", 0, ScheduleSpec("rate(1 minute)", missed="all"))]
+        try:
+            assert await node.tick() == []  # first sight: starts now
+            clock.advance(50)
+            [(key, tick)] = await node.tick()
+            assert tick == ts("2026-03-01T00:01:00")
+            assert (await store.get(LEADER_KEY)) is not None
+            node.schedules = []
+            await node.tick()  # nothing to schedule: gives up the lead
+            assert not node.leading and await store.get(LEADER_KEY) is None
+        finally:
+            await queue.aclose()
+            await store.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("expression", ["rate(1 minute)", "cron(0/1 * * * ? *)", "* * * * *"])
+def test_schedule_forms_tick_every_minute(expression: str) -> None:
+    s = parse_schedule(expression)
+    fire, _ = ticks_to_fire(s, "all", ts("2026-01-01T00:00:00"), ts("2026-01-01T00:05:00"))
+    assert fire == [ts(f"2026-01-01T00:0{m}:00") for m in range(1, 6)]
