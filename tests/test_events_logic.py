@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from nimbus.clock import ManualClock
-from nimbus.events.dispatch import batch_failures
+from nimbus.events.dispatch import MAX_LEASE, Slots, batch_failures, lease_ahead, lease_s
 from nimbus.events.names import invoke_queue
 from nimbus.events.retry import MAX_DELAY_S, RetryPolicy, next_retry, too_old
 from nimbus.events.schedule_expr import parse_schedule
@@ -23,6 +23,38 @@ from nimbus.store.sqlite import open_sqlite_store
 from nimbus.store.sqlite_queue import open_sqlite_queue
 
 POLICY = RetryPolicy(retries=2, retry_delay_s=1.0, max_event_age_s=3600)
+
+
+# -- leasing ahead ---------------------------------------------------------------
+
+def test_lease_ahead_follows_the_observed_run_time() -> None:
+    assert lease_ahead(2, None, 3.0) == 20  # 2 slots x 30 s / 3 s timeout, before any run
+    assert lease_ahead(2, 0.001, 3.0) == MAX_LEASE  # fast runs: as many as allowed
+    assert lease_ahead(4, 60.0, 60.0) == 4  # slow: one per slot, never fewer
+    assert lease_ahead(1, None, 900.0) == 1
+    assert lease_s(3.0) > 30.0 + 3.0, "the lease covers the wait and one run"
+
+
+def test_slots_bound_runs_give_back_a_lease_too_short_and_learn_run_time() -> None:
+    async def main() -> None:
+        slots = Slots(1)
+        loop = asyncio.get_running_loop()
+        async with slots.run(loop.time() + 2.0, timeout_s=3.0) as leased:
+            assert not leased, "3 s run + margin cannot end before a lease 2 s away"
+        assert slots.run_s is None
+        order: list[str] = []
+
+        async def one(name: str) -> None:
+            async with slots.run(loop.time() + 600, timeout_s=1.0) as ok:
+                assert ok
+                order.append(f"start {name}")
+                await asyncio.sleep(0.01)
+                order.append(f"end {name}")
+        await asyncio.gather(one("a"), one("b"))
+        assert order == ["start a", "end a", "start b", "end b"], "one slot: one at a time"
+        assert slots.run_s is not None and 0.005 < slots.run_s < 1.0
+
+    asyncio.run(main())
 
 
 # -- retries -------------------------------------------------------------------

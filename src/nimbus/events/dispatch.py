@@ -1,12 +1,17 @@
 """Running queued work: one consumer per subscription, each with its own slots.
 
-A consumer leases at most as many messages as its function may run at once
+A consumer runs at most as many invocations at once as its function may
 (the pool's cap: ``max_concurrency`` or ``max_instances x concurrency``;
-queue triggers lease that many batches), so it never takes more than it can
-start and never holds work another node could run. Each message is settled
-after its invocation: ack with the result, retry later with backoff,
-release when throttled (not counted), or dead-letter; the message row is
-also the invocation record, so settling and recording are one write.
+for queue triggers, that many batches). It leases ahead of that, so the
+next invocation starts the moment a slot frees instead of after a queue
+round trip: as many as its slots get through in ``LEASE_WAIT_BUDGET_S`` at
+the run time it has observed (:func:`lease_ahead`), and the lease covers
+that wait. A message whose lease could run out before its run would end is
+given back (released, not counted) instead of run. Each message is settled after its invocation, outside the slot
+(the settle's disk write overlaps the next run and shares its commit with
+the others): ack with the result, retry later with backoff, release when
+throttled (not counted), or dead-letter; the message row is also the
+invocation record, so settling and recording are one write.
 Destinations are sent before the settlement, so a crash at any point
 repeats work instead of losing it (at-least-once; a repeated destination is
 dropped by its dedup key).
@@ -15,10 +20,11 @@ dropped by its dedup key).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -46,6 +52,49 @@ VISIBILITY_MARGIN_S = 20.0  # beyond timeout_s: a held request may wait for an i
 RELEASE_DELAY_S = 0.05  # a retired pool's message goes to the new version
 NO_FUNCTION_DELAY_S = 5.0
 MAX_LEASE = 256
+LEASE_WAIT_BUDGET_S = 30.0  # how long a leased message may wait for a slot
+RUN_S_WEIGHT = 0.2  # of the latest run in the moving average of run time
+
+
+def lease_ahead(cap: int, run_s: float | None, timeout_s: float) -> int:
+    """How many messages (or batches) a consumer holds leased: its ``cap``,
+    plus what its slots get through in ``LEASE_WAIT_BUDGET_S`` at the observed
+    run time (the timeout until a run is observed), at most ``MAX_LEASE``."""
+    per_run = max(run_s if run_s is not None else timeout_s, 1e-4)
+    return max(cap, min(MAX_LEASE, int(cap * LEASE_WAIT_BUDGET_S / per_run)))
+
+
+def lease_s(timeout_s: float) -> float:
+    """The visibility of a lease: the wait budget, one run, and the margin."""
+    return LEASE_WAIT_BUDGET_S + timeout_s + VISIBILITY_MARGIN_S
+
+
+class Slots:
+    """A consumer's running invocations: at most ``cap`` at once. Learns the
+    run time (a moving average) that sets how far ahead to lease."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.run_s: float | None = None
+        self._sem = asyncio.Semaphore(cap)
+
+    @contextlib.asynccontextmanager
+    async def run(self, until: float, timeout_s: float) -> AsyncIterator[bool]:
+        """Hold a slot. Yields False when the lease (ending at loop time
+        ``until``) could run out before a run started now ends: the caller
+        gives the message back instead of running it."""
+        async with self._sem:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            if start + timeout_s + VISIBILITY_MARGIN_S > until:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                took = loop.time() - start
+                self.run_s = took if self.run_s is None else (
+                    self.run_s + (took - self.run_s) * RUN_S_WEIGHT)
 
 
 def policy_of(spec: FunctionSpec) -> RetryPolicy:
@@ -96,7 +145,7 @@ class Dispatcher:
 
     # -- one message / one batch ----------------------------------------------
 
-    async def run_one(self, sub: Subscription, m: Message) -> None:
+    async def run_one(self, sub: Subscription, m: Message, slots: Slots, until: float) -> None:
         pool = self._pools().get(sub.function)
         if pool is None:
             await self._settle(self.queue.release(m, delay_s=NO_FUNCTION_DELAY_S))
@@ -112,7 +161,12 @@ class Dispatcher:
                 f"not run: older than max_event_age_s ({spec.max_event_age_s:g} s)"})
             return
         try:
-            result = await pool.invoke(m.id, payload)
+            async with slots.run(until, spec.timeout_s) as leased:
+                if leased:
+                    result = await pool.invoke(m.id, payload)
+            if not leased:
+                await self._settle(self.queue.release(m, delay_s=0.0))
+                return
         except ThrottledError as exc:
             await self._settle(self.queue.release(m, delay_s=_jitter(exc.retry_after_s)))
             return
@@ -132,7 +186,8 @@ class Dispatcher:
                                     error=False)
         await self._settle(self.queue.ack(m, result=orjson.dumps(result), request_id=m.id))
 
-    async def run_batch(self, sub: Subscription, msgs: list[Message], rid: str) -> None:
+    async def run_batch(self, sub: Subscription, msgs: list[Message], rid: str, slots: Slots,
+                        until: float) -> None:
         pool = self._pools().get(sub.function)
         if pool is None:
             await asyncio.gather(*(self._settle(self.queue.release(
@@ -151,7 +206,14 @@ class Dispatcher:
         if not fresh:
             return
         try:
-            result = await pool.invoke(rid, sqs_event(fresh, sub.source, now))
+            async with slots.run(until, spec.timeout_s) as leased:
+                if leased:
+                    result = await pool.invoke(rid, sqs_event(fresh, sub.source,
+                                                              self._clock.now()))
+            if not leased:
+                await asyncio.gather(*(self._settle(self.queue.release(m, delay_s=0.0))
+                                       for m in fresh))
+                return
         except ThrottledError as exc:
             await asyncio.gather(*(self._settle(self.queue.release(
                 m, delay_s=_jitter(exc.retry_after_s))) for m in fresh))
@@ -248,7 +310,8 @@ class _Consumer:
     def __init__(self, dispatcher: Dispatcher, sub: Subscription) -> None:
         self.d = dispatcher
         self.sub = sub
-        self.running = 0
+        self.running = 0  # leased work not yet settled: waiting, running or settling
+        self._slots = Slots(0)
         self._free = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._work: set[asyncio.Task[None]] = set()
@@ -274,13 +337,16 @@ class _Consumer:
                 await asyncio.sleep(NO_FUNCTION_DELAY_S)
                 continue
             spec = pool.target.spec
-            limit = max(1, pool.cap)
-            while self.running >= limit:
+            slots = self._slots_for(max(1, pool.cap))
+            held = lease_ahead(slots.cap, slots.run_s, spec.timeout_s)
+            # refill when half the room is free: fewer, fuller receives
+            while self.running > held - max(1, held // 2):
                 self._free.clear()
                 await self._free.wait()
             batch = spec.batch_size if sub.kind == "queue" else 1
-            want = min(MAX_LEASE, (limit - self.running) * batch)
-            vis = spec.timeout_s + VISIBILITY_MARGIN_S
+            want = min(MAX_LEASE, (held - self.running) * batch)
+            vis = lease_s(spec.timeout_s)
+            until = asyncio.get_running_loop().time() + vis
             try:
                 msgs = await q.receive(sub.queue, max_messages=want, visibility_s=vis,
                                        wait_s=WAIT_S)
@@ -295,10 +361,18 @@ class _Consumer:
                 continue
             if batch == 1:
                 for m in msgs:
-                    self._spawn(self.d.run_one(sub, m))
+                    self._spawn(self.d.run_one(sub, m, slots, until))
             else:
                 for i in range(0, len(msgs), batch):
-                    self._spawn(self.d.run_batch(sub, msgs[i:i + batch], str(uuid.uuid4())))
+                    self._spawn(self.d.run_batch(sub, msgs[i:i + batch], str(uuid.uuid4()),
+                                                 slots, until))
+
+    def _slots_for(self, cap: int) -> Slots:
+        """New slots if the cap changed (a redeploy); work already waiting
+        finishes under the old ones."""
+        if self._slots.cap != cap:
+            self._slots = Slots(cap)
+        return self._slots
 
     async def _fill(self, have: int, batch: int, vis: float, window_s: float) -> list[Message]:
         """Wait up to the batching window for the batch to fill."""

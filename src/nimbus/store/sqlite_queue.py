@@ -2,8 +2,13 @@
 
 Contract (beyond :class:`nimbus.store.queue.Queue`):
 
-* Durability: WAL journal, ``synchronous=FULL``: a send, ack or retry is on
-  disk before its coroutine returns.
+* Durability: WAL journal. A transaction that accepts work (send, redrive)
+  commits with ``synchronous=FULL``: it is on disk before its coroutine
+  returns. One that only moves accepted work along (receive, ack, retry,
+  release, dead-letter) commits with ``NORMAL``: it survives the process
+  dying (the OS has it), and a power cut can only undo it back to an earlier
+  state of an accepted message, which is then run again: at-least-once
+  still holds, nothing accepted is lost. The next FULL commit syncs it too.
 * Group commit: every call becomes a job for one writer thread, which takes
   all jobs waiting (up to ``BATCH``), runs each in its own savepoint inside
   one transaction, commits once and then answers them all. Under load one
@@ -109,16 +114,17 @@ class SQLiteQueue:
         self._thread = threading.Thread(target=self._run, name="nimbus-queue", daemon=True)
         self._conn: sqlite3.Connection | None = None  # the writer thread's only
         self._closed = False
+        self._full = True  # the connection's synchronous setting
         self._ready: dict[str, asyncio.Event] = {}
 
     # -- the writer thread ------------------------------------------------------
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _call(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
         if self._closed:
             raise ClosedError(f"queue {self.path} is closed")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._jobs.put((fn, args, fut, loop))
+        self._jobs.put((fn, args, fut, loop, durable))
         return await fut
 
     def _run(self) -> None:
@@ -146,8 +152,12 @@ class SQLiteQueue:
         conn = self._conn
         try:
             if conn is not None:
+                full = any(job[4] for job in batch)
+                if full != self._full:
+                    conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
+                    self._full = full
                 conn.execute("BEGIN IMMEDIATE")
-            for fn, args, fut, _loop in batch:
+            for fn, args, fut, _loop, _durable in batch:
                 if conn is None:  # only _open runs before the connection exists
                     outcomes.append((fut, True, fn(*args)))
                     conn = self._conn
@@ -169,9 +179,9 @@ class SQLiteQueue:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             error = self._wrap(exc)
-            outcomes = [(fut, False, error) for _fn, _args, fut, _loop in batch]
+            outcomes = [(fut, False, error) for _fn, _args, fut, _loop, _d in batch]
         by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
-        for (_fn, _args, _fut, loop), outcome in zip(batch, outcomes, strict=True):
+        for (_fn, _args, _fut, loop, _d), outcome in zip(batch, outcomes, strict=True):
             by_loop.setdefault(loop, []).append(outcome)
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
@@ -219,7 +229,8 @@ class SQLiteQueue:
 
     async def send(self, queue: str, messages: list[Outgoing]) -> list[SendResult]:
         now = self._clock.now()
-        results: list[SendResult] = await self._call(self._send_tx, queue, messages, now)
+        results: list[SendResult] = await self._call(self._send_tx, queue, messages, now,
+                                                     durable=True)
         self._wake(queue)
         return results
 
@@ -369,7 +380,7 @@ class SQLiteQueue:
             if ids == []:
                 return 0
             return int(self._db().execute(sql, args).rowcount)
-        moved: int = await self._call(run)
+        moved: int = await self._call(run, durable=True)
         if moved:
             self._wake(queue)
         return moved
