@@ -50,12 +50,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def nimbus_up(app: Path, probe: str = "/hello") -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
+def nimbus_up(app: Path, probe: str = "/hello",
+              *extra: str) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
     """``nimbus up APP`` on free ports; yields (gateway_url, state_dir, proc)."""
     state = Path(tempfile.mkdtemp(prefix="nimbus-bench-"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "nimbus.cli.main", "up", str(app), "--port", "0",
-         "--control-port", "0", "--state-dir", str(state)],
+         "--control-port", "0", "--state-dir", str(state), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         info = state / "control.json"
@@ -87,15 +88,27 @@ def baseline_up() -> Iterator[str]:
         stop(proc)
 
 
-def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
-    """Run wrk; returns {"rps", "p50_ms", "p99_ms", "errors"}."""
+def wrk(url: str, connections: int, seconds: int, script: str | None = None) -> dict[str, float]:
+    """Run wrk (with an optional Lua ``script`` text); returns
+    {"rps", "p50_ms", "p99_ms", "errors", "requests"}."""
     exe = shutil.which("wrk")
     if exe is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
-    out = subprocess.run(
-        [exe, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
-        capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+    extra: list[str] = []
+    if script is not None:
+        lua = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)  # noqa: SIM115
+        with lua:
+            lua.write(script)
+        extra = ["-s", lua.name]
+    try:
+        out = subprocess.run(
+            [exe, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, url],
+            capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+    finally:
+        if extra:
+            os.unlink(extra[1])
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
 
     def pct(p: str) -> float:
         m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -110,7 +123,8 @@ def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         errors += sum(int(g) for g in m.groups())
-    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "errors": errors}
+    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "errors": errors,
+            "requests": total}
 
 
 def cpu_count() -> int:
