@@ -120,6 +120,7 @@ class SQLiteQueue:
     # -- the writer thread ------------------------------------------------------
 
     async def _call(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
+        """Run ``fn(*args)`` on the writer thread; ``durable``: commit with FULL sync."""
         if self._closed:
             raise ClosedError(f"queue {self.path} is closed")
         loop = asyncio.get_running_loop()
@@ -179,9 +180,10 @@ class SQLiteQueue:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             error = self._wrap(exc)
-            outcomes = [(fut, False, error) for _fn, _args, fut, _loop, _d in batch]
+            outcomes = [(job[2], False, error) for job in batch]
         by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
-        for (_fn, _args, _fut, loop, _d), outcome in zip(batch, outcomes, strict=True):
+        for job, outcome in zip(batch, outcomes, strict=True):
+            loop = job[3]
             by_loop.setdefault(loop, []).append(outcome)
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
@@ -299,6 +301,9 @@ class SQLiteQueue:
                 for r in rows]
         return msgs, None
 
+    async def _settle(self, m: Message, sets: str, args: tuple[Any, ...]) -> None:
+        await self._call(self._settle_tx, m, sets, args)
+
     def _settle_tx(self, m: Message, sets: str, args: tuple[Any, ...]) -> None:
         cur = self._db().execute(
             f"UPDATE messages SET {sets} WHERE id = ? AND deliveries = ? AND status = 'running'",
@@ -310,43 +315,38 @@ class SQLiteQueue:
     async def ack(self, message: Message, *, result: bytes | None = None,
                   request_id: str | None = None) -> None:
         now = self._clock.now()
-        await self._call(self._settle_tx, message,
-                         "status = 'succeeded', due = NULL, settled_at = ?, updated_at = ?, "
-                         "result = ?, request_id = COALESCE(?, request_id)",
-                         (now, now, result, request_id))
+        await self._settle(message, "status = 'succeeded', due = NULL, settled_at = ?, "
+                           "updated_at = ?, result = ?, request_id = COALESCE(?, request_id)",
+                           (now, now, result, request_id))
 
     async def retry(self, message: Message, *, delay_s: float, error: dict[str, Any],
                     request_id: str | None = None) -> None:
         now = self._clock.now()
-        await self._call(self._settle_tx, message,
-                         "status = 'retrying', due = ?, updated_at = ?, error = ?, "
-                         "request_id = COALESCE(?, request_id)",
-                         (now + max(0.0, delay_s), now, orjson.dumps(error), request_id))
+        await self._settle(message, "status = 'retrying', due = ?, updated_at = ?, error = ?, "
+                           "request_id = COALESCE(?, request_id)",
+                           (now + max(0.0, delay_s), now, orjson.dumps(error), request_id))
         self._wake(message.queue)
 
     async def release(self, message: Message, *, delay_s: float) -> None:
         now = self._clock.now()
-        await self._call(self._settle_tx, message,
-                         "status = CASE WHEN attempts > 1 THEN 'retrying' ELSE 'queued' END, "
-                         "attempts = attempts - 1, due = ?, updated_at = ?",
-                         (now + max(0.0, delay_s), now))
+        await self._settle(message, "status = CASE WHEN attempts > 1 THEN 'retrying' ELSE "
+                           "'queued' END, attempts = attempts - 1, due = ?, updated_at = ?",
+                           (now + max(0.0, delay_s), now))
         self._wake(message.queue)
 
     async def dead_letter(self, message: Message, *, error: dict[str, Any],
                           request_id: str | None = None) -> None:
         now = self._clock.now()
-        await self._call(self._settle_tx, message,
-                         "status = 'dead', due = NULL, updated_at = ?, error = ?, "
-                         "request_id = COALESCE(?, request_id)",
-                         (now, orjson.dumps(error), request_id))
+        await self._settle(message, "status = 'dead', due = NULL, updated_at = ?, error = ?, "
+                           "request_id = COALESCE(?, request_id)",
+                           (now, orjson.dumps(error), request_id))
 
     async def fail(self, message: Message, *, error: dict[str, Any],
                    request_id: str | None = None) -> None:
         now = self._clock.now()
-        await self._call(self._settle_tx, message,
-                         "status = 'failed', due = NULL, settled_at = ?, updated_at = ?, "
-                         "error = ?, request_id = COALESCE(?, request_id)",
-                         (now, now, orjson.dumps(error), request_id))
+        await self._settle(message, "status = 'failed', due = NULL, settled_at = ?, "
+                           "updated_at = ?, error = ?, request_id = COALESCE(?, request_id)",
+                           (now, now, orjson.dumps(error), request_id))
 
     async def get(self, message_id: str) -> Record | None:
         def run() -> Record | None:
