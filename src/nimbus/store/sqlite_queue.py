@@ -9,8 +9,10 @@ Contract (beyond :class:`nimbus.store.queue.Queue`):
   dying (the OS has it), and a power cut can only undo it back to an earlier
   state of an accepted message, which is then run again: at-least-once
   still holds, nothing accepted is lost. The next FULL commit syncs it too.
-* Group commit: every call becomes a job for one writer thread, which takes
-  all jobs waiting (up to ``BATCH``), runs each in its own savepoint inside
+* Group commit: every call becomes a job for one writer thread. Jobs made in
+  one turn of the event loop are handed over together (one wake-up of the
+  thread, not one per call); the thread takes all jobs waiting (up to
+  ``BATCH``), runs each in its own savepoint inside
   one transaction, commits once and then answers them all. Under load one
   fsync covers hundreds of operations; alone, a job pays one commit as
   before. A job that fails (a stale receipt) rolls back its savepoint only.
@@ -110,7 +112,8 @@ class SQLiteQueue:
         self.path = path
         self._clock = clock
         self._window = dedup_window_s
-        self._jobs: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()
+        self._jobs: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()  # lists of jobs
+        self._outbox: dict[asyncio.AbstractEventLoop, list[Any]] = {}  # not yet handed over
         self._thread = threading.Thread(target=self._run, name="nimbus-queue", daemon=True)
         self._conn: sqlite3.Connection | None = None  # the writer thread's only
         self._closed = False
@@ -125,24 +128,33 @@ class SQLiteQueue:
             raise ClosedError(f"queue {self.path} is closed")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._jobs.put((fn, args, fut, loop, durable))
+        outbox = self._outbox.get(loop)
+        if outbox is None:
+            outbox = self._outbox[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        outbox.append((fn, args, fut, loop, durable))
         return await fut
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs = self._outbox.pop(loop, None)
+        if jobs:
+            self._jobs.put(jobs)
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            jobs = self._jobs.get()
+            if jobs is None:
                 break
-            batch = [job]
+            batch = list(jobs)
             while len(batch) < BATCH:
                 try:
-                    nxt = self._jobs.get_nowait()
+                    more = self._jobs.get_nowait()
                 except stdqueue.Empty:
                     break
-                if nxt is None:
+                if more is None:
                     self._jobs.put(None)  # finish this batch, then stop
                     break
-                batch.append(nxt)
+                batch += more
             self._run_batch(batch)
         if self._conn is not None:
             self._conn.close()
@@ -426,6 +438,8 @@ class SQLiteQueue:
         self._closed = True
         for ev in self._ready.values():
             ev.set()
+        for loop in list(self._outbox):
+            self._hand_over(loop)  # calls made before closing still run
         if self._thread.is_alive():
             self._jobs.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
