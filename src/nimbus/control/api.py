@@ -10,7 +10,6 @@ import asyncio
 import hmac
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from nimbus.errors import (
 )
 from nimbus.events.service import record_view
 from nimbus.gateway.responses import status_for
+from nimbus.ids import new_id
 from nimbus.observe.logs import follow_records, read_records
 from nimbus.observe.memory import memory_of
 from nimbus.store.queue import STATUSES
@@ -124,7 +124,7 @@ def create_control_app(platform: Platform) -> Starlette:
         pool = platform.routes.functions.get(name)
         if pool is None:
             raise NotFoundError(f"function {name!r} is not deployed")
-        rid = str(uuid.uuid4())
+        rid = new_id()
         try:
             result = await pool.invoke(rid, event)
         except NimbusError as exc:

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ from nimbus.errors import (
 from nimbus.events.names import Subscription, invoke_queue, user_queue
 from nimbus.events.retry import RetryPolicy, next_retry, too_old
 from nimbus.events.shapes import destination_record, sns_event, sqs_event
+from nimbus.ids import new_id
 from nimbus.store.queue import Message, Outgoing, Queue
 
 if TYPE_CHECKING:
@@ -364,7 +364,7 @@ class _Consumer:
                     self._spawn(self.d.run_one(sub, m, slots, until))
             else:
                 for i in range(0, len(msgs), batch):
-                    self._spawn(self.d.run_batch(sub, msgs[i:i + batch], str(uuid.uuid4()),
+                    self._spawn(self.d.run_batch(sub, msgs[i:i + batch], new_id(),
                                                  slots, until))
 
     def _slots_for(self, cap: int) -> Slots:

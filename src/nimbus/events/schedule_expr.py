@@ -153,7 +153,7 @@ def _parse_rate(s: str) -> _Rate:
     if not raw.isdigit() or int(raw) < 1:
         raise ScheduleError(f"rate: the value must be a whole number of 1 or more, got {raw!r}")
     n = int(raw)
-    base = unit[:-1] if unit.endswith("s") else unit
+    base = unit.removesuffix("s")
     if base not in _UNITS:
         raise ScheduleError(f"rate: unknown unit {m.group(2)!r}; expected minutes, hours "
                             "or days (or seconds)")
@@ -287,11 +287,10 @@ def _parse_cron(parts: list[str], *, aws: bool, text: str) -> _Cron:
         raise ScheduleError(f"expected {len(names)} fields ({' '.join(names)}), got "
                             f"{len(parts)} in {text!r}{hint}")
     minute, hour, dom, month, dow = parts[:5]
-    if aws:
-        if (dom == "?") == (dow == "?"):
-            raise ScheduleError(
-                "AWS cron needs '?' in exactly one of day-of-month and day-of-week "
-                f"(got {dom!r} and {dow!r}), e.g. 'cron(0 12 * * ? *)'")
+    if aws and (dom == "?") == (dow == "?"):
+        raise ScheduleError(
+            "AWS cron needs '?' in exactly one of day-of-month and day-of-week "
+            f"(got {dom!r} and {dow!r}), e.g. 'cron(0 12 * * ? *)'")
     years = None
     if aws and parts[5] != "*":
         years = frozenset(_numbers(parts[5], "year", 1970, MAX_YEAR))

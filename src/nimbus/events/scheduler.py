@@ -35,6 +35,7 @@ from nimbus.errors import ConflictError, NimbusError, NotFoundError
 from nimbus.events.names import invoke_queue
 from nimbus.events.schedule_expr import Schedule, parse_schedule
 from nimbus.events.shapes import scheduled_event
+from nimbus.ids import new_id
 from nimbus.store.queue import Outgoing, Queue
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ class Scheduler:
             return []
         detail = dict(s.spec.input)
         for t in fire:
-            event = scheduled_event(str(uuid.uuid4()), s.function, f"schedule-{s.index}", t,
+            event = scheduled_event(new_id(), s.function, f"schedule-{s.index}", t,
                                     detail)
             await self.queue.send(invoke_queue(s.function), [Outgoing(
                 orjson.dumps(event), {"nimbus.source": "schedule"},

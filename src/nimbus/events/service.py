@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from nimbus.errors import NotFoundError, PayloadTooLargeError, UserInputError
 from nimbus.events.dispatch import Dispatcher
 from nimbus.events.names import Subscription, invoke_queue, topic_queue, user_queue
+from nimbus.ids import new_id
 from nimbus.store.queue import DEFAULT_DEDUP_WINDOW_S, Outgoing, Queue, Record, SendResult
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ class Events:
             [r] = await self.queue.send(user_queue(name), [Outgoing(body, attrs,
                                                                     dedup_key=dedup)])
             return Published(r.id, "queue", [r])
-        message_id = str(uuid.uuid4())
+        message_id = new_id()
         attrs["nimbus.message_id"] = message_id
         results = []
         for fn in self.topic_subs[name]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,6 +19,7 @@ from nimbus.errors import HandlerError, NimbusError, PayloadTooLargeError, UserI
 from nimbus.gateway.events import http_event
 from nimbus.gateway.responses import JSON, NO_BODY, error_response, result_response
 from nimbus.gateway.router import Router
+from nimbus.ids import new_id
 from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
 
 log = logging.getLogger("nimbus.gateway")
@@ -75,7 +75,7 @@ class Gateway:
                 await _lifespan(receive, send)
             return
         self.requests += 1
-        rid = str(uuid.uuid4())
+        rid = new_id()
         try:
             path = scope["path"]
             if path.startswith(RESERVED_PREFIX):

@@ -30,7 +30,6 @@ import contextlib
 import queue as stdqueue
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import orjson
 
 from nimbus.clock import Clock, SystemClock
 from nimbus.errors import ClosedError, ConflictError, UnavailableError
+from nimbus.ids import new_id
 from nimbus.store.queue import (
     DEFAULT_DEDUP_WINDOW_S,
     Message,
@@ -252,7 +252,7 @@ class SQLiteQueue:
         conn = self._db()
         out = []
         for m in messages:
-            mid = m.id or str(uuid.uuid4())
+            mid = m.id or new_id()
             if m.id is not None and conn.execute(
                     "SELECT 1 FROM messages WHERE id = ?", (mid,)).fetchone():
                 out.append(SendResult(mid, False))
