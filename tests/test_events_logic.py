@@ -13,11 +13,18 @@ import orjson
 import pytest
 
 from nimbus.clock import ManualClock
-from nimbus.events.dispatch import MAX_LEASE, Slots, batch_failures, lease_ahead, lease_s
+from nimbus.events.dispatch import (
+    MAX_LEASE,
+    LeaseEnding,
+    Slots,
+    batch_failures,
+    lease_ahead,
+    lease_s,
+)
 from nimbus.events.names import invoke_queue
 from nimbus.events.retry import MAX_DELAY_S, RetryPolicy, next_retry, too_old
 from nimbus.events.schedule_expr import parse_schedule
-from nimbus.events.scheduler import LEADER_KEY, LATE_S, Scheduled, Scheduler, ticks_to_fire
+from nimbus.events.scheduler import LATE_S, LEADER_KEY, Scheduled, Scheduler, ticks_to_fire
 from nimbus.manifest.model import ScheduleSpec
 from nimbus.store.sqlite import open_sqlite_store
 from nimbus.store.sqlite_queue import open_sqlite_queue
@@ -39,19 +46,20 @@ def test_slots_bound_runs_give_back_a_lease_too_short_and_learn_run_time() -> No
     async def main() -> None:
         slots = Slots(1)
         loop = asyncio.get_running_loop()
-        async with slots.run(loop.time() + 2.0, timeout_s=3.0) as leased:
-            assert not leased, "3 s run + margin cannot end before a lease 2 s away"
-        assert slots.run_s is None
-        order: list[str] = []
+        ran: list[str] = []
 
-        async def one(name: str) -> None:
-            async with slots.run(loop.time() + 600, timeout_s=1.0) as ok:
-                assert ok
-                order.append(f"start {name}")
-                await asyncio.sleep(0.01)
-                order.append(f"end {name}")
-        await asyncio.gather(one("a"), one("b"))
-        assert order == ["start a", "end a", "start b", "end b"], "one slot: one at a time"
+        async def run(name: str) -> str:
+            ran.append(f"start {name}")
+            await asyncio.sleep(0.01)
+            ran.append(f"end {name}")
+            return name
+        with pytest.raises(LeaseEnding):  # 3 s run + margin cannot end in a 2 s lease
+            await slots.call(loop.time() + 2.0, 3.0, lambda: run("late"))
+        assert ran == [] and slots.run_s is None
+        got = await asyncio.gather(*(slots.call(loop.time() + 600, 1.0, lambda n=n: run(n))
+                                     for n in "ab"))
+        assert got == ["a", "b"]
+        assert ran == ["start a", "end a", "start b", "end b"], "one slot: one at a time"
         assert slots.run_s is not None and 0.005 < slots.run_s < 1.0
 
     asyncio.run(main())

@@ -20,10 +20,9 @@ dropped by its dedup key).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -69,6 +68,10 @@ def lease_s(timeout_s: float) -> float:
     return LEASE_WAIT_BUDGET_S + timeout_s + VISIBILITY_MARGIN_S
 
 
+class LeaseEnding(Exception):
+    """The lease could run out before a run started now would end."""
+
+
 class Slots:
     """A consumer's running invocations: at most ``cap`` at once. Learns the
     run time (a moving average) that sets how far ahead to lease."""
@@ -78,23 +81,25 @@ class Slots:
         self.run_s: float | None = None
         self._sem = asyncio.Semaphore(cap)
 
-    @contextlib.asynccontextmanager
-    async def run(self, until: float, timeout_s: float) -> AsyncIterator[bool]:
-        """Hold a slot. Yields False when the lease (ending at loop time
-        ``until``) could run out before a run started now ends: the caller
-        gives the message back instead of running it."""
-        async with self._sem:
+    async def call(self, until: float, timeout_s: float,
+                   invoke: Callable[[], Awaitable[Any]]) -> Any:
+        """``await invoke()`` in a slot. Raises :class:`LeaseEnding`, without
+        running it, when the lease (ending at loop time ``until``) could run
+        out first: the caller gives the message back instead."""
+        await self._sem.acquire()
+        try:
             loop = asyncio.get_running_loop()
             start = loop.time()
             if start + timeout_s + VISIBILITY_MARGIN_S > until:
-                yield False
-                return
+                raise LeaseEnding()
             try:
-                yield True
+                return await invoke()
             finally:
                 took = loop.time() - start
                 self.run_s = took if self.run_s is None else (
                     self.run_s + (took - self.run_s) * RUN_S_WEIGHT)
+        finally:
+            self._sem.release()
 
 
 def policy_of(spec: FunctionSpec) -> RetryPolicy:
@@ -161,12 +166,10 @@ class Dispatcher:
                 f"not run: older than max_event_age_s ({spec.max_event_age_s:g} s)"})
             return
         try:
-            async with slots.run(until, spec.timeout_s) as leased:
-                if leased:
-                    result = await pool.invoke(m.id, payload)
-            if not leased:
-                await self._settle(self.queue.release(m, delay_s=0.0))
-                return
+            result = await slots.call(until, spec.timeout_s, lambda: pool.invoke(m.id, payload))
+        except LeaseEnding:
+            await self._settle(self.queue.release(m, delay_s=0.0))
+            return
         except ThrottledError as exc:
             await self._settle(self.queue.release(m, delay_s=_jitter(exc.retry_after_s)))
             return
@@ -206,14 +209,12 @@ class Dispatcher:
         if not fresh:
             return
         try:
-            async with slots.run(until, spec.timeout_s) as leased:
-                if leased:
-                    result = await pool.invoke(rid, sqs_event(fresh, sub.source,
-                                                              self._clock.now()))
-            if not leased:
-                await asyncio.gather(*(self._settle(self.queue.release(m, delay_s=0.0))
-                                       for m in fresh))
-                return
+            result = await slots.call(until, spec.timeout_s, lambda: pool.invoke(
+                rid, sqs_event(fresh, sub.source, self._clock.now())))
+        except LeaseEnding:
+            await asyncio.gather(*(self._settle(self.queue.release(m, delay_s=0.0))
+                                   for m in fresh))
+            return
         except ThrottledError as exc:
             await asyncio.gather(*(self._settle(self.queue.release(
                 m, delay_s=_jitter(exc.retry_after_s))) for m in fresh))
