@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,6 +46,11 @@ functions:
   quick:
     handler: h.quick
     max_instances: 2
+  slow:
+    handler: h.slow
+    max_instances: 1
+    timeout_s: 1
+    retries: 0
 """
 
 HANDLERS = """\
@@ -64,6 +71,10 @@ def stuck(event, context):
 
 def quick(event, context):
     return event
+
+def slow(event, context):
+    time.sleep(0.25)
+    return {"ok": True}
 """
 
 
@@ -173,3 +184,48 @@ def test_a_function_that_always_times_out_does_not_hold_up_another(
         assert s["ready"] + s["delayed"] + s["running"] >= len(stuck) // 2, s
         rec = ctl.get(f"/v1/invocations/{stuck[0]}").json()
         assert rec["status"] in ("running", "retrying", "dead", "queued")
+
+
+def test_graceful_stop_gives_back_what_it_did_not_finish(
+        tmp_path: Path, start_nimbus: Any) -> None:
+    """SIGTERM with a backlog: work not started goes back to the queue (no try
+    counted), the running one finishes, the stop keeps to its grace, and the
+    next start runs the rest; with retries: 0 a lost try would be a dead letter."""
+    app = write_app(tmp_path, tmp_path / "out")
+    first = start_nimbus(app, "--grace", "2", name="state")
+    with control(first) as ctl:
+        # 0.25 s each on one instance: ~20 s of work, longer than the pools'
+        # drain deadline (timeout_s + 10 s + grace), past which they kill
+        ids = submit(ctl, "slow", 80)
+        wait_until("the first run", lambda: async_stats(ctl, "slow")["succeeded"] >= 1, 30)
+    t0 = time.monotonic()
+    assert first.stop(signal.SIGTERM, timeout=60) == 0
+    took = time.monotonic() - t0
+    assert took < 10, f"the stop took {took:.1f} s with --grace 2"
+
+    second = start_nimbus(app, state=tmp_path / "state", name="second")
+    with control(second) as ctl:
+        def done() -> dict[str, int] | None:
+            s = async_stats(ctl, "slow")
+            return s if s["ready"] + s["delayed"] + s["running"] == 0 else None
+        final = wait_until("the rest to run", done, 60)
+        recs = ctl.get("/v1/functions/slow/invocations", params={"limit": "100"}).json()
+    assert (final["succeeded"], final["dead"], final["failed"]) == (80, 0, 0), final
+    assert {r["id"] for r in recs} == set(ids)
+    assert max(r["attempts"] for r in recs) == 1, "giving back is not a try"
+
+
+def test_a_second_nimbus_up_on_the_same_state_is_refused(
+        tmp_path: Path, start_nimbus: Any) -> None:
+    app = write_app(tmp_path, tmp_path / "out")
+    first = start_nimbus(app)
+    second = subprocess.run(
+        [sys.executable, "-m", "nimbus.cli.main", "up", str(app), "--port", "0",
+         "--control-port", "0", "--state-dir", str(first.state)],
+        capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1, second.stderr
+    assert f"another nimbus up (pid {first.proc.pid})" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    assert (first.state / "control.json").exists(), "the first keeps its control file"
+    with control(first) as ctl:
+        assert ctl.get("/v1/status").status_code == 200

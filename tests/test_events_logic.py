@@ -15,7 +15,7 @@ import pytest
 from nimbus.clock import ManualClock
 from nimbus.events.dispatch import (
     MAX_LEASE,
-    LeaseEnding,
+    GiveBack,
     Slots,
     batch_failures,
     lease_ahead,
@@ -28,6 +28,7 @@ from nimbus.events.scheduler import LATE_S, LEADER_KEY, Scheduled, Scheduler, ti
 from nimbus.manifest.model import ScheduleSpec
 from nimbus.store.sqlite import open_sqlite_store
 from nimbus.store.sqlite_queue import open_sqlite_queue
+from nimbus.worker.pool import ACQUIRE_GRACE_S
 
 POLICY = RetryPolicy(retries=2, retry_delay_s=1.0, max_event_age_s=3600)
 
@@ -39,7 +40,8 @@ def test_lease_ahead_follows_the_observed_run_time() -> None:
     assert lease_ahead(2, 0.001, 3.0) == MAX_LEASE  # fast runs: as many as allowed
     assert lease_ahead(4, 60.0, 60.0) == 4  # slow: one per slot, never fewer
     assert lease_ahead(1, None, 900.0) == 1
-    assert lease_s(3.0) > 30.0 + 3.0, "the lease covers the wait and one run"
+    # the lease covers the wait for a slot, the pool holding it, and the run
+    assert lease_s(3.0) >= 30.0 + (3.0 + ACQUIRE_GRACE_S) + 3.0
 
 
 def test_slots_bound_runs_give_back_a_lease_too_short_and_learn_run_time() -> None:
@@ -53,7 +55,7 @@ def test_slots_bound_runs_give_back_a_lease_too_short_and_learn_run_time() -> No
             await asyncio.sleep(0.01)
             ran.append(f"end {name}")
             return name
-        with pytest.raises(LeaseEnding):  # 3 s run + margin cannot end in a 2 s lease
+        with pytest.raises(GiveBack):  # 3 s run + margin cannot end in a 2 s lease
             await slots.call(loop.time() + 2.0, 3.0, lambda: run("late"))
         assert ran == [] and slots.run_s is None
         got = await asyncio.gather(*(slots.call(loop.time() + 600, 1.0, lambda n=n: run(n))
@@ -61,6 +63,18 @@ def test_slots_bound_runs_give_back_a_lease_too_short_and_learn_run_time() -> No
         assert got == ["a", "b"]
         assert ran == ["start a", "end a", "start b", "end b"], "one slot: one at a time"
         assert slots.run_s is not None and 0.005 < slots.run_s < 1.0
+
+        # close() gives back everyone waiting, at once; the running one finishes
+        blocker = asyncio.create_task(slots.call(loop.time() + 600, 1.0, lambda: run("c")))
+        waiter = asyncio.create_task(slots.call(loop.time() + 600, 1.0, lambda: run("d")))
+        await asyncio.sleep(0)
+        slots.close()
+        assert await blocker == "c"
+        with pytest.raises(GiveBack):
+            await waiter
+        with pytest.raises(GiveBack):
+            await slots.call(loop.time() + 600, 1.0, lambda: run("e"))
+        assert "start d" not in ran and "start e" not in ran
 
     asyncio.run(main())
 

@@ -47,7 +47,11 @@ async def _main(config: object, bundle: bytes | None, name: str) -> int:
     from nimbus.cli.output import print_deployed
     from nimbus.control.server import Platform, install_stop_signals
 
-    platform = await Platform.create(config)  # type: ignore[arg-type]
+    try:
+        platform = await Platform.create(config)  # type: ignore[arg-type]
+    except NimbusError as exc:
+        click.echo(f"nimbus: error: {exc}", err=True)
+        return 1
     code = 0
     try:
         install_stop_signals(platform)

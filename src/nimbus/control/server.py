@@ -33,6 +33,7 @@ from nimbus.control.api import create_control_app
 from nimbus.control.bundle import STATE_MARKER
 from nimbus.control.deploy import Deployer
 from nimbus.control.routesync import RouteSync
+from nimbus.control.statelock import StateLock
 from nimbus.errors import UnavailableError
 from nimbus.events.scheduler import Scheduler
 from nimbus.events.service import DEFAULT_ASYNC_MAX_BYTES, Events
@@ -129,10 +130,22 @@ class Platform:
         self.control_url = ""
         self._servers: list[_Server] = []
         self._stop = asyncio.Event()
+        self.lock: StateLock | None = None
 
     @classmethod
     async def create(cls, config: ServerConfig) -> Platform:
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = StateLock.acquire(config.state_dir)  # before touching anything in it
+        try:
+            platform = await cls._open(config)
+        except BaseException:
+            lock.release()
+            raise
+        platform.lock = lock
+        return platform
+
+    @classmethod
+    async def _open(cls, config: ServerConfig) -> Platform:
         (config.state_dir / STATE_MARKER).touch()
         store = await open_store("sqlite", config.state_dir / "store.db")
         blobs = await open_blobs(config.state_dir / "blobs")
@@ -206,6 +219,8 @@ class Platform:
         await self.blobs.aclose()
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / CONTROL_FILE).unlink()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _url_host(host: str) -> str:

@@ -20,6 +20,7 @@ dropped by its dedup key).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ from nimbus.events.retry import RetryPolicy, next_retry, too_old
 from nimbus.events.shapes import destination_record, sns_event, sqs_event
 from nimbus.ids import new_id
 from nimbus.store.queue import Message, Outgoing, Queue
+from nimbus.worker.pool import ACQUIRE_GRACE_S
 
 if TYPE_CHECKING:
     from nimbus.clock import Clock
@@ -56,50 +58,94 @@ RUN_S_WEIGHT = 0.2  # of the latest run in the moving average of run time
 
 
 def lease_ahead(cap: int, run_s: float | None, timeout_s: float) -> int:
-    """How many messages (or batches) a consumer holds leased: its ``cap``,
-    plus what its slots get through in ``LEASE_WAIT_BUDGET_S`` at the observed
-    run time (the timeout until a run is observed), at most ``MAX_LEASE``."""
+    """How many messages (or batches) a consumer holds leased: what its
+    ``cap`` slots get through in ``LEASE_WAIT_BUDGET_S`` at the observed run
+    time (the timeout until a run is observed), capped at ``MAX_LEASE``, and
+    never fewer than ``cap``."""
     per_run = max(run_s if run_s is not None else timeout_s, 1e-4)
     return max(cap, min(MAX_LEASE, int(cap * LEASE_WAIT_BUDGET_S / per_run)))
 
 
+def run_bound_s(timeout_s: float) -> float:
+    """The longest a started invocation can take: the pool may hold it for an
+    instance (``timeout_s + ACQUIRE_GRACE_S``), then it runs (``timeout_s``)."""
+    return 2 * timeout_s + ACQUIRE_GRACE_S + VISIBILITY_MARGIN_S
+
+
 def lease_s(timeout_s: float) -> float:
-    """The visibility of a lease: the wait budget, one run, and the margin."""
-    return LEASE_WAIT_BUDGET_S + timeout_s + VISIBILITY_MARGIN_S
+    """The visibility of a lease: the wait for a slot, then one invocation."""
+    return LEASE_WAIT_BUDGET_S + run_bound_s(timeout_s)
 
 
-class LeaseEnding(Exception):
-    """The lease could run out before a run started now would end."""
+class GiveBack(Exception):
+    """Not run: the message goes back to its queue, not counted as a try
+    (its lease could end before the run would, or the dispatcher is stopping)."""
 
 
 class Slots:
-    """A consumer's running invocations: at most ``cap`` at once. Learns the
-    run time (a moving average) that sets how far ahead to lease."""
+    """A function's running async invocations, shared by all its consumers:
+    at most ``cap`` at once, handed on in arrival order. Learns the run time
+    (a moving average of completed runs) that sets how far ahead to lease.
+    :meth:`close` gives back every waiter at once."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.run_s: float | None = None
-        self._sem = asyncio.Semaphore(cap)
+        self.closed = False
+        self._free = cap
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def call(self, until: float, timeout_s: float,
                    invoke: Callable[[], Awaitable[Any]]) -> Any:
-        """``await invoke()`` in a slot. Raises :class:`LeaseEnding`, without
-        running it, when the lease (ending at loop time ``until``) could run
-        out first: the caller gives the message back instead."""
-        await self._sem.acquire()
+        """``await invoke()`` in a slot. Raises :class:`GiveBack`, without
+        running it, when closed or when the lease (ending at loop time
+        ``until``) could run out before the invocation would end."""
+        if self.closed:
+            raise GiveBack()
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._hand_on()  # a slot was handed to us; pass it on
+                raise
         try:
             loop = asyncio.get_running_loop()
             start = loop.time()
-            if start + timeout_s + VISIBILITY_MARGIN_S > until:
-                raise LeaseEnding()
+            if self.closed or start + run_bound_s(timeout_s) > until:
+                raise GiveBack()
+            timed = True
             try:
                 return await invoke()
+            except (ThrottledError, ClosedError):
+                timed = False  # not a run: would drag the average to zero
+                raise
             finally:
-                took = loop.time() - start
-                self.run_s = took if self.run_s is None else (
-                    self.run_s + (took - self.run_s) * RUN_S_WEIGHT)
+                if timed:
+                    took = loop.time() - start
+                    self.run_s = took if self.run_s is None else (
+                        self.run_s + (took - self.run_s) * RUN_S_WEIGHT)
         finally:
-            self._sem.release()
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+    def close(self) -> None:
+        self.closed = True
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_exception(GiveBack())
 
 
 def policy_of(spec: FunctionSpec) -> RetryPolicy:
@@ -125,7 +171,8 @@ class Dispatcher:
         self._pools = pools
         self._clock = clock
         self._consumers: dict[str, _Consumer] = {}
-        self.completed = 0  # settled invocations, for status and benchmarks
+        self._slots: dict[str, Slots] = {}
+        self.stopping = False
 
     def sync(self, subs: dict[str, Subscription]) -> None:
         """Start consumers for new subscriptions; stop those that went away
@@ -138,14 +185,27 @@ class Dispatcher:
                 c = self._consumers[name] = _Consumer(self, sub)
                 c.start()
 
-    def running(self) -> int:
-        return sum(c.running for c in self._consumers.values())
+    def slots_for(self, function: str, cap: int) -> Slots:
+        """The function's slots; new ones if its cap changed (a redeploy):
+        work already waiting finishes under the old ones."""
+        slots = self._slots.get(function)
+        if slots is None or slots.cap != cap:
+            slots = self._slots[function] = Slots(cap)
+        return slots
 
     async def aclose(self, grace_s: float = 5.0) -> None:
+        """Stop: no new receives; work not yet started goes back to its queue
+        at once (not counted); running invocations get ``grace_s`` to finish
+        and settle, and one cut short by the pools closing goes back too.
+        What is still running after that stays leased: the next start's
+        ``recover()`` delivers it again."""
+        self.stopping = True
         consumers = list(self._consumers.values())
         self._consumers.clear()
         for c in consumers:
             c.stop()
+        for slots in self._slots.values():
+            slots.close()
         await asyncio.gather(*(c.wait_idle(grace_s) for c in consumers))
 
     # -- one message / one batch ----------------------------------------------
@@ -166,8 +226,9 @@ class Dispatcher:
                 f"not run: older than max_event_age_s ({spec.max_event_age_s:g} s)"})
             return
         try:
-            result = await slots.call(until, spec.timeout_s, lambda: pool.invoke(m.id, payload))
-        except LeaseEnding:
+            result = await slots.call(until, spec.timeout_s,
+                                      lambda: self._live(sub, pool).invoke(m.id, payload))
+        except GiveBack:
             await self._settle(self.queue.release(m, delay_s=0.0))
             return
         except ThrottledError as exc:
@@ -177,6 +238,9 @@ class Dispatcher:
             await self._settle(self.queue.release(m, delay_s=RELEASE_DELAY_S))
             return
         except NimbusError as exc:
+            if self.stopping:  # cut short by the shutdown, not the handler's fault
+                await self._settle(self.queue.release(m, delay_s=0.0))
+                return
             await self._failed(sub, spec, m, payload, error_body(exc))
             return
         except Exception as exc:  # noqa: BLE001 - a bug of ours: the event is retried, not lost
@@ -209,9 +273,9 @@ class Dispatcher:
         if not fresh:
             return
         try:
-            result = await slots.call(until, spec.timeout_s, lambda: pool.invoke(
+            result = await slots.call(until, spec.timeout_s, lambda: self._live(sub, pool).invoke(
                 rid, sqs_event(fresh, sub.source, self._clock.now())))
-        except LeaseEnding:
+        except GiveBack:
             await asyncio.gather(*(self._settle(self.queue.release(m, delay_s=0.0))
                                    for m in fresh))
             return
@@ -224,6 +288,10 @@ class Dispatcher:
                 m, delay_s=RELEASE_DELAY_S)) for m in fresh))
             return
         except Exception as exc:  # noqa: BLE001 - NimbusError or a bug of ours: retried either way
+            if isinstance(exc, NimbusError) and self.stopping:
+                await asyncio.gather(*(self._settle(self.queue.release(m, delay_s=0.0))
+                                       for m in fresh))
+                return
             if not isinstance(exc, NimbusError):
                 log.exception("batch %s of %s failed in nimbus", rid, sub.function)
             error = error_body(exc)
@@ -279,7 +347,13 @@ class Dispatcher:
             await op
         except ConflictError as exc:  # our lease ran out; the next delivery settles it
             log.warning("could not settle: %s", exc)
-        self.completed += 1
+
+    def _live(self, sub: Subscription, pool: FunctionPool) -> FunctionPool:
+        """``pool``, if it still serves the function: work that waited for a
+        slot across a redeploy goes to the new version instead."""
+        if self._pools().get(sub.function) is not pool:
+            raise ClosedError(f"{sub.function} was redeployed")
+        return pool
 
 
 def batch_failures(result: Any, ids: set[str]) -> tuple[set[str], str]:
@@ -312,7 +386,6 @@ class _Consumer:
         self.d = dispatcher
         self.sub = sub
         self.running = 0  # leased work not yet settled: waiting, running or settling
-        self._slots = Slots(0)
         self._free = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._work: set[asyncio.Task[None]] = set()
@@ -328,7 +401,11 @@ class _Consumer:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._work:
-            await asyncio.wait(self._work, timeout=grace_s)
+            _done, late = await asyncio.wait(self._work, timeout=grace_s)
+            for task in late:  # still running: stays leased, delivered again on start
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
 
     async def _loop(self) -> None:
         sub, q = self.sub, self.d.queue
@@ -338,7 +415,7 @@ class _Consumer:
                 await asyncio.sleep(NO_FUNCTION_DELAY_S)
                 continue
             spec = pool.target.spec
-            slots = self._slots_for(max(1, pool.cap))
+            slots = self.d.slots_for(sub.function, max(1, pool.cap))
             held = lease_ahead(slots.cap, slots.run_s, spec.timeout_s)
             # refill when half the room is free: fewer, fuller receives
             while self.running > held - max(1, held // 2):
@@ -367,13 +444,6 @@ class _Consumer:
                 for i in range(0, len(msgs), batch):
                     self._spawn(self.d.run_batch(sub, msgs[i:i + batch], new_id(),
                                                  slots, until))
-
-    def _slots_for(self, cap: int) -> Slots:
-        """New slots if the cap changed (a redeploy); work already waiting
-        finishes under the old ones."""
-        if self._slots.cap != cap:
-            self._slots = Slots(cap)
-        return self._slots
 
     async def _fill(self, have: int, batch: int, vis: float, window_s: float) -> list[Message]:
         """Wait up to the batching window for the batch to fill."""
