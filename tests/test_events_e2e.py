@@ -73,6 +73,11 @@ def test_http_event_header_answers_202_then_runs_and_records(env: Any) -> None:
     r = n.http.post("/echo", content=b"x", headers={"X-Amz-Invocation-Type": "Event"})
     assert r.status_code == 202
     assert n.http.post("/echo", content=b"sync").json() == {"echoed": "sync"}
+    r = n.http.post("/echo", content=b"rr", headers={"X-Amz-Invocation-Type": "RequestResponse"})
+    assert r.json() == {"echoed": "rr"}, "an explicit RequestResponse waits, as Lambda"
+    r = ctl.post("/v1/functions/echo/invoke", content=b"{}",
+                 headers={"X-Nimbus-Invocation-Type": "event"})  # any case
+    assert r.status_code == 202
     r = n.http.post("/echo", content=b"x", headers={"X-Nimbus-Invocation-Type": "Later"})
     assert r.status_code == 400 and "Later" in r.json()["errorMessage"]
 
@@ -118,6 +123,8 @@ def test_retries_exhausted_dead_letter_destination_and_redrive(env: Any) -> None
     assert red.returncode == 0 and "redriven: 1" in red.stdout
     wait_for("the redriven event to run twice more", lambda: len(notes(out, "doomed")) == 4)
     settled(ctl, iid, "dead")
+    wait_for("a second on_failure record: a redrive starts over",
+             lambda: len(notes(out, "audit")) == 2)
     missing = n.cli("dlq", "redrive", "doomed", "--id", "nope")
     assert missing.returncode == 1 and "nope" in missing.stderr
 
@@ -135,10 +142,10 @@ def test_success_destination_to_a_queue(env: Any) -> None:
 def test_queue_trigger_batches_and_partial_failures(env: Any) -> None:
     n, ctl, out = env
     ids = {}
-    for body in ("a", "b", "bad", "c", "d"):
-        p = n.cli("publish", "orders", "--data", body)
-        assert p.returncode == 0, p.stderr
-        ids[body] = p.stdout.split()[0]
+    for body in ("a", "b", "bad", "c", "d"):  # together: well inside the batching window
+        r = ctl.post("/v1/publish/orders", content=body.encode())
+        assert r.status_code == 202, r.text
+        ids[body] = r.json()["messageId"]
     wait_for("every message settled", lambda: all(
         record(ctl, i)["status"] in ("succeeded", "dead") for i in ids.values()))
     for body, i in ids.items():
@@ -196,8 +203,11 @@ def test_throttled_async_work_waits_and_is_not_counted_as_a_try(env: Any) -> Non
         iid = r.json()["invocationId"]
         rec = settled(ctl, iid)
         assert rec["attempts"] == 1, "throttled tries are not counted"
+        [fn] = [f for f in ctl.get("/v1/status").json()["functions"]
+                if f["name"] == "slowpoke"]
+        assert fn["throttles"] >= 1, "the async try really was throttled first"
     finally:
-        busy.join()
+        busy.join(timeout=30)
 
 
 def test_bad_async_input_is_refused_clearly(env: Any, tmp_path: Path) -> None:
@@ -214,6 +224,15 @@ def test_bad_async_input_is_refused_clearly(env: Any, tmp_path: Path) -> None:
     p = n.cli("invoke", "flaky", "--async", "--data", "{not json")
     assert p.returncode == 2 and "not valid JSON" in p.stderr
     assert ctl.get("/v1/invocations/unknown-id").status_code == 404
+    r = ctl.get("/v1/functions/flaky/invocations?limit=%C2%B2")  # a superscript two
+    assert r.status_code == 400 and "limit must be an integer" in r.json()["errorMessage"]
+    p = n.cli("publish", "orders", "--data", "x", "-a", "nimbus.source=forged")
+    assert p.returncode == 1 and "nimbus's own" in p.stderr, p.stderr
+    r = ctl.post("/v1/functions/flaky/dlq/redrive", content=b'{"id": "typo"}')
+    assert r.status_code == 400 and '{"ids"' in r.json()["errorMessage"]
+    r = ctl.post("/v1/functions/flaky/invoke", content=b"{}",
+                 headers={"X-Amz-Invocation-Type": "dryrun"})
+    assert r.status_code == 204
     r = ctl.get("/v1/functions/flaky/invocations?status=lost")
     assert r.status_code == 400 and "unknown status" in r.json()["errorMessage"]
     assert ctl.get("/v1/functions/flaky/invocations").json() == [], "nothing half-written"

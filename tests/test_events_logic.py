@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -156,6 +157,27 @@ def test_catch_up_is_bounded() -> None:
 
 # -- two controllers, one store, a manual clock --------------------------------
 
+class Crash(Exception):
+    pass
+
+
+class CrashingStore:
+    """A store whose next ``update`` "kills" the controller: the scheduler
+    has queued a tick but not yet recorded it (the window dedup covers)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.armed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def update(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            raise Crash()
+        return await self.inner.update(*args, **kwargs)
+
 def test_each_tick_fires_once_with_two_controllers_racing(tmp_path: Path) -> None:
     """Two schedulers over one SQLite store and queue (each with its own
     connections, as two processes would have) race for the lease through
@@ -167,14 +189,16 @@ def test_each_tick_fires_once_with_two_controllers_racing(tmp_path: Path) -> Non
         stores = [await open_sqlite_store(tmp_path / "store.db", clock=clock) for _ in range(2)]
         queues = [await open_sqlite_queue(tmp_path / "queue.db", clock=clock) for _ in range(2)]
         spec = ScheduleSpec("rate(1 minute)", missed="all")
-        nodes = [Scheduler(s, q, clock, node=f"n{i}", lease_ttl_s=5.0)
-                 for i, (s, q) in enumerate(zip(stores, queues, strict=True))]
+        crashing = [CrashingStore(s) for s in stores]
+        nodes = [Scheduler(s, q, clock, node=f"n{i}", lease_ttl_s=5.0)  # type: ignore[arg-type]
+                 for i, (s, q) in enumerate(zip(crashing, queues, strict=True))]
         sched = [Scheduled("cron_fn", 0, spec)]
         for node in nodes:
             node.schedules = sched
         rng = random.Random(4)
         down: dict[int, float] = {}
         leaders_seen = set()
+        died_after_queueing = 0
         start = clock.now()
         try:
             while clock.now() < start + 40 * 60:
@@ -184,7 +208,16 @@ def test_each_tick_fires_once_with_two_controllers_racing(tmp_path: Path) -> Non
                 for i in order:
                     if down.get(i, 0) > clock.now():
                         continue
-                    await nodes[i].tick()
+                    if nodes[i].leading and rng.random() < 0.05:
+                        crashing[i].armed = True
+                    try:
+                        await nodes[i].tick()
+                    except Crash:  # queued a tick, died before recording it
+                        died_after_queueing += 1
+                        nodes[i]._lease = None
+                        down[i] = clock.now() + rng.uniform(6, 90)
+                        continue
+                    crashing[i].armed = False
                     if nodes[i].leading:
                         leaders_seen.add(i)
                         if rng.random() < 0.03:  # crash: no renewals for a while
@@ -208,6 +241,7 @@ def test_each_tick_fires_once_with_two_controllers_racing(tmp_path: Path) -> Non
             "a tick was skipped"
         assert minutes[0] == ts("2026-03-01T00:01:00")
         assert leaders_seen == {0, 1}, "the lead should have changed hands"
+        assert died_after_queueing >= 1, "a leader should have died between queue and record"
         assert len(minutes) >= 38
 
     asyncio.run(main())
@@ -241,3 +275,12 @@ def test_schedule_forms_tick_every_minute(expression: str) -> None:
     s = parse_schedule(expression)
     fire, _ = ticks_to_fire(s, "all", ts("2026-01-01T00:00:00"), ts("2026-01-01T00:05:00"))
     assert fire == [ts(f"2026-01-01T00:0{m}:00") for m in range(1, 6)]
+
+
+def test_alike_schedules_of_one_function_stay_two() -> None:
+    spec = ScheduleSpec("rate(1 minute)")
+    a, b = Scheduled("f", 0, spec), Scheduled("f", 1, spec)
+    assert a.key != b.key, "both must fire: they have their own progress and dedup keys"
+    assert a.key == Scheduled("f", 0, ScheduleSpec("rate(1 minute)")).key, "stable"
+    other_input = Scheduled("f", 0, ScheduleSpec("rate(1 minute)", input=(("k", 1),)))
+    assert other_input.key != a.key

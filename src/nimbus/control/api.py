@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from nimbus.errors import (
     UserInputError,
 )
 from nimbus.events.service import record_view
+from nimbus.gateway.app import invocation_type
 from nimbus.gateway.responses import status_for
 from nimbus.ids import new_id
 from nimbus.observe.logs import follow_records, read_records
@@ -96,19 +98,12 @@ def create_control_app(platform: Platform) -> Starlette:
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
-    def invocation_type(request: Request) -> str:
-        h = request.headers
-        kind = (h.get("x-nimbus-invocation-type") or h.get("x-amz-invocation-type")
-                or ("Event" if request.query_params.get("async") in ("1", "true")
-                    else "RequestResponse"))
-        if kind not in ("Event", "RequestResponse"):
-            raise UserInputError(f"invocation type {kind!r} is not supported: "
-                                 "use Event or RequestResponse")
-        return kind
-
     async def invoke(request: Request) -> Response:
         name = request.path_params["name"]
-        kind = invocation_type(request)
+        h = request.headers
+        kind = invocation_type(h.get("x-nimbus-invocation-type") or h.get("x-amz-invocation-type")
+                               or ("Event" if request.query_params.get("async") in ("1", "true")
+                                   else None))
         raw = await read_limited(request, MAX_INVOKE_PAYLOAD)
         try:
             event = orjson.loads(raw) if raw.strip() else {}
@@ -124,6 +119,8 @@ def create_control_app(platform: Platform) -> Starlette:
         pool = platform.routes.functions.get(name)
         if pool is None:
             raise NotFoundError(f"function {name!r} is not deployed")
+        if kind == "DryRun":
+            return Response(status_code=204)
         rid = new_id()
         try:
             result = await pool.invoke(rid, event)
@@ -143,7 +140,7 @@ def create_control_app(platform: Platform) -> Starlette:
 
     def limit_of(request: Request) -> int:
         raw = request.query_params.get("limit", "50")
-        if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        if not re.fullmatch(r"[0-9]{1,6}", raw) or not 1 <= int(raw) <= 10_000:
             raise UserInputError(f"limit must be an integer from 1 to 10000, got {raw!r}")
         return int(raw)
 
@@ -173,10 +170,13 @@ def create_control_app(platform: Platform) -> Starlette:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 raise UserInputError(f"body is not JSON: {exc}") from None
-            ids = body.get("ids") if isinstance(body, dict) else None
-            if ids is not None and not (isinstance(ids, list)
-                                        and all(isinstance(i, str) for i in ids)):
-                raise UserInputError('expected {"ids": ["invocation id", ...]}')
+            # a malformed body must not mean "everything"
+            if not (isinstance(body, dict) and set(body) == {"ids"}
+                    and isinstance(body["ids"], list)
+                    and all(isinstance(i, str) for i in body["ids"])):
+                raise UserInputError('expected no body (redrive every dead letter) or '
+                                     '{"ids": ["invocation id", ...]}')
+            ids = body["ids"]
         moved = await platform.events.redrive(name, ids)
         return _json({"redriven": moved})
 

@@ -339,7 +339,7 @@ class Dispatcher:
         # The dedup key makes a repeat (after a crash before the ack) a no-op.
         out = Outgoing(orjson.dumps(record), {"nimbus.source": "destination",
                                               "nimbus.from": m.id},
-                       dedup_key=f"destination:{m.id}:{condition}")
+                       dedup_key=f"destination:{m.id}:{m.enqueued_at!r}:{condition}")
         await self.queue.send(target, [out])
 
     async def _settle(self, op: Awaitable[None]) -> None:

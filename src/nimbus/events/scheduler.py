@@ -62,8 +62,11 @@ class Scheduled:
 
     @property
     def key(self) -> str:
-        """Changing the expression or zone makes a new schedule (no backlog)."""
-        digest = hashlib.sha256(f"{self.spec.expression}|{self.spec.timezone}".encode())
+        """Changing the expression, zone or input makes a new schedule (no
+        backlog); two that are alike but for their place stay two."""
+        spec = self.spec
+        digest = hashlib.sha256(orjson.dumps([spec.expression, spec.timezone, dict(spec.input),
+                                              self.index], option=orjson.OPT_SORT_KEYS))
         return f"{self.function}/{digest.hexdigest()[:12]}"
 
     def parsed(self) -> Schedule:

@@ -141,6 +141,10 @@ class Events:
                 f"'topic: {name}' (queues: {', '.join(sorted(self.queue_owner)) or 'none'}; "
                 f"topics: {', '.join(sorted(self.topic_subs)) or 'none'})")
         attrs = dict(attributes or {})
+        reserved = sorted(k for k in attrs if k.startswith("nimbus."))
+        if reserved:
+            raise UserInputError(f"attribute names starting with 'nimbus.' are nimbus's own: "
+                                 f"{', '.join(reserved)}")
         dedup = f"idem:{idempotency_key}" if idempotency_key else None
         if kind == "queue":
             [r] = await self.queue.send(user_queue(name), [Outgoing(body, attrs,

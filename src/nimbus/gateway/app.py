@@ -30,6 +30,21 @@ INVOCATION_TYPE_HEADERS = ("x-nimbus-invocation-type", "x-amz-invocation-type")
 RESERVED_PREFIX = "/_nimbus/"
 
 
+INVOCATION_TYPES = {"requestresponse": "RequestResponse", "event": "Event", "dryrun": "DryRun"}
+
+
+def invocation_type(value: str | None) -> str:
+    """Lambda's invocation type from a header value (any case): the default
+    ``RequestResponse`` (wait for the result), ``Event`` (async) or ``DryRun``."""
+    if value is None:
+        return "RequestResponse"
+    kind = INVOCATION_TYPES.get(value.strip().lower())
+    if kind is None:
+        raise UserInputError(f"invocation type {value!r} is not supported: use Event "
+                             "(async), DryRun (check only) or RequestResponse (the default)")
+    return kind
+
+
 class ClientGone(Exception):
     """The client hung up before its request body was complete."""
 
@@ -87,8 +102,10 @@ class Gateway:
                                    path_params=match.path_params, request_id=rid,
                                    now_s=time.time())
                 ev_headers = event["headers"]
-                if (INVOCATION_TYPE_HEADERS[0] in ev_headers
-                        or INVOCATION_TYPE_HEADERS[1] in ev_headers):
+                if ((INVOCATION_TYPE_HEADERS[0] in ev_headers
+                        or INVOCATION_TYPE_HEADERS[1] in ev_headers) and invocation_type(
+                        ev_headers.get(INVOCATION_TYPE_HEADERS[0])
+                        or ev_headers.get(INVOCATION_TYPE_HEADERS[1])) != "RequestResponse"):
                     status, headers, data = await self._not_now(match.target, event)
                     headers.append((REQUEST_ID_HEADER, rid.encode()))
                     headers.append((b"content-length", str(len(data)).encode()))
@@ -149,17 +166,12 @@ class Gateway:
         """An HTTP request that asked not to wait: ``Event`` stores it and
         answers 202 with the invocation id; ``DryRun`` only checks it."""
         h = event["headers"]
-        kind = h.get(INVOCATION_TYPE_HEADERS[0]) or h.get(INVOCATION_TYPE_HEADERS[1]) or ""
-        kind_l = kind.strip().lower()
-        if kind_l == "requestresponse":
-            return 400, [(b"content-type", JSON)], orjson.dumps({
-                "errorType": "InvalidInvocationType", "errorMessage":
-                "RequestResponse is the default: send the request without the header"})
-        if kind_l == "dryrun":
+        kind = invocation_type(h.get(INVOCATION_TYPE_HEADERS[0])
+                               or h.get(INVOCATION_TYPE_HEADERS[1]))
+        if kind == "DryRun":
             return 204, [], b""
-        if kind_l != "event" or self.events is None:
-            raise UserInputError(f"invocation type {kind!r} is not supported: use Event "
-                                 "(async) or leave the header out")
+        if self.events is None:
+            raise UserInputError("async invocations are not available here")
         function = target.target.function
         result = await self.events.submit(function, orjson.dumps(event),
                                           idempotency_key=h.get("idempotency-key"),

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from nimbus.events.retry import MAX_DELAY_S
 from nimbus.manifest.errmap import show
 from nimbus.manifest.model import (
     DEFAULT_BATCH_SIZE,
@@ -132,6 +133,19 @@ def _schedule_expression(v: Any) -> Any:
     return v.strip()
 
 
+def _json_mapping(v: Any) -> Any:
+    import orjson
+
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise fail(f"expected a mapping with string keys, got {show(v)}")
+    try:
+        orjson.dumps(v)
+    except TypeError as exc:
+        raise fail(f"expected JSON values (mappings, lists, strings, numbers, booleans, "
+                   f"null): {exc}") from None
+    return v
+
+
 def _timezone(v: Any) -> Any:
     import zoneinfo
 
@@ -226,17 +240,21 @@ class ScheduleModel(_Model):
         description="'rate(N unit)', 'cron(6 fields)' or a 5-field cron")
     timezone: Annotated[str, BeforeValidator(_timezone)] = "UTC"
     missed: Annotated[str, BeforeValidator(_missed)] = "once"
-    input: dict[str, Any] = Field(default_factory=dict,
-                                  description="a mapping, passed as the event's detail")
+    input: Annotated[dict[str, Any], BeforeValidator(_json_mapping)] = Field(
+        default_factory=dict, description="a mapping, passed as the event's detail")
 
     @model_validator(mode="after")
     def _expression_in_zone(self) -> ScheduleModel:
+        from datetime import UTC, datetime
+
         from nimbus.events.schedule_expr import ScheduleError, parse_schedule
 
         try:
-            parse_schedule(self.expression, self.timezone)
+            sched = parse_schedule(self.expression, self.timezone)
         except ScheduleError as exc:
             raise fail(str(exc)) from None
+        if sched.next_after(datetime.now(UTC)) is None:
+            raise fail(f"{self.expression!r} has no tick from now on")
         return self
 
 
@@ -280,8 +298,9 @@ class EventSettings(_Model):
     """Async and trigger keys, shared by both forms."""
 
     retries: int = Field(DEFAULT_RETRIES, ge=0, le=20, description="an integer from 0 to 20")
-    retry_delay_s: float = Field(DEFAULT_RETRY_DELAY_S, gt=0, le=3600,
-                                 description="a number of seconds greater than 0, at most 3600")
+    retry_delay_s: float = Field(DEFAULT_RETRY_DELAY_S, gt=0, le=MAX_DELAY_S,
+                                 description="a number of seconds greater than 0, at most "
+                                 f"{MAX_DELAY_S:g} (the longest wait between tries)")
     max_event_age_s: float = Field(DEFAULT_MAX_EVENT_AGE_S, ge=1, le=DEFAULT_MAX_EVENT_AGE_S,
                                    description="a number of seconds from 1 to 21600")
     dead_letter: bool = True

@@ -176,9 +176,12 @@ async def _dead_letters(q: Queue, clock: ManualClock) -> None:
     assert {r.id for r in dead} == {s.id for s in sent}, "dead letters are listed"
     assert all(r.error == ERR for r in dead), "dead letters keep their error"
     await _nothing(q, name, "every message is dead")
+    clock.advance(7)
     assert await q.redrive(name, [sent[0].id]) == 1, "redrive of one id moves one"
     m = await _one(q, name)
     assert m.id == sent[0].id and m.attempts == 1, f"a redriven message starts over: {m}"
+    assert m.enqueued_at == clock.now(), \
+        f"a redriven message is young again (its age and destinations start over): {m}"
     await q.ack(m)
     assert await q.redrive(name, []) == 0, "redrive of no ids moves none"
     assert await q.redrive(name) == 2, "redrive of the queue moves the rest"
