@@ -165,7 +165,8 @@ def test_queue_trigger_batches_and_partial_failures(env: Any) -> None:
 
 def test_topic_fans_out_to_every_subscriber(env: Any) -> None:
     n, ctl, out = env
-    p = n.cli("publish", "signups", "--data", '{"user": "ada"}', "-a", "plan=pro")
+    p = n.cli("publish", "signups", "--data", '{"user": "ada"}', "-a", "plan=pro",
+              "--subject", "welcome", "--idempotency-key", "signup-ada")
     assert p.returncode == 0 and "2 subscribers" in p.stdout, p.stdout + p.stderr
     wait_for("both subscribers", lambda: notes(out, "sub-a") and notes(out, "sub-b"))
     [a], [b] = notes(out, "sub-a"), notes(out, "sub-b")
@@ -174,6 +175,10 @@ def test_topic_fans_out_to_every_subscriber(env: Any) -> None:
         assert sns["Message"] == '{"user": "ada"}' and sns["TopicArn"].endswith(":signups")
         assert sns["MessageAttributes"] == {"plan": {"Type": "String", "Value": "pro"}}
     assert a["Records"][0]["Sns"]["MessageId"] == b["Records"][0]["Sns"]["MessageId"]
+    assert a["Records"][0]["Sns"]["Subject"] == "welcome"
+    again = n.cli("publish", "signups", "--data", '{"user": "ada"}', "--idempotency-key",
+                  "signup-ada")
+    assert again.stdout.split()[0] == p.stdout.split()[0], "a repeat answers the first id"
     one = n.cli("publish", "other", "--data", "x")
     assert "1 subscriber" in one.stdout
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest

@@ -10,7 +10,7 @@ import pytest
 from nimbus.clock import ManualClock
 from nimbus.errors import ConflictError
 from nimbus.store.queue import Outgoing
-from nimbus.store.sqlite_queue import open_sqlite_queue
+from nimbus.store.sqlite_queue import PURGE_CHUNK, open_sqlite_queue
 from nimbus.testing import check_queue
 
 
@@ -25,9 +25,11 @@ def test_concurrent_sends_share_commits_and_all_land(tmp_path: Path) -> None:
     async def main() -> None:
         q = await open_sqlite_queue(tmp_path / "q.db")
         try:
+            before = q.commits
             results = await asyncio.gather(*(q.send("a", [Outgoing(str(i).encode())])
                                              for i in range(500)))
             assert len({r[0].id for r in results}) == 500
+            assert q.commits - before <= 5, "500 sends made together share a few commits"
             got = await q.receive("a", max_messages=1000, visibility_s=30)
             assert sorted(int(m.body) for m in got) == list(range(500))
         finally:
@@ -74,4 +76,24 @@ def test_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
     async def main() -> None:
         with pytest.raises(UnavailableError, match="sqlite queue"):
             await open_sqlite_queue(tmp_path / "missing" / "q.db")
+    asyncio.run(main())
+
+
+def test_purging_settled_records_goes_in_chunks_and_keeps_the_rest(tmp_path: Path) -> None:
+    async def main() -> None:
+        clock = ManualClock(1000.0)
+        q = await open_sqlite_queue(tmp_path / "q.db", clock=clock)
+        try:
+            await q.send("p", [Outgoing(b"x") for _ in range(PURGE_CHUNK + 500)])
+            msgs = await q.receive("p", max_messages=PURGE_CHUNK + 500, visibility_s=60)
+            await asyncio.gather(*(q.ack(m) for m in msgs[:-3]))  # 3 stay running
+            await q.send("p", [Outgoing(b"new")])
+            clock.advance(10)
+            commits = q.commits
+            assert await q.purge_settled(older_than=clock.now()) == PURGE_CHUNK + 497
+            assert q.commits - commits >= 2, "more than one chunk, each its own commit"
+            s = await q.stats("p")
+            assert (s.running, s.ready, s.succeeded) == (3, 1, 0)
+        finally:
+            await q.aclose()
     asyncio.run(main())

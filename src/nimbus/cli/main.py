@@ -243,12 +243,13 @@ def dlq_redrive(function: str, ids: tuple[str, ...], state_dir: Path | None, url
 @click.option("--topic", "kind", flag_value="topic", help="NAME is a topic.")
 @click.option("--attribute", "-a", "attributes", multiple=True,
               help="A message attribute KEY=VALUE (repeatable).")
+@click.option("--subject", default=None, help="A topic message's subject (SNS Subject).")
 @click.option("--idempotency-key", default=None,
               help="A repeat with the same key within 24 h is not delivered again.")
 @connection_options
 def publish(name: str, data: str, kind: str | None, attributes: tuple[str, ...],
-            idempotency_key: str | None, state_dir: Path | None, url: str | None,
-            token: str | None) -> None:
+            subject: str | None, idempotency_key: str | None, state_dir: Path | None,
+            url: str | None, token: str | None) -> None:
     """Send a message to the queue or topic NAME."""
     for a in attributes:
         if "=" not in a or a.startswith("="):
@@ -256,6 +257,8 @@ def publish(name: str, data: str, kind: str | None, attributes: tuple[str, ...],
     params: dict[str, Any] = {"attribute": list(attributes)}
     if kind:
         params["kind"] = kind
+    if subject is not None:
+        params["subject"] = subject
     headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
     out = _client(state_dir, url, token).request(
         "POST", f"/v1/publish/{name}", content=_data(data, b""), params=params,

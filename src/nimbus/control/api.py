@@ -194,6 +194,7 @@ def create_control_app(platform: Platform) -> Starlette:
             attrs[k] = v
         pub = await platform.events.publish(
             name, raw, kind=kind, attributes=attrs,
+            subject=request.query_params.get("subject"),
             idempotency_key=request.headers.get("idempotency-key"))
         return _json({"messageId": pub.message_id, "kind": pub.kind,
                       "deliveries": [{"id": r.id, "duplicate": not r.created}

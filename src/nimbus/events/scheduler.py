@@ -108,7 +108,6 @@ class Scheduler:
         self.node = node or uuid.uuid4().hex[:12]
         self.lease_ttl_s = lease_ttl_s
         self.schedules: list[Scheduled] = []
-        self.fired = 0
         self._lease: int | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -190,7 +189,6 @@ class Scheduler:
             await self.store.update(key, orjson.dumps({"last": new_last}), entry.revision)
         except ConflictError:  # another leader moved it: its ticks were deduplicated
             log.warning("schedule %s advanced by another controller", s.key)
-        self.fired += len(fire)
         return [(s.key, t) for t in fire]
 
     async def resign(self) -> None:

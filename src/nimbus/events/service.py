@@ -122,7 +122,7 @@ class Events:
         return result
 
     async def publish(self, name: str, body: bytes, *, kind: str | None = None,
-                      attributes: dict[str, str] | None = None,
+                      attributes: dict[str, str] | None = None, subject: str | None = None,
                       idempotency_key: str | None = None) -> Published:
         """A message to the queue or topic ``name``: one delivery to the queue's
         consumer, or one per subscriber of the topic (each with its own queue)."""
@@ -152,11 +152,17 @@ class Events:
             return Published(r.id, "queue", [r])
         message_id = new_id()
         attrs["nimbus.message_id"] = message_id
-        results = []
-        for fn in self.topic_subs[name]:
-            [r] = await self.queue.send(topic_queue(name, fn), [Outgoing(body, attrs,
-                                                                         dedup_key=dedup)])
-            results.append(r)
+        if subject is not None:
+            attrs["nimbus.subject"] = subject
+        # Sent together: the embedded queue commits them in one transaction.
+        sent = await asyncio.gather(*(
+            self.queue.send(topic_queue(name, fn), [Outgoing(body, attrs, dedup_key=dedup)])
+            for fn in self.topic_subs[name]))
+        results = [r for [r] in sent]
+        if not results[0].created:  # a repeat: answer with the first message's id
+            first = await self.queue.get(results[0].id)
+            if first is not None:
+                message_id = first.attributes.get("nimbus.message_id", message_id)
         return Published(message_id, "topic", results)
 
     # -- records and dead letters ---------------------------------------------------

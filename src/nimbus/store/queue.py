@@ -23,11 +23,9 @@ Every backend passes :func:`nimbus.testing.check_queue`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-Status = Literal["queued", "running", "retrying", "succeeded", "failed", "dead"]
 STATUSES: tuple[str, ...] = ("queued", "running", "retrying", "succeeded", "failed", "dead")
-TERMINAL: tuple[str, ...] = ("succeeded", "failed", "dead")
 
 DEFAULT_DEDUP_WINDOW_S = 24 * 3600.0
 

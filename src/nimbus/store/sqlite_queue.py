@@ -49,6 +49,7 @@ from nimbus.store.queue import (
 )
 
 BATCH = 512  # jobs per transaction at most
+PURGE_CHUNK = 2000
 POLL_S = 0.25  # how often a waiting receiver looks again
 BUSY_TIMEOUT_MS = 5000
 
@@ -118,6 +119,7 @@ class SQLiteQueue:
         self._conn: sqlite3.Connection | None = None  # the writer thread's only
         self._closed = False
         self._full = True  # the connection's synchronous setting
+        self.commits = 0  # transactions committed, for tests and status
         self._ready: dict[str, asyncio.Event] = {}
 
     # -- the writer thread ------------------------------------------------------
@@ -187,6 +189,7 @@ class SQLiteQueue:
                 outcomes.append((fut, True, value))
             if conn is not None and conn.in_transaction:
                 conn.execute("COMMIT")
+                self.commits += 1
         except BaseException as exc:  # noqa: BLE001 - the whole batch failed; tell every caller
             if conn is not None and conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
@@ -416,11 +419,19 @@ class SQLiteQueue:
         return await self._call(run)  # type: ignore[no-any-return]
 
     async def purge_settled(self, older_than: float) -> int:
+        """In chunks of ``PURGE_CHUNK``, each its own job: accepts and acks
+        interleave instead of waiting behind one huge delete."""
         def run() -> int:
             return int(self._db().execute(
-                "DELETE FROM messages WHERE settled_at IS NOT NULL AND settled_at < ?",
-                (older_than,)).rowcount)
-        return await self._call(run)  # type: ignore[no-any-return]
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE "
+                "settled_at IS NOT NULL AND settled_at < ? LIMIT ?)",
+                (older_than, PURGE_CHUNK)).rowcount)
+        total = 0
+        while (n := await self._call(run)) > 0:
+            total += n
+            if n < PURGE_CHUNK:
+                break
+        return total
 
     async def recover(self) -> int:
         """Make every leased message deliverable now (its consumer is gone)."""

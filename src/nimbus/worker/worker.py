@@ -14,11 +14,11 @@ from typing import Any
 
 from nimbus.errors import ClosedError, ThrottledError, UnavailableError
 from nimbus.observe.logs import LogSink
-from nimbus.worker.instance import Instance, InstanceProtocol
-from nimbus.worker.pool import FunctionPool
 from nimbus.worker.autoscaler import Autoscaler, AutoscalerConfig
 from nimbus.worker.budget import NodeBudget, Usage, admit
 from nimbus.worker.deps import BASE, DepSet, dependency_set
+from nimbus.worker.instance import Instance, InstanceProtocol
+from nimbus.worker.pool import FunctionPool
 from nimbus.worker.target import Target
 from nimbus.worker.zygote_client import ZygoteClient
 
