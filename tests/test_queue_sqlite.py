@@ -97,3 +97,21 @@ def test_purging_settled_records_goes_in_chunks_and_keeps_the_rest(tmp_path: Pat
         finally:
             await q.aclose()
     asyncio.run(main())
+
+
+def test_a_cancelled_receive_gives_its_lease_back_uncounted(tmp_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite_queue(tmp_path / "q.db")
+        try:
+            await q.send("c", [Outgoing(b"x")])
+            waiter = asyncio.create_task(q.receive("c", max_messages=1, visibility_s=600))
+            await asyncio.sleep(0)  # the receive job is on its way to the writer
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            got = await q.receive("c", max_messages=1, visibility_s=600, wait_s=5)
+            assert len(got) == 1, "the message was not left leased by the cancelled call"
+            assert got[0].attempts == 1, "the cancelled delivery does not count as a try"
+        finally:
+            await q.aclose()
+    asyncio.run(main())

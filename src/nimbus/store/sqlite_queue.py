@@ -120,6 +120,7 @@ class SQLiteQueue:
         self._closed = False
         self._full = True  # the connection's synchronous setting
         self.commits = 0  # transactions committed, for tests and status
+        self._orphans: set[asyncio.Future[None]] = set()  # give-backs in flight
         self._ready: dict[str, asyncio.Event] = {}
 
     # -- the writer thread ------------------------------------------------------
@@ -284,8 +285,15 @@ class SQLiteQueue:
         while True:
             ev.clear()  # before reading: a send after the read sets it again
             now = self._clock.now()
-            msgs, next_due = await self._call(self._receive_tx, queue, max_messages,
-                                              visibility_s, now)
+            job = asyncio.ensure_future(self._call(self._receive_tx, queue, max_messages,
+                                                   visibility_s, now))
+            try:
+                msgs, next_due = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # The caller is gone but the lease may be taken: give it back
+                # (not counted), rather than leave it to time out as a try.
+                job.add_done_callback(self._give_back)
+                raise
             remaining = deadline - loop.time()
             if msgs or remaining <= 0:
                 return msgs  # type: ignore[no-any-return]
@@ -318,6 +326,18 @@ class SQLiteQueue:
 
     async def _settle(self, m: Message, sets: str, args: tuple[Any, ...]) -> None:
         await self._call(self._settle_tx, m, sets, args)
+
+    def _give_back(self, job: asyncio.Future[Any]) -> None:
+        if job.cancelled() or job.exception() is not None or self._closed:
+            return
+        for m in job.result()[0]:
+            task = asyncio.ensure_future(self._release_quietly(m))
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
+
+    async def _release_quietly(self, m: Message) -> None:
+        with contextlib.suppress(ClosedError, ConflictError, UnavailableError):
+            await self.release(m, delay_s=0.0)  # if not, recover() at the next start
 
     def _settle_tx(self, m: Message, sets: str, args: tuple[Any, ...]) -> None:
         cur = self._db().execute(
