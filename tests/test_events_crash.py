@@ -118,6 +118,15 @@ def wait_until(what: str, check: Any, timeout: float) -> Any:
     return got
 
 
+def wait_settled(ctl: httpx.Client, fn: str, timeout: float) -> dict[str, int]:
+    """``fn``'s async stats once nothing is queued, delayed or running."""
+    def settled() -> dict[str, int] | None:
+        s = async_stats(ctl, fn)
+        return s if s["ready"] + s["delayed"] + s["running"] == 0 else None
+    return wait_until(f"every invocation of {fn} to settle", settled,  # type: ignore[no-any-return]
+                      timeout)
+
+
 def kill_tree(pid: int) -> None:
     victims = descendants(pid) | {pid}
     for p in victims:
@@ -143,10 +152,7 @@ def test_sigkill_with_work_queued_loses_nothing(tmp_path: Path, start_nimbus: An
 
     second = start_nimbus(app, state=tmp_path / "state", name="second")
     with control(second) as ctl:
-        def done() -> dict[str, int] | None:
-            s = async_stats(ctl, "work")
-            return s if s["ready"] + s["delayed"] + s["running"] == 0 else None
-        final = wait_until("every invocation to settle", done, 120)
+        final = wait_settled(ctl, "work", 120)
         recs = ctl.get("/v1/functions/work/invocations", params={"limit": "5000"}).json()
     by_id = {r["id"]: r for r in recs}
     assert set(by_id) == set(ids), "every accepted invocation has a record, and no other"
@@ -205,10 +211,7 @@ def test_graceful_stop_gives_back_what_it_did_not_finish(
 
     second = start_nimbus(app, state=tmp_path / "state", name="second")
     with control(second) as ctl:
-        def done() -> dict[str, int] | None:
-            s = async_stats(ctl, "slow")
-            return s if s["ready"] + s["delayed"] + s["running"] == 0 else None
-        final = wait_until("the rest to run", done, 60)
+        final = wait_settled(ctl, "slow", 60)
         recs = ctl.get("/v1/functions/slow/invocations", params={"limit": "100"}).json()
     assert (final["succeeded"], final["dead"], final["failed"]) == (80, 0, 0), final
     assert {r["id"] for r in recs} == set(ids)
