@@ -213,7 +213,7 @@ class Dispatcher:
     async def run_one(self, sub: Subscription, m: Message, slots: Slots, until: float) -> None:
         pool = self._pools().get(sub.function)
         if pool is None:
-            await self._settle(self.queue.release(m, delay_s=NO_FUNCTION_DELAY_S))
+            await self._release([m], NO_FUNCTION_DELAY_S)
             return
         spec = pool.target.spec
         if sub.kind == "topic":
@@ -221,32 +221,17 @@ class Dispatcher:
         else:
             payload = orjson.loads(m.body)
         if too_old(policy_of(spec), enqueued_at=m.enqueued_at, now=self._clock.now()):
-            await self._give_up(sub, spec, m, payload, "EventAgeExceeded", {
-                "errorType": "EventAgeExceeded", "errorMessage":
-                f"not run: older than max_event_age_s ({spec.max_event_age_s:g} s)"})
+            await self._give_up(sub, spec, m, payload, "EventAgeExceeded", _too_old_error(spec))
             return
         try:
             result = await slots.call(until, spec.timeout_s,
                                       lambda: self._live(sub, pool).invoke(m.id, payload))
-        except GiveBack:
-            await self._settle(self.queue.release(m, delay_s=0.0))
-            return
-        except ThrottledError as exc:
-            await self._settle(self.queue.release(m, delay_s=_jitter(exc.retry_after_s)))
-            return
-        except ClosedError:
-            await self._settle(self.queue.release(m, delay_s=RELEASE_DELAY_S))
-            return
-        except NimbusError as exc:
-            if self.stopping:  # cut short by the shutdown, not the handler's fault
-                await self._settle(self.queue.release(m, delay_s=0.0))
-                return
-            await self._failed(sub, spec, m, payload, error_body(exc))
-            return
-        except Exception as exc:  # noqa: BLE001 - a bug of ours: the event is retried, not lost
-            log.exception("invocation %s of %s failed in nimbus", m.id, sub.function)
-            await self._failed(sub, spec, m, payload, {"errorType": "InternalError",
-                                                       "errorMessage": repr(exc)})
+        except Exception as exc:  # noqa: BLE001 - sorted below; nothing is lost either way
+            delay = self._not_run_delay(exc)
+            if delay is not None:
+                await self._release([m], delay)
+            else:
+                await self._failed(sub, spec, m, payload, self._error_of(exc, m.id, sub))
             return
         if spec.on_success:
             await self._destination(spec.on_success, sub, m, "Success", payload, result,
@@ -257,17 +242,14 @@ class Dispatcher:
                         until: float) -> None:
         pool = self._pools().get(sub.function)
         if pool is None:
-            await asyncio.gather(*(self._settle(self.queue.release(
-                m, delay_s=NO_FUNCTION_DELAY_S)) for m in msgs))
+            await self._release(msgs, NO_FUNCTION_DELAY_S)
             return
         spec = pool.target.spec
         now = self._clock.now()
         fresh = []
         for m in msgs:
             if too_old(policy_of(spec), enqueued_at=m.enqueued_at, now=now):
-                await self._give_up(sub, spec, m, None, "EventAgeExceeded", {
-                    "errorType": "EventAgeExceeded", "errorMessage":
-                    f"not run: older than max_event_age_s ({spec.max_event_age_s:g} s)"})
+                await self._give_up(sub, spec, m, None, "EventAgeExceeded", _too_old_error(spec))
             else:
                 fresh.append(m)
         if not fresh:
@@ -275,31 +257,16 @@ class Dispatcher:
         try:
             result = await slots.call(until, spec.timeout_s, lambda: self._live(sub, pool).invoke(
                 rid, sqs_event(fresh, sub.source, self._clock.now())))
-        except GiveBack:
-            await asyncio.gather(*(self._settle(self.queue.release(m, delay_s=0.0))
-                                   for m in fresh))
-            return
-        except ThrottledError as exc:
-            await asyncio.gather(*(self._settle(self.queue.release(
-                m, delay_s=_jitter(exc.retry_after_s))) for m in fresh))
-            return
-        except ClosedError:
-            await asyncio.gather(*(self._settle(self.queue.release(
-                m, delay_s=RELEASE_DELAY_S)) for m in fresh))
-            return
-        except Exception as exc:  # noqa: BLE001 - NimbusError or a bug of ours: retried either way
-            if isinstance(exc, NimbusError) and self.stopping:
-                await asyncio.gather(*(self._settle(self.queue.release(m, delay_s=0.0))
-                                       for m in fresh))
+        except Exception as exc:  # noqa: BLE001 - sorted below; nothing is lost either way
+            delay = self._not_run_delay(exc)
+            if delay is not None:
+                await self._release(fresh, delay)
                 return
-            if not isinstance(exc, NimbusError):
-                log.exception("batch %s of %s failed in nimbus", rid, sub.function)
-            error = error_body(exc)
+            error = self._error_of(exc, rid, sub)
             await asyncio.gather(*(self._failed(sub, spec, m, None, error, rid) for m in fresh))
             return
         failed, problem = batch_failures(result, {m.id for m in fresh})
         if problem:
-            failed = {m.id for m in fresh}
             error = {"errorType": "InvalidBatchResponse", "errorMessage": problem}
         else:
             error = {"errorType": "BatchItemFailure",
@@ -307,6 +274,30 @@ class Dispatcher:
         await asyncio.gather(*(
             self._failed(sub, spec, m, None, error, rid) if m.id in failed
             else self._settle(self.queue.ack(m, request_id=rid)) for m in fresh))
+
+    def _not_run_delay(self, exc: BaseException) -> float | None:
+        """When an invocation that did not really run goes back to its queue
+        (not counted as a try), or None: it ran, and failed."""
+        if isinstance(exc, GiveBack):
+            return 0.0
+        if isinstance(exc, ThrottledError):
+            return _jitter(exc.retry_after_s)
+        if isinstance(exc, ClosedError):  # a retired pool: the new version takes it
+            return RELEASE_DELAY_S
+        if isinstance(exc, NimbusError) and self.stopping:  # cut short by the shutdown
+            return 0.0
+        return None
+
+    @staticmethod
+    def _error_of(exc: BaseException, rid: str, sub: Subscription) -> dict[str, Any]:
+        if isinstance(exc, NimbusError):
+            return error_body(exc)
+        log.error("invocation %s of %s failed in nimbus", rid, sub.function, exc_info=exc)
+        return {"errorType": "InternalError", "errorMessage": repr(exc)}
+
+    async def _release(self, msgs: list[Message], delay_s: float) -> None:
+        await asyncio.gather(*(self._settle(self.queue.release(m, delay_s=delay_s))
+                               for m in msgs))
 
     async def _failed(self, sub: Subscription, spec: FunctionSpec, m: Message, payload: Any,
                       error: dict[str, Any], rid: str | None = None) -> None:
@@ -375,6 +366,11 @@ def batch_failures(result: Any, ids: set[str]) -> tuple[set[str], str]:
             return ids, f"batchItemFailures names {mid!r}, which is not a messageId of the batch"
         failed.add(mid)
     return failed, ""
+
+
+def _too_old_error(spec: FunctionSpec) -> dict[str, Any]:
+    return {"errorType": "EventAgeExceeded",
+            "errorMessage": f"not run: older than max_event_age_s ({spec.max_event_age_s:g} s)"}
 
 
 def _jitter(seconds: float) -> float:
