@@ -16,6 +16,8 @@ Contract (beyond :class:`nimbus.store.queue.Queue`):
   one transaction, commits once and then answers them all. Under load one
   fsync covers hundreds of operations; alone, a job pays one commit as
   before. A job that fails (a stale receipt) rolls back its savepoint only.
+* Reads (``get``, ``records``, ``stats``) run on a second thread with its own
+  read-only connection, so they neither wait behind commits nor delay them.
 * One owner: the embedded queue belongs to one ``nimbus up``. At start it
   calls :meth:`SQLiteQueue.recover`, which makes the messages leased by a
   previous (dead) process deliverable at once instead of after their lease.
@@ -31,6 +33,7 @@ import queue as stdqueue
 import sqlite3
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +124,8 @@ class SQLiteQueue:
         self._full = True  # the connection's synchronous setting
         self.commits = 0  # transactions committed, for tests and status
         self._orphans: set[asyncio.Future[None]] = set()  # give-backs in flight
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="nimbus-queue-read")
+        self._read_conn: sqlite3.Connection | None = None  # the reader thread's only
         self._ready: dict[str, asyncio.Event] = {}
 
     # -- the writer thread ------------------------------------------------------
@@ -229,6 +234,33 @@ class SQLiteQueue:
             conn.close()
             raise
         self._conn = conn
+
+    # -- the reader thread --------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run a read on the reader thread's own connection: status pages and
+        record lists never wait behind (or hold up) the writer's commits.
+        It sees every write whose call has returned (WAL snapshot)."""
+        if self._closed:
+            raise ClosedError(f"queue {self.path} is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._reader, self._read_job, fn)
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+
+    def _read_job(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._read_conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only = 1")
+            self._read_conn = conn
+        return fn(self._read_conn)
+
+    def _close_reader(self) -> None:
+        if self._read_conn is not None:
+            self._read_conn.close()
+            self._read_conn = None
 
     # -- helpers for the async side ---------------------------------------------
 
@@ -384,23 +416,23 @@ class SQLiteQueue:
                            (now, now, orjson.dumps(error), request_id))
 
     async def get(self, message_id: str) -> Record | None:
-        def run() -> Record | None:
-            row = self._db().execute(f"SELECT {_RECORD_COLS} FROM messages WHERE id = ?",
-                                     (message_id,)).fetchone()
+        def run(conn: sqlite3.Connection) -> Record | None:
+            row = conn.execute(f"SELECT {_RECORD_COLS} FROM messages WHERE id = ?",
+                               (message_id,)).fetchone()
             return None if row is None else _record(row)
-        return await self._call(run)  # type: ignore[no-any-return]
+        return await self._read(run)  # type: ignore[no-any-return]
 
     async def records(self, queue: str, *, status: str | None = None,
                       limit: int = 100) -> list[Record]:
-        def run() -> list[Record]:
+        def run(conn: sqlite3.Connection) -> list[Record]:
             where, args = "queue = ?", [queue]
             if status is not None:
                 where += " AND status = ?"
                 args.append(status)
-            rows = self._db().execute(f"SELECT {_RECORD_COLS} FROM messages WHERE {where} "
-                                      "ORDER BY seq DESC LIMIT ?", (*args, max(0, limit)))
+            rows = conn.execute(f"SELECT {_RECORD_COLS} FROM messages WHERE {where} "
+                                "ORDER BY seq DESC LIMIT ?", (*args, max(0, limit)))
             return [_record(r) for r in rows]
-        return await self._call(run)  # type: ignore[no-any-return]
+        return await self._read(run)  # type: ignore[no-any-return]
 
     async def redrive(self, queue: str, ids: list[str] | None = None) -> int:
         now = self._clock.now()
@@ -423,10 +455,10 @@ class SQLiteQueue:
     async def stats(self, queue: str) -> QueueStats:
         now = self._clock.now()
 
-        def run() -> QueueStats:
+        def run(conn: sqlite3.Connection) -> QueueStats:
             counts = dict.fromkeys(("ready", "delayed", "running", "dead", "succeeded",
                                     "failed"), 0)
-            for status, due_now, n in self._db().execute(
+            for status, due_now, n in conn.execute(
                     "SELECT status, due <= ?, COUNT(*) FROM messages WHERE queue = ? "
                     "GROUP BY status, due <= ?", (now, queue, now)):
                 if status == "running":
@@ -436,7 +468,7 @@ class SQLiteQueue:
                 else:
                     counts[status] += n
             return QueueStats(**counts)
-        return await self._call(run)  # type: ignore[no-any-return]
+        return await self._read(run)  # type: ignore[no-any-return]
 
     async def purge_settled(self, older_than: float) -> int:
         """In chunks of ``PURGE_CHUNK``, each its own job: accepts and acks
@@ -471,9 +503,13 @@ class SQLiteQueue:
             ev.set()
         for loop in list(self._outbox):
             self._hand_over(loop)  # calls made before closing still run
+        loop = asyncio.get_running_loop()
         if self._thread.is_alive():
             self._jobs.put(None)
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+            await loop.run_in_executor(None, self._thread.join, 10.0)
+        with contextlib.suppress(RuntimeError):  # already shut down
+            await loop.run_in_executor(self._reader, self._close_reader)
+        self._reader.shutdown(wait=False)
 
 
 def _settle_futures(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
