@@ -82,6 +82,10 @@ class GiveBack(Exception):
     (its lease could end before the run would, or the dispatcher is stopping)."""
 
 
+class TooOld(Exception):
+    """Not run: older than the function's ``max_event_age_s``."""
+
+
 class Slots:
     """A function's running async invocations, shared by all its consumers:
     at most ``cap`` at once, handed on in arrival order. Learns the run time
@@ -220,12 +224,20 @@ class Dispatcher:
             payload: Any = sns_event(m, sub.source, sub.function)
         else:
             payload = orjson.loads(m.body)
-        if too_old(policy_of(spec), enqueued_at=m.enqueued_at, now=self._clock.now()):
+        policy = policy_of(spec)
+
+        def start() -> Awaitable[Any]:  # in the slot: the age counts the wait for it
+            live = self._live(sub, pool)
+            if too_old(policy, enqueued_at=m.enqueued_at, now=self._clock.now()):
+                raise TooOld()
+            return live.invoke(m.id, payload)
+        try:
+            if too_old(policy, enqueued_at=m.enqueued_at, now=self._clock.now()):
+                raise TooOld()
+            result = await slots.call(until, spec.timeout_s, start)
+        except TooOld:
             await self._give_up(sub, spec, m, payload, "EventAgeExceeded", _too_old_error(spec))
             return
-        try:
-            result = await slots.call(until, spec.timeout_s,
-                                      lambda: self._live(sub, pool).invoke(m.id, payload))
         except Exception as exc:  # noqa: BLE001 - sorted below; nothing is lost either way
             delay = self._not_run_delay(exc)
             if delay is not None:
@@ -245,18 +257,30 @@ class Dispatcher:
             await self._release(msgs, NO_FUNCTION_DELAY_S)
             return
         spec = pool.target.spec
-        now = self._clock.now()
-        fresh = []
-        for m in msgs:
-            if too_old(policy_of(spec), enqueued_at=m.enqueued_at, now=now):
-                await self._give_up(sub, spec, m, None, "EventAgeExceeded", _too_old_error(spec))
-            else:
-                fresh.append(m)
-        if not fresh:
-            return
+        policy = policy_of(spec)
+        fresh, expired = list(msgs), []
+
+        def split() -> None:  # move what is past its age from fresh to expired
+            nonlocal fresh
+            now = self._clock.now()
+            old = {m.id for m in fresh if too_old(policy, enqueued_at=m.enqueued_at, now=now)}
+            if old:
+                expired.extend(m for m in fresh if m.id in old)
+                fresh = [m for m in fresh if m.id not in old]
+
+        def start() -> Awaitable[Any]:  # in the slot: the age counts the wait for it
+            live = self._live(sub, pool)
+            split()
+            if not fresh:
+                raise TooOld()
+            return live.invoke(rid, sqs_event(fresh, sub.source, self._clock.now()))
+        split()
         try:
-            result = await slots.call(until, spec.timeout_s, lambda: self._live(sub, pool).invoke(
-                rid, sqs_event(fresh, sub.source, self._clock.now())))
+            if not fresh:
+                raise TooOld()
+            result = await slots.call(until, spec.timeout_s, start)
+        except TooOld:
+            result = None
         except Exception as exc:  # noqa: BLE001 - sorted below; nothing is lost either way
             delay = self._not_run_delay(exc)
             if delay is not None:
@@ -264,6 +288,11 @@ class Dispatcher:
                 return
             error = self._error_of(exc, rid, sub)
             await asyncio.gather(*(self._failed(sub, spec, m, None, error, rid) for m in fresh))
+            return
+        finally:
+            for m in expired:
+                await self._give_up(sub, spec, m, None, "EventAgeExceeded", _too_old_error(spec))
+        if not fresh:
             return
         failed, problem = batch_failures(result, {m.id for m in fresh})
         if problem:
