@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import descendants
+from tests.events_client import control, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -87,11 +88,6 @@ def write_app(root: Path, out: Path) -> Path:
     return app
 
 
-def control(n: Any) -> httpx.Client:
-    return httpx.Client(base_url=n.control_url, timeout=30.0,
-                        headers={"authorization": f"Bearer {n.token}"})
-
-
 def submit(ctl: httpx.Client, fn: str, count: int) -> list[str]:
     ids = []
     for i in range(count):
@@ -109,21 +105,12 @@ def async_stats(ctl: httpx.Client, fn: str) -> dict[str, int]:
     raise AssertionError(f"{fn} not in status")
 
 
-def wait_until(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-    return got
-
-
 def wait_settled(ctl: httpx.Client, fn: str, timeout: float) -> dict[str, int]:
     """``fn``'s async stats once nothing is queued, delayed or running."""
     def settled() -> dict[str, int] | None:
         s = async_stats(ctl, fn)
         return s if s["ready"] + s["delayed"] + s["running"] == 0 else None
-    return wait_until(f"every invocation of {fn} to settle", settled,  # type: ignore[no-any-return]
+    return wait_for(f"every invocation of {fn} to settle", settled,  # type: ignore[no-any-return]
                       timeout)
 
 
@@ -183,7 +170,7 @@ def test_a_function_that_always_times_out_does_not_hold_up_another(
 
         def quick_done() -> bool:
             return async_stats(ctl, "quick")["succeeded"] == len(quick)
-        wait_until("quick's invocations", quick_done, 60)
+        wait_for("quick's invocations", quick_done, 60)
         s = async_stats(ctl, "stuck")
         # Bound, not race: quick finished while stuck still had most of its
         # backlog, which it cannot clear in less than ~20 s.
@@ -203,7 +190,7 @@ def test_graceful_stop_gives_back_what_it_did_not_finish(
         # 0.25 s each on one instance: ~20 s of work, longer than the pools'
         # drain deadline (timeout_s + 10 s + grace), past which they kill
         ids = submit(ctl, "slow", 80)
-        wait_until("the first run", lambda: async_stats(ctl, "slow")["succeeded"] >= 1, 30)
+        wait_for("the first run", lambda: async_stats(ctl, "slow")["succeeded"] >= 1, 30)
     t0 = time.monotonic()
     assert first.stop(signal.SIGTERM, timeout=60) == 0
     took = time.monotonic() - t0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +13,10 @@ import httpx
 import pytest
 
 from tests.events_app import write_events_app
+from tests.events_client import record, settled, wait_for
 
 pytestmark = pytest.mark.e2e
 
-WAIT_S = 20.0
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def notes(out: Path, kind: str) -> list[dict[str, Any]]:
@@ -44,17 +32,6 @@ def env(tmp_path: Path, start_nimbus: Any) -> Any:
                        headers={"authorization": f"Bearer {n.token}"})
     yield n, ctl, out
     ctl.close()
-
-
-def record(ctl: httpx.Client, rid: str) -> dict[str, Any]:
-    r = ctl.get(f"/v1/invocations/{rid}")
-    assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
-
-
-def settled(ctl: httpx.Client, rid: str, status: str = "succeeded") -> dict[str, Any]:
-    return wait_for(f"{rid} to be {status}",  # type: ignore[no-any-return]
-                    lambda: (rec := record(ctl, rid))["status"] == status and rec)
 
 
 def test_http_event_header_answers_202_then_runs_and_records(env: Any) -> None:

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import json
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.events_client import control, record, settled, wait_for
+
 pytestmark = pytest.mark.e2e
 
-WAIT_S = 20.0
 
 MANIFEST = """\
 name: indep
@@ -97,17 +97,6 @@ def aged(event, context):
 # -- helpers -------------------------------------------------------------------------
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def runs(out: Path, kind: str, rid: str | None = None) -> list[dict[str, Any]]:
     """The handler's notes of ``kind`` (of one request id, if given), oldest first."""
     pattern = f"{kind}-{rid}-*.json" if rid else f"{kind}-*.json"
@@ -122,29 +111,6 @@ def write_app(root: Path) -> tuple[Path, Path]:
     (app / "app.yaml").write_text(MANIFEST.format(out=out))
     (app / "h.py").write_text(HANDLERS)
     return app, out
-
-
-def control(n: Any) -> httpx.Client:
-    return httpx.Client(base_url=n.control_url, timeout=30.0,
-                        headers={"authorization": f"Bearer {n.token}"})
-
-
-def record(ctl: httpx.Client, iid: str) -> dict[str, Any]:
-    r = ctl.get(f"/v1/invocations/{iid}")
-    assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
-
-
-def settled(ctl: httpx.Client, iid: str, status: str) -> dict[str, Any]:
-    """The record once it is ``status``; fails at once if it ends otherwise."""
-    final = {"succeeded", "failed", "dead"}
-
-    def check() -> dict[str, Any] | None:
-        rec = record(ctl, iid)
-        if rec["status"] in final and rec["status"] != status:
-            raise AssertionError(f"{iid} ended {rec['status']}, not {status}: {rec}")
-        return rec if rec["status"] == status else None
-    return wait_for(f"{iid} to be {status}", check)  # type: ignore[no-any-return]
 
 
 def submit(ctl: httpx.Client, fn: str, event: dict[str, Any], key: str | None = None
