@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -105,7 +104,7 @@ class Scheduler:
         self.store = store
         self.queue = queue
         self.clock = clock
-        self.node = node or uuid.uuid4().hex[:12]
+        self.node = node or new_id()[:8]
         self.lease_ttl_s = lease_ttl_s
         self.schedules: list[Scheduled] = []
         self._lease: int | None = None
