@@ -353,7 +353,8 @@ def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
                                    src.line(rloc, key=True)))
         settings = {
             "memory_mb": fn.memory_mb, "timeout_s": float(fn.timeout_s),
-            "concurrency": fn.concurrency,
+            "concurrency": fn.concurrency, "max_processes": fn.max_processes, "cpu": fn.cpu,
+            "ephemeral_storage_mb": fn.ephemeral_storage_mb,
             "env": tuple(sorted(fn.env.items())), "requirements": fn.requirements,
         }
         draft = drafts[name] = _Draft(name, module, func, fn.runtime or rich.runtime,

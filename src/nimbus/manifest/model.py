@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DEFAULT_MEMORY_MB = 128
+DEFAULT_MAX_PROCESSES = 32  # tasks (processes and threads) per instance
+DEFAULT_EPHEMERAL_STORAGE_MB = 512  # Lambda's default /tmp size
 DEFAULT_TIMEOUT_S = 3.0
 DEFAULT_PAYLOAD_LIMIT_BYTES = 6 * 1024 * 1024
 DEFAULT_MIN_INSTANCES = 0
@@ -102,6 +104,10 @@ class FunctionSpec:
     batch_size: int = DEFAULT_BATCH_SIZE
     max_batching_window_s: float = 0.0
     topics: tuple[str, ...] = ()
+    # Containment (issue 5): per-instance limits beside memory_mb.
+    max_processes: int = DEFAULT_MAX_PROCESSES  # processes + threads, the instance's own counted
+    cpu: float | None = None  # a fraction of one core; None: no CPU cap
+    ephemeral_storage_mb: int = DEFAULT_EPHEMERAL_STORAGE_MB  # the private /tmp
 
     def __post_init__(self) -> None:
         if self.target_concurrency is None:

@@ -24,6 +24,8 @@ from nimbus.manifest.model import (
     DEFAULT_MAX_EVENT_AGE_S,
     DEFAULT_MAX_INSTANCES,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_EPHEMERAL_STORAGE_MB,
+    DEFAULT_MAX_PROCESSES,
     DEFAULT_MEMORY_MB,
     DEFAULT_MIN_INSTANCES,
     DEFAULT_PANIC_WINDOW_S,
@@ -348,6 +350,13 @@ class FunctionModel(EventSettings):
     timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=900,
                              description="a number of seconds greater than 0 and at most 900")
     concurrency: int = Field(1, ge=1, le=1000, description="an integer from 1 to 1000")
+    max_processes: int = Field(DEFAULT_MAX_PROCESSES, ge=4, le=4096,
+                               description="an integer from 4 to 4096 (processes and threads)")
+    cpu: float | None = Field(None, gt=0, le=64,
+                              description="a fraction of one core greater than 0 and at most 64,"
+                                          " or null for no cap")
+    ephemeral_storage_mb: int = Field(DEFAULT_EPHEMERAL_STORAGE_MB, ge=16, le=10240,
+                                      description="an integer from 16 to 10240 (megabytes)")
     min_instances: MinInstances = DEFAULT_MIN_INSTANCES
     max_instances: MaxInstances = DEFAULT_MAX_INSTANCES
     max_concurrency: MaxConcurrency = None
