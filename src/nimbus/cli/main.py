@@ -59,16 +59,35 @@ def cli() -> None:
                    "[default: three quarters of the machine].")
 @click.option("--async-max-bytes", default=256 * 1024, show_default=True,
               type=click.IntRange(1), help="Largest async invocation or queue message.")
+@click.option("--containment", default="auto", show_default=True,
+              type=click.Choice(["auto", "full", "rlimits"]),
+              help="full: a uid, cgroup, /tmp and filesystem view per function (needs root); "
+                   "rlimits: resource limits only; auto: full when possible.")
+@click.option("--uid-range", default="200000-265535", show_default=True,
+              help="FIRST-LAST: the uids (and gids) functions run as under full containment.")
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
-       async_max_bytes: int) -> None:
+       async_max_bytes: int, containment: str, uid_range: str) -> None:
     """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
     from nimbus.cli.up import run_up
     from nimbus.worker.budget import NodeBudget
 
     run_up(app_dir, host=host, port=port, control_host=control_host,
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,
-           budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes)
+           budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes,
+           containment=containment, uid_range=_uid_range(uid_range))
+
+
+def _uid_range(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition("-")
+    try:
+        lo, hi = int(first), int(last)
+    except ValueError:
+        lo = hi = -1
+    if not sep or not 1000 <= lo < hi <= 2**31 - 2:
+        raise click.BadParameter(f"expected FIRST-LAST with 1000 <= FIRST < LAST, got {text!r}",
+                                 param_hint="--uid-range")
+    return lo, hi
 
 
 @cli.command()

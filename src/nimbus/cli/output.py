@@ -77,6 +77,12 @@ def print_status(s: dict[str, Any]) -> None:
     console.print(f"gateway {s['gateway_url']}   control {s['control_url']}")
     console.print(f"state   {s['state_dir']}")
     console.print(f"memory  platform {_mb(s['memory']['platform'], 'pss_kb')} PSS")
+    c = s.get("containment") or {}
+    if c.get("mode") == "full":
+        console.print(f"contain full: uid per function ({c['uid_range']}), "
+                      f"{c['cgroups'] or 'no cgroups'}; limits: {c['limits']}")
+    elif c:
+        console.print(f"contain rlimits only ({c['reason']}); limits: {c['limits']}")
     for z in s["zygotes"]:
         what = ", ".join(z["preload"]) or "base runtime"
         console.print(f"zygote  pid {z['pid'] or '-'}: {what}, {_mb(z['memory'], 'pss_kb')} PSS")

@@ -15,7 +15,8 @@ from nimbus.worker.budget import NodeBudget
 
 def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_port: int,
            state_dir: Path | None, grace_s: float, budget: NodeBudget,
-           async_max_bytes: int) -> None:
+           async_max_bytes: int, containment: str = "auto",
+           uid_range: tuple[int, int] = (200_000, 265_535)) -> None:
     from nimbus.control.bundle import make_bundle
     from nimbus.manifest.loader import MANIFEST_NAMES, load_app
 
@@ -32,7 +33,7 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
     config = ServerConfig(
         state_dir=(state_dir or app_dir / ".nimbus").resolve(), host=host, port=port,
         control_host=control_host, control_port=control_port, grace_s=grace_s, budget=budget,
-        async_max_bytes=async_max_bytes)
+        async_max_bytes=async_max_bytes, containment=containment, uid_range=uid_range)
     try:
         import uvloop
 
@@ -54,6 +55,7 @@ async def _main(config: object, bundle: bytes | None, name: str) -> int:
         return 1
     code = 0
     try:
+        click.echo(f"nimbus: {platform.worker.containment.summary()}", err=True)
         install_stop_signals(platform)
         await platform.start()
         click.echo(f"nimbus: gateway {platform.gateway_url}  control {platform.control_url}  "

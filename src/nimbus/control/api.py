@@ -236,13 +236,16 @@ def create_control_app(platform: Platform) -> Starlette:
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     async def status(request: Request) -> Response:
+        contain = platform.worker.containment
         fns = []
         for name, pool in sorted(platform.routes.functions.items()):
             fns.append({
                 "name": name, "version": pool.target.version, **pool.stats(),
                 "async": await platform.events.stats(name),
                 "instances": [{"id": i.id, "pid": i.pid, "outstanding": i.outstanding,
-                               "memory": memory_of(i.pid)} for i in pool.instances],
+                               "memory": memory_of(i.pid),
+                               "cgroup_memory_bytes": contain.memory_bytes(i.id)}
+                              for i in pool.instances],
             })
         zygotes = [{"pid": z.pid, "preload": list(z.preload), "sys_path": list(z.sys_path),
                     "memory": memory_of(z.pid) if z.pid else None}
@@ -252,6 +255,7 @@ def create_control_app(platform: Platform) -> Starlette:
             "gateway_url": platform.gateway_url, "control_url": platform.control_url,
             "state_dir": str(platform.state_dir), "requests": platform.gateway.requests,
             "memory": {"platform": memory_of(os.getpid())},
+            "containment": contain.describe(),
             "zygotes": zygotes,
             "functions": fns,
         })

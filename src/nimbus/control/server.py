@@ -44,6 +44,7 @@ from nimbus.store.queue import Queue
 from nimbus.store.registry import open_blobs, open_store
 from nimbus.store.sqlite_queue import open_sqlite_queue
 from nimbus.worker.budget import NodeBudget
+from nimbus.worker.containment import DEFAULT_UID_RANGE, Containment
 from nimbus.worker.worker import Worker
 
 log = logging.getLogger("nimbus")
@@ -63,6 +64,8 @@ class ServerConfig:
     max_body_bytes: int = 6 * 1024 * 1024
     async_max_bytes: int = DEFAULT_ASYNC_MAX_BYTES
     budget: NodeBudget = field(default_factory=NodeBudget)
+    containment: str = "auto"  # auto, full or rlimits
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE
 
     def __post_init__(self) -> None:
         for name in ("port", "control_port"):
@@ -153,7 +156,11 @@ class Platform:
         # This process owns the embedded queue: what a dead predecessor had
         # leased is deliverable again now, not after the lease.
         await queue.recover()
-        worker = Worker(config.state_dir, LogSink(config.state_dir / "logs"), config.budget)
+        containment = await asyncio.to_thread(
+            Containment.create, config.state_dir, config.containment, config.uid_range)
+        log.info("%s", containment.summary())
+        worker = Worker(config.state_dir, LogSink(config.state_dir / "logs"), config.budget,
+                        containment=containment)
         await worker.start()
         gateway = Gateway(GatewayConfig(max_body_bytes=config.max_body_bytes))
         return cls(config, store, blobs, queue, worker, gateway)

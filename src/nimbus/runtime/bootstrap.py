@@ -16,7 +16,9 @@ import os
 import resource
 import socket
 import sys
+import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -75,8 +77,11 @@ def _apply_spec(spec: dict[str, Any]) -> None:
         sys.path.insert(0, path)
     sys.path.insert(0, code_dir)
     os.chdir(code_dir)
-    os.makedirs(spec["tmp_dir"], exist_ok=True)
+    os.makedirs(spec["tmp_dir"], mode=0o700, exist_ok=True)
+    os.environ.clear()  # the platform's environment is not the function's
     os.environ.update(spec["env"])
+    time.tzset()
+    tempfile.tempdir = None  # chosen again from TMPDIR on first use
 
 
 def _limit_memory(memory_mb: int) -> None:

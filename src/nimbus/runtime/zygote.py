@@ -13,22 +13,29 @@ Lifetimes: the zygote dies with its worker and every instance dies with the
 zygote (``PR_SET_PDEATHSIG``), so a SIGKILLed worker leaves nothing behind.
 Instances are reaped automatically (SIGCHLD ignored); the worker learns of a
 death from its socket closing.
+
+Under full containment (``DEPS_JSON["contain"]``) the zygote is pid 1 of a
+PID namespace of its own (when it dies, every process any instance started
+dies too) and lives in a chrooted view of the filesystem; each instance
+enters its own mount namespace and cgroup and drops to its function's uid
+before it runs user code (:mod:`nimbus.runtime.sandbox`). Pids reported to
+the worker are the host's.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import signal
 import socket
 import sys
 from collections import deque
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import orjson
 
-from nimbus.runtime import bootstrap
+from nimbus.runtime import bootstrap, cgroups, sandbox
+from nimbus.runtime import protocol as p
 
 # Modules handlers commonly import, loaded once here so that every forked
 # instance shares them copy-on-write instead of importing them again.
@@ -37,7 +44,6 @@ PRELOAD = (
     "json", "logging", "re", "typing", "urllib.parse", "uuid",
 )
 
-_PR_SET_PDEATHSIG = 1
 MAX_SPEC_BYTES = 1 << 20
 # Spare children forked ahead of need (Android's "USAP pool"): a fork request
 # takes a spare that is already forked and prepared, so the fork itself
@@ -45,13 +51,54 @@ MAX_SPEC_BYTES = 1 << 20
 # replacement after it has answered.
 SPARES = int(os.environ.get("NIMBUS_ZYGOTE_SPARES", "2"))
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
+class Confinement:
+    """What the zygote holds for containing its children: the host's /proc
+    (to learn a child's host pid) and the cgroup folders, both opened before
+    the chroot. Empty when containment is not full."""
 
-def _die_with_parent(expected_parent: int) -> None:
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != expected_parent:  # the parent died before prctl
-        os._exit(1)
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.full = config.get("mode") == "full"
+        self.proc_fd: int | None = None
+        self.cg_version = 0
+        self.cg_fds: dict[str, int] = {}
+        if not self.full:
+            return
+        sandbox.enter_pid_namespace()  # from here on we are pid 1 of our namespace
+        self.proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+        cg = config.get("cgroups")
+        if cg:
+            self.cg_version = int(cg["version"])
+            self.cg_fds = {c: os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                           for c, d in cg["dirs"].items()}
+        sandbox.build_view(config["mountpoint"], config["exposed"],
+                           sandbox.zygote_binds(config["code_root"], config["tmp_root"]))
+
+    def host_pid(self) -> int:
+        """The calling process's pid as the host (the worker) sees it."""
+        if self.proc_fd is None:
+            return os.getpid()
+        return int(os.readlink("self", dir_fd=self.proc_fd))
+
+    def close(self) -> None:
+        """In a child: let go of everything the zygote holds open."""
+        for fd in (self.proc_fd, *self.cg_fds.values()):
+            if fd is not None:
+                os.close(fd)
+
+    def enter(self, spec: dict[str, Any], zygote_pid: int) -> None:
+        """In a child that was given ``spec``: become the contained instance."""
+        c = spec.get("contain") or {}
+        if self.full:
+            if self.cg_fds:
+                cgroups.join(self.cg_version, self.cg_fds, spec["instance_id"], cgroups.Limits(
+                    c["memory_mb"], c["max_processes"], c.get("cpu")))
+            self.close()
+            sandbox.enter_instance(spec["instance_id"], c["digest"], c["uid"], c["gid"])
+        if "ephemeral_storage_mb" in c:
+            sandbox.limit_files(c["ephemeral_storage_mb"])
+        if self.full:
+            sandbox.drop_privileges(c["uid"], c["gid"], zygote_pid)
 
 
 def _prepare_child(zygote_pid: int, inherited: list[socket.socket]) -> None:
@@ -60,16 +107,25 @@ def _prepare_child(zygote_pid: int, inherited: list[socket.socket]) -> None:
         s.close()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # handlers may use subprocess
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent(zygote_pid)
+    sandbox.die_with_parent(zygote_pid)
+    os.setsid()  # a process group of its own: killed as a whole, cannot signal ours
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
 
 
-def _run(fd: int, spec: dict[str, object]) -> NoReturn:
+def _run(fd: int, spec: dict[str, Any], confinement: Confinement, zygote_pid: int) -> NoReturn:
     code = 0
+    sock = socket.socket(fileno=fd)
     try:
-        bootstrap.run_instance(socket.socket(fileno=fd), spec)
+        try:
+            confinement.enter(spec, zygote_pid)
+        except OSError as exc:
+            body = {"errorMessage": f"could not contain the instance: {exc}",
+                    "errorType": "Runtime.ContainmentError"}
+            sock.sendall(p.frame(p.INIT_ERROR, orjson.dumps(body)))
+            raise
+        bootstrap.run_instance(sock, spec)
     except BaseException:  # noqa: BLE001 - never return into the zygote loop
         code = 1
     finally:
@@ -77,34 +133,44 @@ def _run(fd: int, spec: dict[str, object]) -> NoReturn:
 
 
 class Zygote:
-    def __init__(self, ctl: socket.socket) -> None:
+    def __init__(self, ctl: socket.socket, confinement: Confinement) -> None:
         self.ctl = ctl
         self.pid = os.getpid()
+        self.confinement = confinement
         self.spares: deque[tuple[int, socket.socket]] = deque()
 
     def _inherited(self) -> list[socket.socket]:
         return [self.ctl, *(s for _pid, s in self.spares)]
 
     def fork_spare(self) -> None:
+        """Fork a child that waits for its spec; it tells us its host pid first."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             ours.close()
             _prepare_child(self.pid, self._inherited())
             try:
+                theirs.send(str(self.confinement.host_pid()).encode())
                 msg, fds, _f, _a = socket.recv_fds(theirs, MAX_SPEC_BYTES, 1)
             except OSError:
                 os._exit(0)
             theirs.close()
             if not msg or len(fds) != 1:
                 os._exit(0)  # the zygote went away: nothing to run
-            _run(fds[0], orjson.loads(msg))
+            _run(fds[0], orjson.loads(msg), self.confinement, self.pid)
         theirs.close()
-        self.spares.append((pid, ours))
+        try:
+            host_pid = int(ours.recv(32))
+        except (OSError, ValueError):
+            ours.close()
+            raise OSError("a spare child died before it started") from None
+        self.spares.append((host_pid, ours))
 
-    def start(self, msg: bytes, fd: int, spec: dict[str, object]) -> int:
-        """Start an instance running ``spec`` on ``fd``; returns its pid."""
-        while self.spares:
+    def start(self, msg: bytes, fd: int) -> int:
+        """Start an instance on ``fd`` (``msg`` is its spec); returns its host pid."""
+        for _ in range(SPARES + 2):
+            if not self.spares:
+                self.fork_spare()
             pid, sock = self.spares.popleft()
             try:
                 socket.send_fds(sock, [msg], [fd])
@@ -113,11 +179,7 @@ class Zygote:
                 continue  # that spare died; try the next
             finally:
                 sock.close()
-        pid = os.fork()
-        if pid == 0:
-            _prepare_child(self.pid, self._inherited())
-            _run(fd, spec)
-        return pid
+        raise OSError("could not start a child")
 
     def _reply(self, message: dict[str, object]) -> bool:
         """Answer the worker; False if it has gone (then the zygote ends)."""
@@ -145,7 +207,7 @@ class Zygote:
                 self._reply({"instance_id": iid, "error": "fork request without a socket"})
                 continue
             try:
-                pid = self.start(msg, fds[0], spec)
+                pid = self.start(msg, fds[0])
             except OSError as exc:
                 self._reply({"instance_id": iid, "error": str(exc)})
                 continue
@@ -179,17 +241,22 @@ def preload(sys_path: list[str], modules: list[str]) -> list[str]:
 def main() -> None:
     fd, parent = int(sys.argv[1]), int(sys.argv[2])
     deps = orjson.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    _die_with_parent(parent)
+    sandbox.die_with_parent(parent)
     # Ctrl-C reaches the whole foreground group; the worker decides when
     # instances stop, so the zygote ignores SIGINT. SIGCHLD ignored = auto-reap.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctl = socket.socket(fileno=fd)
+    try:
+        confinement = Confinement(deps.get("contain") or {})
+    except OSError as exc:
+        ctl.send(orjson.dumps({"ready": False, "error": f"containment: {exc}"}))
+        sys.exit(1)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     failed = preload(deps.get("sys_path", []), deps.get("preload", []))
-    ctl = socket.socket(fileno=fd)
     gc.collect()
     gc.freeze()  # keep preloaded objects out of the collector: fewer COW faults
     ctl.send(orjson.dumps({"ready": True, "pid": os.getpid(), "preload_failed": failed}))
-    Zygote(ctl).serve()
+    Zygote(ctl, confinement).serve()
 
 
 if __name__ == "__main__":

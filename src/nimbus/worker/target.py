@@ -5,9 +5,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nimbus.manifest.model import FunctionSpec
+from nimbus.runtime.sandbox import TASK_ROOT
+
+if TYPE_CHECKING:
+    from nimbus.worker.containment import Containment
 
 REGION = "local"
 ACCOUNT = "000000000000"
@@ -33,15 +37,27 @@ class Target:
     def arn(self) -> str:
         return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{self.spec.name}:{self.version}"
 
-    def instance_spec(self, instance_id: str, state_dir: Path) -> dict[str, Any]:
+    def instance_spec(self, instance_id: str, state_dir: Path,
+                      containment: Containment) -> dict[str, Any]:
         """What the zygote needs to start an instance of this target."""
-        code_dir = code_dir_for(state_dir, self.digest)
-        sys_path = []
-        if self.requirements_hash:
-            sys_path.append(str(site_packages_for(state_dir, self.requirements_hash)))
-        tmp_dir = state_dir / "tmp" / instance_id
         spec = self.spec
+        sys_path = []
+        path = "/usr/local/bin:/usr/bin:/bin"
+        if self.requirements_hash:
+            site = site_packages_for(state_dir, self.requirements_hash)
+            sys_path.append(str(site))
+            path = f"{site.parents[2] / 'bin'}:{path}"
+        if containment.full:  # the instance's own mount namespace shows these
+            code_dir, tmp_dir = Path(TASK_ROOT), Path("/tmp")
+        else:
+            code_dir, tmp_dir = code_dir_for(state_dir, self.digest), containment.tmp_dir(
+                instance_id)
+        # Lambda's environment and the function's own: nothing of the platform's.
         env = {
+            "PATH": path,
+            "LANG": "C.UTF-8",
+            "TZ": ":UTC",
+            "HOME": str(tmp_dir),
             "AWS_LAMBDA_FUNCTION_NAME": spec.name,
             "AWS_LAMBDA_FUNCTION_VERSION": str(self.version),
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory_mb),
@@ -71,6 +87,9 @@ class Target:
             "env": env,
             "memory_mb": spec.memory_mb,
             "concurrency": spec.concurrency,
+            "contain": containment.instance_fields(
+                spec.name, self.digest, spec.memory_mb, spec.max_processes, spec.cpu,
+                spec.ephemeral_storage_mb),
         }
 
 

@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from nimbus.errors import ClosedError, ThrottledError, UnavailableError
 from nimbus.observe.logs import LogSink
 from nimbus.worker.autoscaler import Autoscaler, AutoscalerConfig
 from nimbus.worker.budget import NodeBudget, Usage, admit
+from nimbus.worker.containment import Containment
 from nimbus.worker.deps import BASE, DepSet, dependency_set
 from nimbus.worker.instance import Instance, InstanceProtocol
 from nimbus.worker.pool import FunctionPool
@@ -30,12 +30,15 @@ READY_TIMEOUT_S = 30.0
 
 class Worker:
     def __init__(self, state_dir: Path, logs: LogSink, budget: NodeBudget | None = None,
-                 autoscaler: AutoscalerConfig | None = None) -> None:
+                 autoscaler: AutoscalerConfig | None = None,
+                 containment: Containment | None = None) -> None:
         self.state_dir = state_dir
         self.logs = logs
         self.budget = budget or NodeBudget()
         self._autoscaler_config = autoscaler or AutoscalerConfig()
-        self.zygotes: dict[DepSet, ZygoteClient] = {BASE: ZygoteClient()}
+        self.containment = containment or Containment.create(state_dir, "rlimits")
+        self.zygotes: dict[DepSet, ZygoteClient] = {
+            BASE: ZygoteClient(contain=self.containment.zygote_config(()))}
         self.pools: dict[tuple[str, int], FunctionPool] = {}
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
@@ -69,7 +72,8 @@ class Worker:
     def _zygote_for(self, deps: DepSet) -> ZygoteClient:
         z = self.zygotes.get(deps)
         if z is None:  # started by its first fork
-            z = self.zygotes[deps] = ZygoteClient(deps.sys_path, deps.preload)
+            z = self.zygotes[deps] = ZygoteClient(
+                deps.sys_path, deps.preload, self.containment.zygote_config(deps.sys_path))
         return z
 
     def pool(self, target: Target) -> FunctionPool:
@@ -93,14 +97,15 @@ class Worker:
         target = pool.target
         self._make_room(pool)
         instance_id = f"{target.function}-{target.version}-{self._prefix}-{next(self._ids)}"
-        spec = target.instance_spec(instance_id, self.state_dir)
+        spec = target.instance_spec(instance_id, self.state_dir, self.containment)
         pid, sock = await self._zygote_for(pool.deps).fork(spec)
         holder: list[Instance] = []
 
         def on_lost() -> None:
             if holder:
                 pool.lost(holder[0])
-            shutil.rmtree(spec["tmp_dir"], ignore_errors=True)
+            # Whatever the instance started goes with it, and its /tmp.
+            self._later(self.containment.release(instance_id, pid))
 
         loop = asyncio.get_running_loop()
         try:

@@ -17,6 +17,7 @@ from nimbus.errors import ClosedError, UnavailableError
 
 log = logging.getLogger("nimbus.worker")
 
+ZYGOTE_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "PYTHONHASHSEED", "NIMBUS_ZYGOTE_SPARES")
 START_TIMEOUT_S = 60.0  # preloading a dependency set may import a lot
 FORK_TIMEOUT_S = 5.0
 
@@ -25,9 +26,11 @@ class ZygoteClient:
     """One zygote process for one dependency set (``sys_path`` entries to
     add and modules to preload). Restarts it on the next fork if it died."""
 
-    def __init__(self, sys_path: tuple[str, ...] = (), preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, sys_path: tuple[str, ...] = (), preload: tuple[str, ...] = (),
+                 contain: dict[str, Any] | None = None) -> None:
         self.sys_path = sys_path
         self.preload = preload
+        self.contain = contain or {}
         self.preload_failed: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None
@@ -51,7 +54,9 @@ class ZygoteClient:
             return
         self._teardown()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
+        # Nothing of the platform's environment (tokens, credentials) reaches
+        # the zygote; instances then set Lambda's environment only.
+        env = {k: v for k, v in os.environ.items() if k in ZYGOTE_ENV}
         # One malloc arena: threads in an instance must not reserve 64 MB
         # arenas of address space, which RLIMIT_AS counts.
         env["MALLOC_ARENA_MAX"] = "1"
@@ -60,7 +65,8 @@ class ZygoteClient:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "nimbus.runtime.zygote",
                  str(theirs.fileno()), str(os.getpid()),
-                 orjson.dumps({"sys_path": self.sys_path, "preload": self.preload}).decode()],
+                 orjson.dumps({"sys_path": self.sys_path, "preload": self.preload,
+                               "contain": self.contain}).decode()],
                 pass_fds=[theirs.fileno()],
                 start_new_session=True,  # Ctrl-C goes to us; we stop instances
                 env=env,
@@ -78,7 +84,11 @@ class ZygoteClient:
         if not first:
             self._teardown()
             raise UnavailableError("zygote exited during start")
-        self.preload_failed = orjson.loads(first).get("preload_failed", [])
+        hello = orjson.loads(first)
+        if not hello.get("ready"):
+            self._teardown()
+            raise UnavailableError(f"zygote could not start: {hello.get('error')}")
+        self.preload_failed = hello.get("preload_failed", [])
         for line in self.preload_failed:
             log.warning("zygote could not preload %s", line)
         self._reader = asyncio.create_task(self._read_replies(ours))
