@@ -6,7 +6,9 @@ Each trial forks a fresh instance of the seed ``hello`` from the zygote,
 waits for it to import the handler, sends one invocation and takes the
 answer; then stops the instance. Prints p50/p99 and, side by side, the cost
 of the alternative a zygote avoids: a fresh ``python -c 'import hello'``
-interpreter per instance. Goal (issue 2): p50 <= 5 ms.
+interpreter per instance, and the same forks under full containment (a uid,
+a filesystem view, a private /tmp and a cgroup per instance; needs root)
+beside ``rlimits`` only. Goal: p50 <= 5 ms, containment included.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bench._harness import ROOT  # noqa: E402
 
 from nimbus.manifest.model import FunctionSpec  # noqa: E402
 from nimbus.observe.logs import LogSink  # noqa: E402
+from nimbus.worker.containment import Containment  # noqa: E402
 from nimbus.worker.deps import BASE, DepSet  # noqa: E402
 from nimbus.worker.target import Target, code_dir_for  # noqa: E402
 from nimbus.worker.worker import Worker  # noqa: E402
@@ -48,7 +51,7 @@ def hello(event, context):
 
 
 async def trials(n: int, handler: str | None = None,
-                 deps: DepSet | None = None) -> list[float]:
+                 deps: DepSet | None = None, containment: str = "rlimits") -> list[float]:
     """Cold starts of a hello handler (the seed's, or ``handler``'s source),
     forked from the zygote of ``deps`` (default: what the worker picks)."""
     state = Path(tempfile.mkdtemp(prefix="nimbus-cold-"))
@@ -60,7 +63,8 @@ async def trials(n: int, handler: str | None = None,
         else:
             (code / "hello.py").write_text(handler)
         compileall.compile_dir(str(code), quiet=2)  # as a deploy does
-        worker = Worker(state, LogSink(state / "logs"))
+        worker = Worker(state, LogSink(state / "logs"),
+                        containment=Containment.create(state, containment))
         await worker.start()
         target = Target("bench", 1, FunctionSpec("hello", "hello", "hello"), "bench", None)
         pool = worker.pool(target)
@@ -112,6 +116,11 @@ def main() -> None:
     row("seed hello: fork from zygote + invoke", cold)
     row("seed hello: fresh interpreter + import", fresh)
     print(f"ratio fresh/nimbus p50: {pct(fresh, .5) / pct(cold, .5):.1f}x")
+    contained = run(trials(args.starts, containment="auto"))
+    mode = Containment.create(Path(tempfile.mkdtemp()), "auto").mode
+    row(f"seed hello: containment {mode}", contained)
+    print(f"containment {mode} adds {pct(contained, .5) - pct(cold, .5):+.2f} ms p50, "
+          f"{pct(contained, .99) - pct(cold, .99):+.2f} ms p99")
     n = max(20, args.starts // 4)
     with_deps = run(trials(n, JINJA_HANDLER))  # the worker preloads jinja2 (top-level import)
     without = run(trials(n, JINJA_HANDLER, deps=BASE))  # forced onto the base zygote

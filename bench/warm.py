@@ -3,7 +3,9 @@
     python bench/warm.py [--seconds 10]
 
 Prints requests/s at 32 connections and p50/p99 latency at 1 connection for
-both, run one after the other in this one process, and the ratios. Needs
+both, run one after the other in this one process, and the ratios; then
+nimbus again with containment off (``--containment rlimits``) to show what
+full containment (uid, view, cgroup; needs root) costs on the warm path. Needs
 wrk (apt-get install wrk). Goals (issue 2): throughput ratio >= 0.5, p50
 added <= 0.15 ms at 1 connection.
 """
@@ -35,6 +37,9 @@ def main() -> None:
         base = measure(url + "/hello", args.seconds)
     with nimbus_up(ROOT / "examples" / "hello") as (url, _state, _proc):
         nim = measure(url + "/hello", args.seconds)
+    with nimbus_up(ROOT / "examples" / "hello", "/hello",
+                   "--containment", "rlimits") as (url, _state, _proc):
+        off = measure(url + "/hello", args.seconds)
     print(f"{'':24}{'bare uvicorn':>14}{'nimbus':>14}{'ratio/added':>14}")
     print(f"{'req/s @32 conns':24}{base['rps32']:>14.0f}{nim['rps32']:>14.0f}"
           f"{nim['rps32'] / base['rps32']:>13.2f}x")
@@ -45,6 +50,15 @@ def main() -> None:
     print(f"{'p99 ms @32 conns':24}{base['p99_32']:>14.3f}{nim['p99_32']:>14.3f}"
           f"{nim['p99_32'] - base['p99_32']:>+13.3f}ms")
     print(f"{'errors':24}{base['errors']:>14.0f}{nim['errors']:>14.0f}")
+    containment_row(nim, off)
+
+
+def containment_row(on: dict[str, float], off: dict[str, float]) -> None:
+    print(f"{'containment':24}{'rlimits':>14}{'auto':>14}{'ratio/added':>14}")
+    print(f"{'req/s @32 conns':24}{off['rps32']:>14.0f}{on['rps32']:>14.0f}"
+          f"{on['rps32'] / off['rps32']:>13.2f}x")
+    print(f"{'p50 ms @1 conn':24}{off['p50_1']:>14.3f}{on['p50_1']:>14.3f}"
+          f"{on['p50_1'] - off['p50_1']:>+13.3f}ms")
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def create_control_app(platform: Platform) -> Starlette:
                 "async": await platform.events.stats(name),
                 "instances": [{"id": i.id, "pid": i.pid, "outstanding": i.outstanding,
                                "memory": memory_of(i.pid),
-                               "cgroup_memory_bytes": contain.memory_bytes(i.id)}
+                               "cgroup_memory_bytes": contain.memory_bytes(i.pid)}
                               for i in pool.instances],
             })
         zygotes = [{"pid": z.pid, "preload": list(z.preload), "sys_path": list(z.sys_path),

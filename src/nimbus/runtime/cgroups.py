@@ -57,21 +57,30 @@ def _write(path: str, value: str, dir_fd: int | None = None) -> None:
         os.close(fd)
 
 
-def join(version: int, root_fds: dict[str, int], name: str, limits: Limits) -> None:
+def name_for(host_pid: int) -> str:
+    """An instance's cgroup, named by its host pid (a spare joins it before
+    it knows its instance id)."""
+    return f"p{host_pid}"
+
+
+def join(version: int, root_fds: dict[str, int], name: str) -> None:
     """Create cgroup ``name`` under the platform's folders (given as open
-    folder descriptors, one per controller; one named ``unified`` for v2),
-    write its limits and move the calling process into it."""
-    fds = root_fds if version == 1 else {"unified": root_fds["unified"]}
-    for fd in fds.values():
-        os.mkdir(name, 0o700, dir_fd=fd)
+    folder descriptors, one per controller; one named ``unified`` for v2)
+    and move the calling process into it."""
+    pid = str(os.getpid())
+    for fd in root_fds.values():
+        with contextlib.suppress(FileExistsError):  # left by a process of a reused pid
+            os.mkdir(name, 0o700, dir_fd=fd)
+        _write(f"{name}/cgroup.procs", pid, fd)
+
+
+def limit(version: int, root_fds: dict[str, int], name: str, limits: Limits) -> None:
+    """Write ``limits`` to cgroup ``name``."""
     for file, value in limits.files(version):
         ctrl, _, leaf = file.rpartition("/")
         fd = root_fds[ctrl] if ctrl else root_fds["unified"]
         with contextlib.suppress(FileNotFoundError):  # e.g. no swap accounting
             _write(f"{name}/{leaf}", value, fd)
-    pid = str(os.getpid())
-    for fd in fds.values():
-        _write(f"{name}/cgroup.procs", pid, fd)
 
 
 def _mounts() -> list[tuple[str, str, str, str]]:
@@ -163,6 +172,16 @@ class CgroupTree:
 
     def to_json(self) -> dict[str, object]:
         return {"version": self.version, "dirs": self.dirs}
+
+    def prune(self) -> None:
+        """Remove every cgroup that has no process left (spares that were
+        never used). Safe at any time: a busy cgroup cannot be removed."""
+        for path in self.dirs.values():
+            with contextlib.suppress(OSError):
+                for e in list(os.scandir(path)):
+                    if e.is_dir():
+                        with contextlib.suppress(OSError):
+                            os.rmdir(e.path)
 
     def sweep(self) -> None:
         """Remove every instance cgroup a previous run left (killing its processes)."""

@@ -13,9 +13,9 @@ Full containment (the platform runs as root) happens in three places:
    folder, the store, the token and the logs are simply not there.
 2. each instance, still root, right after the fork (:func:`enter_instance`):
    a mount namespace of its own where its code folder is bound read-only at
-   ``/var/task`` and its own temporary folder at ``/tmp``; the two root-only
-   folders are then unmounted, so no other app's code is reachable even in
-   principle; it joins its cgroup;
+   ``/var/task`` and its own temporary folder at ``/tmp``; it joins its
+   cgroup (both done ahead by spare children, before they know their
+   function);
 3. and then drops to the function's uid and gid with no supplementary
    groups and ``no_new_privs`` (:func:`drop_privileges`).
 
@@ -148,18 +148,25 @@ def zygote_binds(code_root: str, tmp_root: str) -> list[tuple[str, str, bool, in
     return [(code_root, CODE_ROOT, True, 0o700), (tmp_root, TMP_ROOT, False, 0o700)]
 
 
-def enter_instance(instance_id: str, digest: str, uid: int, gid: int) -> None:
-    """In a fresh instance (root, inside the view): its own mount namespace
-    with its code at /var/task (read-only) and its own /tmp, and nothing else
-    of the platform's folders."""
+def prepare_instance(tmp_name: str) -> None:
+    """In a spare child (root, inside the view), before it knows its
+    function: a mount namespace of its own, with its own folder at /tmp."""
     unshare(CLONE_NEWNS)
-    tmp = f"{TMP_ROOT}/{instance_id}"
+    tmp = f"{TMP_ROOT}/{tmp_name}"
     os.mkdir(tmp, 0o700)
-    os.chown(tmp, uid, gid)
-    bind(tmp, "/tmp", read_only=False)
-    bind(f"{CODE_ROOT}/{digest}", TASK_ROOT, read_only=True)
-    umount(CODE_ROOT)
-    umount(TMP_ROOT)
+    # A bind takes the flags of the mount it comes from (TMP_ROOT: nosuid,
+    # nodev; CODE_ROOT: read-only too), so no remount is needed.
+    mount(tmp, "/tmp", None, MS_BIND)
+
+
+def enter_instance(tmp_name: str, digest: str, uid: int, gid: int) -> None:
+    """Once the function is known: /tmp becomes the function's, its code is
+    at /var/task (read-only). CODE_ROOT and TMP_ROOT stay mounted
+    (unmounting waits for an RCU grace period: milliseconds on the
+    cold-start path); both are root-only 0700, which the instance no longer
+    is in a moment."""
+    os.chown(f"{TMP_ROOT}/{tmp_name}", uid, gid)
+    mount(f"{CODE_ROOT}/{digest}", TASK_ROOT, None, MS_BIND)
 
 
 def limit_files(ephemeral_storage_mb: int) -> None:

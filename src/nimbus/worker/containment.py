@@ -30,7 +30,7 @@ from typing import Any
 
 import nimbus
 from nimbus.errors import UnavailableError
-from nimbus.runtime.cgroups import CgroupTree
+from nimbus.runtime.cgroups import CgroupTree, name_for
 from nimbus.worker.uids import UidTable
 
 log = logging.getLogger("nimbus.worker")
@@ -157,7 +157,8 @@ class Containment:
         return fields
 
     def tmp_dir(self, instance_id: str) -> Path:
-        """The instance's temporary folder on the host."""
+        """The instance's temporary folder on the host, when not full (full:
+        named by the instance's host pid, made by the instance itself)."""
         return self.state_dir / "tmp" / instance_id
 
     async def release(self, instance_id: str, pid: int) -> None:
@@ -166,11 +167,18 @@ class Containment:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)  # its process group (it called setsid)
         if self.cgroups is not None:
-            await asyncio.to_thread(self.cgroups.remove, instance_id)
-        await asyncio.to_thread(shutil.rmtree, self.tmp_dir(instance_id), True)
+            await asyncio.to_thread(self.cgroups.remove, name_for(pid))
+        tmp = self.state_dir / "tmp" / name_for(pid) if self.full else self.tmp_dir(instance_id)
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
 
-    def memory_bytes(self, instance_id: str) -> int | None:
-        return self.cgroups.memory_bytes(instance_id) if self.cgroups else None
+    def memory_bytes(self, pid: int) -> int | None:
+        """Memory charged to the instance ``pid`` and all it started."""
+        return self.cgroups.memory_bytes(name_for(pid)) if self.cgroups else None
+
+    async def prune(self) -> None:
+        """Remove the cgroups of spares that died unused (after a zygote stops)."""
+        if self.cgroups is not None:
+            await asyncio.to_thread(self.cgroups.prune)
 
 
 def _why_not_full() -> str:

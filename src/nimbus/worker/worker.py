@@ -139,6 +139,7 @@ class Worker:
         draining = [t for t in self._retiring if t is not asyncio.current_task()]
         await asyncio.gather(*draining, return_exceptions=True)
         await zygote.aclose(grace_s)
+        await self.containment.prune()
 
     def discard(self, targets: list[Target]) -> None:
         """Stop the pools of ``targets`` (a deploy that failed after warming them)."""
@@ -166,4 +167,6 @@ class Worker:
         await asyncio.gather(*(p.drain(grace_s) for p in pools), *self._retiring,
                              return_exceptions=True)
         await asyncio.gather(*(z.aclose(grace_s) for z in self.zygotes.values()))
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.containment.prune()
         self.logs.close()

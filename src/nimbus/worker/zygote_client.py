@@ -33,6 +33,7 @@ class ZygoteClient:
         self.contain = contain or {}
         self.preload_failed: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
         self._ctl: socket.socket | None = None
         self._pending: dict[str, asyncio.Future[int]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -41,7 +42,9 @@ class ZygoteClient:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        """The zygote's pid (under full containment not the process we
+        started, which waits outside the zygote's PID namespace)."""
+        return self._pid if self._proc else None
 
     async def start(self) -> None:
         async with self._lock:
@@ -89,6 +92,7 @@ class ZygoteClient:
             self._teardown()
             raise UnavailableError(f"zygote could not start: {hello.get('error')}")
         self.preload_failed = hello.get("preload_failed", [])
+        self._pid = int(hello.get("pid") or self._proc.pid)
         for line in self.preload_failed:
             log.warning("zygote could not preload %s", line)
         self._reader = asyncio.create_task(self._read_replies(ours))
