@@ -93,7 +93,8 @@ class Deployer:
         req_hashes: dict[str, str | None] = {}
         for fn in app.functions.values():
             req_hashes[fn.name] = (
-                await ensure_venv(self.state_dir, code_dir / fn.requirements, progress)
+                await ensure_venv(self.state_dir, code_dir / fn.requirements, progress,
+                                  self.worker.containment, code_dir)
                 if fn.requirements else None
             )
         current = await self.store.get(f"apps/{app.name}")

@@ -13,10 +13,12 @@ import asyncio
 import hashlib
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from nimbus.errors import DeployError
+from nimbus.worker.containment import Containment
 from nimbus.worker.target import site_packages_for, venv_dir_for
 
 Progress = Callable[[str], None]
@@ -29,9 +31,15 @@ def requirements_hash(content: bytes) -> str:
     return hashlib.sha256(tag + content).hexdigest()[:32]
 
 
-async def ensure_venv(state_dir: Path, requirements: Path, progress: Progress) -> str:
+async def ensure_venv(state_dir: Path, requirements: Path, progress: Progress,
+                      containment: Containment | None = None,
+                      app_dir: Path | None = None) -> str:
     """Build (or reuse) the venv for ``requirements``; returns its hash.
-    Raises DeployError with pip's message when the install fails."""
+    Raises DeployError with pip's message when the install fails. pip runs
+    contained (``containment.builder_command``): as the builder uid, seeing
+    only the app's folder, the venv being built and a private /tmp."""
+    contain = containment or Containment("rlimits", state_dir)
+    app = app_dir or requirements.parent
     content = requirements.read_bytes()
     key = requirements_hash(content)
     final = venv_dir_for(state_dir, key)
@@ -45,13 +53,25 @@ async def ensure_venv(state_dir: Path, requirements: Path, progress: Progress) -
         tmp.parent.mkdir(parents=True, exist_ok=True)
         progress(f"requirements {requirements.name}: creating venv {key[:12]}")
         try:
-            await _run([sys.executable, "-m", "venv", "--without-pip", str(tmp)],
-                       requirements.parent, progress, "creating the venv")
-            progress(f"requirements {requirements.name}: pip install")
-            await _run([sys.executable, "-m", "pip", "--python", str(tmp / "bin" / "python"),
-                        "install", "--disable-pip-version-check", "--no-input",
-                        "--progress-bar", "off", "-r", str(requirements)],
-                       requirements.parent, progress, f"installing {requirements.name}")
+            # Built where instances will see it (under full containment at
+            # /var/nimbus/venvs/<hash> in a view), so every path baked into it holds.
+            venv = contain.venv_dir(key) if contain.full else tmp
+            tmp.mkdir()
+            with tempfile.TemporaryDirectory(dir=state_dir / "tmp") as scratch:
+                contain.hand_over(tmp, to_builder=True)
+                contain.hand_over(Path(scratch), to_builder=True)
+
+                def contained(cmd: list[str]) -> list[str]:
+                    return contain.builder_command(cmd, app, tmp, venv, Path(scratch))
+
+                await _run(contained([sys.executable, "-m", "venv", "--without-pip", str(venv)]),
+                           app, progress, "creating the venv")
+                progress(f"requirements {requirements.name}: pip install")
+                pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+                       "install", "--disable-pip-version-check", "--no-input",
+                       "--progress-bar", "off", "-r", str(requirements.relative_to(app))]
+                await _run(contained(pip), app, progress, f"installing {requirements.name}")
+            contain.hand_over(tmp, to_builder=False)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except BaseException:

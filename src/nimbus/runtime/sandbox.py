@@ -48,6 +48,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 CODE_ROOT = "/var/nimbus/code"  # in the view: every app's code folder, root only
 TMP_ROOT = "/var/nimbus/tmp"  # in the view: every instance's /tmp, root only
 TASK_ROOT = "/var/task"  # an instance's own code, read-only (Lambda's LAMBDA_TASK_ROOT)
+VENV_ROOT = "/var/nimbus/venvs"  # requirements venvs, read-only, at the path they were built at
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
 _libc = ctypes.CDLL(None, use_errno=True)

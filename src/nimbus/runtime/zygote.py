@@ -71,8 +71,9 @@ class Confinement:
             self.cg_version = int(cg["version"])
             self.cg_fds = {c: os.open(d, os.O_RDONLY | os.O_DIRECTORY)
                            for c, d in cg["dirs"].items()}
-        sandbox.build_view(config["mountpoint"], config["exposed"],
-                           sandbox.zygote_binds(config["code_root"], config["tmp_root"]))
+        binds = [tuple(b) for b in config.get("binds", [])]
+        sandbox.build_view(config["mountpoint"], config["exposed"], [
+            *sandbox.zygote_binds(config["code_root"], config["tmp_root"]), *binds])
 
     def host_pid(self) -> int:
         """The calling process's pid as the host (the worker) sees it."""

@@ -28,9 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 import nimbus
 from nimbus.errors import UnavailableError
 from nimbus.runtime.cgroups import CgroupTree, name_for
+from nimbus.runtime.sandbox import TASK_ROOT, VENV_ROOT
 from nimbus.worker.uids import UidTable
 
 log = logging.getLogger("nimbus.worker")
@@ -129,16 +132,25 @@ class Containment:
         return (f"containment: full: a uid per function ({d['uid_range']}), private /tmp, "
                 f"filesystem view, {cg}")
 
-    def zygote_config(self, sys_path: tuple[str, ...]) -> dict[str, Any]:
-        """What a zygote needs to build its view (``{}`` when not full)."""
+    def venv_dir(self, requirements_hash: str) -> Path:
+        """Where a requirements venv is, as instances (and pip) see it: under
+        full containment at ``/var/nimbus/venvs/<hash>`` in their view (it is
+        built there too, so the paths baked into it hold)."""
+        if self.full:
+            return Path(VENV_ROOT) / requirements_hash
+        return self.state_dir / "venvs" / requirements_hash
+
+    def zygote_config(self, venvs: tuple[str, ...]) -> dict[str, Any]:
+        """What a zygote needs to build its view (``{}`` when not full);
+        ``venvs`` are the requirements hashes of its dependency set."""
         if not self.full:
             return {}
-        # A dependency venv is exposed whole (its scripts too), read-only.
-        venvs = tuple(str(Path(p).parents[2]) for p in sys_path)
         return {
             "mode": "full",
             "mountpoint": str(self.state_dir / "view"),
-            "exposed": [*self.exposed, *venvs],
+            "exposed": list(self.exposed),
+            "binds": [[str(self.state_dir / "venvs" / h), f"{VENV_ROOT}/{h}", True, 0o755]
+                      for h in venvs],
             "code_root": str(self.state_dir / "code"),
             "tmp_root": str(self.state_dir / "tmp"),
             "cgroups": self.cgroups.to_json() if self.cgroups else None,
@@ -155,6 +167,41 @@ class Containment:
             fields.update(uid=uid, gid=uid, digest=digest, memory_mb=memory_mb,
                           max_processes=max_processes, cpu=cpu)
         return fields
+
+    def builder_command(self, cmd: list[str], app_dir: Path, build_dir: Path,
+                        venv: Path, tmp_dir: Path) -> list[str]:
+        """``cmd`` wrapped to run as the builder uid in a view holding the OS,
+        the Python runtime, ``app_dir`` at /var/task (read-only, the working
+        folder), ``build_dir`` at ``venv`` (writable) and ``tmp_dir`` as /tmp.
+        Unchanged when containment is not full."""
+        if not self.full:
+            return cmd
+        assert self.uids is not None
+        uid = self.uids.builder
+        exposed = [*self.exposed, *(p for p in ("/opt",) if os.path.isdir(p))]
+        env = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
+        env.update(PATH="/usr/local/bin:/usr/bin:/bin", LANG="C.UTF-8", HOME="/tmp",
+                   TMPDIR="/tmp")
+        config = {
+            "mountpoint": str(self.state_dir / "view"), "exposed": exposed,
+            "binds": [[str(app_dir), TASK_ROOT, True, 0o755],
+                      [str(build_dir), str(venv), False, 0o755],
+                      [str(tmp_dir), "/tmp", False, 0o1777]],
+            "uid": uid, "gid": uid, "cwd": TASK_ROOT, "env": env,
+        }
+        return [sys.executable, "-m", "nimbus.runtime.sandbox_exec",
+                orjson.dumps(config).decode(), "--", *cmd]
+
+    def hand_over(self, folder: Path, to_builder: bool) -> None:
+        """Give ``folder`` (recursively) to the builder uid, or back to root."""
+        if not self.full:
+            return
+        assert self.uids is not None
+        owner = self.uids.builder if to_builder else 0
+        for root, dirs, files in os.walk(folder):
+            os.lchown(root, owner, owner)
+            for name in dirs + files:
+                os.lchown(os.path.join(root, name), owner, owner)
 
     def tmp_dir(self, instance_id: str) -> Path:
         """The instance's temporary folder on the host, when not full (full:

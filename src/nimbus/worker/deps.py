@@ -14,25 +14,29 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-from nimbus.worker.target import Target, code_dir_for, site_packages_for
+from nimbus.worker.containment import Containment
+from nimbus.worker.target import Target, code_dir_for, site_packages_in
 
 
 @dataclass(frozen=True, slots=True)
 class DepSet:
-    sys_path: tuple[str, ...] = ()
+    sys_path: tuple[str, ...] = ()  # as the zygote sees them
     preload: tuple[str, ...] = ()
+    venvs: tuple[str, ...] = ()  # requirements hashes
 
 
 BASE = DepSet()
 
 
-def dependency_set(target: Target, state_dir: Path) -> DepSet:
-    sys_path = ()
+def dependency_set(target: Target, state_dir: Path, containment: Containment) -> DepSet:
+    sys_path: tuple[str, ...] = ()
+    venvs: tuple[str, ...] = ()
     if target.requirements_hash:
-        sys_path = (str(site_packages_for(state_dir, target.requirements_hash)),)
+        venvs = (target.requirements_hash,)
+        sys_path = (str(site_packages_in(containment.venv_dir(target.requirements_hash))),)
     preload = tuple(target.spec.preload) or imported_packages(
         code_dir_for(state_dir, target.digest), target.spec.module)
-    return DepSet(sys_path, tuple(sorted(set(preload))))
+    return DepSet(sys_path, tuple(sorted(set(preload))), venvs)
 
 
 def imported_packages(code_dir: Path, module: str) -> tuple[str, ...]:

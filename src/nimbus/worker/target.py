@@ -44,9 +44,9 @@ class Target:
         sys_path = []
         path = "/usr/local/bin:/usr/bin:/bin"
         if self.requirements_hash:
-            site = site_packages_for(state_dir, self.requirements_hash)
-            sys_path.append(str(site))
-            path = f"{site.parents[2] / 'bin'}:{path}"
+            venv = containment.venv_dir(self.requirements_hash)  # as the instance sees it
+            sys_path.append(str(site_packages_in(venv)))
+            path = f"{venv / 'bin'}:{path}"
         if containment.full:  # the instance's own mount namespace shows these
             code_dir, tmp_dir = Path(TASK_ROOT), Path("/tmp")
         else:
@@ -102,5 +102,9 @@ def venv_dir_for(state_dir: Path, requirements_hash: str) -> Path:
 
 
 def site_packages_for(state_dir: Path, requirements_hash: str) -> Path:
+    return site_packages_in(venv_dir_for(state_dir, requirements_hash))
+
+
+def site_packages_in(venv: Path) -> Path:
     v = sys.version_info
-    return venv_dir_for(state_dir, requirements_hash) / "lib" / f"python{v.major}.{v.minor}" / "site-packages"
+    return venv / "lib" / f"python{v.major}.{v.minor}" / "site-packages"

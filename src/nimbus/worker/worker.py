@@ -73,7 +73,7 @@ class Worker:
         z = self.zygotes.get(deps)
         if z is None:  # started by its first fork
             z = self.zygotes[deps] = ZygoteClient(
-                deps.sys_path, deps.preload, self.containment.zygote_config(deps.sys_path))
+                deps.sys_path, deps.preload, self.containment.zygote_config(deps.venvs))
         return z
 
     def pool(self, target: Target) -> FunctionPool:
@@ -90,7 +90,7 @@ class Worker:
             pool = self.pools[target.key] = FunctionPool(
                 target, self._start_instance,
                 lambda rid, stream, text: self.logs.write(fn, rid, stream, text))
-            pool.deps = dependency_set(target, self.state_dir)
+            pool.deps = dependency_set(target, self.state_dir, self.containment)
         return pool
 
     async def _start_instance(self, pool: FunctionPool) -> Instance:
