@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 90.0
+HOST_FILES = ("--containment", "rlimits")
 
 
 class Nimbus:
@@ -112,12 +113,20 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def start_nimbus(tmp_path: Path) -> Iterator[object]:
+def start_nimbus(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
     started: list[Nimbus] = []
+    # Modules whose handlers report through files in the test's folder run
+    # them as the platform's user (full containment hides the host's files
+    # from handlers; it has tests of its own).
+    if getattr(request.module, "HANDLERS_WRITE_HOST_FILES", False):
+        host_files: tuple[str, ...] = HOST_FILES
+    else:
+        host_files = ()
 
     def start(app: Path | None, *extra: str, name: str = "state",
               state: Path | None = None) -> Nimbus:
-        n = Nimbus(app, state or tmp_path / name, tmp_path / f"{name}.out", *extra)
+        n = Nimbus(app, state or tmp_path / name, tmp_path / f"{name}.out",
+                   *host_files, *extra)
         started.append(n)
         return n
 

@@ -25,6 +25,8 @@ import pytest
 from tests.conftest import descendants
 from tests.events_client import control, wait_for
 
+HANDLERS_WRITE_HOST_FILES = True  # see conftest.start_nimbus
+
 pytestmark = pytest.mark.e2e
 
 N = 1000

@@ -15,6 +15,8 @@ import pytest
 from tests.events_app import write_events_app
 from tests.events_client import record, settled, wait_for
 
+HANDLERS_WRITE_HOST_FILES = True  # see conftest.start_nimbus
+
 pytestmark = pytest.mark.e2e
 
 

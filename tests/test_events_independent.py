@@ -28,6 +28,8 @@ import pytest
 
 from tests.events_client import control, record, settled, wait_for
 
+HANDLERS_WRITE_HOST_FILES = True  # see conftest.start_nimbus
+
 pytestmark = pytest.mark.e2e
 
 
