@@ -1,0 +1,220 @@
+"""Containment: the pure parts, and what a contained instance sees."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nimbus.errors import UnavailableError
+from nimbus.runtime.cgroups import Limits
+from nimbus.worker.containment import Containment, platform_paths
+from nimbus.worker.uids import UidTable
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="full containment needs root")
+
+
+def test_uids_are_stable_distinct_and_persisted(tmp_path):
+    table = UidTable(tmp_path / "uids.json", 300_000, 300_003)
+    a, b = table.get("a"), table.get("b")
+    assert a != b and {a, b} <= {300_001, 300_002, 300_003}
+    assert table.builder == 300_000 not in (a, b)  # the first id builds venvs only
+    again = UidTable(tmp_path / "uids.json", 300_000, 300_003)
+    assert (again.get("b"), again.get("a")) == (b, a)
+    assert stat.S_IMODE((tmp_path / "uids.json").stat().st_mode) == 0o600
+    again.get("c")
+    with pytest.raises(UnavailableError, match="no free uid left in 300000-300003"):
+        again.get("d")
+
+
+@pytest.mark.parametrize("first,last", [(0, 10), (5000, 5000), (70_000, 60_000)])
+def test_a_bad_uid_range_is_refused(tmp_path, first, last):
+    with pytest.raises(ValueError, match="uid range"):
+        UidTable(tmp_path / "uids.json", first, last)
+
+
+def test_cgroup_limits_for_both_versions():
+    lim = Limits(memory_mb=64, max_processes=16, cpu=0.5)
+    assert dict(lim.files(1)) == {
+        "memory/memory.limit_in_bytes": str((64 + 32) * 1024 * 1024),
+        "pids/pids.max": "16", "cpu/cpu.cfs_period_us": "100000",
+        "cpu/cpu.cfs_quota_us": "50000"}
+    v2 = dict(Limits(128, 32, None).files(2))
+    assert v2 == {"memory.max": str(160 * 1024 * 1024), "memory.swap.max": "0",
+                  "pids.max": "32"}
+
+
+def test_the_view_never_holds_the_state_folder(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    paths = platform_paths(state)
+    assert "/usr" in paths
+    for p in paths:
+        assert not str(state).startswith(p + "/") and not p.startswith(str(state))
+    # no path is listed twice or inside another listed folder
+    dirs = [p for p in paths if not os.path.islink(p)]
+    assert not [p for p in dirs for q in dirs if p != q and p.startswith(q + "/")]
+
+
+def test_rlimits_mode_describes_itself(tmp_path):
+    c = Containment.create(tmp_path, "rlimits")
+    assert not c.full
+    assert c.describe()["uid_separation"] is False
+    assert "rlimits only" in c.summary()
+    with pytest.raises(ValueError, match="containment must be one of auto, full, rlimits"):
+        Containment.create(tmp_path, "sometimes")
+
+
+PROBE_APP = """\
+functions:
+  probe:
+    handler: h.probe
+    http: [{method: GET, path: /probe}]
+    memory_mb: 64
+    max_processes: 8
+    timeout_s: 2
+    env: {GREETING: hi}
+  other:
+    handler: h.probe
+    http: [{method: GET, path: /other}]
+"""
+
+PROBE = """\
+import os, subprocess, sys, time
+
+def probe(event, context):
+    q = event.get("queryStringParameters") or {}
+    what = q.get("what")
+    if what == "tmp-write":
+        open("/tmp/mine", "w").write("secret")
+        return {"tmp": os.listdir("/tmp")}
+    if what == "fork":
+        n = 0
+        kids = []
+        try:
+            for _ in range(50):
+                kids.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"]))
+                n += 1
+        except OSError as exc:
+            return {"forked": n, "error": type(exc).__name__}
+        finally:
+            for k in kids:
+                k.kill()
+                k.wait()
+        return {"forked": n}
+    if what == "hog":
+        code = "x = bytearray(200 * 1024 * 1024); print(len(x))"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+        return {"child_rc": r.returncode}
+    if what == "orphan":
+        subprocess.Popen([sys.executable, "-c", "import time\\nwhile True: pass",
+                          q["marker"]], start_new_session=True)
+        time.sleep(10)
+    return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+            "env": dict(os.environ), "tmp": os.listdir("/tmp"), "cwd": os.getcwd()}
+"""
+
+
+def _marked(marker: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+@ROOT_ONLY
+def test_a_contained_instance(start_nimbus, tmp_path, monkeypatch):
+    app = tmp_path / "probe"
+    app.mkdir()
+    (app / "app.yaml").write_text(PROBE_APP)
+    (app / "h.py").write_text(PROBE)
+    monkeypatch.setenv("NIMBUS_TEST_PLATFORM_SECRET", "leak")
+    n = start_nimbus(app)
+    assert "containment: full" in n.output()
+    me = n.http.get("/probe").json()
+    other = n.http.get("/other").json()
+    assert me["uid"] not in (0, other["uid"]) and me["gid"] == me["uid"]
+    assert me["groups"] == []
+    assert "NIMBUS_TEST_PLATFORM_SECRET" not in me["env"]
+    assert me["env"]["GREETING"] == "hi" and me["env"]["TMPDIR"] == "/tmp"
+    assert me["cwd"] == me["env"]["LAMBDA_TASK_ROOT"] == "/var/task"
+    # /tmp is the instance's own
+    assert n.http.get("/probe", params={"what": "tmp-write"}).json()["tmp"] == ["mine"]
+    assert "mine" not in n.http.get("/other").json()["tmp"]
+    # processes: bounded by max_processes, the instance survives it
+    forked = n.http.get("/probe", params={"what": "fork"}).json()
+    assert forked["forked"] < 8 and forked["error"] in ("BlockingIOError", "OSError")
+    # memory: a child past memory_mb is killed, not the instance
+    assert n.http.get("/probe", params={"what": "hog"}).json()["child_rc"] != 0
+    # a detached child does not outlive its instance's timeout
+    marker = f"nimbus-orphan-{os.getpid()}-{time.monotonic_ns()}"
+    r = n.http.get("/probe", params={"what": "orphan", "marker": marker})
+    assert r.status_code == 504
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _marked(marker) == []
+    # nimbus status says what is in force
+    status = httpx.get(n.control_url + "/v1/status",
+                       headers={"authorization": f"Bearer {n.token}"}).json()
+    assert status["containment"]["mode"] == "full"
+    assert status["containment"]["cgroups"].startswith("cgroup")
+    out = n.cli("status")
+    assert "contain full" in out.stdout
+    assert n.http.get("/other").status_code == 200
+
+
+@ROOT_ONLY
+def test_nothing_a_handler_starts_outlives_the_platform(start_nimbus, tmp_path):
+    app = tmp_path / "probe"
+    app.mkdir()
+    (app / "app.yaml").write_text(PROBE_APP.replace("timeout_s: 2", "timeout_s: 20"))
+    (app / "h.py").write_text(PROBE)
+    n = start_nimbus(app)
+    marker = f"nimbus-survivor-{os.getpid()}-{time.monotonic_ns()}"
+    with httpx.Client(base_url=n.url, timeout=30) as c:
+        t = threading.Thread(target=lambda: _swallow(c, marker), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not _marked(marker):
+            assert time.monotonic() < deadline, "the child never started"
+            time.sleep(0.05)
+        n.proc.kill()  # SIGKILL: no shutdown sequence at all
+        n.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _marked(marker) == []
+
+
+def _swallow(c: httpx.Client, marker: str) -> None:
+    try:
+        c.get("/probe", params={"what": "orphan", "marker": marker})
+    except httpx.HTTPError:
+        pass
+
+
+@ROOT_ONLY
+def test_requirements_cannot_read_the_state_folder(start_nimbus, tmp_path):
+    n = start_nimbus(None)
+    token = n.token
+    app = tmp_path / "sneaky"
+    app.mkdir()
+    (app / "app.yaml").write_text(
+        "functions:\n  s:\n    handler: h.s\n    requirements: requirements.txt\n")
+    (app / "h.py").write_text("def s(e, c):\n    return 1\n")
+    (app / "requirements.txt").write_text(f"-r {n.state / 'token'}\n")
+    out = n.cli("deploy", str(app))
+    assert out.returncode == 1
+    assert "No such file" in out.stderr or "not found" in out.stderr.lower(), out.stderr
+    assert token not in out.stderr + out.stdout
