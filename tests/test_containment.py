@@ -115,7 +115,9 @@ def probe(event, context):
         subprocess.Popen([sys.executable, "-c", "import time\\nwhile True: pass",
                           q["marker"]], start_new_session=True)
         time.sleep(10)
+    owners = {os.stat(f"/proc/{p}").st_uid for p in os.listdir("/proc") if p.isdigit()}
     return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+            "proc_owners": sorted(owners),
             "env": dict(os.environ), "tmp": os.listdir("/tmp"), "cwd": os.getcwd()}
 """
 
@@ -145,6 +147,7 @@ def test_a_contained_instance(start_nimbus, tmp_path, monkeypatch):
     other = n.http.get("/other").json()
     assert me["uid"] not in (0, other["uid"]) and me["gid"] == me["uid"]
     assert me["groups"] == []
+    assert me["proc_owners"] == [me["uid"]]  # no other process is even visible
     assert "NIMBUS_TEST_PLATFORM_SECRET" not in me["env"]
     assert me["env"]["GREETING"] == "hi" and me["env"]["TMPDIR"] == "/tmp"
     assert me["cwd"] == me["env"]["LAMBDA_TASK_ROOT"] == "/var/task"

@@ -128,7 +128,9 @@ def build_view(mountpoint: str, exposed: Iterable[str],
         elif os.path.isdir(path):
             bind(path, _mkdirs(mountpoint, path), read_only=True, recursive=True)
     _mkdirs(mountpoint, "/proc")
-    mount("proc", mountpoint + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # Each uid sees only its own processes (the zygote, root, sees all).
+    mount("proc", mountpoint + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          "hidepid=invisible")
     dev = _mkdirs(mountpoint, "/dev")
     for name in DEVICES:
         open(f"{dev}/{name}", "w").close()  # noqa: SIM115 - a mount point
