@@ -183,6 +183,13 @@ class CgroupTree:
                         with contextlib.suppress(OSError):
                             os.rmdir(e.path)
 
+    def close(self) -> None:
+        """Remove the platform's folders if nothing is left in them."""
+        self.prune()
+        for path in self.dirs.values():
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
     def sweep(self) -> None:
         """Remove every instance cgroup a previous run left (killing its processes)."""
         names: set[str] = set()

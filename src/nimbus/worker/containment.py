@@ -222,6 +222,11 @@ class Containment:
         """Memory charged to the instance ``pid`` and all it started."""
         return self.cgroups.memory_bytes(name_for(pid)) if self.cgroups else None
 
+    async def aclose(self) -> None:
+        """After every instance is gone: remove the platform's cgroup folders."""
+        if self.cgroups is not None:
+            await asyncio.to_thread(self.cgroups.close)
+
     async def prune(self) -> None:
         """Remove the cgroups of spares that died unused (after a zygote stops)."""
         if self.cgroups is not None:

@@ -168,5 +168,5 @@ class Worker:
                              return_exceptions=True)
         await asyncio.gather(*(z.aclose(grace_s) for z in self.zygotes.values()))
         await asyncio.gather(*self._retiring, return_exceptions=True)
-        await self.containment.prune()
+        await self.containment.aclose()
         self.logs.close()
