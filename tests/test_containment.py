@@ -70,6 +70,15 @@ def test_rlimits_mode_describes_itself(tmp_path):
         Containment.create(tmp_path, "sometimes")
 
 
+def test_without_root_it_runs_with_rlimits_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    c = Containment.create(tmp_path, "auto")
+    assert c.mode == "rlimits"
+    assert "not running as root" in c.summary()
+    with pytest.raises(UnavailableError, match="full containment is not available"):
+        Containment.create(tmp_path, "full")
+
+
 PROBE_APP = """\
 functions:
   probe:

@@ -45,6 +45,7 @@ PRELOAD = (
 )
 
 MAX_SPEC_BYTES = 1 << 20
+SPARE_READY_TIMEOUT_S = 5.0  # a spare's own preparation (namespace, cgroup)
 # Spare children forked ahead of need (Android's "USAP pool"): a fork request
 # takes a spare that is already forked and prepared, so the fork itself
 # (about a millisecond) is off the cold-start path; the zygote forks the
@@ -173,7 +174,9 @@ class Zygote:
             _run(fds[0], orjson.loads(msg), self.confinement, host_pid, self.pid)
         theirs.close()
         try:
+            ours.settimeout(SPARE_READY_TIMEOUT_S)
             host_pid = int(ours.recv(32))
+            ours.settimeout(None)
         except (OSError, ValueError):
             ours.close()
             raise OSError("a spare child died before it started") from None
