@@ -215,9 +215,10 @@ class Dispatcher:
     async def aclose(self, grace_s: float = 5.0) -> None:
         """Stop: no new receives; work not yet started goes back to its queue
         at once (not counted); running invocations get ``grace_s`` to finish
-        and settle, and one cut short by the pools closing goes back too.
-        What is still running after that stays leased: the next start's
-        ``recover()`` delivers it again."""
+        and settle (one whose instance the pools' closing takes away counts
+        its try, ``Interrupted``). What is still running after that stays
+        leased with its try begun: the next start's ``recover()`` counts that
+        try and delivers it again."""
         self.stopping = True
         consumers = list(self._consumers.values())
         self._consumers.clear()
