@@ -325,7 +325,7 @@ async def _begun_tries_survive_a_death(q: Queue, open_queue: OpenQueue,
     that had begun counts, the one that had not costs nothing."""
     name = _name("death")
     sent = await q.send(name, [Outgoing(b"ran"), Outgoing(b"waited")])
-    ran, waited = await q.receive(name, max_messages=2, visibility_s=10)
+    ran, _waited = await q.receive(name, max_messages=2, visibility_s=10)
     await q.begin([ran])
     await q.aclose()
     q = await open_queue(clock)
