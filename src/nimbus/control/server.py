@@ -45,7 +45,7 @@ from nimbus.store.base import Blobs, Store
 from nimbus.store.private import private_file, write_private
 from nimbus.store.queue import Queue
 from nimbus.store.registry import open_blobs, open_store
-from nimbus.store.sqlite_queue import open_sqlite_queue
+from nimbus.store.sqlite_queue import SQLiteQueue, open_sqlite_queue
 from nimbus.worker.budget import NodeBudget
 from nimbus.worker.worker import Worker
 
@@ -164,7 +164,7 @@ class Platform:
             raise
         platform.lock = lock
         platform.identity = identity
-        if hasattr(platform.queue, "on_content") and not identity.queue_content:
+        if isinstance(platform.queue, SQLiteQueue) and not identity.queue_content:
             platform.queue.on_content = identity.note_queue_content
         return platform
 
