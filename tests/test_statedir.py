@@ -202,3 +202,48 @@ def test_a_lost_store_or_queue_is_refused_never_started_empty(
         for iid in ids:
             assert ctl.get(f"/v1/invocations/{iid}").json()["status"] == "succeeded"
         assert "note" in ctl.get("/v1/functions").text
+
+
+def test_a_folder_from_before_the_identity_file_is_learned(tmp_path: Path) -> None:
+    """No state.json yet (a folder written by an older nimbus): what its
+    databases hold is learned at start, so losing them later is caught."""
+    import asyncio
+
+    from nimbus.control.statedir import Identity, StateDirError
+    from nimbus.store.queue import Outgoing
+    from nimbus.store.sqlite import open_sqlite_store
+    from nimbus.store.sqlite_queue import open_sqlite_queue
+
+    state = tmp_path / "old"
+    state.mkdir(mode=0o700)
+
+    async def fill() -> None:
+        store = await open_sqlite_store(state / "store.db")
+        await store.put("schedules/leader", b"x")  # every start writes this: not content
+        queue = await open_sqlite_queue(state / "queue.db")
+        await store.aclose()
+        await queue.aclose()
+    asyncio.run(fill())
+    ident = Identity.check(state)
+    assert (ident.store_content, ident.queue_content) == (False, False)
+
+    async def more() -> None:
+        store = await open_sqlite_store(state / "store.db")
+        await store.put("apps/shop", b"{}")
+        queue = await open_sqlite_queue(state / "queue.db")
+        await queue.send("fn/f", [Outgoing(b"{}")])
+        await store.aclose()
+        await queue.aclose()
+    asyncio.run(more())
+    (state / "state.json").unlink()
+    ident = Identity.check(state)
+    assert (ident.store_content, ident.queue_content) == (True, True)
+    assert Identity.check(state).store_id == ident.store_id, "kept, not made anew"
+    os.truncate(state / "queue.db", 0)
+    for suffix in ("-wal", "-shm"):
+        (state / ("queue.db" + suffix)).unlink(missing_ok=True)
+    with pytest.raises(StateDirError, match=r"queue\.db is empty \(0 bytes\)"):
+        Identity.check(state)
+    (state / "state.json").write_text("{not json")
+    with pytest.raises(StateDirError, match=r"state\.json is damaged"):
+        Identity.check(state)
