@@ -152,13 +152,14 @@ def test_sigkill_with_work_queued_loses_nothing(tmp_path: Path, start_nimbus: An
     runs = Counter((out / "ran.log").read_text().split())
     assert set(runs) <= set(ids), "the handler only ever ran accepted invocations"
     for iid, rec in by_id.items():
-        # at-least-once: a run the crash cut short is run again, so runs may
-        # exceed the tries that finished, but never the deliveries recorded.
+        # a try counts when its handler starts (or is about to, as the
+        # process dies), so the runs never exceed the tries recorded.
         assert runs[iid] <= rec["attempts"], (iid, runs[iid], rec)
         if rec["status"] == "succeeded":
             assert runs[iid] >= 1
-        else:
-            assert rec["attempts"] >= 3 and rec["error"]["errorType"] == "RuntimeError"
+        else:  # its last try failed, or was cut short by the kill
+            assert rec["attempts"] == 3, rec
+            assert rec["error"]["errorType"] in ("RuntimeError", "Interrupted"), rec
     assert statuses["succeeded"] > N * 0.9, statuses  # 0.8 + 0.16 + 0.03 expected
 
 

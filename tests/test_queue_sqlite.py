@@ -54,17 +54,64 @@ def test_one_failing_job_does_not_undo_its_batch(tmp_path: Path) -> None:
 
 
 def test_recover_redelivers_what_a_dead_owner_leased(tmp_path: Path) -> None:
+    """A dead owner's leases are deliverable at once; the try it had begun
+    counts (cut short: retrying, Interrupted), the one it had only leased not."""
     async def main() -> None:
         q = await open_sqlite_queue(tmp_path / "q.db")
-        await q.send("a", [Outgoing(b"x")])
-        [m] = await q.receive("a", max_messages=1, visibility_s=3600)
-        await q.aclose()  # as if the process died holding the lease
+        sent = await q.send("a", [Outgoing(b"ran"), Outgoing(b"waited")])
+        ran, _waited = await q.receive("a", max_messages=2, visibility_s=3600)
+        await q.begin([ran])
+        await q.aclose()  # as if the process died holding the leases
         q = await open_sqlite_queue(tmp_path / "q.db")
         try:
             assert await q.receive("a", max_messages=1, visibility_s=30) == []
+            assert await q.recover() == 2
+            rec = await q.get(ran.id)
+            assert rec is not None and (rec.status, rec.attempts) == ("retrying", 1), rec
+            assert rec.error is not None and rec.error["errorType"] == "Interrupted", rec
+            other = await q.get(sent[1].id)
+            assert other is not None and (other.status, other.attempts) == ("queued", 0), other
+            again = {m.id: m.attempts
+                     for m in await q.receive("a", max_messages=2, visibility_s=30)}
+            assert again == {ran.id: 2, sent[1].id: 1}
+        finally:
+            await q.aclose()
+        q = await open_sqlite_queue(tmp_path / "q.db")  # recovered once: not counted again
+        try:
+            assert await q.recover() == 2
+            assert {m.id: m.attempts
+                    for m in await q.receive("a", max_messages=2, visibility_s=30)} == again
+        finally:
+            await q.aclose()
+    asyncio.run(main())
+
+
+def test_the_tries_journal_stays_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past its size limit the journal keeps only the marks of unsettled tries."""
+    import nimbus.store.sqlite_queue as sq
+
+    monkeypatch.setattr(sq, "JOURNAL_ROTATE_BYTES", 2000)
+
+    async def main() -> None:
+        q = await open_sqlite_queue(tmp_path / "q.db")
+        try:
+            await q.send("j", [Outgoing(b"x") for _ in range(200)])
+            msgs = await q.receive("j", max_messages=200, visibility_s=60)
+            for m in msgs[:-1]:
+                await q.begin([m])
+                await q.ack(m)
+            await q.begin([msgs[-1]])  # running
+            marks = (tmp_path / "q.db-tries").read_text().split("\n")
+            assert len(marks) < 60, "rotated, not one line per try ever made"
+            assert f"{msgs[-1].id} {msgs[-1].receipt}" in marks
+            assert oct((tmp_path / "q.db-tries").stat().st_mode & 0o777) == "0o600"
+        finally:
+            await q.aclose()
+        q = await open_sqlite_queue(tmp_path / "q.db")
+        try:
             assert await q.recover() == 1
-            [again] = await q.receive("a", max_messages=1, visibility_s=30)
-            assert again.id == m.id and again.attempts == 2
+            assert (await q.get(msgs[-1].id)).attempts == 1  # type: ignore[union-attr]
+            assert (await q.get(msgs[0].id)).attempts == 1  # type: ignore[union-attr]
         finally:
             await q.aclose()
     asyncio.run(main())

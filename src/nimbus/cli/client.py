@@ -40,7 +40,10 @@ def find_connection(url: str | None, token: str | None, state_dirs: list[Path]) 
         info, tok = d / "control.json", d / "token"
         if info.exists() and tok.exists():
             data = orjson.loads(info.read_bytes())
-            return Connection(url or data["control_url"], token or tok.read_text().strip())
+            if not token and not (token := tok.read_text().strip()):
+                raise CLIError(f"the token file {tok} is empty; restart nimbus up to get a "
+                               "new one, or pass --token")
+            return Connection(url or data["control_url"], token)
     looked = ", ".join(str(d) for d in candidates)
     raise CLIError(f"no running nimbus found (looked in {looked}); start one with "
                    "`nimbus up`, or pass --state-dir, or --url and --token")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,10 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
            uid_range: tuple[int, int] = (200_000, 265_535)) -> None:
     from nimbus.control.bundle import make_bundle
     from nimbus.manifest.loader import MANIFEST_NAMES, load_app
+
+    # Everything the platform writes (store, queue, logs, token) is its
+    # owner's alone; the state folder's setup also sets modes explicitly.
+    os.umask(0o077)
 
     has_app = any((app_dir / n).exists() for n in MANIFEST_NAMES)
     if not app_dir.is_dir():

@@ -29,10 +29,12 @@ import orjson
 import uvicorn
 
 from nimbus.clock import SystemClock
+from nimbus.control import statedir
 from nimbus.control.api import create_control_app
 from nimbus.control.bundle import STATE_MARKER
 from nimbus.control.deploy import Deployer
 from nimbus.control.routesync import RouteSync
+from nimbus.control.statedir import Identity, StateDirError
 from nimbus.control.statelock import StateLock
 from nimbus.errors import UnavailableError
 from nimbus.events.scheduler import Scheduler
@@ -40,9 +42,10 @@ from nimbus.events.service import DEFAULT_ASYNC_MAX_BYTES, Events
 from nimbus.gateway.app import Gateway, GatewayConfig
 from nimbus.observe.logs import LogSink
 from nimbus.store.base import Blobs, Store
+from nimbus.store.private import private_file, write_private
 from nimbus.store.queue import Queue
 from nimbus.store.registry import open_blobs, open_store
-from nimbus.store.sqlite_queue import open_sqlite_queue
+from nimbus.store.sqlite_queue import SQLiteQueue, open_sqlite_queue
 from nimbus.worker.budget import NodeBudget
 from nimbus.worker.containment import DEFAULT_UID_RANGE, Containment
 from nimbus.worker.worker import Worker
@@ -51,6 +54,7 @@ log = logging.getLogger("nimbus")
 
 CONTROL_FILE = "control.json"
 TOKEN_FILE = "token"
+MIN_TOKEN_CHARS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +83,26 @@ class ServerConfig:
 
 
 def ensure_token(state_dir: Path) -> str:
+    """The control API's bearer token: read from ``token``, or made and
+    written there (atomically, 0600). One that is empty, shorter than
+    ``MIN_TOKEN_CHARS`` or not printable ASCII is an error naming the file."""
     path = state_dir / TOKEN_FILE
-    if path.exists():
-        return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(32)  # 43 characters
+        write_private(path, (token + "\n").encode(), durable=True)
+        return token
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "it is not ASCII text"
+        raise StateDirError(f"cannot read the token file {path}: {why}; delete it and "
+                            "nimbus up writes a new one") from None
+    if len(token) < MIN_TOKEN_CHARS or not all(33 <= ord(c) < 127 for c in token):
+        what = "is empty" if not token else (
+            f"holds a token of {len(token)} characters, at least {MIN_TOKEN_CHARS} are needed"
+            if len(token) < MIN_TOKEN_CHARS else "holds spaces or control characters")
+        raise StateDirError(f"the token file {path} {what}; delete it and nimbus up writes "
+                            "a new one, or write a longer token into it")
     return token
 
 
@@ -135,21 +152,28 @@ class Platform:
         self._stop = asyncio.Event()
         self.lock: StateLock | None = None
 
+    identity: Identity | None = None
+
     @classmethod
     async def create(cls, config: ServerConfig) -> Platform:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        lock = StateLock.acquire(config.state_dir)  # before touching anything in it
+        statedir.prepare(config.state_dir)  # 0700, ours, not writable by others
+        lock = StateLock.acquire(config.state_dir)  # before touching anything else in it
         try:
+            identity = Identity.check(config.state_dir)  # never start empty over lost data
+            ensure_token(config.state_dir)  # a bad token file stops us before anything runs
             platform = await cls._open(config)
         except BaseException:
             lock.release()
             raise
         platform.lock = lock
+        platform.identity = identity
+        if isinstance(platform.queue, SQLiteQueue) and not identity.queue_content:
+            platform.queue.on_content = identity.note_queue_content
         return platform
 
     @classmethod
     async def _open(cls, config: ServerConfig) -> Platform:
-        (config.state_dir / STATE_MARKER).touch()
+        private_file(config.state_dir / STATE_MARKER)
         store = await open_store("sqlite", config.state_dir / "store.db")
         blobs = await open_blobs(config.state_dir / "blobs")
         queue = await open_sqlite_queue(config.state_dir / "queue.db")
@@ -168,6 +192,8 @@ class Platform:
     async def deploy(self, bundle: bytes, progress: Callable[[str], None],
                      name: str | None = None) -> dict[str, Any]:
         result = await self.deployer.deploy(bundle, progress, name)
+        if self.identity is not None and any(f.get("changed") for f in result["functions"]):
+            self.identity.note_deploy()
         want = {f["name"]: f["version"] for f in result["functions"]}
         await self.routes.wait_for(lambda rs: all(
             name in rs.functions and rs.functions[name].target.version == v
@@ -202,9 +228,7 @@ class Platform:
             await asyncio.sleep(0.01)
         info = {"pid": os.getpid(), "gateway_url": self.gateway_url,
                 "control_url": self.control_url}
-        tmp = self.state_dir / (CONTROL_FILE + ".tmp")
-        tmp.write_bytes(orjson.dumps(info))
-        tmp.replace(self.state_dir / CONTROL_FILE)
+        write_private(self.state_dir / CONTROL_FILE, orjson.dumps(info))
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -26,7 +26,8 @@ class StateLock:
 
     @classmethod
     def acquire(cls, state_dir: Path) -> StateLock:
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited
+        os.fchmod(fd, 0o600)  # also a lock file from before it was made private
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -12,6 +12,14 @@ given back (released, not counted) instead of run. Each message is settled after
 the others): ack with the result, retry later with backoff, release when
 throttled (not counted), or dead-letter; the message row is also the
 invocation record, so settling and recording are one write.
+
+A try counts when its handler starts, not when its message is leased: the
+message's try is begun (:meth:`Queue.begin`) in its slot, right before the
+pool is handed it. Work given back before that (lease too short, stopping,
+throttled, redeployed) costs no try; a run cut short after it (nimbus
+killed or stopped) costs exactly that one. A delivery that arrives with its
+tries already used up (its last run was cut short) is given up without
+running, so a function with ``retries: N`` runs at most N + 1 times.
 Destinations are sent before the settlement, so a crash at any point
 repeats work instead of losing it (at-least-once; a repeated destination is
 dropped by its dedup key).
@@ -33,6 +41,7 @@ from nimbus.errors import (
     ConflictError,
     NimbusError,
     ThrottledError,
+    UnavailableError,
 )
 from nimbus.events.names import Subscription, invoke_queue, user_queue
 from nimbus.events.retry import RetryPolicy, next_retry, too_old
@@ -52,6 +61,7 @@ WAIT_S = 5.0  # one receive's long-poll
 VISIBILITY_MARGIN_S = 20.0  # beyond timeout_s: a held request may wait for an instance
 RELEASE_DELAY_S = 0.05  # a retired pool's message goes to the new version
 NO_FUNCTION_DELAY_S = 5.0
+BEGIN_FAILED_DELAY_S = 1.0  # the try could not be marked: given back, not run
 MAX_LEASE = 256
 LEASE_WAIT_BUDGET_S = 30.0  # how long a leased message may wait for a slot
 RUN_S_WEIGHT = 0.2  # of the latest run in the moving average of run time
@@ -78,8 +88,13 @@ def lease_s(timeout_s: float) -> float:
 
 
 class GiveBack(Exception):
-    """Not run: the message goes back to its queue, not counted as a try
-    (its lease could end before the run would, or the dispatcher is stopping)."""
+    """Not run: the message goes back to its queue after ``delay_s``, not
+    counted as a try (its lease could end before the run would, the
+    dispatcher is stopping, or its try could not be marked as begun)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.delay_s = delay_s
 
 
 class TooOld(Exception):
@@ -125,7 +140,7 @@ class Slots:
             timed = True
             try:
                 return await invoke()
-            except (ThrottledError, ClosedError):
+            except (ThrottledError, ClosedError, GiveBack):
                 timed = False  # not a run: would drag the average to zero
                 raise
             finally:
@@ -200,9 +215,10 @@ class Dispatcher:
     async def aclose(self, grace_s: float = 5.0) -> None:
         """Stop: no new receives; work not yet started goes back to its queue
         at once (not counted); running invocations get ``grace_s`` to finish
-        and settle, and one cut short by the pools closing goes back too.
-        What is still running after that stays leased: the next start's
-        ``recover()`` delivers it again."""
+        and settle (one whose instance the pools' closing takes away counts
+        its try, ``Interrupted``). What is still running after that stays
+        leased with its try begun: the next start's ``recover()`` counts that
+        try and delivers it again."""
         self.stopping = True
         consumers = list(self._consumers.values())
         self._consumers.clear()
@@ -226,17 +242,24 @@ class Dispatcher:
             payload = orjson.loads(m.body)
         policy = policy_of(spec)
 
-        def start() -> Awaitable[Any]:  # in the slot: the age counts the wait for it
+        async def start() -> Any:  # in the slot: the age counts the wait for it
             live = self._live(sub, pool)
             if too_old(policy, enqueued_at=m.enqueued_at, now=self._clock.now()):
                 raise TooOld()
-            return live.invoke(m.id, payload)
+            await self._begin([m])
+            return await live.invoke(m.id, payload)
+        if m.attempts > spec.retries + 1 and not too_old(
+                policy, enqueued_at=m.enqueued_at, now=self._clock.now()):
+            await self._give_up(sub, spec, m, payload, "RetriesExhausted",
+                                _spent_error(spec, m), tried=False)
+            return
         try:
             if too_old(policy, enqueued_at=m.enqueued_at, now=self._clock.now()):
                 raise TooOld()
             result = await slots.call(until, spec.timeout_s, start)
         except TooOld:
-            await self._give_up(sub, spec, m, payload, "EventAgeExceeded", _too_old_error(spec))
+            await self._give_up(sub, spec, m, payload, "EventAgeExceeded", _too_old_error(spec),
+                                tried=False)
             return
         except Exception as exc:  # noqa: BLE001 - sorted below; nothing is lost either way
             delay = self._not_run_delay(exc)
@@ -258,7 +281,9 @@ class Dispatcher:
             return
         spec = pool.target.spec
         policy = policy_of(spec)
-        fresh, expired = list(msgs), []
+        spent = [m for m in msgs if m.attempts > spec.retries + 1]
+        fresh = [m for m in msgs if m.attempts <= spec.retries + 1]
+        expired: list[Message] = []
 
         def split() -> None:  # move what is past its age from fresh to expired
             nonlocal fresh
@@ -268,12 +293,16 @@ class Dispatcher:
                 expired.extend(m for m in fresh if m.id in old)
                 fresh = [m for m in fresh if m.id not in old]
 
-        def start() -> Awaitable[Any]:  # in the slot: the age counts the wait for it
+        async def start() -> Any:  # in the slot: the age counts the wait for it
             live = self._live(sub, pool)
             split()
             if not fresh:
                 raise TooOld()
-            return live.invoke(rid, sqs_event(fresh, sub.source, self._clock.now()))
+            await self._begin(fresh)
+            return await live.invoke(rid, sqs_event(fresh, sub.source, self._clock.now()))
+        for m in spent:
+            await self._give_up(sub, spec, m, None, "RetriesExhausted", _spent_error(spec, m),
+                                tried=False)
         split()
         try:
             if not fresh:
@@ -291,7 +320,8 @@ class Dispatcher:
             return
         finally:
             for m in expired:
-                await self._give_up(sub, spec, m, None, "EventAgeExceeded", _too_old_error(spec))
+                await self._give_up(sub, spec, m, None, "EventAgeExceeded", _too_old_error(spec),
+                                    tried=False)
         if not fresh:
             return
         failed, problem = batch_failures(result, {m.id for m in fresh})
@@ -308,17 +338,30 @@ class Dispatcher:
         """When an invocation that did not really run goes back to its queue
         (not counted as a try), or None: it ran, and failed."""
         if isinstance(exc, GiveBack):
-            return 0.0
+            return exc.delay_s
         if isinstance(exc, ThrottledError):
             return _jitter(exc.retry_after_s)
         if isinstance(exc, ClosedError):  # a retired pool: the new version takes it
             return RELEASE_DELAY_S
-        if isinstance(exc, NimbusError) and self.stopping:  # cut short by the shutdown
-            return 0.0
         return None
 
-    @staticmethod
-    def _error_of(exc: BaseException, rid: str, sub: Subscription) -> dict[str, Any]:
+    async def _begin(self, msgs: list[Message]) -> None:
+        """Count the tries of ``msgs``: their handler is handed them next."""
+        try:
+            await self.queue.begin(msgs)
+        except NimbusError as exc:
+            if isinstance(exc, ClosedError):
+                raise
+            log.warning("could not mark the try of %s as begun: %s", msgs[0].id, exc)
+            raise GiveBack(BEGIN_FAILED_DELAY_S) from exc
+
+    def _error_of(self, exc: BaseException, rid: str, sub: Subscription) -> dict[str, Any]:
+        if self.stopping and isinstance(exc, UnavailableError):
+            # the instance went away with the pools closing: the run was cut
+            # short, and its try counts (as after a crash)
+            return {"errorType": "Interrupted",
+                    "errorMessage": f"the try was cut short: nimbus stopped while it ran "
+                                    f"({exc})"}
         if isinstance(exc, NimbusError):
             return error_body(exc)
         log.error("invocation %s of %s failed in nimbus", rid, sub.function, exc_info=exc)
@@ -340,20 +383,25 @@ class Dispatcher:
                             {**error, "nimbusReason": verdict.reason}, rid)
 
     async def _give_up(self, sub: Subscription, spec: FunctionSpec, m: Message, payload: Any,
-                       condition: str, error: dict[str, Any], rid: str | None = None) -> None:
+                       condition: str, error: dict[str, Any], rid: str | None = None, *,
+                       tried: bool = True) -> None:
+        """``tried``: this delivery's try ran (False: given up without running)."""
         if spec.on_failure and sub.kind != "queue":
             await self._destination(spec.on_failure, sub, m, condition, payload, error,
-                                    error=True)
+                                    error=True, tries=m.attempts if tried else m.attempts - 1)
         if spec.dead_letter:
             await self._settle(self.queue.dead_letter(m, error=error, request_id=rid or m.id))
         else:
             await self._settle(self.queue.fail(m, error=error, request_id=rid or m.id))
 
     async def _destination(self, ref: str, sub: Subscription, m: Message, condition: str,
-                           payload: Any, response: Any, *, error: bool) -> None:
+                           payload: Any, response: Any, *, error: bool,
+                           tries: int | None = None) -> None:
         kind, _, name = ref.partition(":")
         record = destination_record(request_id=m.id, function=sub.function,
-                                    condition=condition, attempts=m.attempts, payload=payload,
+                                    condition=condition,
+                                    attempts=m.attempts if tries is None else tries,
+                                    payload=payload,
                                     response=response, now=self._clock.now(), error=error)
         target = invoke_queue(name) if kind == "function" else user_queue(name)
         # The dedup key makes a repeat (after a crash before the ack) a no-op.
@@ -395,6 +443,13 @@ def batch_failures(result: Any, ids: set[str]) -> tuple[set[str], str]:
             return ids, f"batchItemFailures names {mid!r}, which is not a messageId of the batch"
         failed.add(mid)
     return failed, ""
+
+
+def _spent_error(spec: FunctionSpec, m: Message) -> dict[str, Any]:
+    return {"errorType": "Interrupted",
+            "errorMessage": f"no try left: {m.attempts - 1} of {spec.retries + 1} already "
+                            "begun, the last one cut short (nimbus stopped while it ran)",
+            "nimbusReason": f"retries exhausted (retries: {spec.retries})"}
 
 
 def _too_old_error(spec: FunctionSpec) -> dict[str, Any]:

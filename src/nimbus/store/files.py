@@ -89,8 +89,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
         if hashlib.sha256(path.read_bytes()).hexdigest() == path.name:
             return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -115,7 +115,7 @@ def _fsync_dir(folder: Path) -> None:
 async def open_file_blobs(root: Path) -> FileBlobs:
     """Blobs under ``root`` (created if missing)."""
     try:
-        await asyncio.to_thread(Path(root).mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(root).mkdir, mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise UnavailableError(f"could not create blob folder {root}: {exc}") from exc
     return FileBlobs(Path(root))

@@ -14,8 +14,19 @@ with its outcome, after it is settled, so the same row answers
 
 Delivery is at-least-once: a received message is leased for
 ``visibility_s``; if it is not settled by then (its consumer died) it is
-delivered again with ``attempts`` one higher. Settling with a stale
-delivery (another consumer has it now) raises ``ConflictError``.
+delivered again. Settling with a stale delivery (another consumer has it
+now) raises ``ConflictError``.
+
+**A try counts when the handler starts, not when a message is leased.**
+``receive`` counts nothing: a consumer may lease far ahead of what it runs.
+:meth:`Queue.begin` marks the try of a delivery just before the handler is
+handed the message; from then on the try counts whatever happens (it
+survives the process being killed before the settle). The settle after a
+begun try (ack, retry, dead_letter, fail) records it in ``attempts``;
+``release`` does not (the handler did not run it). A lease that ends, or a
+process that dies, before ``begin`` costs no try; one that ends after it
+costs exactly that one try. So ``attempts`` in a record is the number of
+times its handler began, plus at most one begun as the process died.
 
 Every backend passes :func:`nimbus.testing.check_queue`.
 """
@@ -50,7 +61,7 @@ class Message:
     queue: str
     body: bytes
     attributes: dict[str, str]
-    attempts: int  # deliveries so far, this one included
+    attempts: int  # the number of this delivery's try, once begun: tries begun before + 1
     enqueued_at: float
     receipt: int
 
@@ -118,11 +129,18 @@ class Queue(Protocol):
     async def receive(self, queue: str, *, max_messages: int, visibility_s: float,
                       wait_s: float = 0.0) -> list[Message]:
         """Lease up to ``max_messages`` deliverable messages, oldest first.
-        Waits up to ``wait_s`` for one to become deliverable."""
+        Waits up to ``wait_s`` for one to become deliverable. Counts no try."""
+
+    async def begin(self, messages: list[Message]) -> None:
+        """The handler is about to be handed these deliveries: each one's try
+        counts from now on, even if the process dies before it is settled.
+        Durable against the process being killed before it returns; call it
+        right before the hand-over, never ahead of it."""
 
     async def ack(self, message: Message, *, result: bytes | None = None,
                   request_id: str | None = None) -> None:
-        """The work is done: ``succeeded``, with its result (JSON bytes)."""
+        """The work is done: ``succeeded``, with its result (JSON bytes).
+        This and the other settles count the delivery's try if it was begun."""
 
     async def retry(self, message: Message, *, delay_s: float, error: dict[str, Any],
                     request_id: str | None = None) -> None:
@@ -130,7 +148,7 @@ class Queue(Protocol):
 
     async def release(self, message: Message, *, delay_s: float) -> None:
         """Not tried (e.g. throttled): deliver again after ``delay_s``; this
-        delivery does not count as an attempt."""
+        delivery does not count as an attempt, even if it was begun."""
 
     async def dead_letter(self, message: Message, *, error: dict[str, Any],
                           request_id: str | None = None) -> None:

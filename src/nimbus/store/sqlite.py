@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from nimbus.clock import Clock, SystemClock
 from nimbus.errors import ClosedError, ConflictError, NimbusError, NotFoundError, UnavailableError
 from nimbus.store.base import Entry, WatchEvent
+from nimbus.store.private import private_database
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -146,6 +147,10 @@ class SQLiteStore:
         return self._conn
 
     def _open(self) -> None:
+        try:
+            private_database(self.path)  # 0600, and so are its -wal and -shm
+        except OSError as exc:
+            raise sqlite3.OperationalError(f"cannot create {self.path}: {exc.strerror}") from exc
         conn = sqlite3.connect(self.path, isolation_level=None)  # we issue BEGIN ourselves
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

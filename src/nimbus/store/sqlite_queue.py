@@ -18,9 +18,18 @@ Contract (beyond :class:`nimbus.store.queue.Queue`):
   before. A job that fails (a stale receipt) rolls back its savepoint only.
 * Reads (``get``, ``records``, ``stats``) run on a second thread with its own
   read-only connection, so they neither wait behind commits nor delay them.
+* Tries begun (:meth:`SQLiteQueue.begin`) are marked in a journal beside
+  the database (``<file>-tries``, one ``id receipt`` line per try, appended
+  with one ``write`` before the handler is handed the message: no commit to
+  wait for, and it survives the process being killed). The settle that
+  follows counts the try in the same write that records its outcome. The
+  journal is rewritten with only the unsettled marks once it passes
+  ``JOURNAL_ROTATE_BYTES``.
 * One owner: the embedded queue belongs to one ``nimbus up``. At start it
   calls :meth:`SQLiteQueue.recover`, which makes the messages leased by a
-  previous (dead) process deliverable at once instead of after their lease.
+  previous (dead) process deliverable at once instead of after their lease,
+  and counts the tries the journal says had begun (their runs were cut
+  short: ``retrying`` with an ``Interrupted`` error).
 * In-process sends wake receivers at once; other writers are noticed by
   polling every ``POLL_S`` while a receiver waits.
 """
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue as stdqueue
 import sqlite3
 import threading
@@ -42,6 +52,7 @@ import orjson
 from nimbus.clock import Clock, SystemClock
 from nimbus.errors import ClosedError, ConflictError, UnavailableError
 from nimbus.ids import new_id
+from nimbus.store.private import FILE_MODE, private_database, tighten
 from nimbus.store.queue import (
     DEFAULT_DEDUP_WINDOW_S,
     Message,
@@ -55,10 +66,15 @@ BATCH = 512  # jobs per transaction at most
 PURGE_CHUNK = 2000
 POLL_S = 0.25  # how often a waiting receiver looks again
 BUSY_TIMEOUT_MS = 5000
+JOURNAL_SUFFIX = "-tries"
+JOURNAL_ROTATE_BYTES = 1 << 20  # rewrite the journal with only unsettled marks past this
+
+INTERRUPTED = "Interrupted"  # the errorType of a try cut short by nimbus stopping
 
 # ``due`` is when the message is next deliverable (for running ones: when
 # their lease ends), NULL once settled. ``deliveries`` counts every receive
-# and is the receipt of the current one.
+# and is the receipt of the current one. ``attempts`` counts tries begun
+# and settled (or recovered from the journal), never mere leases.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -103,6 +119,10 @@ async def open_sqlite_queue(path: Path, *, clock: Clock | None = None,
     q._thread.start()
     try:
         await q._call(q._open)
+        q._open_journal()
+        # the marks of tries begun by a previous process and never settled
+        q._begun = await q._call(q._unsettled, q._read_marks())
+        q._rotate_journal()  # keep only those
     except BaseException:
         await q.aclose()
         raise
@@ -127,6 +147,15 @@ class SQLiteQueue:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="nimbus-queue-read")
         self._read_conn: sqlite3.Connection | None = None  # the reader thread's only
         self._ready: dict[str, asyncio.Event] = {}
+        self.journal = path.with_name(path.name + JOURNAL_SUFFIX)
+        self._journal_fd: int | None = None
+        self._journal_size = 0
+        # deliveries begun and not yet settled: (id, receipt). Written on the
+        # event loop; the writer thread only tests membership.
+        self._begun: set[tuple[str, int]] = set()
+        # called once, on the event loop, after the first send that stored a
+        # message (the state folder notes that the queue now holds work)
+        self.on_content: Callable[[], None] | None = None
 
     # -- the writer thread ------------------------------------------------------
 
@@ -222,6 +251,10 @@ class SQLiteQueue:
         return self._conn
 
     def _open(self) -> None:
+        try:
+            private_database(self.path)  # 0600, and so are its -wal and -shm
+        except OSError as exc:
+            raise sqlite3.OperationalError(f"cannot create {self.path}: {exc.strerror}") from exc
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -234,6 +267,76 @@ class SQLiteQueue:
             conn.close()
             raise
         self._conn = conn
+
+    # -- the tries journal ------------------------------------------------------
+
+    def _open_journal(self) -> None:
+        try:
+            fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         FILE_MODE)
+            tighten(self.journal)
+            self._journal_size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise UnavailableError(f"sqlite queue {self.path}: cannot open its tries journal "
+                                   f"{self.journal}: {exc.strerror}") from exc
+        self._journal_fd = fd
+
+    def _append_marks(self, data: bytes) -> None:
+        fd = self._journal_fd
+        if fd is None:
+            raise ClosedError(f"queue {self.path} is closed")
+        try:
+            if self._journal_size + len(data) > JOURNAL_ROTATE_BYTES:
+                self._rotate_journal()
+                fd = self._journal_fd
+                assert fd is not None
+            view = memoryview(data)
+            while view:  # one write in practice; an append is never interleaved
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            raise UnavailableError(f"sqlite queue {self.path}: cannot write its tries journal "
+                                   f"{self.journal}: {exc.strerror}") from exc
+        self._journal_size += len(data)
+
+    def _rotate_journal(self) -> None:
+        """Replace the journal by the marks of deliveries not yet settled
+        (the others can no longer matter), atomically."""
+        keep = b"".join(f"{mid} {receipt}\n".encode() for mid, receipt in list(self._begun))
+        tmp = self.journal.with_name(self.journal.name + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     FILE_MODE)
+        try:
+            os.write(fd, keep)
+            os.replace(tmp, self.journal)
+        except BaseException:
+            os.close(fd)
+            raise
+        old, self._journal_fd = self._journal_fd, fd
+        self._journal_size = len(keep)
+        if old is not None:
+            os.close(old)
+
+    def _unsettled(self, marks: set[tuple[str, int]]) -> set[tuple[str, int]]:
+        """The marks whose delivery is still the message's current one, unsettled."""
+        conn = self._db()
+        return {(mid, receipt) for mid, receipt in marks if conn.execute(
+            "SELECT 1 FROM messages WHERE id = ? AND deliveries = ? AND status = 'running'",
+            (mid, receipt)).fetchone()}
+
+    def _read_marks(self) -> set[tuple[str, int]]:
+        try:
+            text = self.journal.read_bytes().decode("ascii", "replace")
+        except FileNotFoundError:
+            return set()
+        except OSError as exc:
+            raise UnavailableError(f"sqlite queue {self.path}: cannot read its tries journal "
+                                   f"{self.journal}: {exc.strerror}") from exc
+        marks = set()
+        for line in text.splitlines():
+            mid, _, receipt = line.partition(" ")
+            if mid and receipt.isdigit():  # a line cut short by a crash is skipped
+                marks.add((mid, int(receipt)))
+        return marks
 
     # -- the reader thread --------------------------------------------------------
 
@@ -282,6 +385,9 @@ class SQLiteQueue:
         results: list[SendResult] = await self._call(self._send_tx, queue, messages, now,
                                                      durable=True)
         self._wake(queue)
+        if self.on_content is not None and any(r.created for r in results):
+            note, self.on_content = self.on_content, None
+            note()
         return results
 
     def _send_tx(self, queue: str, messages: list[Outgoing], now: float) -> list[SendResult]:
@@ -340,24 +446,52 @@ class SQLiteQueue:
                     now: float) -> tuple[list[Message], float | None]:
         conn = self._db()
         rows = conn.execute(
-            "SELECT seq, id, body, attributes, attempts, deliveries, enqueued_at FROM messages "
-            "WHERE queue = ? AND due IS NOT NULL AND due <= ? ORDER BY due, seq LIMIT ?",
-            (queue, now, max(1, n))).fetchall()
+            "SELECT seq, id, body, attributes, attempts, deliveries, enqueued_at, status "
+            "FROM messages WHERE queue = ? AND due IS NOT NULL AND due <= ? "
+            "ORDER BY due, seq LIMIT ?", (queue, now, max(1, n))).fetchall()
         if not rows:
             nxt = conn.execute("SELECT MIN(due) FROM messages WHERE queue = ? AND "
                                "due IS NOT NULL", (queue,)).fetchone()[0]
             return [], (float(nxt) if nxt is not None else None)
+        # A lease that ran out while its try had begun (and never settled)
+        # still cost that try; a lease alone costs none.
+        tried = [r[7] == "running" and (r[1], int(r[5])) in self._begun for r in rows]
+        for r, t in zip(rows, tried, strict=True):
+            if t:  # counted here; that delivery's settle (if any) is stale now
+                self._begun.discard((r[1], int(r[5])))
         conn.executemany(
-            "UPDATE messages SET status = 'running', attempts = attempts + 1, "
+            "UPDATE messages SET status = 'running', attempts = attempts + ?, "
             "deliveries = deliveries + 1, due = ?, updated_at = ? WHERE seq = ?",
-            [(now + visibility_s, now, r[0]) for r in rows])
+            [(int(t), now + visibility_s, now, r[0]) for r, t in zip(rows, tried, strict=True)])
         msgs = [Message(id=r[1], queue=queue, body=bytes(r[2]), attributes=orjson.loads(r[3]),
-                        attempts=int(r[4]) + 1, enqueued_at=float(r[6]), receipt=int(r[5]) + 1)
-                for r in rows]
+                        attempts=int(r[4]) + int(t) + 1, enqueued_at=float(r[6]),
+                        receipt=int(r[5]) + 1)
+                for r, t in zip(rows, tried, strict=True)]
         return msgs, None
 
-    async def _settle(self, m: Message, sets: str, args: tuple[Any, ...]) -> None:
-        await self._call(self._settle_tx, m, sets, args)
+    async def begin(self, messages: list[Message]) -> None:
+        """The handler is about to run these deliveries: their tries count.
+        One append to the journal (no commit to wait for); the settle counts
+        the try in the database, :meth:`recover` if the process dies first."""
+        if self._closed:
+            raise ClosedError(f"queue {self.path} is closed")
+        self._append_marks(b"".join(f"{m.id} {m.receipt}\n".encode() for m in messages))
+        for m in messages:
+            self._begun.add((m.id, m.receipt))
+
+    async def _settle(self, m: Message, sets: str, args: tuple[Any, ...], *,
+                      tried: bool = True) -> None:
+        """``tried``: count the try if this delivery was begun (``release``
+        passes False: the handler did not run it)."""
+        key = (m.id, m.receipt)
+        counted = int(tried and key in self._begun)
+        try:
+            await self._call(self._settle_tx, m, f"attempts = attempts + ?, {sets}",
+                             (counted, *args))
+        except ConflictError:
+            self._begun.discard(key)  # another delivery has it now
+            raise
+        self._begun.discard(key)
 
     def _give_back(self, job: asyncio.Future[Any]) -> None:
         if job.cancelled() or job.exception() is not None or self._closed:
@@ -396,9 +530,9 @@ class SQLiteQueue:
 
     async def release(self, message: Message, *, delay_s: float) -> None:
         now = self._clock.now()
-        await self._settle(message, "status = CASE WHEN attempts > 1 THEN 'retrying' ELSE "
-                           "'queued' END, attempts = attempts - 1, due = ?, updated_at = ?",
-                           (now + max(0.0, delay_s), now))
+        await self._settle(message, "status = CASE WHEN attempts > 0 THEN 'retrying' ELSE "
+                           "'queued' END, due = ?, updated_at = ?",
+                           (now + max(0.0, delay_s), now), tried=False)
         self._wake(message.queue)
 
     async def dead_letter(self, message: Message, *, error: dict[str, Any],
@@ -486,13 +620,42 @@ class SQLiteQueue:
         return total
 
     async def recover(self) -> int:
-        """Make every leased message deliverable now (its consumer is gone)."""
+        """Make every leased message deliverable now (its consumer is gone).
+        A delivery whose try the journal says had begun counts that try (it
+        was cut short): ``retrying`` with an ``Interrupted`` error. One
+        merely leased goes back as it was (``queued``, or ``retrying``
+        after earlier tries). Returns how many were leased."""
         now = self._clock.now()
+        marks = set(self._begun)
 
         def run() -> int:
-            return int(self._db().execute(
-                "UPDATE messages SET due = ? WHERE status = 'running'", (now,)).rowcount)
-        return await self._call(run)  # type: ignore[no-any-return]
+            conn = self._db()
+            cut = 0
+            for mid, receipt in marks:
+                row = conn.execute("SELECT attempts FROM messages WHERE id = ? AND "
+                                   "deliveries = ? AND status = 'running'",
+                                   (mid, receipt)).fetchone()
+                if row is None:
+                    continue  # settled (or delivered again) before the end
+                tries = int(row[0]) + 1
+                error = {"errorType": INTERRUPTED,
+                         "errorMessage": f"try {tries} was cut short: nimbus stopped while "
+                                         "it ran"}
+                conn.execute("UPDATE messages SET attempts = ?, status = 'retrying', error = ?, "
+                             "due = ?, updated_at = ? WHERE id = ?",
+                             (tries, orjson.dumps(error), now, now, mid))
+                cut += 1
+            n = conn.execute("UPDATE messages SET status = CASE WHEN attempts > 0 THEN "
+                             "'retrying' ELSE 'queued' END, due = ? WHERE status = 'running'",
+                             (now,)).rowcount
+            return cut + int(n)
+        moved: int = await self._call(run)
+        # Committed: every mark is applied or stale, and none can match again.
+        self._begun -= marks
+        if self._journal_fd is not None:
+            with contextlib.suppress(OSError):
+                self._rotate_journal()
+        return moved
 
     async def aclose(self) -> None:
         """Finish the jobs already queued, then close the file. Idempotent."""
@@ -507,6 +670,9 @@ class SQLiteQueue:
         if self._thread.is_alive():
             self._jobs.put(None)
             await loop.run_in_executor(None, self._thread.join, 10.0)
+        if self._journal_fd is not None:  # kept: unsettled marks count at the next recover
+            fd, self._journal_fd = self._journal_fd, None
+            os.close(fd)
         with contextlib.suppress(RuntimeError):  # already shut down
             await loop.run_in_executor(self._reader, self._close_reader)
         self._reader.shutdown(wait=False)

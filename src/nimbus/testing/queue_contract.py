@@ -12,6 +12,10 @@ is called (the suite reopens it to check durability) and must measure
 delays, leases and the dedup window by ``clock.now()``. The suite uses fresh
 queue names, closes every queue it opens, and raises ``AssertionError``
 naming the broken rule. Every wait has a deadline.
+
+Among the rules: a try counts when its handler starts (``begin``), never
+when a message is merely leased, and a begun try still counts after the
+queue is closed without settling it (the process died mid-run).
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ async def check_queue(open_queue: OpenQueue) -> None:
     try:
         for check in (_roundtrip, _order_and_batches, _lease_and_redelivery, _retry_delay,
                       _release_not_counted, _dead_letters, _fail, _dedup, _isolation,
-                      _wakes_waiting_receiver, _stats, _purge):
+                      _wakes_waiting_receiver, _stats, _purge, _tries_count_when_begun):
             await check(q, clock)
+        q = await _begun_tries_survive_a_death(q, open_queue, clock)
         name = _name("durable")
         sent = await q.send(name, [Outgoing(b'{"n": 1}'), Outgoing(b'{"n": 2}')])
         first = await _one(q, name)
@@ -100,6 +105,7 @@ async def _roundtrip(q: Queue, clock: ManualClock) -> None:
     assert m.enqueued_at == clock.now(), "enqueued_at should be the clock's time at send"
     rec = await q.get(m.id)
     assert rec is not None and rec.status == "running", f"a received message is running: {rec}"
+    await q.begin([m])
     await q.ack(m, result=b'{"ok": true}', request_id="r-1")
     rec = await q.get(m.id)
     assert rec is not None and (rec.status, rec.result, rec.request_id, rec.attempts) == \
@@ -126,21 +132,26 @@ async def _lease_and_redelivery(q: Queue, clock: ManualClock) -> None:
     name = _name("lease")
     await q.send(name, [Outgoing(b"x")])
     m1 = await _one(q, name, visibility_s=10)
+    await q.begin([m1])
     clock.advance(9)
     await _nothing(q, name, "its lease has 1 s left")
     clock.advance(2)
     m2 = await _one(q, name, visibility_s=10)
     assert m2.id == m1.id and m2.attempts == 2 and m2.receipt != m1.receipt, \
-        f"an expired lease is delivered again with attempts 2: {m2}"
+        f"an expired lease whose try had begun is delivered again with attempts 2: {m2}"
     with _raises(ConflictError, "ack with the stale delivery"):
         await q.ack(m1)
+    await q.begin([m2])
     await q.ack(m2)
+    rec = await q.get(m2.id)
+    assert rec is not None and rec.attempts == 2, f"two tries began, two count: {rec}"
 
 
 async def _retry_delay(q: Queue, clock: ManualClock) -> None:
     name = _name("retry")
     await q.send(name, [Outgoing(b"x")])
     m = await _one(q, name)
+    await q.begin([m])
     await q.retry(m, delay_s=5, error=ERR, request_id="r-1")
     rec = await q.get(m.id)
     assert rec is not None and rec.status == "retrying" and rec.error == ERR, \
@@ -150,6 +161,10 @@ async def _retry_delay(q: Queue, clock: ManualClock) -> None:
     clock.advance(5)
     m2 = await _one(q, name)
     assert m2.attempts == 2, f"a retried message comes back with attempts 2: {m2}"
+    rec = await q.get(m.id)
+    assert rec is not None and rec.attempts == 1, \
+        f"leased again, the record still counts the one try that began: {rec}"
+    await q.begin([m2])
     await q.ack(m2)
 
 
@@ -164,17 +179,26 @@ async def _release_not_counted(q: Queue, clock: ManualClock) -> None:
     clock.advance(1)
     m2 = await _one(q, name)
     assert m2.attempts == 1, f"a released delivery does not count: {m2}"
-    await q.ack(m2)
+    await q.begin([m2])  # begun, then throttled: given back, still not a try
+    await q.release(m2, delay_s=0)
+    rec = await q.get(m.id)
+    assert rec is not None and (rec.status, rec.attempts) == ("queued", 0), \
+        f"a released delivery does not count even if begun: {rec}"
+    m3 = await _one(q, name)
+    assert m3.attempts == 1, f"a released delivery does not count: {m3}"
+    await q.ack(m3)
 
 
 async def _dead_letters(q: Queue, clock: ManualClock) -> None:
     name = _name("dlq")
     sent = await q.send(name, [Outgoing(b"a"), Outgoing(b"b"), Outgoing(b"c")])
     for m in await q.receive(name, max_messages=3, visibility_s=30):
+        await q.begin([m])
         await q.dead_letter(m, error=ERR)
     dead = await q.records(name, status="dead")
     assert {r.id for r in dead} == {s.id for s in sent}, "dead letters are listed"
     assert all(r.error == ERR for r in dead), "dead letters keep their error"
+    assert all(r.attempts == 1 for r in dead), "a dead letter counts its begun try"
     await _nothing(q, name, "every message is dead")
     clock.advance(7)
     assert await q.redrive(name, [sent[0].id]) == 1, "redrive of one id moves one"
@@ -195,6 +219,7 @@ async def _fail(q: Queue, clock: ManualClock) -> None:
     await q.fail(m, error=ERR)
     rec = await q.get(m.id)
     assert rec is not None and rec.status == "failed" and rec.error == ERR
+    assert rec.attempts == 0, f"given up without beginning: no try counted: {rec}"
     assert await q.redrive(name) == 0, "failed messages are not redriven"
 
 
@@ -264,3 +289,55 @@ async def _purge(q: Queue, clock: ManualClock) -> None:
     removed = await q.purge_settled(clock.now() - 5)
     assert removed >= 1 and await q.get(sent[0].id) is None, "settled messages are purged"
     assert await q.get(sent[1].id) is not None, "unsettled messages are never purged"
+
+
+async def _tries_count_when_begun(q: Queue, clock: ManualClock) -> None:
+    name = _name("tries")
+    sent = await q.send(name, [Outgoing(b"a"), Outgoing(b"b"), Outgoing(b"c")])
+    leased = await q.receive(name, max_messages=3, visibility_s=10)
+    assert [m.attempts for m in leased] == [1, 1, 1], "a lease is not a try"
+    for rec in [await q.get(s.id) for s in sent]:
+        assert rec is not None and (rec.status, rec.attempts) == ("running", 0), \
+            f"leased, not begun: running with 0 attempts: {rec}"
+    await q.begin(leased[:2])  # one batch of two begins; the third never does
+    clock.advance(11)  # every lease ends unsettled, as if its consumer vanished
+    again = {m.id: m for m in await q.receive(name, max_messages=3, visibility_s=10)}
+    assert {m.id: m.attempts for m in again.values()} == \
+        {sent[0].id: 2, sent[1].id: 2, sent[2].id: 1}, \
+        f"only the begun tries count, once each: {[(m.id, m.attempts) for m in again.values()]}"
+    for m in again.values():
+        await q.begin([m])
+        await q.retry(m, delay_s=0, error=ERR)
+    recs = {s.id: await q.get(s.id) for s in sent}
+    assert {i: r.attempts for i, r in recs.items() if r} == \
+        {sent[0].id: 2, sent[1].id: 2, sent[2].id: 1}, \
+        f"records count the tries that began: {recs}"
+    for m in await q.receive(name, max_messages=3, visibility_s=10):
+        await q.ack(m)  # settled without beginning (as a test may): no try added
+    recs = {s.id: await q.get(s.id) for s in sent}
+    assert [recs[s.id].attempts for s in sent if recs[s.id]] == [2, 2, 1], \
+        f"an ack without a begun try adds none: {recs}"
+
+
+async def _begun_tries_survive_a_death(q: Queue, open_queue: OpenQueue,
+                                       clock: ManualClock) -> Queue:
+    """Close without settling (the process died mid-run); reopen: the try
+    that had begun counts, the one that had not costs nothing."""
+    name = _name("death")
+    sent = await q.send(name, [Outgoing(b"ran"), Outgoing(b"waited")])
+    ran, _waited = await q.receive(name, max_messages=2, visibility_s=10)
+    await q.begin([ran])
+    await q.aclose()
+    q = await open_queue(clock)
+    try:
+        clock.advance(11)
+        back = {m.id: m.attempts
+                for m in await q.receive(name, max_messages=2, visibility_s=10)}
+        assert back == {sent[0].id: 2, sent[1].id: 1}, \
+            f"after a death, a begun try counts and a lease does not: {back}"
+        rec = await q.get(ran.id)
+        assert rec is not None and rec.attempts == 1, f"the cut-short try is on record: {rec}"
+    except BaseException:
+        await q.aclose()
+        raise
+    return q
