@@ -35,6 +35,7 @@ import orjson
 
 from nimbus.control.bundle import extract_bundle
 from nimbus.control.venvs import ensure_venv
+from nimbus.worker.containment import share_read_only
 from nimbus.errors import ConflictError, DeployError, NimbusError
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, FunctionSpec
@@ -77,6 +78,9 @@ class Deployer:
         # Byte-compile once here so that no cold start compiles (instances
         # may run with PYTHONDONTWRITEBYTECODE and would compile every time).
         await asyncio.to_thread(compileall.compile_dir, str(code_dir), quiet=2)
+        # Readable by the functions' uids (nimbus's own umask is 077): the
+        # folders above it stay root-only, so only its own instances see it.
+        await asyncio.to_thread(share_read_only, code_dir)
         progress(f"bundle {digest[:12]} ({len(bundle)} bytes)")
         app = load_app(code_dir, default_name=name)
         for notice in app.notices:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nimbus.errors import DeployError
-from nimbus.worker.containment import Containment
+from nimbus.worker.containment import Containment, share_read_only
 from nimbus.worker.target import site_packages_for, venv_dir_for
 
 Progress = Callable[[str], None]
@@ -72,6 +72,7 @@ async def ensure_venv(state_dir: Path, requirements: Path, progress: Progress,
                        "--progress-bar", "off", "-r", str(requirements.relative_to(app))]
                 await _run(contained(pip), app, progress, f"installing {requirements.name}")
             contain.hand_over(tmp, to_builder=False)
+            share_read_only(tmp)  # every function using it reads it; none writes it
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except BaseException:

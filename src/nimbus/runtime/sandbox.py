@@ -118,6 +118,7 @@ def build_view(mountpoint: str, exposed: Iterable[str],
     symlinks recreated as symlinks); ``binds`` are ``(host folder, path in
     the view, read_only, mode of the mount point)``: for the zygote, every
     app's code and every instance's temporary folder, both root-only."""
+    os.umask(0o022)  # the view's folders are for everyone to traverse (nimbus's is 077)
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks to the host
     mount("nimbus-view", mountpoint, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -231,6 +232,18 @@ class Containment:
         """Remove the cgroups of spares that died unused (after a zygote stops)."""
         if self.cgroups is not None:
             await asyncio.to_thread(self.cgroups.prune)
+
+
+def share_read_only(folder: Path) -> None:
+    """Make ``folder``'s tree readable (not writable) by every uid: folders
+    0755, files 0644 (0755 if their owner may run them). Links untouched."""
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o755)
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(path, 0o755 if st.st_mode & stat.S_IXUSR else 0o644)
 
 
 def _why_not_full() -> str:
