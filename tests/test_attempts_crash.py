@@ -25,8 +25,7 @@ from tests.test_events_crash import async_stats, kill_tree, submit, wait_settled
 
 pytestmark = pytest.mark.e2e
 
-# Extra arguments for `nimbus up`: these handlers write into a host folder.
-UP_ARGS: tuple[str, ...] = ()
+HANDLERS_WRITE_HOST_FILES = True  # they count their starts in files: see conftest.start_nimbus
 
 RETRIES = 2
 WORK, DOOMED = 300, 40
@@ -94,7 +93,7 @@ def test_after_sigkill_attempts_are_the_handler_starts(tmp_path: Path,
     (app / "app.yaml").write_text(APP.format(out=out, retries=RETRIES))
     (app / "h.py").write_text(HANDLERS)
 
-    first = start_nimbus(app, *UP_ARGS, name="state")
+    first = start_nimbus(app, name="state")
     with control(first) as ctl:
         doomed = submit(ctl, "doomed", DOOMED)
         work = submit(ctl, "work", WORK)
@@ -110,7 +109,7 @@ def test_after_sigkill_attempts_are_the_handler_starts(tmp_path: Path,
             f"{fn}: killed with much leased and most of it to do: {before}"
     began_before = sum(starts(out, "work").values()) + sum(starts(out, "doomed").values())
 
-    second = start_nimbus(app, *UP_ARGS, state=tmp_path / "state", name="second")
+    second = start_nimbus(app, state=tmp_path / "state", name="second")
     with control(second) as ctl:
         wait_settled(ctl, "work", 120)
         wait_settled(ctl, "doomed", 120)
