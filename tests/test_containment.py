@@ -230,3 +230,63 @@ def test_requirements_cannot_read_the_state_folder(start_nimbus, tmp_path):
     assert out.returncode == 1
     assert "No such file" in out.stderr or "not found" in out.stderr.lower(), out.stderr
     assert token not in out.stderr + out.stdout
+
+
+def test_tmp_usage_counts_blocks_and_entries(tmp_path):
+    from nimbus.worker.tmpwatch import BLOCK, over_limit, usage_bytes
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "big").write_bytes(b"x" * 100_000)
+    for i in range(10):
+        (tmp_path / f"empty{i}").touch()
+    used = usage_bytes(tmp_path, 10**9)
+    assert used >= 100_000 + 11 * BLOCK
+    assert usage_bytes(tmp_path / "missing", 10**9) == 0
+    assert usage_bytes(tmp_path, 1000) > 1000  # stops early, still over
+    assert over_limit(16 * 1024 * 1024 + 1, 16) and not over_limit(16 * 1024 * 1024, 16)
+
+
+TMP_APP = """\
+functions:
+  filler:
+    handler: h.fill
+    http: [{method: GET, path: /fill}]
+    ephemeral_storage_mb: 16
+    timeout_s: 20
+"""
+
+FILLER = """\
+import os, time
+
+def fill(event, context):
+    q = event.get("queryStringParameters") or {}
+    if q.get("one"):
+        try:
+            with open("/tmp/huge", "wb") as f:
+                f.write(b"x" * (17 * 1024 * 1024))
+        except OSError as exc:
+            return {"error": type(exc).__name__, "errno": exc.errno}
+        return {"error": None}
+    for i in range(10):
+        with open(f"/tmp/part{i}", "wb") as f:
+            f.write(os.urandom(2 * 1024 * 1024))
+    time.sleep(15)
+    return {"survived": True}
+"""
+
+
+def test_ephemeral_storage_is_bounded_per_file_and_in_total(start_nimbus, tmp_path):
+    app = tmp_path / "filler"
+    app.mkdir()
+    (app / "app.yaml").write_text(TMP_APP)
+    (app / "h.py").write_text(FILLER)
+    n = start_nimbus(app)
+    one = n.http.get("/fill", params={"one": "1"}).json()
+    assert one["error"] == "OSError" and one["errno"] == 27  # EFBIG: past the file limit
+    t0 = time.monotonic()
+    r = n.http.get("/fill")
+    assert r.status_code == 502, r.text  # ended for holding 20 MB in a 16 MB /tmp
+    assert time.monotonic() - t0 < 12
+    logs = n.cli("logs", "filler").stdout
+    assert "ephemeral_storage_mb (16 MB)" in logs
+    assert n.http.get("/fill", params={"one": "1"}).status_code == 200  # a new instance serves

@@ -204,6 +204,11 @@ class Containment:
             for name in dirs + files:
                 os.lchown(os.path.join(root, name), owner, owner)
 
+    def instance_tmp(self, instance_id: str, pid: int) -> Path:
+        """A started instance's /tmp on the host (full: named by its host
+        pid, made by the instance itself)."""
+        return self.state_dir / "tmp" / name_for(pid) if self.full else self.tmp_dir(instance_id)
+
     def tmp_dir(self, instance_id: str) -> Path:
         """The instance's temporary folder on the host, when not full (full:
         named by the instance's host pid, made by the instance itself)."""
@@ -216,8 +221,7 @@ class Containment:
             os.killpg(pid, signal.SIGKILL)  # its process group (it called setsid)
         if self.cgroups is not None:
             await asyncio.to_thread(self.cgroups.remove, name_for(pid))
-        tmp = self.state_dir / "tmp" / name_for(pid) if self.full else self.tmp_dir(instance_id)
-        await asyncio.to_thread(shutil.rmtree, tmp, True)
+        await asyncio.to_thread(shutil.rmtree, self.instance_tmp(instance_id, pid), True)
 
     def memory_bytes(self, pid: int) -> int | None:
         """Memory charged to the instance ``pid`` and all it started."""

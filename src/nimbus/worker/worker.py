@@ -20,6 +20,7 @@ from nimbus.worker.deps import BASE, DepSet, dependency_set
 from nimbus.worker.instance import Instance, InstanceProtocol
 from nimbus.worker.pool import FunctionPool
 from nimbus.worker.target import Target
+from nimbus.worker.tmpwatch import TmpWatch
 from nimbus.worker.zygote_client import ZygoteClient
 
 log = logging.getLogger("nimbus.worker")
@@ -49,6 +50,9 @@ class Worker:
         await self.zygotes[BASE].start()
         self.autoscaler = Autoscaler(self.pools, self._autoscaler_config)
         self.autoscaler.start()
+        self.tmp_watch = TmpWatch(
+            self.pools, lambda inst: self.containment.instance_tmp(inst.id, inst.pid))
+        self.tmp_watch.start()
 
     def _make_room(self, pool: FunctionPool) -> None:
         """Apply the node budget before ``pool`` starts one more instance
@@ -162,6 +166,7 @@ class Worker:
             return
         self._closed = True
         await self.autoscaler.aclose()
+        await self.tmp_watch.aclose()
         pools = list(self.pools.values())
         self.pools.clear()
         await asyncio.gather(*(p.drain(grace_s) for p in pools), *self._retiring,
