@@ -37,10 +37,12 @@ from nimbus.manifest.model import (
     ScheduleSpec,
 )
 from nimbus.manifest.modules import (
+    RESERVED_MODULES,
     ModuleNames,
     ModuleSyntaxError,
     find_module,
     module_candidates,
+    top_level_modules,
     top_level_names,
 )
 from nimbus.manifest.routes import Declared, conflict_message, find_conflict
@@ -111,8 +113,10 @@ def load_app(
     _check_events(drafts, src)
     names_cache: dict[Path, ModuleNames] = {}
     for draft in drafts.values():
+        _check_module_name(draft, src)
         _check_code(draft, app_dir, src, names_cache, check_code)
         _check_requirements(draft, app_dir, src)
+    _check_shadowing(app_dir, src)
     functions = {d.name: _build(d) for d in drafts.values()}
     return AppSpec(
         name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
@@ -430,6 +434,36 @@ def _check_routes(drafts: dict[str, _Draft], src: Source) -> None:
         first, second = clash
         raise ManifestError(conflict_message(first, second), file=src.file, line=second.line,
                             field=second.field)
+
+
+def _rename_hint(name: str) -> str:
+    return f"rename it (e.g. to {name}_app) and its imports"
+
+
+def _check_module_name(draft: _Draft, src: Source) -> None:
+    """A handler module must not be named like a module instances import before it."""
+    top = draft.module.split(".")[0]
+    preload = {m.split(".")[0] for m in draft.settings.get("preload", ())}
+    if top in RESERVED_MODULES or top in preload:
+        what = ("a module this function preloads" if top not in RESERVED_MODULES else
+                "a Python standard library module" if top in sys.stdlib_module_names else
+                "a module of the nimbus runtime")
+        raise _error(src, draft.handler_loc, f"handler module {draft.module!r} has the name of "
+                     f"{what} ({top!r}), which an instance may import before the app's code, "
+                     f"so the app's {top} would not be the module that runs; "
+                     f"{_rename_hint(top)}")
+
+
+def _check_shadowing(app_dir: Path, src: Source) -> None:
+    """No top-level module or package of the app may shadow a reserved one."""
+    for name, file in top_level_modules(app_dir):
+        if name in RESERVED_MODULES:
+            rel = file.relative_to(app_dir).as_posix()
+            raise ManifestError(f"{rel} has the name of the Python module {name!r}, which "
+                                "instances import from the standard library or the runtime "
+                                f"before any app code, so the app's {name} would not be the "
+                                f"one imported; {_rename_hint(name)}",
+                                file=src.file, line=src.root_line)
 
 
 def _check_code(draft: _Draft, app_dir: Path, src: Source,
