@@ -137,3 +137,14 @@ def test_stdlib_names_below_the_top_level_are_fine(tmp_path):
                         {"pkg/__init__.py": "", "pkg/api.py": HANDLER, "pkg/json.py": "",
                          "templates/logging.txt": "", "data/json/x.txt": ""}))
     assert spec.functions["f"].module == "pkg.api"
+
+
+def test_keys_with_control_characters_give_one_line_errors(tmp_path):
+    err = error(app(tmp_path, 'functions:\n  "a\\nb": {handler: api.handler, bad: 1}\n'))
+    assert err.line == 2 and "a\\nb" in str(err)
+
+
+def test_a_null_queue_or_destinations_is_no_queue(tmp_path):
+    spec = load_app(app(tmp_path, "functions:\n  f: {handler: api.handler, queue: null, "
+                                  "destinations: null}\n"))
+    assert spec.functions["f"].queue is None

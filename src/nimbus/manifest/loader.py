@@ -97,7 +97,30 @@ def load_app(
     ``check_code`` adds parsing each module (never importing it) to check
     that it defines the callable and has no syntax error.
     """
-    file, app_dir = _locate(Path(path))
+    try:
+        return _load_app(Path(path), check_code, default_name)
+    except ManifestError as exc:
+        raise _one_line(exc) from None
+
+
+def _one_line(exc: ManifestError) -> ManifestError:
+    """``exc`` with control characters (a key holding a newline, say) escaped:
+    an error is printed as one line."""
+    parts = (exc.message, exc.file, exc.field)
+    clean = [None if p is None else _printable(p) for p in parts]
+    if clean == list(parts):
+        return exc
+    return ManifestError(clean[0] or "", file=clean[1], line=exc.line, field=clean[2])
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec:
+    file, app_dir = _locate(path)
     src = read_source(file)
     form = _form(src)
     if form == "handlers":
@@ -299,7 +322,7 @@ def _check_events(drafts: dict[str, _Draft], src: Source) -> None:
     """One consumer per queue; destinations name a function or a queue of this app."""
     consumers: dict[str, _Draft] = {}
     for d in drafts.values():
-        if "queue" not in d.events:
+        if d.events.get("queue", (None,))[0] is None:  # absent, or null: no queue
             continue
         name = d.events["queue"][0].name
         if name in consumers:
@@ -309,7 +332,7 @@ def _check_events(drafts: dict[str, _Draft], src: Source) -> None:
                          "a queue has one consumer (use a topic to fan out)")
         consumers[name] = d
     for d in drafts.values():
-        if "destinations" not in d.events:
+        if d.events.get("destinations", (None,))[0] is None:
             continue
         dest, loc = d.events["destinations"]
         for when in ("on_success", "on_failure"):
