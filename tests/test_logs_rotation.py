@@ -131,3 +131,52 @@ def test_an_existing_oversized_log_is_rotated_on_the_first_write(tmp_path):
     sink.close()
     assert os.path.getsize(rotated(path, 1)) == 10_000
     assert texts(everything(path)) == ["fresh"]
+
+
+# -- what an instance may claim in a LOG frame ------------------------------------------
+
+
+def _log_frames(frames: list[bytes], pending: list[str], answered: list[str]) -> list[tuple]:
+    import asyncio
+
+    from nimbus.runtime import protocol as p
+    from nimbus.worker.instance import InstanceProtocol
+
+    got: list[tuple] = []
+
+    async def run() -> None:
+        proto = InstanceProtocol(lambda *rec: got.append(rec), lambda: None)
+        loop = asyncio.get_running_loop()
+        for rid in pending + answered:
+            proto.pending[rid] = loop.create_future()
+        for rid in answered:
+            proto.data_received(p.frame(p.RESULT, orjson.dumps([rid, "ok"])))
+        for body in frames:
+            proto.data_received(p.frame(p.LOG, body))
+
+    asyncio.run(run())
+    return got
+
+
+def test_log_frames_keep_the_instances_own_request_ids_and_streams():
+    got = _log_frames([orjson.dumps(["a", "stdout", "x"]), orjson.dumps(["a", "stderr", "y"]),
+                       orjson.dumps([None, "stdout", "init"])], ["a"], [])
+    assert got == [("a", "stdout", "x"), ("a", "stderr", "y"), (None, "stdout", "init")]
+
+
+def test_late_output_of_an_answered_invocation_keeps_its_request_id():
+    got = _log_frames([orjson.dumps(["done", "stdout", "late"])], [], ["done"])
+    assert got == [("done", "stdout", "late")]
+
+
+def test_forged_request_ids_and_platform_streams_are_not_believed():
+    frames = [orjson.dumps(["someone-else", "stdout", "forged"]),
+              orjson.dumps(["a", "platform", "instance exited"]),
+              orjson.dumps([["x"], ["y"], 3]),
+              b"not json at all"]
+    got = _log_frames(frames, ["a"], [])
+    assert got == [("a", "stdout", "forged"), ("a", "stderr", "instance exited"),
+                   ("a", "stderr", "3"), (None, "stderr", "not json at all")]
+    # with several invocations in flight, a forged id belongs to none of them
+    got = _log_frames([orjson.dumps(["someone-else", "stdout", "forged"])], ["a", "b"], [])
+    assert got == [(None, "stdout", "forged")]
