@@ -132,10 +132,13 @@ def count_entries(data: bytes, limit: int) -> int:
     size_cd, = struct.unpack_from("<I", data, eocd + 12)
     end = eocd
     locator = eocd - 20
-    if size_cd == 0xFFFFFFFF and locator >= 0 and data[locator:locator + 4] == b"PK\x06\x07":
-        end, = struct.unpack_from("<Q", data, locator + 8)  # where the zip64 record is
-        if end + 56 > len(data) or data[end:end + 4] != b"PK\x06\x06":
-            return 0
+    if locator >= 0 and data[locator:locator + 4] == b"PK\x06\x07":
+        # zip64 (over 65,535 entries, or large): its own end record comes first
+        end = locator - 56  # where Python and most tools put it
+        if end < 0 or data[end:end + 4] != b"PK\x06\x06":
+            end, = struct.unpack_from("<Q", data, locator + 8)
+            if end + 56 > len(data) or data[end:end + 4] != b"PK\x06\x06":
+                return 0
         size_cd, = struct.unpack_from("<Q", data, end + 40)
     pos = end - size_cd
     count = 0
