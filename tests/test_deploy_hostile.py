@@ -48,6 +48,10 @@ def hello(event, context):
     return {"statusCode": 200, "body": "hello"}
 
 def loud(event, context):
+    marker = (event.get("queryStringParameters") or {}).get("marker")
+    if marker:
+        print("marker", marker)
+        return {"statusCode": 200, "body": "marked"}
     block = b"x" * (1024 * 1024)
     for _ in range(100):  # 100 MB to fd 1, not one line end
         os.write(1, block)
@@ -257,6 +261,34 @@ def test_100_mb_without_a_newline_keeps_the_function_and_platform_working(plat):
     files = sorted(p.name for p in logs.iterdir() if p.name.startswith("loud.log"))
     assert files == ["loud.log", "loud.log.1", "loud.log.2"]
     assert sum((logs / f).stat().st_size for f in files) <= 3 * (16 * 1024 * 1024 + 1024 * 1024)
+
+
+@pytest.mark.e2e
+def test_following_logs_goes_on_across_rotation(plat):
+    seen: list[dict] = []
+    done = threading.Event()
+
+    def follow() -> None:
+        with control(plat) as c, c.stream("GET", "/v1/functions/loud/logs",
+                                          params={"follow": "1", "tail": "1"}) as r:
+            for line in r.iter_lines():
+                if line:
+                    seen.append(orjson.loads(line))
+                if seen and seen[-1]["text"] == "marker after-rotation" or done.is_set():
+                    return
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    time.sleep(0.5)
+    before = (plat.state / "logs" / "loud.log").stat().st_ino
+    assert plat.http.get("/loud", timeout=90).text == "still here"  # 100 MB: rotations
+    assert (plat.state / "logs" / "loud.log").stat().st_ino != before
+    assert plat.http.get("/loud", params={"marker": "after-rotation"}).text == "marked"
+    reader.join(30)
+    done.set()
+    assert seen and seen[-1]["text"] == "marker after-rotation", (
+        len(seen), seen[-1]["text"][:40] if seen else None)
+    assert len(seen) > 100  # it followed the big output too, not just the end
 
 
 # -- the bundle itself, without a platform ---------------------------------------------------
