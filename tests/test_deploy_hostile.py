@@ -186,6 +186,25 @@ def test_the_cli_refuses_an_alias_bomb_locally_with_exit_2(plat, tmp_path):
 
 
 @pytest.mark.e2e
+def test_big_manifests_are_parsed_off_the_loop_or_refused_by_size(plat):
+    # just under the cap: parsed and validated in full (slow pure-Python YAML), then
+    # refused at its last line; over it (0.6 MB): refused before parsing
+    env = "".join(f"      K{i:05d}: value-{i:05d}-{'v' * 16}\n" for i in range(5800))
+    text = ("functions:\n  big:\n    handler: api.hello\n    env:\n" + env
+            + "    timout_s: 3\n")
+    assert 200 * 1024 < len(text) < 256 * 1024
+    last = text.count("\n")
+    with HealthSampler(plat.url) as health:
+        out = deploy_raw(plat, zip_of({"app.yaml": text.encode(), "api.py": API.encode()}))
+    health.check()
+    assert out["error"]["errorType"] == "ManifestError", out
+    assert f"app.yaml:{last}: functions.big.timout_s: unknown key" in out["error"]["errorMessage"]
+    huge = text + "# padding\n" * 40_000
+    out = deploy_raw(plat, zip_of({"app.yaml": huge.encode(), "api.py": API.encode()}))
+    assert "app.yaml:1: the manifest is larger than 256 KiB" in out["error"]["errorMessage"]
+
+
+@pytest.mark.e2e
 def test_a_bundle_of_100000_files_is_refused_while_the_gateway_answers(plat):
     entries = {"app.yaml": b"functions: {many: {handler: api.hello}}\n", "api.py": API.encode()}
     entries.update({f"data/{i:06d}.txt": b"" for i in range(100_000)})
