@@ -31,7 +31,7 @@ from nimbus.events.service import record_view
 from nimbus.gateway.app import invocation_type
 from nimbus.gateway.responses import status_for
 from nimbus.ids import new_id
-from nimbus.observe.logs import follow_records, read_records
+from nimbus.observe.logs import LogReader
 from nimbus.observe.memory import memory_of
 from nimbus.store.queue import STATUSES
 
@@ -220,18 +220,31 @@ def create_control_app(platform: Platform) -> Starlette:
             raise NotFoundError(f"function {name!r} is not deployed")
         rid = request.query_params.get("request_id") or None
         tail_s = request.query_params.get("tail")
-        tail = int(tail_s) if tail_s and tail_s.isdigit() else None
+        tail = None
+        if tail_s:
+            if not re.fullmatch(r"[0-9]{1,7}", tail_s) or not 1 <= int(tail_s) <= 1_000_000:
+                raise UserInputError(f"tail must be an integer from 1 to 1000000, got {tail_s!r}")
+            tail = int(tail_s)
         follow = request.query_params.get("follow") in ("1", "true")
         path = platform.worker.logs.path(name)
         platform.worker.logs.flush()
-        records, offset = read_records(path, request_id=rid, tail=tail)
+        # Disk reads run in a thread: a log of any size never stalls the loop.
+        reader = await asyncio.to_thread(LogReader, path, request_id=rid)
 
         async def stream() -> AsyncIterator[bytes]:
-            for rec in records:
-                yield orjson.dumps(rec) + b"\n"
-            if follow:
-                async for rec in follow_records(path, offset, request_id=rid):
-                    yield orjson.dumps(rec) + b"\n"
+            try:
+                batches = reader.history(tail)
+                while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                    if batch:
+                        yield b"".join(orjson.dumps(rec) + b"\n" for rec in batch)
+                while follow:
+                    batch = await asyncio.to_thread(reader.more)
+                    if batch:
+                        yield b"".join(orjson.dumps(rec) + b"\n" for rec in batch)
+                    else:
+                        await asyncio.sleep(0.2)
+            finally:
+                reader.close()
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 

@@ -3,15 +3,21 @@
 Order matters for the promise that a failed deploy leaves the running
 version serving:
 
-1. store the bundle (content-addressed) and unpack it on this node;
+1. store the bundle (content-addressed) and unpack it on this node, within
+   :class:`~nimbus.control.bundle.BundleLimits`;
 2. load and validate the manifest from the unpacked code;
-   byte-compile it, so no cold start compiles;
+   byte-compile it, so no cold start compiles (unpacking, parsing and
+   compiling run in a thread: the event loop, and so the gateway, keeps
+   answering whatever the bundle holds);
 3. build requirements venvs (pip's failure fails the deploy);
 4. for each function whose code or config changed, warm one instance of the
    new version: an import error fails the deploy before anything moves;
 5. write the version records (create-only, numbered) and then the app record
    (compare-and-set): the app record is what gateways watch, so routes move
-   to the new versions in one write.
+   to the new versions in one write;
+6. collect garbage (:mod:`nimbus.control.gc`) in the background: code,
+   blobs and venvs that neither the newest ``keep_versions`` versions of a
+   function nor a live version need (also once at start).
 
 Store layout::
 
@@ -26,14 +32,19 @@ import asyncio
 import compileall
 import contextlib
 import hashlib
+import logging
+import os
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from nimbus.control.bundle import extract_bundle
+from nimbus.control import gc
+from nimbus.control.bundle import BundleLimits, extract_bundle
 from nimbus.control.venvs import ensure_venv
 from nimbus.worker.containment import share_read_only
 from nimbus.errors import ConflictError, DeployError, NimbusError
@@ -44,6 +55,24 @@ from nimbus.worker.target import Target, code_dir_for
 from nimbus.worker.worker import Worker
 
 Progress = Callable[[str], None]
+log = logging.getLogger("nimbus.deploy")
+
+DEFAULT_KEEP_VERSIONS = 5
+# Larger modules are left to compile on import: compile() holds the GIL for
+# as long as it runs, which would stall the event loop from any thread.
+MAX_COMPILE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeployConfig:
+    bundle: BundleLimits = field(default_factory=BundleLimits)
+    keep_versions: int = DEFAULT_KEEP_VERSIONS  # per function, besides the live one
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.keep_versions, int) or isinstance(self.keep_versions, bool)
+                or self.keep_versions < 1):
+            raise ValueError(f"keep_versions must be an integer of at least 1, "
+                             f"was: {self.keep_versions!r}")
 
 
 def version_key(fn: str, n: int) -> str:
@@ -62,27 +91,44 @@ def _config_hash(spec: FunctionSpec, digest: str, req_hash: str | None) -> str:
 
 
 class Deployer:
-    def __init__(self, store: Store, blobs: Blobs, worker: Worker, state_dir: Path) -> None:
+    def __init__(self, store: Store, blobs: Blobs, worker: Worker, state_dir: Path,
+                 config: DeployConfig | None = None) -> None:
         self.store = store
         self.blobs = blobs
         self.worker = worker
         self.state_dir = state_dir
+        self.config = config or DeployConfig()
+        self._busy: Counter[str] = Counter()  # digests of deploys under way
+        self._gc_lock = asyncio.Lock()
+        self._gc_task: asyncio.Task[None] | None = None
+        self._gc_again = False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.schedule_gc()  # leftovers of earlier runs (crashes, failed deploys)
 
     async def deploy(self, bundle: bytes, progress: Progress,
                      name: str | None = None) -> dict[str, Any]:
         """Deploy ``bundle``; ``name`` names the app when its manifest does not
         (the folder's name on the client: the bundle itself carries none)."""
-        digest = await self.blobs.put(bundle)
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(bundle).hexdigest())
+        async with self._gc_lock:  # a collection under way finishes first
+            self._busy[digest] += 1
+        try:
+            return await self._deploy(bundle, digest, progress, name)
+        finally:
+            self._busy[digest] -= 1
+            if not self._busy[digest]:
+                del self._busy[digest]
+            self.schedule_gc()
+
+    async def _deploy(self, bundle: bytes, digest: str, progress: Progress,
+                      name: str | None) -> dict[str, Any]:
+        await self.blobs.put(bundle)
         code_dir = code_dir_for(self.state_dir, digest)
-        extract_bundle(bundle, code_dir)
-        # Byte-compile once here so that no cold start compiles (instances
-        # may run with PYTHONDONTWRITEBYTECODE and would compile every time).
-        await asyncio.to_thread(compileall.compile_dir, str(code_dir), quiet=2)
-        # Readable by the functions' uids (nimbus's own umask is 077): the
-        # folders above it stay root-only, so only its own instances see it.
-        await asyncio.to_thread(share_read_only, code_dir)
+        app = await asyncio.to_thread(self._prepare, bundle, code_dir, name)
         progress(f"bundle {digest[:12]} ({len(bundle)} bytes)")
-        app = load_app(code_dir, default_name=name)
         for notice in app.notices:
             progress(notice)
         claimed = await self._check_ownership(app)
@@ -91,6 +137,57 @@ class Deployer:
         except BaseException:
             await self._release(claimed)  # a failed first deploy keeps no names
             raise
+
+    def _prepare(self, bundle: bytes, code_dir: Path, name: str | None) -> AppSpec:
+        """Unpack, byte-compile and load the manifest (in a thread)."""
+        extract_bundle(bundle, code_dir, self.config.bundle)
+        # Byte-compile once here so that no cold start compiles (instances
+        # may run with PYTHONDONTWRITEBYTECODE and would compile every time).
+        _compile_tree(code_dir)
+        # Readable by the functions' uids (nimbus's own umask is 077): the
+        # folders above it stay root-only, so only its own instances see it.
+        share_read_only(code_dir)
+        return load_app(code_dir, default_name=name)
+
+    def schedule_gc(self) -> None:
+        """Collect garbage in the background; runs asked for meanwhile coalesce."""
+        if self._gc_task is not None and not self._gc_task.done():
+            self._gc_again = True
+            return
+        self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop())
+
+    async def _gc_loop(self) -> None:
+        self._gc_again = True
+        while self._gc_again:
+            self._gc_again = False
+            try:
+                await self.collect_garbage()
+            except Exception:  # a failed collection is retried after the next deploy
+                log.exception("garbage collection failed")
+
+    async def collect_garbage(self) -> gc.Collected:
+        """One collection now (see :mod:`nimbus.control.gc`)."""
+        async with self._gc_lock:
+            in_use = gc.Keep(set(self._busy))
+            for pool in self.worker.pools.values():
+                in_use.add({"digest": pool.target.digest,
+                            "requirements_hash": pool.target.requirements_hash})
+            # Venvs are built inside deploys (their folders are referenced only
+            # once the version record exists): swept only when none is under way.
+            done = await gc.collect(self.state_dir, self.store, self.blobs,
+                                    keep_versions=self.config.keep_versions, in_use=in_use,
+                                    sweep_venvs=not self._busy)
+        if done:
+            log.info("removed %d old version records, %d code folders, %d blobs, %d venvs",
+                     len(done.versions), len(done.code), len(done.blobs), len(done.venvs))
+        return done
+
+    async def aclose(self) -> None:
+        """Wait for a collection under way (it only deletes what nothing needs)."""
+        if self._gc_task is not None:
+            self._gc_again = False
+            with contextlib.suppress(Exception):
+                await self._gc_task
 
     async def _deploy_app(self, app: AppSpec, digest: str, code_dir: Path,
                           progress: Progress) -> dict[str, Any]:
@@ -213,3 +310,11 @@ class Deployer:
                 await self.store.update(f"apps/{name}", data, current.revision)
         except ConflictError:
             raise DeployError(f"app {name} changed during this deploy; retry") from None
+
+
+def _compile_tree(code_dir: Path) -> None:
+    for root, _dirs, names in os.walk(code_dir):
+        for name in names:
+            path = Path(root) / name
+            if name.endswith(".py") and path.stat().st_size <= MAX_COMPILE_BYTES:
+                compileall.compile_file(str(path), quiet=2)

@@ -37,10 +37,12 @@ from nimbus.manifest.model import (
     ScheduleSpec,
 )
 from nimbus.manifest.modules import (
+    RESERVED_MODULES,
     ModuleNames,
     ModuleSyntaxError,
     find_module,
     module_candidates,
+    top_level_modules,
     top_level_names,
 )
 from nimbus.manifest.routes import Declared, conflict_message, find_conflict
@@ -95,7 +97,30 @@ def load_app(
     ``check_code`` adds parsing each module (never importing it) to check
     that it defines the callable and has no syntax error.
     """
-    file, app_dir = _locate(Path(path))
+    try:
+        return _load_app(Path(path), check_code, default_name)
+    except ManifestError as exc:
+        raise _one_line(exc) from None
+
+
+def _one_line(exc: ManifestError) -> ManifestError:
+    """``exc`` with control characters (a key holding a newline, say) escaped:
+    an error is printed as one line."""
+    parts = (exc.message, exc.file, exc.field)
+    clean = [None if p is None else _printable(p) for p in parts]
+    if clean == list(parts):
+        return exc
+    return ManifestError(clean[0] or "", file=clean[1], line=exc.line, field=clean[2])
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec:
+    file, app_dir = _locate(path)
     src = read_source(file)
     form = _form(src)
     if form == "handlers":
@@ -111,8 +136,10 @@ def load_app(
     _check_events(drafts, src)
     names_cache: dict[Path, ModuleNames] = {}
     for draft in drafts.values():
+        _check_module_name(draft, src)
         _check_code(draft, app_dir, src, names_cache, check_code)
         _check_requirements(draft, app_dir, src)
+    _check_shadowing(app_dir, src)
     functions = {d.name: _build(d) for d in drafts.values()}
     return AppSpec(
         name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
@@ -295,7 +322,7 @@ def _check_events(drafts: dict[str, _Draft], src: Source) -> None:
     """One consumer per queue; destinations name a function or a queue of this app."""
     consumers: dict[str, _Draft] = {}
     for d in drafts.values():
-        if "queue" not in d.events:
+        if d.events.get("queue", (None,))[0] is None:  # absent, or null: no queue
             continue
         name = d.events["queue"][0].name
         if name in consumers:
@@ -305,7 +332,7 @@ def _check_events(drafts: dict[str, _Draft], src: Source) -> None:
                          "a queue has one consumer (use a topic to fan out)")
         consumers[name] = d
     for d in drafts.values():
-        if "destinations" not in d.events:
+        if d.events.get("destinations", (None,))[0] is None:
             continue
         dest, loc = d.events["destinations"]
         for when in ("on_success", "on_failure"):
@@ -430,6 +457,36 @@ def _check_routes(drafts: dict[str, _Draft], src: Source) -> None:
         first, second = clash
         raise ManifestError(conflict_message(first, second), file=src.file, line=second.line,
                             field=second.field)
+
+
+def _rename_hint(name: str) -> str:
+    return f"rename it (e.g. to {name}_app) and its imports"
+
+
+def _check_module_name(draft: _Draft, src: Source) -> None:
+    """A handler module must not be named like a module instances import before it."""
+    top = draft.module.split(".")[0]
+    preload = {m.split(".")[0] for m in draft.settings.get("preload", ())}
+    if top in RESERVED_MODULES or top in preload:
+        what = ("a module this function preloads" if top not in RESERVED_MODULES else
+                "a Python standard library module" if top in sys.stdlib_module_names else
+                "a module of the nimbus runtime")
+        raise _error(src, draft.handler_loc, f"handler module {draft.module!r} has the name of "
+                     f"{what} ({top!r}), which an instance may import before the app's code, "
+                     f"so the app's {top} would not be the module that runs; "
+                     f"{_rename_hint(top)}")
+
+
+def _check_shadowing(app_dir: Path, src: Source) -> None:
+    """No top-level module or package of the app may shadow a reserved one."""
+    for name, file in top_level_modules(app_dir):
+        if name in RESERVED_MODULES:
+            rel = file.relative_to(app_dir).as_posix()
+            raise ManifestError(f"{rel} has the name of the Python module {name!r}, which "
+                                "instances import from the standard library or the runtime "
+                                f"before any app code, so the app's {name} would not be the "
+                                f"one imported; {_rename_hint(name)}",
+                                file=src.file, line=src.root_line)
 
 
 def _check_code(draft: _Draft, app_dir: Path, src: Source,

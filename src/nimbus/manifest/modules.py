@@ -10,9 +10,16 @@ the benefit of the doubt.
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+# Names an app module cannot take: an instance has imported (or would import)
+# these from the standard library or from nimbus's own runtime before the
+# app's code, so an app file of the same name would never run or would break
+# the modules that expect the real one.
+RESERVED_MODULES = frozenset(sys.stdlib_module_names) | {"nimbus", "orjson"}
 
 
 def module_candidates(app_dir: Path, module: str) -> tuple[Path, Path]:
@@ -26,6 +33,19 @@ def find_module(app_dir: Path, module: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def top_level_modules(app_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(name, file) of every importable top-level module or regular package in ``app_dir``."""
+    try:
+        entries = sorted(app_dir.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.suffix == ".py" and entry.is_file():
+            yield entry.stem, entry
+        elif entry.is_dir() and (entry / "__init__.py").is_file():
+            yield entry.name, entry / "__init__.py"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from nimbus.errors import ManifestError
 from nimbus.manifest.errmap import show
+from nimbus.manifest.safeyaml import LimitError, ManifestLoader
 
 Loc = tuple[Any, ...]
 
@@ -32,6 +33,10 @@ _FLOW_PATH_FIX = re.compile(
     rf"""("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|(?<=\s)\#.*)"""  # 1: left alone
     rf"|(?<=\bpath:)(\s*)(/(?:{_PLAIN}|{_PARAM})*{_PARAM}(?:{_PLAIN}|{_PARAM})*)")  # 2, 3
 _MAX_FIXES = 100
+# Past this many one-line fixes, the rest are made in one pass: each fix costs
+# a parse of the whole file.
+_LINE_FIXES = 3
+MAX_MANIFEST_BYTES = 256 * 1024
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -57,9 +62,16 @@ class Source:
 
 def read_source(file: Path) -> Source:
     try:
-        raw = file.read_bytes()
+        with open(file, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
-        raise ManifestError(f"cannot read the manifest: {exc.strerror or exc}", file=file) from None
+        raise ManifestError(f"cannot read the manifest: {exc.strerror or exc}", file=file,
+                            line=1) from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"the manifest is larger than {MAX_MANIFEST_BYTES // 1024} KiB "
+                            f"({MAX_MANIFEST_BYTES} bytes), the most nimbus reads; "
+                            "an app.yaml describes functions, it does not hold data",
+                            file=file, line=1)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -68,23 +80,48 @@ def read_source(file: Path) -> Source:
     first: yaml.YAMLError | None = None
     last: yaml.YAMLError | None = None
     touched: set[int] = set()
-    for _ in range(_MAX_FIXES):
+    for attempt in range(_MAX_FIXES):
         try:
             return _parse(file, text)
+        except LimitError as exc:
+            assert exc.problem_mark is not None
+            raise ManifestError(str(exc.problem), file=file,
+                                line=exc.problem_mark.line + 1) from None
+        except RecursionError:
+            raise ManifestError("the manifest nests too deeply to read", file=file,
+                                line=1) from None
         except yaml.YAMLError as exc:
             first = first or exc
             last = exc
-            fixed = _fix_flow_paths(text, exc)
-            if fixed is None:
-                break
-            text, line = fixed
-            touched.add(line)
+            if attempt < _LINE_FIXES:
+                fixed = _fix_flow_paths(text, exc)
+                if fixed is None:
+                    break
+                text, line = fixed
+                touched.add(line)
+            else:
+                text, lines = _fix_all_flow_paths(text)
+                if not lines - touched:
+                    break
+                touched |= lines
     # A later error elsewhere is the real remaining problem; one on a line we
     # rewrote means the rewrite did not help, so show what the user wrote.
     mark = getattr(last, "problem_mark", None)
     report = first if mark is None or mark.line in touched else last
     assert report is not None  # the loop returned or recorded an error
     raise _yaml_error(file, report, text) from None
+
+
+def _fix_all_flow_paths(text: str) -> tuple[str, set[int]]:
+    """``text`` with braced ``path:`` values quoted on every line, and the lines changed."""
+    lines = text.split("\n")
+    changed: set[int] = set()
+    for i, line in enumerate(lines):
+        fixed = _FLOW_PATH_FIX.sub(lambda m: m.group(1) or f"{m.group(2)}'{m.group(3)}'", line)
+        if fixed != line:
+            lines[i] = fixed
+            changed.add(i)
+    return "\n".join(lines), changed
 
 
 def _fix_flow_paths(text: str, exc: yaml.YAMLError) -> tuple[str, int] | None:
@@ -106,30 +143,28 @@ def _fix_flow_paths(text: str, exc: yaml.YAMLError) -> tuple[str, int] | None:
 
 
 def _parse(file: Path, text: str) -> Source:
-    loader = yaml.SafeLoader(text)
+    loader = ManifestLoader(text)
     try:
         node = loader.get_single_node()
         src = Source(file=file, data=None)
         if node is None:
             return src
         src.root_line = node.start_mark.line + 1
-        _index(loader, node, (), "", src, set())  # before construction flattens merge keys
+        _index(loader, node, (), "", src)  # before construction flattens merge keys
         src.data = loader.construct_document(node)
         return src
     finally:
         loader.dispose()
 
 
-def _index(loader: yaml.SafeLoader, node: Node, loc: Loc, name: str, src: Source,
-           active: set[int]) -> None:
+def _index(loader: ManifestLoader, node: Node, loc: Loc, name: str, src: Source) -> None:
     # ``name`` is ``loc`` spelt as a field (``functions.f.http[0]``) for messages.
-    if id(node) in active:  # an alias that refers to itself; nothing more to learn
-        return
-    active = active | {id(node)}
+    # The loader refused recursive aliases and bounded the expanded size, so
+    # this walk ends and is bounded too.
     if isinstance(node, SequenceNode):
         for i, item in enumerate(node.value):
             src.key_lines[loc + (i,)] = src.value_lines[loc + (i,)] = item.start_mark.line + 1
-            _index(loader, item, loc + (i,), f"{name}[{i}]", src, active)
+            _index(loader, item, loc + (i,), f"{name}[{i}]", src)
     elif isinstance(node, MappingNode):
         seen: dict[Any, int] = {}
         for knode, vnode in node.value:
@@ -148,7 +183,7 @@ def _index(loader: yaml.SafeLoader, node: Node, loc: Loc, name: str, src: Source
             # next line, so its key line is what the user recognises.
             src.value_lines[loc + (key,)] = (
                 vnode.start_mark.line + 1 if isinstance(vnode, ScalarNode) else line)
-            _index(loader, vnode, loc + (key,), sub, src, active)
+            _index(loader, vnode, loc + (key,), sub, src)
 
 
 def _yaml_error(file: Path, exc: yaml.YAMLError, text: str) -> ManifestError:
@@ -161,4 +196,4 @@ def _yaml_error(file: Path, exc: yaml.YAMLError, text: str) -> ManifestError:
     context = getattr(exc, "context", None)
     detail = f"{problem} ({context})" if context else problem
     return ManifestError(f"invalid YAML: {detail}", file=file,
-                         line=mark.line + 1 if mark is not None else None)
+                         line=mark.line + 1 if mark is not None else 1)

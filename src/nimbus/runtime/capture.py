@@ -12,10 +12,16 @@ Three ways output leaves a handler, all caught here and sent as LOG frames:
 The request id of a line is the invocation running on the writing thread;
 threads a handler starts itself, and the descriptor reader, take the
 instance's only invocation when it runs one at a time.
+
+Output without a line end is sent in pieces of at most ``MAX_LINE_BYTES``,
+so a handler writing 100 MB without a newline costs bounded memory and
+linear time, and the descriptor reader never dies: if it did, the pipes
+would fill and the next write to fd 1 would block the handler for good.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import selectors
@@ -23,6 +29,7 @@ import threading
 from collections.abc import Callable
 
 Send = Callable[[str | None, str, str], None]  # (request_id, stream, text)
+MAX_LINE_BYTES = 64 * 1024
 
 
 class RequestIds:
@@ -60,21 +67,41 @@ class LogWriter(io.TextIOBase):
         return True
 
     def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if not s:
             return 0
-        buf = self._local.__dict__.setdefault("buf", [])
+        local = self._local.__dict__
+        buf = local.setdefault("buf", [])
         buf.append(s)
-        if "\n" in s:
-            self.flush()
+        local["size"] = local.get("size", 0) + len(s)
+        if "\n" in s or local["size"] >= MAX_LINE_BYTES:
+            self._emit(final=False)
         return len(s)
 
     def flush(self) -> None:
+        """Send everything buffered, a partial line too (the end of an invocation)."""
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
         buf = getattr(self._local, "buf", None)
         if not buf:
             return
         text = "".join(buf)
         buf.clear()
-        self._send(self._ids.current(), self._stream, text)
+        self._local.size = 0
+        if not final:
+            # Complete lines, and full pieces of an overlong one, go now;
+            # the rest waits for its line end (or the next flush).
+            head, sep, rest = text.rpartition("\n")
+            full = len(rest) // MAX_LINE_BYTES * MAX_LINE_BYTES
+            text, rest = head + sep + rest[:full], rest[full:]
+            if rest:
+                buf.append(rest)
+                self._local.size = len(rest)
+        rid = self._ids.current()
+        for start in range(0, len(text), MAX_LINE_BYTES):
+            self._send(rid, self._stream, text[start:start + MAX_LINE_BYTES])
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
@@ -97,19 +124,61 @@ def capture_fds(send: Send, ids: RequestIds) -> None:
         sel = selectors.DefaultSelector()
         for r in streams:
             sel.register(r, selectors.EVENT_READ)
-        partial = {r: b"" for r in streams}
+        pending = {r: _Pending(streams[r]) for r in streams}
         while streams:
             for key, _ in sel.select():
                 r = key.fd
-                data = os.read(r, 65536)
+                try:
+                    data = os.read(r, 65536)
+                except OSError:
+                    data = b""
                 if not data:
                     sel.unregister(r)
                     del streams[r]
                     continue
-                data = partial[r] + data
-                head, sep, tail = data.rpartition(b"\n")
-                partial[r] = tail
-                if sep:
-                    send(ids.current(), streams[r], head.decode(errors="replace") + "\n")
+                try:
+                    for text in pending[r].feed(data):
+                        send(ids.current(), pending[r].stream, text)
+                except Exception:  # noqa: BLE001 - keep draining, whatever happened
+                    pending[r].reset()
 
     threading.Thread(target=pump, name="nimbus-fd-capture", daemon=True).start()
+
+
+class _Pending:
+    """A descriptor's bytes not yet sent: complete lines go out at once,
+    a partial line once it ends or reaches ``MAX_LINE_BYTES``."""
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.reset()
+
+    def reset(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._cut = False  # the last piece sent was cut at the length limit
+
+    def feed(self, data: bytes) -> list[str]:
+        out: list[str] = []
+        if self._cut and not self._parts and data.startswith(b"\n"):
+            data = data[1:]  # the end of the line just sent in pieces, not an empty line
+        self._cut = False
+        head, sep, tail = data.rpartition(b"\n")
+        if sep:
+            self._parts.append(head + sep)
+            out.append(self._decoder.decode(b"".join(self._parts)))
+            self._parts, self._size = [], 0
+            data = tail
+        while data:
+            room = MAX_LINE_BYTES - self._size
+            piece, data = data[:room], data[room:]
+            self._parts.append(piece)
+            self._size += len(piece)
+            if self._size >= MAX_LINE_BYTES:
+                text = self._decoder.decode(b"".join(self._parts))
+                self._parts, self._size = [], 0
+                self._cut = True
+                if text:
+                    out.append(text)
+        return out

@@ -33,7 +33,7 @@ class InstanceProtocol(asyncio.Protocol):
 
     def __init__(self, on_log: LogFn, on_lost: Callable[[], None]) -> None:
         self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.pending: dict[str, asyncio.Future[Any]] = {}
+        self.pending: dict[str, asyncio.Future[Any]] = _Pending()
         self.transport: asyncio.Transport | None = None
         self.alive = True
         self._buf = bytearray()
@@ -77,8 +77,7 @@ class InstanceProtocol(asyncio.Protocol):
             if fut is not None and not fut.done():
                 fut.set_exception(HandlerError(error))
         elif kind == p.LOG:
-            rid, stream, text = orjson.loads(body)
-            self.on_log(rid, stream, text)
+            self.on_log(*self._log_fields(body))
         elif kind == p.READY:
             if not self.ready.done():
                 self.ready.set_result(orjson.loads(body))
@@ -87,6 +86,28 @@ class InstanceProtocol(asyncio.Protocol):
             if not self.ready.done():
                 self.ready.set_exception(InitError(err))
             self.on_log(None, "stderr", "".join(err.get("stackTrace", [])))
+
+    def _log_fields(self, body: bytes) -> tuple[str | None, str, str]:
+        """A LOG frame's (request id, stream, text) as the platform records them.
+        The instance runs user code, so what it claims is checked: the request
+        id must be one of its own invocations (in flight, or just answered:
+        descriptor output can arrive after the result), else the line goes to
+        its only invocation in flight, or to none; the stream is stdout or
+        stderr ("platform" lines come from the worker alone)."""
+        try:
+            frame = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            frame = body.decode(errors="replace")
+        rid, stream, text = frame if isinstance(frame, list) and len(frame) == 3 else (
+            None, "stderr", frame)
+        pending = self.pending
+        if rid is not None and (not isinstance(rid, str) or not pending.owns(rid)):  # type: ignore[attr-defined]
+            rid = next(iter(pending)) if len(pending) == 1 else None
+        if not isinstance(stream, str) or stream not in _STREAMS:
+            stream = "stderr"
+        if not isinstance(text, str):
+            text = str(text)
+        return rid, stream, text
 
     def doomed(self) -> None:
         """The process is going (killed, or leaving on its own): stop handing
@@ -106,6 +127,30 @@ class InstanceProtocol(asyncio.Protocol):
                 self.on_log(rid, "platform", "instance exited during the invocation")
         self.pending.clear()
         self.doomed()
+
+
+_STREAMS = frozenset({"stdout", "stderr"})
+
+
+class _Pending(dict):  # type: ignore[type-arg]
+    """Invocations in flight (request id -> future), remembering the last few
+    that left, so an instance's late output is still its own."""
+
+    RECENT = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._recent: dict[str, None] = {}
+
+    def pop(self, rid: Any, *default: Any) -> Any:
+        if rid in self:
+            self._recent[rid] = None
+            if len(self._recent) > self.RECENT:
+                del self._recent[next(iter(self._recent))]
+        return super().pop(rid, *default)
+
+    def owns(self, rid: str) -> bool:
+        return rid in self or rid in self._recent
 
 
 class InitError(DeployError):
