@@ -244,6 +244,7 @@ class Platform:
         await self.routes.aclose()
         await self.scheduler.aclose()
         await self.events.aclose(grace_s=min(self.config.grace_s, 5.0))
+        await self.deployer.aclose()  # a garbage collection under way
         await self.worker.aclose(grace_s=min(self.config.grace_s, 5.0))  # 3
         await self.queue.aclose()  # 4
         await self.store.aclose()
