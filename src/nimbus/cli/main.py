@@ -59,16 +59,34 @@ def cli() -> None:
                    "[default: three quarters of the machine].")
 @click.option("--async-max-bytes", default=256 * 1024, show_default=True,
               type=click.IntRange(1), help="Largest async invocation or queue message.")
+@click.option("--max-connections", default=10_000, show_default=True, type=click.IntRange(1),
+              help="Connections the gateway holds at once; past it the longest-idle one "
+                   "makes room, or 503 when all are busy.")
+@click.option("--control-max-connections", default=256, show_default=True,
+              type=click.IntRange(1),
+              help="Connections the control API holds at once (its own budget).")
+@click.option("--header-timeout", "header_timeout_s", default=10.0, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds a connection gets to send a complete request head.")
+@click.option("--keep-alive", "keep_alive_s", default=5.0, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds an idle keep-alive connection is kept open.")
+@click.option("--max-header-bytes", default=64 * 1024, show_default=True,
+              type=click.IntRange(1024),
+              help="Largest request line + headers; past it: 431.")
+@click.option("--max-bundle-bytes", default=250 * 1024 * 1024, show_default=True,
+              type=click.IntRange(1), help="Largest app bundle the control API accepts.")
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
-       async_max_bytes: int) -> None:
+       async_max_bytes: int, **http_limits: Any) -> None:
     """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
     from nimbus.cli.up import run_up
     from nimbus.worker.budget import NodeBudget
 
     run_up(app_dir, host=host, port=port, control_host=control_host,
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,
-           budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes)
+           budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes,
+           http_limits=http_limits)
 
 
 @cli.command()

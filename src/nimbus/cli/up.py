@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,7 +16,10 @@ from nimbus.worker.budget import NodeBudget
 
 def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_port: int,
            state_dir: Path | None, grace_s: float, budget: NodeBudget,
-           async_max_bytes: int) -> None:
+           async_max_bytes: int, http_limits: dict[str, Any] | None = None) -> None:
+    """``http_limits``: the HTTP ``ServerConfig`` fields (``max_connections``,
+    ``control_max_connections``, ``header_timeout_s``, ``keep_alive_s``,
+    ``max_header_bytes``, ``max_bundle_bytes``) given on the command line."""
     from nimbus.control.bundle import make_bundle
     from nimbus.manifest.loader import MANIFEST_NAMES, load_app
 
@@ -32,7 +36,7 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
     config = ServerConfig(
         state_dir=(state_dir or app_dir / ".nimbus").resolve(), host=host, port=port,
         control_host=control_host, control_port=control_port, grace_s=grace_s, budget=budget,
-        async_max_bytes=async_max_bytes)
+        async_max_bytes=async_max_bytes, **(http_limits or {}))
     try:
         import uvloop
 
