@@ -182,8 +182,9 @@ def _status_with_authorization(url: str, value: bytes) -> int:
 
 
 @pytest.mark.parametrize("value, ok", [
-    ("Bearer {t}", True), ("bearer {t}", True), ("BEARER  {t} ", True),
+    ("Bearer {t}", True), ("bearer {t}", True), ("BEARER {t} ", True), ("bEaReR {t}", True),
     ("Bearer", False), ("Bearer ", False), ("Bearer  \t ", False), ("", False), (" ", False),
+    ("Bearer  {t}", False), ("Bearer\t{t}", False),
     ("Basic {t}", False), ("{t}", False), ("Bearer {t}x", False), ("Bearer x{t}", False),
 ])
 def test_bearer_scheme_in_any_case_and_no_empty_token(nimbus, value, ok):

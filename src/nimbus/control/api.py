@@ -174,13 +174,12 @@ def create_control_app(platform: Platform) -> Starlette:
     document = orjson.dumps(openapi.document(max_bundle_bytes=max_bundle))
 
     def authorized(request: Request) -> bool:
-        """``Authorization: Bearer <token>``; the scheme in any case. An empty
-        token (sent or configured) never authenticates."""
+        """``Authorization: Bearer <token>``: the scheme in any case, one space,
+        the token. An empty token (sent or configured) never authenticates."""
         got = request.headers.get("authorization")
         if got is None or not token:
             return False
         scheme, _, credentials = got.strip().partition(" ")
-        credentials = credentials.strip()
         if scheme.lower() != "bearer" or not credentials:
             return False
         return hmac.compare_digest(credentials.encode("latin-1"), token)
