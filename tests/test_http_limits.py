@@ -285,6 +285,32 @@ def test_idle_connections_are_closed(nim):
         assert time.monotonic() - started < KEEP_ALIVE_S + 4
 
 
+@pytest.mark.parametrize("port, path", [("gateway", "/hello"),
+                                        ("control", "/v1/functions/hello/invoke")])
+def test_a_body_that_stops_arriving_ends_the_connection(nim, port, path):
+    a = addr(nim.url if port == "gateway" else nim.control_url)
+    with socket.create_connection(a, timeout=10.0) as s:
+        s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                  b"Authorization: Bearer " + nim.token.encode() + b"\r\n\r\n{}" + b" " * 98)
+        started = time.monotonic()
+        answer = read_response(s, timeout=HEADER_TIMEOUT_S + 5)
+        took = time.monotonic() - started
+    assert answer == b"", answer[:200]  # closed, unanswered
+    assert HEADER_TIMEOUT_S - 0.5 < took < HEADER_TIMEOUT_S + 4
+    assert control_get(nim, "/v1/status").json()["http"][port]["body_stalls"] >= 1
+
+
+def test_a_slow_but_steady_body_is_not_cut_off(nim):
+    # 5 pieces a second apart: longer in all than the deadline, never stalled as long
+    def body() -> Iterator[bytes]:
+        for _ in range(5):
+            yield b"x" * 100
+            time.sleep(1.0)
+
+    r = httpx.post(nim.url + "/hello", content=body(), timeout=30.0)
+    assert r.status_code == 200 and r.text == "hello"
+
+
 def test_past_the_cap_with_every_connection_busy_new_ones_get_503(nim):
     # GATEWAY_CAP requests in flight (2 instances, the rest held by the pool)
     with concurrent.futures.ThreadPoolExecutor(GATEWAY_CAP) as ex:

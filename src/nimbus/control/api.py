@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -398,6 +398,8 @@ def create_control_app(platform: Platform) -> Starlette:
                 return await fn(request)
             except NimbusError as exc:
                 return _error(exc)
+            except ClientDisconnect:  # gone mid-body (or its body stalled): nobody to answer
+                return error_json(400, "ClientDisconnect", "the client left mid-request")
             except Exception:  # a bug of ours: logged, answered in the one shape
                 log.exception("control API %s %s failed", request.method, request.url.path)
                 return error_json(500, "InternalError", "internal error (see the nimbus log)")

@@ -12,15 +12,19 @@ runs out of file descriptors). :func:`guarded_protocol` subclasses it with:
   closed after ``keep_alive_s`` by uvicorn's own timer.
 - **a head size cap**: past ``max_header_bytes`` of request line + headers,
   431 and the connection is closed; the bytes are never all buffered.
+- **a body stall deadline**: a request body that stops arriving for
+  ``header_timeout_s`` (while nimbus is ready to read it) ends the
+  connection; the request is then not run.
 - **a connection cap per port**: at the cap, a new connection takes the place
   of the connection that has waited longest for a request head (an idle or a
   slow client); when every connection has a request in flight, the new one
   gets 503 and is closed at once.
 
 The bookkeeping is one dict per port of the connections waiting for a head,
-in the order they started waiting: a request costs a dict insert and a pop,
-and the once-a-tick sweep (:meth:`ConnectionGuard.sweep`) looks only at the
-connections whose deadline has passed.
+in the order they started waiting (and one of the bodies in progress, by
+their last read): a request costs a dict insert and a pop, and the sweep on
+every tick (:meth:`ConnectionGuard.sweep`) looks only at the connections
+whose deadline has passed.
 """
 
 from __future__ import annotations
@@ -83,9 +87,11 @@ class ConnectionGuard:
         self.name = name
         self.limits = limits
         self.waiting: dict[GuardedHttpToolsProtocol, float] = {}
+        self.bodies: dict[GuardedHttpToolsProtocol, float] = {}  # by last read
         self.refused = 0
         self.evicted = 0
         self.timed_out = 0
+        self.stalled = 0
         self.too_large = 0
         self.connections: set[Any] = set()  # uvicorn's set for this port, once serving
         self.busy_response = _raw_response(
@@ -116,22 +122,34 @@ class ConnectionGuard:
         return False
 
     def sweep(self, now: float) -> None:
-        """Close the connections that have waited past the head deadline."""
+        """Close the connections that have waited past the head deadline, and
+        those whose request body has not moved for as long."""
         cutoff = now - self.limits.header_timeout_s
         waiting = self.waiting
         while waiting:
             proto, since = next(iter(waiting.items()))
             if since > cutoff:
-                return
+                break
             del waiting[proto]
             if proto.expire():
                 self.timed_out += 1
+        bodies = self.bodies
+        while bodies:
+            proto, since = next(iter(bodies.items()))
+            if since > cutoff:
+                return
+            del bodies[proto]
+            if proto.flow is not None and proto.flow.read_paused:
+                bodies[proto] = now  # nimbus is not reading: not the client's stall
+            elif proto.expire_body():
+                self.stalled += 1
 
     def stats(self) -> dict[str, int]:
         return {"connections": len(self.connections),
                 "max_connections": self.limits.max_connections,
                 "waiting_for_head": len(self.waiting), "refused": self.refused,
                 "evicted": self.evicted, "head_timeouts": self.timed_out,
+                "body_stalls": self.stalled,
                 "head_too_large": self.too_large}
 
 
@@ -147,6 +165,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
         self._reading_head = True
+        self._in_body = False
         guard = self.guard
         if not guard.admit(self.connections):
             self.transport = transport
@@ -158,6 +177,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.waiting.pop(self, None)
+        self.guard.bodies.pop(self, None)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -181,9 +201,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if (self._reading_head and self._head_bytes > self.guard.limits.max_header_bytes
-                and not self.transport.is_closing()):
-            self._refuse_large_head()
+        if self._reading_head:
+            if (self._head_bytes > self.guard.limits.max_header_bytes
+                    and not self.transport.is_closing()):
+                self._refuse_large_head()
+        else:  # the head is complete, its body still coming: watch its progress
+            bodies = self.guard.bodies
+            if self._in_body:
+                del bodies[self]
+            self._in_body = True
+            bodies[self] = self.loop.time()
 
     def _refuse_large_head(self) -> None:
         self.guard.too_large += 1
@@ -203,6 +230,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._reading_head = True
+        if self._in_body:
+            self._in_body = False
+            self.guard.bodies.pop(self, None)
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -235,6 +265,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._close_with(self.guard.head_timeout)
         else:
             self.transport.close()
+        return True
+
+
+    def expire_body(self) -> bool:
+        """The body stopped arriving: end the connection (the application
+        sees a disconnect and runs nothing)."""
+        self._in_body = False
+        if self.transport.is_closing():
+            return False
+        self.transport.close()
         return True
 
 
