@@ -429,3 +429,20 @@ def test_a_handler_header_http_cannot_carry_is_500_invalid_response(nim, kind):
         again = c.get("/hello")
         assert again.status_code == 200 and again.text == "hello"
         assert c.get("/bad/tab_ok").headers["x-a"] == "a\tb"
+
+
+# -- the file-descriptor budget (pure) ----------------------------------------------
+
+
+@pytest.mark.parametrize("gateway, control, fds, want", [
+    (10_000, 256, 20_000, (10_000, 256)),  # fits: unchanged
+    (10_000, 256, 1_024, (576, 192)),  # a small limit: the reserve, then the control API
+    (10_000, 256, 65_536, (10_000, 256)),
+    (50, 8, 100, (50, 8)),
+])
+def test_connection_caps_fit_in_the_open_files_limit(gateway, control, fds, want):
+    from nimbus.gateway.connections import fit_to_fds
+
+    got = fit_to_fds(gateway, control, fds)
+    assert got == want
+    assert sum(got) <= fds
