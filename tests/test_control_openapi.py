@@ -134,9 +134,9 @@ def test_no_generated_request_gets_a_5xx_and_unauthenticated_ones_get_401(nimbus
 
 
 @pytest.mark.parametrize("query, where", [
-    ("tail=%C2%B2", "'tail'"), ("tail=-1", "'tail'"), ("tail=0", "'tail'"),
-    ("tail=100001", "'tail'"), ("tail=1e3", "'tail'"), ("follow=maybe", "'follow'"),
-    ("request_id=%01", "'request_id'"),
+    ("tail=%C2%B2", "tail must be"), ("tail=-1", "tail must be"), ("tail=0", "tail must be"),
+    ("tail=100001", "tail must be"), ("tail=1e3", "tail must be"),
+    ("follow=maybe", "follow must be"), ("request_id=%01", "request_id must be"),
 ])
 def test_bad_log_parameters_are_400_naming_the_parameter(nimbus, query, where):
     r = httpx.get(f"{nimbus.control_url}/v1/functions/hello/logs?{query}",
@@ -165,7 +165,7 @@ def test_redrive_batches_are_capped(nimbus):
                    json={"ids": [f"id-{i}" for i in range(1001)]},
                    headers={"Authorization": f"Bearer {nimbus.token}"}, timeout=10.0)
     assert r.status_code == 400, r.text
-    assert "'ids'" in r.json()["errorMessage"] and "1000" in r.json()["errorMessage"]
+    assert "ids must hold at most 1000" in r.json()["errorMessage"]
 
 
 def _status_with_authorization(url: str, value: bytes) -> int:

@@ -88,7 +88,7 @@ def _error(exc: BaseException) -> Response:
 
 def _bad(where: str, rule: str, got: object) -> UserInputError:
     shown = got if not isinstance(got, str) or len(got) <= 80 else got[:77] + "..."
-    return UserInputError(f"{where}: {rule}, got {shown!r}")
+    return UserInputError(f"{where} {rule}, got {shown!r}")
 
 
 def query_int(request: Request, key: str, low: int, high: int,
@@ -97,7 +97,7 @@ def query_int(request: Request, key: str, low: int, high: int,
     if raw is None or raw == "":
         return default
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 12 and low <= int(raw) <= high):
-        raise _bad(f"query parameter {key!r}", f"must be an integer from {low} to {high}", raw)
+        raise _bad(f"query parameter {key}", f"must be an integer from {low} to {high}", raw)
     return int(raw)
 
 
@@ -107,7 +107,7 @@ def query_bool(request: Request, key: str) -> bool:
         return False
     value = _BOOLS.get(raw.lower())
     if value is None:
-        raise _bad(f"query parameter {key!r}", "must be one of true, false, 1, 0", raw)
+        raise _bad(f"query parameter {key}", "must be one of true, false, 1, 0", raw)
     return value
 
 
@@ -115,14 +115,14 @@ def query_text(request: Request, key: str, max_chars: int) -> str | None:
     raw = request.query_params.get(key)
     if raw is None or raw == "":
         return None
-    return _text(f"query parameter {key!r}", raw, max_chars)
+    return _text(f"query parameter {key}", raw, max_chars)
 
 
 def header_text(request: Request, key: str, max_chars: int) -> str | None:
     raw = request.headers.get(key)
     if raw is None or raw == "":
         return None
-    return _text(f"header {key!r}", raw, max_chars)
+    return _text(f"header {key}", raw, max_chars)
 
 
 def _text(where: str, raw: str, max_chars: int) -> str:
@@ -135,7 +135,7 @@ def _text(where: str, raw: str, max_chars: int) -> str:
 def path_name(request: Request, key: str = "name") -> str:
     raw = request.path_params[key]
     if not _NAME.fullmatch(raw):
-        raise _bad(f"path parameter {key!r}",
+        raise _bad(f"path parameter {key}",
                    "must be 1 to 128 letters, digits, '_', '-' or '.'", raw)
     return raw
 
@@ -143,7 +143,7 @@ def path_name(request: Request, key: str = "name") -> str:
 def path_id(request: Request, key: str = "id") -> str:
     raw = request.path_params[key]
     if not raw or len(raw) > MAX_ID_CHARS or _CONTROL.search(raw):
-        raise _bad(f"path parameter {key!r}",
+        raise _bad(f"path parameter {key}",
                    f"must be 1 to {MAX_ID_CHARS} characters without control characters", raw)
     return raw
 
@@ -154,7 +154,7 @@ async def read_limited(request: Request, limit: int, what: str = "request body")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
-            raise _bad("header 'content-length'", "must be a byte count", declared)
+            raise _bad("header content-length", "must be a byte count", declared)
         if int(declared) > limit:
             raise PayloadTooLargeError(
                 f"{what} of {declared} bytes is over the limit of {limit} bytes")
@@ -261,8 +261,8 @@ def create_control_app(platform: Platform) -> Starlette:
         name = path_name(request)
         status = request.query_params.get("status") or None
         if status is not None and status not in STATUSES:
-            raise _bad("query parameter 'status'", f"must be one of {', '.join(STATUSES)}",
-                       status)
+            raise UserInputError(f"unknown status {status!r}: query parameter status must be "
+                                 f"one of {', '.join(STATUSES)}")
         recs = await platform.events.invocations(name, status=status, limit=limit_of(request))
         return _json([view(r, name) for r in recs])
 
@@ -292,7 +292,7 @@ def create_control_app(platform: Platform) -> Starlette:
                 raise UserInputError('request body: expected none (redrive every dead letter) '
                                      'or {"ids": ["invocation id", ...]}')
             if len(body["ids"]) > MAX_REDRIVE_IDS:
-                raise _bad("request body 'ids'", f"at most {MAX_REDRIVE_IDS} ids at once",
+                raise _bad("request body ids", f"must hold at most {MAX_REDRIVE_IDS} ids",
                            f"{len(body['ids'])} ids")
             ids = body["ids"]
         moved = await platform.events.redrive(name, ids)
@@ -302,19 +302,19 @@ def create_control_app(platform: Platform) -> Starlette:
         name = path_name(request)
         kind = request.query_params.get("kind") or None
         if kind not in (None, "queue", "topic"):
-            raise _bad("query parameter 'kind'", "must be queue or topic", kind)
+            raise _bad("query parameter kind", "must be queue or topic", kind)
         subject = query_text(request, "subject", MAX_SUBJECT_CHARS)
         key = header_text(request, "idempotency-key", MAX_KEY_CHARS)
         items = request.query_params.getlist("attribute")
         if len(items) > MAX_ATTRIBUTES:
-            raise _bad("query parameter 'attribute'", f"at most {MAX_ATTRIBUTES} attributes",
+            raise _bad("query parameter attribute", f"may be given at most {MAX_ATTRIBUTES} times",
                        f"{len(items)} attributes")
         attrs = {}
         for item in items:
             k, sep, v = item.partition("=")
             if not sep or not k:
-                raise _bad("query parameter 'attribute'", "must be KEY=VALUE", item)
-            attrs[_text("query parameter 'attribute' name", k, MAX_KEY_CHARS)] = v
+                raise _bad("query parameter attribute", "must be KEY=VALUE", item)
+            attrs[_text("query parameter attribute's name", k, MAX_KEY_CHARS)] = v
         raw = await read_limited(request, MAX_INVOKE_PAYLOAD, "message")
         pub = await platform.events.publish(name, raw, kind=kind, attributes=attrs,
                                             subject=subject, idempotency_key=key)

@@ -131,7 +131,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signals to us (we run two of them) and
-    closes connections past their request-head deadline on every tick."""
+    closes connections past their head or body deadline on every tick."""
 
     def __init__(self, config: uvicorn.Config, guard: ConnectionGuard) -> None:
         super().__init__(config)
