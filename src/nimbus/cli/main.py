@@ -65,9 +65,26 @@ def cli() -> None:
                    "rlimits: resource limits only; auto: full when possible.")
 @click.option("--uid-range", default="200000-265535", show_default=True,
               help="FIRST-LAST: the uids (and gids) functions run as under full containment.")
+@click.option("--max-connections", default=10_000, show_default=True, type=click.IntRange(1),
+              help="Connections the gateway holds at once; past it the longest-idle one "
+                   "makes room, or 503 when all are busy.")
+@click.option("--control-max-connections", default=256, show_default=True,
+              type=click.IntRange(1),
+              help="Connections the control API holds at once (its own budget).")
+@click.option("--header-timeout", "header_timeout_s", default=10.0, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds a connection gets to send a complete request head.")
+@click.option("--keep-alive", "keep_alive_s", default=5.0, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds an idle keep-alive connection is kept open.")
+@click.option("--max-header-bytes", default=64 * 1024, show_default=True,
+              type=click.IntRange(1024),
+              help="Largest request line + headers; past it: 431.")
+@click.option("--max-bundle-bytes", default=250 * 1024 * 1024, show_default=True,
+              type=click.IntRange(1), help="Largest app bundle the control API accepts.")
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
-       async_max_bytes: int, containment: str, uid_range: str) -> None:
+       async_max_bytes: int, containment: str, uid_range: str, **http_limits: Any) -> None:
     """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
     from nimbus.cli.up import run_up
     from nimbus.worker.budget import NodeBudget
@@ -75,7 +92,7 @@ def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int
     run_up(app_dir, host=host, port=port, control_host=control_host,
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,
            budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes,
-           containment=containment, uid_range=_uid_range(uid_range))
+           containment=containment, uid_range=_uid_range(uid_range), http_limits=http_limits)
 
 
 def _uid_range(text: str) -> tuple[int, int]:

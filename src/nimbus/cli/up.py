@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -17,7 +18,11 @@ from nimbus.worker.budget import NodeBudget
 def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_port: int,
            state_dir: Path | None, grace_s: float, budget: NodeBudget,
            async_max_bytes: int, containment: str = "auto",
-           uid_range: tuple[int, int] = (200_000, 265_535)) -> None:
+           uid_range: tuple[int, int] = (200_000, 265_535),
+           http_limits: dict[str, Any] | None = None) -> None:
+    """``http_limits``: the HTTP ``ServerConfig`` fields (``max_connections``,
+    ``control_max_connections``, ``header_timeout_s``, ``keep_alive_s``,
+    ``max_header_bytes``, ``max_bundle_bytes``) given on the command line."""
     from nimbus.control.bundle import make_bundle
     from nimbus.manifest.loader import MANIFEST_NAMES, load_app
 
@@ -38,7 +43,8 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
     config = ServerConfig(
         state_dir=(state_dir or app_dir / ".nimbus").resolve(), host=host, port=port,
         control_host=control_host, control_port=control_port, grace_s=grace_s, budget=budget,
-        async_max_bytes=async_max_bytes, containment=containment, uid_range=uid_range)
+        async_max_bytes=async_max_bytes, containment=containment, uid_range=uid_range,
+        **(http_limits or {}))
     try:
         import uvloop
 

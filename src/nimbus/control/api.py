@@ -1,13 +1,17 @@
 """The control API: deploy, invoke, list, logs, status. Bearer-token auth.
 
-Served on its own port beside the gateway. Errors are JSON
-``{"errorType", "errorMessage"}`` with the status from the gateway's table.
+Served on its own port beside the gateway; described by the OpenAPI 3
+document at ``GET /v1/openapi.json`` (:mod:`nimbus.control.openapi`). Every
+error is JSON ``{"errorType", "errorMessage"}`` with the status from the
+gateway's table; every parameter is checked here, and a bad one is a 400
+that names it and its rule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import re
 import time
@@ -16,10 +20,23 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from nimbus.control import openapi
+from nimbus.control.openapi import (
+    MAX_ATTRIBUTES,
+    MAX_ID_CHARS,
+    MAX_INVOKE_BYTES,
+    MAX_KEY_CHARS,
+    MAX_LIMIT,
+    MAX_REDRIVE_IDS,
+    MAX_SUBJECT_CHARS,
+    MAX_TAIL,
+    NAME_PATTERN,
+)
 from nimbus.errors import (
     ManifestError,
     NimbusError,
@@ -38,38 +55,138 @@ from nimbus.store.queue import STATUSES
 if TYPE_CHECKING:
     from nimbus.control.server import Platform
 
+log = logging.getLogger("nimbus.control")
+
 MAX_BUNDLE_UPLOAD = 250 * 1024 * 1024
-MAX_INVOKE_PAYLOAD = 6 * 1024 * 1024
+MAX_INVOKE_PAYLOAD = MAX_INVOKE_BYTES
+MAX_REDRIVE_BODY = 1024 * 1024
+
+_NAME = re.compile(NAME_PATTERN)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BOOLS = {"1": True, "true": True, "0": False, "false": False}
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status, media_type="application/json")
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers=headers, media_type="application/json")
+
+
+def error_json(status: int, error_type: str, message: str,
+               headers: dict[str, str] | None = None) -> Response:
+    """The one shape of every error the control API answers."""
+    return _json({"errorType": error_type, "errorMessage": message}, status, headers)
 
 
 def _error(exc: BaseException) -> Response:
     status = 400 if isinstance(exc, ManifestError) else status_for(exc)
-    body = {"errorType": type(exc).__name__, "errorMessage": str(exc)}
-    return _json(body, status)
+    # an unread request body is not drained: end the connection instead
+    headers = {"connection": "close"} if status == 413 else None
+    return error_json(status, type(exc).__name__, str(exc), headers)
+
+
+# -- parameters: each a 400 naming the parameter and its rule ---------------------
+
+
+def _bad(where: str, rule: str, got: object) -> UserInputError:
+    shown = got if not isinstance(got, str) or len(got) <= 80 else got[:77] + "..."
+    return UserInputError(f"{where} {rule}, got {shown!r}")
+
+
+def query_int(request: Request, key: str, low: int, high: int,
+              default: int | None = None) -> int | None:
+    raw = request.query_params.get(key)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12 and low <= int(raw) <= high):
+        raise _bad(f"query parameter {key}", f"must be an integer from {low} to {high}", raw)
+    return int(raw)
+
+
+def query_bool(request: Request, key: str) -> bool:
+    raw = request.query_params.get(key)
+    if raw is None or raw == "":
+        return False
+    value = _BOOLS.get(raw.lower())
+    if value is None:
+        raise _bad(f"query parameter {key}", "must be one of true, false, 1, 0", raw)
+    return value
+
+
+def query_text(request: Request, key: str, max_chars: int) -> str | None:
+    raw = request.query_params.get(key)
+    if raw is None or raw == "":
+        return None
+    return _text(f"query parameter {key}", raw, max_chars)
+
+
+def header_text(request: Request, key: str, max_chars: int) -> str | None:
+    raw = request.headers.get(key)
+    if raw is None or raw == "":
+        return None
+    return _text(f"header {key}", raw, max_chars)
+
+
+def _text(where: str, raw: str, max_chars: int) -> str:
+    if len(raw) > max_chars or _CONTROL.search(raw):
+        raise _bad(where, f"must be 1 to {max_chars} characters without control characters",
+                   raw)
+    return raw
+
+
+def path_name(request: Request, key: str = "name") -> str:
+    raw = request.path_params[key]
+    if not _NAME.fullmatch(raw):
+        raise _bad(f"path parameter {key}",
+                   "must be 1 to 128 letters, digits, '_', '-' or '.'", raw)
+    return raw
+
+
+def path_id(request: Request, key: str = "id") -> str:
+    raw = request.path_params[key]
+    if not raw or len(raw) > MAX_ID_CHARS or _CONTROL.search(raw):
+        raise _bad(f"path parameter {key}",
+                   f"must be 1 to {MAX_ID_CHARS} characters without control characters", raw)
+    return raw
+
+
+async def read_limited(request: Request, limit: int, what: str = "request body") -> bytes:
+    """The body, read as it arrives: 413 as soon as it passes ``limit``
+    (before, when ``content-length`` says so), never buffered whole first."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise _bad("header content-length", "must be a byte count", declared)
+        if int(declared) > limit:
+            raise PayloadTooLargeError(
+                f"{what} of {declared} bytes is over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"{what} is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_control_app(platform: Platform) -> Starlette:
-    token = platform.token
+    token = platform.token.strip().encode()
+    max_bundle = platform.config.max_bundle_bytes
+    document = orjson.dumps(openapi.document(max_bundle_bytes=max_bundle))
 
     def authorized(request: Request) -> bool:
-        got = request.headers.get("authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
-
-    async def read_limited(request: Request, limit: int) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(f"body of {declared} bytes is over the limit of {limit}")
-        body = await request.body()
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"body is over the limit of {limit} bytes")
-        return body
+        """``Authorization: Bearer <token>``: the scheme in any case, one space,
+        the token. An empty token (sent or configured) never authenticates."""
+        got = request.headers.get("authorization")
+        if got is None or not token:
+            return False
+        scheme, _, credentials = got.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials:
+            return False
+        return hmac.compare_digest(credentials.encode("latin-1"), token)
 
     async def deploy(request: Request) -> Response:
-        bundle = await read_limited(request, MAX_BUNDLE_UPLOAD)
+        name = query_text(request, "name", 256)
+        bundle = await read_limited(request, max_bundle, "bundle")
         lines: asyncio.Queue[bytes | None] = asyncio.Queue()
 
         def progress(message: str) -> None:
@@ -77,8 +194,7 @@ def create_control_app(platform: Platform) -> Starlette:
 
         async def run() -> None:
             try:
-                result = await platform.deploy(bundle, progress,
-                                               request.query_params.get("name"))
+                result = await platform.deploy(bundle, progress, name)
                 lines.put_nowait(orjson.dumps({"result": result}) + b"\n")
             except NimbusError as exc:
                 lines.put_nowait(orjson.dumps(
@@ -99,21 +215,19 @@ def create_control_app(platform: Platform) -> Starlette:
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     async def invoke(request: Request) -> Response:
-        name = request.path_params["name"]
-        h = request.headers
-        kind = invocation_type(h.get("x-nimbus-invocation-type") or h.get("x-amz-invocation-type")
-                               or ("Event" if request.query_params.get("async") in ("1", "true")
-                                   else None))
-        raw = await read_limited(request, MAX_INVOKE_PAYLOAD)
+        name = path_name(request)
+        asked = header_text(request, "x-nimbus-invocation-type", 64) or header_text(
+            request, "x-amz-invocation-type", 64)
+        kind = invocation_type(asked or ("Event" if query_bool(request, "async") else None))
+        key = header_text(request, "idempotency-key", MAX_KEY_CHARS)
+        raw = await read_limited(request, MAX_INVOKE_PAYLOAD, "payload")
         try:
             event = orjson.loads(raw) if raw.strip() else {}
         except orjson.JSONDecodeError as exc:
-            return _json({"errorType": "InvalidRequestContent",
-                          "errorMessage": f"payload is not JSON: {exc}"}, 400)
+            return error_json(400, "InvalidRequestContent", f"payload is not JSON: {exc}")
         if kind == "Event":
-            result = await platform.events.submit(
-                name, raw if raw.strip() else b"{}",
-                idempotency_key=request.headers.get("idempotency-key"))
+            result = await platform.events.submit(name, raw if raw.strip() else b"{}",
+                                                  idempotency_key=key)
             return _json({"invocationId": result.id, "function": name,
                           "duplicate": not result.created}, 202)
         pool = platform.routes.functions.get(name)
@@ -127,7 +241,9 @@ def create_control_app(platform: Platform) -> Starlette:
         except NimbusError as exc:
             body = getattr(exc, "error", None) or {"errorType": type(exc).__name__,
                                                    "errorMessage": str(exc)}
-            return _json({"requestId": rid, "version": pool.target.version, "error": body},
+            return _json({"errorType": body.get("errorType", type(exc).__name__),
+                          "errorMessage": body.get("errorMessage", str(exc)),
+                          "requestId": rid, "version": pool.target.version, "error": body},
                          status_for(exc))
         return _json({"requestId": rid, "version": pool.target.version, "result": result})
 
@@ -139,63 +255,69 @@ def create_control_app(platform: Platform) -> Starlette:
         return d
 
     def limit_of(request: Request) -> int:
-        raw = request.query_params.get("limit", "50")
-        if not re.fullmatch(r"[0-9]{1,6}", raw) or not 1 <= int(raw) <= 10_000:
-            raise UserInputError(f"limit must be an integer from 1 to 10000, got {raw!r}")
-        return int(raw)
+        return query_int(request, "limit", 1, MAX_LIMIT, 50)  # type: ignore[return-value]
 
     async def invocations(request: Request) -> Response:
-        name = request.path_params["name"]
+        name = path_name(request)
         status = request.query_params.get("status") or None
         if status is not None and status not in STATUSES:
-            raise UserInputError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
+            raise UserInputError(f"unknown status {status!r}: query parameter status must be "
+                                 f"one of {', '.join(STATUSES)}")
         recs = await platform.events.invocations(name, status=status, limit=limit_of(request))
         return _json([view(r, name) for r in recs])
 
     async def invocation(request: Request) -> Response:
-        rec = await platform.events.invocation(request.path_params["id"])
+        rec = await platform.events.invocation(path_id(request))
         return _json(view(rec))
 
     async def dlq(request: Request) -> Response:
-        name = request.path_params["name"]
+        name = path_name(request)
         recs = await platform.events.invocations(name, status="dead", limit=limit_of(request))
         return _json([view(r, name) for r in recs])
 
     async def redrive(request: Request) -> Response:
-        name = request.path_params["name"]
-        raw = await read_limited(request, 1024 * 1024)
+        name = path_name(request)
+        raw = await read_limited(request, MAX_REDRIVE_BODY)
         ids = None
         if raw.strip():
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
-                raise UserInputError(f"body is not JSON: {exc}") from None
+                raise UserInputError(f"request body is not JSON: {exc}") from None
             # a malformed body must not mean "everything"
             if not (isinstance(body, dict) and set(body) == {"ids"}
                     and isinstance(body["ids"], list)
-                    and all(isinstance(i, str) for i in body["ids"])):
-                raise UserInputError('expected no body (redrive every dead letter) or '
-                                     '{"ids": ["invocation id", ...]}')
+                    and all(isinstance(i, str) and 0 < len(i) <= MAX_ID_CHARS
+                            for i in body["ids"])):
+                raise UserInputError('request body: expected none (redrive every dead letter) '
+                                     'or {"ids": ["invocation id", ...]}')
+            if len(body["ids"]) > MAX_REDRIVE_IDS:
+                raise _bad("request body ids", f"must hold at most {MAX_REDRIVE_IDS} ids",
+                           f"{len(body['ids'])} ids")
             ids = body["ids"]
         moved = await platform.events.redrive(name, ids)
         return _json({"redriven": moved})
 
     async def publish(request: Request) -> Response:
-        name = request.path_params["name"]
+        name = path_name(request)
         kind = request.query_params.get("kind") or None
         if kind not in (None, "queue", "topic"):
-            raise UserInputError(f"kind must be queue or topic, got {kind!r}")
-        raw = await read_limited(request, MAX_INVOKE_PAYLOAD)
+            raise _bad("query parameter kind", "must be queue or topic", kind)
+        subject = query_text(request, "subject", MAX_SUBJECT_CHARS)
+        key = header_text(request, "idempotency-key", MAX_KEY_CHARS)
+        items = request.query_params.getlist("attribute")
+        if len(items) > MAX_ATTRIBUTES:
+            raise _bad("query parameter attribute", f"may be given at most {MAX_ATTRIBUTES} times",
+                       f"{len(items)} attributes")
         attrs = {}
-        for item in request.query_params.getlist("attribute"):
+        for item in items:
             k, sep, v = item.partition("=")
             if not sep or not k:
-                raise UserInputError(f"attribute must be KEY=VALUE, got {item!r}")
-            attrs[k] = v
-        pub = await platform.events.publish(
-            name, raw, kind=kind, attributes=attrs,
-            subject=request.query_params.get("subject"),
-            idempotency_key=request.headers.get("idempotency-key"))
+                raise _bad("query parameter attribute", "must be KEY=VALUE", item)
+            attrs[_text("query parameter attribute's name", k, MAX_KEY_CHARS)] = v
+        raw = await read_limited(request, MAX_INVOKE_PAYLOAD, "message")
+        pub = await platform.events.publish(name, raw, kind=kind, attributes=attrs,
+                                            subject=subject, idempotency_key=key)
         return _json({"messageId": pub.message_id, "kind": pub.kind,
                       "deliveries": [{"id": r.id, "duplicate": not r.created}
                                      for r in pub.deliveries]}, 202)
@@ -215,17 +337,12 @@ def create_control_app(platform: Platform) -> Starlette:
         return _json(sorted(out, key=lambda f: f["name"]))
 
     async def logs(request: Request) -> Response:
-        name = request.path_params["name"]
+        name = path_name(request)
+        rid = query_text(request, "request_id", MAX_ID_CHARS)
+        tail = query_int(request, "tail", 1, MAX_TAIL)
+        follow = query_bool(request, "follow")
         if name not in platform.routes.functions:
             raise NotFoundError(f"function {name!r} is not deployed")
-        rid = request.query_params.get("request_id") or None
-        tail_s = request.query_params.get("tail")
-        tail = None
-        if tail_s:
-            if not re.fullmatch(r"[0-9]{1,7}", tail_s) or not 1 <= int(tail_s) <= 1_000_000:
-                raise UserInputError(f"tail must be an integer from 1 to 1000000, got {tail_s!r}")
-            tail = int(tail_s)
-        follow = request.query_params.get("follow") in ("1", "true")
         path = platform.worker.logs.path(name)
         platform.worker.logs.flush()
         # Disk reads run in a thread: a log of any size never stalls the loop.
@@ -269,12 +386,16 @@ def create_control_app(platform: Platform) -> Starlette:
             "state_dir": str(platform.state_dir), "requests": platform.gateway.requests,
             "memory": {"platform": memory_of(os.getpid())},
             "containment": contain.describe(),
+            "http": {port: guard.stats() for port, guard in platform.guards.items()},
             "zygotes": zygotes,
             "functions": fns,
         })
 
     async def health(request: Request) -> Response:
         return _json({"status": "ok"})
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(document, media_type="application/json")
 
     handlers = {"deploy": deploy, "invoke": invoke, "functions": functions,
                 "logs": logs, "status": status, "invocations": invocations,
@@ -283,17 +404,32 @@ def create_control_app(platform: Platform) -> Starlette:
     def guarded(fn: Any) -> Any:
         async def endpoint(request: Request) -> Response:
             if not authorized(request):
-                return _json({"errorType": "Unauthorized",
-                              "errorMessage": "missing or wrong bearer token"}, 401)
+                return error_json(401, "Unauthorized", "missing or wrong bearer token "
+                                  "(Authorization: Bearer <the token in the state folder>)",
+                                  {"www-authenticate": "Bearer"})
             try:
                 return await fn(request)
             except NimbusError as exc:
                 return _error(exc)
+            except ClientDisconnect:  # gone mid-body (or its body stalled): nobody to answer
+                return error_json(400, "ClientDisconnect", "the client left mid-request")
+            except Exception:  # a bug of ours: logged, answered in the one shape
+                log.exception("control API %s %s failed", request.method, request.url.path)
+                return error_json(500, "InternalError", "internal error (see the nimbus log)")
         return endpoint
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kinds = {404: "NotFoundError", 405: "MethodNotAllowedError"}
+        message = {404: f"no route {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}
+        return error_json(exc.status_code, kinds.get(exc.status_code, "HTTPError"),
+                          message.get(exc.status_code, str(exc.detail)), exc.headers)
 
     g = {k: guarded(v) for k, v in handlers.items()}
     return Starlette(routes=[
         Route("/v1/health", health, methods=["GET"]),
+        Route("/v1/openapi.json", openapi_json, methods=["GET"]),
         Route("/v1/deploy", g["deploy"], methods=["POST"]),
         Route("/v1/functions", g["functions"], methods=["GET"]),
         Route("/v1/functions/{name}/invoke", g["invoke"], methods=["POST"]),
@@ -304,4 +440,4 @@ def create_control_app(platform: Platform) -> Starlette:
         Route("/v1/functions/{name}/dlq", g["dlq"], methods=["GET"]),
         Route("/v1/functions/{name}/dlq/redrive", g["redrive"], methods=["POST"]),
         Route("/v1/publish/{name}", g["publish"], methods=["POST"]),
-    ])
+    ], exception_handlers={HTTPException: http_error})

@@ -30,7 +30,7 @@ import uvicorn
 
 from nimbus.clock import SystemClock
 from nimbus.control import statedir
-from nimbus.control.api import create_control_app
+from nimbus.control.api import MAX_BUNDLE_UPLOAD, create_control_app
 from nimbus.control.bundle import STATE_MARKER
 from nimbus.control.deploy import Deployer
 from nimbus.control.routesync import RouteSync
@@ -40,6 +40,18 @@ from nimbus.errors import UnavailableError
 from nimbus.events.scheduler import Scheduler
 from nimbus.events.service import DEFAULT_ASYNC_MAX_BYTES, Events
 from nimbus.gateway.app import Gateway, GatewayConfig
+from nimbus.gateway.connections import (
+    DEFAULT_CONTROL_MAX_CONNECTIONS,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEADER_BYTES,
+    ConnectionGuard,
+    ConnectionLimits,
+    fit_to_fds,
+    guarded_protocol,
+    raise_fd_limit,
+)
 from nimbus.observe.logs import LogSink
 from nimbus.store.base import Blobs, Store
 from nimbus.store.private import private_file, write_private
@@ -70,8 +82,26 @@ class ServerConfig:
     budget: NodeBudget = field(default_factory=NodeBudget)
     containment: str = "auto"  # auto, full or rlimits
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
+    # HTTP limits (both ports, each with its own connection budget)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    control_max_connections: int = DEFAULT_CONTROL_MAX_CONNECTIONS
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_bundle_bytes: int = MAX_BUNDLE_UPLOAD
 
     def __post_init__(self) -> None:
+        for name in ("max_connections", "control_max_connections", "max_bundle_bytes"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, was: {value}")
+        for name in ("header_timeout_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, was: {value}")
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes must be at least 1024, was: "
+                             f"{self.max_header_bytes}")
         for name in ("port", "control_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
@@ -120,11 +150,20 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to us (we run two of them)."""
+    """A uvicorn server that leaves signals to us (we run two of them) and
+    closes connections past their head or body deadline on every tick."""
+
+    def __init__(self, config: uvicorn.Config, guard: ConnectionGuard) -> None:
+        super().__init__(config)
+        self.guard = guard
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def on_tick(self, counter: int) -> bool:
+        self.guard.sweep(asyncio.get_running_loop().time())
+        return await super().on_tick(counter)
 
 
 class Platform:
@@ -149,6 +188,7 @@ class Platform:
         self.gateway_url = ""
         self.control_url = ""
         self._servers: list[_Server] = []
+        self.guards: dict[str, ConnectionGuard] = {}
         self._stop = asyncio.Event()
         self.lock: StateLock | None = None
 
@@ -213,11 +253,15 @@ class Platform:
             raise
         self.gateway_url = f"http://{_url_host(c.host)}:{gw_sock.getsockname()[1]}"
         self.control_url = f"http://{_url_host(c.control_host)}:{ctl_sock.getsockname()[1]}"
-        common = dict(lifespan="off", access_log=False, log_level="warning",
-                      timeout_graceful_shutdown=c.grace_s, http="httptools",
-                      loop="none", server_header=False, date_header=False)
-        gw = _Server(uvicorn.Config(self.gateway, **common))  # type: ignore[arg-type]
-        ctl = _Server(uvicorn.Config(create_control_app(self), **common))  # type: ignore[arg-type]
+        gw_guard, ctl_guard = self._guards()
+        common: dict[str, Any] = {
+            "lifespan": "off", "access_log": False, "log_level": "warning",
+            "timeout_graceful_shutdown": c.grace_s, "loop": "none",
+            "timeout_keep_alive": c.keep_alive_s, "server_header": False, "date_header": False}
+        gw = _Server(uvicorn.Config(self.gateway,  # type: ignore[arg-type]
+                                    http=guarded_protocol(gw_guard), **common), gw_guard)
+        ctl = _Server(uvicorn.Config(create_control_app(self),  # type: ignore[arg-type]
+                                     http=guarded_protocol(ctl_guard), **common), ctl_guard)
         self._servers = [gw, ctl]
         self._serving = [asyncio.create_task(gw.serve(sockets=[gw_sock])),
                          asyncio.create_task(ctl.serve(sockets=[ctl_sock]))]
@@ -229,6 +273,26 @@ class Platform:
         info = {"pid": os.getpid(), "gateway_url": self.gateway_url,
                 "control_url": self.control_url}
         write_private(self.state_dir / CONTROL_FILE, orjson.dumps(info))
+
+    def _guards(self) -> tuple[ConnectionGuard, ConnectionGuard]:
+        """One connection budget per port, both within the open-files limit
+        (raised to its hard limit first), the control API's set aside."""
+        c = self.config
+        fd_limit = raise_fd_limit()
+        gw_max, ctl_max = fit_to_fds(c.max_connections, c.control_max_connections, fd_limit)
+        if (gw_max, ctl_max) != (c.max_connections, c.control_max_connections):
+            log.warning("open-files limit %d: connection caps lowered to %d (gateway) and "
+                        "%d (control API); raise `ulimit -n` for more", fd_limit, gw_max,
+                        ctl_max)
+
+        def limits(cap: int) -> ConnectionLimits:
+            return ConnectionLimits(max_connections=cap, header_timeout_s=c.header_timeout_s,
+                                    keep_alive_s=c.keep_alive_s,
+                                    max_header_bytes=c.max_header_bytes)
+
+        self.guards = {"gateway": ConnectionGuard("gateway", limits(gw_max)),
+                       "control": ConnectionGuard("control API", limits(ctl_max))}
+        return self.guards["gateway"], self.guards["control"]
 
     def request_stop(self) -> None:
         self._stop.set()

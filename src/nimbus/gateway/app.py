@@ -123,6 +123,8 @@ class Gateway:
             return  # nobody to answer; the handler never ran on a partial body
         except NimbusError as exc:
             status, headers, data = error_response(exc, rid)
+            if status == 413:  # the rest of the body is not read: end the connection
+                headers.append((b"connection", b"close"))
         except Exception as exc:  # noqa: BLE001 - a bug of ours; the client gets a 500
             log.exception("request %s failed", rid)
             status, headers, data = error_response(exc, rid)

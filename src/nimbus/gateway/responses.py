@@ -123,8 +123,11 @@ def result_response(result: Any) -> Response:
 _FRAMING = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
             b"x-nimbus-request-id"}
 NO_BODY = {204, 304} | set(range(100, 200))
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_BAD_VALUE = re.compile(rb"[\r\n\x00]")
+# RFC 7230: a header name is a token; a value is visible characters, spaces and
+# tabs (no other control characters: no CR, LF, NUL, DEL). ``fullmatch`` so a
+# trailing newline never slips through as ``$`` would let it.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _invalid(message: str) -> e.HandlerError:
@@ -137,10 +140,11 @@ def _header(name: object, value: object) -> tuple[bytes, bytes]:
         v = str(value).encode("latin-1")
     except UnicodeEncodeError:
         raise _invalid(f"header {name!r}: names and values must be latin-1 text") from None
-    if not _TOKEN.match(n):
+    if not _TOKEN.fullmatch(n):
         raise _invalid(f"header name {name!r} is not a valid HTTP token")
     if _BAD_VALUE.search(v):
-        raise _invalid(f"header {name!r} has a line break or NUL in its value")
+        raise _invalid(f"header {name!r}: its value has a control character "
+                       "(only visible characters, spaces and tabs are allowed)")
     return n, v
 
 

@@ -1,0 +1,322 @@
+"""Connection limits for nimbus's HTTP ports (the gateway and the control API).
+
+uvicorn's httptools protocol has no limit on how long a client may take to
+send its request head, nor on the head's size, nor on how many connections a
+port holds (``limit_concurrency`` answers 503 only once a request head has
+arrived, so idle and half-sent connections still pile up until the process
+runs out of file descriptors). :func:`guarded_protocol` subclasses it with:
+
+- **a head deadline**: a connection that has not sent a complete request
+  head ``header_timeout_s`` after it opened (or after its previous response)
+  is closed (408 if part of a head came). Idle keep-alive connections are
+  closed after ``keep_alive_s`` by uvicorn's own timer.
+- **a head size cap**: past ``max_header_bytes`` of request line + headers,
+  431 and the connection is closed; the bytes are never all buffered.
+- **a body stall deadline**: a request body that stops arriving for
+  ``header_timeout_s`` (while nimbus is ready to read it) ends the
+  connection; the request is then not run.
+- **a connection cap per port**: at the cap, a new connection takes the place
+  of the connection that has waited longest for a request head (an idle or a
+  slow client); when every connection has a request in flight, the new one
+  gets 503 and is closed at once.
+
+The bookkeeping is one dict per port of the connections waiting for a head,
+in the order they started waiting (and one of the bodies in progress, by
+their last read): a request costs a dict insert and a pop, and the sweep on
+every tick (:meth:`ConnectionGuard.sweep`) looks only at the connections
+whose deadline has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("nimbus.http")
+
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_CONTROL_MAX_CONNECTIONS = 256
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_KEEP_ALIVE_S = 5.0
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+# File descriptors kept for everything that is not a client connection:
+# instance sockets and pipes, zygotes, SQLite, log files, blobs.
+RESERVED_FDS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Limits of one HTTP port."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, was: {self.max_connections}")
+        if not self.header_timeout_s > 0:
+            raise ValueError(f"header_timeout_s must be positive, was: {self.header_timeout_s}")
+        if not self.keep_alive_s > 0:
+            raise ValueError(f"keep_alive_s must be positive, was: {self.keep_alive_s}")
+        if self.max_header_bytes < 1024:
+            raise ValueError(
+                f"max_header_bytes must be at least 1024, was: {self.max_header_bytes}")
+
+
+def _raw_response(status: int, reason: str, error_type: str, message: str,
+                  extra: bytes = b"") -> bytes:
+    body = orjson.dumps({"errorType": error_type, "errorMessage": message})
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n%s\r\n" % (status, reason.encode(), len(body), extra)) + body
+
+
+class ConnectionGuard:
+    """The state of one port: its limits, the connections waiting for a
+    request head (oldest first) and counters for ``nimbus status``."""
+
+    def __init__(self, name: str, limits: ConnectionLimits) -> None:
+        self.name = name
+        self.limits = limits
+        self.waiting: dict[GuardedHttpToolsProtocol, float] = {}
+        self.bodies: dict[GuardedHttpToolsProtocol, float] = {}  # by last read
+        self.refused = 0
+        self.evicted = 0
+        self.timed_out = 0
+        self.stalled = 0
+        self.too_large = 0
+        self.connections: set[Any] = set()  # uvicorn's set for this port, once serving
+        self.busy_response = _raw_response(
+            503, "Service Unavailable", "TooManyConnections",
+            f"the {name} has {limits.max_connections} connections open, all busy; "
+            "try again shortly", b"retry-after: 1\r\n")
+        self.head_too_large = _raw_response(
+            431, "Request Header Fields Too Large", "RequestHeaderFieldsTooLarge",
+            f"the request line and headers are over {limits.max_header_bytes} bytes")
+        self.head_timeout = _raw_response(
+            408, "Request Timeout", "RequestTimeout",
+            f"the request head was not complete within {limits.header_timeout_s:g} s")
+
+    def admit(self, connections: set[Any]) -> bool:
+        """Room for one more connection: under the cap, or by closing the
+        connection that has waited longest for a request head."""
+        self.connections = connections
+        if len(connections) < self.limits.max_connections:
+            return True
+        waiting = self.waiting
+        while waiting:
+            victim = next(iter(waiting))
+            del waiting[victim]
+            if victim.evict():
+                self.evicted += 1
+                return True
+        self.refused += 1
+        return False
+
+    def sweep(self, now: float) -> None:
+        """Close the connections that have waited past the head deadline, and
+        those whose request body has not moved for as long."""
+        cutoff = now - self.limits.header_timeout_s
+        waiting = self.waiting
+        while waiting:
+            proto, since = next(iter(waiting.items()))
+            if since > cutoff:
+                break
+            del waiting[proto]
+            if proto.expire():
+                self.timed_out += 1
+        bodies = self.bodies
+        while bodies:
+            proto, since = next(iter(bodies.items()))
+            if since > cutoff:
+                return
+            del bodies[proto]
+            if proto.flow is not None and proto.flow.read_paused:
+                bodies[proto] = now  # nimbus is not reading: not the client's stall
+            elif proto.expire_body():
+                self.stalled += 1
+
+    def stats(self) -> dict[str, int]:
+        return {"connections": len(self.connections),
+                "max_connections": self.limits.max_connections,
+                "waiting_for_head": len(self.waiting), "refused": self.refused,
+                "evicted": self.evicted, "head_timeouts": self.timed_out,
+                "body_stalls": self.stalled,
+                "head_too_large": self.too_large}
+
+
+# uvicorn's parser callbacks, called directly on the per-request path (a
+# little cheaper than super() on every request)
+_on_headers_complete = HttpToolsProtocol.on_headers_complete
+_on_message_complete = HttpToolsProtocol.on_message_complete
+_on_response_complete = HttpToolsProtocol.on_response_complete
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing an oversized head."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits of one port's guard."""
+
+    guard: ConnectionGuard  # set on the subclass made by guarded_protocol()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_bytes = 0
+        self._reading_head = True
+        self._in_body = False
+        guard = self.guard
+        if not guard.admit(self.connections):
+            self.transport = transport
+            transport.write(guard.busy_response)
+            transport.close()
+            return
+        super().connection_made(transport)
+        guard.waiting[self] = self.loop.time()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.waiting.pop(self, None)
+        self.guard.bodies.pop(self, None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's data_received, plus the head size check: a head still
+        # incomplete past the cap is refused before more of it is buffered; a
+        # complete one is measured in on_headers_complete.
+        if self._reading_head:
+            self._head_bytes += len(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._refuse_large_head()
+            else:
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._reading_head:
+            if (self._head_bytes > self.guard.limits.max_header_bytes
+                    and not self.transport.is_closing()):
+                self._refuse_large_head()
+        else:  # the head is complete, its body still coming: watch its progress
+            bodies = self.guard.bodies
+            if self._in_body:
+                del bodies[self]
+            self._in_body = True
+            bodies[self] = self.loop.time()
+
+    def _refuse_large_head(self) -> None:
+        self.guard.too_large += 1
+        self._close_with(self.guard.head_too_large)
+
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+
+    def on_headers_complete(self) -> None:
+        self.guard.waiting.pop(self, None)
+        self._reading_head = False
+        if (self._head_bytes > self.guard.limits.max_header_bytes
+                and self._head_size() > self.guard.limits.max_header_bytes):
+            raise _HeadTooLarge()  # the parser stops; data_received answers 431
+        self._head_bytes = 0
+        _on_headers_complete(self)
+
+    def on_message_complete(self) -> None:
+        self._reading_head = True
+        if self._in_body:
+            self._in_body = False
+            self.guard.bodies.pop(self, None)
+        _on_message_complete(self)
+
+    def on_response_complete(self) -> None:
+        _on_response_complete(self)
+        # uvicorn arms its keep-alive timer exactly when the connection is now
+        # idle (no pipelined request started): from here it waits for a head.
+        if self.timeout_keep_alive_task is not None:
+            self.guard.waiting[self] = self.loop.time()
+
+    def _idle(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _close_with(self, response: bytes) -> None:
+        if self._idle():  # never write into the middle of another response
+            self.transport.write(response)
+        self.transport.close()
+
+    def evict(self) -> bool:
+        """Closed to make room for a new connection (False: already closing)."""
+        if self.transport.is_closing() or not self._idle():
+            return False
+        self.transport.close()
+        return True
+
+    def expire(self) -> bool:
+        """The head deadline passed: 408 if part of a head came, then close."""
+        if self.transport.is_closing() or not self._idle():
+            return False
+        if self._head_bytes:
+            self._close_with(self.guard.head_timeout)
+        else:
+            self.transport.close()
+        return True
+
+
+    def expire_body(self) -> bool:
+        """The body stopped arriving: end the connection (the application
+        sees a disconnect and runs nothing)."""
+        self._in_body = False
+        if self.transport.is_closing():
+            return False
+        self.transport.close()
+        return True
+
+
+def guarded_protocol(guard: ConnectionGuard) -> type[GuardedHttpToolsProtocol]:
+    """A protocol class for uvicorn's ``Config(http=...)`` bound to ``guard``."""
+    return type(f"GuardedHttpToolsProtocol_{guard.name.replace(' ', '_')}",
+                (GuardedHttpToolsProtocol,), {"guard": guard})
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s",
+                        soft, target, exc)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def fit_to_fds(gateway_max: int, control_max: int, fd_limit: int) -> tuple[int, int]:
+    """Connection caps that fit in ``fd_limit`` file descriptors together with
+    the reserve, the control API's first: a saturated gateway never takes the
+    descriptors the operator needs to reach the control API."""
+    reserve = min(RESERVED_FDS, fd_limit // 4)
+    room = max(fd_limit - reserve, 2)
+    control = max(1, min(control_max, room // 4))
+    gateway = max(1, min(gateway_max, room - control))
+    return gateway, control
