@@ -173,11 +173,16 @@ def enter_instance(tmp_name: str, digest: str, uid: int, gid: int) -> None:
     mount(f"{CODE_ROOT}/{digest}", TASK_ROOT, None, MS_BIND)
 
 
+MAX_OPEN_FILES = 1024  # as Lambda; the platform raised its own limit for its ports
+
+
 def limit_files(ephemeral_storage_mb: int) -> None:
-    """No file larger than the function's ephemeral storage, no core dumps."""
+    """No file larger than the function's ephemeral storage, no core dumps,
+    Lambda's 1024 open files."""
     size = ephemeral_storage_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
 
 
 def drop_privileges(uid: int, gid: int, parent: int) -> None:
