@@ -14,8 +14,8 @@ beside ``rlimits`` only. Goal: p50 <= 5 ms, containment included.
 from __future__ import annotations
 
 import argparse
-import compileall
 import asyncio
+import compileall
 import shutil
 import statistics
 import subprocess
@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._harness import ROOT  # noqa: E402
-
 from nimbus.manifest.model import FunctionSpec  # noqa: E402
 from nimbus.observe.logs import LogSink  # noqa: E402
 from nimbus.worker.containment import Containment  # noqa: E402

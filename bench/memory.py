@@ -17,7 +17,6 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._harness import ROOT, nimbus_up  # noqa: E402
-
 from nimbus.observe.memory import memory_of  # noqa: E402
 
 

@@ -128,7 +128,7 @@ def main() -> None:
     with nimbus_up(app, probe="/hello") as (url, state, _proc):
         st = Status(state)
         cold, warm = from_zero(url, st, args.trials) if args.trials else ([0.0], [0.0])
-        extra = [c - w for c, w in zip(cold, warm)]
+        extra = [c - w for c, w in zip(cold, warm, strict=False)]
         print(f"first request after scale to zero ({args.trials} trials)")
         print(f"  cold  p50 {pct(cold, .5):7.2f} ms  p99 {pct(cold, .99):7.2f} ms")
         print(f"  warm  p50 {pct(warm, .5):7.2f} ms  p99 {pct(warm, .99):7.2f} ms")

@@ -27,7 +27,7 @@ def cfg(**kw: object) -> ScalingConfig:
 
 def check_invariants(curve: list[Tick], c: ScalingConfig) -> None:
     """What must hold at every tick of every trace."""
-    for prev, t in zip([None, *curve], curve):
+    for prev, t in zip([None, *curve], curve, strict=False):
         assert c.min_instances <= t.desired <= c.max_instances, t
         assert t.desired <= math.ceil(c.max_scale_up_rate * max(t.ready, 1)), t
         if t.concurrency > 0:

@@ -7,10 +7,8 @@ import concurrent.futures
 import json
 import signal
 import time
-from pathlib import Path
 
 import httpx
-import orjson
 import pytest
 
 from tests.apps import make_wheel, write_kitchen, write_seed

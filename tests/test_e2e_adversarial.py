@@ -501,7 +501,7 @@ def test_requests_queue_behind_a_busy_single_instance(adv):
     assert [r.status_code for r in rs] == [200] * 6, [r.text for r in rs]
     runs = sorted((r.json()["start"], r.json()["end"]) for r in rs)
     assert len({r.json()["pid"] for r in rs}) == 1  # max_instances: 1
-    for (_s1, e1), (s2, _e2) in zip(runs, runs[1:]):
+    for (_s1, e1), (s2, _e2) in zip(runs, runs[1:], strict=False):
         assert s2 >= e1, "two invocations overlapped in an instance with concurrency 1"
 
 

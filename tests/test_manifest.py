@@ -351,7 +351,7 @@ def test_bad_method_seed_form(tmp_path):
     err = load_error(app)
     assert (err.line, err.field) == (5, "handlers[0].method")
     assert err.message == "expected one of GET POST PUT PATCH DELETE HEAD OPTIONS ANY, got 'fetch'"
-    assert f"app.yaml:5: handlers[0].method:" in str(err)
+    assert "app.yaml:5: handlers[0].method:" in str(err)
 
 
 def test_bad_method_rich_form(tmp_path):

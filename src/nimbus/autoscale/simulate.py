@@ -81,5 +81,5 @@ def at(curve: Sequence[Tick], now: float) -> Tick:
 
 def direction_changes(values: Sequence[int]) -> int:
     """How often a sequence turns from rising to falling or back (flapping)."""
-    moves = [b - a for a, b in zip(values, values[1:]) if b != a]
-    return sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
+    moves = [b - a for a, b in zip(values, values[1:], strict=False) if b != a]
+    return sum(1 for a, b in zip(moves, moves[1:], strict=False) if (a > 0) != (b > 0))

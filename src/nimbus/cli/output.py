@@ -104,7 +104,7 @@ def print_status(s: dict[str, Any]) -> None:
 
 
 def format_log(rec: dict[str, Any]) -> str:
-    ts = dt.datetime.fromtimestamp(rec["ts"], dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    ts = dt.datetime.fromtimestamp(rec["ts"], dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     rid = rec.get("rid") or "-"
     return f"{ts[:-4]}Z {rid} {rec['stream']:8} {rec['text']}"
 
@@ -112,7 +112,7 @@ def format_log(rec: dict[str, Any]) -> str:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def print_json(data: Any) -> None:

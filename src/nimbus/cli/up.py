@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
         control_host=control_host, control_port=control_port, grace_s=grace_s, budget=budget,
         async_max_bytes=async_max_bytes, containment=containment, uid_range=uid_range,
         **(http_limits or {}))
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 

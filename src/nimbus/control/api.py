@@ -133,7 +133,7 @@ def _text(where: str, raw: str, max_chars: int) -> str:
 
 
 def path_name(request: Request, key: str = "name") -> str:
-    raw = request.path_params[key]
+    raw: str = request.path_params[key]
     if not _NAME.fullmatch(raw):
         raise _bad(f"path parameter {key}",
                    "must be 1 to 128 letters, digits, '_', '-' or '.'", raw)
@@ -141,7 +141,7 @@ def path_name(request: Request, key: str = "name") -> str:
 
 
 def path_id(request: Request, key: str = "id") -> str:
-    raw = request.path_params[key]
+    raw: str = request.path_params[key]
     if not raw or len(raw) > MAX_ID_CHARS or _CONTROL.search(raw):
         raise _bad(f"path parameter {key}",
                    f"must be 1 to {MAX_ID_CHARS} characters without control characters", raw)
@@ -408,7 +408,8 @@ def create_control_app(platform: Platform) -> Starlette:
                                   "(Authorization: Bearer <the token in the state folder>)",
                                   {"www-authenticate": "Bearer"})
             try:
-                return await fn(request)
+                response: Response = await fn(request)
+                return response
             except NimbusError as exc:
                 return _error(exc)
             except ClientDisconnect:  # gone mid-body (or its body stalled): nobody to answer
@@ -424,7 +425,8 @@ def create_control_app(platform: Platform) -> Starlette:
         message = {404: f"no route {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}
         return error_json(exc.status_code, kinds.get(exc.status_code, "HTTPError"),
-                          message.get(exc.status_code, str(exc.detail)), exc.headers)
+                          message.get(exc.status_code, str(exc.detail)),
+                          dict(exc.headers) if exc.headers else None)
 
     g = {k: guarded(v) for k, v in handlers.items()}
     return Starlette(routes=[

@@ -142,7 +142,7 @@ def count_entries(data: bytes, limit: int) -> int:
         size_cd, = struct.unpack_from("<Q", data, end + 40)
     pos = end - size_cd
     count = 0
-    while 0 <= pos and pos + 46 <= end and data[pos:pos + 4] == b"PK\x01\x02":
+    while pos >= 0 and pos + 46 <= end and data[pos:pos + 4] == b"PK\x01\x02":
         count += 1
         if count > limit:
             break

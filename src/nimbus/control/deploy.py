@@ -46,11 +46,11 @@ import orjson
 from nimbus.control import gc
 from nimbus.control.bundle import BundleLimits, extract_bundle
 from nimbus.control.venvs import ensure_venv
-from nimbus.worker.containment import share_read_only
 from nimbus.errors import ConflictError, DeployError, NimbusError
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, FunctionSpec
 from nimbus.store.base import Blobs, Store
+from nimbus.worker.containment import share_read_only
 from nimbus.worker.target import Target, code_dir_for
 from nimbus.worker.worker import Worker
 
@@ -209,7 +209,7 @@ class Deployer:
                 records[fn.name] = prev
                 continue
             number = await self._next_version(fn.name)
-            rec = {"version": number, "app": app.name, "digest": digest,
+            rec: dict[str, Any] = {"version": number, "app": app.name, "digest": digest,
                    "requirements_hash": req_hashes[fn.name], "spec": fn.to_dict(),
                    "config_hash": chash, "created": time.time()}
             records[fn.name] = rec

@@ -125,7 +125,7 @@ def _sweep(state_dir: Path, blob_root: Path | None, keep: Keep,
 def _sweep_folder(root: Path, keep: set[str]) -> list[str]:
     """Remove entries of ``root`` whose key (the name up to the first dot:
     ``<digest>``, ``<digest>.tmp123``, ``<hash>.building``) is not kept."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = sorted(root.iterdir())
     except FileNotFoundError:

@@ -97,7 +97,8 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                 [{"name": "name", "in": "query", "required": False,
                   "description": "the app's name when its manifest has none",
                   "schema": {"type": "string", "maxLength": 256}}],
-                {"required": True, "description": "the app folder as a zip file (what nimbus deploy sends)",
+                {"required": True,
+                 "description": "the app folder as a zip file (what nimbus deploy sends)",
                  "content": {"application/octet-stream": {"schema": {
                      "type": "string", "format": "binary"}}}})},
             "/v1/functions": {"get": _op(

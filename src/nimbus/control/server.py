@@ -258,9 +258,9 @@ class Platform:
             "lifespan": "off", "access_log": False, "log_level": "warning",
             "timeout_graceful_shutdown": c.grace_s, "loop": "none",
             "timeout_keep_alive": c.keep_alive_s, "server_header": False, "date_header": False}
-        gw = _Server(uvicorn.Config(self.gateway,  # type: ignore[arg-type]
+        gw = _Server(uvicorn.Config(self.gateway,
                                     http=guarded_protocol(gw_guard), **common), gw_guard)
-        ctl = _Server(uvicorn.Config(create_control_app(self),  # type: ignore[arg-type]
+        ctl = _Server(uvicorn.Config(create_control_app(self),
                                      http=guarded_protocol(ctl_guard), **common), ctl_guard)
         self._servers = [gw, ctl]
         self._serving = [asyncio.create_task(gw.serve(sockets=[gw_sock])),

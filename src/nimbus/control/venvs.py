@@ -40,7 +40,7 @@ async def ensure_venv(state_dir: Path, requirements: Path, progress: Progress,
     only the app's folder, the venv being built and a private /tmp."""
     contain = containment or Containment("rlimits", state_dir)
     app = app_dir or requirements.parent
-    content = requirements.read_bytes()
+    content = requirements.read_bytes()  # noqa: ASYNC240 - a small file, read once per deploy
     key = requirements_hash(content)
     final = venv_dir_for(state_dir, key)
     lock = _locks.setdefault(key, asyncio.Lock())

@@ -368,7 +368,9 @@ def _parse_dom(part: str, aws: bool) -> _DayOfMonth:
 def _parse_dow(part: str, aws: bool, lo: int, hi: int) -> _DayOfWeek:
     # names map to the field's own numbering, then everything to 0 = Sunday
     names = {k: v + lo if aws else v for k, v in _DAYS_STD.items()}
-    shift = (lambda v: v - 1) if aws else (lambda v: v % 7)
+    def shift(v: int) -> int:
+        return v - 1 if aws else v % 7
+
     days: set[int] = set()
     last_of: set[int] = set()
     nth: set[tuple[int, int]] = set()

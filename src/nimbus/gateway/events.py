@@ -30,7 +30,7 @@ def _clf_time(now_s: float) -> str:
     if _time_cache[0] != sec:
         _time_cache[0] = sec
         _time_cache[1] = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(sec))
-    return _time_cache[1]
+    return str(_time_cache[1])
 
 
 def is_text(content_type: str | None) -> bool:

@@ -81,7 +81,8 @@ class Router(Generic[T]):
                 methods = table[path] = _Methods(path)
             methods.by_method[method.upper()] = target
         self._templated = [
-            (compile_path(p), m) for p, m in sorted(templated.items(), key=lambda kv: _specificity(kv[0]))
+            (compile_path(p), m)
+            for p, m in sorted(templated.items(), key=lambda kv: _specificity(kv[0]))
         ]
 
     def match(self, method: str, path: str) -> Match[T]:

@@ -127,9 +127,8 @@ def _walk(data: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, str]:
             field += f"[{part}]"
         else:
             field += f".{part}" if field else str(part)
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+        if (isinstance(cur, dict) and part in cur
+                or isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)):
             cur = cur[part]
         else:
             cur = MISSING

@@ -42,26 +42,29 @@ class ManifestLoader(yaml.SafeLoader):
         self._measured: dict[int, tuple[int, int]] = {}  # id -> (size, depth), capped
 
     def compose_node(self, parent: Node | None, index: Any) -> Node:
-        event = self.peek_event()
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
         if self.check_event(AliasEvent):
-            node = self.anchors.get(event.anchor)  # type: ignore[attr-defined]
+            node = self.anchors.get(event.anchor)
             if node is not None:  # an undefined one is PyYAML's error to report
                 if id(node) not in self._done:
-                    raise LimitError(None, None, f"alias *{event.anchor} is used inside "  # type: ignore[attr-defined]
+                    raise LimitError(None, None, f"alias *{event.anchor} is used inside "
                                      "the node it names (recursive aliases are not "
                                      "supported)", event.start_mark)
                 size, depth = self._measure(node)
                 self._count(size, self._depth + depth, event.start_mark,
-                            f" (alias *{event.anchor} expands to {self._show(size)} nodes)")  # type: ignore[attr-defined]
-            return super().compose_node(parent, index)
+                            f" (alias *{event.anchor} expands to {self._show(size)} nodes)")
+            aliased = super().compose_node(parent, index)
+            assert aliased is not None
+            return aliased
         self._depth += 1
         try:
             self._count(1, self._depth, event.start_mark, "")
-            node = super().compose_node(parent, index)
+            composed = super().compose_node(parent, index)
         finally:
             self._depth -= 1
-        self._done.add(id(node))
-        return node
+        assert composed is not None
+        self._done.add(id(composed))
+        return composed
 
     def construct_object(self, node: Node, deep: bool = False) -> Any:
         try:

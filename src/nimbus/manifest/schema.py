@@ -21,11 +21,11 @@ from nimbus.events.retry import MAX_DELAY_S
 from nimbus.manifest.errmap import show
 from nimbus.manifest.model import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_EPHEMERAL_STORAGE_MB,
     DEFAULT_MAX_EVENT_AGE_S,
     DEFAULT_MAX_INSTANCES,
-    DEFAULT_MAX_QUEUE,
-    DEFAULT_EPHEMERAL_STORAGE_MB,
     DEFAULT_MAX_PROCESSES,
+    DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_MB,
     DEFAULT_MIN_INSTANCES,
     DEFAULT_PANIC_WINDOW_S,

@@ -2,7 +2,8 @@
 
 Started by the worker once per dependency set (``python -m
 nimbus.runtime.zygote FD PARENT_PID DEPS_JSON``, DEPS_JSON naming the
-requirements venv's site-packages and the modules to preload). It reads fork requests from a SOCK_SEQPACKET socket; each
+requirements venv's site-packages and the modules to preload). It reads fork
+requests from a SOCK_SEQPACKET socket; each
 request is an instance spec (JSON) with one file descriptor attached, the
 instance's end of a socketpair to its worker. The zygote forks, answers
 ``{"instance_id", "pid"}``, and the child runs

@@ -21,6 +21,7 @@ Contract (beyond :class:`nimbus.store.base.Store`):
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import sqlite3
@@ -111,7 +112,7 @@ class SQLiteStore:
             raise
         if wrote:
             self._wake()
-        return result  # type: ignore[no-any-return]
+        return result
 
     def _job(self, fn: Callable[..., T], *args: Any) -> tuple[T, bool]:
         before = self._writes
@@ -173,6 +174,7 @@ class SQLiteStore:
 
     def _bump(self) -> int:
         conn = self._db()
+        rev: int
         rev, compacted = conn.execute("SELECT revision, compacted FROM meta").fetchone()
         rev += 1
         floor = rev - self._keep
@@ -321,15 +323,15 @@ class SQLiteStore:
                 except ClosedError:
                     return
                 for event in events:
-                    if self._closed:
-                        return
+                    if self._closed:  # closed while the consumer held the last event
+                        return  # type: ignore[unreachable]  # mypy narrows across yield
                     yield event
                 if not events:
                     await wake.wait()
         finally:
             self._watchers.discard(wake)
 
-    def _read_changes(self, prefix: str, last: int) -> tuple[list[WatchEvent], int]:
+    def _read_changes(self, prefix: str, last: int) -> tuple[builtins.list[WatchEvent], int]:
         """Events under ``prefix`` after ``last``, and where to continue from."""
         conn = self._db()
         where, args = _prefix_where(prefix)
@@ -361,7 +363,7 @@ class SQLiteStore:
     async def _poll_loop(self) -> None:
         # Another process's commit bumps data_version on our connection (ours don't).
         def changed() -> bool:
-            version = self._db().execute("PRAGMA data_version").fetchone()[0]
+            version: int = self._db().execute("PRAGMA data_version").fetchone()[0]
             moved, self._data_version = version != self._data_version, version
             return moved
         while self._watchers and not self._closed:

@@ -86,7 +86,8 @@ class _raises:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: object) -> bool:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: object) -> bool:
         if et is None:
             raise AssertionError(f"{self.what}: expected {self.exc.__name__}, nothing raised")
         return issubclass(et, self.exc)
@@ -315,7 +316,7 @@ async def _tries_count_when_begun(q: Queue, clock: ManualClock) -> None:
     for m in await q.receive(name, max_messages=3, visibility_s=10):
         await q.ack(m)  # settled without beginning (as a test may): no try added
     recs = {s.id: await q.get(s.id) for s in sent}
-    assert [recs[s.id].attempts for s in sent if recs[s.id]] == [2, 2, 1], \
+    assert [r.attempts for s in sent if (r := recs[s.id])] == [2, 2, 1], \
         f"an ack without a begun try adds none: {recs}"
 
 

@@ -241,7 +241,7 @@ class Containment:
 def share_read_only(folder: Path) -> None:
     """Make ``folder``'s tree readable (not writable) by every uid: folders
     0755, files 0644 (0755 if their owner may run them). Links untouched."""
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o755)
         for name in files:
             path = os.path.join(root, name)

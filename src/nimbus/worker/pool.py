@@ -40,6 +40,7 @@ STOP_GRACE_S = 1.0
 
 def scaling_config(target: Target) -> ScalingConfig:
     s = target.spec
+    assert s.target_concurrency is not None and s.panic_window_s is not None  # resolved on load
     return ScalingConfig(
         target_concurrency=s.target_concurrency, max_instances=s.max_instances,
         min_instances=s.min_instances, stable_window_s=s.stable_window_s,

@@ -65,7 +65,7 @@ class ZygoteClient:
         env["MALLOC_ARENA_MAX"] = "1"
         env["PYTHONUNBUFFERED"] = "1"
         try:
-            self._proc = subprocess.Popen(
+            self._proc = subprocess.Popen(  # noqa: ASYNC220 - fork + exec, no waiting
                 [sys.executable, "-m", "nimbus.runtime.zygote",
                  str(theirs.fileno()), str(os.getpid()),
                  orjson.dumps({"sys_path": self.sys_path, "preload": self.preload,
