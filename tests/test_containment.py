@@ -290,3 +290,38 @@ def test_ephemeral_storage_is_bounded_per_file_and_in_total(start_nimbus, tmp_pa
     logs = n.cli("logs", "filler").stdout
     assert "ephemeral_storage_mb (16 MB)" in logs
     assert n.http.get("/fill", params={"one": "1"}).status_code == 200  # a new instance serves
+
+
+CPU_APP = """\
+functions:
+  capped:
+    handler: h.spin
+    http: [{method: GET, path: /capped}]
+    cpu: 0.2
+  free:
+    handler: h.spin
+    http: [{method: GET, path: /free}]
+"""
+
+SPIN = """\
+import time
+
+def spin(event, context):
+    wall, cpu = time.monotonic(), time.process_time()
+    while time.monotonic() - wall < 1.0:
+        pass
+    return {"cpu_s": time.process_time() - cpu}
+"""
+
+
+@ROOT_ONLY
+def test_a_cpu_cap_holds_the_instance_to_its_share(start_nimbus, tmp_path):
+    app = tmp_path / "cpu"
+    app.mkdir()
+    (app / "app.yaml").write_text(CPU_APP)
+    (app / "h.py").write_text(SPIN)
+    n = start_nimbus(app)
+    capped = n.http.get("/capped").json()["cpu_s"]
+    free = n.http.get("/free").json()["cpu_s"]
+    assert capped < 0.45, capped  # 0.2 of a core over one second, with a wide margin
+    assert free > capped  # the cap, not the machine, held it back

@@ -96,14 +96,17 @@ class Confinement:
             return
         sandbox.prepare_instance(cgroups.name_for(host_pid))
         if self.cg_fds:
-            cgroups.join(self.cg_version, self.cg_fds, cgroups.name_for(host_pid))
+            cgroups.join(self.cg_fds, cgroups.name_for(host_pid), cgroups.AHEAD)
 
     def enter(self, spec: dict[str, Any], host_pid: int, zygote_pid: int) -> None:
         """In a spare that was given ``spec``: become the contained instance."""
         c = spec.get("contain") or {}
         if self.full:
             if self.cg_fds:
-                cgroups.limit(self.cg_version, self.cg_fds, cgroups.name_for(host_pid),
+                name = cgroups.name_for(host_pid)
+                if c.get("cpu") is not None:
+                    cgroups.join(self.cg_fds, name, ("cpu",))
+                cgroups.limit(self.cg_version, self.cg_fds, name,
                               cgroups.Limits(c["memory_mb"], c["max_processes"], c.get("cpu")))
             self.close()
             sandbox.enter_instance(cgroups.name_for(host_pid), c["digest"], c["uid"], c["gid"])
