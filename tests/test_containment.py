@@ -325,3 +325,15 @@ def test_a_cpu_cap_holds_the_instance_to_its_share(start_nimbus, tmp_path):
     free = n.http.get("/free").json()["cpu_s"]
     assert capped < 0.45, capped  # 0.2 of a core over one second, with a wide margin
     assert free > capped  # the cap, not the machine, held it back
+
+
+def test_links_out_of_etc_bring_their_folder(tmp_path, monkeypatch):
+    import nimbus.worker.containment as containment
+
+    target = tmp_path / "run" / "resolve"
+    target.mkdir(parents=True)
+    (target / "stub-resolv.conf").write_text("nameserver 127.0.0.53\n")
+    link = tmp_path / "resolv.conf"
+    link.symlink_to(target / "stub-resolv.conf")
+    monkeypatch.setattr(containment, "LINKED_ETC", (str(link),))
+    assert str(target) in platform_paths(tmp_path / "state")

@@ -41,6 +41,8 @@ log = logging.getLogger("nimbus.worker")
 
 MODES = ("auto", "full", "rlimits")
 OS_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+LINKED_ETC = ("/etc/resolv.conf", "/etc/hosts", "/etc/localtime", "/etc/nsswitch.conf",
+              "/etc/ssl/certs/ca-certificates.crt")
 DEFAULT_UID_RANGE = (200_000, 265_535)
 
 _PROBE = (
@@ -56,6 +58,9 @@ def platform_paths(state_dir: Path) -> tuple[str, ...]:
     candidates = [*OS_PATHS, sys.base_prefix, sys.prefix, sys.exec_prefix,
                   str(Path(nimbus.__file__).resolve().parent.parent)]
     candidates += [p for p in sys.path if p and os.path.isabs(p)]
+    # Files under /etc that are often links elsewhere (resolv.conf into
+    # /run/systemd/resolve on many distributions): their folders too.
+    candidates += [os.path.dirname(os.path.realpath(f)) for f in LINKED_ETC if os.path.islink(f)]
     state = str(state_dir.resolve())
     out: list[str] = []
     for raw in candidates:
