@@ -398,3 +398,65 @@ def test_sigkill_during_retry_backoff_costs_no_tries(tmp_path: Path, start_nimbu
     assert short <= 1, f"{short} records count a try the crash cut short: {problems}"
     assert not problems, "\n".join(problems)
     assert sum(ran.values()) >= EVENTS * (RETRIES + 1) - 1
+
+
+NAP_MANIFEST = """\
+name: cut
+functions:
+  napper:
+    handler: f.napper
+    retries: {retries}
+    retry_delay_s: 0.2
+    max_instances: 1
+    timeout_s: 30
+"""
+NAP_HANDLER = """\
+import os, time
+
+MARKS = {marks!r}
+
+def napper(event, context):
+    fd = os.open(MARKS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, ("start " + context.aws_request_id + "\\n").encode())
+    os.close(fd)
+    time.sleep(float(event.get("nap", 0)))
+    raise RuntimeError("fails after its nap")
+"""
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_run_cut_short_by_sigkill_costs_exactly_its_one_try(
+        tmp_path: Path, start_nimbus: Any, retries: int) -> None:
+    """README: a run cut short by a crash costs its one (error Interrupted;
+    with no try left the event is dead-lettered without running again)."""
+    marks = tmp_path / "marks.txt"
+    app = tmp_path / "cut"
+    app.mkdir()
+    (app / "app.yaml").write_text(NAP_MANIFEST.format(retries=retries))
+    (app / "f.py").write_text(NAP_HANDLER.format(marks=str(marks)))
+    n = start_nimbus(app, "--containment", "rlimits")
+    with control(n) as c:
+        r = c.post("/v1/functions/napper/invoke?async=1", json={"nap": 20})
+        assert r.status_code == 202, r.text
+        iid = r.json()["invocationId"]
+        wait_for("the handler to start", lambda: starts(marks), timeout=60)
+        running = c.get(f"/v1/invocations/{iid}").json()
+        rid = iid  # README: the request id is the invocation id, for every try
+        assert running["request_id"] in (None, iid), running
+    n.stop(signal.SIGKILL)
+    again = start_nimbus(app, "--containment", "rlimits", state=n.state, name="again")
+    with control(again) as c:
+        def final() -> dict[str, Any] | None:
+            rec = c.get(f"/v1/invocations/{iid}").json()
+            return rec if rec["status"] in ("dead", "failed", "succeeded") else None
+        rec = wait_for("the record to settle", final, timeout=90)
+        # nothing more runs afterwards
+        time.sleep(1.5)
+        assert c.get(f"/v1/invocations/{iid}").json()["attempts"] == rec["attempts"]
+    runs = starts(marks)[rid]
+    assert rec["status"] == "dead", rec
+    assert runs == retries + 1, \
+        f"the handler began {runs} times with retries: {retries}: {marks.read_text()} {rec}"
+    assert rec["attempts"] == runs, rec
+    if retries == 0:
+        assert "Interrupted" in str(rec.get("error")), rec["error"]
