@@ -631,3 +631,71 @@ def test_a_function_cannot_forge_request_ids_or_platform_lines(nim: Nimbus) -> N
     for fn in ("hello", "loud", "line"):
         assert not any("FORGED" in x["text"] for x in log_lines(nim, fn)), fn
     assert nim.http.get("/hello").status_code == 200
+
+
+# -------------------------------------------- queue messages of plain text
+
+QUEUE_MANIFEST = """\
+name: qtext
+functions:
+  single:
+    handler: q.consumer
+    retries: 0
+    queue: {name: single, batch_size: 1}
+  batched:
+    handler: q.consumer
+    retries: 0
+    queue: {name: batched, batch_size: 10}
+"""
+QUEUE_HANDLER = """\
+import json
+
+def consumer(event, context):
+    for r in event["Records"]:
+        print("BODY " + json.dumps(r["body"]))
+"""
+BODIES = ["plain text, not JSON", '{"a": 1}']
+
+
+def test_queue_message_of_any_text_reaches_its_consumer_as_sqs_records(
+        tmp_path: Path, start_nimbus: Any) -> None:
+    """README: queues invoke their consumer with SQS-shaped batches
+    (Records[] with messageId, body, ...); ``nimbus publish NAME --data TEXT``.
+    Whatever the text and the batch size, the consumer gets it as a record's
+    body, and nimbus logs no traceback."""
+    app = tmp_path / "qtext"
+    app.mkdir()
+    (app / "app.yaml").write_text(QUEUE_MANIFEST)
+    (app / "q.py").write_text(QUEUE_HANDLER)
+    n = start_nimbus(app)
+    sent: dict[str, tuple[str, str]] = {}
+    with ctl(n) as c:
+        for fn in ("single", "batched"):
+            for body in BODIES:
+                r = c.post(f"/v1/publish/{fn}", params={"kind": "queue"},
+                           content=body.encode())
+                assert r.status_code == 202, r.text
+                sent[r.json()["messageId"]] = (fn, body)
+        deadline = time.monotonic() + 15
+        recs: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            recs = {x["id"]: x for fn in ("single", "batched")
+                    for x in c.get(f"/v1/functions/{fn}/invocations").json()}
+            if all(recs.get(m, {}).get("status") in ("succeeded", "failed", "dead")
+                   for m in sent):
+                break
+            time.sleep(0.1)
+        logged = {fn: {json.loads(x)["text"] for x in
+                       c.get(f"/v1/functions/{fn}/logs").text.splitlines() if x.strip()}
+                  for fn in ("single", "batched")}
+    problems = []
+    for mid, (fn, body) in sent.items():
+        rec = recs.get(mid, {})
+        if rec.get("status") != "succeeded":
+            problems.append(f"{fn} {body!r}: {rec.get('status')} attempts "
+                            f"{rec.get('attempts')} {rec.get('error')}")
+        elif "BODY " + json.dumps(body) not in logged[fn]:
+            problems.append(f"{fn} {body!r}: the consumer never saw it as a record body")
+    if "Traceback" in n.output():
+        problems.append("nimbus logged a traceback: " + n.output()[-1200:])
+    assert not problems, "\n".join(problems)
