@@ -57,6 +57,8 @@ def loud(event, context):
     block = b"L" * (1024 * 1024)
     for _ in range(mb):
         os.write(1, block)
+    if (event.get("queryStringParameters") or {}).get("mark"):
+        print("still captured")
     return {"statusCode": 200, "body": "done"}
 
 def line(event, context):
@@ -590,10 +592,22 @@ def test_100_mb_without_a_newline_is_cut_into_bounded_lines(nim: Nimbus) -> None
     # rotated by size: 3 x 16 MiB, not 100 MB on disk
     logs = sorted((nim.state / "logs").glob("loud.log*"))
     total = sum(p.stat().st_size for p in logs)
+    assert total >= 2 * 16 * 1024 * 1024, f"only {total} bytes of the 100 MB were logged"
+    assert any(p.name == "loud.log.1" for p in logs), [p.name for p in logs]
     assert total <= 3 * 16 * 1024 * 1024 + 4 * 1024 * 1024, [(p.name, p.stat().st_size)
                                                                for p in logs]
-    # the instance that wrote it still serves
-    assert nim.http.get("/loud", params={"mb": "0"}).status_code == 200
+    # the instance that wrote it still serves, and its output is still captured
+    after = nim.http.get("/loud", params={"mb": "0", "mark": "1"})
+    assert after.status_code == 200
+    rid2 = after.headers["x-nimbus-request-id"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        texts = [x["text"] for x in log_lines(nim, "loud", request_id=rid2)]
+        if any("still captured" in t for t in texts):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"output after the 100 MB line is lost: {texts}")
 
 
 @pytest.mark.parametrize("n,pieces", [(PIECE - 1, [PIECE - 1]), (PIECE, [PIECE]),
@@ -699,3 +713,73 @@ def test_queue_message_of_any_text_reaches_its_consumer_as_sqs_records(
     if "Traceback" in n.output():
         problems.append("nimbus logged a traceback: " + n.output()[-1200:])
     assert not problems, "\n".join(problems)
+
+
+# ------------------------------------------------ the same through the CLI
+
+
+def up_exits(app: Path, state: Path, timeout: float = 60.0) -> tuple[int, str, float]:
+    """``nimbus up APP`` expected to stop at once: exit status, output, seconds."""
+    import signal
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", "nimbus.cli.main", "up", str(app), "--port", "0",
+            "--control-port", "0", "--state-dir", str(state)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=state.parent)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        pytest.fail(f"nimbus up kept running:\n{out[-2000:]}")
+    return proc.returncode, out, time.monotonic() - t0
+
+
+def error_lines(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if "error" in ln.lower()]
+
+
+@pytest.mark.parametrize("kind", ["alias_bomb", "link_out", "non_utf8"])
+def test_up_stops_on_a_hostile_app_folder_with_one_line(tmp_path: Path, kind: str) -> None:
+    app = write_app(tmp_path / "upapp", {"h.py": SMALL_APP["h.py"]},
+                    "name: upapp\nfunctions:\n  f:\n    handler: h.f\n")
+    if kind == "alias_bomb":
+        (app / "app.yaml").write_text("functions:\n  upapp_f:\n    handler: h.f\n"
+                                      + laughs() + "\n")
+        needle = "app.yaml:"
+    elif kind == "link_out":
+        (tmp_path / "secret.txt").write_text("secret\n")
+        (app / "s.txt").symlink_to(tmp_path / "secret.txt")
+        needle = "s.txt"
+    else:
+        with open(os.fsencode(str(app)) + b"/n\xe9e.txt", "wb") as f:
+            f.write(b"x")
+        needle = "n"
+    code, out, took = up_exits(app, tmp_path / "state")
+    assert "Traceback" not in out, out
+    assert code == 2, (code, out)
+    lines = error_lines(out)
+    assert len(lines) == 1 and needle in lines[0], out
+    assert took < 45, f"{kind}: took {took:.1f} s"
+
+
+@pytest.mark.parametrize("args,name", [
+    (("logs", "hello", "--tail", "0"), "tail"), (("logs", "hello", "--tail", "-1"), "tail"),
+    (("logs", "hello", "--tail", "²"), "tail"), (("logs", "hello", "--tail", "100001"), "tail"),
+    (("invocations", "hello", "--limit", "10001"), "limit"),
+    (("invocations", "hello", "--limit", "0"), "limit"),
+])
+def test_cli_bad_numbers_are_one_line_errors(nim: Nimbus, args: tuple[str, ...],
+                                             name: str) -> None:
+    out = nim.cli(*args, timeout=60)
+    text = out.stderr + out.stdout
+    assert out.returncode in (1, 2), (out.returncode, text)
+    assert "Traceback" not in text, text
+    assert len(text.strip().splitlines()) == 1, text
+    assert name in text, text
