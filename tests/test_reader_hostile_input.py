@@ -783,3 +783,22 @@ def test_cli_bad_numbers_are_one_line_errors(nim: Nimbus, args: tuple[str, ...],
     assert "Traceback" not in text, text
     assert len(text.strip().splitlines()) == 1, text
     assert name in text, text
+
+
+def test_manifest_errors_from_a_deploy_name_the_apps_file_not_the_servers_folder(
+        tmp_path: Path, start_nimbus: Any) -> None:
+    n = start_nimbus(None)
+    app = tmp_path / "typo"
+    app.mkdir()
+    (app / "app.yaml").write_text("functions:\n  f:\n    handler: h.f\n    timout_s: 3\n")
+    (app / "h.py").write_text("def f(e, c):\n    return 1\n")
+    out = n.cli("deploy", str(app))  # checked by the CLI before it sends anything
+    assert out.returncode == 2, out.stderr
+    assert "app.yaml:4:" in out.stderr
+    # sent as it is, past the CLI: the server's answer names the same file
+    message = deploy_error(n, zip_bytes({"app.yaml": (app / "app.yaml").read_text(),
+                                         "h.py": "def f(e, c):\n    return 1\n"}))
+    assert message.startswith("app.yaml:4:"), message
+    assert str(n.state) not in message
+    missing = deploy_error(n, zip_bytes({"app.yaml": "functions:\n  f:\n    handler: nope.f\n"}))
+    assert "nope.py" in missing and str(n.state) not in missing, missing

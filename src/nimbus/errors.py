@@ -72,6 +72,16 @@ class ManifestError(UserInputError):
         self.field = field
         super().__init__(self.render())
 
+    def relative_to(self, folder: str | Path) -> ManifestError:
+        """The same error with ``folder`` (where the app was unpacked) left
+        out of its file name and message: what the user sent is the app."""
+        root = str(folder).rstrip("/")
+        file = self.file
+        if file is not None and file.startswith(root + "/"):
+            file = file[len(root) + 1:]
+        message = self.message.replace(root + "/", "").replace(root, "the app folder")
+        return ManifestError(message, file=file, line=self.line, field=self.field)
+
     def render(self) -> str:
         where = self.file or "<manifest>"
         if self.line is not None:

@@ -94,7 +94,7 @@ def _bad(where: str, rule: str, got: object) -> UserInputError:
 def query_int(request: Request, key: str, low: int, high: int,
               default: int | None = None) -> int | None:
     raw = request.query_params.get(key)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 12 and low <= int(raw) <= high):
         raise _bad(f"query parameter {key}", f"must be an integer from {low} to {high}", raw)

@@ -46,7 +46,7 @@ import orjson
 from nimbus.control import gc
 from nimbus.control.bundle import BundleLimits, extract_bundle
 from nimbus.control.venvs import ensure_venv
-from nimbus.errors import ConflictError, DeployError, NimbusError
+from nimbus.errors import ConflictError, DeployError, ManifestError, NimbusError
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, FunctionSpec
 from nimbus.store.base import Blobs, Store
@@ -127,7 +127,10 @@ class Deployer:
                       name: str | None) -> dict[str, Any]:
         await self.blobs.put(bundle)
         code_dir = code_dir_for(self.state_dir, digest)
-        app = await asyncio.to_thread(self._prepare, bundle, code_dir, name)
+        try:
+            app = await asyncio.to_thread(self._prepare, bundle, code_dir, name)
+        except ManifestError as exc:  # name the app's own files, not our folder
+            raise exc.relative_to(code_dir) from None
         progress(f"bundle {digest[:12]} ({len(bundle)} bytes)")
         for notice in app.notices:
             progress(notice)

@@ -518,10 +518,10 @@ class _Consumer:
                 log.warning("receive from %s failed; retrying", sub.queue, exc_info=True)
                 await asyncio.sleep(1.0)
                 continue
-            if batch == 1:
+            if sub.kind != "queue":  # one event per invocation
                 for m in msgs:
                     self._spawn(self.d.run_one(sub, m, slots, until))
-            else:
+            else:  # SQS-shaped batches, of one message too
                 for i in range(0, len(msgs), batch):
                     self._spawn(self.d.run_batch(sub, msgs[i:i + batch], new_id(),
                                                  slots, until))

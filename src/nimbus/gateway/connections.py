@@ -224,7 +224,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._close_with(self.guard.head_too_large)
 
     def _head_size(self) -> int:
-        return len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        """Request line and header lines with their CRLFs, as sent (less the
+        blank line that ends the head)."""
+        line = len(self.parser.get_method()) + 1 + len(self.url) + len(" HTTP/1.1\r\n")
+        return line + sum(len(n) + len(v) + 4 for n, v in self.headers)
 
     def on_headers_complete(self) -> None:
         self.guard.waiting.pop(self, None)

@@ -139,7 +139,8 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
         _check_module_name(draft, src)
         _check_code(draft, app_dir, src, names_cache, check_code)
         _check_requirements(draft, app_dir, src)
-    _check_shadowing(app_dir, src)
+    _check_shadowing(app_dir, src, {m.split(".")[0] for d in drafts.values()
+                                     for m in d.settings.get("preload", ())})
     functions = {d.name: _build(d) for d in drafts.values()}
     return AppSpec(
         name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
@@ -477,9 +478,17 @@ def _check_module_name(draft: _Draft, src: Source) -> None:
                      f"{_rename_hint(top)}")
 
 
-def _check_shadowing(app_dir: Path, src: Source) -> None:
-    """No top-level module or package of the app may shadow a reserved one."""
+def _check_shadowing(app_dir: Path, src: Source, preloaded: set[str]) -> None:
+    """No top-level module or package of the app may shadow a reserved or a
+    preloaded one (a zygote imports those before any app code)."""
     for name, file in top_level_modules(app_dir):
+        if name in preloaded and name not in RESERVED_MODULES:
+            rel = file.relative_to(app_dir).as_posix()
+            raise ManifestError(f"{rel} has the name of a module the app preloads ({name!r}, "
+                                "from its requirements or the environment), which its zygote "
+                                f"imports before any app code, so the app's {name} would not "
+                                f"be the one imported; {_rename_hint(name)} (or drop it from "
+                                "preload)", file=src.file, line=src.root_line)
         if name in RESERVED_MODULES:
             rel = file.relative_to(app_dir).as_posix()
             raise ManifestError(f"{rel} has the name of the Python module {name!r}, which "
