@@ -133,3 +133,27 @@ def start_nimbus(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[obj
     yield start
     for n in started:
         n.stop(signal.SIGKILL if n.proc.poll() is None else signal.SIGTERM)
+
+
+def up_exits(app: Path | None, state: Path, timeout: float = 60.0) -> tuple[int, str, float]:
+    """``nimbus up [APP]`` expected to stop by itself (a refusal): its exit
+    status, its output (stdout and stderr) and the seconds it took. If it
+    keeps running it is stopped and the test fails."""
+    args = [sys.executable, "-m", "nimbus.cli.main", "up"]
+    if app is not None:
+        args.append(str(app))
+    args += ["--port", "0", "--control-port", "0", "--state-dir", str(state)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=state.parent)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        pytest.fail(f"nimbus up kept running:\n{out[-2000:]}")
+    return proc.returncode, out, time.monotonic() - t0

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Nimbus
+from tests.conftest import Nimbus, up_exits
 
 HEALTH_P99_S = 0.100
 PIECE = 64 * 1024
@@ -716,29 +716,6 @@ def test_queue_message_of_any_text_reaches_its_consumer_as_sqs_records(
 
 
 # ------------------------------------------------ the same through the CLI
-
-
-def up_exits(app: Path, state: Path, timeout: float = 60.0) -> tuple[int, str, float]:
-    """``nimbus up APP`` expected to stop at once: exit status, output, seconds."""
-    import signal
-    import subprocess
-    import sys
-    args = [sys.executable, "-m", "nimbus.cli.main", "up", str(app), "--port", "0",
-            "--control-port", "0", "--state-dir", str(state)]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=state.parent)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        pytest.fail(f"nimbus up kept running:\n{out[-2000:]}")
-    return proc.returncode, out, time.monotonic() - t0
 
 
 def error_lines(out: str) -> list[str]:

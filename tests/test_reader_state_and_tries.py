@@ -10,8 +10,6 @@ import http.client
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import up_exits
 from tests.events_client import control, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,24 +48,9 @@ def write_app(root: Path) -> Path:
 def up_refuses(app: Path | None, state: Path, timeout: float = 60.0) -> str:
     """Run ``nimbus up`` expecting it to refuse: exit 1, one line, no
     traceback; the line."""
-    args = [sys.executable, "-m", "nimbus.cli.main", "up"]
-    if app is not None:
-        args.append(str(app))
-    args += ["--port", "0", "--control-port", "0", "--state-dir", str(state)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            cwd=state.parent, text=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        pytest.fail(f"nimbus up started instead of refusing:\n{out[-2000:]}")
+    code, out, _took = up_exits(app, state, timeout)
     assert "Traceback" not in out, out
-    assert proc.returncode == 1, (proc.returncode, out)
+    assert code == 1, (code, out)
     errors = [ln for ln in out.splitlines() if "error" in ln.lower() or "refus" in ln.lower()]
     assert len(errors) == 1, out
     return errors[0]

@@ -9,13 +9,12 @@ import shutil
 import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import up_exits
 from tests.events_client import control, settled
 
 pytestmark = pytest.mark.e2e
@@ -49,14 +48,11 @@ def write_app(root: Path) -> Path:
 
 def up_refused(state: Path, app: Path | None = None) -> str:
     """Run ``nimbus up`` on ``state``, expecting a refusal; its one-line error."""
-    args = [sys.executable, "-m", "nimbus.cli.main", "up", str(app or state.parent),
-            "--port", "0", "--control-port", "0", "--state-dir", str(state)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=state.parent,
-                          check=False)
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("nimbus: error:")]
-    assert len(errors) == 1, proc.stderr
+    code, out, _took = up_exits(app or state.parent, state)
+    assert code == 1, (code, out)
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("nimbus: error:")]
+    assert len(errors) == 1, out
     assert not (state / "control.json").exists(), "nothing was started"
     return errors[0]
 
