@@ -126,7 +126,7 @@ class Containment:
         return {"mode": "full", "uid_separation": True,
                 "uid_range": f"{self.uids.first}-{self.uids.last}",
                 "cgroups": self.cgroups.describe() if self.cgroups else None,
-                "limits": ("cgroup memory, pids, cpu + RLIMIT_AS, RLIMIT_FSIZE"
+                "limits": ("cgroup memory, pids (cpu under a cap) + RLIMIT_AS, RLIMIT_FSIZE"
                            if self.cgroups else "RLIMIT_AS, RLIMIT_FSIZE (no usable cgroups)"),
                 "reason": ""}
 
