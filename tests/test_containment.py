@@ -337,3 +337,32 @@ def test_links_out_of_etc_bring_their_folder(tmp_path, monkeypatch):
     link.symlink_to(target / "stub-resolv.conf")
     monkeypatch.setattr(containment, "LINKED_ETC", (str(link),))
     assert str(target) in platform_paths(tmp_path / "state")
+
+
+NPROC_PROBE = """\
+import os, subprocess, sys
+from nimbus.runtime import sandbox
+sandbox.limit_tasks(4)
+sandbox.drop_privileges(265_000, 265_000, os.getppid())
+started, kids = 0, []
+try:
+    for _ in range(20):
+        kids.append(subprocess.Popen(["/bin/sleep", "2"]))
+        started += 1
+except OSError:
+    pass
+for k in kids:
+    k.kill()
+    k.wait()
+print(started)
+"""
+
+
+@ROOT_ONLY
+def test_without_a_pids_cgroup_the_functions_uid_is_bounded():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", NPROC_PROBE], capture_output=True, text=True,
+                         timeout=30, check=True)
+    assert int(out.stdout) < 4, out  # itself + fewer than 4 more

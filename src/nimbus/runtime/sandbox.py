@@ -185,6 +185,13 @@ def limit_files(ephemeral_storage_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
 
 
+def limit_tasks(n: int) -> None:
+    """At most ``n`` processes and threads for the real uid we are about to
+    become (all of a function's instances share it): the fallback for a
+    host without a usable pids cgroup."""
+    resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+
+
 def drop_privileges(uid: int, gid: int, parent: int) -> None:
     """Become ``uid``/``gid`` for good, with no supplementary groups and no
     way to gain privileges again (setuid binaries included)."""

@@ -113,6 +113,8 @@ class Confinement:
         if "ephemeral_storage_mb" in c:
             sandbox.limit_files(c["ephemeral_storage_mb"])
         if self.full:
+            if not self.cg_fds:  # no pids cgroup: bound the function's uid instead
+                sandbox.limit_tasks(c["nproc"])
             sandbox.drop_privileges(c["uid"], c["gid"], zygote_pid)
 
 

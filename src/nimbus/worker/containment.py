@@ -33,6 +33,7 @@ import orjson
 
 import nimbus
 from nimbus.errors import UnavailableError
+from nimbus.manifest.model import FunctionSpec
 from nimbus.runtime.cgroups import CgroupTree, name_for
 from nimbus.runtime.sandbox import TASK_ROOT, VENV_ROOT
 from nimbus.worker.uids import UidTable
@@ -162,16 +163,18 @@ class Containment:
             "cgroups": self.cgroups.to_json() if self.cgroups else None,
         }
 
-    def instance_fields(self, function: str, digest: str, memory_mb: int,
-                        max_processes: int, cpu: float | None,
-                        ephemeral_storage_mb: int) -> dict[str, Any]:
+    def instance_fields(self, spec: FunctionSpec, digest: str) -> dict[str, Any]:
         """The instance spec's ``contain`` entry."""
-        fields: dict[str, Any] = {"mode": self.mode, "ephemeral_storage_mb": ephemeral_storage_mb}
+        fields: dict[str, Any] = {"mode": self.mode,
+                                  "ephemeral_storage_mb": spec.ephemeral_storage_mb}
         if self.full:
             assert self.uids is not None
-            uid = self.uids.get(function)
-            fields.update(uid=uid, gid=uid, digest=digest, memory_mb=memory_mb,
-                          max_processes=max_processes, cpu=cpu)
+            uid = self.uids.get(spec.name)
+            fields.update(uid=uid, gid=uid, digest=digest, memory_mb=spec.memory_mb,
+                          max_processes=spec.max_processes, cpu=spec.cpu,
+                          # without cgroups: the function's uid may have this many
+                          # tasks, all its instances together
+                          nproc=spec.max_processes * spec.max_instances)
         return fields
 
     def builder_command(self, cmd: list[str], app_dir: Path, build_dir: Path,

@@ -87,9 +87,7 @@ class Target:
             "env": env,
             "memory_mb": spec.memory_mb,
             "concurrency": spec.concurrency,
-            "contain": containment.instance_fields(
-                spec.name, self.digest, spec.memory_mb, spec.max_processes, spec.cpu,
-                spec.ephemeral_storage_mb),
+            "contain": containment.instance_fields(spec, self.digest),
         }
 
 
