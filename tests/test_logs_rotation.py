@@ -147,8 +147,9 @@ def _log_frames(frames: list[bytes], pending: list[str], answered: list[str]) ->
     async def run() -> None:
         proto = InstanceProtocol(lambda *rec: got.append(rec), lambda: None)
         loop = asyncio.get_running_loop()
-        for rid in pending + answered:
+        for rid in pending + answered:  # handed over, as Instance.invoke does
             proto.pending[rid] = loop.create_future()
+            proto.recent.append(rid)
         for rid in answered:
             proto.data_received(p.frame(p.RESULT, orjson.dumps([rid, "ok"])))
         for body in frames:

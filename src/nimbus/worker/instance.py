@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +34,10 @@ class InstanceProtocol(asyncio.Protocol):
 
     def __init__(self, on_log: LogFn, on_lost: Callable[[], None]) -> None:
         self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.pending: dict[str, asyncio.Future[Any]] = _Pending()
+        self.pending: dict[str, asyncio.Future[Any]] = {}
+        # The last invocations handed over: late descriptor output of one
+        # that has already answered is still this instance's own.
+        self.recent: deque[str] = deque(maxlen=RECENT_IDS)
         self.transport: asyncio.Transport | None = None
         self.alive = True
         self._buf = bytearray()
@@ -101,7 +105,8 @@ class InstanceProtocol(asyncio.Protocol):
         rid, stream, text = frame if isinstance(frame, list) and len(frame) == 3 else (
             None, "stderr", frame)
         pending = self.pending
-        if rid is not None and (not isinstance(rid, str) or not pending.owns(rid)):  # type: ignore[attr-defined]
+        if rid is not None and not (isinstance(rid, str)
+                                    and (rid in pending or rid in self.recent)):
             rid = next(iter(pending)) if len(pending) == 1 else None
         if not isinstance(stream, str) or stream not in _STREAMS:
             stream = "stderr"
@@ -130,27 +135,7 @@ class InstanceProtocol(asyncio.Protocol):
 
 
 _STREAMS = frozenset({"stdout", "stderr"})
-
-
-class _Pending(dict):  # type: ignore[type-arg]
-    """Invocations in flight (request id -> future), remembering the last few
-    that left, so an instance's late output is still its own."""
-
-    RECENT = 64
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._recent: dict[str, None] = {}
-
-    def pop(self, rid: Any, *default: Any) -> Any:
-        if rid in self:
-            self._recent[rid] = None
-            if len(self._recent) > self.RECENT:
-                del self._recent[next(iter(self._recent))]
-        return super().pop(rid, *default)
-
-    def owns(self, rid: str) -> bool:
-        return rid in self or rid in self._recent
+RECENT_IDS = 64
 
 
 class InitError(DeployError):
@@ -198,6 +183,7 @@ class Instance:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         proto.pending[rid] = fut
+        proto.recent.append(rid)
         deadline_ms = int((time.time() + timeout_s) * 1000)
         payload = orjson.dumps([rid, deadline_ms, event])
         proto.transport.write(_HEADER.pack(len(payload), _INVOKE) + payload)
