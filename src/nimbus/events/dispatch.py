@@ -7,10 +7,9 @@ next invocation starts the moment a slot frees instead of after a queue
 round trip: as many as its slots get through in ``LEASE_WAIT_BUDGET_S`` at
 the run time it has observed (:func:`lease_ahead`), and the lease covers
 that wait. A message whose lease could run out before its run would end is
-given back (released, not counted) instead of run. Each message is settled after its
-invocation, outside the slot
-(the settle's disk write overlaps the next run and shares its commit with
-the others): ack with the result, retry later with backoff, release when
+given back (released, not counted) instead of run. Each message is
+settled after its invocation, outside the slot (the settle's disk write
+overlaps the next run and shares its commit with the others): ack with the result, retry later with backoff, release when
 throttled (not counted), or dead-letter; the message row is also the
 invocation record, so settling and recording are one write.
 
