@@ -9,9 +9,10 @@ the run time it has observed (:func:`lease_ahead`), and the lease covers
 that wait. A message whose lease could run out before its run would end is
 given back (released, not counted) instead of run. Each message is
 settled after its invocation, outside the slot (the settle's disk write
-overlaps the next run and shares its commit with the others): ack with the result, retry later with backoff, release when
-throttled (not counted), or dead-letter; the message row is also the
-invocation record, so settling and recording are one write.
+overlaps the next run and shares its commit with the others): ack with
+the result, retry later with backoff, release when throttled (not
+counted), or dead-letter; the message row is also the invocation record,
+so settling and recording are one write.
 
 A try counts when its handler starts, not when its message is leased: the
 message's try is begun (:meth:`Queue.begin`) in its slot, right before the
