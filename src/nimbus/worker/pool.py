@@ -49,7 +49,8 @@ def scaling_config(target: Target) -> ScalingConfig:
 
 class FunctionPool:
     def __init__(self, target: Target, starter: Starter,
-                 log: Callable[[str | None, str, str], None] | None = None) -> None:
+                 log: Callable[[str | None, str, str], None] | None = None,
+                 admit: Callable[[FunctionPool], None] | None = None) -> None:
         spec = target.spec
         self.target = target
         self.timeout_s = spec.timeout_s
@@ -68,6 +69,7 @@ class FunctionPool:
         self.cold_starts = 0
         self.throttles = 0
         self._starter = starter
+        self._admit = admit  # raises ThrottledError when the node has no room
         self._log = log
         self._starting = 0
         self._waiters: deque[asyncio.Future[Instance]] = deque()
@@ -166,8 +168,29 @@ class FunctionPool:
         task.add_done_callback(self._tasks.discard)
 
     def _start_one(self) -> None:
+        # Admission is decided here, synchronously, before the start is
+        # counted: a start the node cannot afford never shows as "starting".
+        try:
+            if self._admit is not None:
+                self._admit(self)
+        except ThrottledError as exc:
+            log.warning("not starting %s v%d: %s", self.target.function,
+                        self.target.version, exc)
+            self._fail_waiters(exc)
+            return
         self._starting += 1
         self._background(self._start())
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        """A start failed: the held requests fail too, unless other instances
+        are there or on their way to take them."""
+        if self.instances or self._starting:
+            return
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_exception(exc if isinstance(exc, Exception)
+                                else InstanceDiedError("instance start failed"))
 
     async def _start(self) -> None:
         try:
@@ -176,13 +199,7 @@ class FunctionPool:
             self._starting -= 1
             log.warning("starting %s v%d failed: %s", self.target.function,
                         self.target.version, exc)
-            if self.instances or self._starting:
-                return  # the held requests still have instances to wait for
-            while self._waiters:
-                w = self._waiters.popleft()
-                if not w.done():
-                    w.set_exception(exc if isinstance(exc, Exception)
-                                    else InstanceDiedError("instance start failed"))
+            self._fail_waiters(exc)
             return
         self._starting -= 1
         self.cold_starts += 1
@@ -194,7 +211,9 @@ class FunctionPool:
 
     async def ensure_warm(self) -> Instance:
         """Start one instance now (deploy warm-up); raises if it fails to start."""
-        self._starting += 1  # counted like any start (the node budget sees it)
+        if self._admit is not None:
+            self._admit(self)
+        self._starting += 1
         try:
             inst = await self._starter(self)
         finally:

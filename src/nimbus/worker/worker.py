@@ -55,11 +55,11 @@ class Worker:
         self.tmp_watch.start()
 
     def _make_room(self, pool: FunctionPool) -> None:
-        """Apply the node budget before ``pool`` starts one more instance
-        (already counted in its ``starting``): reclaim idle instances of
-        functions above their fair share, or refuse."""
+        """Apply the node budget before ``pool`` starts one more instance:
+        reclaim idle instances of functions above their fair share, or
+        refuse (ThrottledError)."""
         for _ in range(len(self.pools) + 1):
-            usages = [Usage(p, len(p.instances) + p.starting,
+            usages = [Usage(p, len(p.instances) + p.starting + int(p is pool),
                             sum(1 for i in p.instances if not i.outstanding),
                             p.target.spec.memory_mb, p.in_flight + p.held)
                       for p in self.pools.values()]
@@ -93,13 +93,13 @@ class Worker:
             fn = target.function
             pool = self.pools[target.key] = FunctionPool(
                 target, self._start_instance,
-                lambda rid, stream, text: self.logs.write(fn, rid, stream, text))
+                lambda rid, stream, text: self.logs.write(fn, rid, stream, text),
+                admit=self._make_room)
             pool.deps = dependency_set(target, self.state_dir, self.containment)
         return pool
 
     async def _start_instance(self, pool: FunctionPool) -> Instance:
         target = pool.target
-        self._make_room(pool)
         instance_id = f"{target.function}-{target.version}-{self._prefix}-{next(self._ids)}"
         spec = target.instance_spec(instance_id, self.state_dir, self.containment)
         pid, sock = await self._zygote_for(pool.deps).fork(spec)
