@@ -305,15 +305,20 @@ def publish(name: str, data: str, kind: str | None, attributes: tuple[str, ...],
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @connection_options
-def status(state_dir: Path | None, url: str | None, token: str | None) -> None:
-    """Show the platform: functions, instances, memory."""
-    from nimbus.cli.output import print_status
+def status(as_json: bool, state_dir: Path | None, url: str | None, token: str | None) -> None:
+    """Show the platform: functions, instances, memory (in a region: every node,
+    the leader, instances per worker, the NATS servers)."""
+    from nimbus.cli.output import print_json, print_status
 
-    print_status(_client(state_dir, url, token).request("GET", "/v1/status"))
+    data = _client(state_dir, url, token).request("GET", "/v1/status")
+    print_json(data) if as_json else print_status(data)
 
 
 def main() -> None:
+    import nimbus.cli.roles  # noqa: F401 - registers the region's process commands
+
     try:
         code = cli.main(standalone_mode=False)
         if isinstance(code, int) and code:

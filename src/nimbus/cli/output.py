@@ -72,7 +72,37 @@ def _mb(mem: dict[str, int] | None, key: str) -> str:
     return f"{mem[key] / 1024:.1f} MB" if mem else "-"
 
 
+def print_region_status(s: dict[str, Any]) -> None:
+    leader = s.get("leader") or "none"
+    console.print(f"region {s['region']}: leader {leader}; answered by controller "
+                  f"{s['node']} (pid {s['pid']}) at {s['control_url']}")
+    nodes = Table("ROLE", "ID", "PID", "URL", "LEASE", "UP", "INSTANCES", box=None)
+    for n in sorted(s["nodes"], key=lambda n: (n["role"], n["id"])):
+        role = n["role"] + (" (leader)" if n["id"] == s.get("leader") else "")
+        ready = sum(n.get("ready", {}).values()) if n["role"] == "worker" else None
+        nodes.add_row(role, n["id"], str(n["pid"]), n.get("url") or "-", n["lease"],
+                      f"{n['uptime_s']} s", "-" if ready is None else str(ready))
+    console.print(nodes)
+    servers = Table("NATS SERVER", "URL", "HEALTH", box=None)
+    for srv in s.get("nats", []):
+        servers.add_row(srv.get("name", "-"), srv.get("url", "-"), srv.get("health", "-"))
+    console.print(servers)
+    fns = Table("FUNCTION", "VERSION", "DESIRED", "READY", "PER WORKER", "QUEUED", "DEAD",
+                box=None)
+    for f in s["functions"]:
+        per = ", ".join(f"{w}: {n}" for w, n in sorted(f["instances_per_worker"].items()))
+        a = f.get("async") or {}
+        fns.add_row(f["name"], str(f["version"]),
+                    "-" if f["desired"] is None else str(f["desired"]), str(f["ready"]),
+                    per or "-", str(a.get("ready", 0) + a.get("delayed", 0)),
+                    str(a.get("dead", 0)))
+    console.print(fns)
+
+
 def print_status(s: dict[str, Any]) -> None:
+    if s.get("mode") == "region":
+        print_region_status(s)
+        return
     console.print(f"nimbus pid {s['pid']}, up {s['uptime_s']} s, {s['requests']} requests")
     console.print(f"gateway {s['gateway_url']}   control {s['control_url']}")
     console.print(f"state   {s['state_dir']}")

@@ -1,0 +1,137 @@
+"""The region's process commands: ``nimbus controller``, ``nimbus worker``,
+``nimbus gateway`` and ``nimbus cluster up``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nimbus.cli.main import _uid_range, cli
+
+
+def region_options(f: Any) -> Any:
+    f = click.option("--state-dir", type=click.Path(path_type=Path), required=True,
+                     help="This process's own folder (code cache, venvs, logs, node.json).")(f)
+    f = click.option("--token-file", type=click.Path(path_type=Path),
+                     help="The region token (NATS password, worker frames, control API); "
+                          "default: STATE_DIR/token, or $NIMBUS_TOKEN_FILE.")(f)
+    f = click.option("--region", default="local", show_default=True,
+                     help="The region's name.")(f)
+    f = click.option("--store", "store_url", required=True,
+                     help="The region's store: nats://HOST:PORT[,HOST:PORT...]")(f)
+    return f
+
+
+def _config(role: str, store_url: str, region: str, token_file: Path | None,
+            state_dir: Path) -> Any:
+    from nimbus.roles.common import role_config
+
+    return role_config(role, store_url, region, token_file, state_dir)
+
+
+@cli.command()
+@region_options
+@click.option("--control-host", default="127.0.0.1", show_default=True)
+@click.option("--control-port", default=8081, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0))
+def controller(store_url: str, region: str, token_file: Path | None, state_dir: Path,
+               control_host: str, control_port: int, grace_s: float) -> None:
+    """Run a controller of the region: control API, leader election,
+    autoscaling and placement, schedules."""
+    from nimbus.roles.common import run_role
+    from nimbus.roles.controller import ControllerOptions, serve_controller
+
+    config = _config("controller", store_url, region, token_file, state_dir)
+    options = ControllerOptions(control_host, control_port, grace_s)
+    sys.exit(run_role(lambda stop: serve_controller(config, options, stop)))
+
+
+@cli.command()
+@region_options
+@click.option("--listen", default="127.0.0.1:0", show_default=True,
+              help="HOST:PORT for invocation frames from gateways.")
+@click.option("--advertise", default=None,
+              help="The host gateways dial, when it is not the --listen host.")
+@click.option("--max-instances", "node_instances", default=256, show_default=True,
+              type=click.IntRange(1))
+@click.option("--memory-budget-mb", "node_memory_mb", default=0, type=click.IntRange(0))
+@click.option("--containment", default="auto", show_default=True,
+              type=click.Choice(["auto", "full", "rlimits"]))
+@click.option("--uid-range", default="200000-265535", show_default=True)
+@click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0))
+def worker(store_url: str, region: str, token_file: Path | None, state_dir: Path, listen: str,
+           advertise: str | None, node_instances: int, node_memory_mb: int, containment: str,
+           uid_range: str, grace_s: float) -> None:
+    """Run a worker of the region: zygotes and instances, serving gateways."""
+    from nimbus.roles.common import run_role
+    from nimbus.roles.worker import WorkerOptions, serve_worker
+    from nimbus.worker.budget import NodeBudget
+
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise click.BadParameter(f"expected HOST:PORT, got {listen!r}", param_hint="--listen")
+    config = _config("worker", store_url, region, token_file, state_dir)
+    options = WorkerOptions(host.strip("[]"), int(port), advertise,
+                            NodeBudget(node_instances, node_memory_mb), containment,
+                            _uid_range(uid_range), grace_s)
+    sys.exit(run_role(lambda stop: serve_worker(config, options, stop)))
+
+
+@cli.command()
+@region_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0))
+def gateway(store_url: str, region: str, token_file: Path | None, state_dir: Path, host: str,
+            port: int, grace_s: float) -> None:
+    """Run a gateway of the region: HTTP routes to instances on the workers."""
+    from nimbus.roles.common import run_role
+    from nimbus.roles.gateway import GatewayOptions, serve_gateway
+
+    config = _config("gateway", store_url, region, token_file, state_dir)
+    options = GatewayOptions(host, port, grace_s)
+    sys.exit(run_role(lambda stop: serve_gateway(config, options, stop)))
+
+
+@cli.group()
+def cluster() -> None:
+    """A whole region on this machine (NATS cluster and every process)."""
+
+
+@cluster.command(name="up")
+@click.argument("app_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--workers", default=2, show_default=True, type=int)
+@click.option("--gateways", default=2, show_default=True, type=int)
+@click.option("--controllers", default=2, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="The first gateway's port (the next ones count up); 0 for free ports.")
+@click.option("--control-port", default=8090, show_default=True,
+              type=click.IntRange(0, 65535),
+              help="The first controller's port (the next ones count up); 0 for free ports.")
+@click.option("--state-dir", type=click.Path(path_type=Path),
+              help="Default: APP_DIR/.nimbus (or ./.nimbus).")
+@click.option("--region", default="local", show_default=True)
+@click.option("--containment", default="auto", show_default=True,
+              type=click.Choice(["auto", "full", "rlimits"]))
+def cluster_up(app_dir: Path | None, workers: int, gateways: int, controllers: int, port: int,
+               control_port: int, state_dir: Path | None, region: str,
+               containment: str) -> None:
+    """Start a region on this machine in the foreground and deploy APP_DIR."""
+    from nimbus.cli.cluster import run_cluster_up
+    from nimbus.roles.common import check_region
+
+    if app_dir is not None and not app_dir.is_dir():
+        raise click.BadParameter(f"{app_dir} is not a folder", param_hint="APP_DIR")
+    if port and control_port and (
+            control_port <= port < control_port + controllers
+            or port <= control_port < port + gateways):
+        raise click.BadParameter(f"--port {port} and --control-port {control_port} ranges "
+                                 "overlap", param_hint="--port")
+    state = state_dir or (app_dir or Path(".")) / ".nimbus"
+    sys.exit(run_cluster_up(app_dir, state_dir=state, region=check_region(region),
+                            workers=workers, gateways=gateways, controllers=controllers,
+                            port=port, control_port=control_port,
+                            worker_args=["--containment", containment]))

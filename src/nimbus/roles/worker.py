@@ -1,0 +1,92 @@
+"""``nimbus worker``: zygotes and instances on this machine, serving
+invocation frames over TCP to the region's gateways.
+
+It registers itself under ``nodes/worker/<id>`` (a campaign key renewed every
+second: when the process or its machine dies, the key expires and gateways
+stop routing to it), follows ``placement/<id>`` written by the controller
+leader (the reconciler prepares code and scales pools), and ships its
+instances' log lines to the region's log stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from nimbus.roles.common import RoleConfig, remove_node_file, write_node_file
+from nimbus.worker.budget import NodeBudget
+
+log = logging.getLogger("nimbus.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise: str | None = None  # the address gateways dial, when not ``host``
+    budget: NodeBudget = NodeBudget()
+    containment: str = "auto"
+    uid_range: tuple[int, int] = (200_000, 265_535)
+    grace_s: float = 10.0
+
+
+async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio.Event) -> None:
+    from nimbus.cluster.nodes import Registration
+    from nimbus.cluster.reconcile import Reconciler
+    from nimbus.observe.natslogs import open_region_logs
+    from nimbus.store.registry import open_backend
+    from nimbus.worker.containment import Containment
+    from nimbus.worker.frameserver import FrameServer
+    from nimbus.worker.worker import Worker
+
+    backend = await open_backend(config.store_url, region=config.region, token=config.token,
+                                 state_dir=config.state_dir)
+    worker: Worker | None = None
+    server: FrameServer | None = None
+    reconciler: Reconciler | None = None
+    registration: Registration | None = None
+    logs = None
+    try:
+        containment = await asyncio.to_thread(
+            Containment.create, config.state_dir, options.containment, options.uid_range)
+        logs = await open_region_logs(backend, region=config.region, node=config.node_id,
+                                      state_dir=config.state_dir)
+        worker = Worker(config.state_dir, logs.sink, options.budget, containment=containment,
+                        node_id=config.node_id, region=config.region, placed=True)
+        await worker.start()
+        server = FrameServer(worker, options.host, options.port, config.token)
+        await server.start()
+        address = f"{options.advertise or options.host}:{server.port}"
+        reconciler = Reconciler(backend.store, backend.blobs, worker, config.node_id,
+                                config.state_dir)
+
+        def info() -> dict[str, Any]:
+            assert worker is not None and reconciler is not None
+            return {"frames": address, "url": f"tcp://{address}",
+                    "ready": reconciler.ready(), "failed": reconciler.failed(),
+                    "budget": {"max_instances": options.budget.max_instances,
+                               "memory_mb": options.budget.memory_mb}}
+
+        registration = Registration(backend.store, "worker", config.node_id, info)
+        await registration.start()
+        await reconciler.start(on_change=registration.poke)
+        write_node_file(config, {"url": f"tcp://{address}", "frames": address,
+                                 "containment": containment.summary()})
+        log.warning("worker %s serving frames on %s (%s)", config.node_id, address,
+                    containment.summary())
+        await stop.wait()
+    finally:
+        remove_node_file(config)
+        if registration is not None:
+            await registration.aclose()  # gateways stop routing here first
+        if server is not None:
+            await server.aclose(grace_s=min(options.grace_s, 5.0))
+        if reconciler is not None:
+            await reconciler.aclose()
+        if worker is not None:
+            await worker.aclose(grace_s=min(options.grace_s, 5.0))
+        if logs is not None:
+            await logs.aclose()
+        await backend.aclose()

@@ -1,0 +1,176 @@
+"""Async work and the region's state survive NATS servers dying and the
+whole region restarting: real ``nimbus cluster up``, SIGKILL by PID."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.region import Region, wait_until
+
+pytestmark = pytest.mark.e2e
+
+HANDLERS_WRITE_HOST_FILES = True
+
+APP = """\
+name: durable
+functions:
+  flaky:
+    handler: h.flaky
+    retries: 2
+    retry_delay_s: 0.2
+    max_concurrency: 16
+    http: [{method: POST, path: /flaky}]
+  doomed:
+    handler: h.doomed
+    retries: 0
+    http: [{method: POST, path: /doomed}]
+  plodding:
+    handler: h.plodding
+    max_concurrency: 1
+    http: [{method: POST, path: /plodding}]
+"""
+
+HANDLERS = """\
+import json, random
+
+def _note(kind, value):
+    with open("{runs}", "a") as f:
+        f.write(json.dumps({{"kind": kind, "value": value}}) + "\\n")
+
+def flaky(event, context):
+    _note("flaky", context.aws_request_id)
+    if random.random() < 0.2:
+        raise RuntimeError("flaky failed")
+    return {{"ok": True}}
+
+def doomed(event, context):
+    raise ValueError("always")
+
+def plodding(event, context):
+    import time
+    time.sleep(0.2)
+    _note("plodding", event)
+    return {{}}
+"""
+
+
+def make_app(tmp_path: Path) -> tuple[Path, Path]:
+    app = tmp_path / "durable"
+    app.mkdir()
+    runs = tmp_path / "runs.jsonl"
+    runs.touch()
+    runs.chmod(0o666)
+    (app / "app.yaml").write_text(APP)
+    (app / "h.py").write_text(HANDLERS.format(runs=runs))
+    return app, runs
+
+
+def submit(region: Region, path: str, n: int, body: Any = None) -> list[str]:
+    def one(i: int) -> str:
+        url = region.gateway_urls[i % len(region.gateway_urls)] + path
+        for _ in range(20):  # a NATS server may be down for a moment: ask again
+            try:
+                r = httpx.post(url, content=json.dumps(body if body is not None else i),
+                               headers={"x-nimbus-invocation-type": "Event",
+                                        "idempotency-key": f"{path}-{i}"}, timeout=20)
+            except httpx.HTTPError:
+                time.sleep(0.2)
+                continue
+            if r.status_code == 202:
+                return str(r.json()["invocationId"])
+            time.sleep(0.2)
+        raise AssertionError(f"invocation {i} of {path} was never accepted")
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def records(region: Region, fn: str) -> list[dict[str, Any]]:
+    r = region.control("GET", f"/v1/functions/{fn}/invocations", params={"limit": 10000})
+    r.raise_for_status()
+    out: list[dict[str, Any]] = r.json()
+    return out
+
+
+def test_nats_server_sigkill_during_async_work(tmp_path: Path) -> None:
+    app, runs = make_app(tmp_path)
+    region = Region(app, tmp_path / "state")
+    try:
+        nats = region.cluster["nats"]
+        ids: list[str] = []
+        with concurrent.futures.ThreadPoolExecutor(1) as bg:
+            sent = bg.submit(submit, region, "/flaky", 1000)
+            time.sleep(1.0)
+            os.kill(nats[1]["pid"], signal.SIGKILL)
+            ids = sent.result(timeout=300)
+        assert len(set(ids)) == 1000
+        settled = wait_until(
+            lambda: (recs := records(region, "flaky")) and all(
+                r["status"] in ("succeeded", "dead") for r in recs) and len(recs) >= 1000
+            and recs, 240, "every invocation settled")
+        by_id = {r["id"]: r for r in settled}
+        assert set(ids) <= set(by_id)
+        starts = len([1 for line in runs.read_text().splitlines()
+                      if json.loads(line)["kind"] == "flaky"])
+        attempts = sum(by_id[i]["attempts"] for i in ids)
+        assert starts == attempts  # handler starts = recorded attempts
+        counts = collections.Counter(by_id[i]["status"] for i in ids)
+        assert counts["succeeded"] + counts["dead"] == 1000
+        st = region.status()
+        fn = next(f for f in st["functions"] if f["name"] == "flaky")
+        assert fn["async"]["succeeded"] == counts["succeeded"]
+        assert fn["async"]["dead"] == counts["dead"]
+    finally:
+        region.stop()
+
+
+def test_whole_region_restart_keeps_everything(tmp_path: Path) -> None:
+    app, runs = make_app(tmp_path)
+    state = tmp_path / "state"
+    region = Region(app, state)
+    try:
+        dead_ids = submit(region, "/doomed", 3)
+        wait_until(lambda: len([r for r in records(region, "doomed")
+                                if r["status"] == "dead"]) == 3, 60, "3 dead letters")
+        queued = submit(region, "/plodding", 40, body=None)
+        v_before = {f["name"]: f["version"] for f in region.status()["functions"]}
+    finally:
+        assert region.stop() == 0
+    region = Region(None, state)  # same state folder, nothing deployed this time
+    try:
+        st = region.status()
+        assert {f["name"]: f["version"] for f in st["functions"]} == v_before
+        dlq = region.control("GET", "/v1/functions/doomed/dlq").json()
+        assert {d["id"] for d in dlq} == set(dead_ids)
+        done = wait_until(lambda: (recs := {r["id"]: r for r in records(region, "plodding")})
+                          and all(recs.get(i, {}).get("status") == "succeeded"
+                                  for i in queued) and recs, 120,
+                          "the queued invocations run after the restart")
+        assert set(queued) <= set(done)
+        r = httpx.post(region.gateway_urls[0] + "/plodding", content="1", timeout=20)
+        assert r.status_code == 200
+    finally:
+        region.stop()
+
+
+def test_cluster_up_refuses_bad_input(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "nimbus", "cluster", "up", "--workers", "0",
+                        "--state-dir", str(tmp_path / "s")], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "--workers" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "nimbus", "worker", "--store", "redis://x",
+                        "--state-dir", str(tmp_path / "w")], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode != 0 and "--store" in p.stderr and "Traceback" not in p.stderr

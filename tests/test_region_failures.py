@@ -1,0 +1,205 @@
+"""A region on several processes survives the loss of any one of them:
+real ``nimbus cluster up`` (3 NATS servers, controllers, workers, gateways
+on loopback), SIGKILL by PID, bounded load."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.region import Region, wait_until
+
+pytestmark = pytest.mark.e2e
+
+HANDLERS_WRITE_HOST_FILES = True
+
+APP = """\
+name: steady
+functions:
+  hello:
+    handler: h.hello
+    min_instances: 2
+    http: [{method: GET, path: /hello}]
+  slow:
+    handler: h.slow
+    min_instances: 2
+    http: [{method: GET, path: /slow}]
+  write:
+    handler: h.write
+    min_instances: 2
+    http: [{method: POST, path: /write}]
+  ticker:
+    handler: h.tick
+    schedule: rate(1 second)
+"""
+
+HANDLERS = """\
+import json, os, time
+
+RUNS = os.environ.get("RUNS_FILE", "{runs}")
+
+def _note(kind, value):
+    with open(RUNS, "a") as f:
+        f.write(json.dumps({{"kind": kind, "value": value}}) + "\\n")
+
+def hello(event, context):
+    return {{"statusCode": 200, "body": context.aws_request_id}}
+
+def slow(event, context):
+    time.sleep(0.3)
+    return {{"statusCode": 200, "body": "slow"}}
+
+def write(event, context):
+    _note("write", event["body"])
+    time.sleep(0.3)
+    return {{"statusCode": 200, "body": event["body"]}}
+
+def tick(event, context):
+    _note("tick", event["time"])
+    return {{}}
+"""
+
+
+def make_app(tmp_path: Path, manifest: str = APP, handlers: str = HANDLERS) -> tuple[Path, Path]:
+    app = tmp_path / "steady"
+    app.mkdir()
+    runs = tmp_path / "runs.jsonl"
+    runs.touch()
+    runs.chmod(0o666)
+    (app / "app.yaml").write_text(manifest)
+    (app / "h.py").write_text(handlers.format(runs=runs))
+    return app, runs
+
+
+def notes(runs: Path, kind: str) -> list[Any]:
+    import json
+
+    return [n["value"] for n in map(json.loads, runs.read_text().splitlines())
+            if n["kind"] == kind]
+
+
+def ready_by_worker(region: Region, fn: str) -> dict[str, int]:
+    for f in region.status()["functions"]:
+        if f["name"] == fn:
+            return dict(f["instances_per_worker"])
+    return {}
+
+
+@pytest.fixture
+def region(tmp_path):
+    app, runs = make_app(tmp_path)
+    r = Region(app, tmp_path / "state")
+    r.runs = runs  # type: ignore[attr-defined]
+    yield r
+    r.stop()
+
+
+class Load:
+    """Steady GETs through every gateway from a few threads, until stopped."""
+
+    def __init__(self, urls: list[str], path: str, threads: int = 6) -> None:
+        self.codes: collections.Counter[int] = collections.Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(urls[i % len(urls)], path))
+                         for i in range(threads)]
+
+    def _run(self, url: str, path: str) -> None:
+        with httpx.Client(base_url=url, timeout=20) as c:
+            while not self._stop.is_set():
+                try:
+                    self.codes[c.get(path).status_code] += 1
+                except httpx.HTTPError as exc:
+                    self.errors.append(repr(exc))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
+def test_worker_sigkill_under_load_loses_nothing_idempotent(region: Region) -> None:
+    wait_until(lambda: all(v >= 1 for v in ready_by_worker(region, "slow").values())
+               and len(ready_by_worker(region, "slow")) == 2, 30,
+               "slow spread over both workers")
+    victim = region.processes("worker")[0]
+    with Load(region.gateway_urls, "/slow") as load:
+        time.sleep(1.5)
+        # non-idempotent requests in flight on every worker when one dies
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            posts = [pool.submit(httpx.post, region.gateway_urls[i % 2] + "/write",
+                                 content=f"w{i}", timeout=20) for i in range(8)]
+            time.sleep(0.1)
+            killed_at = time.monotonic()
+            region.kill(victim["pid"])
+            results = [(f"w{i}", p.result().status_code) for i, p in enumerate(posts)]
+        time.sleep(3)
+    total = sum(load.codes.values()) + len(load.errors)
+    ok = load.codes[200]
+    assert total >= 20, (load.codes, load.errors)
+    assert ok / total >= 0.999, (load.codes, load.errors[:5])
+    runs = collections.Counter(notes(region.runs, "write"))  # type: ignore[attr-defined]
+    for body, code in results:
+        assert code in (200, 502), (body, code)
+        assert runs[body] <= 1, f"{body} ran {runs[body]} times"  # never twice
+        if code == 200:
+            assert runs[body] == 1
+    # its instances come back on the surviving worker
+    survivor = region.processes("worker")[1]["id"]
+    wait_until(lambda: ready_by_worker(region, "slow").get(survivor, 0) >= 2
+               and victim["id"] not in ready_by_worker(region, "slow"), 20,
+               "the dead worker's instances replaced on the other")
+    print(f"worker death: replaced within {time.monotonic() - killed_at:.2f}s")
+
+
+def test_gateway_sigkill_the_other_serves(region: Region) -> None:
+    before = {n["id"] for n in region.status()["nodes"]}
+    dead = region.processes("gateway")[0]
+    region.kill(dead["pid"])
+    with httpx.Client(base_url=region.gateway_urls[1], timeout=10) as c:
+        codes = [c.get("/hello").status_code for _ in range(50)]
+    assert codes == [200] * 50
+    after = wait_until(lambda: (ids := {n["id"] for n in region.status()["nodes"]})
+                       and dead["id"] not in ids and ids, 15, "the gateway's key expiring")
+    assert after == before - {dead["id"]}  # nothing else changed
+
+
+def test_leader_sigkill_standby_leads_and_schedules_go_on(region: Region) -> None:
+    runs = region.runs  # type: ignore[attr-defined]
+    wait_until(lambda: len(notes(runs, "tick")) >= 3, 30, "three ticks")
+    leader = region.status()["leader"]
+    victim = next(p for p in region.processes("controller") if p["id"] == leader)
+    other = next(p for p in region.processes("controller") if p["id"] != leader)
+    region.kill(victim["pid"])
+    t0 = time.monotonic()
+    wait_until(lambda: region.status(other["url"])["leading"], 10, "a new leader",
+               step_s=0.05)
+    took = time.monotonic() - t0
+    print(f"leader death: new leader after {took:.2f}s")
+    assert took < 5.0
+    seen = len(notes(runs, "tick"))
+    wait_until(lambda: len(notes(runs, "tick")) >= seen + 3, 20, "ticks after the handover")
+    ticks = notes(runs, "tick")
+    counts = collections.Counter(ticks)
+    assert max(counts.values()) == 1, [t for t, n in counts.items() if n > 1]  # none doubled
+    from datetime import datetime
+
+    times = sorted(datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() for t in ticks)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert all(abs(g - 1.0) < 0.01 for g in gaps), gaps  # none missed
+    # autoscaling goes on under the new leader: a burst grows `slow`
+    with Load([region.gateway_urls[0]], "/slow", threads=8):
+        wait_until(lambda: sum(ready_by_worker(region, "slow").values()) > 2, 20,
+                   "slow scaled up by the new leader")
