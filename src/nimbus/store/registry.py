@@ -87,22 +87,21 @@ def _parse_servers(url: str, rest: str) -> list[str]:
     if "@" in rest:
         raise UserInputError(f"store URL {_redact(url)!r}: credentials do not go in the store URL; "
                              "the region token is the NATS password (--token-file)")
-    rest = rest.rstrip("/")
-    for bad in ("/", "?", "#"):
-        if bad in rest:
-            raise UserInputError(f"store URL {url!r}: a nats URL is a list of host:port, "
-                                 f"nothing after it (found {bad!r})")
     servers: list[str] = []
     for i, part in enumerate(rest.split(","), 1):
         part = part.strip()
         if part.startswith("nats://"):  # nats://h1:1,nats://h2:2 is accepted too
             part = part[len("nats://"):]
+        part = part.rstrip("/")
         if not part:
             raise UserInputError(f"store URL {url!r}: server {i} is empty")
+        for bad in ("/", "?", "#"):
+            if bad in part:
+                raise UserInputError(f"store URL {url!r}: server {i} ({part!r}): a nats URL is "
+                                     f"a list of host:port, nothing after it (found {bad!r})")
         host, port_s = part, str(DEFAULT_NATS_PORT)
-        m = re.fullmatch(r"(.*):(\d*)", part)
-        if m and not part.endswith("]"):
-            host, port_s = m.group(1), m.group(2)
+        if not part.endswith("]") and ":" in part:  # "[::1]" alone has no port
+            host, _, port_s = part.rpartition(":")
         if not _HOST.fullmatch(host):
             raise UserInputError(f"store URL {url!r}: server {i}: {host!r} is not a host name "
                                  "or address")
