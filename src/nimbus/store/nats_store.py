@@ -505,10 +505,12 @@ class _NatsWatch:
                 await self._subscribe()
             except ClosedError:
                 break
-            except UnavailableError as exc:
+            except Exception as exc:  # noqa: BLE001 - a watch must outlive any failure
                 log.warning("watch of %r: subscribing failed (%s); again in %.1fs",
-                            self._prefix, exc, delay)
+                            self._prefix, exc, delay,
+                            exc_info=not isinstance(exc, UnavailableError))
                 self._reset()  # the consumer re-lists now; we replay from _last anyway
+                await self._unsubscribe()
                 await self._pause(delay)
                 delay = min(delay * 2, RETRY_S[1])
                 continue
@@ -569,6 +571,13 @@ class _NatsWatch:
         self._seen = time.monotonic()
 
     def _on_msg(self, msg: Msg) -> None:
+        try:
+            self._take(msg)
+        except Exception as exc:  # noqa: BLE001 - a message we cannot read is a lost one
+            log.exception("watch of %r: unreadable message on %s", self._prefix, msg.subject)
+            self.trouble(f"unreadable message ({type(exc).__name__})")
+
+    def _take(self, msg: Msg) -> None:
         self._seen = time.monotonic()
         headers = msg.headers or {}
         status = headers.get("Status")
