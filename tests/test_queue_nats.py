@@ -1,0 +1,211 @@
+"""The NATS queue on a real 3-server cluster: the real-clock contract, two
+clients, and a consumer killed mid-try."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import nats
+import pytest
+
+from nimbus.errors import ConflictError, UnavailableError
+from nimbus.natsd import NATS_USER, NatsCluster
+from nimbus.store.nats_queue import NatsQueue, encode_name, open_nats_queue
+from nimbus.store.queue import Outgoing
+from nimbus.testing import check_queue_realtime, check_queue_shared
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    c = NatsCluster(tmp_path_factory.mktemp("nats"), secrets.token_urlsafe(32), size=3)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@asynccontextmanager
+async def connected(cluster: NatsCluster) -> AsyncIterator[nats.NATS]:
+    nc = await nats.connect(servers=cluster.urls.split(","), user=NATS_USER,
+                            password=cluster.password, connect_timeout=5,
+                            max_reconnect_attempts=5)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+def region() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def test_contract_real_clock(cluster: NatsCluster) -> None:
+    reg = region()
+
+    async def main() -> None:
+        async with connected(cluster) as nc:
+            async def open_queue() -> NatsQueue:
+                return await open_nats_queue(nc, region=reg)
+            await check_queue_realtime(open_queue)
+    asyncio.run(main())
+
+
+def test_two_clients(cluster: NatsCluster) -> None:
+    """Two connections (as two processes of a region hold), one stream."""
+    reg = region()
+
+    async def main() -> None:
+        async with connected(cluster) as nc1, connected(cluster) as nc2:
+            conns = iter([nc1, nc2])
+
+            async def open_queue() -> NatsQueue:
+                return await open_nats_queue(next(conns), region=reg)
+            await check_queue_shared(open_queue)
+    asyncio.run(main())
+
+
+def test_replicated_three_ways(cluster: NatsCluster) -> None:
+    reg = region()
+
+    async def main() -> None:
+        async with connected(cluster) as nc:
+            q = await open_nats_queue(nc, region=reg)
+            js = nc.jetstream()
+            assert (await js.stream_info(f"nimbus-{reg}-work")).config.num_replicas == 3
+            assert (await js.stream_info(f"KV_nimbus-{reg}-records")).config.num_replicas == 3
+            await q.aclose()
+    asyncio.run(main())
+
+
+def test_queue_names_become_one_token() -> None:
+    assert encode_name("fn/hello") == "fn_2Fhello"
+    assert encode_name("topic/a.b/f_1") == "topic_2Fa_2Eb_2Ff_5F1"
+    assert encode_name("a>*") == "a_3E_2A"
+    assert encode_name("q/ünï") == encode_name("q/ünï") != encode_name("q/uni")
+
+
+CONSUMER = """
+import asyncio, sys
+import nats
+from nimbus.store.nats_queue import open_nats_queue
+
+async def main():
+    urls, password, region, name = sys.argv[1:5]
+    nc = await nats.connect(servers=urls.split(","), user="nimbus", password=password)
+    q = await open_nats_queue(nc, region=region)
+    got = []
+    while not got:
+        got = await q.receive(name, max_messages=1, visibility_s=1.5, wait_s=1.0)
+    await q.begin(got)
+    print("begun", got[0].id, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_consumer_killed_mid_try_costs_one_attempt(cluster: NatsCluster) -> None:
+    """A consumer process begins a try and is SIGKILLed without settling:
+    exactly that one try is on record, and the message comes back once its
+    lease ends (no recover step: the lease is the only recovery)."""
+    reg, name = region(), "fn/crashy"
+
+    async def send() -> str:
+        async with connected(cluster) as nc:
+            q = await open_nats_queue(nc, region=reg)
+            [sent] = await q.send(name, [Outgoing(b'{"n": 1}')])
+            await q.aclose()
+            return sent.id
+
+    mid = asyncio.run(send())
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, cluster.urls, cluster.password,
+                             reg, name], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.split() == ["begun", mid], f"the consumer should begin {mid}: {line!r}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    async def after() -> None:
+        async with connected(cluster) as nc:
+            q = await open_nats_queue(nc, region=reg)
+            try:
+                rec = await q.get(mid)
+                assert rec is not None and (rec.status, rec.attempts) == ("running", 1), \
+                    f"the begun try is on record while its lease runs: {rec}"
+                t0 = time.monotonic()
+                got = []
+                while not got and time.monotonic() - t0 < 20:
+                    got = await q.receive(name, max_messages=1, visibility_s=30, wait_s=1.0)
+                assert [m.id for m in got] == [mid], "delivered again after the lease"
+                assert got[0].attempts == 2, f"this is the second try: {got[0]}"
+                await q.begin(got)
+                await q.ack(got[0])
+                rec = await q.get(mid)
+                assert rec is not None and (rec.status, rec.attempts) == ("succeeded", 2), rec
+            finally:
+                await q.aclose()
+    asyncio.run(after())
+
+
+def test_long_visibility_is_kept_alive_past_ack_wait(cluster: NatsCluster) -> None:
+    """A lease longer than the consumer's AckWait is held by in-progress
+    acks while its holder lives; the other client does not get it."""
+    reg, name = region(), "fn/slow"
+
+    async def main() -> None:
+        async with connected(cluster) as nc1, connected(cluster) as nc2:
+            a = await open_nats_queue(nc1, region=reg, ack_wait_s=0.5)
+            b = await open_nats_queue(nc2, region=reg, ack_wait_s=0.5)
+            try:
+                await a.send(name, [Outgoing(b"x")])
+                [m] = await a.receive(name, max_messages=1, visibility_s=3.0, wait_s=5)
+                # three AckWaits pass: still leased to a
+                assert await b.receive(name, max_messages=1, visibility_s=3.0, wait_s=1.6) == []
+                got = await b.receive(name, max_messages=1, visibility_s=30, wait_s=8)
+                assert [x.id for x in got] == [m.id], "after the visibility the lease ends"
+                with pytest.raises(ConflictError):
+                    await a.ack(m)
+                await b.ack(got[0])
+            finally:
+                await a.aclose()
+                await b.aclose()
+    asyncio.run(main())
+
+
+def test_a_lost_cluster_is_unavailable_not_a_traceback(tmp_path: Path) -> None:
+    async def main() -> None:
+        c = NatsCluster(tmp_path / "gone", secrets.token_urlsafe(32), size=1)
+        c.start()
+        nc = await nats.connect(servers=c.urls.split(","), user=NATS_USER, password=c.password,
+                                max_reconnect_attempts=0, allow_reconnect=False)
+        try:
+            q = await open_nats_queue(nc, region="gone")
+            c.stop()
+            await asyncio.sleep(0.2)
+            with pytest.raises(UnavailableError) as info:
+                await q.send("fn/x", [Outgoing(b"x")])
+            assert info.value.__cause__ is not None
+            await q.aclose()
+        finally:
+            c.stop()
+            await nc.close()
+    asyncio.run(main())
