@@ -607,13 +607,13 @@ class NatsQueue:
         keys: list[str] = []
         try:
             while True:
-                e = await watcher.updates(timeout=5.0)
+                e = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
                 if e is None:
                     return keys
                 if e.operation is None:
                     keys.append(e.key)
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _dead_ids(self, queue: str) -> list[str]:
         prefix = f"x.{encode_name(queue)}."
