@@ -17,7 +17,7 @@ Side by side, same machine, same no-op handler:
    Goal: >= 5,000 invocations/s end to end.
 
 Then the queue path alone, side by side on both backends, in one process
-(no HTTP, a no-op function with 64 slots): ``Events.submit`` from 64
+(no HTTP, a no-op function with 64 slots): ``Events.submit`` from 256
 concurrent callers for ``--seconds`` -> dispatcher -> run -> record, and
 the time until every accepted invocation is recorded succeeded:
 
@@ -113,7 +113,7 @@ class NoopPool:
         return {"statusCode": 200}
 
 
-async def queue_path(queue: Any, seconds: float, callers: int = 64) -> tuple[float, float, int]:
+async def queue_path(queue: Any, seconds: float, callers: int = 256) -> tuple[float, float, int]:
     """(accepted/s, completed/s, completed) through ``Events`` over ``queue``."""
     from nimbus.clock import SystemClock
     from nimbus.events.service import Events

@@ -206,7 +206,8 @@ class NatsQueue:
         self._keeper: asyncio.Task[None] | None = None
         self._tally: dict[str, _Tally] = {}
         self._flusher: asyncio.Task[None] | None = None
-        self._summary_rev: dict[str, int] = {}
+        # each queue's counts and index as this process last wrote them
+        self._summary: dict[str, tuple[dict[str, Any], int]] = {}
         self._closed = False
 
     # -- names ------------------------------------------------------------------
@@ -268,21 +269,26 @@ class NatsQueue:
         try:
             with _mapped(f"counting queue {queue}"):
                 for _ in range(CAS_TRIES):
-                    got = await self._read(key)
-                    summary, rev = got if got is not None else ({"counts": {}, "recent": []}, 0)
-                    counts = summary.setdefault("counts", {})
+                    got = self._summary.get(queue) or await self._read(key)
+                    base, rev = got if got is not None else ({"counts": {}, "recent": []}, 0)
+                    counts = dict(base.get("counts", {}))
                     for k, v in t.counts.items():
                         counts[k] = counts.get(k, 0) + v
+                    recent = base.get("recent", [])
                     if t.ids:
-                        summary["recent"] = (summary.get("recent", []) + t.ids)[-INDEX_KEEP:]
+                        recent = (recent + t.ids)[-INDEX_KEEP:]
+                    summary = {"counts": counts, "recent": recent}
                     try:
-                        await self._write(key, summary, rev)
+                        rev = await self._write(key, summary, rev)
+                        self._summary[queue] = (summary, rev)
                         break
                     except nats.js.errors.KeyWrongLastSequenceError:
-                        await asyncio.sleep(random.random() * 0.01)
+                        self._summary.pop(queue, None)  # another process wrote: read it
+                        await asyncio.sleep(random.random() * 0.005)
                 else:
                     raise ConflictError(f"counts of queue {queue}: {CAS_TRIES} writers won")
         except Exception as exc:  # noqa: BLE001 - handed to every waiter
+            self._summary.pop(queue, None)
             for w in t.waiters:
                 if not w.done():
                     w.set_exception(exc)
@@ -336,14 +342,14 @@ class NatsQueue:
                "settled_at": None, "class": "delayed" if m.delay_s > 0 else "ready",
                "seq": None, "delivery": 0, "begun": False, "dedup": dkey, "gen": 0}
         try:
-            await self._write(self._rkey(mid), rec, 0)
+            rev = await self._write(self._rkey(mid), rec, 0)
         except nats.js.errors.KeyWrongLastSequenceError:
             if m.id is not None:  # the same id again: not a second message
                 return await self._repeat(queue, mid, m, None)
             # a repeat of our dedup key wrote our record first (we were slow)
             await self._publish(queue, mid, 0)
             return SendResult(mid, False)
-        await self._publish(queue, mid, 0)
+        await self._publish(queue, mid, 0, (rec, rev))
         return SendResult(mid, True)
 
     async def _read_raw(self, key: str) -> str | None:
@@ -369,8 +375,13 @@ class NatsQueue:
             await self._publish(queue, mid, int(rec.get("gen", 0)))
         return SendResult(mid, False)
 
-    async def _publish(self, queue: str, mid: str, gen: int) -> None:
-        await self._js.publish(self._subject(queue), mid.encode(),
+    async def _publish(self, queue: str, mid: str, gen: int,
+                       written: tuple[dict[str, Any], int] | None = None) -> None:
+        """The pointer: the id, or (fresh from ``send``) the record as written
+        and its revision, so the first receive can claim it without a read."""
+        data = mid.encode() if written is None else orjson.dumps(
+            {"id": mid, "rev": written[1], "rec": written[0]})
+        await self._js.publish(self._subject(queue), data,
                                headers={"Nats-Msg-Id": f"{mid}.{gen}"})
 
     # -- receiving ----------------------------------------------------------------
@@ -424,11 +435,17 @@ class NatsQueue:
     async def _claim(self, queue: str, msg: Msg, visibility_s: float,
                      ack_wait: float) -> tuple[Message, str] | None:
         """Take the record for this delivery: (message, the class it left)."""
-        mid = msg.data.decode()
+        got: tuple[dict[str, Any], int] | None = None
+        if msg.data[:1] == b"{":  # the record as sent: claimed without a read if unchanged
+            first = orjson.loads(msg.data)
+            mid, got = first["id"], (first["rec"], int(first["rev"]))
+        else:
+            mid = msg.data.decode()
         md = msg.metadata
         seq, delivery = int(md.sequence.stream), int(md.num_delivered)
         for _ in range(CAS_TRIES):
-            got = await self._read(self._rkey(mid))
+            if got is None:
+                got = await self._read(self._rkey(mid))
             if got is None:
                 await msg.term()  # purged, or never written: nothing to run
                 return None
@@ -447,6 +464,7 @@ class NatsQueue:
             try:
                 rev = await self._write(self._rkey(mid), rec, rev)
             except nats.js.errors.KeyWrongLastSequenceError:
+                got = None  # it moved: read it
                 continue
             r = Receipt(msg, seq, delivery, rev, rec, now + visibility_s, ack_wait)
             if visibility_s > ack_wait:
