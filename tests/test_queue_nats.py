@@ -209,3 +209,58 @@ def test_a_lost_cluster_is_unavailable_not_a_traceback(tmp_path: Path) -> None:
             c.stop()
             await nc.close()
     asyncio.run(main())
+
+
+def test_dedup_keys_and_settled_records_expire_on_the_server(cluster: NatsCluster) -> None:
+    """The dedup window and the record retention are server-side TTLs: no
+    sweeper runs, yet a key is new again after its window and a settled
+    record is gone after its retention; an unsettled one stays."""
+    reg, name = region(), "fn/ttl"
+
+    async def main() -> None:
+        async with connected(cluster) as nc:
+            q = await open_nats_queue(nc, region=reg, dedup_window_s=1.0, record_ttl_s=1.0)
+            try:
+                [a] = await q.send(name, [Outgoing(b"1", dedup_key="k")])
+                [b] = await q.send(name, [Outgoing(b"2", dedup_key="k")])
+                assert a.created and not b.created and a.id == b.id
+                [m] = await q.receive(name, max_messages=1, visibility_s=30, wait_s=5)
+                await q.ack(m)
+                [waiting] = await q.send(name, [Outgoing(b"3")])
+                t0 = time.monotonic()
+                while True:
+                    [c] = await q.send(name, [Outgoing(b"4", dedup_key="k")])
+                    if c.created:
+                        break
+                    assert c.id == a.id
+                    assert time.monotonic() - t0 < 15, "the dedup key never expired"
+                    await asyncio.sleep(0.3)
+                assert c.id != a.id
+                while await q.get(a.id) is not None:
+                    assert time.monotonic() - t0 < 15, "the settled record never expired"
+                    await asyncio.sleep(0.3)
+                rec = await q.get(waiting.id)
+                assert rec is not None and rec.status == "queued", "unsettled records stay"
+                assert (await q.stats(name)).succeeded == 1, "counts keep every settle"
+            finally:
+                await q.aclose()
+    asyncio.run(main())
+
+
+def test_purge_settled_before_their_time(cluster: NatsCluster) -> None:
+    reg, name = region(), "fn/purge"
+
+    async def main() -> None:
+        async with connected(cluster) as nc:
+            q = await open_nats_queue(nc, region=reg)
+            try:
+                sent = await q.send(name, [Outgoing(b"1"), Outgoing(b"2")])
+                [m] = await q.receive(name, max_messages=1, visibility_s=30, wait_s=5)
+                await q.ack(m)
+                assert await q.purge_settled(time.time() - 3600) == 0, "none settled that early"
+                assert await q.purge_settled(time.time() + 1) == 1
+                assert await q.get(sent[0].id) is None, "settled records are purged"
+                assert await q.get(sent[1].id) is not None, "unsettled ones never are"
+            finally:
+                await q.aclose()
+    asyncio.run(main())

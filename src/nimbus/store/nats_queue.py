@@ -34,11 +34,13 @@ Rules:
   ``running``, this delivery). A pointer early for its record's
   ``visible_at`` (a send with ``delay_s``) is NAKed with the rest of the
   delay, not counted, not returned.
-* Leases: the consumer's AckWait is at most ``ACK_WAIT_S``; a receive for a
-  longer visibility keeps its deliveries alive with in-progress acks
-  (``+WPI``) until the visibility is used up. So a holder that dies loses
-  its leases within ``ACK_WAIT_S``, and one that lives holds them for the
-  visibility it asked for (up to one keep-alive tick more).
+* Leases: a queue's consumer is made by its first receive, with an AckWait
+  of that receive's visibility, at most ``ACK_WAIT_S`` (never changed after:
+  lowering it would cut short leases others hold). A receive for a longer
+  visibility keeps its deliveries alive with in-progress acks (``+WPI``,
+  every AckWait / 3) until the visibility is used up. So a holder that dies
+  loses its leases within AckWait, and one that lives holds them for the
+  visibility it asked for, or AckWait if that is longer.
 * ``begin`` writes the try into the record (``attempts`` + 1) before the
   handler is handed the message: replicated and on disk when it returns,
   so a try begun counts whatever happens next. ``release`` takes it back.
@@ -98,7 +100,7 @@ from nimbus.store.queue import (
 ACK_WAIT_S = 10.0  # the longest a dead holder keeps a lease
 DUPLICATE_WINDOW_S = 120.0  # the stream's window for Nats-Msg-Id
 INDEX_KEEP = 500  # recent ids kept per queue for ``records``
-RECORD_TTL_S = 7 * 24 * 3600.0  # a settled record expires this long after its settle
+RECORD_TTL_S = 24 * 3600.0  # a settled record expires this long after its settle
 MAX_ACK_PENDING = 100_000  # deliveries out at once per queue (leased and NAK-delayed)
 CAS_TRIES = 50
 CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
@@ -161,9 +163,11 @@ class _Tally:
 
 async def open_nats_queue(nc: Client, *, region: str, replicas: int | None = None,
                           dedup_window_s: float = DEFAULT_DEDUP_WINDOW_S,
-                          ack_wait_s: float = ACK_WAIT_S) -> NatsQueue:
+                          ack_wait_s: float = ACK_WAIT_S,
+                          record_ttl_s: float = RECORD_TTL_S) -> NatsQueue:
     """The region's queue over the connected client ``nc`` (credentials
-    set). Creates the stream and bucket if absent."""
+    set). Creates the stream and bucket if absent. ``record_ttl_s``: how long
+    a succeeded or failed record is kept (the server expires it)."""
     if replicas is None:
         servers = len(getattr(nc, "servers", []) or []) or 1
         replicas = default_replicas(servers)
@@ -185,14 +189,16 @@ async def open_nats_queue(nc: Client, *, region: str, replicas: int | None = Non
                 bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE,
                 direct=False))  # reads from the leader: a settle is seen by the next read
     return NatsQueue(nc, js, kv, region=region, stream=stream,
-                     dedup_window_s=dedup_window_s, ack_wait_s=ack_wait_s)
+                     dedup_window_s=dedup_window_s, ack_wait_s=ack_wait_s,
+                     record_ttl_s=record_ttl_s)
 
 
 class NatsQueue:
     """Use :func:`open_nats_queue`."""
 
     def __init__(self, nc: Client, js: JetStreamContext, kv: KeyValue, *, region: str,
-                 stream: str, dedup_window_s: float, ack_wait_s: float) -> None:
+                 stream: str, dedup_window_s: float, ack_wait_s: float,
+                 record_ttl_s: float = RECORD_TTL_S) -> None:
         self._nc = nc
         self._js = js
         self._kv = kv
@@ -200,6 +206,7 @@ class NatsQueue:
         self.stream = stream
         self._window = dedup_window_s
         self._ack_wait = ack_wait_s
+        self._record_ttl = record_ttl_s
         self._subs: dict[str, tuple[JetStreamContext.PullSubscription, float]] = {}
         self._sub_locks: dict[str, asyncio.Lock] = {}
         self._held: set[Receipt] = set()
@@ -386,27 +393,35 @@ class NatsQueue:
 
     # -- receiving ----------------------------------------------------------------
 
-    async def _sub(self, queue: str, visibility_s: float) -> JetStreamContext.PullSubscription:
-        want = max(0.05, min(self._ack_wait, visibility_s))
+    async def _sub(self, queue: str, visibility_s: float
+                   ) -> tuple[JetStreamContext.PullSubscription, float]:
+        """The queue's pull subscription and its consumer's AckWait. The
+        first receive of a queue (in the region) creates the consumer with
+        an AckWait of its visibility, at most ``ack_wait_s``; it is never
+        changed after (lowering it would cut short the leases others hold)."""
         have = self._subs.get(queue)
-        if have is not None and have[1] <= want:
-            return have[0]
-        lock = self._sub_locks.setdefault(queue, asyncio.Lock())
-        async with lock:
+        if have is not None:
+            return have
+        async with self._sub_locks.setdefault(queue, asyncio.Lock()):
             have = self._subs.get(queue)
-            if have is not None and have[1] <= want:
-                return have[0]
-            durable = f"w-{encode_name(queue)}"
-            await self._js.add_consumer(self.stream, ConsumerConfig(
-                durable_name=durable, filter_subject=self._subject(queue),
-                ack_policy=AckPolicy.EXPLICIT, ack_wait=want, max_deliver=-1,
-                max_ack_pending=MAX_ACK_PENDING, max_waiting=512))
             if have is not None:
-                with contextlib.suppress(Exception):
-                    await have[0].unsubscribe()
+                return have
+            durable = f"w-{encode_name(queue)}"
+            try:
+                info = await self._js.consumer_info(self.stream, durable)
+            except nats.js.errors.NotFoundError:
+                want = max(0.05, min(self._ack_wait, visibility_s))
+                try:
+                    info = await self._js.add_consumer(self.stream, ConsumerConfig(
+                        durable_name=durable, filter_subject=self._subject(queue),
+                        ack_policy=AckPolicy.EXPLICIT, ack_wait=want, max_deliver=-1,
+                        max_ack_pending=MAX_ACK_PENDING, max_waiting=512))
+                except nats.js.errors.BadRequestError:  # another process made it just now
+                    info = await self._js.consumer_info(self.stream, durable)
+            ack_wait = float(info.config.ack_wait or self._ack_wait)
             psub = await self._js.pull_subscribe_bind(durable, self.stream)
-            self._subs[queue] = (psub, want)
-            return psub
+            self._subs[queue] = (psub, ack_wait)
+            return psub, ack_wait
 
     async def receive(self, queue: str, *, max_messages: int, visibility_s: float,
                       wait_s: float = 0.0) -> list[Message]:
@@ -414,8 +429,7 @@ class NatsQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         with _mapped(f"receiving from queue {queue}"):
-            psub = await self._sub(queue, visibility_s)
-            ack_wait = self._subs[queue][1]
+            psub, ack_wait = await self._sub(queue, visibility_s)
             while True:
                 left = deadline - loop.time()
                 try:
@@ -538,7 +552,7 @@ class NatsQueue:
             "status": "succeeded", "class": "succeeded", "settled_at": now,
             "result": result.decode() if result is not None else None,
             "request_id": request_id or _receipt(message).rec.get("request_id")},
-            tried=True, then=lambda msg: msg.ack(), ttl=RECORD_TTL_S)
+            tried=True, then=lambda msg: msg.ack(), ttl=self._record_ttl)
 
     async def retry(self, message: Message, *, delay_s: float, error: dict[str, Any],
                     request_id: str | None = None) -> None:
@@ -574,7 +588,7 @@ class NatsQueue:
         await self._settle(message, {
             "status": "failed", "class": "failed", "error": error, "settled_at": time.time(),
             "request_id": request_id or _receipt(message).rec.get("request_id")},
-            tried=True, then=lambda msg: msg.term(), ttl=RECORD_TTL_S)
+            tried=True, then=lambda msg: msg.term(), ttl=self._record_ttl)
 
     @staticmethod
     def _dead_key(queue: str, mid: str) -> str:
@@ -678,29 +692,29 @@ class NatsQueue:
         return QueueStats(**{c: max(0, int(counts.get(c, 0))) for c in CLASSES})
 
     async def purge_settled(self, older_than: float) -> int:
-        """Forget succeeded / failed records settled before ``older_than``
-        among every queue's recent ids. Records settled longer ago than
-        ``RECORD_TTL_S`` expire by themselves (a per-message TTL)."""
+        """Succeeded / failed records expire by themselves ``record_ttl_s``
+        after their settle (a per-message TTL: the server's timer), so the
+        periodic purge costs nothing. An earlier cut-off walks every queue's
+        recent ids (up to ``INDEX_KEEP`` reads per queue). Counts are not
+        touched: on NATS ``succeeded`` and ``failed`` count every settle."""
         self._check()
+        if older_than <= time.time() - self._record_ttl:
+            return 0
         n = 0
         with _mapped("purging settled records"):
             for key in await self._keys("s."):
                 got = await self._read(key)
-                if got is None:
-                    continue
-                for mid in got[0].get("recent", []):
+                for mid in got[0].get("recent", []) if got else []:
                     r = await self._read(self._rkey(mid))
                     if r is None:
                         continue
-                    rec, rev = r
+                    rec = r[0]
                     if rec["status"] in ("succeeded", "failed") and \
                             (rec.get("settled_at") or 0) < older_than:
-                        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                            await self._kv.purge(self._rkey(mid))
-                            if rec.get("dedup"):
-                                await self._kv.purge(rec["dedup"])
-                            await self._counted(rec["queue"], {rec["class"]: -1})
-                            n += 1
+                        await self._kv.purge(self._rkey(mid))
+                        if rec.get("dedup"):
+                            await self._kv.purge(rec["dedup"])
+                        n += 1
         return n
 
     async def aclose(self) -> None:
