@@ -107,6 +107,31 @@ CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
 SETTLED = ("succeeded", "failed", "dead")
 
 T = TypeVar("T")
+UNROUTED_TRIES = 20  # a write no stream answered (none elected, or interest not yet known)
+
+
+async def _routed(make: Callable[[], Awaitable[T]]) -> T:
+    """``await make()``, again while no stream answers it: nothing was
+    stored, so trying again is safe (a stream just made, or electing)."""
+    delay = 0.02
+    for _ in range(UNROUTED_TRIES - 1):
+        try:
+            return await make()
+        except nats.js.errors.NoStreamResponseError:
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 2)
+    return await make()
+
+
+async def _wait_for_leader(js: JetStreamContext, stream: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await js.stream_info(stream)
+        if info.cluster is None or info.cluster.leader:
+            return
+        if time.monotonic() > deadline:
+            raise UnavailableError(f"stream {stream} has no leader after {timeout_s:g} s")
+        await asyncio.sleep(0.05)
 
 
 def encode_name(queue: str) -> str:
@@ -188,6 +213,8 @@ async def open_nats_queue(nc: Client, *, region: str, replicas: int | None = Non
             kv = await js.create_key_value(KeyValueConfig(
                 bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE,
                 direct=False))  # reads from the leader: a settle is seen by the next read
+        await _wait_for_leader(js, stream)
+        await _wait_for_leader(js, f"KV_{bucket}")
     return NatsQueue(nc, js, kv, region=region, stream=stream,
                      dedup_window_s=dedup_window_s, ack_wait_s=ack_wait_s,
                      record_ttl_s=record_ttl_s)
@@ -246,10 +273,9 @@ class NatsQueue:
         """Compare-and-set (``rev`` 0: create); ConflictError if it moved."""
         data = orjson.dumps(rec)
         if rev == 0:
-            return int(await self._kv.create(key, data, msg_ttl=ttl))
-        if ttl is not None:
-            return int(await self._kv._update(key, data, last=rev, msg_ttl=ttl))
-        return int(await self._kv.update(key, data, last=rev))
+            return int(await _routed(lambda: self._kv.create(key, data, msg_ttl=ttl)))
+        last = rev
+        return int(await _routed(lambda: self._kv._update(key, data, last=last, msg_ttl=ttl)))
 
     # -- counts -------------------------------------------------------------------
 
@@ -333,7 +359,8 @@ class NatsQueue:
             dkey = f"d.{encode_name(queue)}.{h}"
             for _ in range(CAS_TRIES):
                 try:
-                    await self._kv.create(dkey, mid.encode(), msg_ttl=self._window)
+                    await _routed(lambda k=dkey: self._kv.create(  # type: ignore[misc]
+                        k, mid.encode(), msg_ttl=self._window))
                     break
                 except nats.js.errors.KeyWrongLastSequenceError:
                     got = await self._read_raw(dkey)
@@ -388,8 +415,8 @@ class NatsQueue:
         and its revision, so the first receive can claim it without a read."""
         data = mid.encode() if written is None else orjson.dumps(
             {"id": mid, "rev": written[1], "rec": written[0]})
-        await self._js.publish(self._subject(queue), data,
-                               headers={"Nats-Msg-Id": f"{mid}.{gen}"})
+        await _routed(lambda: self._js.publish(self._subject(queue), data,
+                                               headers={"Nats-Msg-Id": f"{mid}.{gen}"}))
 
     # -- receiving ----------------------------------------------------------------
 
@@ -418,6 +445,12 @@ class NatsQueue:
                         max_ack_pending=MAX_ACK_PENDING, max_waiting=512))
                 except nats.js.errors.BadRequestError:  # another process made it just now
                     info = await self._js.consumer_info(self.stream, durable)
+                deadline = time.monotonic() + 15.0
+                while info.cluster is not None and not info.cluster.leader:
+                    if time.monotonic() > deadline:
+                        raise UnavailableError(f"consumer {durable} has no leader after 15 s") from None
+                    await asyncio.sleep(0.05)
+                    info = await self._js.consumer_info(self.stream, durable)
             ack_wait = float(info.config.ack_wait or self._ack_wait)
             psub = await self._js.pull_subscribe_bind(durable, self.stream)
             self._subs[queue] = (psub, ack_wait)
@@ -436,6 +469,9 @@ class NatsQueue:
                     msgs = await psub.fetch(max(1, max_messages), timeout=max(0.05, left))
                 except TimeoutError:  # nothing came (nats' own TimeoutError is one too)
                     msgs = []
+                except nats.js.errors.ServiceUnavailableError:  # its leader is moving
+                    msgs = []
+                    await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
                 claimed = [c for c in await asyncio.gather(*(
                     self._claim(queue, msg, visibility_s, ack_wait) for msg in msgs))
                     if c is not None]
@@ -444,19 +480,26 @@ class NatsQueue:
                     for _m, prev in claimed:
                         moves[prev] = moves.get(prev, 0) - 1
                     await self._counted(queue, moves)
+                    # kept alive only once handed out: a receive cancelled
+                    # before this lets its claims lapse within AckWait
+                    if visibility_s > ack_wait:
+                        for m, _prev in claimed:
+                            self._hold(_receipt(m))
                     return [m for m, _prev in claimed]
 
     async def _claim(self, queue: str, msg: Msg, visibility_s: float,
                      ack_wait: float) -> tuple[Message, str] | None:
         """Take the record for this delivery: (message, the class it left)."""
         got: tuple[dict[str, Any], int] | None = None
-        if msg.data[:1] == b"{":  # the record as sent: claimed without a read if unchanged
-            first = orjson.loads(msg.data)
-            mid, got = first["id"], (first["rec"], int(first["rev"]))
-        else:
-            mid = msg.data.decode()
         md = msg.metadata
         seq, delivery = int(md.sequence.stream), int(md.num_delivered)
+        if msg.data[:1] == b"{":  # the record as sent: claimed without a read if unchanged
+            first = orjson.loads(msg.data)
+            mid = first["id"]
+            if delivery == 1:
+                got = (first["rec"], int(first["rev"]))
+        else:
+            mid = msg.data.decode()
         for _ in range(CAS_TRIES):
             if got is None:
                 got = await self._read(self._rkey(mid))
@@ -481,8 +524,6 @@ class NatsQueue:
                 got = None  # it moved: read it
                 continue
             r = Receipt(msg, seq, delivery, rev, rec, now + visibility_s, ack_wait)
-            if visibility_s > ack_wait:
-                self._hold(r)
             return Message(id=mid, queue=queue, body=base64.b64decode(rec["body"]),
                            attributes=dict(rec["attributes"]), attempts=int(rec["attempts"]) + 1,
                            enqueued_at=float(rec["enqueued_at"]), receipt=r), prev
