@@ -445,12 +445,12 @@ class NatsQueue:
                         max_ack_pending=MAX_ACK_PENDING, max_waiting=512))
                 except nats.js.errors.BadRequestError:  # another process made it just now
                     info = await self._js.consumer_info(self.stream, durable)
-                deadline = time.monotonic() + 15.0
-                while info.cluster is not None and not info.cluster.leader:
-                    if time.monotonic() > deadline:
-                        raise UnavailableError(f"consumer {durable} has no leader after 15 s") from None
-                    await asyncio.sleep(0.05)
-                    info = await self._js.consumer_info(self.stream, durable)
+            deadline = time.monotonic() + 15.0
+            while info.cluster is not None and not info.cluster.leader:
+                if time.monotonic() > deadline:
+                    raise UnavailableError(f"consumer {durable} has no leader after 15 s")
+                await asyncio.sleep(0.05)
+                info = await self._js.consumer_info(self.stream, durable)
             ack_wait = float(info.config.ack_wait or self._ack_wait)
             psub = await self._js.pull_subscribe_bind(durable, self.stream)
             self._subs[queue] = (psub, ack_wait)
