@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -262,5 +263,64 @@ def test_purge_settled_before_their_time(cluster: NatsCluster) -> None:
                 assert await q.get(sent[0].id) is None, "settled records are purged"
                 assert await q.get(sent[1].id) is not None, "unsettled ones never are"
             finally:
+                await q.aclose()
+    asyncio.run(main())
+
+
+class StubPool:
+    """The dispatcher's view of a function (a real pool needs a worker):
+    the handler "fails" on odd payloads. The queue under it is the real one."""
+
+    def __init__(self) -> None:
+        from nimbus.manifest.model import FunctionSpec
+        from nimbus.worker.target import Target
+        self.target = Target("app", 1, FunctionSpec("f", "h", "f", retries=1, retry_delay_s=0.2,
+                                                     max_instances=8), "0" * 64, None)
+        self.cap = 8
+        self.runs: dict[str, int] = {}
+
+    async def invoke(self, rid: str, event: Any) -> Any:
+        from nimbus.errors import HandlerError
+        self.runs[rid] = self.runs.get(rid, 0) + 1
+        if event["n"] % 2:
+            raise HandlerError({"errorType": "Odd", "errorMessage": f"{event['n']} is odd"})
+        return {"n": event["n"]}
+
+
+def test_the_dispatcher_runs_on_nats(cluster: NatsCluster) -> None:
+    """Events and its dispatcher over the NATS queue: async invocations run,
+    failures retry once and are dead-lettered, redrive runs them again, and
+    records and counts say so."""
+    from nimbus.clock import SystemClock
+    from nimbus.events.service import Events
+    reg = region()
+
+    async def main() -> None:
+        async with connected(cluster) as nc:
+            q = await open_nats_queue(nc, region=reg)
+            pool = StubPool()
+            events = Events(q, SystemClock())
+            events.sync({"f": pool})  # type: ignore[dict-item]
+            try:
+                ids = [(await events.submit("f", b'{"n": %d}' % n)).id for n in range(20)]
+                t0 = time.monotonic()
+                while (s := await events.stats("f"))["succeeded"] + s["dead"] < 20:
+                    assert time.monotonic() - t0 < 60, f"not all settled: {s}"
+                    await asyncio.sleep(0.1)
+                assert (s["succeeded"], s["dead"], s["running"]) == (10, 10, 0), s
+                for n, mid in enumerate(ids):
+                    rec = await events.invocation(mid)
+                    want = ("dead", 2) if n % 2 else ("succeeded", 1)
+                    assert (rec.status, rec.attempts) == want, (n, rec)
+                    assert pool.runs[mid] == want[1], "attempts are the handler's starts"
+                dead = await events.invocations("f", status="dead")
+                assert {r.id for r in dead} == set(ids[1::2])
+                assert await events.redrive("f") == 10
+                while (s := await events.stats("f"))["dead"] < 10 or s["running"] or s["ready"]:
+                    assert time.monotonic() - t0 < 120, f"redriven work not settled: {s}"
+                    await asyncio.sleep(0.1)
+                assert all(pool.runs[mid] == 4 for mid in ids[1::2]), "redriven: two more tries"
+            finally:
+                await events.aclose()
                 await q.aclose()
     asyncio.run(main())
