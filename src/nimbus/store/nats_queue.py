@@ -64,6 +64,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -107,6 +108,7 @@ CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
 SETTLED = ("succeeded", "failed", "dead")
 
 T = TypeVar("T")
+log = logging.getLogger("nimbus.queue")
 UNROUTED_TRIES = 20  # a write no stream answered (none elected, or interest not yet known)
 
 
@@ -332,9 +334,15 @@ class NatsQueue:
 
     async def _counted(self, queue: str, moves: dict[str, int],
                        ids: list[str] | None = None) -> None:
+        """Wait for the flush that carries these moves. A flush that fails
+        does not fail the operation (its record is written): the queue's
+        counts are off by these moves, which is logged."""
         moves = {k: v for k, v in moves.items() if v}
         if moves or ids:
-            await self._count(queue, moves, ids)
+            try:
+                await self._count(queue, moves, ids)
+            except (UnavailableError, ConflictError) as exc:
+                log.warning("counts of queue %s miss %s: %s", queue, moves, exc)
 
     # -- sending ------------------------------------------------------------------
 
@@ -346,9 +354,8 @@ class NatsQueue:
         if created:
             delayed = sum(1 for r, m in zip(results, messages, strict=True)
                           if r.created and m.delay_s > 0)
-            with _mapped(f"counting queue {queue}"):
-                await self._counted(queue, {"ready": len(created) - delayed,
-                                            "delayed": delayed}, created)
+            await self._counted(queue, {"ready": len(created) - delayed,
+                                        "delayed": delayed}, created)
         return list(results)
 
     async def _send_one(self, queue: str, m: Outgoing) -> SendResult:
