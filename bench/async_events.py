@@ -1,6 +1,7 @@
 """Async invocations: the enqueue rate alone, and end to end.
 
     python bench/async_events.py [--seconds 10] [--connections 32]
+                                 [--queue-only] [--nats-sync always|2m]
 
 Side by side, same machine, same no-op handler:
 
@@ -13,16 +14,29 @@ Side by side, same machine, same no-op handler:
    (accept -> queue -> dispatch -> run -> record), then the time until
    every accepted invocation is recorded succeeded. Reported: accepted/s,
    and completed/s over the whole span (first accept to last record).
-   Goal (issue 4): >= 5,000 invocations/s end to end.
+   Goal: >= 5,000 invocations/s end to end.
+
+Then the queue path alone, side by side on both backends, in one process
+(no HTTP, a no-op function with 64 slots): ``Events.submit`` from 256
+concurrent callers for ``--seconds`` -> dispatcher -> run -> record, and
+the time until every accepted invocation is recorded succeeded:
+
+5. SQLite (the embedded queue of ``nimbus up``);
+6. NATS: a local 3-server cluster, replicas 3, JetStream ``sync_interval``
+   as given (``always``: every write is fsynced on every server before it
+   is acknowledged). Goal: >= 2,000 invocations/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import secrets
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -85,12 +99,104 @@ def succeeded(ctl: httpx.Client, fn: str) -> dict[str, int]:
     raise SystemExit(f"{fn} is not deployed")
 
 
+class NoopPool:
+    """What the dispatcher needs of a pool, running nothing: the queue path alone."""
+
+    def __init__(self, cap: int) -> None:
+        from nimbus.manifest.model import FunctionSpec
+        from nimbus.worker.target import Target
+        self.target = Target("bench", 1, FunctionSpec("hello", "h", "hello", retries=0,
+                                                      max_instances=cap), "0" * 64, None)
+        self.cap = cap
+
+    async def invoke(self, rid: str, event: Any) -> Any:
+        return {"statusCode": 200}
+
+
+async def queue_path(queue: Any, seconds: float, callers: int = 256) -> tuple[float, float, int]:
+    """(accepted/s, completed/s, completed) through ``Events`` over ``queue``."""
+    from nimbus.clock import SystemClock
+    from nimbus.events.service import Events
+    events = Events(queue, SystemClock())
+    events.sync({"hello": NoopPool(64)})  # type: ignore[dict-item]
+    loop = asyncio.get_running_loop()
+    accepted = 0
+    t0 = loop.time()
+    stop_at = t0 + seconds
+
+    async def caller() -> None:
+        nonlocal accepted
+        while loop.time() < stop_at:
+            await events.submit("hello", b"{}")
+            accepted += 1
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    accept_s = loop.time() - t0
+    deadline = loop.time() + 300
+    while (done := (await events.stats("hello"))["succeeded"]) < accepted:
+        if loop.time() > deadline:
+            raise SystemExit(f"only {done} of {accepted} finished in 300 s")
+        await asyncio.sleep(0.05)
+    span = loop.time() - t0
+    await events.aclose()
+    return accepted / accept_s, done / span, done
+
+
+async def bench_sqlite(seconds: float) -> tuple[float, float, int]:
+    from nimbus.store.sqlite_queue import open_sqlite_queue
+    with tempfile.TemporaryDirectory() as tmp:
+        q = await open_sqlite_queue(Path(tmp) / "queue.db")
+        try:
+            return await queue_path(q, seconds)
+        finally:
+            await q.aclose()
+
+
+async def bench_nats(seconds: float, sync: str) -> tuple[float, float, int]:
+    import nats
+
+    from nimbus.natsd import NATS_USER, NatsCluster
+    from nimbus.store.nats_queue import open_nats_queue
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = NatsCluster(Path(tmp), secrets.token_urlsafe(32), size=3, sync=sync)
+        cluster.start()
+        try:
+            nc = await nats.connect(servers=cluster.urls.split(","), user=NATS_USER,
+                                    password=cluster.password)
+            try:
+                q = await open_nats_queue(nc, region="bench", replicas=3)
+                try:
+                    return await queue_path(q, seconds)
+                finally:
+                    await q.aclose()
+            finally:
+                await nc.close()
+        finally:
+            cluster.stop()
+
+
+def queue_paths(secs: int, sync: str) -> None:
+    print("queue path in one process (Events.submit -> dispatch -> no-op run -> record):")
+    a, c, n = asyncio.run(bench_sqlite(secs))
+    print(f"  sqlite                  accepted {a:7.0f}/s  completed {c:7.0f} inv/s "
+          f"({n} invocations; goal 5000)")
+    a, c, n = asyncio.run(bench_nats(secs, sync))
+    print(f"  nats 3x R3 sync={sync:<7} accepted {a:7.0f}/s  completed {c:7.0f} inv/s "
+          f"({n} invocations; goal 2000)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--queue-only", action="store_true",
+                    help="only the queue path on both backends (no HTTP)")
+    ap.add_argument("--nats-sync", default="always",
+                    help="JetStream sync_interval of the bench cluster (always, or e.g. 2m)")
     args = ap.parse_args()
     secs, conns = args.seconds, args.connections
+    if args.queue_only:
+        queue_paths(secs, args.nats_sync)
+        return
 
     with baseline_up() as base:
         b = wrk(base + "/hello", conns, secs)
@@ -129,6 +235,7 @@ def main() -> None:
                 rate = done["succeeded"] / span
                 print(f"end to end completed      {rate:9.0f} inv/s  ({done['succeeded']} in "
                       f"{span:.1f} s; {rate / b['rps']:.2f}x baseline sync; goal 5000)")
+    queue_paths(secs, args.nats_sync)
 
 
 if __name__ == "__main__":

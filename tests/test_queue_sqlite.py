@@ -11,7 +11,7 @@ from nimbus.clock import ManualClock
 from nimbus.errors import ConflictError
 from nimbus.store.queue import Outgoing
 from nimbus.store.sqlite_queue import PURGE_CHUNK, open_sqlite_queue
-from nimbus.testing import check_queue
+from nimbus.testing import check_queue, check_queue_realtime, check_queue_shared
 
 
 def test_contract(tmp_path: Path) -> None:
@@ -19,6 +19,20 @@ def test_contract(tmp_path: Path) -> None:
         return await open_sqlite_queue(tmp_path / "queue.db", clock=clock)
 
     asyncio.run(check_queue(open_queue))
+
+
+def test_contract_real_clock(tmp_path: Path) -> None:
+    async def open_queue():  # type: ignore[no-untyped-def]
+        return await open_sqlite_queue(tmp_path / "queue.db")
+
+    asyncio.run(check_queue_realtime(open_queue))
+
+
+def test_two_clients_of_one_file(tmp_path: Path) -> None:
+    async def open_queue():  # type: ignore[no-untyped-def]
+        return await open_sqlite_queue(tmp_path / "queue.db")
+
+    asyncio.run(check_queue_shared(open_queue))
 
 
 def test_concurrent_sends_share_commits_and_all_land(tmp_path: Path) -> None:

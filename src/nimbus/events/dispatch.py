@@ -15,7 +15,7 @@ counted), or dead-letter; the message row is also the invocation record,
 so settling and recording are one write.
 
 A try counts when its handler starts, not when its message is leased: the
-message's try is begun (:meth:`Queue.begin`) in its slot, right before the
+message's try is begun (:meth:`Delivery.begin`) in its slot, right before the
 pool is handed it. Work given back before that (lease too short, stopping,
 throttled, redeployed) costs no try; a run cut short after it (nimbus
 killed or stopped) costs exactly that one. A delivery that arrives with its
@@ -48,7 +48,7 @@ from nimbus.events.names import Subscription, invoke_queue, user_queue
 from nimbus.events.retry import RetryPolicy, next_retry, too_old
 from nimbus.events.shapes import destination_record, sns_event, sqs_event
 from nimbus.ids import new_id
-from nimbus.store.queue import Message, Outgoing, Queue
+from nimbus.store.queue import Delivery, Message, Outgoing
 from nimbus.worker.pool import ACQUIRE_GRACE_S
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 class Dispatcher:
     """Runs subscriptions against the live pools (``pools()``)."""
 
-    def __init__(self, queue: Queue, pools: Callable[[], dict[str, FunctionPool]],
+    def __init__(self, queue: Delivery, pools: Callable[[], dict[str, FunctionPool]],
                  clock: Clock) -> None:
         self.queue = queue
         self._pools = pools
@@ -218,8 +218,9 @@ class Dispatcher:
         at once (not counted); running invocations get ``grace_s`` to finish
         and settle (one whose instance the pools' closing takes away counts
         its try, ``Interrupted``). What is still running after that stays
-        leased with its try begun: the next start's ``recover()`` counts that
-        try and delivers it again."""
+        leased with its try begun: that try counts, and the message is
+        delivered again when its lease ends (sooner on the embedded queue,
+        whose next start recovers what it had leased)."""
         self.stopping = True
         consumers = list(self._consumers.values())
         self._consumers.clear()

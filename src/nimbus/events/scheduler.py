@@ -38,7 +38,7 @@ from nimbus.events.names import invoke_queue
 from nimbus.events.schedule_expr import Schedule, parse_schedule
 from nimbus.events.shapes import scheduled_event
 from nimbus.ids import new_id
-from nimbus.store.queue import Outgoing, Queue
+from nimbus.store.queue import Delivery, Outgoing
 
 if TYPE_CHECKING:
     from nimbus.clock import Clock
@@ -102,7 +102,7 @@ def _dt(ts: float) -> datetime:
 
 
 class Scheduler:
-    def __init__(self, store: Store, queue: Queue, clock: Clock, *,
+    def __init__(self, store: Store, queue: Delivery, clock: Clock, *,
                  node: str | None = None, lease_ttl_s: float = LEASE_TTL_S) -> None:
         self.store = store
         self.queue = queue

@@ -8,6 +8,10 @@
   on every change): it starts and stops the dispatcher's consumers and
   knows which function consumes which queue and topic;
 * records, dead letters and redrive for ``nimbus invocations`` / ``dlq``.
+
+It holds the queue through its two seams: work is sent and run through
+``Delivery`` (the dispatcher sees nothing else), records, counts and
+redrive go through ``Records``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ from nimbus.errors import NotFoundError, PayloadTooLargeError, UserInputError
 from nimbus.events.dispatch import Dispatcher
 from nimbus.events.names import Subscription, invoke_queue, topic_queue, user_queue
 from nimbus.ids import new_id
-from nimbus.store.queue import DEFAULT_DEDUP_WINDOW_S, Outgoing, Queue, Record, SendResult
+from nimbus.store.queue import (
+    DEFAULT_DEDUP_WINDOW_S,
+    Delivery,
+    Outgoing,
+    Queue,
+    Record,
+    Records,
+    SendResult,
+)
 
 if TYPE_CHECKING:
     from nimbus.clock import Clock
@@ -50,13 +62,15 @@ class Events:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, was: {max_bytes}")
         self.queue = queue
+        self.delivery: Delivery = queue
+        self.records: Records = queue
         self.clock = clock
         self.max_bytes = max_bytes
         self.retention_s = retention_s
         self.pools: dict[str, FunctionPool] = {}
         self.queue_owner: dict[str, str] = {}  # queue name -> consuming function
         self.topic_subs: dict[str, list[str]] = {}  # topic -> subscribed functions
-        self.dispatcher = Dispatcher(queue, lambda: self.pools, clock)
+        self.dispatcher = Dispatcher(self.delivery, lambda: self.pools, clock)
         self.on_sync: list[Callable[[dict[str, FunctionPool]], None]] = []
         self._purger: asyncio.Task[None] | None = None
 
@@ -118,7 +132,7 @@ class Events:
         self._check_size(event, "async invocation payload")
         out = Outgoing(event, {"nimbus.source": source},
                        dedup_key=f"idem:{idempotency_key}" if idempotency_key else None)
-        [result] = await self.queue.send(invoke_queue(function), [out])
+        [result] = await self.delivery.send(invoke_queue(function), [out])
         return result
 
     async def publish(self, name: str, body: bytes, *, kind: str | None = None,
@@ -147,7 +161,7 @@ class Events:
                                  f"{', '.join(reserved)}")
         dedup = f"idem:{idempotency_key}" if idempotency_key else None
         if kind == "queue":
-            [r] = await self.queue.send(user_queue(name), [Outgoing(body, attrs,
+            [r] = await self.delivery.send(user_queue(name), [Outgoing(body, attrs,
                                                                     dedup_key=dedup)])
             return Published(r.id, "queue", [r])
         message_id = new_id()
@@ -156,11 +170,11 @@ class Events:
             attrs["nimbus.subject"] = subject
         # Sent together: the embedded queue commits them in one transaction.
         sent = await asyncio.gather(*(
-            self.queue.send(topic_queue(name, fn), [Outgoing(body, attrs, dedup_key=dedup)])
+            self.delivery.send(topic_queue(name, fn), [Outgoing(body, attrs, dedup_key=dedup)])
             for fn in self.topic_subs[name]))
         results = [r for [r] in sent]
         if not results[0].created:  # a repeat: answer with the first message's id
-            first = await self.queue.get(results[0].id)
+            first = await self.records.get(results[0].id)
             if first is not None:
                 message_id = first.attributes.get("nimbus.message_id", message_id)
         return Published(message_id, "topic", results)
@@ -168,7 +182,7 @@ class Events:
     # -- records and dead letters ---------------------------------------------------
 
     async def invocation(self, invocation_id: str) -> Record:
-        rec = await self.queue.get(invocation_id)
+        rec = await self.records.get(invocation_id)
         if rec is None:
             raise NotFoundError(f"no invocation {invocation_id!r} (records of finished "
                                 f"invocations are kept {self.retention_s / 3600:g} h)")
@@ -178,14 +192,14 @@ class Events:
                           limit: int = 50) -> list[Record]:
         out: list[Record] = []
         for q in self._queues_of(function):
-            out += await self.queue.records(q, status=status, limit=limit)
+            out += await self.records.records(q, status=status, limit=limit)
         out.sort(key=lambda r: r.enqueued_at, reverse=True)
         return out[:limit]
 
     async def redrive(self, function: str, ids: list[str] | None = None) -> int:
         moved = 0
         for q in self._queues_of(function):
-            moved += await self.queue.redrive(q, ids)
+            moved += await self.records.redrive(q, ids)
         if ids is not None and moved < len(ids):
             dead = {r.id for r in await self.invocations(function, status="dead", limit=10_000)}
             missing = [i for i in ids if i not in dead]
@@ -197,7 +211,7 @@ class Events:
     async def stats(self, function: str) -> dict[str, int]:
         total = dict.fromkeys(("ready", "delayed", "running", "dead", "succeeded", "failed"), 0)
         for q in self._queues_of(function):
-            s = await self.queue.stats(q)
+            s = await self.records.stats(q)
             for k in total:
                 total[k] += getattr(s, k)
         return total
@@ -208,7 +222,7 @@ class Events:
         while True:
             await asyncio.sleep(PURGE_EVERY_S)
             try:
-                n = await self.queue.purge_settled(self.clock.now() - self.retention_s)
+                n = await self.records.purge_settled(self.clock.now() - self.retention_s)
                 if n:
                     log.info("forgot %d settled invocation records", n)
             except Exception:  # noqa: BLE001 - housekeeping must not die

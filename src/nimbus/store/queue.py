@@ -1,4 +1,15 @@
-"""The ``Queue`` seam: durable messages that are also invocation records.
+"""The queue seams: durable messages that are also invocation records.
+
+Two protocols, one object may implement both:
+
+* :class:`Delivery` moves work: ``send``, ``receive`` (a lease), ``begin``,
+  and the settles ``ack`` / ``retry`` / ``release`` / ``dead_letter`` /
+  ``fail``. The dispatcher needs nothing else.
+* :class:`Records` answers about work: ``get``, ``records`` (by queue and
+  status, newest first), ``stats`` (counts), ``redrive`` and
+  ``purge_settled``. The control API and ``nimbus invocation(s)`` / ``dlq``
+  use it.
+* :class:`Queue` is both.
 
 One message is one unit of async work (an async invocation, a queue or topic
 message, a schedule tick). It is stored before ``send`` returns and kept,
@@ -14,12 +25,14 @@ with its outcome, after it is settled, so the same row answers
 
 Delivery is at-least-once: a received message is leased for
 ``visibility_s``; if it is not settled by then (its consumer died) it is
-delivered again. Settling with a stale delivery (another consumer has it
-now) raises ``ConflictError``.
+delivered again. Lease expiry is the only recovery the seam promises (a
+backend with one owner, like the embedded SQLite queue, may offer more of
+its own). Settling with a stale delivery (another consumer has it now)
+raises ``ConflictError``.
 
 **A try counts when the handler starts, not when a message is leased.**
 ``receive`` counts nothing: a consumer may lease far ahead of what it runs.
-:meth:`Queue.begin` marks the try of a delivery just before the handler is
+:meth:`Delivery.begin` marks the try of a delivery just before the handler is
 handed the message; from then on the try counts whatever happens (it
 survives the process being killed before the settle). The settle after a
 begun try (ack, retry, dead_letter, fail) records it in ``attempts``;
@@ -28,7 +41,8 @@ process that dies, before ``begin`` costs no try; one that ends after it
 costs exactly that one try. So ``attempts`` in a record is the number of
 times its handler began, plus at most one begun as the process died.
 
-Every backend passes :func:`nimbus.testing.check_queue`.
+Every backend passes :func:`nimbus.testing.check_queue` (the SQLite one
+also its manual-clock rules).
 """
 
 from __future__ import annotations
@@ -55,7 +69,8 @@ class Outgoing:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One delivery of a message. ``receipt`` identifies this delivery."""
+    """One delivery of a message. ``receipt`` identifies this delivery; it is
+    opaque (each backend keeps what it needs to settle it there)."""
 
     id: str
     queue: str
@@ -63,7 +78,7 @@ class Message:
     attributes: dict[str, str]
     attempts: int  # the number of this delivery's try, once begun: tries begun before + 1
     enqueued_at: float
-    receipt: int
+    receipt: object = field(compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +131,7 @@ class QueueStats:
     failed: int
 
 
-class Queue(Protocol):
+class Delivery(Protocol):
     """Durable named queues (a queue exists once something is sent to it).
 
     Methods raise ``ClosedError`` after :meth:`aclose` and
@@ -124,7 +139,9 @@ class Queue(Protocol):
     """
 
     async def send(self, queue: str, messages: list[Outgoing]) -> list[SendResult]:
-        """Store ``messages`` durably, all or none, before returning."""
+        """Store ``messages`` durably before returning (on SQLite all or none;
+        elsewhere each on its own: on an error, some may have been stored and
+        a send again does not duplicate those with an ``id`` or dedup key)."""
 
     async def receive(self, queue: str, *, max_messages: int, visibility_s: float,
                       wait_s: float = 0.0) -> list[Message]:
@@ -158,6 +175,12 @@ class Queue(Protocol):
                    request_id: str | None = None) -> None:
         """Give up without keeping it for redrive (``failed``)."""
 
+    async def aclose(self) -> None: ...
+
+
+class Records(Protocol):
+    """What happened to the messages: the invocation records."""
+
     async def get(self, message_id: str) -> Record | None: ...
 
     async def records(self, queue: str, *, status: str | None = None,
@@ -168,9 +191,14 @@ class Queue(Protocol):
         """Dead messages (all, or those of ``ids``) back to ``queued`` with
         their attempts reset; returns how many moved."""
 
-    async def stats(self, queue: str) -> QueueStats: ...
+    async def stats(self, queue: str) -> QueueStats:
+        """Counts by status, without reading every record."""
 
     async def purge_settled(self, older_than: float) -> int:
         """Forget succeeded / failed messages settled before ``older_than``."""
 
     async def aclose(self) -> None: ...
+
+
+class Queue(Delivery, Records, Protocol):
+    """Both seams in one object (as the embedded SQLite queue is)."""

@@ -1,6 +1,6 @@
 """``Queue`` over one SQLite file, with group commit.
 
-Contract (beyond :class:`nimbus.store.queue.Queue`):
+Contract (beyond :class:`nimbus.store.queue.Queue`, both its seams):
 
 * Durability: WAL journal. A transaction that accepts work (send, redrive)
   commits with ``synchronous=FULL``: it is on disk before its coroutine
@@ -475,15 +475,15 @@ class SQLiteQueue:
         the try in the database, :meth:`recover` if the process dies first."""
         if self._closed:
             raise ClosedError(f"queue {self.path} is closed")
-        self._append_marks(b"".join(f"{m.id} {m.receipt}\n".encode() for m in messages))
-        for m in messages:
-            self._begun.add((m.id, m.receipt))
+        keys = [(m.id, _receipt(m)) for m in messages]
+        self._append_marks(b"".join(f"{mid} {n}\n".encode() for mid, n in keys))
+        self._begun.update(keys)
 
     async def _settle(self, m: Message, sets: str, args: tuple[Any, ...], *,
                       tried: bool = True) -> None:
         """``tried``: count the try if this delivery was begun (``release``
         passes False: the handler did not run it)."""
-        key = (m.id, m.receipt)
+        key = (m.id, _receipt(m))
         counted = int(tried and key in self._begun)
         try:
             await self._call(self._settle_tx, m, f"attempts = attempts + ?, {sets}",
@@ -676,6 +676,13 @@ class SQLiteQueue:
         with contextlib.suppress(RuntimeError):  # already shut down
             await loop.run_in_executor(self._reader, self._close_reader)
         self._reader.shutdown(wait=False)
+
+
+def _receipt(m: Message) -> int:
+    """The delivery number a message from this queue carries as its receipt."""
+    if not isinstance(m.receipt, int):
+        raise ConflictError(f"message {m.id} was not delivered by a SQLite queue")
+    return m.receipt
 
 
 def _settle_futures(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
