@@ -300,3 +300,52 @@ def test_a_flood_does_not_block_the_writer_and_drops_are_counted(
         finally:
             await nc.close()
     asyncio.run(run())
+
+
+class _GatedJetStream:
+    """Stands in for a NATS connection in the pure buffer test: publishes
+    wait for a gate, then are recorded."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.sent: list[bytes] = []
+
+    def jetstream(self, timeout: float | None = None) -> _GatedJetStream:
+        return self
+
+    async def publish(self, subject: str, payload: bytes, **_: object) -> None:
+        await self.gate.wait()
+        self.sent.append(payload)
+
+
+def test_dropped_unsent_batches_are_told_where_the_gap_is() -> None:
+    import orjson
+
+    async def run() -> None:
+        fake = _GatedJetStream()
+        sink = NatsLogSink(fake, region="r", worker="w",  # type: ignore[arg-type]
+                           buffer_bytes=4 * BATCH_BYTES)
+        sink.start()
+        pad = "x" * 4000
+        for i in range(200):  # about 800 KB: four batches, the first in flight
+            sink.write("fn", None, "stdout", f"{i:04d}{pad}")
+        await until("batches made, the first in flight", lambda: not sink._lines)
+        for i in range(200, 300):  # past the bound: an unsent batch goes
+            sink.write("fn", None, "stdout", f"{i:04d}{pad}")
+        assert sink.dropped > 0
+        assert sink.buffered_bytes <= 4 * BATCH_BYTES
+        fake.gate.set()
+        await sink.aclose()
+        assert sink.published + sink.dropped == 300
+        recs = [orjson.loads(line) for msg in fake.sent for line in msg.splitlines()]
+        kept = [int(r["text"][:4]) for r in recs if r["stream"] == "stdout"]
+        notices = [(n, r["text"]) for n, r in enumerate(recs) if r["stream"] == "platform"]
+        assert len(notices) == 1
+        at, text = notices[0]
+        gap = int(text.split()[0])
+        assert gap == sink.dropped
+        assert at > 0 and at + gap < 200  # an unsent batch went, not the newest lines
+        # the lines before the notice run up to the gap, those after resume past it
+        assert kept[:at] == list(range(at))
+        assert kept[at:] == list(range(at + gap, 300))
+    asyncio.run(run())

@@ -149,9 +149,22 @@ async def ensure_stream(nc: NATS, region: str, limits: NatsLogLimits | None = No
 @dataclass(slots=True)
 class _Batch:
     function: str
-    payload: bytes
-    lines: int  # log lines in it (a drop notice is not one)
+    payload: bytes  # the records, one a line
+    lines: int
     msg_id: str
+    dropped_before: int = 0  # lines dropped just before these: told first
+    sent: bytes | None = None  # what was published (the same on a retry)
+
+    def message(self, worker: str) -> bytes:
+        if self.sent is None:
+            notice = b""
+            if self.dropped_before:
+                notice = orjson.dumps({
+                    "ts": time.time(), "rid": None, "stream": "platform",
+                    "text": f"{self.dropped_before} log lines dropped (log buffer full)",
+                    "worker": worker}) + b"\n"
+            self.sent = notice + self.payload
+        return self.sent
 
 
 class NatsLogSink:
@@ -221,18 +234,22 @@ class NatsLogSink:
                 batch = self._outbox[1]
                 del self._outbox[1]
                 self._bytes -= len(batch.payload)
-                self._count_drop(batch.function, batch.lines)
+                self.dropped += batch.lines
+                gap = batch.dropped_before + batch.lines
+                # the gap is told where it is: before the function's next batch
+                later = next((b for i, b in enumerate(self._outbox)
+                              if i > 0 and b.function == batch.function), None)
+                if later is not None:
+                    later.dropped_before += gap
+                else:
+                    self._dropped[batch.function] = self._dropped.get(batch.function, 0) + gap
             elif self._lines:
                 function, rec = self._lines.popleft()
                 self._bytes -= len(rec) + 1
-                self._count_drop(function, 1)
+                self.dropped += 1
+                self._dropped[function] = self._dropped.get(function, 0) + 1
             else:
                 break
-
-    def _count_drop(self, function: str, n: int) -> None:
-        if n:
-            self._dropped[function] = self._dropped.get(function, 0) + n
-            self.dropped += n
 
     def flush(self) -> None:
         """Publish soon (the next round does not wait for ``flush_s``)."""
@@ -264,7 +281,8 @@ class NatsLogSink:
 
     def _make_batches(self) -> None:
         """Turn the buffered lines into messages: per function, in order,
-        each at most about BATCH_BYTES, the drop notice first."""
+        each at most about BATCH_BYTES; a function's first one tells the
+        lines dropped before it."""
         per_fn: dict[str, list[bytes]] = {}
         while self._lines:
             function, rec = self._lines.popleft()
@@ -272,31 +290,22 @@ class NatsLogSink:
         for function in list(self._dropped):
             per_fn.setdefault(function, [])
         for function, recs in per_fn.items():
-            notice: list[bytes] = []
-            if n := self._dropped.pop(function, 0):
-                notice = [orjson.dumps({
-                    "ts": time.time(), "rid": None, "stream": "platform",
-                    "text": f"{n} log lines dropped (log buffer full)", "worker": self.worker})]
-                self._bytes += len(notice[0]) + 1
-            self._chunk(function, notice + recs, len(notice))
+            first = len(self._outbox)
+            size = 0
+            start = 0
+            for i, rec in enumerate(recs):
+                if size and size + len(rec) + 1 > BATCH_BYTES:
+                    self._add_batch(function, recs[start:i])
+                    start, size = i, 0
+                size += len(rec) + 1
+            if start < len(recs) or not recs:
+                self._add_batch(function, recs[start:])
+            self._outbox[first].dropped_before = self._dropped.pop(function, 0)
 
-    def _chunk(self, function: str, recs: list[bytes], extra: int) -> None:
-        size = 0
-        start = 0
-        for i, rec in enumerate(recs):
-            if size and size + len(rec) + 1 > BATCH_BYTES:
-                self._add_batch(function, recs[start:i], extra)
-                extra = 0
-                start, size = i, 0
-            size += len(rec) + 1
-        if start < len(recs):
-            self._add_batch(function, recs[start:], extra)
-
-    def _add_batch(self, function: str, recs: list[bytes], extra: int) -> None:
+    def _add_batch(self, function: str, recs: list[bytes]) -> None:
         self._seq += 1
-        lines = len(recs) - min(extra, len(recs))
-        self._outbox.append(_Batch(function, b"\n".join(recs) + b"\n", lines,
-                                   f"{self._boot}-{self._seq}"))
+        payload = b"".join(rec + b"\n" for rec in recs)
+        self._outbox.append(_Batch(function, payload, len(recs), f"{self._boot}-{self._seq}"))
 
     async def _run(self) -> None:
         backoff = 0.0
@@ -318,7 +327,7 @@ class NatsLogSink:
                     batch = self._outbox.popleft()
                     self._bytes -= len(batch.payload)
                     self.published += batch.lines
-                    if not self._outbox and self._lines:
+                    if not self._outbox and (self._lines or self._dropped):
                         self._make_batches()
                 backoff = 0.0
             except (NatsError, JsError, TimeoutError, OSError) as exc:
@@ -332,7 +341,8 @@ class NatsLogSink:
                 backoff = 1.0
 
     async def _publish(self, batch: _Batch) -> None:
-        await self.js.publish(subject_for(self.region, batch.function), batch.payload,
+        await self.js.publish(subject_for(self.region, batch.function),
+                              batch.message(self.worker),
                               timeout=PUBLISH_TIMEOUT_S,
                               headers={"Nats-Msg-Id": batch.msg_id})
 
