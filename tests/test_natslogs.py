@@ -349,3 +349,73 @@ def test_dropped_unsent_batches_are_told_where_the_gap_is() -> None:
         assert kept[:at] == list(range(at))
         assert kept[at:] == list(range(at + gap, 300))
     asyncio.run(run())
+
+
+def test_the_control_api_serves_a_regions_logs_from_nats(cluster: NatsCluster) -> None:
+    """The logs endpoint reads the LogSource it is given: tail, request id
+    and follow, over real HTTP, from lines a worker published to NATS."""
+    from types import SimpleNamespace
+
+    import httpx
+    import orjson
+    import uvicorn
+
+    from nimbus.control.api import create_control_app
+
+    region = "api"
+    token = secrets.token_urlsafe(32)
+
+    async def run() -> None:
+        nc = await connect(cluster, 2)
+        sink_nc = await connect(cluster, 0)
+        server: uvicorn.Server | None = None
+        serving: asyncio.Task[None] | None = None
+        try:
+            await ensure_stream(nc, region)
+            sink = NatsLogSink(sink_nc, region=region, worker="w9")
+            sink.start()
+            for i in range(10):
+                sink.write("fn", f"r{i % 2}", "stdout", f"line{i}")
+            await until("published", _published(sink, 10))
+            platform = SimpleNamespace(
+                token=token, config=SimpleNamespace(max_bundle_bytes=1024 * 1024),
+                routes=SimpleNamespace(functions={"fn": object()}),
+                worker=SimpleNamespace(logs=sink))
+            app = create_control_app(platform,  # type: ignore[arg-type]
+                                     log_source=NatsLogSource(nc, region=region))
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                   log_level="warning", lifespan="off"))
+            serving = asyncio.create_task(server.serve())
+            await until("the API listens", lambda: bool(server and server.started))
+            port = server.servers[0].sockets[0].getsockname()[1]
+            headers = {"authorization": f"Bearer {token}"}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                         headers=headers, timeout=DEADLINE_S) as http:
+                r = await http.get("/v1/functions/fn/logs", params={"tail": 3})
+                assert r.status_code == 200
+                got = [orjson.loads(x) for x in r.content.splitlines()]
+                assert texts(got) == ["line7", "line8", "line9"]
+                assert {g["worker"] for g in got} == {"w9"}
+                r = await http.get("/v1/functions/fn/logs", params={"request_id": "r1"})
+                assert texts([orjson.loads(x) for x in r.content.splitlines()]) == [
+                    f"line{i}" for i in range(1, 10, 2)]
+                r = await http.get("/v1/functions/nope/logs")
+                assert r.status_code == 404
+                followed: list[str] = []
+                async with http.stream("GET", "/v1/functions/fn/logs",
+                                       params={"tail": 1, "follow": "true"}) as resp:
+                    lines = resp.aiter_lines()
+                    followed.append(orjson.loads(await anext(lines))["text"])
+                    sink.write("fn", None, "stderr", "live")
+                    followed.append(orjson.loads(await asyncio.wait_for(
+                        anext(lines), DEADLINE_S))["text"])
+                assert followed == ["line9", "live"]
+            await sink.aclose()
+        finally:
+            if server is not None:
+                server.should_exit = True
+            if serving is not None:
+                await asyncio.wait_for(serving, DEADLINE_S)
+            await nc.close()
+            await sink_nc.close()
+    asyncio.run(run())
