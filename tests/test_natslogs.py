@@ -15,6 +15,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from nimbus.errors import UnavailableError
 from nimbus.natsd import NATS_USER, NatsCluster
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.logs import read_records
@@ -90,6 +91,9 @@ def test_both_implementations_satisfy_the_seam(cluster: NatsCluster, tmp_path: P
             assert isinstance(FileLogSink(tmp_path), LogSink)
             assert isinstance(NatsLogSink(nc, region="seam", worker="w"), LogSink)
             assert isinstance(NatsLogSource(nc, region="seam"), LogSource)
+            # a region without its log stream: a clear error, before any record
+            with pytest.raises(UnavailableError, match="nimbus-nostream-logs"):
+                await NatsLogSource(nc, region="nostream", timeout_s=2).read("fn", tail=5)
         finally:
             await nc.close()
     asyncio.run(run())
@@ -136,7 +140,7 @@ def test_two_workers_lines_all_in_one_tail_in_order_per_worker(
             assert texts((await reader.tail("other", 5))[0]) == ["not fn.x"]
             assert (await reader.tail("never-written", 5)) == ([], 0)
             # all of it through the seam the control API uses
-            every = [r async for b in reader.read("fn.x") for r in b]
+            every = [r async for b in await reader.read("fn.x") for r in b]
             assert every == recs
             # the optional per-worker file copy has the same lines (no worker field)
             local_texts = [r["text"] for r in _file_records(local.path("fn.x"))]
@@ -174,7 +178,7 @@ def test_follow_sees_new_lines_live_across_the_death_of_its_server(
             seen: list[dict[str, Any]] = []
 
             async def follow() -> None:
-                async for batch in source.read("fn", tail=5, follow=True):
+                async for batch in await source.read("fn", tail=5, follow=True):
                     seen.extend(batch)
 
             task = asyncio.create_task(follow())

@@ -354,7 +354,9 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
         follow = query_bool(request, "follow")
         if name not in platform.routes.functions:
             raise NotFoundError(f"function {name!r} is not deployed")
-        batches = logs_from.read(name, tail=tail, request_id=rid, follow=follow)
+        # where the history ends is fixed now (an unreadable log is an error
+        # answered here, not a response cut short); the records stream after
+        batches = await logs_from.read(name, tail=tail, request_id=rid, follow=follow)
 
         async def stream() -> AsyncIterator[bytes]:
             try:

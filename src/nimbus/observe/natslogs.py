@@ -46,10 +46,12 @@ from typing import Any
 import orjson
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import Error as JsError
 from nats.js.errors import NotFoundError
 
+from nimbus.errors import UnavailableError
 from nimbus.observe.logs import MAX_LINE_CHARS
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.protocols import Record
@@ -390,25 +392,31 @@ class NatsLogSource:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"reading logs from {self.stream}: no answer "
-                                       f"within {self.timeout_s}s")
-                msg = await sub.next_msg(timeout=left)
+                    raise UnavailableError(f"reading logs from {self.stream}: no answer "
+                                           f"within {self.timeout_s}s")
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except NatsTimeoutError:
+                    raise UnavailableError(f"reading logs from {self.stream}: no answer "
+                                           f"within {self.timeout_s}s") from None
                 headers = msg.headers or {}
                 status = headers.get("Status")
                 if status == "404" or status == "408":
                     return out
                 if status == "204":  # end of batch
                     return out
+                if status == "503":
+                    raise UnavailableError(
+                        f"reading logs from {self.stream}: no server answered for the "
+                        "stream (it does not exist yet, or JetStream is unavailable)")
                 if status:
-                    raise TimeoutError(f"reading logs from {self.stream}: status {status} "
-                                       f"{headers.get('Description', '')}".rstrip())
+                    raise UnavailableError(f"reading logs from {self.stream}: "
+                                           f"status {str(status).splitlines()[0]}")
                 out.append((int(headers["Nats-Sequence"]), msg.data))
                 if "batch" not in request:
                     return out
         except NatsError as exc:
-            if isinstance(exc, TimeoutError):
-                raise
-            raise TimeoutError(f"reading logs from {self.stream}: {exc!r}") from exc
+            raise UnavailableError(f"reading logs from {self.stream}: {exc!r}") from exc
         finally:
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
@@ -493,7 +501,7 @@ class NatsLogSource:
                         if recs := _records(data, request_id):
                             yield recs
                     backoff = 0.0
-                except TimeoutError as exc:  # a server gone, a reconnect under way
+                except UnavailableError as exc:  # a server gone, a reconnect under way
                     log.debug("following %s: %r; reading again", function, exc)
                     backoff = min(max(2 * backoff, 0.1), 2.0)
                     await asyncio.sleep(backoff)
@@ -509,7 +517,7 @@ class NatsLogSource:
         for _ in range(10):
             try:
                 return await fn(*args)
-            except TimeoutError:
+            except UnavailableError:
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, 2.0)
         return await fn(*args)
@@ -517,16 +525,26 @@ class NatsLogSource:
     async def read(self, function: str, *, tail: int | None = None,
                    request_id: str | None = None,
                    follow: bool = False) -> AsyncGenerator[list[Record], None]:
-        if tail is None:  # all of it, streamed message by message
-            last = await self.last_seq(function)
-            async for _, data in self._range(function, 1, last):
-                if recs := _records(data, request_id):
-                    yield recs
-        else:
-            records, last = await self.tail(function, tail, request_id=request_id)
-            for start in range(0, len(records), 1000):
-                yield records[start:start + 1000]
+        if tail is None:
+            return self._all(function, await self.last_seq(function), request_id, follow)
+        records, last = await self.tail(function, tail, request_id=request_id)
+        return self._emit(function, records, last, request_id, follow)
+
+    async def _all(self, function: str, last: int, request_id: str | None,
+                   follow: bool) -> AsyncGenerator[list[Record], None]:
+        """Everything up to ``last``, message by message, then following."""
+        async for _, data in self._range(function, 1, last):
+            if recs := _records(data, request_id):
+                yield recs
         if follow:
             async for batch in self.follow(function, after=last, request_id=request_id):
                 yield batch
 
+    async def _emit(self, function: str, records: list[Record], last: int,
+                    request_id: str | None,
+                    follow: bool) -> AsyncGenerator[list[Record], None]:
+        for start in range(0, len(records), 1000):
+            yield records[start:start + 1000]
+        if follow:
+            async for batch in self.follow(function, after=last, request_id=request_id):
+                yield batch

@@ -41,12 +41,15 @@ class LogSink(Protocol):
 class LogSource(Protocol):
     """Where the logs endpoint reads one function's records."""
 
-    def read(self, function: str, *, tail: int | None = None, request_id: str | None = None,
-             follow: bool = False) -> AsyncGenerator[list[Record], None]:
+    async def read(self, function: str, *, tail: int | None = None,
+                   request_id: str | None = None,
+                   follow: bool = False) -> AsyncGenerator[list[Record], None]:
         """Batches of records, oldest first: all of them or the last ``tail``
         (of ``request_id`` only, if given); then, with ``follow``, those
-        written after, as they come, until the caller stops iterating.
-        History and following meet exactly: nothing twice, nothing lost."""
+        written after, as they come, until the caller stops iterating
+        (``aclose``). History and following meet exactly: nothing twice,
+        nothing lost. Awaiting this fixes where the history ends (and
+        raises if the logs cannot be read at all); iterating reads."""
         ...
 
 
@@ -64,6 +67,10 @@ class FileLogSource:
         # Disk reads run in a thread: a log of any size never stalls the loop.
         reader = await asyncio.to_thread(LogReader, self.sink.path(function),
                                          request_id=request_id)
+        return self._batches(reader, tail, follow)
+
+    async def _batches(self, reader: LogReader, tail: int | None,
+                       follow: bool) -> AsyncGenerator[list[Record], None]:
         try:
             batches = reader.history(tail)
             while (batch := await asyncio.to_thread(next, batches, None)) is not None:
