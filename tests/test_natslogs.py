@@ -26,6 +26,7 @@ from nimbus.observe.natslogs import (
     NatsLogSource,
     encode_function,
     ensure_stream,
+    open_region_logs,
     subject_for,
 )
 from nimbus.observe.protocols import LogSink, LogSource
@@ -375,9 +376,8 @@ def test_the_control_api_serves_a_regions_logs_from_nats(cluster: NatsCluster) -
         server: uvicorn.Server | None = None
         serving: asyncio.Task[None] | None = None
         try:
-            await ensure_stream(nc, region)
-            sink = NatsLogSink(sink_nc, region=region, worker="w9")
-            sink.start()
+            sink, _ = await open_region_logs(sink_nc, region=region, worker="w9")
+            assert sink is not None
             for i in range(10):
                 sink.write("fn", f"r{i % 2}", "stdout", f"line{i}")
             await until("published", _published(sink, 10))

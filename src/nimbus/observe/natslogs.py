@@ -145,6 +145,23 @@ async def ensure_stream(nc: NATS, region: str, limits: NatsLogLimits | None = No
     await js.update_stream(config)
 
 
+async def open_region_logs(nc: NATS, *, region: str, worker: str | None = None,
+                           limits: NatsLogLimits | None = None,
+                           local: FileLogSink | None = None,
+                           ) -> tuple[NatsLogSink | None, NatsLogSource]:
+    """What a region process needs: the stream made sure of, a started sink
+    for a worker (``worker``: its node id; None for processes that only
+    read, as controllers) and a source for the control API. A worker's
+    shutdown awaits ``sink.aclose()`` after its instances are gone, so the
+    last lines are published."""
+    await ensure_stream(nc, region, limits)
+    sink = None
+    if worker is not None:
+        sink = NatsLogSink(nc, region=region, worker=worker, local=local)
+        sink.start()
+    return sink, NatsLogSource(nc, region=region)
+
+
 # -- writing -----------------------------------------------------------------------
 
 
