@@ -48,8 +48,9 @@ from nimbus.events.service import record_view
 from nimbus.gateway.app import invocation_type
 from nimbus.gateway.responses import status_for
 from nimbus.ids import new_id
-from nimbus.observe.logs import LogReader
+from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.memory import memory_of
+from nimbus.observe.protocols import FileLogSource, LogSource
 from nimbus.store.queue import STATUSES
 
 if TYPE_CHECKING:
@@ -168,7 +169,17 @@ async def read_limited(request: Request, limit: int, what: str = "request body")
     return b"".join(chunks)
 
 
-def create_control_app(platform: Platform) -> Starlette:
+def create_control_app(platform: Platform, log_source: LogSource | None = None) -> Starlette:
+    """The control API of ``platform``. Logs are read from ``log_source``:
+    by default this process's log files (``nimbus up``); a region's
+    controller passes the region's (:mod:`nimbus.observe.natslogs`)."""
+    if log_source is None:
+        sink = platform.worker.logs
+        if not isinstance(sink, FileLogSink):
+            raise TypeError("the control API needs a log_source when the worker's logs do "
+                            f"not go to files (they go to {type(sink).__name__})")
+        log_source = FileLogSource(sink)
+    logs_from: LogSource = log_source
     token = platform.token.strip().encode()
     max_bundle = platform.config.max_bundle_bytes
     document = orjson.dumps(openapi.document(max_bundle_bytes=max_bundle))
@@ -343,25 +354,16 @@ def create_control_app(platform: Platform) -> Starlette:
         follow = query_bool(request, "follow")
         if name not in platform.routes.functions:
             raise NotFoundError(f"function {name!r} is not deployed")
-        path = platform.worker.logs.path(name)
-        platform.worker.logs.flush()
-        # Disk reads run in a thread: a log of any size never stalls the loop.
-        reader = await asyncio.to_thread(LogReader, path, request_id=rid)
+        # where the history ends is fixed now (an unreadable log is an error
+        # answered here, not a response cut short); the records stream after
+        batches = await logs_from.read(name, tail=tail, request_id=rid, follow=follow)
 
         async def stream() -> AsyncIterator[bytes]:
             try:
-                batches = reader.history(tail)
-                while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-                    if batch:
-                        yield b"".join(orjson.dumps(rec) + b"\n" for rec in batch)
-                while follow:
-                    batch = await asyncio.to_thread(reader.more)
-                    if batch:
-                        yield b"".join(orjson.dumps(rec) + b"\n" for rec in batch)
-                    else:
-                        await asyncio.sleep(0.2)
+                async for batch in batches:
+                    yield b"".join(orjson.dumps(rec) + b"\n" for rec in batch)
             finally:
-                reader.close()
+                await batches.aclose()
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 

@@ -369,6 +369,10 @@ class NatsQueue:
                     await _routed(lambda k=dkey: self._kv.create(  # type: ignore[misc]
                         k, mid.encode(), msg_ttl=self._window))
                     break
+                except nats.js.errors.KeyNotFoundError:
+                    # the driver's create looked at the key it collided with
+                    # and found it expired meanwhile: take it
+                    continue
                 except nats.js.errors.KeyWrongLastSequenceError:
                     got = await self._read_raw(dkey)
                     if got is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nimbus.errors import ClosedError, ThrottledError, UnavailableError
-from nimbus.observe.logs import LogSink
+from nimbus.observe.protocols import LogSink
 from nimbus.worker.autoscaler import Autoscaler, AutoscalerConfig
 from nimbus.worker.budget import NodeBudget, Usage, admit
 from nimbus.worker.containment import Containment
