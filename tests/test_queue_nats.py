@@ -324,3 +324,51 @@ def test_the_dispatcher_runs_on_nats(cluster: NatsCluster) -> None:
                 await events.aclose()
                 await q.aclose()
     asyncio.run(main())
+
+
+def test_work_goes_on_while_a_server_is_down(cluster: NatsCluster) -> None:
+    """Replicas 3: with one of the three servers killed (the one the client
+    may be connected to), accepted work is neither lost nor run as if new;
+    calls made during the election fail with UnavailableError and are
+    retried by the caller."""
+    reg, name = region(), "fn/failover"
+
+    async def retried(make: Any) -> Any:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return await make()
+            except UnavailableError:
+                assert time.monotonic() < deadline, "the region did not come back"
+                await asyncio.sleep(0.2)
+
+    async def main() -> None:
+        async with connected(cluster) as nc:
+            q = await open_nats_queue(nc, region=reg)
+            try:
+                sent = await q.send(name, [Outgoing(b"%d" % i) for i in range(30)])
+                first = await q.receive(name, max_messages=10, visibility_s=30, wait_s=5)
+                for m in first:
+                    await q.ack(m)
+                cluster.kill(0)
+                done = {m.id for m in first}
+                t0 = time.monotonic()
+                while len(done) < 30:
+                    assert time.monotonic() - t0 < 60, f"only {len(done)} of 30 ran"
+                    got = await retried(lambda: q.receive(name, max_messages=10,
+                                                          visibility_s=30, wait_s=1))
+                    for m in got:
+                        try:
+                            await retried(lambda m=m: q.ack(m))
+                        except ConflictError:  # an ack that landed, its answer lost
+                            rec = await retried(lambda m=m: q.get(m.id))
+                            if rec is None or rec.status != "succeeded":
+                                continue
+                        done.add(m.id)
+                recs = [await retried(lambda s=s: q.get(s.id)) for s in sent]
+                assert all(r is not None and r.status == "succeeded" for r in recs), recs
+            finally:
+                await q.aclose()
+                cluster.restart(0)
+                cluster.wait_healthy()
+    asyncio.run(main())
