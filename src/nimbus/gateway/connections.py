@@ -307,7 +307,8 @@ class _Exchange:
     :meth:`GatewayHttpProtocol._serve`, not through ASGI messages."""
 
     __slots__ = ("scope", "transport", "flow", "body", "more_body", "message_event",
-                 "disconnected", "keep_alive", "response_complete", "waiting_for_100_continue")
+                 "disconnected", "keep_alive", "response_complete", "waiting_for_100_continue",
+                 "task")
 
     def __init__(self, scope: dict[str, Any], transport: asyncio.Transport, flow: Any,
                  keep_alive: bool, expect_100_continue: bool) -> None:
@@ -321,6 +322,7 @@ class _Exchange:
         self.keep_alive = keep_alive
         self.response_complete = False
         self.waiting_for_100_continue = expect_100_continue
+        self.task: asyncio.Task[None] | None = None
 
     async def receive(self) -> dict[str, Any]:
         """ASGI's ``receive`` for the request body, as uvicorn's: ``100
@@ -426,24 +428,31 @@ class GatewayHttpProtocol(GuardedHttpToolsProtocol):
         return (host, port) if host else client
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        task = self.loop.create_task(self._serve(cycle))
-        task.add_done_callback(self.tasks.discard)
+        # uvicorn's graceful shutdown waits for ``tasks`` to empty; the task
+        # leaves it as it ends (a done callback would cost a loop callback).
+        cycle.task = task = self.loop.create_task(self._serve(cycle))
         self.tasks.add(task)
 
     async def _serve(self, exchange: _Exchange) -> None:
         try:
             response = await self.responder.respond(exchange.scope, exchange.receive)
+            if response is not None and self.flow.write_paused:
+                await self.flow.drain()  # the client is not reading: wait, as uvicorn does
         except Exception:  # a bug of ours: the client gets a 500
             log.exception("request failed")
             if not exchange.disconnected:
                 exchange.response_complete = True
                 self.transport.write(_INTERNAL_ERROR)
                 self.transport.close()
-            return
-        if response is not None and self.flow.write_paused:
-            await self.flow.drain()  # the client is not reading: wait for it, as uvicorn does
-        if response is None or exchange.disconnected:
-            return  # the client is gone
+        else:
+            if response is not None and not exchange.disconnected:  # else: nobody to answer
+                self._write_response(exchange, response)
+        finally:
+            self.tasks.discard(exchange.task)
+
+    def _write_response(self, exchange: _Exchange, response: Response) -> None:
+        """The status line, headers and body in one write, framed as uvicorn
+        frames an ASGI response."""
         status, headers, data = response
         keep_alive = exchange.keep_alive
         closing = False
