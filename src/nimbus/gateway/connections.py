@@ -370,13 +370,27 @@ class GatewayHttpProtocol(GuardedHttpToolsProtocol):
     responder: Responder  # set on the subclass made by gateway_protocol()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._trusted = _trusted_hosts(self.app)
+        self._trusted = None  # the proxy-headers rule, if the peer is a trusted proxy
+        self._forwarded = False
         super().connection_made(transport)
+        trusted = _trusted_hosts(self.app)
+        if trusted is not None and self.client is not None and self.client[0] in trusted:
+            self._trusted = trusted
 
     def on_message_begin(self) -> None:
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
+        self._forwarded = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"expect":
+            if value.lower() == b"100-continue":
+                self.expect_100_continue = True
+        elif name == b"x-forwarded-for":
+            self._forwarded = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.guard.waiting.pop(self, None)
@@ -398,8 +412,8 @@ class GatewayHttpProtocol(GuardedHttpToolsProtocol):
         if "%" in path:
             path = unquote(path)
         client = self.client
-        if self._trusted is not None and client is not None and client[0] in self._trusted:
-            client = self._forwarded_client(client)
+        if self._forwarded and self._trusted is not None and client is not None:
+            client = self._forwarded_client(self._trusted, client)
         root = self.root_path
         scope = {"type": "http", "method": method, "http_version": http_version,
                  "path": root + path if root else path,
@@ -417,13 +431,11 @@ class GatewayHttpProtocol(GuardedHttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((exchange, None))  # type: ignore[arg-type]
 
-    def _forwarded_client(self, client: tuple[str, int]) -> tuple[str, int]:
+    def _forwarded_client(self, trusted: Any, client: tuple[str, int]) -> tuple[str, int]:
         """uvicorn's proxy-headers rule: a trusted peer's ``X-Forwarded-For``
         names the client."""
         values = [v for n, v in self.headers if n == b"x-forwarded-for"]
-        if not values:
-            return client
-        host, port = self._trusted.get_trusted_client_address(
+        host, port = trusted.get_trusted_client_address(
             b", ".join(values).decode("latin1"))
         return (host, port) if host else client
 
