@@ -3,7 +3,8 @@
     python bench/warm.py [--seconds 10]
 
 Prints requests/s at 32 connections and p50/p99 latency at 1 connection for
-both, run one after the other in this one process, and the ratios; then
+both, up at once and measured in turns (ABAB..., ``--rounds``; medians: the
+machine's drift falls on both sides alike), and the ratios; then
 nimbus again with containment off (``--containment rlimits``) to show what
 full containment (uid, view, cgroup; needs root) costs on the warm path. Needs
 wrk (apt-get install wrk). Goals (issue 2): throughput ratio >= 0.5, p50
@@ -34,23 +35,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5,
-                    help="alternating rounds of the containment comparison")
+                    help="alternating rounds of each comparison")
+    ap.add_argument("--no-containment", action="store_true",
+                    help="skip the containment on/off comparison")
     args = ap.parse_args()
-    with baseline_up() as url:
-        base = measure(url + "/hello", args.seconds)
-    with nimbus_up(ROOT / "examples" / "hello") as (url, _state, _proc):
-        nim = measure(url + "/hello", args.seconds)
-    # Containment on vs off: both platforms up at once, measured in turns
-    # (ABAB...), medians: the machine's drift falls on both sides alike.
-    hello = ROOT / "examples" / "hello"
-    with nimbus_up(hello) as (on_url, _s1, _p1), \
-            nimbus_up(hello, "/hello", "--containment", "rlimits") as (off_url, _s2, _p2):
-        ons, offs = [], []
+    with baseline_up() as base_url, \
+            nimbus_up(ROOT / "examples" / "hello") as (nim_url, _state, _proc):
+        bases, nims = [], []
         for _ in range(args.rounds):
-            ons.append(measure(on_url + "/hello", max(2, args.seconds // 2)))
-            offs.append(measure(off_url + "/hello", max(2, args.seconds // 2)))
-    on = {k: statistics.median(m[k] for m in ons) for k in ons[0]}
-    off = {k: statistics.median(m[k] for m in offs) for k in offs[0]}
+            bases.append(measure(base_url + "/hello", args.seconds))
+            nims.append(measure(nim_url + "/hello", args.seconds))
+    base = medians(bases)
+    nim = medians(nims)
     print(f"{'':24}{'bare uvicorn':>14}{'nimbus':>14}{'ratio/added':>14}")
     print(f"{'req/s @32 conns':24}{base['rps32']:>14.0f}{nim['rps32']:>14.0f}"
           f"{nim['rps32'] / base['rps32']:>13.2f}x")
@@ -61,7 +57,25 @@ def main() -> None:
     print(f"{'p99 ms @32 conns':24}{base['p99_32']:>14.3f}{nim['p99_32']:>14.3f}"
           f"{nim['p99_32'] - base['p99_32']:>+13.3f}ms")
     print(f"{'errors':24}{base['errors']:>14.0f}{nim['errors']:>14.0f}")
-    containment_row(on, off)
+    print("req/s @32 conns per round (bare uvicorn / nimbus / ratio): " + ", ".join(
+        f"{b['rps32']:.0f}/{n['rps32']:.0f}/{n['rps32'] / b['rps32']:.2f}"
+        for b, n in zip(bases, nims, strict=True)))
+    if args.no_containment:
+        return
+    # Containment on vs off: both platforms up at once, measured in turns
+    # (ABAB...), medians: the machine's drift falls on both sides alike.
+    hello = ROOT / "examples" / "hello"
+    with nimbus_up(hello) as (on_url, _s1, _p1), \
+            nimbus_up(hello, "/hello", "--containment", "rlimits") as (off_url, _s2, _p2):
+        ons, offs = [], []
+        for _ in range(args.rounds):
+            ons.append(measure(on_url + "/hello", max(2, args.seconds // 2)))
+            offs.append(measure(off_url + "/hello", max(2, args.seconds // 2)))
+    containment_row(medians(ons), medians(offs))
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(m[k] for m in runs) for k in runs[0]}
 
 
 def containment_row(on: dict[str, float], off: dict[str, float]) -> None:

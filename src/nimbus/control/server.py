@@ -49,6 +49,7 @@ from nimbus.gateway.connections import (
     ConnectionGuard,
     ConnectionLimits,
     fit_to_fds,
+    gateway_protocol,
     guarded_protocol,
     raise_fd_limit,
 )
@@ -258,8 +259,8 @@ class Platform:
             "lifespan": "off", "access_log": False, "log_level": "warning",
             "timeout_graceful_shutdown": c.grace_s, "loop": "none",
             "timeout_keep_alive": c.keep_alive_s, "server_header": False, "date_header": False}
-        gw = _Server(uvicorn.Config(self.gateway,
-                                    http=guarded_protocol(gw_guard), **common), gw_guard)
+        gw = _Server(uvicorn.Config(self.gateway, http=gateway_protocol(gw_guard, self.gateway),
+                                    **common), gw_guard)
         ctl = _Server(uvicorn.Config(create_control_app(self),
                                      http=guarded_protocol(ctl_guard), **common), ctl_guard)
         self._servers = [gw, ctl]

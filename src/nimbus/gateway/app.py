@@ -17,7 +17,7 @@ import orjson
 
 from nimbus.errors import HandlerError, NimbusError, PayloadTooLargeError, UserInputError
 from nimbus.gateway.events import http_event
-from nimbus.gateway.responses import JSON, NO_BODY, error_response, result_response
+from nimbus.gateway.responses import JSON, NO_BODY, Response, error_response, result_response
 from nimbus.gateway.router import Router
 from nimbus.ids import new_id
 from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
@@ -85,10 +85,24 @@ class Gateway:
         self.router = router  # swapped whole: requests in flight keep the old one
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The gateway as an ASGI app (tests, embedding); ``nimbus up`` serves
+        :meth:`respond` straight from its HTTP protocol instead."""
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 await _lifespan(receive, send)
             return
+        response = await self.respond(scope, receive)
+        if response is None:
+            return
+        status, headers, data = response
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    async def respond(self, scope: dict[str, Any], receive: Any) -> Response | None:
+        """The whole response to one HTTP request, framing headers included
+        (``x-nimbus-request-id``, ``content-length``), or None when the client
+        hung up before its body was complete (nobody to answer). ``scope``
+        has the ASGI HTTP scope's keys the event needs; ``receive`` is ASGI's."""
         self.requests += 1
         rid = new_id()
         try:
@@ -109,10 +123,7 @@ class Gateway:
                     status, headers, data = await self._not_now(match.target, event)
                     headers.append((REQUEST_ID_HEADER, rid.encode()))
                     headers.append((b"content-length", str(len(data)).encode()))
-                    await send({"type": "http.response.start", "status": status,
-                                "headers": headers})
-                    await send({"type": "http.response.body", "body": data})
-                    return
+                    return status, headers, data
                 result = await match.target.invoke(rid, event)
                 try:
                     status, headers, data = result_response(result)
@@ -120,7 +131,7 @@ class Gateway:
                     match.target.log(rid, "platform", f"{exc.error['errorType']}: {exc}")
                     raise
         except ClientGone:
-            return  # nobody to answer; the handler never ran on a partial body
+            return None  # nobody to answer; the handler never ran on a partial body
         except NimbusError as exc:
             status, headers, data = error_response(exc, rid)
             if status == 413:  # the rest of the body is not read: end the connection
@@ -131,8 +142,7 @@ class Gateway:
         headers.append((REQUEST_ID_HEADER, rid.encode()))
         if data or status not in NO_BODY:
             headers.append((b"content-length", str(len(data)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": data})
+        return status, headers, data
 
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
         limit = self.config.max_body_bytes

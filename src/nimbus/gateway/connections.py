@@ -33,11 +33,15 @@ import asyncio
 import logging
 import resource
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import unquote
 
 import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from nimbus.gateway.responses import Response
 
 log = logging.getLogger("nimbus.http")
 
@@ -286,6 +290,215 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return False
         self.transport.close()
         return True
+
+
+class Responder(Protocol):
+    """What the gateway port serves: the whole response to one request."""
+
+    async def respond(self, scope: dict[str, Any], receive: Any) -> Response | None: ...
+
+
+class _Exchange:
+    """One request on a gateway connection. It stands where uvicorn's
+    ``RequestResponseCycle`` does for the protocol's callbacks (``body``,
+    ``more_body``, ``message_event``, ``disconnected``, ``keep_alive``,
+    ``response_complete``), so uvicorn's body, pipelining, disconnect and
+    shutdown handling apply unchanged; the response is written whole by
+    :meth:`GatewayHttpProtocol._serve`, not through ASGI messages."""
+
+    __slots__ = ("scope", "transport", "flow", "body", "more_body", "message_event",
+                 "disconnected", "keep_alive", "response_complete", "waiting_for_100_continue",
+                 "task")
+
+    def __init__(self, scope: dict[str, Any], transport: asyncio.Transport, flow: Any,
+                 keep_alive: bool, expect_100_continue: bool) -> None:
+        self.scope = scope
+        self.transport = transport
+        self.flow = flow
+        self.body = bytearray()
+        self.more_body = True
+        self.message_event = asyncio.Event()
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.response_complete = False
+        self.waiting_for_100_continue = expect_100_continue
+        self.task: asyncio.Task[None] | None = None
+
+    async def receive(self) -> dict[str, Any]:
+        """ASGI's ``receive`` for the request body, as uvicorn's: ``100
+        Continue`` on the first read if the client asked, reading resumed
+        while nimbus waits for more (the body stall timer counts only then)."""
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.waiting_for_100_continue = False
+        if not self.disconnected and not self.response_complete:
+            self.flow.resume_reading()
+            await self.message_event.wait()
+            self.message_event.clear()
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        message = {"type": "http.request", "body": bytes(self.body), "more_body": self.more_body}
+        self.body = bytearray()
+        return message
+
+
+_INTERNAL_ERROR = (b"HTTP/1.1 500 Internal Server Error\r\n"
+                   b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\n"
+                   b"connection: close\r\n\r\nInternal Server Error")
+
+
+def _trusted_hosts(app: Any) -> Any:
+    """The proxy-trusted client addresses of uvicorn's ``ProxyHeadersMiddleware``
+    around ``app`` (``--forwarded-allow-ips``), or None when it is off."""
+    while app is not None:
+        if isinstance(app, ProxyHeadersMiddleware):
+            return app.trusted_hosts
+        app = getattr(app, "app", None)
+    return None
+
+
+class GatewayHttpProtocol(GuardedHttpToolsProtocol):
+    """The gateway port's protocol: the guarded httptools protocol whose
+    parser callbacks go straight to :meth:`Responder.respond`, and whose
+    response goes out as one write of bytes built here. No ASGI scope beyond
+    the keys the event needs, no ASGI messages for the response, one socket
+    write per response instead of two. Everything else (limits, body
+    streaming and its caps, ``Expect: 100-continue``, pipelining, keep-alive,
+    graceful shutdown, proxy headers from trusted addresses) is uvicorn's or
+    the guard's, as on the control API port."""
+
+    responder: Responder  # set on the subclass made by gateway_protocol()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._trusted = None  # the proxy-headers rule, if the peer is a trusted proxy
+        self._forwarded = False
+        super().connection_made(transport)
+        trusted = _trusted_hosts(self.app)
+        if trusted is not None and self.client is not None and self.client[0] in trusted:
+            self._trusted = trusted
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self._forwarded = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"expect":
+            if value.lower() == b"100-continue":
+                self.expect_100_continue = True
+        elif name == b"x-forwarded-for":
+            self._forwarded = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.guard.waiting.pop(self, None)
+        self._reading_head = False
+        if (self._head_bytes > self.guard.limits.max_header_bytes
+                and self._head_size() > self.guard.limits.max_header_bytes):
+            raise _HeadTooLarge()  # the parser stops; data_received answers 431
+        self._head_bytes = 0
+        parser = self.parser
+        method = parser.get_method().decode("ascii")
+        http_version = parser.get_http_version()
+        if parser.should_upgrade() and self._should_upgrade():
+            self.scope = {"type": "http", "method": method,  # type: ignore[typeddict-item]
+                          "headers": self.headers}  # what uvicorn's upgrade hand-over reads
+            return
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        client = self.client
+        if self._forwarded and self._trusted is not None and client is not None:
+            client = self._forwarded_client(self._trusted, client)
+        root = self.root_path
+        scope = {"type": "http", "method": method, "http_version": http_version,
+                 "path": root + path if root else path,
+                 "raw_path": root.encode("ascii") + raw_path if root else raw_path,
+                 "query_string": parsed_url.query or b"", "headers": self.headers,
+                 "client": client}
+        exchange = _Exchange(scope, self.transport, self.flow,
+                             http_version != "1.0" and parser.should_keep_alive(),
+                             self.expect_100_continue)
+        existing = self.cycle
+        self.cycle = exchange  # type: ignore[assignment]
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(exchange, None)
+        else:  # pipelined: uvicorn's on_response_complete starts it in turn
+            self.flow.pause_reading()
+            self.pipeline.appendleft((exchange, None))  # type: ignore[arg-type]
+
+    def _forwarded_client(self, trusted: Any, client: tuple[str, int]) -> tuple[str, int]:
+        """uvicorn's proxy-headers rule: a trusted peer's ``X-Forwarded-For``
+        names the client."""
+        values = [v for n, v in self.headers if n == b"x-forwarded-for"]
+        host, port = trusted.get_trusted_client_address(
+            b", ".join(values).decode("latin1"))
+        return (host, port) if host else client
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn's graceful shutdown waits for ``tasks`` to empty; the task
+        # leaves it as it ends (a done callback would cost a loop callback).
+        cycle.task = task = self.loop.create_task(self._serve(cycle))
+        self.tasks.add(task)
+
+    async def _serve(self, exchange: _Exchange) -> None:
+        try:
+            response = await self.responder.respond(exchange.scope, exchange.receive)
+            if response is not None and self.flow.write_paused:
+                await self.flow.drain()  # the client is not reading: wait, as uvicorn does
+        except Exception:  # a bug of ours: the client gets a 500
+            log.exception("request failed")
+            if not exchange.disconnected:
+                exchange.response_complete = True
+                self.transport.write(_INTERNAL_ERROR)
+                self.transport.close()
+        else:
+            if response is not None and not exchange.disconnected:  # else: nobody to answer
+                self._write_response(exchange, response)
+        finally:
+            self.tasks.discard(exchange.task)
+
+    def _write_response(self, exchange: _Exchange, response: Response) -> None:
+        """The status line, headers and body in one write, framed as uvicorn
+        frames an ASGI response."""
+        status, headers, data = response
+        keep_alive = exchange.keep_alive
+        closing = False
+        framed = False
+        out = [STATUS_LINE[status]]
+        for name, value in headers:
+            if name == b"content-length" or name == b"transfer-encoding":
+                framed = True
+            elif name == b"connection" and b"close" in [
+                    t.lower().strip() for t in value.split(b",")]:
+                keep_alive = False
+                closing = True
+            out += (name, b": ", value, b"\r\n")
+        if not keep_alive and not closing:
+            out.append(b"connection: close\r\n")
+        head_only = exchange.scope["method"] == "HEAD"
+        if not framed and not head_only and status != 204 and status != 304:
+            out.append(b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")  # as uvicorn
+        else:
+            out.append(b"\r\n")
+            if not head_only:
+                out.append(data)
+        self.transport.write(b"".join(out))
+        exchange.response_complete = True
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+
+
+def gateway_protocol(guard: ConnectionGuard,
+                     responder: Responder) -> type[GatewayHttpProtocol]:
+    """The gateway port's protocol class for uvicorn's ``Config(http=...)``."""
+    return type(f"GatewayHttpProtocol_{guard.name.replace(' ', '_')}",
+                (GatewayHttpProtocol,), {"guard": guard, "responder": responder})
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedHttpToolsProtocol]:

@@ -33,8 +33,12 @@ class InstanceProtocol(asyncio.Protocol):
     """Parses frames from one instance and resolves the matching futures."""
 
     def __init__(self, on_log: LogFn, on_lost: Callable[[], None]) -> None:
-        self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         self.pending: dict[str, asyncio.Future[Any]] = {}
+        # Each invocation's timeout, cancelled where its answer is read (not
+        # by a done callback: that would cost a loop callback per request).
+        self.timers: dict[str, asyncio.TimerHandle] = {}
         # The last invocations handed over: late descriptor output of one
         # that has already answered is still this instance's own.
         self.recent: deque[str] = deque(maxlen=RECENT_IDS)
@@ -70,6 +74,9 @@ class InstanceProtocol(asyncio.Protocol):
     def _frame(self, kind: int, body: bytes) -> None:
         if kind == _RESULT:
             rid, result = orjson.loads(body)
+            timer = self.timers.pop(rid, None)
+            if timer is not None:
+                timer.cancel()
             fut = self.pending.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(result)
@@ -77,6 +84,9 @@ class InstanceProtocol(asyncio.Protocol):
             rid, error, *fatal = orjson.loads(body)
             if fatal and fatal[0]:
                 self.doomed()  # it exits after this frame: hand it nothing more
+            timer = self.timers.pop(rid, None)
+            if timer is not None:
+                timer.cancel()
             fut = self.pending.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_exception(HandlerError(error))
@@ -131,6 +141,9 @@ class InstanceProtocol(asyncio.Protocol):
                 fut.set_exception(InstanceDiedError("instance exited during the invocation"))
                 self.on_log(rid, "platform", "instance exited during the invocation")
         self.pending.clear()
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
         self.doomed()
 
 
@@ -180,19 +193,19 @@ class Instance:
         proto = self.proto
         if not proto.alive or proto.transport is None:
             raise UnavailableError("instance is gone")
-        loop = asyncio.get_running_loop()
+        loop = proto.loop
         fut = loop.create_future()
         proto.pending[rid] = fut
         proto.recent.append(rid)
         deadline_ms = int((time.time() + timeout_s) * 1000)
         payload = orjson.dumps([rid, deadline_ms, event])
         proto.transport.write(_HEADER.pack(len(payload), _INVOKE) + payload)
-        timer = loop.call_later(timeout_s, self._timed_out, rid, fut, timeout_s)
-        fut.add_done_callback(lambda _f: timer.cancel())
+        proto.timers[rid] = loop.call_later(timeout_s, self._timed_out, rid, fut, timeout_s)
         return fut
 
     def _timed_out(self, rid: str, fut: asyncio.Future[Any], timeout_s: float) -> None:
-        if fut.done():
+        self.proto.timers.pop(rid, None)
+        if fut.done():  # its caller gave up waiting (an answer cancels the timer)
             return
         self.proto.pending.pop(rid, None)
         message = f"Task timed out after {timeout_s:.2f} seconds"
