@@ -5,13 +5,13 @@
 1. Scale from zero: a function with ``scale_to_zero_after_s: 0`` is left
    until it has no instance, then one request is timed, then one warm
    request right after; the extra latency of the first is reported as
-   p50/p99 over the trials. Goal (issue 3): <= 5 ms.
+   p50/p99 over the trials. Goal: <= 5 ms.
 2. Step: 1 -> 32 connections (wrk) on a function that sleeps 50 ms.
    Reports when ready instances reached 32 (one per concurrent request, so
    no request waits: held requests start instances themselves) and 46
    (32 / 0.7, the autoscaler's target utilisation, reached as the stable
    window fills, or at once in a panic), and errors during the step.
-   Goal (issue 3): <= 2 s, 0 errors.
+   Goal: <= 2 s, 0 errors.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ both, up at once and measured in turns (ABAB..., ``--rounds``; medians: the
 machine's drift falls on both sides alike), and the ratios; then
 nimbus again with containment off (``--containment rlimits``) to show what
 full containment (uid, view, cgroup; needs root) costs on the warm path. Needs
-wrk (apt-get install wrk). Goals (issue 2): throughput ratio >= 0.5, p50
+wrk (apt-get install wrk). Goals: throughput ratio >= 0.5, p50
 added <= 0.15 ms at 1 connection.
 """
 

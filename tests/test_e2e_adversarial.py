@@ -1,4 +1,4 @@
-"""Adversarial end-to-end tests against the promises of issue 2.
+"""Adversarial end-to-end tests against the promises of the platform (HTTP, errors, CLI).
 
 Written from the outside: real ``nimbus up`` processes, real sockets, real
 instances, no mocks. Every wait has a deadline; nothing sleeps to assert
@@ -433,7 +433,7 @@ def test_invalid_base64_result_body_is_a_clean_error(adv, kind):
 @pytest.mark.parametrize("kind", ["crlf_header", "bad_header_name"])
 def test_unsendable_result_headers_are_a_clean_error_with_a_request_id(adv, kind):
     # A handler must not be able to inject headers, and the answer must still be
-    # nimbus's own: JSON error, x-nimbus-request-id (issue 2: every response).
+    # nimbus's own: JSON error, x-nimbus-request-id (every response).
     r = adv.http.get(f"/shape/{kind}")
     assert "x-injected" not in r.headers
     assert_clean_error(r, (500, 502))
@@ -641,7 +641,7 @@ def test_control_api_rejects_bad_tokens_on_every_endpoint(adv, adv_root):
 
 
 def test_usage_errors_are_one_line_exit_2(tmp_path):
-    # issue 2: "errors as one line, exit 2 for usage errors"
+    # "errors as one line, exit 2 for usage errors"
     failures = []
     for argv in (["up", "--bogus"], ["deploy", "--bogus"], ["invoke", "x", "--bogus"],
                  ["ls", "--bogus"], ["logs", "x", "--bogus"], ["status", "--bogus"],

@@ -22,7 +22,7 @@ DEFAULT_STABLE_WINDOW_S = 60.0
 DEFAULT_PANIC_WINDOW_S = 6.0  # or stable_window_s when that is shorter
 DEFAULT_SCALE_TO_ZERO_AFTER_S = 30.0
 DEFAULT_MAX_QUEUE = 100
-# Async invocations (issue 4), Lambda's defaults.
+# Async invocations, Lambda's defaults.
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY_S = 1.0
 DEFAULT_MAX_EVENT_AGE_S = 6 * 3600.0
@@ -77,7 +77,7 @@ class FunctionSpec:
     max_instances: int = DEFAULT_MAX_INSTANCES
     env: tuple[tuple[str, str], ...] = ()
     requirements: str | None = None  # path relative to the app folder
-    # Autoscaling (issue 3). Fields added later keep defaults so that records
+    # Autoscaling. Fields added later keep defaults so that records
     # written before them still load (see from_dict).
     min_instances: int = DEFAULT_MIN_INSTANCES
     max_concurrency: int | None = None  # across all instances; None: no cap of its own
@@ -92,7 +92,7 @@ class FunctionSpec:
     scale_to_zero_after_s: float = DEFAULT_SCALE_TO_ZERO_AFTER_S
     max_queue: int = DEFAULT_MAX_QUEUE  # requests held waiting for an instance before 429
     preload: tuple[str, ...] = ()  # modules the function's zygote imports ahead of time
-    # Async invocations and event triggers (issue 4).
+    # Async invocations and event triggers.
     retries: int = DEFAULT_RETRIES
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S  # the first; doubling each time
     max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S
@@ -104,7 +104,7 @@ class FunctionSpec:
     batch_size: int = DEFAULT_BATCH_SIZE
     max_batching_window_s: float = 0.0
     topics: tuple[str, ...] = ()
-    # Containment (issue 5): per-instance limits beside memory_mb.
+    # Containment: per-instance limits beside memory_mb.
     max_processes: int = DEFAULT_MAX_PROCESSES  # processes + threads, the instance's own counted
     cpu: float | None = None  # a fraction of one core; None: no CPU cap
     ephemeral_storage_mb: int = DEFAULT_EPHEMERAL_STORAGE_MB  # the private /tmp

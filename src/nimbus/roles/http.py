@@ -18,6 +18,7 @@ from nimbus.gateway.connections import (
     DEFAULT_MAX_HEADER_BYTES,
     ConnectionGuard,
     ConnectionLimits,
+    gateway_protocol,
     guarded_protocol,
     raise_fd_limit,
 )
@@ -27,8 +28,9 @@ log = logging.getLogger("nimbus")
 
 class HttpServer:
     def __init__(self, app: Any, name: str, host: str, port: int, *, grace_s: float,
-                 max_connections: int) -> None:
+                 max_connections: int, fast: bool = False) -> None:
         self.app = app
+        self.fast = fast  # a gateway port: parser callbacks straight to Gateway.respond
         self.host = host
         self.port = port
         self.grace_s = grace_s
@@ -44,7 +46,7 @@ class HttpServer:
     @classmethod
     def for_gateway(cls, app: Any, host: str, port: int, grace_s: float) -> HttpServer:
         return cls(app, "gateway", host, port, grace_s=grace_s,
-                   max_connections=DEFAULT_MAX_CONNECTIONS)
+                   max_connections=DEFAULT_MAX_CONNECTIONS, fast=True)
 
     @classmethod
     def for_control(cls, app: Any, host: str, port: int, grace_s: float) -> HttpServer:
@@ -54,10 +56,13 @@ class HttpServer:
     async def start(self) -> None:
         sock = _bind(self.host, self.port)
         self.url = f"http://{_url_host(self.host)}:{sock.getsockname()[1]}"
+        protocol = (gateway_protocol(self.guard, self.app) if self.fast
+                    else guarded_protocol(self.guard))
         config = uvicorn.Config(
-            self.app, http=guarded_protocol(self.guard), lifespan="off", access_log=False,
-            log_level="warning", timeout_graceful_shutdown=self.grace_s, loop="none",
-            timeout_keep_alive=DEFAULT_KEEP_ALIVE_S, server_header=False, date_header=False)
+            self.app, http=protocol, lifespan="off", access_log=False, log_level="warning",
+            timeout_graceful_shutdown=int(self.grace_s), loop="none",
+            timeout_keep_alive=int(DEFAULT_KEEP_ALIVE_S), server_header=False,
+            date_header=False)
         self._server = _Server(config, self.guard)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         async with asyncio.timeout(10):
