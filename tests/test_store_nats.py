@@ -159,6 +159,30 @@ def test_buckets_are_replicated_on_three_servers(cluster: NatsCluster) -> None:
     run(body())
 
 
+def test_processes_opening_a_new_region_at_once_share_one_bucket(cluster: NatsCluster) -> None:
+    async def body() -> None:
+        ncs = [await connect_nats(servers(cluster), cluster.password) for _ in range(3)]
+        try:
+            region = fresh_region()
+            stores = await asyncio.gather(
+                open_nats_store(ncs[0], region=region),
+                open_nats_store(ncs[1], region=region, replicas=1),  # disagrees: loses
+                open_nats_store(ncs[2], region=region))
+            rev = await stores[1].put("k", b"v")
+            for s in stores:
+                assert (await s.get("k")).revision == rev  # type: ignore[union-attr]
+                await s.aclose()
+            blobs = await asyncio.gather(*(open_nats_blobs(nc, region=region) for nc in ncs))
+            digest = await blobs[0].put(b"shared")
+            for b in blobs:
+                assert await b.get(digest) == b"shared"
+                await b.aclose()
+        finally:
+            for nc in ncs:
+                await close_nats(nc)
+    run(body())
+
+
 # -- behaviour only a server can show -----------------------------------------
 
 def test_list_reads_only_the_prefix_and_sees_odd_keys(cluster: NatsCluster) -> None:
