@@ -318,6 +318,38 @@ def test_watch_resets_and_keeps_delivering_after_its_server_is_killed(
     run(body())
 
 
+def test_watch_whose_consumer_vanishes_resets_and_goes_on(cluster: NatsCluster) -> None:
+    """The server drops the watch's consumer (as when the server holding it
+    dies while the client's own connection stays up): the watch notices (a
+    status message or missing heartbeats), says reset, and delivers on."""
+    async def body() -> None:
+        nc = await connect_nats(servers(cluster), cluster.password)
+        try:
+            s = await open_nats_store(nc, region=fresh_region())
+            w = s.watch("apps/")
+            r1 = await s.put("apps/a", b"1")
+            ev = await asyncio.wait_for(w.__anext__(), WAIT_S)
+            assert (ev.kind, ev.revision) == ("put", r1)
+            for _ in range(100):  # its first event may come before the consumer's name
+                if w._consumer is not None:  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.05)
+            consumer = w._consumer  # type: ignore[attr-defined]
+            assert consumer is not None
+            await nc.jetstream().delete_consumer(s.stream, consumer)
+            ev = await _next_of(w, lambda e: e.kind == "reset", "reset")
+            assert ev.revision == r1
+            r2 = await s.put("apps/b", b"2")
+            ev = await _next_of(w, lambda e: e.kind != "reset", "the put of apps/b")
+            assert (ev.kind, ev.key, ev.revision) == ("put", "apps/b", r2)
+            assert w._consumer not in (None, consumer)  # type: ignore[attr-defined]
+            await w.aclose()
+            await s.aclose()
+        finally:
+            await close_nats(nc)
+    run(body())
+
+
 def test_store_errors_are_nimbus_errors(cluster: NatsCluster) -> None:
     async def body() -> None:
         nc = await connect_nats(servers(cluster), cluster.password)
