@@ -229,7 +229,7 @@ class Identity:
 
 def _has_apps(path: Path) -> bool:
     """Whether the store holds anything a deploy wrote (not just the
-    scheduler's lease, which every start writes)."""
+    scheduler's leader key, which every start writes)."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error:
