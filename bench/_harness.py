@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
+import select
 import shutil
 import signal
 import socket
@@ -14,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -129,3 +132,68 @@ def wrk(url: str, connections: int, seconds: int, script: str | None = None) -> 
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def _json_line(proc: subprocess.Popen[bytes], what: str, timeout_s: float = 90.0) -> Any:
+    """The first line ``proc`` prints on stdout, as JSON."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            raise SystemExit(f"{what} did not start")
+        ready, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+        if ready:
+            line += os.read(proc.stdout.fileno(), 4096)
+    return orjson.loads(line)
+
+
+@contextlib.contextmanager
+def token_file() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="nimbus-bench-token-"))
+    path = folder / "token"
+    path.write_text(secrets.token_urlsafe(32) + "\n")
+    path.chmod(0o600)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def worker_up(app: Path, node_id: str, token: Path, *extra: str) -> Iterator[str]:
+    """A worker process serving ``app`` over frames; yields its frame address."""
+    state = Path(tempfile.mkdtemp(prefix="nimbus-bench-worker-"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nimbus.worker.frameserver", "--app", str(app),
+         "--state-dir", str(state), "--token-file", str(token), "--node-id", node_id,
+         *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        yield _json_line(proc, f"worker {node_id}")["frames"]
+    finally:
+        stop(proc)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def remote_gateway_up(app: Path, workers: list[tuple[str, str]], token: Path,
+                      probe: str = "/hello") -> Iterator[tuple[str, int]]:
+    """A gateway process calling ``workers`` (id, frame address) over frames;
+    yields (url, pid)."""
+    args = [sys.executable, str(ROOT / "bench" / "remote_gateway.py"), "--app", str(app),
+            "--token-file", str(token)]
+    for worker_id, address in workers:
+        args += ["--worker", f"{worker_id}={address}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        url = _json_line(proc, "the remote gateway")["url"]
+        wait_http(url + probe)
+        yield url, proc.pid
+    finally:
+        stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -466,8 +466,11 @@ async def _serve_folder(args: argparse.Namespace, state: Path, token: str,
     await worker.start()
     pools = [worker.pool(Target(app.name, 1, spec, digest, None))
              for spec in app.functions.values()]
-    async with asyncio.timeout(60):  # the autoscaler starts min_instances of each
-        while any(len(p.instances) < p.target.spec.min_instances for p in pools):
+    for pool in pools:
+        pool.scale_to(max(args.warm, pool.target.spec.min_instances))
+    async with asyncio.timeout(60):  # then the autoscaler keeps min_instances
+        while any(len(p.instances) < max(args.warm, p.target.spec.min_instances)
+                  for p in pools):
             await asyncio.sleep(0.01)
     server = FrameServer(worker, args.host, args.port, token,
                          auth_timeout_s=args.auth_timeout)
@@ -512,6 +515,8 @@ def main() -> None:
     ap.add_argument("--node-id", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--warm", type=int, default=0,
+                    help="instances of every function to start before serving")
     ap.add_argument("--auth-timeout", type=float, default=AUTH_TIMEOUT_S,
                     help="seconds a peer has to prove it holds the token")
     args = ap.parse_args()
