@@ -77,12 +77,15 @@ def nimbus_up(app: Path, probe: str = "/hello",
 
 
 @contextlib.contextmanager
-def baseline_up() -> Iterator[str]:
+def baseline_up(pids: list[int] | None = None) -> Iterator[str]:
+    """Bare uvicorn serving the seed handler; its pid is appended to ``pids``."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--port", str(port),
          "--workers", "1", "--http", "httptools", "--loop", "uvloop", "--no-access-log",
          "--log-level", "warning"], cwd=ROOT, stdout=subprocess.DEVNULL)
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/hello")
@@ -162,13 +165,17 @@ def token_file() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def worker_up(app: Path, node_id: str, token: Path, *extra: str) -> Iterator[str]:
-    """A worker process serving ``app`` over frames; yields its frame address."""
+def worker_up(app: Path, node_id: str, token: Path, *extra: str,
+              pids: list[int] | None = None) -> Iterator[str]:
+    """A worker process serving ``app`` over frames; yields its frame address
+    (its pid is appended to ``pids``)."""
     state = Path(tempfile.mkdtemp(prefix="nimbus-bench-worker-"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "nimbus.worker.frameserver", "--app", str(app),
          "--state-dir", str(state), "--token-file", str(token), "--node-id", node_id,
          *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         yield _json_line(proc, f"worker {node_id}")["frames"]
     finally:
@@ -197,3 +204,28 @@ def remote_gateway_up(app: Path, workers: list[tuple[str, str]], token: Path,
         stop(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by ``pids`` and every live
+    process below them: what a side of a benchmark costs, whatever the
+    machine's load did to its throughput."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree = set(pids)
+    frontier = set(pids)
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier and c not in tree}
+        tree |= frontier
+    return sum(times.get(pid, 0.0) for pid in tree)

@@ -32,6 +32,7 @@ from bench._harness import (  # noqa: E402
     nimbus_up,
     remote_gateway_up,
     token_file,
+    tree_cpu_s,
     worker_up,
     wrk,
 )
@@ -95,36 +96,46 @@ def containment_row(on: dict[str, float], off: dict[str, float]) -> None:
 
 def remote(seconds: int, rounds: int) -> None:
     hello = ROOT / "examples" / "hello"
-    with token_file() as token, baseline_up() as base_url, \
-            worker_up(hello, "bench-w1", token, "--warm", "1") as frames, \
-            remote_gateway_up(hello, [("bench-w1", frames)], token) as (remote_url, _pid), \
-            nimbus_up(hello, "/hello", "--containment", "rlimits") as (up_url, _s, _p):
-        sides = {"bare uvicorn": base_url, "remote": remote_url, "nimbus up": up_url}
+    base_pids: list[int] = []
+    remote_pids: list[int] = []
+    with token_file() as token, baseline_up(base_pids) as base_url, \
+            worker_up(hello, "bench-w1", token, "--warm", "1", pids=remote_pids) as frames, \
+            remote_gateway_up(hello, [("bench-w1", frames)], token) as (remote_url, gw_pid), \
+            nimbus_up(hello, "/hello", "--containment", "rlimits") as (up_url, _s, up_proc):
+        remote_pids.append(gw_pid)
+        sides = {"bare uvicorn": (base_url, base_pids), "remote": (remote_url, remote_pids),
+                 "nimbus up": (up_url, [up_proc.pid])}
         got: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
-        for url in sides.values():
+        for url, _pids in sides.values():
             wrk(url + "/hello", 8, 2)  # warm up
         for n in range(rounds):
-            for name, url in sides.items():
+            for name, (url, pids) in sides.items():
+                cpu = tree_cpu_s(pids)
                 busy = wrk(url + "/hello", 32, seconds)
+                cpu = tree_cpu_s(pids) - cpu
                 single = wrk(url + "/hello", 1, max(2, seconds // 2))
                 got[name].append({"rps32": busy["rps"], "p50_32": busy["p50_ms"],
                                   "p99_32": busy["p99_ms"], "p50_1": single["p50_ms"],
+                                  "cpu_us": cpu / max(busy["requests"], 1) * 1e6,
                                   "errors": busy["errors"] + single["errors"]})
             print(f"round {n + 1}: " + ", ".join(
-                f"{k} {v[-1]['rps32']:.0f}/s" for k, v in got.items()), flush=True)
+                f"{k} {v[-1]['rps32']:.0f}/s {v[-1]['cpu_us']:.0f} us" for k, v in got.items()),
+                flush=True)
     med = {name: {k: statistics.median(m[k] for m in ms) for k in ms[0]}
            for name, ms in got.items()}
     base = med["bare uvicorn"]
     print(f"\nmedians of {rounds} rounds, {seconds} s each, hello world")
-    print(f"{'':22}" + "".join(f"{name:>15}" for name in med))
+    print(f"{'':26}" + "".join(f"{name:>15}" for name in med))
     for key, label, fmt in (("rps32", "req/s @32 conns", ".0f"),
+                            ("cpu_us", "CPU us/request @32 conns", ".0f"),
                             ("p50_32", "p50 ms @32 conns", ".3f"),
                             ("p99_32", "p99 ms @32 conns", ".3f"),
                             ("p50_1", "p50 ms @1 conn", ".3f"),
                             ("errors", "errors", ".0f")):
-        print(f"{label:22}" + "".join(f"{m[key]:>15{fmt}}" for m in med.values()))
+        print(f"{label:26}" + "".join(f"{m[key]:>15{fmt}}" for m in med.values()))
     for name in ("remote", "nimbus up"):
-        print(f"{name} / bare uvicorn @32 conns: {med[name]['rps32'] / base['rps32']:.2f}x")
+        print(f"{name} / bare uvicorn @32 conns: {med[name]['rps32'] / base['rps32']:.2f}x "
+              f"throughput, {med[name]['cpu_us'] / base['cpu_us']:.2f}x CPU per request")
 
 
 if __name__ == "__main__":
