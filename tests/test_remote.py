@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -356,6 +357,56 @@ def test_new_calls_avoid_a_worker_whose_connection_is_down(start_worker, app_dir
             results = await asyncio.gather(*(inv.invoke(f"n{i}", http("POST"))
                                              for i in range(10)))
             assert {worker_of(r) for r in results} == {"b"}
+        finally:
+            await d.aclose()
+
+    run(scenario)
+
+
+def test_a_stopping_worker_finishes_its_calls_and_new_ones_go_elsewhere(start_worker, app_dir):
+    a, b = start_worker("w-a"), start_worker("w-b")
+
+    async def scenario() -> None:
+        d = await directory_with(a, b)
+        inv = RemoteInvoker(target(app_dir, "work"), d, cap=16)
+        try:
+            calls = [asyncio.ensure_future(inv.invoke(f"g{i}", http("POST", s=0.6)))
+                     for i in range(4)]
+            await until(lambda: d.workers["w-a"].calls == 2)
+            await asyncio.sleep(0.2)
+            a.proc.send_signal(signal.SIGTERM)  # it drains for up to 1 s
+            await asyncio.sleep(0.1)
+            during = asyncio.ensure_future(inv.invoke("during", http("POST")))
+            results = await asyncio.gather(*calls)  # no 502: they finished before it hung up
+            assert Counter(worker_of(r) for r in results) == {"a": 2, "b": 2}
+            assert (await during)["rid"] == "during"  # served, by one or the other
+            await until(lambda: d.workers["w-a"].conn is None)
+            more = await asyncio.gather(*(inv.invoke(f"m{i}", http("POST")) for i in range(4)))
+            assert {worker_of(r) for r in more} == {"b"}
+        finally:
+            await d.aclose()
+
+    run(scenario)
+
+
+def test_a_removed_worker_gets_no_new_calls_and_its_calls_finish(start_worker, app_dir):
+    a, b = start_worker("w-a"), start_worker("w-b")
+
+    async def scenario() -> None:
+        d = await directory_with(a, b)
+        inv = RemoteInvoker(target(app_dir, "work"), d, cap=16)
+        try:
+            calls = [asyncio.ensure_future(inv.invoke(f"r{i}", http("POST", s=0.5)))
+                     for i in range(4)]
+            await until(lambda: d.workers["w-a"].calls == 2)
+            link = d.workers["w-a"]
+            d.remove("w-a")  # the registry lost it; its connection drains
+            assert "w-a" not in d.workers
+            more = await asyncio.gather(*(inv.invoke(f"x{i}", http("POST")) for i in range(4)))
+            assert {worker_of(r) for r in more} == {"b"}
+            results = await asyncio.gather(*calls)
+            assert Counter(worker_of(r) for r in results) == {"a": 2, "b": 2}
+            await until(lambda: link.conn is None and link.task is not None and link.task.done())
         finally:
             await d.aclose()
 

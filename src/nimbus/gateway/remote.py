@@ -347,6 +347,7 @@ class _Client(asyncio.Protocol):
         self._ids = 0
         self._nonce = b""
         self._out: list[bytes] = []
+        self._unsent: list[int] = []  # calls in _out, not yet written
         self._flush_soon = False
         self._gone = False
         self._ticker: asyncio.TimerHandle | None = None
@@ -503,6 +504,7 @@ class _Client(asyncio.Protocol):
         fut = self.loop.create_future()
         self.pending[cid] = (fut, answer_by)
         meta = _dumps([cid, function, version, rid, timeout_s])
+        self._unsent.append(cid)
         self.send([_HEADER.pack(len(meta) + 1 + len(payload), _INVOKE), meta, b"\n", payload])
         return fut
 
@@ -517,6 +519,7 @@ class _Client(asyncio.Protocol):
         out, self._out = self._out, []
         if not self._gone and self.transport is not None:
             self.transport.write(b"".join(out))
+            self._unsent.clear()
 
     # -- the end ------------------------------------------------------------------
 
@@ -541,10 +544,11 @@ class _Client(asyncio.Protocol):
                 "it closed the connection during the handshake (it refused our proof, "
                 "or is not a worker)"))
         pending, self.pending = self.pending, {}
-        for fut, _deadline in pending.values():
+        unsent = set(self._unsent)
+        for cid, (fut, _deadline) in pending.items():
             if not fut.done():
                 fut.set_exception(WorkerLost(
-                    f"the connection to worker {self.link.id} was lost", sent=True))
+                    f"the connection to worker {self.link.id} was lost", sent=cid not in unsent))
         self._out.clear()
         if not self.closed.done():
             self.closed.set_result(None)
