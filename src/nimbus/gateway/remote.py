@@ -268,7 +268,7 @@ class WorkerDirectory:
                     await loop.create_connection(
                         functools.partial(_new_client, holder, self, link), link.host, link.port)
                     await holder[0].authed
-            except (OSError, TimeoutError, HandshakeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure: try again later
                 if holder:
                     holder[0].abort()
                 why = _why(exc)
@@ -326,7 +326,9 @@ def _why(exc: BaseException) -> str:
         return "no connection and handshake within the time allowed"
     if isinstance(exc, OSError):
         return exc.strerror or str(exc) or type(exc).__name__
-    return str(exc)
+    if isinstance(exc, HandshakeError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 class _Client(asyncio.Protocol):

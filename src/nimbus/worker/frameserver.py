@@ -293,6 +293,9 @@ class _Connection(asyncio.Protocol):
         meta, _, event = body.partition(b"\n")
         try:
             call_id, function, version, rid, timeout_s = _loads(meta)
+            if not (type(call_id) is int and type(function) is str and type(version) is int
+                    and type(rid) is str and type(timeout_s) in (int, float)):
+                raise TypeError("a field of the wrong type")
         except (ValueError, TypeError):
             log.warning("gateway %s sent a malformed INVOKE; closing", _peer_text(self.peer))
             self.abort()
