@@ -495,6 +495,9 @@ class _Client(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(InvocationTimeoutError(
                     f"worker {self.link.id} did not answer in time"))
+        if self.close_when_idle and not self.pending:
+            self.close()
+            return
         self._ticker = self.loop.call_later(d.ping_every_s, self._tick)
 
     # -- calls ---------------------------------------------------------------------
