@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from nimbus.errors import HandlerError, InstanceDiedError, ThrottledError
+from nimbus.errors import ClosedError, HandlerError, InstanceDiedError, ThrottledError
 from nimbus.gateway.remote import RemoteInvoker, WorkerDirectory
 from nimbus.manifest.loader import load_app
 from nimbus.worker import frames as f
@@ -237,6 +237,35 @@ def test_a_call_for_a_pool_the_worker_lacks_goes_elsewhere(shared, app_dir, tmp_
             result = await inv.invoke("p1", http("POST"))
             assert worker_of(result) == "shared"
             assert inv.rerouted == 1 and inv.retries == 0
+        finally:
+            await d.aclose()
+
+    try:
+        run(scenario)
+    finally:
+        other.stop()
+
+
+def test_a_version_no_worker_serves_is_closed_not_failed(tmp_path, app_dir, monkeypatch):
+    """Every worker answers "not here": a ClosedError (503), which the event
+    dispatcher treats as a retired version (given back, not counted)."""
+    monkeypatch.setattr("nimbus.gateway.remote.ACQUIRE_GRACE_S", 0.5)
+    lacking = tmp_path / "other-app"
+    lacking.mkdir()
+    (lacking / "app.yaml").write_text("name: remote\nfunctions:\n  one: {handler: h.work}\n")
+    (lacking / "h.py").write_text(HANDLER)
+    other = WorkerProcess(lacking, tmp_path, "w-lack")
+
+    async def scenario() -> None:
+        d = WorkerDirectory(TOKEN)
+        d.update(other.node_id, other.address, {})
+        await until(lambda: d.workers["w-lack"].reported is not None)
+        d.workers["w-lack"].reported = {"cold@1": 1}  # stale news
+        inv = RemoteInvoker(target(app_dir, "cold"), d)
+        try:
+            with pytest.raises(ClosedError, match="does not run cold version 1"):
+                await inv.invoke("c1", http("POST"))
+            assert inv.in_flight == 0 and d.workers["w-lack"].calls == 0
         finally:
             await d.aclose()
 

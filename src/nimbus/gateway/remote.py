@@ -659,8 +659,8 @@ class RemoteInvoker:
                     failure: NimbusError = InstanceDiedError(
                         f"worker {link.id} was lost during the invocation and no other "
                         f"worker could take it")
-                else:
-                    failure = UnavailableError(f"no worker could take {target.function}")
+                else:  # it ran nowhere: as a hold that found no instance in time
+                    failure = ThrottledError(f"no worker could take {target.function} in time")
             except NotRun as exc:
                 self.rerouted += 1
                 failure = exc.error

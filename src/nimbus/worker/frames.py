@@ -170,9 +170,11 @@ def error_from(kind: str, message: str, detail: Any) -> NimbusError:
         return InstanceDiedError(message)
     if kind == "deploy":
         return RemoteDeployError(message, detail if isinstance(detail, dict) else None)
-    if kind == "closed":
+    if kind in ("closed", "absent"):
+        # not run: no worker serves that version (any more), as with a
+        # retired pool; the event dispatcher gives such work back uncounted
         return ClosedError(message)
-    if kind in ("absent", "unavailable"):
+    if kind == "unavailable":
         return UnavailableError(message)
     return NimbusError(message or "the worker failed the invocation")
 
