@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from nimbus.errors import ClosedError, HandlerError, InstanceDiedError, ThrottledError
@@ -344,13 +345,15 @@ def test_a_worker_killed_mid_flight(start_worker, app_dir, tmp_path):
         d = await directory_with(a, b)
         inv = RemoteInvoker(target(app_dir, "work"), d, cap=16)  # room on both workers
         try:
-            methods = ["GET", "POST", "PUT", "POST", "DELETE", "POST", "HEAD", "POST"]
+            methods = ["GET", "POST", "POST", "PUT", "DELETE", "POST", "POST", "HEAD"]
             calls = {f"k{i}-{m}": asyncio.ensure_future(inv.invoke(
                 f"k{i}-{m}", http(m, s=5.0, marks=str(marks)))) for i, m in enumerate(methods)}
             await until(lambda: len(os.listdir(marks)) == 8)  # all 8 running
             started = {n.split()[0]: worker_of({"instance": n.split()[1]})
                        for n in os.listdir(marks)}
             assert Counter(started.values()) == {"a": 4, "b": 4}
+            on_a = Counter(r.endswith("POST") for r in started if started[r] == "a")
+            assert on_a[True] == 2 and on_a[False] == 2  # both kinds were on the lost worker
             a.kill()
             outcomes = dict(zip(calls, await asyncio.gather(*calls.values(),
                                                             return_exceptions=True),
@@ -498,6 +501,47 @@ def test_a_silent_or_garbling_peer_is_closed_and_learns_nothing(start_worker):
     assert errors.count("refused: it does not speak the frame protocol") == 2
     assert not (w.state / "logs" / "work.log").exists() or \
         b"sneaky" not in (w.state / "logs" / "work.log").read_bytes()
+
+
+def test_the_wire_as_documented_and_its_bounds(shared):
+    """A hand-made gateway: the handshake, a call, an answer; then a frame
+    over the size bound closes the connection."""
+    host, port = shared.address.rsplit(":", 1)
+
+    async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        size, kind = f.HEADER.unpack(await reader.readexactly(f.HEADER_SIZE))
+        return kind, await reader.readexactly(size)
+
+    async def scenario() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        kind, body = await read_frame(reader)
+        assert kind == f.HELLO
+        version, worker_id, nonce_hex = orjson.loads(body)
+        assert (version, worker_id) == (f.VERSION, "w-shared")
+        nonce_w, nonce_g = bytes.fromhex(nonce_hex), secrets.token_bytes(f.NONCE_BYTES)
+        token = TOKEN.encode()
+        writer.write(b"".join(f.pack(f.AUTH, nonce_g,
+                                     f.gateway_proof(token, worker_id, nonce_w, nonce_g))))
+        kind, body = await read_frame(reader)
+        assert kind == f.WELCOME
+        assert body == f.worker_proof(token, worker_id, nonce_w, nonce_g)
+        kind, body = await read_frame(reader)
+        assert kind == f.STATE and orjson.loads(body)["work@1"] == 1
+        writer.write(b"".join(f.pack(f.INVOKE, b'[7,"work",1,"by-hand",2.5]', b"\n",
+                                     b'{"echo":"hi"}')
+                              + f.pack(f.INVOKE, b'[8,"nope",1,"by-hand-2",1]', b"\n", b'{}')))
+        answers = dict([await read_frame(reader), await read_frame(reader)])
+        call_id, _, result = answers[f.RESULT].partition(b"\n")
+        assert call_id == b"7" and orjson.loads(result)["echo"] == "hi"
+        assert 0 < orjson.loads(result)["remaining"] <= 2500  # our timeout, shorter, applied
+        call_id, _, error = answers[f.ERROR].partition(b"\n")
+        assert call_id == b"8" and orjson.loads(error)[0] == "absent"
+        writer.write(f.HEADER.pack(f.MAX_FRAME + 1, f.INVOKE))
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+        writer.close()
+
+    run(scenario)
+    assert "over the limit" in shared.errors()
 
 
 def test_a_fake_worker_is_not_trusted(caplog):
