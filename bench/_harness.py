@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
+import select
 import shutil
 import signal
 import socket
@@ -14,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -74,12 +77,15 @@ def nimbus_up(app: Path, probe: str = "/hello",
 
 
 @contextlib.contextmanager
-def baseline_up() -> Iterator[str]:
+def baseline_up(pids: list[int] | None = None) -> Iterator[str]:
+    """Bare uvicorn serving the seed handler; its pid is appended to ``pids``."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--port", str(port),
          "--workers", "1", "--http", "httptools", "--loop", "uvloop", "--no-access-log",
          "--log-level", "warning"], cwd=ROOT, stdout=subprocess.DEVNULL)
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/hello")
@@ -129,3 +135,97 @@ def wrk(url: str, connections: int, seconds: int, script: str | None = None) -> 
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def _json_line(proc: subprocess.Popen[bytes], what: str, timeout_s: float = 90.0) -> Any:
+    """The first line ``proc`` prints on stdout, as JSON."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            raise SystemExit(f"{what} did not start")
+        ready, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+        if ready:
+            line += os.read(proc.stdout.fileno(), 4096)
+    return orjson.loads(line)
+
+
+@contextlib.contextmanager
+def token_file() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="nimbus-bench-token-"))
+    path = folder / "token"
+    path.write_text(secrets.token_urlsafe(32) + "\n")
+    path.chmod(0o600)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def worker_up(app: Path, node_id: str, token: Path, *extra: str,
+              pids: list[int] | None = None) -> Iterator[str]:
+    """A worker process serving ``app`` over frames; yields its frame address
+    (its pid is appended to ``pids``)."""
+    state = Path(tempfile.mkdtemp(prefix="nimbus-bench-worker-"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nimbus.worker.frameserver", "--app", str(app),
+         "--state-dir", str(state), "--token-file", str(token), "--node-id", node_id,
+         *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if pids is not None:
+        pids.append(proc.pid)
+    try:
+        yield _json_line(proc, f"worker {node_id}")["frames"]
+    finally:
+        stop(proc)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def remote_gateway_up(app: Path, workers: list[tuple[str, str]], token: Path,
+                      probe: str = "/hello") -> Iterator[tuple[str, int]]:
+    """A gateway process calling ``workers`` (id, frame address) over frames;
+    yields (url, pid)."""
+    args = [sys.executable, str(ROOT / "bench" / "remote_gateway.py"), "--app", str(app),
+            "--token-file", str(token)]
+    for worker_id, address in workers:
+        args += ["--worker", f"{worker_id}={address}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        url = _json_line(proc, "the remote gateway")["url"]
+        wait_http(url + probe)
+        yield url, proc.pid
+    finally:
+        stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by ``pids`` and every live
+    process below them: what a side of a benchmark costs, whatever the
+    machine's load did to its throughput."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree = set(pids)
+    frontier = set(pids)
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier and c not in tree}
+        tree |= frontier
+    return sum(times.get(pid, 0.0) for pid in tree)

@@ -1,6 +1,7 @@
 """Warm requests: the seed ``hello`` through nimbus vs the same handler on bare uvicorn.
 
     python bench/warm.py [--seconds 10]
+    python bench/warm.py --remote [--seconds 5] [--rounds 5]
 
 Prints requests/s at 32 connections and p50/p99 latency at 1 connection for
 both, up at once and measured in turns (ABAB..., ``--rounds``; medians: the
@@ -9,6 +10,13 @@ nimbus again with containment off (``--containment rlimits``) to show what
 full containment (uid, view, cgroup; needs root) costs on the warm path. Needs
 wrk (apt-get install wrk). Goals: throughput ratio >= 0.5, p50
 added <= 0.15 ms at 1 connection.
+
+``--remote`` measures the path across processes instead: a gateway process
+calling a worker process over TCP frames (``bench/remote_gateway.py`` and
+``python -m nimbus.worker.frameserver``, one warm instance, containment
+``rlimits``), beside bare uvicorn and ``nimbus up --containment rlimits``,
+all up at once and measured in turns (ABC ABC ...), medians printed. Goal:
+through a gateway to a worker process >= 0.6x bare uvicorn at 32 connections.
 """
 
 from __future__ import annotations
@@ -19,7 +27,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._harness import ROOT, baseline_up, nimbus_up, wrk  # noqa: E402
+from bench._harness import (  # noqa: E402
+    ROOT,
+    baseline_up,
+    nimbus_up,
+    remote_gateway_up,
+    token_file,
+    tree_cpu_s,
+    worker_up,
+    wrk,
+)
 
 
 def measure(url: str, seconds: int) -> dict[str, float]:
@@ -38,7 +55,12 @@ def main() -> None:
                     help="alternating rounds of each comparison")
     ap.add_argument("--no-containment", action="store_true",
                     help="skip the containment on/off comparison")
+    ap.add_argument("--remote", action="store_true",
+                    help="a gateway process to a worker process over TCP frames")
     args = ap.parse_args()
+    if args.remote:
+        remote(args.seconds, args.rounds)
+        return
     with baseline_up() as base_url, \
             nimbus_up(ROOT / "examples" / "hello") as (nim_url, _state, _proc):
         bases, nims = [], []
@@ -84,6 +106,50 @@ def containment_row(on: dict[str, float], off: dict[str, float]) -> None:
           f"{on['rps32'] / off['rps32']:>13.2f}x")
     print(f"{'p50 ms @1 conn':24}{off['p50_1']:>14.3f}{on['p50_1']:>14.3f}"
           f"{on['p50_1'] - off['p50_1']:>+13.3f}ms")
+
+
+def remote(seconds: int, rounds: int) -> None:
+    hello = ROOT / "examples" / "hello"
+    base_pids: list[int] = []
+    remote_pids: list[int] = []
+    with token_file() as token, baseline_up(base_pids) as base_url, \
+            worker_up(hello, "bench-w1", token, "--warm", "1", pids=remote_pids) as frames, \
+            remote_gateway_up(hello, [("bench-w1", frames)], token) as (remote_url, gw_pid), \
+            nimbus_up(hello, "/hello", "--containment", "rlimits") as (up_url, _s, up_proc):
+        remote_pids.append(gw_pid)
+        sides = {"bare uvicorn": (base_url, base_pids), "remote": (remote_url, remote_pids),
+                 "nimbus up": (up_url, [up_proc.pid])}
+        got: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
+        for url, _pids in sides.values():
+            wrk(url + "/hello", 8, 2)  # warm up
+        for n in range(rounds):
+            for name, (url, pids) in sides.items():
+                cpu = tree_cpu_s(pids)
+                busy = wrk(url + "/hello", 32, seconds)
+                cpu = tree_cpu_s(pids) - cpu
+                single = wrk(url + "/hello", 1, max(2, seconds // 2))
+                got[name].append({"rps32": busy["rps"], "p50_32": busy["p50_ms"],
+                                  "p99_32": busy["p99_ms"], "p50_1": single["p50_ms"],
+                                  "cpu_us": cpu / max(busy["requests"], 1) * 1e6,
+                                  "errors": busy["errors"] + single["errors"]})
+            print(f"round {n + 1}: " + ", ".join(
+                f"{k} {v[-1]['rps32']:.0f}/s {v[-1]['cpu_us']:.0f} us" for k, v in got.items()),
+                flush=True)
+    med = {name: {k: statistics.median(m[k] for m in ms) for k in ms[0]}
+           for name, ms in got.items()}
+    base = med["bare uvicorn"]
+    print(f"\nmedians of {rounds} rounds, {seconds} s each, hello world")
+    print(f"{'':26}" + "".join(f"{name:>15}" for name in med))
+    for key, label, fmt in (("rps32", "req/s @32 conns", ".0f"),
+                            ("cpu_us", "CPU us/request @32 conns", ".0f"),
+                            ("p50_32", "p50 ms @32 conns", ".3f"),
+                            ("p99_32", "p99 ms @32 conns", ".3f"),
+                            ("p50_1", "p50 ms @1 conn", ".3f"),
+                            ("errors", "errors", ".0f")):
+        print(f"{label:26}" + "".join(f"{m[key]:>15{fmt}}" for m in med.values()))
+    for name in ("remote", "nimbus up"):
+        print(f"{name} / bare uvicorn @32 conns: {med[name]['rps32'] / base['rps32']:.2f}x "
+              f"throughput, {med[name]['cpu_us'] / base['cpu_us']:.2f}x CPU per request")
 
 
 if __name__ == "__main__":

@@ -261,3 +261,31 @@ def test_a_request_held_past_its_deadline_is_throttled_not_failed(tmp_path, monk
     results = run(tmp_path, scenario, max_instances=1, timeout_s=2.0)
     assert isinstance(results[0], dict) and isinstance(results[1], dict), results
     assert isinstance(results[2], ThrottledError), results
+
+
+def test_start_and_start_when_free_keep_the_pools_figures(tmp_path):
+    """The callback entry points (used by the frame server): a future when an
+    instance is free, None when not; waiting can be cancelled without a trace;
+    a shorter timeout from the caller applies."""
+    async def scenario(pool: FunctionPool) -> None:
+        await pool.ensure_warm()
+        first = pool.start("a", {"s": 0.3})
+        assert first is not None and pool.in_flight == 1
+        assert pool.start("b", {}) is None  # the only instance is busy
+        waiting = asyncio.ensure_future(pool.start_when_free("c", {}))
+        await until(lambda: pool.held == 1)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert pool.held == 0 and pool.in_flight == 1
+        assert (await first)["rid"] == "a"
+        await until(lambda: pool.in_flight == 0)
+        assert pool.instances[0].outstanding == 0
+        second = await pool.start_when_free("d", {})
+        assert (await second)["rid"] == "d"
+        await until(lambda: pool.in_flight == 0)
+        short = pool.start("e", {"s": 3}, timeout_s=0.3)
+        assert short is not None
+        with pytest.raises(InvocationTimeoutError, match="0.30 seconds"):
+            await short
+
+    run(tmp_path, scenario, max_instances=1, timeout_s=10)

@@ -134,7 +134,7 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
         _serve(channel, invoke)
 
 
-def _context_factory(spec: dict[str, Any]) -> Callable[[str, int], LambdaContext]:
+def _context_factory(spec: dict[str, Any]) -> Callable[[str, float], LambdaContext]:
     name = spec["function"]
     version = str(spec["version"])
     memory = spec["memory_mb"]
@@ -142,8 +142,8 @@ def _context_factory(spec: dict[str, Any]) -> Callable[[str, int], LambdaContext
     group = f"/aws/lambda/{name}"
     stream = spec["instance_id"]
 
-    def make(request_id: str, deadline_ms: int) -> LambdaContext:
-        return LambdaContext(request_id, deadline_ms, name, version, memory, arn, group, stream)
+    def make(request_id: str, deadline: float) -> LambdaContext:
+        return LambdaContext(request_id, deadline, name, version, memory, arn, group, stream)
 
     return make
 
@@ -151,15 +151,18 @@ def _context_factory(spec: dict[str, Any]) -> Callable[[str, int], LambdaContext
 def _invoke_one(
     channel: _Channel,
     handler: Callable[[Any, Any], Any],
-    make_context: Callable[[str, int], LambdaContext],
+    make_context: Callable[[str, float], LambdaContext],
     ids: RequestIds,
     body: bytes,
+    received: float,
 ) -> None:
-    rid, deadline_ms, event = orjson.loads(body)
+    rid, timeout_s, event = orjson.loads(body)
     ids.begin(rid)
     fatal = False
     try:
-        result = handler(event, make_context(rid, deadline_ms))
+        # The deadline came as a duration: counted from the frame's arrival
+        # on this process's monotonic clock.
+        result = handler(event, make_context(rid, received + timeout_s))
         try:
             payload = orjson.dumps([rid, result])
             kind = p.RESULT
@@ -195,15 +198,17 @@ def _error_frame(rid: str, message: str, kind: str, fatal: bool = False) -> byte
                                "requestId": rid}, fatal])
 
 
-def _serve(channel: _Channel, run: Callable[[bytes], object]) -> None:
-    """Hand every INVOKE frame's body to ``run`` until the worker hangs up."""
+def _serve(channel: _Channel, run: Callable[[bytes, float], object]) -> None:
+    """Hand every INVOKE frame's body, with the monotonic time it arrived,
+    to ``run`` until the worker hangs up."""
+    monotonic = time.monotonic
     while True:
         got = channel.recv()
         if got is None:
             return
         kind, body = got
         if kind == p.INVOKE:
-            run(body)
+            run(body, monotonic())
 
 
 def _started_pool(n: int) -> ThreadPoolExecutor:

@@ -9,7 +9,8 @@ class LambdaContext:
     """What AWS Lambda's Python runtime passes as ``context``.
 
     One object per invocation; ``get_remaining_time_in_millis`` counts down to
-    the invocation's deadline (wall clock, milliseconds since the epoch).
+    the invocation's deadline, a ``time.monotonic()`` instant of this process
+    (the worker sends the timeout as a duration; no wall clock is involved).
     """
 
     __slots__ = (
@@ -22,13 +23,13 @@ class LambdaContext:
         "log_stream_name",
         "identity",
         "client_context",
-        "_deadline_ms",
+        "_deadline",
     )
 
     def __init__(
         self,
         request_id: str,
-        deadline_ms: int,
+        deadline: float,
         function_name: str,
         function_version: str,
         memory_mb: int,
@@ -45,10 +46,10 @@ class LambdaContext:
         self.log_stream_name = log_stream
         self.identity = None
         self.client_context = None
-        self._deadline_ms = deadline_ms
+        self._deadline = deadline
 
     def get_remaining_time_in_millis(self) -> int:
-        return max(0, self._deadline_ms - int(time.time() * 1000))
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
 
     def __repr__(self) -> str:
         return (

@@ -9,10 +9,15 @@ Kinds and payloads::
 
     READY       instance -> worker   {"pid": int}                 handler imported
     INIT_ERROR  instance -> worker   Lambda error body            import failed; exits
-    INVOKE      worker -> instance   [request_id, deadline_ms, event]
+    INVOKE      worker -> instance   [request_id, timeout_s, event]   timeout: a duration
     RESULT      instance -> worker   [request_id, result]
     ERROR       instance -> worker   [request_id, Lambda error body]
     LOG         instance -> worker   [request_id, stream, text]   stdout/stderr
+
+The invocation's deadline travels as a duration in seconds, never as a
+wall-clock time: the instance counts it down on its own monotonic clock
+from the moment the frame arrives, so a clock step (NTP) or another
+machine's clock never shortens or stretches a handler's time.
 """
 
 from __future__ import annotations

@@ -197,8 +197,7 @@ class Instance:
         fut = loop.create_future()
         proto.pending[rid] = fut
         proto.recent.append(rid)
-        deadline_ms = int((time.time() + timeout_s) * 1000)
-        payload = orjson.dumps([rid, deadline_ms, event])
+        payload = orjson.dumps([rid, timeout_s, event])
         proto.transport.write(_HEADER.pack(len(payload), _INVOKE) + payload)
         proto.timers[rid] = loop.call_later(timeout_s, self._timed_out, rid, fut, timeout_s)
         return fut

@@ -92,6 +92,59 @@ class FunctionPool:
             self.in_flight -= 1
             self._released(inst)
 
+    # The same, for callers that answer from a callback (the frame server):
+    # no coroutine and no task per invocation when an instance is free.
+
+    def start(self, rid: str, event: Any, timeout_s: float | None = None
+              ) -> asyncio.Future[Any] | None:
+        """Hand the invocation to a free instance now and return its future
+        (the pool's figures are settled when it is done), or None when it
+        would have to wait: then :meth:`start_when_free`. ``timeout_s``
+        may shorten the function's timeout, never lengthen it."""
+        if self.in_flight >= self.cap:
+            return None
+        inst = self._pick()
+        if inst is None:
+            return None
+        self.arrivals += 1
+        inst.outstanding += 1
+        self.in_flight += 1
+        return self._run(inst, rid, event, timeout_s)
+
+    async def start_when_free(self, rid: str, event: Any,
+                              timeout_s: float | None = None) -> asyncio.Future[Any]:
+        """Wait as :meth:`invoke` does for an instance (held, bounded, may
+        start one), then hand it the invocation and return its future.
+        Cancelling while it waits leaves no trace: the invocation never ran."""
+        self.arrivals += 1
+        inst = self._pick() if self.in_flight < self.cap else None
+        if inst is None:
+            inst = await self._acquire_slow()
+        else:
+            inst.outstanding += 1
+            self.in_flight += 1
+        return self._run(inst, rid, event, timeout_s)
+
+    def _run(self, inst: Instance, rid: str, event: Any,
+             timeout_s: float | None) -> asyncio.Future[Any]:
+        # the slot on ``inst`` is already counted
+        limit = self.timeout_s if timeout_s is None or not 0 < timeout_s < self.timeout_s \
+            else timeout_s
+        try:
+            fut = inst.invoke(rid, event, limit)
+        except BaseException:
+            inst.outstanding -= 1
+            self.in_flight -= 1
+            self._released(inst)
+            raise
+        fut.add_done_callback(lambda _f: self._finished(inst))
+        return fut
+
+    def _finished(self, inst: Instance) -> None:
+        inst.outstanding -= 1
+        self.in_flight -= 1
+        self._released(inst)
+
     def _pick(self) -> Instance | None:
         best = None
         low = 1 << 30

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,13 @@ log = logging.getLogger("nimbus.worker")
 
 # Importing a handler module (and its requirements) may take a while.
 READY_TIMEOUT_S = 30.0
+_NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class Worker:
     def __init__(self, state_dir: Path, logs: LogSink, budget: NodeBudget | None = None,
                  autoscaler: AutoscalerConfig | None = None,
-                 containment: Containment | None = None) -> None:
+                 containment: Containment | None = None, node_id: str | None = None) -> None:
         self.state_dir = state_dir
         self.logs = logs
         self.budget = budget or NodeBudget()
@@ -42,7 +44,12 @@ class Worker:
             BASE: ZygoteClient(contain=self.containment.zygote_config(()))}
         self.pools: dict[tuple[str, int], FunctionPool] = {}
         self._ids = itertools.count(1)
-        self._prefix = f"{os.getpid():x}"
+        # Instance ids are unique region-wide: they carry the node's id (a
+        # worker process of its own gets one; alone, the pid is enough).
+        if node_id is not None and not _NODE_ID.fullmatch(node_id):
+            raise ValueError(f"node id {node_id!r} must be 1-64 letters, digits, '.', '_' or "
+                             "'-' (it names instances, their folders and cgroups)")
+        self.node_id = node_id or f"{os.getpid():x}"
         self._closed = False
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -100,7 +107,7 @@ class Worker:
 
     async def _start_instance(self, pool: FunctionPool) -> Instance:
         target = pool.target
-        instance_id = f"{target.function}-{target.version}-{self._prefix}-{next(self._ids)}"
+        instance_id = f"{target.function}-{target.version}-{self.node_id}-{next(self._ids)}"
         spec = target.instance_spec(instance_id, self.state_dir, self.containment)
         pid, sock = await self._zygote_for(pool.deps).fork(spec)
         holder: list[Instance] = []
