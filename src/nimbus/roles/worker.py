@@ -51,10 +51,12 @@ async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio
     try:
         containment = await asyncio.to_thread(
             Containment.create, config.state_dir, options.containment, options.uid_range)
-        logs = await open_region_logs(backend, region=config.region, node=config.node_id,
-                                      state_dir=config.state_dir)
-        worker = Worker(config.state_dir, logs.sink, options.budget, containment=containment,
-                        node_id=config.node_id, region=config.region, placed=True)
+        assert backend.nc is not None, "a worker runs on a NATS region"
+        logs, _source = await open_region_logs(backend.nc, region=config.region,
+                                               worker=config.node_id)
+        assert logs is not None
+        worker = Worker(config.state_dir, logs, options.budget, containment=containment,
+                        node_id=config.node_id)
         await worker.start()
         server = FrameServer(worker, options.host, options.port, config.token)
         await server.start()
