@@ -180,7 +180,7 @@ class CrashingStore:
 
 def test_each_tick_fires_once_with_two_controllers_racing(tmp_path: Path) -> None:
     """Two schedulers over one SQLite store and queue (each with its own
-    connections, as two processes would have) race for the lease through
+    connections, as two processes would have) race for the leader key through
     ~40 minutes of manual time; the leader "crashes" (stops renewing) now
     and then and comes back. Every minute's tick must be queued exactly once."""
 
@@ -214,14 +214,14 @@ def test_each_tick_fires_once_with_two_controllers_racing(tmp_path: Path) -> Non
                         await nodes[i].tick()
                     except Crash:  # queued a tick, died before recording it
                         died_after_queueing += 1
-                        nodes[i]._lease = None
+                        nodes[i]._term = None
                         down[i] = clock.now() + rng.uniform(6, 90)
                         continue
                     crashing[i].armed = False
                     if nodes[i].leading:
                         leaders_seen.add(i)
                         if rng.random() < 0.03:  # crash: no renewals for a while
-                            nodes[i]._lease = None
+                            nodes[i]._term = None
                             down[i] = clock.now() + rng.uniform(6, 90)
                 leaders = [i for i in (0, 1) if nodes[i].leading]
                 assert len(leaders) <= 1, f"two leaders at once: {leaders}"

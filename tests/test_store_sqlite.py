@@ -67,9 +67,9 @@ def test_data_survives_reopen(tmp_path: Path) -> None:
     async def body() -> None:
         path = tmp_path / "store.db"
         s = await open_sqlite_store(path)
-        lease = await s.grant_lease(3600)
         rev = await s.put("apps/a", b"A")
-        await s.put("apps/b", b"B", lease=lease)
+        term = await s.campaign("apps/b", b"B", 3600)
+        assert term is not None
         await s.aclose()
         s = await open_sqlite_store(path)
         try:
@@ -77,8 +77,8 @@ def test_data_survives_reopen(tmp_path: Path) -> None:
                 ("apps/a", b"A"), ("apps/b", b"B")]
             assert (await s.get("apps/a")).revision == rev  # type: ignore[union-attr]
             assert await s.put("apps/c", b"C") > rev + 1, "revisions continue after reopen"
-            await s.keepalive(lease)  # the lease survived too
-            await s.revoke(lease)
+            term = await s.renew("apps/b", term, 3600)  # the campaign survived too
+            await s.resign("apps/b", term)
             assert await s.get("apps/b") is None
         finally:
             await s.aclose()
@@ -101,7 +101,7 @@ def test_second_store_on_same_file_sees_writes(tmp_path: Path) -> None:
             assert (ev.kind, ev.key) == ("delete", "apps/x")
             # Both sides allocate from the same counter.
             assert await a.put("apps/y", b"2") > ev.revision
-            await w.aclose()  # type: ignore[attr-defined]
+            await w.aclose()
         finally:
             await a.aclose()
             await b.aclose()
@@ -130,7 +130,7 @@ def test_other_process_writes_wake_watchers(tmp_path: Path) -> None:
             assert await asyncio.wait_for(proc.wait(), 30) == 0
             ev = await within(pending)
             assert (ev.kind, ev.key, ev.value) == ("put", "apps/child", b"hi")
-            await w.aclose()  # type: ignore[attr-defined]
+            await w.aclose()
         finally:
             await s.aclose()
     run(body())
@@ -143,22 +143,22 @@ def test_expiry_in_one_store_reaches_watchers_of_another(tmp_path: Path) -> None
         a = await open_sqlite_store(path, clock=clock)
         b = await open_sqlite_store(path, clock=clock)
         try:
-            lease = await a.grant_lease(5)
-            rev = await a.put("nodes/n1", b"", lease=lease)
+            rev = await a.campaign("nodes/n1", b"", 5)
+            assert rev is not None
             w = b.watch("nodes/", after=rev)
             pending = await idle_next(w)
             clock.advance(6)
             await a.sweep()
             ev = await within(pending)
             assert (ev.kind, ev.key) == ("delete", "nodes/n1")
-            await w.aclose()  # type: ignore[attr-defined]
+            await w.aclose()
         finally:
             await a.aclose()
             await b.aclose()
     run(body())
 
 
-def test_trimmed_history_replays_current_state(tmp_path: Path) -> None:
+def test_trimmed_history_resets_the_watch(tmp_path: Path) -> None:
     async def body() -> None:
         s = await open_sqlite_store(tmp_path / "s.db", keep_changes=3)
         try:
@@ -168,20 +168,20 @@ def test_trimmed_history_replays_current_state(tmp_path: Path) -> None:
             await s.delete("k/gone")
             for i in range(5):
                 last = await s.put("k/b", str(i).encode())
-            # History from `first` is trimmed: the watcher gets today's entries newer
-            # than `first` as puts (k/a is not newer; k/gone no longer exists).
+            # History from `first` is trimmed (the delete of k/gone is lost): the
+            # watcher is told to re-list, then gets what happens from now on.
             w = s.watch("k/", after=first)
             ev = await within(w.__anext__())
-            assert (ev.kind, ev.key, ev.value, ev.revision) == ("put", "k/b", b"4", last)
+            assert (ev.kind, ev.revision) == ("reset", first)
             live = await s.put("k/c", b"new")
             ev = await within(w.__anext__())
             assert (ev.key, ev.revision) == ("k/c", live)
-            await w.aclose()  # type: ignore[attr-defined]
+            await w.aclose()
             # A recent `after` still gets the exact log, deletes included.
             w = s.watch("k/", after=last - 1)
             ev = await within(w.__anext__())
             assert (ev.key, ev.revision) == ("k/b", last)
-            await w.aclose()  # type: ignore[attr-defined]
+            await w.aclose()
         finally:
             await s.aclose()
     run(body())
@@ -249,4 +249,75 @@ def test_registry_opens_backends_by_name(tmp_path: Path) -> None:
         digest = await blobs.put(b"x")
         assert digest == hashlib.sha256(b"x").hexdigest()
         await blobs.aclose()
+    run(body())
+
+
+def test_file_with_leases_is_migrated_to_campaigns(tmp_path: Path) -> None:
+    """A store.db written before campaigns (a leases table, a lease column)
+    opens: a leased key keeps its lease's expiry, a key whose lease is gone
+    expires at once, unleased keys stay."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, revision INTEGER NOT NULL,
+                         lease INTEGER NULL);
+        CREATE INDEX kv_lease ON kv (lease) WHERE lease IS NOT NULL;
+        CREATE TABLE leases (id INTEGER PRIMARY KEY AUTOINCREMENT, ttl_s REAL NOT NULL,
+                             expires_at REAL NOT NULL);
+        CREATE TABLE changes (revision INTEGER PRIMARY KEY, key TEXT NOT NULL,
+                              kind TEXT NOT NULL, value BLOB NOT NULL);
+        CREATE TABLE meta (id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL,
+                           compacted INTEGER NOT NULL);
+        INSERT INTO meta VALUES (1, 3, 0);
+        INSERT INTO leases VALUES (7, 5.0, 1700000010.0);
+        INSERT INTO kv VALUES ('apps/a', x'41', 1, NULL);
+        INSERT INTO kv VALUES ('schedules/leader', x'6e', 2, 7);
+        INSERT INTO kv VALUES ('orphan', x'', 3, 99);
+    """)
+    conn.close()
+
+    async def body() -> None:
+        clock = ManualClock(1_700_000_000.0)
+        s = await open_sqlite_store(path, clock=clock)
+        try:
+            assert [e.key for e in await s.list("")] == ["apps/a", "schedules/leader"]
+            assert await s.renew("schedules/leader", 2, 5) > 3
+            assert await s.campaign("schedules/leader", b"x", 5) is None
+            clock.advance(6)
+            assert [e.key for e in await s.list("")] == ["apps/a"]
+        finally:
+            await s.aclose()
+        s = await open_sqlite_store(path, clock=clock)  # opening again changes nothing
+        try:
+            assert [e.key for e in await s.list("")] == ["apps/a"]
+        finally:
+            await s.aclose()
+    run(body())
+
+
+def test_watch_survives_a_failing_read_and_says_reset(tmp_path: Path) -> None:
+    async def body() -> None:
+        s = await open_sqlite_store(tmp_path / "s.db")
+        try:
+            r1 = await s.put("w/a", b"1")
+            w = s.watch("w/")
+            ev = await within(w.__anext__())
+            assert (ev.kind, ev.key, ev.revision) == ("put", "w/a", r1)
+            # The change log disappears under the watch: reads fail until it is back.
+            await s._call(lambda: s._db().execute("ALTER TABLE changes RENAME TO changes_away"))
+            pending = asyncio.ensure_future(w.__anext__())
+            await asyncio.sleep(0.3)
+            assert not pending.done(), "a failing watch must keep trying, not end"
+            await s._call(lambda: s._db().execute("ALTER TABLE changes_away RENAME TO changes"))
+            ev = await within(pending)
+            assert (ev.kind, ev.revision) == ("reset", r1)
+            r2 = await s.put("w/b", b"2")
+            ev = await within(w.__anext__())
+            assert (ev.kind, ev.key, ev.revision) == ("put", "w/b", r2)
+            await w.aclose()
+            await w.aclose()  # idempotent
+            with pytest.raises(StopAsyncIteration):
+                await w.__anext__()
+        finally:
+            await s.aclose()
     run(body())

@@ -4,6 +4,11 @@ Watches ``apps/`` (never polls per request): on every change it rebuilds the
 whole route table from the live app records, swaps it into the gateway in
 one assignment, and retires the pools of versions nothing routes to any more
 (they drain: in-flight invocations finish first).
+
+A ``reset`` from the watch (events may have been missed: a reconnect, a
+store error) makes it list ``apps/`` again and replace what it knew. A watch
+that fails or ends while we still run is opened again after a pause: the
+route table is never left to go stale silently.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import orjson
 
 from nimbus.aio import cancel_and_wait
 from nimbus.control.deploy import target_from_record
+from nimbus.errors import ClosedError
 from nimbus.gateway.app import Gateway, Invoker
 from nimbus.gateway.router import Router
-from nimbus.store.base import Store
+from nimbus.store.base import Store, WatchEvent
 from nimbus.worker.pool import FunctionPool
 from nimbus.worker.worker import Worker
 
 log = logging.getLogger("nimbus.control")
+RETRY_S = (0.2, 5.0)  # pause before watching again after a failure, doubling up to the cap
 
 
 class RouteSync:
@@ -39,23 +46,56 @@ class RouteSync:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        after = await self._relist()
+        self._task = asyncio.create_task(self._watch(after), name="routesync")
+
+    async def _relist(self) -> int:
+        """Replace what we know of ``apps/`` with the store's; returns the
+        revision to watch from."""
         entries = await self.store.list("apps/")
-        after = max((e.revision for e in entries), default=0)
-        for e in entries:
-            self.apps[e.key] = orjson.loads(e.value)
+        self.apps = {e.key: orjson.loads(e.value) for e in entries}
         self._rebuild()
-        self._task = asyncio.create_task(self._watch(after))
+        return max((e.revision for e in entries), default=0)
 
     async def _watch(self, after: int) -> None:
-        async for ev in self.store.watch("apps/", after=after):
-            if ev.kind == "put":
-                self.apps[ev.key] = orjson.loads(ev.value)
-            else:
-                self.apps.pop(ev.key, None)
+        delay = RETRY_S[0]
+        while True:
             try:
-                self._rebuild()
-            except Exception:  # noqa: BLE001 - keep serving the last good table
-                log.exception("could not rebuild routes after revision %d", ev.revision)
+                watch = self.store.watch("apps/", after=after)
+                try:
+                    async for ev in watch:
+                        delay = RETRY_S[0]
+                        after = await self._apply(ev, after)
+                finally:
+                    await watch.aclose()
+                log.warning("the watch of apps/ ended; watching again")
+            except ClosedError:
+                return  # the store closed: we are shutting down
+            except Exception:  # noqa: BLE001 - the route table must keep following the store
+                log.warning("the watch of apps/ failed; watching again in %.1fs", delay,
+                            exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_S[1])
+            try:  # we may have missed anything: start over from a fresh list
+                after = await self._relist()
+            except ClosedError:
+                return
+            except Exception:  # noqa: BLE001
+                log.warning("could not list apps/; will try again", exc_info=True)
+
+    async def _apply(self, ev: WatchEvent, after: int) -> int:
+        if ev.kind == "reset":
+            log.info("the watch of apps/ was reset; listing apps/ again")
+            return await self._relist()
+        if ev.kind == "put":
+            self.apps[ev.key] = orjson.loads(ev.value)
+        else:
+            self.apps.pop(ev.key, None)
+        try:
+            self._rebuild()
+        except Exception:  # noqa: BLE001 - keep serving the last good table
+            log.exception("could not rebuild routes after revision %d", ev.revision)
+        return max(after, ev.revision)
 
     def _rebuild(self) -> None:
         routes: list[tuple[str, str, Invoker]] = []

@@ -1,8 +1,11 @@
 """Schedules: each tick fires exactly once per region, however many controllers run.
 
-* Leadership: the controller holding the lease on ``schedules/leader`` (in
-  the Store) fires; the others wait. A leader that dies stops renewing and
-  its lease expires after ``LEASE_TTL_S``; another takes over.
+* Leadership: the controller holding the campaign key ``schedules/leader``
+  (in the Store) fires; the others wait. The leader renews the key every
+  round (``ROUND_S``, well inside ``LEASE_TTL_S``); a leader that dies stops
+  renewing, the key expires ``LEASE_TTL_S`` after its last renewal, and
+  another takes over. A renewal that fails with ``ConflictError`` means the
+  lead is lost: the scheduler stops firing until it wins a campaign again.
 * Progress: every schedule keeps the time of the last tick it handled in
   ``schedules/ticks/<function>/<id>``, advanced with compare-and-set after
   the tick's invocations are queued. A new leader starts from there.
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from nimbus.errors import ConflictError, NimbusError, NotFoundError
+from nimbus.errors import ConflictError, NimbusError
 from nimbus.events.names import invoke_queue
 from nimbus.events.schedule_expr import Schedule, parse_schedule
 from nimbus.events.shapes import scheduled_event
@@ -107,12 +110,12 @@ class Scheduler:
         self.node = node or new_id()[:8]
         self.lease_ttl_s = lease_ttl_s
         self.schedules: list[Scheduled] = []
-        self._lease: int | None = None
+        self._term: int | None = None  # revision of our leader key while we lead
         self._task: asyncio.Task[None] | None = None
 
     @property
     def leading(self) -> bool:
-        return self._lease is not None
+        return self._term is not None
 
     def set_pools(self, pools: dict[str, FunctionPool]) -> None:
         self.schedules = schedules_of(pools)
@@ -144,22 +147,17 @@ class Scheduler:
         return fired
 
     async def _lead(self) -> bool:
-        if self._lease is not None:
+        if self._term is not None:
             try:
-                await self.store.keepalive(self._lease)
+                self._term = await self.store.renew(LEADER_KEY, self._term, self.lease_ttl_s)
                 return True
-            except NotFoundError:  # expired: someone else may lead now
+            except ConflictError:  # expired or taken: someone else may lead now
                 log.warning("scheduler %s lost the lead", self.node)
-                self._lease = None
-        if await self.store.get(LEADER_KEY) is not None:
+                self._term = None
+        term = await self.store.campaign(LEADER_KEY, self.node.encode(), self.lease_ttl_s)
+        if term is None:
             return False
-        lease = await self.store.grant_lease(self.lease_ttl_s)
-        try:
-            await self.store.create(LEADER_KEY, self.node.encode(), lease=lease)
-        except ConflictError:
-            await self.store.revoke(lease)
-            return False
-        self._lease = lease
+        self._term = term
         log.info("scheduler %s leads", self.node)
         return True
 
@@ -191,10 +189,10 @@ class Scheduler:
         return [(s.key, t) for t in fire]
 
     async def resign(self) -> None:
-        if self._lease is not None:
-            lease, self._lease = self._lease, None
+        if self._term is not None:
+            term, self._term = self._term, None
             try:
-                await self.store.revoke(lease)
+                await self.store.resign(LEADER_KEY, term)
             except NimbusError:
                 log.warning("could not give up the schedule lead", exc_info=True)
 

@@ -12,10 +12,17 @@ Contract (beyond :class:`nimbus.store.base.Store`):
   ``PRAGMA data_version`` every ``POLL_S`` while watchers exist. The log keeps
   the last ``keep_changes`` rows; a watcher that asks for older history gets
   the current entries of its prefix (revision > ``after``) as puts instead.
-* Leases expire by ``clock.now()``. Expired leases (and their keys, which
-  produce delete events) are removed by a sweeper every ``SWEEP_S``, before
-  reads and writes, and by :meth:`SQLiteStore.sweep` on demand.
-* ``update`` keeps the key's lease; ``put``/``create`` set it (or clear it).
+* Campaign keys carry an ``expires_at`` measured by ``clock.now()`` (a
+  ``ManualClock`` in unit tests). Expired keys (each a delete event) are
+  removed by a sweeper every ``SWEEP_S``, before reads and writes, and by
+  :meth:`SQLiteStore.sweep` on demand; a read never returns an expired key.
+  ``put``/``create``/``update`` clear ``expires_at`` (the key is permanent).
+* Watches never end on a driver error: they retry with backoff and, once a
+  read works again, yield ``reset``. A watcher whose ``after`` is older than
+  the trimmed log gets ``reset`` and continues from the current revision.
+* Several ``SQLiteStore`` objects (threads, processes) may share one file:
+  revisions come from one counter in the file, compare-and-set and
+  campaigns are decided inside one write transaction.
 """
 
 from __future__ import annotations
@@ -25,37 +32,52 @@ import builtins
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from nimbus.clock import Clock, SystemClock
-from nimbus.errors import ClosedError, ConflictError, NimbusError, NotFoundError, UnavailableError
-from nimbus.store.base import Entry, WatchEvent
+from nimbus.errors import ClosedError, ConflictError, NimbusError, UnavailableError
+from nimbus.store.base import Entry, Watch, WatchEvent
 from nimbus.store.private import private_database
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_S = 0.05  # how often watchers look for other processes' writes
-SWEEP_S = 0.2  # how often expired leases are swept
+SWEEP_S = 0.2  # how often expired campaign keys are swept
+RETRY_S = (0.05, 2.0)  # a failing watch retries after this much, doubling up to the cap
 BUSY_TIMEOUT_MS = 5000  # wait this long for another process's write lock
 WATCH_BATCH = 1000  # changes read per watcher query
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
-    key TEXT PRIMARY KEY, value BLOB NOT NULL, revision INTEGER NOT NULL, lease INTEGER NULL);
-CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease) WHERE lease IS NOT NULL;
-CREATE TABLE IF NOT EXISTS leases (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, ttl_s REAL NOT NULL, expires_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS leases_expiry ON leases (expires_at);
+    key TEXT PRIMARY KEY, value BLOB NOT NULL, revision INTEGER NOT NULL,
+    expires_at REAL NULL);
 CREATE TABLE IF NOT EXISTS changes (
     revision INTEGER PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (
     id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL, compacted INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (id, revision, compacted) VALUES (1, 0, 0);
 """
+EXPIRY_INDEX = ("CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at) "
+                "WHERE expires_at IS NOT NULL")
+
+
+def _migrate_leases(conn: sqlite3.Connection) -> None:
+    """Files written before campaigns had a ``leases`` table and a ``lease``
+    column: each leased key keeps its lease's expiry (a key whose lease is
+    gone expires at once), and the lease table goes."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(kv)")}
+    if "expires_at" not in columns:
+        conn.execute("ALTER TABLE kv ADD COLUMN expires_at REAL NULL")
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "lease" in columns and "leases" in tables:
+        conn.execute("UPDATE kv SET expires_at = coalesce((SELECT l.expires_at FROM leases l "
+                     "WHERE l.id = kv.lease), 0), lease = NULL WHERE lease IS NOT NULL")
+    conn.execute("DROP INDEX IF EXISTS kv_lease")
+    conn.execute("DROP TABLE IF EXISTS leases")
 
 
 def _prefix_where(prefix: str) -> tuple[str, tuple[object, ...]]:
@@ -66,6 +88,11 @@ def _prefix_where(prefix: str) -> tuple[str, tuple[object, ...]]:
     if not prefix:
         return "1", ()
     return "key >= ? AND substr(key, 1, ?) = ?", (prefix, len(prefix), prefix)
+
+
+def _check_ttl(ttl_s: float) -> None:
+    if not ttl_s > 0:
+        raise ValueError(f"ttl_s must be positive, was: {ttl_s}")
 
 
 async def open_sqlite_store(path: Path, *, clock: Clock | None = None,
@@ -108,7 +135,7 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise UnavailableError(f"sqlite store {self.path}: {exc}") from exc
         except NimbusError:
-            self._wake()  # a failed op may still have committed a lease sweep
+            self._wake()  # a failed op may still have committed an expiry sweep
             raise
         if wrote:
             self._wake()
@@ -123,7 +150,7 @@ class SQLiteStore:
             event.set()
 
     def _write_tx(self, now: float, op: Callable[..., T], *args: Any) -> T:
-        """Run ``op`` in one write transaction after sweeping expired leases.
+        """Run ``op`` in one write transaction after sweeping expired campaign keys.
 
         ``op`` checks before it writes, so a domain error (conflict, not
         found) still commits the sweep and nothing else."""
@@ -163,6 +190,8 @@ class SQLiteStore:
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
+            _migrate_leases(conn)
+            conn.execute(EXPIRY_INDEX)
             conn.execute("COMMIT")
             self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         except BaseException:
@@ -185,20 +214,15 @@ class SQLiteStore:
         self._writes += 1
         return rev
 
-    def _put_locked(self, key: str, value: bytes, lease: int | None, keep_lease: bool) -> int:
-        conn = self._db()
-        if lease is not None and conn.execute(
-                "SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone() is None:
-            raise NotFoundError(f"lease {lease} does not exist or expired")
+    def _put_locked(self, key: str, value: bytes, expires_at: float | None = None) -> int:
         rev = self._bump()
         value = bytes(value)
-        conn.execute(
-            "INSERT INTO kv (key, value, revision, lease) VALUES (?, ?, ?, ?) "
+        self._db().execute(
+            "INSERT INTO kv (key, value, revision, expires_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-            "revision = excluded.revision"
-            + ("" if keep_lease else ", lease = excluded.lease"),
-            (key, value, rev, lease))
-        conn.execute("INSERT INTO changes VALUES (?, ?, 'put', ?)", (rev, key, value))
+            "revision = excluded.revision, expires_at = excluded.expires_at",
+            (key, value, rev, expires_at))
+        self._db().execute("INSERT INTO changes VALUES (?, ?, 'put', ?)", (rev, key, value))
         return rev
 
     def _delete_locked(self, key: str) -> None:
@@ -210,24 +234,17 @@ class SQLiteStore:
         row = self._db().execute("SELECT revision FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else int(row[0])
 
-    def _drop_lease_locked(self, lease: int) -> None:
-        conn = self._db()
-        keys = [k for (k,) in conn.execute("SELECT key FROM kv WHERE lease = ? ORDER BY key",
-                                           (lease,))]
-        for key in keys:
-            self._delete_locked(key)
-        conn.execute("DELETE FROM leases WHERE id = ?", (lease,))
-
     def _sweep_locked(self, now: float) -> None:
-        expired = [i for (i,) in self._db().execute(
-            "SELECT id FROM leases WHERE expires_at <= ? ORDER BY id", (now,))]
-        for lease in expired:
-            self._drop_lease_locked(lease)
+        expired = [k for (k,) in self._db().execute(
+            "SELECT key FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ? "
+            "ORDER BY expires_at, key", (now,))]
+        for key in expired:
+            self._delete_locked(key)
 
     def _maybe_sweep(self, now: float) -> None:
         # A cheap read first: most calls find nothing and need no write lock.
-        if self._db().execute("SELECT 1 FROM leases WHERE expires_at <= ? LIMIT 1",
-                              (now,)).fetchone() is not None:
+        if self._db().execute("SELECT 1 FROM kv WHERE expires_at IS NOT NULL "
+                              "AND expires_at <= ? LIMIT 1", (now,)).fetchone() is not None:
             self._write_tx(now, lambda: None)
 
     # -- Store ----------------------------------------------------------------
@@ -249,15 +266,14 @@ class SQLiteStore:
             return [Entry(k, bytes(v), int(r)) for k, v, r in rows]
         return await self._call(run, self._clock.now())
 
-    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
-        return await self._call(self._write_tx, self._clock.now(),
-                                self._put_locked, key, value, lease, False)
+    async def put(self, key: str, value: bytes) -> int:
+        return await self._call(self._write_tx, self._clock.now(), self._put_locked, key, value)
 
-    async def create(self, key: str, value: bytes, *, lease: int | None = None) -> int:
+    async def create(self, key: str, value: bytes) -> int:
         def op() -> int:
             if self._revision_of(key) is not None:
                 raise ConflictError(f"{key} already exists")
-            return self._put_locked(key, value, lease, False)
+            return self._put_locked(key, value)
         return await self._call(self._write_tx, self._clock.now(), op)
 
     async def update(self, key: str, value: bytes, revision: int) -> int:
@@ -265,7 +281,7 @@ class SQLiteStore:
             current = self._revision_of(key)
             if current != revision:
                 raise ConflictError(f"{key} is at revision {current}, not {revision}")
-            return self._put_locked(key, value, None, True)
+            return self._put_locked(key, value)
         return await self._call(self._write_tx, self._clock.now(), op)
 
     async def delete(self, key: str, *, revision: int | None = None) -> bool:
@@ -279,76 +295,61 @@ class SQLiteStore:
             return True
         return await self._call(self._write_tx, self._clock.now(), op)
 
-    async def grant_lease(self, ttl_s: float) -> int:
+    async def campaign(self, key: str, value: bytes, ttl_s: float) -> int | None:
+        _check_ttl(ttl_s)
+        now = self._clock.now()
+
+        def op() -> int | None:  # expired keys were swept by _write_tx first
+            if self._revision_of(key) is not None:
+                return None
+            return self._put_locked(key, value, now + ttl_s)
+        return await self._call(self._write_tx, now, op)
+
+    async def renew(self, key: str, revision: int, ttl_s: float,
+                    value: bytes | None = None) -> int:
+        _check_ttl(ttl_s)
         now = self._clock.now()
 
         def op() -> int:
-            cur = self._db().execute("INSERT INTO leases (ttl_s, expires_at) VALUES (?, ?)",
-                                     (float(ttl_s), now + ttl_s))
-            return int(cur.lastrowid or 0)
+            row = self._db().execute("SELECT value, revision FROM kv WHERE key = ?",
+                                     (key,)).fetchone()
+            if row is None or int(row[1]) != revision:
+                held = "gone" if row is None else f"at revision {row[1]}"
+                raise ConflictError(f"campaign {key} lost: it is {held}, not at {revision}")
+            return self._put_locked(key, bytes(row[0]) if value is None else value,
+                                    now + ttl_s)
         return await self._call(self._write_tx, now, op)
 
-    async def keepalive(self, lease: int) -> None:
-        now = self._clock.now()
-
+    async def resign(self, key: str, revision: int) -> None:
         def op() -> None:
-            cur = self._db().execute("UPDATE leases SET expires_at = ? + ttl_s WHERE id = ?",
-                                     (now, lease))
-            if cur.rowcount == 0:
-                raise NotFoundError(f"lease {lease} does not exist or expired")
-        await self._call(self._write_tx, now, op)
-
-    async def revoke(self, lease: int) -> None:
-        await self._call(self._write_tx, self._clock.now(), self._drop_lease_locked, lease)
+            if self._revision_of(key) == revision:
+                self._delete_locked(key)
+        await self._call(self._write_tx, self._clock.now(), op)
 
     async def sweep(self) -> None:
-        """Expire every lease that is due by ``clock.now()`` (deterministic in tests)."""
+        """Delete every campaign key due by ``clock.now()`` (deterministic in tests)."""
         await self._call(self._maybe_sweep, self._clock.now())
 
-    def watch(self, prefix: str, *, after: int = 0) -> AsyncIterator[WatchEvent]:
+    def watch(self, prefix: str, *, after: int = 0) -> Watch:
         if self._closed:
             raise ClosedError(f"store {self.path} is closed")
-        return self._watch(prefix, after)
-
-    async def _watch(self, prefix: str, after: int) -> AsyncIterator[WatchEvent]:
-        wake = asyncio.Event()
-        self._watchers.add(wake)
-        self._ensure_poller()
-        last = after
-        try:
-            while not self._closed:
-                wake.clear()  # before reading: a write after the read sets it again
-                try:
-                    events, last = await self._call(self._read_changes, prefix, last)
-                except ClosedError:
-                    return
-                for event in events:
-                    if self._closed:  # closed while the consumer held the last event
-                        return  # type: ignore[unreachable]  # mypy narrows across yield
-                    yield event
-                if not events:
-                    await wake.wait()
-        finally:
-            self._watchers.discard(wake)
+        return _SQLiteWatch(self, prefix, after)
 
     def _read_changes(self, prefix: str, last: int) -> tuple[builtins.list[WatchEvent], int]:
-        """Events under ``prefix`` after ``last``, and where to continue from."""
+        """Events under ``prefix`` after ``last``, and where to continue from.
+        A single ``reset`` if the log no longer reaches back to ``last``."""
         conn = self._db()
         where, args = _prefix_where(prefix)
         conn.execute("BEGIN")  # one snapshot for meta and rows
         try:
             rev, compacted = conn.execute("SELECT revision, compacted FROM meta").fetchone()
-            if last < compacted:  # history was trimmed: replay the current state instead
-                rows = conn.execute(
-                    f"SELECT 'put', key, value, revision FROM kv WHERE {where} AND revision > ? "
-                    "ORDER BY revision", (*args, last)).fetchall()
-                upto = rev
-            else:
-                rows = conn.execute(
-                    f"SELECT kind, key, value, revision FROM changes WHERE revision > ? "
-                    f"AND revision <= ? AND {where} ORDER BY revision LIMIT {WATCH_BATCH}",
-                    (last, rev, *args)).fetchall()
-                upto = rev if len(rows) < WATCH_BATCH else rows[-1][3]
+            if last < compacted:  # history was trimmed: the consumer must re-list
+                return [WatchEvent("reset", "", b"", last)], int(rev)
+            rows = conn.execute(
+                f"SELECT kind, key, value, revision FROM changes WHERE revision > ? "
+                f"AND revision <= ? AND {where} ORDER BY revision LIMIT {WATCH_BATCH}",
+                (last, rev, *args)).fetchall()
+            upto = rev if len(rows) < WATCH_BATCH else rows[-1][3]
         finally:
             conn.execute("COMMIT")
         events = [WatchEvent(kind, key, bytes(value), int(r)) for kind, key, value, r in rows]
@@ -384,7 +385,7 @@ class SQLiteStore:
             except ClosedError:
                 return
             except UnavailableError:
-                log.warning("lease sweep of %s failed; will retry", self.path, exc_info=True)
+                log.warning("expiry sweep of %s failed; will retry", self.path, exc_info=True)
 
     async def aclose(self) -> None:
         """End watches and background tasks, then close the file. Idempotent."""
@@ -406,3 +407,75 @@ class SQLiteStore:
         with contextlib.suppress(sqlite3.Error):
             await asyncio.get_running_loop().run_in_executor(self._executor, close)
         self._executor.shutdown(wait=False)
+
+
+class _SQLiteWatch:
+    """Reads the change log after ``last``; woken by in-process writes and by
+    the poller. Retries a failing read with backoff, then says ``reset``."""
+
+    def __init__(self, store: SQLiteStore, prefix: str, after: int) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._last = after
+        self._closed = False
+        self._wake = asyncio.Event()
+        self._gen = self._run()
+        self._busy = False  # a consumer is inside __anext__
+
+    def __aiter__(self) -> _SQLiteWatch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        self._busy = True
+        try:
+            return await self._gen.__anext__()
+        finally:
+            self._busy = False
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()  # a consumer waiting in __anext__ ends
+        if not self._busy:
+            await self._gen.aclose()
+
+    def _ended(self) -> bool:
+        return self._closed or self._store._closed
+
+    async def _run(self) -> AsyncGenerator[WatchEvent, None]:
+        store = self._store
+        store._watchers.add(self._wake)
+        store._ensure_poller()
+        delay, failed = RETRY_S[0], False
+        try:
+            while not self._ended():
+                self._wake.clear()  # before reading: a write after the read sets it again
+                try:
+                    events, upto = await store._call(store._read_changes, self._prefix,
+                                                     self._last)
+                except ClosedError:
+                    return
+                except UnavailableError:
+                    log.warning("watch of %r on %s failed; retrying in %.2fs", self._prefix,
+                                store.path, delay, exc_info=True)
+                    failed = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)  # aclose cuts it short
+                    delay = min(delay * 2, RETRY_S[1])
+                    continue
+                if failed:
+                    failed, delay = False, RETRY_S[0]
+                    yield WatchEvent("reset", "", b"", self._last)
+                for event in events:
+                    if self._ended():  # closed while the consumer held the last event
+                        return
+                    self._last = max(self._last, event.revision)
+                    yield event
+                self._last = upto
+                if not events:
+                    await self._wake.wait()
+        finally:
+            store._watchers.discard(self._wake)

@@ -8,8 +8,8 @@ Call them from a backend's tests::
     asyncio.run(check_store(make_store))
 
 ``make_store(clock=None)`` returns a fresh, empty, open store each call. When
-given a ``ManualClock`` the store must measure lease expiry by
-``clock.now()``; after the suite advances that clock, an expired lease must
+given a ``ManualClock`` the store must measure campaign expiry by
+``clock.now()``; after the suite advances that clock, an expired key must
 be gone by the next read (``get``/``list``) or by ``await store.sweep()``,
 which the suite calls when the store has it. The suite closes every store it
 makes. A failure raises ``AssertionError`` naming the broken rule; every wait
@@ -151,15 +151,15 @@ async def _watch(s: Store) -> None:
     r5 = await s.put("w/live", b"L")
     ev = await _await(pending, "the live put of w/live")
     assert (ev.kind, ev.key, ev.value, ev.revision) == ("put", "w/live", b"L", r5), ev
-    await w.aclose()  # type: ignore[attr-defined]
+    await w.aclose()
     # Replay: a watcher from an old revision gets what it missed, in order.
     w = s.watch("w/", after=r2)
     await _expect(w, ("delete", "w/a", b"", r3), ("put", "w/b", b"3", r4),
                   ("put", "w/live", b"L", r5))
-    await w.aclose()  # type: ignore[attr-defined]
+    await w.aclose()
     w = s.watch("w/")  # after=0: from the beginning
     await _expect(w, ("put", "w/a", b"1", r1))
-    await w.aclose()  # type: ignore[attr-defined]
+    await w.aclose()
 
 
 async def _watch_from_list(s: Store) -> None:
@@ -190,7 +190,7 @@ async def _watch_from_list(s: Store) -> None:
         await asyncio.wait_for(task, WAIT_S)
         final = {e.key: e.value for e in await s.list("c/")}
         assert state == final, f"list+watch missed writes:\n got {state}\n want {final}"
-        await w.aclose()  # type: ignore[attr-defined]
+        await w.aclose()
     finally:
         task.cancel()
 
@@ -216,44 +216,64 @@ async def _watch_ends_on_close(s: Store) -> None:
     assert [e.key for e in seen] == ["x/1"], f"watch before close saw {seen}"
 
 
-async def _leases(s: Store, clock: ManualClock) -> None:
-    await _raises(NotFoundError, "put with an unknown lease", s.put("l/x", b"", lease=987654))
-    lease = await s.grant_lease(10)
-    start = await s.put("l/a", b"a", lease=lease)
-    await s.create("l/b", b"b", lease=lease)
+async def _campaigns(s: Store, clock: ManualClock) -> None:
+    r1 = await s.campaign("l/lead", b"me", 10)
+    assert r1 is not None, "campaign of a free key must win"
+    e = await s.get("l/lead")
+    assert e is not None and (e.value, e.revision) == (b"me", r1), f"campaign wrote {e}"
+    assert await s.campaign("l/lead", b"you", 10) is None, "a held key must not be taken"
+    assert (await s.get("l/lead")).value == b"me", "a lost campaign must not write"  # type: ignore[union-attr]
     await s.put("l/keep", b"k")
-    w = s.watch("l/", after=start)
-    await _next(w, "put l/b")
+    w = s.watch("l/", after=r1)
     await _next(w, "put l/keep")
     clock.advance(6)
-    await s.keepalive(lease)  # now expires at 16
+    r2 = await s.renew("l/lead", r1, 10)  # now expires at 16
+    assert r2 > r1, "renew must return a newer revision"
+    assert (await s.get("l/lead")).value == b"me", "renew without a value keeps it"  # type: ignore[union-attr]
+    await _raises(ConflictError, "renew at a stale revision", s.renew("l/lead", r1, 10))
     clock.advance(6)
     await _sweep(s)
-    assert [e.key for e in await s.list("l/")] == ["l/a", "l/b", "l/keep"], \
-        "keepalive must extend the lease"
-    clock.advance(5)
+    assert [e.key for e in await s.list("l/")] == ["l/keep", "l/lead"], \
+        "renew must push the expiry out"
+    r3 = await s.renew("l/lead", r2, 10, value=b"me2")  # expires at 22
+    assert (await s.get("l/lead")).value == b"me2", "renew with a value writes it"  # type: ignore[union-attr]
+    await _expect(w, ("put", "l/lead", b"me", r2), ("put", "l/lead", b"me2", r3))
+    clock.advance(11)
     await _sweep(s)
-    assert await s.get("l/a") is None, "a key must vanish when its lease expires"
-    assert [e.key for e in await s.list("l/")] == ["l/keep"], "only unleased keys stay"
-    got = {(ev.kind, ev.key) for ev in [await _next(w, "delete"), await _next(w, "delete")]}
-    assert got == {("delete", "l/a"), ("delete", "l/b")}, f"expiry must emit deletes: {got}"
-    await _raises(NotFoundError, "keepalive of an expired lease", s.keepalive(lease))
-    await _raises(NotFoundError, "put with an expired lease", s.put("l/c", b"", lease=lease))
+    assert await s.get("l/lead") is None, "a campaign key must vanish ttl_s after its last write"
+    assert [e.key for e in await s.list("l/")] == ["l/keep"], "only permanent keys stay"
+    ev = await _next(w, "delete l/lead")
+    assert (ev.kind, ev.key) == ("delete", "l/lead") and ev.revision > r3, \
+        f"expiry must emit a delete: {ev}"
+    await _raises(ConflictError, "renew of an expired key", s.renew("l/lead", r3, 10))
+    r4 = await s.campaign("l/lead", b"you", 10)
+    assert r4 is not None and r4 > ev.revision, "an expired key can be taken again"
 
-    late = await s.grant_lease(5)
-    await s.put("l/late", b"", lease=late)
-    clock.advance(6)  # expired but not swept: keepalive must still refuse
-    await _raises(NotFoundError, "keepalive after expiry", s.keepalive(late))
-    assert await s.get("l/late") is None, "expired key must be gone on read"
+    late = await s.campaign("l/late", b"", 5)
+    assert late is not None
+    clock.advance(6)  # expired but not swept: renew must still refuse, reads hide it
+    await _raises(ConflictError, "renew after expiry", s.renew("l/late", late, 5))
+    assert await s.get("l/late") is None, "an expired key must be gone on read"
+    late2 = await s.campaign("l/late", b"next", 5)
+    assert late2 is not None, "an expired (unswept) key can be taken"
 
-    other = await s.grant_lease(100)
-    await s.put("l/r", b"", lease=other)
-    await s.revoke(other)
-    assert await s.get("l/r") is None, "revoke must delete the lease's keys"
-    await s.revoke(other)  # idempotent
-    await _raises(NotFoundError, "put with a revoked lease", s.put("l/r", b"", lease=other))
-    await _raises(NotFoundError, "keepalive of a revoked lease", s.keepalive(other))
-    await w.aclose()  # type: ignore[attr-defined]
+    await s.resign("l/lead", r1)  # not ours any more: nothing happens
+    assert (await s.get("l/lead")).value == b"you", "resign at another revision must not delete"  # type: ignore[union-attr]
+    await s.resign("l/lead", r4)
+    assert await s.get("l/lead") is None, "resign must delete the holder's key"
+    await s.resign("l/lead", r4)  # idempotent
+    await s.resign("l/never", 1)
+
+    p = await s.campaign("l/perm", b"", 5)
+    assert p is not None
+    await s.put("l/perm", b"mine now")
+    clock.advance(60)
+    await _sweep(s)
+    assert (await s.get("l/perm")).value == b"mine now", "put must make a key permanent"  # type: ignore[union-attr]
+    await _raises(ConflictError, "renew of a key someone overwrote", s.renew("l/perm", p, 5))
+    await s.put("l/plain", b"x")
+    assert await s.campaign("l/plain", b"y", 5) is None, "a permanent key is never free"
+    await w.aclose()
 
 
 async def _closed(s: Store) -> None:
@@ -263,8 +283,8 @@ async def _closed(s: Store) -> None:
     calls: dict[str, Callable[[], Awaitable[Any]]] = {
         "get": lambda: s.get("k"), "list": lambda: s.list(""), "put": lambda: s.put("k", b""),
         "create": lambda: s.create("n", b""), "update": lambda: s.update("k", b"", 1),
-        "delete": lambda: s.delete("k"), "grant_lease": lambda: s.grant_lease(1),
-        "keepalive": lambda: s.keepalive(1), "revoke": lambda: s.revoke(1),
+        "delete": lambda: s.delete("k"), "campaign": lambda: s.campaign("c", b"", 5),
+        "renew": lambda: s.renew("c", 1, 5), "resign": lambda: s.resign("c", 1),
     }
     for name, call in calls.items():
         await _raises(ClosedError, f"{name} after aclose", call())
@@ -286,7 +306,7 @@ async def check_store(make_store: MakeStore) -> None:
     clock = ManualClock()
     store = await make_store(clock=clock)
     try:
-        await _leases(store, clock)
+        await _campaigns(store, clock)
     finally:
         await store.aclose()
 
