@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import Callable
 
 from nimbus.aio import cancel_and_wait
 from nimbus.errors import ClosedError
-from nimbus.store.base import Entry
+from nimbus.store.base import Entry, Store
 
 log = logging.getLogger("nimbus.cluster")
 
@@ -45,20 +44,8 @@ def status_key(worker_id: str, target: str) -> str:
     return f"{STATUS}{worker_id}/{target}"
 
 
-class ClusterStore(Protocol):
-    """What the control plane needs of a :class:`nimbus.store.base.Store`."""
-
-    async def get(self, key: str) -> Entry | None: ...
-    async def list(self, prefix: str) -> list[Entry]: ...
-    async def put(self, key: str, value: bytes) -> int: ...
-    async def create(self, key: str, value: bytes) -> int: ...
-    async def update(self, key: str, value: bytes, revision: int) -> int: ...
-    async def delete(self, key: str, *, revision: int | None = None) -> bool: ...
-    def watch(self, prefix: str, *, after: int = 0) -> AsyncIterator[Any]: ...
-    async def campaign(self, key: str, value: bytes, ttl_s: float) -> int | None: ...
-    async def renew(self, key: str, revision: int, ttl_s: float,
-                    value: bytes | None = None) -> int: ...
-    async def resign(self, key: str, revision: int) -> None: ...
+# What the control plane needs of the store: all of it.
+ClusterStore = Store
 
 
 RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)
@@ -134,10 +121,8 @@ class KeyWatch:
                 with contextlib.suppress(Exception):
                     after = await self._relist()
             finally:
-                aclose = getattr(watch, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
+                with contextlib.suppress(Exception):
+                    await watch.aclose()
 
     async def aclose(self) -> None:
         await cancel_and_wait(self._task)

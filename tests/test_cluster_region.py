@@ -1,0 +1,373 @@
+"""The region's control plane over a real store shared by several "nodes".
+
+Each node gets its own store object (its own connection) on one region
+store, as separate processes would: registrations expire when renewals
+stop, a standby controller takes the lead when the leader freezes, a real
+worker's pools follow its placement, and a deploy without a local worker
+waits for the region to start the new version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from nimbus.aio import cancel_and_wait
+from nimbus.cluster.demand import DemandReporter
+from nimbus.cluster.keys import placement_key, status_key
+from nimbus.cluster.leader import ControlLoop, Leadership, current_leader
+from nimbus.cluster.nodes import NodeWatch, Registration, live_nodes
+from nimbus.cluster.reconcile import Reconciler
+from nimbus.cluster.warm import ClusterWarmer
+from nimbus.control.bundle import make_bundle
+from nimbus.control.deploy import Deployer
+from nimbus.errors import DeployError
+from nimbus.observe.logs import LogSink
+from nimbus.store.base import Blobs, Store
+from nimbus.store.registry import open_blobs
+from nimbus.store.sqlite import open_sqlite_store
+from nimbus.worker.worker import Worker
+
+TTL_S = 1.0
+TICK_S = 0.1
+WAIT_S = 30.0
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@asynccontextmanager
+async def region(tmp_path: Path, nodes: int) -> AsyncIterator[tuple[list[Store], Blobs]]:
+    """``nodes`` store connections to one region store, and its blobs."""
+    stores: list[Store] = []
+    blobs = await open_blobs(tmp_path / "blobs")
+    try:
+        for _ in range(nodes):
+            stores.append(await open_sqlite_store(tmp_path / "region.db"))
+        yield stores, blobs
+    finally:
+        for s in stores:
+            await s.aclose()
+        await blobs.aclose()
+
+
+async def until(what: str, predicate: Callable[[], Awaitable[bool] | bool],
+                timeout_s: float = WAIT_S) -> float:
+    """Wait for ``predicate``; returns how long it took."""
+    start = time.monotonic()
+    while True:
+        ok = predicate()
+        if not isinstance(ok, bool):
+            ok = await ok
+        if ok:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 100))  # type: ignore[arg-type]
+
+
+# -- registrations ---------------------------------------------------------------------
+
+
+def test_registration_is_seen_renewed_and_expires_when_renewals_stop(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with region(tmp_path, 2) as ((a, b), _blobs):
+            seen: list[tuple[str, str]] = []
+            watch = NodeWatch(b, "worker", on_update=lambda i, info: seen.append(("up", i)),
+                              on_remove=lambda i: seen.append(("down", i)))
+            await watch.start()
+            n = 0
+
+            def info() -> dict[str, Any]:
+                nonlocal n
+                n += 1
+                return {"frames": "127.0.0.1:1", "renewals": n}
+
+            reg = Registration(a, "worker", "w1", info, ttl_s=TTL_S)
+            await reg.start()
+            assert (await live_nodes(b, "worker"))["w1"]["frames"] == "127.0.0.1:1"
+            await until("the watch sees w1", lambda: "w1" in watch.nodes)
+            await until("renewals carry fresh info",
+                        lambda: watch.nodes.get("w1", {}).get("renewals", 0) >= 3)
+            # lost (deleted by someone) -> campaigned again
+            await b.delete(reg.key)
+            await until("w1 registers again", lambda: "w1" in watch.nodes
+                        and ("down", "w1") in seen)
+            # the process freezes: no renewals, no resign -> the key expires
+            assert reg._task is not None
+            await cancel_and_wait(reg._task)
+            took = await until("w1 expires", lambda: "w1" not in watch.nodes)
+            print(f"registration expiry seen {took:.2f} s after renewals stopped (ttl {TTL_S})")
+            assert await live_nodes(b, "worker") == {}
+            # a clean close resigns at once
+            reg2 = Registration(a, "worker", "w2", ttl_s=60.0)
+            await reg2.start()
+            await until("w2 is seen", lambda: "w2" in watch.nodes)
+            await reg2.aclose()
+            await until("w2 is gone well before its ttl", lambda: "w2" not in watch.nodes,
+                        timeout_s=10.0)
+            await watch.aclose()
+            await reg.aclose()
+
+    run(main())
+
+
+# -- leadership ------------------------------------------------------------------------
+
+
+def test_standby_takes_the_lead_when_the_leader_stops_renewing(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with region(tmp_path, 2) as ((a, b), _blobs):
+            events: list[str] = []
+            la = Leadership(a, "c1", ttl_s=TTL_S, on_gain=lambda t: events.append("c1 gain"),
+                            on_loss=lambda: events.append("c1 loss"))
+            await la.start()
+            await until("c1 leads", lambda: la.is_leader)
+            lb = Leadership(b, "c2", ttl_s=TTL_S, on_gain=lambda t: events.append("c2 gain"))
+            await lb.start()
+            await asyncio.sleep(TTL_S * 2)
+            assert la.is_leader and not lb.is_leader  # a renewing leader keeps the lead
+            assert await current_leader(b) == "c1"
+            # c1 freezes: renewals stop
+            assert la._task is not None
+            await cancel_and_wait(la._task)
+            took = await until("c2 leads", lambda: lb.is_leader)
+            print(f"handover {took:.2f} s after the leader's renewals stopped (ttl {TTL_S})")
+            assert await current_leader(a) == "c2"
+            assert events == ["c1 gain", "c2 gain"]
+            # c1 comes back: its renewal is refused and it steps down
+            la._task = asyncio.get_running_loop().create_task(la._run())
+            await until("c1 steps down", lambda: not la.is_leader)
+            assert events[-1] == "c1 loss" and lb.is_leader
+            await la.aclose()
+            await lb.aclose()
+            assert await current_leader(a) is None  # the leader resigned on close
+
+    run(main())
+
+
+# -- the control loop ------------------------------------------------------------------
+
+
+@dataclass
+class Demanding:
+    """What a gateway's invoker shows the demand reporter."""
+
+    in_flight: int = 0
+    held: int = 0
+    arrivals: int = 0
+
+    def take_arrivals(self) -> int:
+        n, self.arrivals = self.arrivals, 0
+        return n
+
+
+def app_record(name: str, fn: str, version: int, **spec: Any) -> bytes:
+    s = {"name": fn, "handler": "h.work", "module": "h", "callable": "work",
+         "memory_mb": 128, "concurrency": 1, "max_instances": 6, "target_concurrency": 1.0,
+         **spec}
+    rec = {"version": version, "app": name, "digest": "0" * 64, "requirements_hash": None,
+           "spec": s, "config_hash": "x"}
+    return orjson.dumps({"name": name, "functions": {fn: rec}, "routes": []})
+
+
+@dataclass
+class Budget:
+    max_instances: int = 8
+    memory_mb: int = 4096
+    ready: dict[str, int] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        return {"budget": {"max_instances": self.max_instances, "memory_mb": self.memory_mb},
+                "ready": self.ready}
+
+
+def test_leader_places_demand_across_workers_and_a_new_leader_moves_nothing(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        async with region(tmp_path, 4) as ((c1s, c2s, ws, gs), _blobs):
+            await ws.put("apps/a", app_record("a", "f", 1, max_concurrency=5))
+            workers = [Registration(ws, "worker", f"w{i}", Budget().info, ttl_s=TTL_S)
+                       for i in (1, 2)]
+            gateways = [Registration(gs, "gateway", f"g{i}", ttl_s=TTL_S) for i in (1, 2)]
+            for r in (*workers, *gateways):
+                await r.start()
+            demand = Demanding()
+            reporter = DemandReporter(gs, "g1", lambda: {"f@1": demand}, interval_s=0.2)
+            await reporter.start()
+            c1 = ControlLoop(c1s, "c1", ttl_s=TTL_S, tick_s=TICK_S)
+            await c1.start()
+            await until("c1 leads", lambda: c1.is_leader)
+
+            async def placed() -> dict[str, dict[str, int]]:
+                out = {}
+                for e in await ws.list("placement/"):
+                    out[e.key.split("/", 1)[1]] = orjson.loads(e.value)
+                return out
+
+            async def total() -> int:
+                return sum(p.get("f@1", 0) for p in (await placed()).values())
+
+            await until("shares written", lambda: _is_set(c1s.get("shares/f@1")))
+            shares = await c1s.get("shares/f@1")
+            assert shares is not None and orjson.loads(shares.value)["share"] == 2  # 5 // 2
+
+            # a held request for a target with no instance: scale from zero
+            demand.held, demand.arrivals = 1, 1
+            await until("one instance placed", lambda: _eq(total(), 1))
+            demand.held = 0
+            demand.in_flight, demand.arrivals = 4, 4
+            await until("four instances placed, spread", lambda: _eq(total(), 4))
+            p = await placed()
+            assert p["w1"]["f@1"] == 2 and p["w2"]["f@1"] == 2
+
+            # the leader freezes; a standby takes over from the placements in the store
+            revisions = {e.key: e.revision for e in await ws.list("placement/")}
+            c2 = ControlLoop(c2s, "c2", ttl_s=TTL_S, tick_s=TICK_S)
+            await c2.start()
+            await cancel_and_wait(c1.leadership._task)
+            c1._loss()
+            took = await until("c2 leads", lambda: c2.is_leader)
+            print(f"controller handover in {took:.2f} s (ttl {TTL_S}, tick {TICK_S})")
+            await until("c2 ticks", lambda: c2.ticks >= 5)
+            after = {e.key: e.revision for e in await ws.list("placement/")}
+            assert after == revisions, "the new leader rewrote placements"
+
+            # a worker dies: its instances move to the other one
+            await cancel_and_wait(workers[1]._task)
+            await until("w2's instances move to w1",
+                        lambda: _eq(_get(placed(), "w1"), {"f@1": 4}))
+
+            for x in (reporter, c1, c2, *workers, *gateways):
+                await x.aclose()
+
+    run(main())
+
+
+async def _eq(value: Awaitable[Any], expected: Any) -> bool:
+    return await value == expected
+
+
+async def _is_set(value: Awaitable[Any]) -> bool:
+    return await value is not None
+
+
+async def _get(value: Awaitable[dict[str, Any]], key: str) -> Any:
+    return (await value).get(key)
+
+
+# -- a real worker reconciling -------------------------------------------------------
+
+HANDLER = "import os\n\ndef work(event, context):\n    return {'pid': os.getpid()}\n"
+BROKEN = "raise RuntimeError('cannot import me')\n\ndef work(event, context):\n    return 1\n"
+
+
+def write_app(folder: Path, source: str, name: str = "demo", fn: str = "hello") -> bytes:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "app.yaml").write_text(
+        f"name: {name}\nfunctions:\n  {fn}:\n    handler: h.work\n"
+        f"    http: [{{method: GET, path: /{fn}}}]\n")
+    (folder / "h.py").write_text(source)
+    return make_bundle(folder)
+
+
+@asynccontextmanager
+async def worker_node(tmp_path: Path, store: Store, blobs: Blobs, wid: str = "w1"
+                      ) -> AsyncIterator[tuple[Worker, Reconciler, Registration]]:
+    state = tmp_path / f"node-{wid}"
+    state.mkdir()
+    worker = Worker(state, LogSink(state / "logs"), autoscale=False)
+    await worker.start()
+    holder: list[Registration] = []
+    rec = Reconciler(store, blobs, worker, wid, state,
+                     on_change=lambda: holder[0].refresh() if holder else None,
+                     resync_s=0.2)
+    reg = Registration(store, "worker", wid, rec.info, ttl_s=TTL_S)
+    holder.append(reg)
+    await rec.start()
+    await reg.start()
+    try:
+        yield worker, rec, reg
+    finally:
+        await reg.aclose()
+        await rec.aclose()
+        await worker.aclose(1.0)
+
+
+def test_reconciler_scales_a_real_workers_pools_from_its_placement(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with region(tmp_path, 2) as ((ctl, node), blobs):
+            deployer = Deployer(ctl, blobs, None, tmp_path / "controller",
+                                warmer=ClusterWarmer(ctl, timeout_s=WAIT_S))
+            result = await deployer.deploy(write_app(tmp_path / "app", HANDLER), print)
+            assert result.get("pending") is True  # no worker registered yet
+            await deployer.aclose()
+            async with worker_node(tmp_path, node, blobs) as (worker, rec, _reg):
+                await ctl.put(placement_key("w1"), orjson.dumps({"hello@1": 2}))
+                await until("two instances ready", lambda: rec.ready() == {"hello@1": 2})
+                pool = worker.pools[("hello", 1)]
+                out = await pool.invoke("r1", {})
+                assert isinstance(out, dict) and out["pid"] in {i.pid for i in pool.instances}
+                await until("ready counts reach the registration", lambda: _eq(
+                    _ready(ctl, "w1"), {"hello@1": 2}))
+                # an instance dies: the placement brings it back, not a request
+                pool.instances[0].kill()
+                await until("the lost instance is replaced",
+                            lambda: len(pool.instances) == 2 and pool.cold_starts == 3)
+                await ctl.put(placement_key("w1"), orjson.dumps({"hello@1": 1}))
+                await until("scaled to one", lambda: len(pool.instances) == 1)
+                await ctl.put(placement_key("w1"), orjson.dumps({}))
+                await until("drained", lambda: ("hello", 1) not in worker.pools
+                            and rec.ready() == {})
+                assert pool.retired
+
+    run(main())
+
+
+async def _ready(store: Store, wid: str) -> dict[str, int]:
+    return (await live_nodes(store, "worker")).get(wid, {}).get("ready", {})
+
+
+def test_deploy_without_a_local_worker_waits_for_the_region_and_fails_on_import_errors(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        async with region(tmp_path, 2) as ((ctl, node), blobs):
+            loop = ControlLoop(ctl, "c1", ttl_s=TTL_S, tick_s=TICK_S)
+            await loop.start()
+            deployer = Deployer(ctl, blobs, None, tmp_path / "controller",
+                                warmer=ClusterWarmer(ctl, timeout_s=WAIT_S))
+            async with worker_node(tmp_path, node, blobs) as (worker, rec, _reg):
+                lines: list[str] = []
+                result = await deployer.deploy(write_app(tmp_path / "v1", HANDLER), lines.append)
+                assert "pending" not in result
+                assert result["functions"][0]["version"] == 1
+                assert ("hello", 1) in worker.pools and worker.pools[("hello", 1)].instances
+                app = await ctl.get("apps/demo")
+                assert app is not None
+                # the instance the deploy warmed stays placed once the version is live
+                await asyncio.sleep(TTL_S * 3)
+                assert rec.ready().get("hello@1") == 1
+
+                with pytest.raises(DeployError, match="cannot import me"):
+                    await deployer.deploy(write_app(tmp_path / "v2", BROKEN), lines.append)
+                latest = await ctl.get("apps/demo")
+                assert latest is not None and latest.revision == app.revision  # routes stay
+                assert await ctl.get("functions/hello/versions/00000002") is None
+                await until("the failed version is dropped", lambda: _eq(
+                    ctl.get(status_key("w1", "hello@2")), None))
+                assert rec.ready() == {"hello@1": 1}
+            await deployer.aclose()
+            await loop.aclose()
+
+    run(main())
