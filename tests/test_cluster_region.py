@@ -21,10 +21,10 @@ import orjson
 import pytest
 
 from nimbus.aio import cancel_and_wait
-from nimbus.cluster.demand import DemandReporter
+from nimbus.cluster.demand import Collector, DemandReporter, Shares
 from nimbus.cluster.keys import placement_key, status_key
 from nimbus.cluster.leader import ControlLoop, Leadership, current_leader
-from nimbus.cluster.nodes import NodeWatch, Registration, live_nodes
+from nimbus.cluster.nodes import NodeWatch, Registration, live_nodes, worker_directory_watch
 from nimbus.cluster.reconcile import Reconciler
 from nimbus.cluster.warm import ClusterWarmer
 from nimbus.control.bundle import make_bundle
@@ -369,5 +369,77 @@ def test_deploy_without_a_local_worker_waits_for_the_region_and_fails_on_import_
                 assert rec.ready() == {"hello@1": 1}
             await deployer.aclose()
             await loop.aclose()
+
+    run(main())
+
+
+# -- demand, shares and the gateway's view of workers ---------------------------------
+
+
+def test_demand_reports_reach_the_collector_once_and_held_requests_at_once(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        async with region(tmp_path, 2) as ((gw, ctl), _blobs):
+            urgent: list[str] = []
+            collector = Collector(ctl, on_urgent=urgent.append)
+            await collector.start()
+            f = Demanding(in_flight=2, arrivals=3)
+            # a period far longer than the test: only the immediate path can report
+            reporter = DemandReporter(gw, "g1", lambda: {"f@1": f}, interval_s=300.0,
+                                      ttl_s=600.0)
+            await reporter.start()
+            await until("first report", lambda: "demand/g1" in collector.latest)
+            first = collector.take()
+            assert first["f@1"].in_flight == 2 and first["f@1"].arrivals == 3
+            assert collector.take()["f@1"].arrivals == 0  # counted once
+            f.held, f.arrivals = 1, 1
+            await until("a held request is reported at once", lambda: urgent == ["f@1"])
+            d = collector.take()["f@1"]
+            assert (d.in_flight, d.held, d.arrivals, d.concurrency) == (2, 1, 1, 3)
+            assert reporter.reports == 2
+            await reporter.aclose()
+            await until("the gateway's report goes with it", lambda: not collector.latest)
+            await collector.aclose()
+
+    run(main())
+
+
+class Directory:
+    def __init__(self) -> None:
+        self.workers: dict[str, tuple[Any, dict[str, int]]] = {}
+
+    def update(self, worker_id: str, address: Any, ready: dict[str, int]) -> None:
+        self.workers[worker_id] = (address, ready)
+
+    def remove(self, worker_id: str) -> None:
+        self.workers.pop(worker_id, None)
+
+
+def test_gateway_views_shares_and_worker_directory(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with region(tmp_path, 2) as ((gw, other), _blobs):
+            directory = Directory()
+            watch = worker_directory_watch(gw, directory)
+            await watch.start()
+            shares = Shares(gw)
+            await shares.start()
+            assert shares.share("f@1", 10) == 10  # nothing written yet: the whole cap
+            await other.put("shares/f@1", orjson.dumps({"share": 3, "gateways": 3}))
+            await until("share seen", lambda: shares.share("f@1", 10) == 3)
+            b = Budget(ready={"f@1": 2})
+            reg = Registration(other, "worker", "w1",
+                               lambda: {**b.info(), "frames": "127.0.0.1:7000"}, ttl_s=TTL_S)
+            await reg.start()
+            await until("w1 in the directory", lambda: directory.workers.get("w1") == (
+                "127.0.0.1:7000", {"f@1": 2}))
+            b.ready = {"f@1": 3}
+            reg.refresh()
+            await until("ready counts follow", lambda: directory.workers["w1"][1] == {"f@1": 3})
+            await reg.aclose()
+            await until("w1 removed", lambda: "w1" not in directory.workers)
+            await other.delete("shares/f@1")
+            await until("share gone", lambda: shares.share("f@1", 10) == 10)
+            await watch.aclose()
+            await shares.aclose()
 
     run(main())

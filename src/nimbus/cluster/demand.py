@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from nimbus.aio import cancel_and_wait
-from nimbus.cluster.keys import DEMAND, ClusterStore, KeyWatch
+from nimbus.cluster.keys import DEMAND, SHARES, ClusterStore, KeyWatch
 from nimbus.errors import ConflictError, NimbusError
 
 log = logging.getLogger("nimbus.cluster")
@@ -78,6 +78,11 @@ def decode_report(value: bytes) -> dict[str, Any] | None:
                 for k in ("in_flight", "held", "arrivals")):
             return None
     return report
+
+
+def by_target(invokers: Iterable[Any]) -> dict[str, Any]:
+    """Invokers keyed by ``"fn@version"`` (each has a ``.target``)."""
+    return {f"{inv.target.function}@{inv.target.version}": inv for inv in invokers}
 
 
 class DemandReporter:
@@ -234,6 +239,36 @@ class Collector:
 
     def gateways(self) -> int:
         return len(self.latest)
+
+    async def aclose(self) -> None:
+        await self._watch.aclose()
+
+
+class Shares:
+    """The gateway's side of region-wide caps: ``shares/<fn@v>`` as the
+    leader wrote them. ``share(target, cap)`` is this gateway's part of
+    ``cap``; until the leader has written one, the whole ``cap``."""
+
+    def __init__(self, store: ClusterStore) -> None:
+        self.shares: dict[str, int] = {}
+        self._watch = KeyWatch(store, SHARES, on_change=self._sync)
+
+    async def start(self) -> None:
+        await self._watch.start()
+
+    def _sync(self, watch: KeyWatch) -> None:
+        shares: dict[str, int] = {}
+        for key, e in watch.entries.items():
+            try:
+                share = orjson.loads(e.value)["share"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            if isinstance(share, int) and share >= 1:
+                shares[key[len(SHARES):]] = share
+        self.shares = shares
+
+    def share(self, target: str, cap: int) -> int:
+        return min(cap, self.shares.get(target, cap))
 
     async def aclose(self) -> None:
         await self._watch.aclose()

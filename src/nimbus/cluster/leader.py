@@ -86,6 +86,12 @@ class Leadership:
     def is_leader(self) -> bool:
         return self.term is not None
 
+    def holds(self, now: float) -> bool:
+        """Leading, and the last renewal is recent enough (``now`` on the
+        event loop's clock) that the key cannot have expired: a leader that
+        was frozen past its ttl writes nothing before it learns it lost."""
+        return self.term is not None and now - self._last_ok < self.ttl_s * 2 / 3
+
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -219,12 +225,16 @@ class Planner:
 
 
 def live_targets(apps: Mapping[str, Mapping[str, Any]]) -> dict[str, FunctionSpec]:
-    """Target key -> spec for every version an app record points at."""
+    """Target key -> spec for every version an app record points at (a
+    record that cannot be read is logged and skipped)."""
     out: dict[str, FunctionSpec] = {}
-    for app in apps.values():
-        for rec in app.get("functions", {}).values():
-            spec = FunctionSpec.from_dict(rec["spec"])
-            out[target_key(spec.name, rec["version"])] = spec
+    for key, app in apps.items():
+        try:
+            for rec in app.get("functions", {}).values():
+                spec = FunctionSpec.from_dict(rec["spec"])
+                out[target_key(spec.name, rec["version"])] = spec
+        except Exception as exc:  # noqa: BLE001 - one bad record must not stop the region
+            log.warning("ignoring app record %s: %s", key, exc)
     return out
 
 
@@ -338,6 +348,8 @@ class ControlLoop:
         plan = self.planner.step(now, targets, collector.take(), states,
                                  len(gateways.nodes), warm_keys)
         self.last_plan = plan
+        if not self.leadership.holds(asyncio.get_running_loop().time()):
+            return plan  # the lead may have lapsed: write nothing until renewed
         await self._write_placements(now, plan.placement)
         await self._write_shares(plan.shares, len(gateways.nodes))
         self.ticks += 1

@@ -174,3 +174,19 @@ class NodeWatch:
 
     async def aclose(self) -> None:
         await self._watch.aclose()
+
+
+def worker_directory_watch(store: ClusterStore, directory: Any) -> NodeWatch:
+    """A :class:`NodeWatch` on workers that keeps a gateway's worker
+    directory current: ``directory.update(worker_id, address, ready)`` for
+    a worker that appeared or changed (``address`` is its ``frames``
+    address, ``ready`` its ready instances per ``"fn@v"``) and
+    ``directory.remove(worker_id)`` for one that went. Call ``start()``."""
+
+    def update(worker_id: str, info: dict[str, Any]) -> None:
+        ready = info.get("ready")
+        directory.update(worker_id, info.get("frames"),
+                         {str(t): int(n) for t, n in ready.items()}
+                         if isinstance(ready, dict) else {})
+
+    return NodeWatch(store, "worker", on_update=update, on_remove=directory.remove)
