@@ -121,7 +121,7 @@ def build(raw: list[tuple[int, int, int, dict[str, int], bool]]) -> list[WorkerS
     return [WorkerState(f"w{i}", mi, mem, placed, alive) for i, mi, mem, placed, alive in raw]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(counts, workers_st)
 def test_properties(desired: dict[str, int], raw: list[tuple[int, int, int, dict[str, int],
                                                                bool]]) -> None:

@@ -133,7 +133,20 @@ def place(desired: Mapping[str, int], workers: list[WorkerState],
             holder.remove(t)
             excess -= 1
 
-    # 3. add what is missing, spreading
+    # 3 and 4, until nothing moves: a spread move frees room on its source,
+    # which may let a short target grow or an earlier target move too. It
+    # ends: a target moves at most once (the move leaves it spread, and
+    # adding never gathers it on one worker again).
+    while True:
+        _add_missing(nodes, wanted)
+        if not _spread_one(nodes, wanted):
+            break
+    return {node.id: dict(sorted(node.counts.items())) for node in nodes}
+
+
+def _add_missing(nodes: list[_Node], wanted: Mapping[str, int]) -> None:
+    """Each missing instance to the worker with room holding the fewest of
+    its target, then the least loaded, then by id."""
     for t in sorted(wanted):
         missing = wanted[t] - sum(node.counts.get(t, 0) for node in nodes)
         for _ in range(missing):
@@ -143,7 +156,10 @@ def place(desired: Mapping[str, int], workers: list[WorkerState],
             best = min(room, key=lambda node: (node.counts.get(t, 0), node.load(), node.id))
             best.add(t)
 
-    # 4. never every instance on one worker when another has room
+
+def _spread_one(nodes: list[_Node], wanted: Mapping[str, int]) -> bool:
+    """Move one instance of a target gathered on one worker (two or more
+    there, none elsewhere) to another with room; True if one moved."""
     for t in sorted(wanted):
         holders = [node for node in nodes if node.counts.get(t)]
         if len(holders) != 1 or holders[0].counts[t] < 2:
@@ -153,8 +169,8 @@ def place(desired: Mapping[str, int], workers: list[WorkerState],
         if room:
             only.remove(t)
             min(room, key=lambda node: (node.load(), node.id)).add(t)
-
-    return {node.id: dict(sorted(node.counts.items())) for node in nodes}
+            return True
+    return False
 
 
 def shortfall(desired: Mapping[str, int], placement: Placement) -> dict[str, int]:
