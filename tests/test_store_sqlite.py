@@ -21,6 +21,7 @@ from nimbus.store.files import FileBlobs, open_file_blobs
 from nimbus.store.registry import open_blobs, open_store
 from nimbus.store.sqlite import SQLiteStore, open_sqlite_store
 from nimbus.testing import check_blobs, check_store
+from nimbus.testing.store_contract import check_store_pair
 
 T = TypeVar("T")
 WAIT_S = 5.0
@@ -52,6 +53,27 @@ def test_store_contract(tmp_path: Path) -> None:
         return await open_sqlite_store(tmp_path / f"s{next(counter)}.db", clock=clock)
 
     run(check_store(make_store))
+
+
+def test_store_contract_on_the_real_clock(tmp_path: Path) -> None:
+    counter = itertools.count()
+
+    async def make_store() -> Store:
+        return await open_sqlite_store(tmp_path / f"s{next(counter)}.db")
+
+    run(check_store(make_store, real_clock=True, ttl_s=0.6))
+
+
+def test_two_stores_on_one_file_pass_the_pair_contract(tmp_path: Path) -> None:
+    """Two SQLiteStore objects on one file (as two processes have): campaigns,
+    watches and compare-and-set races between them, on the wall clock."""
+    counter = itertools.count()
+
+    async def make_pair() -> tuple[Store, Store]:
+        path = tmp_path / f"p{next(counter)}.db"
+        return await open_sqlite_store(path), await open_sqlite_store(path)
+
+    run(check_store_pair(make_pair, ttl_s=0.6))
 
 
 def test_blobs_contract(tmp_path: Path) -> None:

@@ -11,15 +11,23 @@ Call them from a backend's tests::
 given a ``ManualClock`` the store must measure campaign expiry by
 ``clock.now()``; after the suite advances that clock, an expired key must
 be gone by the next read (``get``/``list``) or by ``await store.sweep()``,
-which the suite calls when the store has it. The suite closes every store it
-makes. A failure raises ``AssertionError`` naming the broken rule; every wait
-has a deadline, so a broken backend fails instead of hanging.
+which the suite calls when the store has it. A backend that keeps time on a
+server instead runs ``check_store(make_store, real_clock=True)``: campaigns
+are then checked with short TTLs against the wall clock.
+
+``check_store_pair(make_pair)`` checks what two clients of one store see of
+each other (campaigns, watches, compare-and-set races), on the wall clock.
+
+The suites close every store they make. A failure raises ``AssertionError``
+naming the broken rule; every wait has a deadline, so a broken backend fails
+instead of hanging. Waits are bounded but never asserted to be short.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -28,8 +36,10 @@ from nimbus.errors import ClosedError, ConflictError, NotFoundError
 from nimbus.store.base import Blobs, Store, WatchEvent
 
 MakeStore = Callable[..., Awaitable[Store]]
+MakePair = Callable[[], Awaitable[tuple[Store, Store]]]
 MakeBlobs = Callable[[], Awaitable[Blobs]]
 WAIT_S = 5.0
+EXPIRY_SLACK_S = 10.0  # a campaign key must be gone this long after its ttl at the latest
 
 
 async def _next(watch: AsyncIterator[WatchEvent], what: str) -> WatchEvent:
@@ -136,6 +146,33 @@ async def _list(s: Store) -> None:
         assert e == await s.get(e.key), f"list and get disagree on {e.key}"
 
 
+async def _replay(watch: AsyncIterator[WatchEvent],
+                  log: list[tuple[str, str, bytes, int | None]]) -> list[WatchEvent]:
+    """Read events until the last change of ``log`` arrives. They must be
+    ``log`` in order, or ``log`` with superseded changes left out (a backend
+    may keep only the latest change of each key), never one twice."""
+    final = log[-1]
+    got: list[WatchEvent] = []
+    while True:
+        ev = await _next(watch, f"the changes up to {final}")
+        got.append(ev)
+        if (ev.kind, ev.key, ev.value) == final[:3] and final[3] in (None, ev.revision):
+            break
+    at = 0
+    for ev in got:
+        while at < len(log) and not (
+                (ev.kind, ev.key, ev.value) == log[at][:3] and log[at][3] in (None, ev.revision)):
+            at += 1
+        assert at < len(log), f"watch: {ev} is not one of the changes, or out of order: {got}"
+        at += 1
+    revs = [ev.revision for ev in got]
+    assert revs == sorted(set(revs)), f"watch: revisions must increase: {got}"
+    last_of = {key: (kind, value) for kind, key, value, _ in log}
+    seen = {ev.key: (ev.kind, ev.value) for ev in got}
+    assert seen == last_of, f"watch: the last change of every key must arrive: {got}"
+    return got
+
+
 async def _watch(s: Store) -> None:
     start = await s.put("other", b"x")
     w = s.watch("w/", after=start)
@@ -144,21 +181,29 @@ async def _watch(s: Store) -> None:
     r2 = await s.put("w/b", b"2")
     await s.delete("w/a")
     r4 = await s.put("w/b", b"3")
-    events = await _expect(w, ("put", "w/a", b"1", r1), ("put", "w/b", b"2", r2),
-                           ("delete", "w/a", b"", None), ("put", "w/b", b"3", r4))
-    r3 = events[2].revision
+    events = await _replay(w, [("put", "w/a", b"1", r1), ("put", "w/b", b"2", r2),
+                               ("delete", "w/a", b"", None), ("put", "w/b", b"3", r4)])
+    r3 = next(ev.revision for ev in events if ev.kind == "delete")
+    assert r2 < r3 < r4, f"the delete's revision {r3} must fall between {r2} and {r4}"
     pending = await _idle_next(w)  # a write must wake a watcher that is waiting
     r5 = await s.put("w/live", b"L")
     ev = await _await(pending, "the live put of w/live")
     assert (ev.kind, ev.key, ev.value, ev.revision) == ("put", "w/live", b"L", r5), ev
+    r6 = await s.put("w/live", b"M")
+    r7 = await s.put("w/live", b"N")
+    await _replay(w, [("put", "w/live", b"M", r6), ("put", "w/live", b"N", r7)])
     await w.aclose()
     # Replay: a watcher from an old revision gets what it missed, in order.
     w = s.watch("w/", after=r2)
-    await _expect(w, ("delete", "w/a", b"", r3), ("put", "w/b", b"3", r4),
-                  ("put", "w/live", b"L", r5))
+    await _replay(w, [("delete", "w/a", b"", r3), ("put", "w/b", b"3", r4),
+                      ("put", "w/live", b"L", r5), ("put", "w/live", b"M", r6),
+                      ("put", "w/live", b"N", r7)])
     await w.aclose()
     w = s.watch("w/")  # after=0: from the beginning
-    await _expect(w, ("put", "w/a", b"1", r1))
+    await _replay(w, [("put", "w/a", b"1", r1), ("put", "w/b", b"2", r2),
+                      ("delete", "w/a", b"", r3), ("put", "w/b", b"3", r4),
+                      ("put", "w/live", b"L", r5), ("put", "w/live", b"M", r6),
+                      ("put", "w/live", b"N", r7)])
     await w.aclose()
 
 
@@ -294,8 +339,76 @@ async def _closed(s: Store) -> None:
     await _raises(ClosedError, "watch after aclose", first_event())
 
 
-async def check_store(make_store: MakeStore) -> None:
-    """Run every Store rule against fresh stores from ``make_store``."""
+async def _wait_for(what: str, deadline_s: float, probe: Callable[[], Awaitable[bool]],
+                    every_s: float = 0.1) -> None:
+    end = time.monotonic() + deadline_s
+    while not await probe():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {deadline_s}s")
+        await asyncio.sleep(every_s)
+
+
+async def _next_kind(watch: AsyncIterator[WatchEvent], kind: str, key: str,
+                     deadline_s: float) -> WatchEvent:
+    """The next ``kind`` event of ``key``, skipping others (a real clock may
+    interleave the renewals of other keys)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        left = end - time.monotonic()
+        try:
+            ev = await asyncio.wait_for(watch.__anext__(), max(left, 0.01))
+        except TimeoutError:
+            raise AssertionError(f"watch: no {kind} of {key} within {deadline_s}s") from None
+        if (ev.kind, ev.key) == (kind, key):
+            return ev
+
+
+async def _campaigns_real(s: Store, ttl_s: float) -> None:
+    """Campaigns against the wall clock: short TTLs, bounded waits."""
+    expiry_wait = ttl_s + EXPIRY_SLACK_S
+    r = await s.campaign("rc/lead", b"me", ttl_s)
+    assert r is not None, "campaign of a free key must win"
+    w = s.watch("rc/", after=r)
+    renewed_at = time.monotonic()
+    end = renewed_at + 2.5 * ttl_s  # renewing every ttl/4 keeps it well past one ttl
+    while time.monotonic() < end:
+        await asyncio.sleep(ttl_s / 4)
+        r = await s.renew("rc/lead", r, ttl_s)
+        renewed_at = time.monotonic()
+    e = await s.get("rc/lead")
+    assert e is not None and (e.value, e.revision) == (b"me", r), \
+        f"a renewed campaign must stay: {e}"
+    ev = await _next_kind(w, "delete", "rc/lead", expiry_wait)
+    gone_after = time.monotonic() - renewed_at
+    assert gone_after >= ttl_s / 2, f"the key vanished {gone_after:.2f}s after its renewal"
+    assert ev.revision > r, f"the expiry must take a newer revision: {ev}"
+    assert await s.get("rc/lead") is None, "an expired campaign key must be gone"
+    await _raises(ConflictError, "renew after expiry", s.renew("rc/lead", r, ttl_s))
+    r2 = await s.campaign("rc/lead", b"next", ttl_s)
+    assert r2 is not None and r2 > ev.revision, "an expired key can be taken again"
+    await s.resign("rc/lead", r2)
+    assert await s.get("rc/lead") is None, "resign must delete the holder's key"
+    ev = await _next_kind(w, "delete", "rc/lead", WAIT_S)
+    # put makes a campaign key permanent: it outlives a key campaigned after it
+    p = await s.campaign("rc/perm", b"", ttl_s)
+    assert p is not None
+    await s.put("rc/perm", b"mine")
+    q = await s.campaign("rc/probe", b"", ttl_s)
+    assert q is not None
+    await _next_kind(w, "delete", "rc/probe", expiry_wait)
+    e = await s.get("rc/perm")
+    assert e is not None and e.value == b"mine", "put must make a campaign key permanent"
+    await w.aclose()
+
+
+async def check_store(make_store: MakeStore, *, real_clock: bool = False,
+                      ttl_s: float = 1.0) -> None:
+    """Run every Store rule against fresh stores from ``make_store``.
+
+    By default campaigns are checked on a ``ManualClock`` passed to
+    ``make_store(clock=...)``. With ``real_clock`` they are checked against
+    the wall clock with TTLs of ``ttl_s`` (keep it short: the suite waits for
+    expiries) and ``make_store()`` gets no clock."""
     for check in (_basics, _cas, _list, _watch, _watch_from_list, _watch_ends_on_close,
                   _closed):
         store = await make_store()
@@ -303,12 +416,111 @@ async def check_store(make_store: MakeStore) -> None:
             await check(store)
         finally:
             await store.aclose()
+    if real_clock:
+        store = await make_store()
+        try:
+            await _campaigns_real(store, ttl_s)
+        finally:
+            await store.aclose()
+        return
     clock = ManualClock()
     store = await make_store(clock=clock)
     try:
         await _campaigns(store, clock)
     finally:
         await store.aclose()
+
+
+# -- two clients on one store ------------------------------------------------
+
+async def _pair_campaigns(a: Store, b: Store, ttl_s: float) -> None:
+    expiry_wait = ttl_s + EXPIRY_SLACK_S
+    ra = await a.campaign("p/lead", b"a", ttl_s)
+    assert ra is not None, "the first campaign must win"
+    assert await b.campaign("p/lead", b"b", ttl_s) is None, "a held key must not be taken"
+    seen = await b.get("p/lead")
+    assert seen is not None and (seen.value, seen.revision) == (b"a", ra), \
+        f"the other client must see the holder: {seen}"
+    # b held a key once and lost it: resigning with its old term does nothing
+    rb = await b.campaign("p/old", b"b", ttl_s)
+    assert rb is not None
+    await b.resign("p/old", rb)
+    ra_old = await a.campaign("p/old", b"a", ttl_s)
+    assert ra_old is not None, "a resigned key is free"
+    await b.resign("p/old", rb)
+    assert (await a.get("p/old")) is not None, "resign by a non-holder must not delete"
+    await _raises(ConflictError, "renew by a non-holder", b.renew("p/old", rb, ttl_s))
+    await a.resign("p/old", ra_old)
+    # while a renews, b never wins; when a stops, b wins after the expiry
+    w = b.watch("p/", after=ra)
+    end = time.monotonic() + 2 * ttl_s
+    while time.monotonic() < end:
+        await asyncio.sleep(ttl_s / 4)
+        ra = await a.renew("p/lead", ra, ttl_s)
+        assert await b.campaign("p/lead", b"b", ttl_s) is None, \
+            "a renewed key must not be taken"
+    await _next_kind(w, "delete", "p/lead", expiry_wait)
+    rb = await b.campaign("p/lead", b"b", ttl_s)
+    assert rb is not None, "an expired key must be free for the other client"
+    await _raises(ConflictError, "renew by the old holder", a.renew("p/lead", ra, ttl_s))
+    await a.resign("p/lead", ra)  # no longer a's: nothing happens
+    e = await a.get("p/lead")
+    assert e is not None and (e.value, e.revision) == (b"b", rb), f"b must hold it: {e}"
+    await b.resign("p/lead", rb)
+    assert await a.get("p/lead") is None, "the holder's resign must free the key"
+    await w.aclose()
+
+
+async def _pair_watch(a: Store, b: Store, ttl_s: float) -> None:
+    start = await a.put("q/start", b"")
+    w = a.watch("q/", after=start)
+    pending = await _idle_next(w)
+    rb = await b.put("q/x", b"from b")
+    ev = await _await(pending, "b's write, seen by a's watch")
+    assert (ev.kind, ev.key, ev.value, ev.revision) == ("put", "q/x", b"from b", rb), ev
+    assert await b.delete("q/x") is True
+    ev = await _next(w, "b's delete")
+    assert (ev.kind, ev.key) == ("delete", "q/x") and ev.revision > rb, ev
+    ra = await a.put("q/y", b"from a")
+    assert ra > ev.revision, "both clients take revisions from one sequence"
+    await w.aclose()
+
+
+async def _pair_races(a: Store, b: Store, ttl_s: float) -> None:
+    for i in range(10):
+        key = f"r/k{i}"
+        base = await a.put(key, b"base")
+        got = await asyncio.gather(a.update(key, b"a", base), b.update(key, b"b", base),
+                                   return_exceptions=True)
+        wins = [(who, r) for who, r in zip("ab", got, strict=True) if isinstance(r, int)]
+        losses = [r for r in got if isinstance(r, ConflictError)]
+        assert len(wins) == 1 and len(losses) == 1, \
+            f"exactly one of two updates at one revision must win: {got}"
+        e = await b.get(key)
+        assert e is not None and (e.value, e.revision) == (wins[0][0].encode(), wins[0][1]), \
+            f"the winner's value must stay: {e}, winners {wins}"
+        got = await asyncio.gather(a.create(f"r/c{i}", b"a"), b.create(f"r/c{i}", b"b"),
+                                   return_exceptions=True)
+        assert sum(isinstance(r, int) for r in got) == 1 and \
+            sum(isinstance(r, ConflictError) for r in got) == 1, \
+            f"exactly one of two creates must win: {got}"
+        terms = await asyncio.gather(a.campaign(f"r/l{i}", b"a", ttl_s),
+                                     b.campaign(f"r/l{i}", b"b", ttl_s), return_exceptions=True)
+        assert sorted(isinstance(r, int) for r in terms) == [False, True] and None in terms, \
+            f"exactly one of two campaigns must win: {terms}"
+
+
+async def check_store_pair(make_pair: MakePair, *, ttl_s: float = 1.0) -> None:
+    """Rules between two clients (two store objects, as two processes would
+    have) of one store: ``make_pair()`` returns both, on a fresh, empty store
+    each call. Campaigns run on the wall clock with TTLs of ``ttl_s``."""
+    for check in (_pair_campaigns, _pair_watch, _pair_races):
+        a, b = await make_pair()
+        try:
+            await check(a, b, ttl_s)
+        finally:
+            await a.aclose()
+            await b.aclose()
 
 
 async def check_blobs(make_blobs: MakeBlobs) -> None:
