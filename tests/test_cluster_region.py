@@ -219,8 +219,8 @@ def test_leader_places_demand_across_workers_and_a_new_leader_moves_nothing(
             async def total() -> int:
                 return sum(p.get("f@1", 0) for p in (await placed()).values())
 
-            await until("shares written", lambda: _is_set(c1s.get("shares/f@1")))
-            shares = await c1s.get("shares/f@1")
+            await until("shares written", lambda: _is_set(c1s.get("shares/f/1")))
+            shares = await c1s.get("shares/f/1")
             assert shares is not None and orjson.loads(shares.value)["share"] == 2  # 5 // 2
 
             # a held request for a target with no instance: scale from zero
@@ -424,7 +424,7 @@ def test_gateway_views_shares_and_worker_directory(tmp_path: Path) -> None:
             shares = Shares(gw)
             await shares.start()
             assert shares.share("f@1", 10) == 10  # nothing written yet: the whole cap
-            await other.put("shares/f@1", orjson.dumps({"share": 3, "gateways": 3}))
+            await other.put("shares/f/1", orjson.dumps({"share": 3, "gateways": 3}))
             await until("share seen", lambda: shares.share("f@1", 10) == 3)
             b = Budget(ready={"f@1": 2})
             reg = Registration(other, "worker", "w1",
@@ -437,7 +437,7 @@ def test_gateway_views_shares_and_worker_directory(tmp_path: Path) -> None:
             await until("ready counts follow", lambda: directory.workers["w1"][1] == {"f@1": 3})
             await reg.aclose()
             await until("w1 removed", lambda: "w1" not in directory.workers)
-            await other.delete("shares/f@1")
+            await other.delete("shares/f/1")
             await until("share gone", lambda: shares.share("f@1", 10) == 10)
             await watch.aclose()
             await shares.aclose()

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from nimbus.aio import cancel_and_wait
-from nimbus.cluster.keys import DEMAND, SHARES, ClusterStore, KeyWatch
+from nimbus.cluster.keys import DEMAND, SHARES, ClusterStore, KeyWatch, target_of_path
 from nimbus.errors import ConflictError, NimbusError
 
 log = logging.getLogger("nimbus.cluster")
@@ -245,7 +245,7 @@ class Collector:
 
 
 class Shares:
-    """The gateway's side of region-wide caps: ``shares/<fn@v>`` as the
+    """The gateway's side of region-wide caps: ``shares/<fn>/<version>`` as the
     leader wrote them. ``share(target, cap)`` is this gateway's part of
     ``cap``; until the leader has written one, the whole ``cap``."""
 
@@ -261,10 +261,11 @@ class Shares:
         for key, e in watch.entries.items():
             try:
                 share = orjson.loads(e.value)["share"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
+                target = target_of_path(key[len(SHARES):])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
             if isinstance(share, int) and share >= 1:
-                shares[key[len(SHARES):]] = share
+                shares[target] = share
         self.shares = shares
 
     def share(self, target: str, cap: int) -> int:

@@ -4,10 +4,13 @@
     leader/controller          campaign key (ttl): the controller that leads
     demand/<gateway id>        campaign key (ttl): a gateway's demand per target
     placement/<worker id>      {"fn@version": n}: what the worker should run
-    shares/<fn@version>        {"share": n, "gateways": g}: each gateway's part of
+    shares/<fn>/<version>      {"share": n, "gateways": g}: each gateway's part of
                                the target's max_concurrency
-    status/<worker id>/<fn@v>  {"state": "ready"|"failed", "error": ...}
-    warm/<fn@version>          campaign key (ttl): a deploy asks for one instance
+    status/<worker id>/<fn>/<version>  {"state": "failed", "error": ...}
+    warm/<fn>/<version>        campaign key (ttl): a deploy asks for one instance
+
+Targets are named ``"fn@version"`` in values; in keys they are
+``<fn>/<version>``, characters every backend takes in a key.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 from collections.abc import Callable
 
 from nimbus.aio import cancel_and_wait
+from nimbus.cluster.placement import parse_target_key
 from nimbus.errors import ClosedError
 from nimbus.store.base import Entry, Store
 
@@ -40,8 +44,30 @@ def placement_key(worker_id: str) -> str:
     return f"{PLACEMENT}{worker_id}"
 
 
+def target_path(target: str) -> str:
+    """``"fn@3"`` -> ``"fn/3"`` (the form targets take in keys)."""
+    fn, version = parse_target_key(target)
+    return f"{fn}/{version}"
+
+
+def target_of_path(path: str) -> str:
+    """``"fn/3"`` -> ``"fn@3"``; ``ValueError`` if it is not one."""
+    fn, _, version = path.rpartition("/")
+    key = f"{fn}@{version}"
+    parse_target_key(key)
+    return key
+
+
 def status_key(worker_id: str, target: str) -> str:
-    return f"{STATUS}{worker_id}/{target}"
+    return f"{STATUS}{worker_id}/{target_path(target)}"
+
+
+def share_key(target: str) -> str:
+    return f"{SHARES}{target_path(target)}"
+
+
+def warm_key(target: str) -> str:
+    return f"{WARM}{target_path(target)}"
 
 
 # What the control plane needs of the store: all of it.

@@ -12,14 +12,14 @@ crashed leader is replaced within ttl + ttl/6.
 a gateway holds requests for a target with no instance):
 
 - the live targets are the function versions the ``apps/`` records point
-  at, plus those a deploy asked to warm (``warm/<fn@v>``: one instance);
+  at, plus those a deploy asked to warm (``warm/<fn>/<version>``: one instance);
 - per target a :class:`~nimbus.autoscale.decider.Decider` records the
   region's demand (:class:`~nimbus.cluster.demand.Collector`) and decides a
   count, ``ready`` being what is placed now;
 - :func:`~nimbus.cluster.placement.place` spreads the counts over the live
   workers within their budgets, starting from the current placement;
 - ``placement/<worker>`` is written for each worker whose placement
-  changed, and ``shares/<fn@v>`` (each gateway's part of the target's
+  changed, and ``shares/<fn>/<version>`` (each gateway's part of the target's
   ``max_concurrency``: cap // live gateways, at least 1) when it changed.
 
 A new leader starts from the placements in the store, so a handover moves
@@ -53,6 +53,8 @@ from nimbus.cluster.keys import (
     ClusterStore,
     KeyWatch,
     placement_key,
+    share_key,
+    target_of_path,
 )
 from nimbus.cluster.nodes import NodeWatch
 from nimbus.cluster.placement import Placement, WorkerState, place, target_key, totals
@@ -238,6 +240,14 @@ def live_targets(apps: Mapping[str, Mapping[str, Any]]) -> dict[str, FunctionSpe
     return out
 
 
+def spec_version(record: bytes) -> int:
+    """The version number in a version record (a warm request's value)."""
+    version = orjson.loads(record)["version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"version must be an integer, was: {version!r}")
+    return version
+
+
 def worker_state(worker_id: str, info: Mapping[str, Any],
                  placed: Mapping[str, int]) -> WorkerState:
     budget = info.get("budget") or {}
@@ -310,8 +320,10 @@ class ControlLoop:
                         str(t): int(n) for t, n in orjson.loads(e.value).items()}
             self.shares = {}
             for e in await self.store.list(SHARES):
-                with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError):
-                    self.shares[e.key[len(SHARES):]] = int(orjson.loads(e.value)["share"])
+                with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError,
+                                         ValueError):
+                    self.shares[target_of_path(e.key[len(SHARES):])] = int(
+                        orjson.loads(e.value)["share"])
             log.info("leading (term %d) from %d placements", term, len(self.placements))
             while True:
                 self._wake.clear()
@@ -336,17 +348,17 @@ class ControlLoop:
             with contextlib.suppress(orjson.JSONDecodeError):
                 records[key] = orjson.loads(e.value)
         targets = live_targets(records)
-        warm_keys = frozenset(k[len(WARM):] for k in warm.entries)
-        for k in warm_keys:  # a deploy's new version, not routed yet
-            if k not in targets:
-                spec = await self._spec_of(k, warm.entries[WARM + k].value)
-                if spec is not None:
-                    targets[k] = spec
+        warm_keys: set[str] = set()
+        for key, e in warm.entries.items():  # a deploy's new versions, not routed yet
+            found = self._warm_target(key, e.value)
+            if found is not None:
+                warm_keys.add(found[0])
+                targets.setdefault(*found)
         live = dict(workers.nodes)
         states = [worker_state(wid, info, self.placements.get(wid, {}))
                   for wid, info in sorted(live.items())]
         plan = self.planner.step(now, targets, collector.take(), states,
-                                 len(gateways.nodes), warm_keys)
+                                 len(gateways.nodes), frozenset(warm_keys))
         self.last_plan = plan
         if not self.leadership.holds(asyncio.get_running_loop().time()):
             return plan  # the lead may have lapsed: write nothing until renewed
@@ -355,9 +367,10 @@ class ControlLoop:
         self.ticks += 1
         return plan
 
-    async def _spec_of(self, key: str, value: bytes) -> FunctionSpec | None:
+    def _warm_target(self, key: str, value: bytes) -> tuple[str, FunctionSpec] | None:
         try:
-            return FunctionSpec.from_dict(orjson.loads(value)["spec"])
+            spec = FunctionSpec.from_dict(orjson.loads(value)["spec"])
+            return target_key(spec.name, spec_version(value)), spec
         except Exception:  # noqa: BLE001
             log.warning("ignoring a malformed warm request %s", key)
             return None
@@ -381,11 +394,11 @@ class ControlLoop:
     async def _write_shares(self, shares: dict[str, int], gateways: int) -> None:
         for t, share in shares.items():
             if self.shares.get(t) != share:
-                await self.store.put(f"{SHARES}{t}",
+                await self.store.put(share_key(t),
                                      orjson.dumps({"share": share, "gateways": gateways}))
                 self.shares[t] = share
         for t in [t for t in self.shares if t not in shares]:
-            await self.store.delete(f"{SHARES}{t}")
+            await self.store.delete(share_key(t))
             del self.shares[t]
 
     async def aclose(self) -> None:

@@ -12,7 +12,7 @@ thing that decides instance counts, and the reconciler re-applies it every
 ``resync_s`` so a crashed instance is replaced without waiting for the
 leader. What is ready is reported through the node's registration
 (:meth:`Reconciler.info`); a failure to prepare or start a target is written
-to ``status/<worker id>/<fn@v>``, where a deploy waiting for its new
+to ``status/<worker id>/<fn>/<version>``, where a deploy waiting for its new
 version reads it.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from nimbus.aio import cancel_and_wait
-from nimbus.cluster.keys import WARM, ClusterStore, KeyWatch, placement_key, status_key
+from nimbus.cluster.keys import ClusterStore, KeyWatch, placement_key, status_key, warm_key
 from nimbus.cluster.placement import parse_target_key
 from nimbus.control.deploy import prepare_code, target_from_record, version_key
 from nimbus.control.venvs import ensure_venv
@@ -153,7 +153,7 @@ class Reconciler:
         fn, version = parse_target_key(t)
         e = await self.store.get(version_key(fn, version))
         if e is None:  # a deploy warming a version it has not recorded yet
-            e = await self.store.get(f"{WARM}{t}")
+            e = await self.store.get(warm_key(t))
         return orjson.loads(e.value) if e is not None else None
 
     async def _prepare(self, t: str) -> None:

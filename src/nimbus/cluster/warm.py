@@ -1,9 +1,9 @@
 """A deploy's warm-up without a local worker: ask the leader, wait for a worker.
 
-For each new version the deploy holds ``warm/<fn@v>`` (a campaign key whose
+For each new version the deploy holds ``warm/<fn>/<version>`` (a campaign key whose
 value is the version record): the leader places one instance of it, a
 worker prepares and starts it, and reports it ready in its registration, or
-reports the failure in ``status/<worker>/<fn@v>``. The deploy waits for
+reports the failure in ``status/<worker>/<fn>/<version>``. The deploy waits for
 either, up to ``timeout_s``. On success the key is left to expire, so the
 instance stays placed until the app record (written next) makes the
 version live; on failure it is given up at once.
@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from nimbus.aio import cancel_and_wait
-from nimbus.cluster.keys import STATUS, WARM, ClusterStore
+from nimbus.cluster.keys import STATUS, ClusterStore, target_of_path, warm_key
 from nimbus.cluster.nodes import live_nodes
 from nimbus.cluster.placement import target_key
 from nimbus.errors import ConflictError, DeployError, NimbusError
@@ -46,7 +46,7 @@ class ClusterWarmer:
         ok = False
         try:
             for t, rec in want.items():
-                rev = await self.store.campaign(f"{WARM}{t}", orjson.dumps(rec), self.ttl_s)
+                rev = await self.store.campaign(warm_key(t), orjson.dumps(rec), self.ttl_s)
                 if rev is None:
                     raise DeployError(f"another deploy is starting {rec['spec']['name']} "
                                       f"version {rec['version']}; retry")
@@ -62,17 +62,17 @@ class ClusterWarmer:
             if not ok:
                 for t, rev in held.items():
                     with contextlib.suppress(NimbusError):
-                        await self.store.resign(f"{WARM}{t}", rev)
+                        await self.store.resign(warm_key(t), rev)
 
     async def _renew(self, held: dict[str, int]) -> None:
         while True:
             await asyncio.sleep(self.ttl_s / 3)
             for t, rev in list(held.items()):
                 try:
-                    held[t] = await self.store.renew(f"{WARM}{t}", rev, self.ttl_s)
+                    held[t] = await self.store.renew(warm_key(t), rev, self.ttl_s)
                 except ConflictError:
                     log.warning("warm request %s was lost; asking again", t)
-                    e = await self.store.get(f"{WARM}{t}")
+                    e = await self.store.get(warm_key(t))
                     if e is None:
                         continue
                 except NimbusError as exc:
@@ -84,7 +84,11 @@ class ClusterWarmer:
         waiting = set(want)
         while True:
             for e in await self.store.list(STATUS):
-                worker, _, t = e.key[len(STATUS):].partition("/")
+                worker, _, path = e.key[len(STATUS):].partition("/")
+                try:
+                    t = target_of_path(path)
+                except ValueError:
+                    continue
                 if t not in waiting:
                     continue
                 with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
