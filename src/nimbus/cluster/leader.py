@@ -100,12 +100,14 @@ class Leadership:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if self._revision is None:
-                await self._campaign(loop.time())
-                await asyncio.sleep(self.ttl_s / 6 if self._revision is None else self.ttl_s / 3)
-            else:
-                await self._renew(loop.time())
-                await asyncio.sleep(self.ttl_s / 3)
+            try:
+                if self._revision is None:
+                    await self._campaign(loop.time())
+                else:
+                    await self._renew(loop.time())
+            except Exception:  # noqa: BLE001 - the campaign must go on
+                log.exception("leadership round failed")
+            await asyncio.sleep(self.ttl_s / 6 if self._revision is None else self.ttl_s / 3)
 
     async def _campaign(self, now: float) -> None:
         value = orjson.dumps({"id": self.node_id, "pid": os.getpid(), "at": time.time()})
@@ -277,6 +279,7 @@ class ControlLoop:
         self.last_plan: Plan | None = None
         self.ticks = 0
         self._missing_since: dict[str, float] = {}
+        self._worker_ids: frozenset[str] = frozenset()
         self._wake = asyncio.Event()
         self._lead_task: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
@@ -302,10 +305,27 @@ class ControlLoop:
             stop.add_done_callback(self._stopping.discard)
 
     async def _lead(self, term: int) -> None:
+        failures = 0
+        while True:  # until the lead is lost (this task is cancelled)
+            try:
+                await self._lead_once(term)
+            except Exception as exc:  # noqa: BLE001 - e.g. the store failed while starting
+                log.warning("leading failed (%s); starting again", exc)
+            await asyncio.sleep(min(2.0, 0.1 * 2 ** min(failures, 5)))
+            failures += 1
+
+    def _workers_changed(self, nodes: dict[str, dict[str, Any]]) -> None:
+        """Decide again at once when workers come or go (not on renewals)."""
+        ids = frozenset(nodes)
+        if ids != self._worker_ids:
+            self._worker_ids = ids
+            self.wake()
+
+    async def _lead_once(self, term: int) -> None:
         self.planner = Planner()
         apps = KeyWatch(self.store, "apps/", on_change=lambda _w: self.wake())
         warm = KeyWatch(self.store, WARM, on_change=lambda _w: self.wake())
-        workers = NodeWatch(self.store, "worker", on_change=lambda _n: self.wake())
+        workers = NodeWatch(self.store, "worker", on_change=self._workers_changed)
         gateways = NodeWatch(self.store, "gateway")
         collector = Collector(self.store, on_urgent=self.wake)
         parts: list[Any] = []
