@@ -144,6 +144,8 @@ def test_standby_takes_the_lead_when_the_leader_stops_renewing(tmp_path: Path) -
             await cancel_and_wait(la._task)
             took = await until("c2 leads", lambda: lb.is_leader)
             print(f"handover {took:.2f} s after the leader's renewals stopped (ttl {TTL_S})")
+            # frozen c1 still believes it leads, but knows its lead may have lapsed
+            assert la.is_leader and not la.holds(asyncio.get_running_loop().time())
             assert await current_leader(a) == "c2"
             assert events == ["c1 gain", "c2 gain"]
             # c1 comes back: its renewal is refused and it steps down

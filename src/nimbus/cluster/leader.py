@@ -261,11 +261,17 @@ def worker_state(worker_id: str, info: Mapping[str, Any],
 
 
 class ControlLoop:
-    """Leadership plus, while leading, the control loop. ``start``/``aclose``."""
+    """Leadership plus, while leading, the control loop. ``start``/``aclose``.
+
+    ``on_gain(term)`` / ``on_loss()`` are told of leadership changes too,
+    for whatever else only the leader runs (the event scheduler)."""
 
     def __init__(self, store: ClusterStore, node_id: str, *, ttl_s: float = 3.0,
                  tick_s: float = 0.5, forget_after_s: float = 30.0,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, on_gain: Callable[[int], None] | None = None,
+                 on_loss: Callable[[], None] | None = None) -> None:
+        self.on_gain = on_gain
+        self.on_loss = on_loss
         self.store = store
         self.node_id = node_id
         self.tick_s = tick_s
@@ -296,6 +302,8 @@ class ControlLoop:
 
     def _gain(self, term: int) -> None:
         self._lead_task = asyncio.get_running_loop().create_task(self._lead(term))
+        if self.on_gain is not None:
+            self.on_gain(term)
 
     def _loss(self) -> None:
         task, self._lead_task = self._lead_task, None
@@ -303,6 +311,8 @@ class ControlLoop:
             stop = asyncio.get_running_loop().create_task(cancel_and_wait(task))
             self._stopping.add(stop)
             stop.add_done_callback(self._stopping.discard)
+        if self.on_loss is not None:
+            self.on_loss()
 
     async def _lead(self, term: int) -> None:
         failures = 0
