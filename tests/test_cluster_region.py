@@ -445,3 +445,22 @@ def test_gateway_views_shares_and_worker_directory(tmp_path: Path) -> None:
             await shares.aclose()
 
     run(main())
+
+
+def test_deploy_with_workers_but_no_leader_fails_clearly_and_changes_nothing(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        async with region(tmp_path, 2) as ((ctl, node), blobs):
+            reg = Registration(node, "worker", "w1", Budget().info, ttl_s=TTL_S)
+            await reg.start()
+            deployer = Deployer(ctl, blobs, None, tmp_path / "controller",
+                                warmer=ClusterWarmer(ctl, timeout_s=1.0))
+            with pytest.raises(DeployError, match="no controller leads the region"):
+                await deployer.deploy(write_app(tmp_path / "app", HANDLER), print)
+            assert await ctl.get("apps/demo") is None
+            assert await ctl.list("functions/hello/versions/") == []
+            assert await ctl.list("warm/") == []  # given up at once
+            await deployer.aclose()
+            await reg.aclose()
+
+    run(main())

@@ -21,6 +21,7 @@ import orjson
 
 from nimbus.aio import cancel_and_wait
 from nimbus.cluster.keys import STATUS, ClusterStore, target_of_path, warm_key
+from nimbus.cluster.leader import current_leader
 from nimbus.cluster.nodes import live_nodes
 from nimbus.cluster.placement import target_key
 from nimbus.errors import ConflictError, DeployError, NimbusError
@@ -106,6 +107,9 @@ class ClusterWarmer:
                 return
             if loop.time() >= deadline:
                 names = ", ".join(sorted(waiting))
+                hint = ("" if await current_leader(self.store) is not None
+                        else " (no controller leads the region: start `nimbus controller`)")
                 raise DeployError(f"no worker reported {names} ready within "
-                                  f"{self.timeout_s:g} s; the running versions keep serving")
+                                  f"{self.timeout_s:g} s{hint}; the running versions keep "
+                                  "serving")
             await asyncio.sleep(self.poll_s)
