@@ -27,13 +27,14 @@ class WatchEvent:
     ``put`` and ``delete`` carry the key, the value (``b""`` for deletes) and
     the revision of the change. ``reset`` (key ``""``, value ``b""``) says
     that events may have been missed: the watch lost its subscription (a
-    reconnect, a store error, history that is gone) and has subscribed again
-    before yielding it. The consumer re-``list``s the prefix, replaces what
-    it knew, and goes on reading: every change made after that ``list``
-    still arrives, and changes between the resubscription and the ``list``
-    may arrive again (apply them in order and the state converges).
-    ``revision`` of a reset is the last revision the watch had delivered
-    (or its ``after``)."""
+    reconnect, a store error, history that is gone) and subscribes again
+    from the revision it had read up to (retrying with backoff while the
+    store is down). The consumer re-``list``s the prefix, replaces what it
+    knew, and goes on reading: every change made after that ``list`` still
+    arrives, and changes from before it may arrive again (apply them in
+    order and the state converges).
+    ``revision`` of a reset is the revision the watch had read up to (its
+    ``after`` if nothing yet)."""
 
     kind: Literal["put", "delete", "reset"]
     key: str

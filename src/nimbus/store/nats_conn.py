@@ -87,7 +87,8 @@ async def connect_nats(servers: list[str], token: str, *, name: str = "nimbus") 
         log.warning("NATS: %s", exc or type(exc).__name__)
 
     async def on_disconnect() -> None:
-        log.warning("NATS: disconnected; reconnecting")
+        if not nc.is_closed:
+            log.warning("NATS: disconnected; reconnecting")
 
     async def on_reconnect() -> None:
         log.info("NATS: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")

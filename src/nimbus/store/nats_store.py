@@ -68,6 +68,7 @@ HEARTBEAT_S = 1.0  # a watch's consumer says it is alive this often
 MISSED_HEARTBEATS = 3  # a watch resubscribes after this many heartbeats go missing
 CONSUMER_IDLE_S = 30.0  # the server drops a consumer nobody listens to after this
 REQUEST_TIMEOUT_S = 5.0
+SUBSCRIBE_TIMEOUT_S = 2.0  # a watch retries sooner than other requests time out
 LIST_TIMEOUT_S = 30.0
 RETRY_S = (0.1, 3.0)  # a watch's resubscribe backoff: first pause, cap
 CAS_TRIES = 20  # create/delete retries when a tombstone moves under them
@@ -345,7 +346,7 @@ class NatsStore:
         """Write ``key`` if it has no value (never written, deleted, or
         expired); None if it has one."""
         last = 0
-        for _ in range(CAS_TRIES):
+        for attempt in range(CAS_TRIES):
             headers = {_EXPECT: str(last)}
             if ttl is not None:
                 headers[_TTL] = ttl
@@ -355,7 +356,11 @@ class NatsStore:
                 msg = await self._last(key)
                 if msg is not None and not _is_delete(msg.headers):
                     return None
-                last = int(msg.seq or 0) if msg is not None else 0
+                seq = int(msg.seq or 0) if msg is not None else 0
+                if seq == last:
+                    # A rival's write is accepted but not yet readable: wait for it.
+                    await asyncio.sleep(min(0.005 * 2 ** attempt, 0.5))
+                last = seq
         raise UnavailableError(f"NATS store {self.bucket}: create {key}: its tombstone kept "
                                f"moving ({CAS_TRIES} tries)")
 
@@ -500,10 +505,12 @@ class _NatsWatch:
                 await self._subscribe()
             except ClosedError:
                 break
-            except UnavailableError as exc:
+            except Exception as exc:  # noqa: BLE001 - a watch must outlive any failure
                 log.warning("watch of %r: subscribing failed (%s); again in %.1fs",
-                            self._prefix, exc, delay)
+                            self._prefix, exc, delay,
+                            exc_info=not isinstance(exc, UnavailableError))
                 self._reset()  # the consumer re-lists now; we replay from _last anyway
+                await self._unsubscribe()
                 await self._pause(delay)
                 delay = min(delay * 2, RETRY_S[1])
                 continue
@@ -559,11 +566,18 @@ class _NatsWatch:
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=self._last + 1, ack_policy=api.AckPolicy.NONE, max_deliver=1,
                 idle_heartbeat=HEARTBEAT_S, mem_storage=True, num_replicas=1,
-                inactive_threshold=CONSUMER_IDLE_S)))
+                inactive_threshold=CONSUMER_IDLE_S), timeout=SUBSCRIBE_TIMEOUT_S))
         self._consumer = info.name
         self._seen = time.monotonic()
 
     def _on_msg(self, msg: Msg) -> None:
+        try:
+            self._take(msg)
+        except Exception as exc:  # noqa: BLE001 - a message we cannot read is a lost one
+            log.exception("watch of %r: unreadable message on %s", self._prefix, msg.subject)
+            self.trouble(f"unreadable message ({type(exc).__name__})")
+
+    def _take(self, msg: Msg) -> None:
         self._seen = time.monotonic()
         headers = msg.headers or {}
         status = headers.get("Status")
