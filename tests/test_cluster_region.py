@@ -4,14 +4,17 @@ Each node gets its own store object (its own connection) on one region
 store, as separate processes would: registrations expire when renewals
 stop, a standby controller takes the lead when the leader freezes, a real
 worker's pools follow its placement, and a deploy without a local worker
-waits for the region to start the new version.
+waits for the region to start the new version. Every test runs on a real
+3-server NATS cluster (replicas 3) and on a SQLite file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +33,10 @@ from nimbus.cluster.warm import ClusterWarmer
 from nimbus.control.bundle import make_bundle
 from nimbus.control.deploy import Deployer
 from nimbus.errors import DeployError
+from nimbus.natsd import NatsCluster
 from nimbus.observe.logs import LogSink
 from nimbus.store.base import Blobs, Store
-from nimbus.store.registry import open_blobs
+from nimbus.store.registry import Backend, open_backend, open_blobs
 from nimbus.store.sqlite import open_sqlite_store
 from nimbus.worker.worker import Worker
 
@@ -40,22 +44,63 @@ TTL_S = 1.0
 TICK_S = 0.1
 WAIT_S = 30.0
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
+_regions = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    c = NatsCluster(tmp_path_factory.mktemp("nats"), secrets.token_urlsafe(24), size=3)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@dataclass(frozen=True)
+class RegionStore:
+    kind: str
+    cluster: NatsCluster | None = None
+
+
+@pytest.fixture(params=["nats", "sqlite"])
+def backend(request: pytest.FixtureRequest) -> RegionStore:
+    if request.param == "nats":
+        return RegionStore("nats", request.getfixturevalue("nats_cluster"))
+    return RegionStore("sqlite")
 
 
 @asynccontextmanager
-async def region(tmp_path: Path, nodes: int) -> AsyncIterator[tuple[list[Store], Blobs]]:
-    """``nodes`` store connections to one region store, and its blobs."""
+async def region(where: RegionStore, tmp_path: Path, nodes: int
+                 ) -> AsyncIterator[tuple[list[Store], Blobs]]:
+    """``nodes`` connections to one fresh region store, and its blobs."""
     stores: list[Store] = []
-    blobs = await open_blobs(tmp_path / "blobs")
+    backends: list[Backend] = []
+    blobs: Blobs | None = None
     try:
-        for _ in range(nodes):
-            stores.append(await open_sqlite_store(tmp_path / "region.db"))
+        if where.cluster is not None:
+            name = f"c{next(_regions)}-{secrets.token_hex(3)}"
+            for _ in range(nodes):
+                b = await open_backend(where.cluster.store_url, region=name,
+                                       token=where.cluster.password)
+                backends.append(b)
+                stores.append(b.store)
+            blobs = backends[0].blobs
+        else:
+            blobs = await open_blobs(tmp_path / "blobs")
+            for _ in range(nodes):
+                stores.append(await open_sqlite_store(tmp_path / "region.db"))
         yield stores, blobs
     finally:
-        for s in stores:
-            await s.aclose()
-        await blobs.aclose()
+        if backends:
+            for b in backends:
+                await b.aclose()
+        else:
+            for s in stores:
+                await s.aclose()
+            if blobs is not None:
+                await blobs.aclose()
 
 
 async def until(what: str, predicate: Callable[[], Awaitable[bool] | bool],
@@ -80,9 +125,10 @@ def run(coro: Awaitable[Any]) -> Any:
 # -- registrations ---------------------------------------------------------------------
 
 
-def test_registration_is_seen_renewed_and_expires_when_renewals_stop(tmp_path: Path) -> None:
+def test_registration_is_seen_renewed_and_expires_when_renewals_stop(
+        backend: RegionStore, tmp_path: Path) -> None:
     async def main() -> None:
-        async with region(tmp_path, 2) as ((a, b), _blobs):
+        async with region(backend, tmp_path, 2) as ((a, b), _blobs):
             seen: list[tuple[str, str]] = []
             watch = NodeWatch(b, "worker", on_update=lambda i, info: seen.append(("up", i)),
                               on_remove=lambda i: seen.append(("down", i)))
@@ -126,9 +172,10 @@ def test_registration_is_seen_renewed_and_expires_when_renewals_stop(tmp_path: P
 # -- leadership ------------------------------------------------------------------------
 
 
-def test_standby_takes_the_lead_when_the_leader_stops_renewing(tmp_path: Path) -> None:
+def test_standby_takes_the_lead_when_the_leader_stops_renewing(
+        backend: RegionStore, tmp_path: Path) -> None:
     async def main() -> None:
-        async with region(tmp_path, 2) as ((a, b), _blobs):
+        async with region(backend, tmp_path, 2) as ((a, b), _blobs):
             events: list[str] = []
             la = Leadership(a, "c1", ttl_s=TTL_S, on_gain=lambda t: events.append("c1 gain"),
                             on_loss=lambda: events.append("c1 loss"))
@@ -196,9 +243,9 @@ class Budget:
 
 
 def test_leader_places_demand_across_workers_and_a_new_leader_moves_nothing(
-        tmp_path: Path) -> None:
+        backend: RegionStore, tmp_path: Path) -> None:
     async def main() -> None:
-        async with region(tmp_path, 4) as ((c1s, c2s, ws, gs), _blobs):
+        async with region(backend, tmp_path, 4) as ((c1s, c2s, ws, gs), _blobs):
             await ws.put("apps/a", app_record("a", "f", 1, max_concurrency=5))
             workers = [Registration(ws, "worker", f"w{i}", Budget().info, ttl_s=TTL_S)
                        for i in (1, 2)]
@@ -307,9 +354,10 @@ async def worker_node(tmp_path: Path, store: Store, blobs: Blobs, wid: str = "w1
         await worker.aclose(1.0)
 
 
-def test_reconciler_scales_a_real_workers_pools_from_its_placement(tmp_path: Path) -> None:
+def test_reconciler_scales_a_real_workers_pools_from_its_placement(
+        backend: RegionStore, tmp_path: Path) -> None:
     async def main() -> None:
-        async with region(tmp_path, 2) as ((ctl, node), blobs):
+        async with region(backend, tmp_path, 2) as ((ctl, node), blobs):
             deployer = Deployer(ctl, blobs, None, tmp_path / "controller",
                                 warmer=ClusterWarmer(ctl, timeout_s=WAIT_S))
             result = await deployer.deploy(write_app(tmp_path / "app", HANDLER), print)
@@ -342,9 +390,9 @@ async def _ready(store: Store, wid: str) -> dict[str, int]:
 
 
 def test_deploy_without_a_local_worker_waits_for_the_region_and_fails_on_import_errors(
-        tmp_path: Path) -> None:
+        backend: RegionStore, tmp_path: Path) -> None:
     async def main() -> None:
-        async with region(tmp_path, 2) as ((ctl, node), blobs):
+        async with region(backend, tmp_path, 2) as ((ctl, node), blobs):
             loop = ControlLoop(ctl, "c1", ttl_s=TTL_S, tick_s=TICK_S)
             await loop.start()
             deployer = Deployer(ctl, blobs, None, tmp_path / "controller",
@@ -379,9 +427,9 @@ def test_deploy_without_a_local_worker_waits_for_the_region_and_fails_on_import_
 
 
 def test_demand_reports_reach_the_collector_once_and_held_requests_at_once(
-        tmp_path: Path) -> None:
+        backend: RegionStore, tmp_path: Path) -> None:
     async def main() -> None:
-        async with region(tmp_path, 2) as ((gw, ctl), _blobs):
+        async with region(backend, tmp_path, 2) as ((gw, ctl), _blobs):
             urgent: list[str] = []
             collector = Collector(ctl, on_urgent=urgent.append)
             await collector.start()
@@ -417,9 +465,9 @@ class Directory:
         self.workers.pop(worker_id, None)
 
 
-def test_gateway_views_shares_and_worker_directory(tmp_path: Path) -> None:
+def test_gateway_views_shares_and_worker_directory(backend: RegionStore, tmp_path: Path) -> None:
     async def main() -> None:
-        async with region(tmp_path, 2) as ((gw, other), _blobs):
+        async with region(backend, tmp_path, 2) as ((gw, other), _blobs):
             directory = Directory()
             watch = worker_directory_watch(gw, directory)
             await watch.start()
@@ -448,9 +496,9 @@ def test_gateway_views_shares_and_worker_directory(tmp_path: Path) -> None:
 
 
 def test_deploy_with_workers_but_no_leader_fails_clearly_and_changes_nothing(
-        tmp_path: Path) -> None:
+        backend: RegionStore, tmp_path: Path) -> None:
     async def main() -> None:
-        async with region(tmp_path, 2) as ((ctl, node), blobs):
+        async with region(backend, tmp_path, 2) as ((ctl, node), blobs):
             reg = Registration(node, "worker", "w1", Budget().info, ttl_s=TTL_S)
             await reg.start()
             deployer = Deployer(ctl, blobs, None, tmp_path / "controller",
