@@ -1,9 +1,10 @@
 """The region's control plane: handover, expiry and scale-from-zero latency.
 
-    python bench/control_plane.py [--trials 10] [--ttl 1.0] [--tick 0.5]
+    python bench/control_plane.py [--trials 10] [--ttl 1.0] [--tick 0.5] [--nats]
 
-Every node has its own connection to one region store (a SQLite file in a
-temp folder; each connection is what a separate process would have).
+Every node has its own connection to one region store: a SQLite file in a
+temp folder, or with ``--nats`` a local 3-server NATS cluster (replicas 3);
+each connection is what a separate process would have.
 
 1. Leader handover: two controllers; the leader stops renewing (frozen);
    time until the standby leads. Bound: ttl + ttl/6 plus store latency.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import statistics
 import sys
 import tempfile
@@ -34,7 +36,9 @@ from nimbus.cluster.demand import DemandReporter  # noqa: E402
 from nimbus.cluster.keys import KeyWatch, placement_key  # noqa: E402
 from nimbus.cluster.leader import ControlLoop, Leadership  # noqa: E402
 from nimbus.cluster.nodes import NodeWatch, Registration  # noqa: E402
+from nimbus.natsd import NatsCluster  # noqa: E402
 from nimbus.store.base import Store  # noqa: E402
+from nimbus.store.registry import open_backend  # noqa: E402
 from nimbus.store.sqlite import open_sqlite_store  # noqa: E402
 
 
@@ -132,15 +136,33 @@ def count_is(count: Any, n: int) -> Any:
     return lambda: count() == n
 
 
+async def run(stores: list[Store], what: str, args: argparse.Namespace) -> None:
+    print(f"region store: {what}, ttl {args.ttl} s, tick {args.tick} s")
+    report("leader handover", await handover(stores, args.ttl, args.trials))
+    report("registration expiry seen", await expiry(stores, args.ttl, args.trials))
+    report("scale from zero: held -> placed",
+           await scale_from_zero(stores, args.ttl, args.tick, args.trials))
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
+        if args.nats:
+            cluster = NatsCluster(Path(tmp) / "nats", secrets.token_urlsafe(24), size=3)
+            cluster.start()
+            backends = []
+            try:
+                for _ in range(3):
+                    backends.append(await open_backend(cluster.store_url, region="bench",
+                                                       token=cluster.password))
+                await run([b.store for b in backends], "NATS, 3 servers, replicas 3", args)
+            finally:
+                for b in backends:
+                    await b.aclose()
+                cluster.stop()
+            return
         stores = [await open_sqlite_store(Path(tmp) / "region.db") for _ in range(3)]
         try:
-            print(f"region store: SQLite file, ttl {args.ttl} s, tick {args.tick} s")
-            report("leader handover", await handover(stores, args.ttl, args.trials))
-            report("registration expiry seen", await expiry(stores, args.ttl, args.trials))
-            report("scale from zero: held -> placed",
-                   await scale_from_zero(stores, args.ttl, args.tick, args.trials))
+            await run(stores, "SQLite file", args)
         finally:
             for s in stores:
                 await s.aclose()
@@ -151,4 +173,5 @@ if __name__ == "__main__":
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--ttl", type=float, default=1.0)
     p.add_argument("--tick", type=float, default=0.5)
+    p.add_argument("--nats", action="store_true", help="a local 3-server NATS cluster")
     asyncio.run(main(p.parse_args()))
