@@ -46,7 +46,7 @@ RETRY_FAILED_S = 5.0  # a target that failed to prepare or start is tried again 
 class Reconciler:
     def __init__(self, store: ClusterStore, blobs: Blobs, worker: Worker, worker_id: str,
                  state_dir: Path, on_change: Callable[[], None] | None = None,
-                 resync_s: float = 1.0) -> None:
+                 resync_s: float = 0.5) -> None:
         self.store = store
         self.blobs = blobs
         self.worker = worker
