@@ -19,15 +19,16 @@ version serving:
    blobs and venvs that neither the newest ``keep_versions`` versions of a
    function nor a live version need (also once at start).
 
-Without a local worker (the region's controller, ``worker=None`` and a
-:class:`ClusterWarmer`), steps 1-2 run in a scratch folder only to validate
-and compile-check the bundle; workers unpack it themselves from the blobs.
-Step 3 only hashes the requirements (the workers build the venv), and step
-4 asks the region's leader for one instance of each new version
-(``warm/<fn@v>``) and waits until a worker reports it ready, or fails the
-deploy with the error a worker reported (``status/<worker>/<fn@v>``): an
-import error or a pip failure still stops the deploy before routes move.
-With no worker registered at all the deploy goes live as ``pending``.
+Without a local worker (the region's controller: ``worker=None`` and a
+warmer, :class:`nimbus.cluster.warm.ClusterWarmer`), steps 1-2 run in a
+scratch folder only to validate and compile-check the bundle; workers
+unpack it themselves from the blobs. Step 3 only hashes the requirements
+(the workers build the venv), and step 4 asks the region's leader for one
+instance of each new version (``warm/<fn>/<version>``) and waits until a
+worker reports it ready, or fails the deploy with the error a worker
+reported (``status/<worker>/<fn>/<version>``): an import error or a pip
+failure still stops the deploy before routes move. With no worker
+registered at all the deploy goes live as ``pending``.
 
 Store layout::
 
