@@ -159,6 +159,30 @@ def test_buckets_are_replicated_on_three_servers(cluster: NatsCluster) -> None:
     run(body())
 
 
+def test_processes_opening_a_new_region_at_once_share_one_bucket(cluster: NatsCluster) -> None:
+    async def body() -> None:
+        ncs = [await connect_nats(servers(cluster), cluster.password) for _ in range(3)]
+        try:
+            region = fresh_region()
+            stores = await asyncio.gather(
+                open_nats_store(ncs[0], region=region),
+                open_nats_store(ncs[1], region=region, replicas=1),  # disagrees: loses
+                open_nats_store(ncs[2], region=region))
+            rev = await stores[1].put("k", b"v")
+            for s in stores:
+                assert (await s.get("k")).revision == rev  # type: ignore[union-attr]
+                await s.aclose()
+            blobs = await asyncio.gather(*(open_nats_blobs(nc, region=region) for nc in ncs))
+            digest = await blobs[0].put(b"shared")
+            for b in blobs:
+                assert await b.get(digest) == b"shared"
+                await b.aclose()
+        finally:
+            for nc in ncs:
+                await close_nats(nc)
+    run(body())
+
+
 # -- behaviour only a server can show -----------------------------------------
 
 def test_list_reads_only_the_prefix_and_sees_odd_keys(cluster: NatsCluster) -> None:
@@ -291,6 +315,38 @@ def test_watch_resets_and_keeps_delivering_after_its_server_is_killed(
             await close_nats(nc)
             cluster.restart(victim)
             cluster.wait_healthy()
+    run(body())
+
+
+def test_watch_whose_consumer_vanishes_resets_and_goes_on(cluster: NatsCluster) -> None:
+    """The server drops the watch's consumer (as when the server holding it
+    dies while the client's own connection stays up): the watch notices (a
+    status message or missing heartbeats), says reset, and delivers on."""
+    async def body() -> None:
+        nc = await connect_nats(servers(cluster), cluster.password)
+        try:
+            s = await open_nats_store(nc, region=fresh_region())
+            w = s.watch("apps/")
+            r1 = await s.put("apps/a", b"1")
+            ev = await asyncio.wait_for(w.__anext__(), WAIT_S)
+            assert (ev.kind, ev.revision) == ("put", r1)
+            for _ in range(100):  # its first event may come before the consumer's name
+                if w._consumer is not None:  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.05)
+            consumer = w._consumer  # type: ignore[attr-defined]
+            assert consumer is not None
+            await nc.jetstream().delete_consumer(s.stream, consumer)
+            ev = await _next_of(w, lambda e: e.kind == "reset", "reset")
+            assert ev.revision == r1
+            r2 = await s.put("apps/b", b"2")
+            ev = await _next_of(w, lambda e: e.kind != "reset", "the put of apps/b")
+            assert (ev.kind, ev.key, ev.revision) == ("put", "apps/b", r2)
+            assert w._consumer not in (None, consumer)  # type: ignore[attr-defined]
+            await w.aclose()
+            await s.aclose()
+        finally:
+            await close_nats(nc)
     run(body())
 
 

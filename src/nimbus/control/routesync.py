@@ -6,9 +6,10 @@ one assignment, and retires the pools of versions nothing routes to any more
 (they drain: in-flight invocations finish first).
 
 A ``reset`` from the watch (events may have been missed: a reconnect, a
-store error) makes it list ``apps/`` again and replace what it knew. A watch
-that fails or ends while we still run is opened again after a pause: the
-route table is never left to go stale silently.
+store error) makes it list ``apps/`` again and replace what it knew. If
+anything in the loop fails, it lists again and watches anew after a pause:
+the route table is never left to go stale silently. Only the store closing
+ends it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class RouteSync:
                         after = await self._apply(ev, after)
                 finally:
                     await watch.aclose()
-                log.warning("the watch of apps/ ended; watching again")
+                return  # a watch ends only when the store closes: we are shutting down
             except ClosedError:
                 return  # the store closed: we are shutting down
             except Exception:  # noqa: BLE001 - the route table must keep following the store

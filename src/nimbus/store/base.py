@@ -120,7 +120,7 @@ class Store(Protocol):
         (short of a ``reset``). A backend that cannot replay history from
         ``after`` may instead deliver the current entries newer than
         ``after`` as puts; one whose history is gone says ``reset``. Raises
-        ``ClosedError`` (on first use) once the store is closed."""
+        ``ClosedError`` once the store is closed."""
 
     async def aclose(self) -> None:
         """Release resources; ends active watches. Idempotent."""

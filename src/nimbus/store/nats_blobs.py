@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -27,7 +28,15 @@ from nats.js import api
 from nats.js.object_store import ObjectStore
 
 from nimbus.errors import ClosedError, NotFoundError, UnavailableError
-from nimbus.store.nats_store import STREAM_NOT_FOUND, _describe, check_region, cluster_replicas
+from nimbus.store.nats_store import (
+    BUCKET_READY_S,
+    STREAM_NAME_IN_USE,
+    STREAM_NOT_FOUND,
+    _api_code,
+    _describe,
+    check_region,
+    cluster_replicas,
+)
 
 log = logging.getLogger("nimbus.store")
 T = TypeVar("T")
@@ -70,21 +79,32 @@ class NatsBlobs:
             raise UnavailableError(f"blobs {self.bucket}: {what}: {_describe(exc)}") from exc
 
     async def _ensure_bucket(self, replicas: int | None) -> None:
-        try:
-            self._obs = await self._call("open the bucket", self._js.object_store(self.bucket))
-            return
-        except UnavailableError as exc:
-            cause = exc.__cause__
-            if not isinstance(cause, nats.js.errors.BucketNotFoundError) and not (
-                    isinstance(cause, nats.js.errors.APIError)
-                    and cause.err_code == STREAM_NOT_FOUND):
-                raise
         config = api.ObjectStoreConfig(
             description=f"nimbus bundles ({self.bucket})", storage=api.StorageType.FILE,
             replicas=replicas or cluster_replicas(self.nc))
-        self._obs = await self._call("create the bucket", self._js.create_object_store(
-            self.bucket, config=config))
-        log.info("created the blob bucket %s (replicas %d)", self.bucket, config.replicas)
+        # As for the store: a bucket being created by another process may not
+        # answer yet, and of two creators one finds the name taken.
+        deadline = time.monotonic() + BUCKET_READY_S
+        while True:
+            try:
+                self._obs = await self._call("open the bucket", self._js.object_store(self.bucket))
+                return
+            except UnavailableError as exc:
+                if isinstance(exc.__cause__, nats.js.errors.BucketNotFoundError) \
+                        or _api_code(exc) == STREAM_NOT_FOUND:
+                    try:
+                        self._obs = await self._call("create the bucket",
+                                                     self._js.create_object_store(
+                                                         self.bucket, config=config))
+                        log.info("created the blob bucket %s (replicas %d)", self.bucket,
+                                 config.replicas)
+                        return
+                    except UnavailableError as exc2:
+                        exc = exc2
+                if _api_code(exc) not in (None, STREAM_NAME_IN_USE) \
+                        or time.monotonic() > deadline:
+                    raise exc from exc.__cause__
+                await asyncio.sleep(0.2)
 
     def _store(self) -> ObjectStore:
         self._check_open()

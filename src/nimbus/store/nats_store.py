@@ -76,6 +76,8 @@ CAS_TRIES = 20  # create/delete retries when a tombstone moves under them
 WRONG_LAST_SEQUENCE = (10071, 10164)
 NO_MESSAGE_FOUND = 10037
 STREAM_NOT_FOUND = 10059
+STREAM_NAME_IN_USE = 10058
+BUCKET_READY_S = 20.0
 
 _KEEP = re.compile(r"[A-Za-z0-9_-]")
 _REGION = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -232,17 +234,26 @@ class NatsStore:
             max_msgs_per_subject=1, max_msgs=-1, max_bytes=-1, max_consumers=-1,
             num_replicas=replicas or cluster_replicas(self.nc), storage=api.StorageType.FILE,
             subject_delete_marker_ttl=float(MARKER_TTL_S))
-        try:
-            info = await self._call("stream info", self._js.stream_info(self.stream))
-        except UnavailableError as exc:
-            cause = exc.__cause__
-            if not (isinstance(cause, nats.js.errors.NotFoundError)
-                    and cause.err_code == STREAM_NOT_FOUND):
-                raise
-            await self._call("create the bucket", self._js.add_stream(config))
-            log.info("created the store bucket %s (replicas %d)", self.bucket,
-                     config.num_replicas)
-            return
+        # A stream another process is creating right now may not answer yet
+        # (no leader elected): try again for a while before giving up.
+        deadline = time.monotonic() + BUCKET_READY_S
+        while True:
+            try:
+                info = await self._call("stream info", self._js.stream_info(self.stream))
+                break
+            except UnavailableError as exc:
+                if _api_code(exc) == STREAM_NOT_FOUND:
+                    try:
+                        await self._call("create the bucket", self._js.add_stream(config))
+                        log.info("created the store bucket %s (replicas %d)", self.bucket,
+                                 config.num_replicas)
+                        return
+                    except UnavailableError as exc2:  # in use: someone was faster
+                        exc = exc2
+                if _api_code(exc) not in (None, STREAM_NAME_IN_USE) \
+                        or time.monotonic() > deadline:
+                    raise exc from exc.__cause__
+                await asyncio.sleep(0.2)
         have = info.config
         if not have.allow_msg_ttl or not have.subject_delete_marker_ttl:
             # A bucket made by an older nimbus or by hand: campaigns need both.
@@ -434,6 +445,12 @@ class NatsStore:
         for task in builtins.list(self._chores):
             task.cancel()
         await asyncio.gather(*self._chores, return_exceptions=True)
+
+
+def _api_code(exc: BaseException) -> int | None:
+    """The JetStream error code behind a translated error, if any."""
+    cause = exc.__cause__
+    return cause.err_code if isinstance(cause, nats.js.errors.APIError) else None
 
 
 def _describe(exc: BaseException) -> str:
