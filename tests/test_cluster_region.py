@@ -29,6 +29,7 @@ from nimbus.cluster.keys import placement_key, status_key
 from nimbus.cluster.leader import ControlLoop, Leadership, current_leader
 from nimbus.cluster.nodes import NodeWatch, Registration, live_nodes, worker_directory_watch
 from nimbus.cluster.reconcile import Reconciler
+from nimbus.cluster.roles import ControllerAgent, GatewayAgent, WorkerAgent
 from nimbus.cluster.warm import ClusterWarmer
 from nimbus.control.bundle import make_bundle
 from nimbus.control.deploy import Deployer
@@ -339,19 +340,13 @@ async def worker_node(tmp_path: Path, store: Store, blobs: Blobs, wid: str = "w1
     state.mkdir()
     worker = Worker(state, LogSink(state / "logs"), autoscale=False)
     await worker.start()
-    holder: list[Registration] = []
-    rec = Reconciler(store, blobs, worker, wid, state,
-                     on_change=lambda: holder[0].refresh() if holder else None,
-                     resync_s=0.2)
-    reg = Registration(store, "worker", wid, rec.info, ttl_s=TTL_S)
-    holder.append(reg)
-    await rec.start()
-    await reg.start()
+    agent = WorkerAgent(store, blobs, worker, wid, state,
+                        info=lambda: {"frames": "127.0.0.1:7000"}, ttl_s=TTL_S)
+    await agent.start()
     try:
-        yield worker, rec, reg
+        yield worker, agent.reconciler, agent.registration
     finally:
-        await reg.aclose()
-        await rec.aclose()
+        await agent.aclose()
         await worker.aclose(1.0)
 
 
@@ -395,8 +390,8 @@ def test_deploy_without_a_local_worker_waits_for_the_region_and_fails_on_import_
         backend: RegionStore, tmp_path: Path) -> None:
     async def main() -> None:
         async with region(backend, tmp_path, 2) as ((ctl, node), blobs):
-            loop = ControlLoop(ctl, "c1", ttl_s=TTL_S, tick_s=TICK_S)
-            await loop.start()
+            controller = ControllerAgent(ctl, "c1", ttl_s=TTL_S, tick_s=TICK_S)
+            await controller.start()
             deployer = Deployer(ctl, blobs, None, tmp_path / "controller",
                                 warmer=ClusterWarmer(ctl, timeout_s=WAIT_S))
             async with worker_node(tmp_path, node, blobs) as (worker, rec, _reg):
@@ -412,12 +407,17 @@ def test_deploy_without_a_local_worker_waits_for_the_region_and_fails_on_import_
                 assert rec.ready().get("hello@1") == 1
                 # demand reported by a gateway grows the worker's pool through the leader
                 demand = Demanding(in_flight=2, arrivals=2)
-                reporter = DemandReporter(ctl, "g1", lambda: {"hello@1": demand},
-                                          interval_s=0.2)
-                await reporter.start()
+                directory = Directory()
+                gateway = GatewayAgent(ctl, "g1", lambda: {"hello@1": demand}, directory,
+                                       ttl_s=TTL_S, interval_s=0.2)
+                await gateway.start()
                 await until("the pool grows with the region's demand",
                             lambda: rec.ready().get("hello@1", 0) >= 3)  # ceil(2 / 0.7)
-                await reporter.aclose()
+                await until("the gateway sees the ready instances", lambda: directory.workers.get(
+                    "w1", (None, {}))[1].get("hello@1", 0) >= 3)
+                assert directory.workers["w1"][0] == "127.0.0.1:7000"
+                await until("its share", lambda: gateway.share("hello@1", 1000) < 1000)
+                await gateway.aclose()
 
                 with pytest.raises(DeployError, match="cannot import me"):
                     await deployer.deploy(write_app(tmp_path / "v2", BROKEN), lines.append)
@@ -428,7 +428,7 @@ def test_deploy_without_a_local_worker_waits_for_the_region_and_fails_on_import_
                     ctl.get(status_key("w1", "hello@2")), None))
                 assert set(rec.ready()) == {"hello@1"}  # the live version only
             await deployer.aclose()
-            await loop.aclose()
+            await controller.aclose()
 
     run(main())
 
