@@ -594,3 +594,22 @@ def test_node_watch_recovers_missed_events_on_reset(backend: RegionStore,
             await watch.aclose()
 
     run(main())
+
+
+def test_leader_steps_down_when_it_cannot_renew(backend: RegionStore, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with region(backend, tmp_path, 2) as ((a, b), _blobs):
+            lost: list[str] = []
+            la = Leadership(a, "c1", ttl_s=TTL_S, on_loss=lambda: lost.append("c1"))
+            await la.start()
+            await until("c1 leads", lambda: la.is_leader)
+            await a.aclose()  # its store is gone: every renewal fails
+            await until("c1 steps down", lambda: not la.is_leader)
+            assert lost == ["c1"]
+            lb = Leadership(b, "c2", ttl_s=TTL_S)
+            await lb.start()
+            await until("c2 leads once the key expired", lambda: lb.is_leader)
+            await la.aclose()
+            await lb.aclose()
+
+    run(main())
