@@ -19,6 +19,17 @@ version serving:
    blobs and venvs that neither the newest ``keep_versions`` versions of a
    function nor a live version need (also once at start).
 
+Without a local worker (the region's controller: ``worker=None`` and a
+warmer, :class:`nimbus.cluster.warm.ClusterWarmer`), steps 1-2 run in a
+scratch folder only to validate and compile-check the bundle; workers
+unpack it themselves from the blobs. Step 3 only hashes the requirements
+(the workers build the venv), and step 4 asks the region's leader for one
+instance of each new version (``warm/<fn>/<version>``) and waits until a
+worker reports it ready, or fails the deploy with the error a worker
+reported (``status/<worker>/<fn>/<version>``): an import error or a pip
+failure still stops the deploy before routes move. With no worker
+registered at all the deploy goes live as ``pending``.
+
 Store layout::
 
     functions/<fn>/versions/<n:08d>   version record (immutable)
@@ -34,18 +45,20 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from nimbus.control import gc
 from nimbus.control.bundle import BundleLimits, extract_bundle
-from nimbus.control.venvs import ensure_venv
+from nimbus.control.venvs import ensure_venv, requirements_hash
 from nimbus.errors import ConflictError, DeployError, ManifestError, NimbusError
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, FunctionSpec
@@ -90,12 +103,25 @@ def _config_hash(spec: FunctionSpec, digest: str, req_hash: str | None) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+class Warmer(Protocol):
+    """How a deploy without a local worker gets its new versions started."""
+
+    async def warm(self, records: list[dict[str, Any]], progress: Progress) -> bool:
+        """Have one instance of each record's version ready somewhere; True
+        when they are, False when there is nowhere to start them (pending).
+        Raises ``DeployError`` with the reason a start failed."""
+        ...
+
+
 class Deployer:
-    def __init__(self, store: Store, blobs: Blobs, worker: Worker, state_dir: Path,
-                 config: DeployConfig | None = None) -> None:
+    def __init__(self, store: Store, blobs: Blobs, worker: Worker | None, state_dir: Path,
+                 config: DeployConfig | None = None, warmer: Warmer | None = None) -> None:
+        if worker is None and warmer is None:
+            raise ValueError("a deployer needs a local worker or a warmer")
         self.store = store
         self.blobs = blobs
         self.worker = worker
+        self.warmer = warmer
         self.state_dir = state_dir
         self.config = config or DeployConfig()
         self._busy: Counter[str] = Counter()  # digests of deploys under way
@@ -126,7 +152,19 @@ class Deployer:
     async def _deploy(self, bundle: bytes, digest: str, progress: Progress,
                       name: str | None) -> dict[str, Any]:
         await self.blobs.put(bundle)
-        code_dir = code_dir_for(self.state_dir, digest)
+        if self.worker is not None:
+            return await self._deploy_in(bundle, digest, progress, name,
+                                         code_dir_for(self.state_dir, digest))
+        scratch = self.state_dir / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="deploy-", dir=scratch)
+        try:
+            return await self._deploy_in(bundle, digest, progress, name, Path(tmp) / "code")
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+
+    async def _deploy_in(self, bundle: bytes, digest: str, progress: Progress,
+                         name: str | None, code_dir: Path) -> dict[str, Any]:
         try:
             app = await asyncio.to_thread(self._prepare, bundle, code_dir, name)
         except ManifestError as exc:  # name the app's own files, not our folder
@@ -143,13 +181,7 @@ class Deployer:
 
     def _prepare(self, bundle: bytes, code_dir: Path, name: str | None) -> AppSpec:
         """Unpack, byte-compile and load the manifest (in a thread)."""
-        extract_bundle(bundle, code_dir, self.config.bundle)
-        # Byte-compile once here so that no cold start compiles (instances
-        # may run with PYTHONDONTWRITEBYTECODE and would compile every time).
-        _compile_tree(code_dir)
-        # Readable by the functions' uids (nimbus's own umask is 077): the
-        # folders above it stay root-only, so only its own instances see it.
-        share_read_only(code_dir)
+        prepare_code(bundle, code_dir, self.config.bundle)
         return load_app(code_dir, default_name=name)
 
     def schedule_gc(self) -> None:
@@ -172,7 +204,7 @@ class Deployer:
         """One collection now (see :mod:`nimbus.control.gc`)."""
         async with self._gc_lock:
             in_use = gc.Keep(set(self._busy))
-            for pool in self.worker.pools.values():
+            for pool in (self.worker.pools.values() if self.worker is not None else ()):
                 in_use.add({"digest": pool.target.digest,
                             "requirements_hash": pool.target.requirements_hash})
             # Venvs are built inside deploys (their folders are referenced only
@@ -196,11 +228,15 @@ class Deployer:
                           progress: Progress) -> dict[str, Any]:
         req_hashes: dict[str, str | None] = {}
         for fn in app.functions.values():
-            req_hashes[fn.name] = (
-                await ensure_venv(self.state_dir, code_dir / fn.requirements, progress,
-                                  self.worker.containment, code_dir)
-                if fn.requirements else None
-            )
+            if not fn.requirements:
+                req_hashes[fn.name] = None
+            elif self.worker is None:  # each worker builds it (and reports pip's failure)
+                content = await asyncio.to_thread((code_dir / fn.requirements).read_bytes)
+                req_hashes[fn.name] = requirements_hash(content)
+            else:
+                req_hashes[fn.name] = await ensure_venv(
+                    self.state_dir, code_dir / fn.requirements, progress,
+                    self.worker.containment, code_dir)
         current = await self.store.get(f"apps/{app.name}")
         live = orjson.loads(current.value) if current else {"functions": {}}
         records: dict[str, dict[str, Any]] = {}
@@ -218,10 +254,15 @@ class Deployer:
             records[fn.name] = rec
             new.append(rec)
         warmed = [target_from_record(app.name, rec) for rec in new]
+        pending = False
         try:
-            for target in warmed:  # warm before anything moves: an import error stops here
-                progress(f"starting {target.function} version {target.version}")
-                await self.worker.pool(target).ensure_warm()
+            if self.worker is None:
+                assert self.warmer is not None
+                pending = bool(new) and not await self.warmer.warm(new, progress)
+            else:
+                for target in warmed:  # warm before anything moves: an import error stops here
+                    progress(f"starting {target.function} version {target.version}")
+                    await self.worker.pool(target).ensure_warm()
             for rec in new:
                 try:
                     await self.store.create(version_key(rec["spec"]["name"], rec["version"]),
@@ -232,6 +273,8 @@ class Deployer:
         except BaseException:
             # Stop what this deploy warmed, unless a concurrent identical deploy
             # already made those versions live.
+            if self.worker is None:
+                raise
             latest = await self.store.get(f"apps/{app.name}")
             live = orjson.loads(latest.value)["functions"] if latest else {}
             self.worker.discard([t for t in warmed if live.get(t.function, {}).get(
@@ -253,6 +296,7 @@ class Deployer:
                 for name, rec in records.items()
             ],
             "notices": list(app.notices),
+            **({"pending": True} if pending else {}),
         }
 
     async def _check_ownership(self, app: AppSpec) -> list[tuple[str, int]]:
@@ -313,6 +357,19 @@ class Deployer:
                 await self.store.update(f"apps/{name}", data, current.revision)
         except ConflictError:
             raise DeployError(f"app {name} changed during this deploy; retry") from None
+
+
+def prepare_code(bundle: bytes, code_dir: Path, limits: BundleLimits | None = None) -> None:
+    """Unpack ``bundle`` into ``code_dir`` (a no-op if it is there),
+    byte-compile it and make it readable to the functions. Blocking: run it
+    in a thread. Raises ``DeployError`` for a bundle it refuses."""
+    extract_bundle(bundle, code_dir, limits)
+    # Byte-compile once here so that no cold start compiles (instances
+    # may run with PYTHONDONTWRITEBYTECODE and would compile every time).
+    _compile_tree(code_dir)
+    # Readable by the functions' uids (nimbus's own umask is 077): the
+    # folders above it stay root-only, so only its own instances see it.
+    share_read_only(code_dir)
 
 
 def _compile_tree(code_dir: Path) -> None:

@@ -296,6 +296,16 @@ class FunctionPool:
             for inst in victims[:surplus]:
                 self._retire_instance(inst)
 
+    def place(self, n: int) -> None:
+        """Placement mode: the region's leader wants ``n`` instances here.
+        The pool starts or retires instances to match and, until told
+        otherwise, never grows past ``n`` on its own (held requests wait for
+        a slot instead of starting an instance the leader did not place)."""
+        if n < 0:
+            raise ValueError(f"instance count cannot be negative, was: {n!r}")
+        self.max_instances = min(self.target.spec.max_instances, n)
+        self.scale_to(n)
+
     def _retire_instance(self, inst: Instance) -> None:
         inst.draining = True
         self.instances.remove(inst)

@@ -34,8 +34,14 @@ _NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 class Worker:
     def __init__(self, state_dir: Path, logs: LogSink, budget: NodeBudget | None = None,
                  autoscaler: AutoscalerConfig | None = None,
-                 containment: Containment | None = None, node_id: str | None = None) -> None:
+                 containment: Containment | None = None, node_id: str | None = None,
+                 autoscale: bool = True) -> None:
+        """``autoscale=False``: the region's leader decides how many instances
+        each pool has (placement, see :mod:`nimbus.cluster.reconcile`); the
+        worker's own autoscaler does not run, so the two never fight."""
         self.state_dir = state_dir
+        self.autoscale = autoscale
+        self.autoscaler: Autoscaler | None = None
         self.logs = logs
         self.budget = budget or NodeBudget()
         self._autoscaler_config = autoscaler or AutoscalerConfig()
@@ -55,8 +61,9 @@ class Worker:
 
     async def start(self) -> None:
         await self.zygotes[BASE].start()
-        self.autoscaler = Autoscaler(self.pools, self._autoscaler_config)
-        self.autoscaler.start()
+        if self.autoscale:
+            self.autoscaler = Autoscaler(self.pools, self._autoscaler_config)
+            self.autoscaler.start()
         self.tmp_watch = TmpWatch(
             self.pools, lambda inst: self.containment.instance_tmp(inst.id, inst.pid))
         self.tmp_watch.start()
@@ -172,7 +179,8 @@ class Worker:
         if self._closed:
             return
         self._closed = True
-        await self.autoscaler.aclose()
+        if self.autoscaler is not None:
+            await self.autoscaler.aclose()
         await self.tmp_watch.aclose()
         pools = list(self.pools.values())
         self.pools.clear()

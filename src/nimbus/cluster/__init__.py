@@ -1,0 +1,1 @@
+"""The region's control plane: node registry, leader, placement, demand, reconcile."""
