@@ -1,8 +1,8 @@
 """Hostile input against a real ``nimbus up``: an alias-bomb manifest, a bundle of
 100,000 files, bundles that try to escape, a huge log read with ``tail``, and a
 handler writing 100 MB without a newline. During each the gateway keeps
-answering ``/_nimbus/health`` (p99 under 500 ms: the stalls it guards against lasted seconds), and the deploys get
-clear errors."""
+answering ``/_nimbus/health`` (p99 under 500 ms: the stalls it guards against
+lasted seconds), and the deploys get clear errors."""
 
 from __future__ import annotations
 

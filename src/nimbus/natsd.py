@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -81,13 +82,20 @@ class NatsServer:
         return self.proc is not None and self.proc.poll() is None
 
     def healthy(self, timeout_s: float = 1.0) -> bool:
-        """JetStream is up and current on this server (its /healthz)."""
-        url = f"http://{self.host}:{self.http_port}/healthz"
+        """JetStream is up and current on this server (its /healthz), and
+        (in a cluster) it knows the JetStream meta leader, so streams can be
+        created."""
+        base = f"http://{self.host}:{self.http_port}"
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as r:
-                return bool(r.status == 200)
-        except OSError:
+            with urllib.request.urlopen(base + "/healthz", timeout=timeout_s) as r:
+                if r.status != 200:
+                    return False
+            with urllib.request.urlopen(base + "/jsz", timeout=timeout_s) as r:
+                jsz = json.loads(r.read())
+        except (OSError, ValueError):
             return False
+        meta = jsz.get("meta_cluster") or {}
+        return not meta or bool(meta.get("leader"))
 
 
 @dataclass

@@ -166,7 +166,8 @@ class LocalRegion:
             "processes": [{"role": c.role, "name": c.name, "pid": c.info.get("pid"),
                            "state_dir": str(c.state_dir), **c.info} for c in self.children],
         }
-        write_private(self.state_dir / CLUSTER_FILE, orjson.dumps(cluster, option=orjson.OPT_INDENT_2))
+        write_private(self.state_dir / CLUSTER_FILE,
+                      orjson.dumps(cluster, option=orjson.OPT_INDENT_2))
         write_private(self.state_dir / "control.json", orjson.dumps({
             "pid": os.getpid(), "control_url": controllers[0].info["url"],
             "control_urls": [c.info["url"] for c in controllers],

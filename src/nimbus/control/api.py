@@ -169,6 +169,16 @@ async def read_limited(request: Request, limit: int, what: str = "request body")
     return b"".join(chunks)
 
 
+def instances_of(pool: Any) -> int:
+    """Ready instances behind a route target: a local pool's, or (a remote
+    invoker in a region) every worker's."""
+    if pool is None:
+        return 0
+    if hasattr(pool, "instances"):
+        return len(pool.instances)
+    return int(pool.stats().get("ready", 0))
+
+
 def create_control_app(platform: Platform, log_source: LogSource | None = None) -> Starlette:
     """The control API of ``platform``. Logs are read from ``log_source``:
     by default this process's log files (``nimbus up``); a region's
@@ -181,7 +191,10 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
         log_source = FileLogSource(sink)
     logs_from: LogSource = log_source
     token = platform.token.strip().encode()
-    max_bundle = platform.config.max_bundle_bytes
+    max_bundle = platform.max_bundle_bytes
+    # A region's controller answers for the whole region (nodes, leader,
+    # instances per worker, NATS); ``nimbus up`` for its own process tree.
+    region_status = getattr(platform, "region_status", None)
     document = orjson.dumps(openapi.document(max_bundle_bytes=max_bundle))
 
     def authorized(request: Request) -> bool:
@@ -343,7 +356,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
                     "handler": f"{rec['spec']['module']}.{rec['spec']['callable']}",
                     "routes": [f"{r['method']} {r['path']}" for r in rec["spec"]["routes"]],
                     "memory_mb": rec["spec"]["memory_mb"], "timeout_s": rec["spec"]["timeout_s"],
-                    "instances": len(pool.instances) if pool else 0,
+                    "instances": instances_of(pool),
                 })
         return _json(sorted(out, key=lambda f: f["name"]))
 
@@ -368,6 +381,8 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     async def status(request: Request) -> Response:
+        if region_status is not None:
+            return _json(await region_status())
         contain = platform.worker.containment
         fns = []
         for name, pool in sorted(platform.routes.functions.items()):

@@ -195,6 +195,10 @@ class Platform:
 
     identity: Identity | None = None
 
+    @property
+    def max_bundle_bytes(self) -> int:
+        return self.config.max_bundle_bytes
+
     @classmethod
     async def create(cls, config: ServerConfig) -> Platform:
         statedir.prepare(config.state_dir)  # 0700, ours, not writable by others

@@ -58,13 +58,17 @@ class Published:
 class Events:
     def __init__(self, queue: Queue, clock: Clock, *,
                  max_bytes: int = DEFAULT_ASYNC_MAX_BYTES,
-                 retention_s: float = max(RECORD_RETENTION_S, DEFAULT_DEDUP_WINDOW_S)) -> None:
+                 retention_s: float = max(RECORD_RETENTION_S, DEFAULT_DEDUP_WINDOW_S),
+                 consume: bool = True) -> None:
+        """``consume=False``: accept and answer for async work, run none of it
+        (a region's controllers: its gateways consume)."""
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, was: {max_bytes}")
         self.queue = queue
         self.delivery: Delivery = queue
         self.records: Records = queue
         self.clock = clock
+        self.consume = consume
         self.max_bytes = max_bytes
         self.retention_s = retention_s
         self.pools: dict[str, FunctionPool] = {}
@@ -98,7 +102,7 @@ class Events:
                 topics.setdefault(t, []).append(fn)
                 subs[topic_queue(t, fn)] = Subscription(topic_queue(t, fn), fn, "topic", t)
         self.pools, self.queue_owner, self.topic_subs = dict(pools), owner, topics
-        self.dispatcher.sync(subs)
+        self.dispatcher.sync(subs if self.consume else {})
         for listener in self.on_sync:
             listener(self.pools)
 

@@ -43,6 +43,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
@@ -64,6 +66,7 @@ BATCH_BYTES = 256 * 1024  # aim of one published message (a longer record goes a
 MAX_MSG_BYTES = 1024 * 1024  # the stream's limit: the longest record fits
 PUBLISH_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 5.0
+STREAM_READY_S = 30.0  # a new cluster electing leaders, or a racing creator
 READ_BATCH = 256  # messages per direct-get request
 FOLLOW_WAIT_S = 1.0  # longest wait for a wake-up before reading again anyway
 _REGION = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -132,17 +135,31 @@ class NatsLogLimits:
             description="nimbus function logs, one subject per function")
 
 
-async def ensure_stream(nc: NATS, region: str, limits: NatsLogLimits | None = None) -> None:
-    """Create the region's log stream, or bring an existing one to ``limits``."""
+async def ensure_stream(nc: NATS, region: str, limits: NatsLogLimits | None = None,
+                        ready_s: float = STREAM_READY_S) -> None:
+    """Create the region's log stream, or bring an existing one to ``limits``.
+    A cluster still electing its leaders, or another process creating the
+    stream at the same moment, is waited out for up to ``ready_s``."""
     limits = limits or NatsLogLimits()
     js = nc.jetstream(timeout=READ_TIMEOUT_S)
     config = limits.stream_config(region)
-    try:
-        await js.stream_info(config.name or "")
-    except NotFoundError:
-        await js.add_stream(config)
-        return
-    await js.update_stream(config)
+    deadline = time.monotonic() + ready_s
+    while True:
+        try:
+            try:
+                await js.stream_info(config.name or "")
+            except NotFoundError:
+                await js.add_stream(config)
+                return
+            await js.update_stream(config)
+            return
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
+                nats.errors.NoRespondersError, nats.js.errors.BadRequestError) as exc:
+            # BadRequest: "stream name already in use" while another creates it
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"the log stream {config.name} did not become "
+                                       f"available within {ready_s:.0f}s: {exc!r}") from exc
+            await asyncio.sleep(0.2)
 
 
 async def open_region_logs(nc: NATS, *, region: str, worker: str | None = None,

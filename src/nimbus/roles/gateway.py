@@ -29,6 +29,9 @@ class GatewayOptions:
     max_body_bytes: int = 6 * 1024 * 1024
 
 
+SHARE_EVERY_S = 0.25
+
+
 class RemotePools:
     """What route sync needs from "the worker" (``pool(target)`` and
     ``retire(keep)``), answered with remote invokers."""
@@ -39,79 +42,82 @@ class RemotePools:
         self._make = RemoteInvoker
         self.directory = directory
         self.pools: dict[tuple[str, int], Any] = {}
+        self.full_caps: dict[tuple[str, int], int] = {}
 
     def pool(self, target: Target) -> Any:
         inv = self.pools.get(target.key)
         if inv is None or inv.target != target:
+            if inv is not None:
+                inv.close()
             inv = self.pools[target.key] = self._make(target, self.directory)
+            self.full_caps[target.key] = inv.cap
         return inv
 
     def retire(self, keep: set[tuple[str, int]], grace_s: float = 1.0) -> None:
         for key in [k for k in self.pools if k not in keep]:
             self.pools.pop(key).close()
+            self.full_caps.pop(key, None)
+
+    def by_target(self) -> dict[str, Any]:
+        """The invokers by target key (``"fn@version"``), for demand reports."""
+        return {f"{fn}@{v}": inv for (fn, v), inv in self.pools.items()}
+
+    def apply_shares(self, share: Any) -> None:
+        """Each invoker's cap: this gateway's share of the function's
+        region-wide cap (``share(target, cap)``), never the whole of it
+        once the leader has handed out shares."""
+        for key, inv in self.pools.items():
+            cap = share(f"{key[0]}@{key[1]}", self.full_caps[key])
+            if inv.cap != cap:
+                inv.cap = cap
 
 
 async def serve_gateway(config: RoleConfig, options: GatewayOptions,
                         stop: asyncio.Event) -> None:
     from nimbus.clock import SystemClock
-    from nimbus.cluster.demand import DemandReporter
-    from nimbus.cluster.nodes import NodeWatch, Registration
-    from nimbus.cluster.shares import ShareWatch
+    from nimbus.cluster.roles import GatewayAgent
     from nimbus.control.routesync import RouteSync
-    from nimbus.roles.http import HttpServer
     from nimbus.events.service import Events
     from nimbus.gateway.app import Gateway, GatewayConfig
     from nimbus.gateway.remote import WorkerDirectory
+    from nimbus.roles.http import HttpServer
     from nimbus.store.registry import open_backend
 
     backend = await open_backend(config.store_url, region=config.region, token=config.token,
                                  state_dir=config.state_dir)
-    closers: list[Any] = []
+    directory = WorkerDirectory(config.token)
+    pools = RemotePools(directory)
+    gateway = Gateway(GatewayConfig(max_body_bytes=options.max_body_bytes))
+    events = Events(backend.queue, SystemClock())
+    gateway.events = events
+    routes = RouteSync(backend.store, gateway, pools,  # type: ignore[arg-type]
+                       on_change=events.sync)
+    http = HttpServer.for_gateway(gateway, options.host, options.port, options.grace_s)
+    agent = GatewayAgent(backend.store, config.node_id, pools.by_target, directory,
+                         info=lambda: {"url": http.url})
+    sharing: asyncio.Task[None] | None = None
     try:
-        directory = WorkerDirectory(config.token)
-        closers.append(directory)
-        workers = NodeWatch(backend.store, "worker", on_change=lambda nodes: feed_directory(
-            directory, nodes))
-        await workers.start()
-        closers.append(workers)
-        pools = RemotePools(directory)
-        gateway = Gateway(GatewayConfig(max_body_bytes=options.max_body_bytes))
-        events = Events(backend.queue, SystemClock())
-        gateway.events = events
-        routes = RouteSync(backend.store, gateway, pools,  # type: ignore[arg-type]
-                           on_change=events.sync)
         await routes.start()
-        closers.append(routes)
-        shares = ShareWatch(backend.store, pools)
-        await shares.start()
-        closers.append(shares)
-        reporter = DemandReporter(backend.store, config.node_id, lambda: pools.pools)
-        await reporter.start()
-        closers.append(reporter)
-        http = HttpServer.for_gateway(gateway, options.host, options.port, options.grace_s)
-        await http.start()
-        registration = Registration(backend.store, "gateway", config.node_id,
-                                    lambda: {"url": http.url})
-        await registration.start()
-        closers.append(registration)
         events.start()
+        await http.start()
+        await agent.start()  # the workers, shares, demand reports; registered with our URL
+        sharing = asyncio.create_task(_keep_shares(pools, agent))
         write_node_file(config, {"url": http.url})
-        log.warning("gateway %s serving at %s", config.node_id, http.url)
+        log.info("gateway %s serving at %s", config.node_id, http.url)
         await stop.wait()
-        remove_node_file(config)
-        await registration.aclose()
-        closers.remove(registration)
-        await http.aclose()
-        await events.aclose(grace_s=min(options.grace_s, 5.0))
     finally:
         remove_node_file(config)
-        for c in reversed(closers):
-            await c.aclose()
+        if sharing is not None:
+            sharing.cancel()
+        await agent.aclose()
+        await http.aclose()  # requests in flight finish first
+        await events.aclose(grace_s=min(options.grace_s, 5.0))
+        await routes.aclose()
+        await directory.aclose()
         await backend.aclose()
 
 
-def feed_directory(directory: Any, nodes: dict[str, dict[str, Any]]) -> None:
-    for node_id, info in nodes.items():
-        directory.update(node_id, info["frames"], info.get("ready", {}))
-    for node_id in [n for n in directory.workers if n not in nodes]:
-        directory.remove(node_id)
+async def _keep_shares(pools: RemotePools, agent: Any) -> None:
+    while True:
+        pools.apply_shares(agent.share)
+        await asyncio.sleep(SHARE_EVERY_S)

@@ -7,7 +7,6 @@ the whole region.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import Any
@@ -21,15 +20,16 @@ ROLES = ("controller", "worker", "gateway")
 class Controller:
     def __init__(self, config: RoleConfig, options: ControllerOptions, backend: Any) -> None:
         from nimbus.clock import SystemClock
-        from nimbus.cluster.leader import ControlLoop, Leadership
         from nimbus.cluster.nodes import NodeWatch
+        from nimbus.cluster.roles import ControllerAgent
+        from nimbus.cluster.warm import ClusterWarmer
         from nimbus.control.deploy import Deployer
         from nimbus.control.routesync import RouteSync
         from nimbus.events.scheduler import Scheduler
         from nimbus.events.service import Events
         from nimbus.gateway.app import Gateway
         from nimbus.gateway.remote import WorkerDirectory
-        from nimbus.roles.gateway import RemotePools, feed_directory
+        from nimbus.roles.gateway import RemotePools
 
         self.config = config
         self.options = options
@@ -39,26 +39,28 @@ class Controller:
         self.state_dir = config.state_dir
         self.started_at = time.time()
         self.control_url = ""
-        self.gateway_url = ""
         self.guards: dict[str, Any] = {}
         clock = SystemClock()
         self.directory = WorkerDirectory(config.token)
         self.nodes = {role: NodeWatch(backend.store, role) for role in ROLES}
-        self.nodes["worker"].on_change = lambda n: feed_directory(self.directory, n)
-        self.pools = RemotePools(self.directory)
+        self.pools = RemotePools(self.directory)  # for `nimbus invoke`
         self.gateway = Gateway()  # the route table `nimbus invoke` uses; serves no port
         self.events = Events(backend.queue, clock, consume=False)
         self.gateway.events = self.events
         self.routes = RouteSync(backend.store, self.gateway, self.pools,  # type: ignore[arg-type]
                                 on_change=self.events.sync)
-        self.deployer = Deployer.for_region(backend.store, backend.blobs, config.state_dir)
-        self.leadership = Leadership(backend.store, "leader/controller", config.node_id,
-                                     ttl_s=options.leader_ttl_s)
-        self.loop = ControlLoop(backend.store, self.leadership)
-        self.scheduler = Scheduler(backend.store, backend.queue, clock, node=config.node_id)
+        self.deployer = Deployer(backend.store, backend.blobs, None, config.state_dir,
+                                 warmer=ClusterWarmer(backend.store))
+        # Schedules fire on one controller at a time: the scheduler holds its
+        # own key, with the same short lifetime as the leader's.
+        self.scheduler = Scheduler(backend.store, backend.queue, clock, node=config.node_id,
+                                   lease_ttl_s=max(2.0, options.leader_ttl_s))
         self.events.on_sync.append(self.scheduler.set_pools)
-        self.registration: Any = None
+        self.agent = ControllerAgent(backend.store, config.node_id,
+                                     info=lambda: {"url": self.control_url},
+                                     ttl_s=options.leader_ttl_s)
         self.http: Any = None
+        self._workers_watch: Any = None
 
     @classmethod
     async def open(cls, config: RoleConfig, options: ControllerOptions) -> Controller:
@@ -69,27 +71,30 @@ class Controller:
         return cls(config, options, backend)
 
     async def start(self) -> None:
-        from nimbus.cluster.nodes import Registration
+        from nimbus.cluster.nodes import worker_directory_watch
         from nimbus.control.api import create_control_app
+        from nimbus.observe.natslogs import open_region_logs
         from nimbus.roles.http import HttpServer
 
         for watch in self.nodes.values():
             await watch.start()
+        self._workers_watch = worker_directory_watch(self.store, self.directory)
+        await self._workers_watch.start()
         await self.routes.start()
-        await self.leadership.start()
-        await self.loop.start()
         self.scheduler.start()
-        self.http = HttpServer.for_control(create_control_app(self), self.options.control_host,
-                                           self.options.control_port, self.options.grace_s)
+        source = None
+        if self.backend.nc is not None:
+            _sink, source = await open_region_logs(self.backend.nc, region=self.config.region)
+        self.http = HttpServer.for_control(
+            create_control_app(self, log_source=source),  # type: ignore[arg-type]
+            self.options.control_host, self.options.control_port, self.options.grace_s)
         await self.http.start()
         self.control_url = self.http.url
         self.guards = {"control": self.http.guard}
-        self.registration = Registration(self.store, "controller", self.config.node_id,
-                                         lambda: {"url": self.control_url})
-        await self.registration.start()
+        await self.agent.start()
 
     @property
-    def config_max_bundle_bytes(self) -> int:
+    def max_bundle_bytes(self) -> int:
         return self.options.max_bundle_bytes
 
     async def deploy(self, bundle: bytes, progress: Any, name: str | None = None) -> Any:
@@ -99,43 +104,76 @@ class Controller:
             n in rs.functions and rs.functions[n].target.version == v for n, v in want.items()))
         return result
 
-    async def status(self) -> dict[str, Any]:
+    async def region_status(self) -> dict[str, Any]:
         now = time.time()
         nodes = [node_summary(info, now) for role in ROLES
                  for info in self.nodes[role].nodes.values()]
+        desired = await self.placed()
         functions = []
         for name, inv in sorted(self.routes.functions.items()):
             key = f"{name}@{inv.target.version}"
-            per_worker = {n["id"]: n["ready"].get(key, 0) for n in nodes
+            per_worker = {n["id"]: int(n["ready"].get(key, 0)) for n in nodes
                           if n["role"] == "worker"}
             functions.append({
                 "name": name, "version": inv.target.version,
-                "desired": self.loop.desired.get(key), "ready": sum(per_worker.values()),
-                "starting": 0, "instances_per_worker": per_worker,
+                "desired": desired.get(key, 0),
+                "ready": sum(per_worker.values()), "held": inv.held,
+                "instances_per_worker": per_worker,
                 "async": await self.events.stats(name)})
         return {
             "mode": "region", "region": self.config.region, "pid": os.getpid(),
             "node": self.config.node_id, "uptime_s": round(now - self.started_at, 1),
-            "control_url": self.control_url, "leader": self.leadership.leader,
-            "leading": self.leadership.is_leader, "nodes": nodes,
+            "control_url": self.control_url, "leader": await self.leader_id(),
+            "leading": self.agent.is_leader, "nodes": nodes,
             "nats": await self.nats_health(), "functions": functions}
 
+    async def placed(self) -> dict[str, int]:
+        """Instances placed per target, over every worker's placement."""
+        import orjson
+
+        from nimbus.cluster.keys import PLACEMENT
+
+        out: dict[str, int] = {}
+        for e in await self.store.list(PLACEMENT):
+            try:
+                for target, n in orjson.loads(e.value).items():
+                    out[target] = out.get(target, 0) + int(n)
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+                continue
+        return out
+
+    async def leader_id(self) -> str | None:
+        import orjson
+
+        from nimbus.cluster.keys import LEADER
+
+        entry = await self.store.get(LEADER)
+        if entry is None:
+            return None
+        try:
+            data = orjson.loads(entry.value)
+        except orjson.JSONDecodeError:
+            return None
+        return str(data["id"]) if isinstance(data, dict) and "id" in data else None
+
     async def nats_health(self) -> list[dict[str, Any]]:
-        health = getattr(self.backend, "health", None)
-        return await health() if health is not None else []
+        from nimbus.store.nats_health import servers_health
+
+        if self.backend.nc is None:
+            return []
+        return await servers_health(self.backend.nc, self.config.region)
 
     async def aclose(self) -> None:
-        for part in (self.registration, self.http):
-            if part is not None:
-                await part.aclose()
+        await self.agent.aclose()  # resigns the lead: a standby takes over at once
+        if self.http is not None:
+            await self.http.aclose()
         await self.scheduler.aclose()
-        await self.loop.aclose()
-        await self.leadership.aclose()
         await self.routes.aclose()
+        if self._workers_watch is not None:
+            await self._workers_watch.aclose()
         await self.events.aclose(grace_s=1.0)
         await self.deployer.aclose()
         for watch in self.nodes.values():
             await watch.aclose()
         await self.directory.aclose()
         await self.backend.aclose()
-        await asyncio.sleep(0)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
 
+from nimbus.errors import UserInputError
 from nimbus.roles.common import RoleConfig, remove_node_file, write_node_file
 from nimbus.worker.budget import NodeBudget
 
@@ -33,8 +33,7 @@ class WorkerOptions:
 
 
 async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio.Event) -> None:
-    from nimbus.cluster.nodes import Registration
-    from nimbus.cluster.reconcile import Reconciler
+    from nimbus.cluster.roles import WorkerAgent
     from nimbus.observe.natslogs import open_region_logs
     from nimbus.store.registry import open_backend
     from nimbus.worker.containment import Containment
@@ -45,48 +44,38 @@ async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio
                                  state_dir=config.state_dir)
     worker: Worker | None = None
     server: FrameServer | None = None
-    reconciler: Reconciler | None = None
-    registration: Registration | None = None
+    agent: WorkerAgent | None = None
     logs = None
     try:
         containment = await asyncio.to_thread(
             Containment.create, config.state_dir, options.containment, options.uid_range)
-        assert backend.nc is not None, "a worker runs on a NATS region"
+        if backend.nc is None:
+            raise UserInputError("a worker needs a region on NATS: --store nats://...")
         logs, _source = await open_region_logs(backend.nc, region=config.region,
                                                worker=config.node_id)
         assert logs is not None
         worker = Worker(config.state_dir, logs, options.budget, containment=containment,
-                        node_id=config.node_id)
+                        node_id=config.node_id, autoscale=False)
         await worker.start()
         server = FrameServer(worker, options.host, options.port, config.token)
         await server.start()
-        address = f"{options.advertise or options.host}:{server.port}"
-        reconciler = Reconciler(backend.store, backend.blobs, worker, config.node_id,
-                                config.state_dir)
-
-        def info() -> dict[str, Any]:
-            assert worker is not None and reconciler is not None
-            return {"frames": address, "url": f"tcp://{address}",
-                    "ready": reconciler.ready(), "failed": reconciler.failed(),
-                    "budget": {"max_instances": options.budget.max_instances,
-                               "memory_mb": options.budget.memory_mb}}
-
-        registration = Registration(backend.store, "worker", config.node_id, info)
-        await registration.start()
-        await reconciler.start(on_change=registration.poke)
+        port = server.address[1]
+        address = f"{options.advertise or options.host}:{port}"
+        agent = WorkerAgent(backend.store, backend.blobs, worker, config.node_id,
+                            config.state_dir,
+                            info=lambda: {"frames": address, "url": f"tcp://{address}"})
+        await agent.start()
         write_node_file(config, {"url": f"tcp://{address}", "frames": address,
                                  "containment": containment.summary()})
-        log.warning("worker %s serving frames on %s (%s)", config.node_id, address,
-                    containment.summary())
+        log.info("worker %s serving frames on %s (%s)", config.node_id, address,
+                 containment.summary())
         await stop.wait()
     finally:
         remove_node_file(config)
-        if registration is not None:
-            await registration.aclose()  # gateways stop routing here first
+        if agent is not None:
+            await agent.aclose()  # the region forgets it: gateways send nothing new
         if server is not None:
             await server.aclose(grace_s=min(options.grace_s, 5.0))
-        if reconciler is not None:
-            await reconciler.aclose()
         if worker is not None:
             await worker.aclose(grace_s=min(options.grace_s, 5.0))
         if logs is not None:
