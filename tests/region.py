@@ -55,7 +55,8 @@ class Region:
         return [p for p in self.cluster["processes"] if p["role"] == role]
 
     def output_bytes(self) -> bytes:
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.log_path.read_bytes()
 
     def output(self) -> str:
@@ -77,6 +78,19 @@ class Region:
         return subprocess.run([sys.executable, "-m", "nimbus", *args, "--state-dir",
                                str(self.state)], capture_output=True, text=True,
                               timeout=timeout, cwd=self.state.parent)
+
+    def restart_nats(self, index: int, timeout_s: float = 60.0) -> int:
+        """Wait for ``nimbus cluster up`` to restart NATS server ``index``
+        (it revives servers that die); returns the new PID."""
+        old = self.cluster["nats"][index]["pid"]
+
+        def new_pid() -> int | None:
+            self.reload()
+            pid = self.cluster["nats"][index]["pid"]
+            return pid if pid != old else None
+
+        pid: int = wait_until(new_pid, timeout_s, f"NATS server {index + 1} restarted")
+        return pid
 
     def kill(self, pid: int) -> None:
         """SIGKILL one process of this region (by its PID)."""

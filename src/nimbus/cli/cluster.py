@@ -174,6 +174,20 @@ class LocalRegion:
             "gateway_url": gateways[0].info["url"],
             "gateway_urls": [c.info["url"] for c in gateways]}))
 
+    def revive_nats(self) -> list[str]:
+        """Start again any NATS server that died (same ports and data: it
+        catches up from the others); returns the names restarted."""
+        if self.nats is None:
+            return []
+        revived = []
+        for i, server in enumerate(self.nats.servers):
+            if server.proc is not None and not server.running():
+                self.nats.restart(i)
+                revived.append(server.name)
+        if revived:
+            self._write_files()
+        return revived
+
     def exited(self) -> list[Child]:
         return [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
 
@@ -251,6 +265,12 @@ def run_cluster_up(app_dir: Path | None, *, state_dir: Path, region: str, worker
                        "Ctrl-C to stop", err=True)
             seen: set[str] = set()
             while not stop:
+                try:
+                    for name in local.revive_nats():
+                        click.echo(f"nimbus: NATS server {name} had stopped: restarted",
+                                   err=True)
+                except UnavailableError as exc:
+                    click.echo(f"nimbus: {exc}", err=True)
                 for c in local.exited():
                     if c.name not in seen:
                         seen.add(c.name)

@@ -104,6 +104,8 @@ INDEX_KEEP = 500  # recent ids kept per queue for ``records``
 RECORD_TTL_S = 24 * 3600.0  # a settled record expires this long after its settle
 MAX_ACK_PENDING = 100_000  # deliveries out at once per queue (leased and NAK-delayed)
 CAS_TRIES = 50
+COUNT_WAIT_S = 10.0  # an operation waits this long for its counts to land
+WRITER_MEMORY_S = 3600.0  # how long a summary remembers a writer's last batch
 CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
 SETTLED = ("succeeded", "failed", "dead")
 
@@ -244,6 +246,12 @@ class NatsQueue:
         self._flusher: asyncio.Task[None] | None = None
         # each queue's counts and index as this process last wrote them
         self._summary: dict[str, tuple[dict[str, Any], int]] = {}
+        # Each count batch of this process carries (writer, seq); the summary
+        # keeps the last seq it applied per writer, so a batch whose write
+        # outcome was unknown (a timeout while a server died) is written
+        # again until it lands, and never counted twice.
+        self._writer = new_id()[:13]
+        self._seq = 0
         self._closed = False
 
     # -- names ------------------------------------------------------------------
@@ -301,18 +309,28 @@ class NatsQueue:
 
     async def _flush_one(self, queue: str, t: _Tally) -> None:
         key = f"s.{encode_name(queue)}"
-        try:
-            with _mapped(f"counting queue {queue}"):
-                for _ in range(CAS_TRIES):
+        self._seq += 1
+        seq, me = self._seq, self._writer
+        delay = 0.05
+        while True:
+            try:
+                with _mapped(f"counting queue {queue}"):
                     got = self._summary.get(queue) or await self._read(key)
                     base, rev = got if got is not None else ({"counts": {}, "recent": []}, 0)
+                    applied = dict(base.get("applied", {}))
+                    if applied.get(me, [0])[0] >= seq:
+                        break  # an earlier try landed (its answer was lost)
                     counts = dict(base.get("counts", {}))
                     for k, v in t.counts.items():
                         counts[k] = counts.get(k, 0) + v
                     recent = base.get("recent", [])
                     if t.ids:
                         recent = (recent + t.ids)[-INDEX_KEEP:]
-                    summary = {"counts": counts, "recent": recent}
+                    now = time.time()
+                    applied[me] = [seq, now]
+                    applied = {w: a for w, a in applied.items()
+                               if now - a[1] < WRITER_MEMORY_S}
+                    summary = {"counts": counts, "recent": recent, "applied": applied}
                     try:
                         rev = await self._write(key, summary, rev)
                         self._summary[queue] = (summary, rev)
@@ -320,14 +338,13 @@ class NatsQueue:
                     except nats.js.errors.KeyWrongLastSequenceError:
                         self._summary.pop(queue, None)  # another process wrote: read it
                         await asyncio.sleep(random.random() * 0.005)
-                else:
-                    raise ConflictError(f"counts of queue {queue}: {CAS_TRIES} writers won")
-        except Exception as exc:  # noqa: BLE001 - handed to every waiter
-            self._summary.pop(queue, None)
-            for w in t.waiters:
-                if not w.done():
-                    w.set_exception(exc)
-            return
+            except (UnavailableError, ConflictError) as exc:
+                self._summary.pop(queue, None)
+                if self._closed and delay > 1.0:
+                    log.warning("counts of queue %s miss %s: %s", queue, t.counts, exc)
+                    break
+                await asyncio.sleep(delay)  # a server died, or leaders are moving
+                delay = min(delay * 2, 1.0)
         for w in t.waiters:
             if not w.done():
                 w.set_result(None)
@@ -340,9 +357,11 @@ class NatsQueue:
         moves = {k: v for k, v in moves.items() if v}
         if moves or ids:
             try:
-                await self._count(queue, moves, ids)
-            except (UnavailableError, ConflictError) as exc:
-                log.warning("counts of queue %s miss %s: %s", queue, moves, exc)
+                await asyncio.wait_for(asyncio.shield(self._count(queue, moves, ids)),
+                                       COUNT_WAIT_S)
+            except TimeoutError:
+                log.warning("counts of queue %s are late (NATS unavailable); they are "
+                            "written when it answers", queue)
 
     # -- sending ------------------------------------------------------------------
 
