@@ -382,7 +382,7 @@ def test_the_control_api_serves_a_regions_logs_from_nats(cluster: NatsCluster) -
                 sink.write("fn", f"r{i % 2}", "stdout", f"line{i}")
             await until("published", _published(sink, 10))
             platform = SimpleNamespace(
-                token=token, config=SimpleNamespace(max_bundle_bytes=1024 * 1024),
+                token=token, max_bundle_bytes=1024 * 1024,
                 routes=SimpleNamespace(functions={"fn": object()}),
                 worker=SimpleNamespace(logs=sink))
             app = create_control_app(platform,  # type: ignore[arg-type]

@@ -59,6 +59,7 @@ class Reconciler:
         self.targets: dict[str, Target] = {}  # prepared and started once
         self.failures: dict[str, tuple[str, float, str]] = {}  # target -> (hash, retry at, why)
         self._preparing: dict[str, asyncio.Task[None]] = {}
+        self._unpacking: dict[str, asyncio.Lock] = {}  # per bundle digest
         self._statuses: set[str] = set()  # status keys written by us
         self._last_ready: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -196,9 +197,12 @@ class Reconciler:
         """The code of ``rec`` ready on this node (cached by content hash)."""
         target = target_from_record(rec["app"], rec)
         code_dir = code_dir_for(self.state_dir, target.digest)
-        if not code_dir.exists():
-            data = await self.blobs.get(target.digest)
-            await asyncio.to_thread(prepare_code, data, code_dir)
+        # the functions of one app share a bundle: fetch and unpack it once
+        async with self._unpacking.setdefault(target.digest, asyncio.Lock()):
+            if not code_dir.exists():
+                data = await self.blobs.get(target.digest)
+                await asyncio.to_thread(prepare_code, data, code_dir)
+        self._unpacking.pop(target.digest, None)
         if target.spec.requirements:
             built = await ensure_venv(self.state_dir, code_dir / target.spec.requirements,
                                       lambda line: log.info("%s: %s", target.function, line),

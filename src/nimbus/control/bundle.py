@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import shutil
 import stat
 import struct
@@ -163,8 +164,9 @@ def extract_bundle(data: bytes, dest: Path, limits: BundleLimits | None = None) 
         raise DeployError(f"the bundle has more than {limits.max_entries} entries (files and "
                           "folders), the most a deploy unpacks; leave out what the functions "
                           "do not need")
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A name of its own per call: two unpackings of one bundle may run at
+    # once (threads of one process, or processes) and must not share it.
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir(parents=True)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:

@@ -14,14 +14,18 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from nimbus.errors import UnavailableError
 from nimbus.natsd import NATS_USER
+
+T = TypeVar("T")
 
 log = logging.getLogger("nimbus.nats")
 
@@ -136,3 +140,20 @@ async def close_nats(nc: NATS) -> None:
         await nc.close()
     except (nats.errors.Error, OSError, TimeoutError):
         log.debug("closing the NATS connection", exc_info=True)
+
+
+UNROUTED_TRIES = 20  # a request no stream answered (none elected, or interest not yet known)
+
+
+async def retry_unrouted(make: Callable[[], Awaitable[T]]) -> T:
+    """``await make()``, again (with backoff, about 5 s in all) while no
+    stream answers it: nothing was stored or read, so trying again is safe
+    (a stream just made, or electing its leader, or a server going away)."""
+    delay = 0.02
+    for _ in range(UNROUTED_TRIES - 1):
+        try:
+            return await make()
+        except nats.js.errors.NoStreamResponseError:
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 2)
+    return await make()

@@ -89,6 +89,7 @@ from nats.js.kv import KeyValue
 
 from nimbus.errors import ClosedError, ConflictError, UnavailableError
 from nimbus.ids import new_id
+from nimbus.store.nats_conn import retry_unrouted as _routed
 from nimbus.store.queue import (
     DEFAULT_DEDUP_WINDOW_S,
     Message,
@@ -111,20 +112,6 @@ SETTLED = ("succeeded", "failed", "dead")
 
 T = TypeVar("T")
 log = logging.getLogger("nimbus.queue")
-UNROUTED_TRIES = 20  # a write no stream answered (none elected, or interest not yet known)
-
-
-async def _routed(make: Callable[[], Awaitable[T]]) -> T:
-    """``await make()``, again while no stream answers it: nothing was
-    stored, so trying again is safe (a stream just made, or electing)."""
-    delay = 0.02
-    for _ in range(UNROUTED_TRIES - 1):
-        try:
-            return await make()
-        except nats.js.errors.NoStreamResponseError:
-            await asyncio.sleep(delay)
-            delay = min(0.5, delay * 2)
-    return await make()
 
 
 async def _wait_for_leader(js: JetStreamContext, stream: str, timeout_s: float = 15.0) -> None:

@@ -57,7 +57,7 @@ from nats.js import api
 
 from nimbus.errors import ClosedError, ConflictError, UnavailableError, UserInputError
 from nimbus.store.base import Entry, Watch, WatchEvent
-from nimbus.store.nats_conn import connection_events
+from nimbus.store.nats_conn import connection_events, retry_unrouted
 
 log = logging.getLogger("nimbus.store")
 T = TypeVar("T")
@@ -209,16 +209,16 @@ class NatsStore:
     async def _publish(self, what: str, key: str, value: bytes,
                        headers: dict[str, str] | None = None) -> int:
         self._check_open()
-        ack = await self._call(what, self._js.publish(self._subject(key), bytes(value),
-                                                      headers=headers or None))
+        ack = await self._call(what, retry_unrouted(lambda: self._js.publish(
+            self._subject(key), bytes(value), headers=headers or None)))
         return int(ack.seq)
 
     async def _last(self, key: str) -> api.RawStreamMsg | None:
         """The last message of ``key`` (a value, tombstone or marker), or None."""
         self._check_open()
         try:
-            return await self._call(f"get {key}", self._js.get_msg(
-                self.stream, subject=self._subject(key), direct=False))
+            return await self._call(f"get {key}", retry_unrouted(lambda: self._js.get_msg(
+                self.stream, subject=self._subject(key), direct=False)))
         except UnavailableError as exc:
             cause = exc.__cause__
             if isinstance(cause, nats.js.errors.APIError) and cause.err_code == NO_MESSAGE_FOUND:
