@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+
+from nimbus.natsd import NatsCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 90.0
@@ -157,3 +160,19 @@ def up_exits(app: Path | None, state: Path, timeout: float = 60.0) -> tuple[int,
             out, _ = proc.communicate()
         pytest.fail(f"nimbus up kept running:\n{out[-2000:]}")
     return proc.returncode, out, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """A real 3-server NATS cluster (JetStream, credentials) for a module."""
+    c = NatsCluster(tmp_path_factory.mktemp("nats"), secrets.token_urlsafe(32), size=3)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(nats_cluster: NatsCluster) -> NatsCluster:
+    return nats_cluster

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +47,6 @@ WAIT_S = 30.0
 
 pytestmark = pytest.mark.timeout(180)
 _regions = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    c = NatsCluster(tmp_path_factory.mktemp("nats"), secrets.token_urlsafe(24), size=3)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 @dataclass(frozen=True)

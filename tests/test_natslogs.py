@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,6 @@ from nimbus.observe.protocols import LogSink, LogSource
 
 pytestmark = pytest.mark.timeout(180)
 DEADLINE_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    c = NatsCluster(tmp_path_factory.mktemp("nats"), secrets.token_urlsafe(24), size=3)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 async def connect(cluster: NatsCluster, first: int = 0) -> NATS:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,16 +26,6 @@ from nimbus.store.queue import Outgoing
 from nimbus.testing import check_queue_realtime, check_queue_shared
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    c = NatsCluster(tmp_path_factory.mktemp("nats"), secrets.token_urlsafe(32), size=3)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 @asynccontextmanager

@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,16 +42,6 @@ def run(coro: Coroutine[Any, Any, T], deadline_s: float = 180) -> T:
 
 def fresh_region() -> str:
     return f"t{next(_regions)}-{secrets.token_hex(3)}"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    c = NatsCluster(tmp_path_factory.mktemp("nats"), secrets.token_urlsafe(24), size=3)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def servers(c: NatsCluster) -> list[str]:

@@ -28,7 +28,14 @@ from typing import Any
 import orjson
 
 from nimbus.aio import cancel_and_wait
-from nimbus.cluster.keys import DEMAND, SHARES, ClusterStore, KeyWatch, target_of_path
+from nimbus.cluster.keys import (
+    DEMAND,
+    SHARES,
+    ClusterStore,
+    KeyWatch,
+    resign_quietly,
+    target_of_path,
+)
 from nimbus.errors import ConflictError, NimbusError
 
 log = logging.getLogger("nimbus.cluster")
@@ -184,12 +191,8 @@ class DemandReporter:
     async def aclose(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-        if self.revision is not None:
-            try:
-                await self.store.resign(self.key, self.revision)
-            except NimbusError as exc:
-                log.warning("could not resign %s: %s", self.key, exc)
-            self.revision = None
+        await resign_quietly(self.store, self.key, self.revision)
+        self.revision = None
 
 
 class Collector:

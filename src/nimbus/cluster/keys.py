@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from nimbus.aio import cancel_and_wait
 from nimbus.cluster.placement import parse_target_key
-from nimbus.errors import ClosedError
+from nimbus.errors import ClosedError, NimbusError
 from nimbus.store.base import Entry, Store
 
 log = logging.getLogger("nimbus.cluster")
@@ -34,6 +34,17 @@ PLACEMENT = "placement/"
 SHARES = "shares/"
 STATUS = "status/"
 WARM = "warm/"
+
+
+async def resign_quietly(store: Store, key: str, revision: int | None) -> None:
+    """Give up a campaign key this process holds, on the way out: a store
+    that does not answer is logged (the key then expires by itself)."""
+    if revision is None:
+        return
+    try:
+        await store.resign(key, revision)
+    except NimbusError as exc:
+        log.warning("could not resign %s: %s", key, exc)
 
 
 def node_key(role: str, node_id: str) -> str:

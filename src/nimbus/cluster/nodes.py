@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from nimbus.aio import cancel_and_wait
-from nimbus.cluster.keys import NODES, ClusterStore, KeyWatch, node_key
+from nimbus.cluster.keys import NODES, ClusterStore, KeyWatch, node_key, resign_quietly
 from nimbus.errors import ConflictError, NimbusError
 
 log = logging.getLogger("nimbus.cluster")
@@ -101,12 +101,8 @@ class Registration:
         """Stop renewing and give the key up (watchers see the node go now)."""
         await cancel_and_wait(self._task)
         self._task = None
-        if self.revision is not None:
-            try:
-                await self.store.resign(self.key, self.revision)
-            except NimbusError as exc:
-                log.warning("could not resign %s: %s", self.key, exc)
-            self.revision = None
+        await resign_quietly(self.store, self.key, self.revision)
+        self.revision = None
 
 
 def _decode(value: bytes) -> dict[str, Any] | None:
