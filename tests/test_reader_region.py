@@ -1277,7 +1277,7 @@ def region_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
     app = write_app(root, "base", BASE_MANIFEST.replace("    http:", "    min_instances: 1\n"
                                                                   "    http:"),
                     {"h.py": BASE_CODE})
-    r = Region(app, root / "state", controllers=3)
+    r = Region(app, root / "state", controllers=3, extra=("--region", "rdr-b"))
     r.root = root  # type: ignore[attr-defined]
     try:
         yield r
@@ -1332,6 +1332,40 @@ functions:
                    10, f"{g} to serve the app deployed after the leader died")
         assert httpx.get(g + "/hello", timeout=30).text == "hello-base"
     print(f"standby led {took:.2f} s after the SIGKILL")
+
+
+@pytest.mark.timeout(90)
+def test_handler_context_names_the_region_and_gets_a_duration_deadline(region_b: Region) -> None:
+    """Through each gateway: `AWS_REGION` and the function ARN carry the
+    region's name (not a constant), the version is the deployed one, and the
+    remaining time at the start is about `timeout_s` (deadlines are durations)."""
+    r = region_b
+    assert r.cluster["region"] == "rdr-b"
+    assert r.status(live_ctl(r))["region"] == "rdr-b"
+    code = """\
+import os
+def handler(event, context):
+    return {"region": os.environ.get("AWS_REGION"), "arn": context.invoked_function_arn,
+            "version": context.function_version, "name": context.function_name,
+            "remaining": context.get_remaining_time_in_millis()}
+"""
+    app = write_app(root_of(r), "ctx", """\
+name: ctx
+functions:
+  ctxfn:
+    handler: c.handler
+    http: [{method: GET, path: /ctx}]
+    timeout_s: 7
+""", {"c.py": code})
+    ok(r.cli("deploy", str(app), "--url", live_ctl(r), timeout=60))
+    version = function_status(r, "ctxfn", live_ctl(r))["version"]  # type: ignore[index]
+    for g in r.gateway_urls:
+        got = httpx.get(g + "/ctx", timeout=30).json()
+        assert got["region"] == "rdr-b", got
+        assert ":rdr-b:" in got["arn"], got
+        assert got["name"] == "ctxfn", got
+        assert str(got["version"]) == str(version), (got, version)
+        assert 5000 < got["remaining"] <= 7000, got
 
 
 @pytest.mark.timeout(60)
