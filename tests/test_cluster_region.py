@@ -261,7 +261,9 @@ def test_leader_places_demand_across_workers_and_a_new_leader_moves_nothing(
 
             await until("shares written", lambda: _is_set(c1s.get("shares/f/1")))
             shares = await c1s.get("shares/f/1")
-            assert shares is not None and orjson.loads(shares.value)["share"] == 2  # 5 // 2
+            assert shares is not None
+            # the cap split between the two gateways, adding up to it exactly
+            assert orjson.loads(shares.value)["shares"] == {"g1": 3, "g2": 2}
 
             # a held request for a target with no instance: scale from zero
             demand.held, demand.arrivals = 1, 1
@@ -471,10 +473,11 @@ def test_gateway_views_shares_and_worker_directory(backend: RegionStore, tmp_pat
             directory = Directory()
             watch = worker_directory_watch(gw, directory)
             await watch.start()
-            shares = Shares(gw)
+            shares = Shares(gw, "g1")
             await shares.start()
-            assert shares.share("f@1", 10) == 10  # nothing written yet: the whole cap
-            await other.put("shares/f/1", orjson.dumps({"share": 3, "gateways": 3}))
+            assert shares.share("f@1", 10) == 0  # nothing written yet: none of the cap
+            await other.put("shares/f/1", orjson.dumps(
+                {"shares": {"g1": 3, "g2": 7}, "cap": 10, "gateways": 2}))
             await until("share seen", lambda: shares.share("f@1", 10) == 3)
             b = Budget(ready={"f@1": 2})
             reg = Registration(other, "worker", "w1",

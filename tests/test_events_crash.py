@@ -217,7 +217,7 @@ def test_a_second_nimbus_up_on_the_same_state_is_refused(
          "--control-port", "0", "--state-dir", str(first.state)],
         capture_output=True, text=True, timeout=60)
     assert second.returncode == 1, second.stderr
-    assert f"another nimbus up (pid {first.proc.pid})" in second.stderr, second.stderr
+    assert f"another nimbus (pid {first.proc.pid})" in second.stderr, second.stderr
     assert "Traceback" not in second.stderr
     assert (first.state / "control.json").exists(), "the first keeps its control file"
     with control(first) as ctl:

@@ -218,10 +218,13 @@ functions:
 
     leaders = set()
     for url in region.control_urls:
-        st = wait_until(
-            lambda u=url: (lambda s: s if all(
-                n.get("lease") == "held" for n in s.get("nodes", [])) and len(
-                s.get("nodes", [])) == 6 else None)(status_json(region, u)),
+        def six_held(u: str = url) -> dict[str, Any] | None:
+            s = status_json(region, u)
+            nodes = s.get("nodes", [])
+            return s if len(nodes) == 6 and all(n.get("lease") == "held" for n in nodes) \
+                else None
+
+        st = wait_until(six_held,
             15, f"six held leases in status through {url}", step_s=0.5)
         nodes = {n["pid"]: n for n in st["nodes"]}
         assert set(nodes) == set(expected), (nodes, expected)
@@ -1268,7 +1271,7 @@ def test_async_payload_over_256_kb_is_refused_clearly(region: Region, tmp_path: 
     assert "256" in line or "large" in line.lower() or "413" in line, line
 
 
-# --------------------------------------------------------------------------- a region of its own: leader loss, SIGTERM
+# ---- a region of its own: leader loss, SIGTERM
 
 
 @pytest.fixture(scope="module")
@@ -1435,7 +1438,7 @@ functions:
         codes = [f.result(timeout=60) for f in futs]
 
     killed_any = False
-    for (method, tag, _), code in zip(jobs, codes):
+    for (method, tag, _), code in zip(jobs, codes, strict=True):
         starts = [int(x) for x in (marks / f"starts-{tag}").read_text().split()]
         first_on_victim = starts[0] in on_victim
         killed_any |= first_on_victim

@@ -24,6 +24,7 @@ class CLIError(NimbusError):
 class Connection:
     url: str
     token: str
+    others: tuple[str, ...] = ()  # a region's other controllers, tried in turn
 
 
 def find_connection(url: str | None, token: str | None, state_dirs: list[Path]) -> Connection:
@@ -43,7 +44,10 @@ def find_connection(url: str | None, token: str | None, state_dirs: list[Path]) 
             if not token and not (token := tok.read_text().strip()):
                 raise CLIError(f"the token file {tok} is empty; restart nimbus up to get a "
                                "new one, or pass --token")
-            return Connection(url or data["control_url"], token)
+            if url:
+                return Connection(url, token)
+            others = tuple(u for u in data.get("control_urls", []) if u != data["control_url"])
+            return Connection(data["control_url"], token, others)
     looked = ", ".join(str(d) for d in candidates)
     raise CLIError(f"no running nimbus found (looked in {looked}); start one with "
                    "`nimbus up`, or pass --state-dir, or --url and --token")
@@ -52,11 +56,22 @@ def find_connection(url: str | None, token: str | None, state_dirs: list[Path]) 
 class Client:
     def __init__(self, conn: Connection, timeout_s: float = 60.0) -> None:
         self.conn = conn
+        self._urls = [conn.url, *conn.others]
         self.http = httpx.Client(
             base_url=conn.url,
             headers={"authorization": f"Bearer {conn.token}"},
             timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
         )
+
+    def _next_controller(self) -> bool:
+        """A region's next controller, after one that could not be reached
+        (the request never got there, so asking the next one is safe)."""
+        if len(self._urls) < 2:
+            return False
+        self._urls.pop(0)
+        self.conn = Connection(self._urls[0], self.conn.token, tuple(self._urls[1:]))
+        self.http.base_url = httpx.URL(self._urls[0])
+        return True
 
     def _check(self, r: httpx.Response) -> None:
         if r.status_code >= 400:
@@ -68,10 +83,15 @@ class Client:
             raise CLIError(f"{msg} (HTTP {r.status_code})")
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            raise CLIError(f"cannot reach nimbus at {self.conn.url}: {exc}") from exc
+        while True:
+            try:
+                r = self.http.request(method, path, **kw)
+                break
+            except httpx.ConnectError as exc:
+                if not self._next_controller():
+                    raise CLIError(f"cannot reach nimbus at {self.conn.url}: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise CLIError(f"cannot reach nimbus at {self.conn.url}: {exc}") from exc
         if path.endswith("/invoke") and r.headers.get("content-type", "").startswith(
                 "application/json"):
             return r.status_code, r.json()
@@ -83,13 +103,20 @@ class Client:
                            f"{r.text[:200]!r} (HTTP {r.status_code})") from None
 
     def stream_lines(self, method: str, path: str, **kw: Any) -> Iterator[dict[str, Any]]:
-        try:
-            with self.http.stream(method, path, **kw) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    self._check(r)
-                for line in r.iter_lines():
-                    if line:
-                        yield orjson.loads(line)
-        except httpx.HTTPError as exc:
-            raise CLIError(f"cannot reach nimbus at {self.conn.url}: {exc}") from exc
+        while True:
+            started = False
+            try:
+                with self.http.stream(method, path, **kw) as r:
+                    started = True
+                    if r.status_code >= 400:
+                        r.read()
+                        self._check(r)
+                    for line in r.iter_lines():
+                        if line:
+                            yield orjson.loads(line)
+                return
+            except httpx.ConnectError as exc:
+                if started or not self._next_controller():
+                    raise CLIError(f"cannot reach nimbus at {self.conn.url}: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise CLIError(f"cannot reach nimbus at {self.conn.url}: {exc}") from exc

@@ -26,6 +26,7 @@ import click
 import orjson
 
 from nimbus.control import statedir
+from nimbus.control.statelock import StateLock
 from nimbus.errors import NimbusError, UnavailableError
 from nimbus.natsd import NatsCluster, _die_with_parent
 from nimbus.store.private import write_private
@@ -99,6 +100,7 @@ class LocalRegion:
         self.worker_args = worker_args or []
         self.nats: NatsCluster | None = None
         self.children: list[Child] = []
+        self.lock: StateLock | None = None
 
     @property
     def token_file(self) -> Path:
@@ -108,6 +110,9 @@ class LocalRegion:
         from nimbus.control.server import ensure_token
 
         statedir.prepare(self.state_dir)
+        # one region per state folder: a second `cluster up` here would start
+        # NATS servers on the same data
+        self.lock = StateLock.acquire(self.state_dir)
         token = ensure_token(self.state_dir)
         self.nats = NatsCluster(self.state_dir / "nats", token, name=f"nimbus-{self.region}")
         self.nats.start()
@@ -209,9 +214,12 @@ class LocalRegion:
                     c.proc.wait(5)
         if self.nats is not None:
             self.nats.stop()
-        for name in ("control.json", CLUSTER_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                (self.state_dir / name).unlink()
+        if self.lock is not None:  # the files are ours only while we hold the folder
+            for name in ("control.json", CLUSTER_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.state_dir / name).unlink()
+            self.lock.release()
+            self.lock = None
 
 
 def run_cluster_up(app_dir: Path | None, *, state_dir: Path, region: str, workers: int,

@@ -87,6 +87,8 @@ def print_region_status(s: dict[str, Any]) -> None:
     for srv in s.get("nats", []):
         servers.add_row(srv.get("name", "-"), srv.get("url", "-"), srv.get("health", "-"))
     console.print(servers)
+    if s.get("nats_urls"):
+        console.print("NATS URLs: " + ", ".join(s["nats_urls"]))
     fns = Table("FUNCTION", "VERSION", "DESIRED", "READY", "PER WORKER", "QUEUED", "DEAD",
                 box=None)
     for f in s["functions"]:

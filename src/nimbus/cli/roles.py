@@ -121,6 +121,7 @@ def cluster_up(app_dir: Path | None, workers: int, gateways: int, controllers: i
                containment: str) -> None:
     """Start a region on this machine in the foreground and deploy APP_DIR."""
     from nimbus.cli.cluster import run_cluster_up
+    from nimbus.errors import UserInputError
     from nimbus.roles.common import check_region
 
     if app_dir is not None and not app_dir.is_dir():
@@ -130,8 +131,12 @@ def cluster_up(app_dir: Path | None, workers: int, gateways: int, controllers: i
             or port <= control_port < port + gateways):
         raise click.BadParameter(f"--port {port} and --control-port {control_port} ranges "
                                  "overlap", param_hint="--port")
+    try:
+        check_region(region)
+    except UserInputError as exc:
+        raise click.BadParameter(str(exc).partition(": ")[2], param_hint="--region") from None
     state = state_dir or (app_dir or Path(".")) / ".nimbus"
-    sys.exit(run_cluster_up(app_dir, state_dir=state, region=check_region(region),
+    sys.exit(run_cluster_up(app_dir, state_dir=state, region=region,
                             workers=workers, gateways=gateways, controllers=controllers,
                             port=port, control_port=control_port,
                             worker_args=["--containment", containment]))

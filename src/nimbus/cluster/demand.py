@@ -243,36 +243,47 @@ class Collector:
     def gateways(self) -> int:
         return len(self.latest)
 
+    def by_gateway(self, live: Iterable[str]) -> dict[str, dict[str, Demand]]:
+        """Each live gateway's own demand per target (empty for a gateway
+        that has not reported yet)."""
+        out: dict[str, dict[str, Demand]] = {}
+        for gw in live:
+            report = self.latest.get(f"{DEMAND}{gw}", {})
+            out[gw] = {t: Demand(int(d.get("in_flight", 0)), int(d.get("held", 0)))
+                       for t, d in report.get("targets", {}).items()}
+        return out
+
     async def aclose(self) -> None:
         await self._watch.aclose()
 
 
 class Shares:
     """The gateway's side of region-wide caps: ``shares/<fn>/<version>`` as the
-    leader wrote them. ``share(target, cap)`` is this gateway's part of
-    ``cap``; until the leader has written one, the whole ``cap``."""
+    leader wrote them (each gateway's part; the parts add up to the cap).
+    ``share(target, cap)`` is this gateway's part, 0 until the leader has
+    given it one: its requests are held meanwhile, never run over the cap."""
 
-    def __init__(self, store: ClusterStore) -> None:
-        self.shares: dict[str, int] = {}
+    def __init__(self, store: ClusterStore, gateway_id: str) -> None:
+        self.gateway_id = gateway_id
+        self.shares: dict[str, dict[str, int]] = {}
         self._watch = KeyWatch(store, SHARES, on_change=self._sync)
 
     async def start(self) -> None:
         await self._watch.start()
 
     def _sync(self, watch: KeyWatch) -> None:
-        shares: dict[str, int] = {}
+        shares: dict[str, dict[str, int]] = {}
         for key, e in watch.entries.items():
             try:
-                share = orjson.loads(e.value)["share"]
+                parts = orjson.loads(e.value)["shares"]
                 target = target_of_path(key[len(SHARES):])
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                shares[target] = {str(g): int(n) for g, n in parts.items() if int(n) >= 0}
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 continue
-            if isinstance(share, int) and share >= 1:
-                shares[target] = share
         self.shares = shares
 
     def share(self, target: str, cap: int) -> int:
-        return min(cap, self.shares.get(target, cap))
+        return min(cap, self.shares.get(target, {}).get(self.gateway_id, 0))
 
     async def aclose(self) -> None:
         await self._watch.aclose()

@@ -4,7 +4,7 @@
     leader/controller          campaign key (ttl): the controller that leads
     demand/<gateway id>        campaign key (ttl): a gateway's demand per target
     placement/<worker id>      {"fn@version": n}: what the worker should run
-    shares/<fn>/<version>      {"share": n, "gateways": g}: each gateway's part of
+    shares/<fn>/<version>      {"shares": {gateway id: n}, "cap": c}: each gateway's part of
                                the target's max_concurrency
     status/<worker id>/<fn>/<version>  {"state": "failed", "error": ...}
     warm/<fn>/<version>        campaign key (ttl): a deploy asks for one instance

@@ -34,7 +34,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,15 +187,50 @@ def concurrency_cap(spec: FunctionSpec) -> int:
     return min(spec.max_concurrency or most, most)
 
 
-def share_of(cap: int, gateways: int) -> int:
-    """Each gateway's part of ``cap``: cap // gateways, at least 1."""
-    return max(1, cap // max(gateways, 1))
+def split_cap(cap: int, gateways: Iterable[str], busy: Mapping[str, int],
+              want: Mapping[str, int]) -> dict[str, int]:
+    """Each gateway's part of a target's region-wide ``cap``; the parts add
+    up to ``cap`` exactly (so the gateways together never run more), a
+    gateway may get 0. First what each gateway is running now (``busy``, as
+    it last reported: not taken from under it), then the rest one at a time
+    to the largest unmet ``want`` (running + held), then evenly, the fewest
+    first, ties by gateway id."""
+    gws = sorted(gateways)
+    if not gws:
+        return {}
+    alloc = dict.fromkeys(gws, 0)
+    left = max(cap, 0)
+    for g in sorted(gws, key=lambda g: -busy.get(g, 0)):
+        take = min(max(busy.get(g, 0), 0), left)
+        alloc[g] += take
+        left -= take
+    while left > 0:
+        g = max(gws, key=lambda g: (want.get(g, 0) - alloc[g], -gws.index(g)))
+        if want.get(g, 0) - alloc[g] <= 0:
+            break
+        alloc[g] += 1
+        left -= 1
+    while left > 0:  # level the rest: raise the lowest to the next level
+        low = min(alloc.values())
+        lows = [g for g in gws if alloc[g] == low]
+        above = [n for n in alloc.values() if n > low]
+        step = min(above) - low if above else None
+        if step is None or step * len(lows) > left:
+            each, extra = divmod(left, len(lows))
+            for i, g in enumerate(lows):
+                alloc[g] += each + (1 if i < extra else 0)
+            left = 0
+        else:
+            for g in lows:
+                alloc[g] += step
+            left -= step * len(lows)
+    return alloc
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     placement: Placement
-    shares: dict[str, int]
+    shares: dict[str, dict[str, int]]  # target -> gateway id -> its part of the cap
     decisions: dict[str, Decision] = field(default_factory=dict)
 
 
@@ -207,8 +242,10 @@ class Planner:
         self.deciders: dict[str, Decider] = {}
 
     def step(self, now: float, targets: Mapping[str, FunctionSpec],
-             demand: Mapping[str, Demand], workers: list[WorkerState], gateways: int,
+             demand: Mapping[str, Demand], workers: list[WorkerState],
+             gateways: Mapping[str, Mapping[str, Demand]],
              warm: frozenset[str] = frozenset()) -> Plan:
+        """``gateways``: every live gateway's id -> its own demand per target."""
         placed = totals({w.id: dict(w.placed) for w in workers if w.alive})
         desired: dict[str, int] = {}
         decisions: dict[str, Decision] = {}
@@ -224,7 +261,10 @@ class Planner:
             del self.deciders[t]
         memory = {t: spec.memory_mb for t, spec in targets.items()}
         placement = place(desired, workers, memory)
-        shares = {t: share_of(concurrency_cap(spec), gateways) for t, spec in targets.items()}
+        shares = {t: split_cap(concurrency_cap(spec), gateways,
+                               {g: d[t].in_flight for g, d in gateways.items() if t in d},
+                               {g: d[t].concurrency for g, d in gateways.items() if t in d})
+                  for t, spec in targets.items()}
         return Plan(placement, shares, decisions)
 
 
@@ -281,7 +321,7 @@ class ControlLoop:
                                      on_loss=self._loss)
         self.planner = Planner()
         self.placements: dict[str, dict[str, int]] = {}
-        self.shares: dict[str, int] = {}
+        self.shares: dict[str, dict[str, int]] = {}
         self.last_plan: Plan | None = None
         self.ticks = 0
         self._missing_since: dict[str, float] = {}
@@ -352,8 +392,8 @@ class ControlLoop:
             for e in await self.store.list(SHARES):
                 with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError,
                                          ValueError):
-                    self.shares[target_of_path(e.key[len(SHARES):])] = int(
-                        orjson.loads(e.value)["share"])
+                    self.shares[target_of_path(e.key[len(SHARES):])] = {
+                        str(g): int(n) for g, n in orjson.loads(e.value)["shares"].items()}
             log.info("leading (term %d) from %d placements", term, len(self.placements))
             while True:
                 self._wake.clear()
@@ -388,12 +428,12 @@ class ControlLoop:
         states = [worker_state(wid, info, self.placements.get(wid, {}))
                   for wid, info in sorted(live.items())]
         plan = self.planner.step(now, targets, collector.take(), states,
-                                 len(gateways.nodes), frozenset(warm_keys))
+                                 collector.by_gateway(gateways.nodes), frozenset(warm_keys))
         self.last_plan = plan
         if not self.leadership.holds(asyncio.get_running_loop().time()):
             return plan  # the lead may have lapsed: write nothing until renewed
         await self._write_placements(now, plan.placement)
-        await self._write_shares(plan.shares, len(gateways.nodes))
+        await self._write_shares(plan.shares)
         self.ticks += 1
         return plan
 
@@ -421,12 +461,12 @@ class ControlLoop:
                 del self.placements[wid]
                 del self._missing_since[wid]
 
-    async def _write_shares(self, shares: dict[str, int], gateways: int) -> None:
-        for t, share in shares.items():
-            if self.shares.get(t) != share:
-                await self.store.put(share_key(t),
-                                     orjson.dumps({"share": share, "gateways": gateways}))
-                self.shares[t] = share
+    async def _write_shares(self, shares: dict[str, dict[str, int]]) -> None:
+        for t, parts in shares.items():
+            if self.shares.get(t) != parts:
+                await self.store.put(share_key(t), orjson.dumps(
+                    {"shares": parts, "cap": sum(parts.values()), "gateways": len(parts)}))
+                self.shares[t] = parts
         for t in [t for t in self.shares if t not in shares]:
             await self.store.delete(share_key(t))
             del self.shares[t]

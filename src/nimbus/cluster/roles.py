@@ -69,7 +69,7 @@ class GatewayAgent:
         self.registration = Registration(store, "gateway", gateway_id, info, ttl_s=ttl_s)
         self.demand = DemandReporter(store, gateway_id, invokers, interval_s=interval_s)
         self.workers: NodeWatch = worker_directory_watch(store, directory)
-        self.shares = Shares(store)
+        self.shares = Shares(store, gateway_id)
 
     def share(self, target: str, cap: int) -> int:
         """This gateway's part of ``cap`` for ``target`` (``"fn@v"``)."""

@@ -34,7 +34,7 @@ class StateLock:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ConflictError(
-                f"another nimbus up (pid {holder}) is using the state folder {state_dir}; "
+                f"another nimbus (pid {holder}) is using the state folder {state_dir}; "
                 "stop it first, or give this one another --state-dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

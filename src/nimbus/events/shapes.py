@@ -13,8 +13,9 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
+from nimbus.region import region
 from nimbus.store.queue import Message
-from nimbus.worker.target import ACCOUNT, REGION
+from nimbus.worker.target import ACCOUNT
 
 
 def iso(ts: float, *, millis: bool = False) -> str:
@@ -40,8 +41,8 @@ def sqs_record(m: Message, queue: str, now: float) -> dict[str, Any]:
                               for k, v in m.attributes.items() if not k.startswith("nimbus.")},
         "md5OfBody": hashlib.md5(m.body, usedforsecurity=False).hexdigest(),
         "eventSource": "aws:sqs",
-        "eventSourceARN": f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queue}",
-        "awsRegion": REGION,
+        "eventSourceARN": f"arn:aws:sqs:{region()}:{ACCOUNT}:{queue}",
+        "awsRegion": region(),
     }
 
 
@@ -50,7 +51,7 @@ def sqs_event(messages: list[Message], queue: str, now: float) -> dict[str, Any]
 
 
 def sns_event(m: Message, topic: str, function: str) -> dict[str, Any]:
-    arn = f"arn:aws:sns:{REGION}:{ACCOUNT}:{topic}"
+    arn = f"arn:aws:sns:{region()}:{ACCOUNT}:{topic}"
     return {"Records": [{
         "EventSource": "aws:sns",
         "EventVersion": "1.0",
@@ -82,8 +83,8 @@ def scheduled_event(event_id: str, function: str, rule: str, tick: float,
         "source": "aws.events",
         "account": ACCOUNT,
         "time": iso(tick),
-        "region": REGION,
-        "resources": [f"arn:aws:events:{REGION}:{ACCOUNT}:rule/{function}-{rule}"],
+        "region": region(),
+        "resources": [f"arn:aws:events:{region()}:{ACCOUNT}:rule/{function}-{rule}"],
         "detail": detail,
     }
 
@@ -100,7 +101,7 @@ def destination_record(*, request_id: str, function: str, condition: str, attemp
         "timestamp": iso(now, millis=True),
         "requestContext": {
             "requestId": request_id,
-            "functionArn": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{function}:$LATEST",
+            "functionArn": f"arn:aws:lambda:{region()}:{ACCOUNT}:function:{function}:$LATEST",
             "condition": condition,
             "approximateInvokeCount": attempts,
         },

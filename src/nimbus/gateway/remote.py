@@ -598,7 +598,7 @@ class RemoteInvoker:
 
     @cap.setter
     def cap(self, value: int) -> None:
-        self._cap = max(1, int(value))
+        self._cap = max(0, int(value))  # 0: none of the region's cap is ours now
         self._wake()
 
     @property

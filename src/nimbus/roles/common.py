@@ -20,6 +20,7 @@ import orjson
 from nimbus.control import statedir
 from nimbus.errors import NimbusError, UserInputError
 from nimbus.ids import new_id
+from nimbus.region import set_region
 from nimbus.store.private import write_private
 
 log = logging.getLogger("nimbus")
@@ -73,7 +74,8 @@ def role_config(role: str, store_url: str, region: str, token_file: Path | None,
                              "or sqlite:///PATH")
     statedir.prepare(state_dir)
     token_path = token_file or Path(os.environ.get("NIMBUS_TOKEN_FILE", state_dir / "token"))
-    return RoleConfig(role, store_url, check_region(region), read_token(token_path),
+    set_region(check_region(region))
+    return RoleConfig(role, store_url, region, read_token(token_path),
                       state_dir.resolve(), f"{role[0]}{new_id()[:11].replace('-', '')}")
 
 

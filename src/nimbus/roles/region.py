@@ -125,7 +125,8 @@ class Controller:
             "node": self.config.node_id, "uptime_s": round(now - self.started_at, 1),
             "control_url": self.control_url, "leader": await self.leader_id(),
             "leading": self.agent.is_leader, "nodes": nodes,
-            "nats": await self.nats_health(), "functions": functions}
+            "nats": await self.nats_health(), "nats_urls": self.nats_urls(),
+            "functions": functions}
 
     async def placed(self) -> dict[str, int]:
         """Instances placed per target, over every worker's placement."""
@@ -162,6 +163,11 @@ class Controller:
         if self.backend.nc is None:
             return []
         return await servers_health(self.backend.nc, self.config.region)
+
+    def nats_urls(self) -> list[str]:
+        from nimbus.store.nats_health import known_urls
+
+        return known_urls(self.backend.nc) if self.backend.nc is not None else []
 
     async def aclose(self) -> None:
         await self.agent.aclose()  # resigns the lead: a standby takes over at once

@@ -1,11 +1,12 @@
 """The NATS servers of a region as ``nimbus status`` shows them: from the
 cluster info of the region's store stream (which server leads it, which
-replicas are current, how far behind the others are), plus the server this
-process is connected to."""
+replicas are current, how far behind the others are), each server's URL
+matched to its name by the INFO line it sends to a new connection."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from nats.aio.client import Client
@@ -13,6 +14,7 @@ from nats.aio.client import Client
 from nimbus.errors import NimbusError
 
 HEALTH_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 1.0
 
 
 async def servers_health(nc: Client, region: str) -> list[dict[str, Any]]:
@@ -41,8 +43,48 @@ async def servers_health(nc: Client, region: str) -> list[dict[str, Any]]:
             health = "current"
         out.append({"name": r.name, "role": "replica", "health": health,
                     "connected": r.name == connected})
-    url = nc.connected_url
-    here = f"{url.scheme}://{url.netloc}" if url is not None else "-"
+    names = await _names_by_url(known_urls(nc))
+    urls = {name: url for url, name in names.items() if name}
     for s in out:
-        s["url"] = here if s["connected"] else "-"
+        s["url"] = urls.get(str(s["name"]), "-")
+    listed = {s["name"] for s in out}
+    for url, name in names.items():  # a server the store's stream does not name
+        if name is None or name not in listed:
+            out.append({"name": name or "-", "role": "-", "url": url,
+                        "health": "unreachable" if name is None else "no store replica",
+                        "connected": False})
     return out
+
+
+async def _names_by_url(urls: list[str]) -> dict[str, str | None]:
+    """Each server's name from the INFO line it sends first (no login
+    needed), or None if it does not answer in time."""
+    async def name_of(url: str) -> str | None:
+        host, _, port = url.removeprefix("nats://").rpartition(":")
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+                try:
+                    line = await reader.readline()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, ValueError):
+            return None
+        if not line.startswith(b"INFO "):
+            return None
+        try:
+            info = json.loads(line[5:])
+        except ValueError:
+            return None
+        name = info.get("server_name") if isinstance(info, dict) else None
+        return str(name) if name else None
+
+    found = await asyncio.gather(*(name_of(u) for u in urls))
+    return dict(zip(urls, found, strict=True))
+
+
+def known_urls(nc: Client) -> list[str]:
+    """Every server's client URL this client knows: the ones it was given and
+    the ones the cluster told it about."""
+    return sorted({f"{srv.uri.scheme}://{srv.uri.netloc}"
+                   for srv in getattr(nc, "_server_pool", [])})

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nimbus.manifest.model import FunctionSpec
+from nimbus.region import region
 from nimbus.runtime.sandbox import TASK_ROOT
 
 if TYPE_CHECKING:
     from nimbus.worker.containment import Containment
 
-REGION = "local"
 ACCOUNT = "000000000000"
 
 
@@ -35,7 +35,7 @@ class Target:
 
     @property
     def arn(self) -> str:
-        return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{self.spec.name}:{self.version}"
+        return f"arn:aws:lambda:{region()}:{ACCOUNT}:function:{self.spec.name}:{self.version}"
 
     def instance_spec(self, instance_id: str, state_dir: Path,
                       containment: Containment) -> dict[str, Any]:
@@ -65,8 +65,8 @@ class Target:
             "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{spec.name}",
             "AWS_LAMBDA_LOG_STREAM_NAME": instance_id,
             "AWS_EXECUTION_ENV": f"nimbus_python3.{sys.version_info.minor}",
-            "AWS_REGION": REGION,
-            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": region(),
+            "AWS_DEFAULT_REGION": region(),
             "LAMBDA_TASK_ROOT": str(code_dir),
             "LAMBDA_RUNTIME_DIR": str(Path(__file__).resolve().parent.parent / "runtime"),
             "_HANDLER": spec.handler,
