@@ -491,7 +491,7 @@ def test_gateway_views_shares_and_worker_directory(backend: RegionStore, tmp_pat
             await reg.aclose()
             await until("w1 removed", lambda: "w1" not in directory.workers)
             await other.delete("shares/f/1")
-            await until("share gone", lambda: shares.share("f@1", 10) == 10)
+            await until("share gone", lambda: shares.share("f@1", 10) == 0)
             await watch.aclose()
             await shares.aclose()
 

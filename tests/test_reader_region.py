@@ -1008,8 +1008,8 @@ functions:
   tickfn:
     handler: t.handler
     schedule: rate(1 second)
-    env: {MARKS: %s}
-""" % marks
+    env: {MARKS: MARKS_DIR}
+""".replace("MARKS_DIR", str(marks))
     code = """\
 import os
 def handler(event, context):
