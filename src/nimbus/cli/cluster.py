@@ -247,8 +247,10 @@ def run_cluster_up(app_dir: Path | None, *, state_dir: Path, region: str, worker
                         controllers=controllers, port=port, control_port=control_port,
                         worker_args=worker_args)
     code = 0
+    started = False
     try:
         local.start()
+        started = True
         assert local.nats is not None
         for c in local.children:
             click.echo(f"nimbus: {c.name} pid {c.info.get('pid')} {c.info.get('url', '')}",
@@ -293,5 +295,6 @@ def run_cluster_up(app_dir: Path | None, *, state_dir: Path, region: str, worker
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         local.stop()
-    click.echo("nimbus: stopped", err=True)
+    if started:
+        click.echo("nimbus: stopped", err=True)
     return code

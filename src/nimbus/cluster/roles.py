@@ -65,11 +65,11 @@ class GatewayAgent:
     def __init__(self, store: ClusterStore, gateway_id: str,
                  invokers: Callable[[], Mapping[str, Any]], directory: Any, *,
                  info: Info | None = None, ttl_s: float = 3.0,
-                 interval_s: float = 0.5) -> None:
+                 interval_s: float = 0.5, shares: Shares | None = None) -> None:
         self.registration = Registration(store, "gateway", gateway_id, info, ttl_s=ttl_s)
         self.demand = DemandReporter(store, gateway_id, invokers, interval_s=interval_s)
         self.workers: NodeWatch = worker_directory_watch(store, directory)
-        self.shares = Shares(store, gateway_id)
+        self.shares = shares or Shares(store, gateway_id)
 
     def share(self, target: str, cap: int) -> int:
         """This gateway's part of ``cap`` for ``target`` (``"fn@v"``)."""

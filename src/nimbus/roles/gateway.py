@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +37,13 @@ class RemotePools:
     """What route sync needs from "the worker" (``pool(target)`` and
     ``retire(keep)``), answered with remote invokers."""
 
-    def __init__(self, directory: Any) -> None:
+    def __init__(self, directory: Any,
+                 share: Callable[[str, int], int] | None = None) -> None:
         from nimbus.gateway.remote import RemoteInvoker
 
         self._make = RemoteInvoker
         self.directory = directory
+        self.share = share  # this gateway's part of a region-wide cap, if it has parts
         self.pools: dict[tuple[str, int], Any] = {}
         self.full_caps: dict[tuple[str, int], int] = {}
 
@@ -51,6 +54,8 @@ class RemotePools:
                 inv.close()
             inv = self.pools[target.key] = self._make(target, self.directory)
             self.full_caps[target.key] = inv.cap
+            if self.share is not None:  # from its first request on, never the whole cap
+                inv.cap = self.share(f"{target.function}@{target.version}", inv.cap)
         return inv
 
     def retire(self, keep: set[tuple[str, int]], grace_s: float = 1.0) -> None:
@@ -62,12 +67,13 @@ class RemotePools:
         """The invokers by target key (``"fn@version"``), for demand reports."""
         return {f"{fn}@{v}": inv for (fn, v), inv in self.pools.items()}
 
-    def apply_shares(self, share: Any) -> None:
-        """Each invoker's cap: this gateway's share of the function's
-        region-wide cap (``share(target, cap)``), never the whole of it
-        once the leader has handed out shares."""
+    def apply_shares(self) -> None:
+        """Each invoker's cap: this gateway's part of the function's
+        region-wide cap (0 until the leader has handed out the parts)."""
+        if self.share is None:
+            return
         for key, inv in self.pools.items():
-            cap = share(f"{key[0]}@{key[1]}", self.full_caps[key])
+            cap = self.share(f"{key[0]}@{key[1]}", self.full_caps[key])
             if inv.cap != cap:
                 inv.cap = cap
 
@@ -75,6 +81,7 @@ class RemotePools:
 async def serve_gateway(config: RoleConfig, options: GatewayOptions,
                         stop: asyncio.Event) -> None:
     from nimbus.clock import SystemClock
+    from nimbus.cluster.demand import Shares
     from nimbus.cluster.roles import GatewayAgent
     from nimbus.control.routesync import RouteSync
     from nimbus.events.service import Events
@@ -86,7 +93,8 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
     backend = await open_backend(config.store_url, region=config.region, token=config.token,
                                  state_dir=config.state_dir)
     directory = WorkerDirectory(config.token, seed=config.node_id)
-    pools = RemotePools(directory)
+    shares = Shares(backend.store, config.node_id)
+    pools = RemotePools(directory, shares.share)
     gateway = Gateway(GatewayConfig(max_body_bytes=options.max_body_bytes))
     events = Events(backend.queue, SystemClock())
     gateway.events = events
@@ -94,14 +102,14 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
                        on_change=events.sync)
     http = HttpServer.for_gateway(gateway, options.host, options.port, options.grace_s)
     agent = GatewayAgent(backend.store, config.node_id, pools.by_target, directory,
-                         info=lambda: {"url": http.url})
+                         info=lambda: {"url": http.url}, shares=shares)
     sharing: asyncio.Task[None] | None = None
     try:
         await routes.start()
         events.start()
         await http.start()
         await agent.start()  # the workers, shares, demand reports; registered with our URL
-        sharing = asyncio.create_task(_keep_shares(pools, agent))
+        sharing = asyncio.create_task(_keep_shares(pools))
         write_node_file(config, {"url": http.url})
         log.info("gateway %s serving at %s", config.node_id, http.url)
         await stop.wait()
@@ -117,7 +125,7 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
         await backend.aclose()
 
 
-async def _keep_shares(pools: RemotePools, agent: Any) -> None:
+async def _keep_shares(pools: RemotePools) -> None:
     while True:
-        pools.apply_shares(agent.share)
+        pools.apply_shares()
         await asyncio.sleep(SHARE_EVERY_S)

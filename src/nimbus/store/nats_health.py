@@ -45,14 +45,23 @@ async def servers_health(nc: Client, region: str) -> list[dict[str, Any]]:
                     "connected": r.name == connected})
     names = await _names_by_url(known_urls(nc))
     urls = {name: url for url, name in names.items() if name}
+    silent = [url for url, name in names.items() if name is None]
     for s in out:
-        s["url"] = urls.get(str(s["name"]), "-")
+        url = urls.get(str(s["name"]))
+        if url is None:
+            # the stream still lists it, but it does not answer: the one
+            # silent URL is its, if there is just one
+            s["health"] = "unreachable"
+            url = silent.pop(0) if len(silent) == 1 else "-"
+        s["url"] = url
     listed = {s["name"] for s in out}
     for url, name in names.items():  # a server the store's stream does not name
-        if name is None or name not in listed:
-            out.append({"name": name or "-", "role": "-", "url": url,
-                        "health": "unreachable" if name is None else "no store replica",
+        if name is not None and name not in listed:
+            out.append({"name": name, "role": "-", "url": url, "health": "no store replica",
                         "connected": False})
+    for url in silent:
+        out.append({"name": "-", "role": "-", "url": url, "health": "unreachable",
+                    "connected": False})
     return out
 
 
