@@ -134,3 +134,26 @@ def test_live_targets_and_worker_state_from_records() -> None:
     w = worker_state("w1", info, {"f@3": 1})
     assert (w.max_instances, w.memory_mb, dict(w.placed)) == (4, 512, {"f@3": 1})
     assert worker_state("w2", {}, {}).max_instances == 0  # no budget: nothing placed there
+
+
+@given(st.integers(0, 60), st.lists(st.sampled_from("abcdef"), min_size=1, unique=True),
+       st.dictionaries(st.sampled_from("abcdef"), st.integers(0, 20)),
+       st.dictionaries(st.sampled_from("abcdef"), st.integers(0, 80)),
+       st.dictionaries(st.sampled_from("abcdef"), st.integers(0, 20)))
+def test_a_unit_moves_only_once_its_gateway_gave_it_up(cap: int, gws: list[str],
+                                                       busy: dict[str, int],
+                                                       want: dict[str, int],
+                                                       hold: dict[str, int]) -> None:
+    if sum(hold.get(g, 0) for g in gws) > cap:
+        return  # what gateways hold never adds up past the cap: parts only ever did
+    parts = split_cap(cap, gws, busy, want, hold)
+    # whatever a gateway may still be using, plus what the others may now
+    # start, never passes the cap
+    assert sum(max(parts[g], hold.get(g, 0)) for g in gws) <= cap
+
+
+def test_a_handover_takes_two_steps() -> None:
+    # a holds the only unit; b wants it: a is told to give it up first
+    assert split_cap(1, ["a", "b"], {}, {"b": 3}, {"a": 1}) == {"a": 0, "b": 0}
+    # a reported it enforces 0 and runs nothing: now b gets it
+    assert split_cap(1, ["a", "b"], {}, {"b": 3}, {"a": 0}) == {"a": 0, "b": 1}

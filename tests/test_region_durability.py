@@ -23,6 +23,10 @@ pytestmark = pytest.mark.e2e
 
 HANDLERS_WRITE_HOST_FILES = True
 
+# The full chaos run (1,000 invocations) is opt-in: NIMBUS_CHAOS=1. The default
+# suite runs the same test on fewer, to stay within the CI budget.
+INVOCATIONS = 1000 if os.environ.get("NIMBUS_CHAOS") == "1" else 400
+
 APP = """\
 name: durable
 functions:
@@ -119,11 +123,11 @@ def test_nats_server_sigkill_during_async_work(tmp_path: Path) -> None:
         nats = region.cluster["nats"]
         ids: list[str] = []
         with concurrent.futures.ThreadPoolExecutor(1) as bg:
-            sent = bg.submit(submit, region, "/flaky", 1000)
+            sent = bg.submit(submit, region, "/flaky", INVOCATIONS)
             time.sleep(1.0)
             os.kill(nats[1]["pid"], signal.SIGKILL)
             ids = sent.result(timeout=300)
-        assert len(set(ids)) == 1000
+        assert len(set(ids)) == INVOCATIONS
         nats_pid_restarted = region.restart_nats(1)
         assert nats_pid_restarted
 
@@ -131,11 +135,11 @@ def test_nats_server_sigkill_during_async_work(tmp_path: Path) -> None:
             fn = next(f for f in region.status()["functions"] if f["name"] == "flaky")
             return dict(fn["async"])
 
-        final = wait_until(lambda: (c := counts())["succeeded"] + c["dead"] >= 1000 and c,
+        final = wait_until(lambda: (c := counts())["succeeded"] + c["dead"] >= INVOCATIONS and c,
                            240, "every invocation settled", step_s=0.5)
         by_id = {i: invocation(region, i) for i in ids}
         statuses = collections.Counter(r["status"] for r in by_id.values())
-        assert statuses["succeeded"] + statuses["dead"] == 1000, statuses
+        assert statuses["succeeded"] + statuses["dead"] == INVOCATIONS, statuses
         assert final["succeeded"] == statuses["succeeded"]  # counted exactly
         assert final["dead"] == statuses["dead"]
         starts = len([1 for line in runs.read_text().splitlines()

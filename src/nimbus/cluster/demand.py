@@ -51,6 +51,7 @@ class Demand:
     in_flight: int = 0
     held: int = 0
     arrivals: int = 0  # since the previous sample
+    cap: int = 0  # one gateway's: the part of the cap it enforces now
 
     @property
     def concurrency(self) -> int:
@@ -82,7 +83,7 @@ def decode_report(value: bytes) -> dict[str, Any] | None:
     for d in report["targets"].values():
         if not isinstance(d, dict) or not all(
                 isinstance(d.get(k, 0), int) and d.get(k, 0) >= 0
-                for k in ("in_flight", "held", "arrivals")):
+                for k in ("in_flight", "held", "arrivals", "cap")):
             return None
     return report
 
@@ -128,7 +129,7 @@ class DemandReporter:
         for key, inv in self.invokers().items():
             arrivals = int(inv.take_arrivals()) + self._carry.pop(key, 0)
             targets[key] = {"in_flight": int(inv.in_flight), "held": int(inv.held),
-                            "arrivals": arrivals}
+                            "arrivals": arrivals, "cap": int(getattr(inv, "cap", 0))}
         for key, n in self._carry.items():  # invokers that went meanwhile
             targets.setdefault(key, {"in_flight": 0, "held": 0, "arrivals": n})
         self._carry.clear()
@@ -249,7 +250,8 @@ class Collector:
         out: dict[str, dict[str, Demand]] = {}
         for gw in live:
             report = self.latest.get(f"{DEMAND}{gw}", {})
-            out[gw] = {t: Demand(int(d.get("in_flight", 0)), int(d.get("held", 0)))
+            out[gw] = {t: Demand(int(d.get("in_flight", 0)), int(d.get("held", 0)),
+                                 cap=int(d.get("cap", 0)))
                        for t, d in report.get("targets", {}).items()}
         return out
 

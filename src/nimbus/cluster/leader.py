@@ -188,18 +188,54 @@ def concurrency_cap(spec: FunctionSpec) -> int:
 
 
 def split_cap(cap: int, gateways: Iterable[str], busy: Mapping[str, int],
-              want: Mapping[str, int]) -> dict[str, int]:
-    """Each gateway's part of a target's region-wide ``cap``; the parts add
-    up to ``cap`` exactly (so the gateways together never run more), a
-    gateway may get 0. First what each gateway is running now (``busy``, as
-    it last reported: not taken from under it), then the rest one at a time
-    to the largest unmet ``want`` (running + held), then evenly, the fewest
-    first, ties by gateway id."""
+              want: Mapping[str, int], holding: Mapping[str, int] | None = None
+              ) -> dict[str, int]:
+    """Each gateway's part of a target's region-wide ``cap``: never more in
+    all than ``cap``, counting what gateways may still be using.
+
+    ``holding``: units a gateway may be using now, as far as the leader
+    knows (the part it last reported enforcing, the part last written for
+    it, its calls in flight). A unit moves in two steps: the gateway giving
+    it up is told its smaller part, and only once it reports holding less
+    is the unit free for another. ``ideal`` parts: first what each gateway
+    is running now (``busy``), then the rest one at a time to the largest
+    unmet ``want`` (running + held), then evenly, the fewest first, ties by
+    gateway id."""
     gws = sorted(gateways)
     if not gws:
         return {}
+    ideal = _ideal_split(max(cap, 0), gws, busy, want)
+    if holding is None:
+        return ideal
+    hold = {g: max(holding.get(g, 0), 0) for g in gws}
+    parts = {g: min(ideal[g], hold[g]) for g in gws}  # shrink now; grow from what is free
+    free = max(cap, 0) - sum(hold.values())
+    for g in sorted(gws, key=lambda g: (-(ideal[g] - hold[g]), g)):
+        if free <= 0:
+            break
+        grow = min(ideal[g] - parts[g], free) if ideal[g] > hold[g] else 0
+        grow = max(grow, 0)
+        parts[g] = hold[g] + grow if grow else parts[g]
+        free -= grow
+    return parts
+
+
+def holding(target: str, gateways: Mapping[str, Mapping[str, Demand]],
+            written: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """What each gateway may be using of ``target``'s cap: the most of its
+    calls in flight, the part it reported enforcing and the part last
+    written for it (which it may have applied since its report)."""
+    out = {}
+    for g, d in gateways.items():
+        mine = d.get(target, Demand())
+        out[g] = max(mine.in_flight, mine.cap, written.get(target, {}).get(g, 0))
+    return out
+
+
+def _ideal_split(cap: int, gws: list[str], busy: Mapping[str, int],
+                 want: Mapping[str, int]) -> dict[str, int]:
     alloc = dict.fromkeys(gws, 0)
-    left = max(cap, 0)
+    left = cap
     for g in sorted(gws, key=lambda g: -busy.get(g, 0)):
         take = min(max(busy.get(g, 0), 0), left)
         alloc[g] += take
@@ -244,8 +280,11 @@ class Planner:
     def step(self, now: float, targets: Mapping[str, FunctionSpec],
              demand: Mapping[str, Demand], workers: list[WorkerState],
              gateways: Mapping[str, Mapping[str, Demand]],
-             warm: frozenset[str] = frozenset()) -> Plan:
-        """``gateways``: every live gateway's id -> its own demand per target."""
+             warm: frozenset[str] = frozenset(),
+             written: Mapping[str, Mapping[str, int]] | None = None) -> Plan:
+        """``gateways``: every live gateway's id -> its own demand per target;
+        ``written``: the parts of each cap as last written (None: hand out
+        parts without waiting for gateways to give units back)."""
         placed = totals({w.id: dict(w.placed) for w in workers if w.alive})
         desired: dict[str, int] = {}
         decisions: dict[str, Decision] = {}
@@ -263,7 +302,8 @@ class Planner:
         placement = place(desired, workers, memory)
         shares = {t: split_cap(concurrency_cap(spec), gateways,
                                {g: d[t].in_flight for g, d in gateways.items() if t in d},
-                               {g: d[t].concurrency for g, d in gateways.items() if t in d})
+                               {g: d[t].concurrency for g, d in gateways.items() if t in d},
+                               None if written is None else holding(t, gateways, written))
                   for t, spec in targets.items()}
         return Plan(placement, shares, decisions)
 
@@ -428,7 +468,8 @@ class ControlLoop:
         states = [worker_state(wid, info, self.placements.get(wid, {}))
                   for wid, info in sorted(live.items())]
         plan = self.planner.step(now, targets, collector.take(), states,
-                                 collector.by_gateway(gateways.nodes), frozenset(warm_keys))
+                                 collector.by_gateway(gateways.nodes), frozenset(warm_keys),
+                                 written=self.shares)
         self.last_plan = plan
         if not self.leadership.holds(asyncio.get_running_loop().time()):
             return plan  # the lead may have lapsed: write nothing until renewed

@@ -105,6 +105,7 @@ INDEX_KEEP = 500  # recent ids kept per queue for ``records``
 RECORD_TTL_S = 24 * 3600.0  # a settled record expires this long after its settle
 MAX_ACK_PENDING = 100_000  # deliveries out at once per queue (leased and NAK-delayed)
 CAS_TRIES = 50
+OPEN_READY_S = 30.0  # a cluster electing leaders, or a racing creator
 COUNT_WAIT_S = 10.0  # an operation waits this long for its counts to land
 WRITER_MEMORY_S = 3600.0  # how long a summary remembers a writer's last batch
 CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
@@ -190,25 +191,43 @@ async def open_nats_queue(nc: Client, *, region: str, replicas: int | None = Non
     js = nc.jetstream()
     stream = f"nimbus-{region}-work"
     bucket = f"nimbus-{region}-records"
-    with _mapped(f"opening stream {stream} and bucket {bucket}"):
+    # A new cluster still electing leaders, or another process creating the
+    # same stream at this moment, is waited out for up to OPEN_READY_S.
+    deadline = time.monotonic() + OPEN_READY_S
+    while True:
         try:
-            await js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
-            await js.add_stream(StreamConfig(
-                name=stream, subjects=[f"nimbus.{region}.work.>"],
-                retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                num_replicas=replicas, duplicate_window=DUPLICATE_WINDOW_S))
-        try:
-            kv = await js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            kv = await js.create_key_value(KeyValueConfig(
-                bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE,
-                direct=False))  # reads from the leader: a settle is seen by the next read
-        await _wait_for_leader(js, stream)
-        await _wait_for_leader(js, f"KV_{bucket}")
+            kv = await _open_parts(js, region, stream, bucket, replicas)
+            break
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError,
+                nats.js.errors.BadRequestError, UnavailableError) as exc:
+            if time.monotonic() > deadline:
+                with _mapped(f"opening stream {stream} and bucket {bucket}"):
+                    raise exc
+            await asyncio.sleep(0.2)
     return NatsQueue(nc, js, kv, region=region, stream=stream,
                      dedup_window_s=dedup_window_s, ack_wait_s=ack_wait_s,
                      record_ttl_s=record_ttl_s)
+
+
+async def _open_parts(js: JetStreamContext, region: str, stream: str, bucket: str,
+                      replicas: int) -> KeyValue:
+    try:
+        await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(StreamConfig(
+            name=stream, subjects=[f"nimbus.{region}.work.>"],
+            retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+            num_replicas=replicas, duplicate_window=DUPLICATE_WINDOW_S))
+    try:
+        kv = await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        kv = await js.create_key_value(KeyValueConfig(
+            bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE,
+            direct=False))  # reads from the leader: a settle is seen by the next read
+    await _wait_for_leader(js, stream)
+    await _wait_for_leader(js, f"KV_{bucket}")
+    return kv
 
 
 class NatsQueue:
