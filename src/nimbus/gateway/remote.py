@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import random
 import secrets
@@ -124,10 +123,8 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
 class WorkerLink:
     """One worker as this gateway sees it."""
 
-    def __init__(self, worker_id: str, host: str, port: int, ready: Mapping[str, int],
-                 rank: int = 0) -> None:
+    def __init__(self, worker_id: str, host: str, port: int, ready: Mapping[str, int]) -> None:
         self.id = worker_id
-        self.rank = rank  # this gateway's preference among equally loaded workers
         self.host = host
         self.port = port
         self.registry: dict[str, int] = dict(ready)  # as the registry last said
@@ -162,12 +159,7 @@ class WorkerDirectory:
 
     def __init__(self, token: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  max_calls: int = MAX_CALLS, ping_every_s: float = PING_EVERY_S,
-                 dead_after_s: float = DEAD_AFTER_S, seed: str = "") -> None:
-        """``seed`` (the gateway's id) orders workers that are equally loaded
-        as this gateway sees them: each gateway prefers a different one, so
-        gateways that cannot see each other's calls spread their first ones
-        instead of all picking the same worker."""
-        self.seed = seed
+                 dead_after_s: float = DEAD_AFTER_S) -> None:
         if len(token) < 32:
             raise ValueError("the region token must have at least 32 characters")
         self.token = token.encode()
@@ -197,9 +189,7 @@ class WorkerDirectory:
             self.remove(worker_id)  # moved: the old connection drains
             link = None
         if link is None:
-            rank = int.from_bytes(hashlib.blake2b(f"{self.seed}/{worker_id}".encode(),
-                                                  digest_size=8).digest(), "big")
-            link = self.workers[worker_id] = WorkerLink(worker_id, host, port, ready, rank)
+            link = self.workers[worker_id] = WorkerLink(worker_id, host, port, ready)
             link.task = asyncio.get_running_loop().create_task(self._keep_connected(link))
             return
         grown = [k for k, n in ready.items() if n > link.registry.get(k, 0)]
@@ -231,14 +221,22 @@ class WorkerDirectory:
         ``key``, its slot reserved (``release`` it), or None."""
         best: WorkerLink | None = None
         low = 0.0
+        ties = 0
         limit = self.max_calls
         for link in self.workers.values():
             ready = link.ready(key)
             if ready <= 0 or link.calls >= limit or (exclude and link.id in exclude):
                 continue
             score = link.outstanding.get(key, 0) / ready
-            if best is None or score < low or (score == low and link.rank < best.rank):
-                best, low = link, score
+            if best is None or score < low:
+                best, low, ties = link, score, 1
+            elif score == low:
+                # equally loaded as this gateway sees them: any of them, at
+                # random (another gateway's calls are invisible here, so a
+                # fixed order would send every gateway to the same worker)
+                ties += 1
+                if random.random() * ties < 1.0:
+                    best = link
         if best is not None:
             best.reserve(key)
         return best

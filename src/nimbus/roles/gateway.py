@@ -92,7 +92,7 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
 
     backend = await open_backend(config.store_url, region=config.region, token=config.token,
                                  state_dir=config.state_dir)
-    directory = WorkerDirectory(config.token, seed=config.node_id)
+    directory = WorkerDirectory(config.token)
     shares = Shares(backend.store, config.node_id)
     pools = RemotePools(directory, shares.share)
     gateway = Gateway(GatewayConfig(max_body_bytes=options.max_body_bytes))

@@ -41,7 +41,7 @@ class Controller:
         self.control_url = ""
         self.guards: dict[str, Any] = {}
         clock = SystemClock()
-        self.directory = WorkerDirectory(config.token, seed=config.node_id)
+        self.directory = WorkerDirectory(config.token)
         self.nodes = {role: NodeWatch(backend.store, role) for role in ROLES}
         self.pools = RemotePools(self.directory)  # for `nimbus invoke`
         self.gateway = Gateway()  # the route table `nimbus invoke` uses; serves no port
