@@ -85,8 +85,8 @@ def notes(runs: Path, kind: str) -> list[Any]:
             if n["kind"] == kind]
 
 
-def ready_by_worker(region: Region, fn: str) -> dict[str, int]:
-    for f in region.status()["functions"]:
+def ready_by_worker(region: Region, fn: str, url: str | None = None) -> dict[str, int]:
+    for f in region.status(url)["functions"]:
         if f["name"] == fn:
             return dict(f["instances_per_worker"])
     return {}
@@ -201,5 +201,5 @@ def test_leader_sigkill_standby_leads_and_schedules_go_on(region: Region) -> Non
     assert all(abs(g - 1.0) < 0.01 for g in gaps), gaps  # none missed
     # autoscaling goes on under the new leader: a burst grows `slow`
     with Load([region.gateway_urls[0]], "/slow", threads=8):
-        wait_until(lambda: sum(ready_by_worker(region, "slow").values()) > 2, 20,
-                   "slow scaled up by the new leader")
+        wait_until(lambda: sum(ready_by_worker(region, "slow", other["url"]).values()) > 2,
+                   20, "slow scaled up by the new leader")

@@ -217,9 +217,17 @@ def test_cap_and_max_queue_throttle_like_the_pool(shared, app_dir):
     run(scenario)
 
 
-def test_a_call_for_a_pool_the_worker_lacks_goes_elsewhere(shared, app_dir, tmp_path):
+def first_on_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equally loaded workers are picked at random; these tests place calls
+    on purpose: the first listed worker wins a tie."""
+    monkeypatch.setattr("nimbus.gateway.remote.random.random", lambda: 0.99)
+
+
+def test_a_call_for_a_pool_the_worker_lacks_goes_elsewhere(shared, app_dir, tmp_path,
+                                                          monkeypatch):
     """A worker without the function's pool answers that it did not run the
     call; the gateway sends it to another worker, whatever its method."""
+    first_on_ties(monkeypatch)
     lacking = tmp_path / "other-app"
     lacking.mkdir()
     (lacking / "app.yaml").write_text("name: remote\nfunctions:\n  one: {handler: h.work}\n")
@@ -334,9 +342,10 @@ def test_two_workers_share_the_load_by_least_outstanding(start_worker, app_dir):
     run(scenario)
 
 
-def test_a_worker_killed_mid_flight(start_worker, app_dir, tmp_path):
+def test_a_worker_killed_mid_flight(start_worker, app_dir, tmp_path, monkeypatch):
     """Idempotent calls in flight on the killed worker run again on the
     other; a POST there fails with 502; nothing else runs twice."""
+    first_on_ties(monkeypatch)
     a, b = start_worker("w-a"), start_worker("w-b")
     marks = tmp_path / "marks"
     marks.mkdir()

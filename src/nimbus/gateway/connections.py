@@ -269,6 +269,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or not self._idle():
             return False
         self.transport.close()
+        # out of the server's set now, not when the loop later reports the
+        # close: the newcomer takes its place and the count stays at the cap
+        self.connections.discard(self)
         return True
 
     def expire(self) -> bool:
