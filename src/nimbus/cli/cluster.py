@@ -196,7 +196,7 @@ class LocalRegion:
     def exited(self) -> list[Child]:
         return [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 20.0) -> None:
         """Gateways first (no new requests), then workers, then controllers;
         SIGTERM, then SIGKILL past ``grace_s``; then the NATS servers."""
         for role in ("gateway", "worker", "controller"):

@@ -115,11 +115,13 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
         await stop.wait()
     finally:
         remove_node_file(config)
+        # HTTP requests and async work in flight finish first, side by side,
+        # while this gateway still reports demand and holds its parts of caps;
+        # then it leaves the region.
+        await asyncio.gather(http.aclose(), events.aclose(grace_s=min(options.grace_s, 5.0)))
         if sharing is not None:
             sharing.cancel()
         await agent.aclose()
-        await http.aclose()  # requests in flight finish first
-        await events.aclose(grace_s=min(options.grace_s, 5.0))
         await routes.aclose()
         await directory.aclose()
         await backend.aclose()
