@@ -7,6 +7,7 @@ the whole region.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -92,6 +93,8 @@ class Controller:
         self.control_url = self.http.url
         self.guards = {"control": self.http.guard}
         await self.agent.start()
+        with contextlib.suppress(Exception):  # learn the servers' names while all answer
+            await self.nats_health()
 
     @property
     def max_bundle_bytes(self) -> int:

@@ -15,6 +15,7 @@ from nimbus.errors import NimbusError
 
 HEALTH_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 1.0
+_SEEN: dict[str, str] = {}  # server name by URL, as each last said it
 
 
 async def servers_health(nc: Client, region: str) -> list[dict[str, Any]]:
@@ -44,24 +45,30 @@ async def servers_health(nc: Client, region: str) -> list[dict[str, Any]]:
         out.append({"name": r.name, "role": "replica", "health": health,
                     "connected": r.name == connected})
     names = await _names_by_url(known_urls(nc))
+    for url, name in names.items():  # a server that stops answering keeps its name
+        if name is not None:
+            _SEEN[url] = name
     urls = {name: url for url, name in names.items() if name}
     silent = [url for url, name in names.items() if name is None]
+    known_silent = {_SEEN[u]: u for u in silent if u in _SEEN}
     for s in out:
-        url = urls.get(str(s["name"]))
-        if url is None:
-            # the stream still lists it, but it does not answer: the one
-            # silent URL is its, if there is just one
+        addr = urls.get(str(s["name"]))
+        if addr is None:
+            # the stream still lists it, but it does not answer
             s["health"] = "unreachable"
-            url = silent.pop(0) if len(silent) == 1 else "-"
-        s["url"] = url
+            addr = known_silent.pop(str(s["name"]), None) or (
+                silent[0] if len(silent) == 1 and not known_silent else "-")
+            if addr in silent:
+                silent.remove(addr)
+        s["url"] = addr
     listed = {s["name"] for s in out}
     for url, name in names.items():  # a server the store's stream does not name
         if name is not None and name not in listed:
             out.append({"name": name, "role": "-", "url": url, "health": "no store replica",
                         "connected": False})
     for url in silent:
-        out.append({"name": "-", "role": "-", "url": url, "health": "unreachable",
-                    "connected": False})
+        out.append({"name": _SEEN.get(url, "-"), "role": "-", "url": url,
+                    "health": "unreachable", "connected": False})
     return out
 
 
