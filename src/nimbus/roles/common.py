@@ -39,10 +39,6 @@ class RoleConfig:
     state_dir: Path
     node_id: str
 
-    @property
-    def arn_region(self) -> str:
-        return self.region
-
 
 def check_region(name: str) -> str:
     if not _REGION.fullmatch(name):

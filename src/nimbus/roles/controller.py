@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +52,3 @@ def node_summary(info: dict[str, Any], now: float) -> dict[str, Any]:
             "uptime_s": round(now - float(info.get("started_at", now)), 1),
             "ready": info.get("ready", {}), "lease": "held"}
 
-
-def this_process(config: RoleConfig, url: str) -> dict[str, Any]:
-    return {"role": config.role, "id": config.node_id, "pid": os.getpid(), "url": url,
-            "started_at": time.time()}
