@@ -108,6 +108,20 @@ class Region:
         return self.proc.returncode
 
 
+def app_with_runs(tmp_path: Path, name: str, manifest: str,
+                  handlers: str) -> tuple[Path, Path]:
+    """An app folder ``name`` whose handlers (``handlers``, formatted with
+    ``runs=``) append what they did to a ``runs.jsonl`` any uid may write."""
+    app = tmp_path / name
+    app.mkdir()
+    runs = tmp_path / "runs.jsonl"
+    runs.touch()
+    runs.chmod(0o666)
+    (app / "app.yaml").write_text(manifest)
+    (app / "h.py").write_text(handlers.format(runs=runs))
+    return app, runs
+
+
 def wait_until(predicate: Any, timeout_s: float, what: str, step_s: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:

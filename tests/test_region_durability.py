@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.region import Region, wait_until
+from tests.region import Region, app_with_runs, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -71,14 +71,7 @@ def plodding(event, context):
 
 
 def make_app(tmp_path: Path) -> tuple[Path, Path]:
-    app = tmp_path / "durable"
-    app.mkdir()
-    runs = tmp_path / "runs.jsonl"
-    runs.touch()
-    runs.chmod(0o666)
-    (app / "app.yaml").write_text(APP)
-    (app / "h.py").write_text(HANDLERS.format(runs=runs))
-    return app, runs
+    return app_with_runs(tmp_path, "durable", APP, HANDLERS)
 
 
 def submit(region: Region, path: str, n: int, body: Any = None) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.region import Region, wait_until
+from tests.region import Region, app_with_runs, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -68,14 +68,7 @@ def tick(event, context):
 
 
 def make_app(tmp_path: Path, manifest: str = APP, handlers: str = HANDLERS) -> tuple[Path, Path]:
-    app = tmp_path / "steady"
-    app.mkdir()
-    runs = tmp_path / "runs.jsonl"
-    runs.touch()
-    runs.chmod(0o666)
-    (app / "app.yaml").write_text(manifest)
-    (app / "h.py").write_text(handlers.format(runs=runs))
-    return app, runs
+    return app_with_runs(tmp_path, "steady", manifest, handlers)
 
 
 def notes(runs: Path, kind: str) -> list[Any]:
