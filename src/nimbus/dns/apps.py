@@ -28,6 +28,7 @@ class AppInfo:
     regions: RegionsSpec | None    # the routing of the newest version any region has
     version: int
     hosted_by: frozenset[str]      # regions whose last listing has the app
+    routes: tuple[tuple[str, str], ...] = ()   # (method, path) of that newest version
 
 
 class AppDirectory:
@@ -96,15 +97,16 @@ def merge(order: tuple[str, ...],
             version = entry.get("version")
             version = version if type(version) is int else 0
             spec = _spec(entry.get("regions"))
+            routes = _routes(entry.get("routes"))
             known = out.get(name)
             if known is None:
-                out[name] = AppInfo(name, spec, version, frozenset({region}))
+                out[name] = AppInfo(name, spec, version, frozenset({region}), routes)
                 continue
             hosts = known.hosted_by | {region}
             if version > known.version:
-                out[name] = AppInfo(name, spec, version, hosts)
+                out[name] = AppInfo(name, spec, version, hosts, routes)
             else:
-                out[name] = AppInfo(name, known.regions, known.version, hosts)
+                out[name] = AppInfo(name, known.regions, known.version, hosts, known.routes)
     return out
 
 
@@ -115,3 +117,24 @@ def _spec(raw: object) -> RegionsSpec | None:
         return RegionsSpec.from_dict(raw)
     except ValueError:
         return None
+
+
+def _routes(raw: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, list):
+        return ()
+    return tuple((r["method"], r["path"]) for r in raw
+                 if isinstance(r, dict) and isinstance(r.get("method"), str)
+                 and isinstance(r.get("path"), str))
+
+
+def collect_apps(cluster: ClusterFile, timeout_s: float = 5.0) -> AppDirectory:
+    """Ask every region once (for one-shot commands); the answer's
+    ``errors`` names the regions that did not answer."""
+    directory = AppDirectory(cluster)
+
+    async def ask() -> None:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            await directory.refresh(client)
+
+    asyncio.run(ask())
+    return directory
