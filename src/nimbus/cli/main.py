@@ -336,6 +336,7 @@ def status(as_json: bool, state_dir: Path | None, url: str | None, token: str | 
 
 
 def main() -> None:
+    import nimbus.cli.edge  # noqa: F401 - registers nimbus edge
     import nimbus.cli.roles  # noqa: F401 - registers the region's process commands
 
     try:
