@@ -337,6 +337,7 @@ def status(as_json: bool, state_dir: Path | None, url: str | None, token: str | 
 
 def main() -> None:
     import nimbus.cli.dns  # noqa: F401 - registers nimbus dns
+    import nimbus.cli.edge  # noqa: F401 - registers nimbus edge
     import nimbus.cli.roles  # noqa: F401 - registers the region's process commands
 
     try:
