@@ -63,7 +63,7 @@ def render(cluster: ClusterFile, apps: Iterable[AppInfo], options: EmitOptions,
         "# Apps and their routes are those the regions served when it was written:",
         "# write it again after a deploy that changes an app's routes or regions.",
         "global",
-        "    maxconn 10000",
+        "    maxconn 4096",
         "",
         "defaults",
         "    mode http",
@@ -119,7 +119,8 @@ def _backend(cluster: ClusterFile, app: AppInfo, h: HealthConfig, rise: int) -> 
         f"    option httpchk GET {PROBE_PATH}",
         "    http-check expect status 200",
         f"    default-server check inter {_ms(h.interval_s)} fastinter {_ms(h.interval_s)} "
-        f"downinter {_ms(h.interval_s)} fall {h.fall} rise {rise}",
+        f"downinter {_ms(h.interval_s)} fall {h.fall} rise {rise} "
+        "observe layer4 error-limit 1 on-error mark-down",
         "    http-response set-header X-Nimbus-Region %[srv_name,field(1,.)]",
     ]
     weights = _weights(cluster, names, spec.weights if spec is not None else {})
