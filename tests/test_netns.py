@@ -1,0 +1,196 @@
+"""The edge in front of two regions that each live in a network namespace
+of their own (a veth pair to the host, ``tc netem`` on it): a region cut off
+by a partition (every packet dropped, nothing refused) is found by timeout,
+routed away, and the idempotent requests in flight to it are retried in the
+other region; and the ``latency`` policy follows 20 ms of added delay
+(``tc netem``, or a delaying relay on a kernel without netem: see
+tests/netns.py).
+
+Needs root (network namespaces): CI runs as root."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from nimbus.multiregion.clusterfile import load_cluster, write_cluster
+from tests.netns import DelayRelay, Netns, NetnsRegion
+from tests.test_edge_e2e import RISE_S, Edge, Load, comes_back, down_within, wait_for
+
+pytestmark = pytest.mark.e2e
+
+SHOP = """\
+name: shop
+runtime: python3.11
+regions: {names: [eu, us], policy: failover}
+functions:
+  hello:
+    handler: shop.hello
+    http: [{method: GET, path: /hello}]
+"""
+SHOP_CODE = """\
+import os, time
+def hello(event, context):
+    time.sleep(float((event.get("queryStringParameters") or {}).get("sleep", 0)))
+    return {"region": os.environ["AWS_REGION"]}
+"""
+NEAR = """\
+name: near
+runtime: python3.11
+regions: {policy: latency}
+functions:
+  near:
+    handler: near.near
+    http: [{method: GET, path: /near}]
+"""
+NEAR_CODE = """\
+def near(event, context):
+    return {"ok": True}
+"""
+
+
+def _app(folder: Path, manifest: str, module: str, code: str) -> Path:
+    folder.mkdir()
+    (folder / "app.yaml").write_text(manifest)
+    (folder / f"{module}.py").write_text(code)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("netns")
+    shop = _app(root / "shop", SHOP, "shop", SHOP_CODE)
+    near = _app(root / "near", NEAR, "near", NEAR_CODE)
+    spaces: list[Netns] = []
+    started: list[NetnsRegion] = []
+    relays: dict[str, DelayRelay] = {}
+    edge: Edge | None = None
+    try:
+        for i in range(2):
+            spaces.append(Netns(i).create())
+        for name, ns in zip(("eu", "us"), spaces, strict=True):
+            started.append(NetnsRegion(name, ns, root, shop))
+        for region in started:
+            region.wait_serving()
+        deployed: dict[str, Any] = {}
+        deploys = [threading.Thread(target=lambda r=r: deployed.__setitem__(
+            r.name, r.cli("deploy", str(near)))) for r in started]
+        for t in deploys:
+            t.start()
+        for t in deploys:
+            t.join(120)
+        for region in started:
+            out = deployed.get(region.name)
+            assert out is not None and out.returncode == 0, out
+        tokens = {}
+        for region in started:
+            token = root / f"{region.name}.token"
+            token.write_text(region.token + "\n")
+            token.chmod(0o600)
+            tokens[region.name] = token.name
+        if spaces[0].has_netem():
+            def set_delay(region: NetnsRegion, ms: int) -> None:
+                region.ns.delay(ms) if ms else region.ns.clear()
+        else:
+            for region in started:
+                relays[region.name] = DelayRelay((region.ns.ns_ip, 8080))
+
+            def set_delay(region: NetnsRegion, ms: int) -> None:
+                relays[region.name].delay_s = ms / 1000
+        cluster_path = root / "nimbus.cluster.yaml"
+        write_cluster(cluster_path, [r.entry(relays[r.name].url if relays else None)
+                                     for r in started], tokens)
+        load_cluster(cluster_path)
+        edge = Edge(cluster_path, root / "edge.out")
+        wait_for(lambda: all(r["up"] for r in edge.regions()["regions"].values()), 10,
+                 "both regions up")
+        wait_for(lambda: "near" in edge.regions()["apps"], 10, "the apps table")
+        yield {"eu": started[0], "us": started[1], "edge": edge, "set_delay": set_delay,
+               "delay_by": "a relay" if relays else "netem"}
+    finally:
+        if edge is not None:
+            edge.stop()
+        for relay in relays.values():
+            relay.close()
+        for region in started:
+            region.stop()
+        for ns in spaces:
+            ns.close()
+
+
+def _latency_ms(edge: Edge, region: str) -> float:
+    value = edge.regions()["regions"][region]["latency_ms"]
+    return float("inf") if value is None else float(value)
+
+
+def _served_by(edge: Edge, n: int) -> Counter[str]:
+    with httpx.Client(base_url=edge.url, timeout=10) as client:
+        return Counter(client.get("/near").headers["x-nimbus-region"] for _ in range(n))
+
+
+def test_latency_policy_prefers_the_region_without_added_delay(world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    eu: NetnsRegion = world["eu"]
+    us: NetnsRegion = world["us"]
+    set_delay = world["set_delay"]
+    try:
+        for slow, fast in ((eu, us), (us, eu)):
+            set_delay(fast, 0)
+            set_delay(slow, 20)                    # 20 ms more per round trip
+            wait_for(lambda s=slow, f=fast: _latency_ms(edge, s.name) > 15
+                     and _latency_ms(edge, f.name) < 10, 10,
+                     f"{slow.name}'s measured latency to rise over {fast.name}'s")
+            served = _served_by(edge, 40)
+            assert served[fast.name] >= 38, (served, world["delay_by"])
+    finally:
+        set_delay(eu, 0)
+        set_delay(us, 0)
+    print(f"netns: latency policy followed 20 ms of delay added by {world['delay_by']}")
+
+
+def test_partitioned_region_is_found_by_timeout_and_in_flight_gets_are_retried(
+        world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    eu: NetnsRegion = world["eu"]
+    wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up")
+    slow: list[httpx.Response] = []
+
+    def slow_get() -> None:
+        slow.append(httpx.get(edge.url + "/hello?sleep=0.5", timeout=15))
+
+    load = Load(edge.url)
+    try:
+        time.sleep(0.5)
+        slow_threads = [threading.Thread(target=slow_get) for _ in range(3)]
+        for t in slow_threads:
+            t.start()
+        time.sleep(0.1)                              # in flight in eu
+        eu.ns.cut()
+        cut = time.monotonic()
+        try:
+            took = down_within(edge, "eu", cut, 3.0)
+            time.sleep(1.0)
+            for t in slow_threads:
+                t.join(15)
+        finally:
+            eu.ns.heal()
+        healed = time.monotonic()
+        back = comes_back(edge, load, "eu", healed)
+    finally:
+        load.stop()
+    assert took <= 1.0 + 0.5, f"partition detected after {took:.2f} s"
+    assert not load.errors, load.errors[:5]
+    assert len(slow) == 3 and all(r.status_code == 200 for r in slow), [r.text for r in slow]
+    assert {r.headers["x-nimbus-region"] for r in slow} == {"us"}
+    assert {r.headers.get("x-nimbus-retried-from") for r in slow} == {"eu"}
+    late = [r for r in load.results if cut + 1.0 < r[0] < healed]
+    assert late and all(r[3] == "us" for r in late)
+    assert back >= RISE_S - 0.3, f"eu took traffic back {back:.2f} s after the partition healed"
+    print(f"netns: partition detected in {took:.3f} s; eu back {back:.3f} s after healing")
