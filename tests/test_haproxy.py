@@ -33,9 +33,15 @@ functions:
            {method: GET, path: "/items/{id}"}]
 """
 CODE = """\
-import os
+import os, time
+RUNS = {runs!r}
 def hello(event, context):
-    return {"statusCode": 200, "body": os.environ["AWS_REGION"]}
+    sleep = float((event.get("queryStringParameters") or {{}}).get("sleep", 0))
+    if event["requestContext"]["http"]["method"] == "POST":
+        with open(RUNS, "a") as f:
+            f.write(os.environ["AWS_REGION"] + "\\n")
+    time.sleep(sleep)
+    return {{"statusCode": 200, "body": os.environ["AWS_REGION"]}}
 """
 
 
@@ -133,12 +139,15 @@ class HaproxyProc:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[RegionProc],
-                                                                      HaproxyProc, str]]:
+                                                                      HaproxyProc, str, Path]]:
     root = tmp_path_factory.mktemp("haproxy")
     app = root / "shop"
     app.mkdir()
     (app / "app.yaml").write_text(APP)
-    (app / "hello.py").write_text(CODE)
+    runs = root / "runs.txt"
+    runs.touch()
+    runs.chmod(0o666)
+    (app / "hello.py").write_text(CODE.format(runs=str(runs)))
     with regions(root, app) as started:
         cluster = write_cluster_file(root, started)
         port = free_port("127.0.0.1")
@@ -152,14 +161,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Regio
         check_config(cfg)
         proxy = HaproxyProc(cfg, port, root / "haproxy.out")
         try:
-            yield started, proxy, emitted.stdout
+            yield started, proxy, emitted.stdout, runs
         finally:
             proxy.stop()
 
 
 def test_the_emitted_configuration_names_both_regions(
-        world: tuple[list[RegionProc], HaproxyProc, str]) -> None:
-    started, _proxy, text = world
+        world: tuple[list[RegionProc], HaproxyProc, str, Path]) -> None:
+    started, _proxy, text, _runs = world
     eu, us = started
     assert _servers(text, "app_shop") == [f"server eu.1 {eu.gateway_url[7:]}",
                                           f"server us.1 {us.gateway_url[7:]} backup"]
@@ -167,8 +176,8 @@ def test_the_emitted_configuration_names_both_regions(
 
 
 def test_requests_route_by_host_and_path(
-        world: tuple[list[RegionProc], HaproxyProc, str]) -> None:
-    _started, proxy, _text = world
+        world: tuple[list[RegionProc], HaproxyProc, str, Path]) -> None:
+    _started, proxy, _text, _runs = world
     by_host = httpx.get(proxy.url + "/hello", headers={"host": "shop.example.internal"})
     assert by_host.status_code == 200 and by_host.text == "eu"
     assert by_host.headers["x-nimbus-region"] == "eu"
@@ -178,9 +187,16 @@ def test_requests_route_by_host_and_path(
 
 
 def test_gets_keep_succeeding_when_the_first_region_is_killed(
-        world: tuple[list[RegionProc], HaproxyProc, str]) -> None:
-    started, proxy, _text = world
+        world: tuple[list[RegionProc], HaproxyProc, str, Path]) -> None:
+    """GETs in flight and after are answered (by us); POSTs in flight are
+    not sent again (HAProxy answers 502) and ran once."""
+    started, proxy, _text, runs = world
     results: list[tuple[float, int | str, str]] = []
+    slow: list[tuple[str, int, str]] = []
+
+    def slow_request(method: str) -> None:
+        r = httpx.request(method, proxy.url + "/hello?sleep=1", timeout=15)
+        slow.append((method, r.status_code, r.text))
     stop_at = time.monotonic() + 3.5
 
     def load() -> None:
@@ -196,13 +212,22 @@ def test_gets_keep_succeeding_when_the_first_region_is_killed(
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    time.sleep(0.5)
+    slow_threads = [threading.Thread(target=slow_request, args=(m,))
+                    for m in ("GET", "GET", "POST", "POST")]
+    for t in slow_threads:
+        t.start()
+    time.sleep(0.5)                    # all four are running in eu
     started[0].kill()
     killed = time.monotonic()
-    for t in threads:
+    for t in threads + slow_threads:
         t.join(30)
     failed = [r for r in results if r[1] != 200]
     assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:5]}"
     by_region = Counter(text for sent, _status, text in results if sent > killed)
     assert set(by_region) == {"us"} and by_region["us"] > 20, by_region
     assert Counter(text for sent, _s, text in results if sent < killed - 0.2)["eu"] > 20
+    outcomes = sorted((m, status, text if status == 200 else "") for m, status, text in slow)
+    assert outcomes == [("GET", 200, "us"), ("GET", 200, "us"), ("POST", 502, ""),
+                        ("POST", 502, "")], slow
+    assert runs.read_text().split() == ["eu", "eu"]

@@ -22,9 +22,9 @@ from nimbus.cli.main import cli, fail
               help="Seconds resolvers may cache an answer (and a negative answer).")
 @click.option("--ns", "ns_name", default="",
               help="The zone's name server name [ns.ZONE, answered with --host].")
-@click.option("--interval", "interval_s", default=0.25, show_default=True,
+@click.option("--probe-interval", "interval_s", default=0.25, show_default=True,
               type=click.FloatRange(0.01, 60), help="Seconds between health probes.")
-@click.option("--timeout", "timeout_s", default=0.3, show_default=True,
+@click.option("--probe-timeout", "timeout_s", default=0.3, show_default=True,
               type=click.FloatRange(0.01, 60), help="A probe slower than this fails.")
 @click.option("--fall", default=2, show_default=True, type=click.IntRange(1, 100),
               help="Failed probes in a row that take a gateway down.")
