@@ -326,3 +326,27 @@ def test_gateway_failure_tells_gateway_errors_from_function_answers() -> None:
     assert gateway_failure(503, [], orjson.dumps(
         {"errorType": "Unavailable", "errorMessage": "x", "extra": 1})) is None
     assert gateway_failure(502, [], orjson.dumps({"errorType": "InstanceDied"})) is None
+
+
+def test_cli_errors_name_the_file_and_exit_2(tmp_path: Any, capsys: Any,
+                                             monkeypatch: Any) -> None:
+    import pytest
+
+    from nimbus.cli.main import main
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr("sys.argv", ["nimbus", "edge", *args])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        return int(exit_.value.code or 0), capsys.readouterr().err
+
+    code, err = run("--cluster", str(tmp_path / "none.yaml"))
+    assert code == 2 and "none.yaml: no such cluster file" in err
+    bad = tmp_path / "c.yaml"
+    bad.write_text("regions:\n  eu:\n    control: http://127.0.0.2:1\n    token_env: EDGE_T\n"
+                   "    gateways: [https://127.0.0.2:2]\n")
+    monkeypatch.setenv("EDGE_T", "x")
+    code, err = run("--cluster", str(bad))
+    assert code == 2 and "plain http://" in err and "c.yaml" in err
+    code, err = run("--cluster", str(bad), "--fall", "0")
+    assert code == 2 and "--fall" in err
