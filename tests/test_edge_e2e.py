@@ -352,3 +352,19 @@ def test_killed_region_fails_over_with_no_failed_request_and_post_is_not_rerun(
     assert "region eu failed" in body["errorMessage"]
     assert runs.read_text().count("kill-me") == 1      # never run a second time
     assert orjson.loads(httpx.get(edge.url + "/_nimbus/health").content)["status"] == "ok"
+
+
+def test_sigterm_drains_requests_in_flight(world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up again")
+    got: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: got.append(
+        httpx.get(edge.url + "/hello?sleep=1", timeout=15)))
+    t.start()
+    time.sleep(0.3)
+    edge.proc.send_signal(signal.SIGTERM)
+    t.join(15)
+    assert edge.proc.wait(10) == 0
+    assert got and got[0].status_code == 200 and got[0].headers["connection"] == "close"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(edge.url + "/hello", timeout=2)

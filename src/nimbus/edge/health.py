@@ -83,6 +83,8 @@ class HealthBook:
                 states.append(g)
             self.by_region[name] = states
         self.on_down: list[Callable[[str], None]] = []
+        self._up: set[str] | None = None                      # caches, dropped on change
+        self._latencies: dict[str, float | None] | None = None
 
     # -- signals ---------------------------------------------------------
     def probe_ok(self, gateway: str, latency_s: float, now: float) -> None:
@@ -90,11 +92,14 @@ class HealthBook:
         g.latency_s = latency_s if g.latency_s is None else (
             EWMA_ALPHA * latency_s + (1 - EWMA_ALPHA) * g.latency_s)
         g.fails = 0
+        self._latencies = None
         if g.ok_since is None:
             g.ok_since = now
         if not g.up and (not g.seen_up or now - g.ok_since >= self.config.rise_s):
             g.up = g.seen_up = True
             g.since = now
+            self._up = None
+            self._latencies = None
 
     def probe_failed(self, gateway: str, reason: str, now: float) -> None:
         g = self.gateways[gateway]
@@ -131,6 +136,8 @@ class HealthBook:
     def _down(self, g: GatewayHealth, now: float) -> None:
         g.up = False
         g.since = now
+        self._up = None
+        self._latencies = None
         for callback in self.on_down:
             callback(g.url)
 
@@ -151,7 +158,11 @@ class HealthBook:
         return any(g.up for g in self.by_region.get(region, ()))
 
     def up_regions(self, now: float) -> set[str]:
-        return {r for r, gs in self.by_region.items() if any(g.up for g in gs)}
+        """The regions with a gateway up (the same set until health changes:
+        do not modify it)."""
+        if self._up is None:
+            self._up = {r for r, gs in self.by_region.items() if any(g.up for g in gs)}
+        return self._up
 
     def latency(self, region: str) -> float | None:
         """The region's smoothed probe latency: its best up gateway's (or its
@@ -162,7 +173,10 @@ class HealthBook:
         return min(g.latency_s for g in pool) if pool else None  # type: ignore[type-var]
 
     def latencies(self) -> dict[str, float | None]:
-        return {r: self.latency(r) for r in self.by_region}
+        """Every region's latency (cached until the next probe answer)."""
+        if self._latencies is None:
+            self._latencies = {r: self.latency(r) for r in self.by_region}
+        return self._latencies
 
     def pick_gateway(self, region: str, now: float) -> str | None:
         """The least-in-flight up gateway of the region (first listed on a

@@ -400,19 +400,18 @@ class Edge:
         self.prober = Prober(cluster, self.book, self.config.health, clock=self.clock)
         self._tasks: list[asyncio.Task[None]] = []
         self.server: asyncio.Server | None = None
+        self.refresher: AppRefresher | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await self.loop.create_server(lambda: ClientConn(self), host, port,
+                                                    reuse_address=True, backlog=1024)
         self._tasks.append(self.loop.create_task(self.prober.run()))
         regions: Mapping[str, ControlRegion] = self.cluster.regions  # type: ignore[assignment]
         if all(hasattr(r, "control") for r in regions.values()):
             refresher = AppRefresher(regions, self.apps, self.config.apps_interval_s)
-            self.refresher: AppRefresher | None = refresher
+            self.refresher = refresher
             self._tasks.append(self.loop.create_task(refresher.run()))
-        else:
-            self.refresher = None
-        self.server = await self.loop.create_server(lambda: ClientConn(self), host, port,
-                                                    reuse_address=True, backlog=1024)
         sock = self.server.sockets[0].getsockname()
         return sock[0], sock[1]
 

@@ -61,6 +61,7 @@ class Upstream(asyncio.Protocol):
         self.until_close = False
         self.active = False
         self.dirty = False   # the request was not sent whole: never reused
+        self.keep_alive = False
 
     # -- exchange --------------------------------------------------------
     def start(self, head_request: bool) -> None:
@@ -89,7 +90,7 @@ class Upstream(asyncio.Protocol):
 
     def reusable(self) -> bool:
         return (self.complete and not self.closed and not self.head_request and not self.dirty
-                and not self.until_close and self.parser.should_keep_alive())
+                and not self.until_close and self.keep_alive)
 
     def fail(self, failure: UpstreamFailure) -> None:
         """Abort the exchange (gateway went down, client left, a deadline)."""
@@ -162,6 +163,7 @@ class Upstream(asyncio.Protocol):
         if 100 <= self.status < 200:  # an interim answer: wait for the real one
             self.headers = []
             return
+        self.keep_alive = self.parser.should_keep_alive()  # (it forgets once complete)
         framed = any(n in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
         self.until_close = not framed and self.status not in (204, 304)
         if not self.head.done():
