@@ -5,6 +5,7 @@ comes back only after the hysteresis."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
@@ -196,7 +197,7 @@ def _healthy(url: str) -> bool:
 def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
     cluster = tmp_path / "nimbus.cluster.yaml"
     cluster.write_text("regions:\n  eu:\n    control: http://127.0.0.2:1\n"
-                       "    token_env: NIMBUS_TEST_NO_SUCH_VAR\n    gateways: [http://127.0.0.2:2]\n")
+                       "    token_env: NIMBUS_TEST_DNS_TOKEN\n    gateways: [http://127.0.0.2:2]\n")
     for args, needle in ((["--zone", "a..b"], "--zone"),
                          (["--zone", ZONE], "nimbus.cluster.yaml")):
         done = subprocess.run([sys.executable, "-m", "nimbus", "dns", "--cluster", str(cluster),
@@ -204,3 +205,12 @@ def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith("nimbus: error:") and needle in done.stderr
         assert "Traceback" not in done.stderr
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = str(taken.getsockname()[1])
+        done = subprocess.run([sys.executable, "-m", "nimbus", "dns", "--cluster", str(cluster),
+                               "--zone", ZONE, "--port", port], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "NIMBUS_TEST_DNS_TOKEN": "t" * 40})
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"nimbus: error: cannot listen on 127.0.0.1:{port}: "
+                                   "Address already in use"), done.stderr
