@@ -55,11 +55,10 @@ class Netns:
         last = int(base.rsplit(".", 1)[1])
         self.host_ip = f"{prefix}.{last + 1}"
         self.ns_ip = f"{prefix}.{last + 2}"
-        self.created = False
 
     def create(self) -> Netns:
+        self.close()        # left by a dead process that had our pid: ours to remove
         sh("ip", "netns", "add", self.name)
-        self.created = True
         sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
         sh("ip", "link", "set", self.ns_if, "netns", self.name)
         sh("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
@@ -98,8 +97,7 @@ class Netns:
 
     def close(self) -> None:
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=30)
-        if self.created:
-            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
 
 
 class NetnsRegion:
