@@ -21,10 +21,11 @@ import httpx
 import pytest
 
 from nimbus.multiregion.clusterfile import load_cluster, write_cluster
-from tests.netns import DelayRelay, Netns, NetnsRegion
-from tests.test_edge_e2e import RISE_S, Edge, Load, comes_back, down_within, wait_for
+from tests.netns import DelayRelay, EdgeProc, Load, Netns, NetnsRegion, wait_for
 
 pytestmark = pytest.mark.e2e
+
+RISE_S = 2.0
 
 SHOP = """\
 name: shop
@@ -71,7 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     spaces: list[Netns] = []
     started: list[NetnsRegion] = []
     relays: dict[str, DelayRelay] = {}
-    edge: Edge | None = None
+    edge: EdgeProc | None = None
     try:
         for i in range(2):
             spaces.append(Netns(i).create())
@@ -108,7 +109,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         write_cluster(cluster_path, [r.entry(relays[r.name].url if relays else None)
                                      for r in started], tokens)
         load_cluster(cluster_path)
-        edge = Edge(cluster_path, root / "edge.out")
+        edge = EdgeProc(cluster_path, root / "edge.out", RISE_S)
         wait_for(lambda: all(r["up"] for r in edge.regions()["regions"].values()), 10,
                  "both regions up")
         wait_for(lambda: "near" in edge.regions()["apps"], 10, "the apps table")
@@ -125,18 +126,34 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             ns.close()
 
 
-def _latency_ms(edge: Edge, region: str) -> float:
+def _latency_ms(edge: EdgeProc, region: str) -> float:
     value = edge.regions()["regions"][region]["latency_ms"]
     return float("inf") if value is None else float(value)
 
 
-def _served_by(edge: Edge, n: int) -> Counter[str]:
+def _served_by(edge: EdgeProc, n: int) -> Counter[str]:
     with httpx.Client(base_url=edge.url, timeout=10) as client:
         return Counter(client.get("/near").headers["x-nimbus-region"] for _ in range(n))
 
 
+def _down_within(edge: EdgeProc, region: str, since: float, limit: float) -> float:
+    """Seconds from ``since`` until the edge reports ``region`` down."""
+    while edge.regions()["regions"][region]["up"]:
+        if time.monotonic() - since > limit:
+            raise AssertionError(f"{region} still up {limit} s after its failure")
+        time.sleep(0.02)
+    return time.monotonic() - since
+
+
+def _comes_back(load: Load, region: str, since: float) -> float:
+    """Seconds from ``since`` to the first request (by start) ``region`` served."""
+    wait_for(lambda: any(r[3] == region and r[0] > since for r in load.results),
+             RISE_S + 10, f"{region} to take traffic again")
+    return min(r[0] for r in load.results if r[3] == region and r[0] > since) - since
+
+
 def test_latency_policy_prefers_the_region_without_added_delay(world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     eu: NetnsRegion = world["eu"]
     us: NetnsRegion = world["us"]
     set_delay = world["set_delay"]
@@ -157,7 +174,7 @@ def test_latency_policy_prefers_the_region_without_added_delay(world: dict[str, 
 
 def test_partitioned_region_is_found_by_timeout_and_in_flight_gets_are_retried(
         world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     eu: NetnsRegion = world["eu"]
     wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up")
     slow: list[httpx.Response] = []
@@ -175,14 +192,14 @@ def test_partitioned_region_is_found_by_timeout_and_in_flight_gets_are_retried(
         eu.ns.cut()
         cut = time.monotonic()
         try:
-            took = down_within(edge, "eu", cut, 3.0)
+            took = _down_within(edge, "eu", cut, 3.0)
             time.sleep(1.0)
             for t in slow_threads:
                 t.join(15)
         finally:
             eu.ns.heal()
         healed = time.monotonic()
-        back = comes_back(edge, load, "eu", healed)
+        back = _comes_back(load, "eu", healed)
     finally:
         load.stop()
     assert took <= 1.0 + 0.5, f"partition detected after {took:.2f} s"
