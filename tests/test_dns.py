@@ -144,6 +144,15 @@ def test_garbage_does_not_stop_it(world: tuple[list[RegionProc], DnsProc]) -> No
         assert reply.rcode() == dns.rcode.FORMERR
     with socket.create_connection(("127.0.0.1", server.port), timeout=2) as tcp:
         tcp.sendall(b"\x00")                                    # half a length, then gone
+    # several queries on one TCP connection, sent at once
+    queries = [dns.message.make_query(f"shop.{ZONE}", "A"), dns.message.make_query(ZONE, "SOA")]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as tcp:
+        tcp.sendall(b"".join(struct.pack("!H", len(w)) + w for w in
+                             (q.to_wire() for q in queries)))
+        stream = tcp.makefile("rb")
+        for query in queries:
+            size = struct.unpack("!H", stream.read(2))[0]
+            assert query.is_response(dns.message.from_wire(stream.read(size)))
     assert server.addresses(f"shop.{ZONE}") == ["127.0.0.2"]
     assert server.proc.poll() is None
 
