@@ -172,6 +172,13 @@ def test_latency_policy_prefers_the_fastest_healthy_region() -> None:
     assert region_order(spec, ("eu", "us", "ap"), {"eu", "us", "ap"}, lat, rng) \
         == ["us", "eu", "ap"]
     assert region_order(spec, ("eu", "us", "ap"), {"eu", "ap"}, lat, rng) == ["eu", "ap", "us"]
+    # noise is not a reason to move: within 2 ms (or 20%) keeps the app's order
+    near: dict[str, float | None] = {"eu": 0.0012, "us": 0.0004}
+    assert region_order(spec, ("eu", "us"), {"eu", "us"}, near, rng) == ["eu", "us"]
+    far: dict[str, float | None] = {"eu": 0.100, "us": 0.079}
+    assert region_order(spec, ("eu", "us"), {"eu", "us"}, far, rng) == ["us", "eu"]
+    close: dict[str, float | None] = {"eu": 0.090, "us": 0.080}
+    assert region_order(spec, ("eu", "us"), {"eu", "us"}, close, rng) == ["eu", "us"]
 
 
 def test_retry_budget_ratio_and_floor() -> None:
