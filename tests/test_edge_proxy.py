@@ -229,16 +229,23 @@ def test_reset_after_the_request_was_sent_is_502_for_a_post_and_retried_for_a_ge
             assert r.status_code == 502 and r.json()["region"] == "eu"
             assert "reset" in r.json()["errorMessage"]
             assert stubs["us"].seen == []
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 5
-            while not edge.book.region_up("eu", 0.0):   # probes still pass: back after rise
-                assert loop.time() < deadline
-                await asyncio.sleep(0.02)
+            await wait_up(edge, "eu")
+            r = await c.post("/x")                    # no body: still not to be run twice
+            assert r.status_code == 502 and stubs["us"].seen == []
+            await wait_up(edge, "eu")                  # probes still pass: back after rise
             r = await c.get("/x")
             assert r.status_code == 200 and r.headers["x-nimbus-region"] == "us"
             assert r.headers["x-nimbus-retried-from"] == "eu"
 
     run_edge({"eu": eu, "us": ok("us")}, test)
+
+
+async def wait_up(edge: Edge, region: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not edge.book.region_up(region, 0.0):
+        assert loop.time() < deadline, f"{region} not up again"
+        await asyncio.sleep(0.02)
 
 
 def test_retry_budget_exhausted_answers_502() -> None:

@@ -464,6 +464,7 @@ class Edge:
         elif idempotent and req.length is not None \
                 and req.length <= self.config.max_replay_bytes:
             body = await req.body.read_all(self.config.body_timeout_s)
+        replayable = idempotent and body is not None
         head = self._request_head(req, conn.peer, body)
         failed: list[tuple[str, str]] = []
         for region in order:
@@ -483,8 +484,8 @@ class Edge:
                 failed.append((region, f.reason))
                 if f.passive:
                     self.book.passive_failure(gateway, f.reason, self.clock())
-                if f.sent and body is None:
-                    break  # it may have run, and its body is gone: never a second run
+                if f.sent and not replayable:
+                    break  # it may have run: never a second run behind the client's back
         self.stats["region_failed"] += 1
         if failed:
             region, reason = failed[-1]
