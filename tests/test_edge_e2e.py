@@ -314,6 +314,29 @@ def test_hung_region_is_routed_away_and_in_flight_gets_retried(world: dict[str, 
     assert back >= RISE_S - 0.3, f"eu took traffic back {back:.2f} s after resuming"
 
 
+def test_a_flapping_region_never_takes_traffic_back(world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    eu: RegionProc = world["eu"]
+    wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up again")
+    load = Load(edge.url)
+    try:
+        time.sleep(0.3)
+        first_stop = time.monotonic()
+        for _ in range(3):          # down 1 s, up 1 s: never the 2 s of health it needs
+            eu.pause()
+            try:
+                time.sleep(1.0)
+            finally:
+                eu.resume()
+            time.sleep(1.0)
+        end = time.monotonic()
+    finally:
+        load.stop()
+    assert not load.errors, load.errors[:5]
+    late = [r for r in load.results if first_stop + 1.0 < r[0] < end]
+    assert late and all(r[3] == "us" for r in late), Counter(r[3] for r in late)
+
+
 def test_killed_region_fails_over_with_no_failed_request_and_post_is_not_rerun(
         world: dict[str, Any]) -> None:
     edge: Edge = world["edge"]

@@ -229,16 +229,23 @@ def test_reset_after_the_request_was_sent_is_502_for_a_post_and_retried_for_a_ge
             assert r.status_code == 502 and r.json()["region"] == "eu"
             assert "reset" in r.json()["errorMessage"]
             assert stubs["us"].seen == []
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 5
-            while not edge.book.region_up("eu", 0.0):   # probes still pass: back after rise
-                assert loop.time() < deadline
-                await asyncio.sleep(0.02)
+            await wait_up(edge, "eu")
+            r = await c.post("/x")                    # no body: still not to be run twice
+            assert r.status_code == 502 and stubs["us"].seen == []
+            await wait_up(edge, "eu")                  # probes still pass: back after rise
             r = await c.get("/x")
             assert r.status_code == 200 and r.headers["x-nimbus-region"] == "us"
             assert r.headers["x-nimbus-retried-from"] == "eu"
 
     run_edge({"eu": eu, "us": ok("us")}, test)
+
+
+async def wait_up(edge: Edge, region: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not edge.book.region_up(region, 0.0):
+        assert loop.time() < deadline, f"{region} not up again"
+        await asyncio.sleep(0.02)
 
 
 def test_retry_budget_exhausted_answers_502() -> None:
@@ -350,3 +357,41 @@ def test_cli_errors_name_the_file_and_exit_2(tmp_path: Any, capsys: Any,
     assert code == 2 and "plain http://" in err and "c.yaml" in err
     code, err = run("--cluster", str(bad), "--fall", "0")
     assert code == 2 and "--fall" in err
+
+
+def test_a_stalled_response_and_an_http10_client() -> None:
+    async def main() -> None:
+        async def gw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    if b"/_nimbus/health" in head:
+                        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    elif b"/stall" in head:
+                        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart")
+                    else:
+                        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                                     b"5\r\nhello\r\n0\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                writer.close()
+
+        server = await asyncio.start_server(gw, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        edge = Edge(Cluster({"eu": Region("eu", (url,))}), EdgeConfig(body_timeout_s=0.3))
+        host, port = await edge.start("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /stall HTTP/1.1\r\nhost: x\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(), 5)   # cut after the stall
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"part")
+            writer.close()
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /c HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(), 5)    # the close ends the body
+            assert b"transfer-encoding" not in data.lower() and data.endswith(b"\r\n\r\nhello")
+            writer.close()
+        finally:
+            await edge.stop(1.0)
+            server.close()
+
+    asyncio.run(main())

@@ -464,6 +464,7 @@ class Edge:
         elif idempotent and req.length is not None \
                 and req.length <= self.config.max_replay_bytes:
             body = await req.body.read_all(self.config.body_timeout_s)
+        replayable = idempotent and body is not None
         head = self._request_head(req, conn.peer, body)
         failed: list[tuple[str, str]] = []
         for region in order:
@@ -483,13 +484,20 @@ class Edge:
                 failed.append((region, f.reason))
                 if f.passive:
                     self.book.passive_failure(gateway, f.reason, self.clock())
-                if f.sent and body is None:
-                    break  # it may have run, and its body is gone: never a second run
+                if f.sent and not replayable:
+                    break  # it may have run: never a second run behind the client's back
         self.stats["region_failed"] += 1
-        region, reason = failed[-1] if failed else (order[0] if order else "-", "no gateway")
+        if failed:
+            region, reason = failed[-1]
+        elif order:
+            region, reason = order[0], "no gateway to send to"
+        else:
+            region = "-"
+            reason = (f"app {app.name if app else '?'} names no region of this edge's "
+                      f"cluster file ({', '.join(self.order)})")
         conn.write(json_response(502, {
             "errorType": "RegionFailed",
-            "errorMessage": f"region {region} failed: {reason}",
+            "errorMessage": f"region {region} failed: {reason}" if failed or order else reason,
             "region": region,
             "tried": [r for r, _ in failed],
         }, region.encode(), req.keep_alive, head_only=req.method == b"HEAD"))
@@ -586,7 +594,7 @@ class Edge:
                 up.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             else:
                 up.write(chunk)
-            await up.drain()
+            await up.drain(timeout)
             if up.head.done():  # answered before the whole body (e.g. 413): stop sending
                 up.dirty = True
                 return
@@ -610,10 +618,13 @@ class Edge:
         chunked = False
         if length is not None:
             parts += (b"content-length: ", length, b"\r\n")
-        elif not no_body:
-            chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n")
         keep = req.keep_alive and not self.draining
+        if length is None and not no_body:
+            if req.version == "1.0":  # no chunked framing: the end of the body is the close
+                keep = req.keep_alive = False
+            else:
+                chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
         if not keep:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
@@ -638,10 +649,18 @@ class Edge:
         up.commit(sink)
         if conn.closed:
             raise ClientGone()
-        await up.done
+        up.watch(self.config.body_timeout_s)
+        try:
+            await up.done
+        finally:
+            up.unwatch()
         if chunked:
             write(b"0\r\n\r\n")
-        await conn.drain()
+        if not conn.closed:
+            try:
+                await asyncio.wait_for(conn.drain(), self.config.body_timeout_s)
+            except TimeoutError:
+                raise ClientGone() from None
 
     async def _own(self, conn: ClientConn, req: Request) -> bool:
         path = req.url.split(b"?", 1)[0]

@@ -46,6 +46,7 @@ class Upstream(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._write_ready: asyncio.Future[None] | None = None
+        self._watch: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -62,6 +63,7 @@ class Upstream(asyncio.Protocol):
         self.active = False
         self.dirty = False   # the request was not sent whole: never reused
         self.keep_alive = False
+        self.received = 0    # body bytes so far (the stall watchdog watches it)
 
     # -- exchange --------------------------------------------------------
     def start(self, head_request: bool) -> None:
@@ -74,9 +76,37 @@ class Upstream(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    async def drain(self) -> None:
-        if self._write_ready is not None:
-            await self._write_ready
+    async def drain(self, timeout_s: float) -> None:
+        if self._write_ready is not None and not self._write_ready.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._write_ready), timeout_s)
+            except TimeoutError:
+                raise UpstreamFailure(f"gateway {self.pool.url} took no request bytes for "
+                                      f"{timeout_s:g} s", sent=True, passive=False) from None
+
+    def watch(self, stall_s: float) -> asyncio.TimerHandle:
+        """Fail the exchange when no response body byte arrives for
+        ``stall_s`` (a stalled gateway, or a client that stopped reading)."""
+        seen = self.received
+
+        def check() -> None:
+            nonlocal seen
+            if self.complete or self.closed:
+                return
+            if self.received == seen:
+                self.fail(UpstreamFailure(f"response stalled for {stall_s:g} s", sent=True,
+                                          passive=False))
+                return
+            seen = self.received
+            self._watch = self.loop.call_later(stall_s, check)
+
+        self._watch = self.loop.call_later(stall_s, check)
+        return self._watch
+
+    def unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def commit(self, sink: Callable[[bytes], None]) -> None:
         """From now on body bytes go to ``sink``; what came before goes first."""
@@ -174,6 +204,7 @@ class Upstream(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.complete:
             return
+        self.received += len(body)
         if self.sink is not None:
             self.sink(body)
             return
