@@ -231,3 +231,17 @@ def test_gets_keep_succeeding_when_the_first_region_is_killed(
     assert outcomes == [("GET", 200, "us"), ("GET", 200, "us"), ("POST", 502, ""),
                         ("POST", 502, "")], slow
     assert runs.read_text().split() == ["eu", "eu"]
+
+
+def test_emit_with_no_region_answering_is_one_line(tmp_path: Path) -> None:
+    closed = free_port("127.0.0.1")
+    cluster = tmp_path / "nimbus.cluster.yaml"
+    cluster.write_text(f"regions:\n  eu:\n    control: http://127.0.0.1:{closed}\n"
+                       f"    token_file: eu.token\n    gateways: [http://127.0.0.1:{closed}]\n")
+    (tmp_path / "eu.token").write_text("t" * 40 + "\n")
+    (tmp_path / "eu.token").chmod(0o600)
+    done = subprocess.run([sys.executable, "-m", "nimbus", "edge", "--cluster", str(cluster),
+                           "--emit", "haproxy"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and not done.stdout
+    assert done.stderr.startswith("nimbus: error: no region answered GET /v1/apps (eu: ")
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1

@@ -34,8 +34,9 @@ class AppInfo:
 class AppDirectory:
     """The apps of every region of a cluster file."""
 
-    def __init__(self, cluster: ClusterFile) -> None:
+    def __init__(self, cluster: ClusterFile, log_errors: bool = True) -> None:
         self.cluster = cluster
+        self.log_errors = log_errors    # a region that stops answering: one warning
         self.listings: dict[str, dict[str, dict[str, Any]]] = {}   # region -> app -> entry
         self.apps: dict[str, AppInfo] = {}
         self.errors: dict[str, str] = {}
@@ -72,7 +73,7 @@ class AppDirectory:
             self.update(name, response.json())
         except (httpx.HTTPError, ValueError) as exc:
             message = str(exc) or type(exc).__name__
-            if self.errors.get(name) != message:
+            if self.log_errors and self.errors.get(name) != message:
                 log.warning("region %s: cannot list its apps: %s", name, message)
             self.errors[name] = message
         else:
@@ -130,7 +131,7 @@ def _routes(raw: object) -> tuple[tuple[str, str], ...]:
 def collect_apps(cluster: ClusterFile, timeout_s: float = 5.0) -> AppDirectory:
     """Ask every region once (for one-shot commands); the answer's
     ``errors`` names the regions that did not answer."""
-    directory = AppDirectory(cluster)
+    directory = AppDirectory(cluster, log_errors=False)
 
     async def ask() -> None:
         async with httpx.AsyncClient(timeout=timeout_s) as client:
