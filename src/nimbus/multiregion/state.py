@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from nimbus.errors import UserInputError
+from nimbus.errors import NimbusError, UserInputError
 from nimbus.store.private import DIR_MODE, write_private
 
 STATE_DIR_NAME = ".nimbus-cluster"
@@ -164,12 +164,12 @@ class ClusterState:
         with self.locked():
             path = self._bundle_file(desired.digest)
             if not path.exists():
-                write_private(path, bundle, durable=True)
-            write_private(self._app_file(desired.app), desired.to_json(), durable=True)
+                _write(path, bundle, durable=True)
+            _write(self._app_file(desired.app), desired.to_json(), durable=True)
             now = desired.updated or time.time()
             for region in desired.regions:
-                write_private(self._pending_file(region, desired.app),
-                              Pending(desired.app, region, desired.digest, now).to_json())
+                _write(self._pending_file(region, desired.app),
+                       Pending(desired.app, region, desired.digest, now).to_json())
             self._forget_regions(desired)
             self._collect_bundles()
 
@@ -208,8 +208,7 @@ class ClusterState:
             base = current or Pending(app, region, digest, time.time())
             updated = Pending(app, region, digest, base.since, base.attempts + 1,
                               error, refused)
-            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            write_private(path, updated.to_json())
+            _write(path, updated.to_json())
             return updated
 
     def _collect_bundles(self) -> None:
@@ -220,6 +219,15 @@ class ClusterState:
             if f.stem not in keep:
                 with contextlib.suppress(OSError):
                     f.unlink()
+
+
+def _write(path: Path, data: bytes, *, durable: bool = False) -> None:
+    try:
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        write_private(path, data, durable=durable)
+    except OSError as exc:
+        raise NimbusError(f"{path}: cannot write the cluster's desired state: "
+                          f"{exc.strerror or exc}") from None
 
 
 def _checked(name: str, what: str) -> str:
