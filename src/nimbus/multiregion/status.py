@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from nimbus.multiregion.clusterfile import ClusterFile
+from nimbus.multiregion.converge import differs
 from nimbus.multiregion.push import GatewayHealth, RegionApps, gateway_health, list_apps
 from nimbus.multiregion.state import ClusterState, Snapshot
 
@@ -59,20 +60,17 @@ def summarize(cluster: ClusterFile, snap: Snapshot, seen: Observed) -> dict[str,
             listed = seen.apps.get(region)
             running = (listed.apps or {}).get(app) if listed and listed.apps is not None else None
             should = want is not None and region in want.regions
+            state: str | None
             if listed is None or listed.apps is None:
-                state = "unknown"
+                state = "unknown" if should else None
             elif running is None:
                 state = "missing" if should else None
             elif want is None:
                 state = "unmanaged"
             elif not should:
                 state = "extra"
-            elif running.get("digest") != want.digest:
-                state = "drift"
-            elif "regions" in running and running["regions"] != want.routing:
-                state = "drift"
             else:
-                state = "ok"
+                state = "ok" if differs(want, running) is None else "drift"
             if state is None:
                 continue
             per[region] = {"state": state,
