@@ -34,7 +34,7 @@ from nimbus.errors import NimbusError, UserInputError
 from nimbus.store.private import DIR_MODE, write_private
 
 STATE_DIR_NAME = ".nimbus-cluster"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 def state_dir_for(cluster_path: Path) -> Path:
@@ -233,7 +233,7 @@ def _write(path: Path, data: bytes, *, durable: bool = False) -> None:
 def _checked(name: str, what: str) -> str:
     if not _NAME.match(name):
         raise UserInputError(f"{what} name {name!r} cannot name a file of the cluster's "
-                             "state (letters, digits, '.', '_' and '-')")
+                             "state (letters, digits, '_' and '-')")
     return name
 
 

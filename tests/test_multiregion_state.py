@@ -1,0 +1,143 @@
+"""The pure parts of cluster deploys: backoff, what counts as drift, the
+status document, the desired-state folder, ``nimbus.toml`` and where a
+manifest names a region the cluster file lacks. No region is started."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from nimbus.errors import ManifestError
+from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry
+from nimbus.multiregion.converge import Backoff, differs, wanted_by_region
+from nimbus.multiregion.deploy import plan_deploy
+from nimbus.multiregion.push import GatewayHealth, RegionApps
+from nimbus.multiregion.settings import DeploySettings, read_settings, write_settings
+from nimbus.multiregion.state import ClusterState, Desired
+from nimbus.multiregion.status import Observed, render, summarize, unconverged_regions
+
+D1 = hashlib.sha256(b"one").hexdigest()
+D2 = hashlib.sha256(b"two").hexdigest()
+
+
+def cluster(tmp_path: Path, *names: str) -> ClusterFile:
+    return ClusterFile(path=tmp_path / "nimbus.cluster.yaml", regions={
+        n: RegionEntry(n, f"http://127.0.0.{i + 2}:1", "t" * 40, (f"http://127.0.0.{i + 2}:2",))
+        for i, n in enumerate(names)})
+
+
+def test_backoff_doubles_to_its_cap_and_resets_on_success() -> None:
+    b = Backoff(min_s=1.0, max_s=5.0)
+    assert b.due("eu", 0.0)
+    assert [b.failed("eu", 0.0) for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert not b.due("eu", 4.9) and b.due("eu", 5.0)
+    assert b.due("us", 0.0)  # keys are independent
+    b.succeeded("eu")
+    assert b.due("eu", 0.0) and b.failed("eu", 0.0) == 1.0
+
+
+def test_drift_is_a_missing_app_another_digest_or_other_routing() -> None:
+    routing = {"names": ["eu", "us"], "policy": "failover", "weights": {}}
+    want = Desired("shop", D1, ("eu", "us"), routing)
+    assert differs(want, None) == "missing"
+    assert differs(want, {"digest": D2, "regions": routing}).startswith("runs ")
+    assert differs(want, {"digest": D1, "regions": None}) == "routing differs"
+    assert differs(want, {"digest": D1, "regions": routing}) is None
+    assert differs(want, {"digest": D1}) is None  # a region that does not report routing
+
+
+def test_wanted_by_region_skips_regions_the_cluster_file_lacks() -> None:
+    desired = {"a": Desired("a", D1, ("eu", "gone")), "b": Desired("b", D2, ("us", "eu"))}
+    assert wanted_by_region(desired, ("eu", "us")) == {"eu": ["a", "b"], "us": ["b"]}
+
+
+def test_status_document_separates_drift_from_what_is_fine(tmp_path: Path) -> None:
+    c = cluster(tmp_path, "eu", "us", "ap")
+    state = ClusterState(tmp_path / "state")
+    state.record_deploy(Desired("shop", D1, ("eu", "us")), b"one")
+    state.done("eu", "shop", D1)
+    seen = Observed(
+        apps={"eu": RegionApps("eu", {"shop": {"digest": D1, "version": 3, "regions": None},
+                                      "manual": {"digest": D2, "version": 1}}),
+              "us": RegionApps("us", None, "connection refused"),
+              "ap": RegionApps("ap", {"shop": {"digest": D2, "version": 1}})},
+        gateways={"eu": [GatewayHealth("http://127.0.0.2:2", True, "ok", "eu")],
+                  "us": [GatewayHealth("http://127.0.0.3:2", False, "connection refused")],
+                  "ap": [GatewayHealth("http://127.0.0.4:2", False, "draining (HTTP 503)")]})
+    doc = summarize(c, state.snapshot(), seen)
+    shop = doc["apps"]["shop"]["regions"]
+    assert shop["eu"] == {"state": "ok", "version": 3, "digest": D1}
+    assert shop["us"]["state"] == "unknown"
+    assert shop["ap"]["state"] == "extra"  # runs there, but not meant to: no drift
+    assert doc["apps"]["manual"]["regions"]["eu"]["state"] == "unmanaged"
+    assert [(d["region"], d["state"]) for d in doc["drift"]] == [("us", "unknown")]
+    assert [(p["region"], p["app"]) for p in doc["pending"]] == [("us", "shop")]
+    assert not doc["converged"] and unconverged_regions(doc) == ["us"]
+    assert doc["regions"]["us"]["control"] == {"url": "http://127.0.0.3:1", "reachable": False,
+                                               "error": "connection refused"}
+    text = "\n".join(render(doc))
+    assert "region us: control http://127.0.0.3:1 UNREACHABLE (connection refused)" in text
+    assert "pending: shop" in text and "not converged: us (shop: region unreachable)" in text
+
+
+def test_desired_state_keeps_the_newest_deploy_per_region(tmp_path: Path) -> None:
+    state = ClusterState(tmp_path / "s")
+    state.record_deploy(Desired("shop", D1, ("eu", "us")), b"one")
+    assert set(state.snapshot().pending) == {("eu", "shop"), ("us", "shop")}
+    state.failed("us", "shop", D1, "connection refused")
+    state.failed("us", "shop", D1, "timed out")
+    pend = state.snapshot().pending[("us", "shop")]
+    assert (pend.attempts, pend.last_error, pend.refused) == (2, "timed out", False)
+    # a newer deploy, to eu only: us's pending push goes, the old bundle too
+    state.record_deploy(Desired("shop", D2, ("eu",)), b"two")
+    snap = state.snapshot()
+    assert set(snap.pending) == {("eu", "shop")} and snap.desired["shop"].digest == D2
+    assert state.bundle(D1) is None and state.bundle(D2) == b"two"
+    # a late answer for the old digest neither clears nor overwrites the new one
+    state.done("eu", "shop", D1)
+    state.failed("eu", "shop", D1, "late")
+    assert state.snapshot().pending[("eu", "shop")].digest == D2
+    assert state.snapshot().pending[("eu", "shop")].attempts == 0
+    state.done("eu", "shop", D2)
+    assert state.snapshot().pending == {}
+    assert oct((tmp_path / "s" / "bundles" / f"{D2}.zip").stat().st_mode & 0o777) == "0o600"
+
+
+def test_nimbus_toml_round_trips_and_names_what_is_wrong(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    s = DeploySettings("shop", (tmp_path / "ops" / "nimbus.cluster.yaml").resolve(),
+                       ("us", "eu"), "weighted", {"us": 30, "eu": 70})
+    write_settings(app, s)
+    assert 'cluster = "../ops/nimbus.cluster.yaml"' in (app / "nimbus.toml").read_text()
+    assert read_settings(app) == s
+    assert s.routing() == {"names": ["us", "eu"], "policy": "weighted",
+                           "weights": {"us": 30, "eu": 70}}
+    text = (app / "nimbus.toml").read_text()
+    for bad, where in [(text.replace('"weighted"', '"fastest"'), "deploy.policy: policy must"),
+                       (text.replace("us = 30\n", ""), "deploy.weights: no weight for region 'us'"),
+                       (text.replace('regions = ["us", "eu"]', "regions = []"), "deploy.regions"),
+                       (text + "[deploy\n", "nimbus.toml:14: not valid TOML")]:
+        (app / "nimbus.toml").write_text(bad)
+        with pytest.raises(ManifestError, match=where):
+            read_settings(app)
+    assert read_settings(tmp_path) is None
+
+
+@pytest.mark.parametrize("regions,line", [("regions: [eu, ap]", 1),
+                                          ("regions:\n  names:\n    - eu\n    - ap", 4),
+                                          ("regions: {policy: weighted, weights: {eu: 1, ap: 2}}",
+                                           1)])
+def test_a_region_the_cluster_file_lacks_is_named_at_its_line(tmp_path: Path, regions: str,
+                                                               line: int) -> None:
+    app = tmp_path / "a"
+    app.mkdir()
+    (app / "app.yaml").write_text(f"{regions}\nfunctions:\n  f:\n    handler: m.f\n")
+    (app / "m.py").write_text("def f(event, context):\n    return 1\n")
+    with pytest.raises(ManifestError) as err:
+        plan_deploy(app, cluster(tmp_path, "eu", "us"))
+    assert err.value.field == "regions" and err.value.line == line
+    assert "region 'ap' is not in the cluster file" in err.value.message
+    assert "(it has eu, us)" in err.value.message
