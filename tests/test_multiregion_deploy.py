@@ -313,3 +313,36 @@ def _after_guided(world: World, app: Path) -> None:
         assert world.apps(region)["shop"]["regions"] == routing
     assert world.eu.get("/shop").text == "shop2 eu"
     assert load_cluster(world.cluster_path).names == ("eu", "us")
+
+
+def test_guided_deploy_writes_a_cluster_file_from_control_urls(world: World) -> None:
+    folder = world.root / "fresh"
+    app = write_app(folder / "api", "api", MANIFEST.replace("name: greet\n", "").replace(
+        "hello:", "api:").replace("/hello", "/api"))
+    eu_token = world.cluster_path.parent / "eu.token"
+    term = Pty([sys.executable, "-m", "nimbus", "deploy", "--guided", str(app)], cwd=folder)
+    try:
+        term.answer(r"App name \[api\]: ", "")
+        term.answer(r"Cluster file \(leave empty to enter each region's control URL\): ", "")
+        term.answer(r"Region name \(leave empty when done\): ", "eu")
+        term.answer(r"control URL of eu \(http://HOST:PORT\): ", "ftp://nowhere")
+        term.expect(r"expected http://HOST:PORT or https://HOST:PORT; try again")
+        term.answer(r"control URL of eu .*: ", world.eu.control_url)
+        term.answer(r"token file of eu: ", "missing.token")
+        term.expect(r"cannot read missing.token: No such file or directory; try again")
+        term.answer(r"token file of eu: ", str(eu_token))
+        term.answer(r"gateway URLs of eu \(comma-separated\): ", world.eu.gateway_url)
+        term.answer(r"Region name \(leave empty when done\): ", "")
+        term.answer(r"Write the cluster file to \[nimbus.cluster.yaml\]: ", "")
+        term.answer(r"comma-separated\) \[eu\]: ", "")
+        term.answer(r"Routing policy .*\[failover\]: ", "")
+        term.answer(r"Deploy this plan\? \[Y/n\]: ", "n")
+        term.expect(r"nothing deployed; nothing saved")
+        assert term.wait() == 0
+    finally:
+        term.close()
+    written = load_cluster(folder / "nimbus.cluster.yaml")
+    assert written.names == ("eu",)
+    assert written.regions["eu"] == world.cluster.regions["eu"]
+    assert "token_file: ../ops/eu.token" in (folder / "nimbus.cluster.yaml").read_text()
+    assert not (app / "nimbus.toml").exists()

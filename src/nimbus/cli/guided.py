@@ -8,6 +8,7 @@ plain ``nimbus deploy APP_DIR`` repeats them.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ def write_new_cluster() -> ClusterFile:
         if path.exists() and not click.confirm(f"  {path} exists; replace it?", default=False):
             continue
         try:
-            write_cluster(path, entries, token_files)
+            write_cluster(path, entries, {r: os.path.relpath(f, path.resolve().parent)
+                                          for r, f in token_files.items()})
             return open_cluster(path)
         except (OSError, UserInputError) as exc:
             _say_bad(str(exc))
