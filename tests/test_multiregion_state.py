@@ -5,6 +5,7 @@ manifest names a region the cluster file lacks. No region is started."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,26 @@ def test_desired_state_keeps_the_newest_deploy_per_region(tmp_path: Path) -> Non
     state.done("eu", "shop", D2)
     assert state.snapshot().pending == {}
     assert oct((tmp_path / "s" / "bundles" / f"{D2}.zip").stat().st_mode & 0o777) == "0o600"
+
+
+def test_one_push_at_a_time_per_region_and_app(tmp_path: Path) -> None:
+    """A deploy under way, or another converger's push, is left alone; a
+    claim for a digest the app moved on from is refused."""
+    state = ClusterState(tmp_path / "s")
+    state.record_deploy(Desired("shop", D1, ("eu",)), b"one", busy_s=60.0)
+    assert not state.claim("eu", "shop", D1, until=time.time() + 60)  # the deploy pushes
+    state.failed("eu", "shop", D1, "connection refused")  # ... and gave up: free again
+    assert state.claim("eu", "shop", D1, until=time.time() + 60)
+    assert not state.claim("eu", "shop", D1, until=time.time() + 60)  # a second converger
+    assert state.snapshot().pending[("eu", "shop")].last_error == "connection refused"
+    assert not state.claim("eu", "shop", D2, until=time.time() + 60)  # not the desired one
+    state.failed("eu", "shop", D1, "timed out")
+    assert state.claim("eu", "shop", D1, until=time.time() - 1)  # an expired claim
+    assert state.claim("eu", "shop", D1, until=time.time() + 60)
+    # a region that lost the app gets a pending mark when a converger claims it
+    state.done("eu", "shop", D1)
+    assert state.claim("eu", "shop", D1, until=time.time() + 60)
+    assert state.snapshot().pending[("eu", "shop")].attempts == 0
 
 
 def test_nimbus_toml_round_trips_and_names_what_is_wrong(tmp_path: Path) -> None:

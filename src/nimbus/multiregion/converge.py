@@ -94,7 +94,7 @@ class Outcome:
 
     region: str
     app: str | None       # None: about the region itself
-    what: str             # "deployed", "refused", "unreachable", "in sync"
+    what: str             # "deployed", "refused", "unreachable", "busy", "in sync"
     message: str = ""
     version: int | None = None
 
@@ -190,6 +190,10 @@ class Converger:
                 pend = snap.pending.get((name, app))
                 outcomes.append(Outcome(name, app, "refused",
                                         pend.last_error if pend else why))
+                continue
+            until = time.time() + self.push_timeout_s + 5.0
+            if not self.state.claim(name, app, desired.digest, until):
+                outcomes.append(Outcome(name, app, "busy", "another deploy is pushing it"))
                 continue
             result = await self._push(client, region, desired)
             outcomes.append(self._record(result, desired, key, now))

@@ -149,7 +149,7 @@ async def deploy_plan(plan: DeployPlan, cluster: ClusterFile, *,
     state = ClusterState(state_dir or state_dir_for(cluster.path))
     desired = Desired(app=plan.app, digest=plan.digest, regions=plan.regions,
                       routing=plan.routing, override=plan.override, updated=time.time())
-    await asyncio.to_thread(state.record_deploy, desired, plan.bundle)
+    await asyncio.to_thread(state.record_deploy, desired, plan.bundle, timeout_s + 5.0)
     timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
     async with httpx.AsyncClient(timeout=timeout) as client:
         results = await asyncio.gather(*(

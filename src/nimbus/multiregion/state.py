@@ -77,6 +77,7 @@ class Pending:
     attempts: int = 0
     last_error: str = ""
     refused: bool = False         # the region answered and refused the app
+    busy_until: float = 0.0       # wall clock: a push of it is under way until then
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -86,7 +87,8 @@ class Pending:
         d = orjson.loads(raw)
         return cls(app=d["app"], region=d["region"], digest=d["digest"],
                    since=float(d["since"]), attempts=int(d.get("attempts", 0)),
-                   last_error=str(d.get("last_error", "")), refused=bool(d.get("refused")))
+                   last_error=str(d.get("last_error", "")), refused=bool(d.get("refused")),
+                   busy_until=float(d.get("busy_until", 0.0)))
 
 
 @dataclass
@@ -158,9 +160,11 @@ class ClusterState:
             return None
 
     # -- writes ------------------------------------------------------------
-    def record_deploy(self, desired: Desired, bundle: bytes) -> None:
+    def record_deploy(self, desired: Desired, bundle: bytes, busy_s: float = 0.0) -> None:
         """A deploy begins: the bundle is kept and the app's desired state set;
-        every region of the app is pending until its push reports otherwise."""
+        every region of the app is pending until its push reports otherwise.
+        ``busy_s``: the deploy pushes to every region itself for that long, so
+        convergers leave those regions alone meanwhile."""
         with self.locked():
             path = self._bundle_file(desired.digest)
             if not path.exists():
@@ -169,7 +173,8 @@ class ClusterState:
             now = desired.updated or time.time()
             for region in desired.regions:
                 _write(self._pending_file(region, desired.app),
-                       Pending(desired.app, region, desired.digest, now).to_json())
+                       Pending(desired.app, region, desired.digest, now,
+                               busy_until=now + busy_s if busy_s else 0.0).to_json())
             self._forget_regions(desired)
             self._collect_bundles()
 
@@ -192,6 +197,36 @@ class ClusterState:
                 return
             if current.digest == digest:
                 path.unlink(missing_ok=True)
+
+    def claim(self, region: str, app: str, digest: str, until: float) -> bool:
+        """Take the push of ``digest`` to ``region`` (a pending mark, busy
+        until ``until``), unless another push of it is under way or the
+        app's desired digest moved on. True: push it now."""
+        with self.locked():
+            desired = self._read_desired(app)
+            if desired is None or desired.digest != digest:
+                return False
+            path = self._pending_file(region, app)
+            current: Pending | None
+            try:
+                current = Pending.from_json(path.read_bytes())
+            except (OSError, ValueError, KeyError):
+                current = None
+            now = time.time()
+            if current is not None and current.digest == digest and current.busy_until > now:
+                return False
+            base = current if current is not None and current.digest == digest else None
+            _write(path, Pending(app, region, digest, base.since if base else now,
+                                 base.attempts if base else 0,
+                                 base.last_error if base else "",
+                                 base.refused if base else False, until).to_json())
+            return True
+
+    def _read_desired(self, app: str) -> Desired | None:
+        try:
+            return Desired.from_json(self._app_file(app).read_bytes())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def failed(self, region: str, app: str, digest: str, error: str, *,
                refused: bool = False) -> Pending:
