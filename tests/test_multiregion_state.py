@@ -4,19 +4,23 @@ manifest names a region the cluster file lacks. No region is started."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import re
+import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nimbus.errors import ManifestError
 from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry
 from nimbus.multiregion.converge import Backoff, differs, wanted_by_region
 from nimbus.multiregion.deploy import plan_deploy
-from nimbus.multiregion.push import GatewayHealth, RegionApps
+from nimbus.multiregion.push import GatewayHealth, PushResult, RegionApps, push_bundle
 from nimbus.multiregion.settings import DeploySettings, read_settings, write_settings
-from nimbus.multiregion.state import ClusterState, Desired
+from nimbus.multiregion.state import ClusterState, Desired, state_dir_for
 from nimbus.multiregion.status import Observed, render, summarize, unconverged_regions
 
 D1 = hashlib.sha256(b"one").hexdigest()
@@ -66,7 +70,8 @@ def test_status_document_separates_drift_from_what_is_fine(tmp_path: Path) -> No
               "ap": RegionApps("ap", {"shop": {"digest": D2, "version": 1}})},
         gateways={"eu": [GatewayHealth("http://127.0.0.2:2", True, "ok", "eu")],
                   "us": [GatewayHealth("http://127.0.0.3:2", False, "connection refused")],
-                  "ap": [GatewayHealth("http://127.0.0.4:2", False, "draining (HTTP 503)")]})
+                  "ap": [GatewayHealth("http://127.0.0.4:2", False, "draining (HTTP 503)"),
+                         GatewayHealth("http://127.0.0.5:2", True, "ok", "eu")]})
     doc = summarize(c, state.snapshot(), seen)
     shop = doc["apps"]["shop"]["regions"]
     assert shop["eu"] == {"state": "ok", "version": 3, "digest": D1}
@@ -78,9 +83,17 @@ def test_status_document_separates_drift_from_what_is_fine(tmp_path: Path) -> No
     assert not doc["converged"] and unconverged_regions(doc) == ["us"]
     assert doc["regions"]["us"]["control"] == {"url": "http://127.0.0.3:1", "reachable": False,
                                                "error": "connection refused"}
+    assert [g["detail"] for g in doc["regions"]["ap"]["gateways"]] == [
+        "draining (HTTP 503)", "serves region 'eu', not 'ap': check the cluster file"]
     text = "\n".join(render(doc))
-    assert "region us: control http://127.0.0.3:1 UNREACHABLE (connection refused)" in text
+    assert ("region us: control http://127.0.0.3:1 does not answer: connection refused"
+            in text)
     assert "pending: shop" in text and "not converged: us (shop: region unreachable)" in text
+
+
+def test_each_cluster_file_has_its_own_state_folder(tmp_path: Path) -> None:
+    assert state_dir_for(tmp_path / "nimbus.cluster.yaml") == tmp_path / ".nimbus-cluster"
+    assert state_dir_for(tmp_path / "staging.yaml") == tmp_path / ".nimbus-cluster-staging.yaml"
 
 
 def test_desired_state_keeps_the_newest_deploy_per_region(tmp_path: Path) -> None:
@@ -162,3 +175,74 @@ def test_a_region_the_cluster_file_lacks_is_named_at_its_line(tmp_path: Path, re
     assert err.value.field == "regions" and err.value.line == line
     assert "region 'ap' is not in the cluster file" in err.value.message
     assert "(it has eu, us)" in err.value.message
+
+
+async def _push_to(answer: bytes | None, timeout_s: float = 2.0) -> PushResult:
+    """Push to a control API stand-in on a loopback port that answers with
+    ``answer`` (None: reads the request and never answers)."""
+    hold: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        if answer is None:
+            hold.append(writer)
+            return
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    region = RegionEntry("eu", f"http://127.0.0.1:{port}", "t" * 40, ())
+    try:
+        async with httpx.AsyncClient() as client:
+            return await push_bundle(client, region, "shop", b"zip", None, timeout_s)
+    finally:
+        for w in hold:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+def _http(status: str, body: bytes, ctype: str = "application/json") -> bytes:
+    return (f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("answer,outcome,message", [
+    (_http("200 OK", b'{"progress": "x"}\n{"result": {"digest": "d", "functions": '
+                     b'[{"version": 4, "changed": true}, {"version": 2}]}}\n',
+           "application/x-ndjson"), "deployed", ""),
+    (_http("401 Unauthorized", b'{"errorType": "Unauthorized", "errorMessage": "bad token"}'),
+     "refused", "bad token (HTTP 401)"),
+    (_http("200 OK", b'{"error": {"errorType": "ManifestError", "errorMessage": '
+                     b'"app.yaml:3: nope"}}\n', "application/x-ndjson"),
+     "refused", "app.yaml:3: nope"),
+    (_http("200 OK", b'{"error": {"errorType": "DeployError", "errorMessage": '
+                     b'"another deploy of f is in progress; retry"}}\n', "application/x-ndjson"),
+     "unreachable", "another deploy of f is in progress; retry"),
+    (_http("503 Service Unavailable", b'{"errorMessage": "draining"}'),
+     "unreachable", "draining (HTTP 503)"),
+    (None, "unreachable", "no answer within 0.3 s"),
+])
+def test_a_push_is_sorted_by_what_the_region_answered(answer: bytes | None, outcome: str,
+                                                      message: str) -> None:
+    result = asyncio.run(_push_to(answer, 0.3 if answer is None else 5.0))
+    assert (result.outcome, result.message) == (outcome, message)
+    if outcome == "deployed":
+        assert (result.version, result.digest, result.changed) == (4, "d", True)
+
+
+def test_a_push_to_a_closed_port_is_connection_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends
+    region = RegionEntry("eu", f"http://127.0.0.1:{port}", "t" * 40, ())
+
+    async def push() -> PushResult:
+        async with httpx.AsyncClient() as client:
+            return await push_bundle(client, region, "shop", b"zip", None, 5.0)
+
+    assert asyncio.run(push()) == PushResult("eu", "unreachable", message="connection refused")

@@ -34,12 +34,19 @@ from nimbus.errors import NimbusError, UserInputError
 from nimbus.store.private import DIR_MODE, write_private
 
 STATE_DIR_NAME = ".nimbus-cluster"
+DEFAULT_CLUSTER_NAME = "nimbus.cluster.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 def state_dir_for(cluster_path: Path) -> Path:
-    """Where the desired state of the cluster file at ``cluster_path`` lives."""
-    return cluster_path.resolve().parent / STATE_DIR_NAME
+    """Where the desired state of the cluster file at ``cluster_path`` lives:
+    ``.nimbus-cluster/`` beside ``nimbus.cluster.yaml``; beside a cluster
+    file of another name, ``.nimbus-cluster-<its name>/`` (two cluster files
+    in one folder never share their state)."""
+    path = cluster_path.resolve()
+    if path.name == DEFAULT_CLUSTER_NAME:
+        return path.parent / STATE_DIR_NAME
+    return path.parent / f"{STATE_DIR_NAME}-{path.name}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,15 @@ async def observe(cluster: ClusterFile, timeout_s: float = 3.0) -> Observed:
                     {r.name: list(g) for r, g in zip(regions, gws, strict=True)})
 
 
+def _gateway(region: str, g: GatewayHealth) -> dict[str, Any]:
+    """A gateway's health; one that answers for another region is wrong in
+    the cluster file, not healthy."""
+    if g.region is not None and g.region != region:
+        return {"url": g.url, "healthy": False,
+                "detail": f"serves region {g.region!r}, not {region!r}: check the cluster file"}
+    return {"url": g.url, "healthy": g.ok, "detail": g.detail}
+
+
 def summarize(cluster: ClusterFile, snap: Snapshot, seen: Observed) -> dict[str, Any]:
     """The status document (``--json`` prints it as is)."""
     regions: dict[str, Any] = {}
@@ -47,8 +56,7 @@ def summarize(cluster: ClusterFile, snap: Snapshot, seen: Observed) -> dict[str,
         regions[name] = {
             "control": {"url": entry.control, "reachable": reachable,
                         **({} if reachable or listed is None else {"error": listed.error})},
-            "gateways": [{"url": g.url, "healthy": g.ok, "detail": g.detail}
-                         for g in seen.gateways.get(name, [])],
+            "gateways": [_gateway(name, g) for g in seen.gateways.get(name, [])],
         }
     apps: dict[str, Any] = {}
     drift: list[dict[str, Any]] = []
@@ -113,7 +121,7 @@ def render(doc: dict[str, Any]) -> list[str]:
     lines = [f"cluster {doc['cluster']}"]
     for name, r in doc["regions"].items():
         c = r["control"]
-        control = "reachable" if c["reachable"] else f"UNREACHABLE ({c.get('error', '?')})"
+        control = "answers" if c["reachable"] else f"does not answer: {c.get('error', '?')}"
         gws = ", ".join(f"{g['url']} {g['detail']}" for g in r["gateways"]) or "no gateways"
         lines.append(f"region {name}: control {c['url']} {control}; gateways: {gws}")
     for app, a in doc["apps"].items():
