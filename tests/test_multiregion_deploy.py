@@ -288,8 +288,8 @@ def guided_answers(term: Pty) -> None:
     assert "weights us 30, eu 70" in plan
     os.write(term.master, b"y\r")
     term.expect(r"saved the answers to .*nimbus.toml")
-    term.expect(r"us: version 1 deployed")
-    term.expect(r"eu: version 1 deployed")
+    done = term.expect(r"(?s)(us|eu): version 1 deployed.*(us|eu): version 1 deployed")
+    assert "us: version 1 deployed" in done and "eu: version 1 deployed" in done
     assert term.wait() == 0, term.seen
 
 

@@ -53,14 +53,13 @@ def cluster_deploy(app_dir: Path, cluster_path: Path, *, wait_all: bool, timeout
         plan = make_plan(app_dir, cluster, settings)
         for line in plan.describe():
             click.echo(line)
-    reports = asyncio.run(deploy_plan(plan, cluster, timeout_s=timeout_s))
+    reports = asyncio.run(deploy_plan(plan, cluster, timeout_s=timeout_s,
+                                      on_report=lambda r: click.echo(r.line())))
     return report_deploy(plan, cluster, reports, wait_all=wait_all, timeout_s=timeout_s)
 
 
 def report_deploy(plan: DeployPlan, cluster: ClusterFile, reports: list[RegionReport], *,
                   wait_all: bool, timeout_s: float) -> int:
-    for r in reports:
-        click.echo(r.line())
     refused = [r for r in reports if r.outcome == "refused"]
     pending = [r for r in reports if r.outcome == "pending"]
     for r in refused:

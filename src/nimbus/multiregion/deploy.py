@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,20 +144,28 @@ class RegionReport:
 
 async def deploy_plan(plan: DeployPlan, cluster: ClusterFile, *,
                       state_dir: Path | None = None,
-                      timeout_s: float = DEFAULT_TIMEOUT_S) -> list[RegionReport]:
+                      timeout_s: float = DEFAULT_TIMEOUT_S,
+                      on_report: Callable[[RegionReport], None] | None = None,
+                      ) -> list[RegionReport]:
     """Record the plan as desired, push it to its regions in parallel, and
-    report per region in the plan's order."""
+    report per region: to ``on_report`` as each region answers, and as a
+    list in the plan's order."""
     state = ClusterState(state_dir or state_dir_for(cluster.path))
     desired = Desired(app=plan.app, digest=plan.digest, regions=plan.regions,
                       routing=plan.routing, override=plan.override, updated=time.time())
     await asyncio.to_thread(state.record_deploy, desired, plan.bundle, timeout_s + 5.0)
     timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
+
+    async def one(client: httpx.AsyncClient, region: str) -> RegionReport:
+        result = await push_bundle(client, cluster.regions[region], plan.app, plan.bundle,
+                                   plan.override, timeout_s)
+        report = _settle(state, plan, result)
+        if on_report is not None:
+            on_report(report)
+        return report
+
     async with httpx.AsyncClient(timeout=timeout) as client:
-        results = await asyncio.gather(*(
-            push_bundle(client, cluster.regions[r], plan.app, plan.bundle, plan.override,
-                        timeout_s)
-            for r in plan.regions))
-    return [_settle(state, plan, r) for r in results]
+        return list(await asyncio.gather(*(one(client, r) for r in plan.regions)))
 
 
 def _settle(state: ClusterState, plan: DeployPlan, r: PushResult) -> RegionReport:

@@ -140,7 +140,7 @@ def render(doc: dict[str, Any]) -> list[str]:
         kind = "refused" if p["refused"] else "pending"
         err = f": {p['last_error']}" if p["last_error"] else ""
         lines.append(f"{kind}: {p['app']} {p['digest'][:12]} to {p['region']} "
-                     f"({p['attempts']} attempts){err}")
+                     f"({p['attempts']} attempt{'' if p['attempts'] == 1 else 's'}){err}")
     if doc["converged"]:
         lines.append("converged: every region runs what was deployed")
     else:
