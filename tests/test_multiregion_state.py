@@ -177,10 +177,12 @@ def test_a_region_the_cluster_file_lacks_is_named_at_its_line(tmp_path: Path, re
     assert "(it has eu, us)" in err.value.message
 
 
-async def _push_to(answer: bytes | None, timeout_s: float = 2.0) -> PushResult:
+async def _push_to(answer: bytes | None | list[bytes], timeout_s: float = 2.0) -> PushResult:
     """Push to a control API stand-in on a loopback port that answers with
-    ``answer`` (None: reads the request and never answers)."""
+    ``answer`` (None: reads the request and never answers; a list: one
+    answer per request, in turn)."""
     hold: list[asyncio.StreamWriter] = []
+    answers = answer if isinstance(answer, list) else None
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -189,7 +191,7 @@ async def _push_to(answer: bytes | None, timeout_s: float = 2.0) -> PushResult:
         if answer is None:
             hold.append(writer)
             return
-        writer.write(answer)
+        writer.write(answers.pop(0) if answers else answer)  # type: ignore[arg-type]
         await writer.drain()
         writer.close()
 
@@ -222,17 +224,26 @@ def _http(status: str, body: bytes, ctype: str = "application/json") -> bytes:
      "refused", "app.yaml:3: nope"),
     (_http("200 OK", b'{"error": {"errorType": "DeployError", "errorMessage": '
                      b'"another deploy of f is in progress; retry"}}\n', "application/x-ndjson"),
-     "unreachable", "another deploy of f is in progress; retry"),
+     "busy", "another deploy of f is in progress; retry"),
     (_http("503 Service Unavailable", b'{"errorMessage": "draining"}'),
      "unreachable", "draining (HTTP 503)"),
     (None, "unreachable", "no answer within 0.3 s"),
 ])
 def test_a_push_is_sorted_by_what_the_region_answered(answer: bytes | None, outcome: str,
                                                       message: str) -> None:
-    result = asyncio.run(_push_to(answer, 0.3 if answer is None else 5.0))
+    # (a busy region is asked again while more than a second is left: not here)
+    result = asyncio.run(_push_to(answer, 0.3 if answer is None or outcome == "busy" else 5.0))
     assert (result.outcome, result.message) == (outcome, message)
     if outcome == "deployed":
         assert (result.version, result.digest, result.changed) == (4, "d", True)
+
+
+def test_a_busy_region_is_asked_again_within_the_deadline() -> None:
+    busy = _http("200 OK", b'{"error": {"errorType": "DeployError", "errorMessage": '
+                           b'"another deploy of f is in progress; retry"}}\n')
+    done = _http("200 OK", b'{"result": {"digest": "d", "functions": [{"version": 1}]}}\n')
+    result = asyncio.run(_push_to([busy, busy, done], 10.0))
+    assert (result.outcome, result.version) == ("deployed", 1)
 
 
 def test_a_push_to_a_closed_port_is_connection_refused() -> None:

@@ -61,7 +61,7 @@ def cluster_deploy(app_dir: Path, cluster_path: Path, *, wait_all: bool, timeout
 def report_deploy(plan: DeployPlan, cluster: ClusterFile, reports: list[RegionReport], *,
                   wait_all: bool, timeout_s: float) -> int:
     refused = [r for r in reports if r.outcome == "refused"]
-    pending = [r for r in reports if r.outcome == "pending"]
+    pending = [r for r in reports if r.outcome in ("pending", "busy")]
     for r in refused:
         click.echo(f"nimbus: error: region {r.region} refused {plan.app}: {r.message}",
                    err=True)

@@ -28,6 +28,7 @@ import httpx
 
 from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry
 from nimbus.multiregion.push import (
+    BUSY,
     DEPLOYED,
     REFUSED,
     PushResult,
@@ -114,7 +115,7 @@ class Converger:
 
     def __init__(self, cluster: ClusterFile, state_dir: Path, *, interval_s: float = 5.0,
                  push_timeout_s: float = 120.0, probe_timeout_s: float = 3.0,
-                 retry_min_s: float = 1.0, retry_max_s: float = 30.0) -> None:
+                 retry_min_s: float = 1.0, retry_max_s: float = 10.0) -> None:
         self.cluster = cluster
         self.state = ClusterState(state_dir)
         self.interval_s = interval_s
@@ -197,7 +198,7 @@ class Converger:
                 continue
             result = await self._push(client, region, desired)
             outcomes.append(self._record(result, desired, key, now))
-            if result.outcome not in (DEPLOYED, REFUSED):
+            if result.outcome not in (DEPLOYED, REFUSED, BUSY):
                 break  # the region stopped answering: its other apps wait for the next round
         return outcomes
 
@@ -220,7 +221,7 @@ class Converger:
                            result.version)
         refused = result.outcome == REFUSED
         self.state.failed(region, app, desired.digest, result.message, refused=refused)
-        if refused:
+        if refused or result.outcome == BUSY:
             self.backoff.failed(key, now)
         else:
             self.backoff.failed(region, now)

@@ -27,7 +27,7 @@ from nimbus.errors import ManifestError
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, RegionsSpec
 from nimbus.multiregion.clusterfile import ClusterFile
-from nimbus.multiregion.push import DEPLOYED, REFUSED, PushResult, push_bundle
+from nimbus.multiregion.push import BUSY, DEPLOYED, REFUSED, PushResult, push_bundle
 from nimbus.multiregion.state import ClusterState, Desired, state_dir_for
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -127,7 +127,7 @@ def _region_line(manifest: Path, region: str) -> int | None:
 @dataclass(frozen=True, slots=True)
 class RegionReport:
     region: str
-    outcome: str          # deployed | refused | pending
+    outcome: str          # deployed | refused | pending | busy (pending too)
     version: int | None
     changed: bool
     message: str
@@ -138,6 +138,9 @@ class RegionReport:
                 "" if self.changed else " (unchanged)")
         if self.outcome == "refused":
             return f"{self.region}: refused — {self.message}"
+        if self.outcome == "busy":
+            return (f"{self.region}: pending — busy ({self.message}); it converges when the "
+                    "region is free")
         return (f"{self.region}: pending — unreachable ({self.message}); it converges when "
                 "the region returns")
 
@@ -174,4 +177,5 @@ def _settle(state: ClusterState, plan: DeployPlan, r: PushResult) -> RegionRepor
         return RegionReport(r.region, "deployed", r.version, r.changed, "")
     refused = r.outcome == REFUSED
     state.failed(r.region, plan.app, plan.digest, r.message, refused=refused)
-    return RegionReport(r.region, "refused" if refused else "pending", None, False, r.message)
+    outcome = "refused" if refused else "busy" if r.outcome == BUSY else "pending"
+    return RegionReport(r.region, outcome, None, False, r.message)
