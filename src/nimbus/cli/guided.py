@@ -200,6 +200,9 @@ def run_guided(app_dir: Path, timeout_s: float) -> int:
     click.echo("Plan:")
     for line in plan.describe():
         click.echo(f"  {line}")
+    for r in plan.regions:
+        entry = cluster.regions[r]
+        click.echo(f"  {r}: control {entry.control}, gateways {', '.join(entry.gateways)}")
     if not click.confirm("Deploy this plan?", default=True):
         click.echo("nothing deployed; nothing saved")
         return 0
