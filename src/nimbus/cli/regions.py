@@ -101,7 +101,7 @@ def cluster_status_cmd(cluster_path: Path, *, as_json: bool, wait_all: bool,
     cluster = open_cluster(cluster_path)
     if wait_all:
         return _wait(cluster, timeout_s, as_json)
-    doc = asyncio.run(cluster_status(cluster, state_dir_for(cluster.path)))
+    doc = asyncio.run(cluster_status(cluster, state_dir_for(cluster.path), min(timeout_s, 3.0)))
     if as_json:
         print_json(doc)
     else:
