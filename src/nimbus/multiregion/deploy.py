@@ -160,8 +160,12 @@ async def deploy_plan(plan: DeployPlan, cluster: ClusterFile, *,
     timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
 
     async def one(client: httpx.AsyncClient, region: str) -> RegionReport:
-        result = await push_bundle(client, cluster.regions[region], plan.app, plan.bundle,
-                                   plan.override, timeout_s)
+        try:
+            result = await push_bundle(client, cluster.regions[region], plan.app,
+                                       plan.bundle, plan.override, timeout_s)
+        except BaseException:  # interrupted (Ctrl-C): a converger may take it at once
+            state.failed(region, plan.app, plan.digest, "the deploy was interrupted")
+            raise
         report = _settle(state, plan, result)
         if on_report is not None:
             on_report(report)
