@@ -51,6 +51,11 @@ def test_drift_is_a_missing_app_another_digest_or_other_routing() -> None:
     assert differs(want, {"digest": D1, "regions": None}) == "routing differs"
     assert differs(want, {"digest": D1, "regions": routing}) is None
     assert differs(want, {"digest": D1}) is None  # a region that does not report routing
+    # the same routing spelled otherwise is no drift
+    weighted = Desired("shop", D1, ("eu", "us"), {"policy": "weighted",
+                                                  "weights": {"eu": 80, "us": 20}})
+    assert differs(weighted, {"digest": D1, "regions": {
+        "names": ["eu", "us"], "policy": "weighted", "weights": {"eu": 80, "us": 20}}}) is None
 
 
 def test_wanted_by_region_skips_regions_the_cluster_file_lacks() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from nimbus.manifest.model import RegionsSpec
 from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry
 from nimbus.multiregion.push import (
     BUSY,
@@ -84,9 +85,20 @@ def differs(desired: Desired, running: dict[str, Any] | None) -> str | None:
     if running.get("digest") != desired.digest:
         have = str(running.get("digest") or "?")[:12]
         return f"runs {have}, not {desired.digest[:12]}"
-    if "regions" in running and running["regions"] != desired.routing:
+    if "regions" in running and _routing(running["regions"]) != _routing(desired.routing):
         return "routing differs"
     return None
+
+
+def _routing(d: Any) -> Any:
+    """A routing as one canonical dict, so that two spellings of the same
+    routing never look like drift (which would push the app every round)."""
+    if d is None:
+        return None
+    try:
+        return RegionsSpec.from_dict(d).to_dict()
+    except (ValueError, TypeError, AttributeError):
+        return d
 
 
 @dataclass(frozen=True, slots=True)
