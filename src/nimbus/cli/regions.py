@@ -4,14 +4,13 @@ of deploying to several regions (the work is in :mod:`nimbus.multiregion`)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from nimbus.cli.output import print_json
-from nimbus.errors import ManifestError, UserInputError
+from nimbus.errors import ManifestError
 from nimbus.manifest.model import RegionsSpec
 from nimbus.multiregion.clusterfile import ClusterFile, load_cluster
 from nimbus.multiregion.deploy import DeployPlan, RegionReport, deploy_plan, plan_deploy
@@ -26,10 +25,6 @@ def open_cluster(path: Path) -> ClusterFile:
         raise ManifestError("no such cluster file; write one (see `nimbus deploy --guided`)",
                             file=path)
     return load_cluster(path)
-
-
-def settings_for(app_dir: Path) -> DeploySettings | None:
-    return read_settings(app_dir)
 
 
 def make_plan(app_dir: Path, cluster: ClusterFile,
@@ -112,14 +107,4 @@ def cluster_status_cmd(cluster_path: Path, *, as_json: bool, wait_all: bool,
 
 def plain_deploy_settings(app_dir: Path) -> DeploySettings | None:
     """The saved answers of a guided deploy, if the app has them."""
-    try:
-        return settings_for(app_dir)
-    except UserInputError:
-        raise
-    except OSError as exc:  # pragma: no cover - unreadable folder
-        raise UserInputError(f"{app_dir}: {exc}") from None
-
-
-def exit_with(code: int) -> None:
-    if code:
-        sys.exit(code)
+    return read_settings(app_dir)
