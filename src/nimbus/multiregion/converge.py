@@ -142,9 +142,11 @@ class Converger:
                 try:
                     report = await self.converge_once(time.monotonic(), client=client)
                     for o in report.outcomes:
-                        if o.what in ("deployed", "refused"):
-                            log.info("converge %s/%s: %s %s", o.region, o.app, o.what,
+                        if o.what == "deployed":
+                            log.info("converged %s in region %s: %s", o.app, o.region,
                                      o.message)
+                        elif o.what == "refused":
+                            log.warning("region %s refused %s: %s", o.region, o.app, o.message)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # noqa: BLE001 - one bad round must not stop the loop
