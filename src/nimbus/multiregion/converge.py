@@ -5,9 +5,10 @@ with the desired state beside the cluster file
 (:mod:`nimbus.multiregion.state`) and pushes the desired bundle to a region
 whose app is pending, missing or at another digest or routing. A region that
 cannot be reached is asked again later, with exponential backoff per region
-(from ``retry_min_s`` to ``retry_max_s``); one that refuses an app is asked
-again for that app with the same backoff, so a refusal costs the region one
-deploy attempt per ``retry_max_s`` at most, not one per round.
+(from ``retry_min_s``, 1 s, to ``retry_max_s``, 10 s); one that refuses an
+app is asked again for that app with a slower backoff (from ``retry_max_s``
+to 5 minutes): a refusal needs someone to act, and must not cost the region
+a deploy attempt, or the log a warning, every round.
 
 ``nimbus status --cluster FILE --wait-all`` drives it until nothing is left
 to do; ``nimbus edge`` runs it in the background, so a region that returns
@@ -40,6 +41,7 @@ from nimbus.multiregion.push import (
 from nimbus.multiregion.state import ClusterState, Desired, Snapshot
 
 log = logging.getLogger("nimbus.converge")
+REFUSED_RETRY_MAX_S = 300.0
 
 
 class Backoff:
@@ -134,6 +136,7 @@ class Converger:
         self.push_timeout_s = push_timeout_s
         self.probe_timeout_s = probe_timeout_s
         self.backoff = Backoff(retry_min_s, retry_max_s)
+        self.refusals = Backoff(retry_max_s, max(retry_max_s, REFUSED_RETRY_MAX_S))
 
     async def run(self) -> None:
         """Converge every ``interval_s`` until cancelled."""
@@ -198,10 +201,11 @@ class Converger:
             if why is None:
                 self.state.done(name, app, desired.digest)
                 self.backoff.succeeded(f"{name}/{app}")
+                self.refusals.succeeded(f"{name}/{app}")
                 outcomes.append(Outcome(name, app, "in sync"))
                 continue
             key = f"{name}/{app}"
-            if not self.backoff.due(key, now):
+            if not (self.backoff.due(key, now) and self.refusals.due(key, now)):
                 pend = snap.pending.get((name, app))
                 outcomes.append(Outcome(name, app, "refused",
                                         pend.last_error if pend else why))
@@ -231,11 +235,14 @@ class Converger:
         if result.outcome == DEPLOYED:
             self.state.done(region, app, desired.digest)
             self.backoff.succeeded(key)
+            self.refusals.succeeded(key)
             return Outcome(region, app, "deployed", f"version {result.version}",
                            result.version)
         refused = result.outcome == REFUSED
         self.state.failed(region, app, desired.digest, result.message, refused=refused)
-        if refused or result.outcome == BUSY:
+        if refused:
+            self.refusals.failed(key, now)
+        elif result.outcome == BUSY:
             self.backoff.failed(key, now)
         else:
             self.backoff.failed(region, now)
