@@ -16,7 +16,7 @@ import pytest
 
 from nimbus.errors import ManifestError
 from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry
-from nimbus.multiregion.converge import Backoff, differs, wanted_by_region
+from nimbus.multiregion.converge import Backoff, Converger, differs, wanted_by_region
 from nimbus.multiregion.deploy import plan_deploy
 from nimbus.multiregion.push import GatewayHealth, PushResult, RegionApps, push_bundle
 from nimbus.multiregion.settings import DeploySettings, read_settings, write_settings
@@ -262,3 +262,47 @@ def test_a_push_to_a_closed_port_is_connection_refused() -> None:
             return await push_bundle(client, region, "shop", b"zip", None, 5.0)
 
     assert asyncio.run(push()) == PushResult("eu", "unreachable", message="connection refused")
+
+
+def test_a_converger_asks_a_refusing_region_again_slowly(tmp_path: Path) -> None:
+    """Against a control stand-in that lists no apps and refuses every deploy:
+    one push per backoff step, none in between."""
+    pushes: list[float] = []
+    refusal = _http("200 OK", b'{"error": {"errorType": "DeployError", "errorMessage": '
+                              b'"function \'f\' already belongs to app \'x\'"}}\n')
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        m = re.search(rb"content-length: (\d+)", head.lower())
+        await reader.readexactly(int(m.group(1)) if m else 0)
+        if head.startswith(b"POST /v1/deploy"):
+            pushes.append(time.monotonic())
+            writer.write(refusal)
+        else:
+            writer.write(_http("200 OK", b"[]"))
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> list[list[str]]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        c = ClusterFile(path=tmp_path / "nimbus.cluster.yaml", regions={
+            "eu": RegionEntry("eu", f"http://127.0.0.1:{port}", "t" * 40, ())})
+        ClusterState(state_dir_for(c.path)).record_deploy(Desired("shop", D1, ("eu",)), b"one")
+        conv = Converger(c, state_dir_for(c.path))
+        rounds = []
+        try:
+            for now in (0.0, 1.0, 9.9, 10.0, 19.0, 30.0):
+                report = await conv.converge_once(now)
+                rounds.append([o.what for o in report.outcomes])
+        finally:
+            server.close()
+            await server.wait_closed()
+        return rounds
+
+    rounds = asyncio.run(scenario())
+    assert rounds == [["refused"]] * 6
+    assert len(pushes) == 3  # at 0, 10 and 30 (the second wait is 20 s)
+    pend = ClusterState(state_dir_for(tmp_path / "nimbus.cluster.yaml")).snapshot().pending
+    assert pend[("eu", "shop")].refused and pend[("eu", "shop")].attempts == 3
+    assert "already belongs to app 'x'" in pend[("eu", "shop")].last_error
