@@ -395,3 +395,45 @@ def test_a_stalled_response_and_an_http10_client() -> None:
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_reset_on_a_reused_connection_is_not_a_health_signal() -> None:
+    """A gateway may drop a kept-alive connection (its own limits) just as a
+    request goes out on it: that request moves on, the region stays up."""
+    async def main() -> None:
+        async def gw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            served = 0
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    if b"/_nimbus/health" not in head:
+                        served += 1
+                        if served == 2:          # the second request on this connection
+                            writer.transport.abort()
+                            return
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\neu")
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                writer.close()
+
+        eu_server = await asyncio.start_server(gw, "127.0.0.1", 0)
+        us = StubGateway(ok("us"))
+        cluster = Cluster({
+            "eu": Region("eu", (f"http://127.0.0.1:{eu_server.sockets[0].getsockname()[1]}",)),
+            "us": Region("us", (await us.start(),))})
+        edge = Edge(cluster, EdgeConfig(health=HealthConfig(interval_s=0.05, rise_s=5)))
+        host, port = await edge.start("127.0.0.1", 0)
+        try:
+            await wait_up(edge, "eu")
+            await wait_up(edge, "us")
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as c:
+                assert (await c.get("/a")).content == b"eu"
+                r = await c.get("/b")
+                assert r.status_code == 200 and r.headers["x-nimbus-retried-from"] == "eu"
+                assert edge.book.region_up("eu", 0.0)
+                assert (await c.get("/c")).content == b"eu"
+        finally:
+            await edge.stop(1.0)
+            eu_server.close()
+            us.close()
+
+    asyncio.run(main())

@@ -47,6 +47,7 @@ class Upstream(asyncio.Protocol):
         self.idle_since = 0.0
         self._write_ready: asyncio.Future[None] | None = None
         self._watch: asyncio.TimerHandle | None = None
+        self.uses = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -69,6 +70,7 @@ class Upstream(asyncio.Protocol):
     def start(self, head_request: bool) -> None:
         if self.head.done() or self.done.done():
             self._reset()
+        self.uses += 1
         self.head_request = head_request
         self.active = True
 
@@ -169,8 +171,11 @@ class Upstream(asyncio.Protocol):
         elif self.active and not self.complete:
             why = "connection reset" if exc is not None or not self.head.done() else \
                 "connection closed mid-response"
+            # On a connection opened for this request it is a signal about the
+            # gateway; on a reused one the gateway may just have dropped an idle
+            # connection (its own limits): the next connect tells, refused or not.
             self._fail(UpstreamFailure(f"{why} by gateway {self.pool.url}", sent=True,
-                                       passive=True))
+                                       passive=self.uses <= 1))
         if self._write_ready is not None and not self._write_ready.done():
             self._write_ready.set_result(None)
         self.pool.forget(self)
