@@ -84,6 +84,7 @@ class HealthBook:
             self.by_region[name] = states
         self.on_down: list[Callable[[str], None]] = []
         self._up: set[str] | None = None                      # caches, dropped on change
+        self.version = 0          # moves on every change of health or latency
         self._latencies: dict[str, float | None] | None = None
 
     # -- signals ---------------------------------------------------------
@@ -93,6 +94,7 @@ class HealthBook:
             EWMA_ALPHA * latency_s + (1 - EWMA_ALPHA) * g.latency_s)
         g.fails = 0
         self._latencies = None
+        self.version += 1
         if g.ok_since is None:
             g.ok_since = now
         if not g.up and (not g.seen_up or now - g.ok_since >= self.config.rise_s):
@@ -136,6 +138,7 @@ class HealthBook:
     def _down(self, g: GatewayHealth, now: float) -> None:
         g.up = False
         g.since = now
+        self.version += 1
         self._up = None
         self._latencies = None
         for callback in self.on_down:

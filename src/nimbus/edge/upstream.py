@@ -65,6 +65,8 @@ class Upstream(asyncio.Protocol):
         self.dirty = False   # the request was not sent whole: never reused
         self.keep_alive = False
         self.received = 0    # body bytes so far (the stall watchdog watches it)
+        self.deadline = 0.0  # for the response head (0: none); the edge's sweep checks
+        self.deadline_passive = False
 
     # -- exchange --------------------------------------------------------
     def start(self, head_request: bool) -> None:
@@ -119,6 +121,11 @@ class Upstream(asyncio.Protocol):
         if self.buffered > MAX_UNCOMMITTED and self.transport is not None:
             self.transport.resume_reading()
         self.buffered = 0
+
+    def deadline_passed(self) -> None:
+        if not self.head.done():
+            self.fail(UpstreamFailure("no response head in time", sent=True,
+                                      passive=self.deadline_passive))
 
     def reusable(self) -> bool:
         return (self.complete and not self.closed and not self.head_request and not self.dirty
@@ -198,6 +205,7 @@ class Upstream(asyncio.Protocol):
         if 100 <= self.status < 200:  # an interim answer: wait for the real one
             self.headers = []
             return
+        self.deadline = 0.0
         self.keep_alive = self.parser.should_keep_alive()  # (it forgets once complete)
         framed = any(n in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
         self.until_close = not framed and self.status not in (204, 304)
