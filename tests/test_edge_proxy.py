@@ -38,12 +38,14 @@ class StubGateway:
         self.handler = handler
         self.seen: list[tuple[str, str, bytes]] = []
         self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -92,6 +94,12 @@ class StubGateway:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+    def kill(self) -> None:
+        """Gone at once: no new connections, the open ones reset."""
+        self.close()
+        for w in self.writers:
+            w.transport.abort()
 
 
 def ok(region: str) -> Handler:
@@ -435,5 +443,38 @@ def test_a_reset_on_a_reused_connection_is_not_a_health_signal() -> None:
             await edge.stop(1.0)
             eu_server.close()
             us.close()
+
+    asyncio.run(main())
+
+
+def test_a_region_with_one_gateway_left_keeps_its_traffic() -> None:
+    async def main() -> None:
+        a, b, us = StubGateway(ok("eu-a")), StubGateway(ok("eu-b")), StubGateway(ok("us"))
+        cluster = Cluster({"eu": Region("eu", (await a.start(), await b.start())),
+                           "us": Region("us", (await us.start(),))})
+        # one probe round at the start, then none for 10 s: requests find the loss
+        edge = Edge(cluster, EdgeConfig(health=HealthConfig(interval_s=10, rise_s=5)))
+        host, port = await edge.start("127.0.0.1", 0)
+        try:
+            await wait_up(edge, "eu")
+            await wait_up(edge, "us")
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as c:
+                # least in flight, first listed on a tie: sequential requests go to a
+                assert {(await c.get("/x")).json()["region"] for _ in range(3)} == {"eu-a"}
+                a.kill()
+                await asyncio.sleep(0.01)
+                got = [(await c.get("/x")) for _ in range(10)]
+            # the first one found a refused, then went to eu's other gateway
+            assert {r.json()["region"] for r in got} == {"eu-b"}
+            assert got[0].headers["x-nimbus-retried-from"] == "eu"
+            assert all("x-nimbus-retried-from" not in r.headers for r in got[1:])
+            assert {r.headers["x-nimbus-region"] for r in got} == {"eu"}
+            assert edge.book.region_up("eu", 0.0)
+            assert not edge.book.gateway_up(edge.book.by_region["eu"][0].url, 0.0)
+            assert us.seen == []
+        finally:
+            await edge.stop(1.0)
+            for s in (a, b, us):
+                s.close()
 
     asyncio.run(main())

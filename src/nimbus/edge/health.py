@@ -19,7 +19,7 @@ A region is up when any of its gateways is up.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,12 +181,14 @@ class HealthBook:
             self._latencies = {r: self.latency(r) for r in self.by_region}
         return self._latencies
 
-    def pick_gateway(self, region: str, now: float) -> str | None:
+    def pick_gateway(self, region: str, now: float,
+                     exclude: Collection[str] = ()) -> str | None:
         """The least-in-flight up gateway of the region (first listed on a
-        tie), or None when none is up."""
+        tie) not in ``exclude``, or None when there is none."""
         best: GatewayHealth | None = None
         for g in self.by_region.get(region, ()):
-            if g.up and (best is None or g.in_flight < best.in_flight):
+            if g.up and (best is None or g.in_flight < best.in_flight) \
+                    and g.url not in exclude:
                 best = g
         return best.url if best is not None else None
 

@@ -21,7 +21,7 @@ import random
 import signal
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -479,15 +479,12 @@ class Edge:
         replayable = idempotent and body is not None
         head = self._request_head(req, conn.peer, body)
         failed: list[tuple[str, str]] = []
-        for region in order:
+        for region, gateway in self._candidates(order):
             if failed:
                 if not self.budget.try_spend(self.clock()):
                     self.stats["budget_denied"] += 1
                     break
                 self.stats["retries"] += 1
-            gateway = self.book.pick_gateway(region, now) or self.book.any_gateway(region, now)
-            if gateway is None:
-                continue
             try:
                 return await self._attempt(conn, req, region, gateway, head, body, failed)
             except UpstreamFailure as f:
@@ -515,6 +512,22 @@ class Edge:
         }, region.encode(), req.keep_alive, head_only=req.method == b"HEAD"))
         # when the rest of the body was not read, the connection ends
         return req.body.finished or body is not None
+
+    def _candidates(self, order: list[str]) -> Iterator[tuple[str, str]]:
+        """Where to try, lazily (health moves as attempts fail): each region
+        in order, its up gateways least-in-flight first; a region with none
+        up gets one try at its least busy gateway, as a last resort."""
+        book = self.book
+        for region in order:
+            tried: set[str] = set()
+            while True:
+                gateway = book.pick_gateway(region, 0.0, tried)
+                if gateway is None and not tried:
+                    gateway = book.any_gateway(region, 0.0)
+                if gateway is None:
+                    break
+                tried.add(gateway)
+                yield region, gateway
 
     def _region_order(self, app: App | None) -> list[str]:
         """region_order, remembered per app until health changes (weighted

@@ -23,7 +23,7 @@ import httptools
 from nimbus.edge.prober import split_url
 
 IDLE_S = 3.0            # under the gateway's keep-alive (5 s): we close first, never race it
-MAX_IDLE_PER_POOL = 256
+MAX_IDLE_PER_POOL = 1024
 MAX_UNCOMMITTED = 1 << 20  # body bytes held before the proxy commits to a response
 
 
