@@ -333,7 +333,8 @@ def test_a_flapping_region_never_takes_traffic_back(world: dict[str, Any]) -> No
     finally:
         load.stop()
     assert not load.errors, load.errors[:5]
-    late = [r for r in load.results if first_stop + 1.0 < r[0] < end]
+    # from its first outage on (detection is the hang test's business), never eu
+    late = [r for r in load.results if first_stop + 1.5 < r[0] < end]
     assert late and all(r[3] == "us" for r in late), Counter(r[3] for r in late)
 
 

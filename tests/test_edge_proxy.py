@@ -38,12 +38,14 @@ class StubGateway:
         self.handler = handler
         self.seen: list[tuple[str, str, bytes]] = []
         self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -92,6 +94,12 @@ class StubGateway:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+    def kill(self) -> None:
+        """Gone at once: no new connections, the open ones reset."""
+        self.close()
+        for w in self.writers:
+            w.transport.abort()
 
 
 def ok(region: str) -> Handler:
@@ -393,5 +401,80 @@ def test_a_stalled_response_and_an_http10_client() -> None:
         finally:
             await edge.stop(1.0)
             server.close()
+
+    asyncio.run(main())
+
+
+def test_a_reset_on_a_reused_connection_is_not_a_health_signal() -> None:
+    """A gateway may drop a kept-alive connection (its own limits) just as a
+    request goes out on it: that request moves on, the region stays up."""
+    async def main() -> None:
+        async def gw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            served = 0
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    if b"/_nimbus/health" not in head:
+                        served += 1
+                        if served == 2:          # the second request on this connection
+                            writer.transport.abort()
+                            return
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\neu")
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                writer.close()
+
+        eu_server = await asyncio.start_server(gw, "127.0.0.1", 0)
+        us = StubGateway(ok("us"))
+        cluster = Cluster({
+            "eu": Region("eu", (f"http://127.0.0.1:{eu_server.sockets[0].getsockname()[1]}",)),
+            "us": Region("us", (await us.start(),))})
+        edge = Edge(cluster, EdgeConfig(health=HealthConfig(interval_s=0.05, rise_s=5)))
+        host, port = await edge.start("127.0.0.1", 0)
+        try:
+            await wait_up(edge, "eu")
+            await wait_up(edge, "us")
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as c:
+                assert (await c.get("/a")).content == b"eu"
+                r = await c.get("/b")
+                assert r.status_code == 200 and r.headers["x-nimbus-retried-from"] == "eu"
+                assert edge.book.region_up("eu", 0.0)
+                assert (await c.get("/c")).content == b"eu"
+        finally:
+            await edge.stop(1.0)
+            eu_server.close()
+            us.close()
+
+    asyncio.run(main())
+
+
+def test_a_region_with_one_gateway_left_keeps_its_traffic() -> None:
+    async def main() -> None:
+        a, b, us = StubGateway(ok("eu-a")), StubGateway(ok("eu-b")), StubGateway(ok("us"))
+        cluster = Cluster({"eu": Region("eu", (await a.start(), await b.start())),
+                           "us": Region("us", (await us.start(),))})
+        # one probe round at the start, then none for 10 s: requests find the loss
+        edge = Edge(cluster, EdgeConfig(health=HealthConfig(interval_s=10, rise_s=5)))
+        host, port = await edge.start("127.0.0.1", 0)
+        try:
+            await wait_up(edge, "eu")
+            await wait_up(edge, "us")
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as c:
+                # least in flight, first listed on a tie: sequential requests go to a
+                assert {(await c.get("/x")).json()["region"] for _ in range(3)} == {"eu-a"}
+                a.kill()
+                await asyncio.sleep(0.01)
+                got = [(await c.get("/x")) for _ in range(10)]
+            # the first one found a refused, then went to eu's other gateway
+            assert {r.json()["region"] for r in got} == {"eu-b"}
+            assert got[0].headers["x-nimbus-retried-from"] == "eu"
+            assert all("x-nimbus-retried-from" not in r.headers for r in got[1:])
+            assert {r.headers["x-nimbus-region"] for r in got} == {"eu"}
+            assert edge.book.region_up("eu", 0.0)
+            assert not edge.book.gateway_up(edge.book.by_region["eu"][0].url, 0.0)
+            assert us.seen == []
+        finally:
+            await edge.stop(1.0)
+            for s in (a, b, us):
+                s.close()
 
     asyncio.run(main())

@@ -19,7 +19,7 @@ A region is up when any of its gateways is up.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,7 @@ class HealthBook:
             self.by_region[name] = states
         self.on_down: list[Callable[[str], None]] = []
         self._up: set[str] | None = None                      # caches, dropped on change
+        self.version = 0          # moves on every change of health or latency
         self._latencies: dict[str, float | None] | None = None
 
     # -- signals ---------------------------------------------------------
@@ -93,6 +94,7 @@ class HealthBook:
             EWMA_ALPHA * latency_s + (1 - EWMA_ALPHA) * g.latency_s)
         g.fails = 0
         self._latencies = None
+        self.version += 1
         if g.ok_since is None:
             g.ok_since = now
         if not g.up and (not g.seen_up or now - g.ok_since >= self.config.rise_s):
@@ -136,6 +138,7 @@ class HealthBook:
     def _down(self, g: GatewayHealth, now: float) -> None:
         g.up = False
         g.since = now
+        self.version += 1
         self._up = None
         self._latencies = None
         for callback in self.on_down:
@@ -178,12 +181,14 @@ class HealthBook:
             self._latencies = {r: self.latency(r) for r in self.by_region}
         return self._latencies
 
-    def pick_gateway(self, region: str, now: float) -> str | None:
+    def pick_gateway(self, region: str, now: float,
+                     exclude: Collection[str] = ()) -> str | None:
         """The least-in-flight up gateway of the region (first listed on a
-        tie), or None when none is up."""
+        tie) not in ``exclude``, or None when there is none."""
         best: GatewayHealth | None = None
         for g in self.by_region.get(region, ()):
-            if g.up and (best is None or g.in_flight < best.in_flight):
+            if g.up and (best is None or g.in_flight < best.in_flight) \
+                    and g.url not in exclude:
                 best = g
         return best.url if best is not None else None
 

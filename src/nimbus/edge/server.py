@@ -21,14 +21,14 @@ import random
 import signal
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import httptools
 import orjson
 
-from nimbus.edge.apps import AppRefresher, AppTable, ControlRegion
+from nimbus.edge.apps import App, AppRefresher, AppTable, ControlRegion, EdgeSpec
 from nimbus.edge.budget import RetryBudget
 from nimbus.edge.health import HealthBook, HealthConfig
 from nimbus.edge.policy import region_order
@@ -176,7 +176,7 @@ class ClientConn(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0    # close when idle past this (0: none); the edge's sweep checks
         self.busy = False
 
     # -- asyncio.Protocol ------------------------------------------------
@@ -198,8 +198,6 @@ class ClientConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.edge.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
         if self.parsing is not None:
             self.parsing.body.fail()
         for req in self.pipeline:
@@ -239,14 +237,13 @@ class ClientConn(asyncio.Protocol):
 
     # -- timers ------------------------------------------------------------
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(seconds, self._expire)
+        self.deadline = self.loop.time() + seconds
 
-    def _expire(self) -> None:
-        self._timer = None
+    def expire(self) -> None:
+        """Past the deadline: a head that never completed, or idle too long."""
+        self.deadline = 0.0
         if not self.busy and not self.pipeline and self.transport is not None:
-            self.transport.close()
+            self.close()
 
     # -- httptools callbacks -------------------------------------------------
     def on_message_begin(self) -> None:
@@ -267,9 +264,7 @@ class ClientConn(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = 0.0
         p = self.parser
         req = Request(p.get_method(), self._url, self._headers, p.should_keep_alive(),
                       RequestBody(self), p.get_http_version())
@@ -401,12 +396,14 @@ class Edge:
         self._tasks: list[asyncio.Task[None]] = []
         self.server: asyncio.Server | None = None
         self.refresher: AppRefresher | None = None
+        self._orders: dict[str | None, tuple[int, EdgeSpec | None, list[str]]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.server = await self.loop.create_server(lambda: ClientConn(self), host, port,
                                                     reuse_address=True, backlog=1024)
         self._tasks.append(self.loop.create_task(self.prober.run()))
+        self._tasks.append(self.loop.create_task(self._sweep()))
         regions: Mapping[str, ControlRegion] = self.cluster.regions  # type: ignore[assignment]
         if all(hasattr(r, "control") for r in regions.values()):
             refresher = AppRefresher(regions, self.apps, self.config.apps_interval_s)
@@ -436,6 +433,22 @@ class Edge:
         for pool in self.pools.values():
             pool.close()
 
+    async def _sweep(self) -> None:
+        """One timer for every deadline: response heads (every 0.1 s) and idle
+        or slow-headed client connections (every 0.5 s). Cheaper than a timer
+        per request armed and cancelled on the request path."""
+        n = 0
+        while True:
+            await asyncio.sleep(0.1)
+            now = self.loop.time()
+            for pool in self.pools.values():
+                for up in [u for u in pool.busy if 0 < u.deadline < now]:
+                    up.deadline_passed()
+            n += 1
+            if n % 5 == 0:
+                for c in [c for c in self.connections if 0 < c.deadline < now]:
+                    c.expire()
+
     def _gateway_down(self, gateway: str) -> None:
         pool = self.pools.get(gateway)
         if pool is not None:
@@ -454,8 +467,7 @@ class Edge:
         self.budget.record_request(now)
         path = url.split(b"?", 1)[0].decode("latin-1")
         app = self.apps.lookup(req.host, req.method.decode("latin-1"), path)
-        order = region_order(app.spec if app is not None else None, self.order,
-                             self.book.up_regions(now), self.book.latencies(), self.rng)
+        order = self._region_order(app)
         idempotent = req.method in IDEMPOTENT or any(n == b"idempotency-key"
                                                      for n, _ in req.headers)
         body: bytes | None = None
@@ -467,15 +479,12 @@ class Edge:
         replayable = idempotent and body is not None
         head = self._request_head(req, conn.peer, body)
         failed: list[tuple[str, str]] = []
-        for region in order:
+        for region, gateway in self._candidates(order):
             if failed:
                 if not self.budget.try_spend(self.clock()):
                     self.stats["budget_denied"] += 1
                     break
                 self.stats["retries"] += 1
-            gateway = self.book.pick_gateway(region, now) or self.book.any_gateway(region, now)
-            if gateway is None:
-                continue
             try:
                 return await self._attempt(conn, req, region, gateway, head, body, failed)
             except UpstreamFailure as f:
@@ -503,6 +512,40 @@ class Edge:
         }, region.encode(), req.keep_alive, head_only=req.method == b"HEAD"))
         # when the rest of the body was not read, the connection ends
         return req.body.finished or body is not None
+
+    def _candidates(self, order: list[str]) -> Iterator[tuple[str, str]]:
+        """Where to try, lazily (health moves as attempts fail): each region
+        in order, its up gateways least-in-flight first; a region with none
+        up gets one try at its least busy gateway, as a last resort."""
+        book = self.book
+        for region in order:
+            tried: set[str] = set()
+            while True:
+                gateway = book.pick_gateway(region, 0.0, tried)
+                if gateway is None and not tried:
+                    gateway = book.any_gateway(region, 0.0)
+                if gateway is None:
+                    break
+                tried.add(gateway)
+                yield region, gateway
+
+    def _region_order(self, app: App | None) -> list[str]:
+        """region_order, remembered per app until health changes (weighted
+        draws anew for every request). The list is shared: do not modify."""
+        spec = app.spec if app is not None else None
+        book = self.book
+        if spec is not None and spec.policy == "weighted":
+            return region_order(spec, self.order, book.up_regions(0.0), book.latencies(),
+                                self.rng)
+        key = app.name if app is not None else None
+        hit = self._orders.get(key)
+        if hit is not None and hit[0] == book.version and hit[1] is spec:
+            return hit[2]
+        order = region_order(spec, self.order, book.up_regions(0.0), book.latencies(), self.rng)
+        if len(self._orders) > 10_000:
+            self._orders.clear()
+        self._orders[key] = (book.version, spec, order)
+        return order
 
     def _request_head(self, req: Request, peer: str, body: bytes | None) -> bytes:
         parts = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
@@ -545,12 +588,9 @@ class Edge:
             timeout = self.config.response_timeout_s if was_up else \
                 3 * self.config.health.timeout_s
             if not up.head.done():
-                timer = self.loop.call_later(timeout, up.fail, UpstreamFailure(
-                    f"no response head within {timeout:g} s", sent=True, passive=not was_up))
-                try:
-                    await up.head
-                finally:
-                    timer.cancel()
+                up.deadline = self.loop.time() + timeout
+                up.deadline_passive = not was_up
+                await up.head
             if _may_be_gateway_error(up):
                 await asyncio.wait_for(asyncio.shield(up.done), self.config.health.timeout_s)
                 kind = gateway_failure(up.status, up.headers, b"".join(up.chunks))

@@ -23,7 +23,7 @@ import httptools
 from nimbus.edge.prober import split_url
 
 IDLE_S = 3.0            # under the gateway's keep-alive (5 s): we close first, never race it
-MAX_IDLE_PER_POOL = 256
+MAX_IDLE_PER_POOL = 1024
 MAX_UNCOMMITTED = 1 << 20  # body bytes held before the proxy commits to a response
 
 
@@ -47,6 +47,7 @@ class Upstream(asyncio.Protocol):
         self.idle_since = 0.0
         self._write_ready: asyncio.Future[None] | None = None
         self._watch: asyncio.TimerHandle | None = None
+        self.uses = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -64,11 +65,14 @@ class Upstream(asyncio.Protocol):
         self.dirty = False   # the request was not sent whole: never reused
         self.keep_alive = False
         self.received = 0    # body bytes so far (the stall watchdog watches it)
+        self.deadline = 0.0  # for the response head (0: none); the edge's sweep checks
+        self.deadline_passive = False
 
     # -- exchange --------------------------------------------------------
     def start(self, head_request: bool) -> None:
         if self.head.done() or self.done.done():
             self._reset()
+        self.uses += 1
         self.head_request = head_request
         self.active = True
 
@@ -117,6 +121,11 @@ class Upstream(asyncio.Protocol):
         if self.buffered > MAX_UNCOMMITTED and self.transport is not None:
             self.transport.resume_reading()
         self.buffered = 0
+
+    def deadline_passed(self) -> None:
+        if not self.head.done():
+            self.fail(UpstreamFailure("no response head in time", sent=True,
+                                      passive=self.deadline_passive))
 
     def reusable(self) -> bool:
         return (self.complete and not self.closed and not self.head_request and not self.dirty
@@ -169,8 +178,11 @@ class Upstream(asyncio.Protocol):
         elif self.active and not self.complete:
             why = "connection reset" if exc is not None or not self.head.done() else \
                 "connection closed mid-response"
+            # On a connection opened for this request it is a signal about the
+            # gateway; on a reused one the gateway may just have dropped an idle
+            # connection (its own limits): the next connect tells, refused or not.
             self._fail(UpstreamFailure(f"{why} by gateway {self.pool.url}", sent=True,
-                                       passive=True))
+                                       passive=self.uses <= 1))
         if self._write_ready is not None and not self._write_ready.done():
             self._write_ready.set_result(None)
         self.pool.forget(self)
@@ -193,6 +205,7 @@ class Upstream(asyncio.Protocol):
         if 100 <= self.status < 200:  # an interim answer: wait for the real one
             self.headers = []
             return
+        self.deadline = 0.0
         self.keep_alive = self.parser.should_keep_alive()  # (it forgets once complete)
         framed = any(n in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
         self.until_close = not framed and self.status not in (204, 304)
