@@ -38,9 +38,14 @@ functions:
 """
 SHOP_CODE = """\
 import os, time
+STARTED = {started!r}
 def hello(event, context):
-    time.sleep(float((event.get("queryStringParameters") or {}).get("sleep", 0)))
-    return {"region": os.environ["AWS_REGION"]}
+    sleep = float((event.get("queryStringParameters") or {{}}).get("sleep", 0))
+    if sleep:
+        with open(STARTED, "a") as f:
+            f.write(os.environ["AWS_REGION"] + "\\n")
+    time.sleep(sleep)
+    return {{"region": os.environ["AWS_REGION"]}}
 """
 NEAR = """\
 name: near
@@ -67,7 +72,10 @@ def _app(folder: Path, manifest: str, module: str, code: str) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("netns")
-    shop = _app(root / "shop", SHOP, "shop", SHOP_CODE)
+    started_file = root / "started.txt"
+    started_file.touch()
+    started_file.chmod(0o666)
+    shop = _app(root / "shop", SHOP, "shop", SHOP_CODE.format(started=str(started_file)))
     near = _app(root / "near", NEAR, "near", NEAR_CODE)
     spaces: list[Netns] = []
     started: list[NetnsRegion] = []
@@ -114,6 +122,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                  "both regions up")
         wait_for(lambda: "near" in edge.regions()["apps"], 10, "the apps table")
         yield {"eu": started[0], "us": started[1], "edge": edge, "set_delay": set_delay,
+               "started": started_file,
                "delay_by": "a relay" if relays else "netem"}
     finally:
         if edge is not None:
@@ -176,19 +185,31 @@ def test_partitioned_region_is_found_by_timeout_and_in_flight_gets_are_retried(
         world: dict[str, Any]) -> None:
     edge: EdgeProc = world["edge"]
     eu: NetnsRegion = world["eu"]
-    wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up")
     slow: list[httpx.Response] = []
 
     def slow_get() -> None:
         slow.append(httpx.get(edge.url + "/hello?sleep=0.5", timeout=15))
 
+    marks: Path = world["started"]
     load = Load(edge.url)
     try:
-        time.sleep(0.5)
-        slow_threads = [threading.Thread(target=slow_get) for _ in range(3)]
-        for t in slow_threads:
-            t.start()
-        time.sleep(0.1)                              # in flight in eu
+        # Three slow GETs running in eu when it is cut off. (On a machine
+        # so busy that eu's probes time out, eu may be down when they are
+        # sent: then they ran in us, and the step is tried again.)
+        for _attempt in range(3):
+            wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up")
+            marks.write_text("")
+            slow.clear()
+            slow_threads = [threading.Thread(target=slow_get) for _ in range(3)]
+            for t in slow_threads:
+                t.start()
+            wait_for(lambda: len(marks.read_text().split()) == 3, 20, "three slow GETs")
+            if marks.read_text().split() == ["eu"] * 3:
+                break
+            for t in slow_threads:
+                t.join(15)
+        else:
+            pytest.fail(f"eu never held the three slow GETs: {marks.read_text().split()}")
         eu.ns.cut()
         cut = time.monotonic()
         try:
