@@ -378,6 +378,26 @@ def test_killed_region_fails_over_with_no_failed_request_and_post_is_not_rerun(
     assert orjson.loads(httpx.get(edge.url + "/_nimbus/health").content)["status"] == "ok"
 
 
+def test_a_region_down_at_deploy_time_is_brought_up_to_date_by_the_edge(
+        world: dict[str, Any]) -> None:
+    eu: RegionProc = world["eu"]
+    us: RegionProc = world["us"]
+    root: Path = world["root"]
+    split = root / "split"
+    eu.kill()
+    try:
+        (split / "split.py").write_text(WEIGHTED_CODE.replace("True", "2"))
+        out = subprocess.run([sys.executable, "-m", "nimbus", "deploy", str(split), "--cluster",
+                              str(root / "nimbus.cluster.yaml")], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "eu: pending" in out.stdout, out.stdout
+        assert us.get("/w").json() == {"ok": 2}
+    finally:
+        eu.start()   # it comes back with the old version of split
+    wait_for(lambda: eu.get("/w").json() == {"ok": 2}, 30, "the edge to converge eu")
+
+
 def test_sigterm_drains_requests_in_flight(world: dict[str, Any]) -> None:
     edge: Edge = world["edge"]
     wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up again")

@@ -449,6 +449,10 @@ class Edge:
                 for c in [c for c in self.connections if 0 < c.deadline < now]:
                     c.expire()
 
+    def add_task(self, coro: Any) -> None:
+        """Run ``coro`` beside the edge; cancelled when it stops."""
+        self._tasks.append(self.loop.create_task(coro))
+
     def _gateway_down(self, gateway: str) -> None:
         pool = self.pools.get(gateway)
         if pool is not None:
@@ -729,10 +733,13 @@ class Edge:
 
 
 async def serve(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
-                ready: Any = None) -> None:
-    """Run an edge until SIGTERM or SIGINT, then drain for ``config.grace_s``."""
+                ready: Any = None, background: Any = None) -> None:
+    """Run an edge until SIGTERM or SIGINT, then drain for ``config.grace_s``.
+    ``background``: a coroutine function run beside it (the deploy converger)."""
     edge = Edge(cluster, config)
     bound = await edge.start(host, port)
+    if background is not None:
+        edge.add_task(background())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -744,11 +751,11 @@ async def serve(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
 
 
 def run(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
-        ready: Any = None) -> None:
+        ready: Any = None, background: Any = None) -> None:
     try:
         import uvloop
         factory: Any = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(cluster, host, port, config, ready))
+        runner.run(serve(cluster, host, port, config, ready, background))
