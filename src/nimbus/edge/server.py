@@ -19,6 +19,7 @@ import asyncio
 import logging
 import random
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -732,22 +733,59 @@ class Edge:
         return True
 
 
+class Background(threading.Thread):
+    """A coroutine (the deploy converger) on a loop and thread of its own, so
+    its file reads and pushes never stall the request path's loop."""
+
+    def __init__(self, factory: Any) -> None:
+        super().__init__(name="nimbus-edge-background", daemon=True)
+        self.factory = factory
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task[Any] | None = None
+
+    def run(self) -> None:
+        loop = self.loop = asyncio.new_event_loop()
+        try:
+            self.task = loop.create_task(self.factory())
+            loop.run_until_complete(self.task)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - it must not take the edge down
+            log.exception("edge: background work stopped")
+        finally:
+            loop.close()
+
+    def stop(self, timeout_s: float) -> None:
+        loop, task = self.loop, self.task
+        if loop is not None and task is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # closed in between
+                pass
+        self.join(timeout_s)
+
+
 async def serve(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
                 ready: Any = None, background: Any = None) -> None:
     """Run an edge until SIGTERM or SIGINT, then drain for ``config.grace_s``.
     ``background``: a coroutine function run beside it (the deploy converger)."""
     edge = Edge(cluster, config)
     bound = await edge.start(host, port)
-    if background is not None:
-        edge.add_task(background())
+    side = Background(background) if background is not None else None
+    if side is not None:
+        side.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready(edge, bound)
-    await stop.wait()
-    await edge.stop(config.grace_s)
+    try:
+        await stop.wait()
+        await edge.stop(config.grace_s)
+    finally:
+        if side is not None:
+            side.stop(2.0)
 
 
 def run(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
