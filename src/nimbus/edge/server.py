@@ -290,8 +290,9 @@ class ClientConn(asyncio.Protocol):
 
     # -- serving ---------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
+        t = self.transport
+        if not self.closed and t is not None and not t.is_closing():
+            t.write(data)  # (a closing transport's connection_lost may not have run yet)
 
     async def _serve(self) -> None:
         try:
@@ -683,7 +684,7 @@ class Edge:
         transport = conn.transport
         if transport is None or conn.closed:
             raise ClientGone()
-        write = transport.write
+        write = conn.write
         if chunked:
             def sink(data: bytes) -> None:
                 if data:
