@@ -294,6 +294,15 @@ def test_head_chunked_and_pipelined_requests() -> None:
             data += await asyncio.wait_for(reader.read(65536), 5)
         positions = [data.index(b"/p%d/p%d" % (i, i)) for i in range(5)]
         assert positions == sorted(positions)
+        # Expect: 100-continue is answered by the edge; the body then goes through
+        writer.write(b"PUT /e HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
+                     b"expect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert stubs["eu"].seen[-1] == ("PUT", "/e", b"hello")
         writer.close()
 
     run_edge({"eu": eu, "us": ok("us")}, test)
