@@ -121,6 +121,8 @@ def test_burst_of_gateway_errors_is_a_passive_failure() -> None:
     for i in range(ERROR_BURST):
         book.gateway_error(US1, "503 Unavailable", 5.0 + i * 0.01)
     assert not book.gateway_up(US1, 5.1)
+    g = book.snapshot(5.1)["regions"]["us"]["gateways"][0]
+    assert g["errors"] == 2 * ERROR_BURST and "gateway errors" in g["last_error"]
 
 
 def test_latency_is_smoothed_and_least_in_flight_wins() -> None:

@@ -132,6 +132,7 @@ class HealthBook:
             recent.popleft()
         if len(recent) >= ERROR_BURST:
             recent.clear()
+            g.errors -= 1  # counted once, here, not again as the passive failure
             self.passive_failure(gateway, f"{ERROR_BURST} gateway errors within "
                                  f"{ERROR_WINDOW_S:g} s, last: {reason}", now)
 
