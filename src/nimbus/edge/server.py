@@ -3,12 +3,13 @@
 Per request: find the app (Host or route), order its regions by policy and
 health, send it to the least-in-flight up gateway of the first region over a
 kept-alive connection, and stream the answer back with ``X-Nimbus-Region``.
-When the region fails before the response head (refused, reset, the gateway
-went down while we waited, a 502/503 the gateway itself made) the request
-goes to the next region if it may run twice (idempotent, and its body is
-held for replay) and the retry budget allows; otherwise the client gets 502
-``RegionFailed`` naming the region. A request that never reached a gateway
-(connect refused or timed out) may always go on: it did not run.
+When the gateway fails before the response head (refused, reset, it went
+down while we waited, a 502/503 it made itself) the request goes to another
+up gateway of the region, else to the next region, if it may run twice
+(idempotent, and its body is held for replay) and the retry budget allows;
+otherwise the client gets 502 ``RegionFailed`` naming the region. A request
+that never reached a gateway (connect refused or timed out) may always go
+on: it did not run.
 
 Raw asyncio protocols and httptools on both sides; uvloop when present.
 """
@@ -48,7 +49,6 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"x-forwarded-for"})
 RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
                            b"trailer", b"transfer-encoding", b"upgrade", b"content-length"})
-REGION_HEADER = b"x-nimbus-region"
 REASONS = {200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
            304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found",
            413: b"Payload Too Large", 429: b"Too Many Requests",
