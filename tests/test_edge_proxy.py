@@ -487,3 +487,25 @@ def test_a_region_with_one_gateway_left_keeps_its_traffic() -> None:
                 s.close()
 
     asyncio.run(main())
+
+
+def test_past_max_connections_the_longest_idle_makes_room() -> None:
+    async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        conns = []
+        for i in range(3):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /c%d HTTP/1.1\r\nhost: x\r\n\r\n" % i)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.wait_for(reader.readuntil(b"}"), 5)
+            conns.append((reader, writer))
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(conns[0][0].read(), 5) == b""   # the oldest idle: closed
+        conns[1][1].write(b"GET /again HTTP/1.1\r\nhost: x\r\n\r\n")   # the others go on
+        assert (await asyncio.wait_for(conns[1][0].readuntil(b"\r\n\r\n"), 5)).startswith(
+            b"HTTP/1.1 200")
+        for _, w in conns:
+            w.close()
+
+    run_edge({"eu": ok("eu")}, test, max_connections=2)

@@ -70,6 +70,7 @@ class EdgeConfig:
     retry_min_per_s: float = 10.0
     apps_interval_s: float = 2.0
     grace_s: float = 10.0
+    max_connections: int = 10_000         # client connections held at once
 
 
 class ClientGone(Exception):
@@ -178,6 +179,7 @@ class ClientConn(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self.deadline = 0.0    # close when idle past this (0: none); the edge's sweep checks
+        self.last_active = 0.0
         self.busy = False
 
     # -- asyncio.Protocol ------------------------------------------------
@@ -185,10 +187,20 @@ class ClientConn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "-"
-        self.edge.connections.add(self)
         self._arm(self.edge.config.header_timeout_s)
+        if len(self.edge.connections) >= self.edge.config.max_connections \
+                and not self.edge.make_room():
+            self.write(json_response(503, {
+                "errorType": "TooManyConnections",
+                "errorMessage": "the edge holds as many connections as it may; try again"},
+                b"edge", keep_alive=False))
+            self.close()
+            return
+        self.edge.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -238,7 +250,9 @@ class ClientConn(asyncio.Protocol):
 
     # -- timers ------------------------------------------------------------
     def _arm(self, seconds: float) -> None:
-        self.deadline = self.loop.time() + seconds
+        now = self.loop.time()
+        self.deadline = now + seconds
+        self.last_active = now
 
     def expire(self) -> None:
         """Past the deadline: a head that never completed, or idle too long."""
@@ -450,6 +464,16 @@ class Edge:
             if n % 5 == 0:
                 for c in [c for c in self.connections if 0 < c.deadline < now]:
                     c.expire()
+
+    def make_room(self) -> bool:
+        """Close the client connection idle the longest (False: all are busy)."""
+        idle = [c for c in self.connections if not c.busy and not c.pipeline]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_active)
+        self.connections.discard(oldest)
+        oldest.close()
+        return True
 
     def add_task(self, coro: Any) -> None:
         """Run ``coro`` beside the edge; cancelled when it stops."""
