@@ -286,6 +286,9 @@ def test_head_chunked_and_pipelined_requests() -> None:
             assert (await c.get("/after")).content == b"/after/after"
             r = await c.get("/_nimbus/nope")
             assert r.status_code == 404 and r.headers["x-nimbus-region"] == "edge"
+        async with httpx.AsyncClient(base_url=url) as c:
+            r = await c.get("/big-head", headers={"x-big": "a" * 70_000})
+            assert r.status_code == 431 and r.json()["errorType"] == "HeadersTooLarge"
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"".join(b"GET /p%d HTTP/1.1\r\nhost: x\r\n\r\n" % i for i in range(5)))
@@ -294,6 +297,11 @@ def test_head_chunked_and_pipelined_requests() -> None:
             data += await asyncio.wait_for(reader.read(65536), 5)
         positions = [data.index(b"/p%d/p%d" % (i, i)) for i in range(5)]
         assert positions == sorted(positions)
+        reader2, writer2 = await asyncio.open_connection(host, int(port))
+        writer2.write(b"GET / HTTP/1.1\r\nbad header: x\r\n\r\n")
+        bad = await asyncio.wait_for(reader2.read(), 5)
+        assert bad.startswith(b"HTTP/1.1 400") and b"BadRequest" in bad
+        writer2.close()
         # Expect: 100-continue is answered by the edge; the body then goes through
         writer.write(b"PUT /e HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
                      b"expect: 100-continue\r\n\r\n")

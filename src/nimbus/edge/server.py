@@ -52,6 +52,7 @@ RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"
 REASONS = {200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
            304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found",
            413: b"Payload Too Large", 429: b"Too Many Requests",
+           431: b"Request Header Fields Too Large",
            500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
            504: b"Gateway Timeout"}
 
@@ -206,7 +207,11 @@ class ClientConn(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._reject(501, "NotImplemented", "protocol upgrades are not supported")
         except (httptools.HttpParserError, ValueError) as exc:
-            self._reject(400, "BadRequest", f"malformed request: {exc}")
+            if self._header_bytes > self.edge.config.max_header_bytes:
+                self._reject(431, "HeadersTooLarge", "request line and headers are over "
+                             f"{self.edge.config.max_header_bytes} bytes")
+            else:
+                self._reject(400, "BadRequest", f"malformed request: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
