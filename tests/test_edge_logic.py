@@ -52,6 +52,11 @@ def test_first_success_is_up_at_once_and_nothing_is_up_before() -> None:
     book.probe_ok(EU1, 0.002, 0.1)
     assert book.gateway_up(EU1, 0.1) and book.region_up("eu", 0.1)
     assert not book.region_up("us", 0.1)
+    # past the start-up window, a region down from the start rises like any other
+    book.probe_ok(US1, 0.002, 10.0)
+    assert not book.region_up("us", 10.0)
+    book.probe_ok(US1, 0.002, 13.0)
+    assert book.region_up("us", 13.0)
 
 
 def test_down_after_fall_consecutive_failures_only() -> None:
@@ -121,6 +126,8 @@ def test_burst_of_gateway_errors_is_a_passive_failure() -> None:
     for i in range(ERROR_BURST):
         book.gateway_error(US1, "503 Unavailable", 5.0 + i * 0.01)
     assert not book.gateway_up(US1, 5.1)
+    g = book.snapshot(5.1)["regions"]["us"]["gateways"][0]
+    assert g["errors"] == 2 * ERROR_BURST and "gateway errors" in g["last_error"]
 
 
 def test_latency_is_smoothed_and_least_in_flight_wins() -> None:

@@ -286,6 +286,9 @@ def test_head_chunked_and_pipelined_requests() -> None:
             assert (await c.get("/after")).content == b"/after/after"
             r = await c.get("/_nimbus/nope")
             assert r.status_code == 404 and r.headers["x-nimbus-region"] == "edge"
+        async with httpx.AsyncClient(base_url=url) as c:
+            r = await c.get("/big-head", headers={"x-big": "a" * 70_000})
+            assert r.status_code == 431 and r.json()["errorType"] == "HeadersTooLarge"
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"".join(b"GET /p%d HTTP/1.1\r\nhost: x\r\n\r\n" % i for i in range(5)))
@@ -294,6 +297,20 @@ def test_head_chunked_and_pipelined_requests() -> None:
             data += await asyncio.wait_for(reader.read(65536), 5)
         positions = [data.index(b"/p%d/p%d" % (i, i)) for i in range(5)]
         assert positions == sorted(positions)
+        reader2, writer2 = await asyncio.open_connection(host, int(port))
+        writer2.write(b"GET / HTTP/1.1\r\nbad header: x\r\n\r\n")
+        bad = await asyncio.wait_for(reader2.read(), 5)
+        assert bad.startswith(b"HTTP/1.1 400") and b"BadRequest" in bad
+        writer2.close()
+        # Expect: 100-continue is answered by the edge; the body then goes through
+        writer.write(b"PUT /e HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
+                     b"expect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert stubs["eu"].seen[-1] == ("PUT", "/e", b"hello")
         writer.close()
 
     run_edge({"eu": eu, "us": ok("us")}, test)
@@ -478,3 +495,25 @@ def test_a_region_with_one_gateway_left_keeps_its_traffic() -> None:
                 s.close()
 
     asyncio.run(main())
+
+
+def test_past_max_connections_the_longest_idle_makes_room() -> None:
+    async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        conns = []
+        for i in range(3):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /c%d HTTP/1.1\r\nhost: x\r\n\r\n" % i)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.wait_for(reader.readuntil(b"}"), 5)
+            conns.append((reader, writer))
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(conns[0][0].read(), 5) == b""   # the oldest idle: closed
+        conns[1][1].write(b"GET /again HTTP/1.1\r\nhost: x\r\n\r\n")   # the others go on
+        assert (await asyncio.wait_for(conns[1][0].readuntil(b"\r\n\r\n"), 5)).startswith(
+            b"HTTP/1.1 200")
+        for _, w in conns:
+            w.close()
+
+    run_edge({"eu": ok("eu")}, test, max_connections=2)

@@ -3,12 +3,13 @@
 Per request: find the app (Host or route), order its regions by policy and
 health, send it to the least-in-flight up gateway of the first region over a
 kept-alive connection, and stream the answer back with ``X-Nimbus-Region``.
-When the region fails before the response head (refused, reset, the gateway
-went down while we waited, a 502/503 the gateway itself made) the request
-goes to the next region if it may run twice (idempotent, and its body is
-held for replay) and the retry budget allows; otherwise the client gets 502
-``RegionFailed`` naming the region. A request that never reached a gateway
-(connect refused or timed out) may always go on: it did not run.
+When the gateway fails before the response head (refused, reset, it went
+down while we waited, a 502/503 it made itself) the request goes to another
+up gateway of the region, else to the next region, if it may run twice
+(idempotent, and its body is held for replay) and the retry budget allows;
+otherwise the client gets 502 ``RegionFailed`` naming the region. A request
+that never reached a gateway (connect refused or timed out) may always go
+on: it did not run.
 
 Raw asyncio protocols and httptools on both sides; uvloop when present.
 """
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import random
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -47,10 +49,10 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"x-forwarded-for"})
 RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
                            b"trailer", b"transfer-encoding", b"upgrade", b"content-length"})
-REGION_HEADER = b"x-nimbus-region"
 REASONS = {200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
            304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found",
            413: b"Payload Too Large", 429: b"Too Many Requests",
+           431: b"Request Header Fields Too Large",
            500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
            504: b"Gateway Timeout"}
 
@@ -69,6 +71,7 @@ class EdgeConfig:
     retry_min_per_s: float = 10.0
     apps_interval_s: float = 2.0
     grace_s: float = 10.0
+    max_connections: int = 10_000         # client connections held at once
 
 
 class ClientGone(Exception):
@@ -177,6 +180,7 @@ class ClientConn(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self.deadline = 0.0    # close when idle past this (0: none); the edge's sweep checks
+        self.last_active = 0.0
         self.busy = False
 
     # -- asyncio.Protocol ------------------------------------------------
@@ -184,16 +188,30 @@ class ClientConn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "-"
-        self.edge.connections.add(self)
         self._arm(self.edge.config.header_timeout_s)
+        if len(self.edge.connections) >= self.edge.config.max_connections \
+                and not self.edge.make_room():
+            self.write(json_response(503, {
+                "errorType": "TooManyConnections",
+                "errorMessage": "the edge holds as many connections as it may; try again"},
+                b"edge", keep_alive=False))
+            self.close()
+            return
+        self.edge.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reject(501, "NotImplemented", "protocol upgrades are not supported")
         except (httptools.HttpParserError, ValueError) as exc:
-            self._reject(400, "BadRequest", f"malformed request: {exc}")
+            if self._header_bytes > self.edge.config.max_header_bytes:
+                self._reject(431, "HeadersTooLarge", "request line and headers are over "
+                             f"{self.edge.config.max_header_bytes} bytes")
+            else:
+                self._reject(400, "BadRequest", f"malformed request: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -237,7 +255,9 @@ class ClientConn(asyncio.Protocol):
 
     # -- timers ------------------------------------------------------------
     def _arm(self, seconds: float) -> None:
-        self.deadline = self.loop.time() + seconds
+        now = self.loop.time()
+        self.deadline = now + seconds
+        self.last_active = now
 
     def expire(self) -> None:
         """Past the deadline: a head that never completed, or idle too long."""
@@ -289,8 +309,9 @@ class ClientConn(asyncio.Protocol):
 
     # -- serving ---------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
+        t = self.transport
+        if not self.closed and t is not None and not t.is_closing():
+            t.write(data)  # (a closing transport's connection_lost may not have run yet)
 
     async def _serve(self) -> None:
         try:
@@ -448,6 +469,20 @@ class Edge:
             if n % 5 == 0:
                 for c in [c for c in self.connections if 0 < c.deadline < now]:
                     c.expire()
+
+    def make_room(self) -> bool:
+        """Close the client connection idle the longest (False: all are busy)."""
+        idle = [c for c in self.connections if not c.busy and not c.pipeline]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_active)
+        self.connections.discard(oldest)
+        oldest.close()
+        return True
+
+    def add_task(self, coro: Any) -> None:
+        """Run ``coro`` beside the edge; cancelled when it stops."""
+        self._tasks.append(self.loop.create_task(coro))
 
     def _gateway_down(self, gateway: str) -> None:
         pool = self.pools.get(gateway)
@@ -678,7 +713,7 @@ class Edge:
         transport = conn.transport
         if transport is None or conn.closed:
             raise ClientGone()
-        write = transport.write
+        write = conn.write
         if chunked:
             def sink(data: bytes) -> None:
                 if data:
@@ -728,27 +763,67 @@ class Edge:
         return True
 
 
+class Background(threading.Thread):
+    """A coroutine (the deploy converger) on a loop and thread of its own, so
+    its file reads and pushes never stall the request path's loop."""
+
+    def __init__(self, factory: Any) -> None:
+        super().__init__(name="nimbus-edge-background", daemon=True)
+        self.factory = factory
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task[Any] | None = None
+
+    def run(self) -> None:
+        loop = self.loop = asyncio.new_event_loop()
+        try:
+            self.task = loop.create_task(self.factory())
+            loop.run_until_complete(self.task)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - it must not take the edge down
+            log.exception("edge: background work stopped")
+        finally:
+            loop.close()
+
+    def stop(self, timeout_s: float) -> None:
+        loop, task = self.loop, self.task
+        if loop is not None and task is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # closed in between
+                pass
+        self.join(timeout_s)
+
+
 async def serve(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
-                ready: Any = None) -> None:
-    """Run an edge until SIGTERM or SIGINT, then drain for ``config.grace_s``."""
+                ready: Any = None, background: Any = None) -> None:
+    """Run an edge until SIGTERM or SIGINT, then drain for ``config.grace_s``.
+    ``background``: a coroutine function run beside it (the deploy converger)."""
     edge = Edge(cluster, config)
     bound = await edge.start(host, port)
+    side = Background(background) if background is not None else None
+    if side is not None:
+        side.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready(edge, bound)
-    await stop.wait()
-    await edge.stop(config.grace_s)
+    try:
+        await stop.wait()
+        await edge.stop(config.grace_s)
+    finally:
+        if side is not None:
+            side.stop(2.0)
 
 
 def run(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
-        ready: Any = None) -> None:
+        ready: Any = None, background: Any = None) -> None:
     try:
         import uvloop
         factory: Any = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(cluster, host, port, config, ready))
+        runner.run(serve(cluster, host, port, config, ready, background))

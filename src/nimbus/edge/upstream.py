@@ -48,6 +48,7 @@ class Upstream(asyncio.Protocol):
         self._write_ready: asyncio.Future[None] | None = None
         self._watch: asyncio.TimerHandle | None = None
         self.uses = 0
+        self.wrote = False
         self._reset()
 
     def _reset(self) -> None:
@@ -73,12 +74,17 @@ class Upstream(asyncio.Protocol):
         if self.head.done() or self.done.done():
             self._reset()
         self.uses += 1
+        self.wrote = False
         self.head_request = head_request
         self.active = True
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        t = self.transport
+        if t is None or t.is_closing():  # closed, its connection_lost not delivered yet
+            raise UpstreamFailure(f"connection to {self.pool.url} closed", sent=self.wrote,
+                                  passive=False)
+        t.write(data)
+        self.wrote = True
 
     async def drain(self, timeout_s: float) -> None:
         if self._write_ready is not None and not self._write_ready.done():
@@ -251,7 +257,8 @@ class Pool:
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_S:
+            if not conn.closed and now - conn.idle_since < IDLE_S and \
+                    conn.transport is not None and not conn.transport.is_closing():
                 self.busy.add(conn)
                 return conn
             conn.close()
