@@ -317,7 +317,9 @@ def status(as_json: bool, state_dir: Path | None, url: str | None, token: str | 
 
 
 def main() -> None:
+    import nimbus.chaos.cli  # noqa: F401 - registers nimbus chaos
     import nimbus.cli.roles  # noqa: F401 - registers the region's process commands
+    import nimbus.demo  # noqa: F401 - registers nimbus demo
 
     try:
         code = cli.main(standalone_mode=False)
