@@ -4,7 +4,18 @@ read wherever a name carries it (ARNs, ``AWS_REGION``, event shapes)."""
 
 from __future__ import annotations
 
+import re
+
+REGION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _name = "local"
+
+
+def check_region_name(name: str) -> str:
+    """``name`` if it can name a region, else ``ValueError`` saying why."""
+    if not REGION_NAME.fullmatch(name):
+        raise ValueError(f"a region name is 1 to 64 letters, digits, '_' or '-', "
+                         f"was {name!r}")
+    return name
 
 
 def set_region(name: str) -> None:

@@ -34,6 +34,21 @@ def connection_options(f: Any) -> Any:
     return f
 
 
+def _region_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from nimbus.region import check_region_name
+
+    try:
+        return check_region_name(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def region_option(f: Any) -> Any:
+    return click.option("--region", default="local", show_default=True,
+                        callback=_region_name,
+                        help="The region's name (in ARNs, AWS_REGION, events and records).")(f)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nimbus")
 def cli() -> None:
@@ -82,13 +97,17 @@ def cli() -> None:
               help="Largest request line + headers; past it: 431.")
 @click.option("--max-bundle-bytes", default=250 * 1024 * 1024, show_default=True,
               type=click.IntRange(1), help="Largest app bundle the control API accepts.")
+@region_option
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
-       async_max_bytes: int, containment: str, uid_range: str, **http_limits: Any) -> None:
+       async_max_bytes: int, containment: str, uid_range: str, region: str,
+       **http_limits: Any) -> None:
     """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
     from nimbus.cli.up import run_up
+    from nimbus.region import set_region
     from nimbus.worker.budget import NodeBudget
 
+    set_region(region)
     run_up(app_dir, host=host, port=port, control_host=control_host,
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,
            budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from nimbus.cli.main import _uid_range, cli
+from nimbus.cli.main import _uid_range, cli, region_option
 
 
 def region_options(f: Any) -> Any:
@@ -18,8 +18,7 @@ def region_options(f: Any) -> Any:
     f = click.option("--token-file", type=click.Path(path_type=Path),
                      help="The region token (NATS password, worker frames, control API); "
                           "default: STATE_DIR/token, or $NIMBUS_TOKEN_FILE.")(f)
-    f = click.option("--region", default="local", show_default=True,
-                     help="The region's name.")(f)
+    f = region_option(f)
     f = click.option("--store", "store_url", required=True,
                      help="The region's store: nats://HOST:PORT[,HOST:PORT...]")(f)
     return f

@@ -48,9 +48,11 @@ from nimbus.events.service import record_view
 from nimbus.gateway.app import invocation_type
 from nimbus.gateway.responses import status_for
 from nimbus.ids import new_id
+from nimbus.manifest.model import RegionsSpec
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.memory import memory_of
 from nimbus.observe.protocols import FileLogSource, LogSource
+from nimbus.region import region
 from nimbus.store.queue import STATUSES
 
 if TYPE_CHECKING:
@@ -117,6 +119,20 @@ def query_text(request: Request, key: str, max_chars: int) -> str | None:
     if raw is None or raw == "":
         return None
     return _text(f"query parameter {key}", raw, max_chars)
+
+
+def query_regions(request: Request) -> RegionsSpec | None:
+    """``regions``: the app's routing as JSON (``{"names", "policy",
+    "weights"}``), replacing its manifest's ``regions:``."""
+    raw = query_text(request, "regions", 4096)
+    if raw is None:
+        return None
+    try:
+        return RegionsSpec.from_dict(orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        raise UserInputError(f"query parameter regions is not JSON: {exc}") from None
+    except ValueError as exc:
+        raise UserInputError(f"query parameter {exc}") from None
 
 
 def header_text(request: Request, key: str, max_chars: int) -> str | None:
@@ -210,6 +226,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
 
     async def deploy(request: Request) -> Response:
         name = query_text(request, "name", 256)
+        regions = query_regions(request)
         bundle = await read_limited(request, max_bundle, "bundle")
         lines: asyncio.Queue[bytes | None] = asyncio.Queue()
 
@@ -218,7 +235,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
 
         async def run() -> None:
             try:
-                result = await platform.deploy(bundle, progress, name)
+                result = await platform.deploy(bundle, progress, name, regions)
                 lines.put_nowait(orjson.dumps({"result": result}) + b"\n")
             except NimbusError as exc:
                 lines.put_nowait(orjson.dumps(
@@ -398,6 +415,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
                     "memory": memory_of(z.pid) if z.pid else None}
                    for z in platform.worker.zygotes.values()]
         return _json({
+            "region": region(),
             "pid": os.getpid(), "uptime_s": round(time.time() - platform.started_at, 1),
             "gateway_url": platform.gateway_url, "control_url": platform.control_url,
             "state_dir": str(platform.state_dir), "requests": platform.gateway.requests,
@@ -409,12 +427,27 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
         })
 
     async def health(request: Request) -> Response:
-        return _json({"status": "ok"})
+        return _json({"status": "ok", "region": region()})
+
+    async def apps(request: Request) -> Response:
+        """Each app with its bundle digest, routing and routes: what an edge
+        or a cluster deploy needs to know of this region."""
+        out = []
+        for app in platform.routes.apps.values():
+            records = app["functions"]
+            out.append({
+                "name": app["name"], "digest": app.get("digest"),
+                "version": max((r["version"] for r in records.values()), default=0),
+                "regions": app.get("regions"),
+                "routes": [{"method": m, "path": p} for m, p, _fn in app.get("routes", ())],
+                "functions": sorted(records),
+            })
+        return _json(sorted(out, key=lambda a: a["name"]))
 
     async def openapi_json(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
-    handlers = {"deploy": deploy, "invoke": invoke, "functions": functions,
+    handlers = {"deploy": deploy, "invoke": invoke, "functions": functions, "apps": apps,
                 "logs": logs, "status": status, "invocations": invocations,
                 "invocation": invocation, "dlq": dlq, "redrive": redrive, "publish": publish}
 
@@ -451,6 +484,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
         Route("/v1/openapi.json", openapi_json, methods=["GET"]),
         Route("/v1/deploy", g["deploy"], methods=["POST"]),
         Route("/v1/functions", g["functions"], methods=["GET"]),
+        Route("/v1/apps", g["apps"], methods=["GET"]),
         Route("/v1/functions/{name}/invoke", g["invoke"], methods=["POST"]),
         Route("/v1/functions/{name}/logs", g["logs"], methods=["GET"]),
         Route("/v1/status", g["status"], methods=["GET"]),

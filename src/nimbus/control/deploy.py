@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import compileall
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -61,7 +62,7 @@ from nimbus.control.bundle import BundleLimits, extract_bundle
 from nimbus.control.venvs import ensure_venv, requirements_hash
 from nimbus.errors import ConflictError, DeployError, ManifestError, NimbusError
 from nimbus.manifest.loader import load_app
-from nimbus.manifest.model import AppSpec, FunctionSpec
+from nimbus.manifest.model import AppSpec, FunctionSpec, RegionsSpec
 from nimbus.store.base import Blobs, Store
 from nimbus.worker.containment import share_read_only
 from nimbus.worker.target import Target, code_dir_for
@@ -135,14 +136,17 @@ class Deployer:
         self.schedule_gc()  # leftovers of earlier runs (crashes, failed deploys)
 
     async def deploy(self, bundle: bytes, progress: Progress,
-                     name: str | None = None) -> dict[str, Any]:
+                     name: str | None = None,
+                     regions: RegionsSpec | None = None) -> dict[str, Any]:
         """Deploy ``bundle``; ``name`` names the app when its manifest does not
-        (the folder's name on the client: the bundle itself carries none)."""
+        (the folder's name on the client: the bundle itself carries none);
+        ``regions``, when given, replaces the manifest's ``regions:`` (the
+        routing a guided deploy saved)."""
         digest = await asyncio.to_thread(lambda: hashlib.sha256(bundle).hexdigest())
         async with self._gc_lock:  # a collection under way finishes first
             self._busy[digest] += 1
         try:
-            return await self._deploy(bundle, digest, progress, name)
+            return await self._deploy(bundle, digest, progress, name, regions)
         finally:
             self._busy[digest] -= 1
             if not self._busy[digest]:
@@ -150,25 +154,29 @@ class Deployer:
             self.schedule_gc()
 
     async def _deploy(self, bundle: bytes, digest: str, progress: Progress,
-                      name: str | None) -> dict[str, Any]:
+                      name: str | None, regions: RegionsSpec | None) -> dict[str, Any]:
         await self.blobs.put(bundle)
         if self.worker is not None:
-            return await self._deploy_in(bundle, digest, progress, name,
+            return await self._deploy_in(bundle, digest, progress, name, regions,
                                          code_dir_for(self.state_dir, digest))
         scratch = self.state_dir / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
         tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="deploy-", dir=scratch)
         try:
-            return await self._deploy_in(bundle, digest, progress, name, Path(tmp) / "code")
+            return await self._deploy_in(bundle, digest, progress, name, regions,
+                                         Path(tmp) / "code")
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
     async def _deploy_in(self, bundle: bytes, digest: str, progress: Progress,
-                         name: str | None, code_dir: Path) -> dict[str, Any]:
+                         name: str | None, regions: RegionsSpec | None,
+                         code_dir: Path) -> dict[str, Any]:
         try:
             app = await asyncio.to_thread(self._prepare, bundle, code_dir, name)
         except ManifestError as exc:  # name the app's own files, not our folder
             raise exc.relative_to(code_dir) from None
+        if regions is not None:
+            app = dataclasses.replace(app, regions=regions)
         progress(f"bundle {digest[:12]} ({len(bundle)} bytes)")
         for notice in app.notices:
             progress(notice)
@@ -283,6 +291,7 @@ class Deployer:
         app_record = {
             "name": app.name, "digest": digest, "deployed": time.time(),
             "functions": records,
+            "regions": app.regions.to_dict() if app.regions else None,
             "routes": [[r.method, r.path, fn.name]
                        for fn in app.functions.values() for r in fn.routes],
         }
@@ -290,6 +299,7 @@ class Deployer:
         return {
             "app": app.name,
             "digest": digest,
+            "regions": app.regions.to_dict() if app.regions else None,
             "functions": [
                 {"name": name, "version": rec["version"], "changed": rec in new,
                  "routes": [f"{r['method']} {r['path']}" for r in rec["spec"]["routes"]]}

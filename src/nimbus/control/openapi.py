@@ -96,11 +96,18 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                  "413": _error(f"the bundle is over {max_bundle_bytes} bytes")},
                 [{"name": "name", "in": "query", "required": False,
                   "description": "the app's name when its manifest has none",
-                  "schema": {"type": "string", "maxLength": 256}}],
+                  "schema": {"type": "string", "maxLength": 256}},
+                 {"name": "regions", "in": "query", "required": False,
+                  "description": "the app's routing as JSON ({names, policy, weights}), "
+                                 "replacing its manifest's regions:",
+                  "schema": {"type": "string", "maxLength": 4096}}],
                 {"required": True,
                  "description": "the app folder as a zip file (what nimbus deploy sends)",
                  "content": {"application/octet-stream": {"schema": {
                      "type": "string", "format": "binary"}}}})},
+            "/v1/apps": {"get": _op(
+                "deployed apps: digest, version, routing (regions) and routes", "apps",
+                {"200": _json("the apps", {"type": "array", "items": {"type": "object"}})})},
             "/v1/functions": {"get": _op(
                 "deployed functions, versions and routes", "functions",
                 {"200": _json("the functions", {"type": "array", "items": {"type": "object"}})})},

@@ -53,6 +53,7 @@ from nimbus.gateway.connections import (
     guarded_protocol,
     raise_fd_limit,
 )
+from nimbus.manifest.model import RegionsSpec
 from nimbus.observe.logs import LogSink
 from nimbus.store.base import Blobs, Store
 from nimbus.store.private import private_file, write_private
@@ -235,8 +236,9 @@ class Platform:
         return cls(config, store, blobs, queue, worker, gateway)
 
     async def deploy(self, bundle: bytes, progress: Callable[[str], None],
-                     name: str | None = None) -> dict[str, Any]:
-        result = await self.deployer.deploy(bundle, progress, name)
+                     name: str | None = None,
+                     regions: RegionsSpec | None = None) -> dict[str, Any]:
+        result = await self.deployer.deploy(bundle, progress, name, regions)
         if self.identity is not None and any(f.get("changed") for f in result["functions"]):
             self.identity.note_deploy()
         want = {f["name"]: f["version"] for f in result["functions"]}
@@ -306,6 +308,7 @@ class Platform:
         await self._stop.wait()
 
     async def aclose(self) -> None:
+        self.gateway.draining = True
         for s in self._servers:  # 1 + 2: uvicorn stops accepting, then drains
             s.should_exit = True
         if self._servers:

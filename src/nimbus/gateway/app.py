@@ -21,6 +21,7 @@ from nimbus.gateway.responses import JSON, NO_BODY, Response, error_response, re
 from nimbus.gateway.router import Router
 from nimbus.ids import new_id
 from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
+from nimbus.region import region
 
 log = logging.getLogger("nimbus.gateway")
 
@@ -80,6 +81,9 @@ class Gateway:
         self.router: Router[Invoker] = Router()
         self.events: AsyncSubmitter | None = None
         self.requests = 0
+        # Set when the process begins to stop: health answers 503 so that
+        # edges stop sending here while requests in flight finish.
+        self.draining = False
 
     def set_router(self, router: Router[Invoker]) -> None:
         self.router = router  # swapped whole: requests in flight keep the old one
@@ -195,7 +199,11 @@ class Gateway:
 
     def _reserved(self, scope: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if scope["path"] == "/_nimbus/health" and scope["method"] in ("GET", "HEAD"):
-            return 200, [(b"content-type", JSON)], orjson.dumps({"status": "ok"})
+            if self.draining:
+                return 503, [(b"content-type", JSON)], orjson.dumps(
+                    {"status": "draining", "region": region()})
+            return 200, [(b"content-type", JSON)], orjson.dumps(
+                {"status": "ok", "region": region()})
         return 404, [(b"content-type", JSON)], orjson.dumps(
             {"errorMessage": f"{scope['path']} is reserved for nimbus", "errorType": "NotFound"})
 

@@ -125,10 +125,10 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
     form = _form(src)
     if form == "handlers":
         seed = _validate(SeedApp, src)
-        app_name, drafts = seed.name, _seed_drafts(seed, src)
+        app_name, regions, drafts = seed.name, seed.regions, _seed_drafts(seed, src)
     else:
         rich = _validate(RichApp, src)
-        app_name, drafts = rich.name, _rich_drafts(rich, src)
+        app_name, regions, drafts = rich.name, rich.regions, _rich_drafts(rich, src)
     for draft in drafts.values():
         draft.settings.update(_scaling_settings(draft, src))
         draft.settings.update(_event_settings(draft))
@@ -147,6 +147,7 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
         source=str(file.resolve()),
         functions=functions,
         notices=_runtime_notices(drafts.values()),
+        regions=regions,
     )
 
 

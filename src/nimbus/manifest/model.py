@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from nimbus.region import REGION_NAME
+
 DEFAULT_MEMORY_MB = 128
 DEFAULT_MAX_PROCESSES = 32  # tasks (processes and threads) per instance
 DEFAULT_EPHEMERAL_STORAGE_MB = 512  # Lambda's default /tmp size
@@ -146,6 +148,63 @@ class FunctionSpec:
         return cls(**d)
 
 
+ROUTING_POLICIES = ("failover", "weighted", "latency")
+
+
+@dataclass(frozen=True, slots=True)
+class RegionsSpec:
+    """Where an app runs and how an edge routes it: ``names`` in order
+    (``None``: every region of the cluster file, in the file's order), the
+    policy, and the weights of ``weighted`` (region -> share)."""
+
+    names: tuple[str, ...] | None = None
+    policy: str = "failover"
+    weights: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": None if self.names is None else list(self.names),
+                "policy": self.policy, "weights": dict(self.weights)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RegionsSpec:
+        """The inverse of :meth:`to_dict`; ``ValueError`` naming the field
+        that is wrong (it also reads what a client sends)."""
+        if not isinstance(d, dict):
+            raise ValueError("regions must be an object")
+        unknown = set(d) - {"names", "policy", "weights"}
+        if unknown:
+            raise ValueError(f"regions has unknown field(s): {', '.join(sorted(unknown))}")
+        names = d.get("names")
+        policy = d.get("policy", "failover")
+        weights = d.get("weights") or {}
+        if names is not None and not (isinstance(names, list) and names and all(
+                isinstance(n, str) and REGION_NAME.fullmatch(n) for n in names)):
+            raise ValueError("regions.names must be a non-empty list of region names")
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError("regions.names lists a region twice")
+        if policy not in ROUTING_POLICIES:
+            raise ValueError(f"regions.policy must be one of {', '.join(ROUTING_POLICIES)}, "
+                             f"was {policy!r}")
+        if not isinstance(weights, dict) or not all(
+                isinstance(k, str) and REGION_NAME.fullmatch(k) and type(v) is int
+                and 0 <= v <= 1000 for k, v in weights.items()):
+            raise ValueError("regions.weights must map region names to integers from 0 to 1000")
+        if policy == "weighted":
+            if not weights or not any(weights.values()):
+                raise ValueError("regions.weights: policy weighted needs a weight above 0")
+            if names is None:
+                names = list(weights)
+            missing = [n for n in weights if n not in names]
+            if missing:
+                raise ValueError(f"regions.weights names {', '.join(missing)}, "
+                                 "not in regions.names")
+        elif weights:
+            raise ValueError(f"regions.weights only applies to policy weighted, not {policy}")
+        return cls(names=None if names is None else tuple(names), policy=policy,
+                   weights={n: weights.get(n, 0) for n in names or ()}
+                   if policy == "weighted" else {})
+
+
 @dataclass(frozen=True, slots=True)
 class AppSpec:
     name: str
@@ -154,3 +213,4 @@ class AppSpec:
     # Lines that the loader wants shown but that are not errors
     # (e.g. "runtime python3.8 is served by Python 3.11").
     notices: tuple[str, ...] = ()
+    regions: RegionsSpec | None = None  # None: every region, failover in the file's order

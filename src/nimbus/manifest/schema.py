@@ -35,6 +35,7 @@ from nimbus.manifest.model import (
     DEFAULT_STABLE_WINDOW_S,
     DEFAULT_TIMEOUT_S,
     MISSED_POLICIES,
+    RegionsSpec,
 )
 from nimbus.manifest.routes import METHODS, path_problem
 
@@ -372,9 +373,26 @@ class FunctionModel(EventSettings):
     requirements: Annotated[str, BeforeValidator(_requirements)] | None = None
 
 
+def _regions(v: Any) -> Any:
+    """``regions: [eu, us]`` or ``{names, policy, weights}``: a RegionsSpec."""
+    if isinstance(v, list):
+        v = {"names": v}
+    if not isinstance(v, dict):
+        raise fail("expected a list of region names, or a mapping with names, policy "
+                   "and weights")
+    try:
+        return RegionsSpec.from_dict(v)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+Regions = Annotated[Any, BeforeValidator(_regions)]
+
+
 class RichApp(_Model):
     name: AppName | None = None
     runtime: Runtime = "python3"
+    regions: Regions = None
     functions: dict[FunctionName, FunctionModel] = Field(
         min_length=1, description="a mapping of function names to their settings")
 
@@ -400,4 +418,5 @@ class SeedHandler(EventSettings):
 class SeedApp(_Model):
     name: AppName | None = None
     runtime: Runtime = "python3"
+    regions: Regions = None
     handlers: list[SeedHandler] = Field(min_length=1, description="a non-empty list of handlers")

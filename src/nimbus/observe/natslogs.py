@@ -57,6 +57,7 @@ from nimbus.errors import UnavailableError
 from nimbus.observe.logs import MAX_LINE_CHARS
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.protocols import Record
+from nimbus.region import check_region_name
 
 log = logging.getLogger("nimbus.logs")
 
@@ -69,7 +70,6 @@ READ_TIMEOUT_S = 5.0
 STREAM_READY_S = 30.0  # a new cluster electing leaders, or a racing creator
 READ_BATCH = 256  # messages per direct-get request
 FOLLOW_WAIT_S = 1.0  # longest wait for a wake-up before reading again anyway
-_REGION = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PLAIN = re.compile(r"[A-Za-z0-9_-]")
 
 
@@ -78,9 +78,7 @@ def stream_name(region: str) -> str:
 
 
 def check_region(region: str) -> str:
-    if not _REGION.fullmatch(region):
-        raise ValueError(f"region must be 1 to 64 letters, digits, '_' or '-', was: {region!r}")
-    return region
+    return check_region_name(region)
 
 
 def encode_function(function: str) -> str:

@@ -118,6 +118,7 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
         # HTTP requests and async work in flight finish first, side by side,
         # while this gateway still reports demand and holds its parts of caps;
         # then it leaves the region.
+        gateway.draining = True
         await asyncio.gather(http.aclose(), events.aclose(grace_s=min(options.grace_s, 5.0)))
         if sharing is not None:
             sharing.cancel()

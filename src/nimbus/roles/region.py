@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from nimbus.manifest.model import RegionsSpec
 from nimbus.roles.common import RoleConfig
 from nimbus.roles.controller import ControllerOptions, node_summary
 
@@ -100,8 +101,9 @@ class Controller:
     def max_bundle_bytes(self) -> int:
         return self.options.max_bundle_bytes
 
-    async def deploy(self, bundle: bytes, progress: Any, name: str | None = None) -> Any:
-        result = await self.deployer.deploy(bundle, progress, name)
+    async def deploy(self, bundle: bytes, progress: Any, name: str | None = None,
+                     regions: RegionsSpec | None = None) -> Any:
+        result = await self.deployer.deploy(bundle, progress, name, regions)
         want = {f["name"]: f["version"] for f in result["functions"]}
         await self.routes.wait_for(lambda rs: all(
             n in rs.functions and rs.functions[n].target.version == v for n, v in want.items()))

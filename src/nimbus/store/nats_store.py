@@ -56,6 +56,7 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 
 from nimbus.errors import ClosedError, ConflictError, UnavailableError, UserInputError
+from nimbus.region import check_region_name
 from nimbus.store.base import Entry, Watch, WatchEvent
 from nimbus.store.nats_conn import connection_events, retry_unrouted
 
@@ -80,7 +81,6 @@ STREAM_NAME_IN_USE = 10058
 BUCKET_READY_S = 20.0
 
 _KEEP = re.compile(r"[A-Za-z0-9_-]")
-_REGION = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _OP = "KV-Operation"
 _MARKER = "Nats-Marker-Reason"
 _EXPECT = "Nats-Expected-Last-Subject-Sequence"
@@ -89,9 +89,10 @@ _TTL = "Nats-TTL"
 
 def check_region(region: str) -> str:
     """A region name usable in stream and bucket names, or ``UserInputError``."""
-    if not _REGION.fullmatch(region):
-        raise UserInputError(f"region name {region!r}: use 1-64 letters, digits, '-' or '_'")
-    return region
+    try:
+        return check_region_name(region)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
 
 
 def encode_key(key: str) -> str:

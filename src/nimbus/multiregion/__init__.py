@@ -1,0 +1,1 @@
+"""Several regions: the cluster file, deploys to every region, convergence."""
