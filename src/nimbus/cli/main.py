@@ -3,6 +3,7 @@ manifest errors, 1 for failures; never a traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -126,15 +127,53 @@ def _uid_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _cluster_options(f: Any) -> Any:
+    f = click.option("--timeout", "timeout_s", default=120.0, show_default=True,
+                     type=click.FloatRange(0, min_open=True),
+                     help="With --cluster: seconds each region gets (and --wait-all waits).")(f)
+    f = click.option("--wait-all", is_flag=True,
+                     help="With --cluster: wait until every region runs what was deployed; "
+                          "exit 1 if one does not within --timeout.")(f)
+    f = click.option("--cluster", "cluster_path", type=click.Path(path_type=Path),
+                     help="A cluster file (nimbus.cluster.yaml): work on every region in it.")(f)
+    return f
+
+
 @cli.command()
 @click.argument("app_dir", default=".", type=click.Path(path_type=Path))
+@_cluster_options
+@click.option("--guided", is_flag=True,
+              help="Ask for the app name, regions, policy and weights, deploy, and save the "
+                   "answers to APP_DIR/nimbus.toml for the next plain deploy.")
 @connection_options
-def deploy(app_dir: Path, state_dir: Path | None, url: str | None, token: str | None) -> None:
-    """Deploy APP_DIR to a running nimbus."""
+def deploy(app_dir: Path, cluster_path: Path | None, wait_all: bool, timeout_s: float,
+           guided: bool, state_dir: Path | None, url: str | None, token: str | None) -> None:
+    """Deploy APP_DIR to a running nimbus, or with --cluster to every region of
+    the app (regions that cannot be reached converge when they return).
+    With no --cluster, --url or --state-dir, APP_DIR/nimbus.toml (written by
+    --guided) is repeated when there is one."""
     from nimbus.cli.output import print_deploy_stream
     from nimbus.control.bundle import make_bundle
     from nimbus.manifest.loader import load_app
 
+    if guided:
+        if cluster_path or url or state_dir:
+            fail("--guided asks for the regions itself; leave out --cluster, --url and "
+                 "--state-dir", 2)
+        from nimbus.cli.guided import run_guided
+
+        sys.exit(run_guided(app_dir, timeout_s))
+    from nimbus.cli.regions import cluster_deploy, plain_deploy_settings
+
+    direct = url or state_dir or os.environ.get("NIMBUS_URL")
+    settings = None if (cluster_path or direct) else plain_deploy_settings(app_dir)
+    if cluster_path or settings:
+        if settings:
+            click.echo(f"repeating {app_dir / 'nimbus.toml'}")
+        sys.exit(cluster_deploy(app_dir, cluster_path or settings.cluster,  # type: ignore[union-attr]
+                                wait_all=wait_all, timeout_s=timeout_s, settings=settings))
+    if wait_all:
+        fail("--wait-all needs --cluster", 2)
     load_app(app_dir)  # fail fast, locally, with file and line
     bundle = make_bundle(app_dir)
     client = _client(state_dir, url, token, app_dir, timeout_s=900.0)
@@ -325,12 +364,22 @@ def publish(name: str, data: str, kind: str | None, attributes: tuple[str, ...],
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_cluster_options
 @connection_options
-def status(as_json: bool, state_dir: Path | None, url: str | None, token: str | None) -> None:
+def status(as_json: bool, cluster_path: Path | None, wait_all: bool, timeout_s: float,
+           state_dir: Path | None, url: str | None, token: str | None) -> None:
     """Show the platform: functions, instances, memory (in a region: every node,
-    the leader, instances per worker, the NATS servers)."""
+    the leader, instances per worker, the NATS servers). With --cluster: each
+    region's health, each app's version per region, drift and pending deploys."""
     from nimbus.cli.output import print_json, print_status
 
+    if cluster_path is not None:
+        from nimbus.cli.regions import cluster_status_cmd
+
+        sys.exit(cluster_status_cmd(cluster_path, as_json=as_json, wait_all=wait_all,
+                                    timeout_s=timeout_s))
+    if wait_all:
+        fail("--wait-all needs --cluster", 2)
     data = _client(state_dir, url, token).request("GET", "/v1/status")
     print_json(data) if as_json else print_status(data)
 

@@ -1,0 +1,168 @@
+"""One deploy to every region of an app.
+
+The app is validated and bundled once, locally; the desired state (digest,
+regions, routing, the bundle) is written beside the cluster file *before*
+any region is asked, every region of the app being pending until its push
+answers; then the same bytes go to every region in parallel, each with its
+own deadline. A region that runs the bundle is done; one that refuses it
+(4xx, or a manifest or deploy error) is an error the operator must fix; one
+that cannot be reached stays pending and is brought up to date when it
+returns (:mod:`nimbus.multiregion.converge`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from nimbus.control.bundle import make_bundle
+from nimbus.errors import ManifestError
+from nimbus.manifest.loader import load_app
+from nimbus.manifest.model import AppSpec, RegionsSpec
+from nimbus.multiregion.clusterfile import ClusterFile
+from nimbus.multiregion.push import DEPLOYED, REFUSED, PushResult, push_bundle
+from nimbus.multiregion.state import ClusterState, Desired, state_dir_for
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeployPlan:
+    app: str
+    app_dir: Path
+    digest: str
+    bundle: bytes
+    regions: tuple[str, ...]
+    routing: dict[str, Any] | None     # what the regions will report
+    override: dict[str, Any] | None    # the deploy's ``regions`` parameter
+    policy: str
+
+    def describe(self) -> list[str]:
+        lines = [f"app {self.app} ({self.app_dir}), bundle {self.digest[:12]} "
+                 f"({len(self.bundle)} bytes)",
+                 f"regions {', '.join(self.regions)}; policy {self.policy}"]
+        weights = (self.routing or {}).get("weights") or {}
+        if self.policy == "weighted" and weights:
+            lines.append("weights " + ", ".join(f"{k} {v}" for k, v in weights.items()))
+        return lines
+
+
+def app_regions(spec: RegionsSpec | None, cluster: ClusterFile) -> tuple[str, ...]:
+    """Where an app with routing ``spec`` runs: its names, else its weights'
+    names, else every region of the cluster file in its order."""
+    if spec is None:
+        return cluster.names
+    if spec.names is not None:
+        return tuple(spec.names)
+    if spec.weights:
+        return tuple(spec.weights)
+    return cluster.names
+
+
+def plan_deploy(app_dir: Path, cluster: ClusterFile, *, name: str | None = None,
+                override: RegionsSpec | None = None) -> DeployPlan:
+    """Validate the app (file + line errors) and bundle it; check that every
+    region it names is in the cluster file."""
+    spec = load_app(app_dir, default_name=name)
+    routing_spec = override or spec.regions
+    regions = app_regions(routing_spec, cluster)
+    for region in regions:
+        if region not in cluster.regions:
+            raise _unknown_region(region, cluster, spec, from_manifest=override is None)
+    if not regions:
+        raise ManifestError("the app runs in no region", file=spec.source, field="regions")
+    bundle = make_bundle(app_dir)
+    return DeployPlan(
+        app=spec.name, app_dir=app_dir, digest=hashlib.sha256(bundle).hexdigest(),
+        bundle=bundle, regions=regions,
+        routing=routing_spec.to_dict() if routing_spec else None,
+        override=override.to_dict() if override else None,
+        policy=routing_spec.policy if routing_spec else "failover")
+
+
+def _unknown_region(region: str, cluster: ClusterFile, spec: AppSpec,
+                    from_manifest: bool) -> ManifestError:
+    known = ", ".join(cluster.names) or "none"
+    message = (f"region {region!r} is not in the cluster file {cluster.path} "
+               f"(it has {known})")
+    if not from_manifest:
+        return ManifestError(message, field="regions")
+    return ManifestError(message, file=spec.source, line=_region_line(Path(spec.source), region),
+                         field="regions")
+
+
+def _region_line(manifest: Path, region: str) -> int | None:
+    """The line of the manifest's ``regions:`` entry that names ``region``."""
+    from nimbus.manifest.source import read_source
+
+    try:
+        src = read_source(manifest)
+    except ManifestError:
+        return None
+    best = None
+    for table in (src.value_lines, src.key_lines):
+        for loc, line in table.items():
+            if not loc or loc[0] != "regions":
+                continue
+            value: Any = src.data
+            try:
+                for part in loc:
+                    value = value[part]
+            except (KeyError, IndexError, TypeError):
+                continue
+            if region in (value, loc[-1]):
+                return line
+            if best is None and len(loc) == 1:
+                best = line
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class RegionReport:
+    region: str
+    outcome: str          # deployed | refused | pending
+    version: int | None
+    changed: bool
+    message: str
+
+    def line(self) -> str:
+        if self.outcome == "deployed":
+            return f"{self.region}: version {self.version} deployed" + (
+                "" if self.changed else " (unchanged)")
+        if self.outcome == "refused":
+            return f"{self.region}: refused — {self.message}"
+        return (f"{self.region}: pending — unreachable ({self.message}); it converges when "
+                "the region returns")
+
+
+async def deploy_plan(plan: DeployPlan, cluster: ClusterFile, *,
+                      state_dir: Path | None = None,
+                      timeout_s: float = DEFAULT_TIMEOUT_S) -> list[RegionReport]:
+    """Record the plan as desired, push it to its regions in parallel, and
+    report per region in the plan's order."""
+    state = ClusterState(state_dir or state_dir_for(cluster.path))
+    desired = Desired(app=plan.app, digest=plan.digest, regions=plan.regions,
+                      routing=plan.routing, override=plan.override, updated=time.time())
+    await asyncio.to_thread(state.record_deploy, desired, plan.bundle)
+    timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        results = await asyncio.gather(*(
+            push_bundle(client, cluster.regions[r], plan.app, plan.bundle, plan.override,
+                        timeout_s)
+            for r in plan.regions))
+    return [_settle(state, plan, r) for r in results]
+
+
+def _settle(state: ClusterState, plan: DeployPlan, r: PushResult) -> RegionReport:
+    if r.outcome == DEPLOYED:
+        state.done(r.region, plan.app, plan.digest)
+        return RegionReport(r.region, "deployed", r.version, r.changed, "")
+    refused = r.outcome == REFUSED
+    state.failed(r.region, plan.app, plan.digest, r.message, refused=refused)
+    return RegionReport(r.region, "refused" if refused else "pending", None, False, r.message)

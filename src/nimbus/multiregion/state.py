@@ -1,0 +1,236 @@
+"""The cluster's desired state, kept in a folder beside the cluster file.
+
+``nimbus deploy --cluster FILE`` records here what every region should run,
+so a region that could not be reached at deploy time can be brought up to
+date later (by ``nimbus status --cluster FILE --wait-all`` or by the
+converger an edge runs), with no one typing the deploy again::
+
+    .nimbus-cluster/                 beside nimbus.cluster.yaml
+      lock                           flock: one writer at a time
+      apps/<app>.json                desired: digest, regions, routing
+      bundles/<digest>.zip           the bundle those regions should get
+      pending/<region>/<app>.json    a deploy that has not reached a region yet
+
+Files are replaced atomically (temp file + rename), mode 0600 (bundles can
+hold secrets in their code), and every read-modify-write holds the lock, so
+a deploy and a converger in another process never lose each other's writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from nimbus.errors import UserInputError
+from nimbus.store.private import DIR_MODE, write_private
+
+STATE_DIR_NAME = ".nimbus-cluster"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def state_dir_for(cluster_path: Path) -> Path:
+    """Where the desired state of the cluster file at ``cluster_path`` lives."""
+    return cluster_path.resolve().parent / STATE_DIR_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """What every region of an app should run."""
+
+    app: str
+    digest: str
+    regions: tuple[str, ...]                 # where the app runs, in routing order
+    routing: dict[str, Any] | None = None    # RegionsSpec.to_dict() the regions should report
+    override: dict[str, Any] | None = None   # sent as the deploy's ``regions`` parameter
+    updated: float = 0.0                     # wall clock
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["regions"] = list(self.regions)
+        return orjson.dumps(d)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Desired:
+        d = orjson.loads(raw)
+        return cls(app=d["app"], digest=d["digest"], regions=tuple(d["regions"]),
+                   routing=d.get("routing"), override=d.get("override"),
+                   updated=float(d.get("updated", 0.0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A deploy that has not reached ``region`` yet."""
+
+    app: str
+    region: str
+    digest: str
+    since: float                  # wall clock of the deploy that left it pending
+    attempts: int = 0
+    last_error: str = ""
+    refused: bool = False         # the region answered and refused the app
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Pending:
+        d = orjson.loads(raw)
+        return cls(app=d["app"], region=d["region"], digest=d["digest"],
+                   since=float(d["since"]), attempts=int(d.get("attempts", 0)),
+                   last_error=str(d.get("last_error", "")), refused=bool(d.get("refused")))
+
+
+@dataclass
+class Snapshot:
+    desired: dict[str, Desired] = field(default_factory=dict)
+    pending: dict[tuple[str, str], Pending] = field(default_factory=dict)  # (region, app)
+
+
+class ClusterState:
+    """The folder of desired state. Safe to use from several processes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # -- paths -------------------------------------------------------------
+    def _app_file(self, app: str) -> Path:
+        return self.root / "apps" / f"{_checked(app, 'app')}.json"
+
+    def _bundle_file(self, digest: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self.root / "bundles" / f"{digest}.zip"
+
+    def _pending_file(self, region: str, app: str) -> Path:
+        return self.root / "pending" / _checked(region, "region") / f"{_checked(app, 'app')}.json"
+
+    def _ensure(self) -> None:
+        for sub in ("", "apps", "bundles", "pending"):
+            d = self.root / sub
+            if not d.is_dir():
+                try:
+                    d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise UserInputError(f"{d}: cannot create the cluster's state folder: "
+                                         f"{exc.strerror or exc}") from None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock (between processes) for a short read-modify-write."""
+        self._ensure()
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- reads -------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        snap = Snapshot()
+        apps = self.root / "apps"
+        if apps.is_dir():
+            for f in sorted(apps.glob("*.json")):
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    d = Desired.from_json(f.read_bytes())
+                    snap.desired[d.app] = d
+        pend = self.root / "pending"
+        if pend.is_dir():
+            for f in sorted(pend.glob("*/*.json")):
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    p = Pending.from_json(f.read_bytes())
+                    snap.pending[(p.region, p.app)] = p
+        return snap
+
+    def bundle(self, digest: str) -> bytes | None:
+        try:
+            return self._bundle_file(digest).read_bytes()
+        except (OSError, ValueError):
+            return None
+
+    # -- writes ------------------------------------------------------------
+    def record_deploy(self, desired: Desired, bundle: bytes) -> None:
+        """A deploy begins: the bundle is kept and the app's desired state set;
+        every region of the app is pending until its push reports otherwise."""
+        with self.locked():
+            path = self._bundle_file(desired.digest)
+            if not path.exists():
+                write_private(path, bundle, durable=True)
+            write_private(self._app_file(desired.app), desired.to_json(), durable=True)
+            now = desired.updated or time.time()
+            for region in desired.regions:
+                write_private(self._pending_file(region, desired.app),
+                              Pending(desired.app, region, desired.digest, now).to_json())
+            self._forget_regions(desired)
+            self._collect_bundles()
+
+    def _forget_regions(self, desired: Desired) -> None:
+        """Pending pushes of the app to regions it no longer runs in are dropped."""
+        pend = self.root / "pending"
+        for f in pend.glob(f"*/{desired.app}.json"):
+            if f.parent.name not in desired.regions:
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+
+    def done(self, region: str, app: str, digest: str) -> None:
+        """``region`` runs ``digest`` of ``app``: its pending push (of that
+        digest; a newer deploy's stays) is over."""
+        with self.locked():
+            path = self._pending_file(region, app)
+            try:
+                current = Pending.from_json(path.read_bytes())
+            except (OSError, ValueError, KeyError):
+                return
+            if current.digest == digest:
+                path.unlink(missing_ok=True)
+
+    def failed(self, region: str, app: str, digest: str, error: str, *,
+               refused: bool = False) -> Pending:
+        """A push of ``digest`` to ``region`` did not land: it stays pending."""
+        with self.locked():
+            path = self._pending_file(region, app)
+            current: Pending | None
+            try:
+                current = Pending.from_json(path.read_bytes())
+            except (OSError, ValueError, KeyError):
+                current = None
+            if current is not None and current.digest != digest:
+                return current  # a newer deploy replaced it meanwhile
+            base = current or Pending(app, region, digest, time.time())
+            updated = Pending(app, region, digest, base.since, base.attempts + 1,
+                              error, refused)
+            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            write_private(path, updated.to_json())
+            return updated
+
+    def _collect_bundles(self) -> None:
+        """Bundles no desired app or pending push refers to are removed."""
+        keep = {d.digest for d in self.snapshot().desired.values()}
+        keep |= {p.digest for p in self.snapshot().pending.values()}
+        for f in (self.root / "bundles").glob("*.zip"):
+            if f.stem not in keep:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+
+
+def _checked(name: str, what: str) -> str:
+    if not _NAME.match(name):
+        raise UserInputError(f"{what} name {name!r} cannot name a file of the cluster's "
+                             "state (letters, digits, '.', '_' and '-')")
+    return name
+
+
+def pending_by_region(snap: Snapshot) -> dict[str, list[Pending]]:
+    out: dict[str, list[Pending]] = {}
+    for (region, _app), p in sorted(snap.pending.items()):
+        out.setdefault(region, []).append(p)
+    return out
