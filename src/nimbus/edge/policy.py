@@ -1,0 +1,58 @@
+"""Which regions to try for a request, best first. Pure."""
+
+from __future__ import annotations
+
+import random
+
+from nimbus.edge.types import RegionsSpecLike
+
+POLICIES = ("failover", "weighted", "latency")
+
+
+def region_order(spec: RegionsSpecLike | None, cluster_order: tuple[str, ...], up: set[str],
+                 latency: dict[str, float | None], rng: random.Random) -> list[str]:
+    """The regions to try, best first: the healthy ones ordered by the
+    policy, then (last resort) the rest in the spec's order.
+
+    - failover: the spec's order (the cluster file's when it names none);
+    - weighted: the first region drawn by weight among the healthy ones,
+      then the other healthy ones by weight (heaviest first);
+    - latency: lowest smoothed latency first (unmeasured last).
+
+    Regions the cluster file does not know are skipped."""
+    known = set(cluster_order)
+    if spec is None:
+        names: tuple[str, ...] = cluster_order
+        policy = "failover"
+    else:
+        policy = spec.policy
+        names = spec.names if spec.names is not None else (
+            tuple(spec.weights) if policy == "weighted" and spec.weights else cluster_order)
+    names = tuple(n for n in names if n in known)
+    healthy = [n for n in names if n in up]
+    rest = [n for n in names if n not in up]
+    if policy == "weighted" and len(healthy) > 1:
+        weights = spec.weights if spec is not None else {}
+        healthy = _weighted(healthy, weights, rng)
+    elif policy == "latency" and len(healthy) > 1:
+        healthy.sort(key=lambda n: _or_inf(latency.get(n)))
+    return healthy + rest
+
+
+def _or_inf(value: float | None) -> float:
+    return float("inf") if value is None else value
+
+
+def _weighted(healthy: list[str], weights: dict[str, int], rng: random.Random) -> list[str]:
+    total = sum(max(0, weights.get(n, 0)) for n in healthy)
+    by_weight = sorted(healthy, key=lambda n: -max(0, weights.get(n, 0)))
+    if total <= 0:
+        return by_weight
+    x = rng.random() * total
+    first = by_weight[-1]
+    for n in healthy:
+        x -= max(0, weights.get(n, 0))
+        if x < 0:
+            first = n
+            break
+    return [first] + [n for n in by_weight if n != first]
