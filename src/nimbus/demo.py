@@ -157,7 +157,9 @@ class Demo:
 
     def _deploy(self) -> None:
         if _has_command("deploy", "cluster"):
-            runs = [_nimbus("deploy", str(self.app_dir), "--cluster", str(self.cluster_file))]
+            wait = ["--wait-all"] if _has_command("deploy", "wait_all") else []
+            runs = [_nimbus("deploy", str(self.app_dir), "--cluster", str(self.cluster_file),
+                            *wait)]
         else:  # one region at a time
             runs = [_nimbus("deploy", str(self.app_dir), "--url", r["control"],
                             "--token", r["token"]) for r in self.regions.values()]
@@ -205,17 +207,19 @@ class Demo:
                                        f"{child.log_tail()}")
             time.sleep(0.05)
 
-    def routes(self) -> list[str]:
+    def app(self) -> tuple[str, list[str]]:
+        """The deployed app's name and GET routes (from the first region)."""
         r = next(iter(self.regions.values()))
-        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError,
+                                 IndexError):
             apps = httpx.get(r["control"] + "/v1/apps", timeout=5.0,
                              headers={"authorization": f"Bearer {r['token']}"}).json()
-            return [rt["path"] for a in apps for rt in a.get("routes", [])
-                    if rt.get("method") in ("GET", "ANY")]
-        return []
+            return str(apps[0]["name"]), [rt["path"] for rt in apps[0].get("routes", [])
+                                          if rt.get("method") in ("GET", "ANY")]
+        return self.app_dir.name, []
 
     def print_summary(self) -> None:
-        routes = self.routes()
+        app, routes = self.app()
         plain = [p for p in routes if "{" not in p]
         path = plain[0] if plain else (routes[0] if routes else "/")
         echo = click.echo
@@ -226,7 +230,6 @@ class Demo:
                  f"pid {child.pid}")
         echo(f"edge          {self.edge_url}  (regions: {self.edge_url}/_nimbus/regions)")
         if self.dns_port_used:
-            app = self.app_dir.name
             echo(f"dns           127.0.0.1:{self.dns_port_used} udp+tcp, zone {self.zone}:  "
                  f"dig @127.0.0.1 -p {self.dns_port_used} {app}.{self.zone} A")
         echo(f"try           curl -si {self.edge_url}{path} | grep -i x-nimbus-region")
