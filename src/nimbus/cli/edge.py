@@ -1,0 +1,62 @@
+"""``nimbus edge``: the HTTP front over the regions of a cluster file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nimbus.cli.main import cli, fail
+
+
+@cli.command()
+@click.option("--cluster", "cluster_path", required=True, type=click.Path(path_type=Path),
+              help="The cluster file naming the regions (nimbus.cluster.yaml).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0 picks a free one).")
+@click.option("--probe-interval", "interval_s", default=0.25, show_default=True,
+              type=click.FloatRange(0.01), help="Seconds between health probes of a gateway.")
+@click.option("--probe-timeout", "timeout_s", default=0.3, show_default=True,
+              type=click.FloatRange(0.01), help="A probe not answered within this fails.")
+@click.option("--fall", default=2, show_default=True, type=click.IntRange(1),
+              help="Consecutive failed probes that take a gateway down.")
+@click.option("--rise", "rise_s", default=3.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds of continuous health before a down gateway takes traffic again.")
+@click.option("--connect-timeout", "connect_timeout_s", default=0.5, show_default=True,
+              type=click.FloatRange(0.01), help="Seconds to open a connection to a gateway.")
+@click.option("--retry-ratio", default=0.2, show_default=True, type=click.FloatRange(0),
+              help="Retries may add at most this share of the requests (plus 10/s).")
+@click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds requests in flight get to finish on shutdown.")
+def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s: float,
+         fall: int, rise_s: float, connect_timeout_s: float, retry_ratio: float,
+         grace_s: float) -> None:
+    """Serve HTTP in front of every region of a cluster file: route each request
+    by its app's policy and the regions' health, fail over within a second."""
+    from nimbus.edge.health import HealthConfig
+    from nimbus.edge.server import EdgeConfig, run
+    from nimbus.multiregion.clusterfile import load_cluster
+
+    cluster = load_cluster(cluster_path)
+    for region in cluster.regions.values():
+        for url in (*region.gateways, region.control):
+            if not url.startswith("http://"):
+                fail(f"{cluster_path}: region {region.name}: {url}: the edge speaks plain "
+                     "http:// to gateways and control APIs", 2)
+    config = EdgeConfig(health=HealthConfig(interval_s, timeout_s, fall, rise_s),
+                        connect_timeout_s=connect_timeout_s, retry_ratio=retry_ratio,
+                        grace_s=grace_s)
+
+    def ready(_edge: Any, bound: tuple[str, int]) -> None:
+        names = ", ".join(cluster.names)
+        click.echo(f"nimbus edge: serving http://{bound[0]}:{bound[1]} "
+                   f"(regions {names}; health at /_nimbus/regions)")
+        sys.stdout.flush()
+
+    try:
+        run(cluster, host, port, config, ready)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)

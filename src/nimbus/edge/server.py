@@ -1,0 +1,696 @@
+"""The edge's HTTP front: clients in, gateways of several regions out.
+
+Per request: find the app (Host or route), order its regions by policy and
+health, send it to the least-in-flight up gateway of the first region over a
+kept-alive connection, and stream the answer back with ``X-Nimbus-Region``.
+When the region fails before the response head (refused, reset, the gateway
+went down while we waited, a 502/503 the gateway itself made) the request
+goes to the next region if it may run twice (idempotent, and its body is
+held for replay) and the retry budget allows; otherwise the client gets 502
+``RegionFailed`` naming the region. A request that never reached a gateway
+(connect refused or timed out) may always go on: it did not run.
+
+Raw asyncio protocols and httptools on both sides; uvloop when present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import httptools
+import orjson
+
+from nimbus.edge.apps import AppRefresher, AppTable, ControlRegion
+from nimbus.edge.budget import RetryBudget
+from nimbus.edge.health import HealthBook, HealthConfig
+from nimbus.edge.policy import region_order
+from nimbus.edge.prober import Prober
+from nimbus.edge.types import ClusterLike
+from nimbus.edge.upstream import Pool, Upstream, UpstreamFailure
+
+log = logging.getLogger("nimbus.edge")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+# Errors a gateway makes when it, not the function, could not serve.
+GATEWAY_FAILURES = frozenset({"Unavailable", "Closed", "WorkerLost", "TooManyConnections"})
+NOT_A_HEALTH_SIGNAL = frozenset({"TooManyConnections"})  # load shedding: retry, not down
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade", b"content-length", b"expect",
+                        b"x-forwarded-for"})
+RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
+                           b"trailer", b"transfer-encoding", b"upgrade", b"content-length"})
+REGION_HEADER = b"x-nimbus-region"
+REASONS = {200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
+           304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found",
+           413: b"Payload Too Large", 429: b"Too Many Requests",
+           500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
+           504: b"Gateway Timeout"}
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    health: HealthConfig = HealthConfig()
+    connect_timeout_s: float = 0.5
+    response_timeout_s: float = 960.0     # to a response head (functions may run 15 min)
+    max_replay_bytes: int = 1 << 20       # idempotent bodies up to this are held for replay
+    body_timeout_s: float = 60.0          # a client's request body, between chunks
+    header_timeout_s: float = 10.0
+    keep_alive_s: float = 60.0
+    max_header_bytes: int = 64 * 1024
+    retry_ratio: float = 0.2
+    retry_min_per_s: float = 10.0
+    apps_interval_s: float = 2.0
+    grace_s: float = 10.0
+
+
+class ClientGone(Exception):
+    pass
+
+
+class RequestBody:
+    """A request body as it arrives: a queue with back-pressure on the client."""
+
+    HIGH = 256 * 1024
+
+    def __init__(self, conn: ClientConn) -> None:
+        self.conn = conn
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.finished = False
+        self.failed = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > self.HIGH:
+            self.conn.pause_reading()
+        self._wake()
+
+    def finish(self) -> None:
+        self.finished = True
+        self._wake()
+
+    def fail(self) -> None:
+        self.failed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def read(self, timeout_s: float) -> bytes | None:
+        """The next chunk, or None at the end."""
+        while not self.chunks:
+            if self.failed:
+                raise ClientGone()
+            if self.finished:
+                return None
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self.waiter, timeout_s)
+            except TimeoutError:
+                raise ClientGone() from None
+        chunk = self.chunks.popleft()
+        self.size -= len(chunk)
+        if self.size <= self.HIGH:
+            self.conn.resume_reading()
+        return chunk
+
+    async def read_all(self, timeout_s: float) -> bytes:
+        parts = []
+        while (chunk := await self.read(timeout_s)) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class Request:
+    __slots__ = ("method", "url", "headers", "keep_alive", "body", "has_body", "chunked",
+                 "length", "host", "version")
+
+    def __init__(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
+                 keep_alive: bool, body: RequestBody, version: str) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.body = body
+        self.version = version
+        self.host: bytes | None = None
+        self.length: int | None = None
+        self.chunked = False
+        for n, v in headers:
+            if n == b"host":
+                self.host = v.split(b":", 1)[0].lower() if not v.startswith(b"[") else v
+            elif n == b"content-length":
+                self.length = int(v)
+            elif n == b"transfer-encoding" and b"chunked" in v.lower():
+                self.chunked = True
+        self.has_body = self.chunked or bool(self.length)
+
+
+class ClientConn(asyncio.Protocol):
+    """One client connection: requests parsed in order, answered in order."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+        self.loop = edge.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = "-"
+        self.pipeline: deque[Request] = deque()
+        self.parsing: Request | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.reading_paused = False
+        self.upstream: Upstream | None = None   # the exchange streaming to us now
+        self._write_ready: asyncio.Future[None] | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self.busy = False
+
+    # -- asyncio.Protocol ------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else "-"
+        self.edge.connections.add(self)
+        self._arm(self.edge.config.header_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(501, "NotImplemented", "protocol upgrades are not supported")
+        except (httptools.HttpParserError, ValueError) as exc:
+            self._reject(400, "BadRequest", f"malformed request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.edge.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.parsing is not None:
+            self.parsing.body.fail()
+        for req in self.pipeline:
+            req.body.fail()
+        if self.upstream is not None:
+            self.upstream.fail(UpstreamFailure("client left", sent=True, passive=False))
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+        if self.task is not None and not self.busy:
+            self.task.cancel()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+        if self._write_ready is None or self._write_ready.done():
+            self._write_ready = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+
+    async def drain(self) -> None:
+        if self._write_ready is not None and not self._write_ready.done():
+            await self._write_ready
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # -- timers ------------------------------------------------------------
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.busy and not self.pipeline and self.transport is not None:
+            self.transport.close()
+
+    # -- httptools callbacks -------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        if not self.busy:
+            self._arm(self.edge.config.header_timeout_s)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > self.edge.config.max_header_bytes:
+            raise ValueError("request head over the limit")
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        p = self.parser
+        req = Request(p.get_method(), self._url, self._headers, p.should_keep_alive(),
+                      RequestBody(self), p.get_http_version())
+        if req.has_body and any(n == b"expect" and v.lower() == b"100-continue"
+                                for n, v in req.headers):
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.parsing = req
+        self.pipeline.append(req)
+        if len(self.pipeline) > 8:
+            self.pause_reading()
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing is not None:
+            self.parsing.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.parsing is not None:
+            self.parsing.body.finish()
+            self.parsing = None
+
+    # -- serving ---------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    async def _serve(self) -> None:
+        try:
+            while self.pipeline and not self.closed:
+                req = self.pipeline[0]
+                self.busy = True
+                try:
+                    keep = await self.edge.handle(self, req)
+                except ClientGone:
+                    keep = False
+                self.busy = False
+                self.pipeline.popleft()
+                if not req.body.finished:  # its body was not all read: cannot go on
+                    keep = False
+                self.resume_reading()
+                if not keep or not req.keep_alive or self.edge.draining:
+                    self.close()
+                    return
+            if not self.closed:
+                self._arm(self.edge.config.keep_alive_s)
+        except Exception:  # noqa: BLE001 - a bug of ours: end this connection, not the edge
+            log.exception("edge: request from %s failed", self.peer)
+            self.abort()
+        finally:
+            self.busy = False
+            self.task = None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+            self.closed = True
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    def _reject(self, status: int, error_type: str, message: str) -> None:
+        if self.busy or self.pipeline:  # mid-exchange: nothing sane to say
+            self.abort()
+            return
+        self.write(json_response(status, {"errorType": error_type, "errorMessage": message},
+                                 b"edge", keep_alive=False))
+        self.close()
+
+
+def json_response(status: int, body: Any, region: bytes, keep_alive: bool,
+                  head_only: bool = False) -> bytes:
+    data = orjson.dumps(body)
+    head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"x-nimbus-region: %s\r\n%s\r\n") % (
+        status, REASONS.get(status, b"Status"), len(data), region,
+        b"" if keep_alive else b"connection: close\r\n")
+    return head if head_only else head + data
+
+
+def gateway_failure(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> str | None:
+    """The errorType of a 502/503 the gateway itself made (it could not
+    serve), or None for anything else (a function's own answer included)."""
+    if status not in (502, 503):
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not set(data) <= {"errorType", "errorMessage", "requestId"}:
+        return None
+    kind = data.get("errorType")
+    return kind if isinstance(kind, str) and kind in GATEWAY_FAILURES else None
+
+
+def _may_be_gateway_error(up: Upstream) -> bool:
+    if up.status not in (502, 503):
+        return False
+    for n, v in up.headers:
+        if n == b"content-length":
+            return v.isdigit() and int(v) <= 4096
+    return False
+
+
+class Edge:
+    def __init__(self, cluster: ClusterLike, config: EdgeConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.cluster = cluster
+        self.config = config or EdgeConfig()
+        self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time
+        self.book = HealthBook(cluster, self.config.health, self.clock())
+        self.book.on_down.append(self._gateway_down)
+        self.order = tuple(cluster.regions)
+        self.region_bytes = {name: name.encode() for name in self.order}
+        self.gateway_region = {gw: name for name, r in cluster.regions.items()
+                               for gw in r.gateways}
+        self.pools = {gw: Pool(gw, self.config.connect_timeout_s) for gw in self.gateway_region}
+        self.budget = RetryBudget(self.config.retry_ratio, self.config.retry_min_per_s)
+        self.apps = AppTable()
+        self.rng = rng or random.Random()
+        self.connections: set[ClientConn] = set()
+        self.draining = False
+        self.started = time.time()
+        self.stats = {"requests": 0, "retries": 0, "region_failed": 0, "budget_denied": 0}
+        self.prober = Prober(cluster, self.book, self.config.health, clock=self.clock)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.server: asyncio.Server | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._tasks.append(self.loop.create_task(self.prober.run()))
+        regions: Mapping[str, ControlRegion] = self.cluster.regions  # type: ignore[assignment]
+        if all(hasattr(r, "control") for r in regions.values()):
+            refresher = AppRefresher(regions, self.apps, self.config.apps_interval_s)
+            self.refresher: AppRefresher | None = refresher
+            self._tasks.append(self.loop.create_task(refresher.run()))
+        else:
+            self.refresher = None
+        self.server = await self.loop.create_server(lambda: ClientConn(self), host, port,
+                                                    reuse_address=True, backlog=1024)
+        sock = self.server.sockets[0].getsockname()
+        return sock[0], sock[1]
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking connections, let requests in flight finish (up to
+        ``grace_s``), then close everything."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.connections):
+            if not c.busy and not c.pipeline:
+                c.close()
+        deadline = self.loop.time() + grace_s
+        while any(c.busy or c.pipeline for c in self.connections) \
+                and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for c in list(self.connections):
+            c.abort()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pool in self.pools.values():
+            pool.close()
+
+    def _gateway_down(self, gateway: str) -> None:
+        pool = self.pools.get(gateway)
+        if pool is not None:
+            n = pool.abort_waiting(f"gateway {gateway} went down before answering")
+            if n:
+                log.info("edge: %d requests in flight to %s moved on", n, gateway)
+
+    # -- the request path ----------------------------------------------------------
+    async def handle(self, conn: ClientConn, req: Request) -> bool:
+        """Answer one request; False when the client connection must end."""
+        url = req.url
+        if url.startswith(b"/_nimbus/"):
+            return await self._own(conn, req)
+        now = self.clock()
+        self.stats["requests"] += 1
+        self.budget.record_request(now)
+        path = url.split(b"?", 1)[0].decode("latin-1")
+        app = self.apps.lookup(req.host, req.method.decode("latin-1"), path)
+        order = region_order(app.spec if app is not None else None, self.order,
+                             self.book.up_regions(now), self.book.latencies(), self.rng)
+        idempotent = req.method in IDEMPOTENT or any(n == b"idempotency-key"
+                                                     for n, _ in req.headers)
+        body: bytes | None = None
+        if not req.has_body:
+            body = b""
+        elif idempotent and req.length is not None \
+                and req.length <= self.config.max_replay_bytes:
+            body = await req.body.read_all(self.config.body_timeout_s)
+        head = self._request_head(req, conn.peer, body)
+        failed: list[tuple[str, str]] = []
+        for region in order:
+            if failed:
+                if not self.budget.try_spend(self.clock()):
+                    self.stats["budget_denied"] += 1
+                    break
+                self.stats["retries"] += 1
+            gateway = self.book.pick_gateway(region, now) or self.book.any_gateway(region, now)
+            if gateway is None:
+                continue
+            try:
+                return await self._attempt(conn, req, region, gateway, head, body, failed)
+            except UpstreamFailure as f:
+                if conn.closed:
+                    raise ClientGone() from None
+                failed.append((region, f.reason))
+                if f.passive:
+                    self.book.passive_failure(gateway, f.reason, self.clock())
+                if f.sent and body is None:
+                    break  # it may have run, and its body is gone: never a second run
+        self.stats["region_failed"] += 1
+        region, reason = failed[-1] if failed else (order[0] if order else "-", "no gateway")
+        conn.write(json_response(502, {
+            "errorType": "RegionFailed",
+            "errorMessage": f"region {region} failed: {reason}",
+            "region": region,
+            "tried": [r for r, _ in failed],
+        }, region.encode(), req.keep_alive, head_only=req.method == b"HEAD"))
+        # when the rest of the body was not read, the connection ends
+        return req.body.finished or body is not None
+
+    def _request_head(self, req: Request, peer: str, body: bytes | None) -> bytes:
+        parts = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
+        xff = None
+        for n, v in req.headers:
+            if n in HOP_BY_HOP:
+                if n == b"x-forwarded-for":
+                    xff = v
+                continue
+            parts += (n, b": ", v, b"\r\n")
+        peer_b = peer.encode()
+        parts += (b"x-forwarded-for: ", xff + b", " + peer_b if xff else peer_b, b"\r\n")
+        if body is not None:
+            if body or req.method not in (b"GET", b"HEAD"):
+                parts.append(b"content-length: %d\r\n" % len(body))
+        elif req.length is not None:
+            parts.append(b"content-length: %d\r\n" % req.length)
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def _attempt(self, conn: ClientConn, req: Request, region: str, gateway: str,
+                       head: bytes, body: bytes | None,
+                       failed: list[tuple[str, str]]) -> bool:
+        pool = self.pools[gateway]
+        was_up = self.book.gateway_up(gateway, 0.0)
+        up = await pool.acquire()
+        self.book.begin(gateway)
+        committed = False
+        try:
+            up.start(head_request=req.method == b"HEAD")
+            if body is not None:
+                up.write(head + body if len(body) < 65536 else head)
+                if len(body) >= 65536:
+                    up.write(body)
+            else:
+                up.write(head)
+                await self._stream_body(req, up)
+            timeout = self.config.response_timeout_s if was_up else \
+                3 * self.config.health.timeout_s
+            if not up.head.done():
+                timer = self.loop.call_later(timeout, up.fail, UpstreamFailure(
+                    f"no response head within {timeout:g} s", sent=True, passive=not was_up))
+                try:
+                    await up.head
+                finally:
+                    timer.cancel()
+            if _may_be_gateway_error(up):
+                await asyncio.wait_for(asyncio.shield(up.done), self.config.health.timeout_s)
+                kind = gateway_failure(up.status, up.headers, b"".join(up.chunks))
+                if kind is not None:
+                    if kind not in NOT_A_HEALTH_SIGNAL:
+                        self.book.gateway_error(gateway, f"{up.status} {kind}", self.clock())
+                    raise UpstreamFailure(f"gateway answered {up.status} {kind}", sent=True,
+                                          passive=False)
+            committed = True
+            await self._respond(conn, req, region, up, failed)
+            return True
+        except TimeoutError:
+            raise UpstreamFailure("gateway error answer incomplete", sent=True,
+                                  passive=False) from None
+        except UpstreamFailure:
+            if committed:  # the answer had begun: nothing to retry, the client sees it cut
+                conn.abort()
+                raise ClientGone() from None
+            raise
+        finally:
+            self.book.end(gateway)
+            conn.upstream = None
+            if up.complete and not up.closed:
+                pool.release(up)
+            else:
+                up.close(abort=True)
+
+    async def _stream_body(self, req: Request, up: Upstream) -> None:
+        chunked = req.length is None
+        timeout = self.config.body_timeout_s
+        while True:
+            if up.closed:
+                raise UpstreamFailure(f"gateway {up.pool.url} closed while the request "
+                                      "body was sent", sent=True, passive=True)
+            chunk = await req.body.read(timeout)
+            if chunk is None:
+                if chunked:
+                    up.write(b"0\r\n\r\n")
+                return
+            if chunked:
+                up.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            else:
+                up.write(chunk)
+            await up.drain()
+            if up.head.done():  # answered before the whole body (e.g. 413): stop sending
+                up.dirty = True
+                return
+
+    async def _respond(self, conn: ClientConn, req: Request, region: str, up: Upstream,
+                       failed: list[tuple[str, str]]) -> None:
+        status = up.status
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Status"))]
+        length: bytes | None = None
+        for n, v in up.headers:
+            if n in RESPONSE_DROP:
+                if n == b"content-length":
+                    length = v
+                continue
+            parts += (n, b": ", v, b"\r\n")
+        parts += (b"x-nimbus-region: ", self.region_bytes[region], b"\r\n")
+        if failed:
+            parts += (b"x-nimbus-retried-from: ",
+                      ",".join(r for r, _ in failed).encode(), b"\r\n")
+        no_body = req.method == b"HEAD" or status in (204, 304)
+        chunked = False
+        if length is not None:
+            parts += (b"content-length: ", length, b"\r\n")
+        elif not no_body:
+            chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        keep = req.keep_alive and not self.draining
+        if not keep:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        # a complete small answer: one write
+        if up.complete and not chunked:
+            parts += up.chunks
+            up.chunks = []
+            conn.write(b"".join(parts))
+            return
+        conn.write(b"".join(parts))
+        transport = conn.transport
+        if transport is None or conn.closed:
+            raise ClientGone()
+        write = transport.write
+        if chunked:
+            def sink(data: bytes) -> None:
+                if data:
+                    write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            sink = write
+        conn.upstream = up
+        up.commit(sink)
+        if conn.closed:
+            raise ClientGone()
+        await up.done
+        if chunked:
+            write(b"0\r\n\r\n")
+        await conn.drain()
+
+    async def _own(self, conn: ClientConn, req: Request) -> bool:
+        path = req.url.split(b"?", 1)[0]
+        now = self.clock()
+        await req.body.read_all(self.config.body_timeout_s)
+        if path == b"/_nimbus/health":
+            up = sorted(self.book.up_regions(now))
+            status = 503 if self.draining else 200
+            body: Any = {"status": "draining" if self.draining else "ok", "regions_up": up}
+        elif path == b"/_nimbus/regions":
+            status = 200
+            body = self.book.snapshot(now)
+            body.update(order=list(self.order), stats=self.stats,
+                        budget_denied=self.budget.denied,
+                        apps={a.name: (None if a.spec is None else {
+                            "names": a.spec.names, "policy": a.spec.policy,
+                            "weights": a.spec.weights}) for a in self.apps.by_name.values()},
+                        apps_from=self.refresher.loaded_from if self.refresher else None)
+        else:
+            status = 404
+            body = {"errorType": "NotFound",
+                    "errorMessage": f"{path.decode('latin-1')} is reserved for nimbus"}
+        conn.write(json_response(status, body, b"edge", req.keep_alive,
+                                 head_only=req.method == b"HEAD"))
+        return True
+
+
+async def serve(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
+                ready: Any = None) -> None:
+    """Run an edge until SIGTERM or SIGINT, then drain for ``config.grace_s``."""
+    edge = Edge(cluster, config)
+    bound = await edge.start(host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(edge, bound)
+    await stop.wait()
+    await edge.stop(config.grace_s)
+
+
+def run(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
+        ready: Any = None) -> None:
+    try:
+        import uvloop
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(cluster, host, port, config, ready))

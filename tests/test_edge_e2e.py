@@ -1,0 +1,354 @@
+"""The edge in front of two real regions (``nimbus up --region eu|us`` on
+127.0.0.2 and 127.0.0.3): failover order, weights, bodies, async
+invocations, and a region that hangs, dies and comes back under load."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.multiregion import RegionProc, regions, write_cluster_file
+
+pytestmark = pytest.mark.e2e
+
+RISE_S = 2.0
+
+APP = """\
+runtime: python3.8
+handlers:
+  - {function: hello, handler: shop.hello, event: http, method: get, path: /hello}
+  - {function: run, handler: shop.run, event: http, method: post, path: /run}
+  - {function: echo, handler: shop.echo, event: http, method: put, path: /echo}
+  - {function: big, handler: shop.big, event: http, method: get, path: /big}
+"""
+CODE = """\
+import hashlib, os, time, base64
+RUNS = {runs!r}
+
+def _qs(event):
+    return event.get("queryStringParameters") or {{}}
+
+def hello(event, context):
+    time.sleep(float(_qs(event).get("sleep", 0)))
+    return {{"region": os.environ["AWS_REGION"]}}
+
+def run(event, context):
+    with open(RUNS, "a") as f:
+        f.write(os.environ["AWS_REGION"] + " " + (event.get("body") or "") + "\\n")
+    time.sleep(float(_qs(event).get("sleep", 0)))
+    return {{"ran": os.environ["AWS_REGION"]}}
+
+def echo(event, context):
+    body = event.get("body") or ""
+    data = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode()
+    return {{"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+
+def big(event, context):
+    n = int(_qs(event).get("n", 0))
+    return {{"statusCode": 200, "headers": {{"content-type": "text/plain"}},
+            "body": "x" * n}}
+"""
+WEIGHTED_APP = """\
+runtime: python3.8
+regions: {policy: weighted, weights: {eu: 80, us: 20}}
+handlers:
+  - {function: w, handler: split.w, event: http, method: get, path: /w}
+"""
+WEIGHTED_CODE = """\
+def w(event, context):
+    return {"ok": True}
+"""
+
+
+class Edge:
+    def __init__(self, cluster: Path, log: Path) -> None:
+        self._out = open(log, "wb")  # noqa: SIM115
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nimbus", "edge", "--cluster", str(cluster),
+             "--port", "0", "--rise", str(RISE_S), "--grace", "2"],
+            stdout=self._out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while b"serving http://" not in log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"nimbus edge did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+        line = log.read_bytes().split(b"serving ", 1)[1].split()[0]
+        self.url = line.decode()
+
+    def regions(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(self.url + "/_nimbus/regions", timeout=5).json()
+        return data
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._out.close()
+        return self.proc.returncode
+
+
+def wait_for(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("edge")
+    runs = root / "runs.txt"
+    runs.touch()
+    runs.chmod(0o666)
+    app = root / "shop"
+    app.mkdir()
+    (app / "app.yaml").write_text(APP)
+    (app / "shop.py").write_text(CODE.format(runs=str(runs)))
+    weighted = root / "split"
+    weighted.mkdir()
+    (weighted / "app.yaml").write_text(WEIGHTED_APP)
+    (weighted / "split.py").write_text(WEIGHTED_CODE)
+    with regions(root, app) as (eu, us):
+        for r in (eu, us):
+            out = r.cli("deploy", str(weighted))
+            assert out.returncode == 0, out.stderr
+        cluster = write_cluster_file(root, [eu, us])
+        edge = Edge(cluster.path, root / "edge.out")
+        try:
+            wait_for(lambda: all(r["up"] for r in edge.regions()["regions"].values()), 10,
+                     "both regions up")
+            wait_for(lambda: "split" in edge.regions()["apps"], 10, "the apps table")
+            yield {"eu": eu, "us": us, "edge": edge, "runs": runs, "root": root}
+        finally:
+            edge.stop()
+
+
+def region_of(r: httpx.Response) -> str:
+    return r.headers["x-nimbus-region"]
+
+
+def test_failover_sends_everything_to_the_first_region_with_keep_alive(
+        world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    with httpx.Client(base_url=edge.url, timeout=10) as c:
+        seen = Counter()
+        for _ in range(50):
+            r = c.get("/hello")
+            assert r.status_code == 200, r.text
+            assert r.json() == {"region": "eu"}
+            seen[region_of(r)] += 1
+        assert seen == {"eu": 50}
+        health = c.get("/_nimbus/health")
+        assert health.status_code == 200 and health.json()["regions_up"] == ["eu", "us"]
+    snap = edge.regions()["regions"]
+    assert snap["eu"]["gateways"][0]["requests"] >= 50
+    assert snap["us"]["gateways"][0]["requests"] == 0
+
+
+def test_weighted_splits_requests_by_weight(world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        with httpx.Client(base_url=edge.url, timeout=10) as c:
+            for _ in range(n):
+                r = c.get("/w")
+                assert r.status_code == 200, r.text
+                with lock:
+                    counts[region_of(r)] += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(worker, [250] * 8))
+    assert sum(counts.values()) == 2000
+    assert 0.75 <= counts["eu"] / 2000 <= 0.85, counts
+
+
+def test_large_bodies_stream_both_ways(world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    data = os.urandom(3 * 1024 * 1024)
+    with httpx.Client(base_url=edge.url, timeout=30) as c:
+        r = c.put("/echo", content=data)          # content-length, replayable size limit passed
+        assert r.status_code == 200, r.text
+        assert r.json() == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(0, len(data), 100_000):
+                yield data[i:i + 100_000]
+
+        r = c.put("/echo", content=chunks())      # chunked request body
+        assert r.status_code == 200, r.text
+        assert r.json()["sha256"] == hashlib.sha256(data).hexdigest()
+        n = 5 * 1024 * 1024
+        with c.stream("GET", f"/big?n={n}") as resp:
+            assert resp.status_code == 200 and region_of(resp) == "eu"
+            got = sum(len(b) for b in resp.iter_bytes())
+        assert got == n
+        assert c.get("/hello").json() == {"region": "eu"}   # the connection goes on
+
+
+def test_async_event_with_idempotency_key_passes_through(world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    headers = {"x-nimbus-invocation-type": "Event", "idempotency-key": "edge-evt-1"}
+    with httpx.Client(base_url=edge.url, timeout=10) as c:
+        first = c.post("/run", content=b"evt", headers=headers)
+        assert first.status_code == 202, first.text
+        again = c.post("/run", content=b"evt", headers=headers)
+        assert again.status_code == 202
+    assert again.json()["invocationId"] == first.json()["invocationId"]
+    assert again.json()["duplicate"] is True and region_of(first) == "eu"
+    runs: Path = world["runs"]
+    wait_for(lambda: "eu evt" in runs.read_text(), 20, "the async run")
+    time.sleep(0.5)
+    assert runs.read_text().count(" evt\n") == 1
+
+
+class Load:
+    """A steady load of GETs through the edge from a few threads."""
+
+    def __init__(self, url: str, path: str = "/hello", threads: int = 4) -> None:
+        self.url = url
+        self.path = path
+        self.stop_flag = threading.Event()
+        self.results: list[tuple[float, float, int, str]] = []  # start, end, status, region
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as c:
+            while not self.stop_flag.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = c.get(self.path)
+                    self.results.append((t0, time.monotonic(), r.status_code,
+                                         r.headers.get("x-nimbus-region", "?")))
+                    if r.status_code != 200:
+                        self.errors.append(f"{r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    self.errors.append(repr(exc))
+                time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(15)
+
+
+def down_within(edge: Edge, region: str, since: float, limit: float) -> float:
+    while True:
+        if not edge.regions()["regions"][region]["up"]:
+            return time.monotonic() - since
+        if time.monotonic() - since > limit:
+            raise AssertionError(f"{region} still up {limit} s after its failure")
+        time.sleep(0.02)
+
+
+def comes_back(edge: Edge, load: Load, region: str, since: float) -> float:
+    """Seconds from `since` to the first response served by `region`."""
+    wait_for(lambda: any(r[3] == region and r[0] > since for r in load.results),
+             RISE_S + 10, f"{region} to take traffic again")
+    return min(r[0] for r in load.results if r[3] == region and r[0] > since) - since
+
+
+def test_hung_region_is_routed_away_and_in_flight_gets_retried(world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    eu: RegionProc = world["eu"]
+    slow: list[httpx.Response] = []
+
+    def slow_get() -> None:
+        slow.append(httpx.get(edge.url + "/hello?sleep=0.3", timeout=15))
+
+    load = Load(edge.url)
+    try:
+        time.sleep(0.5)
+        slow_threads = [threading.Thread(target=slow_get) for _ in range(3)]
+        for t in slow_threads:
+            t.start()
+        time.sleep(0.1)            # in flight in eu
+        eu.pause()
+        hung = time.monotonic()
+        try:
+            took = down_within(edge, "eu", hung, 3.0)
+            assert took <= 1.0 + 0.5, f"hang detected after {took:.2f} s"
+            time.sleep(1.0)
+            for t in slow_threads:
+                t.join(15)
+        finally:
+            eu.resume()
+        resumed = time.monotonic()
+        back = comes_back(edge, load, "eu", resumed)
+    finally:
+        load.stop()
+    assert not load.errors, load.errors[:5]
+    assert len(slow) == 3 and all(r.status_code == 200 for r in slow), [r.text for r in slow]
+    # the slow ones were sent to eu, then answered by us
+    assert {region_of(r) for r in slow} == {"us"}
+    assert {r.headers.get("x-nimbus-retried-from") for r in slow} == {"eu"}
+    # no request started a second after the hang went to eu until it returned
+    late = [r for r in load.results if hung + 1.0 < r[0] < resumed]
+    assert late and all(r[3] == "us" for r in late)
+    # and it returned only after the rise time (hysteresis)
+    assert back >= RISE_S - 0.3, f"eu took traffic back {back:.2f} s after resuming"
+
+
+def test_killed_region_fails_over_with_no_failed_request_and_post_is_not_rerun(
+        world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    eu: RegionProc = world["eu"]
+    runs: Path = world["runs"]
+    wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up again")
+    post: list[httpx.Response] = []
+
+    def slow_post() -> None:
+        post.append(httpx.post(edge.url + "/run?sleep=2", content=b"kill-me", timeout=15))
+
+    load = Load(edge.url)
+    try:
+        time.sleep(0.5)
+        t = threading.Thread(target=slow_post)
+        t.start()
+        wait_for(lambda: "eu kill-me" in runs.read_text(), 10, "the POST to start in eu")
+        eu.kill()
+        killed = time.monotonic()
+        took = down_within(edge, "eu", killed, 3.0)
+        t.join(15)
+        time.sleep(1.5)
+        eu.start()
+        restarted = time.monotonic()
+        back = comes_back(edge, load, "eu", restarted)
+    finally:
+        load.stop()
+    assert took <= 1.0, f"death detected after {took:.2f} s"
+    assert not load.errors, load.errors[:5]
+    late = [r for r in load.results if killed + 1.0 < r[0] < restarted]
+    assert late and all(r[3] == "us" for r in late)
+    assert back >= RISE_S - 0.3
+    assert len(post) == 1 and post[0].status_code == 502, post[0].text
+    body = post[0].json()
+    assert body["errorType"] == "RegionFailed" and body["region"] == "eu"
+    assert "region eu failed" in body["errorMessage"]
+    assert runs.read_text().count("kill-me") == 1      # never run a second time
+    assert orjson.loads(httpx.get(edge.url + "/_nimbus/health").content)["status"] == "ok"
