@@ -71,6 +71,13 @@ def test_schedule_spaces_events_and_leaves_the_region_time_to_recover() -> None:
     assert [(e.at_s, e.kind) for e in one] == [(2.0, "region")]
 
 
+def test_default_concurrency_covers_one_deadline() -> None:
+    assert plan.default_concurrency(200, 5.0) == 1000
+    assert plan.default_concurrency(40, 2.0) == 80
+    assert plan.default_concurrency(1, 1.0) == 16
+    assert plan.default_concurrency(5000, 5.0) == 1000
+
+
 def test_request_count() -> None:
     assert plan.request_times(200, 120) == 24_000
     assert plan.request_times(0.1, 1) == 1
@@ -147,12 +154,13 @@ def test_report_goals_and_exit_status() -> None:
     r = report(load)
     assert load.success_ratio == pytest.approx(0.99)
     assert r.goals() == [] and r.exit_code == 0
-    load.not_sent("not_sent_concurrency_cap")  # a request not sent counts against
+    load.not_sent("not_sent_concurrency_cap", 2.5)  # a request not sent counts against
     assert r.exit_code == 1 and "below the goal" in r.goals()[0]
     d = r.to_dict()
     assert d["requests"]["failed_by_cause"] == {"not_sent_concurrency_cap": 1, "timeout": 1}
     assert d["requests"]["by_region"] == {"eu": 50, "us": 49}
     assert d["requests"]["scheduled"] == 101 and d["requests"]["sent"] == 100
+    assert d["requests"]["failed_per_second"] == {"1": 1, "2": 1}
     assert d["exit_code"] == 1
 
 
@@ -170,7 +178,7 @@ def test_render_names_every_event_and_the_result() -> None:
     load.record(0.0, 0.001, 200, "eu")
     load.record(0.0, 0.001, 502, None)
     text = report(load, lost=1).render()
-    assert "failed by cause  http_502 1" in text
+    assert "failed by cause  http_502 1" in text and "failed when      0s-1s 1" in text
     assert "skipped: no separate worker" in text
     assert "0.31s" in text and "4.20s" in text and "back as pid 9" in text
     assert "1 lost" in text and "GOALS MISSED" in text

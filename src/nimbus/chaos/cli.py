@@ -31,8 +31,9 @@ from nimbus.errors import UserInputError
               type=click.FloatRange(0, 1), help="Exit 1 when fewer requests succeed.")
 @click.option("--events", default=",".join(plan.EVENT_KINDS), show_default=True,
               help="What to kill, in this order, spaced over the run.")
-@click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1, 4096),
-              help="Requests in flight at most; past it a request is counted as not sent.")
+@click.option("--concurrency", default=None, type=click.IntRange(1, 4096),
+              help="Requests in flight at most; past it a request is counted as not sent "
+                   "[rate x timeout, 16 to 1000].")
 @click.option("--timeout", "timeout", default="5s", show_default=True,
               help="Deadline of every request.")
 @click.option("--async-rate", default=2.0, show_default=True, type=click.FloatRange(0, 1000),
@@ -40,7 +41,7 @@ from nimbus.errors import UserInputError
                    "checked at the end in the region that accepted it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def chaos(cluster_file: Path, app: str, edge: str, duration: str, rate: float,
-          path: str | None, min_success: float, events: str, concurrency: int,
+          path: str | None, min_success: float, events: str, concurrency: int | None,
           timeout: str, async_rate: float, as_json: bool) -> None:
     """Kill an instance, a worker, a gateway, the controller leader and a whole
     region in turn under steady load through the edge, bring each back, and

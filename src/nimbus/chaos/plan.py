@@ -8,6 +8,7 @@ recovered from before the next one starts.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -94,3 +95,9 @@ def schedule(kinds: tuple[str, ...], duration_s: float) -> list[PlannedEvent]:
 def request_times(rate: float, duration_s: float) -> int:
     """How many requests an open-loop run at ``rate`` per second sends."""
     return max(1, int(rate * duration_s))
+
+
+def default_concurrency(rate: float, timeout_s: float) -> int:
+    """Requests in flight at most when not given: what ``rate`` puts in
+    flight within one deadline, from 16 to 1000."""
+    return max(16, min(1000, math.ceil(rate * timeout_s)))

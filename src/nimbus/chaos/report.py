@@ -47,12 +47,15 @@ class LoadStats:
     latencies_s: list[float] = field(default_factory=list)
     # (sent at, answered at, region) of every success, for detection times
     served: list[tuple[float, float, str]] = field(default_factory=list)
+    # failures per whole second of the run (when the request was due)
+    failed_at: collections.Counter[int] = field(default_factory=collections.Counter)
 
-    def not_sent(self, cause: str) -> None:
+    def not_sent(self, cause: str, at: float = 0.0) -> None:
         """A request the run meant to send but could not (e.g. the
         concurrency cap was full): a failure, so a hang cannot hide."""
         self.scheduled += 1
         self.failed[cause] += 1
+        self.failed_at[int(at)] += 1
 
     def record(self, sent_at: float, done_at: float, status: int | None,
                region: str | None, error: str | None = None) -> None:
@@ -61,6 +64,7 @@ class LoadStats:
         cause = failure_cause(status, error)
         if cause is not None:
             self.failed[cause] += 1
+            self.failed_at[int(sent_at)] += 1
             return
         self.succeeded += 1
         self.latencies_s.append(done_at - sent_at)
@@ -193,6 +197,8 @@ class Report:
                          "succeeded": ld.succeeded,
                          "failed": sum(ld.failed.values()),
                          "failed_by_cause": dict(sorted(ld.failed.items())),
+                         "failed_per_second": {str(k): v for k, v in
+                                               sorted(ld.failed_at.items())},
                          "success_ratio": ld.success_ratio,
                          "by_region": dict(sorted(ld.by_region.items())),
                          "latency_p50_ms": _ms(percentile(ld.latencies_s, 50)),
@@ -216,6 +222,8 @@ class Report:
         if ld.failed:
             lines.append("failed by cause  " + ", ".join(
                 f"{c} {n}" for c, n in sorted(ld.failed.items())))
+            lines.append("failed when      " + ", ".join(
+                f"{t}s-{t + 1}s {n}" for t, n in sorted(ld.failed_at.items())[:20]))
         if ld.by_region:
             lines.append("served by  " + ", ".join(
                 f"{r} {n}" for r, n in sorted(ld.by_region.items())))

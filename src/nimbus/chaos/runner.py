@@ -44,7 +44,7 @@ class ChaosOptions:
     path: str | None = None
     min_success: float = 0.9999
     events: tuple[str, ...] = plan.EVENT_KINDS
-    concurrency: int = 64
+    concurrency: int | None = None  # default: rate x timeout (at most 1000)
     timeout_s: float = 5.0
     async_rate: float = 2.0
     recover_timeout_s: float = 60.0
@@ -102,12 +102,21 @@ class Chaos:
         self.tasks: set[asyncio.Task[None]] = set()
         self.run_id = secrets.token_hex(4)
 
+    @property
+    def cap(self) -> int:
+        """Requests in flight at most: by default as many as the rate can put
+        in flight within one deadline (so only a request that would time out
+        anyway is not sent), at most 1000."""
+        if self.opts.concurrency is not None:
+            return self.opts.concurrency
+        return plan.default_concurrency(self.opts.rate, self.opts.timeout_s)
+
     def now(self) -> float:
         return time.monotonic() - self.t0
 
     async def run(self) -> Report:
-        limits = httpx.Limits(max_connections=self.opts.concurrency + 8,
-                              max_keepalive_connections=self.opts.concurrency + 8)
+        limits = httpx.Limits(max_connections=self.cap + 8,
+                              max_keepalive_connections=self.cap + 8)
         async with httpx.AsyncClient(limits=limits, timeout=self.opts.timeout_s) as client, \
                 httpx.AsyncClient(timeout=5.0) as admin:
             self.t0 = time.monotonic()
@@ -135,8 +144,8 @@ class Chaos:
             delay = i / self.opts.rate - self.now()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if self.inflight >= self.opts.concurrency:
-                self.load.not_sent("not_sent_concurrency_cap")
+            if self.inflight >= self.cap:
+                self.load.not_sent("not_sent_concurrency_cap", self.now())
                 continue
             self._spawn(self._get(client, url))
 
