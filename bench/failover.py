@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import statistics
 import sys
 import threading
@@ -42,6 +43,7 @@ class Load(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.rate = url, rate
         self.records: list[tuple[float, float, bool, str | None]] = []
+        self.causes: list[tuple[float, str]] = []  # (sent at, why) of each failure
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -49,8 +51,11 @@ class Load(threading.Thread):
 
     async def _main(self) -> None:
         inflight: set[asyncio.Task[None]] = set()
+        # in flight at most: what the rate puts in flight within one 5 s
+        # deadline, so only a request that would time out is not sent
+        cap = max(16, min(1000, int(self.rate * 5)))
         async with httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(
-                max_connections=128, max_keepalive_connections=128)) as client:
+                max_connections=cap, max_keepalive_connections=cap)) as client:
             t0 = time.monotonic()
             i = 0
             while not self.halt.is_set():
@@ -58,9 +63,10 @@ class Load(threading.Thread):
                 if delay > 0:
                     await asyncio.sleep(delay)
                 i += 1
-                if len(inflight) >= 128:
+                if len(inflight) >= cap:
                     now = time.monotonic()
                     self.records.append((now, now, False, None))
+                    self.causes.append((now, "not_sent_client_cap"))
                     continue
                 task = asyncio.create_task(self._one(client))
                 inflight.add(task)
@@ -73,8 +79,11 @@ class Load(threading.Thread):
         try:
             r = await client.get(self.url)
             ok, region = r.status_code == 200, r.headers.get("x-nimbus-region")
-        except httpx.HTTPError:
+            if not ok:
+                self.causes.append((sent, f"http_{r.status_code}"))
+        except httpx.HTTPError as exc:
             ok, region = False, None
+            self.causes.append((sent, type(exc).__name__))
         self.records.append((sent, time.monotonic(), ok, region))
 
     def served_by(self, region: str, since: float) -> bool:
@@ -127,9 +136,14 @@ def one_kill(regions: list[Any], edge: str, load: Load) -> dict[str, float]:
     back = wait(lambda: load.served_by("eu", restarted), 60, 0.05)
     settle = time.monotonic()
     failed = sum(1 for s, _d, ok, _r in load.records if not ok and t_kill - 1.0 <= s <= settle)
+    slow = [d - s for s, d, ok, _r in load.records if ok and t_kill <= s <= settle]
+    why = collections.Counter(c for s, c in load.causes if t_kill - 1.0 <= s <= settle)
+    if why:
+        print(f"    failures by cause: {dict(why)}", flush=True)
     return {"stopped_sending_s": last_sent - t_kill,
             "marked_down_s": float("nan") if down_at is None else down_at - t_kill,
             "failed": failed,
+            "max_latency_s": max(slow, default=float("nan")),
             "back_s": float("nan") if back is None else back - t_kill}
 
 
@@ -149,7 +163,8 @@ def main() -> None:
                 results.append(r)
                 print(f"kill {n + 1:>2}: edge stopped sending after {r['stopped_sending_s']:.3f}s,"
                       f" marked down after {r['marked_down_s']:.3f}s, {r['failed']:.0f} failed, "
-                      f"traffic back {r['back_s']:.2f}s after the kill", flush=True)
+                      f"traffic back {r['back_s']:.2f}s after the kill; slowest answer "
+                      f"{r['max_latency_s']:.3f}s", flush=True)
         finally:
             load.halt.set()
             load.join(15)
@@ -160,6 +175,7 @@ def main() -> None:
     for key, label in (("stopped_sending_s", "detection (edge stops sending)"),
                        ("marked_down_s", "edge reports the region down"),
                        ("failed", "failed requests per kill"),
+                       ("max_latency_s", "slowest answer around a kill"),
                        ("back_s", "traffic back after restart (from the kill)")):
         values = [r[key] for r in results if r[key] == r[key]]
         p50, p99 = percentile(values, 50), percentile(values, 99)
