@@ -67,16 +67,17 @@ class RegionUp:
                  "--containment", "rlimits", "--grace", "2"],
                 stdout=out, stderr=out, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
-        while True:
-            info = self.state / "control.json"
-            with contextlib.suppress(OSError, ValueError):
-                if orjson.loads(info.read_bytes())["pid"] == self.proc.pid:
-                    with contextlib.suppress(httpx.HTTPError):
-                        if httpx.get(self.gateway_url + "/hello", timeout=2).status_code == 200:
-                            return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"region {self.name} did not start; see {self.log}")
-            time.sleep(0.05)
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                info = self.state / "control.json"
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    if orjson.loads(info.read_bytes())["pid"] == self.proc.pid:
+                        with contextlib.suppress(httpx.HTTPError):
+                            if client.get(self.gateway_url + "/hello").status_code == 200:
+                                return
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"region {self.name} did not start; see {self.log}")
+                time.sleep(0.05)
 
     @property
     def token(self) -> str:
