@@ -31,6 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._edgeworld import edge_world  # noqa: E402
+from nimbus.chaos.httpclient import Client, ResponseError  # noqa: E402
 from nimbus.chaos.report import percentile  # noqa: E402
 
 POLL_S = 0.02
@@ -39,9 +40,9 @@ POLL_S = 0.02
 class Load(threading.Thread):
     """Open-loop GETs at ``rate``/s: (sent, done, ok, region) per request."""
 
-    def __init__(self, url: str, rate: float) -> None:
+    def __init__(self, base: str, path: str, rate: float) -> None:
         super().__init__(daemon=True)
-        self.url, self.rate = url, rate
+        self.base, self.path, self.rate = base, path, rate
         self.records: list[tuple[float, float, bool, str | None]] = []
         self.causes: list[tuple[float, str]] = []  # (sent at, why) of each failure
         self.halt = threading.Event()
@@ -54,36 +55,39 @@ class Load(threading.Thread):
         # in flight at most: what the rate puts in flight within one 5 s
         # deadline, so only a request that would time out is not sent
         cap = max(16, min(1000, int(self.rate * 5)))
-        async with httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(
-                max_connections=cap, max_keepalive_connections=cap)) as client:
-            t0 = time.monotonic()
-            i = 0
-            while not self.halt.is_set():
-                delay = t0 + i / self.rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                i += 1
-                if len(inflight) >= cap:
-                    now = time.monotonic()
-                    self.records.append((now, now, False, None))
-                    self.causes.append((now, "not_sent_client_cap"))
-                    continue
-                task = asyncio.create_task(self._one(client))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-            if inflight:
-                await asyncio.wait(inflight, timeout=10)
+        client = Client(self.base)
+        t0 = time.monotonic()
+        i = 0
+        while not self.halt.is_set():
+            # behind schedule the due requests go at once, yielding each time
+            await asyncio.sleep(max(0.0, t0 + i / self.rate - time.monotonic()))
+            i += 1
+            if len(inflight) >= cap:
+                now = time.monotonic()
+                self.records.append((now, now, False, None))
+                self.causes.append((now, "not_sent_client_cap"))
+                continue
+            task = asyncio.create_task(self._one(client))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+        if inflight:
+            await asyncio.wait(inflight, timeout=10)
+        client.close()
 
-    async def _one(self, client: httpx.AsyncClient) -> None:
+    async def _one(self, client: Client) -> None:
         sent = time.monotonic()
         try:
-            r = await client.get(self.url)
-            ok, region = r.status_code == 200, r.headers.get("x-nimbus-region")
+            async with asyncio.timeout(5.0):
+                r = await client.request("GET", self.path)
+            ok, region = r.status == 200, r.headers.get("x-nimbus-region")
             if not ok:
-                self.causes.append((sent, f"http_{r.status_code}"))
-        except httpx.HTTPError as exc:
+                self.causes.append((sent, f"http_{r.status}"))
+        except TimeoutError:
             ok, region = False, None
-            self.causes.append((sent, type(exc).__name__))
+            self.causes.append((sent, "timeout"))
+        except ResponseError as exc:
+            ok, region = False, None
+            self.causes.append((sent, exc.cause))
         self.records.append((sent, time.monotonic(), ok, region))
 
     def served_by(self, region: str, since: float) -> bool:
@@ -158,7 +162,7 @@ def main() -> None:
     args = ap.parse_args()
     results = []
     with edge_world() as (regions, edge):
-        load = Load(edge + "/hello", args.rate)
+        load = Load(edge, "/hello", args.rate)
         load.start()
         try:
             time.sleep(2.0)
