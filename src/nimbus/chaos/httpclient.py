@@ -20,6 +20,10 @@ class ResponseError(Exception):
         self.cause = cause
 
 
+class _StaleConnection(Exception):
+    pass
+
+
 class Answer:
     __slots__ = ("status", "headers", "body")
 
@@ -39,12 +43,14 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.keep_alive = True
         self.closed = False
+        self.got_bytes = False
 
     # asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -96,8 +102,19 @@ class Client:
 
     async def request(self, method: str, path: str,
                       headers: dict[str, str] | None = None) -> Answer:
+        """One request. A kept-alive connection the server closed just as it
+        was reused (reset before a byte of the answer) is the race every
+        HTTP client meets; as browsers do, the request is sent once more on
+        a new connection, for ``GET`` only."""
+        try:
+            return await self._request(method, path, headers, reuse=True)
+        except _StaleConnection:
+            return await self._request(method, path, headers, reuse=False)
+
+    async def _request(self, method: str, path: str, headers: dict[str, str] | None,
+                       reuse: bool) -> Answer:
         conn = None
-        while self.idle:
+        while reuse and self.idle:
             c = self.idle.pop()
             if not c.closed:
                 conn = c
@@ -112,10 +129,17 @@ class Client:
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         head = (f"{method} {path} HTTP/1.1\r\nhost: ".encode() + self.authority
                 + f"\r\ncontent-length: 0\r\n{extra}\r\n".encode())
+        reused = conn.got_bytes
+        conn.got_bytes = False
         conn.waiter = asyncio.get_running_loop().create_future()
         conn.transport.write(head)
         try:
             answer = await conn.waiter
+        except ResponseError as exc:
+            conn.close()
+            if exc.cause == "reset" and reused and not conn.got_bytes and method == "GET":
+                raise _StaleConnection from exc
+            raise
         except BaseException:
             conn.close()
             raise
