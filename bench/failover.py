@@ -32,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._edgeworld import edge_world  # noqa: E402
 from nimbus.chaos.httpclient import Client, ResponseError  # noqa: E402
-from nimbus.chaos.report import percentile  # noqa: E402
+from nimbus.chaos.report import error_type, percentile  # noqa: E402
 
 POLL_S = 0.02
 
@@ -81,7 +81,8 @@ class Load(threading.Thread):
                 r = await client.request("GET", self.path)
             ok, region = r.status == 200, r.headers.get("x-nimbus-region")
             if not ok:
-                self.causes.append((sent, f"http_{r.status}"))
+                kind = error_type(r.body)
+                self.causes.append((sent, f"http_{r.status}" + (f" {kind}" if kind else "")))
         except TimeoutError:
             ok, region = False, None
             self.causes.append((sent, "timeout"))

@@ -14,6 +14,7 @@ from nimbus.chaos.report import (
     back_up_s,
     detection_s,
     edge_view,
+    error_type,
     failure_cause,
     last_served_s,
     percentile,
@@ -88,6 +89,14 @@ def test_failure_causes() -> None:
     assert failure_cause(502) == "http_502" and failure_cause(429) == "http_429"
     assert failure_cause(None, "timeout") == "timeout"
     assert failure_cause(None) == "no_response"
+
+
+def test_error_types_name_the_cause() -> None:
+    assert error_type(b'{"errorType": "RegionFailed", "errorMessage": "eu"}') == "RegionFailed"
+    assert error_type(b'{"errorType": "Runtime.ExitError"}') == "Runtime.ExitError"
+    assert error_type(b"Bad Gateway") is None and error_type(b"{") is None
+    assert error_type(b'{"errorType": "a b\\nc"}') is None  # not a name: not printed
+    assert error_type(b'[1]') is None
 
 
 def test_percentile() -> None:

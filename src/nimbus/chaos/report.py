@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 # A poll of the edge's view: (seconds since the start, {region: routable}).
 Poll = tuple[float, dict[str, bool]]
 
@@ -24,6 +26,19 @@ def failure_cause(status: int | None, error: str | None = None) -> str | None:
     if 200 <= status < 400:
         return None
     return f"http_{status}"
+
+
+def error_type(body: bytes) -> str | None:
+    """The ``errorType`` of a nimbus error answer (``RegionFailed``,
+    ``Runtime.ExitError``, ...), or None when the body is not one."""
+    if len(body) > 4096 or not body.startswith(b"{"):
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    kind = data.get("errorType") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) and kind.replace(".", "").isalnum() else None
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:

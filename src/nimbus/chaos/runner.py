@@ -27,6 +27,7 @@ from nimbus.chaos.report import (
     back_up_s,
     detection_s,
     edge_view,
+    error_type,
     served_again_s,
 )
 from nimbus.chaos.targets import Kill, Region, Skip, plan_instance, plan_node, plan_region
@@ -164,6 +165,9 @@ class Chaos:
             async with asyncio.timeout(self.opts.timeout_s):
                 r = await client.request("GET", self.path)
             status, region = r.status, r.headers.get(REGION_HEADER)
+            if status >= 400:
+                kind = error_type(r.body)
+                error = f"http_{status}" + (f" {kind}" if kind else "")
         except TimeoutError:
             error = "timeout"
         except ResponseError as exc:
