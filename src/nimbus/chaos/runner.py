@@ -292,7 +292,10 @@ class Chaos:
             kill = plan_node(region.name, status, ev.kind)
         ev.target = kill.target
         ev.notes.extend(kill.notes)
-        before = status
+        # what "back" means, counted before the kill (a count taken after it
+        # would no longer see the killed process alive)
+        want = (max(1, _instances(status, self.functions, [])) if ev.kind == "instance"
+                else _role_count(status, ev.kind, []))
         at = self.now()
         ev.at_s = at
         ev.pids = await asyncio.to_thread(kill.execute)
@@ -319,8 +322,8 @@ class Chaos:
             return
         if kill.restart:
             ev.restarted_pids = await asyncio.to_thread(kill.bring_back)
-        back = await self._recovered(admin, region, controls, ev.kind, before, ev.pids,
-                                     deadline)
+        back = await self._recovered(admin, region, controls, ev.kind, want, ev.pids,
+                                     deadline, kill.replaced)
         ev.recovery_s = None if back is None else back - (self.t0 + at)
         ev.detection_s = detection_s(self.polls, region.name, at)
         if ev.detection_s is not None and ev.recovery_s is not None \
@@ -338,23 +341,24 @@ class Chaos:
         return True
 
     async def _recovered(self, admin: httpx.AsyncClient, region: Region, controls: list[str],
-                         kind: str, before: dict[str, Any], dead: list[int],
-                         deadline: float) -> float | None:
-        """When the region's status shows what was killed replaced."""
+                         kind: str, want: int, dead: list[int], deadline: float,
+                         local: Callable[[], bool] | None = None) -> float | None:
+        """When the region's status shows what was killed replaced: ``want``
+        instances of the app, or processes of the role, none of them dead."""
         async def check() -> bool:
+            if local is not None:
+                return await asyncio.to_thread(local)
             now = await region.any_status(admin, controls)
             if now is None:
                 return False
             if kind == "instance":
-                return _instances(now, self.functions, dead) >= max(
-                    1, _instances(before, self.functions, []))
+                return _instances(now, self.functions, dead) >= want
             if kind == "leader":
                 leader = now.get("leader")
                 return bool(leader) and any(
                     n.get("id") == leader and n.get("pid") not in dead
                     for n in now.get("nodes", []))
-            role = kind
-            return _role_count(now, role, dead) >= _role_count(before, role, [])
+            return _role_count(now, kind, dead) >= want
 
         from nimbus.chaos.targets import wait_until
 

@@ -13,7 +13,9 @@ the ports they had).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,9 @@ class Kill:
     restart: list[tuple[procs.CommandLine, Path]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
+    # when set, "back" is judged on this machine (e.g. a worker's instance
+    # processes) rather than from the region's status
+    replaced: Callable[[], bool] | None = None
 
     def execute(self) -> list[int]:
         self.pids = procs.kill_tree(self.roots)
@@ -99,8 +104,11 @@ def plan_instance(region: str, status: dict[str, Any], functions: set[str]) -> K
             kids = procs.children_map()
             grandkids = [g for z in kids.get(wpid, []) for g in kids.get(z, [])]
             if grandkids:
-                return Kill(region, f"instance pid {grandkids[0]} on worker {node.get('id')}",
-                            [grandkids[0]], notes=["the worker replaces it"])
+                victim = grandkids[0]
+                kill = Kill(region, f"instance pid {victim} on worker {node.get('id')}",
+                            [victim], notes=["the worker replaces it"])
+                kill.replaced = functools.partial(_replaced, wpid, victim, len(grandkids))
+                return kill
         raise Skip("no instance is running in the region")
     candidates = [(i.get("outstanding", 0), f["name"], i["pid"])
                   for f in status.get("functions", []) if f.get("name") in functions
@@ -110,6 +118,14 @@ def plan_instance(region: str, status: dict[str, Any], functions: set[str]) -> K
     _, fn, pid = max(candidates)
     return Kill(region, f"instance pid {pid} of {fn}", [_checked(pid, "instance")],
                 notes=["the platform replaces it"])
+
+
+def _replaced(worker: int, victim: int, want: int) -> bool:
+    """Whether ``worker`` has ``want`` live instance processes (zygote
+    children) again, ``victim`` not among them."""
+    kids = procs.children_map()
+    return len([g for z in kids.get(worker, []) for g in kids.get(z, [])
+                if g != victim and procs.alive(g)]) >= want
 
 
 def plan_node(region: str, status: dict[str, Any], role: str) -> Kill:
