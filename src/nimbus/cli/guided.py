@@ -8,6 +8,7 @@ plain ``nimbus deploy APP_DIR`` repeats them.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ from nimbus.manifest.model import RegionsSpec
 from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry, write_cluster
 from nimbus.multiregion.deploy import plan_deploy
 from nimbus.multiregion.settings import POLICIES, DeploySettings, read_settings, write_settings
+from nimbus.region import REGION_NAME
 
 _APP_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_REGION_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 DEFAULT_CLUSTER = "nimbus.cluster.yaml"
 
 
@@ -37,8 +38,9 @@ def _ask(text: str, default: Any = None, **kw: Any) -> Any:
 
 
 def ask_app_name(app_dir: Path, saved: DeploySettings | None) -> str:
-    declared = load_app(app_dir, default_name="-").name
-    manifest_name = None if declared == "-" else declared
+    probe = "nimbus-no-name-given"  # what the app is called when app.yaml names it not
+    declared = load_app(app_dir, default_name=probe).name
+    manifest_name = None if declared == probe else declared
     default = manifest_name or (saved.name if saved else None) or load_app(app_dir).name
     while True:
         name = str(_ask("App name", default)).strip()
@@ -84,8 +86,8 @@ def ask_region(known: list[str]) -> tuple[RegionEntry, str] | None:
                         show_default=False)).strip()
         if not name:
             return None
-        if not _REGION_NAME.match(name):
-            _say_bad(f"{name!r} is not a region name (lower-case letters, digits and '-')")
+        if not REGION_NAME.fullmatch(name):
+            _say_bad(f"{name!r} is not a region name (1 to 64 letters, digits, '_' or '-')")
         elif name in known:
             _say_bad(f"region {name!r} is given already")
         else:
@@ -134,7 +136,8 @@ def write_new_cluster() -> ClusterFile:
         if path.exists() and not click.confirm(f"  {path} exists; replace it?", default=False):
             continue
         try:
-            write_cluster(path, entries, token_files)
+            write_cluster(path, entries, {r: os.path.relpath(f, path.resolve().parent)
+                                          for r, f in token_files.items()})
             return open_cluster(path)
         except (OSError, UserInputError) as exc:
             _say_bad(str(exc))
@@ -197,6 +200,9 @@ def run_guided(app_dir: Path, timeout_s: float) -> int:
     click.echo("Plan:")
     for line in plan.describe():
         click.echo(f"  {line}")
+    for r in plan.regions:
+        entry = cluster.regions[r]
+        click.echo(f"  {r}: control {entry.control}, gateways {', '.join(entry.gateways)}")
     if not click.confirm("Deploy this plan?", default=True):
         click.echo("nothing deployed; nothing saved")
         return 0

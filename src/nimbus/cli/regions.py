@@ -4,14 +4,13 @@ of deploying to several regions (the work is in :mod:`nimbus.multiregion`)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from nimbus.cli.output import print_json
-from nimbus.errors import ManifestError, UserInputError
+from nimbus.errors import ManifestError
 from nimbus.manifest.model import RegionsSpec
 from nimbus.multiregion.clusterfile import ClusterFile, load_cluster
 from nimbus.multiregion.deploy import DeployPlan, RegionReport, deploy_plan, plan_deploy
@@ -26,10 +25,6 @@ def open_cluster(path: Path) -> ClusterFile:
         raise ManifestError("no such cluster file; write one (see `nimbus deploy --guided`)",
                             file=path)
     return load_cluster(path)
-
-
-def settings_for(app_dir: Path) -> DeploySettings | None:
-    return read_settings(app_dir)
 
 
 def make_plan(app_dir: Path, cluster: ClusterFile,
@@ -53,16 +48,15 @@ def cluster_deploy(app_dir: Path, cluster_path: Path, *, wait_all: bool, timeout
         plan = make_plan(app_dir, cluster, settings)
         for line in plan.describe():
             click.echo(line)
-    reports = asyncio.run(deploy_plan(plan, cluster, timeout_s=timeout_s))
+    reports = asyncio.run(deploy_plan(plan, cluster, timeout_s=timeout_s,
+                                      on_report=lambda r: click.echo(r.line())))
     return report_deploy(plan, cluster, reports, wait_all=wait_all, timeout_s=timeout_s)
 
 
 def report_deploy(plan: DeployPlan, cluster: ClusterFile, reports: list[RegionReport], *,
                   wait_all: bool, timeout_s: float) -> int:
-    for r in reports:
-        click.echo(r.line())
     refused = [r for r in reports if r.outcome == "refused"]
-    pending = [r for r in reports if r.outcome == "pending"]
+    pending = [r for r in reports if r.outcome in ("pending", "busy")]
     for r in refused:
         click.echo(f"nimbus: error: region {r.region} refused {plan.app}: {r.message}",
                    err=True)
@@ -102,7 +96,7 @@ def cluster_status_cmd(cluster_path: Path, *, as_json: bool, wait_all: bool,
     cluster = open_cluster(cluster_path)
     if wait_all:
         return _wait(cluster, timeout_s, as_json)
-    doc = asyncio.run(cluster_status(cluster, state_dir_for(cluster.path)))
+    doc = asyncio.run(cluster_status(cluster, state_dir_for(cluster.path), min(timeout_s, 3.0)))
     if as_json:
         print_json(doc)
     else:
@@ -113,14 +107,4 @@ def cluster_status_cmd(cluster_path: Path, *, as_json: bool, wait_all: bool,
 
 def plain_deploy_settings(app_dir: Path) -> DeploySettings | None:
     """The saved answers of a guided deploy, if the app has them."""
-    try:
-        return settings_for(app_dir)
-    except UserInputError:
-        raise
-    except OSError as exc:  # pragma: no cover - unreadable folder
-        raise UserInputError(f"{app_dir}: {exc}") from None
-
-
-def exit_with(code: int) -> None:
-    if code:
-        sys.exit(code)
+    return read_settings(app_dir)

@@ -5,9 +5,10 @@ with the desired state beside the cluster file
 (:mod:`nimbus.multiregion.state`) and pushes the desired bundle to a region
 whose app is pending, missing or at another digest or routing. A region that
 cannot be reached is asked again later, with exponential backoff per region
-(from ``retry_min_s`` to ``retry_max_s``); one that refuses an app is asked
-again for that app with the same backoff, so a refusal costs the region one
-deploy attempt per ``retry_max_s`` at most, not one per round.
+(from ``retry_min_s``, 1 s, to ``retry_max_s``, 10 s); one that refuses an
+app is asked again for that app with a slower backoff (from ``retry_max_s``
+to 5 minutes): a refusal needs someone to act, and must not cost the region
+a deploy attempt, or the log a warning, every round.
 
 ``nimbus status --cluster FILE --wait-all`` drives it until nothing is left
 to do; ``nimbus edge`` runs it in the background, so a region that returns
@@ -26,8 +27,10 @@ from typing import Any
 
 import httpx
 
+from nimbus.manifest.model import RegionsSpec
 from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry
 from nimbus.multiregion.push import (
+    BUSY,
     DEPLOYED,
     REFUSED,
     PushResult,
@@ -38,6 +41,7 @@ from nimbus.multiregion.push import (
 from nimbus.multiregion.state import ClusterState, Desired, Snapshot
 
 log = logging.getLogger("nimbus.converge")
+REFUSED_RETRY_MAX_S = 300.0
 
 
 class Backoff:
@@ -83,9 +87,20 @@ def differs(desired: Desired, running: dict[str, Any] | None) -> str | None:
     if running.get("digest") != desired.digest:
         have = str(running.get("digest") or "?")[:12]
         return f"runs {have}, not {desired.digest[:12]}"
-    if "regions" in running and running["regions"] != desired.routing:
+    if "regions" in running and _routing(running["regions"]) != _routing(desired.routing):
         return "routing differs"
     return None
+
+
+def _routing(d: Any) -> Any:
+    """A routing as one canonical dict, so that two spellings of the same
+    routing never look like drift (which would push the app every round)."""
+    if d is None:
+        return None
+    try:
+        return RegionsSpec.from_dict(d).to_dict()
+    except (ValueError, TypeError, AttributeError):
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +109,7 @@ class Outcome:
 
     region: str
     app: str | None       # None: about the region itself
-    what: str             # "deployed", "refused", "unreachable", "in sync"
+    what: str             # "deployed", "refused", "unreachable", "busy", "in sync"
     message: str = ""
     version: int | None = None
 
@@ -114,13 +129,14 @@ class Converger:
 
     def __init__(self, cluster: ClusterFile, state_dir: Path, *, interval_s: float = 5.0,
                  push_timeout_s: float = 120.0, probe_timeout_s: float = 3.0,
-                 retry_min_s: float = 1.0, retry_max_s: float = 30.0) -> None:
+                 retry_min_s: float = 1.0, retry_max_s: float = 10.0) -> None:
         self.cluster = cluster
         self.state = ClusterState(state_dir)
         self.interval_s = interval_s
         self.push_timeout_s = push_timeout_s
         self.probe_timeout_s = probe_timeout_s
         self.backoff = Backoff(retry_min_s, retry_max_s)
+        self.refusals = Backoff(retry_max_s, max(retry_max_s, REFUSED_RETRY_MAX_S))
 
     async def run(self) -> None:
         """Converge every ``interval_s`` until cancelled."""
@@ -129,9 +145,11 @@ class Converger:
                 try:
                     report = await self.converge_once(time.monotonic(), client=client)
                     for o in report.outcomes:
-                        if o.what in ("deployed", "refused"):
-                            log.info("converge %s/%s: %s %s", o.region, o.app, o.what,
+                        if o.what == "deployed":
+                            log.info("converged %s in region %s: %s", o.app, o.region,
                                      o.message)
+                        elif o.what == "refused":
+                            log.warning("region %s refused %s: %s", o.region, o.app, o.message)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # noqa: BLE001 - one bad round must not stop the loop
@@ -183,17 +201,22 @@ class Converger:
             if why is None:
                 self.state.done(name, app, desired.digest)
                 self.backoff.succeeded(f"{name}/{app}")
+                self.refusals.succeeded(f"{name}/{app}")
                 outcomes.append(Outcome(name, app, "in sync"))
                 continue
             key = f"{name}/{app}"
-            if not self.backoff.due(key, now):
+            if not (self.backoff.due(key, now) and self.refusals.due(key, now)):
                 pend = snap.pending.get((name, app))
                 outcomes.append(Outcome(name, app, "refused",
                                         pend.last_error if pend else why))
                 continue
+            until = time.time() + self.push_timeout_s + 5.0
+            if not self.state.claim(name, app, desired.digest, until):
+                outcomes.append(Outcome(name, app, "busy", "another deploy is pushing it"))
+                continue
             result = await self._push(client, region, desired)
             outcomes.append(self._record(result, desired, key, now))
-            if result.outcome not in (DEPLOYED, REFUSED):
+            if result.outcome not in (DEPLOYED, REFUSED, BUSY):
                 break  # the region stopped answering: its other apps wait for the next round
         return outcomes
 
@@ -212,11 +235,14 @@ class Converger:
         if result.outcome == DEPLOYED:
             self.state.done(region, app, desired.digest)
             self.backoff.succeeded(key)
+            self.refusals.succeeded(key)
             return Outcome(region, app, "deployed", f"version {result.version}",
                            result.version)
         refused = result.outcome == REFUSED
         self.state.failed(region, app, desired.digest, result.message, refused=refused)
         if refused:
+            self.refusals.failed(key, now)
+        elif result.outcome == BUSY:
             self.backoff.failed(key, now)
         else:
             self.backoff.failed(region, now)

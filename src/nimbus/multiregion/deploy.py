@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from nimbus.errors import ManifestError
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, RegionsSpec
 from nimbus.multiregion.clusterfile import ClusterFile
-from nimbus.multiregion.push import DEPLOYED, REFUSED, PushResult, push_bundle
+from nimbus.multiregion.push import BUSY, DEPLOYED, REFUSED, PushResult, push_bundle
 from nimbus.multiregion.state import ClusterState, Desired, state_dir_for
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -126,7 +127,7 @@ def _region_line(manifest: Path, region: str) -> int | None:
 @dataclass(frozen=True, slots=True)
 class RegionReport:
     region: str
-    outcome: str          # deployed | refused | pending
+    outcome: str          # deployed | refused | pending | busy (pending too)
     version: int | None
     changed: bool
     message: str
@@ -137,26 +138,41 @@ class RegionReport:
                 "" if self.changed else " (unchanged)")
         if self.outcome == "refused":
             return f"{self.region}: refused — {self.message}"
+        if self.outcome == "busy":
+            return (f"{self.region}: pending — busy ({self.message}); it converges when the "
+                    "region is free")
         return (f"{self.region}: pending — unreachable ({self.message}); it converges when "
                 "the region returns")
 
 
 async def deploy_plan(plan: DeployPlan, cluster: ClusterFile, *,
                       state_dir: Path | None = None,
-                      timeout_s: float = DEFAULT_TIMEOUT_S) -> list[RegionReport]:
+                      timeout_s: float = DEFAULT_TIMEOUT_S,
+                      on_report: Callable[[RegionReport], None] | None = None,
+                      ) -> list[RegionReport]:
     """Record the plan as desired, push it to its regions in parallel, and
-    report per region in the plan's order."""
+    report per region: to ``on_report`` as each region answers, and as a
+    list in the plan's order."""
     state = ClusterState(state_dir or state_dir_for(cluster.path))
     desired = Desired(app=plan.app, digest=plan.digest, regions=plan.regions,
                       routing=plan.routing, override=plan.override, updated=time.time())
-    await asyncio.to_thread(state.record_deploy, desired, plan.bundle)
+    await asyncio.to_thread(state.record_deploy, desired, plan.bundle, timeout_s + 5.0)
     timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
+
+    async def one(client: httpx.AsyncClient, region: str) -> RegionReport:
+        try:
+            result = await push_bundle(client, cluster.regions[region], plan.app,
+                                       plan.bundle, plan.override, timeout_s)
+        except BaseException:  # interrupted (Ctrl-C): a converger may take it at once
+            state.failed(region, plan.app, plan.digest, "the deploy was interrupted")
+            raise
+        report = _settle(state, plan, result)
+        if on_report is not None:
+            on_report(report)
+        return report
+
     async with httpx.AsyncClient(timeout=timeout) as client:
-        results = await asyncio.gather(*(
-            push_bundle(client, cluster.regions[r], plan.app, plan.bundle, plan.override,
-                        timeout_s)
-            for r in plan.regions))
-    return [_settle(state, plan, r) for r in results]
+        return list(await asyncio.gather(*(one(client, r) for r in plan.regions)))
 
 
 def _settle(state: ClusterState, plan: DeployPlan, r: PushResult) -> RegionReport:
@@ -165,4 +181,5 @@ def _settle(state: ClusterState, plan: DeployPlan, r: PushResult) -> RegionRepor
         return RegionReport(r.region, "deployed", r.version, r.changed, "")
     refused = r.outcome == REFUSED
     state.failed(r.region, plan.app, plan.digest, r.message, refused=refused)
-    return RegionReport(r.region, "refused" if refused else "pending", None, False, r.message)
+    outcome = "refused" if refused else "busy" if r.outcome == BUSY else "pending"
+    return RegionReport(r.region, outcome, None, False, r.message)

@@ -9,7 +9,9 @@ for a cluster deploy:
   help, so the operator must act;
 - ``unreachable``: connection refused, timed out, reset, or the control
   answered 5xx / nonsense: the region may come back, and the push is
-  repeated then.
+  repeated then;
+- ``busy``: the region is deploying the same app for someone else (another
+  converger): the push is repeated, within its deadline, until it is free.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import orjson
 
 from nimbus.multiregion.clusterfile import RegionEntry
 
-DEPLOYED, REFUSED, UNREACHABLE = "deployed", "refused", "unreachable"
+DEPLOYED, REFUSED, UNREACHABLE, BUSY = "deployed", "refused", "unreachable", "busy"
+BUSY_PAUSE_S = 0.5
 # Refusals from a deploy stream that are about the region's state right now
 # rather than the app: worth repeating later.
 _TRANSIENT = ("another deploy of",)
@@ -81,7 +84,13 @@ async def push_bundle(client: httpx.AsyncClient, region: RegionEntry, app: str, 
         params["regions"] = orjson.dumps(override).decode()
     try:
         async with asyncio.timeout(timeout_s):
-            return await _push(client, region, params, bundle)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            while True:
+                result = await _push(client, region, params, bundle)
+                if result.outcome != BUSY or deadline - loop.time() < 2 * BUSY_PAUSE_S:
+                    return result
+                await asyncio.sleep(BUSY_PAUSE_S)
     except TimeoutError:
         return PushResult(region.name, UNREACHABLE,
                           message=f"no answer within {timeout_s:g} s")
@@ -112,8 +121,10 @@ async def _push(client: httpx.AsyncClient, region: RegionEntry, params: dict[str
                 err = msg_obj["error"]
                 text = str(err.get("errorMessage", err))
                 kind = err.get("errorType", "")
-                transient = kind == "InternalError" or any(t in text for t in _TRANSIENT)
-                return PushResult(region.name, UNREACHABLE if transient else REFUSED,
+                if any(t in text for t in _TRANSIENT):
+                    return PushResult(region.name, BUSY, message=text)
+                return PushResult(region.name,
+                                  UNREACHABLE if kind == "InternalError" else REFUSED,
                                   message=text)
             if "result" in msg_obj:
                 res = msg_obj["result"]

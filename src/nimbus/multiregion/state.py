@@ -30,16 +30,23 @@ from typing import Any
 
 import orjson
 
-from nimbus.errors import UserInputError
+from nimbus.errors import NimbusError, UserInputError
 from nimbus.store.private import DIR_MODE, write_private
 
 STATE_DIR_NAME = ".nimbus-cluster"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+DEFAULT_CLUSTER_NAME = "nimbus.cluster.yaml"
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 def state_dir_for(cluster_path: Path) -> Path:
-    """Where the desired state of the cluster file at ``cluster_path`` lives."""
-    return cluster_path.resolve().parent / STATE_DIR_NAME
+    """Where the desired state of the cluster file at ``cluster_path`` lives:
+    ``.nimbus-cluster/`` beside ``nimbus.cluster.yaml``; beside a cluster
+    file of another name, ``.nimbus-cluster-<its name>/`` (two cluster files
+    in one folder never share their state)."""
+    path = cluster_path.resolve()
+    if path.name == DEFAULT_CLUSTER_NAME:
+        return path.parent / STATE_DIR_NAME
+    return path.parent / f"{STATE_DIR_NAME}-{path.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,7 @@ class Pending:
     attempts: int = 0
     last_error: str = ""
     refused: bool = False         # the region answered and refused the app
+    busy_until: float = 0.0       # wall clock: a push of it is under way until then
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -86,7 +94,8 @@ class Pending:
         d = orjson.loads(raw)
         return cls(app=d["app"], region=d["region"], digest=d["digest"],
                    since=float(d["since"]), attempts=int(d.get("attempts", 0)),
-                   last_error=str(d.get("last_error", "")), refused=bool(d.get("refused")))
+                   last_error=str(d.get("last_error", "")), refused=bool(d.get("refused")),
+                   busy_until=float(d.get("busy_until", 0.0)))
 
 
 @dataclass
@@ -158,18 +167,21 @@ class ClusterState:
             return None
 
     # -- writes ------------------------------------------------------------
-    def record_deploy(self, desired: Desired, bundle: bytes) -> None:
+    def record_deploy(self, desired: Desired, bundle: bytes, busy_s: float = 0.0) -> None:
         """A deploy begins: the bundle is kept and the app's desired state set;
-        every region of the app is pending until its push reports otherwise."""
+        every region of the app is pending until its push reports otherwise.
+        ``busy_s``: the deploy pushes to every region itself for that long, so
+        convergers leave those regions alone meanwhile."""
         with self.locked():
             path = self._bundle_file(desired.digest)
             if not path.exists():
-                write_private(path, bundle, durable=True)
-            write_private(self._app_file(desired.app), desired.to_json(), durable=True)
+                _write(path, bundle, durable=True)
+            _write(self._app_file(desired.app), desired.to_json(), durable=True)
             now = desired.updated or time.time()
             for region in desired.regions:
-                write_private(self._pending_file(region, desired.app),
-                              Pending(desired.app, region, desired.digest, now).to_json())
+                _write(self._pending_file(region, desired.app),
+                       Pending(desired.app, region, desired.digest, now,
+                               busy_until=now + busy_s if busy_s else 0.0).to_json())
             self._forget_regions(desired)
             self._collect_bundles()
 
@@ -193,6 +205,36 @@ class ClusterState:
             if current.digest == digest:
                 path.unlink(missing_ok=True)
 
+    def claim(self, region: str, app: str, digest: str, until: float) -> bool:
+        """Take the push of ``digest`` to ``region`` (a pending mark, busy
+        until ``until``), unless another push of it is under way or the
+        app's desired digest moved on. True: push it now."""
+        with self.locked():
+            desired = self._read_desired(app)
+            if desired is None or desired.digest != digest:
+                return False
+            path = self._pending_file(region, app)
+            current: Pending | None
+            try:
+                current = Pending.from_json(path.read_bytes())
+            except (OSError, ValueError, KeyError):
+                current = None
+            now = time.time()
+            if current is not None and current.digest == digest and current.busy_until > now:
+                return False
+            base = current if current is not None and current.digest == digest else None
+            _write(path, Pending(app, region, digest, base.since if base else now,
+                                 base.attempts if base else 0,
+                                 base.last_error if base else "",
+                                 base.refused if base else False, until).to_json())
+            return True
+
+    def _read_desired(self, app: str) -> Desired | None:
+        try:
+            return Desired.from_json(self._app_file(app).read_bytes())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def failed(self, region: str, app: str, digest: str, error: str, *,
                refused: bool = False) -> Pending:
         """A push of ``digest`` to ``region`` did not land: it stays pending."""
@@ -208,8 +250,7 @@ class ClusterState:
             base = current or Pending(app, region, digest, time.time())
             updated = Pending(app, region, digest, base.since, base.attempts + 1,
                               error, refused)
-            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            write_private(path, updated.to_json())
+            _write(path, updated.to_json())
             return updated
 
     def _collect_bundles(self) -> None:
@@ -222,10 +263,19 @@ class ClusterState:
                     f.unlink()
 
 
+def _write(path: Path, data: bytes, *, durable: bool = False) -> None:
+    try:
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        write_private(path, data, durable=durable)
+    except OSError as exc:
+        raise NimbusError(f"{path}: cannot write the cluster's desired state: "
+                          f"{exc.strerror or exc}") from None
+
+
 def _checked(name: str, what: str) -> str:
     if not _NAME.match(name):
         raise UserInputError(f"{what} name {name!r} cannot name a file of the cluster's "
-                             "state (letters, digits, '.', '_' and '-')")
+                             "state (letters, digits, '_' and '-')")
     return name
 
 

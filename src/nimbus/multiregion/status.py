@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from nimbus.multiregion.clusterfile import ClusterFile
+from nimbus.multiregion.converge import differs
 from nimbus.multiregion.push import GatewayHealth, RegionApps, gateway_health, list_apps
 from nimbus.multiregion.state import ClusterState, Snapshot
 
@@ -37,6 +38,15 @@ async def observe(cluster: ClusterFile, timeout_s: float = 3.0) -> Observed:
                     {r.name: list(g) for r, g in zip(regions, gws, strict=True)})
 
 
+def _gateway(region: str, g: GatewayHealth) -> dict[str, Any]:
+    """A gateway's health; one that answers for another region is wrong in
+    the cluster file, not healthy."""
+    if g.region is not None and g.region != region:
+        return {"url": g.url, "healthy": False,
+                "detail": f"serves region {g.region!r}, not {region!r}: check the cluster file"}
+    return {"url": g.url, "healthy": g.ok, "detail": g.detail}
+
+
 def summarize(cluster: ClusterFile, snap: Snapshot, seen: Observed) -> dict[str, Any]:
     """The status document (``--json`` prints it as is)."""
     regions: dict[str, Any] = {}
@@ -46,8 +56,7 @@ def summarize(cluster: ClusterFile, snap: Snapshot, seen: Observed) -> dict[str,
         regions[name] = {
             "control": {"url": entry.control, "reachable": reachable,
                         **({} if reachable or listed is None else {"error": listed.error})},
-            "gateways": [{"url": g.url, "healthy": g.ok, "detail": g.detail}
-                         for g in seen.gateways.get(name, [])],
+            "gateways": [_gateway(name, g) for g in seen.gateways.get(name, [])],
         }
     apps: dict[str, Any] = {}
     drift: list[dict[str, Any]] = []
@@ -59,20 +68,17 @@ def summarize(cluster: ClusterFile, snap: Snapshot, seen: Observed) -> dict[str,
             listed = seen.apps.get(region)
             running = (listed.apps or {}).get(app) if listed and listed.apps is not None else None
             should = want is not None and region in want.regions
+            state: str | None
             if listed is None or listed.apps is None:
-                state = "unknown"
+                state = "unknown" if should else None
             elif running is None:
                 state = "missing" if should else None
             elif want is None:
                 state = "unmanaged"
             elif not should:
                 state = "extra"
-            elif running.get("digest") != want.digest:
-                state = "drift"
-            elif "regions" in running and running["regions"] != want.routing:
-                state = "drift"
             else:
-                state = "ok"
+                state = "ok" if differs(want, running) is None else "drift"
             if state is None:
                 continue
             per[region] = {"state": state,
@@ -115,7 +121,7 @@ def render(doc: dict[str, Any]) -> list[str]:
     lines = [f"cluster {doc['cluster']}"]
     for name, r in doc["regions"].items():
         c = r["control"]
-        control = "reachable" if c["reachable"] else f"UNREACHABLE ({c.get('error', '?')})"
+        control = "answers" if c["reachable"] else f"does not answer: {c.get('error', '?')}"
         gws = ", ".join(f"{g['url']} {g['detail']}" for g in r["gateways"]) or "no gateways"
         lines.append(f"region {name}: control {c['url']} {control}; gateways: {gws}")
     for app, a in doc["apps"].items():
@@ -134,7 +140,7 @@ def render(doc: dict[str, Any]) -> list[str]:
         kind = "refused" if p["refused"] else "pending"
         err = f": {p['last_error']}" if p["last_error"] else ""
         lines.append(f"{kind}: {p['app']} {p['digest'][:12]} to {p['region']} "
-                     f"({p['attempts']} attempts){err}")
+                     f"({p['attempts']} attempt{'' if p['attempts'] == 1 else 's'}){err}")
     if doc["converged"]:
         lines.append("converged: every region runs what was deployed")
     else:
