@@ -278,16 +278,23 @@ def test_hung_region_is_routed_away_and_in_flight_gets_retried(world: dict[str, 
     eu: RegionProc = world["eu"]
     slow: list[httpx.Response] = []
 
+    posted: list[httpx.Response] = []
+    runs: Path = world["runs"]
+
     def slow_get() -> None:
-        slow.append(httpx.get(edge.url + "/hello?sleep=0.3", timeout=15))
+        slow.append(httpx.get(edge.url + "/hello?sleep=1", timeout=15))
+
+    def slow_post() -> None:
+        posted.append(httpx.post(edge.url + "/run?sleep=0.3", content=b"hang-me", timeout=15))
 
     load = Load(edge.url)
     try:
         time.sleep(0.5)
         slow_threads = [threading.Thread(target=slow_get) for _ in range(3)]
+        slow_threads.append(threading.Thread(target=slow_post))
         for t in slow_threads:
             t.start()
-        time.sleep(0.1)            # in flight in eu
+        wait_for(lambda: "eu hang-me" in runs.read_text(), 10, "the POST to start in eu")
         eu.pause()
         hung = time.monotonic()
         try:
@@ -304,6 +311,10 @@ def test_hung_region_is_routed_away_and_in_flight_gets_retried(world: dict[str, 
         load.stop()
     assert not load.errors, load.errors[:5]
     assert len(slow) == 3 and all(r.status_code == 200 for r in slow), [r.text for r in slow]
+    # the POST was in flight in the hung region: 502 naming it, and it never ran again
+    assert len(posted) == 1 and posted[0].status_code == 502, posted[0].text
+    assert posted[0].json()["region"] == "eu"
+    assert runs.read_text().count("hang-me") == 1
     # the slow ones were sent to eu, then answered by us
     assert {region_of(r) for r in slow} == {"us"}
     assert {r.headers.get("x-nimbus-retried-from") for r in slow} == {"eu"}
@@ -312,6 +323,30 @@ def test_hung_region_is_routed_away_and_in_flight_gets_retried(world: dict[str, 
     assert late and all(r[3] == "us" for r in late)
     # and it returned only after the rise time (hysteresis)
     assert back >= RISE_S - 0.3, f"eu took traffic back {back:.2f} s after resuming"
+
+
+def test_a_flapping_region_never_takes_traffic_back(world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    eu: RegionProc = world["eu"]
+    wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up again")
+    load = Load(edge.url)
+    try:
+        time.sleep(0.3)
+        first_stop = time.monotonic()
+        for _ in range(3):          # down 1 s, up 1 s: never the 2 s of health it needs
+            eu.pause()
+            try:
+                time.sleep(1.0)
+            finally:
+                eu.resume()
+            time.sleep(1.0)
+        end = time.monotonic()
+    finally:
+        load.stop()
+    assert not load.errors, load.errors[:5]
+    # from its first outage on (detection is the hang test's business), never eu
+    late = [r for r in load.results if first_stop + 1.5 < r[0] < end]
+    assert late and all(r[3] == "us" for r in late), Counter(r[3] for r in late)
 
 
 def test_killed_region_fails_over_with_no_failed_request_and_post_is_not_rerun(
@@ -352,3 +387,39 @@ def test_killed_region_fails_over_with_no_failed_request_and_post_is_not_rerun(
     assert "region eu failed" in body["errorMessage"]
     assert runs.read_text().count("kill-me") == 1      # never run a second time
     assert orjson.loads(httpx.get(edge.url + "/_nimbus/health").content)["status"] == "ok"
+
+
+def test_a_region_down_at_deploy_time_is_brought_up_to_date_by_the_edge(
+        world: dict[str, Any]) -> None:
+    eu: RegionProc = world["eu"]
+    us: RegionProc = world["us"]
+    root: Path = world["root"]
+    split = root / "split"
+    eu.kill()
+    try:
+        (split / "split.py").write_text(WEIGHTED_CODE.replace("True", "2"))
+        out = subprocess.run([sys.executable, "-m", "nimbus", "deploy", str(split), "--cluster",
+                              str(root / "nimbus.cluster.yaml")], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "eu: pending" in out.stdout, out.stdout
+        assert us.get("/w").json() == {"ok": 2}
+    finally:
+        eu.start()   # it comes back with the old version of split
+    wait_for(lambda: eu.get("/w").json() == {"ok": 2}, 30, "the edge to converge eu")
+
+
+def test_sigterm_drains_requests_in_flight(world: dict[str, Any]) -> None:
+    edge: Edge = world["edge"]
+    wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up again")
+    got: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: got.append(
+        httpx.get(edge.url + "/hello?sleep=1", timeout=15)))
+    t.start()
+    time.sleep(0.3)
+    edge.proc.send_signal(signal.SIGTERM)
+    t.join(15)
+    assert edge.proc.wait(10) == 0
+    assert got and got[0].status_code == 200 and got[0].headers["connection"] == "close"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(edge.url + "/hello", timeout=2)

@@ -121,6 +121,8 @@ def test_burst_of_gateway_errors_is_a_passive_failure() -> None:
     for i in range(ERROR_BURST):
         book.gateway_error(US1, "503 Unavailable", 5.0 + i * 0.01)
     assert not book.gateway_up(US1, 5.1)
+    g = book.snapshot(5.1)["regions"]["us"]["gateways"][0]
+    assert g["errors"] == 2 * ERROR_BURST and "gateway errors" in g["last_error"]
 
 
 def test_latency_is_smoothed_and_least_in_flight_wins() -> None:
@@ -172,6 +174,13 @@ def test_latency_policy_prefers_the_fastest_healthy_region() -> None:
     assert region_order(spec, ("eu", "us", "ap"), {"eu", "us", "ap"}, lat, rng) \
         == ["us", "eu", "ap"]
     assert region_order(spec, ("eu", "us", "ap"), {"eu", "ap"}, lat, rng) == ["eu", "ap", "us"]
+    # noise is not a reason to move: within 2 ms (or 20%) keeps the app's order
+    near: dict[str, float | None] = {"eu": 0.0012, "us": 0.0004}
+    assert region_order(spec, ("eu", "us"), {"eu", "us"}, near, rng) == ["eu", "us"]
+    far: dict[str, float | None] = {"eu": 0.100, "us": 0.079}
+    assert region_order(spec, ("eu", "us"), {"eu", "us"}, far, rng) == ["us", "eu"]
+    close: dict[str, float | None] = {"eu": 0.090, "us": 0.080}
+    assert region_order(spec, ("eu", "us"), {"eu", "us"}, close, rng) == ["eu", "us"]
 
 
 def test_retry_budget_ratio_and_floor() -> None:
@@ -252,3 +261,32 @@ def test_prober_against_real_sockets() -> None:
     assert snap["a"]["up"] and snap["a"]["latency_ms"] is not None
     assert not snap["b"]["up"] and "failed" in snap["b"]["gateways"][0]["last_error"]
     assert not snap["c"]["up"] and "timed out" in snap["c"]["gateways"][0]["last_error"]
+
+
+def test_app_table_by_host_then_by_route() -> None:
+    from nimbus.edge.apps import AppTable, EdgeSpec
+
+    table = AppTable()
+    table.load([
+        {"name": "shop", "version": 3, "regions": {"names": ["us", "eu"], "policy": "failover",
+                                                   "weights": {}},
+         "routes": [{"method": "GET", "path": "/items/{id}"}, {"method": "POST", "path": "/buy"}]},
+        {"name": "blog", "version": 1, "regions": None,
+         "routes": [{"method": "GET", "path": "/posts"}, {"method": "POST", "path": "/buy"}]},
+        {"name": 5}, "junk",
+    ])
+    shop = table.lookup(b"shop.example.com", "GET", "/anything")
+    assert shop is not None and shop.name == "shop"
+    assert shop.spec == EdgeSpec(names=("us", "eu"), policy="failover", weights={})
+    by_route = table.lookup(b"127.0.0.1", "GET", "/items/42")
+    assert by_route is not None and by_route.name == "shop"
+    blog = table.lookup(None, "GET", "/posts")
+    assert blog is not None and blog.name == "blog" and blog.spec is None
+    buy = table.lookup(b"localhost", "POST", "/buy")      # two apps, one route: the first
+    assert buy is not None and buy.name == "shop"
+    assert table.lookup(b"localhost", "DELETE", "/posts") is None
+    assert table.lookup(b"nope.example.com", "GET", "/nothing") is None
+    weighted = EdgeSpec.from_dict({"names": None, "policy": "weighted",
+                                   "weights": {"eu": 80, "us": 20}})
+    assert weighted is not None and weighted.weights == {"eu": 80, "us": 20}
+    assert EdgeSpec.from_dict(None) is None

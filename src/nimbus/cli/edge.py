@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,12 @@ from nimbus.cli.main import cli, fail
               help="Retries may add at most this share of the requests (plus 10/s).")
 @click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0),
               help="Seconds requests in flight get to finish on shutdown.")
+@click.option("--converge/--no-converge", default=True, show_default=True,
+              help="Bring regions that missed a 'nimbus deploy --cluster' (down at the "
+                   "time, or back at another version) up to date in the background.")
 def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s: float,
          fall: int, rise_s: float, connect_timeout_s: float, retry_ratio: float,
-         grace_s: float) -> None:
+         grace_s: float, converge: bool) -> None:
     """Serve HTTP in front of every region of a cluster file: route each request
     by its app's policy and the regions' health, fail over within a second."""
     from nimbus.edge.health import HealthConfig
@@ -56,7 +60,15 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
                    f"(regions {names}; health at /_nimbus/regions)")
         sys.stdout.flush()
 
+    background = None
+    if converge:
+        from nimbus.multiregion.converge import Converger
+        from nimbus.multiregion.state import state_dir_for
+
+        background = Converger(cluster, state_dir_for(cluster.path)).run
+    logging.basicConfig(level=logging.INFO, format="nimbus edge: %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        run(cluster, host, port, config, ready)
+        run(cluster, host, port, config, ready, background)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)

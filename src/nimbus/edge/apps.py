@@ -125,20 +125,37 @@ class AppRefresher:
         self.loaded_from: str | None = None
         self.refreshes = 0
 
+    async def _list(self, client: httpx.AsyncClient, region: ControlRegion) -> list[Any] | None:
+        try:
+            r = await client.get(f"{region.control}/v1/apps",
+                                 headers={"authorization": f"Bearer {region.token}"})
+            data = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        return data if isinstance(data, list) else None
+
     async def refresh_once(self, client: httpx.AsyncClient) -> bool:
-        for name, region in self.regions.items():
-            try:
-                r = await client.get(f"{region.control}/v1/apps",
-                                     headers={"authorization": f"Bearer {region.token}"})
-                if r.status_code != 200:
+        """Ask every region at once; the table is the union of what they run
+        (per app, the entry with the highest version: a region that missed a
+        deploy does not roll the routing back). False when none answered."""
+        names = list(self.regions)
+        answers = await asyncio.gather(*(self._list(client, self.regions[n]) for n in names))
+        merged: dict[str, Any] = {}
+        for listing in answers:
+            for item in listing or ():
+                if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                     continue
-                self.table.load(r.json())
-            except (httpx.HTTPError, ValueError):
-                continue
-            self.loaded_from = name
-            self.refreshes += 1
-            return True
-        return False
+                have = merged.get(item["name"])
+                version = item.get("version") if isinstance(item.get("version"), int) else 0
+                if have is None or version > have[0]:
+                    merged[item["name"]] = (version, item)
+        answered = [n for n, a in zip(names, answers, strict=True) if a is not None]
+        if not answered:
+            return False
+        self.table.load([item for _, item in merged.values()])
+        self.loaded_from = ",".join(answered)
+        self.refreshes += 1
+        return True
 
     async def run(self) -> None:
         async with httpx.AsyncClient(timeout=self.timeout_s) as client:

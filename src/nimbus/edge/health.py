@@ -19,7 +19,7 @@ A region is up when any of its gateways is up.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,9 @@ class HealthBook:
                 states.append(g)
             self.by_region[name] = states
         self.on_down: list[Callable[[str], None]] = []
+        self._up: set[str] | None = None                      # caches, dropped on change
+        self.version = 0          # moves on every change of health or latency
+        self._latencies: dict[str, float | None] | None = None
 
     # -- signals ---------------------------------------------------------
     def probe_ok(self, gateway: str, latency_s: float, now: float) -> None:
@@ -90,11 +93,15 @@ class HealthBook:
         g.latency_s = latency_s if g.latency_s is None else (
             EWMA_ALPHA * latency_s + (1 - EWMA_ALPHA) * g.latency_s)
         g.fails = 0
+        self._latencies = None
+        self.version += 1
         if g.ok_since is None:
             g.ok_since = now
         if not g.up and (not g.seen_up or now - g.ok_since >= self.config.rise_s):
             g.up = g.seen_up = True
             g.since = now
+            self._up = None
+            self._latencies = None
 
     def probe_failed(self, gateway: str, reason: str, now: float) -> None:
         g = self.gateways[gateway]
@@ -125,12 +132,16 @@ class HealthBook:
             recent.popleft()
         if len(recent) >= ERROR_BURST:
             recent.clear()
+            g.errors -= 1  # counted once, here, not again as the passive failure
             self.passive_failure(gateway, f"{ERROR_BURST} gateway errors within "
                                  f"{ERROR_WINDOW_S:g} s, last: {reason}", now)
 
     def _down(self, g: GatewayHealth, now: float) -> None:
         g.up = False
         g.since = now
+        self.version += 1
+        self._up = None
+        self._latencies = None
         for callback in self.on_down:
             callback(g.url)
 
@@ -151,7 +162,11 @@ class HealthBook:
         return any(g.up for g in self.by_region.get(region, ()))
 
     def up_regions(self, now: float) -> set[str]:
-        return {r for r, gs in self.by_region.items() if any(g.up for g in gs)}
+        """The regions with a gateway up (the same set until health changes:
+        do not modify it)."""
+        if self._up is None:
+            self._up = {r for r, gs in self.by_region.items() if any(g.up for g in gs)}
+        return self._up
 
     def latency(self, region: str) -> float | None:
         """The region's smoothed probe latency: its best up gateway's (or its
@@ -162,14 +177,19 @@ class HealthBook:
         return min(g.latency_s for g in pool) if pool else None  # type: ignore[type-var]
 
     def latencies(self) -> dict[str, float | None]:
-        return {r: self.latency(r) for r in self.by_region}
+        """Every region's latency (cached until the next probe answer)."""
+        if self._latencies is None:
+            self._latencies = {r: self.latency(r) for r in self.by_region}
+        return self._latencies
 
-    def pick_gateway(self, region: str, now: float) -> str | None:
+    def pick_gateway(self, region: str, now: float,
+                     exclude: Collection[str] = ()) -> str | None:
         """The least-in-flight up gateway of the region (first listed on a
-        tie), or None when none is up."""
+        tie) not in ``exclude``, or None when there is none."""
         best: GatewayHealth | None = None
         for g in self.by_region.get(region, ()):
-            if g.up and (best is None or g.in_flight < best.in_flight):
+            if g.up and (best is None or g.in_flight < best.in_flight) \
+                    and g.url not in exclude:
                 best = g
         return best.url if best is not None else None
 

@@ -7,6 +7,8 @@ import random
 from nimbus.edge.types import RegionsSpecLike
 
 POLICIES = ("failover", "weighted", "latency")
+LATENCY_TIE_S = 0.002       # latencies this close (or within 20%) are a tie
+LATENCY_TIE_RATIO = 0.2
 
 
 def region_order(spec: RegionsSpecLike | None, cluster_order: tuple[str, ...], up: set[str],
@@ -17,7 +19,8 @@ def region_order(spec: RegionsSpecLike | None, cluster_order: tuple[str, ...], u
     - failover: the spec's order (the cluster file's when it names none);
     - weighted: the first region drawn by weight among the healthy ones,
       then the other healthy ones by weight (heaviest first);
-    - latency: lowest smoothed latency first (unmeasured last).
+    - latency: lowest smoothed latency first (unmeasured last); regions
+      within 2 ms or 20% of the fastest are a tie, kept in the app's order.
 
     Regions the cluster file does not know are skipped."""
     known = set(cluster_order)
@@ -35,8 +38,21 @@ def region_order(spec: RegionsSpecLike | None, cluster_order: tuple[str, ...], u
         weights = spec.weights if spec is not None else {}
         healthy = _weighted(healthy, weights, rng)
     elif policy == "latency" and len(healthy) > 1:
-        healthy.sort(key=lambda n: _or_inf(latency.get(n)))
+        healthy = _by_latency(healthy, latency)
     return healthy + rest
+
+
+def _by_latency(healthy: list[str], latency: dict[str, float | None]) -> list[str]:
+    """Fastest first; regions within LATENCY_TIE of the fastest count as
+    equally fast and keep the app's order, so noise of a fraction of a
+    millisecond does not move traffic back and forth."""
+    ranked = sorted(healthy, key=lambda n: _or_inf(latency.get(n)))
+    best = _or_inf(latency.get(ranked[0]))
+    if best == float("inf"):
+        return healthy
+    band = best + max(LATENCY_TIE_S, LATENCY_TIE_RATIO * best)
+    near = [n for n in healthy if _or_inf(latency.get(n)) <= band]
+    return near + [n for n in ranked if n not in near]
 
 
 def _or_inf(value: float | None) -> float:

@@ -3,12 +3,13 @@
 Per request: find the app (Host or route), order its regions by policy and
 health, send it to the least-in-flight up gateway of the first region over a
 kept-alive connection, and stream the answer back with ``X-Nimbus-Region``.
-When the region fails before the response head (refused, reset, the gateway
-went down while we waited, a 502/503 the gateway itself made) the request
-goes to the next region if it may run twice (idempotent, and its body is
-held for replay) and the retry budget allows; otherwise the client gets 502
-``RegionFailed`` naming the region. A request that never reached a gateway
-(connect refused or timed out) may always go on: it did not run.
+When the gateway fails before the response head (refused, reset, it went
+down while we waited, a 502/503 it made itself) the request goes to another
+up gateway of the region, else to the next region, if it may run twice
+(idempotent, and its body is held for replay) and the retry budget allows;
+otherwise the client gets 502 ``RegionFailed`` naming the region. A request
+that never reached a gateway (connect refused or timed out) may always go
+on: it did not run.
 
 Raw asyncio protocols and httptools on both sides; uvloop when present.
 """
@@ -19,16 +20,17 @@ import asyncio
 import logging
 import random
 import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import httptools
 import orjson
 
-from nimbus.edge.apps import AppRefresher, AppTable, ControlRegion
+from nimbus.edge.apps import App, AppRefresher, AppTable, ControlRegion, EdgeSpec
 from nimbus.edge.budget import RetryBudget
 from nimbus.edge.health import HealthBook, HealthConfig
 from nimbus.edge.policy import region_order
@@ -47,7 +49,6 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"x-forwarded-for"})
 RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
                            b"trailer", b"transfer-encoding", b"upgrade", b"content-length"})
-REGION_HEADER = b"x-nimbus-region"
 REASONS = {200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
            304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found",
            413: b"Payload Too Large", 429: b"Too Many Requests",
@@ -176,7 +177,7 @@ class ClientConn(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0    # close when idle past this (0: none); the edge's sweep checks
         self.busy = False
 
     # -- asyncio.Protocol ------------------------------------------------
@@ -198,8 +199,6 @@ class ClientConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.edge.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
         if self.parsing is not None:
             self.parsing.body.fail()
         for req in self.pipeline:
@@ -239,14 +238,13 @@ class ClientConn(asyncio.Protocol):
 
     # -- timers ------------------------------------------------------------
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(seconds, self._expire)
+        self.deadline = self.loop.time() + seconds
 
-    def _expire(self) -> None:
-        self._timer = None
+    def expire(self) -> None:
+        """Past the deadline: a head that never completed, or idle too long."""
+        self.deadline = 0.0
         if not self.busy and not self.pipeline and self.transport is not None:
-            self.transport.close()
+            self.close()
 
     # -- httptools callbacks -------------------------------------------------
     def on_message_begin(self) -> None:
@@ -267,9 +265,7 @@ class ClientConn(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = 0.0
         p = self.parser
         req = Request(p.get_method(), self._url, self._headers, p.should_keep_alive(),
                       RequestBody(self), p.get_http_version())
@@ -294,8 +290,9 @@ class ClientConn(asyncio.Protocol):
 
     # -- serving ---------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
+        t = self.transport
+        if not self.closed and t is not None and not t.is_closing():
+            t.write(data)  # (a closing transport's connection_lost may not have run yet)
 
     async def _serve(self) -> None:
         try:
@@ -400,19 +397,20 @@ class Edge:
         self.prober = Prober(cluster, self.book, self.config.health, clock=self.clock)
         self._tasks: list[asyncio.Task[None]] = []
         self.server: asyncio.Server | None = None
+        self.refresher: AppRefresher | None = None
+        self._orders: dict[str | None, tuple[int, EdgeSpec | None, list[str]]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await self.loop.create_server(lambda: ClientConn(self), host, port,
+                                                    reuse_address=True, backlog=1024)
         self._tasks.append(self.loop.create_task(self.prober.run()))
+        self._tasks.append(self.loop.create_task(self._sweep()))
         regions: Mapping[str, ControlRegion] = self.cluster.regions  # type: ignore[assignment]
         if all(hasattr(r, "control") for r in regions.values()):
             refresher = AppRefresher(regions, self.apps, self.config.apps_interval_s)
-            self.refresher: AppRefresher | None = refresher
+            self.refresher = refresher
             self._tasks.append(self.loop.create_task(refresher.run()))
-        else:
-            self.refresher = None
-        self.server = await self.loop.create_server(lambda: ClientConn(self), host, port,
-                                                    reuse_address=True, backlog=1024)
         sock = self.server.sockets[0].getsockname()
         return sock[0], sock[1]
 
@@ -437,6 +435,26 @@ class Edge:
         for pool in self.pools.values():
             pool.close()
 
+    async def _sweep(self) -> None:
+        """One timer for every deadline: response heads (every 0.1 s) and idle
+        or slow-headed client connections (every 0.5 s). Cheaper than a timer
+        per request armed and cancelled on the request path."""
+        n = 0
+        while True:
+            await asyncio.sleep(0.1)
+            now = self.loop.time()
+            for pool in self.pools.values():
+                for up in [u for u in pool.busy if 0 < u.deadline < now]:
+                    up.deadline_passed()
+            n += 1
+            if n % 5 == 0:
+                for c in [c for c in self.connections if 0 < c.deadline < now]:
+                    c.expire()
+
+    def add_task(self, coro: Any) -> None:
+        """Run ``coro`` beside the edge; cancelled when it stops."""
+        self._tasks.append(self.loop.create_task(coro))
+
     def _gateway_down(self, gateway: str) -> None:
         pool = self.pools.get(gateway)
         if pool is not None:
@@ -455,8 +473,7 @@ class Edge:
         self.budget.record_request(now)
         path = url.split(b"?", 1)[0].decode("latin-1")
         app = self.apps.lookup(req.host, req.method.decode("latin-1"), path)
-        order = region_order(app.spec if app is not None else None, self.order,
-                             self.book.up_regions(now), self.book.latencies(), self.rng)
+        order = self._region_order(app)
         idempotent = req.method in IDEMPOTENT or any(n == b"idempotency-key"
                                                      for n, _ in req.headers)
         body: bytes | None = None
@@ -465,17 +482,15 @@ class Edge:
         elif idempotent and req.length is not None \
                 and req.length <= self.config.max_replay_bytes:
             body = await req.body.read_all(self.config.body_timeout_s)
+        replayable = idempotent and body is not None
         head = self._request_head(req, conn.peer, body)
         failed: list[tuple[str, str]] = []
-        for region in order:
+        for region, gateway in self._candidates(order):
             if failed:
                 if not self.budget.try_spend(self.clock()):
                     self.stats["budget_denied"] += 1
                     break
                 self.stats["retries"] += 1
-            gateway = self.book.pick_gateway(region, now) or self.book.any_gateway(region, now)
-            if gateway is None:
-                continue
             try:
                 return await self._attempt(conn, req, region, gateway, head, body, failed)
             except UpstreamFailure as f:
@@ -484,18 +499,59 @@ class Edge:
                 failed.append((region, f.reason))
                 if f.passive:
                     self.book.passive_failure(gateway, f.reason, self.clock())
-                if f.sent and body is None:
-                    break  # it may have run, and its body is gone: never a second run
+                if f.sent and not replayable:
+                    break  # it may have run: never a second run behind the client's back
         self.stats["region_failed"] += 1
-        region, reason = failed[-1] if failed else (order[0] if order else "-", "no gateway")
+        if failed:
+            region, reason = failed[-1]
+        elif order:
+            region, reason = order[0], "no gateway to send to"
+        else:
+            region = "-"
+            reason = (f"app {app.name if app else '?'} names no region of this edge's "
+                      f"cluster file ({', '.join(self.order)})")
         conn.write(json_response(502, {
             "errorType": "RegionFailed",
-            "errorMessage": f"region {region} failed: {reason}",
+            "errorMessage": f"region {region} failed: {reason}" if failed or order else reason,
             "region": region,
             "tried": [r for r, _ in failed],
         }, region.encode(), req.keep_alive, head_only=req.method == b"HEAD"))
         # when the rest of the body was not read, the connection ends
         return req.body.finished or body is not None
+
+    def _candidates(self, order: list[str]) -> Iterator[tuple[str, str]]:
+        """Where to try, lazily (health moves as attempts fail): each region
+        in order, its up gateways least-in-flight first; a region with none
+        up gets one try at its least busy gateway, as a last resort."""
+        book = self.book
+        for region in order:
+            tried: set[str] = set()
+            while True:
+                gateway = book.pick_gateway(region, 0.0, tried)
+                if gateway is None and not tried:
+                    gateway = book.any_gateway(region, 0.0)
+                if gateway is None:
+                    break
+                tried.add(gateway)
+                yield region, gateway
+
+    def _region_order(self, app: App | None) -> list[str]:
+        """region_order, remembered per app until health changes (weighted
+        draws anew for every request). The list is shared: do not modify."""
+        spec = app.spec if app is not None else None
+        book = self.book
+        if spec is not None and spec.policy == "weighted":
+            return region_order(spec, self.order, book.up_regions(0.0), book.latencies(),
+                                self.rng)
+        key = app.name if app is not None else None
+        hit = self._orders.get(key)
+        if hit is not None and hit[0] == book.version and hit[1] is spec:
+            return hit[2]
+        order = region_order(spec, self.order, book.up_regions(0.0), book.latencies(), self.rng)
+        if len(self._orders) > 10_000:
+            self._orders.clear()
+        self._orders[key] = (book.version, spec, order)
+        return order
 
     def _request_head(self, req: Request, peer: str, body: bytes | None) -> bytes:
         parts = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
@@ -538,12 +594,9 @@ class Edge:
             timeout = self.config.response_timeout_s if was_up else \
                 3 * self.config.health.timeout_s
             if not up.head.done():
-                timer = self.loop.call_later(timeout, up.fail, UpstreamFailure(
-                    f"no response head within {timeout:g} s", sent=True, passive=not was_up))
-                try:
-                    await up.head
-                finally:
-                    timer.cancel()
+                up.deadline = self.loop.time() + timeout
+                up.deadline_passive = not was_up
+                await up.head
             if _may_be_gateway_error(up):
                 await asyncio.wait_for(asyncio.shield(up.done), self.config.health.timeout_s)
                 kind = gateway_failure(up.status, up.headers, b"".join(up.chunks))
@@ -587,7 +640,7 @@ class Edge:
                 up.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             else:
                 up.write(chunk)
-            await up.drain()
+            await up.drain(timeout)
             if up.head.done():  # answered before the whole body (e.g. 413): stop sending
                 up.dirty = True
                 return
@@ -611,10 +664,13 @@ class Edge:
         chunked = False
         if length is not None:
             parts += (b"content-length: ", length, b"\r\n")
-        elif not no_body:
-            chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n")
         keep = req.keep_alive and not self.draining
+        if length is None and not no_body:
+            if req.version == "1.0":  # no chunked framing: the end of the body is the close
+                keep = req.keep_alive = False
+            else:
+                chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
         if not keep:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
@@ -628,7 +684,7 @@ class Edge:
         transport = conn.transport
         if transport is None or conn.closed:
             raise ClientGone()
-        write = transport.write
+        write = conn.write
         if chunked:
             def sink(data: bytes) -> None:
                 if data:
@@ -639,10 +695,18 @@ class Edge:
         up.commit(sink)
         if conn.closed:
             raise ClientGone()
-        await up.done
+        up.watch(self.config.body_timeout_s)
+        try:
+            await up.done
+        finally:
+            up.unwatch()
         if chunked:
             write(b"0\r\n\r\n")
-        await conn.drain()
+        if not conn.closed:
+            try:
+                await asyncio.wait_for(conn.drain(), self.config.body_timeout_s)
+            except TimeoutError:
+                raise ClientGone() from None
 
     async def _own(self, conn: ClientConn, req: Request) -> bool:
         path = req.url.split(b"?", 1)[0]
@@ -670,27 +734,67 @@ class Edge:
         return True
 
 
+class Background(threading.Thread):
+    """A coroutine (the deploy converger) on a loop and thread of its own, so
+    its file reads and pushes never stall the request path's loop."""
+
+    def __init__(self, factory: Any) -> None:
+        super().__init__(name="nimbus-edge-background", daemon=True)
+        self.factory = factory
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task[Any] | None = None
+
+    def run(self) -> None:
+        loop = self.loop = asyncio.new_event_loop()
+        try:
+            self.task = loop.create_task(self.factory())
+            loop.run_until_complete(self.task)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - it must not take the edge down
+            log.exception("edge: background work stopped")
+        finally:
+            loop.close()
+
+    def stop(self, timeout_s: float) -> None:
+        loop, task = self.loop, self.task
+        if loop is not None and task is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # closed in between
+                pass
+        self.join(timeout_s)
+
+
 async def serve(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
-                ready: Any = None) -> None:
-    """Run an edge until SIGTERM or SIGINT, then drain for ``config.grace_s``."""
+                ready: Any = None, background: Any = None) -> None:
+    """Run an edge until SIGTERM or SIGINT, then drain for ``config.grace_s``.
+    ``background``: a coroutine function run beside it (the deploy converger)."""
     edge = Edge(cluster, config)
     bound = await edge.start(host, port)
+    side = Background(background) if background is not None else None
+    if side is not None:
+        side.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready(edge, bound)
-    await stop.wait()
-    await edge.stop(config.grace_s)
+    try:
+        await stop.wait()
+        await edge.stop(config.grace_s)
+    finally:
+        if side is not None:
+            side.stop(2.0)
 
 
 def run(cluster: ClusterLike, host: str, port: int, config: EdgeConfig,
-        ready: Any = None) -> None:
+        ready: Any = None, background: Any = None) -> None:
     try:
         import uvloop
         factory: Any = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(cluster, host, port, config, ready))
+        runner.run(serve(cluster, host, port, config, ready, background))

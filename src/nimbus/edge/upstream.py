@@ -23,7 +23,7 @@ import httptools
 from nimbus.edge.prober import split_url
 
 IDLE_S = 3.0            # under the gateway's keep-alive (5 s): we close first, never race it
-MAX_IDLE_PER_POOL = 256
+MAX_IDLE_PER_POOL = 1024
 MAX_UNCOMMITTED = 1 << 20  # body bytes held before the proxy commits to a response
 
 
@@ -46,6 +46,9 @@ class Upstream(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._write_ready: asyncio.Future[None] | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self.uses = 0
+        self.wrote = False
         self._reset()
 
     def _reset(self) -> None:
@@ -61,21 +64,59 @@ class Upstream(asyncio.Protocol):
         self.until_close = False
         self.active = False
         self.dirty = False   # the request was not sent whole: never reused
+        self.keep_alive = False
+        self.received = 0    # body bytes so far (the stall watchdog watches it)
+        self.deadline = 0.0  # for the response head (0: none); the edge's sweep checks
+        self.deadline_passive = False
 
     # -- exchange --------------------------------------------------------
     def start(self, head_request: bool) -> None:
         if self.head.done() or self.done.done():
             self._reset()
+        self.uses += 1
+        self.wrote = False
         self.head_request = head_request
         self.active = True
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        t = self.transport
+        if t is None or t.is_closing():  # closed, its connection_lost not delivered yet
+            raise UpstreamFailure(f"connection to {self.pool.url} closed", sent=self.wrote,
+                                  passive=False)
+        t.write(data)
+        self.wrote = True
 
-    async def drain(self) -> None:
-        if self._write_ready is not None:
-            await self._write_ready
+    async def drain(self, timeout_s: float) -> None:
+        if self._write_ready is not None and not self._write_ready.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._write_ready), timeout_s)
+            except TimeoutError:
+                raise UpstreamFailure(f"gateway {self.pool.url} took no request bytes for "
+                                      f"{timeout_s:g} s", sent=True, passive=False) from None
+
+    def watch(self, stall_s: float) -> asyncio.TimerHandle:
+        """Fail the exchange when no response body byte arrives for
+        ``stall_s`` (a stalled gateway, or a client that stopped reading)."""
+        seen = self.received
+
+        def check() -> None:
+            nonlocal seen
+            if self.complete or self.closed:
+                return
+            if self.received == seen:
+                self.fail(UpstreamFailure(f"response stalled for {stall_s:g} s", sent=True,
+                                          passive=False))
+                return
+            seen = self.received
+            self._watch = self.loop.call_later(stall_s, check)
+
+        self._watch = self.loop.call_later(stall_s, check)
+        return self._watch
+
+    def unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def commit(self, sink: Callable[[bytes], None]) -> None:
         """From now on body bytes go to ``sink``; what came before goes first."""
@@ -87,9 +128,14 @@ class Upstream(asyncio.Protocol):
             self.transport.resume_reading()
         self.buffered = 0
 
+    def deadline_passed(self) -> None:
+        if not self.head.done():
+            self.fail(UpstreamFailure("no response head in time", sent=True,
+                                      passive=self.deadline_passive))
+
     def reusable(self) -> bool:
         return (self.complete and not self.closed and not self.head_request and not self.dirty
-                and not self.until_close and self.parser.should_keep_alive())
+                and not self.until_close and self.keep_alive)
 
     def fail(self, failure: UpstreamFailure) -> None:
         """Abort the exchange (gateway went down, client left, a deadline)."""
@@ -138,8 +184,11 @@ class Upstream(asyncio.Protocol):
         elif self.active and not self.complete:
             why = "connection reset" if exc is not None or not self.head.done() else \
                 "connection closed mid-response"
+            # On a connection opened for this request it is a signal about the
+            # gateway; on a reused one the gateway may just have dropped an idle
+            # connection (its own limits): the next connect tells, refused or not.
             self._fail(UpstreamFailure(f"{why} by gateway {self.pool.url}", sent=True,
-                                       passive=True))
+                                       passive=self.uses <= 1))
         if self._write_ready is not None and not self._write_ready.done():
             self._write_ready.set_result(None)
         self.pool.forget(self)
@@ -162,6 +211,8 @@ class Upstream(asyncio.Protocol):
         if 100 <= self.status < 200:  # an interim answer: wait for the real one
             self.headers = []
             return
+        self.deadline = 0.0
+        self.keep_alive = self.parser.should_keep_alive()  # (it forgets once complete)
         framed = any(n in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
         self.until_close = not framed and self.status not in (204, 304)
         if not self.head.done():
@@ -172,6 +223,7 @@ class Upstream(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.complete:
             return
+        self.received += len(body)
         if self.sink is not None:
             self.sink(body)
             return
@@ -205,7 +257,8 @@ class Pool:
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_S:
+            if not conn.closed and now - conn.idle_since < IDLE_S and \
+                    conn.transport is not None and not conn.transport.is_closing():
                 self.busy.add(conn)
                 return conn
             conn.close()
