@@ -174,6 +174,24 @@ def test_bad_options_are_refused(tmp_path: Path, args: tuple[str, ...], message:
     assert "Traceback" not in out.stderr
 
 
+def resolve(name: str, port: int) -> list[str]:
+    """The A records of ``name`` from the DNS server on 127.0.0.1:``port``
+    (it may need a moment to learn the apps and the regions' health)."""
+    import dns.exception
+    import dns.resolver
+
+    res = dns.resolver.Resolver(configure=False)
+    res.nameservers, res.port, res.lifetime = ["127.0.0.1"], port, 2.0
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return sorted(r.address for r in res.resolve(name, "A"))
+        except dns.exception.DNSException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_demo_regions_serves_through_its_edge_and_stops_on_sigint(tmp_path: Path) -> None:
     app = write_app(tmp_path)
     err = open(tmp_path / "demo.err", "wb")  # noqa: SIM115
@@ -204,6 +222,9 @@ def test_demo_regions_serves_through_its_edge_and_stops_on_sigint(tmp_path: Path
         assert re.search(rf"kill -9 {pids[0]}\b", text)
         assert "curl -si " + edge.group(1) + "/hello" in text
         assert (tmp_path / "demo" / "nimbus.cluster.yaml").exists()
+        dns_line = re.search(r"^dns\s+127\.0\.0\.1:(\d+) .*zone nimbus\.internal", text, re.M)
+        assert dns_line, text
+        assert resolve("shop.nimbus.internal", int(dns_line.group(1))) == ["127.0.0.2"]
         everything = {pid for p in pids for pid in (p, *descendants(p))}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(40) == 0
