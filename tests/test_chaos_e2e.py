@@ -237,3 +237,16 @@ def test_demo_regions_serves_through_its_edge_and_stops_on_sigint(tmp_path: Path
         err.close()
         for p in pids:
             stop_pid(p, 5)
+
+
+def test_a_cluster_file_off_loopback_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "eu.token").write_text("t" * 40 + "\n")
+    cluster = tmp_path / "nimbus.cluster.yaml"
+    cluster.write_text("regions:\n  eu:\n    control: http://10.9.8.7:8081\n"
+                       "    token_file: eu.token\n    gateways: [http://127.0.0.2:8080]\n")
+    out = subprocess.run([sys.executable, "-m", "nimbus", "chaos", "--cluster", str(cluster),
+                          "--app", "shop", "--edge", "http://127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "regions.eu.control" in out.stderr and "loopback" in out.stderr
+    assert str(cluster) in out.stderr and "Traceback" not in out.stderr
