@@ -226,6 +226,17 @@ def test_demo_regions_serves_through_its_edge_and_stops_on_sigint(tmp_path: Path
         assert dns_line, text
         assert resolve("shop.nimbus.internal", int(dns_line.group(1))) == ["127.0.0.2"]
         everything = {pid for p in pids for pid in (p, *descendants(p))}
+        # the printed kill line: the edge answers from us at once
+        os.kill(pids[0], signal.SIGKILL)
+        r = httpx.get(edge.group(1) + "/hello", timeout=10)
+        assert r.status_code == 200 and r.headers["x-nimbus-region"] == "us"
+        deadline = time.monotonic() + 10
+        while "to start it again" not in (tmp_path / "demo.err").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        again = (tmp_path / "demo.err").read_text()
+        assert f"region eu (pid {pids[0]}) exited" in again
+        assert "--port 0" not in again.split("to start it again:")[1]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(40) == 0
         assert not any(alive(p) for p in everything)

@@ -63,6 +63,11 @@ def _nimbus(*args: str) -> list[str]:
     return [sys.executable, "-m", "nimbus", *args]
 
 
+def _with_port(argv: list[str], option: str, url: str) -> list[str]:
+    i = argv.index(option)
+    return [*argv[:i + 1], url.rsplit(":", 1)[1], *argv[i + 2:]]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both TCP and UDP on ``host`` (the DNS server takes both)."""
     for _ in range(50):
@@ -121,7 +126,10 @@ class Demo:
             self.children.append(child)
         deadline = time.monotonic() + START_TIMEOUT_S
         for (name, _host), child in zip(REGIONS, self.children, strict=True):
-            self.regions[name] = self._wait_region(child, self.folder / name, deadline)
+            self.regions[name] = r = self._wait_region(child, self.folder / name, deadline)
+            # started again, a region must come back where the cluster file says
+            child.argv = _with_port(_with_port(child.argv, "--port", r["gateway"]),
+                                    "--control-port", r["control"])
         self._write_cluster()
         self._deploy()
         self._start_edge()
