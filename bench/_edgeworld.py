@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -101,9 +102,16 @@ class RegionUp:
                 self.proc.wait(10)
 
 
+@dataclass
+class World:
+    regions: list[RegionUp]
+    edge: str       # the edge's URL
+    edge_pid: int
+
+
 @contextlib.contextmanager
-def edge_world(names: tuple[str, ...] = ("eu", "us")) -> Iterator[tuple[list[RegionUp], str]]:
-    """The regions (started) and the edge's URL."""
+def edge_world(names: tuple[str, ...] = ("eu", "us")) -> Iterator[World]:
+    """The regions (started) and the edge in front of them."""
     root = Path(tempfile.mkdtemp(prefix="nimbus-bench-regions-"))
     app = root / "bench"
     app.mkdir()
@@ -130,7 +138,7 @@ def edge_world(names: tuple[str, ...] = ("eu", "us")) -> Iterator[tuple[list[Reg
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/_nimbus/health")
         wait_http(url + "/hello")
-        yield regions, url
+        yield World(regions, url, edge.pid)
     finally:
         if edge is not None and edge.poll() is None:
             edge.send_signal(signal.SIGTERM)

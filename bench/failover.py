@@ -162,7 +162,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=200.0)
     args = ap.parse_args()
     results = []
-    with edge_world() as (regions, edge):
+    with edge_world() as world:
+        regions, edge = world.regions, world.edge
         load = Load(edge, "/hello", args.rate)
         load.start()
         try:
