@@ -28,6 +28,7 @@ from nimbus.chaos.report import (
     detection_s,
     edge_view,
     error_type,
+    last_served_s,
     served_again_s,
 )
 from nimbus.chaos.targets import Kill, Region, Skip, plan_instance, plan_node, plan_region
@@ -317,6 +318,9 @@ class Chaos:
             ev.detection_s = detection_s(self.polls, region.name, at)
             ev.recovery_s = (back_up_s(self.polls, region.name, at)
                              or served_again_s(self.load.served, region.name, restarted_at, at))
+            last = last_served_s(self.load.served, region.name, at)
+            if last is not None:
+                ev.notes.append(f"its last answer {last:.2f}s after the kill")
             if not self.polls:
                 ev.notes.append("the edge's /_nimbus/regions gave no view")
             return
