@@ -42,7 +42,7 @@ def test_seed_app_verbatim(start_nimbus):
     assert r.text == "Hello, World!"
     assert r.headers["x-nimbus-request-id"]
     assert "served by Python 3." in n.output()  # the runtime notice
-    assert n.http.get("/_nimbus/health").json() == {"status": "ok"}
+    assert n.http.get("/_nimbus/health").json() == {"status": "ok", "region": "local"}
 
 
 def test_path_parameters_query_and_headers(kitchen):

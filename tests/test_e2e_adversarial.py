@@ -851,6 +851,6 @@ def test_a_handler_that_kills_the_zygote_does_not_take_the_platform_down(start_n
 
 
 def test_the_shared_platform_survived_everything_above(adv):
-    assert adv.http.get("/_nimbus/health").json() == {"status": "ok"}
+    assert adv.http.get("/_nimbus/health").json() == {"status": "ok", "region": "local"}
     assert adv.proc.poll() is None
     assert adv.http.get("/hello").text == "Hello, World!"

@@ -52,6 +52,11 @@ def test_first_success_is_up_at_once_and_nothing_is_up_before() -> None:
     book.probe_ok(EU1, 0.002, 0.1)
     assert book.gateway_up(EU1, 0.1) and book.region_up("eu", 0.1)
     assert not book.region_up("us", 0.1)
+    # past the start-up window, a region down from the start rises like any other
+    book.probe_ok(US1, 0.002, 10.0)
+    assert not book.region_up("us", 10.0)
+    book.probe_ok(US1, 0.002, 13.0)
+    assert book.region_up("us", 13.0)
 
 
 def test_down_after_fall_consecutive_failures_only() -> None:

@@ -112,6 +112,7 @@ def ok(region: str) -> Handler:
 GATEWAY_503 = orjson.dumps({"errorType": "Unavailable", "errorMessage": "store down",
                             "requestId": "r1"})
 FUNCTION_503 = orjson.dumps({"message": "my own 503"})
+GW_MARK = ("x-nimbus-error", "gateway")  # what a gateway sets on its own failures
 
 
 def run_edge(handlers: dict[str, Handler], test: Callable[[Edge, dict[str, StubGateway], str],
@@ -140,7 +141,7 @@ def run_edge(handlers: dict[str, Handler], test: Callable[[Edge, dict[str, StubG
 
 def test_gateway_made_503_moves_an_idempotent_request_on_but_not_a_post() -> None:
     def eu(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
-        return 503, [("content-type", "application/json")], GATEWAY_503
+        return 503, [("content-type", "application/json"), GW_MARK], GATEWAY_503
 
     async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
         async with httpx.AsyncClient(base_url=url) as c:
@@ -165,7 +166,9 @@ def test_gateway_made_503_moves_an_idempotent_request_on_but_not_a_post() -> Non
 def test_function_errors_and_throttles_are_answers_not_region_failures() -> None:
     answers = {"/mine": (503, FUNCTION_503), "/throttled": (429, orjson.dumps(
         {"errorType": "Throttled", "errorMessage": "slow down"})),
-        "/died": (502, orjson.dumps({"errorType": "InstanceDied", "errorMessage": "x"}))}
+        "/died": (502, orjson.dumps({"errorType": "InstanceDied", "errorMessage": "x"})),
+        # a function answering with the very body a gateway uses, but no mark
+        "/lookalike": (503, GATEWAY_503)}
 
     def eu(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
         status, data = answers[target]
@@ -186,7 +189,7 @@ def test_function_errors_and_throttles_are_answers_not_region_failures() -> None
 
 def test_a_burst_of_gateway_errors_takes_the_region_down() -> None:
     def eu(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
-        return 503, [("content-type", "application/json")], GATEWAY_503
+        return 503, [("content-type", "application/json"), GW_MARK], GATEWAY_503
 
     async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
         async with httpx.AsyncClient(base_url=url) as c:
@@ -258,7 +261,7 @@ async def wait_up(edge: Edge, region: str) -> None:
 
 def test_retry_budget_exhausted_answers_502() -> None:
     def eu(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
-        return 503, [("content-type", "application/json")], GATEWAY_503
+        return 503, [("content-type", "application/json"), GW_MARK], GATEWAY_503
 
     async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
         async with httpx.AsyncClient(base_url=url) as c:
@@ -286,6 +289,9 @@ def test_head_chunked_and_pipelined_requests() -> None:
             assert (await c.get("/after")).content == b"/after/after"
             r = await c.get("/_nimbus/nope")
             assert r.status_code == 404 and r.headers["x-nimbus-region"] == "edge"
+        async with httpx.AsyncClient(base_url=url) as c:
+            r = await c.get("/big-head", headers={"x-big": "a" * 70_000})
+            assert r.status_code == 431 and r.json()["errorType"] == "HeadersTooLarge"
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"".join(b"GET /p%d HTTP/1.1\r\nhost: x\r\n\r\n" % i for i in range(5)))
@@ -294,6 +300,11 @@ def test_head_chunked_and_pipelined_requests() -> None:
             data += await asyncio.wait_for(reader.read(65536), 5)
         positions = [data.index(b"/p%d/p%d" % (i, i)) for i in range(5)]
         assert positions == sorted(positions)
+        reader2, writer2 = await asyncio.open_connection(host, int(port))
+        writer2.write(b"GET / HTTP/1.1\r\nbad header: x\r\n\r\n")
+        bad = await asyncio.wait_for(reader2.read(), 5)
+        assert bad.startswith(b"HTTP/1.1 400") and b"BadRequest" in bad
+        writer2.close()
         # Expect: 100-continue is answered by the edge; the body then goes through
         writer.write(b"PUT /e HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
                      b"expect: 100-continue\r\n\r\n")
@@ -342,13 +353,14 @@ def test_forwarded_for_and_hop_by_hop_headers() -> None:
 
 
 def test_gateway_failure_tells_gateway_errors_from_function_answers() -> None:
-    assert gateway_failure(503, [], GATEWAY_503) == "Unavailable"
-    assert gateway_failure(503, [], orjson.dumps({"errorType": "Closed"})) == "Closed"
-    assert gateway_failure(500, [], GATEWAY_503) is None
+    mark = [(b"x-nimbus-error", b"gateway")]
+    assert gateway_failure(503, mark, GATEWAY_503) == "Unavailable"
+    assert gateway_failure(503, mark, orjson.dumps({"errorType": "Closed"})) == "Closed"
+    assert gateway_failure(503, mark, b"not json") == "Unavailable"
+    assert gateway_failure(500, mark, GATEWAY_503) is None
+    # without the gateway's mark, the same body is a function's own answer
+    assert gateway_failure(503, [], GATEWAY_503) is None
     assert gateway_failure(503, [], FUNCTION_503) is None
-    assert gateway_failure(503, [], b"not json") is None
-    assert gateway_failure(503, [], orjson.dumps(
-        {"errorType": "Unavailable", "errorMessage": "x", "extra": 1})) is None
     assert gateway_failure(502, [], orjson.dumps({"errorType": "InstanceDied"})) is None
 
 
@@ -487,3 +499,25 @@ def test_a_region_with_one_gateway_left_keeps_its_traffic() -> None:
                 s.close()
 
     asyncio.run(main())
+
+
+def test_past_max_connections_the_longest_idle_makes_room() -> None:
+    async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        conns = []
+        for i in range(3):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /c%d HTTP/1.1\r\nhost: x\r\n\r\n" % i)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.wait_for(reader.readuntil(b"}"), 5)
+            conns.append((reader, writer))
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(conns[0][0].read(), 5) == b""   # the oldest idle: closed
+        conns[1][1].write(b"GET /again HTTP/1.1\r\nhost: x\r\n\r\n")   # the others go on
+        assert (await asyncio.wait_for(conns[1][0].readuntil(b"\r\n\r\n"), 5)).startswith(
+            b"HTTP/1.1 200")
+        for _, w in conns:
+            w.close()
+
+    run_edge({"eu": ok("eu")}, test, max_connections=2)

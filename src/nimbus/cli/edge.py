@@ -32,12 +32,15 @@ from nimbus.cli.main import cli, fail
               help="Retries may add at most this share of the requests (plus 10/s).")
 @click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0),
               help="Seconds requests in flight get to finish on shutdown.")
+@click.option("--max-connections", default=10_000, show_default=True, type=click.IntRange(1),
+              help="Client connections held at once; past it the longest-idle one makes "
+                   "room, or 503 when all are busy.")
 @click.option("--converge/--no-converge", default=True, show_default=True,
               help="Bring regions that missed a 'nimbus deploy --cluster' (down at the "
                    "time, or back at another version) up to date in the background.")
 def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s: float,
          fall: int, rise_s: float, connect_timeout_s: float, retry_ratio: float,
-         grace_s: float, converge: bool) -> None:
+         grace_s: float, max_connections: int, converge: bool) -> None:
     """Serve HTTP in front of every region of a cluster file: route each request
     by its app's policy and the regions' health, fail over within a second."""
     from nimbus.edge.health import HealthConfig
@@ -52,7 +55,7 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
                      "http:// to gateways and control APIs", 2)
     config = EdgeConfig(health=HealthConfig(interval_s, timeout_s, fall, rise_s),
                         connect_timeout_s=connect_timeout_s, retry_ratio=retry_ratio,
-                        grace_s=grace_s)
+                        grace_s=grace_s, max_connections=max_connections)
 
     def ready(_edge: Any, bound: tuple[str, int]) -> None:
         names = ", ".join(cluster.names)

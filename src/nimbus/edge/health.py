@@ -9,8 +9,9 @@ The model, per gateway:
 - up again only after ``rise_s`` of *continuous* successful probes
   (hysteresis): one failed probe restarts the count, so a gateway that flaps
   every few seconds never takes traffic back;
-- a gateway never seen up yet is up on its first successful probe (a fresh
-  edge is ready at once);
+- while the book is younger than ``rise_s``, a gateway never seen up is up
+  on its first successful probe (a fresh edge is ready at once); after
+  that, a gateway that was down from the start rises like any other;
 - probe latency is smoothed (EWMA) for the ``latency`` policy.
 
 A region is up when any of its gateways is up.
@@ -71,6 +72,7 @@ class HealthBook:
 
     def __init__(self, cluster: ClusterLike, config: HealthConfig, now: float) -> None:
         self.config = config
+        self.started = now
         self.gateways: dict[str, GatewayHealth] = {}
         self.by_region: dict[str, list[GatewayHealth]] = {}
         for name, region in cluster.regions.items():
@@ -97,7 +99,8 @@ class HealthBook:
         self.version += 1
         if g.ok_since is None:
             g.ok_since = now
-        if not g.up and (not g.seen_up or now - g.ok_since >= self.config.rise_s):
+        if not g.up and (now - g.ok_since >= self.config.rise_s or (
+                not g.seen_up and now - self.started < self.config.rise_s)):
             g.up = g.seen_up = True
             g.since = now
             self._up = None

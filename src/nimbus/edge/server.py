@@ -37,12 +37,11 @@ from nimbus.edge.policy import region_order
 from nimbus.edge.prober import Prober
 from nimbus.edge.types import ClusterLike
 from nimbus.edge.upstream import Pool, Upstream, UpstreamFailure
+from nimbus.gateway.responses import GATEWAY_ERROR_HEADER
 
 log = logging.getLogger("nimbus.edge")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
-# Errors a gateway makes when it, not the function, could not serve.
-GATEWAY_FAILURES = frozenset({"Unavailable", "Closed", "WorkerLost", "TooManyConnections"})
 NOT_A_HEALTH_SIGNAL = frozenset({"TooManyConnections"})  # load shedding: retry, not down
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"content-length", b"expect",
@@ -52,6 +51,7 @@ RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"
 REASONS = {200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
            304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found",
            413: b"Payload Too Large", 429: b"Too Many Requests",
+           431: b"Request Header Fields Too Large",
            500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
            504: b"Gateway Timeout"}
 
@@ -70,6 +70,7 @@ class EdgeConfig:
     retry_min_per_s: float = 10.0
     apps_interval_s: float = 2.0
     grace_s: float = 10.0
+    max_connections: int = 10_000         # client connections held at once
 
 
 class ClientGone(Exception):
@@ -178,6 +179,7 @@ class ClientConn(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self.deadline = 0.0    # close when idle past this (0: none); the edge's sweep checks
+        self.last_active = 0.0
         self.busy = False
 
     # -- asyncio.Protocol ------------------------------------------------
@@ -185,16 +187,30 @@ class ClientConn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "-"
-        self.edge.connections.add(self)
         self._arm(self.edge.config.header_timeout_s)
+        if len(self.edge.connections) >= self.edge.config.max_connections \
+                and not self.edge.make_room():
+            self.write(json_response(503, {
+                "errorType": "TooManyConnections",
+                "errorMessage": "the edge holds as many connections as it may; try again"},
+                b"edge", keep_alive=False))
+            self.close()
+            return
+        self.edge.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reject(501, "NotImplemented", "protocol upgrades are not supported")
         except (httptools.HttpParserError, ValueError) as exc:
-            self._reject(400, "BadRequest", f"malformed request: {exc}")
+            if self._header_bytes > self.edge.config.max_header_bytes:
+                self._reject(431, "HeadersTooLarge", "request line and headers are over "
+                             f"{self.edge.config.max_header_bytes} bytes")
+            else:
+                self._reject(400, "BadRequest", f"malformed request: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -238,7 +254,9 @@ class ClientConn(asyncio.Protocol):
 
     # -- timers ------------------------------------------------------------
     def _arm(self, seconds: float) -> None:
-        self.deadline = self.loop.time() + seconds
+        now = self.loop.time()
+        self.deadline = now + seconds
+        self.last_active = now
 
     def expire(self) -> None:
         """Past the deadline: a head that never completed, or idle too long."""
@@ -350,27 +368,24 @@ def json_response(status: int, body: Any, region: bytes, keep_alive: bool,
 
 
 def gateway_failure(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> str | None:
-    """The errorType of a 502/503 the gateway itself made (it could not
-    serve), or None for anything else (a function's own answer included)."""
-    if status not in (502, 503):
+    """The errorType of a 502/503 the gateway itself made because it could
+    not serve (it marks those with ``x-nimbus-error: gateway``, a header no
+    function can set), or None for anything else (a function's own answer,
+    a throttle, an instance that died running the request)."""
+    if status not in (502, 503) or (GATEWAY_ERROR_HEADER, b"gateway") not in headers:
         return None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or not set(data) <= {"errorType", "errorMessage", "requestId"}:
-        return None
-    kind = data.get("errorType")
-    return kind if isinstance(kind, str) and kind in GATEWAY_FAILURES else None
+        return "Unavailable"
+    kind = data.get("errorType") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) and kind else "Unavailable"
 
 
 def _may_be_gateway_error(up: Upstream) -> bool:
     if up.status not in (502, 503):
         return False
-    for n, v in up.headers:
-        if n == b"content-length":
-            return v.isdigit() and int(v) <= 4096
-    return False
+    return (GATEWAY_ERROR_HEADER, b"gateway") in up.headers
 
 
 class Edge:
@@ -450,6 +465,16 @@ class Edge:
             if n % 5 == 0:
                 for c in [c for c in self.connections if 0 < c.deadline < now]:
                     c.expire()
+
+    def make_room(self) -> bool:
+        """Close the client connection idle the longest (False: all are busy)."""
+        idle = [c for c in self.connections if not c.busy and not c.pipeline]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_active)
+        self.connections.discard(oldest)
+        oldest.close()
+        return True
 
     def add_task(self, coro: Any) -> None:
         """Run ``coro`` beside the edge; cancelled when it stops."""
