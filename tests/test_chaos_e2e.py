@@ -156,7 +156,9 @@ def test_exit_status_follows_min_success(world: dict[str, Any]) -> None:
          "--events", "instance", "--async-rate", "0", "--min-success", "0.5"],
         capture_output=True, text=True, timeout=60)
     assert text.returncode == 0, text.stdout + text.stderr
-    assert "20 succeeded (100.0000%)" in text.stdout and "goals met" in text.stdout
+    # a request running in the killed instance may fail (502 InstanceDied)
+    assert re.search(r"20 sent, (19|20) succeeded", text.stdout), text.stdout
+    assert "instance pid" in text.stdout and "goals met" in text.stdout
 
 
 @pytest.mark.parametrize(("args", "message"), [
