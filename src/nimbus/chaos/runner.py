@@ -274,8 +274,9 @@ class Chaos:
                 await self._event(admin, ev, region)
             except Skip as exc:
                 ev.skipped = str(exc)
-            except (httpx.HTTPError, OSError, ValueError) as exc:
-                ev.skipped = f"could not inspect or kill: {exc}"
+            except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as exc:
+                # a region whose status does not say what can be killed
+                ev.skipped = f"could not inspect or kill: {type(exc).__name__}: {exc}"
             self.say(f"event {ev.kind} in {ev.region}: " + (
                 f"skipped ({ev.skipped})" if ev.skipped else
                 f"{ev.target}; detection {ev.detection_s}, recovery {ev.recovery_s}"))
