@@ -65,6 +65,10 @@ def chaos(cluster_file: Path, app: str, edge: str, duration: str, rate: float,
         report = asyncio.run(run(opts, say))
     except UserInputError as exc:
         fail(str(exc), 2)
+    except KeyboardInterrupt:
+        # what was killed has been started again on the way out
+        click.echo("nimbus chaos: interrupted; no report", err=True)
+        sys.exit(130)
     if as_json:
         click.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
     else:

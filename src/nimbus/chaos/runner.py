@@ -303,6 +303,18 @@ class Chaos:
         ev.pids = await asyncio.to_thread(kill.execute)
         self.say(f"killed {kill.target} in {region.name} at {at:.2f} s "
                  f"({len(ev.pids)} processes)")
+        try:
+            await self._follow(admin, ev, region, kill, controls, want, at)
+        finally:
+            if kill.restart and not ev.restarted_pids:
+                # interrupted (Ctrl-C) before it was brought back: do it now
+                ev.restarted_pids = kill.bring_back()
+                self.say(f"{kill.target} started again as pid "
+                         f"{', '.join(map(str, ev.restarted_pids))}")
+
+    async def _follow(self, admin: httpx.AsyncClient, ev: EventResult, region: Region,
+                      kill: Kill, controls: list[str], want: int, at: float) -> None:
+        """Bring back what was killed and measure detection and recovery."""
         deadline = time.monotonic() + self.opts.recover_timeout_s
         if ev.kind == "region":
             # the edge should route away within a second: give it 3 before
