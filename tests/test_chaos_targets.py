@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from nimbus.chaos.procs import looks_like_nimbus
 from nimbus.chaos.targets import Skip, plan_instance, plan_node, plan_region
 
 
@@ -18,6 +20,10 @@ def nimbus_like() -> Iterator[list[int]]:
     procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                                "nimbus", f"--state-dir=/tmp/x{i}", "--port", "0"])
              for i in range(3)]
+    deadline = time.monotonic() + 10
+    while not all(looks_like_nimbus(p.pid) for p in procs):  # exec may not be done
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     try:
         yield [p.pid for p in procs]
     finally:
