@@ -162,22 +162,33 @@ def _comes_back(load: Load, region: str, since: float) -> float:
 
 
 def test_latency_policy_prefers_the_region_without_added_delay(world: dict[str, Any]) -> None:
+    """Measured latency includes this machine's own scheduling delays, which
+    on a busy machine can swamp 20 ms for a while: a batch of requests
+    counts only when the edge measured the delayed region at least 15 ms
+    slower both before and after it (a batch spoiled by noise is sent again,
+    up to 10 times); in a batch that counts, the other region serves 90%."""
     edge: EdgeProc = world["edge"]
     eu: NetnsRegion = world["eu"]
     us: NetnsRegion = world["us"]
     set_delay = world["set_delay"]
+
+    def gap(slow: NetnsRegion, fast: NetnsRegion) -> float:
+        return _latency_ms(edge, slow.name) - _latency_ms(edge, fast.name)
+
     try:
         for slow, fast in ((eu, us), (us, eu)):
             set_delay(fast, 0)
             set_delay(slow, 20)                    # 20 ms more per round trip
-            # measured latency includes this machine's scheduling delays:
-            # wait for the 20 ms to show as a gap of at least 15 ms
-            wait_for(lambda s=slow, f=fast: _latency_ms(edge, s.name)
-                     - _latency_ms(edge, f.name) >= 15, 15,
-                     f"{slow.name}'s measured latency to rise over {fast.name}'s")
-            served = _served_by(edge, 40)
-            latencies = {r: _latency_ms(edge, r) for r in ("eu", "us")}
-            assert served[fast.name] >= 36, (served, latencies, world["delay_by"])
+            for _batch in range(10):
+                wait_for(lambda s=slow, f=fast: gap(s, f) >= 15, 15,
+                         f"{slow.name}'s measured latency to rise over {fast.name}'s")
+                served = _served_by(edge, 20)
+                if gap(slow, fast) >= 15:
+                    break
+            else:
+                pytest.fail(f"the measured gap never held through a batch: "
+                            f"{ {r: _latency_ms(edge, r) for r in ('eu', 'us')} }")
+            assert served[fast.name] >= 18, (served, world["delay_by"])
     finally:
         set_delay(eu, 0)
         set_delay(us, 0)
