@@ -224,3 +224,23 @@ def test_a_demo_or_cluster_state_folder_in_the_app_is_never_bundled(tmp_path: Pa
     names = zipfile.ZipFile(io.BytesIO(make_bundle(app))).namelist()
     assert not [n for n in names if "token" in n], names
     assert "hello.py" in names and "app.yaml" in names
+
+
+def test_a_cluster_deploy_never_bundles_the_cluster_file_or_its_tokens(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    from nimbus.multiregion.deploy import plan_deploy
+
+    app = _app(tmp_path / "a")
+    (app / "eu.token").write_text("eu-secret\n")
+    (app / "us.token").write_text("us-secret\n")
+    (app / "keep.token").write_text("the app's own file, not a region token\n")
+    (app / "nimbus.cluster.yaml").write_text(GOOD.replace(
+        "token_env: NIMBUS_TEST_EU_TOKEN", "token_file: eu.token"))
+    cluster = load_cluster(app / "nimbus.cluster.yaml")
+    plan = plan_deploy(app, cluster)
+    names = zipfile.ZipFile(io.BytesIO(plan.bundle)).namelist()
+    assert "eu.token" not in names and "us.token" not in names, names
+    assert "nimbus.cluster.yaml" not in names
+    assert "keep.token" in names and "hello.py" in names

@@ -24,6 +24,7 @@ import stat
 import struct
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -62,11 +63,13 @@ def _shown(path: Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def make_bundle(app_dir: Path) -> bytes:
+def make_bundle(app_dir: Path, exclude: Iterable[Path] = ()) -> bytes:
     """The app folder as a zip. Raises ManifestError (the CLI's exit 2) naming the
     file for a link that leaves the folder, a dangling link, an unreadable file
-    or a name that is not UTF-8."""
+    or a name that is not UTF-8. Files in ``exclude`` (the cluster file and
+    the region tokens it names, say) are left out wherever they are."""
     app_dir = app_dir.resolve()
+    left_out = {p.resolve() for p in exclude}
     files: list[Path] = []
     for root, dirs, names in os.walk(app_dir):
         here = Path(root)
@@ -80,7 +83,7 @@ def make_bundle(app_dir: Path) -> bytes:
             kept.append(d)
         dirs[:] = kept
         for name in sorted(names):
-            if not name.endswith(SKIP_SUFFIXES):
+            if not name.endswith(SKIP_SUFFIXES) and (here / name) not in left_out:
                 files.append(here / name)
     buf = io.BytesIO()
     total = 0

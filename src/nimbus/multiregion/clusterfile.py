@@ -16,7 +16,7 @@ is a :class:`ManifestError` naming the file, the line and the field.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +38,9 @@ class RegionEntry:
     control: str  # base URL, no trailing slash
     token: str  # resolved from token_file or token_env
     gateways: tuple[str, ...]  # base URLs, no trailing slash
+    # the file the token was read from (None: from the environment); a
+    # deploy never bundles it
+    token_path: Path | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class ClusterFile:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.regions)
+
+    def secret_files(self) -> list[Path]:
+        """This file and the token files it names: never part of a bundle."""
+        return [self.path, *(r.token_path for r in self.regions.values() if r.token_path)]
 
     def region_of_gateway(self, gateway: str) -> str:
         for entry in self.regions.values():
@@ -104,8 +111,9 @@ def _entry(src: Source, loc: Loc, name: str, spec: Any) -> RegionEntry:
     urls = tuple(_url(src, (*loc, "gateways", i), g) for i, g in enumerate(gateways))
     if len(set(urls)) != len(urls):
         raise _error(src, (*loc, "gateways"), "lists a gateway twice")
-    return RegionEntry(name=name, control=control, token=_token(src, loc, spec),
-                       gateways=urls)
+    token, token_path = _token(src, loc, spec)
+    return RegionEntry(name=name, control=control, token=token, gateways=urls,
+                       token_path=token_path)
 
 
 def _url(src: Source, loc: Loc, value: Any) -> str:
@@ -122,7 +130,7 @@ def _url(src: Source, loc: Loc, value: Any) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _token(src: Source, loc: Loc, spec: dict[str, Any]) -> str:
+def _token(src: Source, loc: Loc, spec: dict[str, Any]) -> tuple[str, Path | None]:
     has_file, has_env = "token_file" in spec, "token_env" in spec
     if has_file == has_env:
         raise _error(src, loc, "give exactly one of token_file and token_env")
@@ -133,7 +141,7 @@ def _token(src: Source, loc: Loc, spec: dict[str, Any]) -> str:
         token = os.environ.get(var, "").strip()
         if not token:
             raise _error(src, (*loc, "token_env"), f"${var} is not set or empty")
-        return token
+        return token, None
     value = spec["token_file"]
     if not isinstance(value, str) or not value:
         raise _error(src, (*loc, "token_file"), "expected a file name")
@@ -148,7 +156,7 @@ def _token(src: Source, loc: Loc, spec: dict[str, Any]) -> str:
     if not token or len(raw) > MAX_TOKEN_BYTES:
         raise _error(src, (*loc, "token_file"), f"{file} holds no token (or more than "
                      f"{MAX_TOKEN_BYTES} bytes)")
-    return token
+    return token, file
 
 
 def _error(src: Source, loc: Loc, message: str, *, key: bool = False) -> ManifestError:

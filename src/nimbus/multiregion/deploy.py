@@ -78,7 +78,7 @@ def plan_deploy(app_dir: Path, cluster: ClusterFile, *, name: str | None = None,
             raise _unknown_region(region, cluster, spec, from_manifest=override is None)
     if not regions:
         raise ManifestError("the app runs in no region", file=spec.source, field="regions")
-    bundle = make_bundle(app_dir)
+    bundle = make_bundle(app_dir, exclude=cluster.secret_files())
     return DeployPlan(
         app=spec.name, app_dir=app_dir, digest=hashlib.sha256(bundle).hexdigest(),
         bundle=bundle, regions=regions,
