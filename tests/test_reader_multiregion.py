@@ -1,0 +1,649 @@
+"""A second reader's tests of several regions: the cluster file, ``nimbus
+deploy --cluster``, ``nimbus status --cluster`` and ``nimbus edge``, written
+from the feature request and README.md ("Several regions", "Several regions:
+the edge", the CLI) only: the implementation is a black box.
+
+Two ``nimbus up --region`` regions (eu on 127.0.0.2, us on 127.0.0.3) and one
+edge are shared by the whole module; the tests run in file order and build
+on each other (the region-failure tests come last). Handlers count their
+runs in marker files in the test's folder (``--containment rlimits``). Every
+wait has a deadline; every process started is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import descendants
+from tests.multiregion import RegionProc, free_port
+
+pytestmark = pytest.mark.e2e
+
+RISE_S = 1.5  # the edge's --rise in this module (hysteresis before failback)
+
+CODE = """\
+import base64, hashlib, json, os, time
+
+MARKS = {marks!r}
+
+def _mark(tag):
+    with open(os.path.join(MARKS, tag), "a") as f:
+        f.write(os.environ["AWS_REGION"] + "\\n")
+
+def whoami(event, context):
+    headers = event.get("headers") or {{}}
+    return {{"statusCode": 200, "headers": {{"content-type": "application/json"}},
+            "body": json.dumps({{"arn": context.invoked_function_arn,
+                                "aws_region": os.environ.get("AWS_REGION"),
+                                "mark": os.environ.get("MARK"),
+                                "xff": headers.get("x-forwarded-for", "")}})}}
+
+def count(event, context):
+    qs = event.get("queryStringParameters") or {{}}
+    _mark(qs.get("tag", "default"))
+    time.sleep(float(qs.get("sleep", "0")))
+    return {{"statusCode": 200, "body": "counted in " + os.environ["AWS_REGION"]}}
+
+def echo(event, context):
+    body = event.get("body") or ""
+    data = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode()
+    return {{"statusCode": 200, "headers": {{"content-type": "application/json"}},
+            "body": json.dumps({{"len": len(data),
+                                "sha": hashlib.sha256(data).hexdigest()}})}}
+
+def split(event, context):
+    return {{"statusCode": 200, "body": os.environ["AWS_REGION"]}}
+"""
+
+GEO_MANIFEST = """\
+name: geo
+regions: {{names: [eu, us], policy: failover}}
+functions:
+  whoami:
+    handler: h.whoami
+    http: [{{method: GET, path: /whoami}}]
+    env: {{MARK: {mark}}}
+  count:
+    handler: h.count
+    http: [{{method: POST, path: /count}}]
+    timeout_s: 20
+    concurrency: 4
+  echo:
+    handler: h.echo
+    memory_mb: 512
+    http: [{{method: POST, path: /echo}}, {{method: PUT, path: /echo}}]
+"""
+
+SPLIT_MANIFEST = """\
+name: split
+regions: {names: [eu, us], policy: weighted, weights: {eu: 80, us: 20}}
+functions:
+  split:
+    handler: h.split
+    http: [{method: GET, path: /split}]
+    concurrency: 8
+"""
+
+
+def nimbus(*args: str, cwd: Path | None = None,
+           timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIMBUS_")}
+    return subprocess.run([sys.executable, "-m", "nimbus", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def one_clear_line(p: subprocess.CompletedProcess[str], status: int = 2) -> str:
+    """The command failed with ``status`` and said why on one line."""
+    out = p.stdout + p.stderr
+    assert "Traceback" not in out, out
+    assert p.returncode == status, (p.returncode, out)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out
+    assert lines[0].startswith("nimbus: error:") or lines[0].startswith("Error:"), out
+    return lines[0]
+
+
+def wait_until(cond: Any, timeout: float, what: str, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+class World:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.marks = root / "marks"
+        self.marks.mkdir()
+        self.cdir = root / "cluster"
+        self.cdir.mkdir()
+        self.cluster = self.cdir / "nimbus.cluster.yaml"
+        self.eu = RegionProc("eu", "127.0.0.2", root, None)
+        self.us = RegionProc("us", "127.0.0.3", root, None)
+        self.geo = root / "apps" / "geo"
+        self.split = root / "apps" / "split"
+        self.edge: subprocess.Popen[bytes] | None = None
+        self.edge_url = ""
+        self.edge_log = root / "edge.out"
+
+    def write_geo(self, mark: str, folder: Path | None = None) -> Path:
+        folder = folder or self.geo
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "app.yaml").write_text(GEO_MANIFEST.format(mark=mark))
+        (folder / "h.py").write_text(CODE.format(marks=str(self.marks)))
+        return folder
+
+    def write_split(self) -> None:
+        self.split.mkdir(parents=True, exist_ok=True)
+        (self.split / "app.yaml").write_text(SPLIT_MANIFEST)
+        (self.split / "h.py").write_text(CODE.format(marks=str(self.marks)))
+
+    def write_cluster(self) -> None:
+        text = "regions:\n"
+        for r in (self.eu, self.us):
+            tok = self.cdir / f"{r.name}.token"
+            tok.write_text(r.token + "\n")
+            tok.chmod(0o600)
+            text += (f"  {r.name}:\n    control: {r.control_url}\n"
+                     f"    token_file: {r.name}.token\n"
+                     f"    gateways: [{r.gateway_url}]\n")
+        self.cluster.write_text(text)
+
+    def marks_of(self, tag: str) -> list[str]:
+        p = self.marks / tag
+        return p.read_text().split() if p.exists() else []
+
+    def start_edge(self) -> None:
+        port = free_port("127.0.0.1")
+        self.edge_url = f"http://127.0.0.1:{port}"
+        with open(self.edge_log, "wb") as out:
+            self.edge = subprocess.Popen(
+                [sys.executable, "-m", "nimbus", "edge", "--cluster", str(self.cluster),
+                 "--host", "127.0.0.1", "--port", str(port), "--rise", str(RISE_S)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.cdir)
+
+        def ready() -> bool:
+            assert self.edge is not None
+            if self.edge.poll() is not None:
+                raise AssertionError("edge exited:\n" + self.edge_log.read_text())
+            try:
+                r = httpx.get(self.edge_url + "/whoami", timeout=2)
+            except httpx.HTTPError:
+                return False
+            return r.status_code == 200 and r.headers.get("x-nimbus-region") == "eu"
+
+        wait_until(ready, 30, "the edge to serve geo from eu")
+
+    def stop(self) -> None:
+        if self.edge is not None and self.edge.poll() is None:
+            self.edge.send_signal(signal.SIGTERM)
+            try:
+                self.edge.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.edge.kill()
+                self.edge.wait()
+        for r in (self.eu, self.us):
+            try:
+                if r.nimbus is not None and r.running():
+                    for pid in [r.pid, *descendants(r.pid)]:
+                        try:
+                            os.kill(pid, signal.SIGCONT)
+                        except ProcessLookupError:
+                            pass
+                r.stop()
+            except Exception:  # noqa: BLE001 - stop the other region whatever happens
+                pass
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    w = World(tmp_path_factory.mktemp("mr"))
+    try:
+        w.eu.start()
+        w.us.start()
+        w.write_cluster()
+        w.write_geo("v1")
+        w.write_split()
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def edge(world: World) -> World:
+    world.start_edge()
+    return world
+
+
+def status_json(w: World) -> dict[str, Any]:
+    p = nimbus("status", "--cluster", str(w.cluster), "--json", timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads(p.stdout)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def bad_cluster(w: World, name: str, text: str) -> Path:
+    p = w.cdir / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("regions: [\n", None),
+    ("regions: {}\n", "regions"),
+    ("regions:\n  eu:\n    token_file: eu.token\n    gateways: [http://127.0.0.2:1]\n",
+     "control"),
+    ("regions:\n  eu:\n    control: ftp://127.0.0.2:1\n    token_file: eu.token\n"
+     "    gateways: [http://127.0.0.2:1]\n", "control"),
+    ("regions:\n  eu:\n    control: http://127.0.0.2:1\n    token_file: missing.token\n"
+     "    gateways: [http://127.0.0.2:1]\n", "missing.token"),
+    ("regions:\n  eu:\n    control: http://127.0.0.2:1\n    token_file: eu.token\n"
+     "    gatways: [http://127.0.0.2:1]\n", "gatways"),
+    ("regions:\n  eu:\n    control: http://127.0.0.2:1\n    token_file: eu.token\n"
+     "    gateways: not-a-url\n", "gateways"),
+])
+def test_bad_cluster_file_is_one_clear_line(world: World, text: str,
+                                            needle: str | None) -> None:
+    f = bad_cluster(world, "bad.cluster.yaml", text)
+    commands: list[list[str]] = [["status", "--cluster", str(f)]]
+    if needle == "gatways":  # every command reads the file the same way
+        commands += [["deploy", str(world.geo), "--cluster", str(f)],
+                     ["edge", "--cluster", str(f), "--port", "0"]]
+    for args in commands:
+        p = nimbus(*args, cwd=world.cdir, timeout=30)
+        line = one_clear_line(p)
+        assert "bad.cluster.yaml" in line, (args, line)
+        if needle:
+            assert needle in line, (args, line)
+
+
+def test_missing_cluster_file(world: World) -> None:
+    for args in (["status", "--cluster", "nope.yaml"], ["edge", "--cluster", "nope.yaml"],
+                 ["deploy", str(world.geo), "--cluster", "nope.yaml"]):
+        line = one_clear_line(nimbus(*args, cwd=world.cdir, timeout=30))
+        assert "nope.yaml" in line
+
+
+@pytest.mark.parametrize(("regions_line", "needle"), [
+    ("regions: [eu, asia]", "asia"),
+    ("regions: {names: [eu, us], policy: random}", "policy"),
+    ("regions: {names: [eu, us], policy: weighted, weights: {eu: -5, us: 20}}", "weights"),
+    ("regions: {names: [eu, eu], policy: failover}", "twice"),
+])
+def test_manifest_regions_errors_name_the_line(world: World, regions_line: str,
+                                               needle: str) -> None:
+    app = world.root / "apps" / "badgeo"
+    world.write_geo("v1", app)
+    text = GEO_MANIFEST.format(mark="v1").replace(
+        "regions: {names: [eu, us], policy: failover}", regions_line)
+    (app / "app.yaml").write_text(text)
+    line = one_clear_line(nimbus("deploy", str(app), "--cluster", str(world.cluster),
+                                 cwd=world.cdir, timeout=60))
+    assert "app.yaml:2" in line, line
+    assert needle in line, line
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def test_region_name_in_context_and_environment(world: World) -> None:
+    p = nimbus("deploy", str(world.geo), "--cluster", str(world.cluster), cwd=world.cdir)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"^eu: version \d+ deployed", p.stdout, re.M), p.stdout
+    assert re.search(r"^us: version \d+ deployed", p.stdout, re.M), p.stdout
+    for r in (world.eu, world.us):
+        body = r.get("/whoami").json()
+        assert body["aws_region"] == r.name
+        assert body["arn"].startswith(f"arn:aws:lambda:{r.name}:"), body
+        assert body["mark"] == "v1"
+    p = nimbus("deploy", str(world.split), "--cluster", str(world.cluster), cwd=world.cdir)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_status_cluster_shows_every_region_converged(world: World) -> None:
+    s = status_json(world)
+    assert s["converged"] is True, s
+    for name in ("eu", "us"):
+        assert s["regions"][name]["control"]["reachable"] is True
+        gws = s["regions"][name]["gateways"]
+        assert [g["healthy"] for g in gws] == [True], gws
+        geo = s["apps"]["geo"]["regions"][name]
+        assert geo["state"] == "ok", geo
+        assert geo["digest"] == s["apps"]["geo"]["desired"]
+    assert s["drift"] == [] and s["pending"] == []
+    p = nimbus("status", "--cluster", str(world.cluster), timeout=60)
+    assert p.returncode == 0 and "eu" in p.stdout and "us" in p.stdout, p.stdout
+
+
+def test_status_cluster_shows_drift_and_wait_all_puts_it_back(world: World) -> None:
+    rogue = world.write_geo("rogue", world.root / "apps" / "rogue" / "geo")
+    p = nimbus("deploy", str(rogue), "--url", world.us.control_url,
+               "--token", world.us.token)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert world.us.get("/whoami").json()["mark"] == "rogue"
+    s = status_json(world)
+    assert s["apps"]["geo"]["regions"]["us"]["state"] == "drift", s["apps"]["geo"]
+    assert s["apps"]["geo"]["regions"]["eu"]["state"] == "ok"
+    assert s["converged"] is False
+    assert "us" in json.dumps(s["drift"]), s["drift"]
+    p = nimbus("status", "--cluster", str(world.cluster), "--wait-all", "--timeout", "60",
+               timeout=90)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert world.us.get("/whoami").json()["mark"] == "v1"
+    assert status_json(world)["converged"] is True
+
+
+def test_status_cluster_flags_a_gateway_of_another_region(world: World) -> None:
+    f = world.cdir / "crossed.cluster.yaml"
+    # a cluster file naming only us, whose gateway is in fact eu's
+    f.write_text(f"regions:\n  us:\n    control: {world.us.control_url}\n"
+                 f"    token_file: us.token\n    gateways: [{world.eu.gateway_url}]\n")
+    p = nimbus("status", "--cluster", str(f), "--json", timeout=60)
+    assert p.stdout.startswith("{"), p.stdout + p.stderr
+    s = json.loads(p.stdout)
+    gw = s["regions"]["us"]["gateways"][0]
+    assert gw["healthy"] is False and "eu" in gw["detail"], gw
+
+
+# --------------------------------------------------------------------------- the edge
+
+
+def test_edge_routes_failover_to_first_region_with_headers(edge: World) -> None:
+    with httpx.Client(base_url=edge.edge_url, timeout=10) as c:
+        regions = set()
+        for _ in range(50):
+            r = c.get("/whoami")
+            assert r.status_code == 200
+            regions.add(r.headers["x-nimbus-region"])
+            assert r.json()["aws_region"] == r.headers["x-nimbus-region"]
+        assert regions == {"eu"}
+        assert "127.0.0.1" in r.json()["xff"], r.json()
+        r = c.get("/no/such/route")
+        assert r.status_code == 404
+        assert r.headers["x-nimbus-region"] == "eu"
+
+
+def test_edge_weighted_split(edge: World) -> None:
+    n = 1000
+
+    def one(c: httpx.Client) -> str:
+        r = c.get("/split")
+        assert r.status_code == 200, r.text
+        assert r.text == r.headers["x-nimbus-region"]
+        return r.text
+
+    with httpx.Client(base_url=edge.edge_url, timeout=10) as c, \
+            ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda _: one(c), range(n)))
+    share = got.count("eu") / n
+    assert 0.75 <= share <= 0.85, share
+    assert got.count("eu") + got.count("us") == n
+
+
+def test_edge_own_endpoints(edge: World) -> None:
+    r = httpx.get(edge.edge_url + "/_nimbus/health", timeout=5)
+    assert r.status_code == 200
+    r = httpx.get(edge.edge_url + "/_nimbus/regions", timeout=5)
+    assert r.status_code == 200
+    body = r.json()
+    text = json.dumps(body)
+    for needle in ("eu", "us", edge.eu.gateway_url, edge.us.gateway_url, "geo", "split",
+                   "weighted", "failover"):
+        assert needle in text, (needle, body)
+
+
+def test_edge_large_bodies_both_ways_and_chunked(edge: World) -> None:
+    data = os.urandom(4 * 1024 * 1024)
+    with httpx.Client(base_url=edge.edge_url, timeout=30) as c:
+        r = c.put("/echo", content=data, headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json() == {"len": len(data), "sha": hashlib.sha256(data).hexdigest()}
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(0, len(data), 65536):
+                yield data[i:i + 65536]
+
+        r = c.post("/echo", content=chunks(),
+                   headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json() == {"len": len(data), "sha": hashlib.sha256(data).hexdigest()}
+        assert r.headers["x-nimbus-region"] == "eu"
+
+
+def test_edge_keeps_client_connection_alive(edge: World) -> None:
+    host, port = edge.edge_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/whoami")
+        r1 = conn.getresponse()
+        r1.read()
+        sock = conn.sock
+        assert sock is not None
+        for _ in range(5):
+            conn.request("GET", "/whoami")
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200
+            assert conn.sock is sock, "the edge closed a keep-alive connection"
+    finally:
+        conn.close()
+
+
+def test_edge_async_event_with_idempotency_key(edge: World) -> None:
+    headers = {"X-Nimbus-Invocation-Type": "Event", "Idempotency-Key": "reader-ev-1"}
+    with httpx.Client(base_url=edge.edge_url, timeout=10) as c:
+        r1 = c.post("/count?tag=event", headers=headers, content=b"{}")
+        assert r1.status_code == 202, r1.text
+        assert r1.headers["x-nimbus-region"] == "eu"
+        r2 = c.post("/count?tag=event", headers=headers, content=b"{}")
+        assert r2.status_code == 202, r2.text
+        assert r1.json()["invocationId"] == r2.json()["invocationId"]
+    wait_until(lambda: edge.marks_of("event"), 20, "the async invocation to run")
+    # a second run would land within the dispatch loop's first moments
+    time.sleep(1.0)
+    assert edge.marks_of("event") == ["eu"]
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def tree(r: RegionProc) -> list[int]:
+    return [r.pid, *descendants(r.pid)]
+
+
+def signal_tree(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Load:
+    """Idempotent GETs through the edge from a few threads, each recorded."""
+
+    def __init__(self, url: str, path: str = "/whoami", threads: int = 4) -> None:
+        self.url = url
+        self.path = path
+        self.stop_flag = threading.Event()
+        self.records: list[tuple[float, float, int, str, str, str]] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, daemon=True)
+                        for _ in range(threads)]
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as c:
+            while not self.stop_flag.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = c.get(self.path)
+                    rec = (t0, time.monotonic(), r.status_code,
+                           r.headers.get("x-nimbus-region", ""),
+                           r.headers.get("x-nimbus-retried-from", ""), r.text[:200])
+                except httpx.HTTPError as e:
+                    rec = (t0, time.monotonic(), 0, "", "", repr(e))
+                with self.lock:
+                    self.records.append(rec)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=20)
+
+    def failed(self) -> list[tuple[float, float, int, str, str, str]]:
+        return [r for r in self.records if r[2] != 200]
+
+
+def test_hung_region_is_routed_away_and_failback_waits(edge: World) -> None:
+    # A POST is running in eu when eu hangs: it must not run again in us.
+    post: dict[str, Any] = {}
+
+    def send_post() -> None:
+        try:
+            post["r"] = httpx.post(edge.edge_url + "/count?tag=hung&sleep=1.0", timeout=15)
+        except httpx.HTTPError as e:
+            post["e"] = e
+
+    with Load(edge.edge_url) as load:
+        wait_until(lambda: len(load.records) > 20, 10, "load to flow")
+        t_post = threading.Thread(target=send_post)
+        t_post.start()
+        wait_until(lambda: edge.marks_of("hung"), 10, "the POST to start in eu")
+        pids = tree(edge.eu)
+        t_stop = time.monotonic()
+        signal_tree(pids, signal.SIGSTOP)
+        try:
+            wait_until(lambda: any(r[3] == "us" and r[0] > t_stop for r in load.records),
+                       5, "traffic to move to us")
+            t_post.join(timeout=15)
+            wait_until(lambda: any(r[0] > t_stop + 2.0 for r in load.records), 10,
+                       "two seconds of load on the hung region")
+        finally:
+            signal_tree(pids, signal.SIGCONT)
+        t_cont = time.monotonic()
+        first_eu = wait_until(
+            lambda: min((r[0] for r in load.records if r[3] == "eu" and r[0] > t_cont),
+                        default=None), 30, "traffic to come back to eu")
+    assert load.failed() == [], load.failed()[:5]
+    late_eu = [r for r in load.records if t_stop + 1.5 < r[0] < t_cont and r[3] == "eu"]
+    assert late_eu == [], late_eu[:5]
+    # hysteresis: back only after --rise seconds of uninterrupted health
+    assert first_eu - t_cont >= RISE_S * 0.7, first_eu - t_cont
+    # the POST: answered (not hung forever), never run in us
+    assert "r" in post, post
+    r = post["r"]
+    if r.status_code != 200:
+        assert r.status_code == 502, (r.status_code, r.text)
+        body = r.json()
+        assert body["errorType"] == "RegionFailed" and body["region"] == "eu", body
+        assert "eu" in body["errorMessage"]
+    assert edge.marks_of("hung") == ["eu"], edge.marks_of("hung")
+
+
+def test_killed_region_no_failed_gets_and_posts_not_run_twice(edge: World) -> None:
+    wait_until(lambda: httpx.get(edge.edge_url + "/whoami", timeout=5)
+               .headers.get("x-nimbus-region") == "eu", 30, "eu to take traffic")
+    results: dict[str, Any] = {}
+
+    def send(name: str, headers: dict[str, str]) -> None:
+        try:
+            results[name] = httpx.post(edge.edge_url + f"/count?tag={name}&sleep=1.5",
+                                       headers=headers, timeout=20)
+        except httpx.HTTPError as e:
+            results[name] = e
+
+    with Load(edge.edge_url) as load:
+        wait_until(lambda: len(load.records) > 20, 10, "load to flow")
+        posts = [threading.Thread(target=send, args=("plain", {})),
+                 threading.Thread(target=send,
+                                  args=("keyed", {"Idempotency-Key": "reader-kill-1"}))]
+        for t in posts:
+            t.start()
+        wait_until(lambda: edge.marks_of("plain") and edge.marks_of("keyed"), 10,
+                   "both POSTs to start in eu")
+        t_kill = time.monotonic()
+        edge.eu.kill()
+        t_dead = time.monotonic()
+        for t in posts:
+            t.join(timeout=25)
+        wait_until(lambda: any(r[0] > t_kill + 2.5 for r in load.records), 10,
+                   "load past the kill")
+    failed = load.failed()
+    assert failed == [], (len(failed), failed[:5])
+    sent_to_eu_late = [r for r in load.records
+                       if r[0] > t_kill + 1.5 and ("eu" in r[4] or r[3] == "eu")]
+    assert sent_to_eu_late == [], sent_to_eu_late[:5]
+    after = [r for r in load.records if r[0] > t_dead]
+    assert after and all(r[3] == "us" for r in after)
+
+    plain = results["plain"]
+    assert isinstance(plain, httpx.Response), plain
+    assert plain.status_code == 502, (plain.status_code, plain.text)
+    body = plain.json()
+    assert body["errorType"] == "RegionFailed" and body["region"] == "eu", body
+    assert edge.marks_of("plain") == ["eu"], "a POST without a key ran twice"
+
+    keyed = results["keyed"]
+    assert isinstance(keyed, httpx.Response), keyed
+    assert keyed.status_code == 200, (keyed.status_code, keyed.text)
+    assert keyed.headers["x-nimbus-region"] == "us"
+    assert "eu" in keyed.headers.get("x-nimbus-retried-from", ""), dict(keyed.headers)
+    assert edge.marks_of("keyed") == ["eu", "us"]
+
+
+def test_deploy_with_a_region_down_is_pending_and_converges(edge: World) -> None:
+    assert not edge.eu.running()
+    edge.write_geo("v2")
+    p = nimbus("deploy", str(edge.geo), "--cluster", str(edge.cluster), "--timeout", "10",
+               cwd=edge.cdir, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"^eu: pending", p.stdout, re.M), p.stdout
+    assert re.search(r"^us: version \d+ deployed", p.stdout, re.M), p.stdout
+    assert httpx.get(edge.edge_url + "/whoami", timeout=10).json()["mark"] == "v2"
+
+    p = nimbus("status", "--cluster", str(edge.cluster), "--wait-all", "--timeout", "2",
+               timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "eu" in p.stdout + p.stderr
+    s = json.loads(nimbus("status", "--cluster", str(edge.cluster), "--json",
+                          timeout=60).stdout)
+    assert s["regions"]["eu"]["control"]["reachable"] is False
+    assert s["apps"]["geo"]["regions"]["eu"]["state"] == "unknown"
+    assert "eu" in json.dumps(s["pending"])
+    assert s["converged"] is False
+
+    edge.eu.start()
+    p = nimbus("status", "--cluster", str(edge.cluster), "--wait-all", "--timeout", "60",
+               timeout=90)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert edge.eu.get("/whoami").json()["mark"] == "v2"
+    # the edge takes eu back (failover: the first healthy region)
+    wait_until(lambda: httpx.get(edge.edge_url + "/whoami", timeout=5)
+               .headers.get("x-nimbus-region") == "eu", 20, "eu to take traffic again")
