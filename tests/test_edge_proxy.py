@@ -112,6 +112,7 @@ def ok(region: str) -> Handler:
 GATEWAY_503 = orjson.dumps({"errorType": "Unavailable", "errorMessage": "store down",
                             "requestId": "r1"})
 FUNCTION_503 = orjson.dumps({"message": "my own 503"})
+GW_MARK = ("x-nimbus-error", "gateway")  # what a gateway sets on its own failures
 
 
 def run_edge(handlers: dict[str, Handler], test: Callable[[Edge, dict[str, StubGateway], str],
@@ -140,7 +141,7 @@ def run_edge(handlers: dict[str, Handler], test: Callable[[Edge, dict[str, StubG
 
 def test_gateway_made_503_moves_an_idempotent_request_on_but_not_a_post() -> None:
     def eu(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
-        return 503, [("content-type", "application/json")], GATEWAY_503
+        return 503, [("content-type", "application/json"), GW_MARK], GATEWAY_503
 
     async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
         async with httpx.AsyncClient(base_url=url) as c:
@@ -165,7 +166,9 @@ def test_gateway_made_503_moves_an_idempotent_request_on_but_not_a_post() -> Non
 def test_function_errors_and_throttles_are_answers_not_region_failures() -> None:
     answers = {"/mine": (503, FUNCTION_503), "/throttled": (429, orjson.dumps(
         {"errorType": "Throttled", "errorMessage": "slow down"})),
-        "/died": (502, orjson.dumps({"errorType": "InstanceDied", "errorMessage": "x"}))}
+        "/died": (502, orjson.dumps({"errorType": "InstanceDied", "errorMessage": "x"})),
+        # a function answering with the very body a gateway uses, but no mark
+        "/lookalike": (503, GATEWAY_503)}
 
     def eu(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
         status, data = answers[target]
@@ -186,7 +189,7 @@ def test_function_errors_and_throttles_are_answers_not_region_failures() -> None
 
 def test_a_burst_of_gateway_errors_takes_the_region_down() -> None:
     def eu(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
-        return 503, [("content-type", "application/json")], GATEWAY_503
+        return 503, [("content-type", "application/json"), GW_MARK], GATEWAY_503
 
     async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
         async with httpx.AsyncClient(base_url=url) as c:
@@ -258,7 +261,7 @@ async def wait_up(edge: Edge, region: str) -> None:
 
 def test_retry_budget_exhausted_answers_502() -> None:
     def eu(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
-        return 503, [("content-type", "application/json")], GATEWAY_503
+        return 503, [("content-type", "application/json"), GW_MARK], GATEWAY_503
 
     async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
         async with httpx.AsyncClient(base_url=url) as c:
@@ -350,13 +353,14 @@ def test_forwarded_for_and_hop_by_hop_headers() -> None:
 
 
 def test_gateway_failure_tells_gateway_errors_from_function_answers() -> None:
-    assert gateway_failure(503, [], GATEWAY_503) == "Unavailable"
-    assert gateway_failure(503, [], orjson.dumps({"errorType": "Closed"})) == "Closed"
-    assert gateway_failure(500, [], GATEWAY_503) is None
+    mark = [(b"x-nimbus-error", b"gateway")]
+    assert gateway_failure(503, mark, GATEWAY_503) == "Unavailable"
+    assert gateway_failure(503, mark, orjson.dumps({"errorType": "Closed"})) == "Closed"
+    assert gateway_failure(503, mark, b"not json") == "Unavailable"
+    assert gateway_failure(500, mark, GATEWAY_503) is None
+    # without the gateway's mark, the same body is a function's own answer
+    assert gateway_failure(503, [], GATEWAY_503) is None
     assert gateway_failure(503, [], FUNCTION_503) is None
-    assert gateway_failure(503, [], b"not json") is None
-    assert gateway_failure(503, [], orjson.dumps(
-        {"errorType": "Unavailable", "errorMessage": "x", "extra": 1})) is None
     assert gateway_failure(502, [], orjson.dumps({"errorType": "InstanceDied"})) is None
 
 

@@ -131,3 +131,19 @@ def test_forwarded_for_from_a_trusted_peer_names_the_client(gw):
         second = json.loads(read_response(s, buf)[2])
     assert first["requestContext"]["http"]["sourceIp"] == "203.0.113.9"
     assert second["requestContext"]["http"]["sourceIp"] == "127.0.0.1"
+
+
+def test_only_the_gateways_own_failures_carry_its_mark() -> None:
+    from nimbus import errors as e
+    from nimbus.gateway.responses import GATEWAY_ERROR_HEADER, error_response, result_response
+
+    mark = (GATEWAY_ERROR_HEADER, b"gateway")
+    assert mark in error_response(e.UnavailableError("no worker"), "r")[1]
+    assert mark in error_response(e.ClosedError("stopping"), "r")[1]
+    for exc in (e.InstanceDiedError("died"), e.ThrottledError("busy"),
+                e.HandlerError({"errorMessage": "x", "errorType": "E"})):
+        assert mark not in error_response(exc, "r")[1], exc
+    # a function cannot forge it
+    status, headers, _ = result_response({"statusCode": 503, "body": "x",
+                                          "headers": {"X-Nimbus-Error": "gateway"}})
+    assert status == 503 and all(name != GATEWAY_ERROR_HEADER for name, _ in headers)

@@ -37,12 +37,11 @@ from nimbus.edge.policy import region_order
 from nimbus.edge.prober import Prober
 from nimbus.edge.types import ClusterLike
 from nimbus.edge.upstream import Pool, Upstream, UpstreamFailure
+from nimbus.gateway.responses import GATEWAY_ERROR_HEADER
 
 log = logging.getLogger("nimbus.edge")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
-# Errors a gateway makes when it, not the function, could not serve.
-GATEWAY_FAILURES = frozenset({"Unavailable", "Closed", "WorkerLost", "TooManyConnections"})
 NOT_A_HEALTH_SIGNAL = frozenset({"TooManyConnections"})  # load shedding: retry, not down
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"content-length", b"expect",
@@ -369,27 +368,24 @@ def json_response(status: int, body: Any, region: bytes, keep_alive: bool,
 
 
 def gateway_failure(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> str | None:
-    """The errorType of a 502/503 the gateway itself made (it could not
-    serve), or None for anything else (a function's own answer included)."""
-    if status not in (502, 503):
+    """The errorType of a 502/503 the gateway itself made because it could
+    not serve (it marks those with ``x-nimbus-error: gateway``, a header no
+    function can set), or None for anything else (a function's own answer,
+    a throttle, an instance that died running the request)."""
+    if status not in (502, 503) or (GATEWAY_ERROR_HEADER, b"gateway") not in headers:
         return None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or not set(data) <= {"errorType", "errorMessage", "requestId"}:
-        return None
-    kind = data.get("errorType")
-    return kind if isinstance(kind, str) and kind in GATEWAY_FAILURES else None
+        return "Unavailable"
+    kind = data.get("errorType") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) and kind else "Unavailable"
 
 
 def _may_be_gateway_error(up: Upstream) -> bool:
     if up.status not in (502, 503):
         return False
-    for n, v in up.headers:
-        if n == b"content-length":
-            return v.isdigit() and int(v) <= 4096
-    return False
+    return (GATEWAY_ERROR_HEADER, b"gateway") in up.headers
 
 
 class Edge:

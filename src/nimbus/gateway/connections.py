@@ -101,7 +101,7 @@ class ConnectionGuard:
         self.busy_response = _raw_response(
             503, "Service Unavailable", "TooManyConnections",
             f"the {name} has {limits.max_connections} connections open, all busy; "
-            "try again shortly", b"retry-after: 1\r\n")
+            "try again shortly", b"retry-after: 1\r\nx-nimbus-error: gateway\r\n")
         self.head_too_large = _raw_response(
             431, "Request Header Fields Too Large", "RequestHeaderFieldsTooLarge",
             f"the request line and headers are over {limits.max_header_bytes} bytes")

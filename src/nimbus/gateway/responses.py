@@ -19,6 +19,11 @@ Headers = list[tuple[bytes, bytes]]
 Response = tuple[int, Headers, bytes]
 
 JSON = b"application/json"
+# Set on an answer the gateway made because it could not serve (no instance
+# reachable, shutting down, too many connections), never on a function's own
+# answer (a function cannot set it): an edge in front retries such a request
+# in another region.
+GATEWAY_ERROR_HEADER = b"x-nimbus-error"
 TEXT = b"text/plain; charset=utf-8"
 
 # The one table that maps error classes to statuses; the first match wins,
@@ -69,6 +74,9 @@ def error_response(exc: BaseException, request_id: str) -> Response:
         headers.append((b"allow", ", ".join(exc.allowed).encode()))
     if isinstance(exc, e.ThrottledError):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    if isinstance(exc, e.UnavailableError | e.ClosedError) and not isinstance(
+            exc, e.InstanceDiedError):
+        headers.append((GATEWAY_ERROR_HEADER, b"gateway"))
     return status, headers, orjson.dumps(body)
 
 
@@ -121,7 +129,7 @@ def result_response(result: Any) -> Response:
 
 # Headers the gateway sets itself; a handler's own would frame the body twice.
 _FRAMING = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-            b"x-nimbus-request-id"}
+            b"x-nimbus-request-id", GATEWAY_ERROR_HEADER}
 NO_BODY = {204, 304} | set(range(100, 200))
 # RFC 7230: a header name is a token; a value is visible characters, spaces and
 # tabs (no other control characters: no CR, LF, NUL, DEL). ``fullmatch`` so a
