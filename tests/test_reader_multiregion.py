@@ -16,12 +16,15 @@ import hashlib
 import http.client
 import json
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -426,6 +429,141 @@ def test_edge_own_endpoints(edge: World) -> None:
     for needle in ("eu", "us", edge.eu.gateway_url, edge.us.gateway_url, "geo", "split",
                    "weighted", "failover"):
         assert needle in text, (needle, body)
+
+
+class Terminal:
+    """A command on a real pseudo-terminal, answered prompt by prompt."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child
+            try:
+                os.chdir(cwd)
+                os.execv(sys.executable, [sys.executable, "-m", "nimbus", *args])
+            finally:
+                os._exit(127)
+        self.out = b""
+        self.seen = 0
+        self.status: int | None = None
+
+    def _read(self, timeout: float) -> bool:
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        if not r:
+            return True
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        self.out += data
+        return True
+
+    def expect(self, text: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.out[self.seen:]:
+            if time.monotonic() > deadline or not self._read(0.1):
+                raise AssertionError(f"no {text!r} in:\n{self.text()}")
+        at = self.out.index(text.encode(), self.seen) + len(text)
+        got = self.out[self.seen:at].decode(errors="replace")
+        self.seen = at
+        return got
+
+    def send(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\r")
+
+    def wait(self, timeout: float = 90.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self._read(0.1) and time.monotonic() < deadline:
+            pass
+        while time.monotonic() < deadline:
+            pid, st = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(st)
+                os.close(self.fd)
+                return self.status
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        raise AssertionError("the guided deploy did not finish:\n" + self.text())
+
+    def text(self) -> str:
+        return self.out.decode(errors="replace")
+
+
+def test_guided_deploy_saves_answers_and_plain_deploy_repeats_them(edge: World) -> None:
+    app = edge.root / "apps" / "gd"
+    app.mkdir(parents=True)
+    # the manifest says failover in eu only; the answers say otherwise
+    (app / "app.yaml").write_text(
+        "name: gd\nregions: {names: [eu], policy: failover}\nfunctions:\n  gd:\n"
+        "    handler: h.split\n    http: [{method: GET, path: /gd}]\n")
+    (app / "h.py").write_text(CODE.format(marks=str(edge.marks)))
+    t = Terminal(["deploy", "--guided", str(app)], cwd=edge.cdir)
+    try:
+        t.expect("App name")
+        t.expect(": ")
+        t.send("")
+        t.expect("Cluster file")
+        t.expect(": ")
+        t.send("")
+        t.expect("Regions")
+        t.expect(": ")
+        t.send("us, mars")
+        t.expect("mars")  # echoed
+        t.expect("mars")  # explained
+        t.expect("Regions")
+        t.expect(": ")
+        t.send("us, eu")
+        t.expect("olicy")
+        t.expect(": ")
+        t.send("weighted")
+        t.expect("us")
+        t.expect(": ")
+        t.send("-3")
+        t.expect("us")
+        t.expect(": ")
+        t.send("30")
+        t.expect("eu")
+        t.expect(": ")
+        t.send("70")
+        t.expect("?")
+        t.send("y")
+    finally:
+        status = t.wait()
+    out = t.text()
+    assert status == 0, out
+    assert "Traceback" not in out
+    assert re.search(r"^us: version \d+ deployed", out, re.M), out
+    assert re.search(r"^eu: version \d+ deployed", out, re.M), out
+    saved = tomllib.loads((app / "nimbus.toml").read_text())
+    assert saved["version"] == 1
+    d = saved["deploy"]
+    assert (d["name"], d["regions"], d["policy"], d["weights"]) == \
+        ("gd", ["us", "eu"], "weighted", {"us": 30, "eu": 70}), saved
+    assert (app / d["cluster"]).resolve() == edge.cluster.resolve()
+
+    # a plain deploy from elsewhere repeats them, asking nothing
+    p = subprocess.run([sys.executable, "-m", "nimbus", "deploy", str(app)],
+                       capture_output=True, text=True, timeout=120, cwd=edge.root,
+                       stdin=subprocess.DEVNULL,
+                       env={k: v for k, v in os.environ.items()
+                            if not k.startswith("NIMBUS_")})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"^us: ", p.stdout, re.M) and re.search(r"^eu: ", p.stdout, re.M), \
+        p.stdout
+
+    # and the edge routes gd by the saved answers, not the manifest
+    def gd_policy() -> Any:
+        r = httpx.get(edge.edge_url + "/_nimbus/regions", timeout=5).json()
+        return "gd" in json.dumps(r) and r
+    regions = wait_until(gd_policy, 10, "the edge to learn gd", step=0.2)
+    text = json.dumps(regions)
+    assert re.search(r'"gd".{0,300}weighted', text), text[:3000]
+    with httpx.Client(base_url=edge.edge_url, timeout=10) as c:
+        got = [c.get("/gd").headers.get("x-nimbus-region") for _ in range(200)]
+    assert set(got) == {"eu", "us"}, got
 
 
 def test_edge_large_bodies_both_ways_and_chunked(edge: World) -> None:
