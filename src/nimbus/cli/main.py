@@ -385,8 +385,11 @@ def status(as_json: bool, cluster_path: Path | None, wait_all: bool, timeout_s: 
 
 
 def main() -> None:
+    import nimbus.chaos.cli  # noqa: F401 - registers nimbus chaos
+    import nimbus.cli.dns  # noqa: F401 - registers nimbus dns
     import nimbus.cli.edge  # noqa: F401 - registers nimbus edge
     import nimbus.cli.roles  # noqa: F401 - registers the region's process commands
+    import nimbus.demo  # noqa: F401 - registers nimbus demo
 
     try:
         code = cli.main(standalone_mode=False)
