@@ -30,6 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import dns.exception
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
 import httpx
 import pytest
 
@@ -39,6 +45,12 @@ from tests.multiregion import RegionProc, free_port
 pytestmark = pytest.mark.e2e
 
 RISE_S = 1.5  # the edge's --rise in this module (hysteresis before failback)
+ZONE = "example.internal"
+
+
+def a_records(msg: dns.message.Message, rdtype: str = "A") -> list[str]:
+    return sorted(rr.address for rrset in msg.answer
+                  if rrset.rdtype == dns.rdatatype.from_text(rdtype) for rr in rrset)
 
 CODE = """\
 import base64, hashlib, json, os, time
@@ -162,6 +174,9 @@ class World:
         self.edge: subprocess.Popen[bytes] | None = None
         self.edge_url = ""
         self.edge_log = root / "edge.out"
+        self.dns: subprocess.Popen[bytes] | None = None
+        self.dns_port = 0
+        self.dns_log = root / "dns.out"
 
     def write_geo(self, mark: str, folder: Path | None = None) -> Path:
         folder = folder or self.geo
@@ -211,14 +226,41 @@ class World:
 
         wait_until(ready, 30, "the edge to serve geo from eu")
 
-    def stop(self) -> None:
-        if self.edge is not None and self.edge.poll() is None:
-            self.edge.send_signal(signal.SIGTERM)
+    def start_dns(self) -> None:
+        self.dns_port = free_port("127.0.0.1")
+        with open(self.dns_log, "wb") as out:
+            self.dns = subprocess.Popen(
+                [sys.executable, "-m", "nimbus", "dns", "--cluster", str(self.cluster),
+                 "--zone", ZONE, "--host", "127.0.0.1", "--port", str(self.dns_port),
+                 "--rise", str(RISE_S)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.cdir)
+
+        def ready() -> bool:
+            assert self.dns is not None
+            if self.dns.poll() is not None:
+                raise AssertionError("dns exited:\n" + self.dns_log.read_text())
             try:
-                self.edge.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.edge.kill()
-                self.edge.wait()
+                return a_records(self.query(f"geo.{ZONE}")) == ["127.0.0.2"]
+            except (OSError, dns.exception.DNSException):
+                return False
+
+        wait_until(ready, 30, "the DNS server to answer geo")
+
+    def query(self, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
+        q = dns.message.make_query(name, rdtype)
+        if tcp:
+            return dns.query.tcp(q, "127.0.0.1", port=self.dns_port, timeout=3)
+        return dns.query.udp(q, "127.0.0.1", port=self.dns_port, timeout=3)
+
+    def stop(self) -> None:
+        for proc in (self.edge, self.dns):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         for r in (self.eu, self.us):
             try:
                 if r.nimbus is not None and r.running():
@@ -249,6 +291,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 @pytest.fixture(scope="module")
 def edge(world: World) -> World:
     world.start_edge()
+    world.start_dns()
     return world
 
 
@@ -688,6 +731,61 @@ def test_edge_with_every_region_dead_answers_quickly(world: World) -> None:
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
+# --------------------------------------------------------------------------- DNS
+
+
+def test_dns_answers_the_first_healthy_region_over_udp_and_tcp(edge: World) -> None:
+    for tcp in (False, True):
+        m = edge.query(f"geo.{ZONE}", tcp=tcp)
+        assert m.rcode() == dns.rcode.NOERROR
+        assert m.flags & dns.flags.AA, m
+        assert a_records(m) == ["127.0.0.2"], m
+        assert all(rrset.ttl == 5 for rrset in m.answer), m
+    m = edge.query(f"GeO.{ZONE.upper()}.")
+    assert a_records(m) == ["127.0.0.2"], m
+    m = edge.query(f"split.{ZONE}")
+    assert a_records(m) and set(a_records(m)) <= {"127.0.0.2", "127.0.0.3"}, m
+
+
+def test_dns_zone_records_and_unknown_names(edge: World) -> None:
+    soa = edge.query(ZONE, "SOA")
+    assert soa.rcode() == dns.rcode.NOERROR and soa.flags & dns.flags.AA
+    assert any(r.rdtype == dns.rdatatype.SOA for r in soa.answer), soa
+    ns = edge.query(ZONE, "NS", tcp=True)
+    assert any(r.rdtype == dns.rdatatype.NS for r in ns.answer), ns
+    nx = edge.query(f"nope.{ZONE}")
+    assert nx.rcode() == dns.rcode.NXDOMAIN, nx
+    assert nx.flags & dns.flags.AA
+    assert any(r.rdtype == dns.rdatatype.SOA for r in nx.authority), nx  # negative TTL
+    # the app exists but has no IPv6 gateway: no data, not "no such name"
+    v6 = edge.query(f"geo.{ZONE}", "AAAA")
+    assert v6.rcode() == dns.rcode.NOERROR and a_records(v6, "AAAA") == [], v6
+    outside = edge.query("geo.example.com")
+    assert outside.rcode() != dns.rcode.NOERROR or not outside.answer, outside
+
+
+def test_dns_survives_garbage(edge: World) -> None:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        for junk in (b"", b"\x00", os.urandom(11), b"\xff" * 600, os.urandom(70000 // 100)):
+            u.sendto(junk, ("127.0.0.1", edge.dns_port))
+    with socket.create_connection(("127.0.0.1", edge.dns_port), timeout=3) as t:
+        t.sendall(b"\xff\xff" + os.urandom(100))
+    with socket.create_connection(("127.0.0.1", edge.dns_port), timeout=3) as t:
+        t.sendall(b"\x00\x05abc")  # a length it never completes, then closed
+    assert edge.dns is not None and edge.dns.poll() is None, edge.dns_log.read_text()
+    assert a_records(edge.query(f"geo.{ZONE}")) == ["127.0.0.2"]
+    assert a_records(edge.query(f"geo.{ZONE}", tcp=True)) == ["127.0.0.2"]
+
+
+def test_dns_bad_options_are_one_clear_line(world: World) -> None:
+    # an empty label; a label over DNS's 63 octets; a name with a space
+    for zone in ("bad..zone", "a" * 64 + ".internal", "exa mple.internal"):
+        p = nimbus("dns", "--cluster", str(world.cluster), "--port", "0", "--zone", zone,
+                   cwd=world.cdir, timeout=10)
+        one_clear_line(p)
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -819,6 +917,9 @@ def test_killed_region_no_failed_gets_and_posts_not_run_twice(edge: World) -> No
         t_kill = time.monotonic()
         edge.eu.kill()
         t_dead = time.monotonic()
+        dns_moved = wait_until(
+            lambda: a_records(edge.query(f"geo.{ZONE}")) == ["127.0.0.3"] and time.monotonic(),
+            10, "DNS to answer us")
         for t in posts:
             t.join(timeout=25)
         wait_until(lambda: any(r[0] > t_kill + 2.5 for r in load.records), 10,
@@ -834,6 +935,9 @@ def test_killed_region_no_failed_gets_and_posts_not_run_twice(edge: World) -> No
         split = [c.get("/split") for _ in range(20)]
     assert [(r.status_code, r.headers.get("x-nimbus-region")) for r in split] == \
         [(200, "us")] * 20
+
+    # the issue: DNS answers change within 1 s of a region's death
+    assert dns_moved - t_kill < 1.5, dns_moved - t_kill
 
     plain = results["plain"]
     assert isinstance(plain, httpx.Response), plain
@@ -885,3 +989,5 @@ def test_deploy_with_a_region_down_is_pending_and_converges(edge: World) -> None
     # the edge takes eu back (failover: the first healthy region)
     wait_until(lambda: httpx.get(edge.edge_url + "/whoami", timeout=5)
                .headers.get("x-nimbus-region") == "eu", 20, "eu to take traffic again")
+    wait_until(lambda: a_records(edge.query(f"geo.{ZONE}")) == ["127.0.0.2"], 20,
+               "DNS to answer eu again")
