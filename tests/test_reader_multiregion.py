@@ -39,7 +39,7 @@ import dns.rdatatype
 import httpx
 import pytest
 
-from tests.conftest import descendants
+from tests.conftest import alive, descendants
 from tests.multiregion import RegionProc, free_port
 
 pytestmark = pytest.mark.e2e
@@ -177,6 +177,7 @@ class World:
         self.dns: subprocess.Popen[bytes] | None = None
         self.dns_port = 0
         self.dns_log = root / "dns.out"
+        self.extra_pids: list[int] = []  # regions restarted by nimbus chaos
 
     def write_geo(self, mark: str, folder: Path | None = None) -> Path:
         folder = folder or self.geo
@@ -261,6 +262,16 @@ class World:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        for pid in self.extra_pids:  # started again by nimbus chaos, which we ran
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + 20
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if alive(pid):
+                signal_tree([pid, *descendants(pid)], signal.SIGKILL)
         for r in (self.eu, self.us):
             try:
                 if r.nimbus is not None and r.running():
@@ -691,13 +702,19 @@ def test_edge_cannot_listen_on_a_taken_port(edge: World) -> None:
     assert str(edge.eu.port) in line, line
 
 
-def test_edge_with_every_region_dead_answers_quickly(world: World) -> None:
+def dead_cluster(world: World) -> Path:
+    """A cluster file whose one region (mars) nothing answers for."""
     f = world.cdir / "dead.cluster.yaml"
     dead_port = free_port("127.0.0.4")
     (world.cdir / "dead.token").write_text("x" * 40 + "\n")
     f.write_text(f"regions:\n  mars:\n    control: http://127.0.0.4:{dead_port}\n"
                  f"    token_file: dead.token\n"
                  f"    gateways: [http://127.0.0.4:{dead_port}]\n")
+    return f
+
+
+def test_edge_with_every_region_dead_answers_quickly(world: World) -> None:
+    f = dead_cluster(world)
     port = free_port("127.0.0.1")
     log = world.root / "dead-edge.out"
     with open(log, "wb") as out:
@@ -991,3 +1008,53 @@ def test_deploy_with_a_region_down_is_pending_and_converges(edge: World) -> None
                .headers.get("x-nimbus-region") == "eu", 20, "eu to take traffic again")
     wait_until(lambda: a_records(edge.query(f"geo.{ZONE}")) == ["127.0.0.2"], 20,
                "DNS to answer eu again")
+
+
+# --------------------------------------------------------------------------- chaos
+
+
+def test_chaos_bad_options_exit_2(world: World) -> None:
+    for args in (["--edge", "http://10.1.2.3:8000"], ["--edge", "http://127.0.0.1:1",
+                                                      "--duration", "soon"],
+                 ["--edge", "http://127.0.0.1:1", "--events", "region,meteor"]):
+        p = nimbus("chaos", "--cluster", str(world.cluster), "--app", "geo", *args,
+                   cwd=world.cdir, timeout=30)
+        one_clear_line(p)
+
+
+def test_chaos_missed_goal_exits_1(world: World) -> None:
+    # an edge that is not there: every request fails (a worker kill is
+    # skipped in a nimbus up region, so nothing is killed)
+    port = free_port("127.0.0.1")
+    p = nimbus("chaos", "--cluster", str(world.cluster), "--app", "geo", "--path", "/whoami",
+               "--edge", f"http://127.0.0.1:{port}", "--duration", "1s", "--rate", "20",
+               "--async-rate", "0", "--events", "worker", cwd=world.cdir, timeout=60)
+    assert "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
+    assert p.returncode == 1, (p.returncode, p.stdout + p.stderr)
+    assert "failed" in p.stdout, p.stdout
+
+
+def test_chaos_region_kill_meets_its_goals(edge: World) -> None:
+    wait_until(lambda: httpx.get(edge.edge_url + "/whoami", timeout=5)
+               .headers.get("x-nimbus-region") == "eu", 30, "eu to take traffic")
+    p = nimbus("chaos", "--cluster", str(edge.cluster), "--app", "geo", "--path", "/whoami",
+               "--edge", edge.edge_url, "--duration", "4s", "--rate", "50",
+               "--async-rate", "2", "--events", "region", "--json",
+               cwd=edge.cdir, timeout=120)
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr
+    report = json.loads(p.stdout)
+    for ev in report["events"]:
+        edge.extra_pids += [int(x) for x in ev.get("restarted_pids") or []]
+    assert p.returncode == 0, (p.returncode, p.stdout + p.stderr)
+    req = report["requests"]
+    assert req["scheduled"] == req["sent"] == req["succeeded"] >= 150, req
+    assert req["failed"] == 0 and req["by_region"].get("us", 0) > 0, req
+    [ev] = report["events"]
+    assert ev["kind"] == "region" and ev["region"] == "eu" and not ev["skipped"], ev
+    assert ev["detection_s"] is not None and ev["detection_s"] <= 1.5, ev
+    assert ev["recovery_s"] is not None, ev
+    assert report["async"]["lost"] == [] and report["async"]["accepted"] > 0, report["async"]
+    assert report["async"]["found"] == report["async"]["accepted"], report["async"]
+    # eu was brought back by chaos and serves again
+    wait_until(lambda: httpx.get(edge.edge_url + "/whoami", timeout=5)
+               .headers.get("x-nimbus-region") == "eu", 20, "eu to take traffic again")
