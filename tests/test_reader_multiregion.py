@@ -1058,3 +1058,87 @@ def test_chaos_region_kill_meets_its_goals(edge: World) -> None:
     # eu was brought back by chaos and serves again
     wait_until(lambda: httpx.get(edge.edge_url + "/whoami", timeout=5)
                .headers.get("x-nimbus-region") == "eu", 20, "eu to take traffic again")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_demo_regions_shows_failover_and_stops_everything(tmp_path: Path) -> None:
+    """What a new user does: run the demo, curl the edge, run the printed
+    kill line, see us answer; Ctrl-C stops every process."""
+    root = Path(__file__).resolve().parent.parent
+    log = tmp_path / "demo.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nimbus", "demo", "regions", str(root / "examples" / "hello"),
+             "--dir", str(tmp_path / "d"), "--edge-port", "0", "--dns-port", "0",
+             "--region-port", "0", "--control-port", "0", "--containment", "rlimits"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    restarted: subprocess.Popen[bytes] | None = None
+    try:
+        def printed() -> str | None:
+            text = log.read_text()
+            assert proc.poll() is None, text
+            return text if "Ctrl-C" in text else None
+        text = wait_until(printed, 60, "the demo to print its URLs", step=0.1)
+        assert "Traceback" not in text
+        edge_url = re.search(r"^edge\s+(http://127\.0\.0\.1:\d+)", text, re.M)
+        kill = re.search(r"kill -9 (\d+)", text)
+        dns_at = re.search(r"^dns\s+127\.0\.0\.1:(\d+)", text, re.M)
+        assert edge_url and kill and dns_at, text
+        assert re.search(r"^region eu .*127\.0\.0\.2", text, re.M), text
+        assert re.search(r"^region us .*127\.0\.0\.3", text, re.M), text
+        url = edge_url.group(1)
+        pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
+        everything = set(pids) | descendants(proc.pid)
+
+        def hello_region() -> str:
+            r = httpx.get(url + "/hello", timeout=5)
+            assert r.status_code == 200 and r.text == "Hello, World!", r.text
+            return r.headers["x-nimbus-region"]
+
+        wait_until(lambda: hello_region() == "eu", 20, "eu to answer through the edge")
+
+        def dns_answer() -> list[str] | None:
+            q = dns.message.make_query("hello.nimbus.internal", "A")
+            try:  # as a resolver does, ask again when an answer is lost
+                m = dns.query.udp(q, "127.0.0.1", port=int(dns_at.group(1)), timeout=1)
+            except dns.exception.Timeout:
+                return None
+            return a_records(m)
+        assert wait_until(dns_answer, 10, "the demo's DNS server to answer") == ["127.0.0.2"]
+
+        eu_pid = int(kill.group(1))
+        assert eu_pid in pids
+        eu_tree = [eu_pid, *descendants(eu_pid)]
+        os.kill(eu_pid, signal.SIGKILL)  # the printed line
+        t_kill = time.monotonic()
+        assert hello_region() == "us"  # no failed request, at once
+        wait_until(lambda: dns_answer() == ["127.0.0.3"], 5, "DNS to answer us")
+        wait_until(lambda: not any(alive(p) for p in eu_tree), 10,
+                   "every process of eu to be gone after its nimbus up was killed")
+        restart = wait_until(
+            lambda: re.search(r"to start it again: (.+)$", log.read_text(), re.M), 10,
+            "the demo to print how to start eu again")
+        assert time.monotonic() - t_kill < 10
+        if os.environ.get("NIMBUS_CHAOS") == "1":
+            import shlex
+            restarted = subprocess.Popen(shlex.split(restart.group(1)),
+                                         stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, cwd=tmp_path)
+            wait_until(lambda: hello_region() == "eu", 30, "eu to take traffic again")
+        everything |= descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=25)
+        wait_until(lambda: not any(alive(p) for p in everything), 5,
+                   "every process the demo started to stop")
+        assert "Traceback" not in log.read_text()
+    finally:
+        for p in (restarted, proc):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
