@@ -5,6 +5,7 @@ comes back only after the hysteresis."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
@@ -143,6 +144,15 @@ def test_garbage_does_not_stop_it(world: tuple[list[RegionProc], DnsProc]) -> No
         assert reply.rcode() == dns.rcode.FORMERR
     with socket.create_connection(("127.0.0.1", server.port), timeout=2) as tcp:
         tcp.sendall(b"\x00")                                    # half a length, then gone
+    # several queries on one TCP connection, sent at once
+    queries = [dns.message.make_query(f"shop.{ZONE}", "A"), dns.message.make_query(ZONE, "SOA")]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as tcp:
+        tcp.sendall(b"".join(struct.pack("!H", len(w)) + w for w in
+                             (q.to_wire() for q in queries)))
+        stream = tcp.makefile("rb")
+        for query in queries:
+            size = struct.unpack("!H", stream.read(2))[0]
+            assert query.is_response(dns.message.from_wire(stream.read(size)))
     assert server.addresses(f"shop.{ZONE}") == ["127.0.0.2"]
     assert server.proc.poll() is None
 
@@ -196,7 +206,7 @@ def _healthy(url: str) -> bool:
 def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
     cluster = tmp_path / "nimbus.cluster.yaml"
     cluster.write_text("regions:\n  eu:\n    control: http://127.0.0.2:1\n"
-                       "    token_env: NIMBUS_TEST_NO_SUCH_VAR\n    gateways: [http://127.0.0.2:2]\n")
+                       "    token_env: NIMBUS_TEST_DNS_TOKEN\n    gateways: [http://127.0.0.2:2]\n")
     for args, needle in ((["--zone", "a..b"], "--zone"),
                          (["--zone", ZONE], "nimbus.cluster.yaml")):
         done = subprocess.run([sys.executable, "-m", "nimbus", "dns", "--cluster", str(cluster),
@@ -204,3 +214,12 @@ def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith("nimbus: error:") and needle in done.stderr
         assert "Traceback" not in done.stderr
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = str(taken.getsockname()[1])
+        done = subprocess.run([sys.executable, "-m", "nimbus", "dns", "--cluster", str(cluster),
+                               "--zone", ZONE, "--port", port], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "NIMBUS_TEST_DNS_TOKEN": "t" * 40})
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"nimbus: error: cannot listen on 127.0.0.1:{port}: "
+                                   "Address already in use"), done.stderr

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
 import click
 
 from nimbus.cli.main import cli, fail
+from nimbus.errors import NimbusError
 
 
 @cli.command()
@@ -22,9 +24,9 @@ from nimbus.cli.main import cli, fail
               help="Seconds resolvers may cache an answer (and a negative answer).")
 @click.option("--ns", "ns_name", default="",
               help="The zone's name server name [ns.ZONE, answered with --host].")
-@click.option("--interval", "interval_s", default=0.25, show_default=True,
+@click.option("--probe-interval", "interval_s", default=0.25, show_default=True,
               type=click.FloatRange(0.01, 60), help="Seconds between health probes.")
-@click.option("--timeout", "timeout_s", default=0.3, show_default=True,
+@click.option("--probe-timeout", "timeout_s", default=0.3, show_default=True,
               type=click.FloatRange(0.01, 60), help="A probe slower than this fails.")
 @click.option("--fall", default=2, show_default=True, type=click.IntRange(1, 100),
               help="Failed probes in a row that take a gateway down.")
@@ -49,5 +51,15 @@ def dns(cluster_path: Path, zone: str, host: str, port: int, ttl: int, ns_name: 
     cluster = load_cluster(cluster_path)        # errors name the file, line and field
     addresses = gateway_addresses(cluster)
     config = HealthConfig(interval_s=interval_s, timeout_s=timeout_s, fall=fall, rise_s=rise_s)
-    sys.exit(run_role(lambda stop: serve(cluster, addresses, zone, host, port, ttl, ns_name,
-                                         config, stop)))
+    failed: list[str] = []
+
+    async def main(stop: asyncio.Event) -> None:
+        try:
+            await serve(cluster, addresses, zone, host, port, ttl, ns_name, config, stop)
+        except NimbusError as exc:
+            failed.append(str(exc))
+
+    code = run_role(main)
+    if failed:
+        fail(failed[0], 1)
+    sys.exit(code)

@@ -38,9 +38,12 @@ from nimbus.cli.main import cli, fail
 @click.option("--converge/--no-converge", default=True, show_default=True,
               help="Bring regions that missed a 'nimbus deploy --cluster' (down at the "
                    "time, or back at another version) up to date in the background.")
+@click.option("--emit", type=click.Choice(["haproxy"]),
+              help="Write an equivalent configuration for this proxy to stdout, "
+                   "listening on --host/--port, and exit.")
 def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s: float,
          fall: int, rise_s: float, connect_timeout_s: float, retry_ratio: float,
-         grace_s: float, max_connections: int, converge: bool) -> None:
+         grace_s: float, max_connections: int, converge: bool, emit: str | None) -> None:
     """Serve HTTP in front of every region of a cluster file: route each request
     by its app's policy and the regions' health, fail over within a second."""
     from nimbus.edge.health import HealthConfig
@@ -53,6 +56,13 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
             if not url.startswith("http://"):
                 fail(f"{cluster_path}: region {region.name}: {url}: the edge speaks plain "
                      "http:// to gateways and control APIs", 2)
+    if emit == "haproxy":
+        from nimbus.edge.haproxy import EmitOptions, emit_haproxy
+
+        health = HealthConfig(interval_s, timeout_s, fall, rise_s)
+        options = EmitOptions(host, port, health, timeout_connect_s=connect_timeout_s)
+        click.echo(emit_haproxy(cluster, options), nl=False)
+        return
     config = EdgeConfig(health=HealthConfig(interval_s, timeout_s, fall, rise_s),
                         connect_timeout_s=connect_timeout_s, retry_ratio=retry_ratio,
                         grace_s=grace_s, max_connections=max_connections)

@@ -28,13 +28,15 @@ class AppInfo:
     regions: RegionsSpec | None    # the routing of the newest version any region has
     version: int
     hosted_by: frozenset[str]      # regions whose last listing has the app
+    routes: tuple[tuple[str, str], ...] = ()   # (method, path) of that newest version
 
 
 class AppDirectory:
     """The apps of every region of a cluster file."""
 
-    def __init__(self, cluster: ClusterFile) -> None:
+    def __init__(self, cluster: ClusterFile, log_errors: bool = True) -> None:
         self.cluster = cluster
+        self.log_errors = log_errors    # a region that stops answering: one warning
         self.listings: dict[str, dict[str, dict[str, Any]]] = {}   # region -> app -> entry
         self.apps: dict[str, AppInfo] = {}
         self.errors: dict[str, str] = {}
@@ -71,7 +73,7 @@ class AppDirectory:
             self.update(name, response.json())
         except (httpx.HTTPError, ValueError) as exc:
             message = str(exc) or type(exc).__name__
-            if self.errors.get(name) != message:
+            if self.log_errors and self.errors.get(name) != message:
                 log.warning("region %s: cannot list its apps: %s", name, message)
             self.errors[name] = message
         else:
@@ -96,15 +98,16 @@ def merge(order: tuple[str, ...],
             version = entry.get("version")
             version = version if type(version) is int else 0
             spec = _spec(entry.get("regions"))
+            routes = _routes(entry.get("routes"))
             known = out.get(name)
             if known is None:
-                out[name] = AppInfo(name, spec, version, frozenset({region}))
+                out[name] = AppInfo(name, spec, version, frozenset({region}), routes)
                 continue
             hosts = known.hosted_by | {region}
             if version > known.version:
-                out[name] = AppInfo(name, spec, version, hosts)
+                out[name] = AppInfo(name, spec, version, hosts, routes)
             else:
-                out[name] = AppInfo(name, known.regions, known.version, hosts)
+                out[name] = AppInfo(name, known.regions, known.version, hosts, known.routes)
     return out
 
 
@@ -115,3 +118,24 @@ def _spec(raw: object) -> RegionsSpec | None:
         return RegionsSpec.from_dict(raw)
     except ValueError:
         return None
+
+
+def _routes(raw: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, list):
+        return ()
+    return tuple((r["method"], r["path"]) for r in raw
+                 if isinstance(r, dict) and isinstance(r.get("method"), str)
+                 and isinstance(r.get("path"), str))
+
+
+def collect_apps(cluster: ClusterFile, timeout_s: float = 5.0) -> AppDirectory:
+    """Ask every region once (for one-shot commands); the answer's
+    ``errors`` names the regions that did not answer."""
+    directory = AppDirectory(cluster, log_errors=False)
+
+    async def ask() -> None:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            await directory.refresh(client)
+
+    asyncio.run(ask())
+    return directory

@@ -30,6 +30,11 @@ TCP_MAX_CONNECTIONS = 256  # past it, new connections are closed at once
 BIND_TRIES = 20            # port 0: UDP picks, TCP must get the same port
 
 
+class NotReady(Exception):
+    """Raised by a lookup before the server knows enough to answer: the
+    zone answers SERVFAIL."""
+
+
 class _Udp(asyncio.DatagramProtocol):
     def __init__(self, answer: Callable[[bytes, bool], bytes | None]) -> None:
         self.answer = answer
@@ -143,22 +148,31 @@ async def serve(cluster: ClusterFile, addresses: dict[str, tuple[str, ...]], zon
         ns_addresses = ()
     zone = Zone(zone_name, ttl=ttl, ns_name=ns_name, ns_addresses=ns_addresses,
                 serial=int(time.time()) & 0xFFFFFFFF)
-    server = DnsServer(zone, answers.lookup, host, port)
+    warming = True
+
+    def lookup(app: str) -> list[str] | None:
+        if warming:     # SERVFAIL (resolvers try again), never a cached NXDOMAIN
+            raise NotReady("the first probes and app listings are not in yet")
+        return answers.lookup(app)
+
+    server = DnsServer(zone, lookup, host, port)
+    try:
+        bound = await server.start()
+    except OSError as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc   # uvloop wraps it
+        raise NimbusError(f"cannot listen on {host}:{port}: {cause.strerror or cause}") from None
     tasks = [asyncio.create_task(Prober(cluster, book, config).run()),
              asyncio.create_task(apps.run())]
     try:
-        # Answer from the first: after the first listing of apps and the
-        # first probe of every gateway (each bounded by its timeout).
+        # Answer names once the first listing of apps and the first probe of
+        # every gateway are in (each bounded by its timeout).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(apps.ready.wait(), 3.0)
         deadline = time.monotonic() + config.timeout_s + config.interval_s
         while time.monotonic() < deadline and any(
                 not g.up and not g.fails for g in book.gateways.values()):
             await asyncio.sleep(0.02)
-        try:
-            bound = await server.start()
-        except OSError as exc:
-            raise NimbusError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        warming = False
         print(f"nimbus dns: serving {zone.name} at udp+tcp {host}:{bound} "
               f"(ttl {ttl} s, regions {', '.join(cluster.names)})", flush=True)
         await stop.wait()

@@ -77,8 +77,11 @@ def respond(wire: bytes, zone: Zone, lookup: Lookup, *, udp: bool) -> bytes | No
         return _bare(ident, flags, RCODE.FORMERR)
     try:
         reply = _answer(request, zone, lookup)
-    except Exception:  # noqa: BLE001 - a bug must not take the server down: SERVFAIL
-        return _bare(ident, flags, RCODE.SERVFAIL)
+    except Exception:  # noqa: BLE001 - a lookup that cannot answer (or a bug): SERVFAIL
+        reply = DNSRecord(DNSHeader(id=ident, qr=1, opcode=request.header.opcode,
+                                    rd=request.header.rd, rcode=RCODE.SERVFAIL))
+        for question in request.questions[:1]:
+            reply.add_question(question)
     return _pack(reply, request, udp)
 
 
