@@ -67,7 +67,10 @@ def whoami(event, context):
             "body": json.dumps({{"arn": context.invoked_function_arn,
                                 "aws_region": os.environ.get("AWS_REGION"),
                                 "mark": os.environ.get("MARK"),
-                                "xff": headers.get("x-forwarded-for", "")}})}}
+                                "xff": headers.get("x-forwarded-for", ""),
+                                "raw_qs": event.get("rawQueryString"),
+                                "path": event.get("rawPath")}}),
+            "cookies": ["a=1; Path=/", "b=2; Path=/"]}}
 
 def count(event, context):
     qs = event.get("queryStringParameters") or {{}}
@@ -332,6 +335,8 @@ def bad_cluster(w: World, name: str, text: str) -> Path:
      "    gateways: [http://127.0.0.2:1]\n", "missing.token"),
     ("regions:\n  eu:\n    control: http://127.0.0.2:1\n    token_file: eu.token\n"
      "    gatways: [http://127.0.0.2:1]\n", "gatways"),
+    ("regions:\n  eu:\n    control: http://127.0.0.2:1\n    token_env: NIMBUS_EU_TOKEN\n"
+     "    gateways: [http://127.0.0.2:1]\n", "NIMBUS_EU_TOKEN"),
     ("regions:\n  eu:\n    control: http://127.0.0.2:1\n    token_file: eu.token\n"
      "    gateways: not-a-url\n", "gateways"),
 ])
@@ -426,6 +431,20 @@ def test_status_cluster_shows_drift_and_wait_all_puts_it_back(world: World) -> N
     assert status_json(world)["converged"] is True
 
 
+def test_deploy_refused_by_a_region_fails_naming_it(world: World) -> None:
+    f = world.cdir / "wrongtoken.cluster.yaml"
+    (world.cdir / "wrong.token").write_text("w" * 43 + "\n")
+    f.write_text(world.cluster.read_text().replace("token_file: us.token",
+                                                   "token_file: wrong.token"))
+    p = nimbus("deploy", str(world.geo), "--cluster", str(f), cwd=world.cdir, timeout=60)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    assert "Traceback" not in out
+    us_lines = [ln for ln in out.splitlines() if "us" in ln and "eu:" not in ln]
+    assert any("401" in ln or "nauthori" in ln or "token" in ln for ln in us_lines), out
+    assert "pending" not in " ".join(us_lines), out
+
+
 def test_status_cluster_flags_a_gateway_of_another_region(world: World) -> None:
     f = world.cdir / "crossed.cluster.yaml"
     # a cluster file naming only us, whose gateway is in fact eu's
@@ -451,6 +470,10 @@ def test_edge_routes_failover_to_first_region_with_headers(edge: World) -> None:
             assert r.json()["aws_region"] == r.headers["x-nimbus-region"]
         assert regions == {"eu"}
         assert "127.0.0.1" in r.json()["xff"], r.json()
+        r = c.get("/whoami?x=%20y&x=2&z=%C3%A9")
+        assert r.json()["raw_qs"] == "x=%20y&x=2&z=%C3%A9", r.json()
+        assert sorted(v.split(";")[0] for v in r.headers.get_list("set-cookie")) == \
+            ["a=1", "b=2"], r.headers
         r = c.get("/no/such/route")
         assert r.status_code == 404
         assert r.headers["x-nimbus-region"] == "eu"
@@ -479,6 +502,11 @@ def test_edge_own_endpoints(edge: World) -> None:
     r = httpx.get(edge.edge_url + "/_nimbus/regions", timeout=5)
     assert r.status_code == 200
     body = r.json()
+    assert body["regions"]["eu"]["up"] is True and body["regions"]["us"]["up"] is True
+    assert [g["url"] for g in body["regions"]["eu"]["gateways"]] == [edge.eu.gateway_url]
+    assert body["apps"]["geo"]["policy"] == "failover"
+    assert body["apps"]["geo"]["names"] == ["eu", "us"]
+    assert body["apps"]["split"]["weights"] == {"eu": 80, "us": 20}
     text = json.dumps(body)
     for needle in ("eu", "us", edge.eu.gateway_url, edge.us.gateway_url, "geo", "split",
                    "weighted", "failover"):
@@ -1000,6 +1028,13 @@ def test_killed_region_no_failed_gets_and_posts_not_run_twice(edge: World) -> No
         t_kill = time.monotonic()
         edge.eu.kill()
         t_dead = time.monotonic()
+
+        def eu_state() -> dict[str, Any]:
+            r = httpx.get(edge.edge_url + "/_nimbus/regions", timeout=5).json()
+            return r["regions"]["eu"]  # type: ignore[no-any-return]
+        eu_down = wait_until(lambda: eu_state()["up"] is False and time.monotonic(), 10,
+                             "the edge to show eu down")
+        sent_at_down = eu_state()["gateways"][0]["requests"]
         dns_moved = wait_until(
             lambda: a_records(edge.query(f"geo.{ZONE}")) == ["127.0.0.3"] and time.monotonic(),
             10, "DNS to answer us")
@@ -1019,8 +1054,19 @@ def test_killed_region_no_failed_gets_and_posts_not_run_twice(edge: World) -> No
     assert [(r.status_code, r.headers.get("x-nimbus-region")) for r in split] == \
         [(200, "us")] * 20
 
-    # the issue: DNS answers change within 1 s of a region's death
+    # the issue: the edge stops sending to it and DNS answers change within
+    # 1 s of a region's death
+    assert eu_down - t_kill < 1.5, eu_down - t_kill
     assert dns_moved - t_kill < 1.5, dns_moved - t_kill
+    eu_gw = eu_state()["gateways"][0]
+    assert eu_gw["requests"] == sent_at_down, (sent_at_down, eu_gw)
+    assert eu_gw["last_error"], eu_gw
+    ev = httpx.post(edge.edge_url + "/count?tag=event-after-kill", content=b"{}",
+                    headers={"X-Nimbus-Invocation-Type": "Event",
+                             "Idempotency-Key": "reader-ev-2"}, timeout=10)
+    assert ev.status_code == 202 and ev.headers["x-nimbus-region"] == "us", ev.text
+    wait_until(lambda: edge.marks_of("event-after-kill") == ["us"], 20,
+               "the async invocation to run in us")
 
     plain = results["plain"]
     assert isinstance(plain, httpx.Response), plain
@@ -1047,12 +1093,11 @@ def test_deploy_with_a_region_down_is_pending_and_converges(edge: World) -> None
     assert re.search(r"^us: version \d+ deployed", p.stdout, re.M), p.stdout
     assert httpx.get(edge.edge_url + "/whoami", timeout=10).json()["mark"] == "v2"
 
-    for cmd in (["status"], ["deploy", str(edge.geo)]):
-        p = nimbus(*cmd, "--cluster", str(edge.cluster), "--wait-all", "--timeout", "2",
-                   cwd=edge.cdir, timeout=60)
-        assert p.returncode == 1, (cmd, p.stdout + p.stderr)
-        assert "Traceback" not in p.stdout + p.stderr
-        assert "eu" in p.stdout + p.stderr
+    p = nimbus("deploy", str(edge.geo), "--cluster", str(edge.cluster), "--wait-all",
+               "--timeout", "2", cwd=edge.cdir, timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert "eu" in p.stdout + p.stderr
     s = json.loads(nimbus("status", "--cluster", str(edge.cluster), "--json",
                           timeout=60).stdout)
     assert s["regions"]["eu"]["control"]["reachable"] is False
@@ -1104,7 +1149,7 @@ def test_chaos_region_kill_meets_its_goals(edge: World) -> None:
     wait_until(lambda: httpx.get(edge.edge_url + "/whoami", timeout=5)
                .headers.get("x-nimbus-region") == "eu", 30, "eu to take traffic")
     p = nimbus("chaos", "--cluster", str(edge.cluster), "--app", "geo", "--path", "/whoami",
-               "--edge", edge.edge_url, "--duration", "4s", "--rate", "50",
+               "--edge", edge.edge_url, "--duration", "3s", "--rate", "60",
                "--async-rate", "2", "--events", "region", "--json",
                cwd=edge.cdir, timeout=120)
     assert "Traceback" not in p.stdout + p.stderr, p.stderr
