@@ -210,3 +210,17 @@ def test_a_cluster_file_written_for_regions_loads_back(eu: RegionProc, tmp_path:
     cluster = write_cluster_file(tmp_path, [eu])
     assert cluster.regions["eu"].token == eu.token
     assert cluster.regions["eu"].gateways == (eu.gateway_url,)
+
+
+def test_a_demo_or_cluster_state_folder_in_the_app_is_never_bundled(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    app = _app(tmp_path / "a")
+    for folder in (".nimbus-demo", ".nimbus-cluster", ".nimbus-cluster-prod.yaml"):
+        (app / folder).mkdir()
+        (app / folder / "eu.token").write_text("secret")
+    (app / "nimbus.cluster.yaml").write_text("regions: {}\n")
+    names = zipfile.ZipFile(io.BytesIO(make_bundle(app))).namelist()
+    assert not [n for n in names if "token" in n], names
+    assert "hello.py" in names and "app.yaml" in names

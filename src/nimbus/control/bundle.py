@@ -37,7 +37,8 @@ SKIP_SUFFIXES = (".pyc", ".pyo")
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _CHUNK = 1024 * 1024
 # Written into every state folder, so a --state-dir inside an app folder is
-# never bundled, whatever its name.
+# never bundled, whatever its name. Folders named ``.nimbus-*`` (a demo's or
+# a cluster's state: tokens, cluster files) are never bundled either.
 STATE_MARKER = ".nimbus-state"
 
 
@@ -71,7 +72,7 @@ def make_bundle(app_dir: Path) -> bytes:
         here = Path(root)
         kept = []
         for d in sorted(dirs):
-            if d in SKIP_DIRS or (here / d / STATE_MARKER).exists():
+            if d in SKIP_DIRS or d.startswith(".nimbus-") or (here / d / STATE_MARKER).exists():
                 continue
             if (here / d).is_symlink():
                 _check_link(here / d, app_dir)  # inside: left out (os.walk does not follow)
