@@ -648,6 +648,41 @@ def test_guided_deploy_saves_answers_and_plain_deploy_repeats_them(edge: World) 
     assert set(got) == {"eu", "us"}, got
 
 
+def test_tokens_beside_a_cluster_file_in_the_app_folder_are_not_shipped(edge: World) -> None:
+    """A user keeps the cluster file and its token files in the app's own
+    folder and deploys it: the regions' control tokens must not travel in
+    the bundle to every region, where any function could read them."""
+    app = edge.root / "apps" / "inside"
+    app.mkdir(parents=True)
+    (app / "app.yaml").write_text(
+        "name: inside\nfunctions:\n  inside:\n    handler: look.files\n"
+        "    http: [{method: GET, path: /inside}]\n")
+    (app / "look.py").write_text(
+        "import os\n"
+        "def files(event, context):\n"
+        "    root = os.environ['LAMBDA_TASK_ROOT']\n"
+        "    out = {}\n"
+        "    for d, _, names in os.walk(root):\n"
+        "        for n in names:\n"
+        "            p = os.path.join(d, n)\n"
+        "            try:\n"
+        "                out[os.path.relpath(p, root)] = open(p, errors='replace').read(200)\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    return out\n")
+    for f in ("nimbus.cluster.yaml", "eu.token", "us.token"):
+        (app / f).write_text((edge.cdir / f).read_text())
+    (app / "eu.token").chmod(0o600)
+    (app / "us.token").chmod(0o600)
+    p = nimbus("deploy", ".", "--cluster", "nimbus.cluster.yaml", cwd=app)
+    assert p.returncode == 0, p.stdout + p.stderr
+    seen = edge.us.get("/inside").json()
+    assert "look.py" in seen, seen
+    leaked = sorted(name for name, text in seen.items()
+                    if edge.eu.token in text or edge.us.token in text)
+    assert leaked == [], f"region tokens shipped in the bundle: {leaked}"
+
+
 def test_edge_large_bodies_both_ways_and_chunked(edge: World) -> None:
     data = os.urandom(4 * 1024 * 1024)
     with httpx.Client(base_url=edge.edge_url, timeout=30) as c:
