@@ -1011,12 +1011,12 @@ def test_hung_and_flapping_region_is_routed_away_and_failback_waits(edge: World)
             t_post.join(timeout=15)
             wait_until(lambda: any(r[0] > t_stop + 2.0 for r in load.records), 10,
                        "two seconds of load on the hung region")
-            # then it flaps: 0.8 s alive, 1 s hung, alive again (rise is 1.5 s)
+            # then it flaps: 0.7 s alive, 0.7 s hung, alive again (rise is 1.5 s)
             signal_tree(pids, signal.SIGCONT)
-            time.sleep(0.8)
+            time.sleep(0.7)
             pids = sorted(set(pids) | set(tree(edge.eu)))
             signal_tree(pids, signal.SIGSTOP)
-            time.sleep(1.0)
+            time.sleep(0.7)
         finally:
             signal_tree(pids, signal.SIGCONT)
         t_cont = time.monotonic()
@@ -1184,7 +1184,7 @@ def test_chaos_region_kill_meets_its_goals(edge: World) -> None:
     wait_until(lambda: httpx.get(edge.edge_url + "/whoami", timeout=5)
                .headers.get("x-nimbus-region") == "eu", 30, "eu to take traffic")
     p = nimbus("chaos", "--cluster", str(edge.cluster), "--app", "geo", "--path", "/whoami",
-               "--edge", edge.edge_url, "--duration", "3s", "--rate", "60",
+               "--edge", edge.edge_url, "--duration", "2500ms", "--rate", "70",
                "--async-rate", "2", "--events", "region", "--json",
                cwd=edge.cdir, timeout=120)
     assert "Traceback" not in p.stdout + p.stderr, p.stderr
