@@ -757,6 +757,46 @@ def test_function_errors_pass_through_and_are_not_retried(edge: World) -> None:
     assert direct.headers.get("x-nimbus-error") != "gateway", dict(direct.headers)
 
 
+def test_edge_sigterm_lets_requests_in_flight_finish(edge: World) -> None:
+    port = free_port("127.0.0.1")
+    log = edge.root / "edge2.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nimbus", "edge", "--cluster",
+                                 str(edge.cluster), "--host", "127.0.0.1", "--port", str(port),
+                                 "--no-converge"],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=edge.cdir)
+    url = f"http://127.0.0.1:{port}"
+    result: dict[str, Any] = {}
+    try:
+        def routed() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                r = httpx.get(url + "/whoami", timeout=2)
+            except httpx.HTTPError:
+                return False
+            return r.status_code == 200
+        wait_until(routed, 20, "the second edge to route")
+
+        def slow() -> None:
+            try:
+                result["r"] = httpx.post(url + "/count?tag=grace&sleep=1.5", timeout=20)
+            except httpx.HTTPError as e:
+                result["e"] = e
+        t = threading.Thread(target=slow)
+        t.start()
+        wait_until(lambda: edge.marks_of("grace"), 10, "the slow request to start")
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=20)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "r" in result, result
+    assert result["r"].status_code == 200, result["r"].text
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
 def test_edge_cannot_listen_on_a_taken_port(edge: World) -> None:
     p = nimbus("edge", "--cluster", str(edge.cluster), "--host", edge.eu.host,
                "--port", str(edge.eu.port), cwd=edge.cdir, timeout=30)
