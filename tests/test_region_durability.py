@@ -108,6 +108,51 @@ def records(region: Region, fn: str) -> list[dict[str, Any]]:
     return out
 
 
+def async_counts(region: Region, fn: str) -> dict[str, int]:
+    f = next(f for f in region.status()["functions"] if f["name"] == fn)
+    return dict(f["async"])
+
+
+def wait_settled(region: Region, fn: str, ids: list[str], timeout_s: float) -> dict[str, int]:
+    """The function's async counts once succeeded + dead reach ``len(ids)``.
+    On a timeout, fails with what was seen: the last counts, the records'
+    statuses (listed, and read one by one), whether the two disagree, and
+    the region's warnings."""
+    counts: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counts = async_counts(region, fn)
+        if counts["succeeded"] + counts["dead"] >= len(ids):
+            return counts
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:g}s waiting for every invocation "
+                         f"settled\n{settle_report(region, fn, ids, counts)}")
+
+
+def settle_report(region: Region, fn: str, ids: list[str], counts: dict[str, int]) -> str:
+    listed = {r["id"]: r for r in records(region, fn)}
+    recs = {i: listed.get(i) or invocation(region, i) for i in ids}
+    statuses = collections.Counter(r["status"] for r in recs.values())
+    settled = statuses["succeeded"] + statuses["dead"]
+    open_ = [r for r in recs.values() if r["status"] not in ("succeeded", "dead")]
+    lines = [f"counts: {counts}",
+             f"records: {dict(statuses)} ({len(ids) - len(listed.keys() & set(ids))} "
+             f"not in the list, read by id)",
+             "records and counts " + ("agree" if (counts.get("succeeded"), counts.get("dead"))
+                                      == (statuses["succeeded"], statuses["dead"])
+                                      else f"DISAGREE ({settled} settled on record)")]
+    lines += [f"  open: {r['id']} {r['status']} attempts={r['attempts']} "
+              f"updated {time.time() - r['updated_at']:.0f}s ago error={r.get('error')}"
+              for r in open_[:20]]
+    for path in sorted(region.state.glob("*/process.log")):
+        text = path.read_text(errors="replace").splitlines()
+        said = collections.Counter(line[:200] for line in text
+                                   if line.startswith(("nimbus: WARNING", "nimbus: ERROR",
+                                                       "nimbus.errors.")))
+        lines += [f"{path.parent.name}:", *(f"  {n} x {line}" for line, n in said.most_common(12))]
+    return "\n".join(lines)
+
+
 @pytest.mark.timeout(420)
 def test_nats_server_sigkill_during_async_work(tmp_path: Path) -> None:
     app, runs = make_app(tmp_path)
@@ -124,12 +169,7 @@ def test_nats_server_sigkill_during_async_work(tmp_path: Path) -> None:
         nats_pid_restarted = region.restart_nats(1)
         assert nats_pid_restarted
 
-        def counts() -> dict[str, int]:
-            fn = next(f for f in region.status()["functions"] if f["name"] == "flaky")
-            return dict(fn["async"])
-
-        final = wait_until(lambda: (c := counts())["succeeded"] + c["dead"] >= INVOCATIONS and c,
-                           240, "every invocation settled", step_s=0.5)
+        final = wait_settled(region, "flaky", ids, 240)
         by_id = {i: invocation(region, i) for i in ids}
         statuses = collections.Counter(r["status"] for r in by_id.values())
         assert statuses["succeeded"] + statuses["dead"] == INVOCATIONS, statuses
