@@ -107,11 +107,16 @@ MAX_ACK_PENDING = 100_000  # deliveries out at once per queue (leased and NAK-de
 CAS_TRIES = 50
 OPEN_READY_S = 30.0  # a cluster electing leaders, or a racing creator
 COUNT_WAIT_S = 10.0  # an operation waits this long for its counts to land
+UNKNOWN_WRITE_S = 30.0  # a write whose answer was lost is read back this long
 WRITER_MEMORY_S = 3600.0  # how long a summary remembers a writer's last batch
 CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
 SETTLED = ("succeeded", "failed", "dead")
 
 T = TypeVar("T")
+# a request that got no answer: it may have been stored, or not
+_OUTCOME_UNKNOWN = (TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.NoStreamResponseError,
+                    nats.js.errors.ServiceUnavailableError)
 log = logging.getLogger("nimbus.queue")
 
 
@@ -286,12 +291,53 @@ class NatsQueue:
 
     async def _write(self, key: str, rec: dict[str, Any], rev: int | None, *,
                      ttl: float | None = None) -> int:
-        """Compare-and-set (``rev`` 0: create); ConflictError if it moved."""
+        """Compare-and-set (``rev`` 0: create): the new revision, or
+        ``KeyWrongLastSequenceError`` if the key moved.
+
+        A write whose answer is lost (a timeout: the server it went through
+        died, or leaders were moving) may have landed or not. Its key is
+        read back until that is known, for up to ``UNKNOWN_WRITE_S``: holding
+        exactly these bytes, it landed (its revision is returned); still at
+        ``rev``, it did not, and is written again; anything else, another
+        writer moved it. Without this a settle that landed looked failed:
+        the caller skipped its count, and its pointer, found settled at
+        redelivery, was dropped, so the move was never counted."""
         data = orjson.dumps(rec)
-        if rev == 0:
-            return int(await _routed(lambda: self._kv.create(key, data, msg_ttl=ttl)))
-        last = rev
-        return int(await _routed(lambda: self._kv._update(key, data, last=last, msg_ttl=ttl)))
+        last = rev or 0
+
+        async def put() -> int:
+            if last == 0:
+                return int(await _routed(lambda: self._kv.create(key, data, msg_ttl=ttl)))
+            return int(await _routed(lambda: self._kv._update(key, data, last=last,
+                                                               msg_ttl=ttl)))
+        try:
+            return await put()
+        except _OUTCOME_UNKNOWN as exc:
+            lost: BaseException = exc
+        deadline = time.monotonic() + UNKNOWN_WRITE_S
+        delay = 0.05
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            try:
+                e = await self._kv.get(key)
+                value, now = e.value, int(e.revision or 0)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                value, now = None, 0
+            except _OUTCOME_UNKNOWN as exc:
+                lost = exc
+                continue
+            if value == data:
+                return now  # it landed; its answer was lost
+            if now != last and not (last == 0 and value is None):
+                raise nats.js.errors.KeyWrongLastSequenceError(
+                    description=f"{key} moved to revision {now} while a write to it "
+                                f"(after {last}) had no answer")
+            try:
+                return await put()  # it did not land: again
+            except (nats.js.errors.KeyWrongLastSequenceError, *_OUTCOME_UNKNOWN) as exc:
+                lost = exc  # no answer again, or the first one landed late: read it
+        raise lost
 
     # -- counts -------------------------------------------------------------------
 
