@@ -227,6 +227,60 @@ def test_a_write_whose_answer_is_lost_is_read_back(cluster: NatsCluster, landed:
     asyncio.run(main())
 
 
+def test_a_lease_outlives_late_counts_and_lapses_after_a_failed_settle(
+        cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receive waiting for late counts (NATS answering slowly) keeps its
+    deliveries alive meanwhile, so no one else gets them; a settle NATS
+    never answers stops keeping its delivery alive, so it comes back
+    within AckWait, not after the whole visibility."""
+    import nimbus.store.nats_queue as nq
+    monkeypatch.setattr(nq, "UNKNOWN_WRITE_S", 0.5)
+    reg, name = region(), "fn/late"
+
+    async def main() -> None:
+        async with connected(cluster) as nc1, connected(cluster) as nc2:
+            a = await open_nats_queue(nc1, region=reg, ack_wait_s=0.5)
+            b = await open_nats_queue(nc2, region=reg, ack_wait_s=0.5)
+            real = a._kv._update
+            stall: dict[str, float] = {"s.": 0.0, "m.": 0.0}
+
+            async def update(key: str, value: bytes, last: int | None = None,
+                             **kw: Any) -> int:
+                for prefix, wait_s in stall.items():
+                    if key.startswith(prefix) and wait_s:
+                        await asyncio.sleep(wait_s)
+                        raise nats.errors.TimeoutError
+                return await real(key, value, last=last, **kw)
+            a._kv._update = update  # type: ignore[method-assign]
+            try:
+                for q in (b, a):  # the consumer made, and bound by both, before the race
+                    assert await q.receive(name, max_messages=1, visibility_s=30) == []
+                [sent] = await b.send(name, [Outgoing(b"x")])
+                stall["s."] = 0.5  # a's count writes time out for 2.5 s
+                asyncio.get_running_loop().call_later(2.5, stall.update, {"s.": 0.0})
+                receiving = asyncio.create_task(
+                    a.receive(name, max_messages=1, visibility_s=30, wait_s=5))
+                while (rec := await b.get(sent.id)) is None or rec.status != "running":
+                    await asyncio.sleep(0.02)  # a claimed it; now it waits for counts
+                got_b = await b.receive(name, max_messages=1, visibility_s=30, wait_s=3)
+                got_a = await receiving
+                assert [m.id for m in got_a] == [sent.id] and got_b == []
+                assert await b.receive(name, max_messages=1, visibility_s=30, wait_s=1) == []
+                stall["m."] = 0.2  # a's settle gets no answer
+                with pytest.raises(UnavailableError):
+                    await a.ack(got_a[0])
+                t0 = time.monotonic()
+                again = await b.receive(name, max_messages=1, visibility_s=30, wait_s=5)
+                assert [m.id for m in again] == [sent.id], "it came back"
+                assert time.monotonic() - t0 < 3
+                await b.ack(again[0])
+                assert (await b.stats(name)).succeeded == 1
+            finally:
+                await a.aclose()
+                await b.aclose()
+    asyncio.run(main())
+
+
 def test_a_lost_cluster_is_unavailable_not_a_traceback(tmp_path: Path) -> None:
     async def main() -> None:
         c = NatsCluster(tmp_path / "gone", secrets.token_urlsafe(32), size=1)

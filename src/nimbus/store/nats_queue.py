@@ -38,9 +38,11 @@ Rules:
   of that receive's visibility, at most ``ACK_WAIT_S`` (never changed after:
   lowering it would cut short leases others hold). A receive for a longer
   visibility keeps its deliveries alive with in-progress acks (``+WPI``,
-  every AckWait / 3) until the visibility is used up. So a holder that dies
-  loses its leases within AckWait, and one that lives holds them for the
-  visibility it asked for, or AckWait if that is longer.
+  every AckWait / 3) until the visibility is used up, from its claims on
+  (before it waits for its counts, which may be late). So a holder that
+  dies loses its leases within AckWait, and one that lives holds them for
+  the visibility it asked for, or AckWait if that is longer. A settle that
+  fails stops keeping its delivery alive: it comes back within AckWait.
 * ``begin`` writes the try into the record (``attempts`` + 1) before the
   handler is handed the message: replicated and on disk when it returns,
   so a try begun counts whatever happens next. ``release`` takes it back.
@@ -561,12 +563,18 @@ class NatsQueue:
                     moves: dict[str, int] = {"running": len(claimed)}
                     for _m, prev in claimed:
                         moves[prev] = moves.get(prev, 0) - 1
-                    await self._counted(queue, moves)
-                    # kept alive only once handed out: a receive cancelled
-                    # before this lets its claims lapse within AckWait
-                    if visibility_s > ack_wait:
-                        for m, _prev in claimed:
-                            self._hold(_receipt(m))
+                    # kept alive from now (waiting for late counts can take
+                    # AckWait), but only if handed out: a receive cancelled
+                    # first lets its claims lapse within AckWait
+                    held = [_receipt(m) for m, _prev in claimed] \
+                        if visibility_s > ack_wait else []
+                    for r in held:
+                        self._hold(r)
+                    try:
+                        await self._counted(queue, moves)
+                    except BaseException:
+                        self._held.difference_update(held)
+                        raise
                     return [m for m, _prev in claimed]
 
     async def _claim(self, queue: str, msg: Msg, visibility_s: float,
@@ -661,9 +669,14 @@ class NatsQueue:
             rec["attempts"] = int(r.rec["attempts"]) - 1
         rec["begun"] = False
         with _mapped(f"settling message {m.id}"):
-            r.rev = await self._cas(m, r, rec, ttl)
+            try:
+                r.rev = await self._cas(m, r, rec, ttl)
+            finally:
+                # settled, or not by this delivery (another holds it, or NATS
+                # did not answer): its lease is no longer kept alive, so a
+                # delivery left unsettled comes back within AckWait
+                self._held.discard(r)
             r.rec, r.settled = rec, True
-            self._held.discard(r)
             with contextlib.suppress(nats.errors.Error):  # if lost: dropped at redelivery
                 await then(r.msg)
             await self._counted(m.queue, {"running": -1, rec["class"]: 1})
