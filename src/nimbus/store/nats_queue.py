@@ -52,6 +52,10 @@ Rules:
   failed). A crash between the two delivers the pointer again and the
   receive drops it (its record is settled): at-least-once, and the record
   never lies.
+* A write whose answer is lost (a timeout: a server died with it, or
+  leaders moved) may have landed: its key is read back until that is known
+  (up to ``UNKNOWN_WRITE_S``), and the operation goes on as if answered, so
+  its move is counted once.
 * Counts: each write that moves a record from one class to another adds to
   an in-process tally; the tallies (and new ids for the index) are written
   to ``s.<queue>`` in one compare-and-set per queue by a flusher that every
