@@ -4,6 +4,7 @@ clients, and a consumer killed mid-try."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -278,6 +279,52 @@ def test_a_lease_outlives_late_counts_and_lapses_after_a_failed_settle(
             finally:
                 await a.aclose()
                 await b.aclose()
+    asyncio.run(main())
+
+
+def test_a_failed_claim_does_not_lose_the_others(
+        cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One claim of a receive failing (NATS never answers its write) does
+    not fail the receive: the others are counted and handed out, and the
+    failed one comes back within AckWait. (The whole receive failed: the
+    claims that landed went uncounted, leaving ready high and running
+    negative for good.)"""
+    import nimbus.store.nats_queue as nq
+    monkeypatch.setattr(nq, "UNKNOWN_WRITE_S", 0.3)
+    reg, name = region(), "fn/claims"
+
+    async def main() -> None:
+        async with connected(cluster) as nc:
+            q = await open_nats_queue(nc, region=reg, ack_wait_s=1.0)
+            try:
+                sent = await q.send(name, [Outgoing(b"1"), Outgoing(b"2")])
+                real = q._kv._update
+                unanswered = f"m.{sent[0].id}"
+
+                async def update(key: str, value: bytes, last: int | None = None,
+                                 **kw: Any) -> int:
+                    if key == unanswered:
+                        raise nats.errors.TimeoutError
+                    return await real(key, value, last=last, **kw)
+                q._kv._update = update  # type: ignore[method-assign]
+                got: list[Any] = []
+                t0 = time.monotonic()
+                while not got:  # (a fetch of the unanswered one alone fails)
+                    assert time.monotonic() - t0 < 20, "every receive failed"
+                    with contextlib.suppress(UnavailableError):
+                        got = await q.receive(name, max_messages=2, visibility_s=30, wait_s=5)
+                assert [m.id for m in got] == [sent[1].id]
+                s = await q.stats(name)
+                assert (s.ready, s.running) == (1, 1), s
+                q._kv._update = real  # type: ignore[method-assign]
+                [again] = await q.receive(name, max_messages=2, visibility_s=30, wait_s=5)
+                assert again.id == sent[0].id
+                for m in (*got, again):
+                    await q.ack(m)
+                s = await q.stats(name)
+                assert (s.ready, s.running, s.succeeded) == (0, 0, 2), s
+            finally:
+                await q.aclose()
     asyncio.run(main())
 
 

@@ -560,9 +560,18 @@ class NatsQueue:
                 except nats.js.errors.ServiceUnavailableError:  # its leader is moving
                     msgs = []
                     await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
-                claimed = [c for c in await asyncio.gather(*(
-                    self._claim(queue, msg, visibility_s, ack_wait) for msg in msgs))
-                    if c is not None]
+                got = await asyncio.gather(*(
+                    self._claim(queue, msg, visibility_s, ack_wait) for msg in msgs),
+                    return_exceptions=True)
+                claimed = [c for c in got if isinstance(c, tuple)]
+                failed = [c for c in got if isinstance(c, BaseException)]
+                if failed:
+                    # one claim failing does not lose the others: they are
+                    # counted and handed out; its delivery lapses within AckWait
+                    if not claimed:
+                        raise failed[0]
+                    log.warning("receiving from queue %s: %d of %d claims failed (%r); "
+                                "they come back", queue, len(failed), len(got), failed[0])
                 if claimed or deadline - loop.time() <= 0:
                     moves: dict[str, int] = {"running": len(claimed)}
                     for _m, prev in claimed:
