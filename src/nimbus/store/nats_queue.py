@@ -33,7 +33,8 @@ Rules:
 * ``receive`` fetches pointers and claims each record (compare-and-set:
   ``running``, this delivery). A pointer early for its record's
   ``visible_at`` (a send with ``delay_s``) is NAKed with the rest of the
-  delay, not counted, not returned.
+  delay, not counted, not returned. A claim that fails does not fail the
+  others: they are counted and returned, and its delivery lapses.
 * Leases: a queue's consumer is made by its first receive, with an AckWait
   of that receive's visibility, at most ``ACK_WAIT_S`` (never changed after:
   lowering it would cut short leases others hold). A receive for a longer
