@@ -82,6 +82,27 @@ def test_replicated_three_ways(cluster: NatsCluster) -> None:
     asyncio.run(main())
 
 
+def test_a_stream_just_made_is_waited_for_until_it_is_known() -> None:
+    """Right after a stream is made, the server answering its info may not
+    know it yet (404): that is waited out like a leader not yet elected.
+    (A region's start failed on it now and then.)"""
+    from types import SimpleNamespace
+
+    from nimbus.store.nats_queue import _wait_for_leader
+    answers: list[Any] = [nats.js.errors.NotFoundError(), nats.js.errors.NotFoundError(),
+                          SimpleNamespace(cluster=SimpleNamespace(leader=None)),
+                          SimpleNamespace(cluster=SimpleNamespace(leader="n2"))]
+
+    class JS:
+        async def stream_info(self, stream: str) -> Any:
+            got = answers.pop(0)
+            if isinstance(got, Exception):
+                raise got
+            return got
+    asyncio.run(_wait_for_leader(JS(), "KV_x"))  # type: ignore[arg-type]
+    assert answers == []
+
+
 def test_queue_names_become_one_token() -> None:
     assert encode_name("fn/hello") == "fn_2Fhello"
     assert encode_name("topic/a.b/f_1") == "topic_2Fa_2Eb_2Ff_5F1"

@@ -130,8 +130,11 @@ log = logging.getLogger("nimbus.queue")
 async def _wait_for_leader(js: JetStreamContext, stream: str, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        info = await js.stream_info(stream)
-        if info.cluster is None or info.cluster.leader:
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:  # just made: the server that answered
+            info = None  # does not know it yet (seen at a region's start)
+        if info is not None and (info.cluster is None or info.cluster.leader):
             return
         if time.monotonic() > deadline:
             raise UnavailableError(f"stream {stream} has no leader after {timeout_s:g} s")
