@@ -185,6 +185,7 @@ def test_nats_server_sigkill_during_async_work(tmp_path: Path) -> None:
         assert statuses["succeeded"] + statuses["dead"] == INVOCATIONS, statuses
         assert final["succeeded"] == statuses["succeeded"]  # counted exactly
         assert final["dead"] == statuses["dead"]
+        assert (final["ready"], final["delayed"], final["running"]) == (0, 0, 0), final
         starts = len([1 for line in runs.read_text().splitlines()
                       if json.loads(line)["kind"] == "flaky"])
         attempts = sum(r["attempts"] for r in by_id.values())
