@@ -33,14 +33,17 @@ Rules:
 * ``receive`` fetches pointers and claims each record (compare-and-set:
   ``running``, this delivery). A pointer early for its record's
   ``visible_at`` (a send with ``delay_s``) is NAKed with the rest of the
-  delay, not counted, not returned.
+  delay, not counted, not returned. A claim that fails does not fail the
+  others: they are counted and returned, and its delivery lapses.
 * Leases: a queue's consumer is made by its first receive, with an AckWait
   of that receive's visibility, at most ``ACK_WAIT_S`` (never changed after:
   lowering it would cut short leases others hold). A receive for a longer
   visibility keeps its deliveries alive with in-progress acks (``+WPI``,
-  every AckWait / 3) until the visibility is used up. So a holder that dies
-  loses its leases within AckWait, and one that lives holds them for the
-  visibility it asked for, or AckWait if that is longer.
+  every AckWait / 3) until the visibility is used up, from its claims on
+  (before it waits for its counts, which may be late). So a holder that
+  dies loses its leases within AckWait, and one that lives holds them for
+  the visibility it asked for, or AckWait if that is longer. A settle that
+  fails stops keeping its delivery alive: it comes back within AckWait.
 * ``begin`` writes the try into the record (``attempts`` + 1) before the
   handler is handed the message: replicated and on disk when it returns,
   so a try begun counts whatever happens next. ``release`` takes it back.
@@ -50,6 +53,10 @@ Rules:
   failed). A crash between the two delivers the pointer again and the
   receive drops it (its record is settled): at-least-once, and the record
   never lies.
+* A write whose answer is lost (a timeout: a server died with it, or
+  leaders moved) may have landed: its key is read back until that is known
+  (up to ``UNKNOWN_WRITE_S``), and the operation goes on as if answered, so
+  its move is counted once.
 * Counts: each write that moves a record from one class to another adds to
   an in-process tally; the tallies (and new ids for the index) are written
   to ``s.<queue>`` in one compare-and-set per queue by a flusher that every
@@ -107,19 +114,27 @@ MAX_ACK_PENDING = 100_000  # deliveries out at once per queue (leased and NAK-de
 CAS_TRIES = 50
 OPEN_READY_S = 30.0  # a cluster electing leaders, or a racing creator
 COUNT_WAIT_S = 10.0  # an operation waits this long for its counts to land
+UNKNOWN_WRITE_S = 30.0  # a write whose answer was lost is read back this long
 WRITER_MEMORY_S = 3600.0  # how long a summary remembers a writer's last batch
 CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
 SETTLED = ("succeeded", "failed", "dead")
 
 T = TypeVar("T")
+# a request that got no answer: it may have been stored, or not
+_OUTCOME_UNKNOWN = (TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.NoStreamResponseError,
+                    nats.js.errors.ServiceUnavailableError)
 log = logging.getLogger("nimbus.queue")
 
 
 async def _wait_for_leader(js: JetStreamContext, stream: str, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        info = await js.stream_info(stream)
-        if info.cluster is None or info.cluster.leader:
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:  # just made: the server that answered
+            info = None  # does not know it yet (seen at a region's start)
+        if info is not None and (info.cluster is None or info.cluster.leader):
             return
         if time.monotonic() > deadline:
             raise UnavailableError(f"stream {stream} has no leader after {timeout_s:g} s")
@@ -286,12 +301,53 @@ class NatsQueue:
 
     async def _write(self, key: str, rec: dict[str, Any], rev: int | None, *,
                      ttl: float | None = None) -> int:
-        """Compare-and-set (``rev`` 0: create); ConflictError if it moved."""
+        """Compare-and-set (``rev`` 0: create): the new revision, or
+        ``KeyWrongLastSequenceError`` if the key moved.
+
+        A write whose answer is lost (a timeout: the server it went through
+        died, or leaders were moving) may have landed or not. Its key is
+        read back until that is known, for up to ``UNKNOWN_WRITE_S``: holding
+        exactly these bytes, it landed (its revision is returned); still at
+        ``rev``, it did not, and is written again; anything else, another
+        writer moved it. Without this a settle that landed looked failed:
+        the caller skipped its count, and its pointer, found settled at
+        redelivery, was dropped, so the move was never counted."""
         data = orjson.dumps(rec)
-        if rev == 0:
-            return int(await _routed(lambda: self._kv.create(key, data, msg_ttl=ttl)))
-        last = rev
-        return int(await _routed(lambda: self._kv._update(key, data, last=last, msg_ttl=ttl)))
+        last = rev or 0
+
+        async def put() -> int:
+            if last == 0:
+                return int(await _routed(lambda: self._kv.create(key, data, msg_ttl=ttl)))
+            return int(await _routed(lambda: self._kv._update(key, data, last=last,
+                                                               msg_ttl=ttl)))
+        try:
+            return await put()
+        except _OUTCOME_UNKNOWN as exc:
+            lost: BaseException = exc
+        deadline = time.monotonic() + UNKNOWN_WRITE_S
+        delay = 0.05
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            try:
+                e = await self._kv.get(key)
+                value, now = e.value, int(e.revision or 0)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                value, now = None, 0
+            except _OUTCOME_UNKNOWN as exc:
+                lost = exc
+                continue
+            if value == data:
+                return now  # it landed; its answer was lost
+            if now != last and not (last == 0 and value is None):
+                raise nats.js.errors.KeyWrongLastSequenceError(
+                    description=f"{key} moved to revision {now} while a write to it "
+                                f"(after {last}) had no answer")
+            try:
+                return await put()  # it did not land: again
+            except (nats.js.errors.KeyWrongLastSequenceError, *_OUTCOME_UNKNOWN) as exc:
+                lost = exc  # no answer again, or the first one landed late: read it
+        raise lost
 
     # -- counts -------------------------------------------------------------------
 
@@ -508,19 +564,34 @@ class NatsQueue:
                 except nats.js.errors.ServiceUnavailableError:  # its leader is moving
                     msgs = []
                     await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
-                claimed = [c for c in await asyncio.gather(*(
-                    self._claim(queue, msg, visibility_s, ack_wait) for msg in msgs))
-                    if c is not None]
+                got = await asyncio.gather(*(
+                    self._claim(queue, msg, visibility_s, ack_wait) for msg in msgs),
+                    return_exceptions=True)
+                claimed = [c for c in got if isinstance(c, tuple)]
+                failed = [c for c in got if isinstance(c, BaseException)]
+                if failed:
+                    # one claim failing does not lose the others: they are
+                    # counted and handed out; its delivery lapses within AckWait
+                    if not claimed:
+                        raise failed[0]
+                    log.warning("receiving from queue %s: %d of %d claims failed (%r); "
+                                "they come back", queue, len(failed), len(got), failed[0])
                 if claimed or deadline - loop.time() <= 0:
                     moves: dict[str, int] = {"running": len(claimed)}
                     for _m, prev in claimed:
                         moves[prev] = moves.get(prev, 0) - 1
-                    await self._counted(queue, moves)
-                    # kept alive only once handed out: a receive cancelled
-                    # before this lets its claims lapse within AckWait
-                    if visibility_s > ack_wait:
-                        for m, _prev in claimed:
-                            self._hold(_receipt(m))
+                    # kept alive from now (waiting for late counts can take
+                    # AckWait), but only if handed out: a receive cancelled
+                    # first lets its claims lapse within AckWait
+                    held = [_receipt(m) for m, _prev in claimed] \
+                        if visibility_s > ack_wait else []
+                    for r in held:
+                        self._hold(r)
+                    try:
+                        await self._counted(queue, moves)
+                    except BaseException:
+                        self._held.difference_update(held)
+                        raise
                     return [m for m, _prev in claimed]
 
     async def _claim(self, queue: str, msg: Msg, visibility_s: float,
@@ -615,9 +686,14 @@ class NatsQueue:
             rec["attempts"] = int(r.rec["attempts"]) - 1
         rec["begun"] = False
         with _mapped(f"settling message {m.id}"):
-            r.rev = await self._cas(m, r, rec, ttl)
+            try:
+                r.rev = await self._cas(m, r, rec, ttl)
+            finally:
+                # settled, or not by this delivery (another holds it, or NATS
+                # did not answer): its lease is no longer kept alive, so a
+                # delivery left unsettled comes back within AckWait
+                self._held.discard(r)
             r.rec, r.settled = rec, True
-            self._held.discard(r)
             with contextlib.suppress(nats.errors.Error):  # if lost: dropped at redelivery
                 await then(r.msg)
             await self._counted(m.queue, {"running": -1, rec["class"]: 1})
