@@ -23,7 +23,7 @@ import orjson
 
 from nimbus.aio import cancel_and_wait
 from nimbus.control.deploy import target_from_record
-from nimbus.errors import ClosedError
+from nimbus.errors import ClosedError, UnavailableError
 from nimbus.gateway.app import Gateway, Invoker
 from nimbus.gateway.router import Router
 from nimbus.store.base import Store, WatchEvent
@@ -72,17 +72,18 @@ class RouteSync:
                 return  # a watch ends only when the store closes: we are shutting down
             except ClosedError:
                 return  # the store closed: we are shutting down
-            except Exception:  # noqa: BLE001 - the route table must keep following the store
-                log.warning("the watch of apps/ failed; watching again in %.1fs", delay,
-                            exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - the route table must keep following
+                log.warning("the watch of apps/ failed (%s); watching again in %.1fs", exc, delay,
+                            exc_info=not isinstance(exc, UnavailableError))
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_S[1])
             try:  # we may have missed anything: start over from a fresh list
                 after = await self._relist()
             except ClosedError:
                 return
-            except Exception:  # noqa: BLE001
-                log.warning("could not list apps/; will try again", exc_info=True)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not list apps/ (%s); will try again", exc,
+                            exc_info=not isinstance(exc, UnavailableError))
 
     async def _apply(self, ev: WatchEvent, after: int) -> int:
         if ev.kind == "reset":

@@ -515,6 +515,10 @@ class _Consumer:
                                              spec.max_batching_window_s)
             except ClosedError:
                 return
+            except UnavailableError as exc:  # the store is slow or failing over: one line
+                log.warning("receive from %s failed (%s); retrying", sub.queue, exc)
+                await asyncio.sleep(1.0)
+                continue
             except NimbusError:
                 log.warning("receive from %s failed; retrying", sub.queue, exc_info=True)
                 await asyncio.sleep(1.0)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from nimbus.errors import ConflictError, NimbusError
+from nimbus.errors import ConflictError, NimbusError, UnavailableError
 from nimbus.events.names import invoke_queue
 from nimbus.events.schedule_expr import Schedule, parse_schedule
 from nimbus.events.shapes import scheduled_event
@@ -127,8 +127,9 @@ class Scheduler:
         while True:
             try:
                 await self.tick()
-            except NimbusError:
-                log.warning("schedule round failed; trying again", exc_info=True)
+            except NimbusError as exc:  # a store failing over is one line, a bug a traceback
+                log.warning("schedule round failed (%s); trying again", exc,
+                            exc_info=not isinstance(exc, UnavailableError))
             except Exception:  # noqa: BLE001 - the scheduler must outlive a bug in one round
                 log.exception("schedule round failed")
             await asyncio.sleep(ROUND_S)

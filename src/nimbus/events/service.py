@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nimbus.errors import NotFoundError, PayloadTooLargeError, UserInputError
+from nimbus.errors import NotFoundError, PayloadTooLargeError, UnavailableError, UserInputError
 from nimbus.events.dispatch import Dispatcher
 from nimbus.events.names import Subscription, invoke_queue, topic_queue, user_queue
 from nimbus.ids import new_id
@@ -229,8 +229,9 @@ class Events:
                 n = await self.records.purge_settled(self.clock.now() - self.retention_s)
                 if n:
                     log.info("forgot %d settled invocation records", n)
-            except Exception:  # noqa: BLE001 - housekeeping must not die
-                log.warning("purging records failed", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - housekeeping must not die
+                log.warning("purging records failed (%s)", exc,
+                            exc_info=not isinstance(exc, UnavailableError))
 
     async def aclose(self, grace_s: float = 5.0) -> None:
         if self._purger is not None:
