@@ -332,6 +332,10 @@ def test_watch_whose_consumer_vanishes_resets_and_goes_on(cluster: NatsCluster) 
             r2 = await s.put("apps/b", b"2")
             ev = await _next_of(w, lambda e: e.kind != "reset", "the put of apps/b")
             assert (ev.kind, ev.key, ev.revision) == ("put", "apps/b", r2)
+            for _ in range(100):  # as above: the new consumer's name may come after its event
+                if w._consumer is not None:  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.05)
             assert w._consumer not in (None, consumer)  # type: ignore[attr-defined]
             await w.aclose()
             await s.aclose()
