@@ -24,7 +24,7 @@ import dns.rdatatype
 import httpx
 import pytest
 
-from tests.multiregion import RegionProc, regions, write_cluster_file
+from tests.multiregion import RegionProc, regions, write_app, write_cluster_file
 
 pytestmark = pytest.mark.e2e
 
@@ -92,10 +92,7 @@ class DnsProc:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[RegionProc],
                                                                       DnsProc]]:
     root = tmp_path_factory.mktemp("dns")
-    app = root / "shop"
-    app.mkdir()
-    (app / "app.yaml").write_text(APP)
-    (app / "hello.py").write_text(CODE)
+    app = write_app(root / "shop", APP, "hello", CODE)
     with regions(root, app) as started:
         cluster = write_cluster_file(root, started)
         server = DnsProc(cluster.path, root / "dns.out", "--rise", str(RISE_S))

@@ -22,7 +22,13 @@ import orjson
 import pytest
 
 from tests.edgeworld import EdgeProc, Load, comes_back, down_within, wait_for
-from tests.multiregion import RegionProc, regions, write_cluster_file
+from tests.multiregion import (
+    RegionProc,
+    regions,
+    shared_file,
+    write_app,
+    write_cluster_file,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -78,17 +84,9 @@ def w(event, context):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("edge")
-    runs = root / "runs.txt"
-    runs.touch()
-    runs.chmod(0o666)
-    app = root / "shop"
-    app.mkdir()
-    (app / "app.yaml").write_text(APP)
-    (app / "shop.py").write_text(CODE.format(runs=str(runs)))
-    weighted = root / "split"
-    weighted.mkdir()
-    (weighted / "app.yaml").write_text(WEIGHTED_APP)
-    (weighted / "split.py").write_text(WEIGHTED_CODE)
+    runs = shared_file(root / "runs.txt")
+    app = write_app(root / "shop", APP, "shop", CODE.format(runs=str(runs)))
+    weighted = write_app(root / "split", WEIGHTED_APP, "split", WEIGHTED_CODE)
     with regions(root, app) as (eu, us):
         for r in (eu, us):
             out = r.cli("deploy", str(weighted))

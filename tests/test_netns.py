@@ -22,6 +22,7 @@ import pytest
 
 from nimbus.multiregion.clusterfile import load_cluster, write_cluster
 from tests.edgeworld import EdgeProc, Load, comes_back, down_within, wait_for
+from tests.multiregion import shared_file, write_app
 from tests.netns import DelayRelay, Netns, NetnsRegion
 
 pytestmark = pytest.mark.e2e
@@ -63,21 +64,12 @@ def near(event, context):
 """
 
 
-def _app(folder: Path, manifest: str, module: str, code: str) -> Path:
-    folder.mkdir()
-    (folder / "app.yaml").write_text(manifest)
-    (folder / f"{module}.py").write_text(code)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("netns")
-    started_file = root / "started.txt"
-    started_file.touch()
-    started_file.chmod(0o666)
-    shop = _app(root / "shop", SHOP, "shop", SHOP_CODE.format(started=str(started_file)))
-    near = _app(root / "near", NEAR, "near", NEAR_CODE)
+    started_file = shared_file(root / "started.txt")
+    shop = write_app(root / "shop", SHOP, "shop", SHOP_CODE.format(started=str(started_file)))
+    near = write_app(root / "near", NEAR, "near", NEAR_CODE)
     spaces: list[Netns] = []
     started: list[NetnsRegion] = []
     relays: dict[str, DelayRelay] = {}
