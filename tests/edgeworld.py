@@ -4,15 +4,28 @@ be found down and to take traffic again."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
+
+
+def stop_process(proc: subprocess.Popen[bytes], out: IO[bytes], wait_s: float,
+                 kill_wait_s: float | None = None) -> None:
+    """SIGTERM ``proc``, SIGKILL it if it is still there after ``wait_s``,
+    and close ``out``, its log."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(kill_wait_s)
+    out.close()
 
 
 class EdgeProc:
@@ -38,14 +51,7 @@ class EdgeProc:
         return data
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._out.close()
+        stop_process(self.proc, self._out, 15, 5)
         return self.proc.returncode
 
 

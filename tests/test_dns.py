@@ -24,6 +24,7 @@ import dns.rdatatype
 import httpx
 import pytest
 
+from tests.edgeworld import stop_process
 from tests.multiregion import RegionProc, regions, write_app, write_cluster_file
 
 pytestmark = pytest.mark.e2e
@@ -78,14 +79,7 @@ class DnsProc:
         return sorted(rd.address for rrset in reply.answer for rd in rrset)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
+        stop_process(self.proc, self._out, 10)
 
 
 @pytest.fixture(scope="module")

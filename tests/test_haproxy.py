@@ -19,6 +19,7 @@ from nimbus.dns.apps import AppInfo
 from nimbus.edge.haproxy import EmitOptions, path_regex, render
 from nimbus.manifest.model import RegionsSpec
 from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry
+from tests.edgeworld import stop_process
 from tests.multiregion import (
     RegionProc,
     free_port,
@@ -135,14 +136,7 @@ class HaproxyProc:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
+        stop_process(self.proc, self._out, 10)
 
 
 @pytest.fixture(scope="module")
