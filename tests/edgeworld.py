@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import dns.message
+import dns.query
 import httpx
 
 
@@ -110,3 +112,12 @@ def comes_back(load: Load, region: str, since: float, rise_s: float) -> float:
     wait_for(lambda: any(r[3] == region and r[0] > since for r in load.results),
              rise_s + 10, f"{region} to take traffic again")
     return min(r[0] for r in load.results if r[3] == region and r[0] > since) - since
+
+
+def ask_dns(port: int, name: str, rdtype: str = "A", *, tcp: bool = False,
+            timeout: float = 2.0) -> dns.message.Message:
+    """``name`` asked of the DNS server on 127.0.0.1:``port``, over UDP or TCP."""
+    query = dns.message.make_query(name, rdtype)
+    if tcp:
+        return dns.query.tcp(query, "127.0.0.1", port=port, timeout=timeout)
+    return dns.query.udp(query, "127.0.0.1", port=port, timeout=timeout)

@@ -24,7 +24,7 @@ import dns.rdatatype
 import httpx
 import pytest
 
-from tests.edgeworld import stop_process
+from tests.edgeworld import ask_dns, stop_process
 from tests.multiregion import RegionProc, regions, write_app, write_cluster_file
 
 pytestmark = pytest.mark.e2e
@@ -69,10 +69,7 @@ class DnsProc:
             time.sleep(0.05)
 
     def ask(self, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
-        query = dns.message.make_query(name, rdtype)
-        if tcp:
-            return dns.query.tcp(query, "127.0.0.1", port=self.port, timeout=2)
-        return dns.query.udp(query, "127.0.0.1", port=self.port, timeout=2)
+        return ask_dns(self.port, name, rdtype, tcp=tcp)
 
     def addresses(self, name: str, tcp: bool = False) -> list[str]:
         reply = self.ask(name, tcp=tcp)
