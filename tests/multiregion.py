@@ -31,6 +31,21 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def write_app(folder: Path, manifest: str, module: str, code: str) -> Path:
+    """An app folder: ``app.yaml`` and one handler module."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "app.yaml").write_text(manifest)
+    (folder / f"{module}.py").write_text(code)
+    return folder
+
+
+def shared_file(path: Path) -> Path:
+    """An empty file that handlers (whichever user they run as) append to."""
+    path.touch()
+    path.chmod(0o666)
+    return path
+
+
 class RegionProc:
     """One region: a ``nimbus up`` process tree on ``host``."""
 

@@ -23,9 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 import orjson
 
 from nimbus.multiregion.clusterfile import RegionEntry
@@ -239,76 +237,3 @@ class DelayRelay:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
-
-
-class EdgeProc:
-    """A running ``nimbus edge`` on a free port of 127.0.0.1."""
-
-    def __init__(self, cluster: Path, log: Path, rise_s: float) -> None:
-        self._out = open(log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nimbus", "edge", "--cluster", str(cluster),
-             "--port", "0", "--rise", str(rise_s), "--grace", "2"],
-            stdout=self._out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while b"serving http://" not in log.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"nimbus edge did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        self.url = log.read_bytes().split(b"serving ", 1)[1].split()[0].decode()
-
-    def regions(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(self.url + "/_nimbus/regions", timeout=5).json()
-        return data
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._out.close()
-
-
-class Load:
-    """A steady load of GETs from a few threads: (start, end, status, region)."""
-
-    def __init__(self, url: str, path: str = "/hello", threads: int = 4) -> None:
-        self.url = url
-        self.path = path
-        self.stop_flag = threading.Event()
-        self.results: list[tuple[float, float, int, str]] = []
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            while not self.stop_flag.is_set():
-                start = time.monotonic()
-                try:
-                    r = client.get(self.path)
-                    self.results.append((start, time.monotonic(), r.status_code,
-                                         r.headers.get("x-nimbus-region", "?")))
-                    if r.status_code != 200:
-                        self.errors.append(f"{r.status_code} {r.text[:200]}")
-                except httpx.HTTPError as exc:
-                    self.errors.append(repr(exc))
-                time.sleep(0.005)
-
-    def stop(self) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(15)
-
-
-def wait_for(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from tests.conftest import alive, descendants
-from tests.multiregion import RegionProc, free_port, regions, write_cluster_file
+from tests.multiregion import RegionProc, free_port, regions, write_app, write_cluster_file
 
 pytestmark = pytest.mark.e2e
 
@@ -36,14 +36,6 @@ HANDLERS = """\
 def hello(event, context):
     return {"statusCode": 200, "body": "hello from " + context.invoked_function_arn}
 """
-
-
-def write_app(folder: Path) -> Path:
-    app = folder / "shop"
-    app.mkdir(parents=True)
-    (app / "app.yaml").write_text(APP)
-    (app / "h.py").write_text(HANDLERS)
-    return app
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -71,7 +63,7 @@ def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("chaos")
-    app = write_app(root)
+    app = write_app(root / "shop", APP, "h", HANDLERS)
     with regions(root, app) as rs:
         cluster = write_cluster_file(root, rs)
         port = free_port("127.0.0.1")
@@ -190,7 +182,7 @@ def resolve(name: str, port: int) -> list[str]:
 
 
 def test_demo_regions_serves_through_its_edge_and_stops_on_sigint(tmp_path: Path) -> None:
-    app = write_app(tmp_path)
+    app = write_app(tmp_path / "shop", APP, "h", HANDLERS)
     err = open(tmp_path / "demo.err", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "nimbus", "demo", "regions", str(app), "--dir",

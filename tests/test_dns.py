@@ -24,7 +24,8 @@ import dns.rdatatype
 import httpx
 import pytest
 
-from tests.multiregion import RegionProc, regions, write_cluster_file
+from tests.edgeworld import ask_dns, stop_process
+from tests.multiregion import RegionProc, regions, write_app, write_cluster_file
 
 pytestmark = pytest.mark.e2e
 
@@ -68,34 +69,21 @@ class DnsProc:
             time.sleep(0.05)
 
     def ask(self, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
-        query = dns.message.make_query(name, rdtype)
-        if tcp:
-            return dns.query.tcp(query, "127.0.0.1", port=self.port, timeout=2)
-        return dns.query.udp(query, "127.0.0.1", port=self.port, timeout=2)
+        return ask_dns(self.port, name, rdtype, tcp=tcp)
 
     def addresses(self, name: str, tcp: bool = False) -> list[str]:
         reply = self.ask(name, tcp=tcp)
         return sorted(rd.address for rrset in reply.answer for rd in rrset)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
+        stop_process(self.proc, self._out, 10)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[RegionProc],
                                                                       DnsProc]]:
     root = tmp_path_factory.mktemp("dns")
-    app = root / "shop"
-    app.mkdir()
-    (app / "app.yaml").write_text(APP)
-    (app / "hello.py").write_text(CODE)
+    app = write_app(root / "shop", APP, "hello", CODE)
     with regions(root, app) as started:
         cluster = write_cluster_file(root, started)
         server = DnsProc(cluster.path, root / "dns.out", "--rise", str(RISE_S))

@@ -21,7 +21,14 @@ import httpx
 import orjson
 import pytest
 
-from tests.multiregion import RegionProc, regions, write_cluster_file
+from tests.edgeworld import EdgeProc, Load, comes_back, down_within, wait_for
+from tests.multiregion import (
+    RegionProc,
+    regions,
+    shared_file,
+    write_app,
+    write_cluster_file,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -74,67 +81,18 @@ def w(event, context):
 """
 
 
-class Edge:
-    def __init__(self, cluster: Path, log: Path) -> None:
-        self._out = open(log, "wb")  # noqa: SIM115
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nimbus", "edge", "--cluster", str(cluster),
-             "--port", "0", "--rise", str(RISE_S), "--grace", "2"],
-            stdout=self._out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while b"serving http://" not in log.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"nimbus edge did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        line = log.read_bytes().split(b"serving ", 1)[1].split()[0]
-        self.url = line.decode()
-
-    def regions(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(self.url + "/_nimbus/regions", timeout=5).json()
-        return data
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._out.close()
-        return self.proc.returncode
-
-
-def wait_for(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("edge")
-    runs = root / "runs.txt"
-    runs.touch()
-    runs.chmod(0o666)
-    app = root / "shop"
-    app.mkdir()
-    (app / "app.yaml").write_text(APP)
-    (app / "shop.py").write_text(CODE.format(runs=str(runs)))
-    weighted = root / "split"
-    weighted.mkdir()
-    (weighted / "app.yaml").write_text(WEIGHTED_APP)
-    (weighted / "split.py").write_text(WEIGHTED_CODE)
+    runs = shared_file(root / "runs.txt")
+    app = write_app(root / "shop", APP, "shop", CODE.format(runs=str(runs)))
+    weighted = write_app(root / "split", WEIGHTED_APP, "split", WEIGHTED_CODE)
     with regions(root, app) as (eu, us):
         for r in (eu, us):
             out = r.cli("deploy", str(weighted))
             assert out.returncode == 0, out.stderr
         cluster = write_cluster_file(root, [eu, us])
-        edge = Edge(cluster.path, root / "edge.out")
+        edge = EdgeProc(cluster.path, root / "edge.out", RISE_S)
         try:
             wait_for(lambda: all(r["up"] for r in edge.regions()["regions"].values()), 10,
                      "both regions up")
@@ -150,7 +108,7 @@ def region_of(r: httpx.Response) -> str:
 
 def test_failover_sends_everything_to_the_first_region_with_keep_alive(
         world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     with httpx.Client(base_url=edge.url, timeout=10) as c:
         seen = Counter()
         for _ in range(50):
@@ -167,7 +125,7 @@ def test_failover_sends_everything_to_the_first_region_with_keep_alive(
 
 
 def test_weighted_splits_requests_by_weight(world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     counts: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -186,7 +144,7 @@ def test_weighted_splits_requests_by_weight(world: dict[str, Any]) -> None:
 
 
 def test_large_bodies_stream_both_ways(world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     data = os.urandom(3 * 1024 * 1024)
     with httpx.Client(base_url=edge.url, timeout=30) as c:
         r = c.put("/echo", content=data)          # content-length, replayable size limit passed
@@ -209,7 +167,7 @@ def test_large_bodies_stream_both_ways(world: dict[str, Any]) -> None:
 
 
 def test_async_event_with_idempotency_key_passes_through(world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     headers = {"x-nimbus-invocation-type": "Event", "idempotency-key": "edge-evt-1"}
     with httpx.Client(base_url=edge.url, timeout=10) as c:
         first = c.post("/run", content=b"evt", headers=headers)
@@ -224,57 +182,8 @@ def test_async_event_with_idempotency_key_passes_through(world: dict[str, Any]) 
     assert runs.read_text().count(" evt\n") == 1
 
 
-class Load:
-    """A steady load of GETs through the edge from a few threads."""
-
-    def __init__(self, url: str, path: str = "/hello", threads: int = 4) -> None:
-        self.url = url
-        self.path = path
-        self.stop_flag = threading.Event()
-        self.results: list[tuple[float, float, int, str]] = []  # start, end, status, region
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as c:
-            while not self.stop_flag.is_set():
-                t0 = time.monotonic()
-                try:
-                    r = c.get(self.path)
-                    self.results.append((t0, time.monotonic(), r.status_code,
-                                         r.headers.get("x-nimbus-region", "?")))
-                    if r.status_code != 200:
-                        self.errors.append(f"{r.status_code} {r.text[:200]}")
-                except httpx.HTTPError as exc:
-                    self.errors.append(repr(exc))
-                time.sleep(0.005)
-
-    def stop(self) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(15)
-
-
-def down_within(edge: Edge, region: str, since: float, limit: float) -> float:
-    while True:
-        if not edge.regions()["regions"][region]["up"]:
-            return time.monotonic() - since
-        if time.monotonic() - since > limit:
-            raise AssertionError(f"{region} still up {limit} s after its failure")
-        time.sleep(0.02)
-
-
-def comes_back(edge: Edge, load: Load, region: str, since: float) -> float:
-    """Seconds from `since` to the first response served by `region`."""
-    wait_for(lambda: any(r[3] == region and r[0] > since for r in load.results),
-             RISE_S + 10, f"{region} to take traffic again")
-    return min(r[0] for r in load.results if r[3] == region and r[0] > since) - since
-
-
 def test_hung_region_is_routed_away_and_in_flight_gets_retried(world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     eu: RegionProc = world["eu"]
     slow: list[httpx.Response] = []
 
@@ -306,7 +215,7 @@ def test_hung_region_is_routed_away_and_in_flight_gets_retried(world: dict[str, 
         finally:
             eu.resume()
         resumed = time.monotonic()
-        back = comes_back(edge, load, "eu", resumed)
+        back = comes_back(load, "eu", resumed, RISE_S)
     finally:
         load.stop()
     assert not load.errors, load.errors[:5]
@@ -326,7 +235,7 @@ def test_hung_region_is_routed_away_and_in_flight_gets_retried(world: dict[str, 
 
 
 def test_a_flapping_region_never_takes_traffic_back(world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     eu: RegionProc = world["eu"]
     wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up again")
     load = Load(edge.url)
@@ -351,7 +260,7 @@ def test_a_flapping_region_never_takes_traffic_back(world: dict[str, Any]) -> No
 
 def test_killed_region_fails_over_with_no_failed_request_and_post_is_not_rerun(
         world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     eu: RegionProc = world["eu"]
     runs: Path = world["runs"]
     wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up again")
@@ -373,7 +282,7 @@ def test_killed_region_fails_over_with_no_failed_request_and_post_is_not_rerun(
         time.sleep(1.5)
         eu.start()
         restarted = time.monotonic()
-        back = comes_back(edge, load, "eu", restarted)
+        back = comes_back(load, "eu", restarted, RISE_S)
     finally:
         load.stop()
     assert took <= 1.0, f"death detected after {took:.2f} s"
@@ -410,7 +319,7 @@ def test_a_region_down_at_deploy_time_is_brought_up_to_date_by_the_edge(
 
 
 def test_sigterm_drains_requests_in_flight(world: dict[str, Any]) -> None:
-    edge: Edge = world["edge"]
+    edge: EdgeProc = world["edge"]
     wait_for(lambda: edge.regions()["regions"]["eu"]["up"], RISE_S + 10, "eu up again")
     got: list[httpx.Response] = []
     t = threading.Thread(target=lambda: got.append(

@@ -19,7 +19,15 @@ from nimbus.dns.apps import AppInfo
 from nimbus.edge.haproxy import EmitOptions, path_regex, render
 from nimbus.manifest.model import RegionsSpec
 from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry
-from tests.multiregion import RegionProc, free_port, regions, write_cluster_file
+from tests.edgeworld import stop_process
+from tests.multiregion import (
+    RegionProc,
+    free_port,
+    regions,
+    shared_file,
+    write_app,
+    write_cluster_file,
+)
 
 HAPROXY = "/usr/sbin/haproxy"
 APP = """\
@@ -128,27 +136,15 @@ class HaproxyProc:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
+        stop_process(self.proc, self._out, 10)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[RegionProc],
                                                                       HaproxyProc, str, Path]]:
     root = tmp_path_factory.mktemp("haproxy")
-    app = root / "shop"
-    app.mkdir()
-    (app / "app.yaml").write_text(APP)
-    runs = root / "runs.txt"
-    runs.touch()
-    runs.chmod(0o666)
-    (app / "hello.py").write_text(CODE.format(runs=str(runs)))
+    runs = shared_file(root / "runs.txt")
+    app = write_app(root / "shop", APP, "hello", CODE.format(runs=str(runs)))
     with regions(root, app) as started:
         cluster = write_cluster_file(root, started)
         port = free_port("127.0.0.1")

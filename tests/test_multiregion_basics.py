@@ -18,7 +18,7 @@ from nimbus.errors import ManifestError
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import RegionsSpec
 from nimbus.multiregion.clusterfile import load_cluster
-from tests.multiregion import RegionProc, write_cluster_file
+from tests.multiregion import RegionProc, write_app, write_cluster_file
 
 APP = """\
 runtime: python3.8
@@ -36,10 +36,7 @@ item = hello
 
 
 def _app(folder: Path, manifest: str = APP) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "app.yaml").write_text(manifest)
-    (folder / "hello.py").write_text(CODE)
-    return folder
+    return write_app(folder, manifest, "hello", CODE)
 
 
 # ------------------------------------------------------------ regions: block

@@ -25,6 +25,7 @@ import pytest
 from nimbus.multiregion.clusterfile import ClusterFile, load_cluster
 from nimbus.multiregion.converge import Converger
 from nimbus.multiregion.state import ClusterState, state_dir_for
+from tests import multiregion
 from tests.multiregion import RegionProc, regions, write_cluster_file
 
 pytestmark = pytest.mark.e2e
@@ -44,10 +45,7 @@ def handler(event, context):
 
 
 def write_app(folder: Path, word: str, manifest: str = MANIFEST) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "app.yaml").write_text(manifest)
-    (folder / "hello.py").write_text(CODE % word)
-    return folder
+    return multiregion.write_app(folder, manifest, "hello", CODE % word)
 
 
 def nimbus(*args: str, cwd: Path | None = None,

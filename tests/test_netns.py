@@ -21,7 +21,9 @@ import httpx
 import pytest
 
 from nimbus.multiregion.clusterfile import load_cluster, write_cluster
-from tests.netns import DelayRelay, EdgeProc, Load, Netns, NetnsRegion, wait_for
+from tests.edgeworld import EdgeProc, Load, comes_back, down_within, wait_for
+from tests.multiregion import shared_file, write_app
+from tests.netns import DelayRelay, Netns, NetnsRegion
 
 pytestmark = pytest.mark.e2e
 
@@ -62,21 +64,12 @@ def near(event, context):
 """
 
 
-def _app(folder: Path, manifest: str, module: str, code: str) -> Path:
-    folder.mkdir()
-    (folder / "app.yaml").write_text(manifest)
-    (folder / f"{module}.py").write_text(code)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("netns")
-    started_file = root / "started.txt"
-    started_file.touch()
-    started_file.chmod(0o666)
-    shop = _app(root / "shop", SHOP, "shop", SHOP_CODE.format(started=str(started_file)))
-    near = _app(root / "near", NEAR, "near", NEAR_CODE)
+    started_file = shared_file(root / "started.txt")
+    shop = write_app(root / "shop", SHOP, "shop", SHOP_CODE.format(started=str(started_file)))
+    near = write_app(root / "near", NEAR, "near", NEAR_CODE)
     spaces: list[Netns] = []
     started: list[NetnsRegion] = []
     relays: dict[str, DelayRelay] = {}
@@ -145,22 +138,6 @@ def _served_by(edge: EdgeProc, n: int) -> Counter[str]:
         return Counter(client.get("/near").headers["x-nimbus-region"] for _ in range(n))
 
 
-def _down_within(edge: EdgeProc, region: str, since: float, limit: float) -> float:
-    """Seconds from ``since`` until the edge reports ``region`` down."""
-    while edge.regions()["regions"][region]["up"]:
-        if time.monotonic() - since > limit:
-            raise AssertionError(f"{region} still up {limit} s after its failure")
-        time.sleep(0.02)
-    return time.monotonic() - since
-
-
-def _comes_back(load: Load, region: str, since: float) -> float:
-    """Seconds from ``since`` to the first request (by start) ``region`` served."""
-    wait_for(lambda: any(r[3] == region and r[0] > since for r in load.results),
-             RISE_S + 10, f"{region} to take traffic again")
-    return min(r[0] for r in load.results if r[3] == region and r[0] > since) - since
-
-
 def test_latency_policy_prefers_the_region_without_added_delay(world: dict[str, Any]) -> None:
     """Measured latency includes this machine's own scheduling delays, which
     on a busy machine can swamp 20 ms for a while: a batch of requests
@@ -227,14 +204,14 @@ def test_partitioned_region_is_found_by_timeout_and_in_flight_gets_are_retried(
         eu.ns.cut()
         cut = time.monotonic()
         try:
-            took = _down_within(edge, "eu", cut, 3.0)
+            took = down_within(edge, "eu", cut, 3.0)
             time.sleep(1.0)
             for t in slow_threads:
                 t.join(15)
         finally:
             eu.ns.heal()
         healed = time.monotonic()
-        back = _comes_back(load, "eu", healed)
+        back = comes_back(load, "eu", healed, RISE_S)
     finally:
         load.stop()
     assert took <= 1.0 + 0.5, f"partition detected after {took:.2f} s"

@@ -40,6 +40,7 @@ import httpx
 import pytest
 
 from tests.conftest import alive, descendants
+from tests.edgeworld import ask_dns
 from tests.multiregion import RegionProc, free_port
 
 pytestmark = pytest.mark.e2e
@@ -251,10 +252,7 @@ class World:
         wait_until(ready, 30, "the DNS server to answer geo")
 
     def query(self, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
-        q = dns.message.make_query(name, rdtype)
-        if tcp:
-            return dns.query.tcp(q, "127.0.0.1", port=self.dns_port, timeout=3)
-        return dns.query.udp(q, "127.0.0.1", port=self.dns_port, timeout=3)
+        return ask_dns(self.dns_port, name, rdtype, tcp=tcp, timeout=3)
 
     def stop(self) -> None:
         for proc in (self.edge, self.dns):

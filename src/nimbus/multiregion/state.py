@@ -198,11 +198,8 @@ class ClusterState:
         digest; a newer deploy's stays) is over."""
         with self.locked():
             path = self._pending_file(region, app)
-            try:
-                current = Pending.from_json(path.read_bytes())
-            except (OSError, ValueError, KeyError):
-                return
-            if current.digest == digest:
+            current = self._read_pending(path)
+            if current is not None and current.digest == digest:
                 path.unlink(missing_ok=True)
 
     def claim(self, region: str, app: str, digest: str, until: float) -> bool:
@@ -214,11 +211,7 @@ class ClusterState:
             if desired is None or desired.digest != digest:
                 return False
             path = self._pending_file(region, app)
-            current: Pending | None
-            try:
-                current = Pending.from_json(path.read_bytes())
-            except (OSError, ValueError, KeyError):
-                current = None
+            current = self._read_pending(path)
             now = time.time()
             if current is not None and current.digest == digest and current.busy_until > now:
                 return False
@@ -228,6 +221,13 @@ class ClusterState:
                                  base.last_error if base else "",
                                  base.refused if base else False, until).to_json())
             return True
+
+    @staticmethod
+    def _read_pending(path: Path) -> Pending | None:
+        try:
+            return Pending.from_json(path.read_bytes())
+        except (OSError, ValueError, KeyError):
+            return None
 
     def _read_desired(self, app: str) -> Desired | None:
         try:
@@ -240,11 +240,7 @@ class ClusterState:
         """A push of ``digest`` to ``region`` did not land: it stays pending."""
         with self.locked():
             path = self._pending_file(region, app)
-            current: Pending | None
-            try:
-                current = Pending.from_json(path.read_bytes())
-            except (OSError, ValueError, KeyError):
-                current = None
+            current = self._read_pending(path)
             if current is not None and current.digest != digest:
                 return current  # a newer deploy replaced it meanwhile
             base = current or Pending(app, region, digest, time.time())
