@@ -404,10 +404,13 @@ import os, time
 MARKS = {marks!r}
 
 def napper(event, context):
+    mark = "start " + context.aws_request_id + "\\n"
+    first = not os.path.exists(MARKS) or mark not in open(MARKS).read()
     fd = os.open(MARKS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, ("start " + context.aws_request_id + "\\n").encode())
+    os.write(fd, mark.encode())
     os.close(fd)
-    time.sleep(float(event.get("nap", 0)))
+    # only the first try naps (long enough to be cut short); a retry fails at once
+    time.sleep(float(event.get("nap", 0)) if first else 0)
     raise RuntimeError("fails after its nap")
 """
 
