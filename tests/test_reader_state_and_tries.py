@@ -322,7 +322,8 @@ def _mark(text):
 
 def failer(event, context):
     _mark("start " + context.aws_request_id + "\\n")
-    time.sleep(0.15)
+    if not os.path.exists(MARKS + ".hurry"):
+        time.sleep(0.15)
     _mark("end " + context.aws_request_id + "\\n")
     raise RuntimeError("always fails")
 """
@@ -359,6 +360,7 @@ def test_sigkill_during_retry_backoff_costs_no_tries(tmp_path: Path, start_nimbu
     frozen = marks.read_text()
     time.sleep(1.0)
     assert marks.read_text() == frozen, "a handler kept running after nimbus was killed"
+    Path(f"{marks}.hurry").touch()  # after the restart the tries need not take their time
 
     again = start_nimbus(app, "--containment", "rlimits", state=n.state, name="again")
     with control(again) as c:
