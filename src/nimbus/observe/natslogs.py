@@ -58,7 +58,6 @@ from nimbus.observe.logs import MAX_LINE_CHARS
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.protocols import Record
 from nimbus.region import check_region_name
-from nimbus.store.nats_conn import probe_timeouts
 
 log = logging.getLogger("nimbus.logs")
 
@@ -143,10 +142,10 @@ async def ensure_stream(nc: NATS, region: str, limits: NatsLogLimits | None = No
     js = nc.jetstream(timeout=READ_TIMEOUT_S)
     config = limits.stream_config(region)
     deadline = time.monotonic() + ready_s
-    for probe_s in probe_timeouts(READ_TIMEOUT_S):
+    while True:
         try:
             try:
-                await nc.jetstream(timeout=probe_s).stream_info(config.name or "")
+                await js.stream_info(config.name or "")
             except NotFoundError:
                 await js.add_stream(config)
                 return

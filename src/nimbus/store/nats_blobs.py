@@ -28,7 +28,6 @@ from nats.js import api
 from nats.js.object_store import ObjectStore
 
 from nimbus.errors import ClosedError, NotFoundError, UnavailableError
-from nimbus.store.nats_conn import probe_timeouts
 from nimbus.store.nats_store import (
     BUCKET_READY_S,
     STREAM_NAME_IN_USE,
@@ -86,10 +85,8 @@ class NatsBlobs:
         # As for the store: a bucket being created by another process may not
         # answer yet, and of two creators one finds the name taken.
         deadline = time.monotonic() + BUCKET_READY_S
-        for probe_s in probe_timeouts(10.0):
+        while True:
             try:
-                await self._call("open the bucket", self.nc.jetstream(
-                    timeout=probe_s).stream_info(f"OBJ_{self.bucket}"))
                 self._obs = await self._call("open the bucket", self._js.object_store(self.bucket))
                 return
             except UnavailableError as exc:

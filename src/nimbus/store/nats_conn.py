@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import nats
@@ -157,18 +157,3 @@ async def retry_unrouted(make: Callable[[], Awaitable[T]]) -> T:
             await asyncio.sleep(delay)
             delay = min(0.5, delay * 2)
     return await make()
-
-
-PROBE_FIRST_S = 0.5  # the first wait for a stream's answer while opening it
-
-
-def probe_timeouts(cap_s: float) -> Iterator[float]:
-    """Timeouts for looking up a stream while opening it, one per try: short
-    at first, doubling up to ``cap_s``. A stream another process is creating
-    at this moment does not answer until its leader is elected; a short first
-    wait tries again soon after that instead of waiting out a full request
-    timeout, and a slow but healthy server still gets ``cap_s`` later on."""
-    t = min(PROBE_FIRST_S, cap_s)
-    while True:
-        yield t
-        t = min(t * 2, cap_s)

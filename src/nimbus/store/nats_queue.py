@@ -89,7 +89,6 @@ from nats.js.kv import KeyValue
 
 from nimbus.errors import ClosedError, ConflictError, UnavailableError
 from nimbus.ids import new_id
-from nimbus.store.nats_conn import probe_timeouts
 from nimbus.store.nats_conn import retry_unrouted as _routed
 from nimbus.store.queue import (
     DEFAULT_DEDUP_WINDOW_S,
@@ -107,7 +106,6 @@ RECORD_TTL_S = 24 * 3600.0  # a settled record expires this long after its settl
 MAX_ACK_PENDING = 100_000  # deliveries out at once per queue (leased and NAK-delayed)
 CAS_TRIES = 50
 OPEN_READY_S = 30.0  # a cluster electing leaders, or a racing creator
-JS_TIMEOUT_S = 5.0  # a JetStream request's
 COUNT_WAIT_S = 10.0  # an operation waits this long for its counts to land
 WRITER_MEMORY_S = 3600.0  # how long a summary remembers a writer's last batch
 CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
@@ -190,16 +188,15 @@ async def open_nats_queue(nc: Client, *, region: str, replicas: int | None = Non
     if replicas is None:
         servers = len(getattr(nc, "servers", []) or []) or 1
         replicas = default_replicas(servers)
-    js = nc.jetstream(timeout=JS_TIMEOUT_S)
+    js = nc.jetstream()
     stream = f"nimbus-{region}-work"
     bucket = f"nimbus-{region}-records"
     # A new cluster still electing leaders, or another process creating the
     # same stream at this moment, is waited out for up to OPEN_READY_S.
     deadline = time.monotonic() + OPEN_READY_S
-    for probe_s in probe_timeouts(JS_TIMEOUT_S):
+    while True:
         try:
-            kv = await _open_parts(js, nc.jetstream(timeout=probe_s), region, stream, bucket,
-                                   replicas)
+            kv = await _open_parts(js, region, stream, bucket, replicas)
             break
         except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
                 nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError,
@@ -213,26 +210,23 @@ async def open_nats_queue(nc: Client, *, region: str, replicas: int | None = Non
                      record_ttl_s=record_ttl_s)
 
 
-async def _open_parts(js: JetStreamContext, probe: JetStreamContext, region: str, stream: str,
-                      bucket: str, replicas: int) -> KeyValue:
-    """``probe``: for looking up the streams, with a shorter timeout (see
-    ``probe_timeouts``)."""
+async def _open_parts(js: JetStreamContext, region: str, stream: str, bucket: str,
+                      replicas: int) -> KeyValue:
     try:
-        await probe.stream_info(stream)
+        await js.stream_info(stream)
     except nats.js.errors.NotFoundError:
         await js.add_stream(StreamConfig(
             name=stream, subjects=[f"nimbus.{region}.work.>"],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
             num_replicas=replicas, duplicate_window=DUPLICATE_WINDOW_S))
     try:
-        await probe.stream_info(f"KV_{bucket}")
         kv = await js.key_value(bucket)
-    except nats.js.errors.NotFoundError:  # the stream's, or the bucket's
+    except nats.js.errors.BucketNotFoundError:
         kv = await js.create_key_value(KeyValueConfig(
             bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE,
             direct=False))  # reads from the leader: a settle is seen by the next read
-    await _wait_for_leader(probe, stream)
-    await _wait_for_leader(probe, f"KV_{bucket}")
+    await _wait_for_leader(js, stream)
+    await _wait_for_leader(js, f"KV_{bucket}")
     return kv
 
 

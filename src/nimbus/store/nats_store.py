@@ -58,7 +58,7 @@ from nats.js import api
 from nimbus.errors import ClosedError, ConflictError, UnavailableError, UserInputError
 from nimbus.region import check_region_name
 from nimbus.store.base import Entry, Watch, WatchEvent
-from nimbus.store.nats_conn import connection_events, probe_timeouts, retry_unrouted
+from nimbus.store.nats_conn import connection_events, retry_unrouted
 
 log = logging.getLogger("nimbus.store")
 T = TypeVar("T")
@@ -238,10 +238,9 @@ class NatsStore:
         # A stream another process is creating right now may not answer yet
         # (no leader elected): try again for a while before giving up.
         deadline = time.monotonic() + BUCKET_READY_S
-        for probe_s in probe_timeouts(REQUEST_TIMEOUT_S):
+        while True:
             try:
-                info = await self._call("stream info", self.nc.jetstream(
-                    timeout=probe_s).stream_info(self.stream))
+                info = await self._call("stream info", self._js.stream_info(self.stream))
                 break
             except UnavailableError as exc:
                 if _api_code(exc) == STREAM_NOT_FOUND:
