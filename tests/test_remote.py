@@ -61,7 +61,13 @@ def work(event, context):
     if marks:
         with open(os.path.join(marks, f"{context.aws_request_id} {instance}"), "w"):
             pass
-    time.sleep(event.get("s", 0))
+    hold = event.get("hold")  # a file: sleep until it exists, up to s seconds
+    if hold:
+        end = time.monotonic() + event.get("s", 0)
+        while time.monotonic() < end and not os.path.exists(hold):
+            time.sleep(0.02)
+    else:
+        time.sleep(event.get("s", 0))
     if event.get("raise"):
         raise ValueError("asked to")
     return {"instance": instance, "rid": context.aws_request_id,
@@ -349,6 +355,7 @@ def test_a_worker_killed_mid_flight(start_worker, app_dir, tmp_path, monkeypatch
     a, b = start_worker("w-a"), start_worker("w-b")
     marks = tmp_path / "marks"
     marks.mkdir()
+    release = tmp_path / "release"  # the handlers hold until it exists (or 5 s)
 
     async def scenario() -> None:
         d = await directory_with(a, b)
@@ -356,7 +363,8 @@ def test_a_worker_killed_mid_flight(start_worker, app_dir, tmp_path, monkeypatch
         try:
             methods = ["GET", "POST", "POST", "PUT", "DELETE", "POST", "POST", "HEAD"]
             calls = {f"k{i}-{m}": asyncio.ensure_future(inv.invoke(
-                f"k{i}-{m}", http(m, s=5.0, marks=str(marks)))) for i, m in enumerate(methods)}
+                f"k{i}-{m}", http(m, s=5.0, marks=str(marks), hold=str(release))))
+                for i, m in enumerate(methods)}
             await until(lambda: len(os.listdir(marks)) == 8)  # all 8 running
             started = {n.split()[0]: worker_of({"instance": n.split()[1]})
                        for n in os.listdir(marks)}
@@ -364,6 +372,7 @@ def test_a_worker_killed_mid_flight(start_worker, app_dir, tmp_path, monkeypatch
             on_a = Counter(r.endswith("POST") for r in started if started[r] == "a")
             assert on_a[True] == 2 and on_a[False] == 2  # both kinds were on the lost worker
             a.kill()
+            release.touch()  # once its worker is dead: what ran there cannot answer
             outcomes = dict(zip(calls, await asyncio.gather(*calls.values(),
                                                             return_exceptions=True),
                                 strict=True))
