@@ -15,6 +15,8 @@ import dns.message
 import dns.query
 import httpx
 
+from tests.region import wait_until
+
 
 def stop_process(proc: subprocess.Popen[bytes], out: IO[bytes], wait_s: float,
                  kill_wait_s: float | None = None) -> None:
@@ -91,11 +93,7 @@ class Load:
 
 
 def wait_for(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    wait_until(cond, timeout, what, step_s=0.05)
 
 
 def down_within(edge: EdgeProc, region: str, since: float, limit: float) -> float:

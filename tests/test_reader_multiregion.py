@@ -42,6 +42,7 @@ import pytest
 from tests.conftest import alive, descendants
 from tests.edgeworld import ask_dns
 from tests.multiregion import RegionProc, free_port
+from tests.region import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -150,17 +151,6 @@ def one_clear_line(p: subprocess.CompletedProcess[str], status: int = 2) -> str:
     assert len(lines) == 1, out
     assert lines[0].startswith("nimbus: error:") or lines[0].startswith("Error:"), out
     return lines[0]
-
-
-def wait_until(cond: Any, timeout: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)
 
 
 class World:
@@ -638,7 +628,7 @@ def test_guided_deploy_saves_answers_and_plain_deploy_repeats_them(edge: World) 
     def gd_policy() -> Any:
         r = httpx.get(edge.edge_url + "/_nimbus/regions", timeout=5).json()
         return "gd" in json.dumps(r) and r
-    regions = wait_until(gd_policy, 10, "the edge to learn gd", step=0.2)
+    regions = wait_until(gd_policy, 10, "the edge to learn gd", step_s=0.2)
     text = json.dumps(regions)
     assert re.search(r'"gd".{0,300}weighted', text), text[:3000]
     with httpx.Client(base_url=edge.edge_url, timeout=10) as c:
@@ -1182,7 +1172,7 @@ def test_deploy_with_a_region_down_is_pending_and_converges(edge: World) -> None
     if os.environ.get("NIMBUS_CHAOS") == "1":
         # the edge alone brings eu up to date (README: within about 15 s)
         wait_until(lambda: edge.eu.get("/whoami").json().get("mark") == "v2", 40,
-                   "the edge to converge eu", step=0.5)
+                   "the edge to converge eu", step_s=0.5)
     p = nimbus("status", "--cluster", str(edge.cluster), "--wait-all", "--timeout", "60",
                timeout=90)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -1264,7 +1254,7 @@ def test_demo_regions_shows_failover_and_stops_everything(tmp_path: Path) -> Non
             text = log.read_text()
             assert proc.poll() is None, text
             return text if "Ctrl-C" in text else None
-        text = wait_until(printed, 60, "the demo to print its URLs", step=0.1)
+        text = wait_until(printed, 60, "the demo to print its URLs", step_s=0.1)
         assert "Traceback" not in text
         edge_url = re.search(r"^edge\s+(http://127\.0\.0\.1:\d+)", text, re.M)
         kill = re.search(r"kill -9 (\d+)", text)
