@@ -62,7 +62,7 @@ class Invoker(Protocol):
 
     async def invoke(self, rid: str, event: Any) -> Any: ...
 
-    def log(self, rid: str | None, stream: str, text: str) -> None:
+    def log(self, rid: str | None, stream: str, text: str, level: str | None = None) -> None:
         """Add a line to the function's logs (for errors only the gateway sees)."""
 
 

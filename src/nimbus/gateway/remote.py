@@ -578,7 +578,7 @@ class RemoteInvoker:
 
     def __init__(self, target: Target, directory: WorkerDirectory, *,
                  cap: int | None = None,
-                 logs: Callable[[str | None, str, str], None] | None = None) -> None:
+                 logs: Callable[..., None] | None = None) -> None:
         spec = target.spec
         self.target = target
         self.directory = directory
@@ -764,17 +764,17 @@ class RemoteInvoker:
             self.in_flight += 1  # reserved now, so no one else takes it
             waiters.popleft().set_result(link)
 
-    def log(self, rid: str | None, stream: str, text: str) -> None:
+    def log(self, rid: str | None, stream: str, text: str, level: str | None = None) -> None:
         """A line in this function's logs (kept by a worker)."""
         if self._logs is not None:
-            self._logs(rid, stream, text)
+            self._logs(rid, stream, text, level)
             return
         link = self.directory.link_for_logs(self.key)
         if link is None or link.conn is None:
             log.warning("%s: no worker connected to keep this log line: %s",
                         self.target.function, text)
             return
-        body = _dumps([self.target.function, self.target.version, rid, stream, text])
+        body = _dumps([self.target.function, self.target.version, rid, stream, text, level])
         link.conn.send(f.pack(f.LOG, body))
 
     def close(self) -> None:

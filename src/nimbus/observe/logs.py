@@ -58,6 +58,19 @@ class LogLimits:
                                  f"was: {value!r}")
 
 
+def record_extra(stream: str, level: str | None,
+                 fields: dict[str, Any] | None) -> dict[str, Any]:
+    """A record's optional keys: ``level`` (platform lines default to
+    ERROR, printed lines have none) and ``fields`` (a JSON-format line's)."""
+    if level is None and stream == "platform":
+        level = "ERROR"
+    if level is None:
+        return {}
+    if fields is None:
+        return {"level": level}
+    return {"level": level, "fields": fields}
+
+
 def rotated(path: Path, n: int) -> Path:
     """The n-th older file of the log at ``path`` (``<fn>.log.<n>``)."""
     return path.with_name(f"{path.name}.{n}")
@@ -86,17 +99,20 @@ class LogSink:
     def path(self, function: str) -> Path:
         return self.root / f"{_SAFE.sub('_', function)}.log"
 
-    def write(self, function: str, rid: str | None, stream: str, text: str) -> None:
+    def write(self, function: str, rid: str | None, stream: str, text: str,
+              level: str | None = None, fields: dict[str, Any] | None = None) -> None:
         f = self._files.get(function)
         if f is None:
             f = self._open(function)
         now = time.time()
         limit = self.limits.max_bytes
+        extra = record_extra(stream, level, fields)
         # "\n" only: str.splitlines would also split on \f, \x1c, \u2028 ...
         for line in text.removesuffix("\n").split("\n"):
             for start in range(0, max(len(line), 1), MAX_LINE_CHARS):
                 rec = orjson.dumps({"ts": now, "rid": rid, "stream": stream,
-                                    "text": line[start:start + MAX_LINE_CHARS]}) + b"\n"
+                                    "text": line[start:start + MAX_LINE_CHARS], **extra},
+                                   default=str) + b"\n"
                 size = self._sizes[function]
                 if size and size + len(rec) > limit:
                     f = self._rotate(function)

@@ -54,7 +54,7 @@ from nats.js.errors import Error as JsError
 from nats.js.errors import NotFoundError
 
 from nimbus.errors import UnavailableError
-from nimbus.observe.logs import MAX_LINE_CHARS
+from nimbus.observe.logs import MAX_LINE_CHARS, record_extra
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.protocols import Record
 from nimbus.region import check_region_name
@@ -246,17 +246,19 @@ class NatsLogSink:
 
     # -- the request path: memory only --
 
-    def write(self, function: str, rid: str | None, stream: str, text: str) -> None:
+    def write(self, function: str, rid: str | None, stream: str, text: str,
+              level: str | None = None, fields: dict[str, Any] | None = None) -> None:
         if self.local is not None:
-            self.local.write(function, rid, stream, text)
+            self.local.write(function, rid, stream, text, level, fields)
         if self._closing:
             return
         now = time.time()
+        extra = record_extra(stream, level, fields)
         for line in text.removesuffix("\n").split("\n"):
             for start in range(0, max(len(line), 1), MAX_LINE_CHARS):
                 rec = orjson.dumps({"ts": now, "rid": rid, "stream": stream,
                                     "text": line[start:start + MAX_LINE_CHARS],
-                                    "worker": self.worker})
+                                    "worker": self.worker, **extra}, default=str)
                 self._lines.append((function, rec))
                 self._bytes += len(rec) + 1
         self._shed()

@@ -8,8 +8,11 @@ files under ``<state>/logs``); a region on NATS uses the JetStream pair
 every worker whichever controller serves it.
 
 A record is ``{"ts": epoch_s, "rid": request_id | null, "stream": "stdout" |
-"stderr" | "platform", "text": one line}``; the NATS implementation adds
-``"worker"`` (the node id that wrote it).
+"stderr" | "platform", "text": one line}``, plus ``"level"`` (``DEBUG``
+... ``CRITICAL``) when the line has one (a logger's record, a platform
+event; plain ``print`` output has none) and ``"fields"`` (a dict) for a
+JSON-format logger line; the NATS implementation adds ``"worker"`` (the
+node id that wrote it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ class LogSink(Protocol):
     """Where a worker writes its instances' output. ``write`` is on the
     request path: it must never block (a memory append, never I/O)."""
 
-    def write(self, function: str, rid: str | None, stream: str, text: str) -> None: ...
+    def write(self, function: str, rid: str | None, stream: str, text: str,
+              level: str | None = None, fields: dict[str, Any] | None = None) -> None: ...
 
     def flush(self) -> None: ...
 

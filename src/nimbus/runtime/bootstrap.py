@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from nimbus.runtime import lambdalog
 from nimbus.runtime import protocol as p
 from nimbus.runtime.capture import LogWriter, RequestIds, capture_fds
 from nimbus.runtime.context import LambdaContext
@@ -102,8 +103,10 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
     concurrency = spec.get("concurrency", 1)
     ids = RequestIds(one_at_a_time=concurrency == 1)
 
-    def send_log(rid: str | None, stream: str, text: str) -> None:
-        channel.send(p.LOG, orjson.dumps([rid, stream, text]))
+    def send_log(rid: str | None, stream: str, text: str, level: str | None = None,
+                 fields: dict[str, Any] | None = None) -> None:
+        frame = [rid, stream, text] if level is None else [rid, stream, text, level, fields]
+        channel.send(p.LOG, orjson.dumps(frame, default=str))
 
     # Before the import, so that logging handlers set up at import time
     # write to the invocation logs too; init output has no request id.
@@ -112,6 +115,7 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
     capture_fds(send_log, ids)
     try:
         _apply_spec(spec)
+        lambdalog.install(send_log, ids.current, os.environ)
         module = importlib.import_module(spec["module"])
         handler = getattr(module, spec["callable"])
         if not callable(handler):
@@ -119,6 +123,7 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
     except BaseException as exc:  # noqa: BLE001 - any import failure is the user's
         body = error_body(exc)
         body["stackTrace"] = traceback.format_exception(exc)
+        body.update(_failing_line(exc, spec))
         channel.send(p.INIT_ERROR, orjson.dumps(body))
         return
     invoke = functools.partial(_invoke_one, channel, handler, _context_factory(spec), ids)
@@ -180,7 +185,7 @@ def _invoke_one(
         kind, payload = p.ERROR, _error_frame(
             rid, f"handler exited: {type(exc).__name__}({exc})", "Runtime.ExitError")
     except Exception as exc:  # noqa: BLE001 - the user's handler failed
-        traceback.print_exception(exc)  # to the logs, tagged with rid
+        _log_uncaught(channel, rid, exc)
         kind = p.ERROR
         payload = orjson.dumps([rid, error_body(exc, rid)])
     finally:
@@ -190,6 +195,32 @@ def _invoke_one(
     channel.send(kind, payload)
     if fatal:
         os._exit(3)
+
+
+def _failing_line(exc: BaseException, spec: dict[str, Any]) -> dict[str, Any]:
+    """Where in the function's own code an import failed: the innermost
+    frame under its code folder (a syntax error's own file and line)."""
+    code_dir = os.path.realpath(spec["code_dir"]) + os.sep
+    where: dict[str, Any] = {"function": spec.get("function")}
+    found: tuple[str | None, int | None] = (None, None)
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if os.path.realpath(frame.filename).startswith(code_dir):
+            found = (frame.filename, frame.lineno)
+    if isinstance(exc, SyntaxError) and exc.filename and \
+            os.path.realpath(exc.filename).startswith(code_dir):
+        found = (exc.filename, exc.lineno)
+    if found[0] is not None:
+        where["file"] = os.path.relpath(os.path.realpath(found[0]), code_dir)
+        where["line"] = found[1]
+    return where
+
+
+def _log_uncaught(channel: _Channel, rid: str, exc: BaseException) -> None:
+    """An exception the handler raised, as Lambda's runtime logs it:
+    ``[ERROR] Type: message`` and the traceback, one record at level ERROR."""
+    text = f"[ERROR] {type(exc).__name__}: {exc}\n" + "".join(
+        traceback.format_exception(exc))
+    channel.send(p.LOG, orjson.dumps([rid, "stderr", text, "ERROR", None]))
 
 
 def _error_frame(rid: str, message: str, kind: str, fatal: bool = False) -> bytes:

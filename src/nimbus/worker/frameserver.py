@@ -54,6 +54,7 @@ STATE_EVERY_S = 0.02
 REFUSAL_LOG_WINDOW_S = 60.0
 REFUSAL_LOG_LINES = 20  # per window; the rest are counted
 LOG_STREAMS = frozenset({"stdout", "stderr", "platform"})
+LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 TOO_LARGE = {"errorType": "Function.ResponseSizeTooLarge",
              "errorMessage": f"the response is larger than {f.MAX_FRAME} bytes"}
 
@@ -364,12 +365,13 @@ class _Connection(asyncio.Protocol):
 
     def _log(self, body: bytes) -> None:
         try:
-            function, _version, rid, stream, text = _loads(body)
+            function, _version, rid, stream, text, *more = _loads(body)
         except (ValueError, TypeError):
             return
+        level = more[0] if more and more[0] in LOG_LEVELS else None
         if (isinstance(function, str) and isinstance(text, str) and stream in LOG_STREAMS
                 and (rid is None or isinstance(rid, str))):
-            self.server.worker.logs.write(function, rid, stream, text)
+            self.server.worker.logs.write(function, rid, stream, text, level)
 
     # -- writing: every frame of one loop turn in one write ---------------------
 

@@ -21,7 +21,8 @@ from nimbus.errors import (
 )
 from nimbus.runtime import protocol as p
 
-LogFn = Callable[[str | None, str, str], None]  # (request_id, stream, text)
+# (request_id, stream, text[, level, fields]): see nimbus.observe.protocols
+LogFn = Callable[..., None]
 
 _HEADER = p.HEADER
 _HS = p.HEADER_SIZE
@@ -82,6 +83,8 @@ class InstanceProtocol(asyncio.Protocol):
                 fut.set_result(result)
         elif kind == p.ERROR:
             rid, error, *fatal = orjson.loads(body)
+            if isinstance(error, dict) and str(error.get("errorType", "")).startswith("Runtime."):
+                self._platform_error(rid, error)
             if fatal and fatal[0]:
                 self.doomed()  # it exits after this frame: hand it nothing more
             timer = self.timers.pop(rid, None)
@@ -99,10 +102,18 @@ class InstanceProtocol(asyncio.Protocol):
             err = orjson.loads(body)
             if not self.ready.done():
                 self.ready.set_exception(InitError(err))
-            self.on_log(None, "stderr", "".join(err.get("stackTrace", [])))
+            self.on_log(None, "platform", init_error_text(err), "ERROR")
 
-    def _log_fields(self, body: bytes) -> tuple[str | None, str, str]:
-        """A LOG frame's (request id, stream, text) as the platform records them.
+    def _platform_error(self, rid: str, error: dict[str, Any]) -> None:
+        """The runtime's own failures (out of memory, an exit, an answer that
+        cannot be sent) are platform lines of the function, at level ERROR."""
+        self.on_log(rid if rid in self.recent else None, "platform",
+                    f"{error.get('errorType')}: {error.get('errorMessage')}", "ERROR")
+
+    def _log_fields(self, body: bytes) -> tuple[str | None, str, str, str | None,
+                                                 dict[str, Any] | None]:
+        """A LOG frame's (request id, stream, text, level, fields) as the
+        platform records them.
         The instance runs user code, so what it claims is checked: the request
         id must be one of its own invocations (in flight, or just answered:
         descriptor output can arrive after the result), else the line goes to
@@ -112,6 +123,13 @@ class InstanceProtocol(asyncio.Protocol):
             frame = orjson.loads(body)
         except orjson.JSONDecodeError:
             frame = body.decode(errors="replace")
+        level = fields = None
+        if isinstance(frame, list) and len(frame) == 5:
+            frame, level, fields = frame[:3], frame[3], frame[4]
+            if level not in _LEVELS:
+                level = None
+            if not isinstance(fields, dict) or level is None:
+                fields = None
         rid, stream, text = frame if isinstance(frame, list) and len(frame) == 3 else (
             None, "stderr", frame)
         pending = self.pending
@@ -122,7 +140,7 @@ class InstanceProtocol(asyncio.Protocol):
             stream = "stderr"
         if not isinstance(text, str):
             text = str(text)
-        return rid, stream, text
+        return rid, stream, text, level, fields
 
     def doomed(self) -> None:
         """The process is going (killed, or leaving on its own): stop handing
@@ -139,7 +157,7 @@ class InstanceProtocol(asyncio.Protocol):
         for rid, fut in self.pending.items():
             if not fut.done():
                 fut.set_exception(InstanceDiedError("instance exited during the invocation"))
-                self.on_log(rid, "platform", "instance exited during the invocation")
+                self.on_log(rid, "platform", "instance exited during the invocation", "ERROR")
         self.pending.clear()
         for timer in self.timers.values():
             timer.cancel()
@@ -148,6 +166,7 @@ class InstanceProtocol(asyncio.Protocol):
 
 
 _STREAMS = frozenset({"stdout", "stderr"})
+_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 RECENT_IDS = 64
 
 
@@ -159,9 +178,24 @@ class InitError(DeployError):
             "errorMessage": error.get("errorMessage", ""),
             "errorType": f"Runtime.ImportModuleError: {error.get('errorType', '')}",
         }
-        super().__init__(
-            f"handler failed to import: {error.get('errorType')}: {error.get('errorMessage')}"
-        )
+        super().__init__(init_error_summary(error))
+
+
+def init_error_summary(error: dict[str, Any]) -> str:
+    """One line naming the function, the file and line of the failing import."""
+    where = ""
+    if error.get("function"):
+        where += f"function {error['function']}: "
+    if error.get("file"):
+        where += f"{error['file']}, line {error.get('line')}: "
+    return (f"{where}handler failed to import: {error.get('errorType')}: "
+            f"{error.get('errorMessage')}")
+
+
+def init_error_text(error: dict[str, Any]) -> str:
+    """The summary and the whole traceback: the function's platform log line."""
+    trace = "".join(str(line) for line in error.get("stackTrace", []) or [])
+    return init_error_summary(error) + ("\n" + trace if trace else "")
 
 
 class Instance:
@@ -209,7 +243,7 @@ class Instance:
         self.proto.pending.pop(rid, None)
         message = f"Task timed out after {timeout_s:.2f} seconds"
         fut.set_exception(InvocationTimeoutError(message))
-        self.proto.on_log(rid, "platform", message)
+        self.proto.on_log(rid, "platform", message, "ERROR")
         self.kill()
 
     def kill(self) -> None:

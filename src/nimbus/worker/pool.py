@@ -49,7 +49,7 @@ def scaling_config(target: Target) -> ScalingConfig:
 
 class FunctionPool:
     def __init__(self, target: Target, starter: Starter,
-                 log: Callable[[str | None, str, str], None] | None = None,
+                 log: Callable[..., None] | None = None,
                  admit: Callable[[FunctionPool], None] | None = None) -> None:
         spec = target.spec
         self.target = target
@@ -318,10 +318,11 @@ class FunctionPool:
             await asyncio.sleep(0.02)
         await inst.stop(STOP_GRACE_S)
 
-    def log(self, rid: str | None, stream: str, text: str) -> None:
+    def log(self, rid: str | None, stream: str, text: str, level: str | None = None,
+            fields: dict[str, Any] | None = None) -> None:
         """A line in this function's logs."""
         if self._log is not None:
-            self._log(rid, stream, text)
+            self._log(rid, stream, text, level, fields)
 
     @property
     def held(self) -> int:

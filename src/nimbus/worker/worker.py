@@ -4,6 +4,7 @@ version, their logs."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -107,7 +108,7 @@ class Worker:
             fn = target.function
             pool = self.pools[target.key] = FunctionPool(
                 target, self._start_instance,
-                lambda rid, stream, text: self.logs.write(fn, rid, stream, text),
+                functools.partial(self.logs.write, fn),
                 admit=self._make_room)
             pool.deps = dependency_set(target, self.state_dir, self.containment)
         return pool
