@@ -247,21 +247,33 @@ def ls_(state_dir: Path | None, url: str | None, token: str | None) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines as they come.")
 @click.option("--request-id", help="Only this invocation's lines.")
 @click.option("--tail", type=click.IntRange(1), help="Only the last N lines.")
+@click.option("--since", help="Only lines since then: 90s, 10m, 2h, 1d, or an ISO time "
+                              "(2026-12-01T23:00:00Z; UTC without an offset).")
+@click.option("--level", help="Only lines of this level or above (DEBUG, INFO, WARNING, "
+                              "ERROR, CRITICAL); print output without a level counts as INFO.")
+@click.option("--json", "as_json", is_flag=True, help="Print each record as one JSON line.")
+@click.option("--cluster", "cluster_path", type=click.Path(path_type=Path),
+              help="A cluster file (nimbus.cluster.yaml): every region's lines, each "
+                   "labelled with its region.")
 @connection_options
 def logs(function: str, follow: bool, request_id: str | None, tail: int | None,
+         since: str | None, level: str | None, as_json: bool, cluster_path: Path | None,
          state_dir: Path | None, url: str | None, token: str | None) -> None:
-    """Show FUNCTION's logs (stdout/stderr of each invocation, by request id)."""
-    from nimbus.cli.output import format_log
+    """Show FUNCTION's logs: its output and logger lines by request id, and
+    the platform's lines about it (import errors, timeouts, throttles, ...)."""
+    import time
 
-    params: dict[str, str] = {"follow": "1" if follow else "0"}
-    if request_id:
-        params["request_id"] = request_id
-    if tail:
-        params["tail"] = str(tail)
+    from nimbus.cli.logs import log_params, show, show_cluster
+
+    params = log_params(follow=follow, request_id=request_id, tail=tail, since=since,
+                        level=level, now=time.time())
+    if cluster_path is not None:
+        if url or state_dir:
+            fail("--cluster reads every region of the file; leave out --url and --state-dir", 2)
+        sys.exit(show_cluster(cluster_path, function, params, as_json))
     client = _client(state_dir, url, token, timeout_s=None if follow else 60.0)  # type: ignore[arg-type]
     try:
-        for rec in client.stream_lines("GET", f"/v1/functions/{function}/logs", params=params):
-            click.echo(format_log(rec))
+        show(client, function, params, as_json)
     except KeyboardInterrupt:
         pass
 

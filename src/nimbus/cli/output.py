@@ -138,7 +138,11 @@ def print_status(s: dict[str, Any]) -> None:
 def format_log(rec: dict[str, Any]) -> str:
     ts = dt.datetime.fromtimestamp(rec["ts"], dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     rid = rec.get("rid") or "-"
-    return f"{ts[:-4]}Z {rid} {rec['stream']:8} {rec['text']}"
+    level = rec.get("level")
+    # a logger's stdout line shows its level in its text already
+    stream = rec["stream"] if level is None or rec["stream"] == "stdout" else \
+        f"{rec['stream']}:{level}"
+    return f"{ts[:-4]}Z {rid} {stream:8} {rec['text']}"
 
 
 def _when(ts: float | None) -> str:

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -49,6 +49,7 @@ from nimbus.gateway.app import invocation_type
 from nimbus.gateway.responses import status_for
 from nimbus.ids import new_id
 from nimbus.manifest.model import RegionsSpec
+from nimbus.observe.logfilter import LogFilter, parse_level, parse_since
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.memory import memory_of
 from nimbus.observe.protocols import FileLogSource, LogSource
@@ -133,6 +134,38 @@ def query_regions(request: Request) -> RegionsSpec | None:
         raise UserInputError(f"query parameter regions is not JSON: {exc}") from None
     except ValueError as exc:
         raise UserInputError(f"query parameter {exc}") from None
+
+
+def query_since(request: Request, now: float) -> float | None:
+    raw = query_text(request, "since", 64)
+    if raw is None:
+        return None
+    try:
+        return parse_since(raw, now)
+    except ValueError as exc:
+        raise _bad("query parameter since", str(exc), raw) from None
+
+
+def query_level(request: Request) -> str | None:
+    raw = query_text(request, "level", 16)
+    if raw is None:
+        return None
+    try:
+        return parse_level(raw)
+    except ValueError as exc:
+        raise _bad("query parameter level", str(exc), raw) from None
+
+
+async def sse_events(batches: AsyncGenerator[list[dict[str, Any]], None]
+                     ) -> AsyncIterator[bytes]:
+    """Log records as Server-Sent Events: one ``log`` event per record, its
+    data the record's JSON (one line: JSON escapes every newline)."""
+    try:
+        async for batch in batches:
+            yield b"".join(b"event: log\ndata: " + orjson.dumps(rec) + b"\n\n"
+                           for rec in batch)
+    finally:
+        await batches.aclose()
 
 
 def header_text(request: Request, key: str, max_chars: int) -> str | None:
@@ -382,11 +415,19 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
         rid = query_text(request, "request_id", MAX_ID_CHARS)
         tail = query_int(request, "tail", 1, MAX_TAIL)
         follow = query_bool(request, "follow")
-        if name not in platform.routes.functions:
-            raise NotFoundError(f"function {name!r} is not deployed")
+        narrow = LogFilter(since=query_since(request, time.time()),
+                           level=query_level(request))
+        # A function's logs outlive it: readable after its deploy failed or
+        # it was removed, as long as they are kept.
+        if name not in platform.routes.functions and not await logs_from.has_logs(name):
+            raise NotFoundError(f"function {name!r} is not deployed and has no logs")
         # where the history ends is fixed now (an unreadable log is an error
         # answered here, not a response cut short); the records stream after
-        batches = await logs_from.read(name, tail=tail, request_id=rid, follow=follow)
+        batches = await logs_from.read(name, tail=tail, request_id=rid, follow=follow,
+                                       match=None if narrow.empty else narrow.matches)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            return StreamingResponse(sse_events(batches), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
 
         async def stream() -> AsyncIterator[bytes]:
             try:

@@ -131,8 +131,12 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                  "content": {"application/json": {"schema": {}}}})},
             "/v1/functions/{name}/logs": {"get": _op(
                 "a function's log lines", "logs",
-                {"200": {"description": "one JSON record per line", "content": _NDJSON},
-                 "404": _error("no such function")},
+                {"200": {"description": "one JSON record per line (chunked); with "
+                                        "Accept: text/event-stream, Server-Sent Events: "
+                                        "one `log` event per record, its data the record",
+                         "content": {**_NDJSON, "text/event-stream": {
+                             "schema": {"type": "string"}}}},
+                 "404": _error("no such function: not deployed and no logs kept")},
                 [_NAME,
                  {"name": "request_id", "in": "query", "required": False,
                   "description": "only this invocation's lines",
@@ -142,7 +146,16 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                   "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TAIL}},
                  {"name": "follow", "in": "query", "required": False,
                   "description": "keep the response open and send new lines as they come",
-                  "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}}])},
+                  "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}},
+                 {"name": "since", "in": "query", "required": False,
+                  "description": "only lines since then: a span back from now (90s, 10m, "
+                                 "2h, 1d) or an ISO 8601 time (UTC without an offset)",
+                  "schema": {"type": "string", "maxLength": 64}},
+                 {"name": "level", "in": "query", "required": False,
+                  "description": "only lines of this level or above; lines without a "
+                                 "level (print) count as INFO",
+                  "schema": {"type": "string",
+                             "enum": ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]}}])},
             "/v1/status": {"get": _op(
                 "pools, instances, zygotes, memory, connections", "status",
                 {"200": _json("the status", {"type": "object"})})},

@@ -380,6 +380,8 @@ class Dispatcher:
         if verdict.delay_s is not None:
             await self._settle(self.queue.retry(m, delay_s=verdict.delay_s, error=error,
                                                 request_id=rid or m.id))
+            self._note(sub.function, rid or m.id, retry_line(m.id, m.attempts, verdict.delay_s,
+                                                            error), "WARNING")
             return
         await self._give_up(sub, spec, m, payload, "RetriesExhausted",
                             {**error, "nimbusReason": verdict.reason}, rid)
@@ -395,6 +397,8 @@ class Dispatcher:
             await self._settle(self.queue.dead_letter(m, error=error, request_id=rid or m.id))
         else:
             await self._settle(self.queue.fail(m, error=error, request_id=rid or m.id))
+        self._note(sub.function, rid or m.id, give_up_line(
+            m.id, m.attempts if tried else m.attempts - 1, spec.dead_letter, error), "ERROR")
 
     async def _destination(self, ref: str, sub: Subscription, m: Message, condition: str,
                            payload: Any, response: Any, *, error: bool,
@@ -418,12 +422,34 @@ class Dispatcher:
         except ConflictError as exc:  # our lease ran out; the next delivery settles it
             log.warning("could not settle: %s", exc)
 
+    def _note(self, function: str, rid: str, text: str, level: str) -> None:
+        """A platform line in ``function``'s logs (if it is served here)."""
+        pool = self._pools().get(function)
+        if pool is not None:
+            pool.log(rid, "platform", text, level)
+
     def _live(self, sub: Subscription, pool: FunctionPool) -> FunctionPool:
         """``pool``, if it still serves the function: work that waited for a
         slot across a redeploy goes to the new version instead."""
         if self._pools().get(sub.function) is not pool:
             raise ClosedError(f"{sub.function} was redeployed")
         return pool
+
+
+def retry_line(invocation: str, tries: int, delay_s: float, error: dict[str, Any]) -> str:
+    """The platform line of an async try that failed and will be tried again."""
+    return (f"async invocation {invocation} failed on try {tries} "
+            f"({error.get('errorType')}: {error.get('errorMessage')}); "
+            f"retrying in {delay_s:.1f} s")
+
+
+def give_up_line(invocation: str, tries: int, dead_letter: bool,
+                 error: dict[str, Any]) -> str:
+    """The platform line of an async invocation given up on."""
+    where = "dead-lettered" if dead_letter else "failed for good (dead_letter: false)"
+    reason = error.get("nimbusReason") or error.get("errorType")
+    return (f"async invocation {invocation} {where} after {tries} "
+            f"{'try' if tries == 1 else 'tries'} ({reason}: {error.get('errorMessage')})")
 
 
 def batch_failures(result: Any, ids: set[str]) -> tuple[set[str], str]:

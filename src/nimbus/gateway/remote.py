@@ -50,6 +50,7 @@ from nimbus.errors import (
     ThrottledError,
     UnavailableError,
 )
+from nimbus.observe.platformlog import ThrottleNotes
 from nimbus.worker import frames as f
 from nimbus.worker.pool import ACQUIRE_GRACE_S
 
@@ -595,6 +596,7 @@ class RemoteInvoker:
         self.rerouted = 0  # calls a worker did not run, sent to another
         self.closed = False
         self._logs = logs
+        self._throttle_notes = ThrottleNotes(self.log)
         self._waiters: deque[asyncio.Future[WorkerLink]] = deque()
         self._rerouting: list[tuple[asyncio.Future[WorkerLink], frozenset[str]]] = []
         directory._listen(self.key, self)
@@ -688,7 +690,7 @@ class RemoteInvoker:
             raise ClosedError(f"{self.target.function} version {self.target.version} "
                               "is no longer served here")
         if self.in_flight + len(self._waiters) >= self._cap + self.max_queue:
-            self.throttles += 1
+            self._throttled("at the concurrency limit with the queue full")
             raise ThrottledError(
                 f"{self.target.function} is at its concurrency limit ({self._cap}) and "
                 f"{len(self._waiters)} requests are waiting", retry_after_s=1)
@@ -709,7 +711,7 @@ class RemoteInvoker:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
             if isinstance(exc, TimeoutError):
-                self.throttles += 1
+                self._throttled("held until their deadline")
                 if self.directory.ready(self.key):
                     raise ThrottledError(f"no slot of {self.target.function} became free "
                                          "in time") from None
@@ -763,6 +765,10 @@ class RemoteInvoker:
                 return
             self.in_flight += 1  # reserved now, so no one else takes it
             waiters.popleft().set_result(link)
+
+    def _throttled(self, reason: str) -> None:
+        self.throttles += 1
+        self._throttle_notes.hit(reason)
 
     def log(self, rid: str | None, stream: str, text: str, level: str | None = None) -> None:
         """A line in this function's logs (kept by a worker)."""

@@ -26,7 +26,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Self
@@ -173,9 +173,11 @@ class LogReader:
     (:meth:`more`). Opening pins the current file and its end, so history
     and following meet exactly, whatever is written or rotated meanwhile."""
 
-    def __init__(self, path: Path, *, request_id: str | None = None) -> None:
+    def __init__(self, path: Path, *, request_id: str | None = None,
+                 match: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.path = path
         self.request_id = request_id
+        self.match = match
         self._f: IO[bytes] | None = None
         self._pos = 0
         self._skipping = False  # inside a line too long to be a record
@@ -312,9 +314,11 @@ class LogReader:
             return None
         if not isinstance(rec, dict):
             return None
-        if self.request_id is None or rec.get("rid") == self.request_id:
-            return rec
-        return None
+        if self.request_id is not None and rec.get("rid") != self.request_id:
+            return None
+        if self.match is not None and not self.match(rec):
+            return None
+        return rec
 
 
 def _last_newline(f: IO[bytes], end: int) -> int:

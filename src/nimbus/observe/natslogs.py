@@ -56,7 +56,7 @@ from nats.js.errors import NotFoundError
 from nimbus.errors import UnavailableError
 from nimbus.observe.logs import MAX_LINE_CHARS, record_extra
 from nimbus.observe.logs import LogSink as FileLogSink
-from nimbus.observe.protocols import Record
+from nimbus.observe.protocols import Match, Record
 from nimbus.region import check_region_name
 
 log = logging.getLogger("nimbus.logs")
@@ -386,7 +386,8 @@ class NatsLogSink:
 # -- reading -----------------------------------------------------------------------
 
 
-def _records(payload: bytes, request_id: str | None) -> list[Record]:
+def _records(payload: bytes, request_id: str | None,
+             match: Match | None = None) -> list[Record]:
     out = []
     for line in payload.split(b"\n"):
         if not line:
@@ -395,7 +396,8 @@ def _records(payload: bytes, request_id: str | None) -> list[Record]:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and (request_id is None or rec.get("rid") == request_id):
+        if isinstance(rec, dict) and (request_id is None or rec.get("rid") == request_id) \
+                and (match is None or match(rec)):
             out.append(rec)
     return out
 
@@ -486,7 +488,8 @@ class NatsLogSource:
         return got[0][0] if got else 0
 
     async def tail(self, function: str, n: int, *,
-                   request_id: str | None = None) -> tuple[list[Record], int]:
+                   request_id: str | None = None,
+                   match: Match | None = None) -> tuple[list[Record], int]:
         """The function's last ``n`` records (of ``request_id`` only, if
         given), oldest first, and the stream sequence they end at (to
         follow from). Reads windows of sequences backwards from the newest
@@ -502,7 +505,7 @@ class NatsLogSource:
         while have < n and first and end >= first:
             start = max(first, end - window + 1)
             part = [r async for _, data in self._range(function, start, end)
-                    for r in _records(data, request_id)]
+                    for r in _records(data, request_id, match)]
             got.append(part)
             have += len(part)
             end = start - 1
@@ -511,7 +514,8 @@ class NatsLogSource:
         return out[-n:], last
 
     async def follow(self, function: str, *, after: int | None = None,
-                     request_id: str | None = None) -> AsyncIterator[list[Record]]:
+                     request_id: str | None = None,
+                     match: Match | None = None) -> AsyncIterator[list[Record]]:
         """Batches of records written after sequence ``after`` (after now if
         None), as they come, across reconnects, until the caller stops."""
         subject = subject_for(self.region, function)
@@ -532,7 +536,7 @@ class NatsLogSource:
                 try:
                     async for seq, data in self._range(function, after + 1, None):
                         after = seq
-                        if recs := _records(data, request_id):
+                        if recs := _records(data, request_id, match):
                             yield recs
                     backoff = 0.0
                 except UnavailableError as exc:  # a server gone, a reconnect under way
@@ -558,27 +562,34 @@ class NatsLogSource:
 
     async def read(self, function: str, *, tail: int | None = None,
                    request_id: str | None = None,
-                   follow: bool = False) -> AsyncGenerator[list[Record], None]:
+                   follow: bool = False,
+                   match: Match | None = None) -> AsyncGenerator[list[Record], None]:
         if tail is None:
-            return self._all(function, await self.last_seq(function), request_id, follow)
-        records, last = await self.tail(function, tail, request_id=request_id)
-        return self._emit(function, records, last, request_id, follow)
+            return self._all(function, await self.last_seq(function), request_id, follow,
+                             match)
+        records, last = await self.tail(function, tail, request_id=request_id, match=match)
+        return self._emit(function, records, last, request_id, follow, match)
+
+    async def has_logs(self, function: str) -> bool:
+        return await self.last_seq(function) > 0
 
     async def _all(self, function: str, last: int, request_id: str | None,
-                   follow: bool) -> AsyncGenerator[list[Record], None]:
+                   follow: bool, match: Match | None) -> AsyncGenerator[list[Record], None]:
         """Everything up to ``last``, message by message, then following."""
         async for _, data in self._range(function, 1, last):
-            if recs := _records(data, request_id):
+            if recs := _records(data, request_id, match):
                 yield recs
         if follow:
-            async for batch in self.follow(function, after=last, request_id=request_id):
+            async for batch in self.follow(function, after=last, request_id=request_id,
+                                           match=match):
                 yield batch
 
     async def _emit(self, function: str, records: list[Record], last: int,
-                    request_id: str | None,
-                    follow: bool) -> AsyncGenerator[list[Record], None]:
+                    request_id: str | None, follow: bool,
+                    match: Match | None) -> AsyncGenerator[list[Record], None]:
         for start in range(0, len(records), 1000):
             yield records[start:start + 1000]
         if follow:
-            async for batch in self.follow(function, after=last, request_id=request_id):
+            async for batch in self.follow(function, after=last, request_id=request_id,
+                                           match=match):
                 yield batch

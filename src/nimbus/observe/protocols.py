@@ -18,13 +18,14 @@ node id that wrote it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from nimbus.observe.logs import LogReader
 from nimbus.observe.logs import LogSink as FileLogSink
 
 Record = dict[str, Any]
+Match = Callable[[Record], bool]  # which records a reader wants
 FOLLOW_POLL_S = 0.2
 
 
@@ -47,13 +48,19 @@ class LogSource(Protocol):
 
     async def read(self, function: str, *, tail: int | None = None,
                    request_id: str | None = None,
-                   follow: bool = False) -> AsyncGenerator[list[Record], None]:
+                   follow: bool = False,
+                   match: Match | None = None) -> AsyncGenerator[list[Record], None]:
         """Batches of records, oldest first: all of them or the last ``tail``
-        (of ``request_id`` only, if given); then, with ``follow``, those
+        (of ``request_id`` only, if given, and only those ``match`` keeps:
+        the tail counts kept records); then, with ``follow``, those
         written after, as they come, until the caller stops iterating
         (``aclose``). History and following meet exactly: nothing twice,
         nothing lost. Awaiting this fixes where the history ends (and
         raises if the logs cannot be read at all); iterating reads."""
+        ...
+
+    async def has_logs(self, function: str) -> bool:
+        """Whether the function has any record (deployed now or not)."""
         ...
 
 
@@ -66,12 +73,19 @@ class FileLogSource:
 
     async def read(self, function: str, *, tail: int | None = None,
                    request_id: str | None = None,
-                   follow: bool = False) -> AsyncGenerator[list[Record], None]:
+                   follow: bool = False,
+                   match: Match | None = None) -> AsyncGenerator[list[Record], None]:
         self.sink.flush()
         # Disk reads run in a thread: a log of any size never stalls the loop.
         reader = await asyncio.to_thread(LogReader, self.sink.path(function),
-                                         request_id=request_id)
+                                         request_id=request_id, match=match)
         return self._batches(reader, tail, follow)
+
+    async def has_logs(self, function: str) -> bool:
+        self.sink.flush()
+        path = self.sink.path(function)
+        return await asyncio.to_thread(
+            lambda: path.exists() or path.with_name(path.name + ".1").exists())
 
     async def _batches(self, reader: LogReader, tail: int | None,
                        follow: bool) -> AsyncGenerator[list[Record], None]:

@@ -22,6 +22,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -122,7 +123,7 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
             raise TypeError(f"{spec['module']}.{spec['callable']} is not callable")
     except BaseException as exc:  # noqa: BLE001 - any import failure is the user's
         body = error_body(exc)
-        body["stackTrace"] = traceback.format_exception(exc)
+        body["stackTrace"] = traceback.format_exception(type(exc), exc, _user_frames(exc))
         body.update(_failing_line(exc, spec))
         channel.send(p.INIT_ERROR, orjson.dumps(body))
         return
@@ -213,6 +214,19 @@ def _failing_line(exc: BaseException, spec: dict[str, Any]) -> dict[str, Any]:
         where["file"] = os.path.relpath(os.path.realpath(found[0]), code_dir)
         where["line"] = found[1]
     return where
+
+
+def _user_frames(exc: BaseException) -> TracebackType | None:
+    """``exc``'s traceback without the leading frames of this loop and of
+    importlib (the function's own frames, and its libraries', stay)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if not (name == __file__ or name.startswith("<frozen importlib")
+                or name == importlib.__file__):
+            break
+        tb = tb.tb_next
+    return tb
 
 
 def _log_uncaught(channel: _Channel, rid: str, exc: BaseException) -> None:

@@ -25,8 +25,9 @@ from typing import Any
 
 from nimbus.autoscale.decider import Decider, Decision, ScalingConfig
 from nimbus.errors import ClosedError, InstanceDiedError, ThrottledError
+from nimbus.observe.platformlog import ThrottleNotes
 from nimbus.worker.deps import BASE, DepSet
-from nimbus.worker.instance import Instance
+from nimbus.worker.instance import InitError, Instance
 from nimbus.worker.target import Target
 
 log = logging.getLogger("nimbus.worker")
@@ -71,6 +72,7 @@ class FunctionPool:
         self._starter = starter
         self._admit = admit  # raises ThrottledError when the node has no room
         self._log = log
+        self._throttle_notes = ThrottleNotes(self.log)
         self._starting = 0
         self._waiters: deque[asyncio.Future[Instance]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()  # strong refs to background work
@@ -162,7 +164,7 @@ class FunctionPool:
         # Requests within the cap may wait for an instance to start; past the
         # cap, at most max_queue wait for a slot to free.
         if self.in_flight + len(self._waiters) >= self.cap + self.max_queue:
-            self.throttles += 1
+            self._throttled("at the concurrency limit with the queue full")
             raise ThrottledError(
                 f"{self.target.function} is at its concurrency limit ({self.cap}) and "
                 f"{len(self._waiters)} requests are waiting", retry_after_s=1)
@@ -190,12 +192,16 @@ class FunctionPool:
                 except ValueError:
                     pass
             if isinstance(exc, TimeoutError):
-                self.throttles += 1
+                self._throttled("held until their deadline")
                 raise ThrottledError(
                     f"no instance of {self.target.function} became free in time") from None
             raise
         finally:
             timer.cancel()
+
+    def _throttled(self, reason: str) -> None:
+        self.throttles += 1
+        self._throttle_notes.hit(reason)
 
     def _may_grow(self) -> bool:
         n = len(self.instances) + self._starting
@@ -229,6 +235,7 @@ class FunctionPool:
         except ThrottledError as exc:
             log.warning("not starting %s v%d: %s", self.target.function,
                         self.target.version, exc)
+            self._throttle_notes.hit("no room on this node for another instance")
             self._fail_waiters(exc)
             return
         self._starting += 1
@@ -252,6 +259,8 @@ class FunctionPool:
             self._starting -= 1
             log.warning("starting %s v%d failed: %s", self.target.function,
                         self.target.version, exc)
+            if not isinstance(exc, InitError):  # that one wrote its own line
+                self.log(None, "platform", f"an instance failed to start: {exc}", "ERROR")
             self._fail_waiters(exc)
             return
         self._starting -= 1
