@@ -145,7 +145,7 @@ def _log_frames(frames: list[bytes], pending: list[str], answered: list[str]) ->
     got: list[tuple] = []
 
     async def run() -> None:
-        proto = InstanceProtocol(lambda *rec: got.append(rec), lambda: None)
+        proto = InstanceProtocol(lambda *rec: got.append(rec[:3]), lambda: None)
         loop = asyncio.get_running_loop()
         for rid in pending + answered:  # handed over, as Instance.invoke does
             proto.pending[rid] = loop.create_future()

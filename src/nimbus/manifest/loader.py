@@ -449,6 +449,8 @@ def _scaling_settings(draft: _Draft, src: Source) -> dict[str, Any]:
         "max_queue": get("max_queue", DEFAULT_MAX_QUEUE),
         # Importing a module twice is a no-op; keep the first mention's order.
         "preload": tuple(dict.fromkeys(get("preload", ()))),
+        "log_format": get("log_format", None),
+        "log_level": get("log_level", None),
     }
 
 

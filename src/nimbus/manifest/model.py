@@ -110,6 +110,10 @@ class FunctionSpec:
     max_processes: int = DEFAULT_MAX_PROCESSES  # processes + threads, the instance's own counted
     cpu: float | None = None  # a fraction of one core; None: no CPU cap
     ephemeral_storage_mb: int = DEFAULT_EPHEMERAL_STORAGE_MB  # the private /tmp
+    # The root logger's format ("Text" or "JSON") and level, as Lambda's
+    # LoggingConfig; None: Text, and the level Python's logging starts with.
+    log_format: str | None = None
+    log_level: str | None = None
 
     def __post_init__(self) -> None:
         if self.target_concurrency is None:

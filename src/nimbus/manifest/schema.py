@@ -116,6 +116,25 @@ def _event(v: Any) -> Any:
     return v.lower()
 
 
+def _log_format(v: Any) -> Any:
+    if not isinstance(v, str) or v.strip().upper() not in ("TEXT", "JSON"):
+        raise fail(f"expected Text or JSON, got {show(v)}")
+    return "JSON" if v.strip().upper() == "JSON" else "Text"
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_LEVEL_ALIASES = {"TRACE": "DEBUG", "WARN": "WARNING", "FATAL": "CRITICAL"}
+
+
+def _log_level(v: Any) -> Any:
+    name = v.strip().upper() if isinstance(v, str) else ""
+    name = _LOG_LEVEL_ALIASES.get(name, name)
+    if name not in _LOG_LEVELS:
+        raise fail(f"expected one of {', '.join(_LOG_LEVELS)} (or Lambda's TRACE, WARN, "
+                   f"FATAL), got {show(v)}")
+    return name
+
+
 def _queue_name(v: Any) -> Any:
     if not isinstance(v, str) or not _QUEUE_NAME.fullmatch(v):
         raise fail("expected a queue or topic name (1 to 80 letters, digits, '_' or '-'), "
@@ -227,6 +246,8 @@ EnvKey = Annotated[str, BeforeValidator(_env_key)]
 EnvValue = Annotated[str, BeforeValidator(_env_value)]
 ModuleName = Annotated[str, BeforeValidator(_module_name)]
 QueueName = Annotated[str, BeforeValidator(_queue_name)]
+LogFormat = Annotated[str, BeforeValidator(_log_format)]
+LogLevel = Annotated[str, BeforeValidator(_log_level)]
 
 
 class _Model(BaseModel):
@@ -339,7 +360,7 @@ Preload = Annotated[list[ModuleName], Field(
 
 SCALING_KEYS = ("min_instances", "max_instances", "max_concurrency", "target_concurrency",
                 "stable_window_s", "panic_window_s", "scale_to_zero_after_s", "max_queue",
-                "preload")
+                "preload", "log_format", "log_level")
 
 
 class FunctionModel(EventSettings):
@@ -367,6 +388,8 @@ class FunctionModel(EventSettings):
     scale_to_zero_after_s: ScaleToZeroAfter = DEFAULT_SCALE_TO_ZERO_AFTER_S
     max_queue: MaxQueue = DEFAULT_MAX_QUEUE
     preload: Preload = []
+    log_format: LogFormat | None = None
+    log_level: LogLevel | None = None
     runtime: Runtime | None = None
     env: dict[EnvKey, EnvValue] = Field(
         default_factory=dict, description="a mapping of variable names to values")
@@ -413,6 +436,8 @@ class SeedHandler(EventSettings):
     scale_to_zero_after_s: ScaleToZeroAfter = DEFAULT_SCALE_TO_ZERO_AFTER_S
     max_queue: MaxQueue = DEFAULT_MAX_QUEUE
     preload: Preload = []
+    log_format: LogFormat | None = None
+    log_level: LogLevel | None = None
 
 
 class SeedApp(_Model):

@@ -73,6 +73,10 @@ class Target:
             "TMPDIR": str(tmp_dir),
             "NIMBUS_INSTANCE_ID": instance_id,
         }
+        if spec.log_format is not None:
+            env["AWS_LAMBDA_LOG_FORMAT"] = spec.log_format
+        if spec.log_level is not None:
+            env["AWS_LAMBDA_LOG_LEVEL"] = spec.log_level
         env.update(dict(spec.env))  # the user's env wins over the defaults
         return {
             "instance_id": instance_id,
