@@ -447,9 +447,10 @@ def give_up_line(invocation: str, tries: int, dead_letter: bool,
                  error: dict[str, Any]) -> str:
     """The platform line of an async invocation given up on."""
     where = "dead-lettered" if dead_letter else "failed for good (dead_letter: false)"
-    reason = error.get("nimbusReason") or error.get("errorType")
+    why = error.get("nimbusReason")
     return (f"async invocation {invocation} {where} after {tries} "
-            f"{'try' if tries == 1 else 'tries'} ({reason}: {error.get('errorMessage')})")
+            f"{'try' if tries == 1 else 'tries'} ({error.get('errorType')}: "
+            f"{error.get('errorMessage')})" + (f"; {why}" if why else ""))
 
 
 def batch_failures(result: Any, ids: set[str]) -> tuple[set[str], str]:

@@ -11,8 +11,8 @@ reaches the logs with the invocation's request id. Two formats:
   ``errorType``, ``errorMessage``, ``stackTrace``; attributes given with
   ``extra=`` are keys of their own.
 
-``AWS_LAMBDA_LOG_LEVEL`` (or ``log_level:``) sets the root logger's level,
-as Lambda's application log level does. Each record goes to the worker as
+``AWS_LAMBDA_LOG_LEVEL`` (or ``log_level:``) sets the root logger's level
+and drops records below it, as Lambda's application log level does. Each record goes to the worker as
 one LOG frame carrying its level (and, in JSON, its fields), so the
 platform can filter by level without parsing text.
 """
@@ -138,5 +138,9 @@ def install(send: SendRecord, current_rid: Callable[[], str | None],
     root.addHandler(handler)
     level = normalise_level(env.get("AWS_LAMBDA_LOG_LEVEL", ""))
     if level is not None:
+        # The root logger starts at it; and, as Lambda filters by the
+        # application log level, records below it never leave the handler
+        # whatever level the function's code sets on its loggers.
         root.setLevel(level)
+        handler.setLevel(level)
     return handler
