@@ -12,9 +12,10 @@ reaches the logs with the invocation's request id. Two formats:
   ``extra=`` are keys of their own.
 
 ``AWS_LAMBDA_LOG_LEVEL`` (or ``log_level:``) sets the root logger's level
-and drops records below it, as Lambda's application log level does. Each record goes to the worker as
-one LOG frame carrying its level (and, in JSON, its fields), so the
-platform can filter by level without parsing text.
+and drops records below it, as Lambda's application log level does. Each
+record goes to the worker as one LOG frame carrying its level (and, in
+JSON, its fields), so the platform can filter by level without parsing
+text.
 """
 
 from __future__ import annotations
