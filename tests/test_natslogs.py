@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 
 from nimbus.errors import UnavailableError
 from nimbus.natsd import NATS_USER, NatsCluster
+from nimbus.observe.logfilter import LogFilter
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.logs import read_records
 from nimbus.observe.natslogs import (
@@ -109,9 +110,11 @@ def test_two_workers_lines_all_in_one_tail_in_order_per_worker(
                 if i % 50 == 0:
                     await asyncio.sleep(0.15)  # several batches, interleaved
             w1.write("other", None, "stdout", "not fn.x")
+            w1.write("lv", "r9", "stdout", '{"m": 1}', "INFO", {"m": 1})
+            w2.write("lv", None, "platform", "throttled", "WARNING")
             await w1.aclose()
             await w2.aclose()
-            assert (w1.published, w2.published, w1.dropped, w2.dropped) == (301, 300, 0, 0)
+            assert (w1.published, w2.published, w1.dropped, w2.dropped) == (302, 301, 0, 0)
 
             reader = NatsLogSource(ncs[2], region=region)
             recs, last = await reader.tail("fn.x", 10_000)
@@ -130,6 +133,17 @@ def test_two_workers_lines_all_in_one_tail_in_order_per_worker(
             assert texts(mine) == [f"a{i}" for i in range(1, 300, 3)]
             assert texts((await reader.tail("other", 5))[0]) == ["not fn.x"]
             assert (await reader.tail("never-written", 5)) == ([], 0)
+            # levels and fields kept; a filter applies before the tail counts
+            warned = [r async for b in await reader.read(
+                "lv", tail=1, match=LogFilter(level="WARNING").matches) for r in b]
+            assert [(r["text"], r["level"], r["worker"]) for r in warned] == [
+                ("throttled", "WARNING", "w2")]
+            infos = sorted([r async for b in await reader.read(
+                "lv", match=LogFilter(level="INFO").matches) for r in b],
+                key=lambda r: r["worker"])
+            assert [(r["level"], r.get("fields")) for r in infos] == [
+                ("INFO", {"m": 1}), ("WARNING", None)]
+            assert await reader.has_logs("lv") and not await reader.has_logs("never-written")
             # all of it through the seam the control API uses
             every = [r async for b in await reader.read("fn.x") for r in b]
             assert every == recs
