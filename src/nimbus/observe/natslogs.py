@@ -196,7 +196,7 @@ class _Batch:
                 notice = orjson.dumps({
                     "ts": time.time(), "rid": None, "stream": "platform",
                     "text": f"{self.dropped_before} log lines dropped (log buffer full)",
-                    "worker": worker}) + b"\n"
+                    "worker": worker, "level": "WARNING"}) + b"\n"
             self.sent = notice + self.payload
         return self.sent
 
