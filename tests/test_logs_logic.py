@@ -113,7 +113,7 @@ def test_lambdas_json_fields() -> None:
 def test_the_handler_sends_level_and_fields_and_honours_the_level() -> None:
     sent: list[tuple[Any, ...]] = []
     root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
+    saved = (root.handlers[:], root.level, logging.basicConfig)
     try:
         lambdalog.install(lambda *a: sent.append(a), lambda: "r1",
                           {"AWS_LAMBDA_LOG_FORMAT": "json", "AWS_LAMBDA_LOG_LEVEL": "warn"})
@@ -127,6 +127,22 @@ def test_the_handler_sends_level_and_fields_and_honours_the_level() -> None:
             "r1", "stdout", "WARNING", "WARNING", "custom level")
         assert orjson.loads(text) == fields
     finally:
+        logging.basicConfig = saved[2]  # type: ignore[assignment]
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def test_basic_config_formats_through_the_lambda_handler() -> None:
+    sent: list[tuple[Any, ...]] = []
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.basicConfig)
+    try:
+        lambdalog.install(lambda *a: sent.append(a), lambda: "r2", {})
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        logging.getLogger("m").info("hello %s", "you")
+        assert sent == [("r2", "stdout", "INFO hello you\n", "INFO", None)]
+    finally:
+        logging.basicConfig = saved[2]  # type: ignore[assignment]
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
 

@@ -122,6 +122,8 @@ class LambdaHandler(logging.Handler):
             if self.json_format:
                 fields = json_fields(record, rid)
                 self._send(rid, "stdout", json_line(fields), level, fields)
+            elif self.formatter is not None:  # the function's own format (basicConfig)
+                self._send(rid, "stdout", self.format(record) + "\n", level, None)
             else:
                 self._send(rid, "stdout", text_line(record, rid), level, None)
         except Exception:  # noqa: BLE001 - logging must never break the handler
@@ -137,6 +139,7 @@ def install(send: SendRecord, current_rid: Callable[[], str | None],
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    logging.basicConfig = _basic_config(handler, logging.basicConfig)
     level = normalise_level(env.get("AWS_LAMBDA_LOG_LEVEL", ""))
     if level is not None:
         # The root logger starts at it; and, as Lambda filters by the
@@ -145,3 +148,26 @@ def install(send: SendRecord, current_rid: Callable[[], str | None],
         root.setLevel(level)
         handler.setLevel(level)
     return handler
+
+
+def _basic_config(handler: LambdaHandler, original: Callable[..., None]) -> Callable[..., None]:
+    """``logging.basicConfig`` that keeps the request id and level. On Lambda
+    it does nothing (the root logger already has a handler), a well-known
+    surprise; here its ``format``, ``datefmt``, ``style`` and ``level``
+    apply to the Lambda handler (text format). Asking for a file, a stream,
+    handlers of its own or ``force`` does what Python does (output to
+    stderr is still captured, without a level)."""
+
+    def basic_config(**kwargs: Any) -> None:
+        root = logging.getLogger()
+        own = {"filename", "stream", "handlers", "force"}
+        if root.handlers != [handler] or any(kwargs.get(k) for k in own):
+            original(**kwargs)
+            return
+        if "format" in kwargs or "datefmt" in kwargs:
+            handler.setFormatter(logging.Formatter(
+                kwargs.get("format"), kwargs.get("datefmt"), kwargs.get("style", "%")))
+        if kwargs.get("level") is not None:
+            root.setLevel(kwargs["level"])
+
+    return basic_config
