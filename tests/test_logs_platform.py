@@ -1,8 +1,10 @@
 """Function logs on a real ``nimbus up``: Lambda's root logger (text and
 JSON), platform lines for every failure the platform sees (import errors
 with their traceback, out of memory, exits, timeouts, throttles, async
-retries and dead letters), the filters and the Server-Sent Events stream.
-One ``nimbus up`` for the whole module."""
+retries and dead letters), the filters, the Server-Sent Events stream,
+following, and ``nimbus logs --cluster`` across two regions. One
+``nimbus up --region eu`` for the whole module, and a second region (us)
+started for the cluster tests."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import orjson
 import pytest
 
 from tests.conftest import Nimbus
+from tests.multiregion import RegionProc, write_app, write_cluster_file
 from tests.region import wait_until
 
 MANIFEST = """\
@@ -50,6 +53,9 @@ functions:
     max_queue: 0
     min_instances: 1
     http: [{method: GET, path: /busy}]
+  talk:
+    handler: h.talk
+    http: [{method: GET, path: /talk}]
   flaky:
     handler: h.flaky
     retries: 1
@@ -57,7 +63,7 @@ functions:
 """
 
 HANDLERS = '''\
-import logging, sys, time
+import logging, os, sys, time
 logger = logging.getLogger()
 logger.setLevel(logging.INFO)
 
@@ -78,8 +84,16 @@ def slow(event, context):
     time.sleep(30)
 
 def busy(event, context):
-    time.sleep(0.8)
+    gate = event["queryStringParameters"]["gate"]  # held until the test opens it
+    deadline = time.time() + 20
+    while not os.path.exists(gate) and time.time() < deadline:
+        time.sleep(0.02)
     return "done"
+
+def talk(event, context):
+    logging.warning("from %s", os.environ["AWS_REGION"])
+    print("chatter")
+    return {"statusCode": 200, "body": context.aws_request_id}
 
 def flaky(event, context):
     raise RuntimeError("always fails")
@@ -107,17 +121,45 @@ functions:
 """
 
 
+TALK_MANIFEST = """\
+name: talk
+functions:
+  talk:
+    handler: h.talk
+    http: [{method: GET, path: /talk}]
+"""
+
+
 @pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nimbus]:
-    root = tmp_path_factory.mktemp("logs")
-    app = root / "app"
-    app.mkdir()
-    (app / "app.yaml").write_text(MANIFEST)
-    (app / "h.py").write_text(HANDLERS)
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def eu(root: Path) -> Iterator[RegionProc]:
+    """The module's nimbus: region eu, every test function deployed."""
+    app = write_app(root / "app", MANIFEST, "h", HANDLERS)
     (app / "j.py").write_text(JSON_HANDLERS)
-    n = Nimbus(app, root / "state", root / "up.out", "--containment", "rlimits")
-    yield n
-    n.stop()
+    region = RegionProc("eu", "127.0.0.2", root, app).start()
+    yield region
+    region.stop()
+
+
+@pytest.fixture(scope="module")
+def up(eu: RegionProc) -> Nimbus:
+    assert eu.nimbus is not None
+    return eu.nimbus
+
+
+@pytest.fixture(scope="module")
+def world(root: Path, eu: RegionProc) -> Iterator[tuple[list[RegionProc], Path]]:
+    """A second region, us, with only ``talk``, and a cluster file of both."""
+    us = RegionProc("us", "127.0.0.3", root, write_app(root / "small", TALK_MANIFEST, "h",
+                                                        HANDLERS)).start()
+    try:
+        yield [eu, us], write_cluster_file(root / "cluster", [eu, us]).path
+    finally:
+        us.stop()
 
 
 def records(n: Nimbus, fn: str, **params: str) -> list[dict[str, Any]]:
@@ -187,9 +229,10 @@ def test_out_of_memory_exit_and_timeout_are_platform_lines(up: Nimbus) -> None:
         assert [(r["text"], r["level"]) for r in platform] == [(line, "ERROR")], fn
 
 
-def test_throttles_are_counted_into_one_line_per_second(up: Nimbus) -> None:
+def test_throttles_are_counted_into_one_line_per_second(up: Nimbus, tmp_path: Path) -> None:
     assert up.http is not None
-    url = up.url + "/busy"
+    gate = tmp_path / "gate"
+    url = up.url + f"/busy?gate={gate}"
     first: list[int] = []
     holder = threading.Thread(target=lambda: first.append(httpx.get(url, timeout=10).status_code))
     holder.start()
@@ -198,7 +241,8 @@ def test_throttles_are_counted_into_one_line_per_second(up: Nimbus) -> None:
                                "authorization": f"Bearer {up.token}"}).json()["functions"]),
                10, "the first request in flight")
     codes = [httpx.get(url, timeout=10).status_code for _ in range(5)]
-    holder.join(10)
+    gate.touch()
+    holder.join(20)
     assert codes == [429] * 5 and first == [200]
     def counted(recs: list[dict[str, Any]]) -> int:
         total = 0
@@ -332,3 +376,55 @@ def line_reader(proc: subprocess.Popen[str]) -> queue.Queue[str]:
 
     threading.Thread(target=pump, daemon=True).start()
     return lines
+
+
+# -- several regions: nimbus logs --cluster ----------------------------------------
+
+
+def nimbus(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nimbus.cli.main", *args]
+
+
+def test_logs_of_every_region_labelled_and_merged(world: tuple[list[RegionProc], Path]
+                                                  ) -> None:
+    started, cluster = world
+    rids = {r.name: r.get("/talk").text for r in started}
+    out = wait_until(lambda: (lambda p: p if p.stdout.count("\n") == 4 else None)(
+        subprocess.run(nimbus("logs", "talk", "--cluster", str(cluster), "--json"),
+                       capture_output=True, text=True, timeout=60)), 20, "four lines")
+    assert out.returncode == 0, out.stderr
+    got = [orjson.loads(line) for line in out.stdout.splitlines()]
+    assert sorted((r["region"], r["rid"], r.get("level", "-"), r["text"].split("\t")[-1])
+                  for r in got) == sorted(
+        [(name, rid, "WARNING", f"from {name}") for name, rid in rids.items()]
+        + [(name, rid, "-", "chatter") for name, rid in rids.items()])
+    assert [r["ts"] for r in got] == sorted(r["ts"] for r in got)  # merged in time order
+
+
+def test_follow_across_regions(world: tuple[list[RegionProc], Path]) -> None:
+    started, cluster = world
+    follower = subprocess.Popen(
+        nimbus("logs", "talk", "-f", "--cluster", str(cluster), "--level", "WARNING",
+               "--since", "1h", "--tail", "1"),
+        stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        first = {lines.get(timeout=20)[:4] for _ in started}  # each region's last warning
+        assert first == {"[eu]", "[us]"}
+        for r in reversed(started):
+            rid = r.get("/talk").text
+            line = lines.get(timeout=20).rstrip()
+            assert line.startswith(f"[{r.name}] ") and line.endswith(
+                f"\t{rid}\tfrom {r.name}"), line
+    finally:
+        follower.terminate()
+        follower.wait(10)
+        assert follower.stdout is not None
+        follower.stdout.close()
