@@ -8,8 +8,10 @@ started for the cluster tests."""
 
 from __future__ import annotations
 
+import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -229,6 +231,23 @@ def test_out_of_memory_exit_and_timeout_are_platform_lines(up: Nimbus) -> None:
         assert [(r["text"], r["level"]) for r in platform] == [(line, "ERROR")], fn
 
 
+def status(n: Nimbus) -> dict[str, Any]:
+    r = httpx.get(f"{n.control_url}/v1/status", headers={"authorization": f"Bearer {n.token}"},
+                  timeout=10)
+    return {f["name"]: f for f in r.json()["functions"]}
+
+
+def test_an_idle_instance_that_dies_is_a_platform_line(up: Nimbus) -> None:
+    assert up.http is not None and up.http.get("/rootlog").status_code == 200
+    inst = wait_until(lambda: status(up)["rootlog"]["instances"], 10, "rootlog's instance")[0]
+    os.kill(inst["pid"], signal.SIGKILL)
+    line = (f"instance {inst['id']} exited while idle (killed, or its zygote or a process "
+            "it started took it down)")
+    recs = wait_records(up, "rootlog", lambda rs: any(r["text"] == line for r in rs),
+                        "the line about the instance's death", level="ERROR")
+    assert [(r["rid"], r["level"]) for r in recs if r["text"] == line] == [(None, "ERROR")]
+
+
 def test_throttles_are_counted_into_one_line_per_second(up: Nimbus, tmp_path: Path) -> None:
     assert up.http is not None
     gate = tmp_path / "gate"
@@ -389,9 +408,11 @@ def test_logs_of_every_region_labelled_and_merged(world: tuple[list[RegionProc],
                                                   ) -> None:
     started, cluster = world
     rids = {r.name: r.get("/talk").text for r in started}
-    out = wait_until(lambda: (lambda p: p if p.stdout.count("\n") == 4 else None)(
-        subprocess.run(nimbus("logs", "talk", "--cluster", str(cluster), "--json"),
-                       capture_output=True, text=True, timeout=60)), 20, "four lines")
+    for r in started:  # both lines written in each region before the one CLI run
+        assert r.nimbus is not None
+        wait_records(r.nimbus, "talk", lambda rs: len(rs) == 2, f"{r.name}'s lines")
+    out = subprocess.run(nimbus("logs", "talk", "--cluster", str(cluster), "--json"),
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     got = [orjson.loads(line) for line in out.stdout.splitlines()]
     assert sorted((r["region"], r["rid"], r.get("level", "-"), r["text"].split("\t")[-1])

@@ -45,6 +45,10 @@ class InstanceProtocol(asyncio.Protocol):
         self.recent: deque[str] = deque(maxlen=RECENT_IDS)
         self.transport: asyncio.Transport | None = None
         self.alive = True
+        # Set when the worker ends the instance itself (stop, kill): its exit
+        # is no news. Any other exit of a ready, idle instance is a death.
+        self.leaving = False
+        self.instance_id = ""
         self._buf = bytearray()
         self.on_log = on_log
         self._on_lost: Callable[[], None] | None = on_lost
@@ -142,6 +146,13 @@ class InstanceProtocol(asyncio.Protocol):
             text = str(text)
         return rid, stream, text, level, fields
 
+    def _idle_death(self) -> None:
+        ready = self.ready
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            self.on_log(None, "platform",
+                        f"instance {self.instance_id} exited while idle (killed, or its "
+                        "zygote or a process it started took it down)", "ERROR")
+
     def doomed(self) -> None:
         """The process is going (killed, or leaving on its own): stop handing
         it work now, before its socket closes. Idempotent."""
@@ -151,6 +162,8 @@ class InstanceProtocol(asyncio.Protocol):
             on_lost()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.pending and not self.leaving and self._on_lost is not None:
+            self._idle_death()
         self.alive = False
         if not self.ready.done():
             self.ready.set_exception(InstanceDiedError("instance exited while starting"))
@@ -213,6 +226,7 @@ class Instance:
         self.outstanding = 0
         self.capacity = capacity
         self.draining = False
+        proto.instance_id = id
         self.started_at = time.monotonic()
         self.last_used = self.started_at
 
@@ -247,6 +261,7 @@ class Instance:
         self.kill()
 
     def kill(self) -> None:
+        self.proto.leaving = True
         if self.proto.alive:
             try:
                 os.kill(self.pid, signal.SIGKILL)
@@ -256,6 +271,7 @@ class Instance:
 
     async def stop(self, grace_s: float) -> None:
         """Hang up (the instance exits on EOF), wait ``grace_s``, then SIGKILL."""
+        self.proto.leaving = True
         if self.proto.transport is not None:
             self.proto.transport.close()
         deadline = time.monotonic() + grace_s
