@@ -127,7 +127,7 @@ def test_the_handler_sends_level_and_fields_and_honours_the_level() -> None:
             "r1", "stdout", "WARNING", "WARNING", "custom level")
         assert orjson.loads(text) == fields
     finally:
-        logging.basicConfig = saved[2]  # type: ignore[assignment]
+        logging.basicConfig = saved[2]
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
 
@@ -142,7 +142,7 @@ def test_basic_config_formats_through_the_lambda_handler() -> None:
         logging.getLogger("m").info("hello %s", "you")
         assert sent == [("r2", "stdout", "INFO hello you\n", "INFO", None)]
     finally:
-        logging.basicConfig = saved[2]  # type: ignore[assignment]
+        logging.basicConfig = saved[2]
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
 

@@ -173,8 +173,12 @@ def records(n: Nimbus, fn: str, **params: str) -> list[dict[str, Any]]:
 
 def wait_records(n: Nimbus, fn: str, predicate: Any, what: str,
                  **params: str) -> list[dict[str, Any]]:
-    return wait_until(lambda: (lambda recs: recs if predicate(recs) else None)(
-        records(n, fn, **params)), 15, what)
+    def ready() -> list[dict[str, Any]] | None:
+        recs = records(n, fn, **params)
+        return recs if predicate(recs) else None
+
+    got: list[dict[str, Any]] = wait_until(ready, 15, what)
+    return got
 
 
 def texts(recs: list[dict[str, Any]], stream: str | None = None) -> list[str]:
