@@ -152,6 +152,8 @@ def test_platform_lines_default_to_error_and_print_lines_have_no_level() -> None
     assert record_extra("platform", "WARNING", None) == {"level": "WARNING"}
     assert record_extra("stdout", None, None) == {}
     assert record_extra("stdout", "INFO", {"a": 1}) == {"level": "INFO", "fields": {"a": 1}}
+    long = "x" * (64 * 1024 + 1)  # cut into pieces: each keeps the level, none the fields
+    assert record_extra("stdout", "INFO", {"m": long}, long) == {"level": "INFO"}
 
 
 def test_throttles_make_one_line_per_window_with_counts() -> None:

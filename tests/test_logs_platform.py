@@ -105,6 +105,8 @@ JSON_HANDLERS = '''\
 import logging
 
 def jlog(event, context):
+    if (event.get("queryStringParameters") or {}).get("boom"):
+        raise ValueError("boom")
     logging.getLogger("orders").debug("order %s", 7, extra={"order_id": 7})
     try:
         1 / 0
@@ -216,6 +218,16 @@ def test_json_format_and_level_from_the_manifest(up: Nimbus) -> None:
     assert error[0]["fields"]["errorType"] == "ZeroDivisionError"
     assert error[0]["fields"]["errorMessage"] == "division by zero"
     assert any("1 / 0" in line for line in error[0]["fields"]["stackTrace"])
+    # an exception the handler lets out is a JSON record too
+    failed = up.http.get("/jlog", params={"boom": "1"})  # type: ignore[union-attr]
+    assert failed.status_code == 500
+    recs = wait_records(up, "jlog", lambda rs: len(rs) == 1, "the uncaught error",
+                        request_id=failed.headers["x-nimbus-request-id"])
+    assert (recs[0]["stream"], recs[0]["level"]) == ("stderr", "ERROR")
+    fields = recs[0]["fields"]
+    assert (fields["errorType"], fields["errorMessage"], fields["message"]) == (
+        "ValueError", "boom", "ValueError: boom")
+    assert orjson.loads(recs[0]["text"]) == fields
 
 
 def test_out_of_memory_exit_and_timeout_are_platform_lines(up: Nimbus) -> None:

@@ -58,15 +58,18 @@ class LogLimits:
                                  f"was: {value!r}")
 
 
-def record_extra(stream: str, level: str | None,
-                 fields: dict[str, Any] | None) -> dict[str, Any]:
+def record_extra(stream: str, level: str | None, fields: dict[str, Any] | None,
+                 text: str = "") -> dict[str, Any]:
     """A record's optional keys: ``level`` (platform lines default to
-    ERROR, printed lines have none) and ``fields`` (a JSON-format line's)."""
+    ERROR, printed lines have none) and ``fields`` (a JSON-format line's).
+    A line cut into pieces (longer than ``MAX_LINE_CHARS``) keeps its text
+    but not its fields: every piece would carry them all, and a record
+    stays bounded."""
     if level is None and stream == "platform":
         level = "ERROR"
     if level is None:
         return {}
-    if fields is None:
+    if fields is None or len(text) > MAX_LINE_CHARS:
         return {"level": level}
     return {"level": level, "fields": fields}
 
@@ -106,7 +109,7 @@ class LogSink:
             f = self._open(function)
         now = time.time()
         limit = self.limits.max_bytes
-        extra = record_extra(stream, level, fields)
+        extra = record_extra(stream, level, fields, text)
         # "\n" only: str.splitlines would also split on \f, \x1c, \u2028 ...
         for line in text.removesuffix("\n").split("\n"):
             for start in range(0, max(len(line), 1), MAX_LINE_CHARS):

@@ -253,7 +253,7 @@ class NatsLogSink:
         if self._closing:
             return
         now = time.time()
-        extra = record_extra(stream, level, fields)
+        extra = record_extra(stream, level, fields, text)
         for line in text.removesuffix("\n").split("\n"):
             for start in range(0, max(len(line), 1), MAX_LINE_CHARS):
                 rec = orjson.dumps({"ts": now, "rid": rid, "stream": stream,

@@ -232,6 +232,11 @@ def _user_frames(exc: BaseException) -> TracebackType | None:
 def _log_uncaught(channel: _Channel, rid: str, exc: BaseException) -> None:
     """An exception the handler raised, as Lambda's runtime logs it:
     ``[ERROR] Type: message`` and the traceback, one record at level ERROR."""
+    if os.environ.get("AWS_LAMBDA_LOG_FORMAT", "").strip().upper() == "JSON":
+        fields = lambdalog.uncaught_fields(exc, rid)
+        channel.send(p.LOG, orjson.dumps(
+            [rid, "stderr", lambdalog.json_line(fields), "ERROR", fields]))
+        return
     text = f"[ERROR] {type(exc).__name__}: {exc}\n" + "".join(
         traceback.format_exception(exc))
     channel.send(p.LOG, orjson.dumps([rid, "stderr", text, "ERROR", None]))

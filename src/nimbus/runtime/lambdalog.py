@@ -101,6 +101,14 @@ def json_fields(record: logging.LogRecord, request_id: str | None) -> dict[str, 
     return fields
 
 
+def uncaught_fields(exc: BaseException, request_id: str) -> dict[str, Any]:
+    """An exception the handler raised, in the JSON format."""
+    return {"timestamp": utc_stamp(time.time()), "level": "ERROR",
+            "message": f"{type(exc).__name__}: {exc}", "logger": "root",
+            "requestId": request_id, "errorType": type(exc).__name__,
+            "errorMessage": str(exc), "stackTrace": traceback.format_tb(exc.__traceback__)}
+
+
 def json_line(fields: Mapping[str, Any]) -> str:
     return orjson.dumps(fields, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
