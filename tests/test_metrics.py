@@ -364,3 +364,12 @@ def test_schedule_misses_are_the_ticks_skipped() -> None:
     for missed, fired, skipped in (("all", 40, 0), ("once", 31, 9), ("none", 31, 9)):
         fire, n_skipped, new_last = tick_plan(every_s, missed, last, now)
         assert (len(fire), n_skipped, new_last) == (fired, skipped, now), missed
+
+
+def test_names_read_at_scrape_time_are_reserved_in_the_registry() -> None:
+    from prometheus_client import Counter, Gauge
+
+    with pytest.raises(ValueError, match="nimbus_instances"):
+        Gauge("nimbus_instances", "another family by the same name")
+    with pytest.raises(ValueError, match="nimbus_invocations"):
+        Counter("nimbus_invocations", "another family by the same name")

@@ -348,6 +348,12 @@ class NimbusCollector(Collector):
         except Exception as exc:  # noqa: BLE001 - a scrape must still answer
             log.warning("reading the async backlog for metrics failed: %s", exc)
 
+    def describe(self) -> Iterator[Metric]:
+        """Every family this collector may yield (the registry refuses
+        another metric by one of these names)."""
+        for name, kind in _COLLECTED:
+            yield Metric(name, "", kind)
+
     def collect(self) -> Iterator[Metric]:
         reg = region()
         if self.role in ("up", "worker", "gateway") or _INVOCATIONS:
@@ -500,6 +506,15 @@ def _fmt(bound: float) -> str:
     return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
 
 
+_COLLECTED = (
+    ("nimbus_invocations", "counter"), ("nimbus_invocation_duration_seconds", "histogram"),
+    ("nimbus_http_requests", "counter"), ("nimbus_http_received_bytes", "counter"),
+    ("nimbus_http_sent_bytes", "counter"), ("nimbus_instances", "gauge"),
+    ("nimbus_in_flight_requests", "gauge"), ("nimbus_held_requests", "gauge"),
+    ("nimbus_instances_desired", "gauge"), ("nimbus_instances_ready", "gauge"),
+    ("nimbus_autoscaler_panic", "gauge"), ("nimbus_zygotes", "gauge"),
+    ("nimbus_memory_pss_bytes", "gauge"), ("nimbus_async_invocations", "gauge"),
+    ("nimbus_async_oldest_queued_age_seconds", "gauge"))
 COLLECTOR = NimbusCollector()
 REGISTRY.register(COLLECTOR)
 
