@@ -98,6 +98,10 @@ def cli() -> None:
               help="Largest request line + headers; past it: 431.")
 @click.option("--max-bundle-bytes", default=250 * 1024 * 1024, show_default=True,
               type=click.IntRange(1), help="Largest app bundle the control API accepts.")
+@click.option("--metrics-auth", default="token", show_default=True,
+              type=click.Choice(["token", "open"]),
+              help="GET /metrics on the control port: the control token as Bearer, or open "
+                   "(no token; only with a loopback --control-host).")
 @region_option
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
@@ -108,6 +112,13 @@ def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int
     from nimbus.region import set_region
     from nimbus.worker.budget import NodeBudget
 
+    if http_limits.get("metrics_auth") == "open":
+        from nimbus.observe.metrics import check_metrics_auth
+
+        try:
+            check_metrics_auth("open", control_host, "--control-host")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-auth") from None
     set_region(region)
     run_up(app_dir, host=host, port=port, control_host=control_host,
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,

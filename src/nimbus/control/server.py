@@ -54,7 +54,9 @@ from nimbus.gateway.connections import (
     raise_fd_limit,
 )
 from nimbus.manifest.model import RegionsSpec
+from nimbus.observe import metrics
 from nimbus.observe.logs import LogSink
+from nimbus.observe.metrics import check_metrics_auth
 from nimbus.store.base import Blobs, Store
 from nimbus.store.private import private_file, write_private
 from nimbus.store.queue import Queue
@@ -91,8 +93,10 @@ class ServerConfig:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_bundle_bytes: int = MAX_BUNDLE_UPLOAD
+    metrics_auth: str = "token"  # GET /metrics: the control token, or "open" (loopback only)
 
     def __post_init__(self) -> None:
+        check_metrics_auth(self.metrics_auth, self.control_host, "--control-host")
         for name in ("max_connections", "control_max_connections", "max_bundle_bytes"):
             value = getattr(self, name)
             if value < 1:
@@ -193,8 +197,16 @@ class Platform:
         self.guards: dict[str, ConnectionGuard] = {}
         self._stop = asyncio.Event()
         self.lock: StateLock | None = None
+        self.metrics_token: str | None = None if config.metrics_auth == "open" else self.token
+        metrics.set_role("up")
+        metrics.watch_worker(worker)
+        metrics.watch_async(self._async_figures)
 
     identity: Identity | None = None
+
+    async def _async_figures(self) -> dict[str, metrics.AsyncFigures]:
+        """Each routed function's async backlog, for the metrics scrape."""
+        return {name: await self.events.backlog(name) for name in list(self.routes.functions)}
 
     @property
     def max_bundle_bytes(self) -> int:
