@@ -51,9 +51,9 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
     """Serve HTTP in front of every region of a cluster file: route each request
     by its app's policy and the regions' health, fail over within a second."""
     from nimbus.edge.health import HealthConfig
-    from nimbus.edge.metrics import is_loopback
     from nimbus.edge.server import EdgeConfig, run
     from nimbus.multiregion.clusterfile import load_cluster
+    from nimbus.observe.metrics import is_loopback
 
     cluster = load_cluster(cluster_path)
     for region in cluster.regions.values():

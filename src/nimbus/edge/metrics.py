@@ -16,13 +16,18 @@ book's ``on_region_down`` callback (rare) into a histogram.
 - ``nimbus_edge_failovers_total{region}``: requests moved away from the
   region after failing there (a retry in another region);
 - ``nimbus_edge_detection_seconds{region}``: from the first failure (probe
-  or request) of the region's last up gateway to the region marked down.
+  or request) of the region's last up gateway to the region marked down;
+- ``nimbus_memory_pss_bytes{region="",role="edge",kind="platform"}``, and
+  prometheus-client's process, platform and GC collectors.
+
+The families live here rather than in ``nimbus.observe.metrics`` (the
+process-wide registry): a registry per edge keeps edges run side by side in
+one process (tests) apart.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
+import os
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
@@ -38,6 +43,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from nimbus.edge.health import HealthBook
+from nimbus.observe.metrics import authorized, is_loopback, platform_memory
 
 METRICS_PATH = b"/_nimbus/metrics"
 DETECTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -107,16 +113,7 @@ class _Families(Collector):
         for region, n in m.failovers.items():
             failovers.add_metric([region], n)
         yield failovers
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a listen address) only takes local connections."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        yield from platform_memory("", "edge", os.getpid(), [], [])
 
 
 class MetricsAuth:
@@ -124,7 +121,7 @@ class MetricsAuth:
     edge listens on loopback only and no token is set."""
 
     def __init__(self, token: str | None, host: str) -> None:
-        self.token = token.encode() if token else None
+        self.token = token or None
         self.open = self.token is None and is_loopback(host)
         self.host = host
 
@@ -135,13 +132,10 @@ class MetricsAuth:
                 return None
             return 403, (f"metrics are served without a token only on loopback; this edge "
                          f"listens on {self.host}: start it with --metrics-token-file FILE")
-        for name, value in headers:
-            if name == b"authorization":
-                scheme, _, given = value.partition(b" ")
-                if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(),
-                                                                       self.token):
-                    return None
-                break
+        given = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers
+                 if n == b"authorization"}
+        if authorized(given, self.token):
+            return None
         return 401, "metrics need 'Authorization: Bearer TOKEN' (the --metrics-token-file)"
 
 
