@@ -1,0 +1,201 @@
+"""Monitoring's pure parts: the edge's detection times and families, who
+may read them, and the file_sd targets made from a status. No sleeping:
+``now`` is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nimbus.edge.health import ERROR_BURST, HealthBook, HealthConfig
+from nimbus.edge.metrics import EdgeMetrics, MetricsAuth
+from nimbus.observe.targets import TargetError, edge_target, file_sd, from_status, render, target
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    gateways: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    regions: dict[str, Region]
+
+
+EU1, EU2, US1 = "http://127.0.0.2:1", "http://127.0.0.2:2", "http://127.0.0.3:1"
+CLUSTER = Cluster({"eu": Region("eu", (EU1, EU2)), "us": Region("us", (US1,))})
+CFG = HealthConfig(interval_s=0.25, timeout_s=0.3, fall=2, rise_s=3.0)
+
+
+def book_all_up() -> tuple[HealthBook, list[tuple[str, float]]]:
+    book = HealthBook(CLUSTER, CFG, 0.0)
+    for gw in (EU1, EU2, US1):
+        book.probe_ok(gw, 0.001, 0.0)
+    downs: list[tuple[str, float]] = []
+    book.on_region_down.append(lambda region, s: downs.append((region, s)))
+    return book, downs
+
+
+def test_detection_runs_from_the_first_failed_probe_to_down() -> None:
+    book, downs = book_all_up()
+    book.probe_failed(US1, "timeout", 10.0)
+    book.probe_failed(US1, "timeout", 10.25)   # fall=2: down now
+    assert downs == [("us", 0.25)]
+    # the same region down again later: a second observation, from its own first failure
+    for t in (11.0, 12.0, 13.0, 14.0, 15.0):
+        book.probe_ok(US1, 0.001, t)
+    assert book.region_up("us", 15.0)
+    book.probe_failed(US1, "timeout", 20.0)
+    book.probe_ok(US1, 0.001, 20.25)           # a good probe forgets the failure
+    book.probe_failed(US1, "timeout", 21.0)
+    book.passive_failure(US1, "connection refused", 21.1)
+    assert downs == [("us", 0.25), ("us", pytest.approx(0.1))]
+
+
+def test_a_refused_request_is_detected_at_once_and_a_region_is_down_with_its_last_gateway(
+        ) -> None:
+    book, downs = book_all_up()
+    book.passive_failure(EU1, "connection refused", 5.0)
+    assert downs == []                         # EU2 still up: the region is up
+    book.probe_failed(EU2, "timeout", 6.0)
+    book.passive_failure(EU2, "connection refused", 6.5)
+    assert downs == [("eu", 0.5)]              # from EU2's own first failure
+    book.passive_failure(EU2, "connection refused", 7.0)
+    assert downs == [("eu", 0.5)]              # already down: no second observation
+
+
+def test_a_burst_of_gateway_errors_counts_from_its_first() -> None:
+    book, downs = book_all_up()
+    for i in range(ERROR_BURST):
+        book.gateway_error(US1, "503 NoInstance", 1.0 + i * 0.1)
+    assert downs == [("us", pytest.approx(0.4))]
+
+
+def families(metrics: EdgeMetrics) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for fam in text_string_to_metric_families(metrics.exposition().decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_edge_families_read_the_book_and_the_counters() -> None:
+    book, _ = book_all_up()
+    m = EdgeMetrics(("eu", "us"), book)
+    m.requests["eu"][200] = 7
+    m.requests["eu"][503] = 1
+    m.requests[""][502] = 2
+    m.retries["eu"] = 3
+    m.failovers["eu"] = 2
+    book.probe_failed(US1, "timeout", 1.0)
+    book.probe_failed(US1, "timeout", 1.5)
+    f = families(m)
+    assert f["nimbus_edge_region_up"] == {(("region", "eu"),): 1.0, (("region", "us"),): 0.0}
+    assert f["nimbus_edge_requests_total"] == {
+        (("code", "200"), ("region", "eu")): 7.0, (("code", "503"), ("region", "eu")): 1.0,
+        (("code", "502"), ("region", "")): 2.0}
+    assert f["nimbus_edge_retries_total"] == {(("region", "eu"),): 3.0,
+                                              (("region", "us"),): 0.0}
+    assert f["nimbus_edge_failovers_total"] == {(("region", "eu"),): 2.0,
+                                                (("region", "us"),): 0.0}
+    assert f["nimbus_edge_detection_seconds_count"] == {(("region", "eu"),): 0.0,
+                                                        (("region", "us"),): 1.0}
+    assert f["nimbus_edge_detection_seconds_sum"][(("region", "us"),)] == 0.5
+    assert f["nimbus_edge_detection_seconds_bucket"][(("le", "0.25"), ("region", "us"))] == 0
+    assert f["nimbus_edge_detection_seconds_bucket"][(("le", "0.5"), ("region", "us"))] == 1
+    assert f["nimbus_memory_pss_bytes"][(("kind", "platform"), ("region", ""),
+                                         ("role", "edge"))] > 0
+    assert "process_cpu_seconds_total" in f
+    # a second edge in the same process counts apart
+    other = families(EdgeMetrics(("eu", "us"), book_all_up()[0]))
+    assert other["nimbus_edge_failovers_total"][(("region", "eu"),)] == 0.0
+
+
+TOKEN = "a-metrics-token-of-some-length"
+
+
+@pytest.mark.parametrize(("token", "host", "headers", "expect"), [
+    (None, "127.0.0.1", [], None),
+    (None, "::1", [], None),
+    (None, "localhost", [], None),
+    (None, "0.0.0.0", [], 403),
+    (None, "10.1.2.3", [(b"authorization", b"Bearer " + TOKEN.encode())], 403),
+    (TOKEN, "0.0.0.0", [(b"authorization", b"Bearer " + TOKEN.encode())], None),
+    (TOKEN, "0.0.0.0", [(b"authorization", b"bearer " + TOKEN.encode())], None),
+    (TOKEN, "127.0.0.1", [], 401),
+    (TOKEN, "0.0.0.0", [(b"authorization", b"Bearer " + TOKEN.encode() + b"x")], 401),
+    (TOKEN, "0.0.0.0", [(b"authorization", b"Basic " + TOKEN.encode())], 401),
+])
+def test_who_may_read_the_edge_metrics(token: str | None, host: str,
+                                       headers: list[tuple[bytes, bytes]],
+                                       expect: int | None) -> None:
+    denied = MetricsAuth(token, host).check(headers)
+    assert (denied[0] if denied else None) == expect
+    if expect == 403:
+        assert denied is not None and "--metrics-token-file" in denied[1] and host in denied[1]
+
+
+UP_STATUS = {"region": "eu", "pid": 10, "control_url": "http://127.0.0.2:8081",
+             "gateway_url": "http://127.0.0.2:8080", "functions": []}
+REGION_STATUS = {
+    "mode": "region", "region": "us", "control_url": "http://10.0.0.1:8081",
+    "nodes": [
+        {"role": "controller", "id": "c1", "url": "http://10.0.0.1:8081"},
+        {"role": "controller", "id": "c2", "url": "http://10.0.0.2:8081"},
+        {"role": "worker", "id": "w1", "url": "tcp://10.0.0.3:7000",
+         "metrics": "http://10.0.0.3:9101"},
+        {"role": "worker", "id": "w2", "metrics": "http://10.0.0.4:9101"},
+        {"role": "worker", "id": "w3"},                         # no metrics port: left out
+        {"role": "gateway", "id": "g1", "url": "http://10.0.0.5:8080",
+         "metrics": "https://[fd00::5]:9102"},
+        {"role": "gateway", "id": "g2", "metrics": "http://10.0.0.6:9102/x"},  # not a base URL
+    ]}
+
+
+def test_targets_of_a_nimbus_up() -> None:
+    found, warnings = from_status(UP_STATUS, "http://ignored:1")
+    assert warnings == []
+    assert file_sd(found) == [{"targets": ["127.0.0.2:8081"],
+                               "labels": {"role": "up", "region": "eu"}}]
+
+
+def test_targets_of_a_region_group_by_role_and_say_what_is_left_out() -> None:
+    found, warnings = from_status(REGION_STATUS, "http://10.0.0.1:8081")
+    assert file_sd(found) == [
+        {"targets": ["10.0.0.1:8081", "10.0.0.2:8081"],
+         "labels": {"role": "controller", "region": "us"}},
+        {"targets": ["[fd00::5]:9102"],
+         "labels": {"role": "gateway", "region": "us", "__scheme__": "https"}},
+        {"targets": ["10.0.0.3:9101", "10.0.0.4:9101"],
+         "labels": {"role": "worker", "region": "us"}},
+    ]
+    assert warnings == [
+        "region us: worker w3 lists no metrics URL; left out",
+        "region us: gateway g2: 'http://10.0.0.6:9102/x': expected a base URL "
+        "(http://HOST:PORT), no path; left out"]
+
+
+def test_a_region_whose_nodes_list_no_controller_keeps_the_url_asked() -> None:
+    found, _ = from_status({"mode": "region", "region": "us", "nodes": []},
+                           "http://10.0.0.9:8081", "us")
+    assert file_sd(found) == [{"targets": ["10.0.0.9:8081"],
+                               "labels": {"role": "controller", "region": "us"}}]
+
+
+def test_edges_and_the_rendered_file() -> None:
+    found = [edge_target("http://127.0.0.1:8000/"), edge_target("http://127.0.0.5:8000"),
+             target("http://127.0.0.2:8081", "eu", "up")]
+    data = render(found)
+    assert data == render(list(reversed(found)))           # same processes, same bytes
+    assert orjson.loads(data) == [
+        {"targets": ["127.0.0.1:8000", "127.0.0.5:8000"],
+         "labels": {"role": "edge", "__metrics_path__": "/_nimbus/metrics"}},
+        {"targets": ["127.0.0.2:8081"], "labels": {"role": "up", "region": "eu"}},
+    ]
+    for bad in ("ftp://x:1", "http://", "127.0.0.1:8000", "http://h:99999"):
+        with pytest.raises(TargetError, match="expected|Port out of range"):
+            edge_target(bad)
