@@ -51,16 +51,19 @@ def targets(cluster_path: Path | None, edges: tuple[str, ...], out: Path | None,
         fail(f"--edge {exc}", 2)
     lister = _Lister(cluster_path, state_dir, url, token, local_optional=bool(edges))
     last: bytes | None = None
-    while True:
-        data = lister.render(edge_targets)
-        if out is None:
-            click.echo(data.decode(), nl=False)
-        elif data != last:
-            write_atomic(out, data)
-            last = data
-        if watch_s is None:
-            return
-        time.sleep(watch_s)
+    try:
+        while True:
+            data = lister.render(edge_targets)
+            if out is None:
+                click.echo(data.decode(), nl=False)
+            elif data != last:
+                write_atomic(out, data)
+                last = data
+            if watch_s is None:
+                return
+            time.sleep(watch_s)
+    finally:
+        lister.close()
 
 
 class _Lister:
@@ -86,6 +89,10 @@ class _Lister:
                 # edges alone are a complete answer; a nimbus asked for by name is not
                 if not local_optional or state_dir is not None or url is not None:
                     raise
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.http.close()
 
     def render(self, edges: list[Any]) -> bytes:
         from nimbus.observe.targets import from_status, render, target
