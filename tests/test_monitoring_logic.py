@@ -146,7 +146,8 @@ REGION_STATUS = {
     "mode": "region", "region": "us", "control_url": "http://10.0.0.1:8081",
     "nodes": [
         {"role": "controller", "id": "c1", "url": "http://10.0.0.1:8081"},
-        {"role": "controller", "id": "c2", "url": "http://10.0.0.2:8081"},
+        {"role": "controller", "id": "c2", "url": "http://10.0.0.2:8081",
+         "metrics": "http://10.0.0.2:8081"},
         {"role": "worker", "id": "w1", "url": "tcp://10.0.0.3:7000",
          "metrics": "http://10.0.0.3:9101"},
         {"role": "worker", "id": "w2", "metrics": "http://10.0.0.4:9101"},

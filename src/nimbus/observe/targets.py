@@ -3,8 +3,8 @@ scrape, from the status a control API answers; no I/O.
 
 - a ``nimbus up``: its control port (``/metrics``), role ``up``;
 - a region (``nimbus cluster up``, status ``"mode": "region"``): each
-  controller's control API, and each worker's and gateway's own metrics
-  port (the ``metrics`` URL of its node record);
+  node's ``metrics`` URL (a controller's control API, a worker's or
+  gateway's own metrics port);
 - an edge: ``/_nimbus/metrics`` on its port, role ``edge``, no ``region``
   label (its series carry the region they are about).
 
@@ -87,10 +87,11 @@ def from_status(status: dict[str, Any], control_url: str,
             continue
         role = str(node["role"])
         what = f"region {name}: {role} {node.get('id', '?')}"
-        url = node.get("url") if role == "controller" else node.get("metrics")
+        url = node.get("metrics")
+        if not url and role == "controller":
+            url = node.get("url")        # a controller serves /metrics on its control API
         if not isinstance(url, str) or not url:
-            warnings.append(f"{what} lists no {'url' if role == 'controller' else 'metrics'} "
-                            "URL; left out")
+            warnings.append(f"{what} lists no metrics URL; left out")
             continue
         try:
             found.append(target(url, name, role))
