@@ -15,6 +15,8 @@ import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ import nimbus.edge.metrics
 import nimbus.observe.metrics
 from nimbus.cli.main import cli
 from tests.edgeworld import EdgeProc, wait_for
-from tests.multiregion import RegionProc, free_port, regions, write_app, write_cluster_file
+from tests.multiregion import RegionProc, free_port, write_app, write_cluster_file
 
 pytestmark = pytest.mark.e2e
 
@@ -206,7 +208,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     targets.write_text("[]\n")
     prom = Prometheus(root, prometheus_config(root, targets))
     try:
-        with regions(root, app) as (eu, us):
+        with two_regions(root, app) as (eu, us):
             cluster = write_cluster_file(root, [eu, us])
             edge = EdgeProc(cluster.path, root / "edge.out", 2.0)
             try:
@@ -219,6 +221,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 edge.stop()
     finally:
         prom.stop()
+
+
+@contextmanager
+def two_regions(root: Path, app: Path) -> Iterator[tuple[RegionProc, RegionProc]]:
+    """eu on 127.0.0.2 and us on 127.0.0.3, started side by side."""
+    eu, us = RegionProc("eu", "127.0.0.2", root, app), RegionProc("us", "127.0.0.3", root, app)
+    with ThreadPoolExecutor(2) as pool:
+        starts = [pool.submit(r.start) for r in (eu, us)]
+    try:
+        for f in starts:
+            f.result()
+        yield eu, us
+    finally:
+        with ThreadPoolExecutor(2) as pool:
+            stops = [pool.submit(r.stop) for r in (eu, us)]
+        for f in stops:
+            f.exception()       # stopped whatever happened to the other
 
 
 def nimbus_cli(*args: str) -> Result:
@@ -263,6 +282,9 @@ def test_targets_of_a_cluster_and_its_edge(world: dict[str, Any]) -> None:
         {"targets": [f"127.0.0.3:{us.control_port}"], "labels": {"role": "up", "region": "us"}},
     ]
     world["targets_written"] = True
+    # what --watch runs every N seconds: it remembers each region's last list
+    lister = nimbus.cli.metrics.TargetLister(world["cluster"], None, None, None, False)
+    world["lister"], world["listed"] = lister, lister.render([])
     bad = nimbus_cli("metrics", "targets", "--cluster", str(world["cluster"]), "--watch", "1")
     assert bad.exit_code == 2 and "--watch needs --out" in bad.stderr, bad.stderr
 
@@ -406,3 +428,18 @@ def test_edge_counts_requests_and_a_failover_exactly(world: dict[str, Any]) -> N
     assert after[("nimbus_edge_region_up", (("region", "us"),))] == 1.0
     assert delta("nimbus_edge_detection_seconds_count", region="eu") == 1
     assert delta("nimbus_edge_detection_seconds_count", region="us") == 0
+
+
+def test_a_watched_region_that_stops_answering_keeps_its_targets(
+        world: dict[str, Any]) -> None:
+    eu: RegionProc = world["eu"]
+    if eu.running():
+        pytest.skip("runs after the test that kills eu")
+    # eu is gone: the watcher keeps what it knew (Prometheus reports it down) ...
+    assert world["lister"].render([]) == world["listed"]
+    # ... where a fresh look can only name its control URL
+    fresh = nimbus_cli("metrics", "targets", "--cluster", str(world["cluster"]))
+    assert fresh.exit_code == 0
+    assert {"targets": [f"127.0.0.2:{eu.control_port}"],
+            "labels": {"role": "controller", "region": "eu"}} in orjson.loads(fresh.stdout)
+    assert f"nimbus: warning: region eu: cannot reach {eu.control_url}" in fresh.stderr

@@ -4,14 +4,21 @@ may read them, and the file_sd targets made from a status. No sleeping:
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 import pytest
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
+import nimbus.cli.edge
+import nimbus.cli.metrics  # noqa: F401 - registers nimbus metrics
+from nimbus.cli.main import cli
 from nimbus.edge.health import ERROR_BURST, HealthBook, HealthConfig
 from nimbus.edge.metrics import EdgeMetrics, MetricsAuth
+from nimbus.multiregion.clusterfile import RegionEntry, write_cluster
 from nimbus.observe.targets import TargetError, edge_target, file_sd, from_status, render, target
 
 
@@ -201,3 +208,43 @@ def test_edges_and_the_rendered_file() -> None:
     for bad in ("ftp://x:1", "http://", "127.0.0.1:8000", "http://h:99999"):
         with pytest.raises(TargetError, match="expected|Port out of range"):
             edge_target(bad)
+
+
+# -- the commands' own checks (in this process; nothing listens) ---------------------------
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])   # closed again: connections are refused
+
+
+def cluster_file(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "asia.token").write_text("t" * 40 + "\n")
+    control = f"http://127.0.0.1:{closed_port()}"
+    path = tmp_path / "nimbus.cluster.yaml"
+    write_cluster(path, [RegionEntry("asia", control, "", (f"http://127.0.0.1:{closed_port()}",))],
+                  {"asia": "asia.token"})
+    return path, control
+
+
+def test_a_region_that_does_not_answer_keeps_its_control_url_and_is_named(
+        tmp_path: Path) -> None:
+    path, control = cluster_file(tmp_path)
+    out = CliRunner().invoke(cli, ["metrics", "targets", "--cluster", str(path)])
+    assert out.exit_code == 0, out.output
+    assert orjson.loads(out.stdout) == [{"targets": [control.removeprefix("http://")],
+                                         "labels": {"role": "controller", "region": "asia"}}]
+    assert out.stderr.startswith(f"nimbus: warning: region asia: cannot reach {control}")
+
+
+def test_edge_metrics_token_file_mistakes_are_usage_errors(tmp_path: Path) -> None:
+    path, _ = cluster_file(tmp_path)
+    (tmp_path / "short").write_text("abc\n")
+    for token_file, why in (
+            (tmp_path / "missing", "no such file"),
+            (tmp_path / "short", "the token must be at least 16 printable characters "
+                                 "without spaces")):
+        out = CliRunner().invoke(cli, ["edge", "--cluster", str(path), "--port", "0",
+                                       "--metrics-token-file", str(token_file)])
+        assert out.exit_code == 2
+        assert out.stderr == f"nimbus: error: --metrics-token-file {token_file}: {why}\n"

@@ -49,7 +49,7 @@ def targets(cluster_path: Path | None, edges: tuple[str, ...], out: Path | None,
         edge_targets = [edge_target(u) for u in edges]
     except TargetError as exc:
         fail(f"--edge {exc}", 2)
-    lister = _Lister(cluster_path, state_dir, url, token, local_optional=bool(edges))
+    lister = TargetLister(cluster_path, state_dir, url, token, local_optional=bool(edges))
     last: bytes | None = None
     try:
         while True:
@@ -66,7 +66,7 @@ def targets(cluster_path: Path | None, edges: tuple[str, ...], out: Path | None,
         lister.close()
 
 
-class _Lister:
+class TargetLister:
     """Reads each region's status; remembers each region's last good list,
     so a region that does not answer for a moment keeps its targets (and
     Prometheus reports them down) rather than vanishing."""
