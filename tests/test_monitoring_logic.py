@@ -4,10 +4,12 @@ may read them, and the file_sd targets made from a status. No sleeping:
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from click.testing import CliRunner
@@ -18,6 +20,7 @@ import nimbus.cli.metrics  # noqa: F401 - registers nimbus metrics
 from nimbus.cli.main import cli
 from nimbus.edge.health import ERROR_BURST, HealthBook, HealthConfig
 from nimbus.edge.metrics import EdgeMetrics, MetricsAuth
+from nimbus.edge.server import Edge, EdgeConfig
 from nimbus.multiregion.clusterfile import RegionEntry, write_cluster
 from nimbus.observe.targets import TargetError, edge_target, file_sd, from_status, render, target
 
@@ -248,3 +251,70 @@ def test_edge_metrics_token_file_mistakes_are_usage_errors(tmp_path: Path) -> No
                                        "--metrics-token-file", str(token_file)])
         assert out.exit_code == 2
         assert out.stderr == f"nimbus: error: --metrics-token-file {token_file}: {why}\n"
+
+
+# -- the edge's counters on its request path (in this process, stub gateways) --------------
+
+async def stub_gateway(answer: bytes) -> tuple[asyncio.Server, str]:
+    """A gateway that answers probes 200 and every other request ``answer``."""
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+                             if b"/_nimbus/health" in head else answer)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+    server = await asyncio.start_server(conn, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+GATEWAY_503 = (b"HTTP/1.1 503 Service Unavailable\r\nx-nimbus-error: gateway\r\n"
+               b"content-length: 26\r\n\r\n" + b'{"errorType":"NoInstance"}')
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+def test_edge_counts_answers_retries_and_failovers_on_its_request_path() -> None:
+    async def main() -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        eu_server, eu = await stub_gateway(GATEWAY_503)
+        us_server, us = await stub_gateway(OK)
+        edge = Edge(Cluster({"eu": Region("eu", (eu,)), "us": Region("us", (us,))}),
+                    EdgeConfig(health=HealthConfig(interval_s=10, rise_s=0),
+                               metrics_token=TOKEN))
+        host, port = await edge.start("127.0.0.1", 0)
+        try:
+            for _ in range(100):
+                if edge.book.up_regions(0.0) == {"eu", "us"}:
+                    break
+                await asyncio.sleep(0.01)
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as c:
+                # idempotent: eu's gateway could not serve it, us answers
+                r = await c.get("/a")
+                assert (r.status_code, r.headers["x-nimbus-retried-from"]) == (200, "eu")
+                # not idempotent: it may have run in eu, so the client hears of it
+                r = await c.post("/b")
+                assert r.status_code == 502 and r.json()["region"] == "eu"
+                assert (await c.get("/_nimbus/metrics")).status_code == 401
+                r = await c.get("/_nimbus/metrics",
+                                headers={"authorization": f"Bearer {TOKEN}"})
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("text/plain; version=")
+        finally:
+            await edge.stop(1.0)
+            eu_server.close()
+            us_server.close()
+        out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        for fam in text_string_to_metric_families(r.text):
+            for s in fam.samples:
+                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+        return out
+
+    f = asyncio.run(main())
+    assert f["nimbus_edge_requests_total"] == {(("code", "200"), ("region", "us")): 1.0,
+                                               (("code", "502"), ("region", "eu")): 1.0}
+    assert f["nimbus_edge_retries_total"] == {(("region", "eu"),): 1.0,
+                                              (("region", "us"),): 0.0}
+    assert f["nimbus_edge_failovers_total"] == {(("region", "eu"),): 1.0,
+                                                (("region", "us"),): 0.0}
+    assert f["nimbus_edge_region_up"] == {(("region", "eu"),): 1.0, (("region", "us"),): 1.0}

@@ -548,7 +548,9 @@ class Edge:
             region = "-"
             reason = (f"app {app.name if app else '?'} names no region of this edge's "
                       f"cluster file ({', '.join(self.order)})")
-        codes = self._codes.get(region) or self._codes[NO_REGION]
+        codes = self._codes.get(region)
+        if codes is None:
+            codes = self._codes[NO_REGION]
         codes[502] = codes.get(502, 0) + 1
         conn.write(json_response(502, {
             "errorType": "RegionFailed",
@@ -776,7 +778,6 @@ class Edge:
         conn.write(json_response(status, body, b"edge", req.keep_alive,
                                  head_only=req.method == b"HEAD"))
         return True
-
 
     def _metrics(self, conn: ClientConn, req: Request) -> bool:
         denied = self.metrics_auth.check(req.headers)
