@@ -191,6 +191,20 @@ def test_targets_of_a_region_group_by_role_and_say_what_is_left_out() -> None:
         "(http://HOST:PORT), no path; left out"]
 
 
+def test_a_loopback_metrics_url_in_a_region_reached_from_afar_is_named() -> None:
+    status = {"mode": "region", "region": "us", "nodes": [
+        {"role": "controller", "id": "c1", "metrics": "http://10.0.0.1:8081"},
+        {"role": "worker", "id": "w1", "metrics": "http://127.0.0.1:9101"}]}
+    found, warnings = from_status(status, "http://10.0.0.1:8081")
+    assert len(found) == 2
+    assert warnings == ["region us: worker w1 serves metrics at http://127.0.0.1:9101, a "
+                        "loopback address, though the region answers at http://10.0.0.1:8081: "
+                        "a Prometheus on another machine cannot reach it (give the process "
+                        "--metrics-host)"]
+    # all on one machine: nothing to say
+    assert from_status(status, "http://127.0.0.1:8081")[1] == []
+
+
 def test_a_region_whose_nodes_list_no_controller_keeps_the_url_asked() -> None:
     found, _ = from_status({"mode": "region", "region": "us", "nodes": []},
                            "http://10.0.0.9:8081", "us")

@@ -97,9 +97,19 @@ def from_status(status: dict[str, Any], control_url: str,
             found.append(target(url, name, role))
         except TargetError as exc:
             warnings.append(f"{what}: {exc}; left out")
+            continue
+        if _loopback(url) and not _loopback(control_url):
+            warnings.append(f"{what} serves metrics at {url}, a loopback address, though "
+                            f"the region answers at {control_url}: a Prometheus on another "
+                            "machine cannot reach it (give the process --metrics-host)")
     if not any(t.role == "controller" for t in found):
         found.append(target(control_url, name, "controller"))
     return found, warnings
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def file_sd(targets: Iterable[Target]) -> list[dict[str, Any]]:
