@@ -230,14 +230,14 @@ def two_regions(root: Path, app: Path) -> Iterator[tuple[RegionProc, RegionProc]
     with ThreadPoolExecutor(2) as pool:
         starts = [pool.submit(r.start) for r in (eu, us)]
     try:
-        for f in starts:
-            f.result()
+        for started in starts:
+            started.result()
         yield eu, us
     finally:
         with ThreadPoolExecutor(2) as pool:
             stops = [pool.submit(r.stop) for r in (eu, us)]
-        for f in stops:
-            f.exception()       # stopped whatever happened to the other
+        for stopped in stops:
+            stopped.exception()       # each stopped whatever happened to the other
 
 
 def nimbus_cli(*args: str) -> Result:
@@ -264,6 +264,9 @@ def test_targets_of_a_nimbus_up(world: dict[str, Any]) -> None:
     assert out.exit_code == 0, out.stderr
     assert orjson.loads(out.stdout) == [
         {"targets": [f"127.0.0.2:{eu.control_port}"], "labels": {"role": "up", "region": "eu"}}]
+    lister = nimbus.cli.metrics.TargetLister(None, eu.state, None, None, False)
+    world["up_lister"], world["up_listed"] = lister, lister.render([])
+    assert world["up_listed"].decode() == out.stdout
 
 
 def test_targets_of_a_cluster_and_its_edge(world: dict[str, Any]) -> None:
@@ -394,17 +397,18 @@ def test_edge_counts_requests_and_a_failover_exactly(world: dict[str, Any]) -> N
     eu, edge = world["eu"], world["edge"]
     before = edge_metrics(edge)
 
-    def delta(name: str, **labels: str) -> float:
+    def delta(now: dict[Any, float], name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
-        return edge_metrics(edge).get(key, 0.0) - before.get(key, 0.0)
+        return now.get(key, 0.0) - before.get(key, 0.0)
 
     with httpx.Client(base_url=edge.url, timeout=10) as c:
         for _ in range(20):
             assert c.get("/hello").status_code == 200
         assert c.get("/_nimbus/regions").status_code == 200       # the edge's own: not counted
-        assert delta("nimbus_edge_requests_total", region="eu", code="200") == 20
-        assert delta("nimbus_edge_requests_total", region="us", code="200") == 0
-        assert edge_metrics(edge)[("nimbus_edge_region_up", (("region", "eu"),))] == 1.0
+        now = edge_metrics(edge)
+        assert delta(now, "nimbus_edge_requests_total", region="eu", code="200") == 20
+        assert delta(now, "nimbus_edge_requests_total", region="us", code="200") == 0
+        assert now[("nimbus_edge_region_up", (("region", "eu"),))] == 1.0
 
         # eu stops answering: the request in flight there is moved to us once
         # the probes find eu down (a request waits for that, so exactly one
@@ -421,18 +425,18 @@ def test_edge_counts_requests_and_a_failover_exactly(world: dict[str, Any]) -> N
     eu.kill()
     assert answers == {"us": 10}
     assert moved == {"eu": 1}
-    after = edge_metrics(edge)
-    assert delta("nimbus_edge_requests_total", region="us", code="200") == 10
-    assert delta("nimbus_edge_requests_total", region="eu", code="200") == 20
-    assert delta("nimbus_edge_failovers_total", region="eu") == 1
-    assert delta("nimbus_edge_retries_total", region="eu") == 1
-    assert delta("nimbus_edge_failovers_total", region="us") == 0
-    assert after[("nimbus_edge_region_up", (("region", "eu"),))] == 0.0
-    assert after[("nimbus_edge_region_up", (("region", "us"),))] == 1.0
-    assert delta("nimbus_edge_detection_seconds_count", region="eu") == 1
-    assert delta("nimbus_edge_detection_seconds_count", region="us") == 0
+    now = edge_metrics(edge)
+    assert delta(now, "nimbus_edge_requests_total", region="us", code="200") == 10
+    assert delta(now, "nimbus_edge_requests_total", region="eu", code="200") == 20
+    assert delta(now, "nimbus_edge_failovers_total", region="eu") == 1
+    assert delta(now, "nimbus_edge_retries_total", region="eu") == 1
+    assert delta(now, "nimbus_edge_failovers_total", region="us") == 0
+    assert now[("nimbus_edge_region_up", (("region", "eu"),))] == 0.0
+    assert now[("nimbus_edge_region_up", (("region", "us"),))] == 1.0
+    assert delta(now, "nimbus_edge_detection_seconds_count", region="eu") == 1
+    assert delta(now, "nimbus_edge_detection_seconds_count", region="us") == 0
     # a hung region is down on its second missed probe: timed from the first
-    assert delta("nimbus_edge_detection_seconds_sum", region="eu") > 0
+    assert delta(now, "nimbus_edge_detection_seconds_sum", region="eu") > 0
 
 
 def test_a_watched_region_that_stops_answering_keeps_its_targets(
@@ -440,8 +444,9 @@ def test_a_watched_region_that_stops_answering_keeps_its_targets(
     eu: RegionProc = world["eu"]
     if eu.running():
         pytest.skip("runs after the test that kills eu")
-    # eu is gone: the watcher keeps what it knew (Prometheus reports it down) ...
+    # eu is gone: the watchers keep what they knew (Prometheus reports it down) ...
     assert world["lister"].render([]) == world["listed"]
+    assert world["up_lister"].render([]) == world["up_listed"]
     # ... where a fresh look can only name its control URL
     fresh = nimbus_cli("metrics", "targets", "--cluster", str(world["cluster"]))
     assert fresh.exit_code == 0

@@ -75,7 +75,8 @@ class TargetLister:
                  token: str | None, local_optional: bool) -> None:
         self.cluster: Any = None
         self.local: Any = None
-        self.known: dict[str, list[Any]] = {}
+        self.known: dict[str, list[Any]] = {}        # a cluster's regions' last lists
+        self.local_known: list[Any] | None = None
         if cluster_path is not None:
             from nimbus.multiregion.clusterfile import load_cluster
 
@@ -99,10 +100,20 @@ class TargetLister:
 
         found: list[Any] = list(edges)
         if self.local is not None:
-            status = self.local.request("GET", "/v1/status")
-            listed, warnings = from_status(status, self.local.conn.url)
-            _warn(warnings)
-            found += listed
+            from nimbus.cli.client import CLIError
+
+            try:
+                status = self.local.request("GET", "/v1/status")
+            except CLIError as exc:
+                if self.local_known is None:
+                    raise  # nothing known yet: the one-line error, exit 1
+                _warn([f"{exc}; listing what was known"])
+                found += self.local_known
+            else:
+                listed, warnings = from_status(status, self.local.conn.url)
+                _warn(warnings)
+                self.local_known = listed
+                found += listed
         if self.cluster is not None:
             for name, region in self.cluster.regions.items():
                 try:
