@@ -126,10 +126,10 @@ def dashboard_exprs() -> list[str]:
     return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
 
 
-SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\{[^}]*\})?")
-NOT_SERIES = {"sum", "max", "min", "avg", "count", "by", "on", "and", "or", "unless",
-              "rate", "increase", "histogram_quantile", "label_replace", "without", "ignoring",
-              "group_left", "group_right", "bool", "offset", "humanize"}
+# a name not followed by "(" (that is a function or an aggregation), with its matchers
+SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()\s*(\{[^}]*\})?")
+NOT_SERIES = {"by", "on", "and", "or", "unless", "without", "ignoring", "group_left",
+              "group_right", "bool", "offset"}
 
 
 def series_in(expr: str) -> list[tuple[str, set[str]]]:
