@@ -38,17 +38,22 @@ from nimbus.cli.main import cli, fail
 @click.option("--converge/--no-converge", default=True, show_default=True,
               help="Bring regions that missed a 'nimbus deploy --cluster' (down at the "
                    "time, or back at another version) up to date in the background.")
+@click.option("--metrics-token-file", type=click.Path(path_type=Path),
+              help="A file holding the Bearer token that GET /_nimbus/metrics asks for "
+                   "[default: no token, served only when --host is a loopback address].")
 @click.option("--emit", type=click.Choice(["haproxy"]),
               help="Write an equivalent configuration for this proxy to stdout, "
                    "listening on --host/--port, and exit.")
 def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s: float,
          fall: int, rise_s: float, connect_timeout_s: float, retry_ratio: float,
-         grace_s: float, max_connections: int, converge: bool, emit: str | None) -> None:
+         grace_s: float, max_connections: int, converge: bool, metrics_token_file: Path | None,
+         emit: str | None) -> None:
     """Serve HTTP in front of every region of a cluster file: route each request
     by its app's policy and the regions' health, fail over within a second."""
     from nimbus.edge.health import HealthConfig
     from nimbus.edge.server import EdgeConfig, run
     from nimbus.multiregion.clusterfile import load_cluster
+    from nimbus.observe.metrics import is_loopback
 
     cluster = load_cluster(cluster_path)
     for region in cluster.regions.values():
@@ -63,14 +68,19 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
         options = EmitOptions(host, port, health, timeout_connect_s=connect_timeout_s)
         click.echo(emit_haproxy(cluster, options), nl=False)
         return
+    metrics_token = read_metrics_token(metrics_token_file) if metrics_token_file else None
     config = EdgeConfig(health=HealthConfig(interval_s, timeout_s, fall, rise_s),
                         connect_timeout_s=connect_timeout_s, retry_ratio=retry_ratio,
-                        grace_s=grace_s, max_connections=max_connections)
+                        grace_s=grace_s, max_connections=max_connections,
+                        metrics_token=metrics_token)
 
     def ready(_edge: Any, bound: tuple[str, int]) -> None:
         names = ", ".join(cluster.names)
         click.echo(f"nimbus edge: serving http://{bound[0]}:{bound[1]} "
                    f"(regions {names}; health at /_nimbus/regions)")
+        if metrics_token is None and not is_loopback(host):
+            click.echo(f"nimbus edge: /_nimbus/metrics answers 403: --host {host} is not a "
+                       "loopback address and no --metrics-token-file was given")
         sys.stdout.flush()
 
     background = None
@@ -85,3 +95,22 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
         run(cluster, host, port, config, ready, background)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
+
+
+MIN_METRICS_TOKEN_CHARS = 16
+
+
+def read_metrics_token(path: Path) -> str:
+    """The token in ``path``: printable ASCII without spaces, 16 characters or more."""
+    where = f"--metrics-token-file {path}"
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        fail(f"{where}: no such file", 2)
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"{where}: cannot read it: "
+             f"{exc.strerror if isinstance(exc, OSError) else 'not ASCII text'}", 2)
+    if len(token) < MIN_METRICS_TOKEN_CHARS or not all(33 <= ord(c) < 127 for c in token):
+        fail(f"{where}: the token must be at least {MIN_METRICS_TOKEN_CHARS} printable "
+             "characters without spaces", 2)
+    return token

@@ -411,6 +411,7 @@ def main() -> None:
     import nimbus.chaos.cli  # noqa: F401 - registers nimbus chaos
     import nimbus.cli.dns  # noqa: F401 - registers nimbus dns
     import nimbus.cli.edge  # noqa: F401 - registers nimbus edge
+    import nimbus.cli.metrics  # noqa: F401 - registers nimbus metrics
     import nimbus.cli.roles  # noqa: F401 - registers the region's process commands
     import nimbus.demo  # noqa: F401 - registers nimbus demo
 

@@ -14,7 +14,10 @@ The model, per gateway:
   that, a gateway that was down from the start rises like any other;
 - probe latency is smoothed (EWMA) for the ``latency`` policy.
 
-A region is up when any of its gateways is up.
+A region is up when any of its gateways is up. When its last up gateway
+goes down, ``on_region_down`` callbacks get the region and the detection
+time: from that gateway's first failure (probe or request) since its last
+good probe to the moment it was marked down.
 """
 
 from __future__ import annotations
@@ -62,13 +65,16 @@ class GatewayHealth:
     requests: int = 0
     errors: int = 0
     last_error: str = ""
+    failing_since: float | None = None  # first failure since the last good probe
     recent_5xx: deque[float] = field(default_factory=deque)
 
 
 class HealthBook:
     """Every gateway of every region. ``on_down`` callbacks run (with the
     gateway URL) each time a gateway turns down: the proxy aborts what it
-    still waits for from it."""
+    still waits for from it. ``on_region_down`` callbacks run (with the
+    region and the detection time in seconds) each time a region's last up
+    gateway turns down."""
 
     def __init__(self, cluster: ClusterLike, config: HealthConfig, now: float) -> None:
         self.config = config
@@ -85,6 +91,7 @@ class HealthBook:
                 states.append(g)
             self.by_region[name] = states
         self.on_down: list[Callable[[str], None]] = []
+        self.on_region_down: list[Callable[[str, float], None]] = []
         self._up: set[str] | None = None                      # caches, dropped on change
         self.version = 0          # moves on every change of health or latency
         self._latencies: dict[str, float | None] | None = None
@@ -95,6 +102,7 @@ class HealthBook:
         g.latency_s = latency_s if g.latency_s is None else (
             EWMA_ALPHA * latency_s + (1 - EWMA_ALPHA) * g.latency_s)
         g.fails = 0
+        g.failing_since = None
         self._latencies = None
         self.version += 1
         if g.ok_since is None:
@@ -111,6 +119,8 @@ class HealthBook:
         g.ok_since = None
         g.fails += 1
         g.last_error = reason
+        if g.failing_since is None:
+            g.failing_since = now
         if g.up and g.fails >= self.config.fall:
             self._down(g, now)
 
@@ -121,6 +131,8 @@ class HealthBook:
         g.fails = max(g.fails, self.config.fall)
         g.errors += 1
         g.last_error = reason
+        if g.failing_since is None:
+            g.failing_since = now
         if g.up:
             self._down(g, now)
 
@@ -129,6 +141,8 @@ class HealthBook:
         of them within a second is a passive failure."""
         g = self.gateways[gateway]
         g.errors += 1
+        if g.failing_since is None:
+            g.failing_since = now
         recent = g.recent_5xx
         recent.append(now)
         while recent and recent[0] < now - ERROR_WINDOW_S:
@@ -147,6 +161,10 @@ class HealthBook:
         self._latencies = None
         for callback in self.on_down:
             callback(g.url)
+        if not any(other.up for other in self.by_region[g.region]):
+            detection = now - (g.failing_since if g.failing_since is not None else now)
+            for region_callback in self.on_region_down:
+                region_callback(g.region, detection)
 
     # -- requests (for least-loaded choice and the snapshot) ---------------
     def begin(self, gateway: str) -> None:

@@ -33,6 +33,7 @@ import orjson
 from nimbus.edge.apps import App, AppRefresher, AppTable, ControlRegion, EdgeSpec
 from nimbus.edge.budget import RetryBudget
 from nimbus.edge.health import HealthBook, HealthConfig
+from nimbus.edge.metrics import CONTENT_TYPE, METRICS_PATH, NO_REGION, EdgeMetrics, MetricsAuth
 from nimbus.edge.policy import region_order
 from nimbus.edge.prober import Prober
 from nimbus.edge.types import ClusterLike
@@ -49,7 +50,8 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
 RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
                            b"trailer", b"transfer-encoding", b"upgrade", b"content-length"})
 REASONS = {200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
-           304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found",
+           304: b"Not Modified", 400: b"Bad Request", 401: b"Unauthorized",
+           403: b"Forbidden", 404: b"Not Found",
            413: b"Payload Too Large", 429: b"Too Many Requests",
            431: b"Request Header Fields Too Large",
            500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
@@ -71,6 +73,7 @@ class EdgeConfig:
     apps_interval_s: float = 2.0
     grace_s: float = 10.0
     max_connections: int = 10_000         # client connections held at once
+    metrics_token: str | None = None      # Bearer token for /_nimbus/metrics (None: loopback only)
 
 
 class ClientGone(Exception):
@@ -409,6 +412,11 @@ class Edge:
         self.draining = False
         self.started = time.time()
         self.stats = {"requests": 0, "retries": 0, "region_failed": 0, "budget_denied": 0}
+        self.metrics = EdgeMetrics(self.order, self.book)
+        self.metrics_auth = MetricsAuth(self.config.metrics_token, "127.0.0.1")
+        self._codes = self.metrics.requests          # region -> status -> answers
+        self._retries = self.metrics.retries
+        self._failovers = self.metrics.failovers
         self.prober = Prober(cluster, self.book, self.config.health, clock=self.clock)
         self._tasks: list[asyncio.Task[None]] = []
         self.server: asyncio.Server | None = None
@@ -419,6 +427,7 @@ class Edge:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.server = await self.loop.create_server(lambda: ClientConn(self), host, port,
                                                     reuse_address=True, backlog=1024)
+        self.metrics_auth = MetricsAuth(self.config.metrics_token, host)
         self._tasks.append(self.loop.create_task(self.prober.run()))
         self._tasks.append(self.loop.create_task(self._sweep()))
         regions: Mapping[str, ControlRegion] = self.cluster.regions  # type: ignore[assignment]
@@ -516,6 +525,10 @@ class Edge:
                     self.stats["budget_denied"] += 1
                     break
                 self.stats["retries"] += 1
+                last = failed[-1][0]
+                self._retries[last] += 1
+                if region != last:
+                    self._failovers[last] += 1
             try:
                 return await self._attempt(conn, req, region, gateway, head, body, failed)
             except UpstreamFailure as f:
@@ -535,6 +548,10 @@ class Edge:
             region = "-"
             reason = (f"app {app.name if app else '?'} names no region of this edge's "
                       f"cluster file ({', '.join(self.order)})")
+        codes = self._codes.get(region)
+        if codes is None:
+            codes = self._codes[NO_REGION]
+        codes[502] = codes.get(502, 0) + 1
         conn.write(json_response(502, {
             "errorType": "RegionFailed",
             "errorMessage": f"region {region} failed: {reason}" if failed or order else reason,
@@ -673,6 +690,8 @@ class Edge:
     async def _respond(self, conn: ClientConn, req: Request, region: str, up: Upstream,
                        failed: list[tuple[str, str]]) -> None:
         status = up.status
+        codes = self._codes[region]
+        codes[status] = codes.get(status, 0) + 1
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Status"))]
         length: bytes | None = None
         for n, v in up.headers:
@@ -737,6 +756,8 @@ class Edge:
         path = req.url.split(b"?", 1)[0]
         now = self.clock()
         await req.body.read_all(self.config.body_timeout_s)
+        if path == METRICS_PATH:
+            return self._metrics(conn, req)
         if path == b"/_nimbus/health":
             up = sorted(self.book.up_regions(now))
             status = 503 if self.draining else 200
@@ -756,6 +777,22 @@ class Edge:
                     "errorMessage": f"{path.decode('latin-1')} is reserved for nimbus"}
         conn.write(json_response(status, body, b"edge", req.keep_alive,
                                  head_only=req.method == b"HEAD"))
+        return True
+
+    def _metrics(self, conn: ClientConn, req: Request) -> bool:
+        denied = self.metrics_auth.check(req.headers)
+        if denied is not None:
+            status, message = denied
+            conn.write(json_response(status, {
+                "errorType": "Unauthorized" if status == 401 else "Forbidden",
+                "errorMessage": message}, b"edge", req.keep_alive,
+                head_only=req.method == b"HEAD"))
+            return True
+        data = self.metrics.exposition()
+        head = (b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                b"cache-control: no-store\r\n%s\r\n") % (
+            CONTENT_TYPE, len(data), b"" if req.keep_alive else b"connection: close\r\n")
+        conn.write(head if req.method == b"HEAD" else head + data)
         return True
 
 

@@ -39,7 +39,6 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     Counter,
-    Gauge,
     Histogram,
     disable_created_metrics,
 )
@@ -77,7 +76,6 @@ COLD_START_BUCKETS: tuple[float, ...] = (
     .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OPERATION_BUCKETS: tuple[float, ...] = (
     .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0)
-DETECTION_BUCKETS: tuple[float, ...] = (.1, .25, .5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 
 OUTCOMES = ("success", "error", "timeout", "throttled", "instance_died")
 ROLES = ("up", "controller", "worker", "gateway", "edge")
@@ -198,18 +196,8 @@ STORE_SECONDS = Histogram("nimbus_store_operation_seconds", "Store operation lat
 QUEUE_SECONDS = Histogram("nimbus_queue_operation_seconds", "Queue operation latency",
                           ["region", "backend", "op"], buckets=OPERATION_BUCKETS)
 
-# The edge's own endpoint (instrumented in nimbus.edge).
-EDGE_REGION_UP = Gauge("nimbus_edge_region_up", "1 when the edge sends to the region",
-                       ["region"])
-EDGE_REQUESTS = Counter("nimbus_edge_requests", "Requests the edge answered, by region and code",
-                        ["region", "code"])
-EDGE_FAILOVERS = Counter("nimbus_edge_failovers", "Requests moved away from the region",
-                         ["region"])
-EDGE_RETRIES = Counter("nimbus_edge_retries", "Requests retried on another region",
-                       ["region"])
-EDGE_DETECTION_SECONDS = Histogram(
-    "nimbus_edge_detection_seconds", "First failed probe or request -> region marked down",
-    ["region"], buckets=DETECTION_BUCKETS)
+# The edge's own endpoint serves the nimbus_edge_* families from a registry
+# of its own (one per edge): see nimbus.edge.metrics.
 
 
 @dataclass(slots=True)
