@@ -1,0 +1,120 @@
+"""Where the dashboard's frames come from, once a second.
+
+``nimbus up``: the process's own metrics registry (no HTTP, no text).
+A region's controller: its own registry plus every worker's and gateway's
+``metrics`` URL (from their node records), scraped with the region token
+as Bearer, in parallel, each with a deadline; a node that does not answer
+is left out of that frame (its counters then look reset, which the history
+counts as no increase rather than a drop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from nimbus.ui.history import FamilyLike, Frame, History, frame_from
+
+log = logging.getLogger("nimbus.ui")
+
+INTERVAL_S = 1.0
+SCRAPE_TIMEOUT_S = 0.8
+MAX_SCRAPE_BYTES = 8 * 1024 * 1024
+
+Families = Iterable[FamilyLike]
+Source = Callable[[], Awaitable[list[Families]]]
+
+
+def registry() -> Any:
+    """The registry the process's metrics are in."""
+    try:
+        from nimbus.observe import metrics
+    except ImportError:  # pragma: no cover - metrics are part of nimbus
+        metrics = None  # type: ignore[assignment]
+    found = getattr(metrics, "REGISTRY", None) if metrics is not None else None
+    if found is None:
+        from prometheus_client import REGISTRY as found
+    return found
+
+
+def local_source() -> Source:
+    async def read() -> list[Families]:
+        return [list(registry().collect())]
+    return read
+
+
+def scrape_source(urls: Callable[[], list[str]], token: str) -> tuple[Source, httpx.AsyncClient]:
+    """The local registry plus each of ``urls()``'s ``/metrics``."""
+    client = httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_S,
+                               headers={"authorization": f"Bearer {token}"})
+
+    async def one(url: str) -> Families | None:
+        try:
+            r = await client.get(url.rstrip("/") + "/metrics")
+        except httpx.HTTPError as exc:
+            log.debug("dashboard: scraping %s failed: %s", url, exc)
+            return None
+        if r.status_code != 200 or len(r.content) > MAX_SCRAPE_BYTES:
+            log.debug("dashboard: scraping %s answered %d", url, r.status_code)
+            return None
+        try:
+            return list(text_string_to_metric_families(r.text))
+        except ValueError as exc:
+            log.debug("dashboard: %s/metrics is not exposition text: %s", url, exc)
+            return None
+
+    async def read() -> list[Families]:
+        got = await asyncio.gather(*(one(u) for u in urls()))
+        return [list(registry().collect()), *(g for g in got if g is not None)]
+
+    return read, client
+
+
+class Collector:
+    """Samples ``source`` every ``interval_s`` into ``history``."""
+
+    def __init__(self, source: Source, history: History, interval_s: float = INTERVAL_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.source = source
+        self.history = history
+        self.interval_s = interval_s
+        self.clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    async def sample(self) -> Frame:
+        t = self.clock()
+        frame = Frame(t, {})
+        for families in await self.source():
+            frame_from(families, t, frame)
+        self.history.add(frame)
+        return frame
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            try:
+                await asyncio.wait_for(self.sample(), max(self.interval_s, SCRAPE_TIMEOUT_S * 2))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the dashboard must not stop sampling
+                log.warning("dashboard: a metrics sample failed", exc_info=True)
+            await asyncio.sleep(max(0.05, start + self.interval_s - loop.time()))
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

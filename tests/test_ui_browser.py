@@ -1,0 +1,259 @@
+"""The dashboard in a real headless browser (Debian's chromium through
+selenium) against a real ``nimbus up``: sign in, watch counts move, see a
+failing function's error, redrive a dead letter from the page; and over
+plain HTTP, that nothing of ``/ui`` answers without the session cookie.
+
+``NIMBUS_SCREENSHOTS=docs/screenshots`` saves a PNG of each page there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import HOST_FILES, Nimbus
+from tests.region import wait_until
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+WAIT_S = 20.0
+SHOTS = os.environ.get("NIMBUS_SCREENSHOTS")
+
+MANIFEST = """\
+name: shop
+functions:
+  hello:
+    handler: h.hello
+    http: [{method: GET, path: /hello}]
+  boom:
+    handler: h.boom
+    http: [{method: GET, path: /boom}]
+  once:
+    handler: h.once
+    env: {OUT: %s}
+    retries: 0
+"""
+
+HANDLERS = '''\
+import os
+
+def hello(event, context):
+    print("hello served", context.aws_request_id)
+    return {"statusCode": 200, "body": "hi"}
+
+def boom(event, context):
+    raise ValueError("kaboom from boom")
+
+def once(event, context):
+    """Fails the first time it ever runs, works from then on."""
+    marker = os.path.join(os.environ["OUT"], "once-ran")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("first try fails")
+    return {"ok": True}
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nimbus]:
+    root = tmp_path_factory.mktemp("ui")
+    out = root / "out"
+    out.mkdir()
+    app = root / "shop"
+    app.mkdir()
+    (app / "app.yaml").write_text(MANIFEST % out)
+    (app / "h.py").write_text(HANDLERS)
+    # The edge's view: this gateway as region "home", a port nobody serves as "away".
+    port, dead = free_port(), free_port()
+    (root / "region.token").write_text("t" * 40)
+    cluster = root / "nimbus.cluster.yaml"
+    cluster.write_text(
+        "regions:\n"
+        f"  home: {{control: 'http://127.0.0.1:1', token_file: region.token,"
+        f" gateways: ['http://127.0.0.1:{port}']}}\n"
+        f"  away: {{control: 'http://127.0.0.1:1', token_file: region.token,"
+        f" gateways: ['http://127.0.0.1:{dead}']}}\n")
+    # (Nimbus passes --port 0 first: the later --port wins)
+    n = Nimbus(app, root / "state", root / "up.out", *HOST_FILES, "--port", str(port),
+               "--cluster", str(cluster))
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--window-size=1400,1000",
+                "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def text_of(driver: Any, css: str) -> str:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return str(driver.find_element("css selector", css).text)
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
+
+
+def wait_text(driver: Any, css: str, want: Any, what: str) -> str:
+    """Wait (deadline WAIT_S) until ``want(text of css)`` is true."""
+    return str(wait_until(lambda: (t := text_of(driver, css)) and want(t) and t,
+                          WAIT_S, what, step_s=0.2))
+
+
+def shot(driver: Any, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        time.sleep(0.3)  # let the last refresh paint
+        driver.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
+
+
+def sign_in(driver: Any, up: Nimbus, token: str) -> None:
+    driver.get(up.control_url + "/ui/login")
+    box = driver.find_element("id", "token")
+    box.clear()
+    box.send_keys(token)
+    driver.find_element("id", "login-submit").click()
+
+
+def test_no_access_without_the_cookie(up: Nimbus) -> None:
+    def call(method: str, path: str, sid: str | None = None, csrf: bool = False,
+             **kw: Any) -> httpx.Response:
+        headers = {}
+        if sid is not None:
+            headers["cookie"] = f"nimbus_session={sid}"
+        if csrf:
+            headers["x-nimbus-csrf"] = "1"
+        # a fresh client each time: no cookie jar carries a session along
+        with httpx.Client(base_url=up.control_url, timeout=10.0) as c:
+            return c.request(method, path, headers=headers, **kw)
+
+    r = call("GET", "/ui")
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    for path in ("/ui/api/overview", "/ui/api/functions/hello", "/ui/api/edge",
+                 "/ui/static/app.js"):
+        assert call("GET", path).status_code == 401, path
+    assert call("GET", "/ui/login").status_code == 200
+    wrong = call("POST", "/ui/login", data={"token": up.token[:-1] + "x"})
+    assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+    assert "Wrong token" in wrong.text
+    assert call("POST", "/ui/login", data={"token": ""}).status_code == 401
+    assert call("GET", "/ui/api/overview", sid="forged").status_code == 401
+    assert call("GET", "/v1/functions", sid="forged", csrf=True).status_code == 401
+    ok = call("POST", "/ui/login", data={"token": up.token})
+    assert ok.status_code == 303
+    cookie = ok.headers["set-cookie"]
+    assert up.token not in cookie
+    for part in ("HttpOnly", "SameSite=Strict", "Path=/"):
+        assert part in cookie
+    assert "Secure" not in cookie, "plain http: a Secure cookie would never come back"
+    sid = ok.cookies["nimbus_session"]
+    assert call("GET", "/ui/api/overview", sid=sid).status_code == 200
+    assert call("GET", "/ui/static/app.js", sid=sid).status_code == 200
+    # the control API with the cookie: only with the CSRF header
+    assert call("GET", "/v1/functions", sid=sid).status_code == 401
+    assert call("POST", "/v1/functions/once/dlq/redrive", sid=sid).status_code == 401
+    assert call("GET", "/v1/functions", sid=sid, csrf=True).status_code == 200
+    # signing out needs the header too; then the session is gone
+    assert call("POST", "/ui/logout", sid=sid).status_code == 403
+    assert call("POST", "/ui/logout", sid=sid, csrf=True).status_code == 204
+    assert call("GET", "/ui/api/overview", sid=sid).status_code == 401
+    assert call("GET", "/v1/functions", sid=sid, csrf=True).status_code == 401
+
+
+def test_sign_in_watch_counts_and_errors(up: Nimbus, browser: Any) -> None:
+    driver = browser
+    driver.get(up.control_url + "/ui")
+    assert driver.current_url.endswith("/ui/login")
+    shot(driver, "login")
+    sign_in(driver, up, "not-the-token-" + "x" * 30)
+    assert "Wrong token" in wait_text(driver, "#login-error", bool, "the refusal")
+    assert driver.get_cookie("nimbus_session") is None
+    sign_in(driver, up, up.token)
+    wait_text(driver, "#fn-hello td[data-k=name]", lambda t: t == "hello", "the overview")
+    assert driver.get_cookie("nimbus_session")["httpOnly"] is True
+    assert text_of(driver, "#fn-hello td[data-k=invocations]") == "0"
+    for _ in range(7):
+        assert up.http.get("/hello").status_code == 200
+    for _ in range(3):
+        assert up.http.get("/boom").status_code == 500
+    wait_text(driver, "#fn-hello td[data-k=invocations]", lambda t: t == "7",
+              "hello's 7 invocations on the page")
+    wait_text(driver, "#fn-boom td[data-k=errors]", lambda t: t == "3", "boom's 3 errors")
+    assert text_of(driver, "#fn-boom td[data-k=invocations]") == "3"
+    assert text_of(driver, "#fn-hello td[data-k=errors]") == "0"
+    shot(driver, "overview")
+    # the failing function's page: its error count and the error in its logs
+    driver.find_element("css selector", "#fn-boom td[data-k=name] a").click()
+    wait_text(driver, "#tiles [data-k=errors] b", lambda t: t == "3", "boom's page")
+    wait_text(driver, "#logs", lambda t: "kaboom from boom" in t, "the error in boom's logs")
+    assert len(driver.find_elements("css selector", "#charts svg.chart")) == 4
+    shot(driver, "function")
+
+
+def test_redrive_a_dead_letter_from_the_page(up: Nimbus, browser: Any) -> None:
+    driver = browser
+    ctl = httpx.Client(base_url=up.control_url, timeout=10.0,
+                       headers={"authorization": f"Bearer {up.token}"})
+    with ctl:
+        r = ctl.post("/v1/functions/once/invoke", content=b"{}",
+                     headers={"x-nimbus-invocation-type": "Event"})
+        assert r.status_code == 202
+        iid = r.json()["invocationId"]
+        wait_until(lambda: ctl.get(f"/v1/invocations/{iid}").json()["status"] == "dead",
+                   WAIT_S, "the first try to fail into the dead letters")
+        driver.get(up.control_url + "/ui#/fn/once")
+        row = f'#dead-table tr[data-id="{iid}"]'
+        wait_text(driver, row, lambda t: "RuntimeError" in t, "the dead letter on the page")
+        shot(driver, "dead-letters")
+        driver.find_element("css selector", row + " button.redrive").click()
+        wait_text(driver, f'#records-table tr[data-id="{iid}"] td[data-k=status]',
+                  lambda t: t == "succeeded", "the redriven record to run and succeed")
+        wait_text(driver, "#dead", lambda t: "No dead letters" in t, "an empty dead letter list")
+        assert ctl.get(f"/v1/invocations/{iid}").json()["status"] == "succeeded"
+
+
+def test_regions_and_edge_pages(up: Nimbus, browser: Any) -> None:
+    driver = browser
+    driver.get(up.control_url + "/ui#/regions")
+    wait_text(driver, "#nodes", lambda t: "up" in t, "the nodes table")
+    shot(driver, "regions")
+    driver.get(up.control_url + "/ui#/edge")
+    home = '#edge-regions tr[data-region="home"]'
+    away = '#edge-regions tr[data-region="away"]'
+    wait_text(driver, home, lambda t: " up " in f" {t} ", "region home up")
+    wait_text(driver, away, lambda t: " down " in f" {t} ", "region away down")
+    shot(driver, "edge")
+    # sign out: the pages are gone again
+    driver.find_element("id", "logout").click()
+    wait_until(lambda: driver.current_url.endswith("/ui/login"), WAIT_S, "the login page")
+    driver.get(up.control_url + "/ui")
+    assert driver.current_url.endswith("/ui/login")
