@@ -8,6 +8,10 @@ differences between two frames, as Prometheus computes ``rate()`` and
 ``histogram_quantile()``: nothing here reads a clock, every question takes
 ``now``.
 
+Counters and per-process gauges (instances, in flight) add up over
+processes; the async queue's gauges (queued, running, dead) are the queue's
+state, which any process may report: the largest reading is kept.
+
 A counter that goes down between two frames (a process restarted or left
 the scrape) counts as no increase for that step rather than a negative one.
 """
@@ -126,8 +130,10 @@ def frame_from(families: Iterable[FamilyLike], t: float,
                 attr = _GAUGES[name]
                 setattr(point, attr, getattr(point, attr) + value)
             elif name == "nimbus_async_invocations":
+                # the queue's state as one process sees it: several processes
+                # reporting the same queue must not add up
                 key = labels.get("status", "")
-                point.async_status[key] = point.async_status.get(key, 0.0) + value
+                point.async_status[key] = max(point.async_status.get(key, 0.0), value)
             elif name == "nimbus_async_dead_letters_total":
                 point.dead_letters += value
     return frame
