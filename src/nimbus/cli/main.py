@@ -101,6 +101,10 @@ def cli() -> None:
 @click.option("--cluster", "cluster_path", type=click.Path(path_type=Path),
               help="A cluster file: the dashboard (/ui) shows the edge's view of its "
                    "regions, probing their gateways.")
+@click.option("--metrics-auth", default="token", show_default=True,
+              type=click.Choice(["token", "open"]),
+              help="GET /metrics on the control port: the control token as Bearer, or open "
+                   "(no token; only with a loopback --control-host).")
 @region_option
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
@@ -111,6 +115,13 @@ def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int
     from nimbus.region import set_region
     from nimbus.worker.budget import NodeBudget
 
+    if http_limits.get("metrics_auth") == "open":
+        from nimbus.observe.metrics import check_metrics_auth
+
+        try:
+            check_metrics_auth("open", control_host, "--control-host")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-auth") from None
     set_region(region)
     run_up(app_dir, host=host, port=port, control_host=control_host,
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,

@@ -54,7 +54,9 @@ from nimbus.gateway.connections import (
     raise_fd_limit,
 )
 from nimbus.manifest.model import RegionsSpec
+from nimbus.observe import metrics
 from nimbus.observe.logs import LogSink
+from nimbus.observe.metrics import check_metrics_auth
 from nimbus.region import region
 from nimbus.store.base import Blobs, Store
 from nimbus.store.private import private_file, write_private
@@ -98,8 +100,10 @@ class ServerConfig:
     # a cluster file (multiregion.clusterfile.ClusterFile): the dashboard shows
     # the edge's view of its regions
     cluster: Any = None
+    metrics_auth: str = "token"  # GET /metrics: the control token, or "open" (loopback only)
 
     def __post_init__(self) -> None:
+        check_metrics_auth(self.metrics_auth, self.control_host, "--control-host")
         for name in ("max_connections", "control_max_connections", "max_bundle_bytes"):
             value = getattr(self, name)
             if value < 1:
@@ -201,8 +205,16 @@ class Platform:
         self._stop = asyncio.Event()
         self.lock: StateLock | None = None
         self.dashboard: Dashboard | None = None
+        self.metrics_token: str | None = None if config.metrics_auth == "open" else self.token
+        metrics.set_role("up")
+        metrics.watch_worker(worker)
+        metrics.watch_async(self._async_figures)
 
     identity: Identity | None = None
+
+    async def _async_figures(self) -> dict[str, metrics.AsyncFigures]:
+        """Each routed function's async backlog, for the metrics scrape."""
+        return {name: await self.events.backlog(name) for name in list(self.routes.functions)}
 
     @property
     def max_bundle_bytes(self) -> int:

@@ -21,6 +21,7 @@ from nimbus.gateway.responses import JSON, NO_BODY, Response, error_response, re
 from nimbus.gateway.router import Router
 from nimbus.ids import new_id
 from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
+from nimbus.observe.metrics import HTTP
 from nimbus.region import region
 
 log = logging.getLogger("nimbus.gateway")
@@ -59,6 +60,8 @@ class AsyncSubmitter(Protocol):
 
 class Invoker(Protocol):
     """What a route points at: something that runs one invocation."""
+
+    target: Any  # the function version it runs (``.function``, ``.version``)
 
     async def invoke(self, rid: str, event: Any) -> Any: ...
 
@@ -109,13 +112,17 @@ class Gateway:
         has the ASGI HTTP scope's keys the event needs; ``receive`` is ASGI's."""
         self.requests += 1
         rid = new_id()
+        function = ""  # no route matched
+        received = 0
         try:
             path = scope["path"]
             if path.startswith(RESERVED_PREFIX):
                 status, headers, data = self._reserved(scope)
             else:
                 match = self.router.match(scope["method"], path)
+                function = match.target.target.function
                 body = await self._read_body(scope, receive)
+                received = len(body)
                 event = http_event(scope, body, route_key=match.route_key,
                                    path_params=match.path_params, request_id=rid,
                                    now_s=time.time())
@@ -127,6 +134,7 @@ class Gateway:
                     status, headers, data = await self._not_now(match.target, event)
                     headers.append((REQUEST_ID_HEADER, rid.encode()))
                     headers.append((b"content-length", str(len(data)).encode()))
+                    HTTP.count(function, status, received, len(data))
                     return status, headers, data
                 result = await match.target.invoke(rid, event)
                 try:
@@ -146,6 +154,7 @@ class Gateway:
         headers.append((REQUEST_ID_HEADER, rid.encode()))
         if data or status not in NO_BODY:
             headers.append((b"content-length", str(len(data)).encode()))
+        HTTP.count(function, status, received, len(data))
         return status, headers, data
 
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:

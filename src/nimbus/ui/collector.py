@@ -15,11 +15,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
 
 import httpx
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from nimbus.observe import metrics
 from nimbus.ui.history import FamilyLike, Frame, History, frame_from
 
 log = logging.getLogger("nimbus.ui")
@@ -32,21 +33,16 @@ Families = Iterable[FamilyLike]
 Source = Callable[[], Awaitable[list[Families]]]
 
 
-def registry() -> Any:
-    """The registry the process's metrics are in."""
-    try:
-        from nimbus.observe import metrics
-    except ImportError:  # pragma: no cover - metrics are part of nimbus
-        metrics = None  # type: ignore[assignment]
-    found = getattr(metrics, "REGISTRY", None) if metrics is not None else None
-    if found is None:
-        from prometheus_client import REGISTRY as found
-    return found
+async def own_families() -> Families:
+    """This process's metrics, as its ``/metrics`` would serve them (the
+    async backlog read first, cached as for a scrape)."""
+    await metrics.COLLECTOR.refresh()
+    return list(REGISTRY.collect())
 
 
 def local_source() -> Source:
     async def read() -> list[Families]:
-        return [list(registry().collect())]
+        return [await own_families()]
     return read
 
 
@@ -72,7 +68,7 @@ def scrape_source(urls: Callable[[], list[str]], token: str) -> tuple[Source, ht
 
     async def read() -> list[Families]:
         got = await asyncio.gather(*(one(u) for u in urls()))
-        return [list(registry().collect()), *(g for g in got if g is not None)]
+        return [await own_families(), *(g for g in got if g is not None)]
 
     return read, client
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nimbus.autoscale.decider import Decider, Decision, ScalingConfig
 from nimbus.errors import ClosedError, InstanceDiedError, ThrottledError
+from nimbus.observe import metrics
 from nimbus.worker.deps import BASE, DepSet
 from nimbus.worker.instance import Instance
 from nimbus.worker.target import Target
@@ -36,6 +38,7 @@ Starter = Callable[["FunctionPool"], Awaitable[Instance]]
 # How long a request may be held for an instance beyond its own timeout.
 ACQUIRE_GRACE_S = 10.0
 STOP_GRACE_S = 1.0
+_clock = time.perf_counter
 
 
 def scaling_config(target: Target) -> ScalingConfig:
@@ -74,6 +77,9 @@ class FunctionPool:
         self._starting = 0
         self._waiters: deque[asyncio.Future[Instance]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()  # strong refs to background work
+        # this version's counters, bound once (see nimbus.observe.metrics)
+        self.metrics = metrics.invocation_stats(target.function, target.version)
+        self._cold = metrics.cold_start(target.function, target.version)
 
     # -- the request path ---------------------------------------------------
 
@@ -81,12 +87,23 @@ class FunctionPool:
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
-            inst = await self._acquire_slow()  # its slot comes reserved
+            try:
+                inst = await self._acquire_slow()  # its slot comes reserved
+            except BaseException as exc:
+                self.metrics.failed(exc)  # throttled, or its instance failed to start
+                raise
         else:
             inst.outstanding += 1
             self.in_flight += 1
+        t0 = _clock()
         try:
-            return await inst.invoke(rid, event, self.timeout_s)
+            result = await inst.invoke(rid, event, self.timeout_s)
+        except BaseException as exc:
+            self.metrics.failed(exc, _clock() - t0)
+            raise
+        else:
+            self.metrics.succeeded(_clock() - t0)
+            return result
         finally:
             inst.outstanding -= 1
             self.in_flight -= 1
@@ -119,7 +136,11 @@ class FunctionPool:
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
-            inst = await self._acquire_slow()
+            try:
+                inst = await self._acquire_slow()
+            except BaseException as exc:
+                self.metrics.failed(exc)  # cancelled while held: not counted
+                raise
         else:
             inst.outstanding += 1
             self.in_flight += 1
@@ -132,18 +153,27 @@ class FunctionPool:
             else timeout_s
         try:
             fut = inst.invoke(rid, event, limit)
-        except BaseException:
+        except BaseException as exc:
             inst.outstanding -= 1
             self.in_flight -= 1
             self._released(inst)
+            self.metrics.failed(exc)
             raise
-        fut.add_done_callback(lambda _f: self._finished(inst))
+        t0 = _clock()
+        fut.add_done_callback(lambda f: self._finished(inst, f, t0))
         return fut
 
-    def _finished(self, inst: Instance) -> None:
+    def _finished(self, inst: Instance, fut: asyncio.Future[Any], t0: float) -> None:
         inst.outstanding -= 1
         self.in_flight -= 1
         self._released(inst)
+        if fut.cancelled():
+            return  # its caller gave up: the answer, if any, went nowhere
+        exc = fut.exception()
+        if exc is None:
+            self.metrics.succeeded(_clock() - t0)
+        else:
+            self.metrics.failed(exc, _clock() - t0)
 
     def _pick(self) -> Instance | None:
         best = None
@@ -246,6 +276,7 @@ class FunctionPool:
                                 else InstanceDiedError("instance start failed"))
 
     async def _start(self) -> None:
+        t0 = _clock()
         try:
             inst = await self._starter(self)
         except BaseException as exc:  # noqa: BLE001 - reported to the waiters
@@ -256,6 +287,7 @@ class FunctionPool:
             return
         self._starting -= 1
         self.cold_starts += 1
+        self._cold.observe(_clock() - t0)
         if self.retired and not self._waiters:
             await inst.stop(STOP_GRACE_S)
             return
@@ -267,11 +299,13 @@ class FunctionPool:
         if self._admit is not None:
             self._admit(self)
         self._starting += 1
+        t0 = _clock()
         try:
             inst = await self._starter(self)
         finally:
             self._starting -= 1
         self.cold_starts += 1
+        self._cold.observe(_clock() - t0)
         self.instances.append(inst)
         return inst
 
