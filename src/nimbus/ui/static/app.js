@@ -87,8 +87,10 @@ function sparkline(values, color = COLORS[0], w = 120, h = 28) {
     d += (d && values[i - 1] !== null ? "L" : "M") + x + " " + y;
   });
   if (d) s.append(svg("path", {d, fill: "none", stroke: color, "stroke-width": 1.5}));
-  s.append(svg("title")).textContent = known.length
+  const title = svg("title");
+  title.textContent = known.length
     ? `max ${num(max)}, now ${num(known[known.length - 1])}` : "no data yet";
+  s.append(title);
   return s;
 }
 
