@@ -7,6 +7,7 @@ plain HTTP, that nothing of ``/ui`` answers without the session cookie.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 WAIT_S = 20.0
 SHOTS = os.environ.get("NIMBUS_SCREENSHOTS")
+SHOTS_LOAD_S = 75.0
 
 MANIFEST = """\
 name: shop
@@ -129,11 +131,32 @@ def wait_text(driver: Any, css: str, want: Any, what: str) -> str:
                           WAIT_S, what, step_s=0.2))
 
 
-def shot(driver: Any, name: str) -> None:
+def shot(driver: Any, name: str, scroll_to: str | None = None) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        time.sleep(0.3)  # let the last refresh paint
+        if scroll_to is not None:
+            driver.execute_script(f"document.getElementById('{scroll_to}').scrollIntoView()")
+        time.sleep(2.5)  # a refresh or two: the last samples painted
         driver.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
+
+
+def gateway(up: Nimbus) -> httpx.Client:
+    assert up.http is not None
+    return up.http
+
+
+def traffic(up: Nimbus, seconds: float) -> None:
+    """Requests to hello at a rate swinging between about 5 and 60 a second,
+    and an error from boom every 2 s."""
+    start = time.monotonic()
+    last_boom = 0.0
+    while (elapsed := time.monotonic() - start) < seconds:
+        rate = 32 + 27 * math.sin(elapsed / 8)
+        gateway(up).get("/hello")
+        if elapsed - last_boom >= 2:
+            gateway(up).get("/boom")
+            last_boom = elapsed
+        time.sleep(1 / rate)
 
 
 def sign_in(driver: Any, up: Nimbus, token: str) -> None:
@@ -202,21 +225,27 @@ def test_sign_in_watch_counts_and_errors(up: Nimbus, browser: Any) -> None:
     assert driver.get_cookie("nimbus_session")["httpOnly"] is True
     assert text_of(driver, "#fn-hello td[data-k=invocations]") == "0"
     for _ in range(7):
-        assert up.http.get("/hello").status_code == 200
+        assert gateway(up).get("/hello").status_code == 200
     for _ in range(3):
-        assert up.http.get("/boom").status_code == 500
+        assert gateway(up).get("/boom").status_code == 500
     wait_text(driver, "#fn-hello td[data-k=invocations]", lambda t: t == "7",
               "hello's 7 invocations on the page")
     wait_text(driver, "#fn-boom td[data-k=errors]", lambda t: t == "3", "boom's 3 errors")
     assert text_of(driver, "#fn-boom td[data-k=invocations]") == "3"
     assert text_of(driver, "#fn-hello td[data-k=errors]") == "0"
-    shot(driver, "overview")
     # the failing function's page: its error count and the error in its logs
     driver.find_element("css selector", "#fn-boom td[data-k=name] a").click()
     wait_text(driver, "#tiles [data-k=errors] b", lambda t: t == "3", "boom's page")
     wait_text(driver, "#logs", lambda t: "kaboom from boom" in t, "the error in boom's logs")
     assert len(driver.find_elements("css selector", "#charts svg.chart")) == 4
-    shot(driver, "function")
+    if SHOTS:  # a minute of changing load, so that the charts have a shape
+        traffic(up, SHOTS_LOAD_S)
+        driver.get(up.control_url + "/ui#/")
+        wait_text(driver, "#fn-hello td[data-k=name]", bool, "the overview")
+        shot(driver, "overview")
+        driver.get(up.control_url + "/ui#/fn/hello")
+        wait_text(driver, "#tiles", bool, "hello's page")
+        shot(driver, "function")
 
 
 def test_redrive_a_dead_letter_from_the_page(up: Nimbus, browser: Any) -> None:
@@ -233,7 +262,7 @@ def test_redrive_a_dead_letter_from_the_page(up: Nimbus, browser: Any) -> None:
         driver.get(up.control_url + "/ui#/fn/once")
         row = f'#dead-table tr[data-id="{iid}"]'
         wait_text(driver, row, lambda t: "RuntimeError" in t, "the dead letter on the page")
-        shot(driver, "dead-letters")
+        shot(driver, "dead-letters", scroll_to="records")
         driver.find_element("css selector", row + " button.redrive").click()
         wait_text(driver, f'#records-table tr[data-id="{iid}"] td[data-k=status]',
                   lambda t: t == "succeeded", "the redriven record to run and succeed")

@@ -138,6 +138,11 @@ function chart(title, times, series, fmt = num, w = 560, h = 180) {
   return el("figure", {class: "chart-box"}, el("figcaption", {}, title), s, legend);
 }
 
+// header cells; the names in `numeric` are right-aligned like their numbers
+function headRow(names, numeric = []) {
+  return el("tr", {}, ...names.map((t) => el("th", {class: numeric.includes(t) ? "n" : null}, t)));
+}
+
 // -- pages -------------------------------------------------------------------
 const page = () => document.getElementById("page");
 
@@ -157,9 +162,10 @@ async function overviewPage() {
       p50: null, p99: null, instances: f.instances, spark: null});
   }
   rows.sort((a, b) => a.name.localeCompare(b.name));
-  const head = el("tr", {}, ...["Function", "Version", "Invocations", "Rate /s", "Errors",
+  const head = headRow(["Function", "Version", "Invocations", "Rate /s", "Errors",
     "Errors /s", "p50", "p99", "Instances", "Throttles", "Rate (15 min)", "Errors (15 min)",
-    "p99 (15 min)", "Instances (15 min)"].map((t) => el("th", {}, t)));
+    "p99 (15 min)", "Instances (15 min)"], ["Invocations", "Rate /s", "Errors", "Errors /s",
+    "p50", "p99", "Instances", "Throttles"]);
   const body = el("tbody");
   for (const f of rows) {
     const sp = f.spark;
@@ -321,16 +327,16 @@ async function functionPage(name) {
     chart("Instances", d.times, [{name: "instances", values: s.instances},
       {name: "desired", values: s.desired}]));
   fnShell.versions.replaceChildren(d.versions.length ? el("table", {class: "grid-table"},
-    el("thead", {}, el("tr", {}, ...["Version", "Deployed", "Handler", "Memory", "Timeout",
-      "Code"].map((x) => el("th", {}, x)))),
+    el("thead", {}, headRow(["Version", "Deployed", "Handler", "Memory", "Timeout", "Code"],
+      ["Memory", "Timeout"])),
     el("tbody", {}, ...d.versions.map((v) => el("tr", {class: v.live ? "live-version" : null},
       el("td", {}, v.version + (v.live ? " (live)" : "")), el("td", {}, ago(v.created)),
       el("td", {class: "mono"}, v.handler), el("td", {class: "n"}, v.memory_mb + " MB"),
       el("td", {class: "n"}, v.timeout_s + " s"), el("td", {class: "mono"}, v.digest)))))
     : el("p", {class: "muted"}, "No version records."));
   const table = (rows, deadRows, id) => rows.length ? el("table", {class: "grid-table", id},
-    el("thead", {}, el("tr", {}, ...["Invocation", "Status", "Tries", "Source", "Queued",
-      "Error", ...(deadRows ? [""] : [])].map((x) => el("th", {}, x)))),
+    el("thead", {}, headRow(["Invocation", "Status", "Tries", "Source", "Queued", "Error",
+      ...(deadRows ? [""] : [])], ["Tries"])),
     el("tbody", {}, ...rows.map((r) => recordRow(r, deadRows))))
     : el("p", {class: "muted"}, deadRows ? "No dead letters." : "No async invocations.");
   fnShell.records.replaceChildren(table(recs, false, "records-table"));
@@ -349,8 +355,8 @@ async function regionsPage() {
       ["this controller", st.node + (st.leading ? " (leading)" : "")],
       ["uptime", duration(st.uptime_s)]]));
     parts.push(el("h2", {}, "Nodes"), el("table", {class: "grid-table", id: "nodes"},
-      el("thead", {}, el("tr", {}, ...["Role", "Node", "Host", "PID", "URL", "Up for",
-        "Health"].map((x) => el("th", {}, x)))),
+      el("thead", {}, headRow(["Role", "Node", "Host", "PID", "URL", "Up for", "Health"],
+        ["PID"])),
       el("tbody", {}, ...st.nodes.map((n) => el("tr", {},
         el("td", {}, n.role), el("td", {class: "mono"}, n.id), el("td", {}, n.host || "–"),
         el("td", {class: "n"}, n.pid), el("td", {class: "mono"}, n.url || "–"),
@@ -370,8 +376,7 @@ async function regionsPage() {
         ? (st.containment.level || st.containment.mode || JSON.stringify(st.containment))
         : st.containment]]));
     parts.push(el("h2", {}, "Nodes"), el("table", {class: "grid-table", id: "nodes"},
-      el("thead", {}, el("tr", {}, ...["Role", "PID", "Address", "Health"].map((x) =>
-        el("th", {}, x)))),
+      el("thead", {}, headRow(["Role", "PID", "Address", "Health"], ["PID"])),
       el("tbody", {},
         el("tr", {}, el("td", {}, "up (gateway, control, worker)"), el("td", {class: "n"}, st.pid),
           el("td", {class: "mono"}, st.gateway_url), el("td", {},
@@ -383,8 +388,9 @@ async function regionsPage() {
             z.pid ? "up" : "down")))))));
   }
   parts.push(el("h2", {}, "Functions"), el("table", {class: "grid-table"},
-    el("thead", {}, el("tr", {}, ...["Function", "Version", "Ready", "Desired", "Held",
-      "Queued", "Running", "Dead"].map((x) => el("th", {}, x)))),
+    el("thead", {}, headRow(["Function", "Version", "Ready", "Desired", "Held",
+      "Queued", "Running", "Dead"], ["Version", "Ready", "Desired", "Held", "Queued", "Running",
+      "Dead"])),
     el("tbody", {}, ...st.functions.map((f) => el("tr", {},
       el("td", {}, el("a", {href: "#/fn/" + encodeURIComponent(f.name)}, f.name)),
       el("td", {class: "n"}, f.version), el("td", {class: "n"}, f.ready),
@@ -422,8 +428,8 @@ async function edgePage() {
     el("p", {class: "muted"}, `Probing every gateway's /_nimbus/health each second (cluster `
       + `file ${e.cluster_file}; failover order ${e.order.join(" → ")}).`),
     el("table", {class: "grid-table", id: "edge-regions"},
-      el("thead", {}, el("tr", {}, ...["Region", "Region health", "Gateway", "Gateway health",
-        "Probe latency", "Since", "Last error"].map((x) => el("th", {}, x)))),
+      el("thead", {}, headRow(["Region", "Region health", "Gateway", "Gateway health",
+        "Probe latency", "Since", "Last error"], ["Probe latency"])),
       el("tbody", {}, ...rows)));
 }
 
