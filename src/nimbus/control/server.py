@@ -243,6 +243,8 @@ class Platform:
         store = await open_store("sqlite", config.state_dir / "store.db")
         blobs = await open_blobs(config.state_dir / "blobs")
         queue = await open_sqlite_queue(config.state_dir / "queue.db")
+        metrics.time_store(store, "sqlite")
+        metrics.time_queue(queue, "sqlite")
         # This process owns the embedded queue: what a dead predecessor had
         # leased is deliverable again now, not after the lease.
         await queue.recover()

@@ -82,6 +82,7 @@ DETECTION_BUCKETS: tuple[float, ...] = (.1, .25, .5, 1.0, 2.0, 3.0, 5.0, 10.0, 2
 OUTCOMES = ("success", "error", "timeout", "throttled", "instance_died")
 ROLES = ("up", "controller", "worker", "gateway", "edge")
 ASYNC_REFRESH_S = 1.0
+_clock = time.perf_counter
 
 
 def outcome_of(exc: BaseException) -> str | None:
@@ -259,6 +260,48 @@ def schedule_missed(function: str, schedule: str, n: int = 1) -> None:
 def operation_timer(family: Histogram, backend: str, op: str) -> Any:
     """The bound histogram child for one store/queue operation kind."""
     return _child(family, region(), backend, op)
+
+
+STORE_OPS = ("get", "list", "put", "create", "update", "delete", "campaign", "renew", "resign")
+QUEUE_OPS = ("send", "receive", "begin", "ack", "retry", "release", "dead_letter", "fail",
+             "get", "records", "redrive", "stats")
+
+
+def time_store(store: Any, backend: str) -> None:
+    """Observe ``store``'s operations in ``nimbus_store_operation_seconds``."""
+    _time_operations(store, STORE_SECONDS, backend, STORE_OPS)
+
+
+def time_queue(queue: Any, backend: str) -> None:
+    """Observe ``queue``'s operations in ``nimbus_queue_operation_seconds``."""
+    _time_operations(queue, QUEUE_SECONDS, backend, QUEUE_OPS)
+
+
+def _time_operations(obj: Any, family: Histogram, backend: str, ops: Iterable[str]) -> None:
+    # The timed method is set on the instance: the object keeps its class
+    # (isinstance checks hold) and its histogram child is bound here, once.
+    if getattr(obj, "_nimbus_timed", False):
+        return
+    for op in ops:
+        fn = getattr(obj, op, None)
+        if fn is not None:
+            setattr(obj, op, _timed(fn, operation_timer(family, backend, op)))
+    obj._nimbus_timed = True
+
+
+def _timed(fn: Callable[..., Awaitable[Any]], child: Any) -> Callable[..., Awaitable[Any]]:
+    observe = child.observe
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = _clock()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            observe(_clock() - t0)
+
+    timed.__name__ = getattr(fn, "__name__", "operation")
+    timed.__doc__ = fn.__doc__
+    return timed
 
 
 # -- what is read at scrape time ---------------------------------------------------------
