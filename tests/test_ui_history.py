@@ -165,3 +165,24 @@ def test_sessions_expire_close_and_stay_bounded() -> None:
     assert not s.valid(ids[3], 201.0) and not s.valid(None, 201.0)
     assert cookie_header("abc", True, 60) == (
         "nimbus_session=abc; Path=/; HttpOnly; SameSite=Strict; Max-Age=60; Secure")
+
+
+def test_older_frames_are_thinned_and_histograms_packed() -> None:
+    hist = h.History(span_s=300.0, fine_s=60.0, coarse_s=5.0)
+    for i in range(400):  # a frame a second: 3 invocations a second
+        hist.add(h.frame_from_text(text(success=3 * i, le=(0, 3 * i, 3 * i, 3 * i)),
+                                   10_000.0 + i))
+    frames = hist.frames
+    times = [f.t for f in frames]
+    assert times == sorted(times) and times[-1] == 10_399.0
+    recent = [t for t in times if t >= 10_399.0 - 60.0]
+    older = [t for t in times if t < 10_399.0 - 60.0]
+    assert len(recent) == 61 and times[0] >= 10_399.0 - 300.0
+    assert all(b - a == 5.0 for a, b in zip(older, older[1:], strict=False))
+    assert len(older) == 48 and len(frames) == 109
+    point = frames[0].functions["hello"]
+    assert point.buckets == {} and point.counts is not None
+    assert point.bounds is frames[-1].functions["hello"].bounds  # one tuple for all frames
+    # answers are the same as from every frame
+    w = h.window(hist, "hello", 200.0, now=10_399.0)
+    assert w.rate == pytest.approx(3.0) and w.p50 == pytest.approx(0.055)

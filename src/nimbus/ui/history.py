@@ -19,6 +19,7 @@ the scrape) counts as no increase for that step rather than a negative one.
 from __future__ import annotations
 
 import math
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +28,10 @@ from typing import Any, Protocol
 from prometheus_client.parser import text_string_to_metric_families
 
 SPAN_S = 900.0            # what the dashboard shows: 15 minutes
-MAX_FRAMES = 1000         # a frame a second, with room to spare
-MAX_FUNCTIONS = 500       # past this, further functions are left out of a frame
+MAX_FRAMES = 1000         # a bound whatever the sampling rate
+FINE_S = 120.0            # every frame of the last two minutes is kept ...
+COARSE_S = 5.0            # ... and one every 5 s before that
+MAX_FUNCTIONS = 200       # past this, further functions are left out of a frame
 ERROR_OUTCOMES = ("error", "timeout", "instance_died")
 OUTCOMES = ("success", *ERROR_OUTCOMES, "throttled")
 
@@ -62,6 +65,24 @@ class FnPoint:
     async_status: dict[str, float] = field(default_factory=dict)
     dead_letters: float = 0.0
     versions: set[str] = field(default_factory=set)
+    # the histogram once packed: the bounds (shared by every frame) and the counts
+    bounds: tuple[float, ...] = ()
+    counts: array[float] | None = None
+
+    def pack(self) -> None:
+        """Keep the histogram as an array of counts beside shared bounds
+        (about a tenth of the memory of a dict of floats)."""
+        if self.buckets:
+            key = tuple(sorted(self.buckets))
+            self.bounds = _BOUNDS.setdefault(key, key)
+            self.counts = array("d", (self.buckets[b] for b in self.bounds))
+            self.buckets = {}
+
+    def histogram(self) -> dict[float, float]:
+        """``le -> cumulative count``, packed or not."""
+        if self.counts is not None:
+            return dict(zip(self.bounds, self.counts, strict=True))
+        return self.buckets
 
     @property
     def invocations(self) -> float:
@@ -81,6 +102,8 @@ class Frame:
     t: float
     functions: dict[str, FnPoint]
 
+
+_BOUNDS: dict[tuple[float, ...], tuple[float, ...]] = {}  # one tuple per distinct bucket list
 
 _GAUGES = {"nimbus_in_flight_requests": "in_flight", "nimbus_held_requests": "held",
            "nimbus_instances_desired": "desired", "nimbus_instances_ready": "ready"}
@@ -145,22 +168,44 @@ def frame_from_text(text: str, t: float, into: Frame | None = None) -> Frame:
 
 
 class History:
-    """The frames of the last ``span_s`` seconds, oldest first, at most
-    ``max_frames`` of them (a burst of samples cannot grow it)."""
+    """The frames of the last ``span_s`` seconds, oldest first: every frame
+    of the last ``fine_s`` seconds, one every ``coarse_s`` seconds before
+    that (the charts draw 5 and 10 s steps; the table's last minute wants
+    every sample), at most ``max_frames`` in all. Each frame's histograms
+    are packed into arrays when it is added."""
 
-    def __init__(self, span_s: float = SPAN_S, max_frames: int = MAX_FRAMES) -> None:
+    def __init__(self, span_s: float = SPAN_S, max_frames: int = MAX_FRAMES,
+                 fine_s: float = FINE_S, coarse_s: float = COARSE_S) -> None:
         self.span_s = span_s
-        self.frames: deque[Frame] = deque(maxlen=max_frames)
+        self.max_frames = max_frames
+        self.fine_s = fine_s
+        self.coarse_s = coarse_s
+        self._older: deque[Frame] = deque()
+        self._recent: deque[Frame] = deque()
+
+    @property
+    def frames(self) -> list[Frame]:
+        return [*self._older, *self._recent]
 
     def add(self, frame: Frame) -> None:
-        if self.frames and frame.t < self.frames[-1].t:
+        newest = self._recent[-1] if self._recent else (self._older[-1] if self._older else None)
+        if newest is not None and frame.t < newest.t:
             return  # a clock stepping back: keep the order
-        self.frames.append(frame)
-        while self.frames and self.frames[0].t < frame.t - self.span_s:
-            self.frames.popleft()
+        for point in frame.functions.values():
+            point.pack()
+        self._recent.append(frame)
+        while self._recent and self._recent[0].t < frame.t - self.fine_s:
+            f = self._recent.popleft()
+            if not self._older or f.t - self._older[-1].t >= self.coarse_s - 0.5:
+                self._older.append(f)
+        for q in (self._older, self._recent):
+            while q and q[0].t < frame.t - self.span_s:
+                q.popleft()
+        while len(self._older) + len(self._recent) > self.max_frames:
+            (self._older or self._recent).popleft()
 
     def latest(self) -> Frame | None:
-        return self.frames[-1] if self.frames else None
+        return self._recent[-1] if self._recent else (self._older[-1] if self._older else None)
 
     def at(self, t: float) -> Frame | None:
         """The newest frame taken at or before ``t``."""
@@ -198,17 +243,28 @@ def quantile(q: float, before: dict[float, float], after: dict[float, float]) ->
     linearly inside its bucket as Prometheus's ``histogram_quantile``. None
     when nothing was observed. An answer in the ``+Inf`` bucket is the
     largest finite bound."""
+    return quantiles((q,), before, after)[0]
+
+
+def quantiles(qs: tuple[float, ...], before: dict[float, float],
+              after: dict[float, float]) -> list[float | None]:
+    """:func:`quantile` for each of ``qs``, the bucket differences taken once."""
     bounds = sorted(after)
     if not bounds:
-        return None
-    counts = [increase(before.get(le, 0.0), after[le]) for le in bounds]
-    # cumulative counts must not decrease (a reset mid-way can break that)
-    for i in range(1, len(counts)):
-        counts[i] = max(counts[i], counts[i - 1])
+        return [None] * len(qs)
+    counts = []
+    low = 0.0
+    for le in bounds:
+        # cumulative counts must not decrease (a reset mid-way can break that)
+        low = max(low, increase(before.get(le, 0.0), after[le]))
+        counts.append(low)
     total = counts[-1]
     if total <= 0:
-        return None
-    rank = q * total
+        return [None] * len(qs)
+    return [_rank(q * total, bounds, counts) for q in qs]
+
+
+def _rank(rank: float, bounds: list[float], counts: list[float]) -> float | None:
     for i, le in enumerate(bounds):
         if counts[i] >= rank:
             if math.isinf(le):
@@ -253,6 +309,7 @@ class Step:
 def step(fn: str, a: Frame | None, b: Frame | None) -> Step:
     """Function ``fn`` between frames ``a`` (older) and ``b``."""
     pa, pb = _point(a, fn), _point(b, fn)
+    p50, p90, p99 = quantiles((0.5, 0.9, 0.99), pa.histogram(), pb.histogram())
     seconds = (b.t - a.t) if a is not None and b is not None else 0.0
     outcomes = set(pa.outcomes) | set(pb.outcomes)
     inc = {o: increase(pa.outcomes.get(o, 0.0), pb.outcomes.get(o, 0.0)) for o in outcomes}
@@ -262,9 +319,7 @@ def step(fn: str, a: Frame | None, b: Frame | None) -> Step:
         errors=sum(inc.get(o, 0.0) for o in ERROR_OUTCOMES),
         throttled=inc.get("throttled", 0.0),
         cold_starts=increase(pa.cold_starts, pb.cold_starts),
-        p50=quantile(0.5, pa.buckets, pb.buckets),
-        p90=quantile(0.9, pa.buckets, pb.buckets),
-        p99=quantile(0.99, pa.buckets, pb.buckets))
+        p50=p50, p90=p90, p99=p99)
 
 
 def window(history: History, fn: str, seconds: float, now: float) -> Step:
@@ -272,8 +327,9 @@ def window(history: History, fn: str, seconds: float, now: float) -> Step:
     oldest frame inside the window when the history is shorter)."""
     newest = history.at(now)
     oldest = history.at(now - seconds)
-    if oldest is None and history.frames:
-        oldest = history.frames[0]
+    if oldest is None:
+        frames = history.frames
+        oldest = frames[0] if frames else None
     if oldest is newest:
         return step(fn, None, None)
     return step(fn, oldest, newest)
