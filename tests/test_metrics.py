@@ -4,8 +4,6 @@ invocations made. One ``nimbus up`` for the module."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from nimbus.errors import (
 )
 from nimbus.observe import metrics
 from nimbus.observe.metrics import DURATION_BUCKETS, InvocationStats, outcome_of
-from tests.conftest import ROOT, Nimbus
+from tests.conftest import Nimbus
 from tests.region import wait_until
 
 MANIFEST = """\
@@ -258,13 +256,17 @@ def test_platform_families(up: Nimbus) -> None:
 
 
 def test_open_metrics_refused_off_loopback(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "nimbus.cli.main", "up", str(tmp_path), "--control-host",
-         "0.0.0.0", "--metrics-auth", "open", "--state-dir", str(tmp_path / "s")],
-        capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert out.returncode == 2
-    assert "--metrics-auth open" in out.stderr and "'0.0.0.0'" in out.stderr
-    assert "Traceback" not in out.stderr
+    from click.testing import CliRunner
+
+    from nimbus.cli.main import cli
+
+    out = CliRunner().invoke(cli, [
+        "up", str(tmp_path), "--control-host", "0.0.0.0", "--metrics-auth", "open",
+        "--state-dir", str(tmp_path / "s")])
+    assert out.exit_code == 2, out.output
+    assert "--metrics-auth open" in out.output and "'0.0.0.0'" in out.output
+    assert "Traceback" not in out.output
+    assert not (tmp_path / "s").exists()  # refused before anything started
 
 
 # -- pure parts -------------------------------------------------------------------------

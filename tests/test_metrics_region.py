@@ -102,17 +102,21 @@ def test_invocations_count_on_the_worker_and_requests_on_the_gateway(region: Reg
     assert count(worker, "nimbus_cold_starts_total", **hi) == 1
     # the gateway decided nothing itself: no throttles, no lost workers
     assert count(gateway, "nimbus_invocations_total", outcome="throttled", **hi) == 0
+    gw = samples(scrape(gateway, region.token).text)
+    assert gw[("nimbus_held_requests", frozenset({"region": "local", **hi}.items()))] == 0
 
 
 def test_open_metrics_is_refused_off_loopback(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+    from click.testing import CliRunner
+
+    import nimbus.cli.roles  # noqa: F401 - registers the region's commands
+    from nimbus.cli.main import cli
 
     for role, host_opt in (("gateway", "--host"), ("worker", "--metrics-host"),
                            ("controller", "--control-host")):
-        out = subprocess.run(
-            [sys.executable, "-m", "nimbus", role, "--store", "nats://127.0.0.1:1",
-             "--state-dir", str(tmp_path), host_opt, "0.0.0.0", "--metrics-auth", "open"],
-            capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2, (role, out.stderr)
-        assert "loopback" in out.stderr and "Traceback" not in out.stderr, role
+        out = CliRunner().invoke(cli, [
+            role, "--store", "nats://127.0.0.1:1", "--state-dir", str(tmp_path), host_opt,
+            "0.0.0.0", "--metrics-auth", "open"])
+        assert out.exit_code == 2, (role, out.output)
+        assert "loopback" in out.output and "'0.0.0.0'" in out.output, role
+        assert not (tmp_path / "node.json").exists()

@@ -327,6 +327,8 @@ class NimbusCollector(Collector):
     def __init__(self) -> None:
         self.role = "up"
         self.worker: Any = None  # a nimbus.worker.worker.Worker, when this process has one
+        # a region gateway's remote invokers (requests it holds for a slot)
+        self.invokers: Callable[[], Iterable[Any]] | None = None
         self.async_reader: AsyncReader | None = None
         self.async_figures: dict[str, AsyncFigures] = {}
         self.async_read_at = -1e9
@@ -348,12 +350,16 @@ class NimbusCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         reg = region()
-        yield from invocation_families(list(_INVOCATIONS.values()), reg)
-        yield from http_families(HTTP, reg)
+        if self.role in ("up", "worker", "gateway") or _INVOCATIONS:
+            yield from invocation_families(list(_INVOCATIONS.values()), reg)
+        if self.role in ("up", "gateway"):
+            yield from http_families(HTTP, reg)
         if self.worker is not None:
             yield from pool_families(list(self.worker.pools.values()), reg)
             yield from worker_families(self.worker, reg, self.role)
-        elif self.role != "up":
+        else:
+            if self.invokers is not None:
+                yield from held_families(list(self.invokers()), reg)
             yield from platform_memory(reg, self.role, os.getpid(), [], [])
         if self.async_reader is not None:
             yield from async_families(self.async_figures, reg)
@@ -430,6 +436,16 @@ def pool_families(pools: Iterable[Any], reg: str) -> Iterator[Metric]:
     yield from (instances, in_flight, held, desired, ready, panic)
 
 
+def held_families(invokers: Iterable[Any], reg: str) -> Iterator[Metric]:
+    """A region gateway's held requests (waiting for a slot on a worker)."""
+    held = GaugeMetricFamily("nimbus_held_requests", "Requests waiting for an instance",
+                             labels=["function", "version", "region"])
+    for inv in invokers:
+        t = inv.target
+        held.add_metric([t.function, str(t.version), reg], inv.held)
+    yield held
+
+
 def worker_families(worker: Any, reg: str, role: str) -> Iterator[Metric]:
     zygote_pids = [z.pid for z in worker.zygotes.values() if z.pid]
     instance_pids = [i.pid for p in list(worker.pools.values()) for i in p.instances]
@@ -495,6 +511,11 @@ def set_role(role: str) -> None:
 def watch_worker(worker: Any) -> None:
     """Read this worker's pools and zygotes at scrape time."""
     COLLECTOR.worker = worker
+
+
+def watch_invokers(invokers: Callable[[], Iterable[Any]] | None) -> None:
+    """Read a region gateway's held requests from ``invokers()`` at scrape time."""
+    COLLECTOR.invokers = invokers
 
 
 def watch_async(reader: AsyncReader | None) -> None:

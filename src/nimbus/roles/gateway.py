@@ -109,6 +109,7 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
                        on_change=events.sync)
     http = HttpServer.for_gateway(gateway, options.host, options.port, options.grace_s)
     metrics.set_role("gateway")
+    metrics.watch_invokers(lambda: list(pools.pools.values()))
     metrics_http = HttpServer.for_metrics(
         options.metrics_host or options.host, options.metrics_port,
         None if options.metrics_auth == "open" else config.token)
