@@ -98,8 +98,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nimbus]:
     n.stop()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def start_browser() -> Any:
+    """Headless chromium through its driver, at a fixed window size."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -110,6 +110,12 @@ def browser() -> Iterator[Any]:
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(WAIT_S)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    driver = start_browser()
     try:
         yield driver
     finally:
@@ -159,7 +165,7 @@ def traffic(up: Nimbus, seconds: float) -> None:
         time.sleep(1 / rate)
 
 
-def sign_in(driver: Any, up: Nimbus, token: str) -> None:
+def sign_in(driver: Any, up: Any, token: str) -> None:
     driver.get(up.control_url + "/ui/login")
     box = driver.find_element("id", "token")
     box.clear()

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.region import Region, wait_until
+from tests.test_ui_browser import SHOTS
 
 pytestmark = pytest.mark.e2e
 
@@ -78,3 +79,26 @@ def test_the_controller_dashboard_counts_what_the_workers_ran(region: Region) ->
         assert ctl.get("/v1/status").status_code == 401
         status = ctl.get("/v1/status", headers={"x-nimbus-csrf": "1"})
         assert status.status_code == 200 and status.json()["mode"] == "region"
+        # how the last scrape of each worker and gateway went
+        ports = {n["metrics"] for n in status.json()["nodes"] if n["role"] != "controller"}
+        scrapes = ctl.get("/ui/api/scrapes").json()
+        assert set(scrapes) == ports and len(ports) == 2
+        assert all(s["ok"] and s["error"] is None for s in scrapes.values())
+    if SHOTS:
+        screenshot_regions(region)
+
+
+def screenshot_regions(region: Region) -> None:
+    """The regions page of a region's controller, for the docs."""
+    from types import SimpleNamespace
+
+    from tests.test_ui_browser import shot, sign_in, start_browser, wait_text
+
+    driver = start_browser()
+    try:
+        sign_in(driver, SimpleNamespace(control_url=region.control_urls[0]), region.token)
+        driver.get(region.control_urls[0] + "/ui#/regions")
+        wait_text(driver, "#nodes", lambda t: "ok" in t, "the nodes of the region")
+        shot(driver, "regions-cluster")
+    finally:
+        driver.quit()

@@ -115,12 +115,12 @@ class Controller:
         """``/ui``: its history from this process's metrics and every worker's
         and gateway's ``metrics`` URL (their node records), scraped with the
         region token."""
-        from nimbus.ui.collector import scrape_source
+        from nimbus.ui.collector import Scraper
         from nimbus.ui.dashboard import Dashboard
 
-        source, self._scraper = scrape_source(self.metrics_urls, self.token)
-        dashboard = Dashboard(self.token, source, versions=self.versions,
-                              region=self.config.region)
+        self._scraper = scraper = Scraper(self.metrics_urls, self.token)
+        dashboard = Dashboard(self.token, scraper.read, versions=self.versions,
+                              region=self.config.region, scrapes=lambda: dict(scraper.last))
         dashboard.start()
         return dashboard
 

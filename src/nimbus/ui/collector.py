@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import httpx
 from prometheus_client import REGISTRY
@@ -46,31 +47,45 @@ def local_source() -> Source:
     return read
 
 
-def scrape_source(urls: Callable[[], list[str]], token: str) -> tuple[Source, httpx.AsyncClient]:
-    """The local registry plus each of ``urls()``'s ``/metrics``."""
-    client = httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_S,
-                               headers={"authorization": f"Bearer {token}"})
+class Scraper:
+    """The local registry plus each of ``urls()``'s ``/metrics``, scraped
+    with ``token``; :attr:`last` says how each URL's last scrape went."""
 
-    async def one(url: str) -> Families | None:
+    def __init__(self, urls: Callable[[], list[str]], token: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.urls = urls
+        self.clock = clock
+        self.client = httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_S,
+                                        headers={"authorization": f"Bearer {token}"})
+        self.last: dict[str, dict[str, Any]] = {}
+
+    async def _one(self, url: str) -> Families | None:
+        error = None
+        families = None
         try:
-            r = await client.get(url.rstrip("/") + "/metrics")
+            r = await self.client.get(url.rstrip("/") + "/metrics")
+            if r.status_code != 200:
+                error = f"answered {r.status_code}"
+            elif len(r.content) > MAX_SCRAPE_BYTES:
+                error = f"answered {len(r.content)} bytes, over {MAX_SCRAPE_BYTES}"
+            else:
+                families = list(text_string_to_metric_families(r.text))
         except httpx.HTTPError as exc:
-            log.debug("dashboard: scraping %s failed: %s", url, exc)
-            return None
-        if r.status_code != 200 or len(r.content) > MAX_SCRAPE_BYTES:
-            log.debug("dashboard: scraping %s answered %d", url, r.status_code)
-            return None
-        try:
-            return list(text_string_to_metric_families(r.text))
+            error = f"{type(exc).__name__}: {exc}"[:200]
         except ValueError as exc:
-            log.debug("dashboard: %s/metrics is not exposition text: %s", url, exc)
-            return None
+            error = f"not exposition text: {exc}"[:200]
+        self.last[url] = {"ok": error is None, "error": error, "at": self.clock()}
+        return families
 
-    async def read() -> list[Families]:
-        got = await asyncio.gather(*(one(u) for u in urls()))
+    async def read(self) -> list[Families]:
+        urls = self.urls()
+        for gone in set(self.last) - set(urls):
+            del self.last[gone]
+        got = await asyncio.gather(*(self._one(u) for u in urls))
         return [await own_families(), *(g for g in got if g is not None)]
 
-    return read, client
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
 
 class Collector:

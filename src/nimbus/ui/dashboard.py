@@ -57,6 +57,7 @@ class Dashboard:
     def __init__(self, token: str, source: Source, *,
                  versions: Callable[[str], Any] | None = None,
                  region: str = "", edge: EdgeView | None = None,
+                 scrapes: Callable[[], dict[str, Any]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.sessions = Sessions(token)
         self.history = h.History()
@@ -64,6 +65,7 @@ class Dashboard:
         self.versions = versions
         self.region = region
         self.edge = edge
+        self.scrapes = scrapes
         self.clock = clock
         self._pages = {name: _static(name) for name in ("index.html", "login.html")}
         self._files = {name: _static(name) for name in STATIC}
@@ -162,6 +164,11 @@ class Dashboard:
         out["versions"] = await self.versions(name) if self.versions is not None else []
         return out
 
+    async def scrape_view(self, request: Request) -> dict[str, Any]:
+        """How the last scrape of each node's metrics went (a region's
+        controller; empty for ``nimbus up``, which reads its own)."""
+        return self.scrapes() if self.scrapes is not None else {}
+
     async def edge_view(self, request: Request) -> dict[str, Any]:
         if self.edge is None:
             return {"configured": False}
@@ -178,6 +185,7 @@ class Dashboard:
             Route("/ui/api/overview", self._data(self.overview), methods=["GET"]),
             Route("/ui/api/functions/{name}", self._data(self.function), methods=["GET"]),
             Route("/ui/api/edge", self._data(self.edge_view), methods=["GET"]),
+            Route("/ui/api/scrapes", self._data(self.scrape_view), methods=["GET"]),
         ]
 
 

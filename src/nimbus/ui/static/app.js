@@ -351,17 +351,27 @@ async function regionsPage() {
   const kv = (pairs) => el("dl", {class: "kv"}, ...pairs.flatMap(([k, v]) =>
     [el("dt", {}, k), el("dd", {}, v)]));
   if (st.mode === "region") {
+    const scrapes = await api("/ui/api/scrapes");
+    // the dashboard's own scrape of the node's metrics port, as a health signal
+    const scrape = (n) => {
+      if (n.role === "controller") return el("span", {class: "muted"}, "–");
+      const s = scrapes[n.metrics];
+      if (!s) return el("span", {class: "muted"}, n.metrics ? "not yet" : "no metrics port");
+      return el("span", {class: "badge " + (s.ok ? "up" : "down"), title: s.error || ""},
+        s.ok ? "ok " + ago(s.at) : "failed: " + s.error);
+    };
     parts.push(kv([["region", st.region], ["leader", st.leader || "none"],
       ["this controller", st.node + (st.leading ? " (leading)" : "")],
       ["uptime", duration(st.uptime_s)]]));
     parts.push(el("h2", {}, "Nodes"), el("table", {class: "grid-table", id: "nodes"},
-      el("thead", {}, headRow(["Role", "Node", "Host", "PID", "URL", "Up for", "Health"],
-        ["PID"])),
-      el("tbody", {}, ...st.nodes.map((n) => el("tr", {},
+      el("thead", {}, headRow(["Role", "Node", "Host", "PID", "URL", "Up for", "Registration",
+        "Metrics scrape"], ["PID"])),
+      el("tbody", {}, ...st.nodes.map((n) => el("tr", {"data-node": n.id, "data-role": n.role},
         el("td", {}, n.role), el("td", {class: "mono"}, n.id), el("td", {}, n.host || "–"),
         el("td", {class: "n"}, n.pid), el("td", {class: "mono"}, n.url || "–"),
         el("td", {}, duration(n.uptime_s)),
-        el("td", {}, el("span", {class: "badge up"}, "registered")))))));
+        el("td", {}, el("span", {class: "badge up"}, "lease " + (n.lease || "held"))),
+        el("td", {"data-k": "scrape"}, scrape(n)))))));
     if (st.nats && st.nats.length) {
       parts.push(el("h2", {}, "NATS servers"), el("table", {class: "grid-table"},
         el("tbody", {}, ...st.nats.map((s) => el("tr", {},
