@@ -207,6 +207,8 @@ def test_no_access_without_the_cookie(up: Nimbus) -> None:
     sid = ok.cookies["nimbus_session"]
     assert call("GET", "/ui/api/overview", sid=sid).status_code == 200
     assert call("GET", "/ui/static/app.js", sid=sid).status_code == 200
+    bad = call("GET", "/ui/api/functions/a%25b", sid=sid)
+    assert bad.status_code == 400 and "path parameter name" in bad.json()["errorMessage"]
     # the control API with the cookie: only with the CSRF header
     assert call("GET", "/v1/functions", sid=sid).status_code == 401
     assert call("POST", "/v1/functions/once/dlq/redrive", sid=sid).status_code == 401

@@ -9,6 +9,7 @@ cookie and the CSRF header (see :mod:`nimbus.ui.auth`).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -20,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from nimbus.control.openapi import NAME_PATTERN
+from nimbus.errors import UserInputError
 from nimbus.ui import history as h
 from nimbus.ui.auth import COOKIE, CSRF_HEADER, Sessions, cookie_header
 from nimbus.ui.collector import Collector, Source
@@ -30,6 +33,7 @@ DETAIL_STEP_S = 5.0        # a function's charts: 180 points
 RATE_WINDOW_S = 60.0       # "rate", "errors", "throttles" in the table: the last minute
 LATENCY_WINDOW_S = 300.0   # p50/p99 in the table: the last 5 minutes
 MAX_LOGIN_BODY = 4096
+_NAME = re.compile(NAME_PATTERN)
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 SECURITY_HEADERS = {
     "cache-control": "no-store",
@@ -152,7 +156,10 @@ class Dashboard:
             if not self.signed_in(request):
                 return _json({"errorType": "Unauthorized",
                               "errorMessage": "sign in at /ui/login"}, 401)
-            return _json(await fn(request))
+            try:
+                return _json(await fn(request))
+            except UserInputError as exc:
+                return _json({"errorType": "UserInputError", "errorMessage": str(exc)}, 400)
         return endpoint
 
     async def overview(self, request: Request) -> dict[str, Any]:
@@ -160,6 +167,9 @@ class Dashboard:
 
     async def function(self, request: Request) -> dict[str, Any]:
         name = request.path_params["name"]
+        if not _NAME.fullmatch(name):
+            raise UserInputError(f"path parameter name must be 1 to 128 letters, digits, "
+                                 f"'_', '-' or '.', got {name[:80]!r}")
         out = function_detail(self.history, name, self.clock())
         out["versions"] = await self.versions(name) if self.versions is not None else []
         return out
