@@ -238,8 +238,9 @@ class Events:
                 at = await oldest_of(q)
                 if at is not None and (oldest_at is None or at < oldest_at):
                     oldest_at = at
-        if oldest_at is not None:
-            out.oldest_queued_age_s = max(0.0, self.clock.now() - oldest_at)
+        if oldest_of is not None:  # else unknown: the metric is left out
+            out.oldest_queued_age_s = 0.0 if oldest_at is None else max(
+                0.0, self.clock.now() - oldest_at)
         return out
 
     # -- housekeeping ---------------------------------------------------------------

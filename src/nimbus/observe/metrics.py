@@ -482,12 +482,14 @@ def async_families(figures: Mapping[str, AsyncFigures], reg: str) -> Iterator[Me
     counts = GaugeMetricFamily("nimbus_async_invocations", "Async invocations by status",
                                labels=["function", "region", "status"])
     oldest = GaugeMetricFamily("nimbus_async_oldest_queued_age_seconds",
-                               "Age of the oldest queued async invocation (0 when none)",
+                               "Age of the oldest async invocation waiting for its first "
+                               "try (0 when none)",
                                labels=["function", "region"])
     for fn, f in sorted(figures.items()):
         for status in ("queued", "running", "retrying", "dead"):
             counts.add_metric([fn, reg, status], getattr(f, status))
-        oldest.add_metric([fn, reg], f.oldest_queued_age_s or 0.0)
+        if f.oldest_queued_age_s is not None:  # None: the queue cannot tell cheaply
+            oldest.add_metric([fn, reg], f.oldest_queued_age_s)
     yield counts
     yield oldest
 
