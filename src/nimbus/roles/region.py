@@ -115,12 +115,13 @@ class Controller:
         """``/ui``: its history from this process's metrics and every worker's
         and gateway's ``metrics`` URL (their node records), scraped with the
         region token."""
-        from nimbus.ui.collector import Scraper
+        from nimbus.ui.collector import SCRAPE_INTERVAL_S, Scraper
         from nimbus.ui.dashboard import Dashboard
 
         self._scraper = scraper = Scraper(self.metrics_urls, self.token)
         dashboard = Dashboard(self.token, scraper.read, versions=self.versions,
-                              region=self.config.region, scrapes=lambda: dict(scraper.last))
+                              region=self.config.region, scrapes=lambda: dict(scraper.last),
+                              interval_s=SCRAPE_INTERVAL_S)
         dashboard.start()
         return dashboard
 

@@ -25,7 +25,7 @@ from nimbus.control.openapi import NAME_PATTERN
 from nimbus.errors import UserInputError
 from nimbus.ui import history as h
 from nimbus.ui.auth import COOKIE, CSRF_HEADER, Sessions, cookie_header
-from nimbus.ui.collector import Collector, Source
+from nimbus.ui.collector import INTERVAL_S, Collector, Source
 from nimbus.ui.edgeview import EdgeView
 
 OVERVIEW_STEP_S = 10.0     # sparklines: 90 points over 15 minutes
@@ -62,10 +62,11 @@ class Dashboard:
                  versions: Callable[[str], Any] | None = None,
                  region: str = "", edge: EdgeView | None = None,
                  scrapes: Callable[[], dict[str, Any]] | None = None,
+                 interval_s: float = INTERVAL_S,
                  clock: Callable[[], float] = time.time) -> None:
         self.sessions = Sessions(token)
         self.history = h.History()
-        self.collector = Collector(source, self.history, clock=clock)
+        self.collector = Collector(source, self.history, interval_s=interval_s, clock=clock)
         self.versions = versions
         self.region = region
         self.edge = edge
