@@ -294,3 +294,35 @@ def test_regions_and_edge_pages(up: Nimbus, browser: Any) -> None:
     wait_until(lambda: driver.current_url.endswith("/ui/login"), WAIT_S, "the login page")
     driver.get(up.control_url + "/ui")
     assert driver.current_url.endswith("/ui/login")
+
+
+def test_scraping_a_metrics_port_and_its_failures(up: Nimbus) -> None:
+    """What a region's controller does for each node, here against this
+    nimbus up's own /metrics: the right token reads it, a wrong one and a
+    port nobody serves are left out and reported."""
+    import asyncio
+
+    from nimbus.ui.collector import Scraper
+    from nimbus.ui.history import Frame, frame_from
+
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    async def scrape() -> tuple[Frame, dict[str, Any], dict[str, Any]]:
+        good = Scraper(lambda: [up.control_url], up.token, clock=lambda: 42.0)
+        bad = Scraper(lambda: [up.control_url, dead], "w" * 43)
+        try:
+            frame = Frame(42.0, {})
+            for families in (await good.read())[1:]:  # [0] is this test process's own
+                frame_from(families, 42.0, frame)
+            assert len(await bad.read()) == 1, "only this process's own figures"
+            return frame, good.last, bad.last
+        finally:
+            await good.aclose()
+            await bad.aclose()
+
+    frame, good, bad = asyncio.run(scrape())
+    assert set(frame.functions) == {"hello", "boom", "once"}
+    assert frame.functions["hello"].versions == {"1"}
+    assert good == {up.control_url: {"ok": True, "error": None, "at": 42.0}}
+    assert bad[up.control_url]["error"] == "answered 401"
+    assert not bad[dead]["ok"] and "Connect" in bad[dead]["error"]
