@@ -98,6 +98,9 @@ def cli() -> None:
               help="Largest request line + headers; past it: 431.")
 @click.option("--max-bundle-bytes", default=250 * 1024 * 1024, show_default=True,
               type=click.IntRange(1), help="Largest app bundle the control API accepts.")
+@click.option("--cluster", "cluster_path", type=click.Path(path_type=Path),
+              help="A cluster file: the dashboard (/ui) shows the edge's view of its "
+                   "regions, probing their gateways.")
 @click.option("--metrics-auth", default="token", show_default=True,
               type=click.Choice(["token", "open"]),
               help="GET /metrics on the control port: the control token as Bearer, or open "
@@ -106,7 +109,7 @@ def cli() -> None:
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
        async_max_bytes: int, containment: str, uid_range: str, region: str,
-       **http_limits: Any) -> None:
+       cluster_path: Path | None, **http_limits: Any) -> None:
     """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
     from nimbus.cli.up import run_up
     from nimbus.region import set_region
@@ -123,7 +126,8 @@ def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int
     run_up(app_dir, host=host, port=port, control_host=control_host,
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,
            budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes,
-           containment=containment, uid_range=_uid_range(uid_range), http_limits=http_limits)
+           containment=containment, uid_range=_uid_range(uid_range), http_limits=http_limits,
+           cluster_path=cluster_path)
 
 
 def _uid_range(text: str) -> tuple[int, int]:

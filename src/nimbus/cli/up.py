@@ -20,7 +20,8 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
            state_dir: Path | None, grace_s: float, budget: NodeBudget,
            async_max_bytes: int, containment: str = "auto",
            uid_range: tuple[int, int] = (200_000, 265_535),
-           http_limits: dict[str, Any] | None = None) -> None:
+           http_limits: dict[str, Any] | None = None,
+           cluster_path: Path | None = None) -> None:
     """``http_limits``: the HTTP ``ServerConfig`` fields (``max_connections``,
     ``control_max_connections``, ``header_timeout_s``, ``keep_alive_s``,
     ``max_header_bytes``, ``max_bundle_bytes``) given on the command line."""
@@ -38,6 +39,11 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
     if has_app:
         load_app(app_dir)  # manifest errors: one line, exit 2, before anything starts
         bundle = make_bundle(app_dir)
+    cluster = None
+    if cluster_path is not None:
+        from nimbus.multiregion.clusterfile import load_cluster
+
+        cluster = load_cluster(cluster_path)  # errors: file, line, field; exit 2
     logging.basicConfig(level=logging.WARNING, format="nimbus: %(levelname)s %(message)s")
     from nimbus.control.server import ServerConfig
 
@@ -45,7 +51,7 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
         state_dir=(state_dir or app_dir / ".nimbus").resolve(), host=host, port=port,
         control_host=control_host, control_port=control_port, grace_s=grace_s, budget=budget,
         async_max_bytes=async_max_bytes, containment=containment, uid_range=uid_range,
-        **(http_limits or {}))
+        cluster=cluster, **(http_limits or {}))
     runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
@@ -73,6 +79,8 @@ async def _main(config: object, bundle: bytes | None, name: str) -> int:
         await platform.start()
         click.echo(f"nimbus: gateway {platform.gateway_url}  control {platform.control_url}  "
                    f"state {platform.state_dir}", err=True)
+        click.echo(f"nimbus: dashboard {platform.control_url}/ui (sign in with the token "
+                   f"in {platform.state_dir / 'token'})", err=True)
         if bundle is not None:
             deploy = asyncio.create_task(platform.deploy(
                 bundle, lambda m: click.echo(f"nimbus: {m}", err=True), name))

@@ -59,6 +59,7 @@ from nimbus.store.queue import STATUSES
 
 if TYPE_CHECKING:
     from nimbus.control.server import Platform
+    from nimbus.ui.dashboard import Dashboard
 
 log = logging.getLogger("nimbus.control")
 
@@ -229,10 +230,13 @@ def instances_of(pool: Any) -> int:
     return int(pool.stats().get("ready", 0))
 
 
-def create_control_app(platform: Platform, log_source: LogSource | None = None) -> Starlette:
+def create_control_app(platform: Platform, log_source: LogSource | None = None,
+                       dashboard: Dashboard | None = None) -> Starlette:
     """The control API of ``platform``. Logs are read from ``log_source``:
     by default this process's log files (``nimbus up``); a region's
-    controller passes the region's (:mod:`nimbus.observe.natslogs`)."""
+    controller passes the region's (:mod:`nimbus.observe.natslogs`).
+    ``dashboard``: served at ``/ui``; its signed-in pages may call the
+    ``/v1`` routes with their session cookie (and the CSRF header)."""
     if log_source is None:
         sink = platform.worker.logs
         if not isinstance(sink, FileLogSink):
@@ -251,6 +255,8 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
         """``Authorization: Bearer <token>``: the scheme in any case, one space,
         the token. An empty token (sent or configured) never authenticates."""
         got = request.headers.get("authorization")
+        if got is None and dashboard is not None:
+            return dashboard.api_allowed(request)
         if got is None or not token:
             return False
         scheme, _, credentials = got.strip().partition(" ")
@@ -544,4 +550,5 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
         Route("/v1/functions/{name}/dlq", g["dlq"], methods=["GET"]),
         Route("/v1/functions/{name}/dlq/redrive", g["redrive"], methods=["POST"]),
         Route("/v1/publish/{name}", g["publish"], methods=["POST"]),
+        *(dashboard.routes() if dashboard is not None else ()),
     ], exception_handlers={HTTPException: http_error})

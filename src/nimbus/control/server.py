@@ -57,11 +57,15 @@ from nimbus.manifest.model import RegionsSpec
 from nimbus.observe import metrics
 from nimbus.observe.logs import LogSink
 from nimbus.observe.metrics import check_metrics_auth
+from nimbus.region import region
 from nimbus.store.base import Blobs, Store
 from nimbus.store.private import private_file, write_private
 from nimbus.store.queue import Queue
 from nimbus.store.registry import open_blobs, open_store
 from nimbus.store.sqlite_queue import SQLiteQueue, open_sqlite_queue
+from nimbus.ui.collector import local_source
+from nimbus.ui.dashboard import Dashboard, function_versions
+from nimbus.ui.edgeview import EdgeView
 from nimbus.worker.budget import NodeBudget
 from nimbus.worker.containment import DEFAULT_UID_RANGE, Containment
 from nimbus.worker.worker import Worker
@@ -93,6 +97,9 @@ class ServerConfig:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_bundle_bytes: int = MAX_BUNDLE_UPLOAD
+    # a cluster file (multiregion.clusterfile.ClusterFile): the dashboard shows
+    # the edge's view of its regions
+    cluster: Any = None
     metrics_auth: str = "token"  # GET /metrics: the control token, or "open" (loopback only)
 
     def __post_init__(self) -> None:
@@ -197,6 +204,7 @@ class Platform:
         self.guards: dict[str, ConnectionGuard] = {}
         self._stop = asyncio.Event()
         self.lock: StateLock | None = None
+        self.dashboard: Dashboard | None = None
         self.metrics_token: str | None = None if config.metrics_auth == "open" else self.token
         metrics.set_role("up")
         metrics.watch_worker(worker)
@@ -275,13 +283,14 @@ class Platform:
         self.gateway_url = f"http://{_url_host(c.host)}:{gw_sock.getsockname()[1]}"
         self.control_url = f"http://{_url_host(c.control_host)}:{ctl_sock.getsockname()[1]}"
         gw_guard, ctl_guard = self._guards()
+        self.dashboard = self._dashboard()
         common: dict[str, Any] = {
             "lifespan": "off", "access_log": False, "log_level": "warning",
             "timeout_graceful_shutdown": c.grace_s, "loop": "none",
             "timeout_keep_alive": c.keep_alive_s, "server_header": False, "date_header": False}
         gw = _Server(uvicorn.Config(self.gateway, http=gateway_protocol(gw_guard, self.gateway),
                                     **common), gw_guard)
-        ctl = _Server(uvicorn.Config(create_control_app(self),
+        ctl = _Server(uvicorn.Config(create_control_app(self, dashboard=self.dashboard),
                                      http=guarded_protocol(ctl_guard), **common), ctl_guard)
         self._servers = [gw, ctl]
         self._serving = [asyncio.create_task(gw.serve(sockets=[gw_sock])),
@@ -294,6 +303,18 @@ class Platform:
         info = {"pid": os.getpid(), "gateway_url": self.gateway_url,
                 "control_url": self.control_url}
         write_private(self.state_dir / CONTROL_FILE, orjson.dumps(info))
+
+    def _dashboard(self) -> Dashboard:
+        """``/ui``: its history sampled from this process's own metrics."""
+        edge = EdgeView(self.config.cluster) if self.config.cluster is not None else None
+        dashboard = Dashboard(self.token, local_source(), versions=self.versions,
+                              region=region(), edge=edge)
+        dashboard.start()
+        return dashboard
+
+    async def versions(self, fn: str) -> list[dict[str, Any]]:
+        """``fn``'s version records, newest first, and which one is live."""
+        return await function_versions(self.store, fn, self.routes.functions.get(fn))
 
     def _guards(self) -> tuple[ConnectionGuard, ConnectionGuard]:
         """One connection budget per port, both within the open-files limit
@@ -327,6 +348,8 @@ class Platform:
             s.should_exit = True
         if self._servers:
             await asyncio.gather(*self._serving, return_exceptions=True)
+        if self.dashboard is not None:
+            await self.dashboard.aclose()
         await self.routes.aclose()
         await self.scheduler.aclose()
         await self.events.aclose(grace_s=min(self.config.grace_s, 5.0))

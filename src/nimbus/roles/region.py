@@ -67,6 +67,8 @@ class Controller:
                                      ttl_s=options.leader_ttl_s)
         self.http: Any = None
         self._workers_watch: Any = None
+        self.dashboard: Any = None
+        self._scraper: Any = None
         metrics.set_role("controller")
         metrics.watch_async(self._async_figures)
 
@@ -97,8 +99,10 @@ class Controller:
         source = None
         if self.backend.nc is not None:
             _sink, source = await open_region_logs(self.backend.nc, region=self.config.region)
+        self.dashboard = self._dashboard()
         self.http = HttpServer.for_control(
-            create_control_app(self, log_source=source),  # type: ignore[arg-type]
+            create_control_app(self, log_source=source,  # type: ignore[arg-type]
+                               dashboard=self.dashboard),
             self.options.control_host, self.options.control_port, self.options.grace_s)
         await self.http.start()
         self.control_url = self.http.url
@@ -106,6 +110,30 @@ class Controller:
         await self.agent.start()
         with contextlib.suppress(Exception):  # learn the servers' names while all answer
             await self.nats_health()
+
+    def _dashboard(self) -> Any:
+        """``/ui``: its history from this process's metrics and every worker's
+        and gateway's ``metrics`` URL (their node records), scraped with the
+        region token."""
+        from nimbus.ui.collector import SCRAPE_INTERVAL_S, Scraper
+        from nimbus.ui.dashboard import Dashboard
+
+        self._scraper = scraper = Scraper(self.metrics_urls, self.token)
+        dashboard = Dashboard(self.token, scraper.read, versions=self.versions,
+                              region=self.config.region, scrapes=lambda: dict(scraper.last),
+                              interval_s=SCRAPE_INTERVAL_S)
+        dashboard.start()
+        return dashboard
+
+    def metrics_urls(self) -> list[str]:
+        return [str(info["metrics"]) for role in ("worker", "gateway")
+                for info in self.nodes[role].nodes.values()
+                if isinstance(info.get("metrics"), str) and info["metrics"]]
+
+    async def versions(self, fn: str) -> list[dict[str, Any]]:
+        from nimbus.ui.dashboard import function_versions
+
+        return await function_versions(self.store, fn, self.routes.functions.get(fn))
 
     @property
     def max_bundle_bytes(self) -> int:
@@ -188,6 +216,10 @@ class Controller:
         await self.agent.aclose()  # resigns the lead: a standby takes over at once
         if self.http is not None:
             await self.http.aclose()
+        if self.dashboard is not None:
+            await self.dashboard.aclose()
+        if self._scraper is not None:
+            await self._scraper.aclose()
         await self.scheduler.aclose()
         await self.routes.aclose()
         if self._workers_watch is not None:
