@@ -54,7 +54,10 @@ from nimbus.gateway.connections import (
     raise_fd_limit,
 )
 from nimbus.manifest.model import RegionsSpec
+from nimbus.observe import tracing
 from nimbus.observe.logs import LogSink
+from nimbus.observe.tracing import TraceConfig
+from nimbus.region import region
 from nimbus.store.base import Blobs, Store
 from nimbus.store.private import private_file, write_private
 from nimbus.store.queue import Queue
@@ -91,6 +94,7 @@ class ServerConfig:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_bundle_bytes: int = MAX_BUNDLE_UPLOAD
+    trace: TraceConfig = field(default_factory=TraceConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_connections", "control_max_connections", "max_bundle_bytes"):
@@ -233,6 +237,7 @@ class Platform:
                         containment=containment)
         await worker.start()
         gateway = Gateway(GatewayConfig(max_body_bytes=config.max_body_bytes))
+        tracing.setup(config.trace, config.state_dir, role="up", region=region())
         return cls(config, store, blobs, queue, worker, gateway)
 
     async def deploy(self, bundle: bytes, progress: Callable[[str], None],
@@ -321,6 +326,7 @@ class Platform:
         await self.queue.aclose()  # 4
         await self.store.aclose()
         await self.blobs.aclose()
+        tracing.shutdown()  # what is left is exported
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / CONTROL_FILE).unlink()
         if self.lock is not None:

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nimbus.autoscale.decider import Decider, Decision, ScalingConfig
 from nimbus.errors import ClosedError, InstanceDiedError, ThrottledError
+from nimbus.observe import tracing
 from nimbus.worker.deps import BASE, DepSet
 from nimbus.worker.instance import Instance
 from nimbus.worker.target import Target
@@ -74,10 +76,15 @@ class FunctionPool:
         self._starting = 0
         self._waiters: deque[asyncio.Future[Instance]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()  # strong refs to background work
+        # instance id -> (fork asked, READY) in ns, for the first traced
+        # request it serves (its cold start span); only while tracing is on
+        self._cold: dict[str, tuple[int, int]] = {}
 
     # -- the request path ---------------------------------------------------
 
     async def invoke(self, rid: str, event: Any) -> Any:
+        if tracing.on:
+            return await self._invoke_traced(rid, event)
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
@@ -91,6 +98,63 @@ class FunctionPool:
             inst.outstanding -= 1
             self.in_flight -= 1
             self._released(inst)
+
+    async def _invoke_traced(self, rid: str, event: Any) -> Any:
+        """:meth:`invoke` with its steps recorded as spans of the request."""
+        parent = tracing.parent_of(rid, event)
+        if parent is None:
+            return await self._invoke_untraced(rid, event)
+        self.arrivals += 1
+        inst = self._pick() if self.in_flight < self.cap else None
+        if inst is None:
+            inst = await self._held_traced(parent)
+        else:
+            inst.outstanding += 1
+            self.in_flight += 1
+        t0 = time.time_ns()
+        error = None
+        try:
+            return await inst.invoke(rid, event, self.timeout_s)
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            inst.outstanding -= 1
+            self.in_flight -= 1
+            self._released(inst)
+            tracing.child(parent, "nimbus.invoke", t0, time.time_ns(), error,
+                          {"nimbus.instance": inst.id, "nimbus.function": self.target.function,
+                           "nimbus.version": self.target.version})
+
+    async def _invoke_untraced(self, rid: str, event: Any) -> Any:
+        self.arrivals += 1
+        inst = self._pick() if self.in_flight < self.cap else None
+        if inst is None:
+            inst = await self._acquire_slow()
+        else:
+            inst.outstanding += 1
+            self.in_flight += 1
+        try:
+            return await inst.invoke(rid, event, self.timeout_s)
+        finally:
+            inst.outstanding -= 1
+            self.in_flight -= 1
+            self._released(inst)
+
+    async def _held_traced(self, parent: tracing.Span) -> Instance:
+        t0 = time.time_ns()
+        try:
+            inst = await self._acquire_slow()
+        except BaseException as exc:
+            tracing.child(parent, "nimbus.hold", t0, time.time_ns(),
+                          f"{type(exc).__name__}: {exc}")
+            raise
+        tracing.child(parent, "nimbus.hold", t0, time.time_ns())
+        cold = self._cold.pop(inst.id, None)
+        if cold is not None:
+            tracing.child(parent, "nimbus.cold_start", cold[0], cold[1],
+                          attrs={"nimbus.instance": inst.id})
+        return inst
 
     # The same, for callers that answer from a callback (the frame server):
     # no coroutine and no task per invocation when an instance is free.
@@ -246,6 +310,7 @@ class FunctionPool:
                                 else InstanceDiedError("instance start failed"))
 
     async def _start(self) -> None:
+        t0 = time.time_ns()
         try:
             inst = await self._starter(self)
         except BaseException as exc:  # noqa: BLE001 - reported to the waiters
@@ -256,6 +321,8 @@ class FunctionPool:
             return
         self._starting -= 1
         self.cold_starts += 1
+        if tracing.on and self._waiters:
+            self._cold[inst.id] = (t0, time.time_ns())  # the first held request takes it
         if self.retired and not self._waiters:
             await inst.stop(STOP_GRACE_S)
             return
@@ -277,6 +344,7 @@ class FunctionPool:
 
     def lost(self, inst: Instance) -> None:
         """The instance's process went away (crash, timeout kill, memory)."""
+        self._cold.pop(inst.id, None)
         if inst in self.instances:
             self.instances.remove(inst)
         if self._waiters and not self._starting and self._may_grow():
