@@ -386,3 +386,44 @@ def test_receiver_helper_is_reachable(receiver: Receiver) -> None:
     r = httpx.post(receiver.url + "/v1/traces",
                    content=ExportTraceServiceRequest().SerializeToString())
     assert r.status_code == 200
+
+
+def test_edge_spans_a_request_and_each_try_of_a_region(tmp_path: Path) -> None:
+    import asyncio
+
+    import orjson
+
+    from nimbus.edge.server import Edge
+    from nimbus.observe import tracing
+    from tests.test_edge_proxy import GATEWAY_503, GW_MARK, StubGateway, run_edge
+
+    def eu(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
+        return 503, [("content-type", "application/json"), GW_MARK], GATEWAY_503
+
+    def us(method: str, target: str, body: bytes) -> tuple[int, list[Any], bytes]:
+        return 200, [("x-nimbus-request-id", "gw-rid-1")], orjson.dumps({"ok": 1})
+
+    async def test(edge: Edge, stubs: dict[str, StubGateway], url: str) -> None:
+        async with httpx.AsyncClient(base_url=url) as c:
+            r = await c.get("/x", headers={
+                "traceparent": format_traceparent(CLIENT_TRACE, CLIENT_SPAN)})
+            assert r.status_code == 200 and r.headers["x-nimbus-retried-from"] == "eu"
+        await asyncio.sleep(0)
+
+    exporter = tracing.setup(tracing.TraceConfig("file"), tmp_path, role="edge")
+    assert exporter is not None
+    try:
+        run_edge({"eu": eu, "us": us}, test)
+        spans = exporter.find("gw-rid-1")
+    finally:
+        tracing.shutdown()
+    [req] = by_name(spans, "nimbus.edge.request")
+    tries = sorted(by_name(spans, "nimbus.edge.try"), key=lambda s: s["start_ns"])
+    assert req["trace_id"] == f"{CLIENT_TRACE:032x}"
+    assert req["parent_id"] == f"{CLIENT_SPAN:016x}"
+    assert req["attributes"]["nimbus.region"] == "us"
+    assert [(t["attributes"]["nimbus.region"], t["attributes"]["nimbus.attempt"],
+             t["attributes"]["nimbus.retry"], t["status"]) for t in tries] == [
+        ("eu", 1, False, "error"), ("us", 2, True, "ok")]
+    assert {t["parent_id"] for t in tries} == {req["span_id"]}
+    assert len(spans) == 3
