@@ -35,8 +35,6 @@ from typing import Any
 
 import orjson
 
-from nimbus.observe.traceids import format_traceparent
-
 log = logging.getLogger("nimbus.tracing")
 
 MODES = ("off", "file", "otlp")
@@ -44,11 +42,11 @@ DEFAULT_MODE = "file"
 FILE_NAME = "traces.jsonl"
 DEFAULT_MAX_FILE_BYTES = 8 * 1024 * 1024
 DEFAULT_KEEP_FILES = 3
-MAX_PENDING = 50_000  # finished spans waiting for the exporter; beyond, the oldest go
-RECENT = 20_000  # finished spans kept in memory for `nimbus trace`
-FLUSH_EVERY_S = 0.25
+MAX_PENDING = 100_000  # finished spans waiting for the exporter; beyond, the oldest go
+RECENT_BYTES = 16 * 1024 * 1024  # exported spans kept in memory for `nimbus trace`
+FLUSH_EVERY_S = 0.1
 
-KIND_INTERNAL, KIND_SERVER, KIND_CLIENT = 0, 1, 2
+KIND_INTERNAL, KIND_SERVER, KIND_CLIENT = "internal", "server", "client"
 
 # -- the switch and the request path's state ----------------------------------
 
@@ -56,72 +54,77 @@ on = False
 # request id -> the span that steps of that request hang under (set by the
 # gateway or the async dispatcher, read by the pool)
 active: dict[str, Span] = {}
-_done: deque[Span] = deque(maxlen=MAX_PENDING)
+# Finished spans as JSON-ready dicts (ids already hex): the exporter thread
+# turns a whole batch into bytes with one orjson call, so it holds the GIL
+# for one short C call per batch, never for a Python loop the event loop
+# would have to wait behind.
+_done: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING)
 _getrandbits = random.getrandbits  # ids need to be unique, not secret
 _now_ns = time.time_ns
 
 
-class Span:
-    __slots__ = ("trace_id", "span_id", "parent_id", "name", "start_ns", "end_ns",
-                 "attrs", "error", "kind", "tracestate")
+def _new_span_id() -> str:
+    return f"{_getrandbits(64) or 1:016x}"
 
-    def __init__(self, name: str, trace_id: int, parent_id: int, start_ns: int,
-                 attrs: dict[str, Any], kind: int = KIND_INTERNAL) -> None:
+
+class Span:
+    """A span still open (the request's, an async attempt's); its steps are
+    recorded finished, straight into the exporter's queue (:func:`child`)."""
+
+    __slots__ = ("trace_id", "span_id", "parent_id", "name", "start_ns", "attrs", "kind",
+                 "tracestate")
+
+    def __init__(self, name: str, trace_id: str, parent_id: str | None, start_ns: int,
+                 attrs: dict[str, Any], kind: str = KIND_INTERNAL) -> None:
         self.trace_id = trace_id
-        self.span_id = _getrandbits(64) or 1
+        self.span_id = _new_span_id()
         self.parent_id = parent_id
         self.name = name
         self.start_ns = start_ns
-        self.end_ns = 0
         self.attrs = attrs
-        self.error: str | None = None
         self.kind = kind
         self.tracestate = ""
 
     @property
     def traceparent(self) -> str:
-        return format_traceparent(self.trace_id, self.span_id)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"trace_id": f"{self.trace_id:032x}", "span_id": f"{self.span_id:016x}",
-                "parent_id": f"{self.parent_id:016x}" if self.parent_id else None,
-                "name": self.name, "kind": _KIND_NAMES[self.kind],
-                "start_ns": self.start_ns, "end_ns": self.end_ns,
-                "attributes": self.attrs,
-                "status": "error" if self.error is not None else "ok",
-                **({"error": self.error} if self.error is not None else {})}
-
-
-_KIND_NAMES = {KIND_INTERNAL: "internal", KIND_SERVER: "server", KIND_CLIENT: "client"}
+        return f"00-{self.trace_id}-{self.span_id}-01"
 
 
 def start(name: str, rid: str, parent: Span | None = None, *, trace_id: int = 0,
-          parent_id: int = 0, kind: int = KIND_INTERNAL, start_ns: int = 0,
+          parent_id: int = 0, kind: str = KIND_INTERNAL, start_ns: int = 0,
           attrs: dict[str, Any] | None = None) -> Span:
     """A span begun now (or at ``start_ns``): under ``parent``, or under the
     remote ``trace_id``/``parent_id``, or a new trace's root."""
-    if parent is not None:
-        trace_id, parent_id = parent.trace_id, parent.span_id
-    elif not trace_id:
-        trace_id, parent_id = _getrandbits(128) or 1, 0
     a = {"nimbus.request_id": rid}
     if attrs:
         a.update(attrs)
-    return Span(name, trace_id, parent_id, start_ns or _now_ns(), a, kind)
+    if parent is not None:
+        return Span(name, parent.trace_id, parent.span_id, start_ns or _now_ns(), a, kind)
+    if trace_id:
+        return Span(name, f"{trace_id:032x}", f"{parent_id:016x}" if parent_id else None,
+                    start_ns or _now_ns(), a, kind)
+    return Span(name, f"{_getrandbits(128) or 1:032x}", None, start_ns or _now_ns(), a, kind)
 
 
 def end(span: Span, error: str | None = None, end_ns: int = 0) -> None:
-    span.end_ns = end_ns or _now_ns()
-    if error is not None:
-        span.error = error
-    _done.append(span)  # deque.append is atomic: the exporter thread pops
+    # deque.append is atomic: the exporter thread pops
+    _done.append({"trace_id": span.trace_id, "span_id": span.span_id,
+                  "parent_id": span.parent_id, "name": span.name, "kind": span.kind,
+                  "start_ns": span.start_ns, "end_ns": end_ns or _now_ns(),
+                  "attributes": span.attrs, "status": "ok" if error is None else "error",
+                  "error": error})
 
 
 def child(parent: Span, name: str, start_ns: int, end_ns: int, error: str | None = None,
           attrs: dict[str, Any] | None = None) -> None:
     """Record a finished step of ``parent``'s request."""
-    s = start(name, parent.attrs["nimbus.request_id"], parent, start_ns=start_ns, attrs=attrs)
-    end(s, error, end_ns)
+    a = {"nimbus.request_id": parent.attrs["nimbus.request_id"]}
+    if attrs:
+        a.update(attrs)
+    _done.append({"trace_id": parent.trace_id, "span_id": _new_span_id(),
+                  "parent_id": parent.span_id, "name": name, "kind": KIND_INTERNAL,
+                  "start_ns": start_ns, "end_ns": end_ns, "attributes": a,
+                  "status": "ok" if error is None else "error", "error": error})
 
 
 def parent_of(rid: str, event: Any) -> Span | None:
@@ -134,8 +137,8 @@ def parent_of(rid: str, event: Any) -> Span | None:
     remote = remote_parent(event)
     if remote is None:
         return None
-    s = Span("", remote[0], 0, 0, {"nimbus.request_id": rid})
-    s.span_id = remote[1]
+    s = Span("", f"{remote[0]:032x}", None, 0, {"nimbus.request_id": rid})
+    s.span_id = f"{remote[1]:016x}"
     return s
 
 
@@ -270,7 +273,10 @@ class Exporter:
         self.resource = dict(resource)
         self.file = (FileSink(folder, config.max_file_bytes, config.keep_files)
                      if config.mode == "file" and folder is not None else None)
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        # exported batches, newest last, as the file has them (bytes: nothing
+        # for the garbage collector to scan), at most RECENT_BYTES of them
+        self.recent: deque[bytes] = deque()
+        self._recent_bytes = 0
         self._otlp: Any = None
         if config.mode == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -290,7 +296,7 @@ class Exporter:
 
     def flush(self) -> None:
         with self._lock:
-            batch: list[Span] = []
+            batch: list[dict[str, Any]] = []
             while _done:
                 try:
                     batch.append(_done.popleft())
@@ -298,11 +304,18 @@ class Exporter:
                     break
             if not batch:
                 return
-            records = [s.to_json() for s in batch]
-            self.recent.extend(records)
+            try:
+                data = orjson.dumps(batch, option=orjson.OPT_APPEND_NEWLINE)
+            except TypeError:  # an attribute value orjson cannot write: one by one
+                data = b"[" + b",".join(orjson.dumps(r, default=str) for r in batch) + b"]\n"
+            if self.file is None:  # otherwise `nimbus trace` reads the file
+                self.recent.append(data)
+                self._recent_bytes += len(data)
+                while self._recent_bytes > RECENT_BYTES and len(self.recent) > 1:
+                    self._recent_bytes -= len(self.recent.popleft())
             try:
                 if self.file is not None:
-                    self.file.write([orjson.dumps(r) + b"\n" for r in records])
+                    self.file.write([data])
                 if self._otlp is not None:
                     self._otlp.export(_to_sdk(batch, self.resource))
             except Exception:  # noqa: BLE001 - a lost batch must not stop tracing
@@ -317,37 +330,47 @@ class Exporter:
     def find(self, request_id: str) -> list[dict[str, Any]]:
         """Every span of the traces that ``request_id``'s spans belong to."""
         self.flush()
-        records: list[dict[str, Any]] = list(self.recent)
+        lines = list(self.recent)
         if self.file is not None:
-            seen = {(r["trace_id"], r["span_id"]) for r in records}
             for path in self.file.files():
                 try:
-                    data = path.read_bytes()
+                    lines.extend(path.read_bytes().splitlines())
                 except OSError:
                     continue
-                if request_id.encode() not in data:
-                    continue
-                for line in data.splitlines():
-                    if request_id.encode() in line:
-                        try:
-                            r = orjson.loads(line)
-                        except orjson.JSONDecodeError:
-                            continue
-                        if (r.get("trace_id"), r.get("span_id")) not in seen:
-                            records.append(r)
-        return select(records, request_id)
+        return select(_parse(lines, request_id), request_id)
+
+
+def _parse(lines: list[bytes], request_id: str) -> list[dict[str, Any]]:
+    """The spans of the batches (JSON arrays, one a line) that may belong to
+    ``request_id``'s traces: those naming it, then those naming one of their
+    trace ids."""
+    def spans(chosen: Iterable[bytes]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for line in chosen:
+            try:
+                got = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(got, list):
+                out.extend(r for r in got if isinstance(r, dict))
+        return out
+    rid = request_id.encode()
+    traces = {r["trace_id"].encode() for r in spans(x for x in lines if rid in x)
+              if isinstance(r.get("trace_id"), str)}
+    return spans(x for x in lines if any(t in x for t in traces))
 
 
 def select(records: Iterable[dict[str, Any]], request_id: str) -> list[dict[str, Any]]:
     """The spans of the traces that have a span of ``request_id``, by start."""
     records = list(records)
-    traces = {r["trace_id"] for r in records
-              if r.get("attributes", {}).get("nimbus.request_id") == request_id}
-    out = {(r["trace_id"], r["span_id"]): r for r in records if r["trace_id"] in traces}
+    traces = {r.get("trace_id") for r in records
+              if (r.get("attributes") or {}).get("nimbus.request_id") == request_id}
+    out = {(r["trace_id"], r.get("span_id")): r for r in records
+           if r.get("trace_id") in traces}
     return sorted(out.values(), key=lambda r: (r["start_ns"], r["end_ns"]))
 
 
-def _to_sdk(batch: list[Span], resource: Mapping[str, str]) -> list[Any]:
+def _to_sdk(batch: list[dict[str, Any]], resource: Mapping[str, str]) -> list[Any]:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -359,15 +382,17 @@ def _to_sdk(batch: list[Span], resource: Mapping[str, str]) -> list[Any]:
              KIND_CLIENT: SpanKind.CLIENT}
     flags = TraceFlags(TraceFlags.SAMPLED)
     out = []
-    for s in batch:
-        parent = (SpanContext(s.trace_id, s.parent_id, is_remote=True, trace_flags=flags)
-                  if s.parent_id else None)
+    for r in batch:
+        trace_id = int(r["trace_id"], 16)
+        parent = (SpanContext(trace_id, int(r["parent_id"], 16), is_remote=True,
+                              trace_flags=flags) if r["parent_id"] else None)
+        error = r["error"]
         out.append(ReadableSpan(
-            name=s.name, context=SpanContext(s.trace_id, s.span_id, False, flags),
-            parent=parent, resource=res, attributes=s.attrs, kind=kinds[s.kind],
-            status=Status(StatusCode.ERROR, s.error) if s.error is not None
+            name=r["name"], context=SpanContext(trace_id, int(r["span_id"], 16), False, flags),
+            parent=parent, resource=res, attributes=r["attributes"], kind=kinds[r["kind"]],
+            status=Status(StatusCode.ERROR, error) if error is not None
             else Status(StatusCode.UNSET),
-            start_time=s.start_ns, end_time=s.end_ns, instrumentation_scope=scope))
+            start_time=r["start_ns"], end_time=r["end_ns"], instrumentation_scope=scope))
     return out
 
 
@@ -406,15 +431,10 @@ def find_in_files(folder: Path, request_id: str) -> list[dict[str, Any]]:
     """The same as :meth:`Exporter.find`, from the files alone (tracing off now)."""
     paths = sorted(folder.glob(FILE_NAME + "*"), key=lambda p: -int(p.suffix[1:])
                    if p.suffix[1:].isdigit() else 0)
-    records = []
+    lines: list[bytes] = []
     for path in paths:
         try:
-            lines = path.read_bytes().splitlines()
+            lines.extend(path.read_bytes().splitlines())
         except OSError:
             continue
-        for line in lines:
-            try:
-                records.append(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                continue
-    return select(records, request_id)
+    return select(_parse(lines, request_id), request_id)
