@@ -427,3 +427,59 @@ def test_edge_spans_a_request_and_each_try_of_a_region(tmp_path: Path) -> None:
         ("eu", 1, False, "error"), ("us", 2, True, "ok")]
     assert {t["parent_id"] for t in tries} == {req["span_id"]}
     assert len(spans) == 3
+
+
+def test_a_worker_serving_remote_gateways_records_its_steps_under_their_span(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """A region's worker: the gateway's span goes with the call (the INVOKE
+    frame's sixth field); hold, cold start and instance call are the worker's."""
+    import asyncio
+
+    from nimbus.gateway.remote import RemoteInvoker
+    from nimbus.observe import tracing
+    from tests.test_remote import directory_with, http, run, target
+    from tests.workers import TOKEN, WorkerProcess
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "app.yaml").write_text("name: remote\nfunctions:\n  work:\n    handler: h.work\n"
+                                  "    min_instances: 0\n    max_instances: 2\n")
+    (app / "h.py").write_text("import time\n\ndef work(event, context):\n"
+                              "    time.sleep(event.get('s', 0))\n    return 'ok'\n")
+    w = WorkerProcess(app, tmp_path, "w-traced", TOKEN, "--warm", "1",
+                      "--otlp-endpoint", receiver.url)
+    spans: dict[str, tracing.Span] = {}
+
+    async def call(inv: RemoteInvoker, rid: str, s: float) -> Any:
+        # what the gateway does around a call when tracing is on
+        span = spans[rid] = tracing.start("nimbus.request", rid)
+        tracing.active[rid] = span
+        try:
+            return await inv.invoke(rid, http(s=s))
+        finally:
+            tracing.active.pop(rid)
+    tracing.setup(tracing.TraceConfig("off"), None)  # on in this process, nothing exported
+    tracing.on = True
+    try:
+        async def scenario() -> None:
+            d = await directory_with(w)
+            inv = RemoteInvoker(target(app, "work"), d)
+            try:
+                first = asyncio.ensure_future(call(inv, "remote-1", 0.4))
+                await asyncio.sleep(0.15)
+                assert await call(inv, "remote-2", 0) == "ok"
+                assert await first == "ok"
+            finally:
+                await d.aclose()
+        run(scenario)
+    finally:
+        tracing.shutdown()
+        w.stop()
+    one = receiver.trace_of("remote-1", {"nimbus.invoke"})
+    assert [(s["name"], s["trace_id"], s["parent_id"]) for s in one] == [
+        ("nimbus.invoke", spans["remote-1"].trace_id, spans["remote-1"].span_id)]
+    two = receiver.trace_of("remote-2", {"nimbus.hold", "nimbus.cold_start", "nimbus.invoke"})
+    assert sorted(s["name"] for s in two) == ["nimbus.cold_start", "nimbus.hold",
+                                              "nimbus.invoke"]
+    assert {(s["trace_id"], s["parent_id"]) for s in two} == {
+        (spans["remote-2"].trace_id, spans["remote-2"].span_id)}

@@ -142,6 +142,21 @@ def parent_of(rid: str, event: Any) -> Span | None:
     return s
 
 
+def begin_remote(rid: str, traceparent: str) -> bool:
+    """Steps of request ``rid`` hang under the remote span ``traceparent``
+    (a gateway's, sent with the call) until ``active.pop(rid)``; False when
+    the value is not a valid ``traceparent``."""
+    from nimbus.observe.traceids import parse_traceparent
+
+    ids = parse_traceparent(traceparent)
+    if ids is None:
+        return False
+    s = Span("", f"{ids[0]:032x}", None, 0, {"nimbus.request_id": rid})
+    s.span_id = f"{ids[1]:016x}"
+    active[rid] = s
+    return True
+
+
 def remote_parent(event: Any) -> tuple[int, int] | None:
     """``(trace_id, span_id)`` of the event's ``traceparent`` header, if any."""
     from nimbus.observe.traceids import parse_traceparent

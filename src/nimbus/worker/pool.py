@@ -173,6 +173,8 @@ class FunctionPool:
         self.arrivals += 1
         inst.outstanding += 1
         self.in_flight += 1
+        if tracing.on:
+            return self._traced_run(inst, rid, event, timeout_s, None)
         return self._run(inst, rid, event, timeout_s)
 
     async def start_when_free(self, rid: str, event: Any,
@@ -180,6 +182,8 @@ class FunctionPool:
         """Wait as :meth:`invoke` does for an instance (held, bounded, may
         start one), then hand it the invocation and return its future.
         Cancelling while it waits leaves no trace: the invocation never ran."""
+        if tracing.on:
+            return await self._start_when_free_traced(rid, event, timeout_s)
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
@@ -188,6 +192,38 @@ class FunctionPool:
             inst.outstanding += 1
             self.in_flight += 1
         return self._run(inst, rid, event, timeout_s)
+
+    async def _start_when_free_traced(self, rid: str, event: Any,
+                                      timeout_s: float | None) -> asyncio.Future[Any]:
+        parent = tracing.parent_of(rid, event)
+        self.arrivals += 1
+        inst = self._pick() if self.in_flight < self.cap else None
+        if inst is None:
+            inst = await (self._held_traced(parent) if parent is not None
+                          else self._acquire_slow())
+        else:
+            inst.outstanding += 1
+            self.in_flight += 1
+        return self._traced_run(inst, rid, event, timeout_s, parent)
+
+    def _traced_run(self, inst: Instance, rid: str, event: Any, timeout_s: float | None,
+                    parent: tracing.Span | None) -> asyncio.Future[Any]:
+        """:meth:`_run` with the instance call as a span (the callers that
+        answer from a callback: a worker serving remote gateways)."""
+        if parent is None:
+            parent = tracing.parent_of(rid, event)
+        t0 = time.time_ns()
+        fut = self._run(inst, rid, event, timeout_s)
+        if parent is not None:
+            attrs = {"nimbus.instance": inst.id, "nimbus.function": self.target.function,
+                     "nimbus.version": self.target.version}
+
+            def done(f: asyncio.Future[Any]) -> None:
+                exc = None if f.cancelled() else f.exception()
+                tracing.child(parent, "nimbus.invoke", t0, time.time_ns(),
+                              None if exc is None else f"{type(exc).__name__}: {exc}", attrs)
+            fut.add_done_callback(done)
+        return fut
 
     def _run(self, inst: Instance, rid: str, event: Any,
              timeout_s: float | None) -> asyncio.Future[Any]:
