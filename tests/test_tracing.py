@@ -70,7 +70,13 @@ def echo(event, context):
 
 
 def sleepy(event, context):
-    time.sleep(0.4)
+    # ?started=FILE: made on arrival; ?until=FILE: answer once it exists (<= 20 s)
+    q = event.get("queryStringParameters") or {}
+    if "started" in q:
+        open(q["started"], "w").close()
+    end = time.monotonic() + 20
+    while "until" in q and not os.path.exists(q["until"]) and time.monotonic() < end:
+        time.sleep(0.01)
     return {"statusCode": 200, "body": "ok"}
 
 
@@ -161,7 +167,9 @@ def traced(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iter
     app.mkdir()
     (app / "app.yaml").write_text(MANIFEST % {"otlp": receiver.url + "/v1/traces"})
     (app / "handlers.py").write_text(HANDLERS)
-    n = Nimbus(app, root / "state", root / "state.out", "--otlp-endpoint", receiver.url)
+    # containment rlimits: the test and the handlers meet through files
+    n = Nimbus(app, root / "state", root / "state.out", "--otlp-endpoint", receiver.url,
+               "--containment", "rlimits")
     yield n
     n.stop()
 
@@ -213,14 +221,35 @@ def test_client_traceparent_is_honoured(traced: Nimbus, receiver: Receiver) -> N
     assert gw["parent_id"] is None and gw["trace_id"] != f"{CLIENT_TRACE:032x}"
 
 
+def wait_for(check: Any, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} before the deadline"
+        time.sleep(0.02)
+
+
+def held(n: Nimbus, function: str) -> int:
+    r = httpx.get(n.control_url + "/v1/status", timeout=10,
+                  headers={"authorization": f"Bearer {n.token}"})
+    return int(next(f["held"] for f in r.json()["functions"] if f["name"] == function))
+
+
 def test_hold_when_busy_and_cold_start_when_the_pool_grows(
-        traced: Nimbus, receiver: Receiver) -> None:
+        traced: Nimbus, receiver: Receiver, tmp_path: Path) -> None:
     for path, want_cold in (("/busy", 0), ("/grow", 1)):
+        started, release = tmp_path / f"{path[1:]}-started", tmp_path / f"{path[1:]}-release"
         with ThreadPoolExecutor(2) as ex:
-            first = ex.submit(traced.http.get, path)
-            time.sleep(0.15)  # the first holds the only warm instance
-            second = ex.submit(traced.http.get, path)
-            r1, r2 = first.result(), second.result()
+            # the first takes the only warm instance and keeps it until released
+            first = ex.submit(traced.http.get, path,
+                              params={"started": str(started), "until": str(release)})
+            wait_for(started.exists, "first request at its instance")
+            second = ex.submit(traced.http.get, path)  # held: busy, or until one starts
+            wait_for(lambda: held(traced, path[1:]) == 1, "held request")  # noqa: B023
+            if want_cold:  # the second is answered by the instance started for it
+                r2 = second.result()
+            release.touch()
+            r1 = first.result()
+            r2 = second.result()
         assert (r1.status_code, r2.status_code) == (200, 200)
         names = {"nimbus.request", "nimbus.hold", "nimbus.invoke"}
         if want_cold:
@@ -236,6 +265,7 @@ def test_hold_when_busy_and_cold_start_when_the_pool_grows(
         for c in colds:
             assert c["parent_id"] == gw["span_id"]
             assert c["attributes"]["nimbus.instance"] == call["attributes"]["nimbus.instance"]
+            assert hold["start_ns"] <= c["start_ns"] <= c["end_ns"] <= hold["end_ns"]
         spans1 = receiver.trace_of(r1.headers["x-nimbus-request-id"],
                                    {"nimbus.request", "nimbus.invoke"})
         assert by_name(spans1, "nimbus.hold") == []

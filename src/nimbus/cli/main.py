@@ -104,6 +104,10 @@ def cli() -> None:
 @click.option("--otlp-endpoint", default=None, metavar="URL",
               help="Send traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318); "
               "implies --trace otlp.")
+@click.option("--metrics-auth", default="token", show_default=True,
+              type=click.Choice(["token", "open"]),
+              help="GET /metrics on the control port: the control token as Bearer, or open "
+                   "(no token; only with a loopback --control-host).")
 @region_option
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
@@ -115,6 +119,13 @@ def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int
     from nimbus.region import set_region
     from nimbus.worker.budget import NodeBudget
 
+    if http_limits.get("metrics_auth") == "open":
+        from nimbus.observe.metrics import check_metrics_auth
+
+        try:
+            check_metrics_auth("open", control_host, "--control-host")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-auth") from None
     set_region(region)
     try:
         trace = trace_config(trace_mode, otlp_endpoint)

@@ -49,6 +49,30 @@ def _run_traced(role: str, region: str, state_dir: Path, trace_mode: str | None,
     sys.exit(code)
 
 
+def metrics_options(f: Any) -> Any:
+    """A worker's or gateway's metrics port."""
+    f = click.option("--metrics-auth", default="token", show_default=True,
+                     type=click.Choice(["token", "open"]),
+                     help="GET /metrics: the region token as Bearer, or open (no token; only "
+                          "on a loopback --metrics-host).")(f)
+    f = click.option("--metrics-port", default=0, show_default=True,
+                     type=click.IntRange(0, 65535),
+                     help="Port of GET /metrics (0 picks a free one; the node record "
+                          "names it).")(f)
+    f = click.option("--metrics-host", default=None,
+                     help="Address of the metrics port [default: the role's host].")(f)
+    return f
+
+
+def _auth_ok(auth: str, host: str, where: str) -> None:
+    from nimbus.observe.metrics import check_metrics_auth
+
+    try:
+        check_metrics_auth(auth, host, where)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics-auth") from None
+
+
 def _config(role: str, store_url: str, region: str, token_file: Path | None,
             state_dir: Path) -> Any:
     from nimbus.roles.common import role_config
@@ -61,15 +85,22 @@ def _config(role: str, store_url: str, region: str, token_file: Path | None,
 @click.option("--control-host", default="127.0.0.1", show_default=True)
 @click.option("--control-port", default=8081, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0))
+@click.option("--metrics-auth", default="token", show_default=True,
+              type=click.Choice(["token", "open"]),
+              help="GET /metrics on the control API: the region token as Bearer, or open "
+                   "(no token; only on a loopback --control-host).")
 def controller(store_url: str, region: str, token_file: Path | None, state_dir: Path,
-               control_host: str, control_port: int, grace_s: float, trace_mode: str | None,
+               control_host: str, control_port: int, grace_s: float,
+               metrics_auth: str, trace_mode: str | None,
                otlp_endpoint: str | None) -> None:
     """Run a controller of the region: control API, leader election,
     autoscaling and placement, schedules."""
     from nimbus.roles.controller import ControllerOptions, serve_controller
 
+    _auth_ok(metrics_auth, control_host, "--control-host")
     config = _config("controller", store_url, region, token_file, state_dir)
-    options = ControllerOptions(control_host, control_port, grace_s)
+    options = ControllerOptions(control_host, control_port, grace_s,
+                                metrics_auth=metrics_auth)
     _run_traced("controller", region, state_dir, trace_mode, otlp_endpoint,
                 lambda stop: serve_controller(config, options, stop))
 
@@ -87,10 +118,12 @@ def controller(store_url: str, region: str, token_file: Path | None, state_dir: 
               type=click.Choice(["auto", "full", "rlimits"]))
 @click.option("--uid-range", default="200000-265535", show_default=True)
 @click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0))
+@metrics_options
 def worker(store_url: str, region: str, token_file: Path | None, state_dir: Path, listen: str,
            advertise: str | None, node_instances: int, node_memory_mb: int, containment: str,
-           uid_range: str, grace_s: float, trace_mode: str | None,
-           otlp_endpoint: str | None) -> None:
+           uid_range: str, grace_s: float, metrics_host: str | None, metrics_port: int,
+           metrics_auth: str, trace_mode: str | None,
+               otlp_endpoint: str | None) -> None:
     """Run a worker of the region: zygotes and instances, serving gateways."""
     from nimbus.roles.worker import WorkerOptions, serve_worker
     from nimbus.worker.budget import NodeBudget
@@ -98,10 +131,12 @@ def worker(store_url: str, region: str, token_file: Path | None, state_dir: Path
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
         raise click.BadParameter(f"expected HOST:PORT, got {listen!r}", param_hint="--listen")
+    _auth_ok(metrics_auth, metrics_host or host.strip("[]"), "--metrics-host")
     config = _config("worker", store_url, region, token_file, state_dir)
     options = WorkerOptions(host.strip("[]"), int(port), advertise,
                             NodeBudget(node_instances, node_memory_mb), containment,
-                            _uid_range(uid_range), grace_s)
+                            _uid_range(uid_range), grace_s, metrics_host=metrics_host,
+                            metrics_port=metrics_port, metrics_auth=metrics_auth)
     _run_traced("worker", region, state_dir, trace_mode, otlp_endpoint,
                 lambda stop: serve_worker(config, options, stop))
 
@@ -111,14 +146,18 @@ def worker(store_url: str, region: str, token_file: Path | None, state_dir: Path
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0))
+@metrics_options
 def gateway(store_url: str, region: str, token_file: Path | None, state_dir: Path, host: str,
-            port: int, grace_s: float, trace_mode: str | None,
-            otlp_endpoint: str | None) -> None:
+            port: int, grace_s: float, metrics_host: str | None, metrics_port: int,
+            metrics_auth: str, trace_mode: str | None,
+               otlp_endpoint: str | None) -> None:
     """Run a gateway of the region: HTTP routes to instances on the workers."""
     from nimbus.roles.gateway import GatewayOptions, serve_gateway
 
+    _auth_ok(metrics_auth, metrics_host or host, "--metrics-host")
     config = _config("gateway", store_url, region, token_file, state_dir)
-    options = GatewayOptions(host, port, grace_s)
+    options = GatewayOptions(host, port, grace_s, metrics_host=metrics_host,
+                             metrics_port=metrics_port, metrics_auth=metrics_auth)
     _run_traced("gateway", region, state_dir, trace_mode, otlp_endpoint,
                 lambda stop: serve_gateway(config, options, stop))
 

@@ -53,6 +53,7 @@ from nimbus.manifest.model import RegionsSpec
 from nimbus.observe import tracing
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.memory import memory_of
+from nimbus.observe.metrics import serve_metrics
 from nimbus.observe.protocols import FileLogSource, LogSource
 from nimbus.region import region
 from nimbus.store.queue import STATUSES
@@ -459,6 +460,14 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
             })
         return _json(sorted(out, key=lambda a: a["name"]))
 
+    # GET /metrics: its own auth (the token, or open on loopback), never a
+    # JSON error shape: Prometheus reads the status alone.
+    metrics_token: str | None = getattr(platform, "metrics_token", platform.token)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        status, headers, body = await serve_metrics(request.headers, metrics_token)
+        return Response(body, status_code=status, headers=dict(headers))
+
     async def openapi_json(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
@@ -498,6 +507,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
     return Starlette(routes=[
         Route("/v1/health", health, methods=["GET"]),
         Route("/v1/openapi.json", openapi_json, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/deploy", g["deploy"], methods=["POST"]),
         Route("/v1/functions", g["functions"], methods=["GET"]),
         Route("/v1/apps", g["apps"], methods=["GET"]),

@@ -54,8 +54,9 @@ from nimbus.gateway.connections import (
     raise_fd_limit,
 )
 from nimbus.manifest.model import RegionsSpec
-from nimbus.observe import tracing
+from nimbus.observe import metrics, tracing
 from nimbus.observe.logs import LogSink
+from nimbus.observe.metrics import check_metrics_auth
 from nimbus.observe.tracing import TraceConfig
 from nimbus.region import region
 from nimbus.store.base import Blobs, Store
@@ -95,8 +96,10 @@ class ServerConfig:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_bundle_bytes: int = MAX_BUNDLE_UPLOAD
     trace: TraceConfig = field(default_factory=TraceConfig)
+    metrics_auth: str = "token"  # GET /metrics: the control token, or "open" (loopback only)
 
     def __post_init__(self) -> None:
+        check_metrics_auth(self.metrics_auth, self.control_host, "--control-host")
         for name in ("max_connections", "control_max_connections", "max_bundle_bytes"):
             value = getattr(self, name)
             if value < 1:
@@ -197,8 +200,16 @@ class Platform:
         self.guards: dict[str, ConnectionGuard] = {}
         self._stop = asyncio.Event()
         self.lock: StateLock | None = None
+        self.metrics_token: str | None = None if config.metrics_auth == "open" else self.token
+        metrics.set_role("up")
+        metrics.watch_worker(worker)
+        metrics.watch_async(self._async_figures)
 
     identity: Identity | None = None
+
+    async def _async_figures(self) -> dict[str, metrics.AsyncFigures]:
+        """Each routed function's async backlog, for the metrics scrape."""
+        return {name: await self.events.backlog(name) for name in list(self.routes.functions)}
 
     @property
     def max_bundle_bytes(self) -> int:
@@ -227,6 +238,8 @@ class Platform:
         store = await open_store("sqlite", config.state_dir / "store.db")
         blobs = await open_blobs(config.state_dir / "blobs")
         queue = await open_sqlite_queue(config.state_dir / "queue.db")
+        metrics.time_store(store, "sqlite")
+        metrics.time_queue(queue, "sqlite")
         # This process owns the embedded queue: what a dead predecessor had
         # leased is deliverable again now, not after the lease.
         await queue.recover()

@@ -49,7 +49,7 @@ from nimbus.events.names import Subscription, invoke_queue, user_queue
 from nimbus.events.retry import RetryPolicy, next_retry, too_old
 from nimbus.events.shapes import destination_record, sns_event, sqs_event
 from nimbus.ids import new_id
-from nimbus.observe import tracing
+from nimbus.observe import metrics, tracing
 from nimbus.store.queue import Delivery, Message, Outgoing
 from nimbus.worker.pool import ACQUIRE_GRACE_S
 
@@ -382,8 +382,9 @@ class Dispatcher:
         verdict = next_retry(policy_of(spec), attempts=m.attempts, enqueued_at=m.enqueued_at,
                              now=self._clock.now(), rand=random.random())
         if verdict.delay_s is not None:
-            await self._settle(self.queue.retry(m, delay_s=verdict.delay_s, error=error,
-                                                request_id=rid or m.id))
+            if await self._settle(self.queue.retry(m, delay_s=verdict.delay_s, error=error,
+                                                   request_id=rid or m.id)):
+                metrics.async_retried(sub.function)
             return
         await self._give_up(sub, spec, m, payload, "RetriesExhausted",
                             {**error, "nimbusReason": verdict.reason}, rid)
@@ -396,7 +397,9 @@ class Dispatcher:
             await self._destination(spec.on_failure, sub, m, condition, payload, error,
                                     error=True, tries=m.attempts if tried else m.attempts - 1)
         if spec.dead_letter:
-            await self._settle(self.queue.dead_letter(m, error=error, request_id=rid or m.id))
+            if await self._settle(self.queue.dead_letter(m, error=error,
+                                                         request_id=rid or m.id)):
+                metrics.async_dead_lettered(sub.function)
         else:
             await self._settle(self.queue.fail(m, error=error, request_id=rid or m.id))
 
@@ -416,11 +419,14 @@ class Dispatcher:
                        dedup_key=f"destination:{m.id}:{m.enqueued_at!r}:{condition}")
         await self.queue.send(target, [out])
 
-    async def _settle(self, op: Awaitable[None]) -> None:
+    async def _settle(self, op: Awaitable[None]) -> bool:
+        """Whether it settled (False: our lease ran out; the next delivery settles it)."""
         try:
             await op
-        except ConflictError as exc:  # our lease ran out; the next delivery settles it
+        except ConflictError as exc:
             log.warning("could not settle: %s", exc)
+            return False
+        return True
 
     def _live(self, sub: Subscription, pool: FunctionPool) -> FunctionPool:
         """``pool``, if it still serves the function: work that waited for a

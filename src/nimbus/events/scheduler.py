@@ -38,6 +38,7 @@ from nimbus.events.names import invoke_queue
 from nimbus.events.schedule_expr import Schedule, parse_schedule
 from nimbus.events.shapes import scheduled_event
 from nimbus.ids import new_id
+from nimbus.observe import metrics
 from nimbus.store.queue import Delivery, Outgoing
 
 if TYPE_CHECKING:
@@ -83,9 +84,17 @@ def schedules_of(pools: dict[str, FunctionPool]) -> list[Scheduled]:
 def ticks_to_fire(schedule: Schedule, missed: str, last: float,
                   now: float) -> tuple[list[float], float]:
     """(ticks to fire now, the new ``last``) for ticks in (``last``, ``now``]."""
+    fire, _skipped, new_last = tick_plan(schedule, missed, last, now)
+    return fire, new_last
+
+
+def tick_plan(schedule: Schedule, missed: str, last: float,
+              now: float) -> tuple[list[float], int, float]:
+    """(ticks to fire now, how many due ticks are skipped by the ``missed``
+    policy, the new ``last``) for ticks in (``last``, ``now``]."""
     due = [d.timestamp() for d in schedule.due(_dt(last), _dt(now), CATCHUP_LIMIT)]
     if not due:
-        return [], last
+        return [], 0, last
     on_time = [t for t in due if now - t <= LATE_S]
     late = [t for t in due if now - t > LATE_S]
     if missed == "all":
@@ -94,7 +103,7 @@ def ticks_to_fire(schedule: Schedule, missed: str, last: float,
         fire = on_time or late[-1:]
     else:
         fire = on_time
-    return fire, due[-1]
+    return fire, len(due) - len(fire), due[-1]
 
 
 def _dt(ts: float) -> datetime:
@@ -173,16 +182,18 @@ class Scheduler:
                 pass
             return []
         last = float(orjson.loads(entry.value)["last"])
-        fire, new_last = ticks_to_fire(s.parsed(), s.spec.missed, last, now)
+        fire, skipped, new_last = tick_plan(s.parsed(), s.spec.missed, last, now)
         if new_last == last:
             return []
         detail = dict(s.spec.input)
+        name = f"schedule-{s.index}"
+        metrics.schedule_missed(s.function, name, skipped)
         for t in fire:
-            event = scheduled_event(new_id(), s.function, f"schedule-{s.index}", t,
-                                    detail)
+            event = scheduled_event(new_id(), s.function, name, t, detail)
             await self.queue.send(invoke_queue(s.function), [Outgoing(
                 orjson.dumps(event), {"nimbus.source": "schedule"},
                 dedup_key=f"schedule:{s.key}:{t:.3f}")])
+            metrics.schedule_fired(s.function, name)
         try:
             await self.store.update(key, orjson.dumps({"last": new_last}), entry.revision)
         except ConflictError:  # another leader moved it: its ticks were deduplicated

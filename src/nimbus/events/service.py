@@ -27,6 +27,7 @@ from nimbus.errors import NotFoundError, PayloadTooLargeError, UnavailableError,
 from nimbus.events.dispatch import Dispatcher
 from nimbus.events.names import Subscription, invoke_queue, topic_queue, user_queue
 from nimbus.ids import new_id
+from nimbus.observe.metrics import AsyncFigures
 from nimbus.store.queue import (
     DEFAULT_DEDUP_WINDOW_S,
     Delivery,
@@ -219,6 +220,27 @@ class Events:
             for k in total:
                 total[k] += getattr(s, k)
         return total
+
+    async def backlog(self, function: str) -> AsyncFigures:
+        """``function``'s async work for the metrics: waiting, running,
+        waiting for a retry, dead; and how long the oldest has waited (when
+        the queue can tell cheaply)."""
+        out = AsyncFigures()
+        oldest_at: float | None = None
+        oldest_of = getattr(self.records, "oldest_queued_at", None)
+        for q in self._queues_of(function):
+            s = await self.records.stats(q)
+            out.queued += s.ready
+            out.running += s.running
+            out.retrying += s.delayed
+            out.dead += s.dead
+            if oldest_of is not None and s.ready:
+                at = await oldest_of(q)
+                if at is not None and (oldest_at is None or at < oldest_at):
+                    oldest_at = at
+        if oldest_at is not None:
+            out.oldest_queued_age_s = max(0.0, self.clock.now() - oldest_at)
+        return out
 
     # -- housekeeping ---------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from nimbus.gateway.router import Router
 from nimbus.ids import new_id
 from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
 from nimbus.observe import tracing
+from nimbus.observe.metrics import HTTP
 from nimbus.region import region
 
 log = logging.getLogger("nimbus.gateway")
@@ -60,6 +61,8 @@ class AsyncSubmitter(Protocol):
 
 class Invoker(Protocol):
     """What a route points at: something that runs one invocation."""
+
+    target: Any  # the function version it runs (``.function``, ``.version``)
 
     async def invoke(self, rid: str, event: Any) -> Any: ...
 
@@ -111,19 +114,23 @@ class Gateway:
         self.requests += 1
         rid = new_id()
         span = _begin_span(rid, scope) if tracing.on else None
+        function = ""  # no route matched
+        received = 0
         try:
             path = scope["path"]
             if path.startswith(RESERVED_PREFIX):
                 status, headers, data = self._reserved(scope)
             else:
                 match = self.router.match(scope["method"], path)
+                function = match.target.target.function
                 body = await self._read_body(scope, receive)
+                received = len(body)
                 event = http_event(scope, body, route_key=match.route_key,
                                    path_params=match.path_params, request_id=rid,
                                    now_s=time.time())
                 ev_headers = event["headers"]
                 if span is not None:
-                    span.attrs["nimbus.function"] = _function_of(match.target)
+                    span.attrs["nimbus.function"] = function
                     tracing.inject(span, ev_headers)
                 if ((INVOCATION_TYPE_HEADERS[0] in ev_headers
                         or INVOCATION_TYPE_HEADERS[1] in ev_headers) and invocation_type(
@@ -134,6 +141,7 @@ class Gateway:
                     headers.append((b"content-length", str(len(data)).encode()))
                     if span is not None:
                         _end_span(span, rid, status)
+                    HTTP.count(function, status, received, len(data))
                     return status, headers, data
                 result = await match.target.invoke(rid, event)
                 try:
@@ -157,6 +165,7 @@ class Gateway:
             headers.append((b"content-length", str(len(data)).encode()))
         if span is not None:
             _end_span(span, rid, status)
+        HTTP.count(function, status, received, len(data))
         return status, headers, data
 
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
@@ -229,10 +238,6 @@ def _begin_span(rid: str, scope: dict[str, Any]) -> tracing.Span:
     span.tracestate = state
     tracing.active[rid] = span
     return span
-
-
-def _function_of(target: Any) -> str:
-    return str(getattr(getattr(target, "target", None), "function", ""))
 
 
 def _end_span(span: tracing.Span, rid: str, status: int) -> None:

@@ -42,6 +42,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from nimbus.gateway.responses import Response
+from nimbus.observe.metrics import HTTP
 
 log = logging.getLogger("nimbus.http")
 
@@ -455,6 +456,7 @@ class GatewayHttpProtocol(GuardedHttpToolsProtocol):
                 await self.flow.drain()  # the client is not reading: wait, as uvicorn does
         except Exception:  # a bug of ours: the client gets a 500
             log.exception("request failed")
+            HTTP.count("", 500, 0, 21)
             if not exchange.disconnected:
                 exchange.response_complete = True
                 self.transport.write(_INTERNAL_ERROR)

@@ -50,7 +50,7 @@ from nimbus.errors import (
     ThrottledError,
     UnavailableError,
 )
-from nimbus.observe import tracing
+from nimbus.observe import metrics, tracing
 from nimbus.worker import frames as f
 from nimbus.worker.pool import ACQUIRE_GRACE_S
 
@@ -600,6 +600,9 @@ class RemoteInvoker:
         self._logs = logs
         self._waiters: deque[asyncio.Future[WorkerLink]] = deque()
         self._rerouting: list[tuple[asyncio.Future[WorkerLink], frozenset[str]]] = []
+        # Outcomes decided here, not by a worker's pool: throttled before a
+        # worker took the call, or its worker lost (its counters went with it).
+        self.metrics = metrics.invocation_stats(target.function, target.version)
         directory._listen(self.key, self)
 
     @property
@@ -633,7 +636,11 @@ class RemoteInvoker:
         self.arrivals += 1
         link = self.directory.take(self.key) if self.in_flight < self._cap else None
         if link is None:
-            link = await self._acquire_slow()  # its slot comes reserved
+            try:
+                link = await self._acquire_slow()  # its slot comes reserved
+            except BaseException as exc:
+                self.metrics.failed(exc)
+                raise
         else:
             self.in_flight += 1
         try:
@@ -654,6 +661,7 @@ class RemoteInvoker:
         lost_once = False
         while True:
             wait = True
+            lost_here = False
             try:
                 conn = link.conn
                 if conn is None:
@@ -663,6 +671,7 @@ class RemoteInvoker:
             except WorkerLost as exc:
                 if exc.sent:
                     if lost_once or not idempotent(event):
+                        self.metrics.instance_died += 1
                         raise InstanceDiedError(
                             f"worker {link.id} was lost during the invocation") from None
                     lost_once = True
@@ -670,8 +679,10 @@ class RemoteInvoker:
                     failure: NimbusError = InstanceDiedError(
                         f"worker {link.id} was lost during the invocation and no other "
                         f"worker could take it")
+                    lost_here = True
                 else:  # it ran nowhere: as a hold that found no instance in time
                     failure = ThrottledError(f"no worker could take {target.function} in time")
+                    lost_here = True
             except NotRun as exc:
                 self.rerouted += 1
                 failure = exc.error
@@ -683,6 +694,8 @@ class RemoteInvoker:
             if nxt is None and wait and loop.time() < look_until:
                 nxt = await self._reroute(frozenset(tried), look_until)
             if nxt is None:
+                if lost_here:  # a worker's answer (NotRun) was counted by its pool
+                    self.metrics.failed(failure)
                 raise failure
             link = nxt
 

@@ -47,6 +47,16 @@ def check_region(name: str) -> str:
     return name
 
 
+def check_auth(auth: str, host: str, where: str) -> None:
+    """``--metrics-auth``: ``open`` only on a loopback ``host`` (UserInputError)."""
+    from nimbus.observe.metrics import check_metrics_auth
+
+    try:
+        check_metrics_auth(auth, host, where)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+
+
 def read_token(path: Path) -> str:
     """The region token from ``path``: printable ASCII, at least 32 characters."""
     try:

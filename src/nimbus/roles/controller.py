@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from nimbus.roles.common import RoleConfig, remove_node_file, write_node_file
+from nimbus.roles.common import RoleConfig, check_auth, remove_node_file, write_node_file
 
 log = logging.getLogger("nimbus.controller")
 
@@ -27,6 +27,10 @@ class ControllerOptions:
     grace_s: float = 10.0
     max_bundle_bytes: int = 250 * 1024 * 1024
     leader_ttl_s: float = 1.5
+    metrics_auth: str = "token"  # GET /metrics on the control API: region token, or "open"
+
+    def __post_init__(self) -> None:
+        check_auth(self.metrics_auth, self.control_host, "--control-host")
 
 
 async def serve_controller(config: RoleConfig, options: ControllerOptions,
@@ -36,7 +40,8 @@ async def serve_controller(config: RoleConfig, options: ControllerOptions,
     controller = await Controller.open(config, options)
     try:
         await controller.start()
-        write_node_file(config, {"url": controller.control_url})
+        write_node_file(config, {"url": controller.control_url,
+                                 "metrics": controller.control_url})
         log.warning("controller %s: control API at %s", config.node_id,
                     controller.control_url)
         await stop.wait()
@@ -48,7 +53,7 @@ async def serve_controller(config: RoleConfig, options: ControllerOptions,
 def node_summary(info: dict[str, Any], now: float) -> dict[str, Any]:
     """A node's registration as ``nimbus status`` shows it."""
     return {"role": info.get("role"), "id": info.get("id"), "pid": info.get("pid"),
-            "host": info.get("host"), "url": info.get("url"),
+            "host": info.get("host"), "url": info.get("url"), "metrics": info.get("metrics"),
             "uptime_s": round(now - float(info.get("started_at", now)), 1),
             "ready": info.get("ready", {}), "lease": "held"}
 

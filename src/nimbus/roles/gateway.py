@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nimbus.roles.common import RoleConfig, remove_node_file, write_node_file
+from nimbus.roles.common import RoleConfig, check_auth, remove_node_file, write_node_file
 from nimbus.worker.target import Target
 
 log = logging.getLogger("nimbus.gateway")
@@ -28,6 +28,12 @@ class GatewayOptions:
     port: int = 8080
     grace_s: float = 10.0
     max_body_bytes: int = 6 * 1024 * 1024
+    metrics_host: str | None = None  # default: host
+    metrics_port: int = 0
+    metrics_auth: str = "token"
+
+    def __post_init__(self) -> None:
+        check_auth(self.metrics_auth, self.metrics_host or self.host, "--metrics-host")
 
 
 SHARE_EVERY_S = 0.25
@@ -87,6 +93,7 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
     from nimbus.events.service import Events
     from nimbus.gateway.app import Gateway, GatewayConfig
     from nimbus.gateway.remote import WorkerDirectory
+    from nimbus.observe import metrics
     from nimbus.roles.http import HttpServer
     from nimbus.store.registry import open_backend
 
@@ -101,16 +108,23 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
     routes = RouteSync(backend.store, gateway, pools,  # type: ignore[arg-type]
                        on_change=events.sync)
     http = HttpServer.for_gateway(gateway, options.host, options.port, options.grace_s)
+    metrics.set_role("gateway")
+    metrics.watch_invokers(lambda: list(pools.pools.values()))
+    metrics_http = HttpServer.for_metrics(
+        options.metrics_host or options.host, options.metrics_port,
+        None if options.metrics_auth == "open" else config.token)
     agent = GatewayAgent(backend.store, config.node_id, pools.by_target, directory,
-                         info=lambda: {"url": http.url}, shares=shares)
+                         info=lambda: {"url": http.url, "metrics": metrics_http.url},
+                         shares=shares)
     sharing: asyncio.Task[None] | None = None
     try:
         await routes.start()
         events.start()
+        await metrics_http.start()
         await http.start()
         await agent.start()  # the workers, shares, demand reports; registered with our URL
         sharing = asyncio.create_task(_keep_shares(pools))
-        write_node_file(config, {"url": http.url})
+        write_node_file(config, {"url": http.url, "metrics": metrics_http.url})
         log.info("gateway %s serving at %s", config.node_id, http.url)
         await stop.wait()
     finally:
@@ -125,6 +139,7 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
         await agent.aclose()
         await routes.aclose()
         await directory.aclose()
+        await metrics_http.aclose()
         await backend.aclose()
 
 

@@ -25,6 +25,24 @@ from nimbus.gateway.connections import (
 
 log = logging.getLogger("nimbus")
 
+METRICS_MAX_CONNECTIONS = 64
+
+
+def metrics_app(token: str | None) -> Any:
+    """An ASGI app serving ``GET /metrics`` (404 elsewhere)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from nimbus.observe.metrics import serve_metrics
+
+    async def metrics(request: Request) -> Response:
+        status, headers, body = await serve_metrics(request.headers, token)
+        return Response(body, status_code=status, headers=dict(headers))
+
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
+
 
 class HttpServer:
     def __init__(self, app: Any, name: str, host: str, port: int, *, grace_s: float,
@@ -52,6 +70,13 @@ class HttpServer:
     def for_control(cls, app: Any, host: str, port: int, grace_s: float) -> HttpServer:
         return cls(app, "control API", host, port, grace_s=grace_s,
                    max_connections=DEFAULT_CONTROL_MAX_CONNECTIONS)
+
+    @classmethod
+    def for_metrics(cls, host: str, port: int, token: str | None) -> HttpServer:
+        """The metrics port of a worker or gateway: ``GET /metrics`` alone,
+        with the region token as Bearer (``token`` None: open)."""
+        return cls(metrics_app(token), "metrics port", host, port, grace_s=1.0,
+                   max_connections=METRICS_MAX_CONNECTIONS)
 
     async def start(self) -> None:
         sock = _bind(self.host, self.port)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from nimbus.manifest.model import RegionsSpec
+from nimbus.observe import metrics
 from nimbus.roles.common import RoleConfig
 from nimbus.roles.controller import ControllerOptions, node_summary
 
@@ -38,6 +39,8 @@ class Controller:
         self.backend = backend
         self.store = backend.store
         self.token = config.token
+        self.metrics_token: str | None = None if options.metrics_auth == "open" \
+            else config.token
         self.state_dir = config.state_dir
         self.started_at = time.time()
         self.control_url = ""
@@ -59,10 +62,17 @@ class Controller:
                                    lease_ttl_s=max(2.0, options.leader_ttl_s))
         self.events.on_sync.append(self.scheduler.set_pools)
         self.agent = ControllerAgent(backend.store, config.node_id,
-                                     info=lambda: {"url": self.control_url},
+                                     info=lambda: {"url": self.control_url,
+                                                   "metrics": self.control_url},
                                      ttl_s=options.leader_ttl_s)
         self.http: Any = None
         self._workers_watch: Any = None
+        metrics.set_role("controller")
+        metrics.watch_async(self._async_figures)
+
+    async def _async_figures(self) -> dict[str, Any]:
+        """The region's async backlog per function, for the metrics scrape."""
+        return {name: await self.events.backlog(name) for name in list(self.routes.functions)}
 
     @classmethod
     async def open(cls, config: RoleConfig, options: ControllerOptions) -> Controller:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from nimbus.errors import UserInputError
-from nimbus.roles.common import RoleConfig, remove_node_file, write_node_file
+from nimbus.roles.common import RoleConfig, check_auth, remove_node_file, write_node_file
 from nimbus.worker.budget import NodeBudget
 
 log = logging.getLogger("nimbus.worker")
@@ -30,11 +30,19 @@ class WorkerOptions:
     containment: str = "auto"
     uid_range: tuple[int, int] = (200_000, 265_535)
     grace_s: float = 10.0
+    metrics_host: str | None = None  # default: host
+    metrics_port: int = 0
+    metrics_auth: str = "token"
+
+    def __post_init__(self) -> None:
+        check_auth(self.metrics_auth, self.metrics_host or self.host, "--metrics-host")
 
 
 async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio.Event) -> None:
     from nimbus.cluster.roles import WorkerAgent
+    from nimbus.observe import metrics
     from nimbus.observe.natslogs import open_region_logs
+    from nimbus.roles.http import HttpServer
     from nimbus.store.registry import open_backend
     from nimbus.worker.containment import Containment
     from nimbus.worker.frameserver import FrameServer
@@ -45,6 +53,7 @@ async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio
     worker: Worker | None = None
     server: FrameServer | None = None
     agent: WorkerAgent | None = None
+    metrics_http: HttpServer | None = None
     logs = None
     try:
         containment = await asyncio.to_thread(
@@ -57,15 +66,24 @@ async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio
         worker = Worker(config.state_dir, logs, options.budget, containment=containment,
                         node_id=config.node_id, autoscale=False)
         await worker.start()
+        metrics.set_role("worker")
+        metrics.watch_worker(worker)
+        metrics_http = HttpServer.for_metrics(
+            options.metrics_host or options.host, options.metrics_port,
+            None if options.metrics_auth == "open" else config.token)
+        await metrics_http.start()
+        metrics_url = metrics_http.url
         server = FrameServer(worker, options.host, options.port, config.token)
         await server.start()
         port = server.address[1]
         address = f"{options.advertise or options.host}:{port}"
         agent = WorkerAgent(backend.store, backend.blobs, worker, config.node_id,
                             config.state_dir,
-                            info=lambda: {"frames": address, "url": f"tcp://{address}"})
+                            info=lambda: {"frames": address, "url": f"tcp://{address}",
+                                          "metrics": metrics_url})
         await agent.start()
         write_node_file(config, {"url": f"tcp://{address}", "frames": address,
+                                 "metrics": metrics_url,
                                  "containment": containment.summary()})
         log.info("worker %s serving frames on %s (%s)", config.node_id, address,
                  containment.summary())
@@ -78,6 +96,8 @@ async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio
             await server.aclose(grace_s=min(options.grace_s, 5.0))
         if worker is not None:
             await worker.aclose(grace_s=min(options.grace_s, 5.0))
+        if metrics_http is not None:
+            await metrics_http.aclose()
         if logs is not None:
             await logs.aclose()
         await backend.aclose()

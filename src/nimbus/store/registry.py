@@ -167,11 +167,20 @@ async def open_backend(url: str | None, *, region: str, token: str | None,
         if folder is None:
             raise UserInputError("a sqlite store needs a state folder (sqlite:///abs/folder "
                                  "or --state-dir)")
-        return await _open_sqlite(folder, parsed)
+        return _timed(await _open_sqlite(folder, parsed), "sqlite")
     if not token:
         raise UserInputError("a nats:// store needs the region token (--token-file): it is "
                              "the NATS password")
-    return await _open_nats(parsed, region=region, token=token)
+    return _timed(await _open_nats(parsed, region=region, token=token), "nats")
+
+
+def _timed(backend: Backend, name: str) -> Backend:
+    """The store's and queue's operations observed in the latency histograms."""
+    from nimbus.observe.metrics import time_queue, time_store
+
+    time_store(backend.store, name)
+    time_queue(backend.queue, name)
+    return backend
 
 
 async def _open_sqlite(folder: Path, parsed: StoreURL) -> Backend:

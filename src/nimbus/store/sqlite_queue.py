@@ -604,6 +604,16 @@ class SQLiteQueue:
             return QueueStats(**counts)
         return await self._read(run)  # type: ignore[no-any-return]
 
+    async def oldest_queued_at(self, queue: str) -> float | None:
+        """When the oldest message still waiting for its first delivery was
+        sent (None when none waits): one row read through an index."""
+        def run(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT enqueued_at FROM messages WHERE queue = ? AND status = 'queued' "
+                "ORDER BY seq LIMIT 1", (queue,)).fetchone()
+            return float(row[0]) if row else None
+        return await self._read(run)  # type: ignore[no-any-return]
+
     async def purge_settled(self, older_than: float) -> int:
         """In chunks of ``PURGE_CHUNK``, each its own job: accepts and acks
         interleave instead of waiting behind one huge delete."""

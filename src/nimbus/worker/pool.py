@@ -26,7 +26,7 @@ from typing import Any
 
 from nimbus.autoscale.decider import Decider, Decision, ScalingConfig
 from nimbus.errors import ClosedError, InstanceDiedError, ThrottledError
-from nimbus.observe import tracing
+from nimbus.observe import metrics, tracing
 from nimbus.worker.deps import BASE, DepSet
 from nimbus.worker.instance import Instance
 from nimbus.worker.target import Target
@@ -38,6 +38,7 @@ Starter = Callable[["FunctionPool"], Awaitable[Instance]]
 # How long a request may be held for an instance beyond its own timeout.
 ACQUIRE_GRACE_S = 10.0
 STOP_GRACE_S = 1.0
+_clock = time.perf_counter
 
 
 def scaling_config(target: Target) -> ScalingConfig:
@@ -76,9 +77,12 @@ class FunctionPool:
         self._starting = 0
         self._waiters: deque[asyncio.Future[Instance]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()  # strong refs to background work
+        # this version's counters, bound once (see nimbus.observe.metrics)
+        self.metrics = metrics.invocation_stats(target.function, target.version)
+        self._cold = metrics.cold_start(target.function, target.version)
         # instance id -> (fork asked, READY) in ns, for the first traced
         # request it serves (its cold start span); only while tracing is on
-        self._cold: dict[str, tuple[int, int]] = {}
+        self._cold_spans: dict[str, tuple[int, int]] = {}
 
     # -- the request path ---------------------------------------------------
 
@@ -88,58 +92,65 @@ class FunctionPool:
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
-            inst = await self._acquire_slow()  # its slot comes reserved
+            try:
+                inst = await self._acquire_slow()  # its slot comes reserved
+            except BaseException as exc:
+                self.metrics.failed(exc)  # throttled, or its instance failed to start
+                raise
         else:
             inst.outstanding += 1
             self.in_flight += 1
+        t0 = _clock()
         try:
-            return await inst.invoke(rid, event, self.timeout_s)
+            result = await inst.invoke(rid, event, self.timeout_s)
+        except BaseException as exc:
+            self.metrics.failed(exc, _clock() - t0)
+            raise
+        else:
+            self.metrics.succeeded(_clock() - t0)
+            return result
         finally:
             inst.outstanding -= 1
             self.in_flight -= 1
             self._released(inst)
 
     async def _invoke_traced(self, rid: str, event: Any) -> Any:
-        """:meth:`invoke` with its steps recorded as spans of the request."""
+        """:meth:`invoke` with its steps recorded as spans of the request
+        (when it has one: see :func:`tracing.parent_of`)."""
         parent = tracing.parent_of(rid, event)
-        if parent is None:
-            return await self._invoke_untraced(rid, event)
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
-            inst = await self._held_traced(parent)
+            try:
+                inst = await (self._held_traced(parent) if parent is not None
+                              else self._acquire_slow())
+            except BaseException as exc:
+                self.metrics.failed(exc)
+                raise
         else:
             inst.outstanding += 1
             self.in_flight += 1
-        t0 = time.time_ns()
+        t0 = _clock()
+        t0_ns = time.time_ns()
         error = None
         try:
-            return await inst.invoke(rid, event, self.timeout_s)
+            result = await inst.invoke(rid, event, self.timeout_s)
         except BaseException as exc:
+            self.metrics.failed(exc, _clock() - t0)
             error = f"{type(exc).__name__}: {exc}"
             raise
-        finally:
-            inst.outstanding -= 1
-            self.in_flight -= 1
-            self._released(inst)
-            tracing.child(parent, "nimbus.invoke", t0, time.time_ns(), error,
-                          {"nimbus.instance": inst.id, "nimbus.function": self.target.function,
-                           "nimbus.version": self.target.version})
-
-    async def _invoke_untraced(self, rid: str, event: Any) -> Any:
-        self.arrivals += 1
-        inst = self._pick() if self.in_flight < self.cap else None
-        if inst is None:
-            inst = await self._acquire_slow()
         else:
-            inst.outstanding += 1
-            self.in_flight += 1
-        try:
-            return await inst.invoke(rid, event, self.timeout_s)
+            self.metrics.succeeded(_clock() - t0)
+            return result
         finally:
             inst.outstanding -= 1
             self.in_flight -= 1
             self._released(inst)
+            if parent is not None:
+                tracing.child(parent, "nimbus.invoke", t0_ns, time.time_ns(), error,
+                              {"nimbus.instance": inst.id,
+                               "nimbus.function": self.target.function,
+                               "nimbus.version": self.target.version})
 
     async def _held_traced(self, parent: tracing.Span) -> Instance:
         t0 = time.time_ns()
@@ -150,7 +161,7 @@ class FunctionPool:
                           f"{type(exc).__name__}: {exc}")
             raise
         tracing.child(parent, "nimbus.hold", t0, time.time_ns())
-        cold = self._cold.pop(inst.id, None)
+        cold = self._cold_spans.pop(inst.id, None)
         if cold is not None:
             tracing.child(parent, "nimbus.cold_start", cold[0], cold[1],
                           attrs={"nimbus.instance": inst.id})
@@ -187,7 +198,11 @@ class FunctionPool:
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
-            inst = await self._acquire_slow()
+            try:
+                inst = await self._acquire_slow()
+            except BaseException as exc:
+                self.metrics.failed(exc)  # cancelled while held: not counted
+                raise
         else:
             inst.outstanding += 1
             self.in_flight += 1
@@ -199,8 +214,12 @@ class FunctionPool:
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
-            inst = await (self._held_traced(parent) if parent is not None
-                          else self._acquire_slow())
+            try:
+                inst = await (self._held_traced(parent) if parent is not None
+                              else self._acquire_slow())
+            except BaseException as exc:
+                self.metrics.failed(exc)
+                raise
         else:
             inst.outstanding += 1
             self.in_flight += 1
@@ -232,18 +251,27 @@ class FunctionPool:
             else timeout_s
         try:
             fut = inst.invoke(rid, event, limit)
-        except BaseException:
+        except BaseException as exc:
             inst.outstanding -= 1
             self.in_flight -= 1
             self._released(inst)
+            self.metrics.failed(exc)
             raise
-        fut.add_done_callback(lambda _f: self._finished(inst))
+        t0 = _clock()
+        fut.add_done_callback(lambda f: self._finished(inst, f, t0))
         return fut
 
-    def _finished(self, inst: Instance) -> None:
+    def _finished(self, inst: Instance, fut: asyncio.Future[Any], t0: float) -> None:
         inst.outstanding -= 1
         self.in_flight -= 1
         self._released(inst)
+        if fut.cancelled():
+            return  # its caller gave up: the answer, if any, went nowhere
+        exc = fut.exception()
+        if exc is None:
+            self.metrics.succeeded(_clock() - t0)
+        else:
+            self.metrics.failed(exc, _clock() - t0)
 
     def _pick(self) -> Instance | None:
         best = None
@@ -346,7 +374,8 @@ class FunctionPool:
                                 else InstanceDiedError("instance start failed"))
 
     async def _start(self) -> None:
-        t0 = time.time_ns()
+        t0 = _clock()
+        t0_ns = time.time_ns()
         try:
             inst = await self._starter(self)
         except BaseException as exc:  # noqa: BLE001 - reported to the waiters
@@ -357,8 +386,9 @@ class FunctionPool:
             return
         self._starting -= 1
         self.cold_starts += 1
-        if tracing.on and self._waiters:
-            self._cold[inst.id] = (t0, time.time_ns())  # the first held request takes it
+        self._cold.observe(_clock() - t0)
+        if tracing.on and self._waiters:  # the first held request takes it
+            self._cold_spans[inst.id] = (t0_ns, time.time_ns())
         if self.retired and not self._waiters:
             await inst.stop(STOP_GRACE_S)
             return
@@ -370,17 +400,19 @@ class FunctionPool:
         if self._admit is not None:
             self._admit(self)
         self._starting += 1
+        t0 = _clock()
         try:
             inst = await self._starter(self)
         finally:
             self._starting -= 1
         self.cold_starts += 1
+        self._cold.observe(_clock() - t0)
         self.instances.append(inst)
         return inst
 
     def lost(self, inst: Instance) -> None:
         """The instance's process went away (crash, timeout kill, memory)."""
-        self._cold.pop(inst.id, None)
+        self._cold_spans.pop(inst.id, None)
         if inst in self.instances:
             self.instances.remove(inst)
         if self._waiters and not self._starting and self._may_grow():
