@@ -49,8 +49,19 @@ def xray_from_ids(trace_id: int, span_id: int, sampled: bool = True) -> str:
     return f"Root=1-{t[:8]}-{t[8:]};Parent={span_id:016x};Sampled={1 if sampled else 0}"
 
 
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
 def xray_from_traceparent(value: str) -> str | None:
     """The X-Ray header for a ``traceparent`` value, or None if it is invalid."""
+    # the form gateways send (version 00, lower case), by slicing: this runs
+    # in the instance on every traced invocation
+    if (len(value) == 55 and value[:3] == "00-" and value[35] == "-" and value[52] == "-"
+            and _HEX.issuperset(value[3:35]) and _HEX.issuperset(value[36:52])
+            and _HEX.issuperset(value[53:]) and value[3:35] != _ZERO_TRACE
+            and value[36:52] != _ZERO_SPAN):
+        return (f"Root=1-{value[3:11]}-{value[11:35]};Parent={value[36:52]};"
+                f"Sampled={int(value[54], 16) & 1}")
     ids = parse_traceparent(value)
     if ids is None:
         return None

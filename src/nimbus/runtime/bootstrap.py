@@ -206,16 +206,23 @@ def _trace_of(event: Any) -> tuple[str | None, str | None]:
     tp = headers.get("traceparent") if type(headers) is dict else None
     xray = xray_from_traceparent(tp) if type(tp) is str else None
     if xray is not None:
-        os.environ[TRACE_ENV] = xray
+        # os.environ's own dict, not putenv(): glibc keeps every value ever
+        # set with setenv (so a unique one per invocation would grow the
+        # process without bound) and the call costs microseconds. Python
+        # code sees it (os.environ, os.getenv); a subprocess gets it when
+        # started with env=os.environ.
+        _ENV_DATA[_TRACE_KEY] = xray.encode()
         _trace_env_set = True
         return tp, xray
     if _trace_env_set:  # (a flag: os.environ's `in` costs microseconds)
-        os.environ.pop(TRACE_ENV, None)
+        _ENV_DATA.pop(_TRACE_KEY, None)
         _trace_env_set = False
     return None, None
 
 
 _trace_env_set = False
+_ENV_DATA = os.environ._data  # type: ignore[attr-defined]
+_TRACE_KEY = os.environ.encodekey(TRACE_ENV)
 
 
 def _error_frame(rid: str, message: str, kind: str, fatal: bool = False) -> bytes:
