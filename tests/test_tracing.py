@@ -228,6 +228,11 @@ def wait_for(check: Any, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def traces_api(n: Nimbus, rid: str) -> httpx.Response:
+    return httpx.get(f"{n.control_url}/v1/traces/{rid}", timeout=10,
+                     headers={"authorization": f"Bearer {n.token}"})
+
+
 def held(n: Nimbus, function: str) -> int:
     r = httpx.get(n.control_url + "/v1/status", timeout=10,
                   headers={"authorization": f"Bearer {n.token}"})
@@ -311,27 +316,31 @@ def test_nimbus_trace_prints_the_tree(traced: Nimbus, receiver: Receiver) -> Non
     assert lines[0].startswith("trace ")
     assert lines[1].startswith("nimbus.request ") and "GET /echo 200 echo" in lines[1]
     assert lines[2].startswith("└─ nimbus.invoke ") and " ms " in lines[2]
-    bad = traced.cli("trace", "nosuchrequest")
-    assert bad.returncode != 0 and "no spans of request 'nosuchrequest'" in bad.stderr
+    bad = traces_api(traced, "nosuchrequest")
+    assert bad.status_code == 404
+    assert bad.json()["errorMessage"] == "no spans of request 'nosuchrequest'"
 
 
-def test_file_exporter_by_default_and_off_writes_nothing(
+def test_off_by_default_writes_nothing_and_the_file_exporter(
         tmp_path: Path, start_nimbus: Any) -> None:
     app = tmp_path / "app"
     app.mkdir()
     (app / "app.yaml").write_text("name: f\nfunctions:\n  echo:\n    handler: h.echo\n"
                                   "    http: [{method: GET, path: /echo}]\n")
     (app / "h.py").write_text("def echo(event, context):\n    return 'ok'\n")
-    off = start_nimbus(app, "--trace", "off", name="off")
-    assert off.http.get("/echo").status_code == 200
+    off = start_nimbus(app, name="off")  # the default
+    r = off.http.get("/echo")
+    assert r.status_code == 200
+    out = traces_api(off, r.headers["x-nimbus-request-id"])
+    assert out.status_code == 404
+    assert "tracing is off here: start nimbus up with --trace file" in out.json()["errorMessage"]
     assert off.stop() == 0
     assert not (off.state / "traces").exists()
-    on = start_nimbus(app, name="on")  # the default: JSON lines in the state folder
+    on = start_nimbus(app, "--trace", "file", name="on")
     r = on.http.get("/echo")
     rid = r.headers["x-nimbus-request-id"]
-    out = on.cli("trace", rid)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[1].startswith("nimbus.request ")
+    got = traces_api(on, rid).json()["spans"]  # what `nimbus trace` prints
+    assert sorted(x["name"] for x in got) == ["nimbus.invoke", "nimbus.request"]
     assert on.stop() == 0
     lines = (on.state / "traces" / "traces.jsonl").read_bytes().splitlines()
     spans = select([span for x in lines for span in json.loads(x)], rid)  # a batch a line
@@ -385,7 +394,8 @@ def test_invalid_xray_headers_map_to_nothing() -> None:
 
 
 def test_options_and_urls() -> None:
-    assert trace_config(None, None).mode == "file"
+    assert trace_config(None, None).mode == "off"
+    assert trace_config("file", None).mode == "file"
     assert trace_config(None, "http://c:4318").mode == "otlp"
     assert trace_config("off", None).mode == "off"
     with pytest.raises(ValueError, match="needs an OTLP endpoint"):

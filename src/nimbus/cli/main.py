@@ -99,8 +99,8 @@ def cli() -> None:
 @click.option("--max-bundle-bytes", default=250 * 1024 * 1024, show_default=True,
               type=click.IntRange(1), help="Largest app bundle the control API accepts.")
 @click.option("--trace", "trace_mode", type=click.Choice(["off", "file", "otlp"]),
-              default=None, help="Traces: JSON lines under STATE/traces/ (the default), "
-              "OTLP/HTTP to --otlp-endpoint, or off.")
+              default=None, help="Traces: off (the default), JSON lines under STATE/traces/ "
+              "(what `nimbus trace` reads), or OTLP/HTTP to --otlp-endpoint.")
 @click.option("--otlp-endpoint", default=None, metavar="URL",
               help="Send traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318); "
               "implies --trace otlp.")

@@ -323,8 +323,10 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None) 
             spans = await asyncio.to_thread(
                 tracing.find_in_files, Path(platform.state_dir) / "traces", rid)
         if not spans:
-            raise NotFoundError(f"no spans of request {rid!r} (tracing "
-                                f"{'on' if tracing.on else 'off'} here)")
+            raise NotFoundError(
+                f"no spans of request {rid!r}" + ("" if tracing.on else
+                " (tracing is off here: start nimbus up with --trace file, or "
+                "--otlp-endpoint URL)"))
         return _json({"request_id": rid, "spans": spans})
 
     async def dlq(request: Request) -> Response:

@@ -38,7 +38,7 @@ import orjson
 log = logging.getLogger("nimbus.tracing")
 
 MODES = ("off", "file", "otlp")
-DEFAULT_MODE = "file"
+DEFAULT_MODE = "off"  # see docs/architecture.md, "Traces": the file costs more than its goal
 FILE_NAME = "traces.jsonl"
 DEFAULT_MAX_FILE_BYTES = 8 * 1024 * 1024
 DEFAULT_KEEP_FILES = 3
@@ -228,7 +228,7 @@ class TraceConfig:
 
 def trace_config(mode: str | None, otlp_endpoint: str | None) -> TraceConfig:
     """The config for ``--trace MODE`` and ``--otlp-endpoint URL``: an endpoint
-    alone means ``otlp``; no mode means the default (``file``)."""
+    alone means ``otlp``; no mode means the default (``off``)."""
     if mode is None:
         mode = "otlp" if otlp_endpoint else DEFAULT_MODE
     return TraceConfig(mode=mode, otlp_endpoint=otlp_endpoint)
