@@ -45,6 +45,11 @@ functions:
     handler: handlers.sleepy
     max_instances: 1
     http: [{method: GET, path: /busy}]
+  flaky:
+    handler: handlers.flaky
+    retries: 1
+    retry_delay_s: 0.05
+    http: [{method: POST, path: /flaky}]
   otel:
     handler: handlers.otel
     memory_mb: 512
@@ -78,6 +83,15 @@ def sleepy(event, context):
     while "until" in q and not os.path.exists(q["until"]) and time.monotonic() < end:
         time.sleep(0.01)
     return {"statusCode": 200, "body": "ok"}
+
+
+def flaky(event, context):
+    # fails its first try: the marker file (named in the body) is made then
+    mark = json.loads(event["body"])["mark"]
+    if not os.path.exists(mark):
+        open(mark, "w").close()
+        raise RuntimeError("first try fails")
+    return "ok"
 
 
 def otel(event, context):
@@ -304,6 +318,26 @@ def test_async_work_keeps_the_submitting_requests_trace(
     assert wait["parent_id"] == attempt["span_id"] == call["parent_id"]
     assert attempt["attributes"]["nimbus.attempt"] == 1
     assert attempt["attributes"]["nimbus.retry"] is False
+
+
+def test_an_async_retry_is_a_second_attempt_in_the_same_trace(
+        traced: Nimbus, receiver: Receiver, tmp_path: Path) -> None:
+    r = traced.http.post("/flaky", json={"mark": str(tmp_path / "tried")},
+                         headers={"x-nimbus-invocation-type": "Event"})
+    assert r.status_code == 202
+    inv = r.headers["x-nimbus-invocation-id"]
+    wait_for(lambda: len(by_name(receiver.trace_of(inv, set(), 0), "nimbus.async.attempt"))
+             == 2, "second attempt")
+    spans = receiver.trace_of(inv, set(), 0)
+    [gw] = by_name(spans, "nimbus.request")
+    attempts = sorted(by_name(spans, "nimbus.async.attempt"), key=lambda s: s["start_ns"])
+    assert [(a["attributes"]["nimbus.attempt"], a["attributes"]["nimbus.retry"],
+             a["parent_id"]) for a in attempts] == [(1, False, gw["span_id"]),
+                                                    (2, True, gw["span_id"])]
+    [wait] = by_name(spans, "nimbus.queue_wait")  # the first try's only
+    assert wait["parent_id"] == attempts[0]["span_id"]
+    calls = by_name(spans, "nimbus.invoke")
+    assert sorted(c["parent_id"] for c in calls) == sorted(a["span_id"] for a in attempts)
 
 
 def test_nimbus_trace_prints_the_tree(traced: Nimbus, receiver: Receiver) -> None:
