@@ -53,14 +53,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def nimbus_up(app: Path, probe: str = "/hello",
-              *extra: str) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
-    """``nimbus up APP`` on free ports; yields (gateway_url, state_dir, proc)."""
+def nimbus_up(app: Path, probe: str = "/hello", *extra: str,
+              env: dict[str, str] | None = None,
+              ) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
+    """``nimbus up APP`` on free ports (``env`` added to this process's
+    environment); yields (gateway_url, state_dir, proc)."""
     state = Path(tempfile.mkdtemp(prefix="nimbus-bench-"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "nimbus.cli.main", "up", str(app), "--port", "0",
          "--control-port", "0", "--state-dir", str(state), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, **env} if env else None)
     try:
         info = state / "control.json"
         deadline = time.monotonic() + 60

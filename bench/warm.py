@@ -17,11 +17,18 @@ calling a worker process over TCP frames (``bench/remote_gateway.py`` and
 ``rlimits``), beside bare uvicorn and ``nimbus up --containment rlimits``,
 all up at once and measured in turns (ABC ABC ...), medians printed. Goal:
 through a gateway to a worker process >= 0.6x bare uvicorn at 32 connections.
+
+``--observe`` measures what watching costs: three ``nimbus up`` (containment
+``rlimits``) up at once and measured in turns, medians printed: nothing on
+(``NIMBUS_METRICS=off``, ``--trace off``), metrics on with traces off, and
+metrics on with the JSON-lines trace file. Goals: <= 5% throughput cost with
+metrics on and traces off, <= 15% with the trace file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -57,9 +64,14 @@ def main() -> None:
                     help="skip the containment on/off comparison")
     ap.add_argument("--remote", action="store_true",
                     help="a gateway process to a worker process over TCP frames")
+    ap.add_argument("--observe", action="store_true",
+                    help="metrics and traces on vs off, side by side")
     args = ap.parse_args()
     if args.remote:
         remote(args.seconds, args.rounds)
+        return
+    if args.observe:
+        observe(args.seconds, args.rounds)
         return
     with baseline_up() as base_url, \
             nimbus_up(ROOT / "examples" / "hello") as (nim_url, _state, _proc):
@@ -106,6 +118,55 @@ def containment_row(on: dict[str, float], off: dict[str, float]) -> None:
           f"{on['rps32'] / off['rps32']:>13.2f}x")
     print(f"{'p50 ms @1 conn':24}{off['p50_1']:>14.3f}{on['p50_1']:>14.3f}"
           f"{on['p50_1'] - off['p50_1']:>+13.3f}ms")
+
+
+OBSERVE_SIDES = {  # name: (environment, nimbus up options)
+    "nothing on": ({"NIMBUS_METRICS": "off"}, ("--trace", "off")),
+    "metrics": ({}, ("--trace", "off")),
+    "metrics+traces": ({}, ("--trace", "file")),
+}
+
+
+def observe(seconds: int, rounds: int) -> None:
+    hello = ROOT / "examples" / "hello"
+    with contextlib.ExitStack() as stack:
+        urls, pids = {}, {}
+        for name, (env, opts) in OBSERVE_SIDES.items():
+            url, _state, proc = stack.enter_context(nimbus_up(
+                hello, "/hello", "--containment", "rlimits", *opts, env=env))
+            urls[name], pids[name] = url + "/hello", proc.pid
+        got: dict[str, list[dict[str, float]]] = {k: [] for k in urls}
+        for url in urls.values():
+            wrk(url, 8, 2)  # warm up
+        for n in range(rounds):
+            for name, url in urls.items():
+                cpu = tree_cpu_s([pids[name]])
+                busy = wrk(url, 32, seconds)
+                cpu = tree_cpu_s([pids[name]]) - cpu
+                single = wrk(url, 1, max(2, seconds // 2))
+                got[name].append({"rps32": busy["rps"], "p50_32": busy["p50_ms"],
+                                  "p50_1": single["p50_ms"],
+                                  "cpu_us": cpu / max(busy["requests"], 1) * 1e6,
+                                  "errors": busy["errors"] + single["errors"]})
+            print(f"round {n + 1}: " + ", ".join(
+                f"{k} {v[-1]['rps32']:.0f}/s" for k, v in got.items()), flush=True)
+    med = {name: medians(ms) for name, ms in got.items()}
+    base = med["nothing on"]
+    print(f"\nmedians of {rounds} rounds, {seconds} s each, hello world, containment rlimits")
+    print(f"{'':22}" + "".join(f"{name:>16}" for name in med))
+    for key, label, fmt in (("rps32", "req/s @32 conns", ".0f"),
+                            ("cpu_us", "CPU us/req @32 conns", ".1f"),
+                            ("p50_32", "p50 ms @32 conns", ".3f"),
+                            ("p50_1", "p50 ms @1 conn", ".3f"),
+                            ("errors", "errors", ".0f")):
+        print(f"{label:22}" + "".join(f"{m[key]:>16{fmt}}" for m in med.values()))
+    print(f"{'throughput cost':22}" + "".join(
+        f"{(1 - m['rps32'] / base['rps32']) * 100:>15.1f}%" for m in med.values()))
+    # CPU per request is what a busy machine's drift moves least: the cost
+    # a saturated nimbus would see as throughput
+    print(f"{'CPU cost':22}" + "".join(
+        f"{(m['cpu_us'] / base['cpu_us'] - 1) * 100:>15.1f}%" for m in med.values()))
+    print("goals: metrics <= 5%, metrics+traces <= 15%")
 
 
 def remote(seconds: int, rounds: int) -> None:

@@ -94,6 +94,7 @@ def test_the_document_describes_every_route_and_the_bearer_auth(document):
         ("GET", "/v1/apps"), ("GET", "/v1/functions"), ("POST", "/v1/functions/{name}/invoke"),
         ("GET", "/v1/functions/{name}/logs"), ("GET", "/v1/status"),
         ("GET", "/v1/functions/{name}/invocations"), ("GET", "/v1/invocations/{id}"),
+        ("GET", "/v1/traces/{id}"),
         ("GET", "/v1/functions/{name}/dlq"), ("POST", "/v1/functions/{name}/dlq/redrive"),
         ("POST", "/v1/publish/{name}")}
     for path in PUBLIC:
@@ -127,7 +128,7 @@ def test_no_generated_request_gets_a_5xx_and_unauthenticated_ones_get_401(nimbus
 
     base = nimbus.control_url
     seen = _run(schema, GenerationMode.POSITIVE, auth, base, no_server_error)
-    assert len(seen) == 13
+    assert len(seen) == 14
     assert _run(schema, GenerationMode.NEGATIVE, auth, base, no_server_error)
     _run(schema, GenerationMode.POSITIVE, {}, base, unauthorized)
     assert time.monotonic() - started < 120  # generous; typically well under a minute

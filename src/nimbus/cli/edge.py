@@ -44,10 +44,15 @@ from nimbus.cli.main import cli, fail
 @click.option("--emit", type=click.Choice(["haproxy"]),
               help="Write an equivalent configuration for this proxy to stdout, "
                    "listening on --host/--port, and exit.")
+@click.option("--trace", "trace_mode", type=click.Choice(["off", "file", "otlp"]),
+              default=None, help="Traces of the edge's requests and tries: off (the "
+              "default), JSON lines in the cluster's state folder, or OTLP/HTTP.")
+@click.option("--otlp-endpoint", default=None, metavar="URL",
+              help="Send traces over OTLP/HTTP to URL; implies --trace otlp.")
 def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s: float,
          fall: int, rise_s: float, connect_timeout_s: float, retry_ratio: float,
          grace_s: float, max_connections: int, converge: bool, metrics_token_file: Path | None,
-         emit: str | None) -> None:
+         emit: str | None, trace_mode: str | None, otlp_endpoint: str | None) -> None:
     """Serve HTTP in front of every region of a cluster file: route each request
     by its app's policy and the regions' health, fail over within a second."""
     from nimbus.edge.health import HealthConfig
@@ -89,12 +94,23 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
         from nimbus.multiregion.state import state_dir_for
 
         background = Converger(cluster, state_dir_for(cluster.path)).run
+    from nimbus.multiregion.state import state_dir_for
+    from nimbus.observe import tracing
+
+    try:
+        trace = tracing.trace_config(trace_mode or ("otlp" if otlp_endpoint else "off"),
+                                     otlp_endpoint)
+    except ValueError as exc:
+        fail(f"--trace/--otlp-endpoint: {exc}", 2)
     logging.basicConfig(level=logging.INFO, format="nimbus edge: %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    tracing.setup(trace, state_dir_for(cluster.path), role="edge", region="edge")
     try:
         run(cluster, host, port, config, ready, background)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
+    finally:
+        tracing.shutdown()
 
 
 MIN_METRICS_TOKEN_CHARS = 16

@@ -101,6 +101,12 @@ def cli() -> None:
 @click.option("--cluster", "cluster_path", type=click.Path(path_type=Path),
               help="A cluster file: the dashboard (/ui) shows the edge's view of its "
                    "regions, probing their gateways.")
+@click.option("--trace", "trace_mode", type=click.Choice(["off", "file", "otlp"]),
+              default=None, help="Traces: off (the default), JSON lines under STATE/traces/ "
+              "(what `nimbus trace` reads), or OTLP/HTTP to --otlp-endpoint.")
+@click.option("--otlp-endpoint", default=None, metavar="URL",
+              help="Send traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318); "
+              "implies --trace otlp.")
 @click.option("--metrics-auth", default="token", show_default=True,
               type=click.Choice(["token", "open"]),
               help="GET /metrics on the control port: the control token as Bearer, or open "
@@ -109,9 +115,11 @@ def cli() -> None:
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
        async_max_bytes: int, containment: str, uid_range: str, region: str,
-       cluster_path: Path | None, **http_limits: Any) -> None:
+       cluster_path: Path | None, trace_mode: str | None, otlp_endpoint: str | None,
+       **http_limits: Any) -> None:
     """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
     from nimbus.cli.up import run_up
+    from nimbus.observe.tracing import trace_config
     from nimbus.region import set_region
     from nimbus.worker.budget import NodeBudget
 
@@ -123,11 +131,15 @@ def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--metrics-auth") from None
     set_region(region)
+    try:
+        trace = trace_config(trace_mode, otlp_endpoint)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trace/--otlp-endpoint") from None
     run_up(app_dir, host=host, port=port, control_host=control_host,
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,
            budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes,
            containment=containment, uid_range=_uid_range(uid_range), http_limits=http_limits,
-           cluster_path=cluster_path)
+           cluster_path=cluster_path, trace=trace)
 
 
 def _uid_range(text: str) -> tuple[int, int]:
@@ -322,6 +334,24 @@ def invocation(invocation_id: str, as_json: bool, state_dir: Path | None, url: s
 
     rec = _client(state_dir, url, token).request("GET", f"/v1/invocations/{invocation_id}")
     print_json(rec) if as_json else print_record(rec)
+
+
+@cli.command()
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the spans as JSON.")
+@connection_options
+def trace(request_id: str, as_json: bool, state_dir: Path | None, url: str | None,
+          token: str | None) -> None:
+    """Show one request's spans as a tree with durations (REQUEST_ID: the
+    x-nimbus-request-id of a response, or an async invocation id)."""
+    from nimbus.cli.output import print_json
+    from nimbus.observe.tracetree import format_tree
+
+    body = _client(state_dir, url, token).request("GET", f"/v1/traces/{request_id}")
+    if as_json:
+        print_json(body)
+    else:
+        click.echo(format_tree(body["spans"]))
 
 
 @cli.group()

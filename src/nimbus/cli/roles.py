@@ -21,7 +21,32 @@ def region_options(f: Any) -> Any:
     f = region_option(f)
     f = click.option("--store", "store_url", required=True,
                      help="The region's store: nats://HOST:PORT[,HOST:PORT...]")(f)
+    f = click.option("--trace", "trace_mode", type=click.Choice(["off", "file", "otlp"]),
+                     default=None, help="Traces of this process: off (the default), JSON "
+                     "lines under STATE_DIR/traces/, or OTLP/HTTP to --otlp-endpoint.")(f)
+    f = click.option("--otlp-endpoint", default=None, metavar="URL",
+                     help="Send traces over OTLP/HTTP to URL (a collector every process "
+                          "of the region sends to); implies --trace otlp.")(f)
     return f
+
+
+def _run_traced(role: str, region: str, state_dir: Path, trace_mode: str | None,
+                otlp_endpoint: str | None, main: Any) -> None:
+    """Run a role's main with tracing set up as its options say."""
+    from nimbus.observe import tracing
+    from nimbus.roles.common import run_role
+
+    try:
+        config = tracing.trace_config(trace_mode or ("otlp" if otlp_endpoint else "off"),
+                                      otlp_endpoint)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trace/--otlp-endpoint") from None
+    tracing.setup(config, state_dir, role=role, region=region)
+    try:
+        code = run_role(main)
+    finally:
+        tracing.shutdown()
+    sys.exit(code)
 
 
 def metrics_options(f: Any) -> Any:
@@ -66,17 +91,18 @@ def _config(role: str, store_url: str, region: str, token_file: Path | None,
                    "(no token; only on a loopback --control-host).")
 def controller(store_url: str, region: str, token_file: Path | None, state_dir: Path,
                control_host: str, control_port: int, grace_s: float,
-               metrics_auth: str) -> None:
+               metrics_auth: str, trace_mode: str | None,
+               otlp_endpoint: str | None) -> None:
     """Run a controller of the region: control API, leader election,
     autoscaling and placement, schedules."""
-    from nimbus.roles.common import run_role
     from nimbus.roles.controller import ControllerOptions, serve_controller
 
     _auth_ok(metrics_auth, control_host, "--control-host")
     config = _config("controller", store_url, region, token_file, state_dir)
     options = ControllerOptions(control_host, control_port, grace_s,
                                 metrics_auth=metrics_auth)
-    sys.exit(run_role(lambda stop: serve_controller(config, options, stop)))
+    _run_traced("controller", region, state_dir, trace_mode, otlp_endpoint,
+                lambda stop: serve_controller(config, options, stop))
 
 
 @cli.command()
@@ -96,9 +122,9 @@ def controller(store_url: str, region: str, token_file: Path | None, state_dir: 
 def worker(store_url: str, region: str, token_file: Path | None, state_dir: Path, listen: str,
            advertise: str | None, node_instances: int, node_memory_mb: int, containment: str,
            uid_range: str, grace_s: float, metrics_host: str | None, metrics_port: int,
-           metrics_auth: str) -> None:
+           metrics_auth: str, trace_mode: str | None,
+               otlp_endpoint: str | None) -> None:
     """Run a worker of the region: zygotes and instances, serving gateways."""
-    from nimbus.roles.common import run_role
     from nimbus.roles.worker import WorkerOptions, serve_worker
     from nimbus.worker.budget import NodeBudget
 
@@ -111,7 +137,8 @@ def worker(store_url: str, region: str, token_file: Path | None, state_dir: Path
                             NodeBudget(node_instances, node_memory_mb), containment,
                             _uid_range(uid_range), grace_s, metrics_host=metrics_host,
                             metrics_port=metrics_port, metrics_auth=metrics_auth)
-    sys.exit(run_role(lambda stop: serve_worker(config, options, stop)))
+    _run_traced("worker", region, state_dir, trace_mode, otlp_endpoint,
+                lambda stop: serve_worker(config, options, stop))
 
 
 @cli.command()
@@ -122,16 +149,17 @@ def worker(store_url: str, region: str, token_file: Path | None, state_dir: Path
 @metrics_options
 def gateway(store_url: str, region: str, token_file: Path | None, state_dir: Path, host: str,
             port: int, grace_s: float, metrics_host: str | None, metrics_port: int,
-            metrics_auth: str) -> None:
+            metrics_auth: str, trace_mode: str | None,
+               otlp_endpoint: str | None) -> None:
     """Run a gateway of the region: HTTP routes to instances on the workers."""
-    from nimbus.roles.common import run_role
     from nimbus.roles.gateway import GatewayOptions, serve_gateway
 
     _auth_ok(metrics_auth, metrics_host or host, "--metrics-host")
     config = _config("gateway", store_url, region, token_file, state_dir)
     options = GatewayOptions(host, port, grace_s, metrics_host=metrics_host,
                              metrics_port=metrics_port, metrics_auth=metrics_auth)
-    sys.exit(run_role(lambda stop: serve_gateway(config, options, stop)))
+    _run_traced("gateway", region, state_dir, trace_mode, otlp_endpoint,
+                lambda stop: serve_gateway(config, options, stop))
 
 
 @cli.group()

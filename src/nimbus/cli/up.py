@@ -21,7 +21,7 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
            async_max_bytes: int, containment: str = "auto",
            uid_range: tuple[int, int] = (200_000, 265_535),
            http_limits: dict[str, Any] | None = None,
-           cluster_path: Path | None = None) -> None:
+           cluster_path: Path | None = None, trace: Any = None) -> None:
     """``http_limits``: the HTTP ``ServerConfig`` fields (``max_connections``,
     ``control_max_connections``, ``header_timeout_s``, ``keep_alive_s``,
     ``max_header_bytes``, ``max_bundle_bytes``) given on the command line."""
@@ -51,7 +51,8 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
         state_dir=(state_dir or app_dir / ".nimbus").resolve(), host=host, port=port,
         control_host=control_host, control_port=control_port, grace_s=grace_s, budget=budget,
         async_max_bytes=async_max_bytes, containment=containment, uid_range=uid_range,
-        cluster=cluster, **(http_limits or {}))
+        cluster=cluster, **({"trace": trace} if trace is not None else {}),
+        **(http_limits or {}))
     runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop

@@ -16,6 +16,7 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -49,6 +50,7 @@ from nimbus.gateway.app import invocation_type
 from nimbus.gateway.responses import status_for
 from nimbus.ids import new_id
 from nimbus.manifest.model import RegionsSpec
+from nimbus.observe import tracing
 from nimbus.observe.logfilter import LogFilter, parse_level, parse_since
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.memory import memory_of
@@ -351,6 +353,21 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
         rec = await platform.events.invocation(path_id(request))
         return _json(view(rec))
 
+    async def traces(request: Request) -> Response:
+        rid = path_id(request)
+        exporter = tracing.exporter()
+        if exporter is not None:
+            spans = await asyncio.to_thread(exporter.find, rid)
+        else:  # tracing is off now: what earlier runs wrote may be there
+            spans = await asyncio.to_thread(
+                tracing.find_in_files, Path(platform.state_dir) / "traces", rid)
+        if not spans:
+            raise NotFoundError(
+                f"no spans of request {rid!r}" + ("" if tracing.on else
+                " (tracing is off here: start nimbus up with --trace file, or "
+                "--otlp-endpoint URL)"))
+        return _json({"request_id": rid, "spans": spans})
+
     async def dlq(request: Request) -> Response:
         name = path_name(request)
         recs = await platform.events.invocations(name, status="dead", limit=limit_of(request))
@@ -505,7 +522,8 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
 
     handlers = {"deploy": deploy, "invoke": invoke, "functions": functions, "apps": apps,
                 "logs": logs, "status": status, "invocations": invocations,
-                "invocation": invocation, "dlq": dlq, "redrive": redrive, "publish": publish}
+                "invocation": invocation, "traces": traces, "dlq": dlq, "redrive": redrive,
+                "publish": publish}
 
     def guarded(fn: Any) -> Any:
         async def endpoint(request: Request) -> Response:
@@ -547,6 +565,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
         Route("/v1/status", g["status"], methods=["GET"]),
         Route("/v1/functions/{name}/invocations", g["invocations"], methods=["GET"]),
         Route("/v1/invocations/{id}", g["invocation"], methods=["GET"]),
+        Route("/v1/traces/{id}", g["traces"], methods=["GET"]),
         Route("/v1/functions/{name}/dlq", g["dlq"], methods=["GET"]),
         Route("/v1/functions/{name}/dlq/redrive", g["redrive"], methods=["POST"]),
         Route("/v1/publish/{name}", g["publish"], methods=["POST"]),

@@ -171,6 +171,14 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                 [{"name": "id", "in": "path", "required": True,
                   "schema": {"type": "string", "minLength": 1,
                              "maxLength": MAX_ID_CHARS}}])},
+            "/v1/traces/{id}": {"get": _op(
+                "the spans of one request's trace (attribute nimbus.request_id)", "traces",
+                {"200": _json("{request_id, spans: [{trace_id, span_id, parent_id, name, "
+                              "kind, start_ns, end_ns, attributes, status}]}"),
+                 "404": _error("no spans of that request")},
+                [{"name": "id", "in": "path", "required": True,
+                  "schema": {"type": "string", "minLength": 1,
+                             "maxLength": MAX_ID_CHARS}}])},
             "/v1/functions/{name}/dlq": {"get": _op(
                 "a function's dead letters", "dlq",
                 {"200": _json("the records", {"type": "array", "items": record})},

@@ -54,9 +54,10 @@ from nimbus.gateway.connections import (
     raise_fd_limit,
 )
 from nimbus.manifest.model import RegionsSpec
-from nimbus.observe import metrics
+from nimbus.observe import metrics, tracing
 from nimbus.observe.logs import LogSink
 from nimbus.observe.metrics import check_metrics_auth
+from nimbus.observe.tracing import TraceConfig
 from nimbus.region import region
 from nimbus.store.base import Blobs, Store
 from nimbus.store.private import private_file, write_private
@@ -100,6 +101,7 @@ class ServerConfig:
     # a cluster file (multiregion.clusterfile.ClusterFile): the dashboard shows
     # the edge's view of its regions
     cluster: Any = None
+    trace: TraceConfig = field(default_factory=TraceConfig)
     metrics_auth: str = "token"  # GET /metrics: the control token, or "open" (loopback only)
 
     def __post_init__(self) -> None:
@@ -255,6 +257,7 @@ class Platform:
                         containment=containment)
         await worker.start()
         gateway = Gateway(GatewayConfig(max_body_bytes=config.max_body_bytes))
+        tracing.setup(config.trace, config.state_dir, role="up", region=region())
         return cls(config, store, blobs, queue, worker, gateway)
 
     async def deploy(self, bundle: bytes, progress: Callable[[str], None],
@@ -358,6 +361,7 @@ class Platform:
         await self.queue.aclose()  # 4
         await self.store.aclose()
         await self.blobs.aclose()
+        tracing.shutdown()  # what is left is exported
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / CONTROL_FILE).unlink()
         if self.lock is not None:

@@ -39,6 +39,8 @@ from nimbus.edge.prober import Prober
 from nimbus.edge.types import ClusterLike
 from nimbus.edge.upstream import Pool, Upstream, UpstreamFailure
 from nimbus.gateway.responses import GATEWAY_ERROR_HEADER
+from nimbus.ids import new_id
+from nimbus.observe import tracing
 
 log = logging.getLogger("nimbus.edge")
 
@@ -517,6 +519,8 @@ class Edge:
                 and req.length <= self.config.max_replay_bytes:
             body = await req.body.read_all(self.config.body_timeout_s)
         replayable = idempotent and body is not None
+        if tracing.on:
+            return await self._traced(conn, req, order, idempotent, body, app)
         head = self._request_head(req, conn.peer, body)
         failed: list[tuple[str, str]] = []
         for region, gateway in self._candidates(order):
@@ -539,6 +543,12 @@ class Edge:
                     self.book.passive_failure(gateway, f.reason, self.clock())
                 if f.sent and not replayable:
                     break  # it may have run: never a second run behind the client's back
+        return self._failed_answer(conn, req, order, failed, app, body)
+
+    def _failed_answer(self, conn: ClientConn, req: Request, order: list[str],
+                       failed: list[tuple[str, str]], app: App | None,
+                       body: bytes | None) -> bool:
+        """The 502 when no region answered; False when the connection must end."""
         self.stats["region_failed"] += 1
         if failed:
             region, reason = failed[-1]
@@ -560,6 +570,61 @@ class Edge:
         }, region.encode(), req.keep_alive, head_only=req.method == b"HEAD"))
         # when the rest of the body was not read, the connection ends
         return req.body.finished or body is not None
+
+    async def _traced(self, conn: ClientConn, req: Request, order: list[str],
+                      idempotent: bool, body: bytes | None, app: App | None) -> bool:
+        """:meth:`handle`'s loop with a span for the request and one per try
+        of a region (the try's ``traceparent`` goes to the gateway)."""
+        trace_id, parent_id, state = tracing.extract(req.headers)
+        span = tracing.start("nimbus.edge.request", new_id(), trace_id=trace_id,
+                             parent_id=parent_id, kind=tracing.KIND_SERVER,
+                             attrs={"http.request.method": req.method.decode("latin-1"),
+                                    "url.path": req.url.split(b"?", 1)[0].decode("latin-1")})
+        span.tracestate = state
+        replayable = idempotent and body is not None
+        failed: list[tuple[str, str]] = []
+        error: str | None = None
+        try:
+            for region, gateway in self._candidates(order):
+                if failed:
+                    if not self.budget.try_spend(self.clock()):
+                        self.stats["budget_denied"] += 1
+                        break
+                    self.stats["retries"] += 1
+                attempt = tracing.start("nimbus.edge.try", span.attrs["nimbus.request_id"],
+                                        span, kind=tracing.KIND_CLIENT,
+                                        attrs={"nimbus.region": region,
+                                               "nimbus.gateway": gateway,
+                                               "nimbus.attempt": len(failed) + 1,
+                                               "nimbus.retry": bool(failed)})
+                attempt.tracestate = state
+                head = self._request_head(req, conn.peer, body, attempt)
+                try:
+                    done = await self._attempt(conn, req, region, gateway, head, body, failed,
+                                               span)
+                except UpstreamFailure as f:
+                    tracing.end(attempt, f.reason)
+                    if conn.closed:
+                        raise ClientGone() from None
+                    failed.append((region, f.reason))
+                    if f.passive:
+                        self.book.passive_failure(gateway, f.reason, self.clock())
+                    if f.sent and not replayable:
+                        break
+                    continue
+                except BaseException as exc:
+                    tracing.end(attempt, type(exc).__name__)
+                    raise
+                tracing.end(attempt)
+                span.attrs["nimbus.region"] = region
+                return done
+            error = f"no region answered ({len(failed)} tried)"
+            return self._failed_answer(conn, req, order, failed, app, body)
+        except BaseException as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            tracing.end(span, error)
 
     def _candidates(self, order: list[str]) -> Iterator[tuple[str, str]]:
         """Where to try, lazily (health moves as attempts fail): each region
@@ -595,7 +660,10 @@ class Edge:
         self._orders[key] = (book.version, spec, order)
         return order
 
-    def _request_head(self, req: Request, peer: str, body: bytes | None) -> bytes:
+    def _request_head(self, req: Request, peer: str, body: bytes | None,
+                      span: tracing.Span | None = None) -> bytes:
+        """The request line and headers for a gateway; with ``span``, its W3C
+        context replaces the client's."""
         parts = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
         xff = None
         for n, v in req.headers:
@@ -603,7 +671,13 @@ class Edge:
                 if n == b"x-forwarded-for":
                     xff = v
                 continue
+            if span is not None and (n == b"traceparent" or n == b"tracestate"):
+                continue
             parts += (n, b": ", v, b"\r\n")
+        if span is not None:
+            parts += (b"traceparent: ", span.traceparent.encode(), b"\r\n")
+            if span.tracestate:
+                parts += (b"tracestate: ", span.tracestate.encode("latin-1"), b"\r\n")
         peer_b = peer.encode()
         parts += (b"x-forwarded-for: ", xff + b", " + peer_b if xff else peer_b, b"\r\n")
         if body is not None:
@@ -618,7 +692,7 @@ class Edge:
 
     async def _attempt(self, conn: ClientConn, req: Request, region: str, gateway: str,
                        head: bytes, body: bytes | None,
-                       failed: list[tuple[str, str]]) -> bool:
+                       failed: list[tuple[str, str]], span: tracing.Span | None = None) -> bool:
         pool = self.pools[gateway]
         was_up = self.book.gateway_up(gateway, 0.0)
         up = await pool.acquire()
@@ -648,6 +722,11 @@ class Edge:
                     raise UpstreamFailure(f"gateway answered {up.status} {kind}", sent=True,
                                           passive=False)
             committed = True
+            if span is not None:
+                for n, v in up.headers:  # the gateway's request id: `nimbus trace` finds us
+                    if n == b"x-nimbus-request-id":
+                        span.attrs["nimbus.request_id"] = v.decode("latin-1")
+                span.attrs["http.response.status_code"] = up.status
             await self._respond(conn, req, region, up, failed)
             return True
         except TimeoutError:

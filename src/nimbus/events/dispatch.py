@@ -32,6 +32,7 @@ import asyncio
 import collections
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ from nimbus.events.names import Subscription, invoke_queue, user_queue
 from nimbus.events.retry import RetryPolicy, next_retry, too_old
 from nimbus.events.shapes import destination_record, sns_event, sqs_event
 from nimbus.ids import new_id
-from nimbus.observe import metrics
+from nimbus.observe import metrics, tracing
 from nimbus.store.queue import Delivery, Message, Outgoing
 from nimbus.worker.pool import ACQUIRE_GRACE_S
 
@@ -250,6 +251,8 @@ class Dispatcher:
             if too_old(policy, enqueued_at=m.enqueued_at, now=self._clock.now()):
                 raise TooOld()
             await self._begin([m])
+            if tracing.on:
+                return await _traced_attempt(live, m, payload)
             return await live.invoke(m.id, payload)
         if m.attempts > spec.retries + 1 and not too_old(
                 policy, enqueued_at=m.enqueued_at, now=self._clock.now()):
@@ -458,6 +461,28 @@ def give_up_line(invocation: str, tries: int, dead_letter: bool,
     return (f"async invocation {invocation} {where} after {tries} "
             f"{'try' if tries == 1 else 'tries'} ({error.get('errorType')}: "
             f"{error.get('errorMessage')})" + (f"; {why}" if why else ""))
+async def _traced_attempt(pool: FunctionPool, m: Message, payload: Any) -> Any:
+    """One try of an async invocation as a span: under the span of the request
+    that submitted it when the stored event carries its ``traceparent``, with
+    the time from accepted to started as ``nimbus.queue_wait`` on the first."""
+    remote = tracing.remote_parent(payload)
+    now = time.time_ns()
+    span = tracing.start("nimbus.async.attempt", m.id, trace_id=remote[0] if remote else 0,
+                         parent_id=remote[1] if remote else 0, start_ns=now,
+                         attrs={"nimbus.function": pool.target.function,
+                                "nimbus.attempt": m.attempts, "nimbus.retry": m.attempts > 1})
+    if m.attempts <= 1:
+        tracing.child(span, "nimbus.queue_wait", min(int(m.enqueued_at * 1e9), now), now)
+    tracing.active[m.id] = span
+    try:
+        result = await pool.invoke(m.id, payload)
+    except BaseException as exc:
+        tracing.end(span, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        tracing.active.pop(m.id, None)
+    tracing.end(span)
+    return result
 
 
 def batch_failures(result: Any, ids: set[str]) -> tuple[set[str], str]:

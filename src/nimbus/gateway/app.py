@@ -21,6 +21,7 @@ from nimbus.gateway.responses import JSON, NO_BODY, Response, error_response, re
 from nimbus.gateway.router import Router
 from nimbus.ids import new_id
 from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
+from nimbus.observe import tracing
 from nimbus.observe.metrics import HTTP
 from nimbus.region import region
 
@@ -112,6 +113,7 @@ class Gateway:
         has the ASGI HTTP scope's keys the event needs; ``receive`` is ASGI's."""
         self.requests += 1
         rid = new_id()
+        span = _begin_span(rid, scope) if tracing.on else None
         function = ""  # no route matched
         received = 0
         try:
@@ -127,6 +129,9 @@ class Gateway:
                                    path_params=match.path_params, request_id=rid,
                                    now_s=time.time())
                 ev_headers = event["headers"]
+                if span is not None:
+                    span.attrs["nimbus.function"] = function
+                    tracing.inject(span, ev_headers)
                 if ((INVOCATION_TYPE_HEADERS[0] in ev_headers
                         or INVOCATION_TYPE_HEADERS[1] in ev_headers) and invocation_type(
                         ev_headers.get(INVOCATION_TYPE_HEADERS[0])
@@ -134,6 +139,8 @@ class Gateway:
                     status, headers, data = await self._not_now(match.target, event)
                     headers.append((REQUEST_ID_HEADER, rid.encode()))
                     headers.append((b"content-length", str(len(data)).encode()))
+                    if span is not None:
+                        _end_span(span, rid, status)
                     HTTP.count(function, status, received, len(data))
                     return status, headers, data
                 result = await match.target.invoke(rid, event)
@@ -143,6 +150,8 @@ class Gateway:
                     match.target.log(rid, "platform", f"{exc.error['errorType']}: {exc}")
                     raise
         except ClientGone:
+            if span is not None:
+                _end_span(span, rid, 499)
             return None  # nobody to answer; the handler never ran on a partial body
         except NimbusError as exc:
             status, headers, data = error_response(exc, rid)
@@ -154,6 +163,8 @@ class Gateway:
         headers.append((REQUEST_ID_HEADER, rid.encode()))
         if data or status not in NO_BODY:
             headers.append((b"content-length", str(len(data)).encode()))
+        if span is not None:
+            _end_span(span, rid, status)
         HTTP.count(function, status, received, len(data))
         return status, headers, data
 
@@ -215,6 +226,24 @@ class Gateway:
                 {"status": "ok", "region": region()})
         return 404, [(b"content-type", JSON)], orjson.dumps(
             {"errorMessage": f"{scope['path']} is reserved for nimbus", "errorType": "NotFound"})
+
+
+def _begin_span(rid: str, scope: dict[str, Any]) -> tracing.Span:
+    """The request's span, under the client's ``traceparent`` when it sent one."""
+    trace_id, parent_id, state = tracing.extract(scope["headers"])
+    span = tracing.start("nimbus.request", rid, trace_id=trace_id, parent_id=parent_id,
+                         kind=tracing.KIND_SERVER,
+                         attrs={"http.request.method": scope["method"],
+                                "url.path": scope["path"], "nimbus.region": region()})
+    span.tracestate = state
+    tracing.active[rid] = span
+    return span
+
+
+def _end_span(span: tracing.Span, rid: str, status: int) -> None:
+    tracing.active.pop(rid, None)
+    span.attrs["http.response.status_code"] = status
+    tracing.end(span, f"HTTP {status}" if status >= 500 else None)
 
 
 async def _lifespan(receive: Any, send: Any) -> None:

@@ -50,7 +50,7 @@ from nimbus.errors import (
     ThrottledError,
     UnavailableError,
 )
-from nimbus.observe import metrics
+from nimbus.observe import metrics, tracing
 from nimbus.observe.platformlog import ThrottleNotes
 from nimbus.worker import frames as f
 from nimbus.worker.pool import ACQUIRE_GRACE_S
@@ -518,7 +518,9 @@ class _Client(asyncio.Protocol):
         cid = self._ids
         fut = self.loop.create_future()
         self.pending[cid] = (fut, answer_by)
-        meta = _dumps([cid, function, version, rid, timeout_s])
+        span = tracing.active.get(rid) if tracing.on else None
+        meta = _dumps([cid, function, version, rid, timeout_s] if span is None
+                      else [cid, function, version, rid, timeout_s, span.traceparent])
         self._unsent.append(cid)
         self.send([_HEADER.pack(len(meta) + 1 + len(payload), _INVOKE), meta, b"\n", payload])
         return fut

@@ -161,8 +161,30 @@ class HttpStats:
         self.sent += sent
 
 
+class _InvocationsOff(InvocationStats):
+    """``NIMBUS_METRICS=off``: the same calls, nothing counted."""
+
+    __slots__ = ()
+
+    def succeeded(self, seconds: float) -> None:
+        pass
+
+    def failed(self, exc: BaseException, seconds: float | None = None) -> None:
+        pass
+
+
+class _HttpOff(HttpStats):
+    __slots__ = ()
+
+    def count(self, function: str, status: int, received: int, sent: int) -> None:
+        pass
+
+
+# NIMBUS_METRICS=off turns the request path's counting off (what
+# `bench/warm.py --observe` compares against); /metrics still answers.
+COUNTING = os.environ.get("NIMBUS_METRICS", "on").lower() != "off"
 _INVOCATIONS: dict[tuple[str, int], InvocationStats] = {}
-HTTP = HttpStats()
+HTTP = HttpStats() if COUNTING else _HttpOff()
 
 
 def invocation_stats(function: str, version: int) -> InvocationStats:
@@ -170,7 +192,8 @@ def invocation_stats(function: str, version: int) -> InvocationStats:
     key = (function, version)
     s = _INVOCATIONS.get(key)
     if s is None:
-        s = _INVOCATIONS[key] = InvocationStats(function, version)
+        s = _INVOCATIONS[key] = (InvocationStats if COUNTING else _InvocationsOff)(
+            function, version)
     return s
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from nimbus.observe.traceids import ENV_NAME as TRACE_ENV
+from nimbus.observe.traceids import xray_from_traceparent
 from nimbus.runtime import lambdalog
 from nimbus.runtime import protocol as p
 from nimbus.runtime.capture import LogWriter, RequestIds, capture_fds
@@ -140,7 +142,7 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
         _serve(channel, invoke)
 
 
-def _context_factory(spec: dict[str, Any]) -> Callable[[str, float], LambdaContext]:
+def _context_factory(spec: dict[str, Any]) -> Callable[..., LambdaContext]:
     name = spec["function"]
     version = str(spec["version"])
     memory = spec["memory_mb"]
@@ -148,8 +150,10 @@ def _context_factory(spec: dict[str, Any]) -> Callable[[str, float], LambdaConte
     group = f"/aws/lambda/{name}"
     stream = spec["instance_id"]
 
-    def make(request_id: str, deadline: float) -> LambdaContext:
-        return LambdaContext(request_id, deadline, name, version, memory, arn, group, stream)
+    def make(request_id: str, deadline: float, traceparent: str | None = None,
+             trace_id: str | None = None) -> LambdaContext:
+        return LambdaContext(request_id, deadline, name, version, memory, arn, group, stream,
+                             traceparent, trace_id)
 
     return make
 
@@ -157,7 +161,7 @@ def _context_factory(spec: dict[str, Any]) -> Callable[[str, float], LambdaConte
 def _invoke_one(
     channel: _Channel,
     handler: Callable[[Any, Any], Any],
-    make_context: Callable[[str, float], LambdaContext],
+    make_context: Callable[..., LambdaContext],
     ids: RequestIds,
     body: bytes,
     received: float,
@@ -165,10 +169,11 @@ def _invoke_one(
     rid, timeout_s, event = orjson.loads(body)
     ids.begin(rid)
     fatal = False
+    traceparent, xray = _trace_of(event)
     try:
         # The deadline came as a duration: counted from the frame's arrival
         # on this process's monotonic clock.
-        result = handler(event, make_context(rid, received + timeout_s))
+        result = handler(event, make_context(rid, received + timeout_s, traceparent, xray))
         try:
             payload = orjson.dumps([rid, result])
             kind = p.RESULT
@@ -240,6 +245,32 @@ def _log_uncaught(channel: _Channel, rid: str, exc: BaseException) -> None:
     text = f"[ERROR] {type(exc).__name__}: {exc}\n" + "".join(
         traceback.format_exception(exc))
     channel.send(p.LOG, orjson.dumps([rid, "stderr", text, "ERROR", None]))
+def _trace_of(event: Any) -> tuple[str | None, str | None]:
+    """The invocation's ``traceparent`` (from the event's headers) and its
+    X-Ray form, which goes into ``_X_AMZN_TRACE_ID`` as on Lambda (process
+    wide: with concurrency above 1 it names the latest invocation's trace)."""
+    global _trace_env_set
+    headers = event.get("headers") if type(event) is dict else None
+    tp = headers.get("traceparent") if type(headers) is dict else None
+    xray = xray_from_traceparent(tp) if type(tp) is str else None
+    if xray is not None:
+        # os.environ's own dict, not putenv(): glibc keeps every value ever
+        # set with setenv (so a unique one per invocation would grow the
+        # process without bound) and the call costs microseconds. Python
+        # code sees it (os.environ, os.getenv); a subprocess gets it when
+        # started with env=os.environ.
+        _ENV_DATA[_TRACE_KEY] = xray.encode()
+        _trace_env_set = True
+        return tp, xray
+    if _trace_env_set:  # (a flag: os.environ's `in` costs microseconds)
+        _ENV_DATA.pop(_TRACE_KEY, None)
+        _trace_env_set = False
+    return None, None
+
+
+_trace_env_set = False
+_ENV_DATA = os.environ._data  # type: ignore[attr-defined]
+_TRACE_KEY = os.environ.encodekey(TRACE_ENV)
 
 
 def _error_frame(rid: str, message: str, kind: str, fatal: bool = False) -> bytes:

@@ -23,6 +23,8 @@ class LambdaContext:
         "log_stream_name",
         "identity",
         "client_context",
+        "traceparent",
+        "trace_id",
         "_deadline",
     )
 
@@ -36,6 +38,8 @@ class LambdaContext:
         arn: str,
         log_group: str,
         log_stream: str,
+        traceparent: str | None = None,
+        trace_id: str | None = None,
     ) -> None:
         self.aws_request_id = request_id
         self.function_name = function_name
@@ -46,6 +50,11 @@ class LambdaContext:
         self.log_stream_name = log_stream
         self.identity = None
         self.client_context = None
+        # The invocation's W3C trace context (from the event's headers) and
+        # the same as Lambda's X-Ray header (``_X_AMZN_TRACE_ID``); None
+        # when the invocation is not traced.
+        self.traceparent = traceparent
+        self.trace_id = trace_id
         self._deadline = deadline
 
     def get_remaining_time_in_millis(self) -> int:

@@ -14,7 +14,8 @@ connection, one direction and one worker only. Nothing else is accepted
 before the handshake, and handshake frames are tiny (``HANDSHAKE_MAX``).
 Then, in both directions at once, on one persistent connection:
 
-    INVOKE   gateway -> worker  [call_id, function, version, rid, timeout_s] "\\n" event
+    INVOKE   gateway -> worker  [call_id, function, version, rid, timeout_s(, traceparent)]
+                                "\\n" event
     RESULT   worker -> gateway  call_id "\\n" result
     ERROR    worker -> gateway  call_id "\\n" [kind, message, detail]
     LOG      gateway -> worker  [function, version, rid, stream, text]

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 
 from nimbus.errors import NimbusError
+from nimbus.observe import tracing
 from nimbus.worker import frames as f
 
 if TYPE_CHECKING:
@@ -293,7 +294,14 @@ class _Connection(asyncio.Protocol):
     def _invoke(self, body: bytes) -> None:
         meta, _, event = body.partition(b"\n")
         try:
-            call_id, function, version, rid, timeout_s = _loads(meta)
+            fields = _loads(meta)
+            if len(fields) == 5:
+                call_id, function, version, rid, timeout_s = fields
+                parent = None
+            else:  # a sixth: the gateway's span as a W3C traceparent (tracing on there)
+                call_id, function, version, rid, timeout_s, parent = fields
+                if type(parent) is not str:
+                    raise TypeError("a field of the wrong type")
             if not (type(call_id) is int and type(function) is str and type(version) is int
                     and type(rid) is str and type(timeout_s) in (int, float)):
                 raise TypeError("a field of the wrong type")
@@ -314,19 +322,25 @@ class _Connection(asyncio.Protocol):
             self._error(call_id, "absent", f"worker {server.worker_id} does not run "
                         f"{function} version {version}", None)
             return
+        traced = parent is not None and tracing.on and tracing.begin_remote(rid, parent)
         try:
             fut = pool.start(rid, _Fragment(event), timeout_s)
         except NimbusError as exc:
+            if traced:
+                tracing.active.pop(rid, None)
             self._error(call_id, *f.error_fields(exc))
             return
         if fut is None:  # no free instance: held, as the pool holds any request
-            fut = self.loop.create_task(self._held(call_id, pool, rid, event, timeout_s))
+            fut = self.loop.create_task(self._held(call_id, pool, rid, event, timeout_s,
+                                                   traced))
         else:
+            if traced:
+                tracing.active.pop(rid, None)  # the pool has taken it
             fut.add_done_callback(functools.partial(self._answer, call_id))
         self.calls[call_id] = fut
 
     async def _held(self, call_id: int, pool: FunctionPool, rid: str, event: bytes,
-                    timeout_s: float) -> None:
+                    timeout_s: float, traced: bool = False) -> None:
         try:
             fut = await pool.start_when_free(rid, _Fragment(event), timeout_s)
         except Exception as exc:  # noqa: BLE001 - answered to the gateway
@@ -334,6 +348,9 @@ class _Connection(asyncio.Protocol):
             if not self.closed:
                 self._error(call_id, *f.error_fields(exc))
             return
+        finally:
+            if traced:
+                tracing.active.pop(rid, None)
         if self.closed:  # handed over as the gateway went: it still runs; nobody waits
             self.calls.pop(call_id, None)
             return
@@ -524,8 +541,15 @@ def main() -> None:
                     help="instances of every function to start before serving")
     ap.add_argument("--auth-timeout", type=float, default=AUTH_TIMEOUT_S,
                     help="seconds a peer has to prove it holds the token")
+    ap.add_argument("--otlp-endpoint", default=None,
+                    help="send this worker's spans (hold, cold start, instance call) over "
+                         "OTLP/HTTP to this URL")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.otlp_endpoint:
+        from nimbus.observe import tracing
+
+        tracing.setup(tracing.trace_config("otlp", args.otlp_endpoint), None, role="worker")
     try:
         prepared = _prepare_folder(args)
     except (OSError, NimbusError) as exc:
@@ -536,6 +560,8 @@ def main() -> None:
         asyncio.run(_serve_folder(args, *prepared))
     else:
         uvloop.run(_serve_folder(args, *prepared))
+    finally:
+        tracing.shutdown()  # what is left is exported
 
 
 if __name__ == "__main__":

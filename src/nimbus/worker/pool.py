@@ -26,7 +26,7 @@ from typing import Any
 
 from nimbus.autoscale.decider import Decider, Decision, ScalingConfig
 from nimbus.errors import ClosedError, InstanceDiedError, ThrottledError
-from nimbus.observe import metrics
+from nimbus.observe import metrics, tracing
 from nimbus.observe.platformlog import ThrottleNotes
 from nimbus.worker.deps import BASE, DepSet
 from nimbus.worker.instance import InitError, Instance
@@ -82,10 +82,15 @@ class FunctionPool:
         # this version's counters, bound once (see nimbus.observe.metrics)
         self.metrics = metrics.invocation_stats(target.function, target.version)
         self._cold = metrics.cold_start(target.function, target.version)
+        # instance id -> (fork asked, READY) in ns, for the first traced
+        # request it serves (its cold start span); only while tracing is on
+        self._cold_spans: dict[str, tuple[int, int]] = {}
 
     # -- the request path ---------------------------------------------------
 
     async def invoke(self, rid: str, event: Any) -> Any:
+        if tracing.on:
+            return await self._invoke_traced(rid, event)
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
@@ -111,6 +116,59 @@ class FunctionPool:
             self.in_flight -= 1
             self._released(inst)
 
+    async def _invoke_traced(self, rid: str, event: Any) -> Any:
+        """:meth:`invoke` with its steps recorded as spans of the request
+        (when it has one: see :func:`tracing.parent_of`)."""
+        parent = tracing.parent_of(rid, event)
+        self.arrivals += 1
+        inst = self._pick() if self.in_flight < self.cap else None
+        if inst is None:
+            try:
+                inst = await (self._held_traced(parent) if parent is not None
+                              else self._acquire_slow())
+            except BaseException as exc:
+                self.metrics.failed(exc)
+                raise
+        else:
+            inst.outstanding += 1
+            self.in_flight += 1
+        t0 = _clock()
+        t0_ns = time.time_ns()
+        error = None
+        try:
+            result = await inst.invoke(rid, event, self.timeout_s)
+        except BaseException as exc:
+            self.metrics.failed(exc, _clock() - t0)
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        else:
+            self.metrics.succeeded(_clock() - t0)
+            return result
+        finally:
+            inst.outstanding -= 1
+            self.in_flight -= 1
+            self._released(inst)
+            if parent is not None:
+                tracing.child(parent, "nimbus.invoke", t0_ns, time.time_ns(), error,
+                              {"nimbus.instance": inst.id,
+                               "nimbus.function": self.target.function,
+                               "nimbus.version": self.target.version})
+
+    async def _held_traced(self, parent: tracing.Span) -> Instance:
+        t0 = time.time_ns()
+        try:
+            inst = await self._acquire_slow()
+        except BaseException as exc:
+            tracing.child(parent, "nimbus.hold", t0, time.time_ns(),
+                          f"{type(exc).__name__}: {exc}")
+            raise
+        tracing.child(parent, "nimbus.hold", t0, time.time_ns())
+        cold = self._cold_spans.pop(inst.id, None)
+        if cold is not None:
+            tracing.child(parent, "nimbus.cold_start", cold[0], cold[1],
+                          attrs={"nimbus.instance": inst.id})
+        return inst
+
     # The same, for callers that answer from a callback (the frame server):
     # no coroutine and no task per invocation when an instance is free.
 
@@ -128,6 +186,8 @@ class FunctionPool:
         self.arrivals += 1
         inst.outstanding += 1
         self.in_flight += 1
+        if tracing.on:
+            return self._traced_run(inst, rid, event, timeout_s, None)
         return self._run(inst, rid, event, timeout_s)
 
     async def start_when_free(self, rid: str, event: Any,
@@ -135,6 +195,8 @@ class FunctionPool:
         """Wait as :meth:`invoke` does for an instance (held, bounded, may
         start one), then hand it the invocation and return its future.
         Cancelling while it waits leaves no trace: the invocation never ran."""
+        if tracing.on:
+            return await self._start_when_free_traced(rid, event, timeout_s)
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
@@ -147,6 +209,42 @@ class FunctionPool:
             inst.outstanding += 1
             self.in_flight += 1
         return self._run(inst, rid, event, timeout_s)
+
+    async def _start_when_free_traced(self, rid: str, event: Any,
+                                      timeout_s: float | None) -> asyncio.Future[Any]:
+        parent = tracing.parent_of(rid, event)
+        self.arrivals += 1
+        inst = self._pick() if self.in_flight < self.cap else None
+        if inst is None:
+            try:
+                inst = await (self._held_traced(parent) if parent is not None
+                              else self._acquire_slow())
+            except BaseException as exc:
+                self.metrics.failed(exc)
+                raise
+        else:
+            inst.outstanding += 1
+            self.in_flight += 1
+        return self._traced_run(inst, rid, event, timeout_s, parent)
+
+    def _traced_run(self, inst: Instance, rid: str, event: Any, timeout_s: float | None,
+                    parent: tracing.Span | None) -> asyncio.Future[Any]:
+        """:meth:`_run` with the instance call as a span (the callers that
+        answer from a callback: a worker serving remote gateways)."""
+        if parent is None:
+            parent = tracing.parent_of(rid, event)
+        t0 = time.time_ns()
+        fut = self._run(inst, rid, event, timeout_s)
+        if parent is not None:
+            attrs = {"nimbus.instance": inst.id, "nimbus.function": self.target.function,
+                     "nimbus.version": self.target.version}
+
+            def done(f: asyncio.Future[Any]) -> None:
+                exc = None if f.cancelled() else f.exception()
+                tracing.child(parent, "nimbus.invoke", t0, time.time_ns(),
+                              None if exc is None else f"{type(exc).__name__}: {exc}", attrs)
+            fut.add_done_callback(done)
+        return fut
 
     def _run(self, inst: Instance, rid: str, event: Any,
              timeout_s: float | None) -> asyncio.Future[Any]:
@@ -284,6 +382,7 @@ class FunctionPool:
 
     async def _start(self) -> None:
         t0 = _clock()
+        t0_ns = time.time_ns()
         try:
             inst = await self._starter(self)
         except BaseException as exc:  # noqa: BLE001 - reported to the waiters
@@ -297,6 +396,8 @@ class FunctionPool:
         self._starting -= 1
         self.cold_starts += 1
         self._cold.observe(_clock() - t0)
+        if tracing.on and self._waiters:  # the first held request takes it
+            self._cold_spans[inst.id] = (t0_ns, time.time_ns())
         if self.retired and not self._waiters:
             await inst.stop(STOP_GRACE_S)
             return
@@ -320,6 +421,7 @@ class FunctionPool:
 
     def lost(self, inst: Instance) -> None:
         """The instance's process went away (crash, timeout kill, memory)."""
+        self._cold_spans.pop(inst.id, None)
         if inst in self.instances:
             self.instances.remove(inst)
         if self._waiters and not self._starting and self._may_grow():
