@@ -108,6 +108,12 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nimbus]:
     n.stop()
 
 
+def web(up: Nimbus) -> httpx.Client:
+    """The client of ``up``'s gateway."""
+    assert up.http is not None
+    return up.http
+
+
 def scrape(up: Nimbus) -> Samples:
     r = httpx.get(up.control_url + "/metrics",
                   headers={"authorization": f"Bearer {up.token}"}, timeout=30)
@@ -139,11 +145,11 @@ def test_metrics_needs_the_token(up: Nimbus) -> None:
 def test_success_and_error_counts_are_exact(up: Nimbus) -> None:
     before = scrape(up)
     for _ in range(7):
-        assert up.http.get("/ok").status_code == 200
-    assert up.http.post("/ok", content=b"x" * 100).status_code == 200
+        assert web(up).get("/ok").status_code == 200
+    assert web(up).post("/ok", content=b"x" * 100).status_code == 200
     for _ in range(3):
-        assert up.http.get("/boom").status_code == 500
-    assert up.http.get("/nowhere").status_code == 404
+        assert web(up).get("/boom").status_code == 500
+    assert web(up).get("/nowhere").status_code == 404
     after = scrape(up)
     assert inv(after, "ok", "success") - inv(before, "ok", "success") == 8
     assert inv(after, "boom", "error") - inv(before, "boom", "error") == 3
@@ -170,7 +176,7 @@ def test_success_and_error_counts_are_exact(up: Nimbus) -> None:
 
 def test_timeouts_deaths_and_cold_starts(up: Nimbus) -> None:
     before = scrape(up)
-    assert up.http.get("/slow").status_code == 504
+    assert web(up).get("/slow").status_code == 504
     after = scrape(up)
     assert inv(after, "slow", "timeout") - inv(before, "slow", "timeout") == 1
     assert hist_count(after, "slow") == hist_count(before, "slow")  # no answer, no duration
@@ -178,14 +184,14 @@ def test_timeouts_deaths_and_cold_starts(up: Nimbus) -> None:
     labels = {"function": "die", "version": "1", "region": "local"}
     # the deploy started one instance of each function: its cold start
     assert value(before, "nimbus_cold_starts_total", **labels) == 1
-    assert up.http.get("/die?now=1").status_code == 502
+    assert web(up).get("/die?now=1").status_code == 502
     died = scrape(up)
     assert inv(died, "die", "instance_died") - inv(before, "die", "instance_died") == 1
     assert inv(died, "die", "error") == 0
     # one instance replaces the dead one (started by the next request, or by
     # the autoscaler first: then the request waits for it), once
     for _ in range(4):
-        assert up.http.get("/die").status_code == 200
+        assert web(up).get("/die").status_code == 200
     after = scrape(up)
     assert value(after, "nimbus_cold_starts_total", **labels) == 2
     assert value(after, "nimbus_cold_start_duration_seconds_count", **labels) == 2
@@ -196,7 +202,7 @@ def test_timeouts_deaths_and_cold_starts(up: Nimbus) -> None:
 def test_throttled_requests_are_counted(up: Nimbus) -> None:
     before = scrape(up)
     codes: list[int] = []
-    first = threading.Thread(target=lambda: codes.append(up.http.get("/gate").status_code))
+    first = threading.Thread(target=lambda: codes.append(web(up).get("/gate").status_code))
     first.start()
     labels = {"function": "gate", "version": "1", "region": "local"}
     wait_until(lambda: value(scrape(up), "nimbus_in_flight_requests", **labels) == 1, 10,
@@ -205,7 +211,7 @@ def test_throttled_requests_are_counted(up: Nimbus) -> None:
     assert value(busy, "nimbus_instances", state="busy", **labels) == 1
     assert value(busy, "nimbus_instances", state="idle", **labels) == 0
     assert value(busy, "nimbus_instances_ready", **labels) == 1
-    second = up.http.get("/gate")
+    second = web(up).get("/gate")
     first.join(30)
     assert (sorted(codes), second.status_code) == ([200], 429)
     after = scrape(up)
@@ -217,7 +223,7 @@ def test_throttled_requests_are_counted(up: Nimbus) -> None:
 
 
 def test_async_retries_dead_letters_and_schedules(up: Nimbus) -> None:
-    r = up.http.post("/sour", content=b"{}", headers={"x-nimbus-invocation-type": "Event"})
+    r = web(up).post("/sour", content=b"{}", headers={"x-nimbus-invocation-type": "Event"})
     assert r.status_code == 202
     labels = {"function": "sour", "region": "local"}
     got = wait_until(lambda: (s := scrape(up)) and value(
