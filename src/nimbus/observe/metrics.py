@@ -197,6 +197,11 @@ def invocation_stats(function: str, version: int) -> InvocationStats:
     return s
 
 
+def all_invocation_stats() -> list[InvocationStats]:
+    """Every function version's stats this process has counted."""
+    return list(_INVOCATIONS.values())
+
+
 # -- families kept by prometheus-client (off the hot path) -------------------------
 
 COLD_STARTS = Counter("nimbus_cold_starts", "Instances started (fork asked -> ready)",

@@ -73,6 +73,9 @@ async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio
             None if options.metrics_auth == "open" else config.token)
         await metrics_http.start()
         metrics_url = metrics_http.url
+        if options.advertise and not options.metrics_host:
+            # the metrics port listens where the frames do: advertise it as they are
+            metrics_url = f"http://{options.advertise}:{metrics_url.rsplit(':', 1)[1]}"
         server = FrameServer(worker, options.host, options.port, config.token)
         await server.start()
         port = server.address[1]

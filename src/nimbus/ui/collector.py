@@ -46,7 +46,7 @@ async def own_families() -> Families:
     reg = region()
     out: list[FamilyLike] = []
     # the invocation counters are kept per function version by the pools
-    out += metrics.invocation_families(list(metrics._INVOCATIONS.values()), reg)  # noqa: SLF001
+    out += metrics.invocation_families(metrics.all_invocation_stats(), reg)
     if c.worker is not None:
         out += metrics.pool_families(list(c.worker.pools.values()), reg)
     elif c.invokers is not None:
