@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from nimbus.observe.natstraces import groups, request_token, subject_for
-from tests.region import Region, wait_until
+from tests.region import Region, small_region, wait_until
 
 MANIFEST = """\
 name: traced
@@ -34,13 +34,8 @@ SPANS_S = 30.0
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    root = tmp_path_factory.mktemp("traces-region")
-    app = root / "traced"
-    app.mkdir()
-    (app / "app.yaml").write_text(MANIFEST)
-    (app / "h.py").write_text(HANDLERS)
-    r = Region(app, root / "state", workers=1, gateways=1, controllers=1,
-               extra=("--trace", "region"))
+    r = small_region(tmp_path_factory.mktemp("traces-region"), "traced", MANIFEST, HANDLERS,
+                     extra=("--trace", "region"))
     yield r
     r.stop()
 

@@ -46,7 +46,7 @@ from typing import Any
 import orjson
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 
 from nimbus.errors import UnavailableError
 from nimbus.observe import natsstream
@@ -104,25 +104,16 @@ class NatsLogLimits:
     replicas: int = 3
 
     def __post_init__(self) -> None:
-        for key, least in (("max_bytes", 1024 * 1024), ("max_msgs_per_function", 1),
-                           ("replicas", 1)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"log limit {key} must be an integer of at least {least}, "
-                                 f"was: {value!r}")
-        if self.replicas > 5:
-            raise ValueError(f"log limit replicas must be at most 5, was: {self.replicas}")
-        if not isinstance(self.max_age_s, int | float) or not self.max_age_s >= 1:
-            raise ValueError(f"log limit max_age_s must be a number of seconds of at least 1, "
-                             f"was: {self.max_age_s!r}")
+        natsstream.check_limit("log", "max_bytes", self.max_bytes, 1024 * 1024)
+        natsstream.check_limit("log", "max_msgs_per_function", self.max_msgs_per_function, 1)
+        natsstream.check_limit("log", "replicas", self.replicas, 1, 5)
+        natsstream.check_age("log", self.max_age_s)
 
     def stream_config(self, region: str) -> StreamConfig:
-        return StreamConfig(
-            name=stream_name(region), subjects=[f"nimbus.{region}.logs.>"],
-            storage=StorageType.FILE, num_replicas=self.replicas, discard=DiscardPolicy.OLD,
-            max_bytes=self.max_bytes, max_age=float(self.max_age_s),
+        return natsstream.region_stream(
+            stream_name(region), f"nimbus.{region}.logs.>", replicas=self.replicas,
+            max_bytes=self.max_bytes, max_age_s=self.max_age_s,
             max_msgs_per_subject=self.max_msgs_per_function, max_msg_size=MAX_MSG_BYTES,
-            allow_direct=True, duplicate_window=120.0,
             description="nimbus function logs, one subject per function")
 
 
@@ -186,13 +177,9 @@ class NatsLogSink(StreamPublisher):
     def __init__(self, nc: NATS, *, region: str, worker: str,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, flush_s: float = FLUSH_S,
                  local: FileLogSink | None = None) -> None:
-        if buffer_bytes < 2 * BATCH_BYTES:
-            raise ValueError(f"buffer_bytes must be at least {2 * BATCH_BYTES}, "
-                             f"was: {buffer_bytes}")
-        super().__init__(nc, name=worker, flush_s=flush_s)
-        self.region = check_region(region)
+        super().__init__(nc, region=region, name=worker, flush_s=flush_s,
+                         buffer_bytes=buffer_bytes, least_buffer_bytes=2 * BATCH_BYTES)
         self.worker = worker
-        self.buffer_bytes = buffer_bytes
         self.local = local
         self._lines: deque[tuple[str, bytes]] = deque()  # (function, record line)
         self._dropped: dict[str, int] = {}  # lines dropped per function, not yet told

@@ -28,16 +28,44 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import Error as JsError
 from nats.js.errors import NotFoundError
 
 from nimbus.errors import UnavailableError
+from nimbus.region import check_region_name
 
 PUBLISH_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 5.0
 STREAM_READY_S = 30.0  # a new cluster electing leaders, or a racing creator
 READ_BATCH = 256  # messages per direct-get request
+
+
+def region_stream(name: str, subjects: str, *, replicas: int, max_bytes: int,
+                  max_age_s: float, max_msg_size: int, description: str,
+                  max_msgs_per_subject: int = -1) -> StreamConfig:
+    """A region's stream of records: on disk, replicated, the oldest
+    dropped past its bounds, read by direct gets, retries deduplicated."""
+    return StreamConfig(
+        name=name, subjects=[subjects], storage=StorageType.FILE, num_replicas=replicas,
+        discard=DiscardPolicy.OLD, max_bytes=max_bytes, max_age=float(max_age_s),
+        max_msgs_per_subject=max_msgs_per_subject, max_msg_size=max_msg_size,
+        allow_direct=True, duplicate_window=120.0, description=description)
+
+
+def check_limit(what: str, key: str, value: object, least: int, most: int | None = None) -> None:
+    """``value`` an integer from ``least`` (to ``most``), else a ValueError
+    naming ``what`` limit ``key``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least \
+            or (most is not None and value > most):
+        span = f"from {least} to {most}" if most is not None else f"of at least {least}"
+        raise ValueError(f"{what} limit {key} must be an integer {span}, was: {value!r}")
+
+
+def check_age(what: str, value: object) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 1:
+        raise ValueError(f"{what} limit max_age_s must be a number of seconds of at least 1, "
+                         f"was: {value!r}")
 
 
 async def ensure_stream(nc: NATS, config: StreamConfig, what: str,
@@ -90,7 +118,13 @@ class StreamPublisher:
 
     what = "records"
 
-    def __init__(self, nc: NATS, *, name: str, flush_s: float) -> None:
+    def __init__(self, nc: NATS, *, region: str, name: str, flush_s: float,
+                 buffer_bytes: int, least_buffer_bytes: int) -> None:
+        if buffer_bytes < least_buffer_bytes:
+            raise ValueError(f"buffer_bytes must be at least {least_buffer_bytes}, "
+                             f"was: {buffer_bytes}")
+        self.region = check_region_name(region)
+        self.buffer_bytes = buffer_bytes
         self.nc = nc
         self.flush_s = flush_s
         self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)

@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 
 from nimbus.observe import natsstream, tracing
 from nimbus.observe.natsstream import Outgoing, StreamPublisher
@@ -71,21 +71,14 @@ class NatsTraceLimits:
     replicas: int = 3
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_bytes, int) or self.max_bytes < 1024 * 1024:
-            raise ValueError(f"trace limit max_bytes must be an integer of at least 1048576, "
-                             f"was: {self.max_bytes!r}")
-        if not isinstance(self.replicas, int) or not 1 <= self.replicas <= 5:
-            raise ValueError(f"trace limit replicas must be 1 to 5, was: {self.replicas!r}")
-        if not isinstance(self.max_age_s, int | float) or not self.max_age_s >= 1:
-            raise ValueError(f"trace limit max_age_s must be a number of seconds of at "
-                             f"least 1, was: {self.max_age_s!r}")
+        natsstream.check_limit("trace", "max_bytes", self.max_bytes, 1024 * 1024)
+        natsstream.check_limit("trace", "replicas", self.replicas, 1, 5)
+        natsstream.check_age("trace", self.max_age_s)
 
     def stream_config(self, region: str) -> StreamConfig:
-        return StreamConfig(
-            name=stream_name(region), subjects=[f"nimbus.{region}.traces.>"],
-            storage=StorageType.FILE, num_replicas=self.replicas, discard=DiscardPolicy.OLD,
-            max_bytes=self.max_bytes, max_age=float(self.max_age_s),
-            max_msg_size=MAX_MSG_BYTES, allow_direct=True, duplicate_window=120.0,
+        return natsstream.region_stream(
+            stream_name(region), f"nimbus.{region}.traces.>", replicas=self.replicas,
+            max_bytes=self.max_bytes, max_age_s=self.max_age_s, max_msg_size=MAX_MSG_BYTES,
             description="nimbus spans, one subject per request id and trace id")
 
 
@@ -125,13 +118,9 @@ class NatsTraceSink(StreamPublisher):
 
     def __init__(self, nc: NATS, *, region: str, node: str,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, flush_s: float = FLUSH_S) -> None:
-        if buffer_bytes < 2 * MAX_MSG_BYTES:
-            raise ValueError(f"buffer_bytes must be at least {2 * MAX_MSG_BYTES}, "
-                             f"was: {buffer_bytes}")
-        super().__init__(nc, name=node, flush_s=flush_s)
-        self.region = check_region_name(region)
+        super().__init__(nc, region=region, name=node, flush_s=flush_s,
+                         buffer_bytes=buffer_bytes, least_buffer_bytes=2 * MAX_MSG_BYTES)
         self.node = node
-        self.buffer_bytes = buffer_bytes
         self._lock = threading.Lock()  # the exporter thread appends, the loop takes
         self._incoming: deque[bytes] = deque()
         self._in_bytes = 0
