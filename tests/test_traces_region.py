@@ -135,3 +135,32 @@ def test_a_batch_is_grouped_by_request_and_trace() -> None:
     token = request_token("r1")
     assert len(token) == 32 and token == request_token("r1") != request_token("r2")
     assert subject_for("eu-1", "a.b *>", t1) == f"nimbus.eu-1.traces.{request_token('a.b *>')}.{t1}"
+
+
+def test_the_sink_keeps_its_bound_and_makes_one_message_per_group() -> None:
+    from nats.aio.client import Client as NATS
+
+    from nimbus.observe.natstraces import MAX_MSG_BYTES, NatsTraceSink
+
+    sink = NatsTraceSink(NATS(), region="eu-1", node="w1", buffer_bytes=2 * MAX_MSG_BYTES)
+    t1 = "c" * 32
+    big = orjson.dumps([{"trace_id": t1, "span_id": f"{i:016x}", "name": "x" * 1100,
+                         "attributes": {"nimbus.request_id": "old"}} for i in range(1000)])
+    assert MAX_MSG_BYTES < len(big) < 2 * MAX_MSG_BYTES - 1000
+    for _ in range(4):  # 4 x ~1.2 MiB into 2 MiB: the oldest three go
+        sink(big)
+    assert sink.dropped == 3000
+    small = orjson.dumps([{"trace_id": t1, "span_id": "1", "attributes":
+                           {"nimbus.request_id": "r1"}},
+                          {"trace_id": t1, "span_id": "2", "attributes":
+                           {"nimbus.request_id": "r2"}}])
+    sink(small)
+    assert sink.dropped == 3000
+    sink._make_batches()
+    subjects = [m.subject for m in sink._outbox]
+    assert subjects.count(subject_for("eu-1", "r1", t1)) == 1
+    assert subjects.count(subject_for("eu-1", "r2", t1)) == 1
+    assert subjects.count(subject_for("eu-1", "old", t1)) == 5  # ~1.2 MiB in 256 KiB parts
+    assert sum(m.count for m in sink._outbox) == 1002
+    assert all(len(m.payload) <= MAX_MSG_BYTES for m in sink._outbox)
+    assert all(orjson.loads(m.payload)[0]["node"] == "w1" for m in sink._outbox)
