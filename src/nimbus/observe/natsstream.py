@@ -43,14 +43,16 @@ READ_BATCH = 256  # messages per direct-get request
 
 def region_stream(name: str, subjects: str, *, replicas: int, max_bytes: int,
                   max_age_s: float, max_msg_size: int, description: str,
-                  max_msgs_per_subject: int = -1) -> StreamConfig:
+                  max_msgs_per_subject: int = -1,
+                  duplicate_window_s: float = 120.0) -> StreamConfig:
     """A region's stream of records: on disk, replicated, the oldest
-    dropped past its bounds, read by direct gets, retries deduplicated."""
+    dropped past its bounds, read by direct gets, retries deduplicated
+    (the server remembers every message id for ``duplicate_window_s``)."""
     return StreamConfig(
         name=name, subjects=[subjects], storage=StorageType.FILE, num_replicas=replicas,
         discard=DiscardPolicy.OLD, max_bytes=max_bytes, max_age=float(max_age_s),
         max_msgs_per_subject=max_msgs_per_subject, max_msg_size=max_msg_size,
-        allow_direct=True, duplicate_window=120.0, description=description)
+        allow_direct=True, duplicate_window=duplicate_window_s, description=description)
 
 
 def check_limit(what: str, key: str, value: object, least: int, most: int | None = None) -> None:
@@ -112,11 +114,12 @@ class Outgoing:
 class StreamPublisher:
     """The background half of a sink: ``_make_batches`` turns what the sink
     gathered into :class:`Outgoing` messages on ``_outbox``; the task
-    publishes them in order, each acknowledged (with a deadline) before the
-    next. ``start()`` on the event loop first. The sink keeps ``_bytes``
-    (buffered, outbox included) within its bound."""
+    publishes them, ``window`` at a time (1: in order, each acknowledged,
+    with a deadline, before the next). ``start()`` on the event loop first.
+    The sink keeps ``_bytes`` (buffered, outbox included) within its bound."""
 
     what = "records"
+    window = 1  # messages published at once (1: in order, each acknowledged first)
 
     def __init__(self, nc: NATS, *, region: str, name: str, flush_s: float,
                  buffer_bytes: int, least_buffer_bytes: int) -> None:
@@ -205,10 +208,16 @@ class StreamPublisher:
                 self._make_batches()
             try:
                 while self._outbox:
-                    await self._publish(self._outbox[0])
-                    batch = self._outbox.popleft()
-                    self._bytes -= len(batch.payload)
-                    self.published += batch.count
+                    n = min(self.window, len(self._outbox))
+                    if n == 1:
+                        await self._publish(self._outbox[0])
+                    else:  # order does not matter: acknowledgements awaited together
+                        await asyncio.gather(*(self._publish(self._outbox[i])
+                                               for i in range(n)))
+                    for _ in range(n):
+                        batch = self._outbox.popleft()
+                        self._bytes -= len(batch.payload)
+                        self.published += batch.count
                     if not self._outbox and self._pending():
                         self._make_batches()
                 backoff = 0.0

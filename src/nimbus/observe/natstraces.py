@@ -45,6 +45,9 @@ FLUSH_S = 0.1
 DEFAULT_BUFFER_BYTES = 8 * 1024 * 1024
 MAX_MSG_BYTES = 1024 * 1024
 GROUP_BYTES = 256 * 1024  # aim of one message (a longer span goes alone)
+# a retry comes within seconds (publish timeout, backoff); many messages a
+# second make every remembered id count in the servers' memory
+DUPLICATE_WINDOW_S = 30.0
 MAX_TRACES = 16  # trace ids one lookup follows
 MAX_SPANS = 20_000  # spans one lookup returns
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
@@ -79,6 +82,7 @@ class NatsTraceLimits:
         return natsstream.region_stream(
             stream_name(region), f"nimbus.{region}.traces.>", replicas=self.replicas,
             max_bytes=self.max_bytes, max_age_s=self.max_age_s, max_msg_size=MAX_MSG_BYTES,
+            duplicate_window_s=DUPLICATE_WINDOW_S,
             description="nimbus spans, one subject per request id and trace id")
 
 
@@ -115,6 +119,7 @@ class NatsTraceSink(StreamPublisher):
     batch from any thread (the exporter's); ``start()`` on the event loop."""
 
     what = "traces"
+    window = 64  # spans need no order: many small messages in flight at once
 
     def __init__(self, nc: NATS, *, region: str, node: str,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, flush_s: float = FLUSH_S) -> None:
