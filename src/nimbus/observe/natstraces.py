@@ -37,6 +37,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 
+from nimbus.errors import UserInputError
 from nimbus.observe import natsstream, tracing
 from nimbus.observe.natsstream import Outgoing, StreamPublisher
 from nimbus.region import check_region_name
@@ -175,13 +176,19 @@ class NatsTraceSink(StreamPublisher):
         self._bytes += len(payload)
 
 
-async def attach(nc: NATS, *, region: str, node: str,
+async def attach(nc: NATS | None, *, region: str, node: str,
                  limits: NatsTraceLimits | None = None) -> NatsTraceSink | None:
     """With tracing on in this process: the region's trace stream made sure
     of, and a started sink the exporter hands its batches to (None when
-    tracing is off). Undo with :func:`detach`."""
+    tracing is off, or the region has no NATS: a file or a collector is
+    then all there is). Undo with :func:`detach`."""
     exporter = tracing.exporter()
     if exporter is None:
+        return None
+    if nc is None:
+        if exporter.config.mode == "region":
+            raise UserInputError("--trace region: the region's traces live on NATS, and this "
+                                 "store is not (--store nats://...); use --trace file or otlp")
         return None
     await ensure_stream(nc, region, limits)
     sink = NatsTraceSink(nc, region=region, node=node)

@@ -119,9 +119,8 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
     sharing: asyncio.Task[None] | None = None
     traces = None
     try:
-        if backend.nc is not None:
-            traces = await natstraces.attach(backend.nc, region=config.region,
-                                             node=config.node_id)
+        traces = await natstraces.attach(backend.nc, region=config.region,
+                                         node=config.node_id)
         await routes.start()
         events.start()
         await metrics_http.start()

@@ -102,8 +102,8 @@ class Controller:
         if self.backend.nc is not None:
             _sink, source = await open_region_logs(self.backend.nc, region=self.config.region)
             traces = await natstraces.open_source(self.backend.nc, self.config.region)
-            self._traces = await natstraces.attach(self.backend.nc, region=self.config.region,
-                                                   node=self.config.node_id)
+        self._traces = await natstraces.attach(self.backend.nc, region=self.config.region,
+                                               node=self.config.node_id)
         self.dashboard = self._dashboard()
         self.http = HttpServer.for_control(
             create_control_app(self, log_source=source,  # type: ignore[arg-type]
