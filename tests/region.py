@@ -108,6 +108,17 @@ class Region:
         return self.proc.returncode
 
 
+def small_region(root: Path, name: str, manifest: str, handlers: str,
+                 extra: tuple[str, ...] = ()) -> Region:
+    """One controller, worker and gateway under ``root`` serving the app
+    ``name`` (``app.yaml`` = ``manifest``, ``h.py`` = ``handlers``)."""
+    app = root / name
+    app.mkdir()
+    (app / "app.yaml").write_text(manifest)
+    (app / "h.py").write_text(handlers)
+    return Region(app, root / "state", workers=1, gateways=1, controllers=1, extra=extra)
+
+
 def app_with_runs(tmp_path: Path, name: str, manifest: str,
                   handlers: str) -> tuple[Path, Path]:
     """An app folder ``name`` whose handlers (``handlers``, formatted with

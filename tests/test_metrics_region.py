@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.region import Region, wait_until
+from tests.region import Region, small_region, wait_until
 
 MANIFEST = """\
 name: counted
@@ -35,12 +35,7 @@ def oops(event, context):
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    root = tmp_path_factory.mktemp("metrics-region")
-    app = root / "counted"
-    app.mkdir()
-    (app / "app.yaml").write_text(MANIFEST)
-    (app / "h.py").write_text(HANDLERS)
-    r = Region(app, root / "state", workers=1, gateways=1, controllers=1)
+    r = small_region(tmp_path_factory.mktemp("metrics-region"), "counted", MANIFEST, HANDLERS)
     yield r
     r.stop()
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.region import Region, wait_until
+from tests.region import Region, small_region, wait_until
 from tests.test_ui_browser import SHOTS
 
 pytestmark = pytest.mark.e2e
@@ -37,12 +37,7 @@ def oops(event, context):
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    root = tmp_path_factory.mktemp("ui-region")
-    app = root / "counted"
-    app.mkdir()
-    (app / "app.yaml").write_text(MANIFEST)
-    (app / "h.py").write_text(HANDLERS)
-    r = Region(app, root / "state", workers=1, gateways=1, controllers=1)
+    r = small_region(tmp_path_factory.mktemp("ui-region"), "counted", MANIFEST, HANDLERS)
     yield r
     r.stop()
 

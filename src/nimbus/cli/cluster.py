@@ -86,7 +86,8 @@ class LocalRegion:
 
     def __init__(self, state_dir: Path, *, region: str, workers: int, gateways: int,
                  controllers: int, port: int, control_port: int, host: str = "127.0.0.1",
-                 worker_args: list[str] | None = None) -> None:
+                 worker_args: list[str] | None = None,
+                 role_args: list[str] | None = None) -> None:
         for name, n in (("workers", workers), ("gateways", gateways),
                         ("controllers", controllers)):
             if n < 1:
@@ -98,6 +99,7 @@ class LocalRegion:
         self.control_port = control_port
         self.host = host
         self.worker_args = worker_args or []
+        self.role_args = role_args or []  # every role's (--trace)
         self.nats: NatsCluster | None = None
         self.children: list[Child] = []
         self.lock: StateLock | None = None
@@ -140,7 +142,7 @@ class LocalRegion:
             child = Child(role, i, self.state_dir / f"{role}-{i}", [])
             child.argv = role_argv(role, store_url=store_url, region=self.region,
                                    token_file=self.token_file, state_dir=child.state_dir,
-                                   port=port, extra=extra)
+                                   port=port, extra=extra + self.role_args)
             self.spawn(child)
             self.children.append(child)
             started.append(child)
@@ -224,7 +226,7 @@ class LocalRegion:
 
 def run_cluster_up(app_dir: Path | None, *, state_dir: Path, region: str, workers: int,
                    gateways: int, controllers: int, port: int, control_port: int,
-                   worker_args: list[str]) -> int:
+                   worker_args: list[str], role_args: list[str] | None = None) -> int:
     from nimbus.cli.client import Client, Connection
     from nimbus.cli.output import print_deploy_stream
     from nimbus.control.bundle import make_bundle
@@ -245,7 +247,7 @@ def run_cluster_up(app_dir: Path | None, *, state_dir: Path, region: str, worker
     signal.signal(signal.SIGTERM, on_signal)
     local = LocalRegion(state_dir.resolve(), region=region, workers=workers, gateways=gateways,
                         controllers=controllers, port=port, control_port=control_port,
-                        worker_args=worker_args)
+                        worker_args=worker_args, role_args=role_args)
     code = 0
     started = False
     try:

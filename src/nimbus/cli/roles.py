@@ -21,9 +21,12 @@ def region_options(f: Any) -> Any:
     f = region_option(f)
     f = click.option("--store", "store_url", required=True,
                      help="The region's store: nats://HOST:PORT[,HOST:PORT...]")(f)
-    f = click.option("--trace", "trace_mode", type=click.Choice(["off", "file", "otlp"]),
-                     default=None, help="Traces of this process: off (the default), JSON "
-                     "lines under STATE_DIR/traces/, or OTLP/HTTP to --otlp-endpoint.")(f)
+    f = click.option("--trace", "trace_mode",
+                     type=click.Choice(["off", "region", "file", "otlp"]),
+                     default=None, help="Traces of this process: off (the default), region "
+                     "(to the region's trace stream, where any controller finds them for "
+                     "`nimbus trace`), file (that, and JSON lines under STATE_DIR/traces/) "
+                     "or otlp (that, and OTLP/HTTP to --otlp-endpoint).")(f)
     f = click.option("--otlp-endpoint", default=None, metavar="URL",
                      help="Send traces over OTLP/HTTP to URL (a collector every process "
                           "of the region sends to); implies --trace otlp.")(f)
@@ -182,9 +185,13 @@ def cluster() -> None:
 @click.option("--region", default="local", show_default=True)
 @click.option("--containment", default="auto", show_default=True,
               type=click.Choice(["auto", "full", "rlimits"]))
+@click.option("--trace", "trace_mode", default="off", show_default=True,
+              type=click.Choice(["off", "region"]),
+              help="region: every process publishes its spans to the region's trace stream "
+                   "(`nimbus trace REQUEST_ID`).")
 def cluster_up(app_dir: Path | None, workers: int, gateways: int, controllers: int, port: int,
                control_port: int, state_dir: Path | None, region: str,
-               containment: str) -> None:
+               containment: str, trace_mode: str) -> None:
     """Start a region on this machine in the foreground and deploy APP_DIR."""
     from nimbus.cli.cluster import run_cluster_up
     from nimbus.errors import UserInputError
@@ -205,4 +212,5 @@ def cluster_up(app_dir: Path | None, workers: int, gateways: int, controllers: i
     sys.exit(run_cluster_up(app_dir, state_dir=state, region=region,
                             workers=workers, gateways=gateways, controllers=controllers,
                             port=port, control_port=control_port,
-                            worker_args=["--containment", containment]))
+                            worker_args=["--containment", containment],
+                            role_args=["--trace", trace_mode]))

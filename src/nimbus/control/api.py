@@ -55,7 +55,7 @@ from nimbus.observe.logfilter import LogFilter, parse_level, parse_since
 from nimbus.observe.logs import LogSink as FileLogSink
 from nimbus.observe.memory import memory_of
 from nimbus.observe.metrics import serve_metrics
-from nimbus.observe.protocols import FileLogSource, LogSource
+from nimbus.observe.protocols import FileLogSource, LogSource, TraceSource
 from nimbus.region import region
 from nimbus.store.queue import STATUSES
 
@@ -233,7 +233,8 @@ def instances_of(pool: Any) -> int:
 
 
 def create_control_app(platform: Platform, log_source: LogSource | None = None,
-                       dashboard: Dashboard | None = None) -> Starlette:
+                       dashboard: Dashboard | None = None,
+                       trace_source: TraceSource | None = None) -> Starlette:
     """The control API of ``platform``. Logs are read from ``log_source``:
     by default this process's log files (``nimbus up``); a region's
     controller passes the region's (:mod:`nimbus.observe.natslogs`).
@@ -356,16 +357,21 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
     async def traces(request: Request) -> Response:
         rid = path_id(request)
         exporter = tracing.exporter()
-        if exporter is not None:
+        if trace_source is not None:  # a region: every process's spans in its stream
+            spans = await trace_source.find(rid)
+        elif exporter is not None:
             spans = await asyncio.to_thread(exporter.find, rid)
         else:  # tracing is off now: what earlier runs wrote may be there
             spans = await asyncio.to_thread(
                 tracing.find_in_files, Path(platform.state_dir) / "traces", rid)
         if not spans:
             raise NotFoundError(
-                f"no spans of request {rid!r}" + ("" if tracing.on else
-                " (tracing is off here: start nimbus up with --trace file, or "
-                "--otlp-endpoint URL)"))
+                f"no spans of request {rid!r}" + (
+                    " (in the region's trace stream: its gateways and workers publish "
+                    "spans there when started with --trace region, file or otlp)"
+                    if trace_source is not None else "" if tracing.on else
+                    " (tracing is off here: start nimbus up with --trace file, or "
+                    "--otlp-endpoint URL)"))
         return _json({"request_id": rid, "spans": spans})
 
     async def dlq(request: Request) -> Response:

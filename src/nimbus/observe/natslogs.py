@@ -43,19 +43,16 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import Error as JsError
-from nats.js.errors import NotFoundError
+from nats.js.api import StreamConfig
 
 from nimbus.errors import UnavailableError
+from nimbus.observe import natsstream
 from nimbus.observe.logs import MAX_LINE_CHARS, record_extra
 from nimbus.observe.logs import LogSink as FileLogSink
+from nimbus.observe.natsstream import READ_TIMEOUT_S, STREAM_READY_S, Outgoing, StreamPublisher
 from nimbus.observe.protocols import Match, Record
 from nimbus.region import check_region_name
 
@@ -65,10 +62,6 @@ FLUSH_S = 0.1
 DEFAULT_BUFFER_BYTES = 8 * 1024 * 1024
 BATCH_BYTES = 256 * 1024  # aim of one published message (a longer record goes alone)
 MAX_MSG_BYTES = 1024 * 1024  # the stream's limit: the longest record fits
-PUBLISH_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 5.0
-STREAM_READY_S = 30.0  # a new cluster electing leaders, or a racing creator
-READ_BATCH = 256  # messages per direct-get request
 FOLLOW_WAIT_S = 1.0  # longest wait for a wake-up before reading again anyway
 _PLAIN = re.compile(r"[A-Za-z0-9_-]")
 
@@ -111,25 +104,16 @@ class NatsLogLimits:
     replicas: int = 3
 
     def __post_init__(self) -> None:
-        for key, least in (("max_bytes", 1024 * 1024), ("max_msgs_per_function", 1),
-                           ("replicas", 1)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"log limit {key} must be an integer of at least {least}, "
-                                 f"was: {value!r}")
-        if self.replicas > 5:
-            raise ValueError(f"log limit replicas must be at most 5, was: {self.replicas}")
-        if not isinstance(self.max_age_s, int | float) or not self.max_age_s >= 1:
-            raise ValueError(f"log limit max_age_s must be a number of seconds of at least 1, "
-                             f"was: {self.max_age_s!r}")
+        natsstream.check_limit("log", "max_bytes", self.max_bytes, 1024 * 1024)
+        natsstream.check_limit("log", "max_msgs_per_function", self.max_msgs_per_function, 1)
+        natsstream.check_limit("log", "replicas", self.replicas, 1, 5)
+        natsstream.check_age("log", self.max_age_s)
 
     def stream_config(self, region: str) -> StreamConfig:
-        return StreamConfig(
-            name=stream_name(region), subjects=[f"nimbus.{region}.logs.>"],
-            storage=StorageType.FILE, num_replicas=self.replicas, discard=DiscardPolicy.OLD,
-            max_bytes=self.max_bytes, max_age=float(self.max_age_s),
+        return natsstream.region_stream(
+            stream_name(region), f"nimbus.{region}.logs.>", replicas=self.replicas,
+            max_bytes=self.max_bytes, max_age_s=self.max_age_s,
             max_msgs_per_subject=self.max_msgs_per_function, max_msg_size=MAX_MSG_BYTES,
-            allow_direct=True, duplicate_window=120.0,
             description="nimbus function logs, one subject per function")
 
 
@@ -138,26 +122,8 @@ async def ensure_stream(nc: NATS, region: str, limits: NatsLogLimits | None = No
     """Create the region's log stream, or bring an existing one to ``limits``.
     A cluster still electing its leaders, or another process creating the
     stream at the same moment, is waited out for up to ``ready_s``."""
-    limits = limits or NatsLogLimits()
-    js = nc.jetstream(timeout=READ_TIMEOUT_S)
-    config = limits.stream_config(region)
-    deadline = time.monotonic() + ready_s
-    while True:
-        try:
-            try:
-                await js.stream_info(config.name or "")
-            except NotFoundError:
-                await js.add_stream(config)
-                return
-            await js.update_stream(config)
-            return
-        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
-                nats.errors.NoRespondersError, nats.js.errors.BadRequestError) as exc:
-            # BadRequest: "stream name already in use" while another creates it
-            if time.monotonic() > deadline:
-                raise UnavailableError(f"the log stream {config.name} did not become "
-                                       f"available within {ready_s:.0f}s: {exc!r}") from exc
-            await asyncio.sleep(0.2)
+    await natsstream.ensure_stream(nc, (limits or NatsLogLimits()).stream_config(region),
+                                   "log", ready_s)
 
 
 async def open_region_logs(nc: NATS, *, region: str, worker: str | None = None,
@@ -181,68 +147,42 @@ async def open_region_logs(nc: NATS, *, region: str, worker: str | None = None,
 
 
 @dataclass(slots=True)
-class _Batch:
-    function: str
-    payload: bytes  # the records, one a line
-    lines: int
-    msg_id: str
+class _Batch(Outgoing):
+    function: str = ""
+    worker: str = ""
     dropped_before: int = 0  # lines dropped just before these: told first
     sent: bytes | None = None  # what was published (the same on a retry)
 
-    def message(self, worker: str) -> bytes:
+    def data(self) -> bytes:
         if self.sent is None:
             notice = b""
             if self.dropped_before:
                 notice = orjson.dumps({
                     "ts": time.time(), "rid": None, "stream": "platform",
                     "text": f"{self.dropped_before} log lines dropped (log buffer full)",
-                    "worker": worker, "level": "WARNING"}) + b"\n"
+                    "worker": self.worker, "level": "WARNING"}) + b"\n"
             self.sent = notice + self.payload
         return self.sent
 
 
-class NatsLogSink:
+class NatsLogSink(StreamPublisher):
     """Publishes one worker's log lines to the region's stream. ``start()``
     on the event loop first; ``write`` from the loop's thread.
 
     ``local``: a file sink that also gets every line (a per-worker copy on
     disk, kept only if given)."""
 
+    what = "logs"
+
     def __init__(self, nc: NATS, *, region: str, worker: str,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, flush_s: float = FLUSH_S,
                  local: FileLogSink | None = None) -> None:
-        if buffer_bytes < 2 * BATCH_BYTES:
-            raise ValueError(f"buffer_bytes must be at least {2 * BATCH_BYTES}, "
-                             f"was: {buffer_bytes}")
-        self.nc = nc
-        self.region = check_region(region)
+        super().__init__(nc, region=region, name=worker, flush_s=flush_s,
+                         buffer_bytes=buffer_bytes, least_buffer_bytes=2 * BATCH_BYTES)
         self.worker = worker
-        self.buffer_bytes = buffer_bytes
-        self.flush_s = flush_s
         self.local = local
-        self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self._lines: deque[tuple[str, bytes]] = deque()  # (function, record line)
-        self._outbox: deque[_Batch] = deque()  # made, not yet acknowledged
-        self._bytes = 0  # in both
         self._dropped: dict[str, int] = {}  # lines dropped per function, not yet told
-        self._boot = f"{worker}-{time.time_ns():x}"
-        self._seq = 0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._close_by = 0.0
-        self.published = 0  # lines acknowledged by the stream
-        self.dropped = 0  # lines dropped, all told
-        self.publish_errors = 0
-
-    @property
-    def buffered_bytes(self) -> int:
-        return self._bytes
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(),
-                                                                name="nats-log-sink")
 
     # -- the request path: memory only --
 
@@ -270,8 +210,8 @@ class NatsLogSink:
                 batch = self._outbox[1]
                 del self._outbox[1]
                 self._bytes -= len(batch.payload)
-                self.dropped += batch.lines
-                gap = batch.dropped_before + batch.lines
+                self.dropped += batch.count
+                gap = batch.dropped_before + batch.count
                 # the gap is told where it is: before the function's next batch
                 later = next((b for i, b in enumerate(self._outbox)
                               if i > 0 and b.function == batch.function), None)
@@ -287,33 +227,15 @@ class NatsLogSink:
             else:
                 break
 
-    def flush(self) -> None:
-        """Publish soon (the next round does not wait for ``flush_s``)."""
-        self._wake.set()
-
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop taking lines. What is buffered is still published, for at
-        most ``timeout_s`` more (await :meth:`aclose` to wait for that)."""
-        if not self._closing:
-            self._closing = True
-            self._close_by = time.monotonic() + timeout_s
-        self._wake.set()
+        super().close(timeout_s)
         if self.local is not None:
             self.local.close()
 
-    async def aclose(self, timeout_s: float = 5.0) -> None:
-        """Publish what is buffered (within ``timeout_s``), then stop."""
-        self.close(timeout_s)
-        task, self._task = self._task, None
-        if task is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), timeout_s + 1.0)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
     # -- the background task --
+
+    def _pending(self) -> bool:
+        return bool(self._lines or self._dropped)
 
     def _make_batches(self) -> None:
         """Turn the buffered lines into messages: per function, in order,
@@ -339,48 +261,9 @@ class NatsLogSink:
             self._outbox[first].dropped_before = self._dropped.pop(function, 0)
 
     def _add_batch(self, function: str, recs: list[bytes]) -> None:
-        self._seq += 1
         payload = b"".join(rec + b"\n" for rec in recs)
-        self._outbox.append(_Batch(function, payload, len(recs), f"{self._boot}-{self._seq}"))
-
-    async def _run(self) -> None:
-        backoff = 0.0
-        while True:
-            if not self._closing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.flush_s + backoff)
-            else:
-                await asyncio.sleep(backoff)
-            self._wake.clear()
-            if self._closing and (not (self._lines or self._outbox or self._dropped)
-                                  or time.monotonic() > self._close_by):
-                return
-            if not self._outbox:
-                self._make_batches()
-            try:
-                while self._outbox:
-                    await self._publish(self._outbox[0])
-                    batch = self._outbox.popleft()
-                    self._bytes -= len(batch.payload)
-                    self.published += batch.lines
-                    if not self._outbox and (self._lines or self._dropped):
-                        self._make_batches()
-                backoff = 0.0
-            except (NatsError, JsError, TimeoutError, OSError) as exc:
-                self.publish_errors += 1
-                if self.publish_errors == 1 or self.publish_errors % 100 == 0:
-                    log.warning("publishing logs failed (%d times so far): %r",
-                                self.publish_errors, exc)
-                backoff = min(max(2 * backoff, 0.1), 2.0)
-            except Exception:  # a bug of ours: logged, the loop goes on
-                log.exception("log publisher failed")
-                backoff = 1.0
-
-    async def _publish(self, batch: _Batch) -> None:
-        await self.js.publish(subject_for(self.region, batch.function),
-                              batch.message(self.worker),
-                              timeout=PUBLISH_TIMEOUT_S,
-                              headers={"Nats-Msg-Id": batch.msg_id})
+        self._outbox.append(_Batch(subject_for(self.region, function), payload, len(recs),
+                                   self.next_msg_id(), function, self.worker))
 
 
 # -- reading -----------------------------------------------------------------------
@@ -412,73 +295,20 @@ class NatsLogSource:
         self.stream = stream_name(region)
         self.timeout_s = timeout_s
         self.follow_wait_s = follow_wait_s
-
-    # -- direct gets --
+        self._reader = natsstream.DirectReader(nc, self.stream, "logs", timeout_s)
 
     async def _get(self, request: dict[str, Any], suffix: str = "") -> list[tuple[int, bytes]]:
-        """One direct-get request: the (sequence, payload) pairs it answers,
-        none for "no message"."""
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        out: list[tuple[int, bytes]] = []
-        try:
-            await self.nc.publish(f"$JS.API.DIRECT.GET.{self.stream}{suffix}",
-                                  orjson.dumps(request) if request else b"", reply=inbox)
-            deadline = time.monotonic() + self.timeout_s
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise UnavailableError(f"reading logs from {self.stream}: no answer "
-                                           f"within {self.timeout_s}s")
-                try:
-                    msg = await sub.next_msg(timeout=left)
-                except NatsTimeoutError:
-                    raise UnavailableError(f"reading logs from {self.stream}: no answer "
-                                           f"within {self.timeout_s}s") from None
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status == "404" or status == "408":
-                    return out
-                if status == "204":  # end of batch
-                    return out
-                if status == "503":
-                    raise UnavailableError(
-                        f"reading logs from {self.stream}: no server answered for the "
-                        "stream (it does not exist yet, or JetStream is unavailable)")
-                if status:
-                    raise UnavailableError(f"reading logs from {self.stream}: "
-                                           f"status {str(status).splitlines()[0]}")
-                out.append((int(headers["Nats-Sequence"]), msg.data))
-                if "batch" not in request:
-                    return out
-        except NatsError as exc:
-            raise UnavailableError(f"reading logs from {self.stream}: {exc!r}") from exc
-        finally:
-            with contextlib.suppress(NatsError):
-                await sub.unsubscribe()
+        return await self._reader.get(request, suffix)
 
     async def last_seq(self, function: str) -> int:
         """The stream sequence of the function's newest message (0: none)."""
         got = await self._get({}, "." + subject_for(self.region, function))
         return got[0][0] if got else 0
 
-    async def _range(self, function: str, start: int,
-                     up_to: int | None) -> AsyncIterator[tuple[int, bytes]]:
+    def _range(self, function: str, start: int,
+               up_to: int | None) -> AsyncIterator[tuple[int, bytes]]:
         """The function's messages from sequence ``start`` (to ``up_to``)."""
-        subject = subject_for(self.region, function)
-        while up_to is None or start <= up_to:
-            req: dict[str, Any] = {"seq": max(start, 1), "next_by_subj": subject,
-                                   "batch": READ_BATCH}
-            if up_to is not None:
-                req["up_to_seq"] = up_to
-            got = await self._get(req)
-            if not got:
-                return
-            for seq, data in got:
-                if up_to is not None and seq > up_to:
-                    return
-                yield seq, data
-            start = got[-1][0] + 1
+        return self._reader.range(subject_for(self.region, function), start, up_to)
 
     # -- the public reads --
 

@@ -64,6 +64,16 @@ class LogSource(Protocol):
         ...
 
 
+@runtime_checkable
+class TraceSource(Protocol):
+    """Where ``GET /v1/traces/{id}`` finds spans when they are not this
+    process's own (a region's stream)."""
+
+    async def find(self, request_id: str) -> list[dict[str, Any]]:
+        """Every span of the traces ``request_id``'s spans belong to, by start."""
+        ...
+
+
 class FileLogSource:
     """The JSON-lines files of one process's :class:`FileLogSink` (``nimbus up``)."""
 

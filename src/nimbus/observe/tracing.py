@@ -28,7 +28,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import orjson
 
 log = logging.getLogger("nimbus.tracing")
 
-MODES = ("off", "file", "otlp")
+MODES = ("off", "file", "otlp", "region")  # region: only to the region's stream
 DEFAULT_MODE = "off"  # see docs/architecture.md, "Traces": the file costs more than its goal
 FILE_NAME = "traces.jsonl"
 DEFAULT_MAX_FILE_BYTES = 8 * 1024 * 1024
@@ -205,7 +205,8 @@ def inject(span: Span, headers: dict[str, Any]) -> None:
 class TraceConfig:
     """``mode``: ``off``, ``file`` (JSON lines under ``<state>/traces/``) or
     ``otlp`` (OTLP/HTTP to ``otlp_endpoint``; also kept in memory for
-    ``nimbus trace``)."""
+    ``nimbus trace``); ``region`` (a region's processes: only to the region's
+    trace stream, :mod:`nimbus.observe.natstraces`)."""
 
     mode: str = DEFAULT_MODE
     otlp_endpoint: str | None = None
@@ -299,6 +300,9 @@ class Exporter:
             assert config.otlp_endpoint
             self._otlp = OTLPSpanExporter(endpoint=otlp_traces_url(config.otlp_endpoint),
                                           timeout=5)
+        # more homes for every batch (a region's trace stream): called on
+        # this thread with the batch's bytes, they must only hand it on
+        self.sinks: tuple[Callable[[bytes], None], ...] = ()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one drain at a time (thread, flush())
         self._thread = threading.Thread(target=self._run, name="nimbus-traces", daemon=True)
@@ -323,7 +327,9 @@ class Exporter:
                 data = orjson.dumps(batch, option=orjson.OPT_APPEND_NEWLINE)
             except TypeError:  # an attribute value orjson cannot write: one by one
                 data = b"[" + b",".join(orjson.dumps(r, default=str) for r in batch) + b"]\n"
-            if self.file is None:  # otherwise `nimbus trace` reads the file
+            for sink in self.sinks:
+                sink(data)
+            if self.file is None and not self.sinks:  # else `nimbus trace` reads those
                 self.recent.append(data)
                 self._recent_bytes += len(data)
                 while self._recent_bytes > RECENT_BYTES and len(self.recent) > 1:
@@ -335,6 +341,12 @@ class Exporter:
                     self._otlp.export(_to_sdk(batch, self.resource))
             except Exception:  # noqa: BLE001 - a lost batch must not stop tracing
                 log.warning("exporting %d spans failed", len(batch), exc_info=True)
+
+    def add_sink(self, sink: Callable[[bytes], None]) -> None:
+        self.sinks = (*self.sinks, sink)
+
+    def remove_sink(self, sink: Callable[[bytes], None]) -> None:
+        self.sinks = tuple(s for s in self.sinks if s is not sink)
 
     def close(self) -> None:
         self._stop.set()

@@ -93,7 +93,7 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
     from nimbus.events.service import Events
     from nimbus.gateway.app import Gateway, GatewayConfig
     from nimbus.gateway.remote import WorkerDirectory
-    from nimbus.observe import metrics
+    from nimbus.observe import metrics, natstraces
     from nimbus.roles.http import HttpServer
     from nimbus.store.registry import open_backend
 
@@ -117,7 +117,10 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
                          info=lambda: {"url": http.url, "metrics": metrics_http.url},
                          shares=shares)
     sharing: asyncio.Task[None] | None = None
+    traces = None
     try:
+        traces = await natstraces.attach(backend.nc, region=config.region,
+                                         node=config.node_id)
         await routes.start()
         events.start()
         await metrics_http.start()
@@ -140,6 +143,7 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
         await routes.aclose()
         await directory.aclose()
         await metrics_http.aclose()
+        await natstraces.detach(traces)
         await backend.aclose()
 
 

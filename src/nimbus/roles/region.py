@@ -69,6 +69,7 @@ class Controller:
         self._workers_watch: Any = None
         self.dashboard: Any = None
         self._scraper: Any = None
+        self._traces: Any = None  # this process's spans to the region's stream
         metrics.set_role("controller")
         metrics.watch_async(self._async_figures)
 
@@ -87,6 +88,7 @@ class Controller:
     async def start(self) -> None:
         from nimbus.cluster.nodes import worker_directory_watch
         from nimbus.control.api import create_control_app
+        from nimbus.observe import natstraces
         from nimbus.observe.natslogs import open_region_logs
         from nimbus.roles.http import HttpServer
 
@@ -96,13 +98,16 @@ class Controller:
         await self._workers_watch.start()
         await self.routes.start()
         self.scheduler.start()
-        source = None
+        source = traces = None
         if self.backend.nc is not None:
             _sink, source = await open_region_logs(self.backend.nc, region=self.config.region)
+            traces = await natstraces.open_source(self.backend.nc, self.config.region)
+        self._traces = await natstraces.attach(self.backend.nc, region=self.config.region,
+                                               node=self.config.node_id)
         self.dashboard = self._dashboard()
         self.http = HttpServer.for_control(
             create_control_app(self, log_source=source,  # type: ignore[arg-type]
-                               dashboard=self.dashboard),
+                               dashboard=self.dashboard, trace_source=traces),
             self.options.control_host, self.options.control_port, self.options.grace_s)
         await self.http.start()
         self.control_url = self.http.url
@@ -229,4 +234,7 @@ class Controller:
         for watch in self.nodes.values():
             await watch.aclose()
         await self.directory.aclose()
+        from nimbus.observe import natstraces
+
+        await natstraces.detach(self._traces)
         await self.backend.aclose()

@@ -40,7 +40,7 @@ class WorkerOptions:
 
 async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio.Event) -> None:
     from nimbus.cluster.roles import WorkerAgent
-    from nimbus.observe import metrics
+    from nimbus.observe import metrics, natstraces
     from nimbus.observe.natslogs import open_region_logs
     from nimbus.roles.http import HttpServer
     from nimbus.store.registry import open_backend
@@ -55,6 +55,7 @@ async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio
     agent: WorkerAgent | None = None
     metrics_http: HttpServer | None = None
     logs = None
+    traces = None
     try:
         containment = await asyncio.to_thread(
             Containment.create, config.state_dir, options.containment, options.uid_range)
@@ -63,6 +64,8 @@ async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio
         logs, _source = await open_region_logs(backend.nc, region=config.region,
                                                worker=config.node_id)
         assert logs is not None
+        traces = await natstraces.attach(backend.nc, region=config.region,
+                                         node=config.node_id)
         worker = Worker(config.state_dir, logs, options.budget, containment=containment,
                         node_id=config.node_id, autoscale=False)
         await worker.start()
@@ -103,4 +106,5 @@ async def serve_worker(config: RoleConfig, options: WorkerOptions, stop: asyncio
             await metrics_http.aclose()
         if logs is not None:
             await logs.aclose()
+        await natstraces.detach(traces)
         await backend.aclose()
