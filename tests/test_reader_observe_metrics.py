@@ -1,0 +1,480 @@
+"""A second reader's checks of metrics, traces and monitoring files, written
+from the README and docs/monitoring.md: exact counters under concurrency,
+histogram consistency, label hygiene, auth of /metrics, W3C traceparent
+edge cases, ``nimbus metrics targets`` and the shipped rules. One
+``nimbus up`` (trace file on) for the module."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, Nimbus
+from tests.region import wait_until
+
+MANIFEST = """\
+name: reader
+functions:
+  ok:
+    handler: h.ok
+    max_instances: 8
+    http: [{method: GET, path: /ok}]
+  boom:
+    handler: h.boom
+    http: [{method: GET, path: /boom}]
+  slow:
+    handler: h.slow
+    timeout_s: 1
+    http: [{method: GET, path: /slow}]
+  die:
+    handler: h.die
+    http: [{method: GET, path: /die}]
+  gate:
+    handler: h.gate
+    max_instances: 1
+    max_queue: 0
+    http: [{method: GET, path: /gate}]
+  tr:
+    handler: h.tr
+    http: [{method: GET, path: /tr}]
+  sour:
+    handler: h.boom
+    retries: 1
+    retry_delay_s: 0.05
+"""
+
+HANDLERS = """\
+import os, time
+
+def ok(event, context):
+    time.sleep(0.002)
+    return {"statusCode": 200, "body": "ok"}
+
+def boom(event, context):
+    raise ValueError("boom")
+
+def slow(event, context):
+    time.sleep(5)
+
+def die(event, context):
+    os._exit(3)
+
+def gate(event, context):
+    time.sleep(0.8)
+    return "done"
+
+def tr(event, context):
+    h = event.get("headers") or {}
+    return {"traceparent": h.get("traceparent"), "tracestate": h.get("tracestate"),
+            "env": os.environ.get("_X_AMZN_TRACE_ID"),
+            "ctx_trace_id": getattr(context, "trace_id", None),
+            "ctx_traceparent": getattr(context, "traceparent", None),
+            "rid": context.aws_request_id}
+"""
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+TP_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-0[01]$")
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nimbus]:
+    root = tmp_path_factory.mktemp("reader-observe")
+    app = root / "reader"
+    app.mkdir()
+    (app / "app.yaml").write_text(MANIFEST)
+    (app / "h.py").write_text(HANDLERS)
+    n = Nimbus(app, root / "state", root / "up.out", "--containment", "rlimits",
+               "--trace", "file")
+    yield n
+    n.stop()
+
+
+def cli(up: Nimbus, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``nimbus`` command as users run it (``python -m nimbus``)."""
+    return subprocess.run([sys.executable, "-m", "nimbus", *args, "--state-dir", str(up.state)],
+                          capture_output=True, text=True, timeout=60, cwd=up.state.parent)
+
+
+def raw_metrics(up: Nimbus, **kw: Any) -> httpx.Response:
+    return httpx.get(up.control_url + "/metrics", timeout=30, **kw)
+
+
+def scrape_text(up: Nimbus) -> str:
+    r = raw_metrics(up, headers={"authorization": f"Bearer {up.token}"})
+    assert r.status_code == 200, r.text
+    return r.text
+
+
+def parse(text: str) -> Samples:
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def val(s: Samples, name: str, **labels: str) -> float:
+    return s.get((name, frozenset(labels.items())), 0.0)
+
+
+def inv(s: Samples, fn: str, outcome: str) -> float:
+    return val(s, "nimbus_invocations_total", function=fn, version="1", region="local",
+               outcome=outcome)
+
+
+def hcount(s: Samples, fn: str) -> float:
+    return val(s, "nimbus_invocation_duration_seconds_count", function=fn, version="1",
+               region="local")
+
+
+def http_code(s: Samples, fn: str, code: str) -> float:
+    return val(s, "nimbus_http_requests_total", function=fn, region="local", code=code)
+
+
+def buckets(s: Samples, fn: str) -> list[tuple[float, float]]:
+    out = []
+    for (name, labels), v in s.items():
+        d = dict(labels)
+        if (name == "nimbus_invocation_duration_seconds_bucket" and d.get("function") == fn
+                and d.get("version") == "1"):
+            out.append((float(d["le"]), v))
+    return sorted(out)
+
+
+# -- auth ---------------------------------------------------------------------------
+
+
+def test_metrics_refuses_every_way_but_the_bearer_token(up: Nimbus) -> None:
+    t = up.token
+    refused = {
+        "no token": raw_metrics(up),
+        "wrong token": raw_metrics(up, headers={"authorization": "Bearer " + "x" * len(t)}),
+        "token prefix": raw_metrics(up, headers={"authorization": "Bearer " + t[:-1]}),
+        "query token": raw_metrics(up, params={"token": t}),
+        "query access_token": raw_metrics(up, params={"access_token": t}),
+        "basic": raw_metrics(up, auth=("nimbus", t)),
+        "bare token": raw_metrics(up, headers={"authorization": t}),
+        "cookie": raw_metrics(up, cookies={"token": t}),
+    }
+    for what, r in refused.items():
+        assert r.status_code in (401, 403), (what, r.status_code)
+        assert "nimbus_invocations" not in r.text, what
+    ok = raw_metrics(up, headers={"authorization": f"bearer {t}"})
+    assert ok.status_code == 200, "the scheme is case-insensitive per the README"
+
+
+def test_open_metrics_off_loopback_is_refused(tmp_path: Path) -> None:
+    for host in ("0.0.0.0", "::"):
+        state = tmp_path / f"s{host.replace(':', '_')}"
+        r = subprocess.run(
+            [sys.executable, "-m", "nimbus.cli.main", "up", "--port", "0", "--control-port",
+             "0", "--state-dir", str(state), "--control-host", host, "--metrics-auth", "open"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        out = r.stdout + r.stderr
+        assert r.returncode == 2, (host, r.returncode, out[-800:])
+        assert "Traceback" not in out
+        assert "nimbus: error:" in out and "loopback" in out, out
+
+
+# -- exposition hygiene ------------------------------------------------------------------
+
+
+def test_exposition_follows_prometheus_conventions(up: Nimbus) -> None:
+    assert httpx.get(up.url + "/ok", timeout=30).status_code == 200
+    text = scrape_text(up)
+    helps = set(re.findall(r"^# HELP (nimbus_\w+) \S", text, re.M))
+    types = dict(re.findall(r"^# TYPE (nimbus_\w+) (\w+)$", text, re.M))
+    assert types, "no nimbus families"
+    assert set(types) <= helps, f"families without HELP: {set(types) - helps}"
+    rid_like = re.compile(r"^[0-9a-f]{16,}$|^[0-9a-f-]{36}$|^[0-9A-Za-z_-]{20,}$")
+    for fam in text_string_to_metric_families(text):
+        if not fam.name.startswith("nimbus_"):
+            continue
+        if fam.type == "counter":
+            assert all(s.name.endswith("_total") for s in fam.samples
+                       if not s.name.endswith("_created")), fam.name
+        if fam.type == "histogram" and ("duration" in fam.name or "operation" in fam.name
+                                        or "detection" in fam.name):
+            assert fam.name.endswith("_seconds"), fam.name
+        if "memory" in fam.name or "bytes" in fam.name:
+            assert fam.name.endswith("_bytes") or fam.name.endswith("_bytes_total") \
+                or fam.name.endswith("_bytes"), fam.name
+        assert not re.search(r"_(ms|milliseconds|kb|mb|count)$", fam.name), fam.name
+        for s in fam.samples:
+            assert "region" in s.labels, (s.name, s.labels)
+            for k, v in s.labels.items():
+                assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", k) and not k.startswith("__")
+                assert k not in ("request_id", "rid", "requestId", "trace_id", "instance_id")
+                assert not rid_like.match(v), f"high-cardinality label {s.name} {k}={v}"
+
+
+# -- exact counting ------------------------------------------------------------------------
+
+
+def test_fifty_parallel_requests_count_exactly_fifty(up: Nimbus) -> None:
+    before = parse(scrape_text(up))
+
+    def one(_: int) -> int:
+        return httpx.get(up.url + "/ok", timeout=30).status_code
+
+    with ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(one, range(50)))
+    assert codes == [200] * 50
+    after = parse(scrape_text(up))
+    assert inv(after, "ok", "success") - inv(before, "ok", "success") == 50
+    assert hcount(after, "ok") - hcount(before, "ok") == 50
+    assert http_code(after, "ok", "200") - http_code(before, "ok", "200") == 50
+    for outcome in ("error", "timeout", "throttled", "instance_died"):
+        assert inv(after, "ok", outcome) == inv(before, "ok", outcome), outcome
+    # the histogram: cumulative, +Inf == count, from 1 ms, sum plausible
+    b = buckets(after, "ok")
+    assert b[0][0] == 0.001, b[:3]
+    assert b[-1][0] == float("inf")
+    values = [v for _, v in b]
+    assert values == sorted(values), "buckets are not cumulative"
+    assert b[-1][1] == hcount(after, "ok")
+    s = val(after, "nimbus_invocation_duration_seconds_sum", function="ok", version="1",
+            region="local")
+    s0 = val(before, "nimbus_invocation_duration_seconds_sum", function="ok", version="1",
+             region="local")
+    # each handler sleeps 2 ms: 50 of them took at least 0.1 s and (warm) far below 50 s
+    assert 0.1 <= s - s0 < 50, s - s0
+    # nothing at or below 1 ms: every invocation slept 2 ms
+    assert dict(b)[0.001] == 0
+    les = [le for le, _ in b[:-1]]
+    assert les == sorted(set(les))
+
+
+def test_each_outcome_is_counted_once(up: Nimbus) -> None:
+    before = parse(scrape_text(up))
+    web = httpx.Client(base_url=up.url, timeout=30)
+    assert [web.get("/boom").status_code for _ in range(3)] == [500] * 3
+    assert web.get("/slow").status_code == 504
+    assert web.get("/die").status_code == 502
+    assert web.get("/nowhere").status_code == 404
+    # throttled: one request running on the only instance, queue 0
+    holder = threading.Thread(target=lambda: web.get("/gate"))
+    holder.start()
+    wait_until(lambda: val(parse(scrape_text(up)), "nimbus_in_flight_requests", function="gate",
+                           version="1", region="local") == 1, 20, "gate in flight")
+    extra = [web.get("/gate").status_code for _ in range(3)]
+    holder.join(20)
+    assert extra == [429] * 3
+    after = parse(scrape_text(up))
+    web.close()
+
+    def d(fn: str, outcome: str) -> float:
+        return inv(after, fn, outcome) - inv(before, fn, outcome)
+
+    assert d("boom", "error") == 3
+    assert hcount(after, "boom") - hcount(before, "boom") == 3
+    assert d("slow", "timeout") == 1
+    assert hcount(after, "slow") == hcount(before, "slow"), "a timeout did not answer"
+    assert d("die", "instance_died") == 1
+    assert hcount(after, "die") == hcount(before, "die")
+    assert d("gate", "throttled") == 3
+    assert d("gate", "success") == 1
+    assert http_code(after, "gate", "429") - http_code(before, "gate", "429") == 3
+    assert http_code(after, "", "404") - http_code(before, "", "404") == 1
+    assert http_code(after, "boom", "500") - http_code(before, "boom", "500") == 3
+    assert http_code(after, "slow", "504") - http_code(before, "slow", "504") == 1
+    assert http_code(after, "die", "502") - http_code(before, "die", "502") == 1
+    for fn, only in (("boom", "error"), ("slow", "timeout"), ("die", "instance_died")):
+        for o in ("success", "error", "timeout", "throttled", "instance_died"):
+            if o != only:
+                assert d(fn, o) == 0, (fn, o)
+
+
+def test_async_counters_exist_at_zero_before_their_first_event(up: Nimbus) -> None:
+    """``increase(nimbus_async_dead_letters_total[15m]) > 0`` (the shipped
+    NimbusDeadLettersGrowing alert) only sees an increment if the series
+    existed before it: a series born at 1 shows no increase, so a function's
+    first dead letter would never alert. Counters of a known function must
+    be exported at 0 from the start (as Prometheus advises)."""
+    before = parse(scrape_text(up))
+    lab = {"function": "sour", "region": "local"}
+    key_dl = ("nimbus_async_dead_letters_total", frozenset(lab.items()))
+    key_rt = ("nimbus_async_retries_total", frozenset(lab.items()))
+    key_err = ("nimbus_invocations_total", frozenset({**lab, "version": "1",
+                                                     "outcome": "error"}.items()))
+    missing = [k[0] for k in (key_dl, key_rt, key_err) if k not in before]
+    r = httpx.post(f"{up.control_url}/v1/functions/sour/invoke?async=1", content=b"{}",
+                   headers={"authorization": f"Bearer {up.token}"}, timeout=30)
+    assert r.status_code == 202, r.text
+    after = wait_until(lambda: (lambda s: s if val(s, *key_dl[:1], **lab) == 1 else None)(
+        parse(scrape_text(up))), 20, "the dead letter")
+    assert val(after, "nimbus_async_retries_total", **lab) == 1
+    assert inv(after, "sour", "error") == 2
+    assert not missing, f"absent until their first event: {missing}"
+
+
+# -- traces ----------------------------------------------------------------------------------
+
+TID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SID = "00f067aa0ba902b7"
+
+
+def traced(up: Nimbus, traceparent: str | None, **extra: str) -> dict[str, Any]:
+    headers = dict(extra)
+    if traceparent is not None:
+        headers["traceparent"] = traceparent
+    r = httpx.get(up.url + "/tr", headers=headers, timeout=30)
+    assert r.status_code == 200, (traceparent, r.status_code, r.text)
+    out: dict[str, Any] = r.json()
+    assert out["rid"] == r.headers["x-nimbus-request-id"]
+    return out
+
+
+def xray_root(trace_id: str) -> str:
+    return f"Root=1-{trace_id[:8]}-{trace_id[8:]}"
+
+
+def test_handler_sees_its_trace_in_every_form(up: Nimbus) -> None:
+    seen = traced(up, f"00-{TID}-{SID}-01", tracestate="vendor=abc")
+    m = TP_RE.match(seen["traceparent"] or "")
+    assert m, seen
+    assert m.group(1) == TID, "the client's trace was not joined"
+    assert m.group(2) != SID, "the handler should see the gateway's span as parent"
+    assert seen["ctx_traceparent"] == seen["traceparent"]
+    env = seen["env"] or ""
+    assert env.startswith(xray_root(TID) + f";Parent={m.group(2)};"), env
+    assert env.endswith("Sampled=1"), env
+    assert seen["ctx_trace_id"] == env
+    assert "vendor=abc" in (seen["tracestate"] or ""), seen
+    # the next invocation on the same instance gets its own trace, not the last one's
+    nxt = traced(up, None)
+    m2 = TP_RE.match(nxt["traceparent"] or "")
+    assert m2 and m2.group(1) != TID, nxt
+    assert (nxt["env"] or "").startswith(xray_root(m2.group(1))), nxt
+    # nimbus trace finds the request and names the same trace id
+    wait_until(lambda: httpx.get(f"{up.control_url}/v1/traces/{seen['rid']}",
+                                 headers={"authorization": f"Bearer {up.token}"},
+                                 timeout=30).status_code == 200, 10, "the trace")
+    shown = cli(up, "trace", seen["rid"])
+    assert shown.returncode == 0, shown.stderr
+    assert TID in shown.stdout, shown.stdout
+
+
+@pytest.mark.parametrize("bad", [
+    f"00-{TID.upper()}-{SID}-01",               # uppercase hex is invalid
+    f"00-{TID}-{SID.upper()}-01",
+    f"ff-{TID}-{SID}-01",                      # version ff is forbidden
+    f"00-{'0' * 32}-{SID}-01",                 # all-zero trace id
+    f"00-{TID}-{'0' * 16}-01",                 # all-zero parent id
+    f"00-{TID}-{SID}-1",                        # short flags
+    f"00-{TID[:-1]}-{SID}-01",                  # short trace id
+    f"00_{TID}_{SID}_01",
+    f"00-{TID}-{SID}-01-extra",                 # version 00 has exactly 4 fields
+    "garbage",
+    "",
+])
+def test_invalid_traceparent_is_ignored(up: Nimbus, bad: str) -> None:
+    seen = traced(up, bad, tracestate="vendor=abc")
+    m = TP_RE.match(seen["traceparent"] or "")
+    assert m, f"the handler should still get a fresh valid traceparent: {seen}"
+    assert m.group(1) != TID and m.group(1) != TID.upper().lower() and m.group(1) != "0" * 32, \
+        f"{bad!r} was accepted: {seen['traceparent']}"
+    assert (seen["env"] or "").startswith(xray_root(m.group(1))), seen
+    # W3C: with an invalid traceparent, the tracestate is discarded too
+    assert "vendor=abc" not in (seen["tracestate"] or ""), seen
+
+
+# -- monitoring files and targets ------------------------------------------------------------
+
+
+def test_metrics_targets_is_a_valid_file_sd(up: Nimbus, tmp_path: Path) -> None:
+    r = cli(up, "metrics", "targets")
+    assert r.returncode == 0, r.stderr
+    groups = json.loads(r.stdout)
+    assert isinstance(groups, list) and groups
+    control = up.control_url.split("://", 1)[1].rstrip("/")
+    seen = []
+    for g in groups:
+        assert set(g) <= {"targets", "labels"}, g
+        assert isinstance(g["targets"], list) and g["targets"]
+        for t in g["targets"]:
+            assert isinstance(t, str) and re.fullmatch(r"[^/\s]+:\d+", t), t
+            seen.append(t)
+        for k, v in g.get("labels", {}).items():
+            assert isinstance(v, str)
+            assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", k), k
+    assert control in seen, (control, groups)
+    g = next(g for g in groups if control in g["targets"])
+    assert g["labels"].get("role") == "up" and g["labels"].get("region") == "local", g
+    out = tmp_path / "sd.json"
+    r2 = cli(up, "metrics", "targets", "--out", str(out))
+    assert r2.returncode == 0, r2.stderr
+    assert json.loads(out.read_text()) == groups
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("args", [
+    ("--edge", "not a url"),
+    ("--edge", "ftp://127.0.0.1:1"),
+    ("--watch", "-1", "--out", "x.json"),
+    ("--watch", "abc", "--out", "x.json"),
+])
+def test_metrics_targets_bad_options_are_usage_errors(up: Nimbus, args: tuple[str, ...]) -> None:
+    r = cli(up, "metrics", "targets", *args)
+    assert r.returncode == 2, (args, r.returncode, r.stdout[-300:], r.stderr[-500:])
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("nimbus: error:") or "error:" in r.stderr, r.stderr
+
+
+def test_shipped_rules_pass_promtool() -> None:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed")
+    d = ROOT / "docs" / "monitoring"
+    r = subprocess.run(["promtool", "check", "rules", "nimbus-rules.yml"], cwd=d,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["promtool", "test", "rules", "nimbus-rules.test.yml"], cwd=d,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+EDGE_FAMILIES = {"nimbus_edge_region_up", "nimbus_edge_requests_total",
+                 "nimbus_edge_failovers_total", "nimbus_edge_retries_total",
+                 "nimbus_edge_detection_seconds"}
+
+
+def test_rules_and_dashboard_name_only_metrics_that_exist(up: Nimbus) -> None:
+    text = scrape_text(up)
+    names = set()
+    for fam in text_string_to_metric_families(text):
+        names |= {s.name for s in fam.samples}
+        names.add(fam.name)
+    for e in EDGE_FAMILIES:
+        names |= {e, e + "_bucket", e + "_count", e + "_sum"}
+    d = ROOT / "docs" / "monitoring"
+    grafana = json.loads((d / "grafana-nimbus.json").read_text())
+    exprs = [t.get("expr", "") for p in _panels(grafana) for t in p.get("targets", [])]
+    assert exprs, "the dashboard has no queries"
+    rules = (d / "nimbus-rules.yml").read_text()
+    used = set(re.findall(r"\bnimbus_[a-z_]+", rules + "\n".join(exprs)))
+    # families only some processes serve: the async age (SQLite queue), schedules
+    # (the async counters: see test_async_counters_exist_at_zero_before_their_first_event)
+    optional = {"nimbus_schedule_fires_total", "nimbus_schedule_misses_total",
+                "nimbus_async_dead_letters_total", "nimbus_async_retries_total"}
+    missing = sorted(u for u in used - names - optional if not u.endswith("_"))
+    assert not missing, f"named in rules/dashboard but not served: {missing}"
+
+
+def _panels(d: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for p in d.get("panels", []):
+        out.append(p)
+        out += _panels(p)
+    return out
