@@ -50,6 +50,33 @@ functions:
   sour:
     handler: quit.sour
     retries: 0
+  conc:
+    handler: conc.handler
+    concurrency: 8
+    max_instances: 1
+    http: [{method: GET, path: /conc}]
+  envjson:
+    handler: conc.handler
+    env: {AWS_LAMBDA_LOG_FORMAT: JSON}
+    http: [{method: GET, path: /envjson}]
+  hog:
+    handler: quit.hog
+    memory_mb: 64
+    http: [{method: GET, path: /hog}]
+"""
+
+CONC = """\
+import logging, time
+logger = logging.getLogger()
+logger.setLevel(logging.INFO)
+
+def handler(event, context):
+    mine = context.aws_request_id
+    for i in range(5):
+        logger.info("mine %s %d", mine, i)
+        print("printed", mine, i)
+        time.sleep(0.01)
+    return mine
 """
 
 LG = """\
@@ -118,6 +145,12 @@ def slow(event, context):
 
 def sour(event, context):
     raise RuntimeError("sour")
+
+def hog(event, context):
+    blocks = []
+    for _ in range(64):
+        blocks.append(bytearray(8 * 1024 * 1024))
+    return "survived"
 """
 
 BROKEN_MANIFEST = """\
@@ -149,7 +182,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nimbus]:
     app = root / "logsapp"
     app.mkdir()
     (app / "app.yaml").write_text(MANIFEST)
-    for name, code in (("lg", LG), ("jl", JL), ("lvl", LVL), ("many", MANY), ("quit", QUIT)):
+    for name, code in (("lg", LG), ("jl", JL), ("lvl", LVL), ("many", MANY), ("quit", QUIT),
+                       ("conc", CONC)):
         (app / f"{name}.py").write_text(code)
     n = Nimbus(app, root / "state", root / "up.out", "--containment", "rlimits")
     yield n
@@ -264,6 +298,42 @@ def test_ten_thousand_lines_all_arrive_in_order(up: Nimbus) -> None:
                                                              range(9995, 10000)]
 
 
+def test_concurrent_invocations_log_under_their_own_request_ids(up: Nimbus) -> None:
+    """One instance runs 8 invocations at once: each line, logger or print,
+    carries the request id of the invocation that wrote it."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(16) as pool:
+        rids = list(pool.map(lambda _: call(up, "/conc"), range(16)))
+    assert len(set(rids)) == 16
+    for rid in rids:
+        recs = of_request(up, "conc", rid, 10)
+        assert len(recs) == 10, recs
+        for r in recs:
+            assert rid in r["text"], f"{rid}: a line of another invocation: {r}"
+            if r.get("level"):
+                m = TEXT_LINE.match(r["text"])
+                assert m and m["rid"] == rid, r
+
+
+def test_json_format_from_the_lambda_env_variable(up: Nimbus) -> None:
+    rid = call(up, "/envjson")
+    recs = of_request(up, "envjson", rid, 10)
+    logged = [r for r in recs if r.get("level")]
+    assert len(logged) == 5, recs
+    for r in logged:
+        f = r.get("fields")
+        assert isinstance(f, dict) and f.get("requestId") == rid, r
+        assert f["message"].startswith(f"mine {rid}"), f
+
+
+def test_out_of_memory_leaves_its_platform_line(up: Nimbus) -> None:
+    rid = call(up, "/hog", 500)
+    recs = of_request(up, "hog", rid, 1)
+    assert any(r["stream"] == "platform" and r.get("level") == "ERROR" and
+               "Runtime.OutOfMemory: function exceeded its memory limit of 64 MB" in r["text"]
+               for r in recs), recs
+
+
 # -- platform lines -----------------------------------------------------------------------------
 
 
@@ -334,6 +404,27 @@ def test_level_and_since_filters(up: Nimbus) -> None:
     assert s.returncode == 0, s.stderr
     shown = [json.loads(x) for x in s.stdout.splitlines() if x.strip()]
     assert [x["text"] for x in shown] == [g["text"] for g in got]
+
+
+def test_since_spans_and_bad_cluster_files(up: Nimbus, tmp_path: Path) -> None:
+    rid = call(up, "/lg")
+    of_request(up, "lg", rid, 6)
+    for span in ("90s", "1h30m", "1d"):
+        assert records(up, "lg", request_id=rid, since=span), span
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("regions: [\n")
+    for f in (str(bad), str(tmp_path / "missing.yaml")):
+        r = cli(up, "logs", "lg", "--cluster", f)
+        assert r.returncode == 2, (f, r.returncode, r.stderr)
+        assert r.stderr.startswith("nimbus: error:") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_nimbus_trace_says_tracing_is_off(up: Nimbus) -> None:
+    rid = call(up, "/lg")
+    r = cli(up, "trace", rid)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith("nimbus: error:") and "Traceback" not in r.stderr, r.stderr
+    assert "--trace" in r.stderr or "off" in r.stderr, r.stderr
 
 
 def test_logs_of_a_function_that_does_not_exist(up: Nimbus) -> None:
@@ -439,6 +530,7 @@ def test_session_cookie_flags_and_the_token_never_shown(up: Nimbus) -> None:
     assert "samesite=strict" in flags, raw
     assert "secure" not in flags, "plain http: a Secure cookie would never come back"
     assert any(f.startswith("path=/") for f in flags), raw
+    assert "max-age=43200" in flags, f"12 hours, says the README: {raw}"
     assert up.token not in raw and up.token not in value
     assert len(value) >= 32, "a guessable session id"
     jar = {name: value}

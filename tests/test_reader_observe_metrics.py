@@ -327,6 +327,53 @@ def test_async_counters_exist_at_zero_before_their_first_event(up: Nimbus) -> No
     assert not missing, f"absent until their first event: {missing}"
 
 
+def logs_of(up: Nimbus, fn: str) -> list[dict[str, Any]]:
+    r = httpx.get(f"{up.control_url}/v1/functions/{fn}/logs", params={"tail": "1000"},
+                  headers={"authorization": f"Bearer {up.token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+def platform_line(up: Nimbus, fn: str, needle: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        for rec in logs_of(up, fn):
+            if rec["stream"] == "platform" and needle in rec["text"]:
+                return rec
+        return None
+    try:
+        found: dict[str, Any] = wait_until(find, 10, f"{needle!r} in {fn}'s logs")
+    except AssertionError:
+        raise AssertionError(f"no platform line {needle!r} in {fn}'s logs: "
+                             f"{[r['text'] for r in logs_of(up, fn)][-15:]}") from None
+    return found
+
+
+def test_every_outcome_left_its_platform_line(up: Nimbus) -> None:
+    """After test_each_outcome_is_counted_once and the async test: the lines
+    the README's table promises, at their levels."""
+    assert platform_line(up, "gate", "throttled 3 requests in the last 1 s")["level"] == \
+        "WARNING"
+    assert platform_line(up, "slow", "Task timed out after 1.00 seconds")["level"] == "ERROR"
+    assert platform_line(up, "die", "instance exited during the invocation")["level"] == \
+        "ERROR"
+    retry = platform_line(up, "sour", "failed on try 1 (ValueError: boom); retrying in")
+    assert retry["level"] == "WARNING"
+    dead = platform_line(up, "sour", "dead-lettered after 2 tries (ValueError: boom)")
+    assert dead["level"] == "ERROR"
+    # the exception a handler raised: [ERROR] Type: message and its traceback, at ERROR
+    boom = [r for r in logs_of(up, "boom") if "ValueError: boom" in r["text"]]
+    assert boom and all(r.get("level") == "ERROR" for r in boom), boom
+    text = "\n".join(r["text"] for r in logs_of(up, "boom"))
+    assert "[ERROR] ValueError: boom" in text and "Traceback (most recent call last)" in text
+
+
+def test_nimbus_trace_of_an_unknown_id_is_a_clear_error(up: Nimbus) -> None:
+    r = cli(up, "trace", "no-such-request-id")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith("nimbus: error:") and "no-such-request-id" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 # -- traces ----------------------------------------------------------------------------------
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -346,6 +393,13 @@ def traced(up: Nimbus, traceparent: str | None, **extra: str) -> dict[str, Any]:
 
 def xray_root(trace_id: str) -> str:
     return f"Root=1-{trace_id[:8]}-{trace_id[8:]}"
+
+
+def test_a_higher_version_traceparent_is_parsed_as_version_00(up: Nimbus) -> None:
+    """W3C trace-context: a traceparent of a version above 00 must be parsed
+    for its first four fields (and the extra ones ignored), not dropped."""
+    seen = traced(up, f"01-{TID}-{SID}-01-future-stuff")
+    assert (seen["traceparent"] or "").startswith(f"00-{TID}-"), seen
 
 
 def test_handler_sees_its_trace_in_every_form(up: Nimbus) -> None:
