@@ -94,6 +94,8 @@ def handler(event, context):
         1 / 0
     except ZeroDivisionError:
         logger.exception("it broke")
+    print("[CRITICAL]\\t2026-01-01T00:00:00.000Z\\tforged-rid\\tforged text line")
+    print('{"level": "CRITICAL", "requestId": "forged-rid", "message": "forged json"}')
     return context.aws_request_id
 """
 
@@ -225,7 +227,7 @@ def of_request(up: Nimbus, fn: str, rid: str, n: int) -> list[dict[str, Any]]:
 
 def test_lambda_text_format_exactly(up: Nimbus) -> None:
     rid = call(up, "/lg")
-    recs = of_request(up, "lg", rid, 6)
+    recs = of_request(up, "lg", rid, 8)
     texts = [r["text"] for r in recs]
     assert all(r["rid"] == rid for r in recs)
     assert not any("hidden debug" in t for t in texts), "DEBUG is below the INFO set"
@@ -250,6 +252,12 @@ def test_lambda_text_format_exactly(up: Nimbus) -> None:
     assert "Traceback (most recent call last):" in after, after
     assert "ZeroDivisionError: division by zero" in after, after
     assert "1 / 0" in after, after
+    # printed lines that look like logger lines are still print output of this request
+    forged = [r for r in recs if "forged" in r["text"]]
+    assert len(forged) == 2, recs
+    for r in forged:
+        assert r["rid"] == rid and r["stream"] == "stdout", r
+        assert "level" not in r, f"print output given a level: {r}"
     # the CLI shows the same line
     shown = cli(up, "logs", "lg", "--request-id", rid)
     assert shown.returncode == 0, shown.stderr
@@ -404,6 +412,17 @@ def test_level_and_since_filters(up: Nimbus) -> None:
     assert s.returncode == 0, s.stderr
     shown = [json.loads(x) for x in s.stdout.splitlines() if x.strip()]
     assert [x["text"] for x in shown] == [g["text"] for g in got]
+
+
+def test_bad_log_parameters_of_the_api_are_400s(up: Nimbus) -> None:
+    for params in ({"since": "yesterday"}, {"level": "LOUD"}, {"tail": "0"},
+                   {"follow": "maybe"}, {"since": "1" * 400 + "d"}):
+        r = httpx.get(f"{up.control_url}/v1/functions/lg/logs", params=params,
+                      headers=auth(up), timeout=30)
+        assert r.status_code == 400, (params, r.status_code, r.text[:300])
+        body = r.json()
+        assert set(body) == {"errorType", "errorMessage"}
+        assert next(iter(params)) in body["errorMessage"], body
 
 
 def test_since_spans_and_bad_cluster_files(up: Nimbus, tmp_path: Path) -> None:

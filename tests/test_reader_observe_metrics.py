@@ -258,6 +258,22 @@ def test_fifty_parallel_requests_count_exactly_fifty(up: Nimbus) -> None:
     assert dict(b)[0.001] == 0
     les = [le for le, _ in b[:-1]]
     assert les == sorted(set(les))
+    # bytes: each answer's body is "ok"; the GETs had no body
+    sent = (val(after, "nimbus_http_sent_bytes_total", region="local")
+            - val(before, "nimbus_http_sent_bytes_total", region="local"))
+    received = (val(after, "nimbus_http_received_bytes_total", region="local")
+                - val(before, "nimbus_http_received_bytes_total", region="local"))
+    assert (sent, received) == (100, 0)
+    # levels settle back: nothing in flight, held or busy
+    lab = {"function": "ok", "version": "1", "region": "local"}
+    assert val(after, "nimbus_in_flight_requests", **lab) == 0
+    assert val(after, "nimbus_held_requests", **lab) == 0
+    assert val(after, "nimbus_instances", state="busy", **lab) == 0
+    ready = val(after, "nimbus_instances_ready", **lab)
+    assert ready == val(after, "nimbus_instances", state="idle", **lab) >= 1
+    # every cold start has its duration
+    assert (val(after, "nimbus_cold_starts_total", **lab)
+            == val(after, "nimbus_cold_start_duration_seconds_count", **lab) >= ready)
 
 
 def test_each_outcome_is_counted_once(up: Nimbus) -> None:
