@@ -407,6 +407,9 @@ def test_level_and_since_filters(up: Nimbus) -> None:
     assert any(g["text"] == "plain print" for g in records(up, "lg", request_id=rid,
                                                            level="INFO"))
     assert records(up, "lg", request_id=rid, since="2099-01-01T00:00:00Z") == []
+    # --tail counts the lines the other filters keep
+    last = records(up, "lg", request_id=rid, level="WARNING", tail="1")
+    assert len(last) == 1 and last[0]["text"] == got[-1]["text"], (last, got)
     s = cli(up, "logs", "lg", "--request-id", rid, "--since", "10m", "--level", "warning",
             "--json")
     assert s.returncode == 0, s.stderr
@@ -470,7 +473,8 @@ def test_logs_stream_as_server_sent_events(up: Nimbus) -> None:
     headers = {**auth(up), "accept": "text/event-stream"}
     deadline = time.monotonic() + 20
     with httpx.stream("GET", f"{up.control_url}/v1/functions/lg/logs",
-                      params={"follow": "1", "tail": "1"}, headers=headers,
+                      params={"follow": "1", "tail": "1", "level": "WARNING"},
+                      headers=headers,
                       timeout=httpx.Timeout(20)) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream"), r.headers
@@ -485,11 +489,14 @@ def test_logs_stream_as_server_sent_events(up: Nimbus) -> None:
                 rec = json.loads(line.split(":", 1)[1])
                 if rid_box and rec.get("rid") == rid_box[0]:
                     got.append(rec)
-                    if any(g["text"] == "plain print" for g in got):
+                    if "it broke" in rec["text"]:
                         done.set()
                         break
     t.join(20)
     assert done.is_set(), got
+    assert any("careful" in g["text"] for g in got), got
+    assert all(g.get("level") in ("WARNING", "ERROR") for g in got), \
+        f"--level WARNING while following let through: {got}"
 
 
 # -- the dashboard over plain HTTP ---------------------------------------------------------------

@@ -179,7 +179,7 @@ def test_metrics_refuses_every_way_but_the_bearer_token(up: Nimbus) -> None:
 
 
 def test_open_metrics_off_loopback_is_refused(tmp_path: Path) -> None:
-    for host in ("0.0.0.0",):
+    for host in ("0.0.0.0", ""):
         state = tmp_path / f"s{host.replace(':', '_')}"
         r = subprocess.run(
             [sys.executable, "-m", "nimbus.cli.main", "up", "--port", "0", "--control-port",
