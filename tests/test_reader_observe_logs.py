@@ -34,7 +34,7 @@ functions:
     http: [{method: GET, path: /jl}]
   lvl:
     handler: lvl.handler
-    log_level: WARNING
+    log_level: WARN
     http: [{method: GET, path: /lvl}]
   many:
     handler: many.handler
@@ -59,10 +59,23 @@ functions:
     handler: conc.handler
     env: {AWS_LAMBDA_LOG_FORMAT: JSON}
     http: [{method: GET, path: /envjson}]
+  basic:
+    handler: basic.handler
+    http: [{method: GET, path: /basic}]
   hog:
     handler: quit.hog
     memory_mb: 64
     http: [{method: GET, path: /hog}]
+"""
+
+BASIC = """\
+import logging
+logging.basicConfig(level=logging.DEBUG, format="%(levelname)s|%(name)s|%(message)s")
+log = logging.getLogger("app.sub")
+
+def handler(event, context):
+    log.debug("dbg line")
+    return context.aws_request_id
 """
 
 CONC = """\
@@ -185,7 +198,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nimbus]:
     app.mkdir()
     (app / "app.yaml").write_text(MANIFEST)
     for name, code in (("lg", LG), ("jl", JL), ("lvl", LVL), ("many", MANY), ("quit", QUIT),
-                       ("conc", CONC)):
+                       ("conc", CONC), ("basic", BASIC)):
         (app / f"{name}.py").write_text(code)
     n = Nimbus(app, root / "state", root / "up.out", "--containment", "rlimits")
     yield n
@@ -293,6 +306,15 @@ def test_application_log_level_drops_records_below_it(up: Nimbus) -> None:
     texts = [r["text"] for r in of_request(up, "lvl", rid, 1)]
     assert not any("dropped by" in t for t in texts), texts
     assert sum("kept warning" in t for t in texts) == 1, texts
+
+
+def test_basic_config_at_import_sets_level_and_format(up: Nimbus) -> None:
+    rid = call(up, "/basic")
+    recs = of_request(up, "basic", rid, 1)
+    dbg = [r for r in recs if "dbg line" in r["text"]]
+    assert len(dbg) == 1, recs
+    assert dbg[0]["text"] == "DEBUG|app.sub|dbg line", dbg
+    assert dbg[0].get("level") == "DEBUG" and dbg[0]["rid"] == rid, dbg
 
 
 def test_ten_thousand_lines_all_arrive_in_order(up: Nimbus) -> None:
