@@ -343,6 +343,35 @@ def test_async_counters_exist_at_zero_before_their_first_event(up: Nimbus) -> No
     assert not missing, f"absent until their first event: {missing}"
 
 
+def test_parallel_async_invocations_count_exactly(up: Nimbus) -> None:
+    before = parse(scrape_text(up))
+
+    def submit(_: int) -> int:
+        return httpx.post(f"{up.control_url}/v1/functions/ok/invoke?async=1", content=b"{}",
+                          headers={"authorization": f"Bearer {up.token}"},
+                          timeout=30).status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        assert list(pool.map(submit, range(20))) == [202] * 20
+    after = wait_until(lambda: (lambda s: s if inv(s, "ok", "success")
+                                - inv(before, "ok", "success") >= 20 else None)(
+        parse(scrape_text(up))), 20, "20 async successes")
+    lab = {"function": "ok", "region": "local"}
+
+    def settled() -> Samples | None:
+        s = parse(scrape_text(up))
+        busy = sum(val(s, "nimbus_async_invocations", status=st, **lab)
+                   for st in ("queued", "running", "retrying"))
+        return s if busy == 0 else None
+
+    after = wait_until(settled, 10, "the async backlog to drain")
+    assert inv(after, "ok", "success") - inv(before, "ok", "success") == 20
+    assert hcount(after, "ok") - hcount(before, "ok") == 20
+    assert val(after, "nimbus_async_oldest_queued_age_seconds", **lab) == 0
+    # async work is not an HTTP answer of the gateway
+    assert http_code(after, "ok", "200") == http_code(before, "ok", "200")
+
+
 def logs_of(up: Nimbus, fn: str) -> list[dict[str, Any]]:
     r = httpx.get(f"{up.control_url}/v1/functions/{fn}/logs", params={"tail": "1000"},
                   headers={"authorization": f"Bearer {up.token}"}, timeout=30)
@@ -416,6 +445,27 @@ def test_a_higher_version_traceparent_is_parsed_as_version_00(up: Nimbus) -> Non
     for its first four fields (and the extra ones ignored), not dropped."""
     seen = traced(up, f"01-{TID}-{SID}-01-future-stuff")
     assert (seen["traceparent"] or "").startswith(f"00-{TID}-"), seen
+
+
+def test_two_traceparent_headers_are_ignored(up: Nimbus) -> None:
+    other = "a" * 32
+    r = httpx.get(up.url + "/tr", headers=[("traceparent", f"00-{TID}-{SID}-01"),
+                                           ("traceparent", f"00-{other}-{SID}-01")],
+                  timeout=30)
+    assert r.status_code == 200
+    m = TP_RE.match(r.json()["traceparent"] or "")
+    assert m and m.group(1) not in (TID, other), r.json()
+
+
+def test_tracestate_split_over_two_headers_is_kept_whole(up: Nimbus) -> None:
+    """RFC 9110 and W3C: several tracestate headers are one list."""
+    r = httpx.get(up.url + "/tr", headers=[("traceparent", f"00-{TID}-{SID}-01"),
+                                           ("tracestate", "a=1"), ("tracestate", "b=2")],
+                  timeout=30)
+    seen = r.json()
+    assert (seen["traceparent"] or "").startswith(f"00-{TID}-"), seen
+    members = [m.strip() for m in (seen["tracestate"] or "").split(",")]
+    assert members == ["a=1", "b=2"], seen
 
 
 def test_handler_sees_its_trace_in_every_form(up: Nimbus) -> None:
