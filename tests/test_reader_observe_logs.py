@@ -74,7 +74,10 @@ logging.basicConfig(level=logging.DEBUG, format="%(levelname)s|%(name)s|%(messag
 log = logging.getLogger("app.sub")
 
 def handler(event, context):
+    import os, sys
     log.debug("dbg line")
+    os.write(1, b"bad \\xff\\xfe bytes\\n")
+    sys.stdout.write("no newline at the end")
     return context.aws_request_id
 """
 
@@ -315,6 +318,13 @@ def test_basic_config_at_import_sets_level_and_format(up: Nimbus) -> None:
     assert len(dbg) == 1, recs
     assert dbg[0]["text"] == "DEBUG|app.sub|dbg line", dbg
     assert dbg[0].get("level") == "DEBUG" and dbg[0]["rid"] == rid, dbg
+    # bytes that are not UTF-8, and a last line without its newline, are still lines of it
+    recs = of_request(up, "basic", rid, 3)
+    texts = [r["text"] for r in recs]
+    assert any(t.startswith("bad ") and t.endswith(" bytes") for t in texts), texts
+    assert "no newline at the end" in texts, texts
+    shown = cli(up, "logs", "basic", "--request-id", rid)
+    assert shown.returncode == 0 and "no newline at the end" in shown.stdout, shown.stderr
 
 
 def test_ten_thousand_lines_all_arrive_in_order(up: Nimbus) -> None:
