@@ -492,6 +492,21 @@ def test_handler_sees_its_trace_in_every_form(up: Nimbus) -> None:
     shown = cli(up, "trace", seen["rid"])
     assert shown.returncode == 0, shown.stderr
     assert TID in shown.stdout, shown.stdout
+    assert "nimbus.request" in shown.stdout and "nimbus.invoke" in shown.stdout, shown.stdout
+    js = cli(up, "trace", seen["rid"], "--json")
+    assert js.returncode == 0, js.stderr
+    spans = {sp["span_id"]: sp for sp in json.loads(js.stdout)["spans"]}
+    roots = [sp for sp in spans.values() if sp["parent_id"] not in spans]
+    assert [r["parent_id"] for r in roots] == [SID], "one root, under the client's span"
+    for sp in spans.values():
+        assert sp["trace_id"] == TID and sp["end_ns"] >= sp["start_ns"], sp
+        parent = spans.get(sp["parent_id"])
+        if parent is not None:
+            assert parent["start_ns"] <= sp["start_ns"] <= sp["end_ns"] <= parent["end_ns"], \
+                (parent, sp)
+    invoke = next(sp for sp in spans.values() if sp["name"] == "nimbus.invoke")
+    assert m.group(2) == invoke["span_id"] or m.group(2) in spans, \
+        "the handler's parent span is one of the request's spans"
 
 
 @pytest.mark.parametrize("bad", [
