@@ -465,6 +465,17 @@ def test_since_spans_and_bad_cluster_files(up: Nimbus, tmp_path: Path) -> None:
     of_request(up, "lg", rid, 6)
     for span in ("90s", "1h30m", "1d"):
         assert records(up, "lg", request_id=rid, since=span), span
+    # ISO times: an offset is honoured, none means UTC
+    from datetime import UTC, datetime, timedelta, timezone
+    minute_ago = datetime.now(UTC) - timedelta(seconds=60)
+    east = minute_ago.astimezone(timezone(timedelta(hours=5)))
+    for iso in (east.isoformat(timespec="seconds"),
+                minute_ago.replace(tzinfo=None).isoformat(timespec="seconds"),
+                minute_ago.strftime("%Y-%m-%dT%H:%M:%SZ")):
+        assert records(up, "lg", request_id=rid, since=iso), iso
+    in_a_minute = (datetime.now(UTC) + timedelta(seconds=60)).astimezone(
+        timezone(timedelta(hours=-5)))
+    assert records(up, "lg", request_id=rid, since=in_a_minute.isoformat()) == []
     bad = tmp_path / "bad.yaml"
     bad.write_text("regions: [\n")
     for f in (str(bad), str(tmp_path / "missing.yaml")):
