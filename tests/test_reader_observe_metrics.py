@@ -471,7 +471,7 @@ def test_tracestate_split_over_two_headers_is_kept_whole(up: Nimbus) -> None:
 
 def test_handler_sees_its_trace_in_every_form(up: Nimbus) -> None:
     # a trace of its own: nimbus trace shows every request of the trace a
-    # request belongs to, and other tests send tid too
+    # request belongs to, and other tests send TID too
     tid = secrets.token_hex(16)
     seen = traced(up, f"00-{tid}-{SID}-01", tracestate="vendor=abc")
     m = TP_RE.match(seen["traceparent"] or "")
