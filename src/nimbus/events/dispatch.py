@@ -204,6 +204,7 @@ class Dispatcher:
                 self._consumers.pop(name).stop()
         for name, sub in subs.items():
             if name not in self._consumers:
+                metrics.async_known(sub.function)
                 c = self._consumers[name] = _Consumer(self, sub)
                 c.start()
 

@@ -256,6 +256,14 @@ def _child(family: Any, *labels: str) -> Any:
     return c
 
 
+def async_known(function: str) -> None:
+    """Export ``function``'s async counters at 0 before their first event:
+    ``increase()`` (the dead-letter alert) misses the first increment of a
+    series that is born at 1."""
+    _child(ASYNC_RETRIES, function, region())
+    _child(ASYNC_DEAD_LETTERS, function, region())
+
+
 def async_retried(function: str) -> None:
     _child(ASYNC_RETRIES, function, region()).inc()
 
@@ -269,8 +277,10 @@ def schedule_fired(function: str, schedule: str) -> None:
 
 
 def schedule_missed(function: str, schedule: str, n: int = 1) -> None:
+    # bound at 0 on a schedule's first tick, so that increase() sees its first miss
+    child = _child(SCHEDULE_MISSES, function, schedule, region())
     if n > 0:
-        _child(SCHEDULE_MISSES, function, schedule, region()).inc(n)
+        child.inc(n)
 
 
 def operation_timer(family: Histogram, backend: str, op: str) -> Any:

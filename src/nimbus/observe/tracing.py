@@ -172,11 +172,18 @@ def remote_parent(event: Any) -> tuple[int, int] | None:
 def extract(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, int, str]:
     """``(trace_id, parent_span_id, tracestate)`` from an HTTP request's W3C
     headers through OpenTelemetry's TraceContext propagator; zeros and ""
-    when there is none (or it is invalid)."""
+    when there is none (or it is invalid, or sent twice)."""
     carrier: dict[str, str] = {}
     for name, value in headers:
-        if name == b"traceparent" or name == b"tracestate":
-            carrier[name.decode("latin-1")] = value.decode("latin-1")
+        if name == b"traceparent":
+            if "traceparent" in carrier:
+                return 0, 0, ""  # sent twice: invalid (W3C), start a new trace
+            carrier["traceparent"] = value.decode("latin-1")
+        elif name == b"tracestate":
+            # several tracestate headers are one comma-separated list
+            text = value.decode("latin-1")
+            carrier["tracestate"] = (carrier["tracestate"] + "," + text
+                                     if "tracestate" in carrier else text)
     if "traceparent" not in carrier:
         return 0, 0, ""
     from opentelemetry import trace as otel_trace
