@@ -470,4 +470,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as a script this file is a second copy of the module: the commands
+    # other modules register go on the importable copy, so run that one.
+    from nimbus.cli.main import main as _main
+
+    _main()
