@@ -53,6 +53,7 @@ from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import Error as JsError
 from nats.js.errors import NotFoundError
 
+from nimbus.aio import wait_event
 from nimbus.errors import UnavailableError
 from nimbus.observe.logs import MAX_LINE_CHARS
 from nimbus.observe.logs import LogSink as FileLogSink
@@ -345,8 +346,7 @@ class NatsLogSink:
         backoff = 0.0
         while True:
             if not self._closing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.flush_s + backoff)
+                await wait_event(self._wake, self.flush_s + backoff)
             else:
                 await asyncio.sleep(backoff)
             self._wake.clear()
@@ -538,8 +538,7 @@ class NatsLogSource:
                     backoff = min(max(2 * backoff, 0.1), 2.0)
                     await asyncio.sleep(backoff)
                     continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.follow_wait_s)
+                await wait_event(wake, self.follow_wait_s)
         finally:
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
