@@ -12,13 +12,14 @@ import signal
 import stat
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import up_exits
+from tests.conftest import Nimbus, up_exits
 from tests.events_client import control, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +68,11 @@ def test_state_folder_is_private(tmp_path: Path, start_nimbus: Any) -> None:
     n = start_nimbus(write_app(tmp_path))
     assert n.http.get("/hello").status_code == 200
     with control(n) as c:
-        assert c.post("/v1/functions/hello/invoke?async=1", json={}).status_code == 202
-    time.sleep(1.0)
+        r = c.post("/v1/functions/hello/invoke?async=1", json={})
+        assert r.status_code == 202
+        iid = r.json()["invocationId"]
+        wait_for("the async run", lambda: c.get(f"/v1/invocations/{iid}").json()[
+            "status"] == "succeeded")
     n.stop()
     assert mode(n.state) == 0o700, oct(mode(n.state))
     for name in ("token", "store.db", "queue.db", "state.json", "control.json"):
@@ -92,14 +96,23 @@ def test_state_folder_is_private(tmp_path: Path, start_nimbus: Any) -> None:
     assert not exposed, exposed[:10]
 
 
-def test_no_file_in_the_state_folder_is_readable_by_others(
-        tmp_path: Path, start_nimbus: Any) -> None:
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nimbus]:
+    """A fresh ``nimbus up`` (no token file given) that has served a request,
+    for the tests that only look at its state folder."""
+    root = tmp_path_factory.mktemp("served")
+    n = Nimbus(write_app(root), root / "state", root / "state.out")
+    assert n.http is not None and n.http.get("/hello").status_code == 200
+    time.sleep(0.5)
+    yield n
+    n.stop()
+
+
+def test_no_file_in_the_state_folder_is_readable_by_others(served: Nimbus) -> None:
     """README: 'every file nimbus writes there 0600, except the apps' code
     and requirements venvs' (readable by the function's uid through its
     view; the next test checks no other user reaches them)."""
-    n = start_nimbus(write_app(tmp_path))
-    assert n.http.get("/hello").status_code == 200
-    time.sleep(0.5)
+    n = served
     readable = []
     shared = (n.state / "code", n.state / "venvs")
     for dirpath, _dirnames, filenames in os.walk(n.state):
@@ -112,14 +125,11 @@ def test_no_file_in_the_state_folder_is_readable_by_others(
     assert not readable, readable[:10]
 
 
-def test_no_other_user_can_reach_a_file_of_the_state_folder(
-        tmp_path: Path, start_nimbus: Any) -> None:
+def test_no_other_user_can_reach_a_file_of_the_state_folder(served: Nimbus) -> None:
     """What the 0600 rule protects: a user other than nimbus's opens no file
     there (a file readable by others sits behind a folder they cannot
     enter)."""
-    n = start_nimbus(write_app(tmp_path))
-    assert n.http.get("/hello").status_code == 200
-    time.sleep(0.5)
+    n = served
     reachable = []
     for dirpath, _dirnames, filenames in os.walk(n.state):
         for name in filenames:
@@ -199,8 +209,8 @@ def test_a_32_character_token_is_accepted_and_kept(tmp_path: Path, start_nimbus:
         conn.close()
 
 
-def test_a_missing_token_is_written_long_and_private(tmp_path: Path, start_nimbus: Any) -> None:
-    n = start_nimbus(write_app(tmp_path))
+def test_a_missing_token_is_written_long_and_private(served: Nimbus) -> None:
+    n = served
     token = (n.state / "token").read_text().strip()
     assert len(token) >= 32
     assert mode(n.state / "token") == 0o600
