@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import stat
 import time
@@ -236,6 +237,39 @@ def deployed_once(tmp_path: Path, start_nimbus: Any, async_work: bool = False) -
     return app, n.state
 
 
+@pytest.fixture(scope="module")
+def used_states(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, tuple[Path, Path]]:
+    """An app and a state folder it was deployed to once (and stopped), with
+    and without async work run: each refusal test damages a copy of one."""
+    out: dict[bool, tuple[Path, Path]] = {}
+    for async_work in (False, True):
+        root = tmp_path_factory.mktemp("used-async" if async_work else "used")
+        app = write_app(root)
+        n = Nimbus(app, root / "state", root / "state.out")
+        try:
+            assert n.http is not None and n.http.get("/hello").status_code == 200
+            if async_work:
+                with control(n) as c:
+                    r = c.post("/v1/functions/hello/invoke?async=1", json={})
+                    assert r.status_code == 202
+                    iid = r.json()["invocationId"]
+                    wait_for("the async run", lambda iid=iid: c.get(
+                        f"/v1/invocations/{iid}").json()["status"] == "succeeded")
+        finally:
+            assert n.stop() == 0
+        out[async_work] = (app, n.state)
+    return out
+
+
+def used_copy(used_states: dict[bool, tuple[Path, Path]], tmp_path: Path,
+              async_work: bool = False) -> tuple[Path, Path]:
+    """The test's own copy of a used state folder (modes kept), and its app."""
+    app, state = used_states[async_work]
+    copy = tmp_path / "state"
+    shutil.copytree(state, copy, symlinks=True)
+    return app, copy
+
+
 def drop_sidecars(state: Path, db: str) -> None:
     for suffix in ("-wal", "-shm", "-journal"):
         p = state / f"{db}{suffix}"
@@ -245,8 +279,8 @@ def drop_sidecars(state: Path, db: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_up_refuses_a_store_that_lost_its_apps(
-        tmp_path: Path, start_nimbus: Any, how: str) -> None:
-    app, state = deployed_once(tmp_path, start_nimbus)
+        tmp_path: Path, used_states: dict[bool, tuple[Path, Path]], how: str) -> None:
+    app, state = used_copy(used_states, tmp_path)
     store = state / "store.db"
     if how == "truncated":
         store.write_bytes(b"")
@@ -262,8 +296,8 @@ def test_up_refuses_a_store_that_lost_its_apps(
 
 
 def test_up_refuses_a_truncated_store_even_without_an_app_to_deploy(
-        tmp_path: Path, start_nimbus: Any) -> None:
-    _app, state = deployed_once(tmp_path, start_nimbus)
+        tmp_path: Path, used_states: dict[bool, tuple[Path, Path]]) -> None:
+    _app, state = used_copy(used_states, tmp_path)
     (state / "store.db").write_bytes(b"")
     drop_sidecars(state, "store.db")
     line = up_refuses(None, state)
@@ -272,8 +306,8 @@ def test_up_refuses_a_truncated_store_even_without_an_app_to_deploy(
 
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_up_refuses_a_queue_that_lost_its_async_work(
-        tmp_path: Path, start_nimbus: Any, how: str) -> None:
-    app, state = deployed_once(tmp_path, start_nimbus, async_work=True)
+        tmp_path: Path, used_states: dict[bool, tuple[Path, Path]], how: str) -> None:
+    app, state = used_copy(used_states, tmp_path, async_work=True)
     queue = state / "queue.db"
     if how == "truncated":
         queue.write_bytes(b"")
