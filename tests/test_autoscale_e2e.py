@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.conftest import Nimbus
+
 pytestmark = pytest.mark.e2e
 
 SCALING_APP = """\
@@ -40,13 +42,19 @@ def sleepy(event, context):
 """
 
 
-@pytest.fixture
-def scaling(start_nimbus, tmp_path):
-    app = tmp_path / "scaling"
+@pytest.fixture(scope="module")
+def scaling(tmp_path_factory):
+    """One ``nimbus up`` for the tests below, in order: the burst ends with
+    ``sleepy`` at zero, the next scales it up and down again, the last only
+    uses ``capped``."""
+    root = tmp_path_factory.mktemp("scaling")
+    app = root / "scaling"
     app.mkdir()
     (app / "app.yaml").write_text(SCALING_APP)
     (app / "h.py").write_text(HANDLERS)
-    return start_nimbus(app)
+    n = Nimbus(app, root / "state", root / "state.out")
+    yield n
+    n.stop()
 
 
 def status(n) -> dict:

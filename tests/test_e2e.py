@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.apps import make_wheel, write_kitchen, write_seed
-from tests.conftest import ROOT, alive
+from tests.conftest import ROOT, Nimbus, alive
 
 pytestmark = pytest.mark.e2e
 
@@ -30,8 +30,19 @@ def logs_until(n, function: str, rid: str, text: str, timeout_s: float = 10.0) -
         time.sleep(0.2)
 
 
+@pytest.fixture(scope="module")
+def kitchen(tmp_path_factory):
+    """One ``nimbus up`` of the kitchen app for the tests that only send it
+    requests (an instance they time out, kill or starve is replaced)."""
+    root = tmp_path_factory.mktemp("kitchen")
+    n = Nimbus(write_kitchen(root), root / "state", root / "state.out")
+    yield n
+    n.stop()
+
+
 @pytest.fixture
-def kitchen(start_nimbus, tmp_path):
+def own_kitchen(start_nimbus, tmp_path):
+    """A kitchen of the test's own, for tests that stop or kill the platform."""
     return start_nimbus(write_kitchen(tmp_path))
 
 
@@ -291,30 +302,30 @@ def test_requirements_venv(start_nimbus, tmp_path):
     assert n.http.get("/a").text == "from the wheel"
 
 
-def test_shutdown_drains_and_leaves_nothing_behind(kitchen):
-    kitchen.http.get("/echo")  # start some instances
-    kitchen.http.get("/ctx")
-    before = kitchen.descendants()
+def test_shutdown_drains_and_leaves_nothing_behind(own_kitchen):
+    own_kitchen.http.get("/echo")  # start some instances
+    own_kitchen.http.get("/ctx")
+    before = own_kitchen.descendants()
     assert len(before) >= 3  # zygote + instances (+ spares)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        inflight = pool.submit(kitchen.http.get, "/nap", params={"s": "1.5"})
+        inflight = pool.submit(own_kitchen.http.get, "/nap", params={"s": "1.5"})
         time.sleep(0.5)
-        kitchen.proc.send_signal(signal.SIGTERM)
+        own_kitchen.proc.send_signal(signal.SIGTERM)
         r = inflight.result(timeout=30)
     assert r.status_code == 200 and r.text == "rested"  # drained, not dropped
-    assert kitchen.proc.wait(timeout=30) == 0
+    assert own_kitchen.proc.wait(timeout=30) == 0
     deadline = time.monotonic() + 5
     while any(alive(p) for p in before) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [p for p in before if alive(p)]
 
 
-def test_sigkill_of_the_platform_takes_its_processes_along(kitchen):
-    kitchen.http.get("/echo")
-    before = kitchen.descendants()
+def test_sigkill_of_the_platform_takes_its_processes_along(own_kitchen):
+    own_kitchen.http.get("/echo")
+    before = own_kitchen.descendants()
     assert before
-    kitchen.proc.send_signal(signal.SIGKILL)
-    kitchen.proc.wait(timeout=10)
+    own_kitchen.proc.send_signal(signal.SIGKILL)
+    own_kitchen.proc.wait(timeout=10)
     deadline = time.monotonic() + 5
     while any(alive(p) for p in before) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import HOST_FILES, Nimbus
 from tests.events_app import write_events_app
 from tests.events_client import record, settled, wait_for
 
@@ -25,8 +26,24 @@ def notes(out: Path, kind: str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(out.glob(f"{kind}-*.json"))]
 
 
+@pytest.fixture(scope="module")
+def shared_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One ``nimbus up`` for the tests whose evidence (notes, records) no
+    other of them touches: each drives its own functions, queue or topic."""
+    root = tmp_path_factory.mktemp("events")
+    out = root / "out"
+    n = Nimbus(write_events_app(root, out), root / "state", root / "state.out", *HOST_FILES)
+    ctl = httpx.Client(base_url=n.control_url, timeout=30.0,
+                       headers={"authorization": f"Bearer {n.token}"})
+    yield n, ctl, out
+    ctl.close()
+    n.stop()
+
+
 @pytest.fixture
 def env(tmp_path: Path, start_nimbus: Any) -> Any:
+    """A ``nimbus up`` of the test's own, for tests that count what echo's
+    destination or flaky's records hold in all."""
     out = tmp_path / "out"
     app = write_events_app(tmp_path, out)
     n = start_nimbus(app)
@@ -36,8 +53,8 @@ def env(tmp_path: Path, start_nimbus: Any) -> Any:
     ctl.close()
 
 
-def test_http_event_header_answers_202_then_runs_and_records(env: Any) -> None:
-    n, ctl, out = env
+def test_http_event_header_answers_202_then_runs_and_records(shared_env: Any) -> None:
+    n, ctl, out = shared_env
     r = n.http.post("/echo", content=b"hello", headers={"X-Nimbus-Invocation-Type": "Event"})
     assert r.status_code == 202, r.text
     iid = r.json()["invocationId"]
@@ -61,8 +78,8 @@ def test_http_event_header_answers_202_then_runs_and_records(env: Any) -> None:
     assert r.status_code == 400 and "Later" in r.json()["errorMessage"]
 
 
-def test_cli_async_invoke_idempotency_and_invocation_views(env: Any) -> None:
-    n, ctl, out = env
+def test_cli_async_invoke_idempotency_and_invocation_views(shared_env: Any) -> None:
+    n, ctl, out = shared_env
     p = n.cli("invoke", "flaky", "--async", "--data", '{"key": "k1", "fail": 1}',
               "--idempotency-key", "order-1")
     assert p.returncode == 0, p.stderr
@@ -82,8 +99,8 @@ def test_cli_async_invoke_idempotency_and_invocation_views(env: Any) -> None:
     assert "try 1 fails" in logs.stdout, logs.stdout
 
 
-def test_retries_exhausted_dead_letter_destination_and_redrive(env: Any) -> None:
-    n, ctl, out = env
+def test_retries_exhausted_dead_letter_destination_and_redrive(shared_env: Any) -> None:
+    n, ctl, out = shared_env
     r = ctl.post("/v1/functions/doomed/invoke", content=b'{"order": 7}',
                  headers={"X-Nimbus-Invocation-Type": "Event"})
     assert r.status_code == 202
@@ -118,8 +135,8 @@ def test_success_destination_to_a_queue(env: Any) -> None:
     assert got["responsePayload"] == {"echoed": "ping"}
 
 
-def test_queue_trigger_batches_and_partial_failures(env: Any) -> None:
-    n, ctl, out = env
+def test_queue_trigger_batches_and_partial_failures(shared_env: Any) -> None:
+    n, ctl, out = shared_env
     ids = {}
     for body in ("a", "b", "bad", "c", "d"):  # together: well inside the batching window
         r = ctl.post("/v1/publish/orders", content=body.encode())
@@ -142,8 +159,8 @@ def test_queue_trigger_batches_and_partial_failures(env: Any) -> None:
     assert rec["function"] == "orders" and rec["trigger"] == "queue"
 
 
-def test_topic_fans_out_to_every_subscriber(env: Any) -> None:
-    n, ctl, out = env
+def test_topic_fans_out_to_every_subscriber(shared_env: Any) -> None:
+    n, ctl, out = shared_env
     p = n.cli("publish", "signups", "--data", '{"user": "ada"}', "-a", "plan=pro",
               "--subject", "welcome", "--idempotency-key", "signup-ada")
     assert p.returncode == 0 and "2 subscribers" in p.stdout, p.stdout + p.stderr
@@ -162,8 +179,8 @@ def test_topic_fans_out_to_every_subscriber(env: Any) -> None:
     assert "1 subscriber" in one.stdout
 
 
-def test_schedule_fires_eventbridge_events(env: Any) -> None:
-    n, ctl, out = env
+def test_schedule_fires_eventbridge_events(shared_env: Any) -> None:
+    n, ctl, out = shared_env
     ticks = wait_for("two schedule ticks", lambda: len(notes(out, "tick")) >= 2 and
                      notes(out, "tick"))
     ev = ticks[0]
@@ -176,8 +193,8 @@ def test_schedule_fires_eventbridge_events(env: Any) -> None:
     assert {r["source"] for r in recs} == {"schedule"}
 
 
-def test_throttled_async_work_waits_and_is_not_counted_as_a_try(env: Any) -> None:
-    n, ctl, out = env
+def test_throttled_async_work_waits_and_is_not_counted_as_a_try(shared_env: Any) -> None:
+    n, ctl, out = shared_env
     busy = threading.Thread(target=lambda: n.http.post("/slow", json={"sleep": 1.0}))
     busy.start()
     try:

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import HOST_FILES, Nimbus
 from tests.events_client import control, record, settled, wait_for
 
 HANDLERS_WRITE_HOST_FILES = True  # see conftest.start_nimbus
@@ -137,13 +138,23 @@ def app(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     yield write_app(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nimbus, Path]]:
+    """One ``nimbus up`` of the app and its notes folder, for the tests that
+    each drive a function no other test of it touches."""
+    root = tmp_path_factory.mktemp("indep")
+    path, out = write_app(root)
+    n = Nimbus(path, root / "state", root / "state.out", *HOST_FILES)
+    yield n, out
+    n.stop()
+
+
 # -- tests -------------------------------------------------------------------------
 
 
 def test_one_idempotency_key_across_gateway_cli_and_api_runs_once(
-        app: tuple[Path, Path], start_nimbus: Any) -> None:
-    path, out = app
-    n = start_nimbus(path)
+        shared: tuple[Nimbus, Path]) -> None:
+    n, out = shared
     with control(n) as ctl:
         first = n.http.post("/hello", content=b"first",
                             headers={"X-Nimbus-Invocation-Type": "Event",
@@ -231,9 +242,8 @@ def test_idempotency_records_and_dead_letters_survive_a_restart(
 
 
 def test_dead_invocation_views_and_request_id_of_every_try(
-        app: tuple[Path, Path], start_nimbus: Any) -> None:
-    path, out = app
-    n = start_nimbus(path)
+        shared: tuple[Nimbus, Path]) -> None:
+    n, out = shared
     with control(n) as ctl:
         dead = submit(ctl, "broken", {"order": 9})["invocationId"]
         settled(ctl, dead, "dead")
@@ -277,9 +287,8 @@ def test_dead_invocation_views_and_request_id_of_every_try(
 
 
 def test_dead_letter_false_ends_failed_and_is_not_a_dead_letter(
-        app: tuple[Path, Path], start_nimbus: Any) -> None:
-    path, out = app
-    n = start_nimbus(path)
+        shared: tuple[Nimbus, Path]) -> None:
+    n, out = shared
     with control(n) as ctl:
         iid = submit(ctl, "quiet", {"order": 1})["invocationId"]
         rec = settled(ctl, iid, "failed")
@@ -301,12 +310,11 @@ def test_dead_letter_false_ends_failed_and_is_not_a_dead_letter(
 
 
 def test_an_event_older_than_max_event_age_is_not_run(
-        app: tuple[Path, Path], start_nimbus: Any) -> None:
+        shared: tuple[Nimbus, Path]) -> None:
     """``aged`` has one slot (max_instances: 1) and max_event_age_s: 1. While
     a first event holds the slot for 2.5 s, a second one waits; when the slot
     frees it is more than 1 s old, so it must not run."""
-    path, out = app
-    n = start_nimbus(path)
+    n, out = shared
     with control(n) as ctl:
         first = submit(ctl, "aged", {"tag": "a", "sleep": 2.5})["invocationId"]
         wait_for("the first event to run", lambda: runs(out, "aged-a"))

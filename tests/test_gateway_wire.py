@@ -12,15 +12,20 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.apps import write_kitchen
+from tests.conftest import Nimbus
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def gw(start_nimbus, tmp_path):
-    n = start_nimbus(write_kitchen(tmp_path))
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    """The gateway of one ``nimbus up`` the tests share (each opens its own
+    connections)."""
+    root = tmp_path_factory.mktemp("wire")
+    n = Nimbus(write_kitchen(root), root / "state", root / "state.out")
     u = urlsplit(n.url)
-    return u.hostname, u.port
+    yield u.hostname, u.port
+    n.stop()
 
 
 def connect(addr: tuple[str, int]) -> socket.socket:

@@ -300,7 +300,8 @@ def handler(event, context):
     now = sum(1 for n in os.listdir(marks) if n.startswith("run-"))
     with open(os.path.join(marks, "seen"), "a") as f:
         f.write("%d\\n" % now)
-    time.sleep(float(os.environ.get("HOLD_S", "0.6")))
+    # long enough that two runs a cap let through together overlap
+    time.sleep(float(os.environ.get("HOLD_S", "0.3")))
     os.unlink(me)
     return "ok"
 """
@@ -505,7 +506,17 @@ functions:
     for p in procs:
         assert "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
     assert any(p.returncode == 0 for p in procs), [(p.returncode, p.stderr) for p in procs]
-    time.sleep(3.0)  # route changes travel by watch
+
+    def agreed() -> tuple[set[str], set[int]] | None:
+        """What the gateways answer and the controllers show, once each side
+        agrees on one version (route changes travel by watch)."""
+        answers = {httpx.get(g + "/race", timeout=30).text for g in region.gateway_urls
+                   for _ in range(5)}
+        versions = {(function_status(region, "racefn", u) or {}).get("version", -1)
+                    for u in region.control_urls}
+        return (answers, versions) if len(answers) == 1 and len(versions) == 1 else None
+    wait_until(agreed, 15, "both gateways and both controllers on one version", step_s=0.5)
+    time.sleep(0.5)  # and they stay there: read once more
     answers = {httpx.get(g + "/race", timeout=30).text for g in region.gateway_urls
                for _ in range(5)}
     assert len(answers) == 1 and answers <= {'"race-A"', '"race-B"'}, answers
@@ -1527,6 +1538,7 @@ def test_sigterm_of_cluster_up_stops_every_process_and_nats(region_b: Region) ->
         left = sorted(p for p in tree if alive(p))
         raise AssertionError(f"nimbus cluster up still runs 60 s after SIGTERM; left: {left}")\
             from None
+    assert r.proc.returncode == 0, r.output()[-3000:]
     wait_until(lambda: not any(alive(p) for p in tree), 10,
                "every process cluster up started to be gone")
     assert not pids_mentioning(str(r.state)), "a process of the region outlived cluster up"
@@ -1604,6 +1616,8 @@ functions:
         assert after is not None and after["version"] == before["version"], (before, after)
         for url in r2.control_urls:
             assert dead in ok(cli(r2, "dlq", "ls", "keepfn", url=url))
+        dlq = r2.control("GET", "/v1/functions/keepfn/dlq").json()
+        assert {d["id"] for d in dlq} == {dead}, dlq
         for inv in queued:
             rec = wait_status(r2, inv, "succeeded", r2.control_urls[1], timeout=60)
             assert rec["result"] == {"v": 2, "slept": 1.5}, rec

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import stat
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import up_exits
+from tests.conftest import Nimbus, up_exits
 from tests.events_client import control, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +69,11 @@ def test_state_folder_is_private(tmp_path: Path, start_nimbus: Any) -> None:
     n = start_nimbus(write_app(tmp_path))
     assert n.http.get("/hello").status_code == 200
     with control(n) as c:
-        assert c.post("/v1/functions/hello/invoke?async=1", json={}).status_code == 202
-    time.sleep(1.0)
+        r = c.post("/v1/functions/hello/invoke?async=1", json={})
+        assert r.status_code == 202
+        iid = r.json()["invocationId"]
+        wait_for("the async run", lambda: c.get(f"/v1/invocations/{iid}").json()[
+            "status"] == "succeeded")
     n.stop()
     assert mode(n.state) == 0o700, oct(mode(n.state))
     for name in ("token", "store.db", "queue.db", "state.json", "control.json"):
@@ -92,14 +97,23 @@ def test_state_folder_is_private(tmp_path: Path, start_nimbus: Any) -> None:
     assert not exposed, exposed[:10]
 
 
-def test_no_file_in_the_state_folder_is_readable_by_others(
-        tmp_path: Path, start_nimbus: Any) -> None:
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nimbus]:
+    """A fresh ``nimbus up`` (no token file given) that has served a request,
+    for the tests that only look at its state folder."""
+    root = tmp_path_factory.mktemp("served")
+    n = Nimbus(write_app(root), root / "state", root / "state.out")
+    assert n.http is not None and n.http.get("/hello").status_code == 200
+    time.sleep(0.5)
+    yield n
+    n.stop()
+
+
+def test_no_file_in_the_state_folder_is_readable_by_others(served: Nimbus) -> None:
     """README: 'every file nimbus writes there 0600, except the apps' code
     and requirements venvs' (readable by the function's uid through its
     view; the next test checks no other user reaches them)."""
-    n = start_nimbus(write_app(tmp_path))
-    assert n.http.get("/hello").status_code == 200
-    time.sleep(0.5)
+    n = served
     readable = []
     shared = (n.state / "code", n.state / "venvs")
     for dirpath, _dirnames, filenames in os.walk(n.state):
@@ -112,14 +126,11 @@ def test_no_file_in_the_state_folder_is_readable_by_others(
     assert not readable, readable[:10]
 
 
-def test_no_other_user_can_reach_a_file_of_the_state_folder(
-        tmp_path: Path, start_nimbus: Any) -> None:
+def test_no_other_user_can_reach_a_file_of_the_state_folder(served: Nimbus) -> None:
     """What the 0600 rule protects: a user other than nimbus's opens no file
     there (a file readable by others sits behind a folder they cannot
     enter)."""
-    n = start_nimbus(write_app(tmp_path))
-    assert n.http.get("/hello").status_code == 200
-    time.sleep(0.5)
+    n = served
     reachable = []
     for dirpath, _dirnames, filenames in os.walk(n.state):
         for name in filenames:
@@ -199,8 +210,8 @@ def test_a_32_character_token_is_accepted_and_kept(tmp_path: Path, start_nimbus:
         conn.close()
 
 
-def test_a_missing_token_is_written_long_and_private(tmp_path: Path, start_nimbus: Any) -> None:
-    n = start_nimbus(write_app(tmp_path))
+def test_a_missing_token_is_written_long_and_private(served: Nimbus) -> None:
+    n = served
     token = (n.state / "token").read_text().strip()
     assert len(token) >= 32
     assert mode(n.state / "token") == 0o600
@@ -226,6 +237,39 @@ def deployed_once(tmp_path: Path, start_nimbus: Any, async_work: bool = False) -
     return app, n.state
 
 
+@pytest.fixture(scope="module")
+def used_states(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, tuple[Path, Path]]:
+    """An app and a state folder it was deployed to once (and stopped), with
+    and without async work run: each refusal test damages a copy of one."""
+    out: dict[bool, tuple[Path, Path]] = {}
+    for async_work in (False, True):
+        root = tmp_path_factory.mktemp("used-async" if async_work else "used")
+        app = write_app(root)
+        n = Nimbus(app, root / "state", root / "state.out")
+        try:
+            assert n.http is not None and n.http.get("/hello").status_code == 200
+            if async_work:
+                with control(n) as c:
+                    r = c.post("/v1/functions/hello/invoke?async=1", json={})
+                    assert r.status_code == 202
+                    iid = r.json()["invocationId"]
+                    wait_for("the async run", lambda iid=iid: c.get(
+                        f"/v1/invocations/{iid}").json()["status"] == "succeeded")
+        finally:
+            assert n.stop() == 0
+        out[async_work] = (app, n.state)
+    return out
+
+
+def used_copy(used_states: dict[bool, tuple[Path, Path]], tmp_path: Path,
+              async_work: bool = False) -> tuple[Path, Path]:
+    """The test's own copy of a used state folder (modes kept), and its app."""
+    app, state = used_states[async_work]
+    copy = tmp_path / "state"
+    shutil.copytree(state, copy, symlinks=True)
+    return app, copy
+
+
 def drop_sidecars(state: Path, db: str) -> None:
     for suffix in ("-wal", "-shm", "-journal"):
         p = state / f"{db}{suffix}"
@@ -235,8 +279,8 @@ def drop_sidecars(state: Path, db: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_up_refuses_a_store_that_lost_its_apps(
-        tmp_path: Path, start_nimbus: Any, how: str) -> None:
-    app, state = deployed_once(tmp_path, start_nimbus)
+        tmp_path: Path, used_states: dict[bool, tuple[Path, Path]], how: str) -> None:
+    app, state = used_copy(used_states, tmp_path)
     store = state / "store.db"
     if how == "truncated":
         store.write_bytes(b"")
@@ -252,8 +296,8 @@ def test_up_refuses_a_store_that_lost_its_apps(
 
 
 def test_up_refuses_a_truncated_store_even_without_an_app_to_deploy(
-        tmp_path: Path, start_nimbus: Any) -> None:
-    _app, state = deployed_once(tmp_path, start_nimbus)
+        tmp_path: Path, used_states: dict[bool, tuple[Path, Path]]) -> None:
+    _app, state = used_copy(used_states, tmp_path)
     (state / "store.db").write_bytes(b"")
     drop_sidecars(state, "store.db")
     line = up_refuses(None, state)
@@ -262,8 +306,8 @@ def test_up_refuses_a_truncated_store_even_without_an_app_to_deploy(
 
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_up_refuses_a_queue_that_lost_its_async_work(
-        tmp_path: Path, start_nimbus: Any, how: str) -> None:
-    app, state = deployed_once(tmp_path, start_nimbus, async_work=True)
+        tmp_path: Path, used_states: dict[bool, tuple[Path, Path]], how: str) -> None:
+    app, state = used_copy(used_states, tmp_path, async_work=True)
     queue = state / "queue.db"
     if how == "truncated":
         queue.write_bytes(b"")

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import alive
 from tests.region import Region, app_with_runs, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +36,10 @@ functions:
     handler: h.write
     min_instances: 2
     http: [{method: POST, path: /write}]
+  burst:
+    handler: h.slow
+    min_instances: 2
+    http: [{method: GET, path: /burst}]
   ticker:
     handler: h.tick
     schedule: rate(1 second)
@@ -85,13 +90,22 @@ def ready_by_worker(region: Region, fn: str, url: str | None = None) -> dict[str
     return {}
 
 
-@pytest.fixture
-def region(tmp_path):
+@pytest.fixture(scope="module")
+def region(tmp_path_factory):
+    """One region for the module: each test kills a different process (a
+    worker, then a gateway, then the leading controller) and checks what the
+    survivors do, so no test needs what an earlier one took away."""
+    tmp_path = tmp_path_factory.mktemp("failures")
     app, runs = make_app(tmp_path)
     r = Region(app, tmp_path / "state")
     r.runs = runs  # type: ignore[attr-defined]
     yield r
     r.stop()
+
+
+def live_gateways(region: Region) -> list[str]:
+    """The URLs of the gateways not killed by an earlier test."""
+    return [p["url"] for p in region.processes("gateway") if alive(p["pid"])]
 
 
 class Load:
@@ -159,9 +173,9 @@ def test_worker_sigkill_under_load_loses_nothing_idempotent(region: Region) -> N
 
 def test_gateway_sigkill_the_other_serves(region: Region) -> None:
     before = {n["id"] for n in region.status()["nodes"]}
-    dead = region.processes("gateway")[0]
+    dead, other = region.processes("gateway")
     region.kill(dead["pid"])
-    with httpx.Client(base_url=region.gateway_urls[1], timeout=10) as c:
+    with httpx.Client(base_url=other["url"], timeout=10) as c:
         codes = [c.get("/hello").status_code for _ in range(50)]
     assert codes == [200] * 50
     after = wait_until(lambda: (ids := {n["id"] for n in region.status()["nodes"]})
@@ -171,7 +185,8 @@ def test_gateway_sigkill_the_other_serves(region: Region) -> None:
 
 def test_leader_sigkill_standby_leads_and_schedules_go_on(region: Region) -> None:
     runs = region.runs  # type: ignore[attr-defined]
-    wait_until(lambda: len(notes(runs, "tick")) >= 3, 30, "three ticks")
+    first = len(notes(runs, "tick"))  # the ticks before this test are not its own
+    wait_until(lambda: len(notes(runs, "tick")) >= first + 3, 30, "three ticks")
     leader = region.status()["leader"]
     victim = next(p for p in region.processes("controller") if p["id"] == leader)
     other = next(p for p in region.processes("controller") if p["id"] != leader)
@@ -184,7 +199,7 @@ def test_leader_sigkill_standby_leads_and_schedules_go_on(region: Region) -> Non
     assert took < 5.0
     seen = len(notes(runs, "tick"))
     wait_until(lambda: len(notes(runs, "tick")) >= seen + 3, 20, "ticks after the handover")
-    ticks = notes(runs, "tick")
+    ticks = notes(runs, "tick")[first:]
     counts = collections.Counter(ticks)
     assert max(counts.values()) == 1, [t for t, n in counts.items() if n > 1]  # none doubled
     from datetime import datetime
@@ -192,7 +207,8 @@ def test_leader_sigkill_standby_leads_and_schedules_go_on(region: Region) -> Non
     times = sorted(datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() for t in ticks)
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert all(abs(g - 1.0) < 0.01 for g in gaps), gaps  # none missed
-    # autoscaling goes on under the new leader: a burst grows `slow`
-    with Load([region.gateway_urls[0]], "/slow", threads=8):
-        wait_until(lambda: sum(ready_by_worker(region, "slow", other["url"]).values()) > 2,
-                   20, "slow scaled up by the new leader")
+    # autoscaling goes on under the new leader: a burst grows `burst` (a
+    # function no other test loads) past its 2 instances
+    with Load(live_gateways(region), "/burst", threads=8):
+        wait_until(lambda: sum(ready_by_worker(region, "burst", other["url"]).values()) > 2,
+                   20, "burst scaled up by the new leader")

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from nimbus.aio import cancel_and_wait
+from nimbus.aio import cancel_and_wait, wait_event
 from nimbus.cluster.keys import (
     DEMAND,
     SHARES,
@@ -177,11 +177,7 @@ class DemandReporter:
                 log.exception("demand report failed")
             next_at = max(next_at + self.interval_s, loop.time())
             while loop.time() < next_at and not self._wake.is_set():
-                try:
-                    await asyncio.wait_for(self._wake.wait(),
-                                           min(POLL_S, max(0.0, next_at - loop.time())))
-                except TimeoutError:
-                    pass
+                await wait_event(self._wake, min(POLL_S, max(0.0, next_at - loop.time())))
                 try:
                     if self._urgent():
                         break

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from nimbus.aio import cancel_and_wait
+from nimbus.aio import cancel_and_wait, wait_event
 from nimbus.autoscale.decider import Decider, Decision, ScalingConfig
 from nimbus.clock import Clock, SystemClock
 from nimbus.cluster.demand import Collector, Demand
@@ -444,8 +444,7 @@ class ControlLoop:
                     log.warning("control tick failed: %s", exc)
                 except Exception:  # noqa: BLE001 - one bad tick must not stop leading
                     log.exception("control tick failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.tick_s)
+                await wait_event(self._wake, self.tick_s)
         finally:
             for part in reversed(parts):
                 with contextlib.suppress(Exception):

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from nimbus.aio import cancel_and_wait
+from nimbus.aio import cancel_and_wait, wait_event
 from nimbus.cluster.keys import NODES, ClusterStore, KeyWatch, node_key, resign_quietly
 from nimbus.errors import ConflictError, NimbusError
 
@@ -85,10 +85,7 @@ class Registration:
 
     async def _run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.ttl_s / 3)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self.ttl_s / 3)
             self._wake.clear()
             try:
                 await self._once()

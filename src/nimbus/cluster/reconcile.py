@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from nimbus.aio import cancel_and_wait
+from nimbus.aio import cancel_and_wait, wait_event
 from nimbus.cluster.keys import ClusterStore, KeyWatch, placement_key, status_key, warm_key
 from nimbus.cluster.placement import parse_target_key
 from nimbus.control.deploy import prepare_code, target_from_record, version_key
@@ -113,8 +113,7 @@ class Reconciler:
                 await self.reconcile()
             except Exception:  # noqa: BLE001 - next round tries again
                 log.exception("reconcile failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.resync_s)
+            await wait_event(self._wake, self.resync_s)
 
     async def reconcile(self) -> None:
         """One round: prepare what is new, hold pools at their counts, drain

@@ -48,6 +48,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.js.api import StreamConfig
 
+from nimbus.aio import wait_event
 from nimbus.errors import UnavailableError
 from nimbus.observe import natsstream
 from nimbus.observe.logs import MAX_LINE_CHARS, record_extra
@@ -374,8 +375,7 @@ class NatsLogSource:
                     backoff = min(max(2 * backoff, 0.1), 2.0)
                     await asyncio.sleep(backoff)
                     continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.follow_wait_s)
+                await wait_event(wake, self.follow_wait_s)
         finally:
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()

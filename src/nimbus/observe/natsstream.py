@@ -32,6 +32,7 @@ from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import Error as JsError
 from nats.js.errors import NotFoundError
 
+from nimbus.aio import wait_event
 from nimbus.errors import UnavailableError
 from nimbus.region import check_region_name
 
@@ -196,8 +197,7 @@ class StreamPublisher:
         backoff = 0.0
         while True:
             if not self._closing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.flush_s + backoff)
+                await wait_event(self._wake, self.flush_s + backoff)
             else:
                 await asyncio.sleep(backoff)
             self._wake.clear()

@@ -55,6 +55,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 
+from nimbus.aio import wait_event
 from nimbus.errors import ClosedError, ConflictError, UnavailableError, UserInputError
 from nimbus.region import check_region_name
 from nimbus.store.base import Entry, Watch, WatchEvent
@@ -315,13 +316,10 @@ class NatsStore:
                     deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
                     ack_policy=api.AckPolicy.NONE, max_deliver=1, mem_storage=True,
                     num_replicas=1, inactive_threshold=CONSUMER_IDLE_S)))
-            if info.num_pending or expected:
-                try:
-                    await asyncio.wait_for(done.wait(), LIST_TIMEOUT_S)
-                except TimeoutError as exc:
-                    raise UnavailableError(
-                        f"NATS store {self.bucket}: list {prefix!r}: the consumer stopped "
-                        f"delivering within {LIST_TIMEOUT_S}s") from exc
+            if (info.num_pending or expected) and not await wait_event(done, LIST_TIMEOUT_S):
+                raise UnavailableError(
+                    f"NATS store {self.bucket}: list {prefix!r}: the consumer stopped "
+                    f"delivering within {LIST_TIMEOUT_S}s")
             if trouble:
                 raise UnavailableError(f"NATS store {self.bucket}: list {prefix!r}: "
                                        f"messages were lost ({trouble[0]})")
@@ -542,8 +540,7 @@ class _NatsWatch:
         self._queue.put_nowait(_END)
 
     async def _pause(self, delay: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._trouble.wait(), delay)
+        await wait_event(self._trouble, delay)
         self._trouble.clear()
 
     def _reset(self) -> None:
@@ -556,13 +553,11 @@ class _NatsWatch:
         the store is closed (False)."""
         limit = HEARTBEAT_S * MISSED_HEARTBEATS
         while not self._closed and not self._store._closed:
-            try:
-                await asyncio.wait_for(self._trouble.wait(), HEARTBEAT_S)
+            if await wait_event(self._trouble, HEARTBEAT_S):
                 return True
-            except TimeoutError:
-                if time.monotonic() - self._seen > limit:
-                    self._why = f"no heartbeat for {limit:.0f}s"
-                    return True
+            if time.monotonic() - self._seen > limit:
+                self._why = f"no heartbeat for {limit:.0f}s"
+                return True
         return False
 
     async def _subscribe(self) -> None:

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from nimbus.aio import wait_event
 from nimbus.clock import Clock, SystemClock
 from nimbus.errors import ClosedError, ConflictError, NimbusError, UnavailableError
 from nimbus.store.base import Entry, Watch, WatchEvent
@@ -462,8 +463,7 @@ class _SQLiteWatch:
                     log.warning("watch of %r on %s failed; retrying in %.2fs", self._prefix,
                                 store.path, delay, exc_info=True)
                     failed = True
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), delay)  # aclose cuts it short
+                    await wait_event(self._wake, delay)  # aclose cuts it short
                     delay = min(delay * 2, RETRY_S[1])
                     continue
                 if failed:
