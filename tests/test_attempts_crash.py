@@ -69,7 +69,7 @@ def work(event, context):
 
 def doomed(event, context):
     _started("doomed", context)
-    time.sleep(0.03)
+    time.sleep(0.1)  # slow enough that a loaded machine still kills it half-way
     raise ValueError("never works")
 """
 
