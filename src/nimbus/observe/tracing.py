@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,12 +58,35 @@ active: dict[str, Span] = {}
 # for one short C call per batch, never for a Python loop the event loop
 # would have to wait behind.
 _done: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING)
-_getrandbits = random.getrandbits  # ids need to be unique, not secret
 _now_ns = time.time_ns
+_IDS_PER_BLOCK = 512
 
 
-def _new_span_id() -> str:
-    return f"{_getrandbits(64) or 1:016x}"
+def _hex_ids(digits: int) -> Iterator[str]:
+    """Random non-zero ids of ``digits`` hex digits, cut from one
+    ``os.urandom(...).hex()`` per 512 ids: a slice of a ready string costs
+    the request path less than formatting a fresh random int per id."""
+    zero = "0" * digits
+    while True:
+        block = os.urandom(digits // 2 * _IDS_PER_BLOCK).hex()
+        for i in range(0, len(block), digits):
+            got = block[i:i + digits]
+            if got != zero:
+                yield got
+
+
+_new_span_id = _hex_ids(16).__next__
+_new_trace_id = _hex_ids(32).__next__
+
+
+def _reseed_ids() -> None:
+    """A forked child must not hand out its parent's next ids."""
+    global _new_span_id, _new_trace_id
+    _new_span_id = _hex_ids(16).__next__
+    _new_trace_id = _hex_ids(32).__next__
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
 
 
 class Span:
@@ -103,7 +125,7 @@ def start(name: str, rid: str, parent: Span | None = None, *, trace_id: int = 0,
     if trace_id:
         return Span(name, f"{trace_id:032x}", f"{parent_id:016x}" if parent_id else None,
                     start_ns or _now_ns(), a, kind)
-    return Span(name, f"{_getrandbits(128) or 1:032x}", None, start_ns or _now_ns(), a, kind)
+    return Span(name, _new_trace_id(), None, start_ns or _now_ns(), a, kind)
 
 
 def end(span: Span, error: str | None = None, end_ns: int = 0) -> None:
@@ -254,19 +276,24 @@ class FileSink:
         self.keep = keep
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._size = self.path.stat().st_size if self.path.exists() else 0
+        self._fd = -1  # kept open between batches: one write a batch, not three calls
 
     def write(self, lines: list[bytes]) -> None:
         data = b"".join(lines)
         if self._size and self._size + len(data) > self.max_bytes:
             self._rotate()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(self._fd, data)
         self._size += len(data)
 
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def _rotate(self) -> None:
+        self.close()
         for i in range(self.keep, 0, -1):
             src = self.path if i == 1 else self.folder / f"{FILE_NAME}.{i - 1}"
             if src.exists():
@@ -339,6 +366,9 @@ class Exporter:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        if self.file is not None:
+            with self._lock:
+                self.file.close()
         if self._otlp is not None:
             self._otlp.shutdown()
 
