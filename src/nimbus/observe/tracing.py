@@ -116,10 +116,13 @@ def start(name: str, rid: str, parent: Span | None = None, *, trace_id: int = 0,
           parent_id: int = 0, kind: str = KIND_INTERNAL, start_ns: int = 0,
           attrs: dict[str, Any] | None = None) -> Span:
     """A span begun now (or at ``start_ns``): under ``parent``, or under the
-    remote ``trace_id``/``parent_id``, or a new trace's root."""
-    a = {"nimbus.request_id": rid}
-    if attrs:
-        a.update(attrs)
+    remote ``trace_id``/``parent_id``, or a new trace's root. ``attrs``
+    becomes the span's own (not copied: pass a fresh dict)."""
+    if attrs is None:
+        a = {"nimbus.request_id": rid}
+    else:
+        a = attrs
+        a["nimbus.request_id"] = rid
     if parent is not None:
         return Span(name, parent.trace_id, parent.span_id, start_ns or _now_ns(), a, kind)
     if trace_id:
@@ -139,10 +142,13 @@ def end(span: Span, error: str | None = None, end_ns: int = 0) -> None:
 
 def child(parent: Span, name: str, start_ns: int, end_ns: int, error: str | None = None,
           attrs: dict[str, Any] | None = None) -> None:
-    """Record a finished step of ``parent``'s request."""
-    a = {"nimbus.request_id": parent.attrs["nimbus.request_id"]}
-    if attrs:
-        a.update(attrs)
+    """Record a finished step of ``parent``'s request; ``attrs`` becomes the
+    step's own (not copied: pass a fresh dict)."""
+    if attrs is None:
+        a = {"nimbus.request_id": parent.attrs["nimbus.request_id"]}
+    else:
+        a = attrs
+        a["nimbus.request_id"] = parent.attrs["nimbus.request_id"]
     _done.append({"trace_id": parent.trace_id, "span_id": _new_span_id(),
                   "parent_id": parent.span_id, "name": name, "kind": KIND_INTERNAL,
                   "start_ns": start_ns, "end_ns": end_ns, "attributes": a,
@@ -338,12 +344,9 @@ class Exporter:
 
     def flush(self) -> None:
         with self._lock:
-            batch: list[dict[str, Any]] = []
-            while _done:
-                try:
-                    batch.append(_done.popleft())
-                except IndexError:
-                    break
+            # only this drain (one at a time) takes from the left, and a full
+            # deque drops as many as it gains: the first len() are there
+            batch = [_done.popleft() for _ in range(len(_done))]
             if not batch:
                 return
             try:
