@@ -138,8 +138,12 @@ def observe(seconds: int, rounds: int) -> None:
         got: dict[str, list[dict[str, float]]] = {k: [] for k in urls}
         for url in urls.values():
             wrk(url, 8, 2)  # warm up
+        names = list(urls)
         for n in range(rounds):
-            for name, url in urls.items():
+            # each round starts with another side: none always runs right
+            # after the same neighbour's load
+            for name in names[n % len(names):] + names[:n % len(names)]:
+                url = urls[name]
                 cpu = tree_cpu_s([pids[name]])
                 busy = wrk(url, 32, seconds)
                 cpu = tree_cpu_s([pids[name]]) - cpu
@@ -160,6 +164,9 @@ def observe(seconds: int, rounds: int) -> None:
                             ("p50_1", "p50 ms @1 conn", ".3f"),
                             ("errors", "errors", ".0f")):
         print(f"{label:22}" + "".join(f"{m[key]:>16{fmt}}" for m in med.values()))
+    print(f"{'CPU us/req range':22}" + "".join(
+        f"{min(r['cpu_us'] for r in ms):>8.0f}..{max(r['cpu_us'] for r in ms):<6.0f}"
+        for ms in got.values()))
     print(f"{'throughput cost':22}" + "".join(
         f"{(1 - m['rps32'] / base['rps32']) * 100:>15.1f}%" for m in med.values()))
     # CPU per request is what a busy machine's drift moves least: the cost

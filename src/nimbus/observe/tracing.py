@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,12 +58,35 @@ active: dict[str, Span] = {}
 # for one short C call per batch, never for a Python loop the event loop
 # would have to wait behind.
 _done: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING)
-_getrandbits = random.getrandbits  # ids need to be unique, not secret
 _now_ns = time.time_ns
+_IDS_PER_BLOCK = 512
 
 
-def _new_span_id() -> str:
-    return f"{_getrandbits(64) or 1:016x}"
+def _hex_ids(digits: int) -> Iterator[str]:
+    """Random non-zero ids of ``digits`` hex digits, cut from one
+    ``os.urandom(...).hex()`` per 512 ids: a slice of a ready string costs
+    the request path less than formatting a fresh random int per id."""
+    zero = "0" * digits
+    while True:
+        block = os.urandom(digits // 2 * _IDS_PER_BLOCK).hex()
+        for i in range(0, len(block), digits):
+            got = block[i:i + digits]
+            if got != zero:
+                yield got
+
+
+_new_span_id = _hex_ids(16).__next__
+_new_trace_id = _hex_ids(32).__next__
+
+
+def _reseed_ids() -> None:
+    """A forked child must not hand out its parent's next ids."""
+    global _new_span_id, _new_trace_id
+    _new_span_id = _hex_ids(16).__next__
+    _new_trace_id = _hex_ids(32).__next__
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
 
 
 class Span:
@@ -94,16 +116,19 @@ def start(name: str, rid: str, parent: Span | None = None, *, trace_id: int = 0,
           parent_id: int = 0, kind: str = KIND_INTERNAL, start_ns: int = 0,
           attrs: dict[str, Any] | None = None) -> Span:
     """A span begun now (or at ``start_ns``): under ``parent``, or under the
-    remote ``trace_id``/``parent_id``, or a new trace's root."""
-    a = {"nimbus.request_id": rid}
-    if attrs:
-        a.update(attrs)
+    remote ``trace_id``/``parent_id``, or a new trace's root. ``attrs``
+    becomes the span's own (not copied: pass a fresh dict)."""
+    if attrs is None:
+        a = {"nimbus.request_id": rid}
+    else:
+        a = attrs
+        a["nimbus.request_id"] = rid
     if parent is not None:
         return Span(name, parent.trace_id, parent.span_id, start_ns or _now_ns(), a, kind)
     if trace_id:
         return Span(name, f"{trace_id:032x}", f"{parent_id:016x}" if parent_id else None,
                     start_ns or _now_ns(), a, kind)
-    return Span(name, f"{_getrandbits(128) or 1:032x}", None, start_ns or _now_ns(), a, kind)
+    return Span(name, _new_trace_id(), None, start_ns or _now_ns(), a, kind)
 
 
 def end(span: Span, error: str | None = None, end_ns: int = 0) -> None:
@@ -117,10 +142,13 @@ def end(span: Span, error: str | None = None, end_ns: int = 0) -> None:
 
 def child(parent: Span, name: str, start_ns: int, end_ns: int, error: str | None = None,
           attrs: dict[str, Any] | None = None) -> None:
-    """Record a finished step of ``parent``'s request."""
-    a = {"nimbus.request_id": parent.attrs["nimbus.request_id"]}
-    if attrs:
-        a.update(attrs)
+    """Record a finished step of ``parent``'s request; ``attrs`` becomes the
+    step's own (not copied: pass a fresh dict)."""
+    if attrs is None:
+        a = {"nimbus.request_id": parent.attrs["nimbus.request_id"]}
+    else:
+        a = attrs
+        a["nimbus.request_id"] = parent.attrs["nimbus.request_id"]
     _done.append({"trace_id": parent.trace_id, "span_id": _new_span_id(),
                   "parent_id": parent.span_id, "name": name, "kind": KIND_INTERNAL,
                   "start_ns": start_ns, "end_ns": end_ns, "attributes": a,
@@ -262,19 +290,24 @@ class FileSink:
         self.keep = keep
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._size = self.path.stat().st_size if self.path.exists() else 0
+        self._fd = -1  # kept open between batches: one write a batch, not three calls
 
     def write(self, lines: list[bytes]) -> None:
         data = b"".join(lines)
         if self._size and self._size + len(data) > self.max_bytes:
             self._rotate()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(self._fd, data)
         self._size += len(data)
 
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def _rotate(self) -> None:
+        self.close()
         for i in range(self.keep, 0, -1):
             src = self.path if i == 1 else self.folder / f"{FILE_NAME}.{i - 1}"
             if src.exists():
@@ -322,12 +355,9 @@ class Exporter:
 
     def flush(self) -> None:
         with self._lock:
-            batch: list[dict[str, Any]] = []
-            while _done:
-                try:
-                    batch.append(_done.popleft())
-                except IndexError:
-                    break
+            # only this drain (one at a time) takes from the left, and a full
+            # deque drops as many as it gains: the first len() are there
+            batch = [_done.popleft() for _ in range(len(_done))]
             if not batch:
                 return
             try:
@@ -358,6 +388,9 @@ class Exporter:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        if self.file is not None:
+            with self._lock:
+                self.file.close()
         if self._otlp is not None:
             self._otlp.shutdown()
 

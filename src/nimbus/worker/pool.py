@@ -123,12 +123,18 @@ class FunctionPool:
         self.arrivals += 1
         inst = self._pick() if self.in_flight < self.cap else None
         if inst is None:
+            # held here, not in a coroutine of its own: one frame less for
+            # every held request
+            t0_ns = time.time_ns()
             try:
-                inst = await (self._held_traced(parent) if parent is not None
-                              else self._acquire_slow())
+                inst = await self._acquire_slow()
             except BaseException as exc:
+                if parent is not None:
+                    self._held(parent, t0_ns, None, exc)
                 self.metrics.failed(exc)
                 raise
+            if parent is not None:
+                self._held(parent, t0_ns, inst, None)
         else:
             inst.outstanding += 1
             self.in_flight += 1
@@ -159,15 +165,25 @@ class FunctionPool:
         try:
             inst = await self._acquire_slow()
         except BaseException as exc:
+            self._held(parent, t0, None, exc)
+            raise
+        self._held(parent, t0, inst, None)
+        return inst
+
+    def _held(self, parent: tracing.Span, t0: int, inst: Instance | None,
+              exc: BaseException | None) -> None:
+        """The hold span (and the cold start of the instance it got, if the
+        instance was started for it)."""
+        if inst is None:
             tracing.child(parent, "nimbus.hold", t0, time.time_ns(),
                           f"{type(exc).__name__}: {exc}")
-            raise
+            return
         tracing.child(parent, "nimbus.hold", t0, time.time_ns())
-        cold = self._cold_spans.pop(inst.id, None)
-        if cold is not None:
-            tracing.child(parent, "nimbus.cold_start", cold[0], cold[1],
-                          attrs={"nimbus.instance": inst.id})
-        return inst
+        if self._cold_spans:
+            cold = self._cold_spans.pop(inst.id, None)
+            if cold is not None:
+                tracing.child(parent, "nimbus.cold_start", cold[0], cold[1],
+                              attrs={"nimbus.instance": inst.id})
 
     # The same, for callers that answer from a callback (the frame server):
     # no coroutine and no task per invocation when an instance is free.
