@@ -168,6 +168,7 @@ class Worker:
                 self._drain(self.pools.pop(t.key), 0.5)
 
     def _drain(self, pool: FunctionPool, grace_s: float) -> None:
+        pool.retired = True  # from now, not when the drain's task first runs
         self._later(pool.drain(grace_s))
 
     def _later(self, coro: Coroutine[Any, Any, None]) -> None:
