@@ -39,6 +39,7 @@ from nimbus.region import check_region_name
 PUBLISH_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 5.0
 STREAM_READY_S = 30.0  # a new cluster electing leaders, or a racing creator
+CREATE_TIMEOUT_S = 1.0  # a create's answer; then the loop looks whether it landed
 READ_BATCH = 256  # messages per direct-get request
 
 
@@ -76,9 +77,14 @@ async def ensure_stream(nc: NATS, config: StreamConfig, what: str,
     """Create the stream ``config`` names, or bring an existing one to it.
     A cluster still electing its leaders, or another process creating the
     stream at the same moment, is waited out for up to ``ready_s``."""
-    js = nc.jetstream(timeout=READ_TIMEOUT_S)
+    # Two processes making one stream at the same moment: the server may
+    # leave one of them without an answer while the stream is being made, so
+    # each request first waits a short while, then longer on each try (a
+    # loaded cluster's answers are slow but come), and the loop asks again.
     deadline = time.monotonic() + ready_s
+    wait_s = CREATE_TIMEOUT_S
     while True:
+        js = nc.jetstream(timeout=wait_s)
         try:
             try:
                 await js.stream_info(config.name or "")
@@ -93,6 +99,7 @@ async def ensure_stream(nc: NATS, config: StreamConfig, what: str,
             if time.monotonic() > deadline:
                 raise UnavailableError(f"the {what} stream {config.name} did not become "
                                        f"available within {ready_s:.0f}s: {exc!r}") from exc
+            wait_s = min(READ_TIMEOUT_S, wait_s * 2)
             await asyncio.sleep(0.2)
 
 
