@@ -531,11 +531,16 @@ class _Consumer:
         self._free = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._work: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"consume {self.sub.queue}")
 
     def stop(self) -> None:
+        # A flag as well as the cancel: a cancel that lands as a receive
+        # completes can be swallowed by a library's wait_for (Python 3.11),
+        # and the loop would go on receiving; the flag ends it at the top.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
 
@@ -551,7 +556,7 @@ class _Consumer:
 
     async def _loop(self) -> None:
         sub, q = self.sub, self.d.queue
-        while True:
+        while not self._stopping:
             pool = self.d._pools().get(sub.function)
             if pool is None:
                 await asyncio.sleep(NO_FUNCTION_DELAY_S)
