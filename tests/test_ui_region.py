@@ -11,29 +11,10 @@ import httpx
 import pytest
 
 from tests.region import Region, small_region, wait_until
+from tests.test_metrics_region import HANDLERS, MANIFEST
 from tests.test_ui_browser import SHOTS
 
 pytestmark = pytest.mark.e2e
-
-MANIFEST = """\
-name: counted
-functions:
-  hi:
-    handler: h.hi
-    http: [{method: GET, path: /hi}]
-  oops:
-    handler: h.oops
-    http: [{method: GET, path: /oops}]
-"""
-
-HANDLERS = """\
-def hi(event, context):
-    return {"statusCode": 200, "body": "hi"}
-
-def oops(event, context):
-    raise RuntimeError("oops")
-"""
-
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
