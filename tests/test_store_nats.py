@@ -18,7 +18,7 @@ from nimbus.errors import ConflictError, UnavailableError, UserInputError
 from nimbus.natsd import NatsCluster
 from nimbus.store.base import Store, WatchEvent
 from nimbus.store.nats_blobs import open_nats_blobs
-from nimbus.store.nats_conn import close_nats, connect_nats
+from nimbus.store.nats_conn import close_nats, connect_nats, retry_read
 from nimbus.store.nats_store import (
     NatsStore,
     decode_key,
@@ -69,6 +69,40 @@ def test_prefixes_become_subject_filters() -> None:
     assert prefix_filter("a") == ">"
     assert prefix_filter("") == ">"
     assert prefix_filter("x.y/") == "x=2Ey.>"
+
+
+def test_reads_are_asked_again_while_no_server_answers_and_give_up_at_their_deadline() -> None:
+    import nats.errors
+
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise nats.errors.TimeoutError
+        return "read"
+
+    assert asyncio.run(retry_read(flaky)) == "read"
+    assert len(calls) == 3
+
+    async def never() -> str:
+        calls.append(1)
+        raise nats.errors.NoRespondersError
+
+    calls.clear()
+    started = time.monotonic()
+    with pytest.raises(nats.errors.NoRespondersError):
+        asyncio.run(retry_read(never, within_s=0.3))
+    assert time.monotonic() - started < 2 and 2 <= len(calls) <= 6
+
+    async def refused() -> str:  # not a routing problem: raised at once, not retried
+        calls.append(1)
+        raise nats.errors.ConnectionClosedError
+
+    calls.clear()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        asyncio.run(retry_read(refused))
+    assert len(calls) == 1
 
 
 def test_ttls_are_whole_seconds_rounded_up() -> None:

@@ -8,7 +8,8 @@
 * Reads of the object's description go to the stream leader, so a blob put
   by one process is there for the next, whichever server it asks.
 * Every call has a deadline (``OP_TIMEOUT_S``, plus time per MiB); driver
-  errors become ``UnavailableError`` with ``__cause__``.
+  errors become ``UnavailableError`` with ``__cause__``. Reads are asked
+  again while a stream elects a new leader (a server died).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nats.js import api
 from nats.js.object_store import ObjectStore
 
 from nimbus.errors import ClosedError, NotFoundError, UnavailableError
+from nimbus.store.nats_conn import retry_read
 from nimbus.store.nats_store import (
     BUCKET_READY_S,
     STREAM_NAME_IN_USE,
@@ -113,7 +115,8 @@ class NatsBlobs:
 
     async def _info(self, digest: str) -> api.ObjectInfo | None:
         try:
-            return await self._call(f"look up {digest}", self._store().get_info(digest))
+            return await self._call(f"look up {digest}",
+                                    retry_read(lambda: self._store().get_info(digest)))
         except UnavailableError as exc:
             if isinstance(exc.__cause__, nats.js.errors.ObjectNotFoundError):
                 return None
@@ -136,7 +139,9 @@ class NatsBlobs:
         if info is None:
             raise NotFoundError(f"no blob {digest}")
         try:
-            result = await self._call(f"get {digest}", self._store().get(digest), info.size or 0)
+            result = await self._call(f"get {digest}",
+                                      retry_read(lambda: self._store().get(digest)),
+                                      info.size or 0)
         except UnavailableError as exc:
             if isinstance(exc.__cause__, nats.js.errors.ObjectNotFoundError):
                 raise NotFoundError(f"no blob {digest}") from None

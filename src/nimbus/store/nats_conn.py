@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -157,3 +158,25 @@ async def retry_unrouted(make: Callable[[], Awaitable[T]]) -> T:
             await asyncio.sleep(delay)
             delay = min(0.5, delay * 2)
     return await make()
+
+
+READ_RETRY_S = 20.0  # how long a read goes on trying while the stream elects a leader
+
+
+async def retry_read(make: Callable[[], Awaitable[T]], *, within_s: float = READ_RETRY_S) -> T:
+    """``await make()`` for a read, again (with backoff) while no server
+    answers in time or none is routed to: a stream whose leader died is
+    electing another, and a read changes nothing, so asking again is safe.
+    Gives up with the last error after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    delay = 0.05
+    while True:
+        try:
+            return await make()
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError,
+                nats.errors.TimeoutError):
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+

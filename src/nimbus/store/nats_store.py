@@ -59,7 +59,7 @@ from nimbus.aio import wait_event
 from nimbus.errors import ClosedError, ConflictError, UnavailableError, UserInputError
 from nimbus.region import check_region_name
 from nimbus.store.base import Entry, Watch, WatchEvent
-from nimbus.store.nats_conn import connection_events, retry_unrouted
+from nimbus.store.nats_conn import connection_events, retry_read, retry_unrouted
 
 log = logging.getLogger("nimbus.store")
 T = TypeVar("T")
@@ -219,7 +219,7 @@ class NatsStore:
         """The last message of ``key`` (a value, tombstone or marker), or None."""
         self._check_open()
         try:
-            return await self._call(f"get {key}", retry_unrouted(lambda: self._js.get_msg(
+            return await self._call(f"get {key}", retry_read(lambda: self._js.get_msg(
                 self.stream, subject=self._subject(key), direct=False)))
         except UnavailableError as exc:
             cause = exc.__cause__
