@@ -209,6 +209,35 @@ class RegionsSpec:
                    if policy == "weighted" else {})
 
 
+ON_REGION_FAILURE = ("rollback-all", "stop")
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutSpec:
+    """How new versions of a function reach traffic (the manifest's
+    ``rollout:`` block, the app's keys overridden by the function's). A key
+    left out is ``None``: the deploy's flags or nimbus's defaults decide.
+    Kept apart from :class:`FunctionSpec`: changing how a version rolls out
+    does not make a new version."""
+
+    strategy: str | None = None  # e.g. "canary:10%:5m", "linear:20%:1m", "all-at-once"
+    rollback_on: str | None = None  # the rollback rule
+    min_requests: int | None = None  # before a step may pass
+    bake_s: float | None = None  # between regions
+    waves: tuple[tuple[str, ...], ...] | None = None  # regions, wave by wave
+    on_region_failure: str | None = None  # "rollback-all" (the default) or "stop"
+
+    def merged(self, over: RolloutSpec) -> RolloutSpec:
+        """This spec with every key ``over`` sets taking its place."""
+        return RolloutSpec(**{k: getattr(over, k) if getattr(over, k) is not None
+                              else getattr(self, k) for k in (f.name for f in fields(self))})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["waves"] = None if self.waves is None else [list(w) for w in self.waves]
+        return d
+
+
 @dataclass(frozen=True, slots=True)
 class AppSpec:
     name: str
@@ -218,3 +247,6 @@ class AppSpec:
     # (e.g. "runtime python3.8 is served by Python 3.11").
     notices: tuple[str, ...] = ()
     regions: RegionsSpec | None = None  # None: every region, failover in the file's order
+    # function -> its rollout settings (app block merged with its own);
+    # a function without any has none here
+    rollouts: dict[str, RolloutSpec] = field(default_factory=dict)
