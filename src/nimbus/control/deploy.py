@@ -63,6 +63,7 @@ from nimbus.control.venvs import ensure_venv, requirements_hash
 from nimbus.errors import ConflictError, DeployError, ManifestError, NimbusError
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, FunctionSpec, RegionsSpec
+from nimbus.rollout.traffic import DEFAULT_ALIAS, after_deploy
 from nimbus.store.base import Blobs, Store
 from nimbus.worker.containment import share_read_only
 from nimbus.worker.target import Target, code_dir_for
@@ -288,13 +289,15 @@ class Deployer:
             self.worker.discard([t for t in warmed if live.get(t.function, {}).get(
                 "config_hash") != records[t.function]["config_hash"]])
             raise
-        app_record = {
+        app_record = after_deploy(orjson.loads(current.value) if current else None, {
             "name": app.name, "digest": digest, "deployed": time.time(),
             "functions": records,
             "regions": app.regions.to_dict() if app.regions else None,
-            "routes": [[r.method, r.path, fn.name]
+            # a 4th element names the alias a route serves (none: live)
+            "routes": [[r.method, r.path, fn.name, *([r.alias] if r.alias != DEFAULT_ALIAS
+                                                      else [])]
                        for fn in app.functions.values() for r in fn.routes],
-        }
+        })
         await self._write_app(app.name, current, app_record)
         return {
             "app": app.name,
@@ -343,7 +346,7 @@ class Deployer:
             other = orjson.loads(entry.value)
             if other["name"] == app.name:
                 continue
-            for method, path, fn in other["routes"]:
+            for method, path, fn, *_alias in other["routes"]:
                 taken[(method, path)] = f"{other['name']}/{fn}"
         for fn in app.functions.values():
             for r in fn.routes:

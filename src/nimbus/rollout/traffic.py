@@ -312,3 +312,28 @@ def _unknown_qualifier(app: App, fn: str, qualifier: str) -> str:
     return (f"function {fn!r} has no version or alias {qualifier!r}; its aliases: "
             f"{', '.join(aliases_of(app, fn))}; its versions: "
             f"{', '.join(str(v) for v in sorted(records_of(app, fn)))}")
+
+
+def after_deploy(previous: App | None, app: App) -> App:
+    """The app record a deploy writes: ``app`` (its new stable versions and
+    routes) with the aliases ``previous`` had kept (``live`` follows the
+    deploy) and every alias a route names but nobody set yet pointing at the
+    deployed version."""
+    out = dict(app)
+    aliases: dict[str, dict[str, dict[str, int]]] = {}
+    versions: dict[str, dict[str, dict[str, Any]]] = {}
+    if previous is not None:
+        for fn, named in ((previous.get("aliases") or {}).items()):
+            if fn not in app["functions"] or fn not in previous.get("functions", {}):
+                continue
+            kept = {a: dict(w) for a, w in named.items() if a != DEFAULT_ALIAS}
+            if kept:
+                aliases[fn] = kept
+                versions[fn] = {str(v): r for v, r in records_of(previous, fn).items()}
+    for route in app.get("routes", ()):
+        fn, alias = route[2], route_alias(route)
+        if alias != DEFAULT_ALIAS and alias not in aliases.get(fn, {}):
+            aliases.setdefault(fn, {})[alias] = {str(stable_version(app, fn)): 100}
+    out["aliases"] = aliases
+    out["versions"] = versions
+    return normalized(out)
