@@ -546,7 +546,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
                 "name": app["name"], "digest": app.get("digest"),
                 "version": max((r["version"] for r in records.values()), default=0),
                 "regions": app.get("regions"),
-                "routes": [{"method": m, "path": p} for m, p, _fn in app.get("routes", ())],
+                "routes": [{"method": m, "path": p} for m, p, *_fn in app.get("routes", ())],
                 "functions": sorted(records),
             })
         return _json(sorted(out, key=lambda a: a["name"]))

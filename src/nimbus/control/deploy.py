@@ -69,6 +69,7 @@ from nimbus.errors import (
 )
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, FunctionSpec, RegionsSpec, RolloutSpec
+from nimbus.rollout.traffic import DEFAULT_ALIAS
 from nimbus.store.base import Blobs, Store
 from nimbus.worker.containment import share_read_only
 from nimbus.worker.target import Target, code_dir_for
@@ -355,10 +356,12 @@ class Deployer:
             "name": app.name, "digest": digest, "deployed": time.time(),
             "functions": records,
             "regions": app.regions.to_dict() if app.regions else None,
-            "routes": [[r.method, r.path, fn.name]
+            # a 4th element names the alias a route serves (none: live)
+            "routes": [[r.method, r.path, fn.name, *([r.alias] if r.alias != DEFAULT_ALIAS
+                                                      else [])]
                        for fn in app.functions.values() for r in fn.routes],
         }
-        app_record = _with_traffic(app_record, live, plans)
+        app_record = _with_traffic(app_record, live if current else None, plans)
         started = await self._start_rollouts(app.name, live, app_record, plans, rollouts,
                                              progress)
         try:
@@ -504,7 +507,7 @@ class Deployer:
             other = orjson.loads(entry.value)
             if other["name"] == app.name:
                 continue
-            for method, path, fn in other["routes"]:
+            for method, path, fn, *_alias in other["routes"]:
                 taken[(method, path)] = f"{other['name']}/{fn}"
         for fn in app.functions.values():
             for r in fn.routes:
@@ -554,36 +557,35 @@ def _newest(record: dict[str, Any], fn: str) -> dict[str, Any]:
     return max(recs, key=lambda r: int(r["version"]))
 
 
-def _with_traffic(record: dict[str, Any], live: dict[str, Any],
+def _with_traffic(record: dict[str, Any], previous: dict[str, Any] | None,
                   plans: dict[str, _Plan]) -> dict[str, Any]:
-    """The new app record with the aliases and extra versions of ``live``
-    kept (for the functions still in the app), every changed function's
-    ``live`` moved to its new version, and each planned rollout's new
-    version taking the first step's share beside the previous one."""
+    """The app record a deploy writes: ``record`` (every function on its
+    deployed version) with the aliases ``previous`` kept, ``live`` moved
+    to each changed function's new version, except that each planned
+    rollout's new version takes only the first step's share beside the
+    previous version (which stays the stable one), and a function whose
+    rollout is under way keeps its split."""
     from nimbus.rollout import traffic
 
-    fns = record["functions"]
-    old = live.get("functions", {})
-    aliases = {fn: a for fn, a in (live.get("aliases") or {}).items() if fn in fns}
-    versions = {fn: v for fn, v in (live.get("versions") or {}).items() if fn in fns}
-    if not aliases and not versions and not plans:
-        return record  # nothing split: the plain shape
-    out = {**record, "aliases": aliases, "versions": versions}
-    for fn, rec in fns.items():
-        prev = old.get(fn)
-        if prev is None or prev is rec:
+    out = traffic.after_deploy(previous, record)
+    if previous is None:
+        return out
+    before = previous.get("functions", {})
+    for fn, rec in record["functions"].items():
+        prev = before.get(fn)
+        if prev is None:
             continue
-        # the new version: stable at once, or beside the previous one
-        out["functions"] = {**out["functions"], fn: prev}
         if fn in plans:
-            share = plans[fn].steps[0][0]
+            old, new, share = int(prev["version"]), int(rec["version"]), plans[fn].steps[0][0]
+            out = traffic.promote(out, fn, old, {old: prev})
             out = traffic.with_weights(out, fn, traffic.DEFAULT_ALIAS,
-                                       {int(prev["version"]): 100 - share,
-                                        int(rec["version"]): share},
-                                       {int(rec["version"]): rec})
-        else:
-            out = traffic.promote(out, fn, int(rec["version"]), {int(rec["version"]): rec})
-    return traffic.normalized(out)
+                                       {old: 100 - share, new: share}, {new: rec})
+        elif prev is rec:
+            weights = traffic.weights_of(previous, fn)
+            if len(weights) > 1:  # unchanged, mid-rollout: the split stays
+                out = traffic.with_weights(out, fn, traffic.DEFAULT_ALIAS, weights,
+                                           traffic.records_of(previous, fn))
+    return out
 
 
 def prepare_code(bundle: bytes, code_dir: Path, limits: BundleLimits | None = None) -> None:

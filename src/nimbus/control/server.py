@@ -200,6 +200,7 @@ class Platform:
         self.events.on_sync.append(self.scheduler.set_pools)
         gateway.events = self.events
         self.routes = RouteSync(store, gateway, worker, on_change=self.events.sync)
+        self.events.resolve = self.routes.invoker_for
         self.deployer = Deployer(store, blobs, worker, config.state_dir)
         self.rollouts = _local_runner(store, worker, clock)
         self.deployer.traffic = self._traffic

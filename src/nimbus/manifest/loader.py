@@ -399,7 +399,7 @@ def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
         for j, r in enumerate(fn.http):
             rloc = loc + ("http",) if single else loc + ("http", j)
             routes.append(Declared(r.method, r.path, name, format_loc(rloc),
-                                   src.line(rloc, key=True)))
+                                   src.line(rloc, key=True), r.alias))
         settings = {
             "memory_mb": fn.memory_mb, "timeout_s": float(fn.timeout_s),
             "concurrency": fn.concurrency, "max_processes": fn.max_processes, "cpu": fn.cpu,
@@ -564,7 +564,7 @@ def _build(draft: _Draft) -> FunctionSpec:
         module=draft.module,
         callable=draft.callable,
         runtime=draft.runtime,
-        routes=tuple(Route(r.method, r.path) for r in draft.routes),
+        routes=tuple(Route(r.method, r.path, r.alias) for r in draft.routes),
         **draft.settings,
     )
 

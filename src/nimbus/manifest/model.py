@@ -38,6 +38,7 @@ class Route:
 
     method: str
     path: str
+    alias: str = "live"  # the alias of the function this route serves
 
     @property
     def key(self) -> str:
@@ -130,7 +131,11 @@ class FunctionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["routes"] = [{"method": r.method, "path": r.path} for r in self.routes]
+        # A route on ``live`` is stored as before: its version's config hash
+        # (and so whether a deploy makes a new version) does not change.
+        d["routes"] = [{"method": r.method, "path": r.path}
+                       | ({"alias": r.alias} if r.alias != "live" else {})
+                       for r in self.routes]
         d["env"] = dict(self.env)
         d["preload"] = list(self.preload)
         d["schedules"] = [s.to_dict() for s in self.schedules]
@@ -144,7 +149,8 @@ class FunctionSpec:
         # records take their defaults.
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        d["routes"] = tuple(Route(r["method"], r["path"]) for r in d.get("routes", ()))
+        d["routes"] = tuple(Route(r["method"], r["path"], r.get("alias", "live"))
+                            for r in d.get("routes", ()))
         d["env"] = tuple(sorted(d.get("env", {}).items()))
         d["preload"] = tuple(d.get("preload", ()))
         d["schedules"] = tuple(ScheduleSpec.from_dict(s) for s in d.get("schedules", ()))

@@ -46,6 +46,7 @@ _APP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
+_ALIAS = re.compile(r"[a-z][a-z0-9-]{0,62}")
 
 
 def fail(message: str) -> PydanticCustomError:
@@ -108,6 +109,13 @@ def _path(v: Any) -> Any:
     problem = path_problem(v)
     if problem:
         raise fail(f"invalid path {v!r}: {problem}")
+    return v
+
+
+def _alias(v: Any) -> Any:
+    if not isinstance(v, str) or not _ALIAS.fullmatch(v) or v.isdigit():
+        raise fail(f"expected an alias name (1 to 63 characters: lower-case letters, digits "
+                   f"and '-', starting with a letter) like 'live' or 'beta', got {show(v)}")
     return v
 
 
@@ -316,6 +324,7 @@ Runtime = Annotated[str, BeforeValidator(_runtime)]
 HandlerRef = Annotated[str, BeforeValidator(_handler_ref)]
 Method = Annotated[str, BeforeValidator(_method)]
 RoutePath = Annotated[str, BeforeValidator(_path)]
+AliasName = Annotated[str, BeforeValidator(_alias)]
 EnvKey = Annotated[str, BeforeValidator(_env_key)]
 EnvValue = Annotated[str, BeforeValidator(_env_value)]
 ModuleName = Annotated[str, BeforeValidator(_module_name)]
@@ -348,6 +357,8 @@ class RolloutModel(_Model):
 class HttpRoute(_Model):
     method: Method = "GET"
     path: RoutePath = Field(description="a route path starting with '/'")
+    alias: AliasName = Field(default="live",
+                             description="the function's alias this route serves")
 
 
 class ScheduleModel(_Model):

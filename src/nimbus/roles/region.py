@@ -54,6 +54,7 @@ class Controller:
         self.gateway.events = self.events
         self.routes = RouteSync(backend.store, self.gateway, self.pools,  # type: ignore[arg-type]
                                 on_change=self.events.sync)
+        self.events.resolve = self.routes.invoker_for
         self.deployer = Deployer(backend.store, backend.blobs, None, config.state_dir,
                                  warmer=ClusterWarmer(backend.store))
         # Schedules fire on one controller at a time: the scheduler holds its

@@ -1,0 +1,1 @@
+"""Safe rollouts: versions, aliases and traffic splitting."""
