@@ -1,1 +1,1 @@
-"""Safe rollouts: versions, aliases and traffic splitting."""
+"""Safe rollouts: versions, aliases, traffic shifting and automatic rollback."""
