@@ -107,7 +107,10 @@ def wait_state(up: Nimbus, fn: str, want: str, timeout: float = 30.0) -> dict[st
         found.update(rollout(up, fn))
         return bool(found["state"] == want)
 
-    wait_until(done, timeout_s=timeout, what=f"rollout of {fn} {want}")
+    try:
+        wait_until(done, timeout_s=timeout, what=f"rollout of {fn} {want}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; it is: {found}") from None
     return found
 
 
@@ -131,15 +134,15 @@ def test_a_failing_canary_rolls_back_under_load(up: Nimbus, tmp_path: Path) -> N
         assert "rolling out over version 1 with canary:10%:3s" in out
         ro = wait_state(up, "pay", "rolled_back")
         t1 = time.monotonic()
-        n = len(load.results)
-        wait_until(lambda: len(load.results) >= n + 50, timeout_s=30, what="load after")
+        wait_until(lambda: len(load.between(t1 + 0.5, 1e18)) >= 30, timeout_s=30,
+                   what="load after")
     during = load.between(t0, t1)
     failed = [r for r in during if r[1] != 200]
     # only the canary failed, and at most its share of what was sent meanwhile
     assert all("canary boom v2" in r[2] for r in failed), failed[:3]
     assert len(failed) <= 0.1 * len(during) + 5, (len(failed), len(during))
     assert [r for r in load.results if r[1] == 200 and r[2] not in ("v1", "v2")] == []
-    after = load.between(t1 + 1.0, time.monotonic())
+    after = load.between(t1 + 0.5, 1e18)
     assert after and {r[2] for r in after} == {"v1"}
     assert ro["from"] == 1 and ro["to"] == 2
     assert ro["reason"].startswith("error_rate ")
@@ -166,14 +169,16 @@ def test_a_failing_canary_rolls_back_under_load(up: Nimbus, tmp_path: Path) -> N
 def test_a_healthy_version_promotes_through_every_step(up: Nimbus, tmp_path: Path) -> None:
     deploy(up, write_app(tmp_path, "calc", "v1"))
     with Load(up.url + "/calc") as load:
+        # (the default rule's latency clause would judge noise: sub-millisecond
+        # handlers on a busy machine)
         deploy(up, write_app(tmp_path, "calc", "v2"), "--strategy", "linear:25%:2s",
-               "--min-requests", "5")
+               "--min-requests", "5", "--rollback-on", "error_rate > 2%")
         ro = wait_state(up, "calc", "promoted", timeout=40)
         t1 = time.monotonic()
-        n = len(load.results)
-        wait_until(lambda: len(load.results) >= n + 20, timeout_s=30, what="load after")
+        wait_until(lambda: len(load.between(t1 + 0.5, 1e18)) >= 20, timeout_s=30,
+                   what="load after")
     assert [r for r in load.results if r[1] != 200] == []
-    assert {r[2] for r in load.between(t1 + 0.5, time.monotonic())} == {"v2"}
+    assert {r[2] for r in load.between(t1 + 0.5, 1e18)} == {"v2"}
     decisions = [(h["step"], h["share"], h["action"]) for h in ro["history"]]
     assert decisions == [(0, 25, "start"), (0, 25, "promote"), (1, 50, "promote"),
                          (2, 75, "promote")]
@@ -209,7 +214,7 @@ def test_manifest_block_refused_deploy_and_rollback_by_hand(up: Nimbus,
     deploy(up, write_app(tmp_path, "hand", "v1", rollout=ROLLOUT_BLOCK))
     v2 = write_app(tmp_path / "v2", "hand", "v2", rollout=ROLLOUT_BLOCK)
     out = deploy(up, v2)  # no flag: the manifest's block
-    assert "rolling out over version 1 with canary:50%:60s" in out
+    assert "rolling out over version 1 with canary:50%:1m" in out
     ro = rollout(up, "hand")
     assert ro["state"] == "running" and ro["share"] == 50 and ro["min_requests"] == 5
     # the same code again makes no version; other code is refused meanwhile
