@@ -94,9 +94,10 @@ def deploy(up: Nimbus, app: Path, *flags: str) -> str:
 
 
 def rollout(up: Nimbus, fn: str) -> dict[str, Any]:
-    r = up.cli("rollout", "status", fn, "--json")
-    assert r.returncode == 0, r.stderr
-    data: dict[str, Any] = orjson.loads(r.stdout)
+    r = httpx.get(f"{up.control_url}/v1/functions/{fn}/rollout",
+                  headers={"authorization": f"Bearer {up.token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
     return data
 
 
@@ -152,6 +153,7 @@ def test_a_failing_canary_rolls_back_under_load(up: Nimbus, tmp_path: Path) -> N
     assert decision["baseline"]["error_rate"] == 0
     text = up.cli("rollout", "status", "pay").stdout
     assert "rolled back" in text and "error_rate" in text
+    assert orjson.loads(up.cli("rollout", "status", "pay", "--json").stdout) == rollout(up, "pay")
     samples = scrape(up)
     assert samples[("nimbus_rollout_decisions_total", frozenset(
         {"function": "pay", "region": "local", "action": "rollback"}.items()))] == 1

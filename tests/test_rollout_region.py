@@ -70,10 +70,10 @@ def test_the_standby_leader_continues_a_rollout(region: Region, tmp_path: Path) 
     thread.start()
     try:
         r = region.cli("deploy", str(write_app(tmp_path, "v2")), "--strategy",
-                       "linear:25%:3s", "--min-requests", "5", "--rollback-on",
+                       "linear:25%:2s", "--min-requests", "5", "--rollback-on",
                        "error_rate > 2%")
         assert r.returncode == 0, r.stderr
-        assert "rolling out over version 1 with linear:25%:3s" in r.stdout
+        assert "rolling out over version 1 with linear:25%:2s" in r.stdout
         leader = region.status()["leader"]
         victim = next(p for p in region.processes("controller") if p["id"] == leader)
         other = next(p for p in region.processes("controller") if p["id"] != leader)

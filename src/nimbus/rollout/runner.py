@@ -172,6 +172,10 @@ class RolloutRunner:
         fn = rec["function"]
         frm, to = int(rec["from"]), int(rec["to"])
         if not await self._repair(rec):
+            gone = {**rec, "state": state.ROLLED_BACK, "ended": now,
+                    "reason": f"function {fn} is no longer deployed"}
+            with contextlib.suppress(ConflictError):
+                await self._write(gone, revision)
             return
         if rec.get("start_counters") is None:  # the first tick of the first step
             rec = {**rec, "start_counters": counters_to_dict(_only(counters, fn, frm, to)),
@@ -193,6 +197,7 @@ class RolloutRunner:
                     await self._write({**rec, "waiting": shape,
                                        "wait_reason": decision.reason}, revision)
                 self._log(rec, "hold", decision.reason, canary, baseline, "INFO")
+                metrics.rollout_decided(fn, "hold")
             return
         entry = {"at": now, "step": rec["step"], "share": int(share),
                  "action": decision.action, "reason": decision.reason,
