@@ -126,7 +126,7 @@ def test_async_invocations_run_on_the_version_chosen_when_accepted(env: Any) -> 
         recs = [settled(ctl, iid) for iid in ids]
     finally:
         assert set_alias(ctl, "live", {"2": 100}).status_code == 200
-    ran = collections.Counter()
+    ran: collections.Counter[str] = collections.Counter()
     for rec in recs:
         assert rec["status"] == "succeeded", rec
         pinned = rec["attributes"]["nimbus.version"]

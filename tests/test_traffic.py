@@ -160,14 +160,15 @@ def test_change_app_is_compare_and_set(tmp_path: Path) -> None:
                         self.raced += 1
                         await store.update(key, orjson.dumps(plain(7) | {"deployed": 2.0}),
                                            revision)
-                    return await store.update(key, value, revision)
+                    return int(await store.update(key, value, revision))
 
             racing = Racing()
             seen: list[float] = []
 
             def change(app: dict[str, Any]) -> dict[str, Any]:
                 seen.append(app["deployed"])
-                return traffic.with_weights(app, "f", "beta", {7: 100})
+                new: dict[str, Any] = traffic.with_weights(app, "f", "beta", {7: 100})
+                return new
 
             written = await records.change_app(racing, "f", change)  # type: ignore[arg-type]
             assert seen == [1.0, 2.0]  # read again after losing the race
@@ -175,6 +176,58 @@ def test_change_app_is_compare_and_set(tmp_path: Path) -> None:
             assert written["aliases"] == {"f": {"beta": {"7": 100}}}
             assert (await records.app_of(store, "f"))[0] == written
             assert await records.change_app(store, "f", lambda a: a) == written
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_placement_and_garbage_collection_keep_every_referenced_version(tmp_path: Path) -> None:
+    from nimbus.cluster.leader import live_targets
+    from nimbus.control.gc import kept_versions
+    from nimbus.manifest.model import FunctionSpec
+
+    spec = FunctionSpec(name="f", module="m", callable="h").to_dict()
+
+    def full(v: int) -> dict[str, Any]:
+        return rec(v) | {"spec": spec}
+
+    app = traffic.with_weights(plain() | {"functions": {"f": full(7)}}, "f", "live",
+                               {7: 90, 8: 10}, {8: full(8)})
+    app = traffic.with_weights(app, "f", "old", {2: 100}, {2: full(2)})
+    assert sorted(live_targets({"apps/a": app})) == ["f@2", "f@7", "f@8"]
+
+    async def main() -> None:
+        store = await open_sqlite_store(tmp_path / "s.db")
+        try:
+            await store.create("apps/a", orjson.dumps(app))
+            for v in range(1, 10):
+                await store.create(f"functions/f/versions/{v:08d}", orjson.dumps(full(v)))
+            keep, stale = await kept_versions(store, keep_versions=1)
+            assert [key for key, _ in stale] == [f"functions/f/versions/{v:08d}"
+                                                 for v in (1, 3, 4, 5, 6)]
+            assert keep.digests == {"d2", "d7", "d8", "d9"}
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_setting_live_is_refused_while_a_rollout_runs(tmp_path: Path) -> None:
+    from nimbus.control.aliases import refuse_during_rollout
+    from nimbus.errors import ConflictError
+
+    async def main() -> None:
+        store = await open_sqlite_store(tmp_path / "s.db")
+        try:
+            await refuse_during_rollout(store, "f")  # no rollout: fine
+            rev = await store.create("rollouts/f", orjson.dumps(
+                {"id": "r1", "from": 7, "to": 8, "strategy": "canary:10%:5m",
+                 "state": "running"}))
+            with pytest.raises(ConflictError, match=r"rollout r1: version 7 -> 8.*"
+                               r"`nimbus rollback f`"):
+                await refuse_during_rollout(store, "f")
+            await store.update("rollouts/f", orjson.dumps({"id": "r1", "state": "promoted"}),
+                               rev)
+            await refuse_during_rollout(store, "f")
         finally:
             await store.aclose()
     run(main())
