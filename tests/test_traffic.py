@@ -231,3 +231,66 @@ def test_setting_live_is_refused_while_a_rollout_runs(tmp_path: Path) -> None:
         finally:
             await store.aclose()
     run(main())
+
+
+class FakeInvoker:
+    """Stands for a version's pool in the pure tests of the pick."""
+
+    def __init__(self, version: int) -> None:
+        self.target = type("T", (), {"version": version, "function": "f"})()
+        self.cap = 10
+        self.lines: list[str] = []
+
+    def log(self, rid: str | None, stream: str, text: str, level: str | None = None) -> None:
+        self.lines.append(text)
+
+
+def test_split_picks_by_weight_and_by_sticky_key() -> None:
+    import random
+
+    from nimbus.gateway.split import Split, sticky_key
+
+    old, new = FakeInvoker(7), FakeInvoker(8)
+    split = Split("live", [(7, 75, old), (8, 25, new)], old)
+    assert split.target is old.target and split.cap == 10
+    assert split.for_version(8) is new and split.for_version(9) is None
+    random.seed(1)
+    picks = [split.pick(None).target.version for _ in range(4000)]
+    assert abs(picks.count(8) - 1000) <= 100
+    for i in range(200):  # the same bucket table as the pure one
+        key = f"user-{i}"
+        want = traffic.version_for_bucket(traffic.bucket_table({7: 75, 8: 25}),
+                                          traffic.bucket(key))
+        assert split.pick(key).target.version == want
+    assert sticky_key({"headers": {"x-nimbus-sticky": "u1"}, "cookies": ["nimbus-sticky=u2"]}) \
+        == "u1"
+    assert sticky_key({"headers": {}, "cookies": ["a=b", "nimbus-sticky=u2"]}) == "u2"
+    assert sticky_key({"headers": {}}) is None and sticky_key([1]) is None
+    zero = Split("live", [(7, 100, old), (8, 0, new)], old)
+    assert {zero.pick(None).target.version for _ in range(100)} == {7}
+    assert zero.for_version(8) is new  # named at weight 0: still reachable when pinned
+
+
+def test_a_pinned_message_runs_on_its_version_or_says_why_not() -> None:
+    from nimbus.events.dispatch import Dispatcher
+    from nimbus.events.names import Subscription
+    from nimbus.gateway.split import Split
+    from nimbus.store.queue import Message
+
+    old, new, beta = FakeInvoker(7), FakeInvoker(8), FakeInvoker(5)
+    split = Split("live", [(7, 90, old), (8, 10, new)], old)
+    d = Dispatcher(None, lambda: {"f": split},  # type: ignore[arg-type, dict-item]
+                   None,  # type: ignore[arg-type]
+                   version_of=lambda fn, v: beta if v == 5 else None)
+    sub = Subscription("fn/f", "f", "invoke", "f")
+
+    def msg(pin: str) -> Message:
+        return Message("m1", "fn/f", b"{}", {"nimbus.version": pin}, 1, 0.0, None)
+
+    assert d._pinned(sub, split, msg("8"), "8") is new
+    assert d._pinned(sub, split, msg("5"), "5") is beta  # another alias's version
+    assert d._pinned(sub, old, msg("7"), "7") is old
+    gone = d._pinned(sub, split, msg("3"), "3")
+    assert gone in (old, new)
+    assert old.lines == [f"async invocation m1 was accepted for version 3, which is no longer "
+                         f"deployed; it runs on version {gone.target.version}"]
