@@ -294,3 +294,28 @@ def test_a_pinned_message_runs_on_its_version_or_says_why_not() -> None:
     assert gone in (old, new)
     assert old.lines == [f"async invocation m1 was accepted for version 3, which is no longer "
                          f"deployed; it runs on version {gone.target.version}"]
+
+
+def test_a_manifest_route_names_an_alias(tmp_path: Path) -> None:
+    from nimbus.errors import ManifestError
+    from nimbus.manifest.loader import load_app
+    from nimbus.manifest.model import FunctionSpec
+
+    (tmp_path / "api.py").write_text("def h(event, context):\n    return 1\n")
+    (tmp_path / "app.yaml").write_text(
+        "name: a\nfunctions:\n  f:\n    handler: api.h\n    http:\n"
+        "      - {method: GET, path: /f}\n      - {method: GET, path: /b, alias: beta}\n")
+    spec = load_app(tmp_path).functions["f"]
+    assert [(r.path, r.alias) for r in spec.routes] == [("/f", "live"), ("/b", "beta")]
+    stored = spec.to_dict()["routes"]
+    assert stored == [{"method": "GET", "path": "/f"},  # as before: same config hash
+                      {"method": "GET", "path": "/b", "alias": "beta"}]
+    assert FunctionSpec.from_dict(spec.to_dict()) == spec
+    (tmp_path / "app.yaml").write_text(
+        "name: a\nfunctions:\n  f:\n    handler: api.h\n    http:\n"
+        "      - {method: GET, path: /f}\n      - {method: GET, path: /b, alias: Beta_1}\n")
+    with pytest.raises(ManifestError) as info:
+        load_app(tmp_path)
+    err = info.value
+    assert (err.line, err.field) == (7, "functions.f.http[1].alias"), str(err)
+    assert "expected an alias name" in err.message and "'Beta_1'" in err.message
