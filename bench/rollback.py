@@ -11,7 +11,8 @@ version answers its own body, so every response says which version served
 it. Per round it prints:
 
 - the time from the first failing request (sent) to the rollback taking
-  effect: the first request sent after the last one the canary answered;
+  effect: the first request sent after the last one the canary answered,
+  or the moment the rollback was decided if that is later;
 - when the rollout record says the rollback was decided, after that first
   failure;
 - the requests that failed, of those sent during the round, and how many
@@ -20,7 +21,11 @@ it. Per round it prints:
 Then the medians over the rounds and the goal: at most the step's
 evaluation window + 1 s, where the window is the time the canary needs to
 see ``min_requests`` (20) requests at its share of the load, plus one
-interval of the rollout runner (0.5 s): ``20 / (rate x 10%) + 0.5 s``.
+interval of the rollout runner (0.5 s): ``20 / (rate x 10%) + 0.5 s``
+nominally. The canary's requests arrive at random (each request goes to it
+with probability 10%), so each round's real window differs: the time from
+the canary's 20th answer to the rollback taking effect is printed too
+(goal: <= 0.5 s + 1 s).
 Requests failed per rollback are about 30% of the canary's requests.
 """
 
@@ -77,7 +82,7 @@ class Load(threading.Thread):
     def __init__(self, base: str, path: str, rate: float) -> None:
         super().__init__(daemon=True)
         self.base, self.path, self.rate = base, path, rate
-        self.records: list[tuple[float, int, str]] = []
+        self.records: list[tuple[float, int, str, float]] = []  # sent, status, body, done
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -108,7 +113,7 @@ class Load(threading.Thread):
             status, body = r.status, r.body.decode(errors="replace")
         except (TimeoutError, ResponseError) as exc:
             status, body = 0, type(exc).__name__
-        self.records.append((sent, status, body))
+        self.records.append((sent, status, body, time.time()))
 
 
 def write_app(app: Path, body: str, bad: bool) -> None:
@@ -151,11 +156,17 @@ def one_round(n: int, app: Path, state: Path, ctl: httpx.Client, load: Load,
     first_fail = min(r[0] for r in canary if r[1] == 500)
     last_canary = max(r[0] for r in canary)
     after = [r[0] for r in mine if r[0] > last_canary]
-    effect = min(after) if after else end
     decided = next(d["at"] for d in reversed(rec["history"]) if d["action"] == "rollback")
+    # no canary answer after it: the first request sent after the canary's last
+    # one, but not before the rollout record says it was decided (the canary
+    # gets only one request in ten: the gap alone would flatter the figure)
+    effect = max(min(after) if after else end, decided)
+    # the evidence: the canary's min_requests-th answer
+    answered = sorted(r[3] for r in canary)
+    evidence = answered[min(DEFAULT_MIN_REQUESTS, len(answered)) - 1]
     return {"round": n, "effect_s": effect - first_fail, "decided_s": decided - first_fail,
-            "failed": len(failed), "sent": len(mine), "canary": len(canary),
-            "reason": rec["reason"]}
+            "evidence_s": evidence - first_fail, "failed": len(failed), "sent": len(mine),
+            "canary": len(canary), "reason": rec["reason"]}
 
 
 def main() -> None:
@@ -185,7 +196,8 @@ def main() -> None:
                     row = one_round(n, app, state, ctl, load, args.seconds)
                     rows.append(row)
                     print(f"round {n}: rollback took effect {row['effect_s']:.2f} s after the "
-                          f"first failing request (decided at {row['decided_s']:.2f} s); "
+                          f"first failing request (the canary's {DEFAULT_MIN_REQUESTS}th answer "
+                          f"at {row['evidence_s']:.2f} s, decided at {row['decided_s']:.2f} s); "
                           f"failed {row['failed']} of {row['sent']} requests, the canary "
                           f"served {row['canary']}; reason: {row['reason']}", flush=True)
             finally:
@@ -203,8 +215,15 @@ def main() -> None:
           f"{failed:g} requests failed per rollback")
     goal = window + 1.0
     print(f"goal: <= the step's evaluation window + 1 s = {DEFAULT_MIN_REQUESTS} requests at "
-          f"{args.rate * SHARE / 100:g}/s + {DEFAULT_INTERVAL_S} s + 1 s = {goal:.2f} s: "
-          f"{'met' if max(r['effect_s'] for r in rows) <= goal else 'NOT met'}")
+          f"{args.rate * SHARE / 100:g}/s + {DEFAULT_INTERVAL_S} s + 1 s = {goal:.2f} s: median "
+          f"{'met' if effect <= goal else 'NOT met'}, in {sum(r['effect_s'] <= goal for r in rows)}"
+          f" of {len(rows)} rounds")
+    # the window as it was: the canary's requests arrive at random (one in ten)
+    late = [r["effect_s"] - r["evidence_s"] for r in rows]
+    met = sum(x <= DEFAULT_INTERVAL_S + 1.0 for x in late)
+    print(f"after the canary's {DEFAULT_MIN_REQUESTS}th answer (the window each round really "
+          f"had): median {statistics.median(late):.2f} s, max {max(late):.2f} s; goal <= "
+          f"{DEFAULT_INTERVAL_S} s + 1 s: met in {met} of {len(rows)} rounds")
 
 
 if __name__ == "__main__":
