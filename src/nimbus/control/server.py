@@ -323,7 +323,7 @@ class Platform:
         """``/ui``: its history sampled from this process's own metrics."""
         edge = EdgeView(self.config.cluster) if self.config.cluster is not None else None
         dashboard = Dashboard(self.token, local_source(), versions=self.versions,
-                              region=region(), edge=edge)
+                              store=self.store, region=region(), edge=edge)
         dashboard.start()
         return dashboard
 

@@ -160,8 +160,8 @@ class Controller:
 
         self._scraper = scraper = Scraper(self.metrics_urls, self.token)
         dashboard = Dashboard(self.token, scraper.read, versions=self.versions,
-                              region=self.config.region, scrapes=lambda: dict(scraper.last),
-                              interval_s=SCRAPE_INTERVAL_S)
+                              store=self.store, region=self.config.region,
+                              scrapes=lambda: dict(scraper.last), interval_s=SCRAPE_INTERVAL_S)
         dashboard.start()
         return dashboard
 
