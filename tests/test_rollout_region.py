@@ -98,3 +98,6 @@ def test_the_standby_leader_continues_a_rollout(region: Region, tmp_path: Path) 
                      (2, 75, "promote")], steps
     assert 1 <= killed_step <= 3
     assert [c for c in codes if c[0] != 200][:5] == []
+    # the new leader's decisions are platform lines in the function's logs
+    logs = region.cli("logs", "roll").stdout
+    assert "rollout 1 -> 2 (linear:25%:2s): promoted: version 2 serves 100%" in logs, logs
