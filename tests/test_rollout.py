@@ -254,3 +254,22 @@ def test_manifest_block_refused_deploy_and_rollback_by_hand(up: Nimbus,
     ro = rollout(up, "hand")
     assert ro["state"] == "rolled_back" and ro["reason"] == "rolled back by hand"
     assert {up.http.get("/hand").text for _ in range(20)} == {"v1"}  # type: ignore[union-attr]
+
+
+def test_with_metrics_off_a_strategy_is_refused(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NIMBUS_METRICS", "off")
+    n = Nimbus(None, tmp_path / "state", tmp_path / "up.out", "--containment", "rlimits")
+    try:
+        put(n, write_app(tmp_path, "dark", "v1"))
+        lines = httpx.post(f"{n.control_url}/v1/deploy",
+                           content=make_bundle(write_app(tmp_path / "2", "dark", "v2")),
+                           params={"name": "dark", "strategy": "canary:10%:1m"}, timeout=120,
+                           headers={"authorization": f"Bearer {n.token}"}).text.splitlines()
+        error = orjson.loads(lines[-1])["error"]
+        assert error["errorType"] == "DeployError"
+        assert "needs per-version metrics, and they are off (NIMBUS_METRICS=off)" in \
+            error["errorMessage"]
+        assert n.http.get("/dark").text == "v1"  # type: ignore[union-attr]
+    finally:
+        n.stop()
