@@ -248,6 +248,11 @@ def test_manifest_block_refused_deploy_and_rollback_by_hand(up: Nimbus,
     for _ in range(40):
         seen.add(up.http.get("/hand").text)  # type: ignore[union-attr]
     assert seen == {"v1", "v2"}
+    # the current step's figures, as the runner last judged them
+    cur = wait_until(lambda: (c := rollout(up, "hand").get("current")) and
+                     c["canary"]["requests"] + c["baseline"]["requests"] == 40 and c,
+                     timeout_s=10, what="the step's figures")
+    assert cur["step"] == 0 and cur["canary"]["error_rate"] == 0
     r = up.cli("rollback", "hand")
     assert r.returncode == 0, r.stderr
     assert "version 1 serves all traffic (its instances were kept warm)" in r.stdout

@@ -95,6 +95,10 @@ def print_rollout(r: dict[str, Any]) -> None:
                       f"takes {r['share']}%, {r.get('time_left_s', 0):g}s left in the step"
                       + (f"; waiting: {r['waiting']}" if r.get("waiting") else ""),
                       markup=False)
+        cur = r.get("current")
+        if cur:
+            console.print(f"      canary   {_health(cur.get('canary'))}", markup=False)
+            console.print(f"      baseline {_health(cur.get('baseline'))}", markup=False)
     elif r["state"] == "rolled_back":
         console.print(f"  rolled back: {r.get('reason')}", markup=False)
     else:

@@ -516,7 +516,8 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
     async def rollout_status(request: Request) -> Response:
         from nimbus.rollout import manage
 
-        return _json(await manage.view(platform.store, path_name(request), time.time()))
+        return _json(await manage.view(platform.store, path_name(request), time.time(),
+                                       getattr(platform, "rollouts", None)))
 
     async def rollback(request: Request) -> Response:
         from nimbus.rollout import manage

@@ -31,12 +31,18 @@ async def read(store: Store, fn: str) -> tuple[state.Record, int] | None:
     return orjson.loads(entry.value), entry.revision
 
 
-async def view(store: Store, fn: str, now: float) -> dict[str, Any]:
-    """``GET /v1/functions/{fn}/rollout``: the latest rollout of ``fn``."""
+async def view(store: Store, fn: str, now: float, runner: Any = None) -> dict[str, Any]:
+    """``GET /v1/functions/{fn}/rollout``: the latest rollout of ``fn``; with
+    the ``runner`` that moves it (this process's), the current step's
+    figures as ``current``."""
     found = await read(store, fn)
     if found is None:
         raise NotFoundError(f"function {fn!r} has had no rollout")
-    return state.steps_view(found[0], now)
+    out = state.steps_view(found[0], now)
+    current = runner.current(fn, found[0]) if runner is not None else None
+    if current is not None:
+        out["current"] = current
+    return out
 
 
 async def rollback(store: Store, fn: str, to: int | None, now: float) -> dict[str, Any]:

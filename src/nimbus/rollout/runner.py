@@ -76,6 +76,8 @@ class RolloutRunner:
         self.publish = publish  # write the traffic figures to TRAFFIC_KEY
         self._published_at = -1e18
         self.running: dict[str, state.Record] = {}  # function -> its running rollout
+        # function -> the figures of the current step's window at the last tick
+        self.latest: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
 
     # -- running ----------------------------------------------------------------------
@@ -120,6 +122,7 @@ class RolloutRunner:
             elif rec.get("applied") is False:
                 await self._apply_finished(rec, entry.revision)
         self.running = {rec["function"]: rec for rec, _ in running}
+        self.latest = {fn: v for fn, v in self.latest.items() if fn in self.running}
         functions = {rec["function"] for rec, _ in running}
         meter = now - self._metered_at >= self.meter_every_s
         if meter:
@@ -185,6 +188,8 @@ class RolloutRunner:
         start = counters_from_dict(rec["start_counters"])
         canary = delta(start.get((fn, to), {}), counters.get((fn, to), {}))
         baseline = delta(start.get((fn, frm), {}), counters.get((fn, frm), {}))
+        self.latest[fn] = {"at": now, "step": rec["step"], "canary": canary.figures(),
+                           "baseline": baseline.figures()}
         share, wait_s = rec["steps"][rec["step"]]
         decision = decide(step=Step(int(share), float(wait_s)),
                           step_started=float(rec["step_started"]), now=now, canary=canary,
@@ -279,6 +284,15 @@ class RolloutRunner:
             self.note(rec["function"], text, level)
         except Exception:  # noqa: BLE001 - a log line never stops a rollout
             log.exception("writing a rollout log line failed")
+
+    def current(self, fn: str, rec: state.Record) -> dict[str, Any] | None:
+        """The current step's figures of ``fn``'s running rollout ``rec``, if
+        this runner is moving it and has judged this step."""
+        latest = self.latest.get(fn)
+        if not self.active or latest is None or rec.get("state") != state.RUNNING \
+                or latest["step"] != rec.get("step"):
+            return None
+        return latest
 
     def shares(self) -> list[tuple[str, int, int]]:
         """(function, new version, its share) of each running rollout."""
