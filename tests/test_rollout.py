@@ -236,6 +236,9 @@ def test_manifest_block_refused_deploy_and_rollback_by_hand(up: Nimbus,
     again = put(up, v2)
     assert again["functions"] == [{"name": "hand", "version": 2, "changed": False,
                                    "serving": 1, "routes": ["GET /hand"]}]
+    r = up.cli("deploy", str(v2), "--strategy", "canary:150%:1m")
+    assert r.returncode == 2
+    assert r.stderr.startswith("nimbus: error: --strategy 'canary:150%:1m': share")
     r = up.cli("deploy", str(write_app(tmp_path / "v3", "hand", "v3")))
     assert r.returncode == 1
     assert ("a rollout of hand is in progress (1 -> 2, step 1 of 2): wait, or nimbus "
@@ -249,10 +252,19 @@ def test_manifest_block_refused_deploy_and_rollback_by_hand(up: Nimbus,
         seen.add(up.http.get("/hand").text)  # type: ignore[union-attr]
     assert seen == {"v1", "v2"}
     # the current step's figures, as the runner last judged them
-    cur = wait_until(lambda: (c := rollout(up, "hand").get("current")) and
-                     c["canary"]["requests"] + c["baseline"]["requests"] == 40 and c,
-                     timeout_s=10, what="the step's figures")
+    last: dict[str, Any] = {}
+
+    def figures() -> dict[str, Any] | None:
+        last.update(rollout(up, "hand"))
+        c = last.get("current")
+        return c if c and c["canary"]["requests"] >= 1 else None
+
+    try:
+        cur = wait_until(figures, timeout_s=10, what="the step's figures")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {last}") from None
     assert cur["step"] == 0 and cur["canary"]["error_rate"] == 0
+    assert cur["canary"]["requests"] + cur["baseline"]["requests"] <= 40
     r = up.cli("rollback", "hand")
     assert r.returncode == 0, r.stderr
     assert "version 1 serves all traffic (its instances were kept warm)" in r.stdout
