@@ -270,6 +270,7 @@ def test_manifest_block_refused_deploy_and_rollback_by_hand(up: Nimbus,
     assert "version 1 serves all traffic (its instances were kept warm)" in r.stdout
     ro = rollout(up, "hand")
     assert ro["state"] == "rolled_back" and ro["reason"] == "rolled back by hand"
+    assert "rolled back hand: version 1 serves all traffic" in up.cli("logs", "hand").stdout
     assert {up.http.get("/hand").text for _ in range(20)} == {"v1"}  # type: ignore[union-attr]
 
 

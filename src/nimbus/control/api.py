@@ -535,7 +535,9 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
             to = data.get("to")
             if to is not None and (type(to) is not int or not 1 <= to <= 10**9):
                 raise _bad("to", "must be a version number (an integer of at least 1)", to)
-        return _json(await manage.rollback(platform.store, name, to, time.time()))
+        runner = getattr(platform, "rollouts", None)
+        return _json(await manage.rollback(platform.store, name, to, time.time(),
+                                           runner.note if runner is not None else None))
 
     async def health(request: Request) -> Response:
         return _json({"status": "ok", "region": region()})

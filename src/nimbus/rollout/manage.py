@@ -45,10 +45,22 @@ async def view(store: Store, fn: str, now: float, runner: Any = None) -> dict[st
     return out
 
 
-async def rollback(store: Store, fn: str, to: int | None, now: float) -> dict[str, Any]:
+async def rollback(store: Store, fn: str, to: int | None, now: float,
+                   note: Callable[[str, str, str], None] | None = None) -> dict[str, Any]:
     """End ``fn``'s running rollout (``live`` back on the old version, whose
     instances are still warm), or without one move ``live`` to ``to`` (by
-    default the version before the stable one)."""
+    default the version before the stable one). ``note(fn, text, level)``
+    writes the platform line saying so in the function's logs."""
+    out = await _rollback(store, fn, to, now)
+    if note is not None:
+        try:
+            note(fn, out["message"], "WARNING")
+        except Exception:  # noqa: BLE001 - the rollback is done; a log line is not
+            pass
+    return out
+
+
+async def _rollback(store: Store, fn: str, to: int | None, now: float) -> dict[str, Any]:
     for _ in range(TRIES):
         found = await read(store, fn)
         if found is None or found[0].get("state") != state.RUNNING:
