@@ -265,6 +265,9 @@ def test_manifest_block_refused_deploy_and_rollback_by_hand(up: Nimbus,
         raise AssertionError(f"{exc}: {last}") from None
     assert cur["step"] == 0 and cur["canary"]["error_rate"] == 0
     assert cur["canary"]["requests"] + cur["baseline"]["requests"] <= 40
+    text = up.cli("rollout", "status", "hand").stdout
+    assert "version 1 -> 2 with canary:50%:1m: running" in text
+    assert "now: step 1 of 2, version 2 takes 50%" in text and "canary   " in text
     r = up.cli("rollback", "hand")
     assert r.returncode == 0, r.stderr
     assert "version 1 serves all traffic (its instances were kept warm)" in r.stdout
