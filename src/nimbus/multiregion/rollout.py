@@ -120,6 +120,42 @@ async def post_rollback(client: httpx.AsyncClient, region: RegionEntry, fn: str,
     return ""
 
 
+async def get_live_weights(client: httpx.AsyncClient, region: RegionEntry,
+                           fn: str) -> dict[int, int] | None:
+    """The weights of ``fn``'s ``live`` alias in ``region`` (version ->
+    percent), None when the region does not say."""
+    try:
+        r = await client.get(f"{region.control}/v1/functions/{fn}/aliases",
+                             headers=_auth(region), timeout=REQUEST_TIMEOUT_S)
+        body = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return live_weights(body)
+
+
+def live_weights(body: Any) -> dict[int, int] | None:
+    """``live``'s weights out of an aliases listing: ``{"live": {"7": 100}}``,
+    ``{"aliases": {"live": ...}}`` or a list of ``{"name": "live",
+    "weights": ...}``."""
+    if isinstance(body, dict) and "aliases" in body:
+        body = body["aliases"]
+    found: Any = None
+    if isinstance(body, dict):
+        found = body.get("live")
+    elif isinstance(body, list):
+        for item in body:
+            if isinstance(item, dict) and item.get("name") == "live":
+                found = item
+    if isinstance(found, dict) and "weights" in found:
+        found = found["weights"]
+    if not isinstance(found, dict):
+        return None
+    try:
+        return {int(v): int(w) for v, w in found.items()}
+    except (TypeError, ValueError):
+        return None
+
+
 def _ours(record: dict[str, Any] | None, version: int) -> bool:
     """Is this rollout record the one our push started (to ``version``)?"""
     return record is not None and _int(record.get("to")) == version
@@ -209,7 +245,7 @@ class WaveRollout:
             if failures:
                 self.echo(f"{label}: failed")
                 return await self._fail(client, failures)
-            changed = any(ro.regions.get(r, {}).get("functions") for r in wave)
+            changed = any(ro.regions.get(r, {}).get("changed") for r in wave)
             if i + 1 < len(ro.waves) and changed and ro.bake_s > 0:
                 ro.state, ro.bake_until = BAKING, time.time() + ro.bake_s
                 self._save()
@@ -279,14 +315,16 @@ class WaveRollout:
                 self._save()
                 self.echo(f"{name}: {what} — {result.message}")
                 return f"{what}: {result.message}"
+            # every function is watched: a push repeated after a deploy died
+            # reports the version being rolled out as unchanged
             entry = {"state": "running", "version": result.version,
-                     "functions": {fn: {"version": v} for fn, v, changed in result.functions
-                                   if changed}}
+                     "changed": result.changed,
+                     "functions": {fn: {"version": v} for fn, v, _c in result.functions}}
             ro.regions[name] = entry
             self._save()
-            if entry["functions"]:
-                self.echo(f"{name}: version {result.version} deployed; rollout "
-                          f"{ro.strategy} under way")
+            self.echo(f"{name}: version {result.version} deployed"
+                      + (f"; rollout {ro.strategy} under way" if result.changed else
+                         " (unchanged)"))
         why = await self._settle(client, region, entry)
         if why:
             entry["state"], entry["reason"] = ROLLED_BACK, why
@@ -296,8 +334,7 @@ class WaveRollout:
         if why:
             self.echo(f"{name}: rolled back — {why}")
         else:
-            self.echo(f"{name}: version {entry.get('version')} promoted"
-                      + ("" if entry.get("functions") else " (unchanged)"))
+            self.echo(f"{name}: version {entry.get('version')} promoted")
         return why
 
     async def _settle(self, client: httpx.AsyncClient, region: RegionEntry,
@@ -321,6 +358,7 @@ class WaveRollout:
                 assert record is not None
                 if record.get("from") is not None:
                     info["from"] = _int(record.get("from"))
+                entry["changed"] = True
                 state = record.get("state")
                 if state == "promoted":
                     left.pop(fn)
@@ -346,11 +384,12 @@ class WaveRollout:
                 if entry.get("state") != PROMOTED:
                     continue
                 for fn, info in (entry.get("functions") or {}).items():
-                    record, _error = await get_rollout(client, self.cluster.regions[name], fn)
-                    if _ours(record, int(info["version"])) and record is not None \
-                            and record.get("state") == "rolled_back":
-                        why = (f"{fn}: rolled back during the bake: "
-                               f"{record.get('reason') or 'by hand'}")
+                    if "from" not in info:
+                        continue  # no rollout of ours: nothing to watch
+                    why = await self._moved_back(client, self.cluster.regions[name], fn,
+                                                 int(info["version"]))
+                    if why:
+                        why = f"{fn}: rolled back during the bake: {why}"
                         entry["state"], entry["reason"] = ROLLED_BACK, why
                         failures[name] = why
                         self.echo(f"{name}: rolled back — {why}")
@@ -363,6 +402,21 @@ class WaveRollout:
                 return {}
             await asyncio.sleep(min(self.poll_s, left))
 
+    async def _moved_back(self, client: httpx.AsyncClient, region: RegionEntry, fn: str,
+                          version: int) -> str:
+        """Why ``fn`` in ``region`` no longer serves ``version`` fully ("" if
+        it does, or the region does not say): its rollout was rolled back, or
+        its ``live`` alias was moved off it after the promotion."""
+        record, _error = await get_rollout(client, region, fn)
+        if _ours(record, version) and record is not None \
+                and record.get("state") == "rolled_back":
+            return str(record.get("reason") or "by hand")
+        weights = await get_live_weights(client, region, fn)
+        if weights is not None and weights.get(version, 0) < 100:
+            split = ", ".join(f"version {v} {w}%" for v, w in sorted(weights.items()))
+            return f"live serves {split}"
+        return ""
+
     async def _fail(self, client: httpx.AsyncClient, failures: dict[str, str]) -> int:
         ro = self.ro
         assert ro is not None
@@ -370,7 +424,7 @@ class WaveRollout:
         ro.reason = "; ".join(f"{r}: {why}" for r, why in failures.items())
         self._save()
         back = [name for name, e in ro.regions.items()
-                if e.get("state") in (PROMOTED, "running") and e.get("functions")]
+                if e.get("state") in (PROMOTED, "running") and e.get("changed")]
         if ro.on_region_failure == ROLLBACK_ALL and back:
             results = await asyncio.gather(*(self._roll_back(client, name) for name in back))
             for name, error in zip(back, results, strict=True):
@@ -395,6 +449,11 @@ class WaveRollout:
         region = self.cluster.regions[name]
         errors = []
         for fn, info in (self.ro.regions[name].get("functions") or {}).items():
+            if "from" not in info:  # not polled yet: is a rollout of ours there?
+                record, _error = await get_rollout(client, region, fn)
+                if not _ours(record, int(info["version"])) or record is None:
+                    continue  # none (unchanged, or a first version)
+                info["from"] = _int(record.get("from"))
             error = await post_rollback(client, region, fn, _int(info.get("from")))
             if error:
                 errors.append(f"{fn}: {error}")
