@@ -93,20 +93,23 @@ def plan_deploy(app_dir: Path, cluster: ClusterFile, *, name: str | None = None,
 
 
 def manifest_rollout(spec: AppSpec) -> dict[str, Any] | None:
-    """The app's ``rollout:`` block as a dict of the keys it sets (None:
-    no block). Per-function blocks are for each region's own rollout."""
-    block = getattr(spec, "rollout", None)
-    if block is None:
-        return None
-    if isinstance(block, dict):
-        data = dict(block)
-    elif hasattr(block, "to_dict"):
-        data = dict(block.to_dict())
-    else:
-        keys = ("strategy", "rollback_on", "min_requests", "bake", "waves",
-                "on_region_failure")
-        data = {k: getattr(block, k) for k in keys if hasattr(block, k)}
-    return {k: v for k, v in data.items() if v is not None}
+    """The manifest's ``rollout:`` settings as one dict of the keys set
+    (``strategy``, ``rollback_on``, ``min_requests``, ``bake``, ``waves``,
+    ``on_region_failure``), None when there are none. Each function's
+    settings are the app block merged with its own; the order of regions is
+    one for the app, so each key is taken from the first function (by name)
+    that sets it."""
+    per_function = getattr(spec, "rollouts", None) or {}
+    out: dict[str, Any] = {}
+    for fn in sorted(per_function):
+        block = per_function[fn]
+        data = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+        if "bake_s" in data:
+            data["bake"] = data.pop("bake_s")
+        for key, value in data.items():
+            if value is not None:
+                out.setdefault(key, value)
+    return out or None
 
 
 def _unknown_region(region: str, cluster: ClusterFile, spec: AppSpec,
