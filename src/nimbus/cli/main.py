@@ -172,12 +172,15 @@ def _cluster_options(f: Any) -> Any:
 @click.option("--guided", is_flag=True,
               help="Ask for the app name, regions, policy and weights, deploy, and save the "
                    "answers to APP_DIR/nimbus.toml for the next plain deploy.")
-@click.option("--strategy", help="How traffic moves to the new version: canary:10%:5m, "
-              "linear:20%:1m or all-at-once (default: the manifest's rollout: block).")
-@click.option("--rollback-on", help="When to roll back, e.g. \"error_rate > 2% or p99 > 2x "
-              "baseline\".")
-@click.option("--min-requests", type=click.IntRange(0),
-              help="Requests the new version must serve before a step can pass.")
+@click.option("--strategy", default=None,
+              help="How changed functions reach traffic: canary:10%:5m, linear:20%:1m or "
+                   "all-at-once (default: the manifest's rollout: block; else a canary for a "
+                   "function that takes real traffic).")
+@click.option("--rollback-on", "rollback_on", default=None, metavar="EXPR",
+              help="Roll back when this holds for the new version, e.g. "
+                   "\"error_rate > 2% or p99 > 2x baseline\".")
+@click.option("--min-requests", "min_requests", default=None, type=click.IntRange(1, 1_000_000),
+              help="Requests the new version must answer before a step passes.")
 @click.option("--waves", help="With --cluster: regions rolled out together, waves "
               "separated by ';' (eu;us,ap). Default: one region at a time, in the cluster "
               "file's order.")
@@ -226,17 +229,32 @@ def deploy(app_dir: Path, cluster_path: Path | None, wait_all: bool, timeout_s: 
                         (on_region_failure, "--on-region-failure")):
         if given is not None:
             fail(f"{flag} needs --cluster (it orders regions)", 2)
+    params = {"name": app_dir.resolve().name, **_rollout_params(strategy, rollback_on,
+                                                                 min_requests)}
     load_app(app_dir)  # fail fast, locally, with file and line
     bundle = make_bundle(app_dir)
     client = _client(state_dir, url, token, app_dir, timeout_s=900.0)
-    params = {"name": app_dir.resolve().name}
-    for key, value in (("strategy", strategy), ("rollback_on", rollback_on),
-                       ("min_requests", min_requests)):
-        if value is not None:
-            params[key] = str(value)
     lines = client.stream_lines("POST", "/v1/deploy", content=bundle, params=params,
                                 headers={"content-type": "application/zip"})
     print_deploy_stream(lines, gateway_url=None)
+
+
+def _rollout_params(strategy: str | None, rollback_on: str | None,
+                    min_requests: int | None) -> dict[str, str]:
+    """The deploy's rollout flags as query parameters, checked here first
+    (exit 2 naming the flag)."""
+    from nimbus.rollout.policy import parse_rule, parse_strategy
+
+    try:
+        if strategy is not None:
+            parse_strategy(strategy)
+        if rollback_on is not None:
+            parse_rule(rollback_on)
+    except UserInputError as exc:
+        fail(str(exc), 2)
+    out = {"strategy": strategy, "rollback_on": rollback_on,
+           "min_requests": None if min_requests is None else str(min_requests)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _data(data: str | None, default: bytes) -> bytes:
@@ -476,6 +494,7 @@ def main() -> None:
     import nimbus.cli.edge  # noqa: F401 - registers nimbus edge
     import nimbus.cli.metrics  # noqa: F401 - registers nimbus metrics
     import nimbus.cli.roles  # noqa: F401 - registers the region's process commands
+    import nimbus.cli.rollout  # noqa: F401 - registers nimbus rollout and nimbus rollback
     import nimbus.demo  # noqa: F401 - registers nimbus demo
 
     try:

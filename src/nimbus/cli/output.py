@@ -53,6 +53,14 @@ class _ManifestFailure(ManifestError):
 def print_deployed(result: dict[str, Any], gateway_url: str | None) -> None:
     for fn in result["functions"]:
         state = f"version {fn['version']}" + ("" if fn["changed"] else " (unchanged)")
+        ro = fn.get("rollout")
+        if ro is not None:
+            why = (f" (the default: version {ro['from']} takes real traffic; --strategy "
+                   "all-at-once to skip)" if ro.get("defaulted") else "")
+            state += (f": rolling out over version {ro['from']} with {ro['strategy']}{why}; "
+                      f"nimbus rollout status {fn['name']}")
+        elif fn.get("serving", fn["version"]) != fn["version"]:
+            state += f" (rolling out; version {fn['serving']} is stable)"
         click.echo(f"deployed {result['app']}/{fn['name']}: {state}")
         for route in fn["routes"]:
             method, path = route.split(" ", 1)

@@ -60,6 +60,7 @@ from nimbus.cluster.nodes import NodeWatch
 from nimbus.cluster.placement import Placement, WorkerState, place, target_key, totals
 from nimbus.errors import ConflictError, NimbusError
 from nimbus.manifest.model import FunctionSpec
+from nimbus.rollout.traffic import referenced
 
 log = logging.getLogger("nimbus.cluster")
 
@@ -309,12 +310,13 @@ class Planner:
 
 
 def live_targets(apps: Mapping[str, Mapping[str, Any]]) -> dict[str, FunctionSpec]:
-    """Target key -> spec for every version an app record points at (a
-    record that cannot be read is logged and skipped)."""
+    """Target key -> spec for every version an app record points at (its
+    stable versions and any other an alias names: a rollout keeps both
+    placed); a record that cannot be read is logged and skipped."""
     out: dict[str, FunctionSpec] = {}
     for key, app in apps.items():
         try:
-            for rec in app.get("functions", {}).values():
+            for _fn, rec in referenced(app):  # every version some alias names
                 spec = FunctionSpec.from_dict(rec["spec"])
                 out[target_key(spec.name, rec["version"])] = spec
         except Exception as exc:  # noqa: BLE001 - one bad record must not stop the region

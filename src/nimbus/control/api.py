@@ -27,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from nimbus.control import openapi
+from nimbus.control.deploy import RolloutOptions
 from nimbus.control.openapi import (
     MAX_ATTRIBUTES,
     MAX_ID_CHARS,
@@ -138,6 +139,16 @@ def query_regions(request: Request) -> RegionsSpec | None:
         raise UserInputError(f"query parameter regions is not JSON: {exc}") from None
     except ValueError as exc:
         raise UserInputError(f"query parameter {exc}") from None
+
+
+def query_rollout(request: Request) -> RolloutOptions:
+    """``strategy``, ``rollback_on``, ``min_requests``: a deploy's rollout flags."""
+    from nimbus.rollout.policy import MAX_MIN_REQUESTS
+
+    return RolloutOptions(
+        strategy=query_text(request, "strategy", 256),
+        rollback_on=query_text(request, "rollback_on", 1024),
+        min_requests=query_int(request, "min_requests", 1, MAX_MIN_REQUESTS)).check()
 
 
 def query_since(request: Request, now: float) -> float | None:
@@ -270,6 +281,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
     async def deploy(request: Request) -> Response:
         name = query_text(request, "name", 256)
         regions = query_regions(request)
+        rollout = query_rollout(request)
         bundle = await read_limited(request, max_bundle, "bundle")
         lines: asyncio.Queue[bytes | None] = asyncio.Queue()
 
@@ -278,7 +290,8 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
 
         async def run() -> None:
             try:
-                result = await platform.deploy(bundle, progress, name, regions)
+                result = await platform.deploy(bundle, progress, name, regions,
+                                               rollout=rollout)
                 lines.put_nowait(orjson.dumps({"result": result}) + b"\n")
             except NimbusError as exc:
                 lines.put_nowait(orjson.dumps(
@@ -497,6 +510,29 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
             "functions": fns,
         })
 
+    async def rollout_status(request: Request) -> Response:
+        from nimbus.rollout import manage
+
+        return _json(await manage.view(platform.store, path_name(request), time.time()))
+
+    async def rollback(request: Request) -> Response:
+        from nimbus.rollout import manage
+
+        name = path_name(request)
+        body = await read_limited(request, 4096)
+        to = None
+        if body.strip():
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise UserInputError(f"the body is not JSON: {exc}") from None
+            if not isinstance(data, dict) or set(data) - {"to"}:
+                raise UserInputError('the body must be {"to": VERSION} or empty')
+            to = data.get("to")
+            if to is not None and (type(to) is not int or not 1 <= to <= 10**9):
+                raise _bad("to", "must be a version number (an integer of at least 1)", to)
+        return _json(await manage.rollback(platform.store, name, to, time.time()))
+
     async def health(request: Request) -> Response:
         return _json({"status": "ok", "region": region()})
 
@@ -510,7 +546,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
                 "name": app["name"], "digest": app.get("digest"),
                 "version": max((r["version"] for r in records.values()), default=0),
                 "regions": app.get("regions"),
-                "routes": [{"method": m, "path": p} for m, p, _fn in app.get("routes", ())],
+                "routes": [{"method": m, "path": p} for m, p, *_fn in app.get("routes", ())],
                 "functions": sorted(records),
             })
         return _json(sorted(out, key=lambda a: a["name"]))
@@ -529,7 +565,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
     handlers = {"deploy": deploy, "invoke": invoke, "functions": functions, "apps": apps,
                 "logs": logs, "status": status, "invocations": invocations,
                 "invocation": invocation, "traces": traces, "dlq": dlq, "redrive": redrive,
-                "publish": publish}
+                "publish": publish, "rollout": rollout_status, "rollback": rollback}
 
     def guarded(fn: Any) -> Any:
         async def endpoint(request: Request) -> Response:
@@ -575,5 +611,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
         Route("/v1/functions/{name}/dlq", g["dlq"], methods=["GET"]),
         Route("/v1/functions/{name}/dlq/redrive", g["redrive"], methods=["POST"]),
         Route("/v1/publish/{name}", g["publish"], methods=["POST"]),
+        Route("/v1/functions/{name}/rollout", g["rollout"], methods=["GET"]),
+        Route("/v1/functions/{name}/rollback", g["rollback"], methods=["POST"]),
         *(dashboard.routes() if dashboard is not None else ()),
     ], exception_handlers={HTTPException: http_error})

@@ -50,7 +50,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,18 +60,31 @@ import orjson
 from nimbus.control import gc
 from nimbus.control.bundle import BundleLimits, extract_bundle
 from nimbus.control.venvs import ensure_venv, requirements_hash
-from nimbus.errors import ConflictError, DeployError, ManifestError, NimbusError
+from nimbus.errors import (
+    ConflictError,
+    DeployError,
+    ManifestError,
+    NimbusError,
+    UserInputError,
+)
 from nimbus.manifest.loader import load_app
-from nimbus.manifest.model import AppSpec, FunctionSpec, RegionsSpec
+from nimbus.manifest.model import AppSpec, FunctionSpec, RegionsSpec, RolloutSpec
+from nimbus.rollout.traffic import DEFAULT_ALIAS
 from nimbus.store.base import Blobs, Store
 from nimbus.worker.containment import share_read_only
 from nimbus.worker.target import Target, code_dir_for
 from nimbus.worker.worker import Worker
 
 Progress = Callable[[str], None]
+# (function, version) -> its invocations in the last minute, None: not known
+Traffic = Callable[[str, int], Awaitable[int | None]]
 log = logging.getLogger("nimbus.deploy")
 
 DEFAULT_KEEP_VERSIONS = 5
+# A stable version that took this many invocations in the last minute takes
+# real traffic: a deploy without a strategy then rolls out as a canary.
+REAL_TRAFFIC_PER_MINUTE = 100
+DEFAULT_CANARY = "canary:10%:1m"
 # Larger modules are left to compile on import: compile() holds the GIL for
 # as long as it runs, which would stall the event loop from any thread.
 MAX_COMPILE_BYTES = 1024 * 1024
@@ -104,6 +117,39 @@ def _config_hash(spec: FunctionSpec, digest: str, req_hash: str | None) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class RolloutOptions:
+    """A deploy's rollout flags; each one set overrides the manifest's ``rollout:``."""
+
+    strategy: str | None = None
+    rollback_on: str | None = None
+    min_requests: int | None = None
+
+    def check(self) -> RolloutOptions:
+        """Raise ``UserInputError`` naming a flag that does not parse."""
+        from nimbus.rollout.policy import MAX_MIN_REQUESTS, parse_rule, parse_strategy
+
+        if self.strategy is not None:
+            parse_strategy(self.strategy)
+        if self.rollback_on is not None:
+            parse_rule(self.rollback_on)
+        if self.min_requests is not None and not 1 <= self.min_requests <= MAX_MIN_REQUESTS:
+            raise UserInputError(f"min_requests must be from 1 to {MAX_MIN_REQUESTS}, "
+                                 f"was {self.min_requests}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one changed function with a previous version goes live."""
+
+    strategy: str
+    steps: list[tuple[int, float]]
+    rollback_on: str
+    min_requests: int
+    defaulted: bool  # chosen because the stable version takes real traffic
+
+
 class Warmer(Protocol):
     """How a deploy without a local worker gets its new versions started."""
 
@@ -129,6 +175,9 @@ class Deployer:
         self._gc_lock = asyncio.Lock()
         self._gc_task: asyncio.Task[None] | None = None
         self._gc_again = False
+        # how much traffic a stable version takes (the rollout runner's
+        # samples); None: unknown, and a deploy without a strategy is all-at-once
+        self.traffic: Traffic | None = None
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -137,16 +186,19 @@ class Deployer:
 
     async def deploy(self, bundle: bytes, progress: Progress,
                      name: str | None = None,
-                     regions: RegionsSpec | None = None) -> dict[str, Any]:
+                     regions: RegionsSpec | None = None,
+                     rollout: RolloutOptions | None = None) -> dict[str, Any]:
         """Deploy ``bundle``; ``name`` names the app when its manifest does not
         (the folder's name on the client: the bundle itself carries none);
         ``regions``, when given, replaces the manifest's ``regions:`` (the
-        routing a guided deploy saved)."""
+        routing a guided deploy saved); ``rollout``: the deploy's strategy
+        flags (see :mod:`nimbus.rollout`)."""
         digest = await asyncio.to_thread(lambda: hashlib.sha256(bundle).hexdigest())
         async with self._gc_lock:  # a collection under way finishes first
             self._busy[digest] += 1
         try:
-            return await self._deploy(bundle, digest, progress, name, regions)
+            return await self._deploy(bundle, digest, progress, name, regions,
+                                      rollout or RolloutOptions())
         finally:
             self._busy[digest] -= 1
             if not self._busy[digest]:
@@ -154,23 +206,24 @@ class Deployer:
             self.schedule_gc()
 
     async def _deploy(self, bundle: bytes, digest: str, progress: Progress,
-                      name: str | None, regions: RegionsSpec | None) -> dict[str, Any]:
+                      name: str | None, regions: RegionsSpec | None,
+                      rollout: RolloutOptions) -> dict[str, Any]:
         await self.blobs.put(bundle)
         if self.worker is not None:
-            return await self._deploy_in(bundle, digest, progress, name, regions,
+            return await self._deploy_in(bundle, digest, progress, name, regions, rollout,
                                          code_dir_for(self.state_dir, digest))
         scratch = self.state_dir / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
         tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="deploy-", dir=scratch)
         try:
-            return await self._deploy_in(bundle, digest, progress, name, regions,
+            return await self._deploy_in(bundle, digest, progress, name, regions, rollout,
                                          Path(tmp) / "code")
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
     async def _deploy_in(self, bundle: bytes, digest: str, progress: Progress,
                          name: str | None, regions: RegionsSpec | None,
-                         code_dir: Path) -> dict[str, Any]:
+                         rollout: RolloutOptions, code_dir: Path) -> dict[str, Any]:
         try:
             app = await asyncio.to_thread(self._prepare, bundle, code_dir, name)
         except ManifestError as exc:  # name the app's own files, not our folder
@@ -182,7 +235,7 @@ class Deployer:
             progress(notice)
         claimed = await self._check_ownership(app)
         try:
-            return await self._deploy_app(app, digest, code_dir, progress)
+            return await self._deploy_app(app, digest, code_dir, progress, rollout)
         except BaseException:
             await self._release(claimed)  # a failed first deploy keeps no names
             raise
@@ -233,7 +286,7 @@ class Deployer:
                 await self._gc_task
 
     async def _deploy_app(self, app: AppSpec, digest: str, code_dir: Path,
-                          progress: Progress) -> dict[str, Any]:
+                          progress: Progress, rollout: RolloutOptions) -> dict[str, Any]:
         req_hashes: dict[str, str | None] = {}
         for fn in app.functions.values():
             if not fn.requirements:
@@ -249,12 +302,23 @@ class Deployer:
         live = orjson.loads(current.value) if current else {"functions": {}}
         records: dict[str, dict[str, Any]] = {}
         new: list[dict[str, Any]] = []
+        rollouts = await self._rollouts_of(app)
+        plans: dict[str, _Plan] = {}
         for fn in app.functions.values():
             chash = _config_hash(fn, digest, req_hashes[fn.name])
             prev = live["functions"].get(fn.name)
             if prev is not None and prev.get("config_hash") == chash:
                 records[fn.name] = prev
                 continue
+            if prev is not None and _rolling_out(live, fn.name, chash):
+                records[fn.name] = prev  # the version being rolled out, unchanged
+                continue
+            _check_no_rollout(fn.name, rollouts.get(fn.name))
+            if prev is not None:
+                plan = await self._plan(fn.name, int(prev["version"]), app.rollouts.get(fn.name),
+                                        rollout)
+                if plan is not None:
+                    plans[fn.name] = plan
             number = await self._next_version(fn.name)
             rec: dict[str, Any] = {"version": number, "app": app.name, "digest": digest,
                    "requirements_hash": req_hashes[fn.name], "spec": fn.to_dict(),
@@ -292,22 +356,122 @@ class Deployer:
             "name": app.name, "digest": digest, "deployed": time.time(),
             "functions": records,
             "regions": app.regions.to_dict() if app.regions else None,
-            "routes": [[r.method, r.path, fn.name]
+            # a 4th element names the alias a route serves (none: live)
+            "routes": [[r.method, r.path, fn.name, *([r.alias] if r.alias != DEFAULT_ALIAS
+                                                      else [])]
                        for fn in app.functions.values() for r in fn.routes],
         }
-        await self._write_app(app.name, current, app_record)
+        app_record = _with_traffic(app_record, live if current else None, plans)
+        started = await self._start_rollouts(app.name, live, app_record, plans, rollouts,
+                                             progress)
+        try:
+            await self._write_app(app.name, current, app_record)
+        except BaseException:
+            await self._abandon(started)
+            raise
+        serving = {fn: int(rec["version"]) for fn, rec in app_record["functions"].items()}
         return {
             "app": app.name,
             "digest": digest,
             "regions": app.regions.to_dict() if app.regions else None,
             "functions": [
                 {"name": name, "version": rec["version"], "changed": rec in new,
-                 "routes": [f"{r['method']} {r['path']}" for r in rec["spec"]["routes"]]}
-                for name, rec in records.items()
+                 "serving": serving[name],
+                 "routes": [f"{r['method']} {r['path']}" for r in rec["spec"]["routes"]],
+                 **({"rollout": started[name][0]} if name in started else {})}
+                for name, rec in ((n, _newest(app_record, n)) for n in records)
             ],
             "notices": list(app.notices),
             **({"pending": True} if pending else {}),
         }
+
+    async def _rollouts_of(self, app: AppSpec) -> dict[str, tuple[dict[str, Any], int]]:
+        """The latest rollout record of each of the app's functions, and its revision."""
+        from nimbus.rollout import state
+
+        out = {}
+        for fn in app.functions:
+            entry = await self.store.get(state.key(fn))
+            if entry is not None:
+                out[fn] = (orjson.loads(entry.value), entry.revision)
+        return out
+
+    async def _plan(self, fn: str, stable: int, spec: RolloutSpec | None,
+                    flags: RolloutOptions) -> _Plan | None:
+        """How a new version of ``fn`` replaces version ``stable``: a
+        rollout plan, or None for all at once."""
+        from nimbus.observe import metrics
+        from nimbus.rollout.policy import DEFAULT_MIN_REQUESTS, DEFAULT_RULE, parse_strategy
+
+        spec = spec or RolloutSpec()
+        text = flags.strategy or spec.strategy
+        defaulted = False
+        if text is None:
+            seen = await self.traffic(fn, stable) if self.traffic is not None else None
+            if seen is None or seen < REAL_TRAFFIC_PER_MINUTE or not metrics.COUNTING:
+                return None
+            text, defaulted = DEFAULT_CANARY, True
+        strategy = parse_strategy(text)
+        if len(strategy.steps) < 2:
+            return None
+        if not metrics.COUNTING:
+            raise DeployError(f"strategy {text!r} for {fn} needs per-version metrics, and they "
+                              "are off (NIMBUS_METRICS=off): turn them on, or deploy with "
+                              "--strategy all-at-once")
+        return _Plan(strategy=strategy.text,
+                     steps=[(s.share, s.wait_s) for s in strategy.steps],
+                     rollback_on=flags.rollback_on or spec.rollback_on or DEFAULT_RULE,
+                     min_requests=flags.min_requests or spec.min_requests
+                     or DEFAULT_MIN_REQUESTS, defaulted=defaulted)
+
+    async def _start_rollouts(self, app: str, live: dict[str, Any], record: dict[str, Any],
+                              plans: dict[str, _Plan],
+                              existing: dict[str, tuple[dict[str, Any], int]],
+                              progress: Progress) -> dict[str, tuple[dict[str, Any], int]]:
+        """Write a running rollout record for each planned function (before the
+        app record: the runner then finds the rollout whatever happens next)."""
+        from nimbus.rollout import state
+
+        started: dict[str, tuple[dict[str, Any], int]] = {}
+        now = time.time()
+        try:
+            for fn, plan in plans.items():
+                frm = int(record["functions"][fn]["version"])
+                to = int(_newest(record, fn)["version"])
+                rec = state.new_record(app=app, fn=fn, from_version=frm, to_version=to,
+                                       strategy=plan.strategy, steps=plan.steps,
+                                       rollback_on=plan.rollback_on,
+                                       min_requests=plan.min_requests, now=now)
+                rec["defaulted"] = plan.defaulted
+                data = orjson.dumps(rec)
+                try:
+                    if fn in existing:
+                        revision = await self.store.update(state.key(fn), data,
+                                                           existing[fn][1])
+                    else:
+                        revision = await self.store.create(state.key(fn), data)
+                except ConflictError:
+                    raise DeployError(f"another rollout of {fn} started during this deploy; "
+                                      f"see nimbus rollout status {fn}") from None
+                started[fn] = (rec, revision)
+                why = (" (the default: version {frm} takes real traffic; --strategy "
+                       "all-at-once to skip)".format(frm=frm) if plan.defaulted else "")
+                progress(f"rolling out {fn} version {to} over version {frm}: "
+                         f"{plan.strategy}{why}")
+        except BaseException:
+            await self._abandon(started)
+            raise
+        return started
+
+    async def _abandon(self, started: dict[str, tuple[dict[str, Any], int]]) -> None:
+        """End rollouts this deploy started but could not make live."""
+        from nimbus.rollout import state
+
+        for fn, (rec, revision) in started.items():
+            done = {**rec, "state": state.ROLLED_BACK, "ended": time.time(),
+                    "reason": "the deploy that started it failed"}
+            with contextlib.suppress(NimbusError):
+                await self.store.update(state.key(fn), orjson.dumps(done), revision)
 
     async def _check_ownership(self, app: AppSpec) -> list[tuple[str, int]]:
         """Claim the app's function names; returns the claims made now (key,
@@ -343,7 +507,7 @@ class Deployer:
             other = orjson.loads(entry.value)
             if other["name"] == app.name:
                 continue
-            for method, path, fn in other["routes"]:
+            for method, path, fn, *_alias in other["routes"]:
                 taken[(method, path)] = f"{other['name']}/{fn}"
         for fn in app.functions.values():
             for r in fn.routes:
@@ -367,6 +531,61 @@ class Deployer:
                 await self.store.update(f"apps/{name}", data, current.revision)
         except ConflictError:
             raise DeployError(f"app {name} changed during this deploy; retry") from None
+
+
+def _rolling_out(live: dict[str, Any], fn: str, chash: str) -> bool:
+    """Whether ``live`` holds another version of ``fn`` with this config (the
+    one a running rollout moves traffic to)."""
+    others = (live.get("versions") or {}).get(fn) or {}
+    return any(rec.get("config_hash") == chash for rec in others.values())
+
+
+def _check_no_rollout(fn: str, latest: tuple[dict[str, Any], int] | None) -> None:
+    from nimbus.rollout import state
+
+    if latest is None or latest[0].get("state") != state.RUNNING:
+        return
+    rec = latest[0]
+    raise DeployError(f"a rollout of {fn} is in progress ({rec['from']} -> {rec['to']}, "
+                      f"step {rec['step'] + 1} of {len(rec['steps'])}): wait, or "
+                      f"nimbus rollback {fn}")
+
+
+def _newest(record: dict[str, Any], fn: str) -> dict[str, Any]:
+    """The newest version record of ``fn`` the app record holds."""
+    recs = [record["functions"][fn], *((record.get("versions") or {}).get(fn) or {}).values()]
+    return max(recs, key=lambda r: int(r["version"]))
+
+
+def _with_traffic(record: dict[str, Any], previous: dict[str, Any] | None,
+                  plans: dict[str, _Plan]) -> dict[str, Any]:
+    """The app record a deploy writes: ``record`` (every function on its
+    deployed version) with the aliases ``previous`` kept, ``live`` moved
+    to each changed function's new version, except that each planned
+    rollout's new version takes only the first step's share beside the
+    previous version (which stays the stable one), and a function whose
+    rollout is under way keeps its split."""
+    from nimbus.rollout import traffic
+
+    out = traffic.after_deploy(previous, record)
+    if previous is None:
+        return out
+    before = previous.get("functions", {})
+    for fn, rec in record["functions"].items():
+        prev = before.get(fn)
+        if prev is None:
+            continue
+        if fn in plans:
+            old, new, share = int(prev["version"]), int(rec["version"]), plans[fn].steps[0][0]
+            out = traffic.promote(out, fn, old, {old: prev})
+            out = traffic.with_weights(out, fn, traffic.DEFAULT_ALIAS,
+                                       {old: 100 - share, new: share}, {new: rec})
+        elif prev is rec:
+            weights = traffic.weights_of(previous, fn)
+            if len(weights) > 1:  # unchanged, mid-rollout: the split stays
+                out = traffic.with_weights(out, fn, traffic.DEFAULT_ALIAS, weights,
+                                           traffic.records_of(previous, fn))
+    return out
 
 
 def prepare_code(bundle: bytes, code_dir: Path, limits: BundleLimits | None = None) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from nimbus.errors import NimbusError
+from nimbus.rollout.traffic import referenced
 from nimbus.store.base import Blobs, Store
 
 log = logging.getLogger("nimbus.gc")
@@ -73,7 +74,7 @@ async def kept_versions(store: Store, keep_versions: int) -> tuple[Keep, list[tu
     live: set[tuple[str, int]] = set()
     for entry in await store.list("apps/"):
         with contextlib.suppress(ValueError, TypeError, AttributeError):
-            for name, rec in orjson.loads(entry.value)["functions"].items():
+            for name, rec in referenced(orjson.loads(entry.value)):
                 keep.add(rec)
                 live.add((name, rec["version"]))
     by_function: dict[str, list[tuple[int, Any]]] = defaultdict(list)

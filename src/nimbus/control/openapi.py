@@ -100,7 +100,19 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                  {"name": "regions", "in": "query", "required": False,
                   "description": "the app's routing as JSON ({names, policy, weights}), "
                                  "replacing its manifest's regions:",
-                  "schema": {"type": "string", "maxLength": 4096}}],
+                  "schema": {"type": "string", "maxLength": 4096}},
+                 {"name": "strategy", "in": "query", "required": False,
+                  "description": "how changed functions reach traffic: canary:10%:5m, "
+                                 "linear:20%:1m or all-at-once (overrides the manifest's "
+                                 "rollout: block)",
+                  "schema": {"type": "string", "maxLength": 256}},
+                 {"name": "rollback_on", "in": "query", "required": False,
+                  "description": "the rollback rule, e.g. 'error_rate > 2% or p99 > 2x "
+                                 "baseline'",
+                  "schema": {"type": "string", "maxLength": 1024}},
+                 {"name": "min_requests", "in": "query", "required": False,
+                  "description": "requests the new version must answer before a step passes",
+                  "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000}}],
                 {"required": True,
                  "description": "the app folder as a zip file (what nimbus deploy sends)",
                  "content": {"application/octet-stream": {"schema": {
@@ -197,6 +209,25 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                          "type": "array", "maxItems": MAX_REDRIVE_IDS,
                          "items": {"type": "string", "minLength": 1,
                                    "maxLength": MAX_ID_CHARS}}}}}}})},
+            "/v1/functions/{name}/rollout": {"get": _op(
+                "the function's latest rollout: steps, shares, decisions and their figures",
+                "rolloutStatus",
+                {"200": _json("the rollout", {"type": "object"}),
+                 "404": _error("the function has had no rollout")},
+                [_NAME])},
+            "/v1/functions/{name}/rollback": {"post": _op(
+                "end a running rollout on the old version, or move live to a version",
+                "rollback",
+                {"200": _json("what serves now: {function, live, from, to, cold_start, "
+                              "message}"),
+                 "404": _error("no such function or version"),
+                 "409": _error("the rollout kept changing")},
+                [_NAME],
+                {"required": False,
+                 "description": "none: the old version (or the one before the stable one)",
+                 "content": {"application/json": {"schema": {
+                     "type": "object", "additionalProperties": False,
+                     "properties": {"to": {"type": "integer", "minimum": 1}}}}}})},
             "/v1/publish/{name}": {"post": _op(
                 "a message to a queue or topic", "publish",
                 {"202": _json("accepted: {messageId, kind, deliveries}"),

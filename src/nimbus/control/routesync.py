@@ -2,8 +2,15 @@
 
 Watches ``apps/`` (never polls per request): on every change it rebuilds the
 whole route table from the live app records, swaps it into the gateway in
-one assignment, and retires the pools of versions nothing routes to any more
-(they drain: in-flight invocations finish first).
+one assignment, and retires the pools of versions nothing references any
+more (they drain: in-flight invocations finish first).
+
+Every version an app record references (the stable one, and any version an
+alias names, even at weight 0) has a pool: a rollout's both versions stay
+warm, and moving an alias back needs no cold start. A route points at its
+alias's invoker: the one version's pool, or a :class:`Split` when two or
+more versions take traffic. ``on_change`` gets each function's ``live``
+invoker (what async work and schedules run on).
 
 A ``reset`` from the watch (events may have been missed: a reconnect, a
 store error) makes it list ``apps/`` again and replace what it knew. If
@@ -23,9 +30,11 @@ import orjson
 
 from nimbus.aio import cancel_and_wait
 from nimbus.control.deploy import target_from_record
-from nimbus.errors import ClosedError, UnavailableError
+from nimbus.errors import ClosedError, NotFoundError, UnavailableError
 from nimbus.gateway.app import Gateway, Invoker
 from nimbus.gateway.router import Router
+from nimbus.gateway.split import Split
+from nimbus.rollout import traffic
 from nimbus.store.base import Store, WatchEvent
 from nimbus.worker.pool import FunctionPool
 from nimbus.worker.worker import Worker
@@ -42,7 +51,11 @@ class RouteSync:
         self.gateway = gateway
         self.worker = worker
         self.apps: dict[str, dict[str, Any]] = {}
-        self.functions: dict[str, FunctionPool] = {}  # live pool per function name
+        self.functions: dict[str, FunctionPool] = {}  # the stable version's pool per function
+        self.live: dict[str, Invoker] = {}  # per function, what its live alias runs
+        self.versions: dict[str, dict[int, FunctionPool]] = {}  # every referenced version
+        self.invokers: dict[tuple[str, str], Invoker] = {}  # (function, alias) when aliased
+        self._splits: dict[tuple[Any, ...], Split] = {}
         self.synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -101,18 +114,87 @@ class RouteSync:
 
     def _rebuild(self) -> None:
         routes: list[tuple[str, str, Invoker]] = []
-        functions: dict[str, FunctionPool] = {}
+        functions: dict[str, FunctionPool] = {}  # the stable version's pool
+        live: dict[str, Invoker] = {}  # what the live alias runs: a pool or a Split
+        versions: dict[str, dict[int, FunctionPool]] = {}
+        invokers: dict[tuple[str, str], Invoker] = {}
+        splits: dict[tuple[Any, ...], Split] = {}
         for app in self.apps.values():
-            for name, rec in app["functions"].items():
-                functions[name] = self.worker.pool(target_from_record(app["name"], rec))
-            for method, path, fn in app["routes"]:
-                routes.append((method, path, functions[fn]))
+            name = app["name"]
+            if "aliases" not in app and "versions" not in app:  # nothing split: one pool each
+                for fn, rec in app["functions"].items():
+                    pool = self.worker.pool(target_from_record(name, rec))
+                    functions[fn] = live[fn] = pool
+                    versions[fn] = {pool.target.version: pool}
+            else:
+                for fn, rec in app["functions"].items():
+                    pools = {v: self.worker.pool(target_from_record(name, r))
+                             for v, r in traffic.records_of(app, fn).items()}
+                    versions[fn] = pools
+                    functions[fn] = pools[int(rec["version"])]
+                    for alias, weights in traffic.aliases_of(app, fn).items():
+                        invokers[(fn, alias)] = self._invoker(
+                            fn, alias, weights, pools, functions[fn], splits)
+                    live[fn] = invokers[(fn, traffic.DEFAULT_ALIAS)]
+            for route in app["routes"]:
+                fn = route[2]
+                alias = traffic.route_alias(route)
+                target = invokers.get((fn, alias)) or live[fn]
+                if alias != traffic.DEFAULT_ALIAS and (fn, alias) not in invokers:
+                    log.warning("route %s %s names alias %r of %s, which is not set; "
+                                "it serves the live alias", route[0], route[1], alias, fn)
+                routes.append((route[0], route[1], target))
         self.gateway.set_router(Router(routes))
         self.functions = functions
-        self.worker.retire({p.target.key for p in functions.values()})
+        self.live = live
+        self.versions = versions
+        self.invokers = invokers
+        self._splits = splits
+        self.worker.retire({p.target.key for pools in versions.values() for p in pools.values()})
         if self.on_change is not None:
-            self.on_change(functions)
+            self.on_change(live)  # type: ignore[arg-type]
         self.synced.set()
+
+    def _invoker(self, fn: str, alias: str, weights: dict[int, int],
+                 pools: dict[int, FunctionPool], stable: FunctionPool,
+                 splits: dict[tuple[Any, ...], Split]) -> Invoker:
+        """One alias's invoker: the pool of its one version taking traffic,
+        or a Split (the same object as before while nothing about it changed:
+        work waiting for a slot keeps its target)."""
+        serving = [v for v, w in weights.items() if w > 0]
+        if len(serving) == 1:
+            return pools[serving[0]]
+        key = (fn, alias, tuple(sorted(weights.items())),
+               tuple(id(pools[v]) for v in sorted(weights)), id(stable))
+        split = self._splits.get(key)
+        if split is None:
+            split = Split(alias, [(v, w, pools[v]) for v, w in weights.items()], stable)
+        splits[key] = split
+        return split
+
+    def invoker_for(self, fn: str, qualifier: str | None) -> Invoker:
+        """What runs ``fn`` for a qualifier: None (``live``), a version
+        number or an alias name; NotFoundError naming the aliases and versions."""
+        if not qualifier:
+            inv = self.live.get(fn)
+            if inv is None:
+                raise NotFoundError(f"function {fn!r} is not deployed")
+            return inv
+        pools = self.versions.get(fn)
+        if pools is None:
+            raise NotFoundError(f"function {fn!r} is not deployed")
+        if qualifier.isdigit() and int(qualifier) in pools:
+            return pools[int(qualifier)]
+        inv = self.invokers.get((fn, qualifier))
+        if inv is None and qualifier == traffic.DEFAULT_ALIAS:
+            inv = self.live[fn]
+        if inv is not None:
+            return inv
+        aliases = [traffic.DEFAULT_ALIAS] + sorted(
+            a for f, a in self.invokers if f == fn and a != traffic.DEFAULT_ALIAS)
+        raise NotFoundError(
+            f"function {fn!r} has no version or alias {qualifier!r}; its aliases: "
+            f"{', '.join(aliases)}; its versions: {', '.join(str(v) for v in sorted(pools))}")
 
     async def wait_for(self, predicate: Any, timeout_s: float = 5.0) -> None:
         """Wait until ``predicate(self)`` holds (e.g. a deploy became live)."""

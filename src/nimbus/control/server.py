@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvicorn
@@ -32,7 +32,7 @@ from nimbus.clock import SystemClock
 from nimbus.control import statedir
 from nimbus.control.api import MAX_BUNDLE_UPLOAD, create_control_app
 from nimbus.control.bundle import STATE_MARKER
-from nimbus.control.deploy import Deployer
+from nimbus.control.deploy import Deployer, RolloutOptions
 from nimbus.control.routesync import RouteSync
 from nimbus.control.statedir import Identity, StateDirError
 from nimbus.control.statelock import StateLock
@@ -70,6 +70,9 @@ from nimbus.ui.edgeview import EdgeView
 from nimbus.worker.budget import NodeBudget
 from nimbus.worker.containment import DEFAULT_UID_RANGE, Containment
 from nimbus.worker.worker import Worker
+
+if TYPE_CHECKING:
+    from nimbus.rollout.runner import RolloutRunner
 
 log = logging.getLogger("nimbus")
 
@@ -197,7 +200,10 @@ class Platform:
         self.events.on_sync.append(self.scheduler.set_pools)
         gateway.events = self.events
         self.routes = RouteSync(store, gateway, worker, on_change=self.events.sync)
+        self.events.resolve = self.routes.invoker_for
         self.deployer = Deployer(store, blobs, worker, config.state_dir)
+        self.rollouts = _local_runner(store, worker, clock)
+        self.deployer.traffic = self._traffic
         self.token = ensure_token(config.state_dir)
         self.started_at = time.time()
         self.gateway_url = ""
@@ -211,6 +217,10 @@ class Platform:
         metrics.set_role("up")
         metrics.watch_worker(worker)
         metrics.watch_async(self._async_figures)
+        metrics.watch_rollouts(self.rollouts.shares)
+
+    async def _traffic(self, fn: str, version: int) -> int | None:
+        return self.rollouts.traffic_of(fn, version, time.time())
 
     identity: Identity | None = None
 
@@ -262,11 +272,12 @@ class Platform:
 
     async def deploy(self, bundle: bytes, progress: Callable[[str], None],
                      name: str | None = None,
-                     regions: RegionsSpec | None = None) -> dict[str, Any]:
-        result = await self.deployer.deploy(bundle, progress, name, regions)
+                     regions: RegionsSpec | None = None,
+                     rollout: RolloutOptions | None = None) -> dict[str, Any]:
+        result = await self.deployer.deploy(bundle, progress, name, regions, rollout)
         if self.identity is not None and any(f.get("changed") for f in result["functions"]):
             self.identity.note_deploy()
-        want = {f["name"]: f["version"] for f in result["functions"]}
+        want = {f["name"]: f.get("serving", f["version"]) for f in result["functions"]}
         await self.routes.wait_for(lambda rs: all(
             name in rs.functions and rs.functions[name].target.version == v
             for name, v in want.items()))
@@ -276,6 +287,7 @@ class Platform:
         self.events.start()
         await self.routes.start()
         self.scheduler.start()
+        self.rollouts.start()
         c = self.config
         gw_sock = _bind(c.host, c.port)
         try:
@@ -353,6 +365,7 @@ class Platform:
             await asyncio.gather(*self._serving, return_exceptions=True)
         if self.dashboard is not None:
             await self.dashboard.aclose()
+        await self.rollouts.aclose()
         await self.routes.aclose()
         await self.scheduler.aclose()
         await self.events.aclose(grace_s=min(self.config.grace_s, 5.0))
@@ -366,6 +379,18 @@ class Platform:
             (self.state_dir / CONTROL_FILE).unlink()
         if self.lock is not None:
             self.lock.release()
+
+
+def _local_runner(store: Store, worker: Worker, clock: SystemClock) -> RolloutRunner:
+    """The rollout runner of ``nimbus up``: this process's own counters, and
+    its decisions as platform lines in the function's logs."""
+    from nimbus.rollout.runner import RolloutRunner
+    from nimbus.rollout.sampler import LocalSampler
+
+    def note(fn: str, text: str, level: str) -> None:
+        worker.logs.write(fn, None, "platform", text, level)
+
+    return RolloutRunner(store, LocalSampler(), clock, note=note)
 
 
 def _url_host(host: str) -> str:

@@ -48,6 +48,7 @@ from nimbus.errors import (
 from nimbus.events.names import Subscription, invoke_queue, user_queue
 from nimbus.events.retry import RetryPolicy, next_retry, too_old
 from nimbus.events.shapes import destination_record, sns_event, sqs_event
+from nimbus.gateway.split import Split
 from nimbus.ids import new_id
 from nimbus.observe import metrics, tracing
 from nimbus.store.queue import Delivery, Message, Outgoing
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nimbus.events")
 
+PIN = "nimbus.version"  # the attribute of an async invocation pinned to a version
 WAIT_S = 5.0  # one receive's long-poll
 VISIBILITY_MARGIN_S = 20.0  # beyond timeout_s: a held request may wait for an instance
 RELEASE_DELAY_S = 0.05  # a retired pool's message goes to the new version
@@ -188,9 +190,11 @@ class Dispatcher:
     """Runs subscriptions against the live pools (``pools()``)."""
 
     def __init__(self, queue: Delivery, pools: Callable[[], dict[str, FunctionPool]],
-                 clock: Clock) -> None:
+                 clock: Clock,
+                 version_of: Callable[[str, int], Any | None] | None = None) -> None:
         self.queue = queue
         self._pools = pools
+        self._version_of = version_of  # a referenced version's invoker (pinned work)
         self._clock = clock
         self._consumers: dict[str, _Consumer] = {}
         self._slots: dict[str, Slots] = {}
@@ -252,6 +256,9 @@ class Dispatcher:
             if too_old(policy, enqueued_at=m.enqueued_at, now=self._clock.now()):
                 raise TooOld()
             await self._begin([m])
+            pin = m.attributes.get(PIN)
+            if pin is not None:
+                live = self._pinned(sub, live, m, pin)
             if tracing.on:
                 return await _traced_attempt(live, m, payload)
             return await live.invoke(m.id, payload)
@@ -438,6 +445,27 @@ class Dispatcher:
         pool = self._pools().get(function)
         if pool is not None:
             pool.log(rid, "platform", text, level)
+
+    def _pinned(self, sub: Subscription, live: Any, m: Message, pin: str) -> Any:
+        """The invoker of the version ``m`` was pinned to when it was
+        accepted, while the function still references it; else the live
+        alias's pick, with a platform line saying so."""
+        try:
+            version = int(pin)
+        except ValueError:
+            version = 0
+        if live.target.version == version and not isinstance(live, Split):
+            return live
+        chosen = live.for_version(version) if isinstance(live, Split) else None
+        if chosen is None and self._version_of is not None:
+            chosen = self._version_of(sub.function, version)
+        if chosen is not None:
+            return chosen
+        chosen = live.pick(None) if isinstance(live, Split) else live
+        self._note(sub.function, m.id,
+                   f"async invocation {m.id} was accepted for version {pin}, which is no "
+                   f"longer deployed; it runs on version {chosen.target.version}", "WARNING")
+        return chosen
 
     def _live(self, sub: Subscription, pool: FunctionPool) -> FunctionPool:
         """``pool``, if it still serves the function: work that waited for a

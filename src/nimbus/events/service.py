@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nimbus.errors import NotFoundError, PayloadTooLargeError, UnavailableError, UserInputError
-from nimbus.events.dispatch import Dispatcher
+from nimbus.events.dispatch import PIN, Dispatcher
 from nimbus.events.names import Subscription, invoke_queue, topic_queue, user_queue
+from nimbus.gateway.split import Split
 from nimbus.ids import new_id
 from nimbus.observe.metrics import AsyncFigures
 from nimbus.store.queue import (
@@ -75,7 +76,11 @@ class Events:
         self.pools: dict[str, FunctionPool] = {}
         self.queue_owner: dict[str, str] = {}  # queue name -> consuming function
         self.topic_subs: dict[str, list[str]] = {}  # topic -> subscribed functions
-        self.dispatcher = Dispatcher(self.delivery, lambda: self.pools, clock)
+        # (function, qualifier) -> its invoker; set by whoever follows the
+        # aliases (route sync's ``invoker_for``)
+        self.resolve: Callable[[str, str], Any] | None = None
+        self.dispatcher = Dispatcher(self.delivery, lambda: self.pools, clock,
+                                     version_of=self._version_of)
         self.on_sync: list[Callable[[dict[str, FunctionPool]], None]] = []
         self._purger: asyncio.Task[None] | None = None
 
@@ -107,6 +112,15 @@ class Events:
         for listener in self.on_sync:
             listener(self.pools)
 
+    def _version_of(self, function: str, version: int) -> Any | None:
+        """The invoker of one referenced version of ``function``, if any."""
+        if self.resolve is None:
+            return None
+        try:
+            return self.resolve(function, str(version))
+        except NotFoundError:
+            return None
+
     def _pool(self, function: str) -> FunctionPool:
         pool = self.pools.get(function)
         if pool is None:
@@ -131,11 +145,30 @@ class Events:
     # -- accepting work -------------------------------------------------------------
 
     async def submit(self, function: str, event: bytes, *, idempotency_key: str | None = None,
-                     source: str = "invoke") -> SendResult:
-        """Store one async invocation of ``function``; durable on return."""
-        self._pool(function)
+                     source: str = "invoke", qualifier: str | None = None,
+                     version: int | None = None) -> SendResult:
+        """Store one async invocation of ``function``; durable on return.
+
+        It is pinned to a version (attribute ``nimbus.version``) when the
+        caller named one (``qualifier``: a version number or an alias name;
+        ``version``: the one a gateway's route picked) or when ``live`` splits
+        traffic: the version is chosen now, at accept time, and a retry runs
+        on the same one."""
+        live = self._pool(function)
         self._check_size(event, "async invocation payload")
-        out = Outgoing(event, {"nimbus.source": source},
+        attrs = {"nimbus.source": source}
+        if qualifier:
+            if self.resolve is None:
+                raise UserInputError("qualifiers are not available here")
+            chosen = self.resolve(function, qualifier)
+            version = (chosen.pick(None) if isinstance(chosen, Split) else chosen).target.version
+            attrs[PIN] = str(version)
+        elif version is not None:
+            if isinstance(live, Split) or live.target.version != version:
+                attrs[PIN] = str(version)
+        elif isinstance(live, Split):
+            attrs[PIN] = str(live.pick(None).target.version)
+        out = Outgoing(event, attrs,
                        dedup_key=f"idem:{idempotency_key}" if idempotency_key else None)
         [result] = await self.delivery.send(invoke_queue(function), [out])
         return result

@@ -19,6 +19,7 @@ from nimbus.errors import HandlerError, NimbusError, PayloadTooLargeError, UserI
 from nimbus.gateway.events import http_event
 from nimbus.gateway.responses import JSON, NO_BODY, Response, error_response, result_response
 from nimbus.gateway.router import Router
+from nimbus.gateway.split import Split, sticky_key
 from nimbus.ids import new_id
 from nimbus.manifest.model import DEFAULT_PAYLOAD_LIMIT_BYTES
 from nimbus.observe import tracing
@@ -56,7 +57,8 @@ class AsyncSubmitter(Protocol):
     """Where ``X-Nimbus-Invocation-Type: Event`` requests go (the events service)."""
 
     async def submit(self, function: str, event: bytes, *, idempotency_key: str | None = None,
-                     source: str = "invoke") -> Any: ...
+                     source: str = "invoke", qualifier: str | None = None,
+                     version: int | None = None) -> Any: ...
 
 
 class Invoker(Protocol):
@@ -209,9 +211,11 @@ class Gateway:
         if self.events is None:
             raise UserInputError("async invocations are not available here")
         function = target.target.function
+        # Pinned now: the version this route's alias picks for this client.
+        chosen = target.pick(sticky_key(event)) if type(target) is Split else target
         result = await self.events.submit(function, orjson.dumps(event),
                                           idempotency_key=h.get("idempotency-key"),
-                                          source="http")
+                                          source="http", version=chosen.target.version)
         body = {"invocationId": result.id, "function": function,
                 "duplicate": not result.created}
         return 202, [(b"content-type", JSON), (INVOCATION_ID_HEADER, result.id.encode())], \

@@ -33,6 +33,7 @@ from nimbus.manifest.model import (
     DEFAULT_STABLE_WINDOW_S,
     AppSpec,
     FunctionSpec,
+    RolloutSpec,
     Route,
     ScheduleSpec,
 )
@@ -53,6 +54,7 @@ from nimbus.manifest.schema import (
     EventSettings,
     FunctionModel,
     RichApp,
+    RolloutModel,
     SeedApp,
     SeedHandler,
     sanitise_app_name,
@@ -126,9 +128,12 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
     if form == "handlers":
         seed = _validate(SeedApp, src)
         app_name, regions, drafts = seed.name, seed.regions, _seed_drafts(seed, src)
+        rollouts = _rollouts(seed.rollout, {name: None for name in drafts})
     else:
         rich = _validate(RichApp, src)
         app_name, regions, drafts = rich.name, rich.regions, _rich_drafts(rich, src)
+        rollouts = _rollouts(rich.rollout, {name: fn.rollout
+                                            for name, fn in rich.functions.items()})
     for draft in drafts.values():
         draft.settings.update(_scaling_settings(draft, src))
         draft.settings.update(_event_settings(draft))
@@ -148,7 +153,22 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
         functions=functions,
         notices=_runtime_notices(drafts.values()),
         regions=regions,
+        rollouts=rollouts,
     )
+
+
+def _rollouts(app_block: RolloutModel | None,
+              own: dict[str, RolloutModel | None]) -> dict[str, RolloutSpec]:
+    """Each function's rollout settings: the app's block, then its own keys."""
+    base = app_block.spec() if app_block is not None else None
+    out: dict[str, RolloutSpec] = {}
+    for name, block in own.items():
+        spec = base
+        if block is not None:
+            spec = (base or RolloutSpec()).merged(block.spec())
+        if spec is not None:
+            out[name] = spec
+    return out
 
 
 def _locate(path: Path) -> tuple[Path, Path]:
@@ -379,7 +399,7 @@ def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
         for j, r in enumerate(fn.http):
             rloc = loc + ("http",) if single else loc + ("http", j)
             routes.append(Declared(r.method, r.path, name, format_loc(rloc),
-                                   src.line(rloc, key=True)))
+                                   src.line(rloc, key=True), r.alias))
         settings = {
             "memory_mb": fn.memory_mb, "timeout_s": float(fn.timeout_s),
             "concurrency": fn.concurrency, "max_processes": fn.max_processes, "cpu": fn.cpu,
@@ -544,7 +564,7 @@ def _build(draft: _Draft) -> FunctionSpec:
         module=draft.module,
         callable=draft.callable,
         runtime=draft.runtime,
-        routes=tuple(Route(r.method, r.path) for r in draft.routes),
+        routes=tuple(Route(r.method, r.path, r.alias) for r in draft.routes),
         **draft.settings,
     )
 

@@ -38,6 +38,7 @@ class Route:
 
     method: str
     path: str
+    alias: str = "live"  # the alias of the function this route serves
 
     @property
     def key(self) -> str:
@@ -130,7 +131,11 @@ class FunctionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["routes"] = [{"method": r.method, "path": r.path} for r in self.routes]
+        # A route on ``live`` is stored as before: its version's config hash
+        # (and so whether a deploy makes a new version) does not change.
+        d["routes"] = [{"method": r.method, "path": r.path}
+                       | ({"alias": r.alias} if r.alias != "live" else {})
+                       for r in self.routes]
         d["env"] = dict(self.env)
         d["preload"] = list(self.preload)
         d["schedules"] = [s.to_dict() for s in self.schedules]
@@ -144,7 +149,8 @@ class FunctionSpec:
         # records take their defaults.
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        d["routes"] = tuple(Route(r["method"], r["path"]) for r in d.get("routes", ()))
+        d["routes"] = tuple(Route(r["method"], r["path"], r.get("alias", "live"))
+                            for r in d.get("routes", ()))
         d["env"] = tuple(sorted(d.get("env", {}).items()))
         d["preload"] = tuple(d.get("preload", ()))
         d["schedules"] = tuple(ScheduleSpec.from_dict(s) for s in d.get("schedules", ()))
@@ -209,6 +215,35 @@ class RegionsSpec:
                    if policy == "weighted" else {})
 
 
+ON_REGION_FAILURE = ("rollback-all", "stop")
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutSpec:
+    """How new versions of a function reach traffic (the manifest's
+    ``rollout:`` block, the app's keys overridden by the function's). A key
+    left out is ``None``: the deploy's flags or nimbus's defaults decide.
+    Kept apart from :class:`FunctionSpec`: changing how a version rolls out
+    does not make a new version."""
+
+    strategy: str | None = None  # e.g. "canary:10%:5m", "linear:20%:1m", "all-at-once"
+    rollback_on: str | None = None  # the rollback rule
+    min_requests: int | None = None  # before a step may pass
+    bake_s: float | None = None  # between regions
+    waves: tuple[tuple[str, ...], ...] | None = None  # regions, wave by wave
+    on_region_failure: str | None = None  # "rollback-all" (the default) or "stop"
+
+    def merged(self, over: RolloutSpec) -> RolloutSpec:
+        """This spec with every key ``over`` sets taking its place."""
+        return RolloutSpec(**{k: getattr(over, k) if getattr(over, k) is not None
+                              else getattr(self, k) for k in (f.name for f in fields(self))})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["waves"] = None if self.waves is None else [list(w) for w in self.waves]
+        return d
+
+
 @dataclass(frozen=True, slots=True)
 class AppSpec:
     name: str
@@ -218,3 +253,6 @@ class AppSpec:
     # (e.g. "runtime python3.8 is served by Python 3.11").
     notices: tuple[str, ...] = ()
     regions: RegionsSpec | None = None  # None: every region, failover in the file's order
+    # function -> its rollout settings (app block merged with its own);
+    # a function without any has none here
+    rollouts: dict[str, RolloutSpec] = field(default_factory=dict)

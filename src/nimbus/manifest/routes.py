@@ -58,6 +58,7 @@ class Declared:
     function: str
     field: str
     line: int
+    alias: str = "live"
 
 
 def find_conflict(routes: list[Declared]) -> tuple[Declared, Declared] | None:

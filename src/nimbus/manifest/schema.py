@@ -36,6 +36,7 @@ from nimbus.manifest.model import (
     DEFAULT_TIMEOUT_S,
     MISSED_POLICIES,
     RegionsSpec,
+    RolloutSpec,
 )
 from nimbus.manifest.routes import METHODS, path_problem
 
@@ -45,6 +46,7 @@ _APP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
+_ALIAS = re.compile(r"[a-z][a-z0-9-]{0,62}")
 
 
 def fail(message: str) -> PydanticCustomError:
@@ -107,6 +109,13 @@ def _path(v: Any) -> Any:
     problem = path_problem(v)
     if problem:
         raise fail(f"invalid path {v!r}: {problem}")
+    return v
+
+
+def _alias(v: Any) -> Any:
+    if not isinstance(v, str) or not _ALIAS.fullmatch(v) or v.isdigit():
+        raise fail(f"expected an alias name (1 to 63 characters: lower-case letters, digits "
+                   f"and '-', starting with a letter) like 'live' or 'beta', got {show(v)}")
     return v
 
 
@@ -236,12 +245,86 @@ def _routes(v: Any) -> Any:
     return [v] if isinstance(v, dict) else v
 
 
+def _strategy(v: Any) -> Any:
+    from nimbus.errors import UserInputError
+    from nimbus.rollout.policy import parse_strategy
+
+    if not isinstance(v, str):
+        raise fail("expected a strategy like 'canary:10%:5m', 'linear:20%:1m' or "
+                   f"'all-at-once', got {show(v)}")
+    try:
+        parse_strategy(v)
+    except UserInputError as exc:
+        raise fail(str(exc)) from None
+    return v.strip()
+
+
+def _rule(v: Any) -> Any:
+    from nimbus.errors import UserInputError
+    from nimbus.rollout.policy import parse_rule
+
+    if not isinstance(v, str):
+        raise fail("expected a rule like 'error_rate > 2% or p99 > 2x baseline', "
+                   f"got {show(v)}")
+    try:
+        parse_rule(v)
+    except UserInputError as exc:
+        raise fail(str(exc)) from None
+    return v.strip()
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h)?")
+_UNIT_S = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _bake(v: Any) -> Any:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        seconds = float(v)
+    else:
+        m = _DURATION.fullmatch(v.strip()) if isinstance(v, str) else None
+        if m is None:
+            raise fail(f"expected a duration like 30s, 5m or 1h (or seconds), got {show(v)}")
+        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if not 0 <= seconds <= 86400:
+        raise fail(f"expected a duration from 0 to 24h, got {show(v)}")
+    return seconds
+
+
+def _waves(v: Any) -> Any:
+    from nimbus.region import REGION_NAME
+
+    if not isinstance(v, list) or not v:
+        raise fail(f"expected a list of waves (a region name, or a list of them), got {show(v)}")
+    waves = []
+    seen: set[str] = set()
+    for wave in v:
+        names = wave if isinstance(wave, list) else [wave]
+        if not names or not all(isinstance(n, str) and REGION_NAME.fullmatch(n)
+                                for n in names):
+            raise fail(f"expected a region name or a non-empty list of them, got {show(wave)}")
+        for n in names:
+            if n in seen:
+                raise fail(f"region {n!r} is in two waves")
+            seen.add(n)
+        waves.append(tuple(names))
+    return tuple(waves)
+
+
+def _on_region_failure(v: Any) -> Any:
+    from nimbus.manifest.model import ON_REGION_FAILURE
+
+    if v not in ON_REGION_FAILURE:
+        raise fail(f"expected one of {', '.join(ON_REGION_FAILURE)}, got {show(v)}")
+    return v
+
+
 AppName = Annotated[str, BeforeValidator(_app_name)]
 FunctionName = Annotated[str, BeforeValidator(_function_name)]
 Runtime = Annotated[str, BeforeValidator(_runtime)]
 HandlerRef = Annotated[str, BeforeValidator(_handler_ref)]
 Method = Annotated[str, BeforeValidator(_method)]
 RoutePath = Annotated[str, BeforeValidator(_path)]
+AliasName = Annotated[str, BeforeValidator(_alias)]
 EnvKey = Annotated[str, BeforeValidator(_env_key)]
 EnvValue = Annotated[str, BeforeValidator(_env_value)]
 ModuleName = Annotated[str, BeforeValidator(_module_name)]
@@ -254,9 +337,28 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
+class RolloutModel(_Model):
+    """The ``rollout:`` block (app level, and per function to override it)."""
+
+    strategy: Annotated[str, BeforeValidator(_strategy)] | None = None
+    rollback_on: Annotated[str, BeforeValidator(_rule)] | None = None
+    min_requests: int | None = Field(None, ge=1, le=1_000_000,
+                                     description="an integer from 1 to 1000000")
+    bake: Annotated[float, BeforeValidator(_bake)] | None = None
+    waves: Annotated[tuple[tuple[str, ...], ...], BeforeValidator(_waves)] | None = None
+    on_region_failure: Annotated[str, BeforeValidator(_on_region_failure)] | None = None
+
+    def spec(self) -> RolloutSpec:
+        return RolloutSpec(strategy=self.strategy, rollback_on=self.rollback_on,
+                           min_requests=self.min_requests, bake_s=self.bake,
+                           waves=self.waves, on_region_failure=self.on_region_failure)
+
+
 class HttpRoute(_Model):
     method: Method = "GET"
     path: RoutePath = Field(description="a route path starting with '/'")
+    alias: AliasName = Field(default="live",
+                             description="the function's alias this route serves")
 
 
 class ScheduleModel(_Model):
@@ -394,6 +496,7 @@ class FunctionModel(EventSettings):
     env: dict[EnvKey, EnvValue] = Field(
         default_factory=dict, description="a mapping of variable names to values")
     requirements: Annotated[str, BeforeValidator(_requirements)] | None = None
+    rollout: RolloutModel | None = None
 
 
 def _regions(v: Any) -> Any:
@@ -416,6 +519,7 @@ class RichApp(_Model):
     name: AppName | None = None
     runtime: Runtime = "python3"
     regions: Regions = None
+    rollout: RolloutModel | None = None
     functions: dict[FunctionName, FunctionModel] = Field(
         min_length=1, description="a mapping of function names to their settings")
 
@@ -444,4 +548,5 @@ class SeedApp(_Model):
     name: AppName | None = None
     runtime: Runtime = "python3"
     regions: Regions = None
+    rollout: RolloutModel | None = None
     handlers: list[SeedHandler] = Field(min_length=1, description="a non-empty list of handlers")

@@ -219,6 +219,9 @@ SCHEDULE_FIRES = Counter("nimbus_schedule_fires", "Schedule ticks that fired an 
 SCHEDULE_MISSES = Counter("nimbus_schedule_misses",
                           "Schedule ticks missed (the platform was down or behind)",
                           ["function", "schedule", "region"])
+ROLLOUT_DECISIONS = Counter("nimbus_rollout_decisions",
+                            "Rollout decisions (promote, rollback, hold) by the runner",
+                            ["function", "region", "action"])
 STORE_SECONDS = Histogram("nimbus_store_operation_seconds", "Store operation latency",
                           ["region", "backend", "op"], buckets=OPERATION_BUCKETS)
 QUEUE_SECONDS = Histogram("nimbus_queue_operation_seconds", "Queue operation latency",
@@ -281,6 +284,10 @@ def schedule_missed(function: str, schedule: str, n: int = 1) -> None:
     child = _child(SCHEDULE_MISSES, function, schedule, region())
     if n > 0:
         child.inc(n)
+
+
+def rollout_decided(function: str, action: str) -> None:
+    _child(ROLLOUT_DECISIONS, function, region(), action).inc()
 
 
 def operation_timer(family: Histogram, backend: str, op: str) -> Any:
@@ -358,6 +365,8 @@ class NimbusCollector(Collector):
         self.async_reader: AsyncReader | None = None
         self.async_figures: dict[str, AsyncFigures] = {}
         self.async_read_at = -1e9
+        # the rollout runner's running rollouts: (function, new version, share)
+        self.rollouts: Callable[[], Iterable[tuple[str, int, int]]] | None = None
 
     async def refresh(self, now: float | None = None) -> None:
         """Read the async backlog unless it was read in the last
@@ -395,6 +404,21 @@ class NimbusCollector(Collector):
             yield from platform_memory(reg, self.role, os.getpid(), [], [])
         if self.async_reader is not None:
             yield from async_families(self.async_figures, reg)
+        if self.rollouts is not None:
+            yield from rollout_families(list(self.rollouts()), reg)
+
+
+def rollout_families(rollouts: list[tuple[str, int, int]], reg: str) -> Iterator[Metric]:
+    share = GaugeMetricFamily("nimbus_rollout_share",
+                              "The new version's share of live traffic (percent) in a "
+                              "running rollout", labels=["function", "version", "region"])
+    for fn, version, pct in rollouts:
+        share.add_metric([fn, str(version), reg], pct)
+    yield share
+    running = GaugeMetricFamily("nimbus_rollouts_running", "Rollouts running",
+                                labels=["region"])
+    running.add_metric([reg], len(rollouts))
+    yield running
 
 
 def invocation_families(stats: Iterable[InvocationStats], reg: str) -> Iterator[Metric]:
@@ -540,7 +564,8 @@ _COLLECTED = (
     ("nimbus_instances_desired", "gauge"), ("nimbus_instances_ready", "gauge"),
     ("nimbus_autoscaler_panic", "gauge"), ("nimbus_zygotes", "gauge"),
     ("nimbus_memory_pss_bytes", "gauge"), ("nimbus_async_invocations", "gauge"),
-    ("nimbus_async_oldest_queued_age_seconds", "gauge"))
+    ("nimbus_async_oldest_queued_age_seconds", "gauge"), ("nimbus_rollout_share", "gauge"),
+    ("nimbus_rollouts_running", "gauge"))
 COLLECTOR = NimbusCollector()
 REGISTRY.register(COLLECTOR)
 
@@ -559,6 +584,11 @@ def watch_worker(worker: Any) -> None:
 def watch_invokers(invokers: Callable[[], Iterable[Any]] | None) -> None:
     """Read a region gateway's held requests from ``invokers()`` at scrape time."""
     COLLECTOR.invokers = invokers
+
+
+def watch_rollouts(shares: Callable[[], Iterable[tuple[str, int, int]]] | None) -> None:
+    """Read the running rollouts' shares with ``shares()`` at scrape time."""
+    COLLECTOR.rollouts = shares
 
 
 def watch_async(reader: AsyncReader | None) -> None:

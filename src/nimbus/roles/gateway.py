@@ -107,6 +107,7 @@ async def serve_gateway(config: RoleConfig, options: GatewayOptions,
     gateway.events = events
     routes = RouteSync(backend.store, gateway, pools,  # type: ignore[arg-type]
                        on_change=events.sync)
+    events.resolve = routes.invoker_for
     http = HttpServer.for_gateway(gateway, options.host, options.port, options.grace_s)
     metrics.set_role("gateway")
     metrics.watch_invokers(lambda: list(pools.pools.values()))

@@ -54,6 +54,7 @@ class Controller:
         self.gateway.events = self.events
         self.routes = RouteSync(backend.store, self.gateway, self.pools,  # type: ignore[arg-type]
                                 on_change=self.events.sync)
+        self.events.resolve = self.routes.invoker_for
         self.deployer = Deployer(backend.store, backend.blobs, None, config.state_dir,
                                  warmer=ClusterWarmer(backend.store))
         # Schedules fire on one controller at a time: the scheduler holds its
@@ -145,9 +146,9 @@ class Controller:
         return self.options.max_bundle_bytes
 
     async def deploy(self, bundle: bytes, progress: Any, name: str | None = None,
-                     regions: RegionsSpec | None = None) -> Any:
-        result = await self.deployer.deploy(bundle, progress, name, regions)
-        want = {f["name"]: f["version"] for f in result["functions"]}
+                     regions: RegionsSpec | None = None, rollout: Any = None) -> Any:
+        result = await self.deployer.deploy(bundle, progress, name, regions, rollout)
+        want = {f["name"]: f.get("serving", f["version"]) for f in result["functions"]}
         await self.routes.wait_for(lambda rs: all(
             n in rs.functions and rs.functions[n].target.version == v for n, v in want.items()))
         return result

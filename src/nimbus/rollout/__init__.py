@@ -1,0 +1,1 @@
+"""Safe rollouts: versions, aliases, traffic shifting and automatic rollback."""
