@@ -4,12 +4,23 @@ version is bad only in the second one."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nimbus.errors import UserInputError
+from nimbus.multiregion.clusterfile import ClusterFile
+from nimbus.multiregion.converge import Converger
 from nimbus.multiregion.rollout import live_weights
 from nimbus.multiregion.state import (
     DONE,
@@ -18,6 +29,7 @@ from nimbus.multiregion.state import (
     ClusterRollout,
     ClusterState,
     Desired,
+    state_dir_for,
 )
 from nimbus.multiregion.waves import (
     default_waves,
@@ -25,6 +37,8 @@ from nimbus.multiregion.waves import (
     parse_waves,
     wait_deadline_s,
 )
+from tests import multiregion
+from tests.multiregion import RegionProc, regions
 
 CLUSTER = ("eu", "us", "ap")
 
@@ -116,3 +130,140 @@ def test_a_rollout_by_waves_holds_the_app_back_until_done(tmp_path: Path) -> Non
     state.record_deploy(_desired(a), b"zip-a")
     assert state.snapshot().rollouts == {}
     assert state.snapshot().held("shop") is None
+
+
+# -- two regions -----------------------------------------------------------------
+MANIFEST = """\
+name: shop
+functions:
+  hello:
+    handler: hello.handler
+    http: [{method: GET, path: /hello}]
+"""
+# The same code runs in every region; AWS_REGION says which one it is in.
+CODE = """\
+import os
+def handler(event, context):
+    region = os.environ["AWS_REGION"]
+    if %r and region == "us":
+        raise RuntimeError("broken in us")
+    return {"statusCode": 200, "body": "%s " + region}
+"""
+CANARY = ("--strategy", "canary:20%:2s", "--bake", "1s", "--min-requests", "5",
+          "--rollback-on", "error_rate > 2%")
+
+
+def write_version(folder: Path, word: str, bad_in_us: bool, rollout: str = "") -> Path:
+    return multiregion.write_app(folder, MANIFEST + rollout, "hello", CODE % (bad_in_us, word))
+
+
+class Load:
+    """Steady GET /hello against every region's gateway, from one thread per
+    region, until stopped (a rollout's canary needs requests to judge)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(u,), daemon=True)
+                        for u in urls]
+
+    def _run(self, url: str) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self.stop_event.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    client.get(url + "/hello")
+                time.sleep(0.01)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+class World:
+    def __init__(self, root: Path, eu: RegionProc, us: RegionProc,
+                 cluster: ClusterFile) -> None:
+        self.root, self.eu, self.us, self.cluster = root, eu, us, cluster
+        self.app = root / "shop"
+
+    def deploy(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NIMBUS_")}
+        return subprocess.run([sys.executable, "-m", "nimbus", "deploy", str(self.app),
+                               "--cluster", str(self.cluster.path), *args],
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NIMBUS_")}
+        return subprocess.run([sys.executable, "-m", "nimbus", *args, "--cluster",
+                               str(self.cluster.path)],
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    def serves(self, region: RegionProc) -> set[str]:
+        """What /hello answers in ``region`` over 20 requests."""
+        return {region.get("/hello").text for _ in range(20)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("rollregions")
+    with regions(root, None) as (eu, us):
+        cluster = multiregion.write_cluster_file(root / "cluster", [eu, us])
+        w = World(root, eu, us, cluster)
+        write_version(w.app, "v1", bad_in_us=False)
+        out = w.deploy()
+        assert out.returncode == 0, out.stdout + out.stderr
+        yield w
+
+
+def _reached_stable(w: World, word: str) -> None:
+    assert w.serves(w.eu) == {f"{word} eu"}
+    assert w.serves(w.us) == {f"{word} us"}
+
+
+@pytest.mark.e2e
+def test_a_version_bad_in_the_second_region_is_rolled_back_everywhere(world: World) -> None:
+    write_version(world.app, "v2", bad_in_us=True)
+    with Load([world.eu.gateway_url, world.us.gateway_url]):
+        out = world.deploy(*CANARY)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert re.search(r"^eu: version 2 promoted$", out.stdout, re.M), text
+    assert re.search(r"^us: rolled back — hello: .*error_rate", out.stdout, re.M), text
+    assert "eu: rolled back (on_region_failure: rollback-all)" in out.stdout, text
+    assert "rollout stopped: us: hello: " in text
+    _reached_stable(world, "v1")
+    state = ClusterState(state_dir_for(world.cluster.path))
+    held = state.snapshot().held("shop")
+    assert held is not None and held.state == STOPPED and held.reason.startswith("us: ")
+    # the converger leaves the stopped digest alone: nothing is pushed
+    report = asyncio.run(Converger(world.cluster, state.root).converge_once(time.monotonic()))
+    assert {(o.region, o.what) for o in report.outcomes} == {("eu", "held"), ("us", "held")}
+    # the cluster's view of the rollout
+    status = world.cli("rollout", "status", "hello")
+    assert status.returncode == 0, status.stderr
+    assert "stopped: us: hello:" in status.stdout, status.stdout
+    assert re.search(r"^  eu +rolled back", status.stdout, re.M), status.stdout
+    assert re.search(r"^  us +rolled back", status.stdout, re.M), status.stdout
+
+
+@pytest.mark.e2e
+def test_with_stop_the_first_region_keeps_the_new_version(world: World) -> None:
+    write_version(world.app, "v3", bad_in_us=True,
+                  rollout="rollout: {on_region_failure: stop}\n")
+    with Load([world.eu.gateway_url, world.us.gateway_url]):
+        out = world.deploy(*CANARY)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert re.search(r"^eu: version 3 promoted$", out.stdout, re.M), text
+    assert re.search(r"^us: rolled back — hello: .*error_rate", out.stdout, re.M), text
+    assert "left on the new version (on_region_failure: stop): eu" in out.stdout, text
+    assert world.serves(world.eu) == {"v3 eu"}
+    assert world.serves(world.us) == {"v1 us"}
+    # rolled back by hand everywhere: eu returns to version 1
+    back = world.cli("rollback", "hello")
+    assert back.returncode == 0, back.stdout + back.stderr
+    _reached_stable(world, "v1")

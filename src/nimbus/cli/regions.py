@@ -72,6 +72,10 @@ def rollout_options(plan: DeployPlan, cluster: ClusterFile,
     waits = _step_waits(str(strategy))
     if len(waits) <= 1:
         return None
+    if flags.rollback_on is not None:
+        from nimbus.rollout.policy import parse_rule
+
+        parse_rule(flags.rollback_on)
     if flags.waves is not None:
         waves = parse_waves(flags.waves, plan.regions, cluster.names)
     elif block.get("waves") is not None:
@@ -215,3 +219,38 @@ def cluster_status_cmd(cluster_path: Path, *, as_json: bool, wait_all: bool,
 def plain_deploy_settings(app_dir: Path) -> DeploySettings | None:
     """The saved answers of a guided deploy, if the app has them."""
     return read_settings(app_dir)
+
+
+def cluster_rollout_status(cluster_path: Path, fn: str, *, as_json: bool,
+                           watch: bool) -> None:
+    import time
+
+    from nimbus.multiregion.rollstatus import cluster_rollout
+    from nimbus.multiregion.rollstatus import render as render_rollout
+
+    cluster = open_cluster(cluster_path)
+    while True:
+        doc = asyncio.run(cluster_rollout(cluster, fn))
+        if as_json:
+            print_json(doc)
+        else:
+            for line in render_rollout(doc, time.time()):
+                click.echo(line)
+        running = (doc["cluster"] or {}).get("state") in ("running", "baking") or any(
+            (r["rollout"] or {}).get("state") == "running" for r in doc["regions"].values())
+        if not watch or not running:
+            return
+        time.sleep(1.0)
+        click.echo()
+
+
+def cluster_rollback_cmd(cluster_path: Path, fn: str, to: int | None) -> int:
+    from nimbus.multiregion.rollstatus import cluster_rollback
+
+    cluster = open_cluster(cluster_path)
+    lines, ok = asyncio.run(cluster_rollback(cluster, fn, to))
+    for line in lines:
+        click.echo(line)
+    if not ok:
+        click.echo(f"nimbus: error: {fn} was not rolled back in every region", err=True)
+    return 0 if ok else 1
