@@ -352,7 +352,7 @@ class Deployer:
             self.worker.discard([t for t in warmed if live.get(t.function, {}).get(
                 "config_hash") != records[t.function]["config_hash"]])
             raise
-        app_record = {
+        app_record: dict[str, Any] = {
             "name": app.name, "digest": digest, "deployed": time.time(),
             "functions": records,
             "regions": app.regions.to_dict() if app.regions else None,
@@ -454,8 +454,8 @@ class Deployer:
                     raise DeployError(f"another rollout of {fn} started during this deploy; "
                                       f"see nimbus rollout status {fn}") from None
                 started[fn] = (rec, revision)
-                why = (" (the default: version {frm} takes real traffic; --strategy "
-                       "all-at-once to skip)".format(frm=frm) if plan.defaulted else "")
+                why = (f" (the default: version {frm} takes real traffic; --strategy "
+                       "all-at-once to skip)" if plan.defaulted else "")
                 progress(f"rolling out {fn} version {to} over version {frm}: "
                          f"{plan.strategy}{why}")
         except BaseException:

@@ -8,6 +8,7 @@ this process dies in between (``"applied": false``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -61,7 +62,7 @@ async def rollback(store: Store, fn: str, to: int | None, now: float) -> dict[st
         except ConflictError:
             continue  # the runner moved it meanwhile: read it again
         records = await _records(store, fn, int(rec["from"]), int(rec["to"]))
-        await change_app(store, fn, lambda app: state.app_for(app, done, records))
+        await change_app(store, fn, _to(done, records))
         try:
             await store.update(state.key(fn), orjson.dumps({**done, "applied": True}),
                                revision)
@@ -105,6 +106,11 @@ async def _move_live(store: Store, fn: str, to: int | None,
         message += "; its instances were not kept warm, so the first requests may cold-start"
     return {"function": fn, "live": {str(to): 100}, "from": stable, "to": to,
             "cold_start": not warm, "message": message}
+
+
+def _to(rec: state.Record, records: dict[int, dict[str, Any]]
+        ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda app: state.app_for(app, rec, records)
 
 
 async def _records(store: Store, fn: str, *versions: int) -> dict[int, dict[str, Any]]:
