@@ -266,4 +266,6 @@ def test_with_stop_the_first_region_keeps_the_new_version(world: World) -> None:
     # rolled back by hand everywhere: eu returns to version 1
     back = world.cli("rollback", "hello")
     assert back.returncode == 0, back.stdout + back.stderr
+    assert "eu: rolled back\n" in back.stdout, back.stdout
+    assert "us: already rolled back: version 1 serves all traffic" in back.stdout, back.stdout
     _reached_stable(world, "v1")

@@ -100,15 +100,25 @@ async def cluster_rollback(cluster: ClusterFile, fn: str, to: int | None,
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S * 3) as client:
         records = await asyncio.gather(*(get_rollout(client, cluster.regions[n], fn)
                                          for n in cluster.names))
-        errors = await asyncio.gather(*(post_rollback(client, cluster.regions[n], fn, to)
-                                        for n in cluster.names))
+
+        async def one(name: str, record: dict[str, Any] | None) -> str:
+            region = cluster.regions[name]
+            if to is None and record is not None and record.get("state") == "rolled_back":
+                # its rollout already ended on the old version: nothing to move
+                # unless live was moved off that version since
+                old = int(record["from"])
+                live = await get_live_weights(client, region, fn)
+                if live is None or live == {old: 100}:
+                    return f"already rolled back: version {old} serves all traffic"
+            error = await post_rollback(client, region, fn, to)
+            return f"not rolled back — {error}" if error else "rolled back"
+
+        outcomes = await asyncio.gather(*(one(n, r) for n, (r, _e) in
+                                          zip(cluster.names, records, strict=True)))
     lines, ok = [], True
-    for name, error in zip(cluster.names, errors, strict=True):
-        if error:
-            ok = False
-            lines.append(f"{name}: not rolled back — {error}")
-        else:
-            lines.append(f"{name}: rolled back")
+    for name, outcome in zip(cluster.names, outcomes, strict=True):
+        ok = ok and not outcome.startswith("not ")
+        lines.append(f"{name}: {outcome}")
     app = next((r.get("app") for r, _e in records if r and r.get("app")), None)
     if app is not None:
         ro = await mark_stopped(cluster, str(app), BY_HAND, state_dir)
