@@ -23,6 +23,7 @@ from nimbus.multiregion.clusterfile import ClusterFile
 from nimbus.multiregion.converge import Converger
 from nimbus.multiregion.rollout import live_weights
 from nimbus.multiregion.state import (
+    BAKING,
     DONE,
     RUNNING,
     STOPPED,
@@ -269,3 +270,47 @@ def test_with_stop_the_first_region_keeps_the_new_version(world: World) -> None:
     assert "eu: rolled back\n" in back.stdout, back.stdout
     assert "us: already rolled back: version 1 serves all traffic" in back.stdout, back.stdout
     _reached_stable(world, "v1")
+
+
+@pytest.mark.e2e
+def test_a_deploy_killed_while_baking_continues_from_the_next_wave(world: World) -> None:
+    write_version(world.app, "v4", bad_in_us=False)
+    args = ("--strategy", "canary:20%:1s", "--bake", "1m", "--min-requests", "5",
+            "--rollback-on", "error_rate > 2%")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIMBUS_")}
+    with Load([world.eu.gateway_url, world.us.gateway_url]):
+        proc = subprocess.Popen([sys.executable, "-m", "nimbus", "deploy", str(world.app),
+                                 "--cluster", str(world.cluster.path), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
+        seen = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # ends when the deploy exits (it bakes for 1m)
+                seen.append(line)
+                if "baking" in line:
+                    break
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        assert any(line.startswith("wave 1/2 (eu): promoted; baking") for line in seen), seen
+        state = ClusterState(state_dir_for(world.cluster.path))
+        ro = state.rollout("shop")
+        assert ro is not None and ro.state == BAKING and ro.waves_done == 0
+        assert world.serves(world.eu) == {"v4 eu"}
+        assert world.serves(world.us) == {"v1 us"}  # not reached, and not converged
+        report = asyncio.run(Converger(world.cluster, state.root).converge_once(
+            time.monotonic()))
+        assert {o.what for o in report.outcomes} == {"held"}
+        ro.bake_until = time.time()  # the bake ended meanwhile
+        assert state.update_rollout(ro)
+        out = world.deploy(*args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "continuing the rollout of" in out.stdout and "0 of 2 waves done" in out.stdout
+    assert "eu: version" not in out.stdout, out.stdout  # not pushed again
+    assert re.search(r"^us: version \d+ promoted$", out.stdout, re.M), out.stdout
+    assert "rollout done" in out.stdout
+    _reached_stable(world, "v4")
+    assert ClusterState(state_dir_for(world.cluster.path)).snapshot().held("shop") is None

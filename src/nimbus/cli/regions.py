@@ -156,8 +156,9 @@ def cluster_deploy(app_dir: Path, cluster_path: Path, *, wait_all: bool, timeout
         if wait_all:
             raise UserInputError("--wait-all does not go with a rollout by waves: the deploy "
                                  "itself waits for every region")
-        return asyncio.run(roll_out(plan, cluster, opts, push_timeout_s=timeout_s,
-                                    echo=click.echo))
+        return asyncio.run(roll_out(
+            plan, cluster, opts, push_timeout_s=timeout_s, echo=click.echo,
+            error=lambda text: click.echo(f"nimbus: error: {text}", err=True)))
     reports = asyncio.run(deploy_plan(plan, cluster, timeout_s=timeout_s,
                                       on_report=lambda r: click.echo(r.line()),
                                       extra=_direct_params(flags)))

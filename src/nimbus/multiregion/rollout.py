@@ -173,13 +173,15 @@ class WaveRollout:
 
     def __init__(self, plan: DeployPlan, cluster: ClusterFile, opts: RolloutOptions, *,
                  state_dir: Path | None = None, push_timeout_s: float = 120.0,
-                 echo: Callable[[str], None] = print, poll_s: float = POLL_S) -> None:
+                 echo: Callable[[str], None] = print,
+                 error: Callable[[str], None] | None = None, poll_s: float = POLL_S) -> None:
         self.plan = plan
         self.cluster = cluster
         self.opts = opts
         self.state = ClusterState(state_dir or state_dir_for(cluster.path))
         self.push_timeout_s = push_timeout_s
         self.echo = echo
+        self.error = error or (lambda text: echo(f"error: {text}"))
         self.poll_s = poll_s
         self.ro: ClusterRollout | None = None
 
@@ -230,26 +232,37 @@ class WaveRollout:
             try:
                 return await self._waves(client)
             except Superseded as exc:
-                self.echo(f"stopped: {exc}")
+                self.error(f"stopped: {exc}")
                 return 1
 
     async def _waves(self, client: httpx.AsyncClient) -> int:
         ro = self.ro
         assert ro is not None
+        # a deploy that died after a region rolled back, before acting on it
+        failed = {r: str(e.get("reason", "rolled back")) for r, e in ro.regions.items()
+                  if e.get("state") == ROLLED_BACK}
+        if failed:
+            return await self._fail(client, failed)
         for i in range(ro.waves_done, len(ro.waves)):
             wave = ro.waves[i]
-            ro.wave, ro.state, ro.bake_until = i, RUNNING, 0.0
-            self._save()
-            failures = await self._wave(client, wave)
             label = f"wave {i + 1}/{len(ro.waves)} ({', '.join(wave)})"
-            if failures:
-                self.echo(f"{label}: failed")
-                return await self._fail(client, failures)
-            changed = any(ro.regions.get(r, {}).get("changed") for r in wave)
-            if i + 1 < len(ro.waves) and changed and ro.bake_s > 0:
-                ro.state, ro.bake_until = BAKING, time.time() + ro.bake_s
+            # a deploy that died while this wave baked: the bake goes on to
+            # its recorded end, the wave's rollouts are not run again
+            resumed_bake = ro.state == BAKING and ro.wave == i
+            if not resumed_bake:
+                ro.wave, ro.state, ro.bake_until = i, RUNNING, 0.0
                 self._save()
-                self.echo(f"{label}: promoted; baking {ro.bake_s:g} s until "
+                failures = await self._wave(client, wave)
+                if failures:
+                    self.echo(f"{label}: failed")
+                    return await self._fail(client, failures)
+            changed = any(ro.regions.get(r, {}).get("changed") for r in wave)
+            if resumed_bake or (i + 1 < len(ro.waves) and changed and ro.bake_s > 0):
+                if not resumed_bake:
+                    ro.state, ro.bake_until = BAKING, time.time() + ro.bake_s
+                    self._save()
+                left = max(0.0, ro.bake_until - time.time())
+                self.echo(f"{label}: promoted; baking {left:.3g} s until "
                           f"{time.strftime('%H:%M:%S', time.localtime(ro.bake_until))}")
                 failures = await self._bake(client)
                 if failures:
@@ -303,7 +316,9 @@ class WaveRollout:
         assert ro is not None
         region = self.cluster.regions[name]
         entry = ro.regions.get(name) or {}
-        if entry.get("state") != "running":
+        # an earlier run of this deploy got the bundle there: its rollout went
+        # on without the deploy, and is only watched now
+        if entry.get("state") not in ("running", PROMOTED):
             ro.regions[name] = {"state": "pushing"}
             self._save()
             result = await push_bundle(client, region, self.plan.app, self.plan.bundle,
@@ -441,7 +456,7 @@ class WaveRollout:
         untouched = [r for w in ro.waves for r in w if r not in ro.regions]
         if untouched:
             self.echo(f"not reached, still on the old version: {', '.join(untouched)}")
-        self.echo(f"nimbus: rollout stopped: {ro.reason}")
+        self.error(f"rollout stopped: {ro.reason}")
         return 1
 
     async def _roll_back(self, client: httpx.AsyncClient, name: str) -> str:
@@ -466,9 +481,10 @@ class Superseded(Exception):
 
 async def roll_out(plan: DeployPlan, cluster: ClusterFile, opts: RolloutOptions, *,
                    state_dir: Path | None = None, push_timeout_s: float = 120.0,
-                   echo: Callable[[str], None] = print) -> int:
+                   echo: Callable[[str], None] = print,
+                   error: Callable[[str], None] | None = None) -> int:
     return await WaveRollout(plan, cluster, opts, state_dir=state_dir,
-                             push_timeout_s=push_timeout_s, echo=echo).run()
+                             push_timeout_s=push_timeout_s, echo=echo, error=error).run()
 
 
 async def mark_stopped(cluster: ClusterFile, app: str, reason: str,
