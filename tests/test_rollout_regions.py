@@ -32,6 +32,7 @@ from nimbus.multiregion.state import (
     Desired,
     state_dir_for,
 )
+from nimbus.multiregion.status import cluster_status, render
 from nimbus.multiregion.waves import (
     default_waves,
     parse_bake,
@@ -243,6 +244,10 @@ def test_a_version_bad_in_the_second_region_is_rolled_back_everywhere(world: Wor
     # the converger leaves the stopped digest alone: nothing is pushed
     report = asyncio.run(Converger(world.cluster, state.root).converge_once(time.monotonic()))
     assert {(o.region, o.what) for o in report.outcomes} == {("eu", "held"), ("us", "held")}
+    doc = asyncio.run(cluster_status(world.cluster, state.root))
+    assert doc["rollouts"]["shop"]["state"] == STOPPED and not doc["converged"]
+    assert any(line.startswith("rollout of shop ") and "stopped: us: hello:" in line
+               for line in render(doc)), render(doc)
     # the cluster's view of the rollout
     status = world.cli("rollout", "status", "hello")
     assert status.returncode == 0, status.stderr

@@ -291,11 +291,12 @@ class ClusterState:
 
     def update_rollout(self, rollout: ClusterRollout) -> bool:
         """Write the rollout's progress, unless another deploy of the app
-        replaced it meanwhile (another digest, or a newer start): False then."""
+        replaced or cleared it meanwhile (no record, another digest, or a
+        newer start): False then."""
         with self.locked():
             current = self.rollout(rollout.app)
-            if current is not None and (current.digest != rollout.digest
-                                        or current.started != rollout.started):
+            if current is None or current.digest != rollout.digest \
+                    or current.started != rollout.started:
                 return False
             _write(self._rollout_file(rollout.app), rollout.to_json(), durable=True)
             return True
