@@ -154,8 +154,8 @@ def cluster_deploy(app_dir: Path, cluster_path: Path, *, wait_all: bool, timeout
         raise click.UsageError(str(exc)) from None
     if opts is not None:
         if wait_all:
-            raise UserInputError("--wait-all does not go with a rollout by waves: the deploy "
-                                 "itself waits for every region")
+            raise click.UsageError("--wait-all does not go with a rollout by waves: the "
+                                   "deploy itself waits for every region")
         return asyncio.run(roll_out(
             plan, cluster, opts, push_timeout_s=timeout_s, echo=click.echo,
             error=lambda text: click.echo(f"nimbus: error: {text}", err=True)))

@@ -340,22 +340,24 @@ class WaveRollout:
             self.echo(f"{name}: version {result.version} deployed"
                       + (f"; rollout {ro.strategy} under way" if result.changed else
                          " (unchanged)"))
-        why = await self._settle(client, region, entry)
+        outcome, why = await self._settle(client, region, entry)
+        entry["state"] = outcome  # "running" when it did not decide in time
         if why:
-            entry["state"], entry["reason"] = ROLLED_BACK, why
-        else:
-            entry["state"] = PROMOTED
+            entry["reason"] = why
         self._save()
-        if why:
+        if outcome == PROMOTED:
+            self.echo(f"{name}: version {entry.get('version')} promoted")
+        elif outcome == ROLLED_BACK:
             self.echo(f"{name}: rolled back — {why}")
         else:
-            self.echo(f"{name}: version {entry.get('version')} promoted")
+            self.echo(f"{name}: undecided — {why}")
         return why
 
     async def _settle(self, client: httpx.AsyncClient, region: RegionEntry,
-                      entry: dict[str, Any]) -> str:
-        """Wait for every function's rollout in ``entry`` to end; "" when all
-        promoted, else the first reason one did not."""
+                      entry: dict[str, Any]) -> tuple[str, str]:
+        """Wait for every function's rollout in ``entry`` to end: (promoted,
+        ""), (rolled_back, why), or (running, why) when one did not end
+        within the deadline (it is still under way in the region)."""
         functions: dict[str, dict[str, Any]] = entry.get("functions") or {}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.wait_s
@@ -378,15 +380,15 @@ class WaveRollout:
                 if state == "promoted":
                     left.pop(fn)
                 elif state == "rolled_back":
-                    return f"{fn}: {record.get('reason') or 'rolled back'}"
+                    return ROLLED_BACK, f"{fn}: {record.get('reason') or 'rolled back'}"
             if not left:
                 break
             if loop.time() >= deadline:
                 fns = ", ".join(left)
-                return (f"{fns}: no decision within {self.opts.wait_s:g} s"
-                        + (f" ({last_error})" if last_error else ""))
+                return "running", (f"{fns}: no decision within {self.opts.wait_s:g} s"
+                                   + (f" ({last_error})" if last_error else ""))
             await asyncio.sleep(self.poll_s)
-        return ""
+        return PROMOTED, ""
 
     async def _bake(self, client: httpx.AsyncClient) -> dict[str, str]:
         """Until the bake ends, watch every region on the new version: one
@@ -440,7 +442,13 @@ class WaveRollout:
         self._save()
         back = [name for name, e in ro.regions.items()
                 if e.get("state") in (PROMOTED, "running") and e.get("changed")]
-        if ro.on_region_failure == ROLLBACK_ALL and back:
+        # a region that refused the bundle or could not be reached says
+        # nothing about the version: the others keep it whatever the policy
+        judged = any(ro.regions.get(r, {}).get("state") != FAILED for r in failures)
+        if ro.on_region_failure == ROLLBACK_ALL and back and not judged:
+            self.echo("left on the new version (no region judged it: deploy again to go "
+                      f"on once the region is back): {', '.join(back)}")
+        elif ro.on_region_failure == ROLLBACK_ALL and back:
             results = await asyncio.gather(*(self._roll_back(client, name) for name in back))
             for name, error in zip(back, results, strict=True):
                 entry = ro.regions[name]
