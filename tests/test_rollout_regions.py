@@ -319,3 +319,36 @@ def test_a_deploy_killed_while_baking_continues_from_the_next_wave(world: World)
     assert "rollout done" in out.stdout
     _reached_stable(world, "v4")
     assert ClusterState(state_dir_for(world.cluster.path)).snapshot().held("shop") is None
+
+
+def _cluster_file(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "t.token").write_text("secret\n")
+    (folder / "t.token").chmod(0o600)
+    text = "regions:\n" + "".join(
+        f"  {name}:\n    control: http://127.0.0.{i + 2}:9\n    token_file: t.token\n"
+        f"    gateways: [http://127.0.0.{i + 2}:10]\n" for i, name in enumerate(CLUSTER))
+    (folder / "nimbus.cluster.yaml").write_text(text)
+    return folder / "nimbus.cluster.yaml"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--waves", "eu;mars"), "--waves: region 'mars' is not in the cluster file"),
+    (("--waves", "eu;us"), "--waves: region ap of the app is in no wave"),
+    (("--bake", "soon"), "--bake: expected a duration like 1m, 30s or 0, got 'soon'"),
+    (("--strategy", "canary:150%:1m"), "canary"),
+])
+def test_deploy_flags_are_checked_before_any_region_is_asked(
+        tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    from click.testing import CliRunner
+
+    from nimbus.cli.main import cli
+
+    cluster = _cluster_file(tmp_path / "c")
+    app = write_version(tmp_path / "shop", "v1", bad_in_us=False)
+    flags = ("--strategy", "canary:10%:1m", *args) if args[0] != "--strategy" else args
+    result = CliRunner().invoke(cli, ["deploy", str(app), "--cluster", str(cluster), *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    # nothing was recorded: no region is held back or pending
+    assert not state_dir_for(cluster).exists()
