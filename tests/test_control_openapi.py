@@ -96,7 +96,11 @@ def test_the_document_describes_every_route_and_the_bearer_auth(document):
         ("GET", "/v1/functions/{name}/invocations"), ("GET", "/v1/invocations/{id}"),
         ("GET", "/v1/traces/{id}"),
         ("GET", "/v1/functions/{name}/dlq"), ("POST", "/v1/functions/{name}/dlq/redrive"),
-        ("POST", "/v1/publish/{name}")}
+        ("POST", "/v1/publish/{name}"),
+        ("GET", "/v1/functions/{name}/versions"), ("GET", "/v1/functions/{name}/aliases"),
+        ("PUT", "/v1/functions/{name}/aliases/{alias}"),
+        ("DELETE", "/v1/functions/{name}/aliases/{alias}"),
+        ("GET", "/v1/functions/{name}/rollout"), ("POST", "/v1/functions/{name}/rollback")}
     for path in PUBLIC:
         assert document["paths"][path]["get"]["security"] == []
 
@@ -128,7 +132,7 @@ def test_no_generated_request_gets_a_5xx_and_unauthenticated_ones_get_401(nimbus
 
     base = nimbus.control_url
     seen = _run(schema, GenerationMode.POSITIVE, auth, base, no_server_error)
-    assert len(seen) == 14
+    assert len(seen) == 20
     assert _run(schema, GenerationMode.NEGATIVE, auth, base, no_server_error)
     _run(schema, GenerationMode.POSITIVE, {}, base, unauthorized)
     assert time.monotonic() - started < 120  # generous; typically well under a minute

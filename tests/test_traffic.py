@@ -160,14 +160,15 @@ def test_change_app_is_compare_and_set(tmp_path: Path) -> None:
                         self.raced += 1
                         await store.update(key, orjson.dumps(plain(7) | {"deployed": 2.0}),
                                            revision)
-                    return await store.update(key, value, revision)
+                    return int(await store.update(key, value, revision))
 
             racing = Racing()
             seen: list[float] = []
 
             def change(app: dict[str, Any]) -> dict[str, Any]:
                 seen.append(app["deployed"])
-                return traffic.with_weights(app, "f", "beta", {7: 100})
+                new: dict[str, Any] = traffic.with_weights(app, "f", "beta", {7: 100})
+                return new
 
             written = await records.change_app(racing, "f", change)  # type: ignore[arg-type]
             assert seen == [1.0, 2.0]  # read again after losing the race
@@ -178,3 +179,143 @@ def test_change_app_is_compare_and_set(tmp_path: Path) -> None:
         finally:
             await store.aclose()
     run(main())
+
+
+def test_placement_and_garbage_collection_keep_every_referenced_version(tmp_path: Path) -> None:
+    from nimbus.cluster.leader import live_targets
+    from nimbus.control.gc import kept_versions
+    from nimbus.manifest.model import FunctionSpec
+
+    spec = FunctionSpec(name="f", module="m", callable="h").to_dict()
+
+    def full(v: int) -> dict[str, Any]:
+        return rec(v) | {"spec": spec}
+
+    app = traffic.with_weights(plain() | {"functions": {"f": full(7)}}, "f", "live",
+                               {7: 90, 8: 10}, {8: full(8)})
+    app = traffic.with_weights(app, "f", "old", {2: 100}, {2: full(2)})
+    assert sorted(live_targets({"apps/a": app})) == ["f@2", "f@7", "f@8"]
+
+    async def main() -> None:
+        store = await open_sqlite_store(tmp_path / "s.db")
+        try:
+            await store.create("apps/a", orjson.dumps(app))
+            for v in range(1, 10):
+                await store.create(f"functions/f/versions/{v:08d}", orjson.dumps(full(v)))
+            keep, stale = await kept_versions(store, keep_versions=1)
+            assert [key for key, _ in stale] == [f"functions/f/versions/{v:08d}"
+                                                 for v in (1, 3, 4, 5, 6)]
+            assert keep.digests == {"d2", "d7", "d8", "d9"}
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_setting_live_is_refused_while_a_rollout_runs(tmp_path: Path) -> None:
+    from nimbus.control.aliases import refuse_during_rollout
+    from nimbus.errors import ConflictError
+
+    async def main() -> None:
+        store = await open_sqlite_store(tmp_path / "s.db")
+        try:
+            await refuse_during_rollout(store, "f")  # no rollout: fine
+            rev = await store.create("rollouts/f", orjson.dumps(
+                {"id": "r1", "from": 7, "to": 8, "strategy": "canary:10%:5m",
+                 "state": "running"}))
+            with pytest.raises(ConflictError, match=r"rollout r1: version 7 -> 8.*"
+                               r"`nimbus rollback f`"):
+                await refuse_during_rollout(store, "f")
+            await store.update("rollouts/f", orjson.dumps({"id": "r1", "state": "promoted"}),
+                               rev)
+            await refuse_during_rollout(store, "f")
+        finally:
+            await store.aclose()
+    run(main())
+
+
+class FakeInvoker:
+    """Stands for a version's pool in the pure tests of the pick."""
+
+    def __init__(self, version: int) -> None:
+        self.target = type("T", (), {"version": version, "function": "f"})()
+        self.cap = 10
+        self.lines: list[str] = []
+
+    def log(self, rid: str | None, stream: str, text: str, level: str | None = None) -> None:
+        self.lines.append(text)
+
+
+def test_split_picks_by_weight_and_by_sticky_key() -> None:
+    import random
+
+    from nimbus.gateway.split import Split, sticky_key
+
+    old, new = FakeInvoker(7), FakeInvoker(8)
+    split = Split("live", [(7, 75, old), (8, 25, new)], old)
+    assert split.target is old.target and split.cap == 10
+    assert split.for_version(8) is new and split.for_version(9) is None
+    random.seed(1)
+    picks = [split.pick(None).target.version for _ in range(4000)]
+    assert abs(picks.count(8) - 1000) <= 100
+    for i in range(200):  # the same bucket table as the pure one
+        key = f"user-{i}"
+        want = traffic.version_for_bucket(traffic.bucket_table({7: 75, 8: 25}),
+                                          traffic.bucket(key))
+        assert split.pick(key).target.version == want
+    assert sticky_key({"headers": {"x-nimbus-sticky": "u1"}, "cookies": ["nimbus-sticky=u2"]}) \
+        == "u1"
+    assert sticky_key({"headers": {}, "cookies": ["a=b", "nimbus-sticky=u2"]}) == "u2"
+    assert sticky_key({"headers": {}}) is None and sticky_key([1]) is None
+    zero = Split("live", [(7, 100, old), (8, 0, new)], old)
+    assert {zero.pick(None).target.version for _ in range(100)} == {7}
+    assert zero.for_version(8) is new  # named at weight 0: still reachable when pinned
+
+
+def test_a_pinned_message_runs_on_its_version_or_says_why_not() -> None:
+    from nimbus.events.dispatch import Dispatcher
+    from nimbus.events.names import Subscription
+    from nimbus.gateway.split import Split
+    from nimbus.store.queue import Message
+
+    old, new, beta = FakeInvoker(7), FakeInvoker(8), FakeInvoker(5)
+    split = Split("live", [(7, 90, old), (8, 10, new)], old)
+    d = Dispatcher(None, lambda: {"f": split},  # type: ignore[arg-type, dict-item]
+                   None,  # type: ignore[arg-type]
+                   version_of=lambda fn, v: beta if v == 5 else None)
+    sub = Subscription("fn/f", "f", "invoke", "f")
+
+    def msg(pin: str) -> Message:
+        return Message("m1", "fn/f", b"{}", {"nimbus.version": pin}, 1, 0.0, None)
+
+    assert d._pinned(sub, split, msg("8"), "8") is new
+    assert d._pinned(sub, split, msg("5"), "5") is beta  # another alias's version
+    assert d._pinned(sub, old, msg("7"), "7") is old
+    gone = d._pinned(sub, split, msg("3"), "3")
+    assert gone in (old, new)
+    assert old.lines == [f"async invocation m1 was accepted for version 3, which is no longer "
+                         f"deployed; it runs on version {gone.target.version}"]
+
+
+def test_a_manifest_route_names_an_alias(tmp_path: Path) -> None:
+    from nimbus.errors import ManifestError
+    from nimbus.manifest.loader import load_app
+    from nimbus.manifest.model import FunctionSpec
+
+    (tmp_path / "api.py").write_text("def h(event, context):\n    return 1\n")
+    (tmp_path / "app.yaml").write_text(
+        "name: a\nfunctions:\n  f:\n    handler: api.h\n    http:\n"
+        "      - {method: GET, path: /f}\n      - {method: GET, path: /b, alias: beta}\n")
+    spec = load_app(tmp_path).functions["f"]
+    assert [(r.path, r.alias) for r in spec.routes] == [("/f", "live"), ("/b", "beta")]
+    stored = spec.to_dict()["routes"]
+    assert stored == [{"method": "GET", "path": "/f"},  # as before: same config hash
+                      {"method": "GET", "path": "/b", "alias": "beta"}]
+    assert FunctionSpec.from_dict(spec.to_dict()) == spec
+    (tmp_path / "app.yaml").write_text(
+        "name: a\nfunctions:\n  f:\n    handler: api.h\n    http:\n"
+        "      - {method: GET, path: /f}\n      - {method: GET, path: /b, alias: Beta_1}\n")
+    with pytest.raises(ManifestError) as info:
+        load_app(tmp_path)
+    err = info.value
+    assert (err.line, err.field) == (7, "functions.f.http[1].alias"), str(err)
+    assert "expected an alias name" in err.message and "'Beta_1'" in err.message

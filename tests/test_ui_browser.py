@@ -1,6 +1,7 @@
 """The dashboard in a real headless browser (Debian's chromium through
 selenium) against a real ``nimbus up``: sign in, watch counts move, see a
-failing function's error, redrive a dead letter from the page; and over
+failing function's error, redrive a dead letter from the page, see why a
+rollout rolled back; and over
 plain HTTP, that nothing of ``/ui`` answers without the session cookie.
 
 ``NIMBUS_SCREENSHOTS=docs/screenshots`` saves a PNG of each page there."""
@@ -250,10 +251,7 @@ def test_sign_in_watch_counts_and_errors(up: Nimbus, browser: Any) -> None:
         traffic(up, SHOTS_LOAD_S)
         driver.get(up.control_url + "/ui#/")
         wait_text(driver, "#fn-hello td[data-k=name]", bool, "the overview")
-        shot(driver, "overview")
-        driver.get(up.control_url + "/ui#/fn/hello")
-        wait_text(driver, "#tiles", bool, "hello's page")
-        shot(driver, "function")
+        shot(driver, "overview")  # hello's page is shot with its rollout, at the end
 
 
 def test_redrive_a_dead_letter_from_the_page(up: Nimbus, browser: Any) -> None:
@@ -326,3 +324,37 @@ def test_scraping_a_metrics_port_and_its_failures(up: Nimbus) -> None:
     assert good == {up.control_url: {"ok": True, "error": None, "at": 42.0}}
     assert bad[up.control_url]["error"] == "answered 401"
     assert not bad[dead]["ok"] and "Connect" in bad[dead]["error"]
+
+
+def test_a_rolled_back_rollout_on_the_function_page(up: Nimbus, browser: Any) -> None:
+    """A canary of hello that fails every request: rolled back by the rule,
+    and the function page says so, with the reason and the traffic shares."""
+    app = up.state.parent / "shop"
+    (app / "h.py").write_text(HANDLERS.replace(
+        'return {"statusCode": 200, "body": "hi"}', 'raise RuntimeError("bad release")'))
+    out = up.cli("deploy", str(app), "--strategy", "canary:50%:10m",
+                 "--rollback-on", "error_rate > 2%", "--min-requests", "5")
+    assert out.returncode == 0, out.stderr
+    ctl = httpx.Client(base_url=up.control_url, timeout=10.0,
+                       headers={"authorization": f"Bearer {up.token}"})
+
+    def rolled_back() -> bool:
+        gateway(up).get("/hello")
+        return bool(ctl.get("/v1/functions/hello/rollout").json()["state"] == "rolled_back")
+
+    with ctl:
+        wait_until(rolled_back, WAIT_S, "the bad canary to roll back", step_s=0.05)
+        rollout = ctl.get("/v1/functions/hello/rollout").json()
+    assert rollout["reason"].startswith("error_rate 100.0% > 2% over ")
+    assert [r.status_code for r in (gateway(up).get("/hello") for _ in range(5))] == [200] * 5
+    driver = browser
+    sign_in(driver, up, up.token)
+    driver.get(up.control_url + "/ui#/fn/hello")
+    wait_text(driver, "#rollout-reason", lambda t: t == "Rolled back: " + rollout["reason"],
+              "the rollback's reason on hello's page")
+    assert text_of(driver, "#rollout [data-k=rollout-state]") == "rolled back"
+    history = text_of(driver, "#rollout-history")
+    assert "rollback" in history and "100.0% errors" in history
+    assert text_of(driver, '#versions-table tr[data-version="1"] td[data-k=traffic]') \
+        == "live 100%"
+    shot(driver, "function")

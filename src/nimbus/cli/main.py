@@ -278,9 +278,12 @@ def _data(data: str | None, default: bytes) -> bytes:
 @click.option("--idempotency-key", default=None,
               help="With --async: a repeat with the same key within 24 h returns the first "
                    "invocation's id and does not run again.")
+@click.option("--qualifier", "-q", default=None, metavar="VERSION|ALIAS",
+              help="Run this version (7) or alias (beta) instead of live.")
 @connection_options
 def invoke(function: str, data: str | None, is_async: bool, idempotency_key: str | None,
-           state_dir: Path | None, url: str | None, token: str | None) -> None:
+           qualifier: str | None, state_dir: Path | None, url: str | None,
+           token: str | None) -> None:
     """Invoke FUNCTION once and print its result (or, with --async, its invocation id)."""
     raw = _data(data, b"{}")
     try:
@@ -293,7 +296,8 @@ def invoke(function: str, data: str | None, is_async: bool, idempotency_key: str
     if idempotency_key:
         headers["idempotency-key"] = idempotency_key
     status, body = _client(state_dir, url, token).request(
-        "POST", f"/v1/functions/{function}/invoke", content=raw, headers=headers)
+        "POST", f"/v1/functions/{function}/invoke", content=raw, headers=headers,
+        params={"qualifier": qualifier} if qualifier else None)
     if status == 202:
         dup = " (duplicate: already accepted with this idempotency key)" if body.get(
             "duplicate") else ""
@@ -490,6 +494,7 @@ def status(as_json: bool, cluster_path: Path | None, wait_all: bool, timeout_s: 
 
 def main() -> None:
     import nimbus.chaos.cli  # noqa: F401 - registers nimbus chaos
+    import nimbus.cli.aliases  # noqa: F401 - registers nimbus alias, nimbus versions
     import nimbus.cli.dns  # noqa: F401 - registers nimbus dns
     import nimbus.cli.edge  # noqa: F401 - registers nimbus edge
     import nimbus.cli.metrics  # noqa: F401 - registers nimbus metrics

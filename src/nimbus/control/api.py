@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from nimbus.control import aliases as alias_api
 from nimbus.control import openapi
 from nimbus.control.deploy import RolloutOptions
 from nimbus.control.openapi import (
@@ -49,6 +50,7 @@ from nimbus.errors import (
 from nimbus.events.service import record_view
 from nimbus.gateway.app import invocation_type
 from nimbus.gateway.responses import status_for
+from nimbus.gateway.split import Split
 from nimbus.ids import new_id
 from nimbus.manifest.model import RegionsSpec
 from nimbus.observe import tracing
@@ -322,14 +324,15 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
             event = orjson.loads(raw) if raw.strip() else {}
         except orjson.JSONDecodeError as exc:
             return error_json(400, "InvalidRequestContent", f"payload is not JSON: {exc}")
+        qualifier = query_text(request, "qualifier", 64)
         if kind == "Event":
             result = await platform.events.submit(name, raw if raw.strip() else b"{}",
-                                                  idempotency_key=key)
+                                                  idempotency_key=key, qualifier=qualifier)
             return _json({"invocationId": result.id, "function": name,
                           "duplicate": not result.created}, 202)
-        pool = platform.routes.functions.get(name)
-        if pool is None:
-            raise NotFoundError(f"function {name!r} is not deployed")
+        pool = platform.routes.invoker_for(name, qualifier)
+        if isinstance(pool, Split):  # the version that runs it, chosen now
+            pool = pool.pick(None)
         if kind == "DryRun":
             return Response(status_code=204)
         rid = new_id()
@@ -565,7 +568,8 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
     handlers = {"deploy": deploy, "invoke": invoke, "functions": functions, "apps": apps,
                 "logs": logs, "status": status, "invocations": invocations,
                 "invocation": invocation, "traces": traces, "dlq": dlq, "redrive": redrive,
-                "publish": publish, "rollout": rollout_status, "rollback": rollback}
+                "publish": publish, "rollout": rollout_status, "rollback": rollback,
+                **alias_api.handlers(platform)}
 
     def guarded(fn: Any) -> Any:
         async def endpoint(request: Request) -> Response:
@@ -613,5 +617,9 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
         Route("/v1/publish/{name}", g["publish"], methods=["POST"]),
         Route("/v1/functions/{name}/rollout", g["rollout"], methods=["GET"]),
         Route("/v1/functions/{name}/rollback", g["rollback"], methods=["POST"]),
+        Route("/v1/functions/{name}/versions", g["versions"], methods=["GET"]),
+        Route("/v1/functions/{name}/aliases", g["aliases"], methods=["GET"]),
+        Route("/v1/functions/{name}/aliases/{alias}", g["set_alias"], methods=["PUT"]),
+        Route("/v1/functions/{name}/aliases/{alias}", g["remove_alias"], methods=["DELETE"]),
         *(dashboard.routes() if dashboard is not None else ()),
     ], exception_handlers={HTTPException: http_error})

@@ -37,6 +37,9 @@ _NDJSON = {"application/x-ndjson": {"schema": {"type": "string"}}}
 _NAME = {"name": "name", "in": "path", "required": True,
          "description": "a function name (or, for publish, a queue or topic name)",
          "schema": {"type": "string", "pattern": f"^{NAME_PATTERN}$"}}
+_ALIAS = {"name": "alias", "in": "path", "required": True,
+          "description": "an alias name: lower-case letters, digits and '-', from a letter",
+          "schema": {"type": "string", "pattern": "^[a-z][a-z0-9-]{0,62}$"}}
 _LIMIT = {"name": "limit", "in": "query", "required": False,
           "description": "most records to return, newest first",
           "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50}}
@@ -128,13 +131,16 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                 {"200": _json("the result: {requestId, version, result}"),
                  "202": _json("queued: {invocationId, function, duplicate}"),
                  "204": {"description": "DryRun: the call would be accepted"},
-                 "404": _error("no such function"),
+                 "404": _error("no such function, or no such version or alias"),
                  "413": _error(f"the payload is over {MAX_INVOKE_BYTES} bytes"),
                  "429": _error("the function is at its concurrency cap")},
                 [_NAME,
                  {"name": "async", "in": "query", "required": False,
                   "description": "queue the invocation (as X-Nimbus-Invocation-Type: Event)",
                   "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}},
+                 {"name": "qualifier", "in": "query", "required": False,
+                  "description": "a version number or alias name (default: live)",
+                  "schema": {"type": "string", "maxLength": 64}},
                  {"name": "x-nimbus-invocation-type", "in": "header", "required": False,
                   "schema": {"type": "string",
                              "enum": ["RequestResponse", "Event", "DryRun"]}},
@@ -228,6 +234,41 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                  "content": {"application/json": {"schema": {
                      "type": "object", "additionalProperties": False,
                      "properties": {"to": {"type": "integer", "minimum": 1}}}}}})},
+            "/v1/functions/{name}/versions": {"get": _op(
+                "a function's versions, newest first, with each one's share per alias",
+                "versions",
+                {"200": _json("{function, app, versions: [{version, digest, config_hash, "
+                              "created, handler, memory_mb, timeout_s, stable, shares}]}"),
+                 "404": _error("no such function")},
+                [_NAME])},
+            "/v1/functions/{name}/aliases": {"get": _op(
+                "a function's aliases and their weights", "aliases",
+                {"200": _json("{function, app, stable, aliases: {ALIAS: {VERSION: WEIGHT}}, "
+                              "routes}"),
+                 "404": _error("no such function")},
+                [_NAME])},
+            "/v1/functions/{name}/aliases/{alias}": {
+                "put": _op(
+                    "point an alias at a version, or split it by weight", "set_alias",
+                    {"200": _json("the function's aliases after the change"),
+                     "404": _error("no such function, or a version that does not exist "
+                                   "(the message names those that do)"),
+                     "409": _error("live is being moved by a running rollout")},
+                    [_NAME, _ALIAS],
+                    {"required": True,
+                     "description": "weights (whole percents) per version, summing to 100",
+                     "content": {"application/json": {"schema": {
+                         "type": "object", "required": ["weights"],
+                         "additionalProperties": False,
+                         "properties": {"weights": {
+                             "type": "object", "minProperties": 1, "maxProperties": 10,
+                             "additionalProperties": {"type": "integer", "minimum": 0,
+                                                      "maximum": 100}}}}}}}),
+                "delete": _op(
+                    "remove an alias (not live, nor one a route serves)", "remove_alias",
+                    {"200": _json("the function's aliases after the change"),
+                     "404": _error("no such function or alias")},
+                    [_NAME, _ALIAS])},
             "/v1/publish/{name}": {"post": _op(
                 "a message to a queue or topic", "publish",
                 {"202": _json("accepted: {messageId, kind, deliveries}"),

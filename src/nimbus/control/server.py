@@ -323,7 +323,7 @@ class Platform:
         """``/ui``: its history sampled from this process's own metrics."""
         edge = EdgeView(self.config.cluster) if self.config.cluster is not None else None
         dashboard = Dashboard(self.token, local_source(), versions=self.versions,
-                              region=region(), edge=edge)
+                              store=self.store, region=region(), edge=edge)
         dashboard.start()
         return dashboard
 
@@ -390,7 +390,8 @@ def _local_runner(store: Store, worker: Worker, clock: SystemClock) -> RolloutRu
     def note(fn: str, text: str, level: str) -> None:
         worker.logs.write(fn, None, "platform", text, level)
 
-    return RolloutRunner(store, LocalSampler(), clock, note=note)
+    # reading its own counters costs nothing: the traffic meter samples every second
+    return RolloutRunner(store, LocalSampler(), clock, note=note, meter_every_s=1.0)
 
 
 def _url_host(host: str) -> str:

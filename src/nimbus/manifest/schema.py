@@ -253,7 +253,7 @@ def _strategy(v: Any) -> Any:
         raise fail("expected a strategy like 'canary:10%:5m', 'linear:20%:1m' or "
                    f"'all-at-once', got {show(v)}")
     try:
-        parse_strategy(v)
+        parse_strategy(v, "strategy")
     except UserInputError as exc:
         raise fail(str(exc)) from None
     return v.strip()
@@ -267,7 +267,7 @@ def _rule(v: Any) -> Any:
         raise fail("expected a rule like 'error_rate > 2% or p99 > 2x baseline', "
                    f"got {show(v)}")
     try:
-        parse_rule(v)
+        parse_rule(v, "rollback_on")
     except UserInputError as exc:
         raise fail(str(exc)) from None
     return v.strip()

@@ -33,6 +33,8 @@ class Controller:
         from nimbus.gateway.app import Gateway
         from nimbus.gateway.remote import WorkerDirectory
         from nimbus.roles.gateway import RemotePools
+        from nimbus.rollout.runner import RolloutRunner
+        from nimbus.rollout.sampler import ScrapeSampler
 
         self.config = config
         self.options = options
@@ -62,10 +64,18 @@ class Controller:
         self.scheduler = Scheduler(backend.store, backend.queue, clock, node=config.node_id,
                                    lease_ttl_s=max(2.0, options.leader_ttl_s))
         self.events.on_sync.append(self.scheduler.set_pools)
+        # Rollouts move on the leader only: started and stopped with the lead.
+        self.rollouts = RolloutRunner(backend.store, ScrapeSampler(backend.store, config.token),
+                                      clock, note=self._note, publish=True)
+        self.deployer.traffic = self._traffic
+        self._log_sink: Any = None
+        self._stopping: set[Any] = set()
+        metrics.watch_rollouts(self.rollouts.shares)
         self.agent = ControllerAgent(backend.store, config.node_id,
                                      info=lambda: {"url": self.control_url,
                                                    "metrics": self.control_url},
-                                     ttl_s=options.leader_ttl_s)
+                                     ttl_s=options.leader_ttl_s,
+                                     on_gain=self._lead, on_loss=self._unlead)
         self.http: Any = None
         self._workers_watch: Any = None
         self.dashboard: Any = None
@@ -73,6 +83,29 @@ class Controller:
         self._traces: Any = None  # this process's spans to the region's stream
         metrics.set_role("controller")
         metrics.watch_async(self._async_figures)
+
+    def _lead(self, term: int) -> None:
+        self.rollouts.start()
+
+    def _unlead(self) -> None:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(self.rollouts.aclose())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    def _note(self, fn: str, text: str, level: str) -> None:
+        """A rollout decision as a platform line in ``fn``'s logs (the region's stream)."""
+        if self._log_sink is not None:
+            self._log_sink.write(fn, None, "platform", text, level)
+
+    async def _traffic(self, fn: str, version: int) -> int | None:
+        from nimbus.rollout.runner import published_traffic
+
+        now = time.time()
+        if self.rollouts.active:
+            return self.rollouts.traffic_of(fn, version, now)
+        return await published_traffic(self.store, fn, version, now)
 
     async def _async_figures(self) -> dict[str, Any]:
         """The region's async backlog per function, for the metrics scrape."""
@@ -101,7 +134,8 @@ class Controller:
         self.scheduler.start()
         source = traces = None
         if self.backend.nc is not None:
-            _sink, source = await open_region_logs(self.backend.nc, region=self.config.region)
+            self._log_sink, source = await open_region_logs(
+                self.backend.nc, region=self.config.region, worker=self.config.node_id)
             traces = await natstraces.open_source(self.backend.nc, self.config.region)
         self._traces = await natstraces.attach(self.backend.nc, region=self.config.region,
                                                node=self.config.node_id)
@@ -126,8 +160,8 @@ class Controller:
 
         self._scraper = scraper = Scraper(self.metrics_urls, self.token)
         dashboard = Dashboard(self.token, scraper.read, versions=self.versions,
-                              region=self.config.region, scrapes=lambda: dict(scraper.last),
-                              interval_s=SCRAPE_INTERVAL_S)
+                              store=self.store, region=self.config.region,
+                              scrapes=lambda: dict(scraper.last), interval_s=SCRAPE_INTERVAL_S)
         dashboard.start()
         return dashboard
 
@@ -220,6 +254,9 @@ class Controller:
 
     async def aclose(self) -> None:
         await self.agent.aclose()  # resigns the lead: a standby takes over at once
+        await self.rollouts.aclose()
+        if self._log_sink is not None:
+            await self._log_sink.aclose()
         if self.http is not None:
             await self.http.aclose()
         if self.dashboard is not None:

@@ -49,6 +49,11 @@ Note = Callable[[str, str, str], None]  # (function, text, level): a platform lo
 DEFAULT_INTERVAL_S = 0.5
 METER_EVERY_S = 5.0
 TRAFFIC_WINDOW_S = 60.0
+# In a region the leader publishes what it measured, for deploys that land
+# on another controller: at most this often, read while this fresh.
+TRAFFIC_KEY = "rollout-traffic"
+PUBLISH_EVERY_S = 10.0
+PUBLISHED_FRESH_S = 30.0
 
 
 def _no_note(fn: str, text: str, level: str) -> None:
@@ -58,7 +63,7 @@ def _no_note(fn: str, text: str, level: str) -> None:
 class RolloutRunner:
     def __init__(self, store: Store, sampler: Sampler, clock: Clock | None = None, *,
                  note: Note | None = None, interval_s: float = DEFAULT_INTERVAL_S,
-                 meter_every_s: float = METER_EVERY_S) -> None:
+                 meter_every_s: float = METER_EVERY_S, publish: bool = False) -> None:
         self.store = store
         self.sampler = sampler
         self.clock = clock or SystemClock()
@@ -68,6 +73,8 @@ class RolloutRunner:
         # (time, counters of every function): the last minute, for traffic_of
         self._samples: deque[tuple[float, Counters]] = deque()
         self._metered_at = -1e18
+        self.publish = publish  # write the traffic figures to TRAFFIC_KEY
+        self._published_at = -1e18
         self.running: dict[str, state.Record] = {}  # function -> its running rollout
         self._task: asyncio.Task[None] | None = None
 
@@ -123,6 +130,9 @@ class RolloutRunner:
             self._samples.append((now, counters))
             while self._samples and self._samples[0][0] < now - TRAFFIC_WINDOW_S - 1:
                 self._samples.popleft()
+            if self.publish and now - self._published_at >= PUBLISH_EVERY_S:
+                self._published_at = now
+                await self._publish(now)
         for rec, revision in running:
             try:
                 await self._advance(rec, revision, counters, now)
@@ -147,6 +157,14 @@ class RolloutRunner:
         last = self._samples[-1][1]
         return delta(first[1].get((fn, version), {}), last.get((fn, version), {})).requests
 
+    async def _publish(self, now: float) -> None:
+        figures = {f"{fn}@{v}": n for (fn, v) in self._samples[-1][1]
+                   if (n := self.traffic_of(fn, v, now)) is not None}
+        try:
+            await self.store.put(TRAFFIC_KEY, orjson.dumps({"at": now, "last_minute": figures}))
+        except NimbusError as exc:
+            log.warning("publishing traffic figures failed: %s", exc)
+
     # -- one rollout ------------------------------------------------------------------
 
     async def _advance(self, rec: state.Record, revision: int, counters: Counters,
@@ -154,6 +172,10 @@ class RolloutRunner:
         fn = rec["function"]
         frm, to = int(rec["from"]), int(rec["to"])
         if not await self._repair(rec):
+            gone = {**rec, "state": state.ROLLED_BACK, "ended": now,
+                    "reason": f"function {fn} is no longer deployed"}
+            with contextlib.suppress(ConflictError):
+                await self._write(gone, revision)
             return
         if rec.get("start_counters") is None:  # the first tick of the first step
             rec = {**rec, "start_counters": counters_to_dict(_only(counters, fn, frm, to)),
@@ -175,6 +197,7 @@ class RolloutRunner:
                     await self._write({**rec, "waiting": shape,
                                        "wait_reason": decision.reason}, revision)
                 self._log(rec, "hold", decision.reason, canary, baseline, "INFO")
+                metrics.rollout_decided(fn, "hold")
             return
         entry = {"at": now, "step": rec["step"], "share": int(share),
                  "action": decision.action, "reason": decision.reason,
@@ -260,6 +283,22 @@ class RolloutRunner:
     def shares(self) -> list[tuple[str, int, int]]:
         """(function, new version, its share) of each running rollout."""
         return [(fn, int(rec["to"]), state.share_of(rec)) for fn, rec in self.running.items()]
+
+
+async def published_traffic(store: Store, fn: str, version: int, now: float) -> int | None:
+    """What the leader's runner last published for ``fn`` version ``version``
+    (None when it published nothing lately)."""
+    entry = await store.get(TRAFFIC_KEY)
+    if entry is None:
+        return None
+    try:
+        data = orjson.loads(entry.value)
+        if now - float(data["at"]) > PUBLISHED_FRESH_S:
+            return None
+        n = data["last_minute"].get(f"{fn}@{version}")
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return int(n) if isinstance(n, int) else None
 
 
 def _only(counters: Counters, fn: str, *versions: int) -> Counters:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 from nimbus.errors import NotFoundError, UserInputError
@@ -27,7 +28,7 @@ MAX_VERSIONS_PER_ALIAS = 10
 
 _ALIAS = re.compile(r"[a-z][a-z0-9-]{0,62}")
 
-App = dict[str, Any]
+App = Mapping[str, Any]
 
 
 def check_alias_name(name: str) -> str:
@@ -184,7 +185,7 @@ def version_for_bucket(table: list[tuple[int, int]], b: int) -> int:
     return table[-1][1]
 
 
-def normalized(app: App) -> App:
+def normalized(app: App) -> dict[str, Any]:
     """``app`` with its aliases tidy: ``live`` at 100% on the stable version
     left implicit, records nobody names dropped from ``versions``, empty
     maps removed (a record with nothing split has the plain deploy shape)."""
@@ -215,7 +216,7 @@ def normalized(app: App) -> App:
 
 
 def with_weights(app: App, fn: str, alias: str, weights: dict[int, int],
-                 extra_records: dict[int, dict[str, Any]] | None = None) -> App:
+                 extra_records: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """A new app record with ``fn``'s ``alias`` set to ``weights``.
     ``extra_records`` supplies records of versions the app does not hold yet
     (read from ``functions/<fn>/versions/``). Setting ``live`` to one
@@ -245,7 +246,7 @@ def with_weights(app: App, fn: str, alias: str, weights: dict[int, int],
     return normalized(out)
 
 
-def without_alias(app: App, fn: str, alias: str) -> App:
+def without_alias(app: App, fn: str, alias: str) -> dict[str, Any]:
     """A new app record without ``fn``'s ``alias`` (never ``live``, nor an
     alias a route names)."""
     if alias == DEFAULT_ALIAS:
@@ -265,7 +266,7 @@ def without_alias(app: App, fn: str, alias: str) -> App:
 
 
 def promote(app: App, fn: str, version: int,
-            extra_records: dict[int, dict[str, Any]] | None = None) -> App:
+            extra_records: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """A new app record where ``version`` is ``fn``'s stable version and
     ``live`` serves it fully; other aliases are kept."""
     known = records_of(app, fn)
@@ -314,7 +315,7 @@ def _unknown_qualifier(app: App, fn: str, qualifier: str) -> str:
             f"{', '.join(str(v) for v in sorted(records_of(app, fn)))}")
 
 
-def after_deploy(previous: App | None, app: App) -> App:
+def after_deploy(previous: App | None, app: App) -> dict[str, Any]:
     """The app record a deploy writes: ``app`` (its new stable versions and
     routes) with the aliases ``previous`` had kept (``live`` follows the
     deploy) and every alias a route names but nobody set yet pointing at the

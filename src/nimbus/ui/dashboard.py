@@ -22,7 +22,10 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from nimbus.control.openapi import NAME_PATTERN
-from nimbus.errors import UserInputError
+from nimbus.errors import NimbusError, UserInputError
+from nimbus.rollout import state, traffic
+from nimbus.rollout.records import app_of
+from nimbus.rollout.window import Window
 from nimbus.ui import history as h
 from nimbus.ui.auth import COOKIE, CSRF_HEADER, Sessions, cookie_header
 from nimbus.ui.collector import INTERVAL_S, Collector, Source
@@ -56,10 +59,12 @@ def _json(data: Any, status: int = 200) -> Response:
 
 class Dashboard:
     """Everything behind ``/ui``. ``versions(fn)`` lists a function's
-    version records (newest first)."""
+    version records (newest first); ``store``, when given, is read for a
+    function's rollout and aliases."""
 
     def __init__(self, token: str, source: Source, *,
                  versions: Callable[[str], Any] | None = None,
+                 store: Any = None,
                  region: str = "", edge: EdgeView | None = None,
                  scrapes: Callable[[], dict[str, Any]] | None = None,
                  interval_s: float = INTERVAL_S,
@@ -68,6 +73,7 @@ class Dashboard:
         self.history = h.History()
         self.collector = Collector(source, self.history, interval_s=interval_s, clock=clock)
         self.versions = versions
+        self.store = store
         self.region = region
         self.edge = edge
         self.scrapes = scrapes
@@ -173,6 +179,12 @@ class Dashboard:
                                  f"'_', '-' or '.', got {name[:80]!r}")
         out = function_detail(self.history, name, self.clock())
         out["versions"] = await self.versions(name) if self.versions is not None else []
+        out["rollout"] = None
+        out["aliases"] = {}
+        if self.store is not None:
+            out["rollout"] = await function_rollout(self.store, name, self.clock())
+            out["aliases"] = await function_aliases(self.store, name)
+            with_shares(out["versions"], out["aliases"])
         return out
 
     async def scrape_view(self, request: Request) -> dict[str, Any]:
@@ -302,3 +314,58 @@ async def function_versions(store: Any, fn: str, live: Any) -> list[dict[str, An
         if len(out) >= MAX_VERSIONS_SHOWN:
             break
     return out
+
+
+MAX_DECISIONS_SHOWN = 50
+
+
+async def function_rollout(store: Any, fn: str, now: float) -> dict[str, Any] | None:
+    """``fn``'s latest rollout as ``GET /v1/functions/{fn}/rollout`` shows it
+    (None when it never had one), its history cut to the last
+    :data:`MAX_DECISIONS_SHOWN` decisions, each one's canary and baseline
+    figures as :meth:`nimbus.rollout.window.Window.figures` gives them."""
+    entry = await store.get(state.key(fn))
+    if entry is None:
+        return None
+    try:
+        rec = orjson.loads(entry.value)
+        view = state.steps_view(rec, now)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+        return None
+    history = view.get("history") or []
+    view["decisions"] = len(history)
+    view["history"] = [_decision(d) for d in history[-MAX_DECISIONS_SHOWN:]
+                       if isinstance(d, dict)]
+    return view
+
+
+def _decision(d: dict[str, Any]) -> dict[str, Any]:
+    out = dict(d)
+    for side in ("canary", "baseline"):
+        w = d.get(side)
+        if isinstance(w, dict) and "buckets" in w:  # a window, not its figures
+            try:
+                out[side] = Window.from_dict(w).figures()
+            except (TypeError, ValueError):
+                out[side] = None
+    return out
+
+
+async def function_aliases(store: Any, fn: str) -> dict[str, dict[str, int]]:
+    """``fn``'s aliases (``live`` first) -> version -> weight, from its app
+    record; {} when it has none (not deployed)."""
+    try:
+        app, _ = await app_of(store, fn)
+        aliases = traffic.aliases_of(app, fn)
+    except (NimbusError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return {}
+    return {alias: {str(v): w for v, w in weights.items()}
+            for alias, weights in aliases.items()}
+
+
+def with_shares(versions: list[dict[str, Any]], aliases: dict[str, dict[str, int]]) -> None:
+    """Mark each version with its share in each alias that names it."""
+    for v in versions:
+        key = str(v.get("version"))
+        v["shares"] = {alias: weights[key] for alias, weights in aliases.items()
+                       if key in weights}

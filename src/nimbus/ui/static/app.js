@@ -266,6 +266,71 @@ function startLogs(name, box) {
   })().catch((e) => { if (e.name !== "AbortError") box.append(el("div", {class: "log bad"}, String(e))); });
 }
 
+function pct(x) {
+  return x === null || x === undefined ? "–" : (x * 100).toFixed(1) + "%";
+}
+
+// a decision's canary or baseline figures, in one line
+function figures(f) {
+  if (!f) return "–";
+  return `${num(f.requests, 0)} req · ${pct(f.error_rate)} errors · p99 ${ms(f.p99)}`
+    + (f.throttle_rate ? ` · ${pct(f.throttle_rate)} throttled` : "");
+}
+
+const ROLLOUT_STATES = {running: "running", promoted: "promoted", rolled_back: "rolled back"};
+
+// the function's latest rollout: where it is, its steps, and every decision
+function rolloutPanel(r) {
+  if (!r) return [];
+  const running = r.state === "running";
+  const head = el("h2", {}, "Rollout ",
+    el("span", {class: "badge " + r.state, "data-k": "rollout-state"},
+      ROLLOUT_STATES[r.state] || r.state),
+    el("small", {class: "muted"}, ` version ${r.from} → ${r.to} · ${r.strategy}`));
+  const steps = el("ol", {class: "steps", id: "rollout-steps"}, ...r.steps.map((st, i) => {
+    const cls = r.state === "promoted" || i < r.step ? "done"
+      : i === r.step && running ? "current" : r.state === "rolled_back" && i === r.step
+        ? "failed" : "";
+    return el("li", {class: cls}, `${st.share}%`
+      + (st.wait_s ? ` for ${duration(st.wait_s)}` : ""));
+  }));
+  const now = running
+    ? `${r.share}% on version ${r.to}, step ${r.step + 1} of ${r.steps.length}`
+      + (r.time_left_s !== undefined ? `, ${duration(r.time_left_s)} left in the step` : "")
+    : r.state === "promoted" ? `version ${r.to} serves all traffic`
+      : `version ${r.from} serves all traffic again`;
+  const pairs = [["now", now], ["rolls back on", r.rollback_on],
+    ["requests a step needs", num(r.min_requests, 0)], ["started", ago(r.started)]];
+  if (r.ended) pairs.push(["ended", ago(r.ended)]);
+  if (running && r.waiting) pairs.push(["waiting for", r.waiting]);
+  const kv = el("dl", {class: "kv"}, ...pairs.flatMap(([k, v]) =>
+    [el("dt", {}, k), el("dd", {}, v)]));
+  const parts = [head];
+  if (r.state === "rolled_back") {
+    parts.push(el("p", {class: "rollout-reason bad", id: "rollout-reason"},
+      "Rolled back: " + (r.reason || "no reason recorded")));
+  }
+  parts.push(steps, kv);
+  const rows = r.history.slice().reverse();
+  if (rows.length) {
+    parts.push(el("table", {class: "grid-table", id: "rollout-history"},
+      el("thead", {}, headRow(["When", "Step", "Share", "Decision", "Reason", "New version",
+        "Old version"], ["Share"])),
+      el("tbody", {}, ...rows.map((d) => el("tr", {"data-action": d.action},
+        el("td", {}, clock(d.at)), el("td", {}, d.step + 1),
+        el("td", {class: "n"}, d.share + "%"),
+        el("td", {}, el("span", {class: "badge " + d.action}, d.action)),
+        el("td", {}, d.reason || ""), el("td", {class: "mono"}, figures(d.canary)),
+        el("td", {class: "mono"}, figures(d.baseline)))))));
+  }
+  return parts;
+}
+
+function shares(v) {
+  const s = Object.entries(v.shares || {}).map(([alias, w]) => `${alias} ${w}%`);
+  return s.length ? s.join(" · ") : "–";
+}
+
 let fnShell = null;   // the function page's parts, kept across refreshes
 
 async function functionPage(name) {
@@ -274,6 +339,7 @@ async function functionPage(name) {
     const logs = el("div", {class: "logs", id: "logs"});
     fnShell = {
       name,
+      rollout: el("section", {id: "rollout"}),
       stats: el("div", {class: "tiles", id: "tiles"}),
       charts: el("div", {class: "charts", id: "charts"}),
       versions: el("div", {id: "versions"}),
@@ -285,7 +351,7 @@ async function functionPage(name) {
       el("p", {}, el("a", {href: "#/"}, "← Functions")),
       el("h1", {}, name),
       el("div", {id: "flash", class: "flash"}),
-      fnShell.stats, fnShell.charts,
+      fnShell.rollout, fnShell.stats, fnShell.charts,
       el("h2", {}, "Recent logs ", el("small", {class: "muted"}, "(live)")), logs,
       el("h2", {}, "Versions"), fnShell.versions,
       el("h2", {}, "Async invocations"), fnShell.records,
@@ -326,11 +392,15 @@ async function functionPage(name) {
       {name: "held", values: s.held}]),
     chart("Instances", d.times, [{name: "instances", values: s.instances},
       {name: "desired", values: s.desired}]));
-  fnShell.versions.replaceChildren(d.versions.length ? el("table", {class: "grid-table"},
-    el("thead", {}, headRow(["Version", "Deployed", "Handler", "Memory", "Timeout", "Code"],
-      ["Memory", "Timeout"])),
-    el("tbody", {}, ...d.versions.map((v) => el("tr", {class: v.live ? "live-version" : null},
-      el("td", {}, v.version + (v.live ? " (live)" : "")), el("td", {}, ago(v.created)),
+  fnShell.rollout.replaceChildren(...rolloutPanel(d.rollout));
+  fnShell.versions.replaceChildren(d.versions.length ? el("table", {class: "grid-table",
+    id: "versions-table"},
+    el("thead", {}, headRow(["Version", "Traffic", "Deployed", "Handler", "Memory", "Timeout",
+      "Code"], ["Memory", "Timeout"])),
+    el("tbody", {}, ...d.versions.map((v) => el("tr", {class: v.live ? "live-version" : null,
+      "data-version": v.version},
+      el("td", {}, v.version + (v.live ? " (live)" : "")),
+      el("td", {"data-k": "traffic"}, shares(v)), el("td", {}, ago(v.created)),
       el("td", {class: "mono"}, v.handler), el("td", {class: "n"}, v.memory_mb + " MB"),
       el("td", {class: "n"}, v.timeout_s + " s"), el("td", {class: "mono"}, v.digest)))))
     : el("p", {class: "muted"}, "No version records."));
