@@ -21,7 +21,8 @@ import pytest
 from nimbus.errors import UserInputError
 from nimbus.multiregion.clusterfile import ClusterFile
 from nimbus.multiregion.converge import Converger
-from nimbus.multiregion.rollout import live_weights
+from nimbus.multiregion.deploy import plan_deploy
+from nimbus.multiregion.rollout import RolloutOptions, WaveRollout, live_weights, post_rollback
 from nimbus.multiregion.state import (
     BAKING,
     DONE,
@@ -352,3 +353,34 @@ def test_deploy_flags_are_checked_before_any_region_is_asked(
     assert message in result.output, result.output
     # nothing was recorded: no region is held back or pending
     assert not state_dir_for(cluster).exists()
+
+
+@pytest.mark.e2e
+def test_a_rollback_by_hand_during_the_bake_stops_the_rollout(world: World) -> None:
+    """The bake watches what live serves: a region rolled back by hand while
+    the deploy bakes fails the rollout, and the others are rolled back."""
+    state = ClusterState(state_dir_for(world.cluster.path))
+    ro = state.rollout("shop")
+    assert ro is not None and ro.state == DONE  # version 4, everywhere
+    # the same rollout, as if its deploy were baking after the first wave
+    ro.state, ro.wave, ro.waves_done, ro.bake_until = BAKING, 0, 0, time.time() + 30
+    assert state.update_rollout(ro)
+    plan = plan_deploy(world.app, world.cluster)
+    lines: list[str] = []
+    opts = RolloutOptions(ro.strategy, ro.rollback_on, ro.min_requests, ro.waves, 1.0,
+                          ro.on_region_failure, 30.0)
+
+    async def run() -> int:
+        task = asyncio.ensure_future(WaveRollout(plan, world.cluster, opts, echo=lines.append,
+                                                 poll_s=0.2).run())
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient() as client:
+            assert await post_rollback(client, world.cluster.regions["eu"], "hello") == ""
+        return await asyncio.wait_for(task, 20)
+
+    assert asyncio.run(run()) == 1, lines
+    assert any(line.startswith("eu: rolled back — hello: rolled back during the bake: live "
+                               "serves version") for line in lines), lines
+    assert "us: rolled back (on_region_failure: rollback-all)" in lines, lines
+    assert world.serves(world.us) == {"v1 us"}
+    assert "v4 eu" not in world.serves(world.eu)
