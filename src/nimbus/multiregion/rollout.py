@@ -195,7 +195,8 @@ class WaveRollout:
         desired = self.state.snapshot().desired.get(plan.app)
         if (previous is not None and previous.digest == plan.digest
                 and previous.state in (RUNNING, BAKING)
-                and desired is not None and desired.digest == plan.digest):
+                and desired is not None and desired.digest == plan.digest
+                and all(r in self.cluster.regions for w in previous.waves for r in w)):
             self.echo(f"continuing the rollout of {plan.digest[:12]} "
                       f"({previous.strategy}; waves {describe_waves(previous.waves)}): "
                       f"{previous.waves_done} of {len(previous.waves)} waves done")
