@@ -120,9 +120,27 @@ async def cluster_rollback(cluster: ClusterFile, fn: str, to: int | None,
         ok = ok and not outcome.startswith("not ")
         lines.append(f"{name}: {outcome}")
     app = next((r.get("app") for r, _e in records if r and r.get("app")), None)
+    if app is None:
+        app = await _owner(cluster, fn)
     if app is not None:
         ro = await mark_stopped(cluster, str(app), BY_HAND, state_dir)
         if ro is not None and ro.state == STOPPED:
             lines.append(f"{app} {ro.digest[:12]} is marked stopped: no converger pushes it; "
                          "the next deploy clears the mark")
     return lines, ok
+
+
+async def _owner(cluster: ClusterFile, fn: str) -> str | None:
+    """The app ``fn`` belongs to, from the first region that lists it."""
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        for region in cluster.regions.values():
+            try:
+                r = await client.get(f"{region.control}/v1/functions",
+                                     headers={"authorization": f"Bearer {region.token}"})
+                listed = r.json() if r.status_code == 200 else []
+            except (httpx.HTTPError, ValueError):
+                continue
+            for f in listed if isinstance(listed, list) else []:
+                if isinstance(f, dict) and f.get("name") == fn and f.get("app"):
+                    return str(f["app"])
+    return None
