@@ -181,10 +181,19 @@ def _cluster_options(f: Any) -> Any:
                    "\"error_rate > 2% or p99 > 2x baseline\".")
 @click.option("--min-requests", "min_requests", default=None, type=click.IntRange(1, 1_000_000),
               help="Requests the new version must answer before a step passes.")
+@click.option("--waves", help="With --cluster: regions rolled out together, waves "
+              "separated by ';' (eu;us,ap). Default: one region at a time, in the cluster "
+              "file's order.")
+@click.option("--bake", help="With --cluster: time to watch a wave's regions before the "
+              "next wave (default 1m).")
+@click.option("--on-region-failure", type=click.Choice(["rollback-all", "stop"]),
+              help="With --cluster: when a region rolls back, roll back every region "
+                   "already on the new version (rollback-all, the default) or leave them.")
 @connection_options
 def deploy(app_dir: Path, cluster_path: Path | None, wait_all: bool, timeout_s: float,
            guided: bool, strategy: str | None, rollback_on: str | None,
-           min_requests: int | None, state_dir: Path | None, url: str | None,
+           min_requests: int | None, waves: str | None, bake: str | None,
+           on_region_failure: str | None, state_dir: Path | None, url: str | None,
            token: str | None) -> None:
     """Deploy APP_DIR to a running nimbus, or with --cluster to every region of
     the app (regions that cannot be reached converge when they return).
@@ -201,17 +210,25 @@ def deploy(app_dir: Path, cluster_path: Path | None, wait_all: bool, timeout_s: 
         from nimbus.cli.guided import run_guided
 
         sys.exit(run_guided(app_dir, timeout_s))
-    from nimbus.cli.regions import cluster_deploy, plain_deploy_settings
+    from nimbus.cli.regions import RolloutFlags, cluster_deploy, plain_deploy_settings
 
+    flags = RolloutFlags(strategy=strategy, rollback_on=rollback_on,
+                         min_requests=min_requests, waves=waves, bake=bake,
+                         on_region_failure=on_region_failure)
     direct = url or state_dir or os.environ.get("NIMBUS_URL")
     settings = None if (cluster_path or direct) else plain_deploy_settings(app_dir)
     if cluster_path or settings:
         if settings:
             click.echo(f"repeating {app_dir / 'nimbus.toml'}")
         sys.exit(cluster_deploy(app_dir, cluster_path or settings.cluster,  # type: ignore[union-attr]
-                                wait_all=wait_all, timeout_s=timeout_s, settings=settings))
+                                wait_all=wait_all, timeout_s=timeout_s, settings=settings,
+                                flags=flags))
     if wait_all:
         fail("--wait-all needs --cluster", 2)
+    for given, flag in ((waves, "--waves"), (bake, "--bake"),
+                        (on_region_failure, "--on-region-failure")):
+        if given is not None:
+            fail(f"{flag} needs --cluster (it orders regions)", 2)
     params = {"name": app_dir.resolve().name, **_rollout_params(strategy, rollback_on,
                                                                  min_requests)}
     load_app(app_dir)  # fail fast, locally, with file and line

@@ -24,12 +24,19 @@ def rollout() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the rollout as JSON.")
 @click.option("--watch", is_flag=True,
               help="Print it again every second until the rollout ends.")
+@click.option("--cluster", "cluster_path", type=click.Path(path_type=Path),
+              help="A cluster file: every region's rollout, and the waves' progress.")
 @connection_options
-def rollout_status(function: str, as_json: bool, watch: bool, state_dir: Path | None,
-                   url: str | None, token: str | None) -> None:
+def rollout_status(function: str, as_json: bool, watch: bool, cluster_path: Path | None,
+                   state_dir: Path | None, url: str | None, token: str | None) -> None:
     """Show FUNCTION's latest rollout: the steps and shares, the current step and
     the time left in it, the health figures of each decision, and why it rolled
     back if it did."""
+    if cluster_path is not None:
+        from nimbus.cli.regions import cluster_rollout_status
+
+        cluster_rollout_status(cluster_path, function, as_json=as_json, watch=watch)
+        return
     client = _client(state_dir, url, token)
     while True:
         data = client.request("GET", f"/v1/functions/{function}/rollout")
@@ -49,12 +56,18 @@ def rollout_status(function: str, as_json: bool, watch: bool, state_dir: Path | 
 @click.option("--to", "to", type=click.IntRange(1), default=None,
               help="Without a running rollout: the version live moves to (default: the one "
                    "before the stable version).")
+@click.option("--cluster", "cluster_path", type=click.Path(path_type=Path),
+              help="A cluster file: roll back in every region (and stop the waves).")
 @connection_options
-def rollback(function: str, to: int | None, state_dir: Path | None, url: str | None,
-             token: str | None) -> None:
+def rollback(function: str, to: int | None, cluster_path: Path | None,
+             state_dir: Path | None, url: str | None, token: str | None) -> None:
     """Move FUNCTION's live traffic back at once: a running rollout ends on the
     old version (its instances are warm); without one, live moves to --to or
     the previous version (which may have to cold-start)."""
+    if cluster_path is not None:
+        from nimbus.cli.regions import cluster_rollback_cmd
+
+        raise SystemExit(cluster_rollback_cmd(cluster_path, function, to))
     body: dict[str, Any] = {} if to is None else {"to": to}
     data = _client(state_dir, url, token).request(
         "POST", f"/v1/functions/{function}/rollback", json=body)

@@ -14,6 +14,10 @@ a deploy attempt, or the log a warning, every round.
 to do; ``nimbus edge`` runs it in the background, so a region that returns
 is brought up to date with no one typing. Several convergers (two edges)
 may run at once: pushing a bundle a region already runs is a no-op there.
+
+An app whose desired digest is being rolled out region by region (or whose
+rollout stopped) is left alone: the deploy drives its waves, and a stopped
+rollout must not be completed by anyone but the operator deploying again.
 """
 
 from __future__ import annotations
@@ -197,6 +201,12 @@ class Converger:
         outcomes = []
         for app in apps:
             desired = snap.desired[app]
+            held = snap.held(app)
+            if held is not None:
+                what = ("rollout stopped: " + held.reason if held.state == "stopped"
+                        else "a rollout by waves is under way")
+                outcomes.append(Outcome(name, app, "held", what))
+                continue
             why = differs(desired, listed.apps.get(app))
             if why is None:
                 self.state.done(name, app, desired.digest)

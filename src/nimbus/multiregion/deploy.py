@@ -43,6 +43,10 @@ class DeployPlan:
     routing: dict[str, Any] | None     # what the regions will report
     override: dict[str, Any] | None    # the deploy's ``regions`` parameter
     policy: str
+    # the manifest's app-level ``rollout:`` block (strategy, rollback_on,
+    # min_requests, bake, waves, on_region_failure), as a dict
+    rollout: dict[str, Any] | None = None
+    manifest: str = ""                 # the manifest file, for errors about it
 
     def describe(self) -> list[str]:
         lines = [f"app {self.app} ({self.app_dir}), bundle {self.digest[:12]} "
@@ -84,7 +88,28 @@ def plan_deploy(app_dir: Path, cluster: ClusterFile, *, name: str | None = None,
         bundle=bundle, regions=regions,
         routing=routing_spec.to_dict() if routing_spec else None,
         override=override.to_dict() if override else None,
-        policy=routing_spec.policy if routing_spec else "failover")
+        policy=routing_spec.policy if routing_spec else "failover",
+        rollout=manifest_rollout(spec), manifest=str(spec.source))
+
+
+def manifest_rollout(spec: AppSpec) -> dict[str, Any] | None:
+    """The manifest's ``rollout:`` settings as one dict of the keys set
+    (``strategy``, ``rollback_on``, ``min_requests``, ``bake``, ``waves``,
+    ``on_region_failure``), None when there are none. Each function's
+    settings are the app block merged with its own; the order of regions is
+    one for the app, so each key is taken from the first function (by name)
+    that sets it."""
+    per_function = getattr(spec, "rollouts", None) or {}
+    out: dict[str, Any] = {}
+    for fn in sorted(per_function):
+        block = per_function[fn]
+        data = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+        if "bake_s" in data:
+            data["bake"] = data.pop("bake_s")
+        for key, value in data.items():
+            if value is not None:
+                out.setdefault(key, value)
+    return out or None
 
 
 def _unknown_region(region: str, cluster: ClusterFile, spec: AppSpec,
@@ -149,10 +174,11 @@ async def deploy_plan(plan: DeployPlan, cluster: ClusterFile, *,
                       state_dir: Path | None = None,
                       timeout_s: float = DEFAULT_TIMEOUT_S,
                       on_report: Callable[[RegionReport], None] | None = None,
+                      extra: dict[str, str] | None = None,
                       ) -> list[RegionReport]:
     """Record the plan as desired, push it to its regions in parallel, and
     report per region: to ``on_report`` as each region answers, and as a
-    list in the plan's order."""
+    list in the plan's order. ``extra``: more deploy parameters."""
     state = ClusterState(state_dir or state_dir_for(cluster.path))
     desired = Desired(app=plan.app, digest=plan.digest, regions=plan.regions,
                       routing=plan.routing, override=plan.override, updated=time.time())
@@ -162,7 +188,7 @@ async def deploy_plan(plan: DeployPlan, cluster: ClusterFile, *,
     async def one(client: httpx.AsyncClient, region: str) -> RegionReport:
         try:
             result = await push_bundle(client, cluster.regions[region], plan.app,
-                                       plan.bundle, plan.override, timeout_s)
+                                       plan.bundle, plan.override, timeout_s, extra)
         except BaseException:  # interrupted (Ctrl-C): a converger may take it at once
             state.failed(region, plan.app, plan.digest, "the deploy was interrupted")
             raise

@@ -41,6 +41,8 @@ class PushResult:
     digest: str | None = None
     changed: bool = False
     message: str = ""
+    # (function, version, changed) for each function of the deployed app
+    functions: tuple[tuple[str, int, bool], ...] = ()
 
 
 def _auth(region: RegionEntry) -> dict[str, str]:
@@ -77,9 +79,11 @@ def _error_message(r: httpx.Response) -> str:
 
 
 async def push_bundle(client: httpx.AsyncClient, region: RegionEntry, app: str, bundle: bytes,
-                      override: dict[str, Any] | None, timeout_s: float) -> PushResult:
-    """Deploy ``bundle`` as ``app`` to ``region`` within ``timeout_s``."""
-    params = {"name": app}
+                      override: dict[str, Any] | None, timeout_s: float,
+                      extra: dict[str, str] | None = None) -> PushResult:
+    """Deploy ``bundle`` as ``app`` to ``region`` within ``timeout_s``;
+    ``extra``: more deploy parameters (a rollout's ``strategy``...)."""
+    params = {"name": app, **(extra or {})}
     if override is not None:
         params["regions"] = orjson.dumps(override).decode()
     try:
@@ -132,7 +136,9 @@ async def _push(client: httpx.AsyncClient, region: RegionEntry, params: dict[str
                 version = max((int(f["version"]) for f in fns), default=0)
                 return PushResult(region.name, DEPLOYED, version=version,
                                   digest=res.get("digest"),
-                                  changed=any(f.get("changed") for f in fns))
+                                  changed=any(f.get("changed") for f in fns),
+                                  functions=tuple((str(f.get("name")), int(f["version"]),
+                                                   bool(f.get("changed"))) for f in fns))
     return PushResult(region.name, UNREACHABLE,
                       message="the deploy stream ended without a result")
 

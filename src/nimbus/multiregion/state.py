@@ -10,6 +10,9 @@ converger an edge runs), with no one typing the deploy again::
       apps/<app>.json                desired: digest, regions, routing
       bundles/<digest>.zip           the bundle those regions should get
       pending/<region>/<app>.json    a deploy that has not reached a region yet
+      rollouts/<app>.json            a rollout by waves: which waves are done, or
+                                     why it stopped (the converger leaves the app
+                                     alone until it is done)
 
 Files are replaced atomically (temp file + rename), mode 0600 (bundles can
 hold secrets in their code), and every read-modify-write holds the lock, so
@@ -98,10 +101,77 @@ class Pending:
                    busy_until=float(d.get("busy_until", 0.0)))
 
 
+# States of a rollout by waves (a cluster rollout): running a wave, baking
+# after one, done (every wave promoted), stopped (a region failed or the
+# operator rolled back; ``reason`` says why).
+RUNNING, BAKING, DONE, STOPPED = "running", "baking", "done", "stopped"
+
+
+@dataclass(slots=True)
+class ClusterRollout:
+    """A rollout of ``digest`` of ``app`` region by region.
+
+    ``regions`` maps a region to what happened there: ``{"state":
+    "pushing"|"running"|"promoted"|"rolled_back"|"failed", "functions":
+    {fn: {"version": 8, "from": 7}}, "reason": ...}``. While it is not
+    done, the converger pushes nothing of the app: a region not reached
+    stays on the old version until the operator deploys again."""
+
+    app: str
+    digest: str
+    strategy: str
+    waves: tuple[tuple[str, ...], ...]
+    state: str = RUNNING
+    wave: int = 0                    # the wave under way (or the one that failed)
+    waves_done: int = 0              # waves whose regions all promoted (and baked)
+    bake_s: float = 0.0
+    bake_until: float = 0.0          # wall clock
+    on_region_failure: str = "rollback-all"
+    rollback_on: str | None = None
+    min_requests: int | None = None
+    started: float = 0.0
+    updated: float = 0.0
+    reason: str = ""
+    regions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def unfinished(self) -> bool:
+        return self.state != DONE
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["waves"] = [list(w) for w in self.waves]
+        return orjson.dumps(d)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ClusterRollout:
+        d = orjson.loads(raw)
+        return cls(app=d["app"], digest=d["digest"], strategy=str(d["strategy"]),
+                   waves=tuple(tuple(str(r) for r in w) for w in d["waves"]),
+                   state=str(d.get("state", RUNNING)), wave=int(d.get("wave", 0)),
+                   waves_done=int(d.get("waves_done", 0)),
+                   bake_s=float(d.get("bake_s", 0.0)),
+                   bake_until=float(d.get("bake_until", 0.0)),
+                   on_region_failure=str(d.get("on_region_failure", "rollback-all")),
+                   rollback_on=d.get("rollback_on"), min_requests=d.get("min_requests"),
+                   started=float(d.get("started", 0.0)), updated=float(d.get("updated", 0.0)),
+                   reason=str(d.get("reason", "")), regions=dict(d.get("regions") or {}))
+
+
 @dataclass
 class Snapshot:
     desired: dict[str, Desired] = field(default_factory=dict)
     pending: dict[tuple[str, str], Pending] = field(default_factory=dict)  # (region, app)
+    rollouts: dict[str, ClusterRollout] = field(default_factory=dict)      # app
+
+    def held(self, app: str) -> ClusterRollout | None:
+        """The unfinished rollout by waves of the app's desired digest, if
+        any: while there is one, nothing may push the app anywhere."""
+        desired = self.desired.get(app)
+        rollout = self.rollouts.get(app)
+        if desired is None or rollout is None or rollout.digest != desired.digest:
+            return None
+        return rollout if rollout.unfinished else None
 
 
 class ClusterState:
@@ -119,11 +189,14 @@ class ClusterState:
             raise ValueError(f"not a sha256 digest: {digest!r}")
         return self.root / "bundles" / f"{digest}.zip"
 
+    def _rollout_file(self, app: str) -> Path:
+        return self.root / "rollouts" / f"{_checked(app, 'app')}.json"
+
     def _pending_file(self, region: str, app: str) -> Path:
         return self.root / "pending" / _checked(region, "region") / f"{_checked(app, 'app')}.json"
 
     def _ensure(self) -> None:
-        for sub in ("", "apps", "bundles", "pending"):
+        for sub in ("", "apps", "bundles", "pending", "rollouts"):
             d = self.root / sub
             if not d.is_dir():
                 try:
@@ -158,7 +231,19 @@ class ClusterState:
                 with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                     p = Pending.from_json(f.read_bytes())
                     snap.pending[(p.region, p.app)] = p
+        rolls = self.root / "rollouts"
+        if rolls.is_dir():
+            for f in sorted(rolls.glob("*.json")):
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    ro = ClusterRollout.from_json(f.read_bytes())
+                    snap.rollouts[ro.app] = ro
         return snap
+
+    def rollout(self, app: str) -> ClusterRollout | None:
+        try:
+            return ClusterRollout.from_json(self._rollout_file(app).read_bytes())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def bundle(self, digest: str) -> bytes | None:
         try:
@@ -167,23 +252,54 @@ class ClusterState:
             return None
 
     # -- writes ------------------------------------------------------------
-    def record_deploy(self, desired: Desired, bundle: bytes, busy_s: float = 0.0) -> None:
+    def record_deploy(self, desired: Desired, bundle: bytes, busy_s: float = 0.0, *,
+                      rollout: ClusterRollout | None = None) -> None:
         """A deploy begins: the bundle is kept and the app's desired state set;
         every region of the app is pending until its push reports otherwise.
         ``busy_s``: the deploy pushes to every region itself for that long, so
-        convergers leave those regions alone meanwhile."""
+        convergers leave those regions alone meanwhile.
+
+        With ``rollout`` (a rollout by waves), no region is marked pending:
+        the rollout record, written in the same locked step as the desired
+        state, holds the app back from every converger until it is done, and
+        a previous deploy's marks of the app are dropped. Without, a previous
+        rollout record of the app is cleared."""
         with self.locked():
             path = self._bundle_file(desired.digest)
             if not path.exists():
                 _write(path, bundle, durable=True)
+            if rollout is not None:
+                _write(self._rollout_file(desired.app), rollout.to_json(), durable=True)
+            else:
+                self._rollout_file(desired.app).unlink(missing_ok=True)
             _write(self._app_file(desired.app), desired.to_json(), durable=True)
             now = desired.updated or time.time()
             for region in desired.regions:
-                _write(self._pending_file(region, desired.app),
-                       Pending(desired.app, region, desired.digest, now,
-                               busy_until=now + busy_s if busy_s else 0.0).to_json())
+                pend = self._pending_file(region, desired.app)
+                if rollout is not None:
+                    pend.unlink(missing_ok=True)
+                    continue
+                _write(pend, Pending(desired.app, region, desired.digest, now,
+                                     busy_until=now + busy_s if busy_s else 0.0).to_json())
             self._forget_regions(desired)
             self._collect_bundles()
+
+    def replace_rollout(self, rollout: ClusterRollout) -> None:
+        """Write the app's rollout record whatever was there."""
+        with self.locked():
+            _write(self._rollout_file(rollout.app), rollout.to_json(), durable=True)
+
+    def update_rollout(self, rollout: ClusterRollout) -> bool:
+        """Write the rollout's progress, unless another deploy of the app
+        replaced or cleared it meanwhile (no record, another digest, or a
+        newer start): False then."""
+        with self.locked():
+            current = self.rollout(rollout.app)
+            if current is None or current.digest != rollout.digest \
+                    or current.started != rollout.started:
+                return False
+            _write(self._rollout_file(rollout.app), rollout.to_json(), durable=True)
+            return True
 
     def _forget_regions(self, desired: Desired) -> None:
         """Pending pushes of the app to regions it no longer runs in are dropped."""
@@ -253,6 +369,7 @@ class ClusterState:
         """Bundles no desired app or pending push refers to are removed."""
         keep = {d.digest for d in self.snapshot().desired.values()}
         keep |= {p.digest for p in self.snapshot().pending.values()}
+        keep |= {r.digest for r in self.snapshot().rollouts.values()}
         for f in (self.root / "bundles").glob("*.zip"):
             if f.stem not in keep:
                 with contextlib.suppress(OSError):

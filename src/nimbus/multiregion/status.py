@@ -100,9 +100,17 @@ def summarize(cluster: ClusterFile, snap: Snapshot, seen: Observed) -> dict[str,
                 "attempts": p.attempts, "last_error": p.last_error, "refused": p.refused}
                for p in sorted(snap.pending.values(), key=lambda p: (p.region, p.app))
                if p.region in cluster.regions]
+    rollouts = {}
+    for app in sorted(snap.desired):
+        held = snap.held(app)
+        if held is not None:
+            rollouts[app] = {"digest": held.digest, "state": held.state,
+                             "strategy": held.strategy, "reason": held.reason,
+                             "waves": [list(w) for w in held.waves], "wave": held.wave,
+                             "waves_done": held.waves_done, "bake_until": held.bake_until}
     return {"cluster": str(cluster.path), "regions": regions, "apps": apps,
-            "drift": drift, "pending": pending,
-            "converged": not drift and not pending}
+            "drift": drift, "pending": pending, "rollouts": rollouts,
+            "converged": not drift and not pending and not rollouts}
 
 
 async def cluster_status(cluster: ClusterFile, state_dir: Path,
@@ -113,6 +121,7 @@ async def cluster_status(cluster: ClusterFile, state_dir: Path,
 
 def unconverged_regions(doc: dict[str, Any]) -> list[str]:
     regions = {d["region"] for d in doc["drift"]} | {p["region"] for p in doc["pending"]}
+    regions |= {r for ro in doc.get("rollouts", {}).values() for w in ro["waves"] for r in w}
     return [r for r in doc["regions"] if r in regions]
 
 
@@ -141,8 +150,16 @@ def render(doc: dict[str, Any]) -> list[str]:
         err = f": {p['last_error']}" if p["last_error"] else ""
         lines.append(f"{kind}: {p['app']} {p['digest'][:12]} to {p['region']} "
                      f"({p['attempts']} attempt{'' if p['attempts'] == 1 else 's'}){err}")
+    for app, ro in doc.get("rollouts", {}).items():
+        what = (f"stopped: {ro['reason']}; no region gets it until the app is deployed again"
+                if ro["state"] == "stopped" else
+                f"wave {ro['wave'] + 1} of {len(ro['waves'])} {ro['state']}; regions not "
+                "reached get it from the deploy, not from convergence")
+        lines.append(f"rollout of {app} {ro['digest'][:12]} ({ro['strategy']}): {what}")
     if doc["converged"]:
         lines.append("converged: every region runs what was deployed")
+    elif not doc["drift"] and not doc["pending"]:
+        lines.append("not converged: a rollout by waves is stopped or under way")
     else:
         lines.append("not converged: " + ", ".join(
             f"{d['region']} ({d['app']}: {d['reason']})" for d in doc["drift"])
