@@ -145,7 +145,8 @@ def test_a_slow_canary_trips_the_p99_rule_against_the_baseline():
     f = trace[-1][1].figures
     assert f["canary"]["p99"] == pytest.approx(0.2485)
     assert f["baseline"]["p99"] == pytest.approx(0.04975)
-    assert trace[-1][1].reason == "p99 249ms > 2x baseline (49.8ms) over 20 requests"
+    assert trace[-1][1].reason == ("p99 249ms > 2x baseline (49.8ms) and p99 249ms > 100ms "
+                                    "over 20 requests")
 
 
 def test_a_baseline_with_fewer_than_10_requests_does_not_trip_baseline_clauses():
@@ -360,7 +361,7 @@ METRIC_LIST = "error_rate, throttles, timeouts, deaths, p50, p90, p95, p99, mean
     ("p98 > 1s", f"unknown metric 'p98' at column 1 (metrics: {METRIC_LIST})"),
     ("error_rate > 2% or latency > 1s",
      f"unknown metric 'latency' at column 20 (metrics: {METRIC_LIST})"),
-    ("", "empty rule (e.g. 'error_rate > 2% or p99 > 2x baseline or throttles > 1%')"),
+    ("", "empty rule (e.g. 'error_rate > 2% or (p99 > 2x baseline and p99 > 100ms) or throttles > 1%')"),
     ("error_rate > 2% or", f"expected a metric at column 19, found the end "
                            f"(metrics: {METRIC_LIST})"),
     ("and p99 > 1s", f"expected a metric at column 1, found 'and' (metrics: {METRIC_LIST})"),

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from nimbus.errors import UserInputError
 from nimbus.rollout.window import Window
 
-DEFAULT_RULE = "error_rate > 2% or p99 > 2x baseline or throttles > 1%"
+DEFAULT_RULE = "error_rate > 2% or (p99 > 2x baseline and p99 > 100ms) or throttles > 1%"
 DEFAULT_MIN_REQUESTS = 20
 DEFAULT_STRATEGY = "canary:10%:5m"
 # A ``x baseline`` clause needs this many baseline requests to mean anything.
