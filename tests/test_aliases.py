@@ -182,3 +182,56 @@ def test_cli_alias_and_versions(env: Any) -> None:
         assert p.stderr.startswith("nimbus: error: ") and words in p.stderr, (args, p.stderr)
         assert "Traceback" not in p.stderr
     assert n.http.get("/api").text == "two:2"
+
+
+TRIGGERED = """\
+name: tq
+functions:
+  consumer:
+    handler: jobs.consumer
+    queue: jobs
+    trigger_alias: stable
+"""
+
+CONSUMER = '''\
+CODE = "{code}"
+
+def consumer(event, context):
+    for record in event.get("Records", ()):
+        print("ran", record["body"], "on", CODE + ":" + context.function_version)
+    return CODE + ":" + context.function_version
+'''
+
+
+def test_a_queue_trigger_runs_the_alias_its_function_names(env: Any, tmp_path: Path) -> None:
+    n, ctl = env
+    app = tmp_path / "tq"
+    app.mkdir()
+    (app / "app.yaml").write_text(TRIGGERED)
+
+    def deploy(code: str) -> None:
+        (app / "jobs.py").write_text(CONSUMER.format(code=code))
+        p = n.cli("deploy", str(app))
+        assert p.returncode == 0, p.stderr
+
+    def ran_on() -> str:
+        mark = f"job-{time.monotonic_ns()}"
+        r = ctl.post("/v1/publish/jobs", content=mark.encode())
+        assert r.status_code == 202, r.text
+        assert settled(ctl, r.json()["deliveries"][0]["id"])["status"] == "succeeded"
+        lines = ctl.get("/v1/functions/consumer/logs", params={"tail": "50"}).text
+        return next(line.split(" on ")[1].split('"')[0] for line in lines.splitlines()
+                    if f"ran {mark} on " in line)
+
+    deploy("one")
+    deploy("two")  # live moves to version 2; the alias the trigger names stays on 1
+    view = ctl.get("/v1/functions/consumer/aliases").json()
+    assert view["aliases"] == {"live": {"2": 100}, "stable": {"1": 100}}
+    assert ran_on() == "one:1"
+    assert ctl.post("/v1/functions/consumer/invoke").json()["result"] == "two:2"
+    r = ctl.put("/v1/functions/consumer/aliases/stable", json={"weights": {"2": 100}})
+    assert r.status_code == 200, r.text
+    assert ran_on() == "two:2"
+    r = ctl.delete("/v1/functions/consumer/aliases/stable")
+    assert r.status_code == 400
+    assert "what its triggers invoke (trigger_alias)" in r.json()["errorMessage"], r.text

@@ -319,3 +319,26 @@ def test_a_manifest_route_names_an_alias(tmp_path: Path) -> None:
     err = info.value
     assert (err.line, err.field) == (7, "functions.f.http[1].alias"), str(err)
     assert "expected an alias name" in err.message and "'Beta_1'" in err.message
+
+
+def test_a_manifest_names_the_alias_its_triggers_invoke(tmp_path: Path) -> None:
+    from nimbus.errors import ManifestError
+    from nimbus.manifest.loader import load_app
+    from nimbus.manifest.model import FunctionSpec
+
+    (tmp_path / "api.py").write_text("def h(event, context):\n    return 1\n")
+    (tmp_path / "app.yaml").write_text(
+        "name: a\nfunctions:\n  f:\n    handler: api.h\n    queue: jobs\n"
+        "    trigger_alias: stable\n  g:\n    handler: api.h\n    queue: other\n")
+    app = load_app(tmp_path)
+    assert app.functions["f"].trigger_alias == "stable"
+    assert app.functions["g"].trigger_alias is None
+    assert "trigger_alias" not in app.functions["g"].to_dict()  # same config hash as before
+    assert FunctionSpec.from_dict(app.functions["f"].to_dict()) == app.functions["f"]
+    (tmp_path / "app.yaml").write_text(
+        "name: a\nfunctions:\n  f:\n    handler: api.h\n    queue: jobs\n"
+        "    trigger_alias: 7\n")
+    with pytest.raises(ManifestError) as info:
+        load_app(tmp_path)
+    assert (info.value.line, info.value.field) == (6, "functions.f.trigger_alias"), str(info.value)
+    assert "expected an alias name" in info.value.message

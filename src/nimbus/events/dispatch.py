@@ -191,10 +191,12 @@ class Dispatcher:
 
     def __init__(self, queue: Delivery, pools: Callable[[], dict[str, FunctionPool]],
                  clock: Clock,
-                 version_of: Callable[[str, int], Any | None] | None = None) -> None:
+                 version_of: Callable[[str, int], Any | None] | None = None,
+                 alias_of: Callable[[str, str], Any | None] | None = None) -> None:
         self.queue = queue
         self._pools = pools
         self._version_of = version_of  # a referenced version's invoker (pinned work)
+        self._alias_of = alias_of  # an alias's invoker (triggers that name one)
         self._clock = clock
         self._consumers: dict[str, _Consumer] = {}
         self._slots: dict[str, Slots] = {}
@@ -259,6 +261,9 @@ class Dispatcher:
             pin = m.attributes.get(PIN)
             if pin is not None:
                 live = self._pinned(sub, live, m, pin)
+            elif spec.trigger_alias and (sub.kind != "invoke"
+                                         or m.attributes.get("nimbus.source") == "schedule"):
+                live = self._triggered(sub, live, spec.trigger_alias)
             if tracing.on:
                 return await _traced_attempt(live, m, payload)
             return await live.invoke(m.id, payload)
@@ -313,6 +318,8 @@ class Dispatcher:
             if not fresh:
                 raise TooOld()
             await self._begin(fresh)
+            if spec.trigger_alias:
+                live = self._triggered(sub, live, spec.trigger_alias)
             return await live.invoke(rid, sqs_event(fresh, sub.source, self._clock.now()))
         for m in spent:
             await self._give_up(sub, spec, m, None, "RetriesExhausted", _spent_error(spec, m),
@@ -445,6 +452,16 @@ class Dispatcher:
         pool = self._pools().get(function)
         if pool is not None:
             pool.log(rid, "platform", text, level)
+
+    def _triggered(self, sub: Subscription, live: Any, alias: str) -> Any:
+        """What a trigger naming ``alias`` runs: the alias's invoker, or
+        ``live`` while the alias is not set (a platform line says so)."""
+        chosen = self._alias_of(sub.function, alias) if self._alias_of is not None else None
+        if chosen is None:
+            self._note(sub.function, "", f"{sub.kind} trigger names alias {alias!r}, which is "
+                       "not set; it runs the live alias", "WARNING")
+            return live
+        return chosen
 
     def _pinned(self, sub: Subscription, live: Any, m: Message, pin: str) -> Any:
         """The invoker of the version ``m`` was pinned to when it was

@@ -80,7 +80,7 @@ class Events:
         # aliases (route sync's ``invoker_for``)
         self.resolve: Callable[[str, str], Any] | None = None
         self.dispatcher = Dispatcher(self.delivery, lambda: self.pools, clock,
-                                     version_of=self._version_of)
+                                     version_of=self._version_of, alias_of=self._alias_of)
         self.on_sync: list[Callable[[dict[str, FunctionPool]], None]] = []
         self._purger: asyncio.Task[None] | None = None
 
@@ -118,6 +118,15 @@ class Events:
             return None
         try:
             return self.resolve(function, str(version))
+        except NotFoundError:
+            return None
+
+    def _alias_of(self, function: str, alias: str) -> Any | None:
+        """The invoker of one alias of ``function``, if it is set."""
+        if self.resolve is None:
+            return None
+        try:
+            return self.resolve(function, alias)
         except NotFoundError:
             return None
 

@@ -334,6 +334,8 @@ def _event_settings(draft: _Draft) -> dict[str, Any]:
     for key in ("retry_delay_s", "max_event_age_s"):
         if key in given:
             out[key] = float(given[key])
+    if given.get("trigger_alias") is not None:
+        out["trigger_alias"] = given["trigger_alias"]
     if queue is not None:
         out.update(queue=queue.name, batch_size=queue.batch_size,
                    max_batching_window_s=float(queue.max_batching_window_s))

@@ -107,6 +107,8 @@ class FunctionSpec:
     batch_size: int = DEFAULT_BATCH_SIZE
     max_batching_window_s: float = 0.0
     topics: tuple[str, ...] = ()
+    # The alias its schedule, queue and topic triggers invoke (None: live).
+    trigger_alias: str | None = None
     # Containment: per-instance limits beside memory_mb.
     max_processes: int = DEFAULT_MAX_PROCESSES  # processes + threads, the instance's own counted
     cpu: float | None = None  # a fraction of one core; None: no CPU cap
@@ -140,6 +142,8 @@ class FunctionSpec:
         d["preload"] = list(self.preload)
         d["schedules"] = [s.to_dict() for s in self.schedules]
         d["topics"] = list(self.topics)
+        if self.trigger_alias is None:  # as before it existed: config hashes unchanged
+            del d["trigger_alias"]
         return d
 
     @classmethod

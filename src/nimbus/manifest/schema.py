@@ -417,7 +417,7 @@ Schedules = Annotated[list[Annotated[ScheduleModel, BeforeValidator(_schedule_en
 Topics = Annotated[list[QueueName], BeforeValidator(_one_or_many)]
 
 EVENT_KEYS = ("retries", "retry_delay_s", "max_event_age_s", "dead_letter", "destinations",
-              "schedule", "queue", "topic")
+              "schedule", "queue", "topic", "trigger_alias")
 
 
 class EventSettings(_Model):
@@ -436,6 +436,8 @@ class EventSettings(_Model):
     queue: Annotated[QueueTrigger, BeforeValidator(_queue_trigger)] | None = Field(
         None, description="a queue name or {name, batch_size, max_batching_window_s}")
     topic: Topics = Field(default_factory=list, description="a topic name or a list of them")
+    trigger_alias: AliasName | None = Field(
+        None, description="the alias its schedule, queue and topic triggers invoke")
 
 
 # Autoscaling keys, accepted by a rich-form function and by a short-form

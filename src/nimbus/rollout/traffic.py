@@ -248,7 +248,7 @@ def with_weights(app: App, fn: str, alias: str, weights: dict[int, int],
 
 def without_alias(app: App, fn: str, alias: str) -> dict[str, Any]:
     """A new app record without ``fn``'s ``alias`` (never ``live``, nor an
-    alias a route names)."""
+    alias a route or the function's triggers name)."""
     if alias == DEFAULT_ALIAS:
         raise UserInputError(f"alias {DEFAULT_ALIAS!r} cannot be removed: every function "
                              "has it (set it to a version instead)")
@@ -258,6 +258,10 @@ def without_alias(app: App, fn: str, alias: str) -> dict[str, Any]:
             raise UserInputError(f"alias {alias!r} of {fn!r} is used by the route "
                                  f"{route[0]} {route[1]}: remove the route from the "
                                  "manifest first")
+    rec = (app.get("functions") or {}).get(fn) or {}
+    if rec.get("spec", {}).get("trigger_alias") == alias:
+        raise UserInputError(f"alias {alias!r} of {fn!r} is what its triggers invoke "
+                             "(trigger_alias): change the manifest first")
     out = dict(app)
     aliases = {f: dict(a) for f, a in (app.get("aliases") or {}).items()}
     aliases[fn].pop(alias, None)
@@ -319,7 +323,7 @@ def after_deploy(previous: App | None, app: App) -> dict[str, Any]:
     """The app record a deploy writes: ``app`` (its new stable versions and
     routes) with the aliases ``previous`` had kept (``live`` follows the
     deploy) and every alias a route names but nobody set yet pointing at the
-    deployed version."""
+    deployed version (so do the aliases functions' triggers name)."""
     out = dict(app)
     aliases: dict[str, dict[str, dict[str, int]]] = {}
     versions: dict[str, dict[str, dict[str, Any]]] = {}
@@ -331,8 +335,10 @@ def after_deploy(previous: App | None, app: App) -> dict[str, Any]:
             if kept:
                 aliases[fn] = kept
                 versions[fn] = {str(v): r for v, r in records_of(previous, fn).items()}
-    for route in app.get("routes", ()):
-        fn, alias = route[2], route_alias(route)
+    named = [(route[2], route_alias(route)) for route in app.get("routes", ())]
+    named += [(fn, rec["spec"]["trigger_alias"]) for fn, rec in app["functions"].items()
+              if rec.get("spec", {}).get("trigger_alias")]
+    for fn, alias in named:
         if alias != DEFAULT_ALIAS and alias not in aliases.get(fn, {}):
             aliases.setdefault(fn, {})[alias] = {str(stable_version(app, fn)): 100}
     out["aliases"] = aliases
