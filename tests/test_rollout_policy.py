@@ -361,7 +361,8 @@ METRIC_LIST = "error_rate, throttles, timeouts, deaths, p50, p90, p95, p99, mean
     ("p98 > 1s", f"unknown metric 'p98' at column 1 (metrics: {METRIC_LIST})"),
     ("error_rate > 2% or latency > 1s",
      f"unknown metric 'latency' at column 20 (metrics: {METRIC_LIST})"),
-    ("", "empty rule (e.g. 'error_rate > 2% or (p99 > 2x baseline and p99 > 100ms) or throttles > 1%')"),
+    ("", "empty rule (e.g. 'error_rate > 2% or (p99 > 2x baseline and p99 > 100ms) "
+         "or throttles > 1%')"),
     ("error_rate > 2% or", f"expected a metric at column 19, found the end "
                            f"(metrics: {METRIC_LIST})"),
     ("and p99 > 1s", f"expected a metric at column 1, found 'and' (metrics: {METRIC_LIST})"),
