@@ -275,6 +275,12 @@ def test_manifest_block_refused_deploy_and_rollback_by_hand(up: Nimbus,
     assert ro["state"] == "rolled_back" and ro["reason"] == "rolled back by hand"
     assert "rolled back hand: version 1 serves all traffic" in up.cli("logs", "hand").stdout
     assert {up.http.get("/hand").text for _ in range(20)} == {"v1"}  # type: ignore[union-attr]
+    # asked again: nothing moves further back without --to
+    r = up.cli("rollback", "hand")
+    assert r.returncode == 0, r.stderr
+    assert ("hand already serves version 1: its rollout to version 2 was rolled back "
+            "(rolled back by hand)") in r.stdout
+    assert {up.http.get("/hand").text for _ in range(5)} == {"v1"}  # type: ignore[union-attr]
 
 
 def test_with_metrics_off_a_strategy_is_refused(tmp_path: Path,

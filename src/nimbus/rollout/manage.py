@@ -101,6 +101,15 @@ async def _move_live(store: Store, fn: str, to: int | None,
     stable = traffic.stable_version(app, fn)
     stored = await version_records(store, fn)
     known = {**stored, **traffic.records_of(app, fn)}
+    if to is None and last is not None and last.get("state") == state.ROLLED_BACK \
+            and int(last["from"]) == stable and traffic.weights_of(app, fn) == {stable: 100}:
+        # Asked again after a rollback: nothing to move (an older version
+        # is only ever named with --to).
+        return {"function": fn, "live": {str(stable): 100}, "from": stable, "to": stable,
+                "cold_start": False,
+                "message": f"{fn} already serves version {stable}: its rollout to version "
+                           f"{last['to']} was rolled back ({last.get('reason')}); to go "
+                           f"further back: nimbus rollback {fn} --to VERSION"}
     if to is None:
         if last is not None and last.get("state") == state.PROMOTED \
                 and int(last["to"]) == stable and int(last["from"]) in known:
