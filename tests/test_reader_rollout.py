@@ -550,9 +550,8 @@ def test_all_at_once_by_codedeploy_name_goes_live_at_once(env: Env) -> None:
     assert list(live.values()) == [100] and live != {"1": 100}, live
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a function's rollout: block is part of its "
-                   "config hash: adding it makes a new version of unchanged code and rolls "
-                   "it out")
+@pytest.mark.xfail(strict=True, reason="bug: changing only the rollout: block makes a new "
+                   "version of unchanged code (a new bundle digest) and rolls it out")
 def test_changing_only_the_rollout_block_makes_no_new_version(env: Env) -> None:
     n, ctl, root = env
     before = ctl.get("/v1/functions/ex/versions").json()["versions"]
