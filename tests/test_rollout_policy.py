@@ -314,9 +314,12 @@ def test_strategies(text, canonical, steps):
     ("linear:60%:1m", "--strategy 'linear:60%:1m': share '60%' must be within 1..50% for "
                       "linear"),
     ("canary:ten:5m", "--strategy 'canary:ten:5m': share 'ten' is not a percentage (e.g. 10%)"),
-    ("canary:10%:5", "--strategy 'canary:10%:5': wait '5' is not a duration (e.g. 90s, 5m, 1h)"),
-    ("canary:10%:5d", "--strategy 'canary:10%:5d': wait '5d' is not a duration (e.g. 90s, "
-                      "5m, 1h)"),
+    ("canary:10%:5", "--strategy 'canary:10%:5': wait '5' is not a duration (e.g. 90s, 5m, 1h, "
+                     "1d)"),
+    ("canary:10%:5w", "--strategy 'canary:10%:5w': wait '5w' is not a duration (e.g. 90s, "
+                      "5m, 1h, 1d)"),
+    ("canary:10%:8d", "--strategy 'canary:10%:8d': wait '8d' must be within 1s..7d "
+                      "(each step needs time to be measured)"),
     ("canary:10%:500ms", "--strategy 'canary:10%:500ms': wait '500ms' must be within 1s..7d "
                          "(each step needs time to be measured)"),
     ("all-at-once:5m", "--strategy 'all-at-once:5m': all-at-once takes no share or wait"),

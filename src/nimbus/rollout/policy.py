@@ -36,12 +36,14 @@ MAX_MIN_REQUESTS = 1_000_000
 
 # -- durations ------------------------------------------------------------------------
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)?", re.IGNORECASE)
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h|d)?", re.IGNORECASE)
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def format_duration(seconds: float) -> str:
     """``300`` -> ``5m``, ``90`` -> ``90s``, ``0.25`` -> ``250ms``, ``5400`` -> ``90m``."""
+    if seconds >= 86400 and seconds % 86400 == 0:
+        return f"{int(seconds // 86400)}d"
     if seconds >= 3600 and seconds % 3600 == 0:
         return f"{int(seconds // 3600)}h"
     if seconds >= 60 and seconds % 60 == 0:
@@ -144,7 +146,7 @@ def _wait(raw: str, part: str, what: str) -> float:
     m = _DURATION.fullmatch(part)
     if m is None or m.group(2) is None:
         raise UserInputError(f"{what} {raw!r}: wait {part!r} is not a duration "
-                             f"(e.g. 90s, 5m, 1h)")
+                             f"(e.g. 90s, 5m, 1h, 1d)")
     seconds = float(m.group(1)) * _UNIT_S[m.group(2).lower()]
     if not MIN_STEP_S <= seconds <= MAX_STEP_S:
         raise UserInputError(f"{what} {raw!r}: wait {part!r} must be within 1s..7d "

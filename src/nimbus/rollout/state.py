@@ -105,7 +105,7 @@ def app_for(app: dict[str, Any], rec: Record, records: dict[int, dict[str, Any]]
     return traffic.with_weights(app, fn, traffic.DEFAULT_ALIAS, live_weights(rec), records)
 
 
-_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?(?:ms|s|m|h|d|%)?")  # a figure with its unit
 
 
 def reason_shape(reason: str) -> str:

@@ -220,7 +220,8 @@ def with_weights(app: App, fn: str, alias: str, weights: dict[int, int],
     """A new app record with ``fn``'s ``alias`` set to ``weights``.
     ``extra_records`` supplies records of versions the app does not hold yet
     (read from ``functions/<fn>/versions/``). Setting ``live`` to one
-    version makes it the stable version (:func:`promote`)."""
+    serving version makes it the stable version (:func:`promote`); versions
+    it names at weight 0 stay named."""
     check_alias_name(alias)
     weights = check_weights(weights)
     known = records_of(app, fn)
@@ -232,7 +233,10 @@ def with_weights(app: App, fn: str, alias: str, weights: dict[int, int],
                             f"{', '.join(str(v) for v in sorted(known))}")
     serving = [v for v, w in weights.items() if w > 0]
     if alias == DEFAULT_ALIAS and len(serving) == 1:
-        return promote(app, fn, serving[0], {serving[0]: known[serving[0]]})
+        app = promote(app, fn, serving[0], {serving[0]: known[serving[0]]})
+        if len(weights) == 1:
+            return app
+        # versions at weight 0 stay named (and warm) like any alias's
     out = dict(app)
     versions = {f: dict(recs) for f, recs in (app.get("versions") or {}).items()}
     stable = stable_version(app, fn)
