@@ -152,6 +152,21 @@ def pids_mentioning(text: str) -> set[int]:
     return out
 
 
+def nothing_left(state: Path, what: str) -> None:
+    """No process mentions ``state`` (one still exiting gets 0.5 s to go)."""
+    wait_until(lambda: not pids_mentioning(str(state)), 0.5, what, step_s=0.05)
+
+
+def run_roles(argv: Any) -> dict[str, subprocess.CompletedProcess[str]]:
+    """``argv(role)`` run for each of the three roles, side by side (each
+    refusal stands alone); each role's finished process."""
+    roles = ("controller", "worker", "gateway")
+    with ThreadPoolExecutor(len(roles)) as pool:
+        done = pool.map(lambda role: subprocess.run(argv(role), capture_output=True,
+                                                    text=True, timeout=30), roles)
+        return dict(zip(roles, done, strict=True))
+
+
 def worker_of(region: Region, pid: int) -> str | None:
     """The id of the worker process an instance pid runs under."""
     by_pid = {p["pid"]: p["id"] for p in region.processes("worker")}
@@ -1161,10 +1176,9 @@ def good_token(tmp_path: Path) -> Path:
 ])
 def test_bad_store_url_is_one_clear_line(tmp_path: Path, good_token: Path, store: str,
                                          part: str) -> None:
-    for role in ("controller", "worker", "gateway"):
-        proc = subprocess.run(
-            [*NIMBUS, role, "--store", store, "--token-file", str(good_token),
-             "--state-dir", str(tmp_path / role)], capture_output=True, text=True, timeout=30)
+    procs = run_roles(lambda role: [*NIMBUS, role, "--store", store, "--token-file",
+                                    str(good_token), "--state-dir", str(tmp_path / role)])
+    for role, proc in procs.items():
         line = one_clear_line(proc)
         assert part in line, (role, line)
 
@@ -1174,18 +1188,13 @@ def test_missing_or_short_token_file_is_one_clear_line(tmp_path: Path) -> None:
     short = tmp_path / "short"
     short.write_text("tooshort\n")
     short.chmod(0o600)
-    for role in ("controller", "worker", "gateway"):
-        proc = subprocess.run(
-            [*NIMBUS, role, "--store", "nats://127.0.0.1:4222", "--token-file",
-             str(tmp_path / "nope"), "--state-dir", str(tmp_path / role)],
-            capture_output=True, text=True, timeout=30)
-        line = one_clear_line(proc)
-        assert "nope" in line, (role, line)
-        proc = subprocess.run(
-            [*NIMBUS, role, "--store", "nats://127.0.0.1:4222", "--token-file", str(short),
-             "--state-dir", str(tmp_path / role)], capture_output=True, text=True, timeout=30)
-        line = one_clear_line(proc)
-        assert "32" in line, (role, line)
+    for token, part in ((tmp_path / "nope", "nope"), (short, "32")):
+        procs = run_roles(lambda role, token=token: [
+            *NIMBUS, role, "--store", "nats://127.0.0.1:4222", "--token-file", str(token),
+            "--state-dir", str(tmp_path / role)])
+        for role, proc in procs.items():
+            line = one_clear_line(proc)
+            assert part in line, (role, line)
 
 
 @pytest.mark.timeout(90)
@@ -1206,8 +1215,7 @@ def test_cluster_up_bad_flags_are_one_clear_line_and_leave_nothing(
     line = one_clear_line(proc)
     assert proc.returncode == 2, line
     assert flags[0] in line, line
-    time.sleep(0.5)
-    assert not pids_mentioning(str(state)), "processes left behind by a refused cluster up"
+    nothing_left(state, "no processes left behind by a refused cluster up")
 
 
 @pytest.mark.timeout(120)
@@ -1241,8 +1249,7 @@ def test_cluster_up_with_a_missing_app_folder_is_one_clear_line(tmp_path: Path) 
                           timeout=60)
     line = one_clear_line(proc)
     assert proc.returncode == 2 and "no-such-app" in line, line
-    time.sleep(0.5)
-    assert not pids_mentioning(str(state))
+    nothing_left(state, "no processes left behind by a refused cluster up")
 
 
 @pytest.mark.timeout(90)
