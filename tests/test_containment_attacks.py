@@ -82,7 +82,7 @@ functions:
     http: [{{method: POST, path: /sig}}]
   forkbomb:
     handler: h.forkbomb
-    timeout_s: 3
+    timeout_s: 2
     max_processes: 16
     max_instances: 1
     http: [{{method: POST, path: /forkbomb}}]
@@ -94,7 +94,7 @@ functions:
     http: [{{method: POST, path: /membomb}}]
   orphan:
     handler: h.orphan
-    timeout_s: 4
+    timeout_s: 3
     max_instances: 1
     http: [{{method: POST, path: /orphan}}]
   tmpa:
