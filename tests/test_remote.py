@@ -290,6 +290,37 @@ def test_a_version_no_worker_serves_is_closed_not_failed(tmp_path, app_dir, monk
         other.stop()
 
 
+def test_a_worker_whose_instances_stopped_may_take_the_call_once_it_starts_one(
+        start_worker, app_dir):
+    """The only worker says it does not run the version (its instances
+    stopped after it last said it had one): the call waits, and runs there
+    as soon as the worker reports a ready instance again."""
+    w = start_worker("w-gone")
+
+    async def scenario() -> None:
+        d = WorkerDirectory(TOKEN)
+        d.update(w.node_id, w.address, {})
+        await until(lambda: d.workers["w-gone"].reported is not None)
+        w.command("retire cold")  # as a pool scaled to zero and retired
+        await asyncio.sleep(0.3)
+        d.workers["w-gone"].reported = {"cold@1": 1}  # stale news: it has none now
+        inv = RemoteInvoker(target(app_dir, "cold"), d)
+        try:
+            call = asyncio.ensure_future(inv.invoke("back-1", http("POST")))
+            await until(lambda: inv.rerouted == 1)
+            assert d.workers["w-gone"].ready("cold@1") == 0  # not asked again meanwhile
+            await asyncio.sleep(0.2)
+            assert not call.done()
+            w.command("scale cold 1")
+            result = await call
+            assert result["rid"] == "back-1" and worker_of(result) == "gone"
+            assert inv.rerouted == 1 and inv.in_flight == 0
+        finally:
+            await d.aclose()
+
+    run(scenario)
+
+
 def test_holds_until_a_worker_reports_a_ready_instance(start_worker, app_dir):
     w = start_worker("w-cold")
 

@@ -147,6 +147,12 @@ class WorkerLink:
         ready = self.reported if self.reported is not None else self.registry
         return [k for k, n in ready.items() if n > 0]
 
+    def forget(self, key: str) -> None:
+        """The worker said it does not run ``key`` (its instances stopped
+        since it last said): none ready here until it says otherwise."""
+        ready = self.reported if self.reported is not None else self.registry
+        ready[key] = 0
+
     def reserve(self, key: str) -> None:
         self.outstanding[key] = self.outstanding.get(key, 0) + 1
         self.calls += 1
@@ -664,6 +670,7 @@ class RemoteInvoker:
         while True:
             wait = True
             lost_here = False
+            absent = False
             try:
                 conn = link.conn
                 if conn is None:
@@ -689,9 +696,16 @@ class RemoteInvoker:
                 self.rerouted += 1
                 failure = exc.error
                 wait = exc.kind not in ("throttled", "overloaded")  # elsewhere now, or 429
+                if exc.kind == "absent":
+                    # Its instances stopped (scaled to zero) after it last
+                    # said: it may be the one to start the next, so the call
+                    # may wait for it too, once it says it has one ready.
+                    link.forget(key)
+                    absent = True
             finally:
                 link.release(key)
-            tried.add(link.id)
+            if not absent:
+                tried.add(link.id)
             nxt = self.directory.take(key, tried)
             if nxt is None and wait and loop.time() < look_until:
                 nxt = await self._reroute(frozenset(tried), look_until)

@@ -503,14 +503,16 @@ async def _serve_folder(args: argparse.Namespace, state: Path, token: str,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    by_name = {p.target.function: p for p in pools}
+    targets = {p.target.function: p.target for p in pools}
 
-    def command(line: str) -> None:  # "scale FN N"
+    def command(line: str) -> None:  # "scale FN N" (its pool made again if retired), "retire FN"
         words = line.split()
         if not words:  # end of input
             stop.set()
-        elif words[0] == "scale" and len(words) == 3 and words[1] in by_name:
-            by_name[words[1]].scale_to(int(words[2]))
+        elif words[0] == "scale" and len(words) == 3 and words[1] in targets:
+            worker.pool(targets[words[1]]).scale_to(int(words[2]))
+        elif words[0] == "retire" and len(words) == 2 and words[1] in targets:
+            worker.retire({k for k in worker.pools if k != targets[words[1]].key})
         else:
             print(f"unknown command: {line.strip()}", file=sys.stderr, flush=True)
 
