@@ -350,8 +350,12 @@ def test_a_rolled_back_rollout_on_the_function_page(up: Nimbus, browser: Any) ->
     driver = browser
     sign_in(driver, up, up.token)
     driver.get(up.control_url + "/ui#/fn/hello")
-    wait_text(driver, "#rollout-reason", lambda t: t == "Rolled back: " + rollout["reason"],
-              "the rollback's reason on hello's page")
+    try:
+        wait_text(driver, "#rollout-reason", lambda t: t == "Rolled back: " + rollout["reason"],
+                  "the rollback's reason on hello's page")
+    except AssertionError as exc:  # say what the page showed instead
+        raise AssertionError(f"{exc}; the page's rollout: {text_of(driver, '#rollout')!r}; "
+                             f"the API's reason: {rollout['reason']!r}") from None
     assert text_of(driver, "#rollout [data-k=rollout-state]") == "rolled back"
     history = text_of(driver, "#rollout-history")
     assert "rollback" in history and "100.0% errors" in history
