@@ -598,8 +598,10 @@ def test_rules_and_dashboard_name_only_metrics_that_exist(up: Nimbus) -> None:
     used = set(re.findall(r"\bnimbus_[a-z_]+", rules + "\n".join(exprs)))
     # families only some processes serve: the async age (SQLite queue), schedules
     # (the async counters: see test_async_counters_exist_at_zero_before_their_first_event)
+    # and rollout decisions (a series per function, from its first decision)
     optional = {"nimbus_schedule_fires_total", "nimbus_schedule_misses_total",
-                "nimbus_async_dead_letters_total", "nimbus_async_retries_total"}
+                "nimbus_async_dead_letters_total", "nimbus_async_retries_total",
+                "nimbus_rollout_decisions_total"}
     missing = sorted(u for u in used - names - optional if not u.endswith("_"))
     assert not missing, f"named in rules/dashboard but not served: {missing}"
 
