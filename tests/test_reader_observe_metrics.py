@@ -583,6 +583,7 @@ EDGE_FAMILIES = {"nimbus_edge_region_up", "nimbus_edge_requests_total",
 
 
 def test_rules_and_dashboard_name_only_metrics_that_exist(up: Nimbus) -> None:
+    assert httpx.get(up.url + "/ok", timeout=30).status_code == 200  # HTTP families exist
     text = scrape_text(up)
     names = set()
     for fam in text_string_to_metric_families(text):
