@@ -245,32 +245,32 @@ def _routes(v: Any) -> Any:
     return [v] if isinstance(v, dict) else v
 
 
-def _strategy(v: Any) -> Any:
+def _checked_text(v: Any, parse: Any, what: str, example: str) -> Any:
+    """``v`` stripped, once ``parse(v, what)`` accepts it (its UserInputError
+    becomes this field's error)."""
     from nimbus.errors import UserInputError
-    from nimbus.rollout.policy import parse_strategy
 
     if not isinstance(v, str):
-        raise fail("expected a strategy like 'canary:10%:5m', 'linear:20%:1m' or "
-                   f"'all-at-once', got {show(v)}")
+        raise fail(f"expected {example}, got {show(v)}")
     try:
-        parse_strategy(v, "strategy")
+        parse(v, what)
     except UserInputError as exc:
         raise fail(str(exc)) from None
     return v.strip()
+
+
+def _strategy(v: Any) -> Any:
+    from nimbus.rollout.policy import parse_strategy
+
+    return _checked_text(v, parse_strategy, "strategy", "a strategy like 'canary:10%:5m', "
+                         "'linear:20%:1m' or 'all-at-once'")
 
 
 def _rule(v: Any) -> Any:
-    from nimbus.errors import UserInputError
     from nimbus.rollout.policy import parse_rule
 
-    if not isinstance(v, str):
-        raise fail("expected a rule like 'error_rate > 2% or p99 > 2x baseline', "
-                   f"got {show(v)}")
-    try:
-        parse_rule(v, "rollback_on")
-    except UserInputError as exc:
-        raise fail(str(exc)) from None
-    return v.strip()
+    return _checked_text(v, parse_rule, "rollback_on",
+                         "a rule like 'error_rate > 2% or p99 > 2x baseline'")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h)?")
