@@ -198,3 +198,71 @@ def test_a_rollback_by_hand_wins_over_a_decision(tmp_path: Path, script: Script)
         assert traffic.weights_of(app, "pay") == {8: 100}
 
     run(body, tmp_path)
+
+
+def test_a_runner_acting_on_an_old_copy_never_undoes_a_rollback_by_hand(
+        tmp_path: Path, script: Script) -> None:
+    """The runner read the record (running, 25%); a rollback by hand lands
+    before the runner writes the app record: the app record ends as the
+    newest rollout record says, not as the runner's copy."""
+    from nimbus.rollout import manage
+
+    async def body(store: Store) -> None:
+        await setup(store)
+        runner = RolloutRunner(store, script)
+        await runner.tick(T0)
+        stale, _ = await read(store)
+        out = await manage.rollback(store, "pay", None, T0 + 1)
+        assert out["live"] == {"7": 100}
+        assert await runner._repair(stale)  # what a tick that read it before would do
+        await runner._apply(stale)
+        rec, app = await read(store)
+        assert rec["state"] == "rolled_back" and rec["applied"] is True
+        assert traffic.weights_of(app, "pay") == {7: 100}
+        await runner.tick(T0 + 2)
+        assert traffic.weights_of((await read(store))[1], "pay") == {7: 100}
+
+    run(body, tmp_path)
+
+
+def test_a_rollout_whose_deploy_never_wrote_the_app_record_is_left_then_ended(
+        tmp_path: Path, script: Script) -> None:
+    """The deploy writes the rollout record first: until the app record
+    names the new version the runner leaves both alone; a minute later the
+    deploy is taken as dead and the rollout ends, the old version serving."""
+    from nimbus.rollout.runner import DEPLOY_GRACE_S
+
+    async def body(store: Store) -> None:
+        await setup(store)
+        entry = await store.get("apps/shop")
+        assert entry is not None
+        app = traffic.promote(orjson.loads(entry.value), "pay", 7)  # as before the deploy
+        await store.update("apps/shop", orjson.dumps(app), entry.revision)
+        before = await store.get(state.key("pay"))
+        assert before is not None
+        runner = RolloutRunner(store, script)
+        await runner.tick(T0 + 1)
+        after = await store.get(state.key("pay"))
+        assert after is not None and after.revision == before.revision  # untouched
+        assert traffic.weights_of((await read(store))[1], "pay") == {7: 100}
+        await runner.tick(T0 + DEPLOY_GRACE_S + 1)
+        await runner.tick(T0 + DEPLOY_GRACE_S + 2)
+        rec, app = await read(store)
+        assert (rec["state"], rec["reason"]) == (
+            "rolled_back", "the deploy that started it did not finish")
+        assert traffic.weights_of(app, "pay") == {7: 100} and rec["applied"] is True
+
+    run(body, tmp_path)
+
+
+def test_deploying_a_version_an_alias_names_is_not_taken_for_the_rollout() -> None:
+    from nimbus.control.deploy import _rolling_out
+
+    app = {"name": "shop", "functions": {"pay": version(9)}, "routes": []}
+    app = traffic.with_weights(app, "pay", "beta", {8: 100}, {8: version(8)})
+    assert not _rolling_out(app, "pay", "c8", None)  # no rollout: v8's code goes live
+    done = ({"state": "promoted", "to": 8}, 3)
+    assert not _rolling_out(app, "pay", "c8", done)
+    app = traffic.with_weights(app, "pay", "live", {9: 90, 8: 10}, {8: version(8)})
+    assert _rolling_out(app, "pay", "c8", ({"state": "running", "to": 8}, 4))
+    assert not _rolling_out(app, "pay", "c9", ({"state": "running", "to": 8}, 4))

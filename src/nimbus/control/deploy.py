@@ -310,7 +310,8 @@ class Deployer:
             if prev is not None and prev.get("config_hash") == chash:
                 records[fn.name] = prev
                 continue
-            if prev is not None and _rolling_out(live, fn.name, chash):
+            if prev is not None and _rolling_out(live, fn.name, chash,
+                                                 rollouts.get(fn.name)):
                 records[fn.name] = prev  # the version being rolled out, unchanged
                 continue
             _check_no_rollout(fn.name, rollouts.get(fn.name))
@@ -533,11 +534,17 @@ class Deployer:
             raise DeployError(f"app {name} changed during this deploy; retry") from None
 
 
-def _rolling_out(live: dict[str, Any], fn: str, chash: str) -> bool:
-    """Whether ``live`` holds another version of ``fn`` with this config (the
-    one a running rollout moves traffic to)."""
-    others = (live.get("versions") or {}).get(fn) or {}
-    return any(rec.get("config_hash") == chash for rec in others.values())
+def _rolling_out(live: dict[str, Any], fn: str, chash: str,
+                 latest: tuple[dict[str, Any], int] | None) -> bool:
+    """Whether a running rollout of ``fn`` moves traffic to a version with
+    this config (a version another alias names is not that: deploying its
+    code again makes it live)."""
+    from nimbus.rollout import state
+
+    if latest is None or latest[0].get("state") != state.RUNNING:
+        return False
+    to = (live.get("versions") or {}).get(fn, {}).get(str(latest[0].get("to")))
+    return to is not None and to.get("config_hash") == chash
 
 
 def _check_no_rollout(fn: str, latest: tuple[dict[str, Any], int] | None) -> None:

@@ -31,6 +31,31 @@ async def read(store: Store, fn: str) -> tuple[state.Record, int] | None:
     return orjson.loads(entry.value), entry.revision
 
 
+async def converge_app(store: Store, fn: str) -> bool:
+    """Make ``fn``'s app record serve what its newest rollout record says.
+
+    The record is read here, never taken from a caller's copy: the app record
+    is written from it, then the record is read again, and if it moved
+    meanwhile (a rollback by hand, another leader's step) the app record is
+    written again from the newer one. So of two writers racing, the app
+    record ends as the last rollout record says. False when ``fn`` is no
+    longer deployed."""
+    for _ in range(TRIES):
+        found = await read(store, fn)
+        if found is None:
+            return True
+        rec, revision = found
+        records = await _records(store, fn, int(rec["from"]), int(rec["to"]))
+        try:
+            await change_app(store, fn, _to(rec, records))
+        except NotFoundError:
+            return False
+        again = await read(store, fn)
+        if again is None or again[1] == revision:
+            return True
+    raise ConflictError(f"the rollout of {fn} kept changing; try again")
+
+
 async def view(store: Store, fn: str, now: float, runner: Any = None) -> dict[str, Any]:
     """``GET /v1/functions/{fn}/rollout``: the latest rollout of ``fn``; with
     the ``runner`` that moves it (this process's), the current step's
@@ -79,8 +104,7 @@ async def _rollback(store: Store, fn: str, to: int | None, now: float) -> dict[s
             revision = await store.update(state.key(fn), orjson.dumps(done), revision)
         except ConflictError:
             continue  # the runner moved it meanwhile: read it again
-        records = await _records(store, fn, int(rec["from"]), int(rec["to"]))
-        await change_app(store, fn, _to(done, records))
+        await converge_app(store, fn)
         try:
             await store.update(state.key(fn), orjson.dumps({**done, "applied": True}),
                                revision)
@@ -97,6 +121,8 @@ async def _rollback(store: Store, fn: str, to: int | None, now: float) -> dict[s
 
 async def _move_live(store: Store, fn: str, to: int | None,
                      last: state.Record | None) -> dict[str, Any]:
+    if last is not None and last.get("applied") is False:
+        await converge_app(store, fn)  # a finished rollout's writer died before the app record
     app, _ = await app_of(store, fn)
     stable = traffic.stable_version(app, fn)
     stored = await version_records(store, fn)

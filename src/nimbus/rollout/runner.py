@@ -32,12 +32,12 @@ from typing import Any
 import orjson
 
 from nimbus.clock import Clock, SystemClock
-from nimbus.control.deploy import version_key
 from nimbus.errors import ConflictError, NimbusError, NotFoundError
 from nimbus.observe import metrics
-from nimbus.rollout import state
+from nimbus.rollout import state, traffic
+from nimbus.rollout.manage import converge_app
 from nimbus.rollout.policy import Step, decide, parse_rule
-from nimbus.rollout.records import change_app
+from nimbus.rollout.records import app_of
 from nimbus.rollout.sampler import Sampler
 from nimbus.rollout.window import Counters, Window, counters_from_dict, counters_to_dict, delta
 from nimbus.store.base import Store
@@ -53,6 +53,7 @@ TRAFFIC_WINDOW_S = 60.0
 # on another controller: at most this often, read while this fresh.
 TRAFFIC_KEY = "rollout-traffic"
 PUBLISH_EVERY_S = 10.0
+DEPLOY_GRACE_S = 60.0  # a new rollout's deploy writes the app record within it
 PUBLISHED_FRESH_S = 30.0
 
 
@@ -120,7 +121,11 @@ class RolloutRunner:
             if rec.get("state") == state.RUNNING:
                 running.append((rec, entry.revision))
             elif rec.get("applied") is False:
-                await self._apply_finished(rec, entry.revision)
+                try:
+                    await self._apply_finished(rec, entry.revision)
+                except Exception as exc:  # noqa: BLE001 - one record never stops the others
+                    log.warning("applying the end of %s's rollout: %s", entry.key, exc,
+                                exc_info=not isinstance(exc, NimbusError))
         self.running = {rec["function"]: rec for rec, _ in running}
         self.latest = {fn: v for fn, v in self.latest.items() if fn in self.running}
         functions = {rec["function"] for rec, _ in running}
@@ -139,8 +144,9 @@ class RolloutRunner:
         for rec, revision in running:
             try:
                 await self._advance(rec, revision, counters, now)
-            except NimbusError as exc:
-                log.warning("rollout of %s: %s", rec["function"], exc)
+            except Exception as exc:  # noqa: BLE001 - one record never stops the others
+                log.warning("rollout of %s: %s", rec.get("function"), exc,
+                            exc_info=not isinstance(exc, NimbusError))
 
     async def _deployed_functions(self) -> set[str]:
         out: set[str] = set()
@@ -174,6 +180,8 @@ class RolloutRunner:
                        now: float) -> None:
         fn = rec["function"]
         frm, to = int(rec["from"]), int(rec["to"])
+        if rec.get("start_counters") is None and not await self._deployed(rec, revision, now):
+            return
         if not await self._repair(rec):
             gone = {**rec, "state": state.ROLLED_BACK, "ended": now,
                     "reason": f"function {fn} is no longer deployed"}
@@ -232,36 +240,40 @@ class RolloutRunner:
             with contextlib.suppress(ConflictError):
                 await self._write({**new, "applied": True}, revision)
 
+    async def _deployed(self, rec: state.Record, revision: int, now: float) -> bool:
+        """Whether the deploy that started ``rec`` has written the app record
+        (its new version is there). Until then the runner leaves both alone
+        for ``DEPLOY_GRACE_S`` (a deploy writes the rollout record first);
+        after that, the deploy died or failed half-way: the rollout ends,
+        rolled back, and the old version keeps serving."""
+        fn = rec["function"]
+        try:
+            app, _ = await app_of(self.store, fn)
+        except NotFoundError:
+            return True  # gone: the repair below ends it
+        if int(rec["to"]) in traffic.records_of(app, fn):
+            return True
+        if now - float(rec.get("started") or now) >= DEPLOY_GRACE_S:
+            gone = {**rec, "state": state.ROLLED_BACK, "ended": now, "applied": False,
+                    "reason": "the deploy that started it did not finish"}
+            with contextlib.suppress(ConflictError):
+                await self._write(gone, revision)
+        return False
+
     async def _write(self, rec: state.Record, revision: int) -> int:
         return await self.store.update(state.key(rec["function"]), orjson.dumps(rec), revision)
 
     async def _repair(self, rec: state.Record) -> bool:
-        """Make the app record serve what ``rec`` says; False when the
-        function is gone (the rollout cannot go on)."""
-        try:
-            await self._apply(rec)
-        except NotFoundError:
-            return False
-        return True
+        """Make the app record serve what the newest rollout record says
+        (read again, not ``rec``: a rollback by hand may have moved it since);
+        False when the function is gone (the rollout cannot go on)."""
+        return await converge_app(self.store, rec["function"])
 
     async def _apply(self, rec: state.Record) -> None:
-        fn = rec["function"]
-        records = await self._records(rec)
-        await change_app(self.store, fn, lambda app: state.app_for(app, rec, records))
-
-    async def _records(self, rec: state.Record) -> dict[int, dict[str, Any]]:
-        out: dict[int, dict[str, Any]] = {}
-        for v in (int(rec["from"]), int(rec["to"])):
-            entry = await self.store.get(version_key(rec["function"], v))
-            if entry is not None:
-                out[v] = orjson.loads(entry.value)
-        return out
+        await converge_app(self.store, rec["function"])
 
     async def _apply_finished(self, rec: state.Record, revision: int) -> None:
-        try:
-            await self._apply(rec)
-        except NotFoundError:
-            pass
+        await converge_app(self.store, rec["function"])
         with contextlib.suppress(ConflictError):
             await self._write({**rec, "applied": True}, revision)
 
