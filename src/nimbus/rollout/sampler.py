@@ -95,6 +95,14 @@ def windows_from_text(text: str, functions: set[str]) -> dict[tuple[str, int], W
     return out
 
 
+_FAMILY_LINES = ("nimbus_invocation", "# HELP nimbus_invocation", "# TYPE nimbus_invocation")
+
+
+def invocation_lines(text: str) -> str:
+    """The lines of ``text`` that belong to the invocation families."""
+    return "".join(ln + "\n" for ln in text.splitlines() if ln.startswith(_FAMILY_LINES))
+
+
 def _key(labels: dict[str, str], functions: set[str]) -> tuple[str, int] | None:
     fn = labels.get("function")
     if fn not in functions:
@@ -180,7 +188,11 @@ class ScrapeSampler:
     async def _one(self, pid: str, url: str, functions: set[str],
                    ) -> dict[tuple[str, int], Window] | None:
         try:
-            return windows_from_text(await self._scrape(url), functions)
+            text = await self._scrape(url)
+            # only the two families read, parsed off the event loop (a worker's
+            # whole exposition can be megabytes; this runs every tick)
+            return await asyncio.to_thread(windows_from_text, invocation_lines(text),
+                                           functions)
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
             self.errors[pid] = f"{url}: {type(exc).__name__}: {exc}"[:300]
             return None
