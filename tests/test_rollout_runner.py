@@ -266,3 +266,20 @@ def test_deploying_a_version_an_alias_names_is_not_taken_for_the_rollout() -> No
     app = traffic.with_weights(app, "pay", "live", {9: 90, 8: 10}, {8: version(8)})
     assert _rolling_out(app, "pay", "c8", ({"state": "running", "to": 8}, 4))
     assert not _rolling_out(app, "pay", "c9", ({"state": "running", "to": 8}, 4))
+
+
+def test_a_tick_with_a_process_missing_from_the_scrape_judges_nothing(
+        tmp_path: Path, script: Script) -> None:
+    async def body(store: Store) -> None:
+        await setup(store, "canary:10%:5s")
+        runner = RolloutRunner(store, script)
+        await runner.tick(T0)
+        script.add(8, 5, errors=20)  # failing badly
+        script.missing = 1  # type: ignore[attr-defined]
+        await runner.tick(T0 + 1)
+        assert (await read(store))[0]["state"] == "running"  # not judged without it
+        script.missing = 0  # type: ignore[attr-defined]
+        await runner.tick(T0 + 2)
+        assert (await read(store))[0]["state"] == "rolled_back"
+
+    run(body, tmp_path)

@@ -188,6 +188,10 @@ class RolloutRunner:
             with contextlib.suppress(ConflictError):
                 await self._write(gone, revision)
             return
+        if getattr(self.sampler, "missing", 0):
+            # A process that did not answer this scrape would be counted from
+            # zero in a window it had counts before: judge nothing this tick.
+            return
         if rec.get("start_counters") is None:  # the first tick of the first step
             rec = {**rec, "start_counters": counters_to_dict(_only(counters, fn, frm, to)),
                    "step_started": now}
