@@ -106,17 +106,6 @@ def test_unknown_versions_and_aliases_are_named() -> None:
         traffic.without_alias(routed, "f", "beta")
 
 
-def test_qualifiers() -> None:
-    app = traffic.with_weights(plain(), "f", "beta", {8: 100}, {8: rec(8)})
-    assert traffic.resolve(app, "f", None) == {7: 100}
-    assert traffic.resolve(app, "f", "8") == {8: 100}
-    assert traffic.resolve(app, "f", "beta") == {8: 100}
-    with pytest.raises(NotFoundError, match="aliases: live, beta; its versions: 7, 8"):
-        traffic.resolve(app, "f", "gamma")
-    with pytest.raises(NotFoundError, match="no version or alias '5'"):
-        traffic.resolve(app, "f", "5")
-
-
 def test_sticky_buckets_move_a_client_at_most_once_old_to_new() -> None:
     keys = [f"client-{i}" for i in range(2000)]
     assert [traffic.bucket(k) for k in keys[:3]] == [traffic.bucket(k) for k in keys[:3]]

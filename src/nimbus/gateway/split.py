@@ -16,10 +16,9 @@ short scan.
 from __future__ import annotations
 
 import random
-import zlib
 from typing import Any
 
-from nimbus.rollout.traffic import BUCKETS, bucket_table
+from nimbus.rollout.traffic import bucket, bucket_table
 
 STICKY_HEADER = "x-nimbus-sticky"
 STICKY_COOKIE = "nimbus-sticky="
@@ -71,7 +70,7 @@ class Split:
                 if r < end:
                     return inv
             return self._last
-        b = zlib.crc32(sticky.encode("utf-8", "surrogatepass")) % BUCKETS
+        b = bucket(sticky)
         for end, inv in self._buckets:
             if b < end:
                 return inv

@@ -300,29 +300,6 @@ def route_alias(route: list[Any] | tuple[Any, ...]) -> str:
     return str(route[3]) if len(route) > 3 else DEFAULT_ALIAS
 
 
-def resolve(app: App, fn: str, qualifier: str | None) -> dict[int, int]:
-    """Weights for an invocation's qualifier: None (``live``), a version
-    number (``"7"``: that version only) or an alias name."""
-    if qualifier is None or qualifier == "":
-        return weights_of(app, fn)
-    if qualifier.isdigit():
-        version = int(qualifier)
-        known = records_of(app, fn)
-        if version not in known:
-            raise NotFoundError(_unknown_qualifier(app, fn, qualifier))
-        return {version: 100}
-    aliases = aliases_of(app, fn)
-    if qualifier not in aliases:
-        raise NotFoundError(_unknown_qualifier(app, fn, qualifier))
-    return aliases[qualifier]
-
-
-def _unknown_qualifier(app: App, fn: str, qualifier: str) -> str:
-    return (f"function {fn!r} has no version or alias {qualifier!r}; its aliases: "
-            f"{', '.join(aliases_of(app, fn))}; its versions: "
-            f"{', '.join(str(v) for v in sorted(records_of(app, fn)))}")
-
-
 def after_deploy(previous: App | None, app: App) -> dict[str, Any]:
     """The app record a deploy writes: ``app`` (its new stable versions and
     routes) with the aliases ``previous`` had kept (``live`` follows the
