@@ -52,6 +52,56 @@ def rollout(region: Region, url: str) -> dict[str, Any]:
     return data
 
 
+METER = """\
+name: meter
+functions:
+  meter:
+    handler: m.handler
+    http: [{method: GET, path: /meter}]
+"""
+
+
+def test_a_deploy_on_the_standby_sees_the_leaders_traffic_figures(region: Region,
+                                                                    tmp_path: Path) -> None:
+    """What takes real traffic is measured by the leader and published, so a
+    deploy answered by the standby controller defaults to a canary too."""
+    def app(body: str) -> Path:
+        folder = tmp_path / body / "meter"
+        folder.mkdir(parents=True)
+        (folder / "app.yaml").write_text(METER)
+        (folder / "m.py").write_text(HANDLER.format(version=body))
+        return folder
+
+    r = region.cli("deploy", str(app("m1")))
+    assert r.returncode == 0, r.stderr
+    leader = region.status()["leader"]
+    standby = next(p for p in region.processes("controller") if p["id"] != leader)
+    sent = 0
+    with httpx.Client(base_url=region.gateway_urls[0], timeout=10) as c:
+        deadline = time.monotonic() + 13  # two of the leader's samples and a publication
+        while time.monotonic() < deadline:
+            assert c.get("/meter").text == "m1"
+            sent += 1
+            time.sleep(0.02)
+    assert sent >= 150, sent
+    r = region.cli("deploy", str(app("m2")), "--url", standby["url"])
+    assert r.returncode == 0, r.stderr
+    assert "rolling out over version 1 with canary:10%:1m" in r.stdout, r.stdout
+    assert "takes real traffic" in r.stdout, r.stdout
+    ro = rollout_of(region, "meter", standby["url"])
+    assert (ro["state"], ro["strategy"]) == ("running", "canary:10%:1m"), ro
+    r = region.cli("rollback", "meter", "--url", standby["url"])
+    assert r.returncode == 0, r.stderr
+    assert rollout_of(region, "meter", standby["url"])["state"] == "rolled_back"
+
+
+def rollout_of(region: Region, fn: str, url: str) -> dict[str, Any]:
+    r = region.control("GET", f"/v1/functions/{fn}/rollout", url=url)
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
 def test_the_standby_leader_continues_a_rollout(region: Region, tmp_path: Path) -> None:
     stop = threading.Event()
     codes: list[tuple[int, str]] = []
