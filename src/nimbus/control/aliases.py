@@ -62,14 +62,16 @@ def alias_view(app: dict[str, Any], fn: str) -> dict[str, Any]:
 
 async def refuse_during_rollout(store: Any, fn: str) -> None:
     """A ConflictError when a rollout of ``fn`` is running: it owns ``live``."""
-    entry = await store.get(f"rollouts/{fn}")
+    from nimbus.rollout import state
+
+    entry = await store.get(state.key(fn))
     if entry is None:
         return
     try:
         rollout = orjson.loads(entry.value)
     except orjson.JSONDecodeError:
         return
-    if isinstance(rollout, dict) and rollout.get("state") == "running":
+    if isinstance(rollout, dict) and rollout.get("state") == state.RUNNING:
         raise ConflictError(
             f"a rollout of {fn} is running (rollout {rollout.get('id', '?')}: version "
             f"{rollout.get('from', '?')} -> {rollout.get('to', '?')}, "
