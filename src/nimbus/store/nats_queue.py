@@ -97,6 +97,7 @@ from nats.js.kv import KeyValue
 from nimbus.errors import ClosedError, ConflictError, UnavailableError
 from nimbus.ids import new_id
 from nimbus.store.nats_conn import retry_unrouted as _routed
+from nimbus.store.nats_scan import ScanError, last_per_subject
 from nimbus.store.queue import (
     DEFAULT_DEDUP_WINDOW_S,
     Message,
@@ -116,6 +117,7 @@ OPEN_READY_S = 30.0  # a cluster electing leaders, or a racing creator
 COUNT_WAIT_S = 10.0  # an operation waits this long for its counts to land
 UNKNOWN_WRITE_S = 30.0  # a write whose answer was lost is read back this long
 WRITER_MEMORY_S = 3600.0  # how long a summary remembers a writer's last batch
+KEYS_TIMEOUT_S = 30.0  # a key listing (dead letters, queue summaries) completes within this
 CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
 SETTLED = ("succeeded", "failed", "dead")
 
@@ -787,18 +789,17 @@ class NatsQueue:
 
     async def _keys(self, prefix: str) -> list[str]:
         """The live keys under ``prefix`` (a consumer filtered on them: it
-        reads only those keys, never the bucket)."""
-        watcher = await self._kv.watch(prefix + ">", meta_only=True, ignore_deletes=True)
-        keys: list[str] = []
+        reads only those keys' headers, never the bucket)."""
+        pre = self._kv._pre  # "$KV.<bucket>."
         try:
-            while True:
-                e = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
-                if e is None:
-                    return keys
-                if e.operation is None:
-                    keys.append(e.key)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            got = await last_per_subject(self._nc, self._js, self._kv._stream,
+                                         pre + prefix + ">", timeout_s=KEYS_TIMEOUT_S,
+                                         headers_only=True)
+        except ScanError as exc:
+            raise UnavailableError(f"listing keys {prefix}>: {exc}") from exc
+        return [m.subject[len(pre):] for m in got
+                if not (m.headers and (m.headers.get("KV-Operation") in ("DEL", "PURGE")
+                                       or "Nats-Marker-Reason" in m.headers))]
 
     async def _dead_ids(self, queue: str) -> list[str]:
         prefix = f"x.{encode_name(queue)}."

@@ -60,6 +60,7 @@ from nimbus.errors import ClosedError, ConflictError, UnavailableError, UserInpu
 from nimbus.region import check_region_name
 from nimbus.store.base import Entry, Watch, WatchEvent
 from nimbus.store.nats_conn import connection_events, retry_read, retry_unrouted
+from nimbus.store.nats_scan import ScanError, last_per_subject
 
 log = logging.getLogger("nimbus.store")
 T = TypeVar("T")
@@ -281,52 +282,22 @@ class NatsStore:
 
     async def list(self, prefix: str) -> list[Entry]:
         """One ephemeral consumer on the prefix's subject filter, delivering
-        the last message of each subject, read until none is pending."""
+        the last message of each subject (see ``nats_scan``)."""
         self._check_open()
+        try:
+            got = await self._call(f"list {prefix!r}", last_per_subject(
+                self.nc, self._js, self.stream, self._pre + prefix_filter(prefix),
+                timeout_s=LIST_TIMEOUT_S, forget=self._forget_consumer))
+        except ScanError as exc:
+            raise UnavailableError(f"NATS store {self.bucket}: list {prefix!r}: {exc}") from exc
         entries: dict[str, Entry] = {}
-        done = asyncio.Event()
-        trouble: list[str] = []
-        expected = 0
-
-        async def on_msg(msg: Msg) -> None:
-            nonlocal expected
-            if msg.headers and msg.headers.get("Status"):
-                return  # no heartbeats asked for; nothing else to do
-            md = msg.metadata
-            expected += 1
-            if md.sequence.consumer != expected:
-                trouble.append(f"consumer sequence {md.sequence.consumer}, expected {expected}")
-                done.set()
-                return
-            key = _key_of(msg.subject, self._pre)
+        for m in got:
+            key = _key_of(m.subject, self._pre)
             if key is not None and key.startswith(prefix):
-                if _is_delete(msg.headers):
+                if _is_delete(m.headers):
                     entries.pop(key, None)
                 else:
-                    entries[key] = Entry(key, msg.data or b"", md.sequence.stream)
-            if md.num_pending == 0:
-                done.set()
-
-        inbox = self.nc.new_inbox()
-        sub = await self._call("list", self.nc.subscribe(inbox, cb=on_msg))
-        try:
-            info = await self._call(f"list {prefix!r}", self._js.add_consumer(
-                self.stream, api.ConsumerConfig(
-                    deliver_subject=inbox, filter_subject=self._pre + prefix_filter(prefix),
-                    deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-                    ack_policy=api.AckPolicy.NONE, max_deliver=1, mem_storage=True,
-                    num_replicas=1, inactive_threshold=CONSUMER_IDLE_S)))
-            if (info.num_pending or expected) and not await wait_event(done, LIST_TIMEOUT_S):
-                raise UnavailableError(
-                    f"NATS store {self.bucket}: list {prefix!r}: the consumer stopped "
-                    f"delivering within {LIST_TIMEOUT_S}s")
-            if trouble:
-                raise UnavailableError(f"NATS store {self.bucket}: list {prefix!r}: "
-                                       f"messages were lost ({trouble[0]})")
-            self._forget_consumer(info.name)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                    entries[key] = Entry(key, m.data, m.seq)
         return [entries[k] for k in sorted(entries)]
 
     def _forget_consumer(self, name: str | None) -> None:
