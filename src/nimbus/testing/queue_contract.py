@@ -209,7 +209,9 @@ async def _dead_letters(q: Queue, clock: ManualClock) -> None:
         f"a redriven message is young again (its age and destinations start over): {m}"
     await q.ack(m)
     assert await q.redrive(name, []) == 0, "redrive of no ids moves none"
-    assert await q.redrive(name) == 2, "redrive of the queue moves the rest"
+    moved = await q.redrive(name)
+    assert moved == 2, f"redrive of the queue moves the rest: moved {moved}, " \
+        f"dead now {[r.id for r in await q.records(name, status='dead')]}"
     assert len(await q.receive(name, max_messages=5, visibility_s=30)) == 2
 
 
@@ -497,7 +499,9 @@ async def _rt_dead_letters(q: Queue) -> None:
     assert m.id == sent[0].id and m.attempts == 1, f"a redriven message starts over: {m}"
     await q.ack(m)
     assert await q.redrive(name, []) == 0
-    assert await q.redrive(name) == 2, "redrive of the queue moves the rest"
+    moved = await q.redrive(name)
+    assert moved == 2, f"redrive of the queue moves the rest: moved {moved}, " \
+        f"dead now {[r.id for r in await q.records(name, status='dead')]}"
     for m in await _eventually(q, name, "two redriven messages", n=2):
         await q.ack(m)
     assert await q.redrive(name) == 0, "nothing dead is left"
