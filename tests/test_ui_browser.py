@@ -349,6 +349,9 @@ def test_a_rolled_back_rollout_on_the_function_page(up: Nimbus, browser: Any) ->
     assert [r.status_code for r in (gateway(up).get("/hello") for _ in range(5))] == [200] * 5
     driver = browser
     sign_in(driver, up, up.token)
+    # signed in (the overview shows) before going on: a navigation started
+    # while the sign-in's answer is on its way would cancel it
+    wait_text(driver, "#fn-hello td[data-k=name]", lambda t: t == "hello", "the overview")
     driver.get(up.control_url + "/ui#/fn/hello")
     try:
         wait_text(driver, "#rollout-reason", lambda t: t == "Rolled back: " + rollout["reason"],

@@ -46,6 +46,7 @@ T = TypeVar("T")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 OP_TIMEOUT_S = 30.0
 PER_MIB_S = 5.0  # added to the deadline for each MiB moved
+CORRUPT_AFTER_S = 10.0  # a blob that reads wrong this long is corrupt (not a replica behind)
 
 
 async def open_nats_blobs(nc: NATS, *, region: str, replicas: int | None = None) -> NatsBlobs:
@@ -138,21 +139,28 @@ class NatsBlobs:
         info = await self._info(digest)
         if info is None:
             raise NotFoundError(f"no blob {digest}")
+
+        async def read() -> bytes:
+            result = await self._store().get(digest)
+            data = bytes(result.data or b"")
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise nats.js.errors.DigestMismatchError
+            return data
+
+        # Chunks are read by a consumer on one replica: one still catching up
+        # with a blob just put answers short, which reads as a digest
+        # mismatch. Asked again, it has them; still wrong after the retries:
+        # the blob is corrupt.
         try:
-            result = await self._call(f"get {digest}",
-                                      retry_read(lambda: self._store().get(digest)),
-                                      info.size or 0)
+            return await self._call(f"get {digest}", retry_read(
+                read, within_s=CORRUPT_AFTER_S, also=(nats.js.errors.DigestMismatchError,)),
+                info.size or 0)
         except UnavailableError as exc:
             if isinstance(exc.__cause__, nats.js.errors.ObjectNotFoundError):
                 raise NotFoundError(f"no blob {digest}") from None
             if isinstance(exc.__cause__, nats.js.errors.DigestMismatchError):
                 raise UnavailableError(f"blob {digest} is corrupt in {self.bucket}") from exc
             raise
-        data = bytes(result.data or b"")
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise UnavailableError(f"blob {digest} is corrupt in {self.bucket} "
-                                   f"({len(data)} bytes read)")
-        return data
 
     async def has(self, digest: str) -> bool:
         if not _DIGEST.fullmatch(digest):

@@ -163,18 +163,22 @@ async def retry_unrouted(make: Callable[[], Awaitable[T]]) -> T:
 READ_RETRY_S = 20.0  # how long a read goes on trying while the stream elects a leader
 
 
-async def retry_read(make: Callable[[], Awaitable[T]], *, within_s: float = READ_RETRY_S) -> T:
+async def retry_read(make: Callable[[], Awaitable[T]], *, within_s: float = READ_RETRY_S,
+                     also: tuple[type[BaseException], ...] = ()) -> T:
     """``await make()`` for a read, again (with backoff) while no server
     answers in time or none is routed to: a stream whose leader died is
     electing another, and a read changes nothing, so asking again is safe.
-    Gives up with the last error after ``within_s``."""
+    ``also``: more errors worth asking again for (e.g. a read served by a
+    replica still catching up). Gives up with the last error after ``within_s``."""
     deadline = time.monotonic() + within_s
     delay = 0.05
+    again: tuple[type[BaseException], ...] = (
+        nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError,
+        nats.errors.TimeoutError, *also)
     while True:
         try:
             return await make()
-        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError,
-                nats.errors.TimeoutError):
+        except again:
             if time.monotonic() + delay > deadline:
                 raise
             await asyncio.sleep(delay)

@@ -97,7 +97,6 @@ from nats.js.kv import KeyValue
 from nimbus.errors import ClosedError, ConflictError, UnavailableError
 from nimbus.ids import new_id
 from nimbus.store.nats_conn import retry_unrouted as _routed
-from nimbus.store.nats_scan import ScanError, last_per_subject
 from nimbus.store.queue import (
     DEFAULT_DEDUP_WINDOW_S,
     Message,
@@ -117,7 +116,6 @@ OPEN_READY_S = 30.0  # a cluster electing leaders, or a racing creator
 COUNT_WAIT_S = 10.0  # an operation waits this long for its counts to land
 UNKNOWN_WRITE_S = 30.0  # a write whose answer was lost is read back this long
 WRITER_MEMORY_S = 3600.0  # how long a summary remembers a writer's last batch
-KEYS_TIMEOUT_S = 30.0  # a key listing (dead letters, queue summaries) completes within this
 CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
 SETTLED = ("succeeded", "failed", "dead")
 
@@ -788,18 +786,13 @@ class NatsQueue:
         return out[:limit]
 
     async def _keys(self, prefix: str) -> list[str]:
-        """The live keys under ``prefix`` (a consumer filtered on them: it
-        reads only those keys' headers, never the bucket)."""
+        """The keys under ``prefix``, as the bucket's leader has them (its
+        subject list: a follower's copy could miss a key just written). A
+        key deleted with a tombstone is still listed (callers read each
+        key anyway); dead-letter keys are purged outright, leaving none."""
         pre = self._kv._pre  # "$KV.<bucket>."
-        try:
-            got = await last_per_subject(self._nc, self._js, self._kv._stream,
-                                         pre + prefix + ">", timeout_s=KEYS_TIMEOUT_S,
-                                         headers_only=True)
-        except ScanError as exc:
-            raise UnavailableError(f"listing keys {prefix}>: {exc}") from exc
-        return [m.subject[len(pre):] for m in got
-                if not (m.headers and (m.headers.get("KV-Operation") in ("DEL", "PURGE")
-                                       or "Nats-Marker-Reason" in m.headers))]
+        info = await self._js.stream_info(self._kv._stream, subjects_filter=pre + prefix + ">")
+        return sorted(s[len(pre):] for s in (info.state.subjects or {}))
 
     async def _dead_ids(self, queue: str) -> list[str]:
         prefix = f"x.{encode_name(queue)}."
@@ -833,8 +826,9 @@ class NatsQueue:
                 elif not (rec["status"] == "queued" and rec["seq"] is None):
                     continue
                 await self._publish(queue, mid, gen)
-                with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                    await self._kv.delete(self._dead_key(queue, mid))
+                # purged, not deleted: no tombstone is left to list
+                await self._js.purge_stream(self._kv._stream,
+                                            subject=self._kv._pre + self._dead_key(queue, mid))
         return moved
 
     async def stats(self, queue: str) -> QueueStats:

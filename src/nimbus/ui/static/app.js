@@ -11,9 +11,12 @@ let timer = null;
 let logAbort = null;
 
 // -- helpers ---------------------------------------------------------------
+const API_TIMEOUT_MS = 10000;   // a refresh never waits forever on one answer
+
 async function api(path, options = {}) {
   const headers = Object.assign({"x-nimbus-csrf": "1"}, options.headers || {});
-  const r = await fetch(path, Object.assign({}, options, {headers, credentials: "same-origin"}));
+  const r = await fetch(path, Object.assign({}, options, {headers, credentials: "same-origin",
+                                                          signal: AbortSignal.timeout(API_TIMEOUT_MS)}));
   if (r.status === 401) { location.href = "/ui/login"; throw new Error("signed out"); }
   if (!r.ok) {
     let msg = r.status + "";
