@@ -177,3 +177,16 @@ def test_rest_route_wraps_an_invoker():
     assert route.resource_id != RestRoute(inner, "/users/{id}", "POST").resource_id
     route.log("r", "platform", "x")
     assert inner.logged == ["x"]
+
+
+def test_sticky_key_of_a_rest_event():
+    from nimbus.gateway.split import sticky_key
+
+    def ev(headers):
+        return rest_event(scope(headers=headers), b"", resource="/x", resource_id="r",
+                          path_params=None, request_id="r", now_s=0)
+
+    assert sticky_key(ev([(b"cookie", b"a=1; nimbus-sticky=u7; b=2")])) == "u7"
+    assert sticky_key(ev([(b"x-nimbus-sticky", b"u1"), (b"cookie", b"nimbus-sticky=u7")])) == "u1"
+    assert sticky_key(ev([(b"cookie", b"a=1")])) is None
+    assert sticky_key(ev([])) is None
