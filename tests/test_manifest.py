@@ -334,7 +334,7 @@ def test_unknown_key_in_seed_handler(tmp_path):
 def test_unknown_key_in_route_without_close_match(tmp_path):
     err = load_error(rich(tmp_path, "f:\n  handler: api.plain\n  http: {path: /a, cors: true}\n"))
     assert (err.line, err.field) == (4, "functions.f.http.cors")
-    assert err.message == "unknown key 'cors'; valid keys: method, path, alias"
+    assert err.message == "unknown key 'cors'; valid keys: method, path, alias, payload"
 
 
 def test_unknown_key_in_seed_top_level(tmp_path):

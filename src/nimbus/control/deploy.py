@@ -357,9 +357,11 @@ class Deployer:
             "name": app.name, "digest": digest, "deployed": time.time(),
             "functions": records,
             "regions": app.regions.to_dict() if app.regions else None,
-            # a 4th element names the alias a route serves (none: live)
-            "routes": [[r.method, r.path, fn.name, *([r.alias] if r.alias != DEFAULT_ALIAS
-                                                      else [])]
+            # a 4th element names the alias a route serves (none: live), a
+            # 5th its payload format when not 2.0 (the alias is written then)
+            "routes": [[r.method, r.path, fn.name,
+                        *([r.alias] if r.alias != DEFAULT_ALIAS or r.payload != "2.0" else []),
+                        *([r.payload] if r.payload != "2.0" else [])]
                        for fn in app.functions.values() for r in fn.routes],
         }
         app_record = _with_traffic(app_record, live if current else None, plans)

@@ -32,6 +32,7 @@ from nimbus.aio import cancel_and_wait
 from nimbus.control.deploy import target_from_record
 from nimbus.errors import ClosedError, NotFoundError, UnavailableError
 from nimbus.gateway.app import Gateway, Invoker
+from nimbus.gateway.events_v1 import RestRoute
 from nimbus.gateway.router import Router
 from nimbus.gateway.split import Split
 from nimbus.rollout import traffic
@@ -143,6 +144,8 @@ class RouteSync:
                 if alias != traffic.DEFAULT_ALIAS and (fn, alias) not in invokers:
                     log.warning("route %s %s names alias %r of %s, which is not set; "
                                 "it serves the live alias", route[0], route[1], alias, fn)
+                if traffic.route_payload(route) == "1.0":  # decided here, once per route
+                    target = RestRoute(target, route[1], route[0])
                 routes.append((route[0], route[1], target))
         self.gateway.set_router(Router(routes))
         self.functions = functions

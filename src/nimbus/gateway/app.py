@@ -17,6 +17,8 @@ import orjson
 
 from nimbus.errors import HandlerError, NimbusError, PayloadTooLargeError, UserInputError
 from nimbus.gateway.events import http_event
+from nimbus.gateway.events_v1 import RestRoute, rest_event, rest_response
+from nimbus.gateway.events_v1 import error_response as rest_error_response
 from nimbus.gateway.responses import JSON, NO_BODY, Response, error_response, result_response
 from nimbus.gateway.router import Router
 from nimbus.gateway.split import Split, sticky_key
@@ -124,6 +126,9 @@ class Gateway:
                 status, headers, data = self._reserved(scope)
             else:
                 match = self.router.match(scope["method"], path)
+                if type(match.target) is RestRoute:  # payload 1.0: its own event and answer
+                    return await self._respond_v1(scope, receive, match.target,
+                                                  match.path_params, rid, span)
                 function = match.target.target.function
                 body = await self._read_body(scope, receive)
                 received = len(body)
@@ -170,6 +175,57 @@ class Gateway:
         HTTP.count(function, status, received, len(data))
         return status, headers, data
 
+    async def _respond_v1(self, scope: dict[str, Any], receive: Any, route: RestRoute,
+                          path_params: dict[str, str] | None, rid: str,
+                          span: tracing.Span | None) -> Response | None:
+        """:meth:`respond` for a payload 1.0 (REST API) route: its event, its
+        response rules, and API Gateway's 502 when the function fails."""
+        function = route.target.function
+        received = 0
+        try:
+            body = await self._read_body(scope, receive)
+            received = len(body)
+            event = rest_event(scope, body, resource=route.resource,
+                               resource_id=route.resource_id, path_params=path_params,
+                               request_id=rid, now_s=time.time())
+            ev_headers = event["headers"] or {}
+            if span is not None:
+                span.attrs["nimbus.function"] = function
+                if event["headers"] is not None:
+                    tracing.inject(span, ev_headers)
+            if ((INVOCATION_TYPE_HEADERS[0] in ev_headers
+                    or INVOCATION_TYPE_HEADERS[1] in ev_headers) and invocation_type(
+                    ev_headers.get(INVOCATION_TYPE_HEADERS[0])
+                    or ev_headers.get(INVOCATION_TYPE_HEADERS[1])) != "RequestResponse"):
+                status, headers, data = await self._not_now(route, event)
+            else:
+                result = await route.invoke(rid, event)
+                try:
+                    status, headers, data = rest_response(result)
+                except HandlerError as exc:  # the handler's answer is malformed
+                    route.log(rid, "platform", f"{exc.error['errorType']}: {exc}")
+                    raise
+        except ClientGone:
+            if span is not None:
+                _end_span(span, rid, 499)
+            return None
+        except HandlerError:
+            status, headers, data = rest_error_response()
+        except NimbusError as exc:
+            status, headers, data = error_response(exc, rid)
+            if status == 413:
+                headers.append((b"connection", b"close"))
+        except Exception as exc:  # noqa: BLE001 - a bug of ours; the client gets a 500
+            log.exception("request %s failed", rid)
+            status, headers, data = error_response(exc, rid)
+        headers.append((REQUEST_ID_HEADER, rid.encode()))
+        if data or status not in NO_BODY:
+            headers.append((b"content-length", str(len(data)).encode()))
+        if span is not None:
+            _end_span(span, rid, status)
+        HTTP.count(function, status, received, len(data))
+        return status, headers, data
+
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
         limit = self.config.max_body_bytes
         for name, value in scope["headers"]:
@@ -203,7 +259,7 @@ class Gateway:
             int, list[tuple[bytes, bytes]], bytes]:
         """An HTTP request that asked not to wait: ``Event`` stores it and
         answers 202 with the invocation id; ``DryRun`` only checks it."""
-        h = event["headers"]
+        h = event["headers"] or {}
         kind = invocation_type(h.get(INVOCATION_TYPE_HEADERS[0])
                                or h.get(INVOCATION_TYPE_HEADERS[1]))
         if kind == "DryRun":
@@ -211,6 +267,8 @@ class Gateway:
         if self.events is None:
             raise UserInputError("async invocations are not available here")
         function = target.target.function
+        if type(target) is RestRoute:
+            target = target.inner
         # Pinned now: the version this route's alias picks for this client.
         chosen = target.pick(sticky_key(event)) if type(target) is Split else target
         result = await self.events.submit(function, orjson.dumps(event),

@@ -81,8 +81,9 @@ class Split:
 
 
 def sticky_key(event: Any) -> str | None:
-    """The client's sticky key in an HTTP event: the ``x-nimbus-sticky``
-    header, else the ``nimbus-sticky`` cookie; None for anything else."""
+    """The client's sticky key in an HTTP event (payload 2.0 or 1.0): the
+    ``x-nimbus-sticky`` header, else the ``nimbus-sticky`` cookie; None for
+    anything else."""
     if type(event) is not dict:
         return None
     headers = event.get("headers")
@@ -95,4 +96,11 @@ def sticky_key(event: Any) -> str | None:
         for c in cookies:
             if c.startswith(STICKY_COOKIE):
                 return str(c[len(STICKY_COOKIE):])
+    elif headers:
+        raw = headers.get("cookie")  # a payload 1.0 event keeps them in their header
+        if raw:
+            for c in raw.split(";"):
+                c = c.strip()
+                if c.startswith(STICKY_COOKIE):
+                    return str(c[len(STICKY_COOKIE):])
     return None

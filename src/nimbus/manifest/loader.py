@@ -226,7 +226,7 @@ def _seed_drafts(seed: SeedApp, src: Source) -> dict[str, _Draft]:
         loc: Loc = ("handlers", i)
         _check_seed_trigger(h, loc, src)
         route = Declared(h.method, h.path or f"/{h.function}", h.function,
-                         format_loc(loc), src.line(loc, key=True))
+                         format_loc(loc), src.line(loc, key=True), payload=h.payload)
         routes = [route] if h.event == "http" else []
         draft = drafts.get(h.function)
         if draft is not None and h.handler is None:
@@ -276,7 +276,7 @@ def _check_seed_trigger(h: SeedHandler, loc: Loc, src: Source) -> None:
             raise _error(src, loc + (key,), f"'{key}' belongs to event: {key}, "
                          f"but this entry is event: {h.event}", key=True)
     if h.event != "http":
-        for key in ("method", "path"):
+        for key in ("method", "path", "payload"):
             if key in h.model_fields_set:
                 raise _error(src, loc + (key,), f"'{key}' is for event: http, "
                              f"but this entry is event: {h.event}", key=True)
@@ -401,7 +401,7 @@ def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
         for j, r in enumerate(fn.http):
             rloc = loc + ("http",) if single else loc + ("http", j)
             routes.append(Declared(r.method, r.path, name, format_loc(rloc),
-                                   src.line(rloc, key=True), r.alias))
+                                   src.line(rloc, key=True), r.alias, r.payload))
         settings = {
             "memory_mb": fn.memory_mb, "timeout_s": float(fn.timeout_s),
             "concurrency": fn.concurrency, "max_processes": fn.max_processes, "cpu": fn.cpu,
@@ -566,7 +566,7 @@ def _build(draft: _Draft) -> FunctionSpec:
         module=draft.module,
         callable=draft.callable,
         runtime=draft.runtime,
-        routes=tuple(Route(r.method, r.path, r.alias) for r in draft.routes),
+        routes=tuple(Route(r.method, r.path, r.alias, r.payload) for r in draft.routes),
         **draft.settings,
     )
 

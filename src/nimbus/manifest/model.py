@@ -39,6 +39,9 @@ class Route:
     method: str
     path: str
     alias: str = "live"  # the alias of the function this route serves
+    # The event and response format: "2.0" API Gateway HTTP API, "1.0" REST
+    # API (Lambda proxy integration).
+    payload: str = "2.0"
 
     @property
     def key(self) -> str:
@@ -137,6 +140,7 @@ class FunctionSpec:
         # (and so whether a deploy makes a new version) does not change.
         d["routes"] = [{"method": r.method, "path": r.path}
                        | ({"alias": r.alias} if r.alias != "live" else {})
+                       | ({"payload": r.payload} if r.payload != "2.0" else {})
                        for r in self.routes]
         d["env"] = dict(self.env)
         d["preload"] = list(self.preload)
@@ -153,7 +157,8 @@ class FunctionSpec:
         # records take their defaults.
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        d["routes"] = tuple(Route(r["method"], r["path"], r.get("alias", "live"))
+        d["routes"] = tuple(Route(r["method"], r["path"], r.get("alias", "live"),
+                                  r.get("payload", "2.0"))
                             for r in d.get("routes", ()))
         d["env"] = tuple(sorted(d.get("env", {}).items()))
         d["preload"] = tuple(d.get("preload", ()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+PAYLOADS = ("1.0", "2.0")  # API Gateway REST (Lambda proxy), HTTP API
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "ANY")
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\+?)\}")
@@ -59,6 +60,7 @@ class Declared:
     field: str
     line: int
     alias: str = "live"
+    payload: str = "2.0"
 
 
 def find_conflict(routes: list[Declared]) -> tuple[Declared, Declared] | None:

@@ -38,7 +38,7 @@ from nimbus.manifest.model import (
     RegionsSpec,
     RolloutSpec,
 )
-from nimbus.manifest.routes import METHODS, path_problem
+from nimbus.manifest.routes import METHODS, PAYLOADS, path_problem
 
 EVENTS = ("http", "schedule", "queue", "topic")
 RUNTIME_RE = re.compile(r"python3(?:\.(\d+))?")
@@ -116,6 +116,16 @@ def _alias(v: Any) -> Any:
     if not isinstance(v, str) or not _ALIAS.fullmatch(v) or v.isdigit():
         raise fail(f"expected an alias name (1 to 63 characters: lower-case letters, digits "
                    f"and '-', starting with a letter) like 'live' or 'beta', got {show(v)}")
+    return v
+
+
+def _payload(v: Any) -> Any:
+    # YAML reads an unquoted 1.0 as a number: take it as the version it spells.
+    if type(v) is float and f"{v:.1f}" in PAYLOADS:
+        return f"{v:.1f}"
+    if not isinstance(v, str) or v not in PAYLOADS:
+        raise fail(f"expected a payload format version, \"1.0\" (API Gateway REST API, "
+                   f"Lambda proxy) or \"2.0\" (HTTP API, the default), got {show(v)}")
     return v
 
 
@@ -325,6 +335,7 @@ HandlerRef = Annotated[str, BeforeValidator(_handler_ref)]
 Method = Annotated[str, BeforeValidator(_method)]
 RoutePath = Annotated[str, BeforeValidator(_path)]
 AliasName = Annotated[str, BeforeValidator(_alias)]
+PayloadVersion = Annotated[str, BeforeValidator(_payload)]
 EnvKey = Annotated[str, BeforeValidator(_env_key)]
 EnvValue = Annotated[str, BeforeValidator(_env_value)]
 ModuleName = Annotated[str, BeforeValidator(_module_name)]
@@ -359,6 +370,8 @@ class HttpRoute(_Model):
     path: RoutePath = Field(description="a route path starting with '/'")
     alias: AliasName = Field(default="live",
                              description="the function's alias this route serves")
+    payload: PayloadVersion = Field(default="2.0",
+                                    description='the event format, "1.0" or "2.0"')
 
 
 class ScheduleModel(_Model):
@@ -532,6 +545,7 @@ class SeedHandler(EventSettings):
         description="'http', 'schedule', 'queue' or 'topic'")
     method: Method = "GET"
     path: RoutePath | None = None
+    payload: PayloadVersion = "2.0"
     handler: HandlerRef | None = None
     min_instances: MinInstances = DEFAULT_MIN_INSTANCES
     max_instances: MaxInstances = DEFAULT_MAX_INSTANCES

@@ -300,6 +300,11 @@ def route_alias(route: list[Any] | tuple[Any, ...]) -> str:
     return str(route[3]) if len(route) > 3 else DEFAULT_ALIAS
 
 
+def route_payload(route: list[Any] | tuple[Any, ...]) -> str:
+    """The payload format of a stored route's events (4 elements or fewer: ``2.0``)."""
+    return str(route[4]) if len(route) > 4 else "2.0"
+
+
 def after_deploy(previous: App | None, app: App) -> dict[str, Any]:
     """The app record a deploy writes: ``app`` (its new stable versions and
     routes) with the aliases ``previous`` had kept (``live`` follows the
