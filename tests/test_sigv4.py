@@ -160,3 +160,20 @@ def test_a_presigned_url_is_accepted_until_it_expires():
     assert "does not match" in refused(req, body=b"{}")
     parts = urlsplit(req.url)
     refused(req, query=parts.query.replace("X-Amz-Expires=300", "X-Amz-Expires=3000"))
+
+
+def test_the_key_and_date_are_checked_before_the_body_is_needed():
+    req = signed(kid="AKIAEXAMPLE")
+    parts = urlsplit(req.url)
+    headers = [(k, v) for k, v in req.headers.items()] + [("host", parts.netloc)]
+    with pytest.raises(SignatureError) as err:
+        sigv4.precheck("POST", parts.path, parts.query, headers, secrets=secrets, now=NOW)
+    assert err.value.error_type == "UnrecognizedClientException"
+    good = signed()
+    parts = urlsplit(good.url)
+    headers = [(k, v) for k, v in good.headers.items()] + [("host", parts.netloc)]
+    pending = sigv4.precheck("POST", parts.path, parts.query, headers, secrets=secrets,
+                             now=NOW)
+    assert pending.finish(good.body).access_key_id == KID
+    with pytest.raises(SignatureError):
+        pending.finish(b"{}")

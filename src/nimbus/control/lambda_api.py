@@ -294,24 +294,26 @@ def routes(platform: Platform, log_source: LogSource) -> list[Route]:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def authenticate(request: Request, body: bytes) -> None:
+    def signed(request: Request) -> sigv4.Signed:
+        """The signature's form, date and key, checked before the body is read."""
         scope = request.scope
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
         headers = [(k.decode("latin-1"), v.decode("latin-1"))
                    for k, v in request.headers.raw]
-        try:
-            sigv4.verify(request.method, path.partition("?")[0],
-                         scope.get("query_string", b"").decode("latin-1"), headers, body,
-                         secrets=secrets, now=time.time())
-        except sigv4.SignatureError as exc:
-            raise AwsError(403, exc.error_type, str(exc)) from None
+        return sigv4.precheck(request.method, path.partition("?")[0],
+                              scope.get("query_string", b"").decode("latin-1"), headers,
+                              secrets=secrets, now=time.time())
 
     async def invoke(request: Request) -> Response:
         rid = new_id()
         try:
-            body = await read_body(request)
-            authenticate(request, body)
+            try:
+                pending = signed(request)
+                body = await read_body(request)
+                pending.finish(body)
+            except sigv4.SignatureError as exc:
+                raise AwsError(403, exc.error_type, str(exc)) from None
             return await run(request, body, rid)
         except AwsError as exc:
             return aws_error(exc.status, exc.error_type, str(exc), rid, exc.headers)

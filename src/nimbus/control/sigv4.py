@@ -241,6 +241,40 @@ def verify(method: str, raw_path: str, raw_query: str,
     """Check a request's signature. ``headers`` are (name, value) pairs as
     received (any case, repeats allowed); ``secrets`` maps an access key id
     to its secret (None: unknown). Raises :class:`SignatureError`."""
+    return precheck(method, raw_path, raw_query, headers, secrets=secrets, now=now).finish(body)
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A request whose signature's form, date, scope and key are good: what
+    is left is the signature itself, over the body (:meth:`finish`)."""
+
+    method: str
+    raw_path: str
+    pairs: list[tuple[str, str]]
+    claim: _Claim
+    secret: str
+    get_all: Callable[[str], list[str]]
+
+    def finish(self, body: bytes) -> Verified:
+        claim = self.claim
+        payload = _payload_hash(self.get_all("x-amz-content-sha256"), body)
+        canonical = canonical_request(self.method, self.raw_path, self.pairs, claim.signed,
+                                      self.get_all, payload)
+        expected = signature(self.secret, claim.date, claim.region, claim.service,
+                             string_to_sign(claim.amz_date, claim.scope, canonical))
+        if not hmac.compare_digest(expected, claim.signature):
+            raise _invalid("The request signature we calculated does not match the signature "
+                           "you provided. Check your AWS Secret Access Key and signing method.")
+        return Verified(claim.access_key_id, claim.date, claim.region)
+
+
+def precheck(method: str, raw_path: str, raw_query: str,
+             headers: Iterable[tuple[str, str]], *,
+             secrets: Callable[[str], str | None], now: float) -> Signed:
+    """Everything :func:`verify` checks before it needs the body: a request
+    without a known key and a current date is refused before its body is
+    read."""
     table: dict[str, list[str]] = {}
     for name, value in headers:
         table.setdefault(name.lower(), []).append(value)
@@ -291,14 +325,7 @@ def verify(method: str, raw_path: str, raw_query: str,
         raise SignatureError("UnrecognizedClientException",
                              "The security token included in the request is invalid: "
                              f"unknown access key id {claim.access_key_id[:40]!r}")
-    payload = _payload_hash(get_all("x-amz-content-sha256"), body)
-    canonical = canonical_request(method, raw_path, pairs, claim.signed, get_all, payload)
-    expected = signature(secret, claim.date, claim.region, claim.service,
-                         string_to_sign(claim.amz_date, claim.scope, canonical))
-    if not hmac.compare_digest(expected, claim.signature):
-        raise _invalid("The request signature we calculated does not match the signature "
-                       "you provided. Check your AWS Secret Access Key and signing method.")
-    return Verified(claim.access_key_id, claim.date, claim.region)
+    return Signed(method, raw_path, pairs, claim, secret, get_all)
 
 
 def _from_query(query: dict[str, str]) -> _Claim:
