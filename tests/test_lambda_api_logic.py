@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 
+import orjson
 import pytest
 
 from nimbus.control.lambda_api import (
@@ -26,6 +27,7 @@ from nimbus.errors import (
     ThrottledError,
     UnavailableError,
 )
+from nimbus.observe.logs import recent_records
 
 
 @pytest.mark.parametrize("raw, qualifier, want", [
@@ -106,3 +108,18 @@ def test_failures_of_the_function_are_unhandled_errors_and_the_rest_are_aws_erro
         assert (err.status, err.error_type) == (status, kind)
     assert platform_error(ThrottledError("busy", retry_after_s=2)).headers == {
         "retry-after": "2"}
+
+
+def test_recent_records_stop_at_the_first_older_record(tmp_path):
+    path = tmp_path / "fn.log"
+    recs = [{"ts": 100.0 + i, "rid": "a" if i % 2 else "b", "stream": "stdout",
+             "text": f"line {i}"} for i in range(10)]
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs) + b'{"ts": 1')
+    assert [r["text"] for r in recent_records(path, 105.0)] == [
+        "line 5", "line 6", "line 7", "line 8", "line 9"]  # the torn last line is left
+    assert [r["text"] for r in recent_records(path, 105.0, request_id="a")] == [
+        "line 5", "line 7", "line 9"]
+    # at most max_bytes are read back: here the last two lines
+    assert [r["text"] for r in recent_records(path, 0, request_id="b", max_bytes=200)] == [
+        "line 8"]
+    assert recent_records(tmp_path / "none.log", 0) == []

@@ -180,6 +180,9 @@ def test_aws_errors_are_raised_as_boto3_exceptions(env):
     with pytest.raises(lam.exceptions.RequestTooLargeException):
         lam.invoke(FunctionName="echo", InvocationType="Event",
                    Payload=b'{"x": "' + b"a" * 300_000 + b'"}')
+    with pytest.raises(lam.exceptions.RequestTooLargeException) as err:
+        lam.invoke(FunctionName="echo", Payload=b'{"x": "' + b"a" * 6 * 1024 * 1024 + b'"}')
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
     with pytest.raises(lam.exceptions.InvalidParameterValueException):
         lam.invoke(FunctionName="echo:beta", Qualifier="1", Payload=b"{}")
 

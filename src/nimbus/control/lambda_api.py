@@ -57,7 +57,7 @@ from nimbus.errors import (
 from nimbus.gateway.app import invocation_type
 from nimbus.gateway.split import Split
 from nimbus.ids import new_id
-from nimbus.observe.logs import LogReader
+from nimbus.observe.logs import recent_records
 from nimbus.observe.protocols import FileLogSource, LogSource, Record
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ MAX_SYNC_BYTES = 6 * 1024 * 1024  # Lambda's synchronous payload limit
 TAIL_BYTES = 4096
 TAIL_WAIT_S = 1.0  # the longest a Tail waits for lines after the result
 TAIL_QUIET_S = 0.3  # ... and for the next batch once some came
+CLOCK_SLACK_S = 1.0  # records written this much before the invocation began are read too
 MAX_FUNCTION_CHARS = 256
 _NAME = re.compile(NAME_PATTERN)
 _QUALIFIER = re.compile(r"\$LATEST|[A-Za-z0-9_-]{1,128}")
@@ -176,48 +177,39 @@ _RUNTIME_FRAME = "/nimbus/runtime/bootstrap.py\""
 
 
 class InvocationLines:
-    """One invocation's log records: from where the function's log ends when
-    it is opened (before the invocation) to what came by the time
-    :meth:`collect` is done. ``nimbus up``'s files are read at once (every
-    line the handler printed was written before its result arrived); other
-    sources (a region's stream) are followed until they go quiet, within
-    ``TAIL_WAIT_S``."""
+    """One invocation's log records, read once it has answered.
+
+    ``nimbus up``'s files cost nothing before the invocation: afterwards the
+    sink is flushed and the file read backwards from its end down to the
+    first record older than the invocation (every line the handler printed
+    was written before its result arrived: they share the instance's
+    socket). Other sources (a region's stream) are followed from where they
+    ended when :meth:`open` was awaited, until they go quiet, within
+    ``TAIL_WAIT_S`` of the result."""
 
     def __init__(self, source: LogSource, function: str, rid: str) -> None:
         self.source = source
         self.function = function
         self.rid = rid
-        self._reader: LogReader | None = None
+        self.started = time.time()
         self._batches: Any = None
 
     async def open(self) -> None:
-        if isinstance(self.source, FileLogSource):
-            self.source.sink.flush()
-            self._reader = await asyncio.to_thread(
-                LogReader, self.source.sink.path(self.function), request_id=self.rid)
-        else:
+        if not isinstance(self.source, FileLogSource):
             self._batches = await self.source.read(self.function, tail=0, request_id=self.rid,
                                                    follow=True)
 
     async def collect(self) -> list[Record]:
+        source = self.source
+        if isinstance(source, FileLogSource):
+            source.sink.flush()
+            return await asyncio.to_thread(
+                recent_records, source.sink.path(self.function), self.started - CLOCK_SLACK_S,
+                request_id=self.rid)
         try:
-            if self._reader is not None:
-                return await self._from_file(self._reader)
             return await self._followed()
         finally:
             await self.close()
-
-    async def _from_file(self, reader: LogReader) -> list[Record]:
-        assert isinstance(self.source, FileLogSource)
-        self.source.sink.flush()
-        out: list[Record] = []
-        deadline = time.monotonic() + TAIL_WAIT_S
-        while time.monotonic() < deadline:  # more() reads about 1 MiB a call
-            batch = await asyncio.to_thread(reader.more)
-            if not batch:
-                break
-            out += batch
-        return out
 
     async def _followed(self) -> list[Record]:
         out: list[Record] = []
@@ -232,9 +224,6 @@ class InvocationLines:
         return out
 
     async def close(self) -> None:
-        if self._reader is not None:
-            reader, self._reader = self._reader, None
-            await asyncio.to_thread(reader.close)
         if self._batches is not None:
             batches, self._batches = self._batches, None
             await batches.aclose()
@@ -358,11 +347,12 @@ def routes(platform: Platform, log_source: LogSource) -> list[Route]:
     async def call(invoker: Any, name: str, rid: str, event: Any, *, tail: bool) -> Response:
         target = invoker.target
         # This invocation's lines: for Tail, and for a handler error's stack
-        # trace (the runtime logs it; the error body leaves it out). Files
-        # cost a flush and an open; a region's stream is followed for Tail only.
-        lines = (InvocationLines(log_source, name, rid)
-                 if tail or isinstance(log_source, FileLogSource) else None)
-        if lines is not None:
+        # trace (the runtime logs it; the error body leaves it out). A file
+        # is read after the answer only; a region's stream is followed, and
+        # only for Tail.
+        lines = InvocationLines(log_source, name, rid)
+        following = tail and not isinstance(log_source, FileLogSource)
+        if following:
             await lines.open()
         headers = {"x-amzn-requestid": rid, "x-amz-executed-version": str(target.version)}
         error: dict[str, Any] | None = None
@@ -372,15 +362,16 @@ def routes(platform: Platform, log_source: LogSource) -> list[Route]:
         except NimbusError as exc:
             error = function_error(exc)
             if error is None:
-                if lines is not None:
-                    await lines.close()
+                await lines.close()
                 raise
         except BaseException:
-            if lines is not None:
-                await lines.close()
+            await lines.close()
             raise
         duration_ms = (time.perf_counter() - started) * 1000
-        records = await lines.collect() if lines is not None else []
+        records: list[Record] = []
+        if tail or (error is not None and "stackTrace" not in error
+                    and isinstance(log_source, FileLogSource)):
+            records = await lines.collect()
         if error is not None:
             error.setdefault("requestId", rid)
             if "stackTrace" not in error:
