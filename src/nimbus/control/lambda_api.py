@@ -41,6 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nimbus.aio import cancel_and_wait
 from nimbus.control import sigv4
 from nimbus.control.openapi import NAME_PATTERN
 from nimbus.errors import (
@@ -68,7 +69,9 @@ log = logging.getLogger("nimbus.control")
 PATH = "/2015-03-31/functions/{function}/invocations"
 MAX_SYNC_BYTES = 6 * 1024 * 1024  # Lambda's synchronous payload limit
 TAIL_BYTES = 4096
-TAIL_WAIT_S = 1.0  # the longest a Tail waits for lines after the result
+# the longest a Tail waits for lines after the result: past the region log
+# stream's 1-s read when a wake-up was missed
+TAIL_WAIT_S = 1.5
 TAIL_QUIET_S = 0.3  # ... and for the next batch once some came
 CLOCK_SLACK_S = 1.0  # records written this much before the invocation began are read too
 MAX_FUNCTION_CHARS = 256
@@ -183,21 +186,34 @@ class InvocationLines:
     sink is flushed and the file read backwards from its end down to the
     first record older than the invocation (every line the handler printed
     was written before its result arrived: they share the instance's
-    socket). Other sources (a region's stream) are followed from where they
-    ended when :meth:`open` was awaited, until they go quiet, within
-    ``TAIL_WAIT_S`` of the result."""
+    socket). Other sources (a region's stream) are followed from before the
+    invocation (:meth:`open`) until they go quiet, within ``TAIL_WAIT_S`` of
+    the result."""
 
     def __init__(self, source: LogSource, function: str, rid: str) -> None:
         self.source = source
         self.function = function
         self.rid = rid
         self.started = time.time()
-        self._batches: Any = None
+        self._got: asyncio.Queue[list[Record]] = asyncio.Queue()
+        self._pump: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        if not isinstance(self.source, FileLogSource):
-            self._batches = await self.source.read(self.function, tail=0, request_id=self.rid,
-                                                   follow=True)
+        if isinstance(self.source, FileLogSource):
+            return
+        batches = await self.source.read(self.function, tail=0, request_id=self.rid,
+                                         follow=True)
+
+        async def pump() -> None:  # following from now: its wake-ups are on already
+            try:
+                async for batch in batches:
+                    self._got.put_nowait(batch)
+            except Exception as exc:  # noqa: BLE001 - a tail without lines, not a failed call
+                log.debug("following the log of %s for its tail: %r", self.rid, exc)
+            finally:
+                await batches.aclose()
+
+        self._pump = asyncio.create_task(pump(), name=f"tail {self.rid}")
 
     async def collect(self) -> list[Record]:
         source = self.source
@@ -214,19 +230,18 @@ class InvocationLines:
     async def _followed(self) -> list[Record]:
         out: list[Record] = []
         deadline = time.monotonic() + TAIL_WAIT_S
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and self._pump is not None:
             try:
-                batch = await asyncio.wait_for(
-                    anext(self._batches), min(left, TAIL_QUIET_S) if out else left)
-            except (TimeoutError, StopAsyncIteration):
+                out += await asyncio.wait_for(self._got.get(),
+                                              min(left, TAIL_QUIET_S) if out else left)
+            except TimeoutError:
                 break
-            out += batch
         return out
 
     async def close(self) -> None:
-        if self._batches is not None:
-            batches, self._batches = self._batches, None
-            await batches.aclose()
+        if self._pump is not None:
+            pump, self._pump = self._pump, None
+            await cancel_and_wait(pump)
 
 
 def function_error(exc: NimbusError) -> dict[str, Any] | None:
