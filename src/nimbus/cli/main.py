@@ -495,6 +495,7 @@ def status(as_json: bool, cluster_path: Path | None, wait_all: bool, timeout_s: 
 def main() -> None:
     import nimbus.chaos.cli  # noqa: F401 - registers nimbus chaos
     import nimbus.cli.aliases  # noqa: F401 - registers nimbus alias, nimbus versions
+    import nimbus.cli.awscreds  # noqa: F401 - registers nimbus aws-credentials
     import nimbus.cli.dns  # noqa: F401 - registers nimbus dns
     import nimbus.cli.edge  # noqa: F401 - registers nimbus edge
     import nimbus.cli.init  # noqa: F401 - registers nimbus init

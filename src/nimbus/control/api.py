@@ -27,7 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from nimbus.control import aliases as alias_api
-from nimbus.control import openapi
+from nimbus.control import lambda_api, openapi
 from nimbus.control.deploy import RolloutOptions
 from nimbus.control.openapi import (
     MAX_ATTRIBUTES,
@@ -603,6 +603,8 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
 
     g = {k: guarded(v) for k, v in handlers.items()}
     return Starlette(routes=[
+        # the Lambda Invoke API: signed with SigV4, not the bearer token
+        *lambda_api.routes(platform, logs_from),
         Route("/v1/health", health, methods=["GET"]),
         Route("/v1/openapi.json", openapi_json, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

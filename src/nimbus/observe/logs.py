@@ -368,6 +368,36 @@ def _backward(f: IO[bytes], end: int) -> Iterator[bytes]:
         yield rest
 
 
+def recent_records(path: Path, since: float, *, request_id: str | None = None,
+                   max_bytes: int = 4 * 1024 * 1024) -> list[dict[str, Any]]:
+    """The records at the end of the log at ``path`` written at ``since`` or
+    later (of ``request_id`` only, if given), oldest first. Read backwards
+    from the end: it stops at the first older record, or after ``max_bytes``
+    (lines before that are not returned), so its cost is what was written
+    since, not the log's size. The current file only: what a rotation moved
+    away meanwhile is not read."""
+    out: list[dict[str, Any]] = []
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        read = 0
+        for line in _backward(f, _last_newline(f, os.fstat(f.fileno()).st_size)):
+            read += len(line) + 1
+            if read > max_bytes:
+                break
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            ts = rec.get("ts")
+            if isinstance(ts, int | float) and ts < since:
+                break
+            if request_id is None or rec.get("rid") == request_id:
+                out.append(rec)
+    out.reverse()
+    return out
+
+
 # -- the earlier one-shot API, kept for callers that read without following -------
 
 
