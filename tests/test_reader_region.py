@@ -1020,6 +1020,12 @@ functions:
     wait_until(at_zero, 45, "stzfn to scale to zero", step_s=0.1)
     wait_until(lambda: not alive(first_pid), 10, f"instance {first_pid} to end")
 
+    # at zero, a synchronous invoke through a controller (not a gateway)
+    # places an instance too: the controller reports its demand
+    out = ok(cli(region, "invoke", "stzfn", url=region.control_urls[0]))
+    second_pid = int(out.strip().strip('"'))
+    assert second_pid != first_pid
+
     r = httpx.get(region.gateway_urls[1] + "/stz", timeout=30)
     assert r.status_code == 200, (r.status_code, r.text)
     assert int(r.json()) != first_pid

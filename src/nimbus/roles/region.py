@@ -23,6 +23,7 @@ ROLES = ("controller", "worker", "gateway")
 class Controller:
     def __init__(self, config: RoleConfig, options: ControllerOptions, backend: Any) -> None:
         from nimbus.clock import SystemClock
+        from nimbus.cluster.demand import DemandReporter
         from nimbus.cluster.nodes import NodeWatch
         from nimbus.cluster.roles import ControllerAgent
         from nimbus.cluster.warm import ClusterWarmer
@@ -51,6 +52,9 @@ class Controller:
         self.directory = WorkerDirectory(config.token)
         self.nodes = {role: NodeWatch(backend.store, role) for role in ROLES}
         self.pools = RemotePools(self.directory)  # for `nimbus invoke`
+        # Its calls count as demand like a gateway's, so a function scaled to
+        # zero is placed for a synchronous invoke through the control API.
+        self.demand = DemandReporter(backend.store, config.node_id, self.pools.by_target)
         self.gateway = Gateway()  # the route table `nimbus invoke` uses; serves no port
         self.events = Events(backend.queue, clock, consume=False)
         self.gateway.events = self.events
@@ -148,6 +152,7 @@ class Controller:
         self.control_url = self.http.url
         self.guards = {"control": self.http.guard}
         await self.agent.start()
+        await self.demand.start()
         with contextlib.suppress(Exception):  # learn the servers' names while all answer
             await self.nats_health()
 
@@ -254,6 +259,7 @@ class Controller:
 
     async def aclose(self) -> None:
         await self.agent.aclose()  # resigns the lead: a standby takes over at once
+        await self.demand.aclose()
         await self.rollouts.aclose()
         if self._log_sink is not None:
             await self._log_sink.aclose()
