@@ -129,7 +129,8 @@ class FunctionSpec:
 
     @property
     def handler(self) -> str:
-        return f"{self.module}.{self.callable}"
+        """'module.callable'; a custom runtime's handler string as written."""
+        return f"{self.module}.{self.callable}" if self.module else self.callable
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

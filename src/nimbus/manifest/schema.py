@@ -42,6 +42,8 @@ from nimbus.manifest.routes import METHODS, path_problem
 
 EVENTS = ("http", "schedule", "queue", "topic")
 RUNTIME_RE = re.compile(r"python3(?:\.(\d+))?")
+# Custom runtimes: an executable ``bootstrap`` served the Lambda Runtime API.
+PROVIDED_RE = re.compile(r"provided(?:\.al2|\.al2023)?")
 _APP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -77,10 +79,30 @@ def _function_name(v: Any) -> Any:
 def _runtime(v: Any) -> Any:
     if not isinstance(v, str):
         raise fail(f"expected a runtime like 'python3.11', got {show(v)}")
-    if not RUNTIME_RE.fullmatch(v):
-        raise fail(f"runtime {v!r} is not supported: only python3.x runtimes "
-                   "(e.g. python3.11) are supported")
+    if not RUNTIME_RE.fullmatch(v) and not PROVIDED_RE.fullmatch(v):
+        raise fail(f"runtime {v!r} is not supported: python3.x runtimes (e.g. python3.11) "
+                   "and custom runtimes (provided, provided.al2023) are")
     return v
+
+
+def is_provided(runtime: str) -> bool:
+    """A custom runtime: the function's code folder holds an executable ``bootstrap``."""
+    return PROVIDED_RE.fullmatch(runtime) is not None
+
+
+def _any_handler(v: Any) -> Any:
+    if not isinstance(v, str) or not v or not v.isprintable():
+        raise fail(f"expected a handler: 'module.callable' (e.g. api.get_user), or any "
+                   f"string for a custom runtime, got {show(v)}")
+    return v
+
+
+def check_handler_ref(v: str) -> str | None:
+    """What is wrong with ``v`` as a Python handler reference, or None."""
+    parts = v.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
+        return f"expected 'module.callable' (e.g. api.get_user), got {show(v)}"
+    return None
 
 
 def _handler_ref(v: Any) -> Any:
@@ -322,6 +344,7 @@ AppName = Annotated[str, BeforeValidator(_app_name)]
 FunctionName = Annotated[str, BeforeValidator(_function_name)]
 Runtime = Annotated[str, BeforeValidator(_runtime)]
 HandlerRef = Annotated[str, BeforeValidator(_handler_ref)]
+AnyHandler = Annotated[str, BeforeValidator(_any_handler)]
 Method = Annotated[str, BeforeValidator(_method)]
 RoutePath = Annotated[str, BeforeValidator(_path)]
 AliasName = Annotated[str, BeforeValidator(_alias)]
@@ -468,7 +491,9 @@ SCALING_KEYS = ("min_instances", "max_instances", "max_concurrency", "target_con
 
 
 class FunctionModel(EventSettings):
-    handler: HandlerRef = Field(description="'module.callable' (e.g. api.get_user)")
+    # 'module.callable' is checked by the loader, which knows the runtime
+    # (a custom runtime's handler is any string, given to its bootstrap).
+    handler: AnyHandler = Field(description="'module.callable' (e.g. api.get_user)")
     http: Annotated[list[HttpRoute], BeforeValidator(_routes)] = Field(
         default_factory=list, description="a route {method, path} or a list of routes")
     memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=16, le=10240,
