@@ -104,6 +104,13 @@ class RuntimeApi:
                                                  limit=MAX_HEAD_BYTES)
         return int(self.server.sockets[0].getsockname()[1])
 
+    def close(self) -> None:
+        """Stop listening; a waiting ``next`` is let go unanswered."""
+        if self.server is not None:
+            self.server.close()
+        if self._waiter is not None:
+            self._waiter.cancel()
+
     # -- the worker's side ------------------------------------------------------
 
     def offer(self, inv: Invocation) -> None:
@@ -149,7 +156,8 @@ class RuntimeApi:
         if self._waiter is not None and not self._waiter.done():
             raise ApiError(400, "InvalidStateTransition",
                            "another request for the next invocation is already waiting")
-        w = self._waiter = asyncio.get_running_loop().create_future()
+        w: asyncio.Future[Invocation] = asyncio.get_running_loop().create_future()
+        self._waiter = w
         try:
             return await w
         finally:
@@ -197,7 +205,10 @@ class RuntimeApi:
                 except ApiError as exc:
                     writer.write(_response(exc.status, _error_json(exc), close=True))
                     return
-                status, payload, extra = await self._route(method, path, body, headers)
+                try:
+                    status, payload, extra = await self._route(method, path, body, headers)
+                except asyncio.CancelledError:
+                    return  # the API is closing: a waiting ``next`` gets nothing
                 close = (version == "HTTP/1.0" or headers.get("connection", "").lower()
                          == "close")
                 writer.write(_response(status, payload, extra, close))
@@ -268,7 +279,7 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
 async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
     try:
         if headers.get("transfer-encoding", "").lower() == "chunked":
-            parts = []
+            parts: list[bytes] = []
             size = 0
             while True:
                 n = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
@@ -392,8 +403,8 @@ async def _serve_instance(channel: Any, frames: _Frames, ids: Any, spec: dict[st
     port = await api.start()
     env = dict(os.environ, AWS_LAMBDA_RUNTIME_API=f"127.0.0.1:{port}")
     try:
-        proc = subprocess.Popen([spec["bootstrap"]], cwd=spec["code_dir"], env=env,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(  # noqa: ASYNC220 - fork + exec; its exit is awaited below
+            [spec["bootstrap"]], cwd=spec["code_dir"], env=env, stdin=subprocess.DEVNULL)
     except OSError as exc:
         frames.init_error({"errorMessage": f"could not run bootstrap: {exc}",
                            "errorType": "Runtime.InvalidEntrypoint"})
