@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import textwrap
 import time
@@ -213,6 +214,22 @@ def test_the_runtime_api_protocol():
                                                "errorType": "Runtime.ImportModuleError",
                                                "stackTrace": ["a", "b"]})]
         api2.close()
+
+    asyncio.run(main())
+
+
+def test_only_the_functions_own_uid_may_use_the_api():
+    async def main() -> None:
+        sink = Sink()
+        mine = RuntimeApi(sink, "arn", peer_uid=os.getuid())
+        theirs = RuntimeApi(sink, "arn", peer_uid=os.getuid() + 1)
+        port, other = await mine.start(), await theirs.start()
+        assert (await _request(port, "GET", f"{API}/nope"))[0] == 404
+        with pytest.raises((KeyError, ConnectionResetError)):  # closed, unanswered
+            await _request(other, "GET", f"{API}/invocation/next")
+        assert sink.calls == []  # it never saw the request: init is not over
+        mine.close()
+        theirs.close()
 
     asyncio.run(main())
 

@@ -80,8 +80,9 @@ def _runtime(v: Any) -> Any:
     if not isinstance(v, str):
         raise fail(f"expected a runtime like 'python3.11', got {show(v)}")
     if not RUNTIME_RE.fullmatch(v) and not PROVIDED_RE.fullmatch(v):
-        raise fail(f"runtime {v!r} is not supported: python3.x runtimes (e.g. python3.11) "
-                   "and custom runtimes (provided, provided.al2023) are")
+        raise fail(f"runtime {v!r} is not supported: only python3.x runtimes "
+                   "(e.g. python3.11) and custom runtimes (provided.al2023, provided: an "
+                   "executable bootstrap) are supported")
     return v
 
 

@@ -28,6 +28,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -88,9 +89,13 @@ class RuntimeApi:
     be taken and one handed out, awaiting its answer."""
 
     def __init__(self, sink: Sink, arn: str,
-                 on_handed: Callable[[str], None] | None = None) -> None:
+                 on_handed: Callable[[str], None] | None = None,
+                 peer_uid: int | None = None) -> None:
+        """``peer_uid``: only connections from sockets of this uid are
+        served (the function's own, when each function has a uid)."""
         self.sink = sink
         self.arn = arn
+        self.peer_uid = peer_uid
         self.on_handed = on_handed  # an invocation went to the runtime (log tagging)
         self.initialised = False
         self.queued: Invocation | None = None
@@ -193,6 +198,11 @@ class RuntimeApi:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if self.peer_uid is not None:
+                peer = writer.get_extra_info("peername")
+                own = writer.get_extra_info("sockname")
+                if socket_uid(peer, own) != self.peer_uid:
+                    return  # another function's process: not its API
             while True:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
@@ -247,6 +257,27 @@ class RuntimeApi:
         if inv.trace_id is not None:
             h.append(("Lambda-Runtime-Trace-Id", inv.trace_id))
         return h
+
+
+def socket_uid(peer: tuple[str, int], own: tuple[str, int],
+               table: str = "/proc/self/net/tcp") -> int | None:
+    """The uid owning the loopback socket at ``peer`` connected to ``own``,
+    from the kernel's TCP table (SO_PEERCRED is for Unix sockets only)."""
+    local = f"{_hex_addr(peer[0])}:{peer[1]:04X}"
+    remote = f"{_hex_addr(own[0])}:{own[1]:04X}"
+    try:
+        with open(table) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 7 and fields[1] == local and fields[2] == remote:
+                    return int(fields[7])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _hex_addr(ip: str) -> str:
+    return f"{struct.unpack('=I', socket.inet_aton(ip))[0]:08X}"
 
 
 class ApiError(Exception):
@@ -399,7 +430,10 @@ async def _serve_instance(channel: Any, frames: _Frames, ids: Any, spec: dict[st
                           ) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
-    api = RuntimeApi(frames, spec["arn"], ids.begin)
+    # With a uid per function, only the function's own processes may use the
+    # API: loopback is shared with every other instance on the node.
+    full = (spec.get("contain") or {}).get("mode") == "full"
+    api = RuntimeApi(frames, spec["arn"], ids.begin, os.getuid() if full else None)
     port = await api.start()
     env = dict(os.environ, AWS_LAMBDA_RUNTIME_API=f"127.0.0.1:{port}")
     try:
