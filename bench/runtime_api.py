@@ -180,7 +180,7 @@ def main() -> None:
     for name, m in med.items():
         print(f"{name:20}{m['p50_1']:>10.3f}{m['p99_1']:>10.3f}{m['rps1']:>10.0f}"
               f"{m['rps4']:>10.0f}{m['p50_1'] - b['p50_1']:>+9.3f}ms"
-              f"{m['rps4'] / b['rps4']:>11.2f}x{m['errors']:>8.0f}")
+              f"{m['rps4'] / b['rps4']:>11.3g}x{m['errors']:>8.0f}")
 
 
 if __name__ == "__main__":

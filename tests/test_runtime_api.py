@@ -319,3 +319,20 @@ def test_awslambdaric_runs_a_python_handler(custom):
     assert r.status_code == 500
     assert r.json() == {"errorMessage": "kaboom", "errorType": "ValueError",
                         "requestId": r.headers["x-nimbus-request-id"]}
+
+
+@pytest_e2e
+def test_a_runtime_that_fails_to_start_fails_the_deploy_like_an_import_error(custom, tmp_path):
+    app = _app(tmp_path, """\
+        name: broken
+        functions:
+          broken:
+            runtime: provided
+            handler: x
+            http: [{method: GET, path: /broken}]
+        """, "#!/bin/sh\necho starting\nexit 3\n")
+    p = custom.cli("deploy", str(app))
+    assert p.returncode != 0
+    assert ("function broken: custom runtime failed to start: Runtime.ExitError: bootstrap "
+            "exited with status 3 before asking for an invocation") in p.stderr
+    assert custom.http.get("/sh/echo").status_code == 200
