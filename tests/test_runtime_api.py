@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from nimbus.errors import ManifestError
@@ -292,6 +293,10 @@ def test_a_posted_error_looks_like_a_python_handler_error(custom):
     assert r.json() == {"errorMessage": "shell says no", "errorType": "ShellError",
                         "requestId": r.headers["x-nimbus-request-id"]}
     assert custom.http.get("/sh/echo").status_code == 200  # and it keeps serving
+    listed = httpx.get(custom.control_url + "/v1/functions",
+                       headers={"authorization": f"Bearer {custom.token}"}).json()
+    assert {f["name"]: f["handler"] for f in listed} == {"shell": "function.handler",
+                                                         "ric": "app.handler"}
 
 
 @pytest_e2e

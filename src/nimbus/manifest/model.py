@@ -163,6 +163,13 @@ class FunctionSpec:
         return cls(**d)
 
 
+def handler_text(spec: dict[str, Any]) -> str:
+    """A stored function spec's handler as written: 'module.callable', or a
+    custom runtime's string (its module is empty)."""
+    module, func = spec.get("module", "?"), spec.get("callable", "?")
+    return f"{module}.{func}" if module else str(func)
+
+
 ROUTING_POLICIES = ("failover", "weighted", "latency")
 
 

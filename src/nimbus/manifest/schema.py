@@ -494,7 +494,8 @@ SCALING_KEYS = ("min_instances", "max_instances", "max_concurrency", "target_con
 class FunctionModel(EventSettings):
     # 'module.callable' is checked by the loader, which knows the runtime
     # (a custom runtime's handler is any string, given to its bootstrap).
-    handler: AnyHandler = Field(description="'module.callable' (e.g. api.get_user)")
+    handler: AnyHandler = Field(description="'module.callable' (e.g. api.get_user); any "
+                                            "string for a custom runtime")
     http: Annotated[list[HttpRoute], BeforeValidator(_routes)] = Field(
         default_factory=list, description="a route {method, path} or a list of routes")
     memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=16, le=10240,
