@@ -223,7 +223,7 @@ function handler () {
   EVENT_DATA=$1
   echo "$EVENT_DATA" 1>&2;
   if [[ "$EVENT_DATA" == *'"rawPath":"/sh/sleep"'* ]]; then
-    sleep 30
+    sleep 30.123
   fi
   if [[ "$EVENT_DATA" == *'"rawPath":"/sh/env"'* ]]; then
     ARN=$(grep -Fi Lambda-Runtime-Invoked-Function-Arn "$2" | tr -d '[:space:]' | cut -d: -f2-)

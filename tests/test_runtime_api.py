@@ -255,6 +255,19 @@ def custom(tmp_path_factory):
         n.stop()
 
 
+def _sleepers() -> list[str]:
+    """Processes running the shell handler's ``sleep 30.123``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read() == b"sleep\x0030.123\x00":
+                    found.append(entry)
+        except OSError:
+            continue
+    return found
+
+
 def _logs_until(n: Nimbus, function: str, rid: str, text: str) -> str:
     deadline = time.monotonic() + 10
     while True:
@@ -305,6 +318,11 @@ def test_a_bootstrap_past_its_timeout_is_replaced(custom):
     assert r.status_code == 504
     rid = r.headers["x-nimbus-request-id"]
     _logs_until(custom, "shell", rid, "Task timed out after 1.00 seconds")
+    # the killed instance took its bootstrap and what it started along
+    deadline = time.monotonic() + 5
+    while _sleepers():
+        assert time.monotonic() < deadline, "the timed-out handler's sleep is still running"
+        time.sleep(0.1)
     r = custom.http.get("/sh/echo")
     assert r.status_code == 200 and "/sh/echo" in r.json()
 
