@@ -412,7 +412,7 @@ class _Frames:
 def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
     """Serve the Runtime API to the function's bootstrap until the worker
     hangs up or the bootstrap exits. The caller ``os._exit``s after."""
-    from nimbus.runtime.bootstrap import _apply_spec, _Channel
+    from nimbus.runtime.bootstrap import _apply_spec
     from nimbus.runtime.capture import RequestIds, capture_fds
 
     frames = _Frames(sock, spec["function"])
@@ -423,11 +423,11 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
 
     capture_fds(send_log, ids)  # the bootstrap writes to our fds 1 and 2
     _apply_spec(spec)
-    asyncio.run(_serve_instance(_Channel(sock), frames, ids, spec))
+    asyncio.run(_serve_instance(sock, frames, ids, spec))
 
 
-async def _serve_instance(channel: Any, frames: _Frames, ids: Any, spec: dict[str, Any]
-                          ) -> None:
+async def _serve_instance(sock: socket.socket, frames: _Frames, ids: Any,
+                          spec: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     # With a uid per function, only the function's own processes may use the
@@ -476,19 +476,41 @@ async def _serve_instance(channel: Any, frames: _Frames, ids: Any, spec: dict[st
         code = proc.wait()
         loop.call_soon_threadsafe(exited, code)
 
-    def read_frames() -> None:
-        wall = time.time
-        while True:
-            got = channel.recv()
-            if got is None:
-                loop.call_soon_threadsafe(finish)
+    # INVOKE frames are read on the loop itself (no thread hop per
+    # invocation). The socket stays blocking for the descriptor thread's
+    # LOG sends; it is only read when readable.
+    fd = sock.fileno()
+    buf = bytearray()
+
+    def readable() -> None:
+        nonlocal buf
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            finish()  # the worker hung up
+            return
+        buf += data
+        while len(buf) >= p.HEADER_SIZE:
+            size, kind = p.HEADER.unpack_from(buf)
+            if size > p.MAX_FRAME:
+                loop.remove_reader(fd)
+                finish()
                 return
-            kind, body = got
+            end = p.HEADER_SIZE + size
+            if len(buf) < end:
+                break
+            body = bytes(buf[p.HEADER_SIZE:end])
+            del buf[:end]
             if kind == p.INVOKE:
-                loop.call_soon_threadsafe(api.offer, invocation_from_frame(body, wall()))
+                api.offer(invocation_from_frame(body, time.time()))
 
     threading.Thread(target=wait_exit, name="nimbus-bootstrap-wait", daemon=True).start()
-    threading.Thread(target=read_frames, name="nimbus-frames", daemon=True).start()
+    loop.add_reader(fd, readable)
     try:
         await done
     finally:
