@@ -100,21 +100,22 @@ class RuntimeApi:
         self.initialised = False
         self.queued: Invocation | None = None
         self.current: Invocation | None = None
-        self._waiter: asyncio.Future[Invocation] | None = None
+        self._waiter: _Connection | None = None  # its ``next`` is waiting
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen; returns the port."""
-        self.server = await asyncio.start_server(self._serve, host, port,
-                                                 limit=MAX_HEAD_BYTES)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Connection(self), host, port)
         return int(self.server.sockets[0].getsockname()[1])
 
     def close(self) -> None:
         """Stop listening; a waiting ``next`` is let go unanswered."""
         if self.server is not None:
             self.server.close()
-        if self._waiter is not None:
-            self._waiter.cancel()
+        w, self._waiter = self._waiter, None
+        if w is not None and w.transport is not None:
+            w.transport.close()
 
     # -- the worker's side ------------------------------------------------------
 
@@ -122,10 +123,10 @@ class RuntimeApi:
         """An invocation for the runtime: to its waiting ``next``, or kept
         for its next one."""
         w = self._waiter
-        if w is not None and not w.done():
+        if w is not None:
             self._waiter = None
             self._hand(inv)
-            w.set_result(inv)
+            w.deliver(inv)
         else:
             self.queued = inv
 
@@ -143,7 +144,9 @@ class RuntimeApi:
 
     # -- the runtime's side -----------------------------------------------------
 
-    async def next(self) -> Invocation:
+    def next(self, conn: _Connection) -> Invocation | None:
+        """The runtime asks for an invocation on ``conn``: one now, or None
+        when ``conn`` is to wait for :meth:`offer`."""
         if not self.initialised:
             self.initialised = True
             self.sink.ready()
@@ -158,16 +161,11 @@ class RuntimeApi:
             self.queued = None
             self._hand(inv)
             return inv
-        if self._waiter is not None and not self._waiter.done():
+        if self._waiter is not None and self._waiter is not conn:
             raise ApiError(400, "InvalidStateTransition",
                            "another request for the next invocation is already waiting")
-        w: asyncio.Future[Invocation] = asyncio.get_running_loop().create_future()
-        self._waiter = w
-        try:
-            return await w
-        finally:
-            if self._waiter is w:
-                self._waiter = None
+        self._waiter = conn
+        return None
 
     def answer(self, rid: str, kind: str, body: bytes, headers: dict[str, str]) -> None:
         inv = self.current
@@ -196,45 +194,16 @@ class RuntimeApi:
 
     # -- HTTP -------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            if self.peer_uid is not None:
-                peer = writer.get_extra_info("peername")
-                own = writer.get_extra_info("sockname")
-                if socket_uid(peer, own) != self.peer_uid:
-                    return  # another function's process: not its API
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                        ConnectionError):
-                    return
-                try:
-                    method, path, version, headers = _parse_head(head)
-                    body = await _read_body(reader, headers)
-                except ApiError as exc:
-                    writer.write(_response(exc.status, _error_json(exc), close=True))
-                    return
-                try:
-                    status, payload, extra = await self._route(method, path, body, headers)
-                except asyncio.CancelledError:
-                    return  # the API is closing: a waiting ``next`` gets nothing
-                close = (version == "HTTP/1.0" or headers.get("connection", "").lower()
-                         == "close")
-                writer.write(_response(status, payload, extra, close))
-                if close:
-                    return
-        finally:
-            writer.close()
-
-    async def _route(self, method: str, path: str, body: bytes, headers: dict[str, str]
-                     ) -> tuple[int, bytes, list[tuple[str, str]]]:
+    def route(self, method: str, path: str, body: bytes, headers: dict[str, str],
+              conn: _Connection) -> tuple[int, bytes, list[tuple[str, str]]] | None:
+        """A request's answer (status, body, headers), or None: ``conn``
+        waits for the next invocation."""
         try:
             if path == NEXT:
                 if method != "GET":
                     raise ApiError(405, "MethodNotAllowed", f"{method} {path}")
-                inv = await self.next()
-                return 200, inv.event, self._next_headers(inv)
+                inv = self.next(conn)
+                return None if inv is None else (200, inv.event, self.next_headers(inv))
             if method != "POST" and (path == INIT_ERROR or path.startswith(INVOCATION)):
                 raise ApiError(405, "MethodNotAllowed", f"{method} {path}")
             if path == INIT_ERROR:
@@ -249,7 +218,7 @@ class RuntimeApi:
         except ApiError as exc:
             return exc.status, _error_json(exc), []
 
-    def _next_headers(self, inv: Invocation) -> list[tuple[str, str]]:
+    def next_headers(self, inv: Invocation) -> list[tuple[str, str]]:
         h = [("Content-Type", "application/json"),
              ("Lambda-Runtime-Aws-Request-Id", inv.rid),
              ("Lambda-Runtime-Deadline-Ms", str(inv.deadline_ms)),
@@ -307,31 +276,129 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     return method, target.partition("?")[0], version, headers
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-    try:
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            parts: list[bytes] = []
-            size = 0
-            while True:
-                n = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                if n == 0:
-                    while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                        pass
-                    return b"".join(parts)
-                size += n
-                if size > MAX_RESPONSE_BYTES + 1:
-                    raise ApiError(413, "RequestEntityTooLarge", "body too large")
-                parts.append(await reader.readexactly(n))
-                await reader.readexactly(2)
-        length = int(headers.get("content-length", "0"))
-    except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        raise ApiError(400, "BadRequest", "malformed body") from None
-    if length < 0 or length > 2 * MAX_RESPONSE_BYTES:
-        raise ApiError(413, "RequestEntityTooLarge", "body too large")
-    try:
-        return await reader.readexactly(length) if length else b""
-    except asyncio.IncompleteReadError:
-        raise ApiError(400, "BadRequest", "body shorter than its Content-Length") from None
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection from the runtime (kept alive or not),
+    parsed as it arrives: no task per request."""
+
+    def __init__(self, api: RuntimeApi) -> None:
+        self.api = api
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.waiting: bool | None = None  # a ``next`` waits; True: close after its answer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.api.peer_uid is not None and socket_uid(
+                transport.get_extra_info("peername"),
+                transport.get_extra_info("sockname")) != self.api.peer_uid:
+            transport.close()  # another function's process: not its API
+            self.transport = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.api._waiter is self:
+            self.api._waiter = None  # an invocation offered now is kept for the next ``next``
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiting is None:
+            self._process()
+
+    def _process(self) -> None:
+        while self.waiting is None and self.transport is not None:
+            try:
+                request = take_request(self.buf)
+            except ApiError as exc:
+                self._write(exc.status, _error_json(exc), [], True)
+                return
+            if request is None:
+                return
+            method, path, version, headers, body = request
+            close = version == "HTTP/1.0" or headers.get("connection", "").lower() == "close"
+            out = self.api.route(method, path, body, headers, self)
+            if out is None:
+                self.waiting = close
+                return
+            self._write(*out, close)
+
+    def deliver(self, inv: Invocation) -> None:
+        """The invocation this connection's ``next`` waited for."""
+        close = bool(self.waiting)
+        self.waiting = None
+        self._write(200, inv.event, self.api.next_headers(inv), close)
+        if self.buf:
+            self._process()
+
+    def _write(self, status: int, body: bytes, headers: list[tuple[str, str]],
+               close: bool) -> None:
+        t = self.transport
+        if t is None:
+            return
+        t.write(_response(status, body, headers, close))
+        if close:
+            t.close()
+            self.transport = None
+
+
+def take_request(buf: bytearray) -> tuple[str, str, str, dict[str, str], bytes] | None:
+    """The first complete request in ``buf`` (removed from it), or None
+    while it is incomplete. Raises ApiError for a malformed one."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEAD_BYTES:
+            raise ApiError(400, "BadRequest", "request head too large")
+        return None
+    method, path, version, headers = _parse_head(bytes(buf[:end]))
+    start = end + 4
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        got = _chunked(buf, start)
+        if got is None:
+            return None
+        body, stop = got
+    else:
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            raise ApiError(400, "BadRequest", "malformed Content-Length") from None
+        if length < 0 or length > 2 * MAX_RESPONSE_BYTES:
+            raise ApiError(413, "RequestEntityTooLarge", "body too large")
+        stop = start + length
+        if len(buf) < stop:
+            return None
+        body = bytes(buf[start:stop])
+    del buf[:stop]
+    return method, path, version, headers, body
+
+
+def _chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
+    """A chunked body starting at ``pos``: (body, where it ends), or None
+    while incomplete (spans are found first, bytes copied once at the end)."""
+    spans: list[tuple[int, int]] = []
+    size = 0
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        try:
+            n = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+        except ValueError:
+            raise ApiError(400, "BadRequest", "malformed chunk size") from None
+        pos = eol + 2
+        if n == 0:
+            while True:  # trailers, up to an empty line
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    return None
+                if eol == pos:
+                    return b"".join(bytes(buf[a:b]) for a, b in spans), eol + 2
+                pos = eol + 2
+        size += n
+        if size > 2 * MAX_RESPONSE_BYTES:
+            raise ApiError(413, "RequestEntityTooLarge", "body too large")
+        if len(buf) < pos + n + 2:
+            return None
+        spans.append((pos, pos + n))
+        pos += n + 2
 
 
 def _response(status: int, body: bytes, headers: list[tuple[str, str]] | None = None,
