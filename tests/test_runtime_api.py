@@ -219,6 +219,24 @@ def test_the_runtime_api_protocol():
     asyncio.run(main())
 
 
+def test_an_invocation_offered_after_its_next_hung_up_goes_to_the_next_next():
+    async def main() -> None:
+        sink = Sink()
+        api = RuntimeApi(sink, "arn")
+        port = await api.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {API}/invocation/next HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await asyncio.sleep(0.05)
+        writer.close()  # the runtime's client gave up (killed, restarted)
+        await asyncio.sleep(0.05)
+        api.offer(Invocation("r1", b"{}", 1, None))
+        status, h, _ = await _request(port, "GET", f"{API}/invocation/next")
+        assert (status, h["lambda-runtime-aws-request-id"]) == (200, "r1")
+        api.close()
+
+    asyncio.run(main())
+
+
 def test_only_the_functions_own_uid_may_use_the_api():
     async def main() -> None:
         sink = Sink()
