@@ -14,13 +14,16 @@ start-up, its first ``next``, one invocation), ``--starts`` times each,
 through the worker as a deploy or a scale-from-zero starts one. Warm: one
 ``nimbus up`` serving all three, wrk at 1 connection (latency, requests/s)
 and 4 connections (requests/s), measured in turns (ABC ABC ..., medians).
-Prints figures and ratios to the zygote path. Needs wrk and curl.
+Prints figures and ratios to the zygote path, and the CPU time per request
+of the whole process tree (the figure a loaded machine moves least). Needs
+wrk and curl.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import subprocess
@@ -129,13 +132,36 @@ def write_apps(root: Path) -> dict[str, Path]:
     return apps
 
 
+def tree_cpu_with_children_s(pid: int) -> float:
+    """CPU seconds of ``pid``'s live process tree, with what their reaped
+    children used (the curl and grep a shell bootstrap starts per request)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = sum(int(x) for x in fields[11:15]) / tick
+    tree = frontier = {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier and c not in tree}
+        tree = tree | frontier
+    return sum(times.get(p, 0.0) for p in tree)
+
+
 def warm(seconds: int, rounds: int, containment: str) -> dict[str, dict[str, float]]:
     root = Path(tempfile.mkdtemp(prefix="nimbus-rtapi-apps-"))
     try:
         apps = write_apps(root)
         first, *rest = apps.values()
         with nimbus_up(first, ROUTES["python (zygote)"], "--containment",
-                       containment) as (url, state, _proc):
+                       containment) as (url, state, proc):
             for app in rest:
                 subprocess.run([sys.executable, "-m", "nimbus.cli.main", "deploy", str(app),
                                 "--state-dir", str(state)], check=True, capture_output=True)
@@ -145,9 +171,12 @@ def warm(seconds: int, rounds: int, containment: str) -> dict[str, dict[str, flo
             for _ in range(rounds):
                 for name in SIDES:
                     one = wrk(url + ROUTES[name], 1, seconds)
+                    cpu = tree_cpu_with_children_s(proc.pid)
                     four = wrk(url + ROUTES[name], 4, seconds)
+                    cpu = tree_cpu_with_children_s(proc.pid) - cpu
                     got[name].append({"p50_1": one["p50_ms"], "p99_1": one["p99_ms"],
                                       "rps1": one["rps"], "rps4": four["rps"],
+                                      "cpu_us": cpu / max(four["requests"], 1) * 1e6,
                                       "errors": one["errors"] + four["errors"]})
         return {k: {f: statistics.median(r[f] for r in v) for f in v[0]}
                 for k, v in got.items()}
@@ -176,11 +205,13 @@ def main() -> None:
     b = med["python (zygote)"]
     print(f"\nwarm, medians of {args.rounds} rounds of {args.seconds} s (wrk, one nimbus up)")
     print(f"{'':20}{'p50 ms @1':>10}{'p99 ms @1':>10}{'req/s @1':>10}{'req/s @4':>10}"
-          f"{'p50 added':>11}{'rps@4 ratio':>12}{'errors':>8}")
+          f"{'p50 added':>11}{'rps@4 ratio':>12}{'CPU us/req':>11}{'errors':>8}")
     for name, m in med.items():
         print(f"{name:20}{m['p50_1']:>10.3f}{m['p99_1']:>10.3f}{m['rps1']:>10.0f}"
               f"{m['rps4']:>10.0f}{m['p50_1'] - b['p50_1']:>+9.3f}ms"
-              f"{m['rps4'] / b['rps4']:>11.3g}x{m['errors']:>8.0f}")
+              f"{m['rps4'] / b['rps4']:>11.3g}x{m['cpu_us']:>11.0f}{m['errors']:>8.0f}")
+    print("CPU us/req: nimbus and every process under it (instances, runtimes, what they "
+          "started) per request at 4 connections")
 
 
 if __name__ == "__main__":
