@@ -37,6 +37,7 @@ from nimbus.manifest.model import (
     RolloutSpec,
     Route,
     ScheduleSpec,
+    is_provided,
 )
 from nimbus.manifest.modules import (
     RESERVED_MODULES,
@@ -59,7 +60,6 @@ from nimbus.manifest.schema import (
     SeedApp,
     SeedHandler,
     check_handler_ref,
-    is_provided,
     sanitise_app_name,
 )
 from nimbus.manifest.source import Loc, Source, read_source

@@ -163,6 +163,15 @@ class FunctionSpec:
         return cls(**d)
 
 
+PROVIDED_RUNTIMES = ("provided", "provided.al2", "provided.al2023")
+
+
+def is_provided(runtime: str) -> bool:
+    """A custom runtime: the function's code folder holds an executable
+    ``bootstrap``, served the Lambda Runtime API."""
+    return runtime in PROVIDED_RUNTIMES
+
+
 def handler_text(spec: dict[str, Any]) -> str:
     """A stored function spec's handler as written: 'module.callable', or a
     custom runtime's string (its module is empty)."""

@@ -37,13 +37,12 @@ from nimbus.manifest.model import (
     MISSED_POLICIES,
     RegionsSpec,
     RolloutSpec,
+    is_provided,
 )
 from nimbus.manifest.routes import METHODS, path_problem
 
 EVENTS = ("http", "schedule", "queue", "topic")
 RUNTIME_RE = re.compile(r"python3(?:\.(\d+))?")
-# Custom runtimes: an executable ``bootstrap`` served the Lambda Runtime API.
-PROVIDED_RE = re.compile(r"provided(?:\.al2|\.al2023)?")
 _APP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -79,16 +78,11 @@ def _function_name(v: Any) -> Any:
 def _runtime(v: Any) -> Any:
     if not isinstance(v, str):
         raise fail(f"expected a runtime like 'python3.11', got {show(v)}")
-    if not RUNTIME_RE.fullmatch(v) and not PROVIDED_RE.fullmatch(v):
+    if not RUNTIME_RE.fullmatch(v) and not is_provided(v):
         raise fail(f"runtime {v!r} is not supported: only python3.x runtimes "
                    "(e.g. python3.11) and custom runtimes (provided.al2023, provided: an "
                    "executable bootstrap) are supported")
     return v
-
-
-def is_provided(runtime: str) -> bool:
-    """A custom runtime: the function's code folder holds an executable ``bootstrap``."""
-    return PROVIDED_RE.fullmatch(runtime) is not None
 
 
 def _any_handler(v: Any) -> Any:

@@ -14,7 +14,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-from nimbus.manifest.schema import is_provided
+from nimbus.manifest.model import is_provided
 from nimbus.worker.containment import Containment
 from nimbus.worker.target import Target, code_dir_for, site_packages_in
 

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nimbus.manifest.model import FunctionSpec
-from nimbus.manifest.schema import is_provided
+from nimbus.manifest.model import FunctionSpec, is_provided
 from nimbus.region import region
 from nimbus.runtime.sandbox import TASK_ROOT
 
