@@ -157,3 +157,117 @@ def make_wheel(dest: Path, name: str = "nimbusdemo", version: str = "1.0",
         for path, data in files.items():
             zf.writestr(path, data)
     return wheel
+
+
+# Custom runtimes (runtime: provided.al2023): a shell bootstrap that uses curl
+# as AWS's custom-runtime tutorial does, and awslambdaric running a Python
+# handler (two apps: each runtime's code folder holds its own bootstrap).
+# RIC_MANIFEST takes the Python that has awslambdaric installed.
+SHELL_MANIFEST = """\
+name: custom
+functions:
+  shell:
+    runtime: provided.al2023
+    handler: function.handler
+    timeout_s: 1
+    http: [{method: ANY, path: "/sh/{what+}"}]
+"""
+
+RIC_MANIFEST = """\
+name: ric
+runtime: provided.al2023
+functions:
+  ric:
+    handler: app.handler
+    memory_mb: 128
+    env: {{RIC_PYTHON: "{python}"}}
+    http: [{{method: ANY, path: "/ric/{{what+}}"}}]
+"""
+
+# The tutorial's loop, plus a route that posts an error instead of a response.
+SHELL_BOOTSTRAP = """\
+#!/bin/bash
+set -euo pipefail
+
+# Initialization - load function handler
+source $LAMBDA_TASK_ROOT/"$(echo $_HANDLER | cut -d. -f1).sh"
+
+# Processing
+while true
+do
+  HEADERS="$(mktemp)"
+  # Get an event. The HTTP request will block until one is received
+  EVENT_DATA=$(curl -sS -LD "$HEADERS" "http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation/next")
+
+  # Extract request ID by scraping response headers received above
+  REQUEST_ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$HEADERS" | tr -d '[:space:]' | cut -d: -f2)
+
+  if [[ "$EVENT_DATA" == *'"rawPath":"/sh/error"'* ]]; then
+    curl -sS "http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation/$REQUEST_ID/error" \\
+      -H "Lambda-Runtime-Function-Error-Type: Unhandled" \\
+      -d '{"errorMessage": "shell says no", "errorType": "ShellError", "stackTrace": []}'
+    continue
+  fi
+
+  # Run the handler function from the script
+  RESPONSE=$($(echo "$_HANDLER" | cut -d. -f2) "$EVENT_DATA" "$HEADERS")
+
+  # Send the response
+  curl -sS "http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation/$REQUEST_ID/response" \\
+    -d "$RESPONSE"
+done
+"""
+
+SHELL_FUNCTION = """\
+function handler () {
+  EVENT_DATA=$1
+  echo "$EVENT_DATA" 1>&2;
+  if [[ "$EVENT_DATA" == *'"rawPath":"/sh/sleep"'* ]]; then
+    sleep 30.123
+  fi
+  if [[ "$EVENT_DATA" == *'"rawPath":"/sh/env"'* ]]; then
+    ARN=$(grep -Fi Lambda-Runtime-Invoked-Function-Arn "$2" | tr -d '[:space:]' | cut -d: -f2-)
+    DEADLINE=$(grep -Fi Lambda-Runtime-Deadline-Ms "$2" | tr -d '[:space:]' | cut -d: -f2)
+    echo "$AWS_LAMBDA_FUNCTION_NAME $_HANDLER $LAMBDA_TASK_ROOT $PWD" \\
+      "$AWS_LAMBDA_FUNCTION_MEMORY_SIZE $AWS_LAMBDA_FUNCTION_VERSION $ARN $DEADLINE"
+    return
+  fi
+  RESPONSE="Echoing request: '$EVENT_DATA'"
+  echo $RESPONSE
+}
+"""
+
+RIC_BOOTSTRAP = """\
+#!/bin/sh
+exec "$RIC_PYTHON" -m awslambdaric "$_HANDLER"
+"""
+
+RIC_HANDLER = '''\
+import os
+
+def handler(event, context):
+    print("hello from", context.aws_request_id)
+    if event["rawPath"] == "/ric/boom":
+        raise ValueError("kaboom")
+    return {"statusCode": 200, "headers": {"content-type": "application/json"},
+            "body": __import__("json").dumps({
+                "request_id": context.aws_request_id, "function": context.function_name,
+                "arn": context.invoked_function_arn, "cwd": os.getcwd(),
+                "remaining_ms": context.get_remaining_time_in_millis()})}
+'''
+
+
+def write_custom_runtimes(root: Path, python: str) -> tuple[Path, Path]:
+    """The shell runtime's app and awslambdaric's (``python`` runs it)."""
+    shell, ric = root / "custom", root / "ric"
+    shell.mkdir()
+    ric.mkdir()
+    for path, text in ((shell / "app.yaml", SHELL_MANIFEST),
+                       (shell / "bootstrap", SHELL_BOOTSTRAP),
+                       (shell / "function.sh", SHELL_FUNCTION),
+                       (ric / "app.yaml", RIC_MANIFEST.format(python=python)),
+                       (ric / "bootstrap", RIC_BOOTSTRAP), (ric / "app.py", RIC_HANDLER)):
+        path.write_text(text)
+    (shell / "bootstrap").chmod(0o755)
+    (ric / "bootstrap").chmod(0o755)
+    return shell, ric

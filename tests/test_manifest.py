@@ -464,7 +464,8 @@ def test_non_python_runtime_top_level(tmp_path, runtime):
     err = load_error(app)
     assert (err.line, err.field) == (1, "runtime")
     assert err.message == (f"runtime '{runtime}' is not supported: only python3.x runtimes "
-                           "(e.g. python3.11) are supported")
+                           "(e.g. python3.11) and custom runtimes (provided.al2023, provided: "
+                           "an executable bootstrap) are supported")
 
 
 def test_non_python_runtime_per_function(tmp_path):

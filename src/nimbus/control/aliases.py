@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from nimbus.errors import ConflictError, UserInputError
+from nimbus.manifest.model import handler_text
 from nimbus.rollout import records, traffic
 
 MAX_BODY = 64 * 1024
@@ -44,7 +45,7 @@ def version_rows(app: dict[str, Any], stored: dict[int, dict[str, Any]],
             "digest": str(rec.get("digest", ""))[:12],
             "config_hash": str(rec.get("config_hash", ""))[:12],
             "created": rec.get("created"),
-            "handler": f"{spec.get('module', '?')}.{spec.get('callable', '?')}",
+            "handler": handler_text(spec),
             "memory_mb": spec.get("memory_mb"), "timeout_s": spec.get("timeout_s"),
             "stable": version == stable,
             "shares": {a: w[version] for a, w in aliases.items() if version in w},

@@ -52,7 +52,7 @@ from nimbus.gateway.app import invocation_type
 from nimbus.gateway.responses import status_for
 from nimbus.gateway.split import Split
 from nimbus.ids import new_id
-from nimbus.manifest.model import RegionsSpec
+from nimbus.manifest.model import RegionsSpec, handler_text
 from nimbus.observe import tracing
 from nimbus.observe.logfilter import LogFilter, parse_level, parse_since
 from nimbus.observe.logs import LogSink as FileLogSink
@@ -449,7 +449,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
                 pool = platform.routes.functions.get(name)
                 out.append({
                     "name": name, "app": app["name"], "version": rec["version"],
-                    "handler": f"{rec['spec']['module']}.{rec['spec']['callable']}",
+                    "handler": handler_text(rec["spec"]),
                     "routes": [f"{r['method']} {r['path']}" for r in rec["spec"]["routes"]],
                     "memory_mb": rec["spec"]["memory_mb"], "timeout_s": rec["spec"]["timeout_s"],
                     "instances": instances_of(pool),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import keyword
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from nimbus.manifest.model import (
     RolloutSpec,
     Route,
     ScheduleSpec,
+    is_provided,
 )
 from nimbus.manifest.modules import (
     RESERVED_MODULES,
@@ -57,6 +59,7 @@ from nimbus.manifest.schema import (
     RolloutModel,
     SeedApp,
     SeedHandler,
+    check_handler_ref,
     sanitise_app_name,
 )
 from nimbus.manifest.source import Loc, Source, read_source
@@ -127,10 +130,14 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
     form = _form(src)
     if form == "handlers":
         seed = _validate(SeedApp, src)
+        if is_provided(seed.runtime):
+            raise _error(src, ("runtime",), f"runtime {seed.runtime} needs the functions: form "
+                         "(a function's handler is then any string for its bootstrap)")
         app_name, regions, drafts = seed.name, seed.regions, _seed_drafts(seed, src)
         rollouts = _rollouts(seed.rollout, {name: None for name in drafts})
     else:
         rich = _validate(RichApp, src)
+        _check_rich_runtimes(rich, src)
         app_name, regions, drafts = rich.name, rich.regions, _rich_drafts(rich, src)
         rollouts = _rollouts(rich.rollout, {name: fn.rollout
                                             for name, fn in rich.functions.items()})
@@ -141,6 +148,9 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
     _check_events(drafts, src)
     names_cache: dict[Path, ModuleNames] = {}
     for draft in drafts.values():
+        if is_provided(draft.runtime):
+            _check_bootstrap(draft, app_dir, src)
+            continue
         _check_module_name(draft, src)
         _check_code(draft, app_dir, src, names_cache, check_code)
         _check_requirements(draft, app_dir, src)
@@ -395,7 +405,10 @@ def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
     drafts: dict[str, _Draft] = {}
     for name, fn in rich.functions.items():
         loc: Loc = ("functions", name)
-        module, func = fn.handler.rsplit(".", 1)
+        if is_provided(fn.runtime or rich.runtime):
+            module, func = "", fn.handler  # given to the bootstrap as _HANDLER
+        else:
+            module, func = fn.handler.rsplit(".", 1)
         single = isinstance(src.data["functions"][name].get("http"), dict)
         routes = []
         for j, r in enumerate(fn.http):
@@ -551,6 +564,44 @@ def _check_code(draft: _Draft, app_dir: Path, src: Source,
     if close:
         message += f"; did you mean {close[0]!r}?"
     raise _error(src, draft.handler_loc, message)
+
+
+def _check_rich_runtimes(rich: RichApp, src: Source) -> None:
+    """Per function: a Python handler is 'module.callable'; a custom
+    runtime's is any string, and it has no requirements, preload or
+    concurrency above 1 (its bootstrap takes one invocation at a time)."""
+    for name, fn in rich.functions.items():
+        loc: Loc = ("functions", name)
+        runtime = fn.runtime or rich.runtime
+        if not is_provided(runtime):
+            problem = check_handler_ref(fn.handler)
+            if problem:
+                raise _error(src, loc + ("handler",), problem)
+            continue
+        for key, why in (("requirements", "install them into the code folder, next to "
+                                          "bootstrap"),
+                         ("preload", "there is no Python zygote to preload into")):
+            if key in fn.model_fields_set and getattr(fn, key):
+                raise _error(src, loc + (key,), f"{key} is for Python runtimes, not runtime "
+                             f"{runtime}: {why}", key=True)
+        if fn.concurrency > 1:
+            raise _error(src, loc + ("concurrency",), f"concurrency must be 1 with runtime "
+                         f"{runtime}: its bootstrap takes one invocation at a time")
+
+
+def _check_bootstrap(draft: _Draft, app_dir: Path, src: Source) -> None:
+    """A custom runtime's code folder holds an executable file ``bootstrap``."""
+    sub = draft.settings.get("code_dir")
+    folder = app_dir / sub if sub else app_dir
+    path = folder / "bootstrap"
+    rel = path.relative_to(app_dir).as_posix()
+    if not path.is_file():
+        raise _error(src, draft.handler_loc, f"runtime {draft.runtime} needs an executable "
+                     f"file {rel} in {app_dir} (the custom runtime's entry point), and there "
+                     "is none")
+    if not os.access(path, os.X_OK):
+        raise _error(src, draft.handler_loc, f"{rel} is not executable (runtime "
+                     f"{draft.runtime} runs it): chmod +x {rel}")
 
 
 def _check_requirements(draft: _Draft, app_dir: Path, src: Source) -> None:

@@ -132,7 +132,8 @@ class FunctionSpec:
 
     @property
     def handler(self) -> str:
-        return f"{self.module}.{self.callable}"
+        """'module.callable'; a custom runtime's handler string as written."""
+        return f"{self.module}.{self.callable}" if self.module else self.callable
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -165,6 +166,22 @@ class FunctionSpec:
         d["schedules"] = tuple(ScheduleSpec.from_dict(s) for s in d.get("schedules", ()))
         d["topics"] = tuple(d.get("topics", ()))
         return cls(**d)
+
+
+PROVIDED_RUNTIMES = ("provided", "provided.al2", "provided.al2023")
+
+
+def is_provided(runtime: str) -> bool:
+    """A custom runtime: the function's code folder holds an executable
+    ``bootstrap``, served the Lambda Runtime API."""
+    return runtime in PROVIDED_RUNTIMES
+
+
+def handler_text(spec: dict[str, Any]) -> str:
+    """A stored function spec's handler as written: 'module.callable', or a
+    custom runtime's string (its module is empty)."""
+    module, func = spec.get("module", "?"), spec.get("callable", "?")
+    return f"{module}.{func}" if module else str(func)
 
 
 ROUTING_POLICIES = ("failover", "weighted", "latency")

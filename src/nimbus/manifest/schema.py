@@ -37,6 +37,7 @@ from nimbus.manifest.model import (
     MISSED_POLICIES,
     RegionsSpec,
     RolloutSpec,
+    is_provided,
 )
 from nimbus.manifest.routes import METHODS, PAYLOADS, path_problem
 
@@ -77,10 +78,26 @@ def _function_name(v: Any) -> Any:
 def _runtime(v: Any) -> Any:
     if not isinstance(v, str):
         raise fail(f"expected a runtime like 'python3.11', got {show(v)}")
-    if not RUNTIME_RE.fullmatch(v):
+    if not RUNTIME_RE.fullmatch(v) and not is_provided(v):
         raise fail(f"runtime {v!r} is not supported: only python3.x runtimes "
-                   "(e.g. python3.11) are supported")
+                   "(e.g. python3.11) and custom runtimes (provided.al2023, provided: an "
+                   "executable bootstrap) are supported")
     return v
+
+
+def _any_handler(v: Any) -> Any:
+    if not isinstance(v, str) or not v or not v.isprintable():
+        raise fail(f"expected a handler: 'module.callable' (e.g. api.get_user), or any "
+                   f"string for a custom runtime, got {show(v)}")
+    return v
+
+
+def check_handler_ref(v: str) -> str | None:
+    """What is wrong with ``v`` as a Python handler reference, or None."""
+    parts = v.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
+        return f"expected 'module.callable' (e.g. api.get_user), got {show(v)}"
+    return None
 
 
 def _handler_ref(v: Any) -> Any:
@@ -332,6 +349,7 @@ AppName = Annotated[str, BeforeValidator(_app_name)]
 FunctionName = Annotated[str, BeforeValidator(_function_name)]
 Runtime = Annotated[str, BeforeValidator(_runtime)]
 HandlerRef = Annotated[str, BeforeValidator(_handler_ref)]
+AnyHandler = Annotated[str, BeforeValidator(_any_handler)]
 Method = Annotated[str, BeforeValidator(_method)]
 RoutePath = Annotated[str, BeforeValidator(_path)]
 AliasName = Annotated[str, BeforeValidator(_alias)]
@@ -481,7 +499,10 @@ SCALING_KEYS = ("min_instances", "max_instances", "max_concurrency", "target_con
 
 
 class FunctionModel(EventSettings):
-    handler: HandlerRef = Field(description="'module.callable' (e.g. api.get_user)")
+    # 'module.callable' is checked by the loader, which knows the runtime
+    # (a custom runtime's handler is any string, given to its bootstrap).
+    handler: AnyHandler = Field(description="'module.callable' (e.g. api.get_user); any "
+                                            "string for a custom runtime")
     http: Annotated[list[HttpRoute], BeforeValidator(_routes)] = Field(
         default_factory=list, description="a route {method, path} or a list of routes")
     memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=16, le=10240,

@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 
 import orjson
 
-from nimbus.runtime import bootstrap, cgroups, sandbox
+from nimbus.runtime import bootstrap, cgroups, runtime_api, sandbox
 from nimbus.runtime import protocol as p
 
 # Modules handlers commonly import, loaded once here so that every forked
@@ -143,7 +143,10 @@ def _run(fd: int, spec: dict[str, Any], confinement: Confinement, host_pid: int,
                     "errorType": "Runtime.ContainmentError"}
             sock.sendall(p.frame(p.INIT_ERROR, orjson.dumps(body)))
             raise
-        bootstrap.run_instance(sock, spec)
+        if "bootstrap" in spec:  # a custom runtime: serve its bootstrap the Runtime API
+            runtime_api.run_instance(sock, spec)
+        else:
+            bootstrap.run_instance(sock, spec)
     except BaseException:  # noqa: BLE001 - never return into the zygote loop
         code = 1
     finally:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from nimbus.control.openapi import NAME_PATTERN
 from nimbus.errors import NimbusError, UserInputError
+from nimbus.manifest.model import handler_text
 from nimbus.rollout import state, traffic
 from nimbus.rollout.records import app_of
 from nimbus.rollout.window import Window
@@ -308,7 +309,7 @@ async def function_versions(store: Any, fn: str, live: Any) -> list[dict[str, An
         spec = rec.get("spec") or {}
         out.append({"version": version, "created": rec.get("created"),
                     "digest": str(rec.get("digest", ""))[:12],
-                    "handler": f"{spec.get('module', '?')}.{spec.get('callable', '?')}",
+                    "handler": handler_text(spec),
                     "memory_mb": spec.get("memory_mb"), "timeout_s": spec.get("timeout_s"),
                     "live": version == live_version})
         if len(out) >= MAX_VERSIONS_SHOWN:

@@ -14,6 +14,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
+from nimbus.manifest.model import is_provided
 from nimbus.worker.containment import Containment
 from nimbus.worker.target import Target, code_dir_for, site_packages_in
 
@@ -34,6 +35,8 @@ def dependency_set(target: Target, state_dir: Path, containment: Containment) ->
     if target.requirements_hash:
         venvs = (target.requirements_hash,)
         sys_path = (str(site_packages_in(containment.venv_dir(target.requirements_hash))),)
+    if is_provided(target.spec.runtime):  # a bootstrap, not Python: nothing to preload
+        return DepSet(sys_path, (), venvs)
     preload = tuple(target.spec.preload) or imported_packages(
         code_dir_for(state_dir, target.digest), target.spec.module)
     return DepSet(sys_path, tuple(sorted(set(preload))), venvs)

@@ -189,9 +189,15 @@ class InitError(DeployError):
     def __init__(self, error: dict[str, Any]) -> None:
         self.error = {
             "errorMessage": error.get("errorMessage", ""),
-            "errorType": f"Runtime.ImportModuleError: {error.get('errorType', '')}",
+            "errorType": _init_error_type(str(error.get("errorType", ""))),
         }
         super().__init__(init_error_summary(error))
+
+
+def _init_error_type(kind: str) -> str:
+    # A custom runtime reports its own Runtime.* type (awslambdaric:
+    # Runtime.ImportModuleError); a Python import failure names the exception.
+    return kind if kind.startswith("Runtime.") else f"Runtime.ImportModuleError: {kind}"
 
 
 def init_error_summary(error: dict[str, Any]) -> str:
@@ -201,7 +207,8 @@ def init_error_summary(error: dict[str, Any]) -> str:
         where += f"function {error['function']}: "
     if error.get("file"):
         where += f"{error['file']}, line {error.get('line')}: "
-    return (f"{where}handler failed to import: {error.get('errorType')}: "
+    failure = error.get("failure") or "handler failed to import"  # custom runtimes say theirs
+    return (f"{where}{failure}: {error.get('errorType')}: "
             f"{error.get('errorMessage')}")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nimbus.manifest.model import FunctionSpec
+from nimbus.manifest.model import FunctionSpec, is_provided
 from nimbus.region import region
 from nimbus.runtime.sandbox import TASK_ROOT
 
@@ -73,12 +73,14 @@ class Target:
             "TMPDIR": str(tmp_dir),
             "NIMBUS_INSTANCE_ID": instance_id,
         }
+        if is_provided(spec.runtime):
+            del env["AWS_EXECUTION_ENV"]  # as on Lambda: custom runtimes have none
         if spec.log_format is not None:
             env["AWS_LAMBDA_LOG_FORMAT"] = spec.log_format
         if spec.log_level is not None:
             env["AWS_LAMBDA_LOG_LEVEL"] = spec.log_level
         env.update(dict(spec.env))  # the user's env wins over the defaults
-        return {
+        out = {
             "instance_id": instance_id,
             "function": spec.name,
             "version": self.version,
@@ -93,6 +95,10 @@ class Target:
             "concurrency": spec.concurrency,
             "contain": containment.instance_fields(spec, self.digest),
         }
+        if is_provided(spec.runtime):
+            # The instance runs this executable and serves it the Runtime API.
+            out["bootstrap"] = str(code_dir / "bootstrap")
+        return out
 
 
 def code_dir_for(state_dir: Path, digest: str) -> Path:
