@@ -39,6 +39,9 @@ class Route:
     method: str
     path: str
     alias: str = "live"  # the alias of the function this route serves
+    # The event and response shape: "2.0" (HTTP API) or "1.0" (API Gateway
+    # REST, Lambda proxy integration).
+    payload: str = "2.0"
 
     @property
     def key(self) -> str:
@@ -117,6 +120,14 @@ class FunctionSpec:
     # LoggingConfig; None: Text, and the level Python's logging starts with.
     log_format: str | None = None
     log_level: str | None = None
+    # The handler module's import root relative to the app folder (SAM's
+    # CodeUri; None: the app folder), and layer folders whose ``python``
+    # folders follow it on sys.path, as Lambda's /var/task and /opt.
+    code_dir: str | None = None
+    layers: tuple[str, ...] = ()
+    # False: a queue handler's batchItemFailures are ignored (the whole
+    # batch succeeded if it returned), as Lambda without ReportBatchItemFailures.
+    report_batch_failures: bool = True
 
     def __post_init__(self) -> None:
         if self.target_concurrency is None:
@@ -137,6 +148,7 @@ class FunctionSpec:
         # (and so whether a deploy makes a new version) does not change.
         d["routes"] = [{"method": r.method, "path": r.path}
                        | ({"alias": r.alias} if r.alias != "live" else {})
+                       | ({"payload": r.payload} if r.payload != "2.0" else {})
                        for r in self.routes]
         d["env"] = dict(self.env)
         d["preload"] = list(self.preload)
@@ -144,6 +156,10 @@ class FunctionSpec:
         d["topics"] = list(self.topics)
         if self.trigger_alias is None:  # as before it existed: config hashes unchanged
             del d["trigger_alias"]
+        d["layers"] = list(self.layers)
+        for key, default in _LATER_DEFAULTS:  # likewise
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -153,13 +169,20 @@ class FunctionSpec:
         # records take their defaults.
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        d["routes"] = tuple(Route(r["method"], r["path"], r.get("alias", "live"))
+        d["routes"] = tuple(Route(r["method"], r["path"], r.get("alias", "live"),
+                                  r.get("payload", "2.0"))
                             for r in d.get("routes", ()))
         d["env"] = tuple(sorted(d.get("env", {}).items()))
         d["preload"] = tuple(d.get("preload", ()))
         d["schedules"] = tuple(ScheduleSpec.from_dict(s) for s in d.get("schedules", ()))
         d["topics"] = tuple(d.get("topics", ()))
+        d["layers"] = tuple(d.get("layers", ()))
         return cls(**d)
+
+
+# Fields added after records existed, left out of to_dict while at their default.
+_LATER_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("code_dir", None), ("layers", []), ("report_batch_failures", True))
 
 
 ROUTING_POLICIES = ("failover", "weighted", "latency")
