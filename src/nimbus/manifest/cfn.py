@@ -66,15 +66,15 @@ def _construct_tag(long: str) -> Callable[[TemplateLoader, Node], Any]:
     def construct(loader: TemplateLoader, node: Node) -> Any:
         value: Any
         if isinstance(node, ScalarNode):
-            value = loader.construct_scalar(node)  # type: ignore[no-untyped-call]
+            value = loader.construct_scalar(node)
             if long == "Fn::GetAtt":  # "A.B.C" is ["A", "B.C"]
                 head, _, rest = str(value).partition(".")
                 value = [head, rest] if rest else [head]
         elif isinstance(node, SequenceNode):
-            value = loader.construct_sequence(node, deep=True)  # type: ignore[no-untyped-call]
+            value = loader.construct_sequence(node, deep=True)
         else:
             assert isinstance(node, MappingNode)
-            value = loader.construct_mapping(node, deep=True)  # type: ignore[no-untyped-call]
+            value = loader.construct_mapping(node, deep=True)
         return {long: value}
     return construct
 

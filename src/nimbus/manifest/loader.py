@@ -47,6 +47,7 @@ from nimbus.manifest.modules import (
     top_level_names,
 )
 from nimbus.manifest.routes import Declared, conflict_message, find_conflict
+from nimbus.manifest.sam import TEMPLATE_NAMES, SamApp, read_sam
 from nimbus.manifest.schema import (
     EVENT_KEYS,
     RUNTIME_RE,
@@ -59,7 +60,6 @@ from nimbus.manifest.schema import (
     SeedHandler,
     sanitise_app_name,
 )
-from nimbus.manifest.sam import TEMPLATE_NAMES, SamApp, read_sam
 from nimbus.manifest.source import Loc, Source, read_source
 
 APP_YAML_NAMES = ("app.yaml", "app.yml")

@@ -301,8 +301,9 @@ class _Mapper:
                               "an HTTP route)", at("FunctionUrlConfig"))
         if ("Policies" in props or "Role" in props) and not self.iam_noted:
             self.iam_noted = True
+            iam = at("Policies" if "Policies" in props else "Role")
             self.notices.append("IAM is not enforced by nimbus: Policies and Role are "
-                                f"accepted and ignored ({self.where(at('Policies' if 'Policies' in props else 'Role'))})")
+                                f"accepted and ignored ({self.where(iam)})")
         code_dir = self._folder(props.get("CodeUri"), at("CodeUri"), "CodeUri")
         if code_dir is not None:
             put("code_dir", "CodeUri", code_dir)
