@@ -69,7 +69,11 @@ class SamApp:
                         or name.startswith(f + "[")), key=len, default=None)
             if best is not None:
                 name = self.fields[best] + name[len(best):]
-        return ManifestError(exc.message, file=exc.file, line=exc.line, field=name)
+        message = exc.message
+        for rich in sorted(self.fields, key=len, reverse=True):
+            if rich.startswith("functions.") and rich in message:  # e.g. a route clash
+                message = message.replace(rich, self.fields[rich])
+        return ManifestError(message, file=exc.file, line=exc.line, field=name)
 
 
 def is_sam(data: Any) -> bool:
