@@ -323,6 +323,11 @@ def test_a_folder_with_both_manifests_is_refused(tmp_path: Path) -> None:
         load_app(app, parameters={"A": "1"})
 
 
+def test_an_override_must_name_a_parameter_even_an_unused_one(tmp_path: Path) -> None:
+    err = refused(tmp_path, FN, parameters={"Stage": "prod"})
+    assert "names 'Stage', which is not a parameter of this template" in err.message
+
+
 def test_parameter_overrides_parse_as_sam_deploy_takes_them() -> None:
     assert parse_overrides(("A=1 B=2", "C=x,y", "ParameterKey=D,ParameterValue=4", "E=5,F=6",
                             "T=rate(1 minute)", 'U="rate(2 hours)" V=')) == {

@@ -159,6 +159,7 @@ class _Mapper:
     # -- the run ---------------------------------------------------------------
 
     def run(self) -> SamApp:
+        self.r.parameters  # noqa: B018 - overrides and defaults checked, used or not
         resources = self.r.resources
         if not resources:
             raise self.error(("Resources",), "the template declares no Resources")
