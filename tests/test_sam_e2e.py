@@ -104,3 +104,18 @@ def test_schedule_runs_with_its_input(sam: Any) -> None:
                 if r["status"] == "succeeded"]
     rec = wait_for("a tick", ticks)[0]
     assert rec["result"] == {"detail": {"from": "schedule"}, "source": "aws.events"}
+
+
+def test_deploy_sends_parameter_overrides_to_the_control_api(sam: Any) -> None:
+    n, ctl = sam
+    r = ctl.post("/v1/deploy", params={"parameters": '["Stage"]'}, content=b"")
+    assert r.status_code == 400 and "JSON object of strings" in r.text, r.text
+    app = n.state.parent / "shop"
+    p = n.cli("deploy", str(app), "--parameter-overrides", "Stage=dev",
+              "TickRate=rate(1 second)")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stderr.count("not provided by nimbus: AWS::DynamoDB::Table Orders") == 1
+    assert "deployed shop/Web: version 2" in p.stdout
+    assert n.http.get("/http/ada").json()["stage"] == "dev"
+    p = n.cli("deploy", str(app), "--parameter-overrides", "Stage=qa")
+    assert p.returncode == 2 and "'qa' is not one of the AllowedValues" in p.stderr
