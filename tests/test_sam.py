@@ -343,3 +343,58 @@ def test_parameter_overrides_parse_as_sam_deploy_takes_them() -> None:
         click.echo(f"{app_dir} {parse_overrides(parameter_overrides)}")
     out = CliRunner().invoke(cmd, ["--parameter-overrides", "A=1", "B=2", "dir"]).output
     assert out == "dir {'A': '1', 'B': '2'}\n", "one option, several values"
+
+
+def test_cluster_deploys_carry_the_overrides(tmp_path: Path) -> None:
+    """A cluster deploy's plan, its desired state (what converges regions
+    later) and every push carry the overrides."""
+    import asyncio
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    import httpx
+
+    from nimbus.multiregion.clusterfile import ClusterFile, RegionEntry
+    from nimbus.multiregion.deploy import plan_deploy
+    from nimbus.multiregion.push import push_bundle
+    from nimbus.multiregion.state import Desired
+
+    app = write(tmp_path / "app", "Parameters:\n  Stage: {Type: String}\n" + FN +
+                "      Environment: {Variables: {S: !Ref Stage}}\n")
+    cluster = ClusterFile(path=tmp_path / "nimbus.cluster.yaml", regions={
+        "eu": RegionEntry("eu", "http://127.0.0.2:1", "t" * 40, ("http://127.0.0.2:2",))})
+    with pytest.raises(ManifestError, match="Stage has no Default"):
+        plan_deploy(app, cluster)
+    plan = plan_deploy(app, cluster, parameters={"Stage": "prod"})
+    assert plan.parameters == {"Stage": "prod"}
+    desired = Desired("app", "d", ("eu",), parameters=plan.parameters)
+    assert Desired.from_json(desired.to_json()).parameters == {"Stage": "prod"}
+    assert "parameters" not in json.loads(Desired("app", "d", ("eu",)).to_json()), \
+        "a deploy without overrides is recorded as before"
+
+    seen: list[bytes] = []
+
+    async def push() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head.split(b" ")[1])
+            body = b'{"result": {"digest": "d", "functions": [{"version": 1}]}}\n'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                         % len(body) + body)
+            await writer.drain()
+            writer.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        region = RegionEntry("eu", f"http://127.0.0.1:{port}", "t" * 40, ())
+        try:
+            async with httpx.AsyncClient() as client:
+                result = await push_bundle(client, region, "app", b"zip", None, 5.0,
+                                           parameters={"Stage": "prod"})
+            assert result.outcome == "deployed"
+        finally:
+            server.close()
+            await server.wait_closed()
+    asyncio.run(push())
+    [target] = seen
+    query = parse_qs(urlsplit(target.decode()).query)
+    assert json.loads(query["parameters"][0]) == {"Stage": "prod"}

@@ -221,6 +221,11 @@ class _Mapper:
             self.layers[logical] = self._folder(props.get("ContentUri"),
                                                 loc + ("Properties", "ContentUri"),
                                                 "ContentUri", required=True) or "."
+            meta = res.get("Metadata")
+            if isinstance(meta, dict) and meta.get("BuildMethod"):
+                self.notices.append(f"layer {logical} is not built by nimbus (Metadata "
+                                    "BuildMethod): its folder's python/ is used as it is "
+                                    f"({self.where(loc + ('Metadata', 'BuildMethod'))})")
         elif rtype in APIS:
             self._check_api_auth(props, loc + ("Properties",))
             self.apis[logical] = props
