@@ -398,3 +398,48 @@ def test_cluster_deploys_carry_the_overrides(tmp_path: Path) -> None:
     [target] = seen
     query = parse_qs(urlsplit(target.decode()).query)
     assert json.loads(query["parameters"][0]) == {"Stage": "prod"}
+
+
+def test_sns_destinations_and_dead_letter_topics(tmp_path: Path) -> None:
+    app = load(tmp_path, """\
+        Resources:
+          News: {Type: AWS::SNS::Topic}
+          Lonely: {Type: AWS::SNS::Topic}
+          A:
+            Type: AWS::Serverless::Function
+            Properties:
+              Handler: app.handler
+              EventInvokeConfig:
+                DestinationConfig:
+                  OnSuccess: {Type: SNS, Destination: !Ref News}
+                  OnFailure: {Type: SNS, Destination: !Ref Lonely}
+          B:
+            Type: AWS::Serverless::Function
+            Properties:
+              Handler: app.handler
+              DeadLetterQueue: {Type: SNS, TargetArn: !Ref News}
+              Events:
+                News: {Type: SNS, Properties: {Topic: !Ref News}}
+        """)
+    a, b = app.functions["A"], app.functions["B"]
+    assert (a.on_success, a.on_failure, a.dead_letter) == ("topic:News", None, True)
+    assert (b.on_failure, b.topics) == ("topic:News", ("News",))
+    assert app.notices == ("A: OnFailure to topic Lonely, which no function of the template "
+                           "subscribes to, is kept in nimbus's dead letters instead "
+                           "(template.yaml:13)",)
+
+
+def test_an_app_yaml_destination_topic_needs_a_subscriber(tmp_path: Path) -> None:
+    app = tmp_path / "y"
+    app.mkdir()
+    (app / "app.py").write_text(APP_PY)
+    (app / "app.yaml").write_text(
+        "functions:\n  a:\n    handler: app.handler\n"
+        "    destinations: {on_failure: {topic: alerts}}\n"
+        "  b:\n    handler: app.handler\n    topic: alerts\n")
+    assert load_app(app).functions["a"].on_failure == "topic:alerts"
+    (app / "app.yaml").write_text(
+        "functions:\n  a:\n    handler: app.handler\n"
+        "    destinations: {on_failure: {topic: alerts}}\n")
+    with pytest.raises(ManifestError, match="destination topic 'alerts' has no subscriber"):
+        load_app(app)

@@ -445,6 +445,11 @@ def _check_events(drafts: dict[str, _Draft], src: Source) -> None:
                 known = ", ".join(sorted(consumers)) or "none"
                 raise _error(src, wloc + ("queue",), f"destination queue {target.queue!r} is "
                              f"not consumed by any function of this app (queues: {known})")
+            topics = {t for d2 in drafts.values() for t, _loc in d2.topics}
+            if target.topic is not None and target.topic not in topics:
+                known = ", ".join(sorted(topics)) or "none"
+                raise _error(src, wloc + ("topic",), f"destination topic {target.topic!r} has "
+                             f"no subscriber among this app's functions (topics: {known})")
 
 
 def _merge_scaling(draft: _Draft, model: SeedHandler | FunctionModel, loc: Loc,

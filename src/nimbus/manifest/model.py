@@ -103,7 +103,7 @@ class FunctionSpec:
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S  # the first; doubling each time
     max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S
     dead_letter: bool = True  # keep events that ran out of tries for redrive
-    on_success: str | None = None  # "function:NAME" or "queue:NAME"
+    on_success: str | None = None  # "function:NAME", "queue:NAME" or "topic:NAME"
     on_failure: str | None = None
     schedules: tuple[ScheduleSpec, ...] = ()
     queue: str | None = None  # the queue whose messages this function consumes

@@ -400,17 +400,21 @@ class _Mapper:
             return "function", self.functions[logical]
         return None
 
-    def _consumed(self, queue: str) -> bool:
+    def _consumed(self, kind: str, name: str) -> bool:
+        """Whether a function of the template consumes queue (or subscribes to
+        topic) ``name``: else nimbus has nothing that takes its messages."""
+        etype, key, names = (("SQS", "Queue", self.queues) if kind == "queue" else
+                             ("SNS", "Topic", self.topics))
         for logical, res in self.kept.items():
             if res["Type"] != FUNCTION:
                 continue
             for fn in (self.global_fn, res.get("Properties") or {}):
                 for ev in (fn.get("Events") or {}).values() if isinstance(fn, dict) else ():
-                    if isinstance(ev, dict) and ev.get("Type") == "SQS":
-                        q = ev.get("Properties", {}).get("Queue") if isinstance(
+                    if isinstance(ev, dict) and ev.get("Type") == etype:
+                        ref = ev.get("Properties", {}).get(key) if isinstance(
                             ev.get("Properties"), dict) else None
-                        owner = self.r.owner(self.r.resolve(q, ("Resources", logical)))
-                        if owner is not None and self.queues.get(owner) == queue:
+                        owner = self.r.owner(self.r.resolve(ref, ("Resources", logical)))
+                        if owner is not None and names.get(owner) == name:
                             return True
         return False
 
@@ -441,16 +445,17 @@ class _Mapper:
                                      f"{show(d.get('Destination'))} is not a {dtype} resource "
                                      "of this template")
                 kind, tname = target
-                if kind == "topic" or (kind == "queue" and not self._consumed(tname)):
-                    what = "topic" if kind == "topic" else "queue with no consumer"
+                if kind != "function" and not self._consumed(kind, tname):
+                    what = (f"{kind} {tname}, which no function of the template "
+                            f"{'consumes' if kind == 'queue' else 'subscribes to'}")
                     if key == "on_failure":
-                        self.notices.append(f"{name}: {when} to {what} {tname} is kept in "
+                        self.notices.append(f"{name}: {when} to {what}, is kept in "
                                             "nimbus's dead letters instead "
                                             f"({self.where(loc)})")
                         put("dead_letter", "EventInvokeConfig", True, "DestinationConfig")
                         on_failure_set = True
                     else:
-                        self.not_provided(f"{name}: {when} to {what} {tname}", loc)
+                        self.not_provided(f"{name}: {when} to {what}", loc)
                     continue
                 self.locs[("functions", name, "destinations")] = at("EventInvokeConfig")
                 self.rich["functions"][name].setdefault("destinations", {})[key] = {kind: tname}
@@ -465,9 +470,9 @@ class _Mapper:
                                  f"{QUEUE} or {TOPIC} of this template, got "
                                  f"{show(dlq.get('TargetArn'))}")
             kind, tname = target
-            if kind == "queue" and self._consumed(tname) and not on_failure_set:
+            if self._consumed(kind, tname) and not on_failure_set:
                 fn = self.rich["functions"][name]
-                fn.setdefault("destinations", {})["on_failure"] = {"queue": tname}
+                fn.setdefault("destinations", {})["on_failure"] = {kind: tname}
                 self.locs[("functions", name, "destinations")] = loc
                 self.locs[("functions", name, "destinations", "on_failure")] = loc
             else:

@@ -405,16 +405,19 @@ class QueueTrigger(_Model):
 class Destination(_Model):
     function: Annotated[str, BeforeValidator(_function_name)] | None = None
     queue: QueueName | None = None
+    topic: QueueName | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Destination:
-        if (self.function is None) == (self.queue is None):
-            raise fail("expected exactly one of 'function: NAME' or 'queue: NAME'")
+        if [self.function, self.queue, self.topic].count(None) != 2:
+            raise fail("expected exactly one of 'function: NAME', 'queue: NAME' or "
+                       "'topic: NAME'")
         return self
 
     @property
     def ref(self) -> str:
-        return f"function:{self.function}" if self.function else f"queue:{self.queue}"
+        return (f"function:{self.function}" if self.function else
+                f"queue:{self.queue}" if self.queue else f"topic:{self.topic}")
 
 
 class Destinations(_Model):
