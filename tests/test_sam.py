@@ -443,3 +443,19 @@ def test_an_app_yaml_destination_topic_needs_a_subscriber(tmp_path: Path) -> Non
         "    destinations: {on_failure: {topic: alerts}}\n")
     with pytest.raises(ManifestError, match="destination topic 'alerts' has no subscriber"):
         load_app(app)
+
+
+def test_unsupported_resources_are_not_evaluated_and_names_are_unique(tmp_path: Path) -> None:
+    app = load(tmp_path, FN + """\
+  Vpc:
+    Type: AWS::EC2::Subnet
+    Properties: {CidrBlock: !Select [0, !Cidr [10.0.0.0/16, 4, 8]],
+                 Other: !ImportValue shared}
+""")
+    assert app.notices == ("not provided by nimbus: AWS::EC2::Subnet Vpc (template.yaml:8)",)
+    err = refused(tmp_path / "b", FN + """\
+  G:
+    Type: AWS::Serverless::Function
+    Properties: {Handler: app.handler, FunctionName: F}
+""")
+    assert (err.line, err.message) == (10, "function name 'F' is already the name of F")

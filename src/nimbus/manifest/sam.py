@@ -16,6 +16,7 @@ nimbus cannot trigger, code that is not in the folder) are refused.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -111,6 +112,7 @@ class _Mapper:
         self.layers: dict[str, str] = {}  # logical -> folder
         self.functions: dict[str, str] = {}  # logical -> nimbus function name
         self.apis: dict[str, dict[str, Any]] = {}
+        self.global_fn: dict[str, Any] = {}  # Globals.Function, resolved
         self.iam_noted = False
 
     # -- helpers ---------------------------------------------------------------
@@ -128,8 +130,6 @@ class _Mapper:
 
     def _name(self, logical: str) -> str | None:
         """The physical name a resource declares, if it is a usable nimbus name."""
-        import re
-
         res = self.t.data.get("Resources", {}).get(logical)
         if not isinstance(res, dict) or not isinstance(res.get("Properties"), dict):
             return None
@@ -207,9 +207,20 @@ class _Mapper:
     def _index(self, logical: str, res: dict[str, Any]) -> None:
         rtype = res["Type"]
         loc: Loc = ("Resources", logical)
+        if rtype not in (FUNCTION, QUEUE, TOPIC, LAYER, *APIS):
+            # listed, and its properties not evaluated: nimbus needs nothing of them
+            self.not_provided(f"{rtype} {logical}", loc)
+            return
         props = self.r.resolve(res.get("Properties") or {}, loc + ("Properties",))
+        if not isinstance(props, dict):
+            raise self.error(loc + ("Properties",), f"expected a mapping, got {show(props)}")
         if rtype == FUNCTION:
-            self.functions[logical] = self._name(logical) or logical
+            name = self._name(logical) or logical
+            other = next((k for k, v in self.functions.items() if v == name), None)
+            if other is not None:
+                raise self.error(loc + ("Properties", "FunctionName"), f"function name "
+                                 f"{name!r} is already the name of {other}")
+            self.functions[logical] = name
         elif rtype == QUEUE:
             self.queues[logical] = self._name(logical) or logical
         elif rtype == TOPIC:
@@ -233,8 +244,6 @@ class _Mapper:
                 if key in props:
                     self.not_provided(f"{rtype} {logical} {key} (routes come from the "
                                       "functions' events)", loc + ("Properties", key))
-        else:
-            self.not_provided(f"{rtype} {logical}", loc)
 
     def _check_api_auth(self, props: dict[str, Any], loc: Loc) -> None:
         auth = props.get("Auth")
