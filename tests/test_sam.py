@@ -459,3 +459,25 @@ def test_unsupported_resources_are_not_evaluated_and_names_are_unique(tmp_path: 
     Properties: {Handler: app.handler, FunctionName: F}
 """)
     assert (err.line, err.message) == (10, "function name 'F' is already the name of F")
+
+
+def test_cors_is_listed_and_request_validation_refused(tmp_path: Path) -> None:
+    app = load(tmp_path, """\
+        Globals:
+          Api:
+            Cors: "'*'"
+        Resources:
+          F:
+            Type: AWS::Serverless::Function
+            Properties:
+              Handler: app.handler
+        """)
+    assert app.notices == ("not provided by nimbus: Cors (answer OPTIONS and add the CORS "
+                           "headers in the handler) (template.yaml:5)",)
+    err = refused(tmp_path / "b", FN + """\
+      Events:
+        E:
+          Type: Api
+          Properties: {Path: /x, Method: post, RequestModel: {Model: M, ValidateBody: true}}
+""")
+    assert err.field == "Resources.F.Properties.Events.E.Properties.RequestModel.ValidateBody"

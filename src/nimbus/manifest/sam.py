@@ -246,6 +246,10 @@ class _Mapper:
                                       "functions' events)", loc + ("Properties", key))
 
     def _check_api_auth(self, props: dict[str, Any], loc: Loc) -> None:
+        for key in ("Cors", "CorsConfiguration"):
+            if props.get(key) not in (None, False):
+                self.not_provided(f"{key} (answer OPTIONS and add the CORS headers in the "
+                                  "handler)", loc + (key,))
         auth = props.get("Auth")
         if not isinstance(auth, dict):
             return
@@ -552,6 +556,11 @@ class _Mapper:
                     raise self.error(ploc + ("Auth", key), f"Auth.{key}: nimbus does not "
                                      "provide API Gateway authorizers or API keys; serving "
                                      "this route without it would let every request in")
+            model = p.get("RequestModel")
+            if isinstance(model, dict) and model.get("ValidateBody") in (True, "true"):
+                raise self.error(ploc + ("RequestModel", "ValidateBody"), "request "
+                                 "validation is not provided by nimbus; the handler would "
+                                 "get bodies API Gateway refuses (validate in the handler)")
             api_props: dict[str, Any] = {}
             api_key = "RestApiId" if etype == "Api" else "ApiId"
             if p.get(api_key) is not None:
