@@ -422,7 +422,8 @@ class _Mapper:
             if res["Type"] != FUNCTION:
                 continue
             for fn in (self.global_fn, res.get("Properties") or {}):
-                for ev in (fn.get("Events") or {}).values() if isinstance(fn, dict) else ():
+                events = fn.get("Events") if isinstance(fn, dict) else None
+                for ev in events.values() if isinstance(events, dict) else ():
                     if isinstance(ev, dict) and ev.get("Type") == etype:
                         ref = ev.get("Properties", {}).get(key) if isinstance(
                             ev.get("Properties"), dict) else None
@@ -475,6 +476,8 @@ class _Mapper:
                 self.locs[("functions", name, "destinations", key)] = loc
                 on_failure_set = on_failure_set or key == "on_failure"
         dlq = props.get("DeadLetterQueue")
+        if dlq is not None and not isinstance(dlq, dict):
+            raise self.error(at("DeadLetterQueue"), f"expected {{Type, TargetArn}}, got {show(dlq)}")
         if isinstance(dlq, dict):
             loc = at("DeadLetterQueue")
             target = self._target(dlq.get("TargetArn"), loc, {"SQS": "SQS", "SNS": "SNS"})
@@ -540,6 +543,8 @@ class _Mapper:
         etype = ev["Type"]
         p = ev.get("Properties") or {}
         ploc = loc + ("Properties",)
+        if not isinstance(p, dict):
+            raise self.error(ploc, f"expected a mapping of properties, got {show(p)}")
         if etype not in _EVENT_TYPES:
             raise self.error(loc + ("Type",), f"event type {etype} is not provided by nimbus, "
                              f"so {name} would never run for it (nimbus triggers: "
