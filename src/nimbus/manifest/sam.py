@@ -477,7 +477,8 @@ class _Mapper:
                 on_failure_set = on_failure_set or key == "on_failure"
         dlq = props.get("DeadLetterQueue")
         if dlq is not None and not isinstance(dlq, dict):
-            raise self.error(at("DeadLetterQueue"), f"expected {{Type, TargetArn}}, got {show(dlq)}")
+            raise self.error(at("DeadLetterQueue"),
+                             f"expected {{Type, TargetArn}}, got {show(dlq)}")
         if isinstance(dlq, dict):
             loc = at("DeadLetterQueue")
             target = self._target(dlq.get("TargetArn"), loc, {"SQS": "SQS", "SNS": "SNS"})
