@@ -481,3 +481,9 @@ def test_cors_is_listed_and_request_validation_refused(tmp_path: Path) -> None:
           Properties: {Path: /x, Method: post, RequestModel: {Model: M, ValidateBody: true}}
 """)
     assert err.field == "Resources.F.Properties.Events.E.Properties.RequestModel.ValidateBody"
+
+
+def test_a_code_folder_module_may_not_shadow_the_standard_library(tmp_path: Path) -> None:
+    err = refused(tmp_path, FN + "      CodeUri: src\n",
+                  files={"src/app.py": APP_PY, "src/logging.py": ""})
+    assert "logging.py has the name of the Python module 'logging'" in err.message

@@ -147,7 +147,7 @@ def _load_app(path: Path, check_code: bool, default_name: str | None,
         app_name, regions, drafts = rich.name, rich.regions, _rich_drafts(rich, src)
         rollouts = _rollouts(rich.rollout, {name: fn.rollout
                                             for name, fn in rich.functions.items()})
-    return _finish(src, file, app_dir, check_code, drafts, AppSpec(
+    return _finish(src, app_dir, check_code, drafts, AppSpec(
         name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
         source=str(file.resolve()), regions=regions, rollouts=rollouts))
 
@@ -164,7 +164,7 @@ def _load_sam(file: Path, app_dir: Path, check_code: bool, default_name: str | N
         rich = _validate(RichApp, sam.source)
         drafts = _rich_drafts(rich, sam.source)
         rollouts = _rollouts(rich.rollout, {n: fn.rollout for n, fn in rich.functions.items()})
-        app = _finish(sam.source, file, app_dir, check_code, drafts, AppSpec(
+        app = _finish(sam.source, app_dir, check_code, drafts, AppSpec(
             name=name, source=str(file.resolve()), rollouts=rollouts), sam)
     except ManifestError as exc:
         raise sam.error(exc) from None
@@ -180,8 +180,8 @@ def _load_sam(file: Path, app_dir: Path, check_code: bool, default_name: str | N
     return replace(app, functions=functions, notices=app.notices + tuple(sam.notices))
 
 
-def _finish(src: Source, file: Path, app_dir: Path, check_code: bool,
-            drafts: dict[str, _Draft], app: AppSpec, sam: SamApp | None = None) -> AppSpec:
+def _finish(src: Source, app_dir: Path, check_code: bool, drafts: dict[str, _Draft],
+            app: AppSpec, sam: SamApp | None = None) -> AppSpec:
     """``app`` with its functions, once the drafts pass the cross-checks."""
     provided = sam.provided if sam is not None else {}
     for draft in drafts.values():
@@ -198,8 +198,12 @@ def _finish(src: Source, file: Path, app_dir: Path, check_code: bool,
             _check_module_name(draft, src)
             _check_code(draft, app_dir, src, names_cache, check_code)
         _check_requirements(draft, app_dir, src)
-    _check_shadowing(app_dir, src, {m.split(".")[0] for d in drafts.values()
-                                     for m in d.settings.get("preload", ())})
+    preloaded = {m.split(".")[0] for d in drafts.values() for m in d.settings.get("preload", ())}
+    # the app folder, and each code folder (an import root of its own)
+    for root in dict.fromkeys([app_dir] + [app_dir / d.settings["code_dir"]
+                                           for d in drafts.values()
+                                           if d.settings.get("code_dir")]):
+        _check_shadowing(root, src, preloaded)
     functions = {d.name: _build(d) for d in drafts.values()}
     return replace(app, functions=functions, notices=_runtime_notices(
         d for d in drafts.values() if d.name not in provided))
