@@ -171,7 +171,9 @@ def test_schedules(tmp_path: Path) -> None:
                                                       State: DISABLED}}
         """)
     [a, b] = app.functions["F"].schedules
-    assert (a.expression, dict(a.input)) == ("rate(5 minutes)", {"k": 1})
+    assert (a.expression, dict(a.input), a.input_as_event) == ("rate(5 minutes)", {"k": 1},
+                                                                True)
+    assert not b.input_as_event, "no Input: the Scheduled Event, as on AWS"
     assert (b.expression, b.timezone) == ("cron(0 9 * * ? *)", "Europe/Paris")
     assert app.notices == (
         "F: schedule Off is disabled, so nimbus registers no schedule for it (template.yaml:15)",
@@ -487,3 +489,22 @@ def test_a_code_folder_module_may_not_shadow_the_standard_library(tmp_path: Path
     err = refused(tmp_path, FN + "      CodeUri: src\n",
                   files={"src/app.py": APP_PY, "src/logging.py": ""})
     assert "logging.py has the name of the Python module 'logging'" in err.message
+
+
+def test_new_fields_are_recorded_only_when_set() -> None:
+    """Records (and config hashes) of apps that do not use them are unchanged."""
+    from nimbus.manifest.model import Route, ScheduleSpec
+
+    plain = FunctionSpec("f", "m", "h", routes=(Route("GET", "/x"),),
+                         schedules=(ScheduleSpec("rate(1 hour)", input=(("a", 1),)),))
+    d = plain.to_dict()
+    for key in ("code_dir", "layers", "report_batch_failures"):
+        assert key not in d
+    assert d["routes"] == [{"method": "GET", "path": "/x"}]
+    assert "input_as_event" not in d["schedules"][0]
+    rich = FunctionSpec("f", "", "h.sh", runtime="provided.al2023", code_dir="rt",
+                        layers=("l1", "l2"), report_batch_failures=False,
+                        routes=(Route("GET", "/x", payload="1.0"),),
+                        schedules=(ScheduleSpec("rate(1 hour)", input_as_event=True),))
+    assert FunctionSpec.from_dict(rich.to_dict()) == rich
+    assert FunctionSpec.from_dict(plain.to_dict()) == plain

@@ -124,7 +124,7 @@ def test_schedule_runs_with_its_input(sam: Any) -> None:
         return [r for r in ctl.get("/v1/functions/Ticker/invocations").json()
                 if r["status"] == "succeeded"]
     rec = wait_for("a tick", ticks)[0]
-    assert rec["result"] == {"detail": {"from": "schedule"}, "source": "aws.events"}
+    assert rec["result"] == {"event": {"from": "schedule"}}, "Input is the whole event"
 
 
 def test_deploy_sends_parameter_overrides_to_the_control_api(sam: Any) -> None:

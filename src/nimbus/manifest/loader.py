@@ -374,7 +374,7 @@ def _merge_events(draft: _Draft, model: EventSettings, loc: Loc, src: Source) ->
                 sloc = loc + (key,) if single else loc + (key, j)
                 draft.schedules.append((ScheduleSpec(
                     sch.expression, sch.timezone, sch.missed,
-                    tuple(sorted(sch.input.items()))), sloc))
+                    tuple(sorted(sch.input.items())), sch.input_as_event), sloc))
             continue
         if key == "topic":
             draft.topics.extend((t, loc + (key,)) for t in value)

@@ -53,21 +53,26 @@ class Route:
 class ScheduleSpec:
     """One schedule trigger. ``missed``: what to do with ticks that passed
     while nothing was running: fire the latest ``once``, ``none`` or ``all``
-    (bounded). ``input``: the event's ``detail`` (JSON object)."""
+    (bounded). ``input``: the event's ``detail`` (JSON object), or with
+    ``input_as_event`` the whole event (as an EventBridge target's Input)."""
 
     expression: str
     timezone: str = "UTC"
     missed: str = "once"
     input: tuple[tuple[str, Any], ...] = ()
+    input_as_event: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        # input_as_event only when set: config hashes of older schedules stay
         return {"expression": self.expression, "timezone": self.timezone,
-                "missed": self.missed, "input": dict(self.input)}
+                "missed": self.missed, "input": dict(self.input)} | (
+                    {"input_as_event": True} if self.input_as_event else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScheduleSpec:
         return cls(d["expression"], d.get("timezone", "UTC"), d.get("missed", "once"),
-                   tuple(sorted(d.get("input", {}).items())))
+                   tuple(sorted(d.get("input", {}).items())),
+                   bool(d.get("input_as_event", False)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -608,12 +608,13 @@ class _Mapper:
             entry: dict[str, Any] = {"expression": p.get(key)}
             if etype == "ScheduleV2" and "ScheduleExpressionTimezone" in p:
                 entry["timezone"] = p["ScheduleExpressionTimezone"]
-            if "Input" in p:
+            if "Input" in p:  # EventBridge passes it as the whole event
                 try:
                     entry["input"] = json.loads(p["Input"]) if isinstance(p["Input"], str) \
                         else p["Input"]
                 except ValueError as exc:
                     raise self.error(ploc + ("Input",), f"Input is not JSON: {exc}") from None
+                entry["input_as_event"] = True
             schedules = fn.setdefault("schedule", [])
             self.locs[base + ("schedule", len(schedules))] = ploc + (key,)
             self.locs[base + ("schedule", len(schedules), "input")] = ploc + ("Input",)

@@ -377,6 +377,7 @@ class ScheduleModel(_Model):
     missed: Annotated[str, BeforeValidator(_missed)] = "once"
     input: Annotated[dict[str, Any], BeforeValidator(_json_mapping)] = Field(
         default_factory=dict, description="a mapping, passed as the event's detail")
+    input_as_event: bool = False  # true: input is the whole event (EventBridge's Input)
 
     @model_validator(mode="after")
     def _expression_in_zone(self) -> ScheduleModel:

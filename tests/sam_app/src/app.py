@@ -41,4 +41,4 @@ def fail(event, context):
 
 
 def tick(event, context):
-    return {"detail": event["detail"], "source": event["source"]}
+    return {"event": event}
