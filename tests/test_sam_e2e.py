@@ -1,4 +1,4 @@
-"""A SAM template app (tests/sam_app) on a real ``nimbus up``: it deploys,
+"""A SAM template app (tests/apps/sam) on a real ``nimbus up``: it deploys,
 serves its REST and HTTP API routes, and its queue, topic and schedule run
 its functions; the DynamoDB table it declares is listed as not provided."""
 
@@ -16,7 +16,7 @@ from tests.events_client import control, record, wait_for
 
 pytestmark = pytest.mark.e2e
 
-APP = Path(__file__).resolve().parent / "sam_app"
+APP = Path(__file__).resolve().parent / "apps" / "sam"
 
 
 @pytest.fixture(scope="module")
