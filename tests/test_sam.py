@@ -508,3 +508,52 @@ def test_new_fields_are_recorded_only_when_set() -> None:
                         schedules=(ScheduleSpec("rate(1 hour)", input_as_event=True),))
     assert FunctionSpec.from_dict(rich.to_dict()) == rich
     assert FunctionSpec.from_dict(plain.to_dict()) == plain
+
+
+def test_the_nimbus_metadata_block_holds_what_lambda_has_no_place_for(tmp_path: Path) -> None:
+    app = load(tmp_path, """\
+        Metadata:
+          nimbus:
+            app: shop
+            regions: {names: [eu, us], policy: failover}
+        Resources:
+          Q: {Type: AWS::SQS::Queue, Properties: {QueueName: jobs}}
+          F:
+            Type: AWS::Serverless::Function
+            Properties:
+              Handler: app.handler
+              Runtime: python3.11
+              Events:
+                A: {Type: HttpApi, Properties: {Path: /a, Method: GET}}
+                Q: {Type: SQS, Properties: {Queue: !GetAtt Q.Arn}}
+                S: {Type: Schedule, Properties: {Schedule: rate(1 minute)}}
+            Metadata:
+              nimbus:
+                concurrency: 4
+                max_instances: 8
+                cpu: 0.5
+                runtime: python3
+                trigger_alias: beta
+                route_aliases: {"GET /a": beta}
+                max_batching_window_s: 0.5
+                env: {AWS_REGION: here}
+                schedules: [{expression: rate(30 seconds), missed: none, input: {k: 1}}]
+                rollout: {strategy: "canary:25%:3m", bake_s: 120}
+        """)
+    assert (app.name, app.regions.names if app.regions else None) == ("shop", ("eu", "us"))
+    f = app.functions["F"]
+    assert (f.concurrency, f.max_instances, f.cpu, f.runtime) == (4, 8, 0.5, "python3")
+    assert f.trigger_alias == "beta" and f.routes[0].alias == "beta"
+    assert (f.queue, f.max_batching_window_s) == ("jobs", 0.5)
+    assert dict(f.env) == {"AWS_REGION": "here"}
+    [s] = f.schedules
+    assert (s.expression, s.missed, dict(s.input), s.input_as_event) == (
+        "rate(30 seconds)", "none", {"k": 1}, False)
+    assert (app.rollouts["F"].strategy, app.rollouts["F"].bake_s) == ("canary:25%:3m", 120.0)
+    err = refused(tmp_path / "b", FN + "    Metadata:\n      nimbus: {colour: red}\n")
+    assert (err.line, err.field) == (9, "Resources.F.Metadata.nimbus.colour"), err
+    err = refused(tmp_path / "c", FN + "    Metadata:\n      nimbus: {concurrency: 0}\n")
+    assert (err.line, err.field) == (9, "Resources.F.Metadata.nimbus.concurrency"), err
+    err = refused(tmp_path / "d", FN + "    Metadata:\n      nimbus:\n        route_aliases: "
+                  "{GET /x: beta}\n")
+    assert "'GET /x' is no route of F" in err.message and err.line == 10

@@ -165,7 +165,8 @@ def _load_sam(file: Path, app_dir: Path, check_code: bool, default_name: str | N
         drafts = _rich_drafts(rich, sam.source)
         rollouts = _rollouts(rich.rollout, {n: fn.rollout for n, fn in rich.functions.items()})
         app = _finish(sam.source, app_dir, check_code, drafts, AppSpec(
-            name=name, source=str(file.resolve()), rollouts=rollouts), sam)
+            name=rich.name or name, source=str(file.resolve()), regions=rich.regions,
+            rollouts=rollouts), sam)
     except ManifestError as exc:
         raise sam.error(exc) from None
     functions = {}

@@ -34,6 +34,8 @@ QUEUE = "AWS::SQS::Queue"
 TOPIC = "AWS::SNS::Topic"
 APIS = ("AWS::Serverless::Api", "AWS::Serverless::HttpApi")
 PROVIDED_RUNTIMES = ("provided", "provided.al2", "provided.al2023")
+# The template's Metadata.nimbus keys -> the app.yaml keys they hold.
+TOP_KEYS = {"app": "name", "regions": "regions"}
 
 # Function properties read with no effect on how nimbus runs the function.
 _NO_EFFECT = {"Tracing", "Tags", "Description", "Policies", "Role", "VpcConfig",
@@ -92,7 +94,26 @@ def read_sam(file: Path, app_dir: Path, *, app_name: str, region: str, account: 
                             "(nimbus reads SAM templates, not plain CloudFormation)",
                             file=file, line=tsrc.line(("Transform",), key=True),
                             field="Transform")
-    return _Mapper(tsrc, app_dir, app_name, region, account, parameters or {}).run()
+    meta = tsrc.data.get("Metadata")
+    nimbus = meta.get("nimbus") if isinstance(meta, dict) else None
+    if nimbus is not None and not isinstance(nimbus, dict):
+        raise ManifestError(f"expected a mapping (app, regions), got {show(nimbus)}",
+                            file=file, line=tsrc.line(("Metadata", "nimbus"), key=True),
+                            field="Metadata.nimbus")
+    nimbus = nimbus or {}
+    if isinstance(nimbus.get("app"), str):  # the app's name (nimbus export sam writes it)
+        app_name = nimbus["app"]
+    mapper = _Mapper(tsrc, app_dir, app_name, region, account, parameters or {})
+    for key in ("app", "regions"):
+        if key in nimbus:
+            mapper.put((TOP_KEYS[key],), ("Metadata", "nimbus", key), nimbus[key])
+    unknown = set(nimbus) - set(TOP_KEYS)
+    if unknown:
+        key = sorted(map(str, unknown))[0]
+        raise ManifestError(f"unknown key {key!r}; expected app or regions",
+                            file=file, line=tsrc.line(("Metadata", "nimbus", key), key=True),
+                            field=f"Metadata.nimbus.{key}")
+    return mapper.run()
 
 
 class _Mapper:
@@ -377,6 +398,56 @@ class _Mapper:
         self.payloads[name] = []
         for ev_name, ev in events.items():
             self._event(name, base, at("Events", ev_name), ev_name, ev)
+        meta = res.get("Metadata")
+        if isinstance(meta, dict) and meta.get("nimbus") is not None:
+            self._nimbus_metadata(name, base, ("Resources", logical, "Metadata", "nimbus"),
+                                  meta["nimbus"])
+
+    def _nimbus_metadata(self, name: str, base: Loc, loc: Loc, meta: Any) -> None:
+        """A function's ``Metadata: {nimbus: {...}}``: what Lambda has no place for
+        (``nimbus export sam`` writes it), keyed as in app.yaml, over what the
+        properties said; AWS ignores it."""
+        if not isinstance(meta, dict):
+            raise self.error(loc, f"expected a mapping of app.yaml keys, got {show(meta)}")
+        meta = self.r.resolve(meta, loc)
+        fn = self.rich["functions"][name]
+        for key, value in meta.items():
+            kloc = loc + (key,)
+            if key == "route_aliases":
+                if not isinstance(value, dict):
+                    raise self.error(kloc, 'expected {"METHOD /path": alias}')
+                for route_key, alias in value.items():
+                    found = [i for i, r in enumerate(fn.get("http", []))
+                             if f"{r['method']} {r['path']}" == route_key]
+                    if not found:
+                        raise self.error(kloc + (route_key,), f"{route_key!r} is no route of "
+                                         f"{name} (its events give them)")
+                    for i in found:
+                        fn["http"][i]["alias"] = alias
+                        self.locs[base + ("http", i, "alias")] = kloc + (route_key,)
+            elif key == "schedules":  # the schedules as nimbus runs them: all of them
+                if not isinstance(value, list):
+                    raise self.error(kloc, f"expected a list of schedules, got {show(value)}")
+                fn["schedule"] = value
+                self.locs[base + ("schedule",)] = kloc
+                for i in range(len(value)):
+                    self.locs[base + ("schedule", i)] = kloc + (i,)
+            elif key == "max_batching_window_s":
+                if "queue" not in fn:
+                    raise self.error(kloc, f"{key} needs an SQS event on {name}")
+                fn["queue"][key] = value
+                self.locs[base + ("queue", key)] = kloc
+            elif key == "rollout" and isinstance(value, dict):
+                block = dict(fn.get("rollout") or {})
+                for rkey, rvalue in value.items():
+                    rkey = "bake" if rkey == "bake_s" else rkey
+                    block[rkey] = rvalue
+                    self.locs[base + ("rollout", rkey)] = kloc + (rkey,)
+                self.put(base + ("rollout",), kloc, block)
+            elif key == "env" and isinstance(value, dict):
+                self.put(base + ("env",), kloc, {**(fn.get("env") or {}), **value})
+            else:  # an unknown key is the validation's to name, at this line
+                self.put(base + (key,), kloc, value)
 
     def _limits(self, props: dict[str, Any], at: Any, put: Any, logical: str) -> None:
         if "ReservedConcurrentExecutions" in props:
