@@ -18,7 +18,7 @@ import difflib
 import keyword
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from nimbus.manifest.modules import (
     top_level_names,
 )
 from nimbus.manifest.routes import Declared, conflict_message, find_conflict
+from nimbus.manifest.sam import TEMPLATE_NAMES, SamApp, read_sam
 from nimbus.manifest.schema import (
     EVENT_KEYS,
     RUNTIME_RE,
@@ -64,7 +65,9 @@ from nimbus.manifest.schema import (
 )
 from nimbus.manifest.source import Loc, Source, read_source
 
-MANIFEST_NAMES = ("app.yaml", "app.yml")
+APP_YAML_NAMES = ("app.yaml", "app.yml")
+# Every file that makes a folder an app: app.yaml, or a SAM template.
+MANIFEST_NAMES = APP_YAML_NAMES + TEMPLATE_NAMES
 _FORMS = ("handlers", "functions")
 
 
@@ -90,7 +93,8 @@ class _Draft:
 
 
 def load_app(
-    path: str | Path, *, check_code: bool = True, default_name: str | None = None
+    path: str | Path, *, check_code: bool = True, default_name: str | None = None,
+    parameters: dict[str, str] | None = None,
 ) -> AppSpec:
     """Load and validate the app at ``path`` (its folder, or its app.yaml).
 
@@ -101,9 +105,12 @@ def load_app(
     Handler module files and requirements files must always exist;
     ``check_code`` adds parsing each module (never importing it) to check
     that it defines the callable and has no syntax error.
+
+    A folder with a SAM ``template.yaml`` instead of an app.yaml is read
+    through :mod:`.sam`; ``parameters`` override its ``Parameters``.
     """
     try:
-        return _load_app(Path(path), check_code, default_name)
+        return _load_app(Path(path), check_code, default_name, parameters)
     except ManifestError as exc:
         raise _one_line(exc) from None
 
@@ -124,8 +131,14 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec:
+def _load_app(path: Path, check_code: bool, default_name: str | None,
+              parameters: dict[str, str] | None) -> AppSpec:
     file, app_dir = _locate(path)
+    if file.name in TEMPLATE_NAMES:
+        return _load_sam(file, app_dir, check_code, default_name, parameters or {})
+    if parameters:
+        raise ManifestError("parameter overrides apply to SAM templates (template.yaml); "
+                            f"this app is described by {file.name}", file=file, line=1)
     src = read_source(file)
     form = _form(src)
     if form == "handlers":
@@ -141,6 +154,40 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
         app_name, regions, drafts = rich.name, rich.regions, _rich_drafts(rich, src)
         rollouts = _rollouts(rich.rollout, {name: fn.rollout
                                             for name, fn in rich.functions.items()})
+    return _finish(src, app_dir, check_code, drafts, AppSpec(
+        name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
+        source=str(file.resolve()), regions=regions, rollouts=rollouts))
+
+
+def _load_sam(file: Path, app_dir: Path, check_code: bool, default_name: str | None,
+              parameters: dict[str, str]) -> AppSpec:
+    from nimbus.region import region
+    from nimbus.worker.target import ACCOUNT
+
+    name = sanitise_app_name(default_name or app_dir.resolve().name)
+    sam = read_sam(file, app_dir, app_name=name, region=region(), account=ACCOUNT,
+                   parameters=parameters)
+    try:
+        rich = _validate(RichApp, sam.source)
+        drafts = _rich_drafts(rich, sam.source)
+        rollouts = _rollouts(rich.rollout, {n: fn.rollout for n, fn in rich.functions.items()})
+        app = _finish(sam.source, app_dir, check_code, drafts, AppSpec(
+            name=rich.name or name, source=str(file.resolve()), regions=rich.regions,
+            rollouts=rollouts), sam)
+    except ManifestError as exc:
+        raise sam.error(exc) from None
+    functions = {}
+    for fname, fn in app.functions.items():
+        payloads = sam.payloads.get(fname, [])
+        fn = replace(fn, routes=tuple(replace(r, payload=p)
+                                      for r, p in zip(fn.routes, payloads, strict=True)))
+        functions[fname] = fn
+    return replace(app, functions=functions, notices=app.notices + tuple(sam.notices))
+
+
+def _finish(src: Source, app_dir: Path, check_code: bool, drafts: dict[str, _Draft],
+            app: AppSpec, sam: SamApp | None = None) -> AppSpec:
+    """``app`` with its functions, once the drafts pass the cross-checks."""
     for draft in drafts.values():
         draft.settings.update(_scaling_settings(draft, src))
         draft.settings.update(_event_settings(draft))
@@ -148,23 +195,35 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
     _check_events(drafts, src)
     names_cache: dict[Path, ModuleNames] = {}
     for draft in drafts.values():
+        _check_folders(draft, app_dir, src)
         if is_provided(draft.runtime):
             _check_bootstrap(draft, app_dir, src)
             continue
         _check_module_name(draft, src)
         _check_code(draft, app_dir, src, names_cache, check_code)
         _check_requirements(draft, app_dir, src)
-    _check_shadowing(app_dir, src, {m.split(".")[0] for d in drafts.values()
-                                     for m in d.settings.get("preload", ())})
+    preloaded = {m.split(".")[0] for d in drafts.values() for m in d.settings.get("preload", ())}
+    # the app folder, and each code folder (an import root of its own)
+    for root in dict.fromkeys([app_dir] + [app_dir / d.settings["code_dir"]
+                                           for d in drafts.values()
+                                           if d.settings.get("code_dir")]):
+        _check_shadowing(root, src, preloaded)
     functions = {d.name: _build(d) for d in drafts.values()}
-    return AppSpec(
-        name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
-        source=str(file.resolve()),
-        functions=functions,
-        notices=_runtime_notices(drafts.values()),
-        regions=regions,
-        rollouts=rollouts,
-    )
+    return replace(app, functions=functions, notices=_runtime_notices(
+        d for d in drafts.values() if not is_provided(d.runtime)))
+
+
+def _check_folders(draft: _Draft, app_dir: Path, src: Source) -> None:
+    """The code and layer folders exist in the app folder."""
+    code_dir = draft.settings.get("code_dir")
+    where = draft.handler_loc[:-1]
+    if code_dir is not None and not (app_dir / code_dir).is_dir():
+        raise _error(src, where + ("code_dir",), f"code folder {code_dir!r} not found in "
+                     f"{app_dir}")
+    for i, layer in enumerate(draft.settings.get("layers", ())):
+        if not (app_dir / layer).is_dir():
+            raise _error(src, where + ("layers", i), f"layer folder {layer!r} not found in "
+                         f"{app_dir}")
 
 
 def _rollouts(app_block: RolloutModel | None,
@@ -185,9 +244,11 @@ def _locate(path: Path) -> tuple[Path, Path]:
     if path.is_dir():
         found = [path / n for n in MANIFEST_NAMES if (path / n).is_file()]
         if not found:
-            raise ManifestError(f"no {' or '.join(MANIFEST_NAMES)} in this folder", file=path)
+            raise ManifestError(f"no {', '.join(APP_YAML_NAMES)} or SAM "
+                                f"{' or '.join(TEMPLATE_NAMES)} in this folder", file=path)
         if len(found) > 1:
-            raise ManifestError(f"both {' and '.join(MANIFEST_NAMES)} exist; keep one", file=path)
+            raise ManifestError(f"both {' and '.join(f.name for f in found)} exist; keep one",
+                                file=path)
         return found[0], path
     if path.is_file():
         return path, path.parent
@@ -308,7 +369,7 @@ def _merge_events(draft: _Draft, model: EventSettings, loc: Loc, src: Source) ->
                 sloc = loc + (key,) if single else loc + (key, j)
                 draft.schedules.append((ScheduleSpec(
                     sch.expression, sch.timezone, sch.missed,
-                    tuple(sorted(sch.input.items()))), sloc))
+                    tuple(sorted(sch.input.items())), sch.input_as_event), sloc))
             continue
         if key == "topic":
             draft.topics.extend((t, loc + (key,)) for t in value)
@@ -348,7 +409,8 @@ def _event_settings(draft: _Draft) -> dict[str, Any]:
         out["trigger_alias"] = given["trigger_alias"]
     if queue is not None:
         out.update(queue=queue.name, batch_size=queue.batch_size,
-                   max_batching_window_s=float(queue.max_batching_window_s))
+                   max_batching_window_s=float(queue.max_batching_window_s),
+                   report_batch_failures=queue.report_batch_failures)
     return out
 
 
@@ -382,6 +444,11 @@ def _check_events(drafts: dict[str, _Draft], src: Source) -> None:
                 known = ", ".join(sorted(consumers)) or "none"
                 raise _error(src, wloc + ("queue",), f"destination queue {target.queue!r} is "
                              f"not consumed by any function of this app (queues: {known})")
+            topics = {t for d2 in drafts.values() for t, _loc in d2.topics}
+            if target.topic is not None and target.topic not in topics:
+                known = ", ".join(sorted(topics)) or "none"
+                raise _error(src, wloc + ("topic",), f"destination topic {target.topic!r} has "
+                             f"no subscriber among this app's functions (topics: {known})")
 
 
 def _merge_scaling(draft: _Draft, model: SeedHandler | FunctionModel, loc: Loc,
@@ -420,6 +487,7 @@ def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
             "concurrency": fn.concurrency, "max_processes": fn.max_processes, "cpu": fn.cpu,
             "ephemeral_storage_mb": fn.ephemeral_storage_mb,
             "env": tuple(sorted(fn.env.items())), "requirements": fn.requirements,
+            "code_dir": fn.code_dir, "layers": tuple(fn.layers),
         }
         draft = drafts[name] = _Draft(name, module, func, fn.runtime or rich.runtime,
                                       loc + ("handler",), routes, settings,
@@ -538,10 +606,12 @@ def _check_shadowing(app_dir: Path, src: Source, preloaded: set[str]) -> None:
 
 def _check_code(draft: _Draft, app_dir: Path, src: Source,
                 cache: dict[Path, ModuleNames], check_code: bool) -> None:
-    module_file = find_module(app_dir, draft.module)
+    code_dir = draft.settings.get("code_dir")
+    root = app_dir / code_dir if code_dir else app_dir
+    module_file = find_module(root, draft.module)
     if module_file is None:
         looked = " and ".join(str(p.relative_to(app_dir)) for p in
-                              module_candidates(app_dir, draft.module))
+                              module_candidates(root, draft.module))
         raise _error(src, draft.handler_loc, f"handler module {draft.module!r} not found: "
                      f"looked for {looked} in {app_dir}")
     if not check_code:

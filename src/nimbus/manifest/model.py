@@ -39,8 +39,8 @@ class Route:
     method: str
     path: str
     alias: str = "live"  # the alias of the function this route serves
-    # The event and response format: "2.0" API Gateway HTTP API, "1.0" REST
-    # API (Lambda proxy integration).
+    # The event and response shape: "2.0" (HTTP API) or "1.0" (API Gateway
+    # REST, Lambda proxy integration).
     payload: str = "2.0"
 
     @property
@@ -53,21 +53,26 @@ class Route:
 class ScheduleSpec:
     """One schedule trigger. ``missed``: what to do with ticks that passed
     while nothing was running: fire the latest ``once``, ``none`` or ``all``
-    (bounded). ``input``: the event's ``detail`` (JSON object)."""
+    (bounded). ``input``: the event's ``detail`` (JSON object), or with
+    ``input_as_event`` the whole event (as an EventBridge target's Input)."""
 
     expression: str
     timezone: str = "UTC"
     missed: str = "once"
     input: tuple[tuple[str, Any], ...] = ()
+    input_as_event: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        # input_as_event only when set: config hashes of older schedules stay
         return {"expression": self.expression, "timezone": self.timezone,
-                "missed": self.missed, "input": dict(self.input)}
+                "missed": self.missed, "input": dict(self.input)} | (
+                    {"input_as_event": True} if self.input_as_event else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScheduleSpec:
         return cls(d["expression"], d.get("timezone", "UTC"), d.get("missed", "once"),
-                   tuple(sorted(d.get("input", {}).items())))
+                   tuple(sorted(d.get("input", {}).items())),
+                   bool(d.get("input_as_event", False)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +108,7 @@ class FunctionSpec:
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S  # the first; doubling each time
     max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S
     dead_letter: bool = True  # keep events that ran out of tries for redrive
-    on_success: str | None = None  # "function:NAME" or "queue:NAME"
+    on_success: str | None = None  # "function:NAME", "queue:NAME" or "topic:NAME"
     on_failure: str | None = None
     schedules: tuple[ScheduleSpec, ...] = ()
     queue: str | None = None  # the queue whose messages this function consumes
@@ -120,6 +125,14 @@ class FunctionSpec:
     # LoggingConfig; None: Text, and the level Python's logging starts with.
     log_format: str | None = None
     log_level: str | None = None
+    # The handler module's import root relative to the app folder (SAM's
+    # CodeUri; None: the app folder), and layer folders whose ``python``
+    # folders follow it on sys.path, as Lambda's /var/task and /opt.
+    code_dir: str | None = None
+    layers: tuple[str, ...] = ()
+    # False: a queue handler's batchItemFailures are ignored (the whole
+    # batch succeeded if it returned), as Lambda without ReportBatchItemFailures.
+    report_batch_failures: bool = True
 
     def __post_init__(self) -> None:
         if self.target_concurrency is None:
@@ -149,6 +162,10 @@ class FunctionSpec:
         d["topics"] = list(self.topics)
         if self.trigger_alias is None:  # as before it existed: config hashes unchanged
             del d["trigger_alias"]
+        d["layers"] = list(self.layers)
+        for key, default in _LATER_DEFAULTS:  # likewise
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -165,6 +182,7 @@ class FunctionSpec:
         d["preload"] = tuple(d.get("preload", ()))
         d["schedules"] = tuple(ScheduleSpec.from_dict(s) for s in d.get("schedules", ()))
         d["topics"] = tuple(d.get("topics", ()))
+        d["layers"] = tuple(d.get("layers", ()))
         return cls(**d)
 
 
@@ -182,6 +200,11 @@ def handler_text(spec: dict[str, Any]) -> str:
     custom runtime's string (its module is empty)."""
     module, func = spec.get("module", "?"), spec.get("callable", "?")
     return f"{module}.{func}" if module else str(func)
+
+
+# Fields added after records existed, left out of to_dict while at their default.
+_LATER_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("code_dir", None), ("layers", []), ("report_batch_failures", True))
 
 
 ROUTING_POLICIES = ("failover", "weighted", "latency")

@@ -265,6 +265,15 @@ def _requirements(v: Any) -> Any:
     return p.as_posix()
 
 
+def _folder(v: Any) -> Any:
+    if not isinstance(v, str) or not v.strip():
+        raise fail(f"expected a folder inside the app folder, got {show(v)}")
+    p = PurePosixPath(v)
+    if p.is_absolute() or ".." in p.parts:
+        raise fail(f"folder {v!r} must be inside the app folder")
+    return p.as_posix()
+
+
 def _routes(v: Any) -> Any:
     # `http: {method: GET, path: /x}` is one route; `http:` with nothing is none.
     if v is None:
@@ -399,6 +408,7 @@ class ScheduleModel(_Model):
     missed: Annotated[str, BeforeValidator(_missed)] = "once"
     input: Annotated[dict[str, Any], BeforeValidator(_json_mapping)] = Field(
         default_factory=dict, description="a mapping, passed as the event's detail")
+    input_as_event: bool = False  # true: input is the whole event (EventBridge's Input)
 
     @model_validator(mode="after")
     def _expression_in_zone(self) -> ScheduleModel:
@@ -421,21 +431,25 @@ class QueueTrigger(_Model):
                             description="an integer from 1 to 1000")
     max_batching_window_s: float = Field(0.0, ge=0, le=300,
                                          description="a number of seconds from 0 to 300")
+    report_batch_failures: bool = True
 
 
 class Destination(_Model):
     function: Annotated[str, BeforeValidator(_function_name)] | None = None
     queue: QueueName | None = None
+    topic: QueueName | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Destination:
-        if (self.function is None) == (self.queue is None):
-            raise fail("expected exactly one of 'function: NAME' or 'queue: NAME'")
+        if [self.function, self.queue, self.topic].count(None) != 2:
+            raise fail("expected exactly one of 'function: NAME', 'queue: NAME' or "
+                       "'topic: NAME'")
         return self
 
     @property
     def ref(self) -> str:
-        return f"function:{self.function}" if self.function else f"queue:{self.queue}"
+        return (f"function:{self.function}" if self.function else
+                f"queue:{self.queue}" if self.queue else f"topic:{self.topic}")
 
 
 class Destinations(_Model):
@@ -532,6 +546,9 @@ class FunctionModel(EventSettings):
     env: dict[EnvKey, EnvValue] = Field(
         default_factory=dict, description="a mapping of variable names to values")
     requirements: Annotated[str, BeforeValidator(_requirements)] | None = None
+    code_dir: Annotated[str, BeforeValidator(_folder)] | None = None
+    layers: list[Annotated[str, BeforeValidator(_folder)]] = Field(
+        default_factory=list, description="a list of folders inside the app folder")
     rollout: RolloutModel | None = None
 
 
