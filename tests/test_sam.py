@@ -306,13 +306,17 @@ def test_a_template_without_the_sam_transform_is_refused(tmp_path: Path) -> None
 
 
 def test_a_custom_runtime_function(tmp_path: Path) -> None:
-    app = load(tmp_path, FN + "      CodeUri: rt\n      Runtime: provided.al2023\n",
-               files={"rt/bootstrap": "#!/bin/sh\n"})
+    resources = FN + "      CodeUri: rt\n      Runtime: provided.al2023\n"
+    err = refused(tmp_path / "x", resources, files={"rt/bootstrap": "#!/bin/sh\n"})
+    assert "rt/bootstrap is not executable" in err.message, err.message
+    (tmp_path / "x" / "app" / "rt" / "bootstrap").chmod(0o755)
+    app = load_app(tmp_path / "x" / "app")
     f = app.functions["F"]
     assert (f.runtime, f.module, f.callable, f.code_dir) == ("provided.al2023", "",
                                                              "app.handler", "rt")
     err = refused(tmp_path / "b", FN + "      Runtime: provided\n")
-    assert "'bootstrap'" in err.message and err.field == "Resources.F.Properties.Handler"
+    assert "needs an executable file bootstrap" in err.message, err.message
+    assert err.field == "Resources.F.Properties.Handler"
 
 
 def test_a_folder_with_both_manifests_is_refused(tmp_path: Path) -> None:

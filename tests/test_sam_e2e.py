@@ -63,9 +63,11 @@ def test_rest_api_route_serves(sam: Any) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["helper"], body["layer"], body["stage"]) == ("helper", "shared-layer", "prod")
-    # TODO(payload 1.0): once the gateway serves payload "1.0" routes with API
-    # Gateway REST events, assert body["payload"] == "1.0" and the REST keys
-    # (resource, httpMethod, multiValueHeaders, requestContext.resourcePath).
+    assert body["payload"] == "1.0", "an Api event's route gets REST (payload 1.0) events"
+    assert {"resource", "httpMethod", "multiValueHeaders",
+            "multiValueQueryStringParameters", "requestContext"} <= set(body["keys"])
+    assert body["resource_path"] == "/rest/{proxy+}"
+    assert body["path_parameters"] == {"proxy": "a/b"}
 
 
 def test_queue_delivers_and_unreported_batch_failures_are_ignored(sam: Any) -> None:

@@ -10,6 +10,8 @@ def web(event, context):
         # payload 1.0 (REST) events carry httpMethod; 2.0 ones a version
         "payload": "1.0" if "httpMethod" in event else event.get("version"),
         "keys": sorted(event),
+        "resource_path": (event.get("requestContext") or {}).get("resourcePath"),
+        "path_parameters": event.get("pathParameters"),
         "stage": os.environ["STAGE"],
         "table": os.environ["TABLE"],
         "greeting": os.environ["GREETING"],
