@@ -39,6 +39,9 @@ class Route:
     method: str
     path: str
     alias: str = "live"  # the alias of the function this route serves
+    # The event and response format: "2.0" (HTTP API) or "1.0" (REST API,
+    # Lambda proxy integration).
+    payload: str = "2.0"
 
     @property
     def key(self) -> str:
@@ -117,6 +120,12 @@ class FunctionSpec:
     # LoggingConfig; None: Text, and the level Python's logging starts with.
     log_format: str | None = None
     log_level: str | None = None
+    # The handler's code folder relative to the app folder (the import root
+    # of ``module``, Lambda's /var/task); None: the app folder.
+    code_dir: str | None = None
+    layers: tuple[str, ...] = ()  # layer folders relative to the app folder
+    # False: a queue handler's returned batchItemFailures is ignored.
+    report_batch_failures: bool = True
 
     def __post_init__(self) -> None:
         if self.target_concurrency is None:
@@ -137,6 +146,7 @@ class FunctionSpec:
         # (and so whether a deploy makes a new version) does not change.
         d["routes"] = [{"method": r.method, "path": r.path}
                        | ({"alias": r.alias} if r.alias != "live" else {})
+                       | ({"payload": r.payload} if r.payload != "2.0" else {})
                        for r in self.routes]
         d["env"] = dict(self.env)
         d["preload"] = list(self.preload)
@@ -144,6 +154,12 @@ class FunctionSpec:
         d["topics"] = list(self.topics)
         if self.trigger_alias is None:  # as before it existed: config hashes unchanged
             del d["trigger_alias"]
+        # Fields added later are left out while they hold their defaults, for the same reason.
+        d["layers"] = list(self.layers)
+        for key, default in (("code_dir", None), ("layers", []),
+                             ("report_batch_failures", True)):
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -153,12 +169,14 @@ class FunctionSpec:
         # records take their defaults.
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        d["routes"] = tuple(Route(r["method"], r["path"], r.get("alias", "live"))
+        d["routes"] = tuple(Route(r["method"], r["path"], r.get("alias", "live"),
+                                  r.get("payload", "2.0"))
                             for r in d.get("routes", ()))
         d["env"] = tuple(sorted(d.get("env", {}).items()))
         d["preload"] = tuple(d.get("preload", ()))
         d["schedules"] = tuple(ScheduleSpec.from_dict(s) for s in d.get("schedules", ()))
         d["topics"] = tuple(d.get("topics", ()))
+        d["layers"] = tuple(d.get("layers", ()))
         return cls(**d)
 
 
