@@ -497,8 +497,8 @@ def main() -> None:
     import nimbus.cli.aliases  # noqa: F401 - registers nimbus alias, nimbus versions
     import nimbus.cli.dns  # noqa: F401 - registers nimbus dns
     import nimbus.cli.edge  # noqa: F401 - registers nimbus edge
-    import nimbus.cli.metrics  # noqa: F401 - registers nimbus metrics
     import nimbus.cli.export  # noqa: F401 - registers nimbus export
+    import nimbus.cli.metrics  # noqa: F401 - registers nimbus metrics
     import nimbus.cli.roles  # noqa: F401 - registers the region's process commands
     import nimbus.cli.rollout  # noqa: F401 - registers nimbus rollout and nimbus rollback
     import nimbus.demo  # noqa: F401 - registers nimbus demo

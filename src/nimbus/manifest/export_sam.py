@@ -90,11 +90,27 @@ class Sub(str):
     """``!Sub 'text with ${Refs}'``."""
 
 
+_TAGS = ("!Ref", "!GetAtt", "!Sub")
+
+
 class _Dumper(yaml.SafeDumper):
     """Block style, keys in the order given, short intrinsic tags."""
 
     def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
         return super().increase_indent(flow, False)  # lists indented under their key
+
+    def choose_scalar_style(self) -> Any:
+        # A tagged scalar is never implicit, so PyYAML would quote it:
+        # ``!Ref 'Queue'``. Plain where plain is safe: ``!Ref Queue``.
+        event = self.event
+        if (isinstance(event, yaml.ScalarEvent) and event.tag in _TAGS and not event.style
+                and self.analysis is None):
+            self.analysis = self.analyze_scalar(event.value)
+        if (isinstance(event, yaml.ScalarEvent) and event.tag in _TAGS and not event.style
+                and self.analysis is not None and self.analysis.allow_block_plain
+                and not self.analysis.empty and not self.analysis.multiline):
+            return ""
+        return super().choose_scalar_style()
 
 
 def _tagged(tag: str) -> Any:
@@ -293,12 +309,10 @@ class _FnContext:
     def _code(self) -> dict[str, Any]:
         fn = self.fn
         runtime = _runtime(fn.runtime)
-        if runtime != fn.runtime:
-            self.meta["runtime"] = fn.runtime
-            if fn.runtime != "python3":
-                self.warn(f"runtime {fn.runtime} is no longer offered by Lambda and nimbus "
-                          f"serves it with Python 3.11: exported as {runtime}; kept in "
-                          "Metadata.nimbus.runtime")
+        if runtime != fn.runtime and fn.runtime != "python3":  # python3 is 3.11 in nimbus too
+            self.keep("runtime", fn.runtime,
+                      f"runtime {fn.runtime} is no longer offered by Lambda and nimbus serves "
+                      f"it with Python 3.11: exported as {runtime}")
         elif runtime in DEPRECATED_PYTHON:
             self.warn(f"runtime {runtime} is deprecated on Lambda (nimbus serves it with "
                       "Python 3.11); consider python3.11 or later")
