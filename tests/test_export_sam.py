@@ -241,6 +241,21 @@ def test_what_lambda_cannot_hold_is_warned_and_kept_in_metadata() -> None:
     assert any("canary:20%:5m is none of CodeDeploy's predefined" in w for w in warnings)
 
 
+def test_reserved_env_and_log_levels() -> None:
+    res, warnings = _one(_fn(env=(("AWS_REGION", "x"), ("KEEP", "1")), log_format="JSON",
+                             log_level="WARNING"))
+    props = res["Properties"]
+    assert props["Environment"] == {"Variables": {"KEEP": "1"}}
+    assert props["LoggingConfig"] == {"LogFormat": "JSON", "ApplicationLogLevel": "WARN"}
+    assert res["Metadata"]["nimbus"] == {"env": {"AWS_REGION": "x"}}
+    assert warnings == ["function f: env AWS_REGION: Lambda sets this itself and refuses it "
+                        "in Environment.Variables; kept in Metadata.nimbus.env"]
+    res, warnings = _one(_fn(log_level="ERROR"))
+    assert "LoggingConfig" not in res["Properties"]
+    assert res["Metadata"]["nimbus"] == {"log_level": "ERROR"}
+    assert len(warnings) == 1 and "LogFormat JSON" in warnings[0]
+
+
 def test_logical_ids_are_unique_and_names_survive() -> None:
     fns = {n: _fn(name=n) for n in ("send-mail", "send_mail", "SendMail2x", "ok1")}
     res = template_for(AppSpec("a", "app.yaml", fns)).template["Resources"]

@@ -63,6 +63,18 @@ SKIP_NAMES = {".nimbus", ".venv", "venv", "__pycache__", ".git", ".aws-sam", ".p
               ".mypy_cache", ".ruff_cache", "node_modules"}
 MANIFEST_FILES = {"app.yaml", "app.yml", "template.yaml", "template.yml"}
 
+# Environment variables Lambda sets itself and refuses in a function's configuration.
+LAMBDA_RESERVED_ENV = frozenset({
+    "_HANDLER", "_X_AMZN_TRACE_ID", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EXECUTION_ENV",
+    "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_FUNCTION_VERSION", "AWS_LAMBDA_INITIALIZATION_TYPE",
+    "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_LAMBDA_RUNTIME_API", "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR"})
+# Python's level names as Lambda's ApplicationLogLevel spells them.
+LAMBDA_LOG_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARN", "ERROR": "ERROR",
+                     "CRITICAL": "FATAL"}
+
 # CodeDeploy's predefined Lambda deployment configurations: (kind, share %, minutes).
 CODEDEPLOY_TYPES: dict[tuple[str, int, float], str] = {
     ("canary", 10, 5): "Canary10Percent5Minutes",
@@ -277,8 +289,14 @@ class _FnContext:
             props["FunctionName"] = fn.name
         props.update(self._code())
         props.update(self._limits())
-        if fn.env:
-            props["Environment"] = {"Variables": dict(fn.env)}
+        env = {k: v for k, v in fn.env if k not in LAMBDA_RESERVED_ENV}
+        if env:
+            props["Environment"] = {"Variables": env}
+        reserved = {k: v for k, v in fn.env if k in LAMBDA_RESERVED_ENV}
+        if reserved:
+            self.keep("env", reserved, f"env {', '.join(sorted(reserved))}: Lambda sets "
+                      f"{'these' if len(reserved) > 1 else 'this'} itself and refuses it in "
+                      "Environment.Variables")
         if fn.layers:
             props["Layers"] = [Ref(self.layer_ids[lay]) for lay in fn.layers]
         logging = self._logging()
@@ -383,7 +401,7 @@ class _FnContext:
             out["LogFormat"] = fn.log_format
         if fn.log_level is not None:
             if fn.log_format == "JSON":
-                out["ApplicationLogLevel"] = fn.log_level
+                out["ApplicationLogLevel"] = LAMBDA_LOG_LEVELS.get(fn.log_level, fn.log_level)
             else:
                 self.keep("log_level", fn.log_level,
                           "log_level needs LogFormat JSON on Lambda (this function logs Text)")
