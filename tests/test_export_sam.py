@@ -343,3 +343,20 @@ def test_export_refuses_a_folder_with_something_in_it(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert run.stderr.startswith("nimbus: error: ") and "app.yaml:1" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_an_output_folder_inside_the_app_is_not_copied_into_itself(tmp_path: Path) -> None:
+    seed_dir = write_seed(tmp_path)
+    (seed_dir / ".nimbus").mkdir()
+    (seed_dir / ".nimbus" / "token").write_text("secret")
+    (seed_dir / "state2").mkdir()
+    (seed_dir / "state2" / "control.json").write_text("{}")
+    (seed_dir / "lib").mkdir()
+    (seed_dir / "lib" / "util.py").write_text("X = 1\n")
+    out = seed_dir / "aws"
+    written = export_sam(load_app(seed_dir), seed_dir, out)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["hello.py", "lib/util.py", "template.yaml"]
+    assert written.files == 2
+    export_sam(load_app(seed_dir), seed_dir, out, force=True)  # again, over its own output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == files
