@@ -64,7 +64,7 @@ def rich_app(root: Path) -> tuple[AppSpec, Path]:
             ScheduleSpec("cron(0 9 ? * MON-FRI *)", timezone="Europe/Paris"))),
         FunctionSpec("orders", "orders", "handler", queue="orders", batch_size=5,
                      max_batching_window_s=2, timeout_s=20, retries=1, max_event_age_s=3600,
-                     on_success="queue:audit", on_failure="function:alerts"),
+                     on_success="queue:plain", on_failure="function:alerts"),
         FunctionSpec("alerts", "alerts", "handler", topics=("signups",)),
         FunctionSpec("welcome", "mail", "handler", topics=("signups",), queue="plain",
                      report_batch_failures=False),
@@ -180,12 +180,12 @@ def test_events_queues_topics_destinations(exports: dict[str, Any]) -> None:
     assert orders["EventInvokeConfig"] == {
         "MaximumRetryAttempts": 1, "MaximumEventAgeInSeconds": 3600,
         "DestinationConfig": {
-            "OnSuccess": {"Type": "SQS", "Destination": {"GetAtt": "AuditQueue.Arn"}},
+            "OnSuccess": {"Type": "SQS", "Destination": {"GetAtt": "PlainQueue.Arn"}},
             "OnFailure": {"Type": "Lambda", "Destination": {"GetAtt": "alerts.Arn"}}}}
-    # six times the consumer's 20 s timeout; SQS's 30 s default for a queue nobody consumes
+    # six times the consumer's timeout (20 s), and at least SQS's default of 30 s
     assert res["OrdersQueue"] == {"Type": "AWS::SQS::Queue", "Properties": {
         "QueueName": "orders", "VisibilityTimeout": 120}}
-    assert res["AuditQueue"]["Properties"] == {"QueueName": "audit", "VisibilityTimeout": 30}
+    assert res["PlainQueue"]["Properties"] == {"QueueName": "plain", "VisibilityTimeout": 30}
     assert res["SignupsTopic"] == {"Type": "AWS::SNS::Topic",
                                    "Properties": {"TopicName": "signups"}}
     welcome = res["welcome"]["Properties"]["Events"]
