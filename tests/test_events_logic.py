@@ -119,6 +119,16 @@ def test_batch_item_failures() -> None:
     assert failed == ids and "must be a list" in problem
 
 
+def test_batch_item_failures_not_read_without_reporting() -> None:
+    # A function that does not report batch item failures (SAM without
+    # FunctionResponseTypes: [ReportBatchItemFailures]): the key is ignored.
+    ids = {"a", "b"}
+    listed = {"batchItemFailures": [{"itemIdentifier": "b"}]}
+    assert batch_failures(listed, ids, report=False) == (set(), "")
+    assert batch_failures({"batchItemFailures": "b"}, ids, report=False) == (set(), "")
+    assert batch_failures(listed, ids, report=True) == ({"b"}, "")
+
+
 # -- which ticks fire ---------------------------------------------------------
 
 def ts(text: str) -> float:

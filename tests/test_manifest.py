@@ -84,7 +84,7 @@ def test_examples_hello_in_the_repo():
 
 
 def test_manifest_file_path_and_app_yml(tmp_path):
-    assert MANIFEST_NAMES == ("app.yaml", "app.yml")
+    assert MANIFEST_NAMES == ("app.yaml", "app.yml", "template.yaml", "template.yml")
     app = make_app(tmp_path, SEED, {"hello.py": HELLO_PY}, folder="yml", name="app.yml")
     assert load_app(app).functions["hello"].module == "hello"
     assert load_app(app / "app.yml").name == "yml"
@@ -242,7 +242,7 @@ def test_missing_path(tmp_path):
 def test_folder_without_manifest(tmp_path):
     err = load_error(tmp_path)
     assert err.file == str(tmp_path)
-    assert "no app.yaml or app.yml" in err.message
+    assert "no app.yaml, app.yml or SAM template.yaml or template.yml" in err.message
 
 
 def test_both_manifest_names(tmp_path):

@@ -226,7 +226,8 @@ class LocalRegion:
 
 def run_cluster_up(app_dir: Path | None, *, state_dir: Path, region: str, workers: int,
                    gateways: int, controllers: int, port: int, control_port: int,
-                   worker_args: list[str], role_args: list[str] | None = None) -> int:
+                   worker_args: list[str], role_args: list[str] | None = None,
+                   parameters: dict[str, str] | None = None) -> int:
     from nimbus.cli.client import Client, Connection
     from nimbus.cli.output import print_deploy_stream
     from nimbus.control.bundle import make_bundle
@@ -235,7 +236,7 @@ def run_cluster_up(app_dir: Path | None, *, state_dir: Path, region: str, worker
     os.umask(0o077)
     bundle = None
     if app_dir is not None and any((app_dir / n).exists() for n in MANIFEST_NAMES):
-        load_app(app_dir)  # manifest errors before anything starts
+        load_app(app_dir, parameters=parameters or None)  # manifest errors before anything starts
         bundle = make_bundle(app_dir)
     stop = False
 
@@ -267,7 +268,8 @@ def run_cluster_up(app_dir: Path | None, *, state_dir: Path, region: str, worker
             try:
                 print_deploy_stream(client.stream_lines(
                     "POST", "/v1/deploy", content=bundle,
-                    params={"name": app_dir.resolve().name},
+                    params={"name": app_dir.resolve().name}
+                    | ({"parameters": orjson.dumps(parameters).decode()} if parameters else {}),
                     headers={"content-type": "application/zip"}), gateway_url=gw.info["url"])
             except NimbusError as exc:
                 click.echo(f"nimbus: error: {exc}", err=True)

@@ -37,11 +37,13 @@ def _ask(text: str, default: Any = None, **kw: Any) -> Any:
     return click.prompt(text, default=default, **kw)
 
 
-def ask_app_name(app_dir: Path, saved: DeploySettings | None) -> str:
+def ask_app_name(app_dir: Path, saved: DeploySettings | None,
+                 parameters: dict[str, str] | None = None) -> str:
     probe = "nimbus-no-name-given"  # what the app is called when app.yaml names it not
-    declared = load_app(app_dir, default_name=probe).name
+    declared = load_app(app_dir, default_name=probe, parameters=parameters).name
     manifest_name = None if declared == probe else declared
-    default = manifest_name or (saved.name if saved else None) or load_app(app_dir).name
+    default = manifest_name or (saved.name if saved else None) or load_app(
+        app_dir, parameters=parameters).name
     while True:
         name = str(_ask("App name", default)).strip()
         if not _APP_NAME.match(name):
@@ -172,10 +174,14 @@ def ask_weights(regions: tuple[str, ...], saved: dict[str, int]) -> dict[str, in
         _say_bad("at least one weight must be above 0")
 
 
-def run_guided(app_dir: Path, timeout_s: float) -> int:
-    app = load_app(app_dir)  # a broken app stops before any question
+def run_guided(app_dir: Path, timeout_s: float,
+               parameters: dict[str, str] | None = None) -> int:
+    """``parameters``: a SAM template's parameter overrides (for this deploy;
+    not saved)."""
+    parameters = parameters or None
+    app = load_app(app_dir, parameters=parameters)  # a broken app stops before any question
     saved = read_settings(app_dir)
-    name = ask_app_name(app_dir, saved)
+    name = ask_app_name(app_dir, saved, parameters)
     cluster = ask_cluster(saved)
     manifest = app.regions
     default_regions: tuple[str, ...] = tuple(
@@ -196,7 +202,7 @@ def run_guided(app_dir: Path, timeout_s: float) -> int:
     except (ValueError, TypeError, KeyError) as exc:
         raise ManifestError(f"these answers are not valid routing: {exc}",
                             field="regions") from None
-    plan = plan_deploy(app_dir, cluster, name=name, override=override)
+    plan = plan_deploy(app_dir, cluster, name=name, override=override, parameters=parameters)
     click.echo("Plan:")
     for line in plan.describe():
         click.echo(f"  {line}")

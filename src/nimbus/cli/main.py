@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 import click
 import orjson
 
+from nimbus.cli.params import parameter_overrides_option, parse_overrides
 from nimbus.errors import ManifestError, NimbusError, UserInputError
 
 
@@ -111,12 +112,13 @@ def cli() -> None:
               type=click.Choice(["token", "open"]),
               help="GET /metrics on the control port: the control token as Bearer, or open "
                    "(no token; only with a loopback --control-host).")
+@parameter_overrides_option
 @region_option
 def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int,
        state_dir: Path | None, grace_s: float, node_instances: int, node_memory_mb: int,
        async_max_bytes: int, containment: str, uid_range: str, region: str,
        cluster_path: Path | None, trace_mode: str | None, otlp_endpoint: str | None,
-       **http_limits: Any) -> None:
+       parameter_overrides: tuple[str, ...], **http_limits: Any) -> None:
     """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
     from nimbus.cli.up import run_up
     from nimbus.observe.tracing import trace_config
@@ -139,7 +141,8 @@ def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int
            control_port=control_port, state_dir=state_dir, grace_s=grace_s,
            budget=NodeBudget(node_instances, node_memory_mb), async_max_bytes=async_max_bytes,
            containment=containment, uid_range=_uid_range(uid_range), http_limits=http_limits,
-           cluster_path=cluster_path, trace=trace)
+           cluster_path=cluster_path, trace=trace,
+           parameters=parse_overrides(parameter_overrides))
 
 
 def _uid_range(text: str) -> tuple[int, int]:
@@ -189,12 +192,13 @@ def _cluster_options(f: Any) -> Any:
 @click.option("--on-region-failure", type=click.Choice(["rollback-all", "stop"]),
               help="With --cluster: when a region rolls back, roll back every region "
                    "already on the new version (rollback-all, the default) or leave them.")
+@parameter_overrides_option
 @connection_options
 def deploy(app_dir: Path, cluster_path: Path | None, wait_all: bool, timeout_s: float,
            guided: bool, strategy: str | None, rollback_on: str | None,
            min_requests: int | None, waves: str | None, bake: str | None,
-           on_region_failure: str | None, state_dir: Path | None, url: str | None,
-           token: str | None) -> None:
+           on_region_failure: str | None, parameter_overrides: tuple[str, ...],
+           state_dir: Path | None, url: str | None, token: str | None) -> None:
     """Deploy APP_DIR to a running nimbus, or with --cluster to every region of
     the app (regions that cannot be reached converge when they return).
     With no --cluster, --url or --state-dir, APP_DIR/nimbus.toml (written by
@@ -203,13 +207,14 @@ def deploy(app_dir: Path, cluster_path: Path | None, wait_all: bool, timeout_s: 
     from nimbus.control.bundle import make_bundle
     from nimbus.manifest.loader import load_app
 
+    parameters = parse_overrides(parameter_overrides)
     if guided:
         if cluster_path or url or state_dir:
             fail("--guided asks for the regions itself; leave out --cluster, --url and "
                  "--state-dir", 2)
         from nimbus.cli.guided import run_guided
 
-        sys.exit(run_guided(app_dir, timeout_s))
+        sys.exit(run_guided(app_dir, timeout_s, parameters=parameters))
     from nimbus.cli.regions import RolloutFlags, cluster_deploy, plain_deploy_settings
 
     flags = RolloutFlags(strategy=strategy, rollback_on=rollback_on,
@@ -222,7 +227,7 @@ def deploy(app_dir: Path, cluster_path: Path | None, wait_all: bool, timeout_s: 
             click.echo(f"repeating {app_dir / 'nimbus.toml'}")
         sys.exit(cluster_deploy(app_dir, cluster_path or settings.cluster,  # type: ignore[union-attr]
                                 wait_all=wait_all, timeout_s=timeout_s, settings=settings,
-                                flags=flags))
+                                flags=flags, parameters=parameters))
     if wait_all:
         fail("--wait-all needs --cluster", 2)
     for given, flag in ((waves, "--waves"), (bake, "--bake"),
@@ -231,7 +236,9 @@ def deploy(app_dir: Path, cluster_path: Path | None, wait_all: bool, timeout_s: 
             fail(f"{flag} needs --cluster (it orders regions)", 2)
     params = {"name": app_dir.resolve().name, **_rollout_params(strategy, rollback_on,
                                                                  min_requests)}
-    load_app(app_dir)  # fail fast, locally, with file and line
+    load_app(app_dir, parameters=parameters or None)  # fail fast, locally, with file and line
+    if parameters:
+        params["parameters"] = orjson.dumps(parameters).decode()
     bundle = make_bundle(app_dir)
     client = _client(state_dir, url, token, app_dir, timeout_s=900.0)
     lines = client.stream_lines("POST", "/v1/deploy", content=bundle, params=params,

@@ -126,26 +126,29 @@ def open_cluster(path: Path) -> ClusterFile:
 
 
 def make_plan(app_dir: Path, cluster: ClusterFile,
-              settings: DeploySettings | None) -> DeployPlan:
+              settings: DeploySettings | None,
+              parameters: dict[str, str] | None = None) -> DeployPlan:
     if settings is None:
-        return plan_deploy(app_dir, cluster)
+        return plan_deploy(app_dir, cluster, parameters=parameters)
     try:
         override = RegionsSpec.from_dict(settings.routing())
     except (ValueError, TypeError, KeyError) as exc:
         raise ManifestError(f"these regions and policy are not valid routing: {exc}",
                             file=app_dir / "nimbus.toml", field="deploy") from None
-    return plan_deploy(app_dir, cluster, name=settings.name, override=override)
+    return plan_deploy(app_dir, cluster, name=settings.name, override=override,
+                       parameters=parameters)
 
 
 def cluster_deploy(app_dir: Path, cluster_path: Path, *, wait_all: bool, timeout_s: float,
                    settings: DeploySettings | None = None,
                    plan: DeployPlan | None = None,
-                   flags: RolloutFlags | None = None) -> int:
+                   flags: RolloutFlags | None = None,
+                   parameters: dict[str, str] | None = None) -> int:
     """Deploy to every region of the app; returns the exit status."""
     cluster = open_cluster(cluster_path)
     flags = flags or RolloutFlags()
     if plan is None:
-        plan = make_plan(app_dir, cluster, settings)
+        plan = make_plan(app_dir, cluster, settings, parameters)
         for line in plan.describe():
             click.echo(line)
     try:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from nimbus.cli.main import _uid_range, cli, region_option
+from nimbus.cli.params import parameter_overrides_option
 
 
 def region_options(f: Any) -> Any:
@@ -189,11 +190,13 @@ def cluster() -> None:
               type=click.Choice(["off", "region"]),
               help="region: every process publishes its spans to the region's trace stream "
                    "(`nimbus trace REQUEST_ID`).")
+@parameter_overrides_option
 def cluster_up(app_dir: Path | None, workers: int, gateways: int, controllers: int, port: int,
                control_port: int, state_dir: Path | None, region: str,
-               containment: str, trace_mode: str) -> None:
+               containment: str, trace_mode: str, parameter_overrides: tuple[str, ...]) -> None:
     """Start a region on this machine in the foreground and deploy APP_DIR."""
     from nimbus.cli.cluster import run_cluster_up
+    from nimbus.cli.params import parse_overrides
     from nimbus.errors import UserInputError
     from nimbus.roles.common import check_region
 
@@ -213,4 +216,5 @@ def cluster_up(app_dir: Path | None, workers: int, gateways: int, controllers: i
                             workers=workers, gateways=gateways, controllers=controllers,
                             port=port, control_port=control_port,
                             worker_args=["--containment", containment],
-                            role_args=["--trace", trace_mode]))
+                            role_args=["--trace", trace_mode],
+                            parameters=parse_overrides(parameter_overrides)))

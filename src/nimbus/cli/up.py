@@ -22,10 +22,12 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
            async_max_bytes: int, containment: str = "auto",
            uid_range: tuple[int, int] = (200_000, 265_535),
            http_limits: dict[str, Any] | None = None,
-           cluster_path: Path | None = None, trace: Any = None) -> None:
+           cluster_path: Path | None = None, trace: Any = None,
+           parameters: dict[str, str] | None = None) -> None:
     """``http_limits``: the HTTP ``ServerConfig`` fields (``max_connections``,
     ``control_max_connections``, ``header_timeout_s``, ``keep_alive_s``,
-    ``max_header_bytes``, ``max_bundle_bytes``) given on the command line."""
+    ``max_header_bytes``, ``max_bundle_bytes``) given on the command line;
+    ``parameters``: a SAM template's parameter overrides."""
     from nimbus.control.bundle import make_bundle
     from nimbus.manifest.loader import MANIFEST_NAMES, load_app
 
@@ -38,7 +40,8 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
         raise click.BadParameter(f"{app_dir} is not a folder", param_hint="APP_DIR")
     bundle = None
     if has_app:
-        load_app(app_dir)  # manifest errors: one line, exit 2, before anything starts
+        # manifest errors: one line, exit 2, before anything starts
+        load_app(app_dir, parameters=parameters or None)
         bundle = make_bundle(app_dir)
     cluster = None
     if cluster_path is not None:
@@ -61,11 +64,12 @@ def run_up(app_dir: Path, *, host: str, port: int, control_host: str, control_po
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
-    code = runner(_main(config, bundle, app_dir.resolve().name))
+    code = runner(_main(config, bundle, app_dir.resolve().name, parameters or None))
     sys.exit(code)
 
 
-async def _main(config: object, bundle: bytes | None, name: str) -> int:
+async def _main(config: object, bundle: bytes | None, name: str,
+                parameters: dict[str, str] | None = None) -> int:
     from nimbus.cli.output import print_deployed
     from nimbus.control.server import Platform, install_stop_signals
 
@@ -85,7 +89,8 @@ async def _main(config: object, bundle: bytes | None, name: str) -> int:
                    f"in {platform.state_dir / 'token'})", err=True)
         if bundle is not None:
             deploy = asyncio.create_task(platform.deploy(
-                bundle, lambda m: click.echo(f"nimbus: {m}", err=True), name))
+                bundle, lambda m: click.echo(f"nimbus: {m}", err=True), name,
+                parameters=parameters))
             stop = asyncio.create_task(platform.wait_stopped())
             await asyncio.wait({deploy, stop}, return_when=asyncio.FIRST_COMPLETED)
             if deploy.done():

@@ -143,6 +143,22 @@ def query_regions(request: Request) -> RegionsSpec | None:
         raise UserInputError(f"query parameter {exc}") from None
 
 
+def query_parameters(request: Request) -> dict[str, Any]:
+    """``parameters``: a SAM template's parameter overrides, a JSON object of
+    strings; as keyword arguments of a platform's deploy (none when absent)."""
+    raw = query_text(request, "parameters", 16384)
+    if raw is None:
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UserInputError(f"query parameter parameters is not JSON: {exc}") from None
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise UserInputError("query parameter parameters must be a JSON object of strings")
+    return {"parameters": value} if value else {}
+
+
 def query_rollout(request: Request) -> RolloutOptions:
     """``strategy``, ``rollback_on``, ``min_requests``: a deploy's rollout flags."""
     from nimbus.rollout.policy import MAX_MIN_REQUESTS
@@ -284,6 +300,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
         name = query_text(request, "name", 256)
         regions = query_regions(request)
         rollout = query_rollout(request)
+        parameters = query_parameters(request)
         bundle = await read_limited(request, max_bundle, "bundle")
         lines: asyncio.Queue[bytes | None] = asyncio.Queue()
 
@@ -293,7 +310,7 @@ def create_control_app(platform: Platform, log_source: LogSource | None = None,
         async def run() -> None:
             try:
                 result = await platform.deploy(bundle, progress, name, regions,
-                                               rollout=rollout)
+                                               rollout=rollout, **parameters)
                 lines.put_nowait(orjson.dumps({"result": result}) + b"\n")
             except NimbusError as exc:
                 lines.put_nowait(orjson.dumps(

@@ -187,18 +187,20 @@ class Deployer:
     async def deploy(self, bundle: bytes, progress: Progress,
                      name: str | None = None,
                      regions: RegionsSpec | None = None,
-                     rollout: RolloutOptions | None = None) -> dict[str, Any]:
+                     rollout: RolloutOptions | None = None,
+                     parameters: dict[str, str] | None = None) -> dict[str, Any]:
         """Deploy ``bundle``; ``name`` names the app when its manifest does not
         (the folder's name on the client: the bundle itself carries none);
         ``regions``, when given, replaces the manifest's ``regions:`` (the
         routing a guided deploy saved); ``rollout``: the deploy's strategy
-        flags (see :mod:`nimbus.rollout`)."""
+        flags (see :mod:`nimbus.rollout`); ``parameters``: a SAM template's
+        parameter overrides."""
         digest = await asyncio.to_thread(lambda: hashlib.sha256(bundle).hexdigest())
         async with self._gc_lock:  # a collection under way finishes first
             self._busy[digest] += 1
         try:
             return await self._deploy(bundle, digest, progress, name, regions,
-                                      rollout or RolloutOptions())
+                                      rollout or RolloutOptions(), parameters or {})
         finally:
             self._busy[digest] -= 1
             if not self._busy[digest]:
@@ -207,25 +209,26 @@ class Deployer:
 
     async def _deploy(self, bundle: bytes, digest: str, progress: Progress,
                       name: str | None, regions: RegionsSpec | None,
-                      rollout: RolloutOptions) -> dict[str, Any]:
+                      rollout: RolloutOptions, parameters: dict[str, str]) -> dict[str, Any]:
         await self.blobs.put(bundle)
         if self.worker is not None:
             return await self._deploy_in(bundle, digest, progress, name, regions, rollout,
-                                         code_dir_for(self.state_dir, digest))
+                                         code_dir_for(self.state_dir, digest), parameters)
         scratch = self.state_dir / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
         tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="deploy-", dir=scratch)
         try:
             return await self._deploy_in(bundle, digest, progress, name, regions, rollout,
-                                         Path(tmp) / "code")
+                                         Path(tmp) / "code", parameters)
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
     async def _deploy_in(self, bundle: bytes, digest: str, progress: Progress,
                          name: str | None, regions: RegionsSpec | None,
-                         rollout: RolloutOptions, code_dir: Path) -> dict[str, Any]:
+                         rollout: RolloutOptions, code_dir: Path,
+                         parameters: dict[str, str]) -> dict[str, Any]:
         try:
-            app = await asyncio.to_thread(self._prepare, bundle, code_dir, name)
+            app = await asyncio.to_thread(self._prepare, bundle, code_dir, name, parameters)
         except ManifestError as exc:  # name the app's own files, not our folder
             raise exc.relative_to(code_dir) from None
         if regions is not None:
@@ -240,10 +243,11 @@ class Deployer:
             await self._release(claimed)  # a failed first deploy keeps no names
             raise
 
-    def _prepare(self, bundle: bytes, code_dir: Path, name: str | None) -> AppSpec:
+    def _prepare(self, bundle: bytes, code_dir: Path, name: str | None,
+                 parameters: dict[str, str]) -> AppSpec:
         """Unpack, byte-compile and load the manifest (in a thread)."""
         prepare_code(bundle, code_dir, self.config.bundle)
-        return load_app(code_dir, default_name=name)
+        return load_app(code_dir, default_name=name, parameters=parameters or None)
 
     def schedule_gc(self) -> None:
         """Collect garbage in the background; runs asked for meanwhile coalesce."""

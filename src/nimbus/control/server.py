@@ -273,8 +273,10 @@ class Platform:
     async def deploy(self, bundle: bytes, progress: Callable[[str], None],
                      name: str | None = None,
                      regions: RegionsSpec | None = None,
-                     rollout: RolloutOptions | None = None) -> dict[str, Any]:
-        result = await self.deployer.deploy(bundle, progress, name, regions, rollout)
+                     rollout: RolloutOptions | None = None,
+                     parameters: dict[str, str] | None = None) -> dict[str, Any]:
+        result = await self.deployer.deploy(bundle, progress, name, regions, rollout,
+                                            parameters=parameters)
         if self.identity is not None and any(f.get("changed") for f in result["functions"]):
             self.identity.note_deploy()
         want = {f["name"]: f.get("serving", f["version"]) for f in result["functions"]}

@@ -345,7 +345,8 @@ class Dispatcher:
                                     tried=False)
         if not fresh:
             return
-        failed, problem = batch_failures(result, {m.id for m in fresh})
+        failed, problem = batch_failures(result, {m.id for m in fresh},
+                                         spec.report_batch_failures)
         if problem:
             error = {"errorType": "InvalidBatchResponse", "errorMessage": problem}
         else:
@@ -531,12 +532,13 @@ async def _traced_attempt(pool: FunctionPool, m: Message, payload: Any) -> Any:
     return result
 
 
-def batch_failures(result: Any, ids: set[str]) -> tuple[set[str], str]:
+def batch_failures(result: Any, ids: set[str], report: bool = True) -> tuple[set[str], str]:
     """The ``batchItemFailures`` of a queue handler's result: (failed ids, problem).
 
     A result without the key means every message succeeded; a malformed
-    list fails the whole batch, as Lambda does."""
-    if not isinstance(result, dict) or "batchItemFailures" not in result:
+    list fails the whole batch, as Lambda does. ``report`` False (a function
+    without ReportBatchItemFailures): the key is not read, as on Lambda."""
+    if not report or not isinstance(result, dict) or "batchItemFailures" not in result:
         return set(), ""
     items = result["batchItemFailures"]
     if items is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import keyword
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from nimbus.manifest.modules import (
     top_level_names,
 )
 from nimbus.manifest.routes import Declared, conflict_message, find_conflict
+from nimbus.manifest.sam import TEMPLATE_NAMES, SamApp, read_sam
 from nimbus.manifest.schema import (
     EVENT_KEYS,
     RUNTIME_RE,
@@ -61,7 +62,9 @@ from nimbus.manifest.schema import (
 )
 from nimbus.manifest.source import Loc, Source, read_source
 
-MANIFEST_NAMES = ("app.yaml", "app.yml")
+APP_YAML_NAMES = ("app.yaml", "app.yml")
+# Every file that makes a folder an app: app.yaml, or a SAM template.
+MANIFEST_NAMES = APP_YAML_NAMES + TEMPLATE_NAMES
 _FORMS = ("handlers", "functions")
 
 
@@ -87,7 +90,8 @@ class _Draft:
 
 
 def load_app(
-    path: str | Path, *, check_code: bool = True, default_name: str | None = None
+    path: str | Path, *, check_code: bool = True, default_name: str | None = None,
+    parameters: dict[str, str] | None = None,
 ) -> AppSpec:
     """Load and validate the app at ``path`` (its folder, or its app.yaml).
 
@@ -98,9 +102,12 @@ def load_app(
     Handler module files and requirements files must always exist;
     ``check_code`` adds parsing each module (never importing it) to check
     that it defines the callable and has no syntax error.
+
+    A folder with a SAM ``template.yaml`` instead of an app.yaml is read
+    through :mod:`.sam`; ``parameters`` override its ``Parameters``.
     """
     try:
-        return _load_app(Path(path), check_code, default_name)
+        return _load_app(Path(path), check_code, default_name, parameters)
     except ManifestError as exc:
         raise _one_line(exc) from None
 
@@ -121,8 +128,14 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec:
+def _load_app(path: Path, check_code: bool, default_name: str | None,
+              parameters: dict[str, str] | None) -> AppSpec:
     file, app_dir = _locate(path)
+    if file.name in TEMPLATE_NAMES:
+        return _load_sam(file, app_dir, check_code, default_name, parameters or {})
+    if parameters:
+        raise ManifestError("parameter overrides apply to SAM templates (template.yaml); "
+                            f"this app is described by {file.name}", file=file, line=1)
     src = read_source(file)
     form = _form(src)
     if form == "handlers":
@@ -134,6 +147,43 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
         app_name, regions, drafts = rich.name, rich.regions, _rich_drafts(rich, src)
         rollouts = _rollouts(rich.rollout, {name: fn.rollout
                                             for name, fn in rich.functions.items()})
+    return _finish(src, file, app_dir, check_code, drafts, AppSpec(
+        name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
+        source=str(file.resolve()), regions=regions, rollouts=rollouts))
+
+
+def _load_sam(file: Path, app_dir: Path, check_code: bool, default_name: str | None,
+              parameters: dict[str, str]) -> AppSpec:
+    from nimbus.region import region
+    from nimbus.worker.target import ACCOUNT
+
+    name = sanitise_app_name(default_name or app_dir.resolve().name)
+    sam = read_sam(file, app_dir, app_name=name, region=region(), account=ACCOUNT,
+                   parameters=parameters)
+    try:
+        rich = _validate(RichApp, sam.source)
+        drafts = _rich_drafts(rich, sam.source)
+        rollouts = _rollouts(rich.rollout, {n: fn.rollout for n, fn in rich.functions.items()})
+        app = _finish(sam.source, file, app_dir, check_code, drafts, AppSpec(
+            name=name, source=str(file.resolve()), rollouts=rollouts), sam)
+    except ManifestError as exc:
+        raise sam.error(exc) from None
+    functions = {}
+    for fname, fn in app.functions.items():
+        payloads = sam.payloads.get(fname, [])
+        fn = replace(fn, routes=tuple(replace(r, payload=p)
+                                      for r, p in zip(fn.routes, payloads, strict=True)))
+        if fname in sam.provided:
+            runtime, handler = sam.provided[fname]
+            fn = replace(fn, runtime=runtime, module="", callable=handler)
+        functions[fname] = fn
+    return replace(app, functions=functions, notices=app.notices + tuple(sam.notices))
+
+
+def _finish(src: Source, file: Path, app_dir: Path, check_code: bool,
+            drafts: dict[str, _Draft], app: AppSpec, sam: SamApp | None = None) -> AppSpec:
+    """``app`` with its functions, once the drafts pass the cross-checks."""
+    provided = sam.provided if sam is not None else {}
     for draft in drafts.values():
         draft.settings.update(_scaling_settings(draft, src))
         draft.settings.update(_event_settings(draft))
@@ -141,20 +191,40 @@ def _load_app(path: Path, check_code: bool, default_name: str | None) -> AppSpec
     _check_events(drafts, src)
     names_cache: dict[Path, ModuleNames] = {}
     for draft in drafts.values():
-        _check_module_name(draft, src)
-        _check_code(draft, app_dir, src, names_cache, check_code)
+        _check_folders(draft, app_dir, src)
+        if draft.name in provided:
+            _check_bootstrap(draft, app_dir, src)
+        else:
+            _check_module_name(draft, src)
+            _check_code(draft, app_dir, src, names_cache, check_code)
         _check_requirements(draft, app_dir, src)
     _check_shadowing(app_dir, src, {m.split(".")[0] for d in drafts.values()
                                      for m in d.settings.get("preload", ())})
     functions = {d.name: _build(d) for d in drafts.values()}
-    return AppSpec(
-        name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
-        source=str(file.resolve()),
-        functions=functions,
-        notices=_runtime_notices(drafts.values()),
-        regions=regions,
-        rollouts=rollouts,
-    )
+    return replace(app, functions=functions, notices=_runtime_notices(
+        d for d in drafts.values() if d.name not in provided))
+
+
+def _check_folders(draft: _Draft, app_dir: Path, src: Source) -> None:
+    """The code and layer folders exist in the app folder."""
+    code_dir = draft.settings.get("code_dir")
+    where = draft.handler_loc[:-1]
+    if code_dir is not None and not (app_dir / code_dir).is_dir():
+        raise _error(src, where + ("code_dir",), f"code folder {code_dir!r} not found in "
+                     f"{app_dir}")
+    for i, layer in enumerate(draft.settings.get("layers", ())):
+        if not (app_dir / layer).is_dir():
+            raise _error(src, where + ("layers", i), f"layer folder {layer!r} not found in "
+                         f"{app_dir}")
+
+
+def _check_bootstrap(draft: _Draft, app_dir: Path, src: Source) -> None:
+    """A custom runtime's code folder holds its ``bootstrap``."""
+    code_dir = draft.settings.get("code_dir")
+    root = app_dir / code_dir if code_dir else app_dir
+    if not (root / "bootstrap").is_file():
+        raise _error(src, draft.handler_loc, f"a provided runtime runs the executable "
+                     f"'bootstrap' of its code folder; there is none in {root}")
 
 
 def _rollouts(app_block: RolloutModel | None,
@@ -175,9 +245,11 @@ def _locate(path: Path) -> tuple[Path, Path]:
     if path.is_dir():
         found = [path / n for n in MANIFEST_NAMES if (path / n).is_file()]
         if not found:
-            raise ManifestError(f"no {' or '.join(MANIFEST_NAMES)} in this folder", file=path)
+            raise ManifestError(f"no {', '.join(APP_YAML_NAMES)} or SAM "
+                                f"{' or '.join(TEMPLATE_NAMES)} in this folder", file=path)
         if len(found) > 1:
-            raise ManifestError(f"both {' and '.join(MANIFEST_NAMES)} exist; keep one", file=path)
+            raise ManifestError(f"both {' and '.join(f.name for f in found)} exist; keep one",
+                                file=path)
         return found[0], path
     if path.is_file():
         return path, path.parent
@@ -338,7 +410,8 @@ def _event_settings(draft: _Draft) -> dict[str, Any]:
         out["trigger_alias"] = given["trigger_alias"]
     if queue is not None:
         out.update(queue=queue.name, batch_size=queue.batch_size,
-                   max_batching_window_s=float(queue.max_batching_window_s))
+                   max_batching_window_s=float(queue.max_batching_window_s),
+                   report_batch_failures=queue.report_batch_failures)
     return out
 
 
@@ -407,6 +480,7 @@ def _rich_drafts(rich: RichApp, src: Source) -> dict[str, _Draft]:
             "concurrency": fn.concurrency, "max_processes": fn.max_processes, "cpu": fn.cpu,
             "ephemeral_storage_mb": fn.ephemeral_storage_mb,
             "env": tuple(sorted(fn.env.items())), "requirements": fn.requirements,
+            "code_dir": fn.code_dir, "layers": tuple(fn.layers),
         }
         draft = drafts[name] = _Draft(name, module, func, fn.runtime or rich.runtime,
                                       loc + ("handler",), routes, settings,
@@ -525,10 +599,12 @@ def _check_shadowing(app_dir: Path, src: Source, preloaded: set[str]) -> None:
 
 def _check_code(draft: _Draft, app_dir: Path, src: Source,
                 cache: dict[Path, ModuleNames], check_code: bool) -> None:
-    module_file = find_module(app_dir, draft.module)
+    code_dir = draft.settings.get("code_dir")
+    root = app_dir / code_dir if code_dir else app_dir
+    module_file = find_module(root, draft.module)
     if module_file is None:
         looked = " and ".join(str(p.relative_to(app_dir)) for p in
-                              module_candidates(app_dir, draft.module))
+                              module_candidates(root, draft.module))
         raise _error(src, draft.handler_loc, f"handler module {draft.module!r} not found: "
                      f"looked for {looked} in {app_dir}")
     if not check_code:

@@ -39,8 +39,8 @@ class Route:
     method: str
     path: str
     alias: str = "live"  # the alias of the function this route serves
-    # The event and response format: "2.0" (HTTP API) or "1.0" (REST API,
-    # Lambda proxy integration).
+    # The event and response shape: "2.0" (HTTP API) or "1.0" (API Gateway
+    # REST, Lambda proxy integration).
     payload: str = "2.0"
 
     @property
@@ -120,11 +120,13 @@ class FunctionSpec:
     # LoggingConfig; None: Text, and the level Python's logging starts with.
     log_format: str | None = None
     log_level: str | None = None
-    # The handler's code folder relative to the app folder (the import root
-    # of ``module``, Lambda's /var/task); None: the app folder.
+    # The handler module's import root relative to the app folder (SAM's
+    # CodeUri; None: the app folder), and layer folders whose ``python``
+    # folders follow it on sys.path, as Lambda's /var/task and /opt.
     code_dir: str | None = None
-    layers: tuple[str, ...] = ()  # layer folders relative to the app folder
-    # False: a queue handler's returned batchItemFailures is ignored.
+    layers: tuple[str, ...] = ()
+    # False: a queue handler's batchItemFailures are ignored (the whole
+    # batch succeeded if it returned), as Lambda without ReportBatchItemFailures.
     report_batch_failures: bool = True
 
     def __post_init__(self) -> None:
@@ -154,10 +156,8 @@ class FunctionSpec:
         d["topics"] = list(self.topics)
         if self.trigger_alias is None:  # as before it existed: config hashes unchanged
             del d["trigger_alias"]
-        # Fields added later are left out while they hold their defaults, for the same reason.
         d["layers"] = list(self.layers)
-        for key, default in (("code_dir", None), ("layers", []),
-                             ("report_batch_failures", True)):
+        for key, default in _LATER_DEFAULTS:  # likewise
             if d[key] == default:
                 del d[key]
         return d
@@ -178,6 +178,11 @@ class FunctionSpec:
         d["topics"] = tuple(d.get("topics", ()))
         d["layers"] = tuple(d.get("layers", ()))
         return cls(**d)
+
+
+# Fields added after records existed, left out of to_dict while at their default.
+_LATER_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("code_dir", None), ("layers", []), ("report_batch_failures", True))
 
 
 ROUTING_POLICIES = ("failover", "weighted", "latency")

@@ -238,6 +238,15 @@ def _requirements(v: Any) -> Any:
     return p.as_posix()
 
 
+def _folder(v: Any) -> Any:
+    if not isinstance(v, str) or not v.strip():
+        raise fail(f"expected a folder inside the app folder, got {show(v)}")
+    p = PurePosixPath(v)
+    if p.is_absolute() or ".." in p.parts:
+        raise fail(f"folder {v!r} must be inside the app folder")
+    return p.as_posix()
+
+
 def _routes(v: Any) -> Any:
     # `http: {method: GET, path: /x}` is one route; `http:` with nothing is none.
     if v is None:
@@ -390,6 +399,7 @@ class QueueTrigger(_Model):
                             description="an integer from 1 to 1000")
     max_batching_window_s: float = Field(0.0, ge=0, le=300,
                                          description="a number of seconds from 0 to 300")
+    report_batch_failures: bool = True
 
 
 class Destination(_Model):
@@ -498,6 +508,9 @@ class FunctionModel(EventSettings):
     env: dict[EnvKey, EnvValue] = Field(
         default_factory=dict, description="a mapping of variable names to values")
     requirements: Annotated[str, BeforeValidator(_requirements)] | None = None
+    code_dir: Annotated[str, BeforeValidator(_folder)] | None = None
+    layers: list[Annotated[str, BeforeValidator(_folder)]] = Field(
+        default_factory=list, description="a list of folders inside the app folder")
     rollout: RolloutModel | None = None
 
 

@@ -31,7 +31,7 @@ _PARAM = r"\{[A-Za-z0-9_+]*\}"
 _PLAIN = r"[^\s,\[\]{}'\"#]"
 _FLOW_PATH_FIX = re.compile(
     rf"""("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|(?<=\s)\#.*)"""  # 1: left alone
-    rf"|(?<=\bpath:)(\s*)(/(?:{_PLAIN}|{_PARAM})*{_PARAM}(?:{_PLAIN}|{_PARAM})*)")  # 2, 3
+    rf"|(?<=\b[Pp]ath:)(\s*)(/(?:{_PLAIN}|{_PARAM})*{_PARAM}(?:{_PLAIN}|{_PARAM})*)")  # 2, 3
 _MAX_FIXES = 100
 # Past this many one-line fixes, the rest are made in one pass: each fix costs
 # a parse of the whole file.
@@ -60,7 +60,9 @@ class Source:
         return self.root_line
 
 
-def read_source(file: Path) -> Source:
+def read_source(file: Path, loader: type[ManifestLoader] = ManifestLoader) -> Source:
+    """``file`` parsed with ``loader`` (a :class:`ManifestLoader`; CloudFormation
+    templates bring one that knows their ``!Ref``-style tags)."""
     try:
         with open(file, "rb") as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
@@ -82,7 +84,7 @@ def read_source(file: Path) -> Source:
     touched: set[int] = set()
     for attempt in range(_MAX_FIXES):
         try:
-            return _parse(file, text)
+            return _parse(file, text, loader)
         except LimitError as exc:
             assert exc.problem_mark is not None
             raise ManifestError(str(exc.problem), file=file,
@@ -142,8 +144,8 @@ def _fix_flow_paths(text: str, exc: yaml.YAMLError) -> tuple[str, int] | None:
     return "\n".join(lines), mark.line
 
 
-def _parse(file: Path, text: str) -> Source:
-    loader = ManifestLoader(text)
+def _parse(file: Path, text: str, loader_class: type[ManifestLoader]) -> Source:
+    loader = loader_class(text)
     try:
         node = loader.get_single_node()
         src = Source(file=file, data=None)

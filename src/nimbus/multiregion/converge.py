@@ -238,7 +238,7 @@ class Converger:
                               message=f"the bundle {desired.digest[:12]} is missing from "
                                       f"{self.state.root}; deploy the app again")
         return await push_bundle(client, region, desired.app, bundle, desired.override,
-                                 self.push_timeout_s)
+                                 self.push_timeout_s, parameters=desired.parameters)
 
     def _record(self, result: PushResult, desired: Desired, key: str, now: float) -> Outcome:
         region, app = result.region, desired.app

@@ -47,6 +47,7 @@ class DeployPlan:
     # min_requests, bake, waves, on_region_failure), as a dict
     rollout: dict[str, Any] | None = None
     manifest: str = ""                 # the manifest file, for errors about it
+    parameters: dict[str, str] | None = None  # a SAM template's parameter overrides
 
     def describe(self) -> list[str]:
         lines = [f"app {self.app} ({self.app_dir}), bundle {self.digest[:12]} "
@@ -71,10 +72,12 @@ def app_regions(spec: RegionsSpec | None, cluster: ClusterFile) -> tuple[str, ..
 
 
 def plan_deploy(app_dir: Path, cluster: ClusterFile, *, name: str | None = None,
-                override: RegionsSpec | None = None) -> DeployPlan:
+                override: RegionsSpec | None = None,
+                parameters: dict[str, str] | None = None) -> DeployPlan:
     """Validate the app (file + line errors) and bundle it; check that every
-    region it names is in the cluster file."""
-    spec = load_app(app_dir, default_name=name)
+    region it names is in the cluster file. ``parameters``: a SAM template's
+    parameter overrides, sent with every push."""
+    spec = load_app(app_dir, default_name=name, parameters=parameters or None)
     routing_spec = override or spec.regions
     regions = app_regions(routing_spec, cluster)
     for region in regions:
@@ -89,7 +92,8 @@ def plan_deploy(app_dir: Path, cluster: ClusterFile, *, name: str | None = None,
         routing=routing_spec.to_dict() if routing_spec else None,
         override=override.to_dict() if override else None,
         policy=routing_spec.policy if routing_spec else "failover",
-        rollout=manifest_rollout(spec), manifest=str(spec.source))
+        rollout=manifest_rollout(spec), manifest=str(spec.source),
+        parameters=parameters or None)
 
 
 def manifest_rollout(spec: AppSpec) -> dict[str, Any] | None:
@@ -181,14 +185,16 @@ async def deploy_plan(plan: DeployPlan, cluster: ClusterFile, *,
     list in the plan's order. ``extra``: more deploy parameters."""
     state = ClusterState(state_dir or state_dir_for(cluster.path))
     desired = Desired(app=plan.app, digest=plan.digest, regions=plan.regions,
-                      routing=plan.routing, override=plan.override, updated=time.time())
+                      routing=plan.routing, override=plan.override, updated=time.time(),
+                      parameters=plan.parameters)
     await asyncio.to_thread(state.record_deploy, desired, plan.bundle, timeout_s + 5.0)
     timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
 
     async def one(client: httpx.AsyncClient, region: str) -> RegionReport:
         try:
             result = await push_bundle(client, cluster.regions[region], plan.app,
-                                       plan.bundle, plan.override, timeout_s, extra)
+                                       plan.bundle, plan.override, timeout_s, extra,
+                                       parameters=plan.parameters)
         except BaseException:  # interrupted (Ctrl-C): a converger may take it at once
             state.failed(region, plan.app, plan.digest, "the deploy was interrupted")
             raise

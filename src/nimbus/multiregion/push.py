@@ -80,12 +80,16 @@ def _error_message(r: httpx.Response) -> str:
 
 async def push_bundle(client: httpx.AsyncClient, region: RegionEntry, app: str, bundle: bytes,
                       override: dict[str, Any] | None, timeout_s: float,
-                      extra: dict[str, str] | None = None) -> PushResult:
+                      extra: dict[str, str] | None = None,
+                      parameters: dict[str, str] | None = None) -> PushResult:
     """Deploy ``bundle`` as ``app`` to ``region`` within ``timeout_s``;
-    ``extra``: more deploy parameters (a rollout's ``strategy``...)."""
+    ``extra``: more deploy parameters (a rollout's ``strategy``...);
+    ``parameters``: a SAM template's parameter overrides."""
     params = {"name": app, **(extra or {})}
     if override is not None:
         params["regions"] = orjson.dumps(override).decode()
+    if parameters:
+        params["parameters"] = orjson.dumps(parameters).decode()
     try:
         async with asyncio.timeout(timeout_s):
             loop = asyncio.get_running_loop()

@@ -324,7 +324,7 @@ class WaveRollout:
             self._save()
             result = await push_bundle(client, region, self.plan.app, self.plan.bundle,
                                        self.plan.override, self.push_timeout_s,
-                                       self._params(ro))
+                                       self._params(ro), parameters=self.plan.parameters)
             if result.outcome != DEPLOYED:
                 what = "refused" if result.outcome == REFUSED else "not reached"
                 ro.regions[name] = {"state": FAILED, "reason": f"{what}: {result.message}"}

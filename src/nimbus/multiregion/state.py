@@ -62,10 +62,13 @@ class Desired:
     routing: dict[str, Any] | None = None    # RegionsSpec.to_dict() the regions should report
     override: dict[str, Any] | None = None   # sent as the deploy's ``regions`` parameter
     updated: float = 0.0                     # wall clock
+    parameters: dict[str, str] | None = None  # a SAM template's parameter overrides
 
     def to_json(self) -> bytes:
         d = asdict(self)
         d["regions"] = list(self.regions)
+        if not self.parameters:  # as before the field existed
+            del d["parameters"]
         return orjson.dumps(d)
 
     @classmethod
@@ -73,7 +76,7 @@ class Desired:
         d = orjson.loads(raw)
         return cls(app=d["app"], digest=d["digest"], regions=tuple(d["regions"]),
                    routing=d.get("routing"), override=d.get("override"),
-                   updated=float(d.get("updated", 0.0)))
+                   updated=float(d.get("updated", 0.0)), parameters=d.get("parameters"))
 
 
 @dataclass(frozen=True, slots=True)

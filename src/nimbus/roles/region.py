@@ -180,8 +180,10 @@ class Controller:
         return self.options.max_bundle_bytes
 
     async def deploy(self, bundle: bytes, progress: Any, name: str | None = None,
-                     regions: RegionsSpec | None = None, rollout: Any = None) -> Any:
-        result = await self.deployer.deploy(bundle, progress, name, regions, rollout)
+                     regions: RegionsSpec | None = None, rollout: Any = None,
+                     parameters: dict[str, str] | None = None) -> Any:
+        result = await self.deployer.deploy(bundle, progress, name, regions, rollout,
+                                            parameters=parameters)
         want = {f["name"]: f.get("serving", f["version"]) for f in result["functions"]}
         await self.routes.wait_for(lambda rs: all(
             n in rs.functions and rs.functions[n].target.version == v for n, v in want.items()))

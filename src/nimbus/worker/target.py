@@ -48,10 +48,16 @@ class Target:
             sys_path.append(str(site_packages_in(venv)))
             path = f"{venv / 'bin'}:{path}"
         if containment.full:  # the instance's own mount namespace shows these
-            code_dir, tmp_dir = Path(TASK_ROOT), Path("/tmp")
+            app_root, tmp_dir = Path(TASK_ROOT), Path("/tmp")
         else:
-            code_dir, tmp_dir = code_dir_for(state_dir, self.digest), containment.tmp_dir(
+            app_root, tmp_dir = code_dir_for(state_dir, self.digest), containment.tmp_dir(
                 instance_id)
+        # The import root: the app folder, or the function's own code folder
+        # in it (SAM's CodeUri). Layers follow it and the requirements, as
+        # Lambda puts /opt/python after /var/task.
+        code_dir = app_root / spec.code_dir if spec.code_dir else app_root
+        for layer in spec.layers:
+            sys_path += layer_paths(app_root / layer)
         # Lambda's environment and the function's own: nothing of the platform's.
         env = {
             "PATH": path,
@@ -93,6 +99,13 @@ class Target:
             "concurrency": spec.concurrency,
             "contain": containment.instance_fields(spec, self.digest),
         }
+
+
+def layer_paths(layer: Path) -> list[str]:
+    """Where a layer's modules are, as Lambda reads /opt: ``python`` and its site-packages."""
+    v = sys.version_info
+    python = layer / "python"
+    return [str(python), str(python / "lib" / f"python{v.major}.{v.minor}" / "site-packages")]
 
 
 def code_dir_for(state_dir: Path, digest: str) -> Path:
