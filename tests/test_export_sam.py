@@ -360,3 +360,12 @@ def test_an_output_folder_inside_the_app_is_not_copied_into_itself(tmp_path: Pat
     assert written.files == 2
     export_sam(load_app(seed_dir), seed_dir, out, force=True)  # again, over its own output
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == files
+
+
+def test_what_nimbus_did_not_provide_is_named_as_missing() -> None:
+    app = AppSpec("a", "template.yaml", {"f": _fn()}, notices=(
+        "not provided by nimbus: AWS::DynamoDB::Table Orders (template.yaml:30)",
+        "runtime python3.8 is served by Python 3.11"))
+    assert template_for(app).warnings == [
+        "app: AWS::DynamoDB::Table Orders (template.yaml:30) was not provided by nimbus, so "
+        "it is not in the export; copy it from the original template"]

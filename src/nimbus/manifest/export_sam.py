@@ -215,6 +215,11 @@ def template_for(app: AppSpec) -> Export:
         app_meta["regions"] = app.regions.to_dict()
         out.warnings.append("app: regions have no place in a SAM template (one stack is one "
                             "region); kept in Metadata.nimbus.regions")
+    for notice in app.notices:
+        if notice.startswith("not provided by nimbus: "):
+            what = notice.removeprefix("not provided by nimbus: ")
+            out.warnings.append(f"app: {what} was not provided by nimbus, so it is not in "
+                                "the export; copy it from the original template")
     template["Metadata"] = {"nimbus": app_meta}
     template["Resources"] = resources
     outputs = _outputs(app)
