@@ -1,7 +1,8 @@
 """``--parameter-overrides``: a SAM template's parameter values, as ``sam deploy`` takes them.
 
 One option, several values: ``--parameter-overrides Stage=prod Size=2``,
-also quoted as one (``'Stage=prod Size=2'``), comma-separated
+also quoted as one (``'Stage=prod Size=2'``, shell-style quotes inside:
+``'Tick="rate(5 minutes)"'``), comma-separated
 (``Stage=prod,Size=2``) or in CloudFormation's long form
 (``ParameterKey=Stage,ParameterValue=prod``). A comma-separated piece
 without ``=`` continues the value before it, so a CommaDelimitedList reads
@@ -11,6 +12,7 @@ as written (``Zones=a,b,c``).
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +26,18 @@ def parse_overrides(values: tuple[str, ...] | list[str]) -> dict[str, str]:
     """``values`` as given on the command line -> {name: value}; ``click.BadParameter``
     naming the piece that is wrong."""
     out: dict[str, str] = {}
-    for token in (t for v in values for t in v.split()):
+    tokens: list[str] = []
+    for value in values:
+        try:
+            words = shlex.split(value)
+        except ValueError:  # an unbalanced quote: the words as they are
+            words = value.split()
+        for word in words:
+            if tokens and "=" not in word:  # Key=rate(1 minute) given as one argument
+                tokens[-1] += " " + word
+            else:
+                tokens.append(word)
+    for token in tokens:
         long = _LONG.fullmatch(token)
         pairs: list[list[str]] = []
         if long is not None:
@@ -59,11 +72,10 @@ class _Greedy(click.Option):
             previous = inner.process
 
             def process(value: Any, state: Any, previous: Any = previous) -> None:
-                words = [value]
+                previous(value, state)
                 while state.rargs and "=" in state.rargs[0] and \
                         not state.rargs[0].startswith("-"):
-                    words.append(state.rargs.pop(0))
-                previous(" ".join(words), state)
+                    previous(state.rargs.pop(0), state)
             inner.process = process
 
 

@@ -46,6 +46,8 @@ PSEUDO = ("AWS::StackName", "AWS::StackId", "AWS::Region", "AWS::AccountId",
           "AWS::Partition", "AWS::URLSuffix", "AWS::NoValue", "AWS::NotificationARNs")
 _PARAM_TYPES = ("String", "Number", "CommaDelimitedList", "List<Number>")
 _SUB_VAR = re.compile(r"\$\{([^}]*)\}")
+# Resources SAM makes for events without an API of their own.
+IMPLICIT = frozenset({"ServerlessRestApi", "ServerlessHttpApi"})
 
 
 class _Drop:
@@ -285,6 +287,8 @@ class Resolver:
             return self.parameters[name]
         if name in self.resources:
             return self.names_of(name).ref
+        if name in IMPLICIT:
+            return name
         raise self.error(loc, f"Ref {name}: no parameter or resource of that name")
 
     def pseudo(self, name: str, loc: Loc) -> Any:
@@ -348,6 +352,8 @@ class Resolver:
             raise self.error(loc, "Fn::GetAtt takes [LogicalId, Attribute] or "
                              f"'LogicalId.Attribute', got {show(arg)}")
         logical, attr = arg
+        if logical in IMPLICIT and logical not in self.resources:
+            return f"{logical}.{attr}"
         if logical not in self.resources:
             raise self.error(loc, f"GetAtt {logical}.{attr}: no resource {logical!r} in "
                              "this template")

@@ -466,9 +466,14 @@ class _Mapper:
                                     f"({self.where(loc)})")
 
     def _alias(self, props: dict[str, Any], at: Any, put: Any, base: Loc) -> None:
+        # SAM moves the AutoPublishAlias to each new version (shifting traffic
+        # as DeploymentPreference says): in nimbus that is what ``live`` does.
+        # Another nimbus alias would stay on the version it was first set to.
         alias = props.get("AutoPublishAlias")
-        if alias is not None:
-            put("trigger_alias", "AutoPublishAlias", alias)
+        if alias is not None and alias != "live":
+            self.notices.append(f"{base[1]}: AutoPublishAlias {alias} is served by nimbus's "
+                                "live alias, which every deploy moves to the new version "
+                                f"({self.where(at('AutoPublishAlias'))})")
         dp = props.get("DeploymentPreference")
         if isinstance(dp, dict) and dp.get("Enabled", True) not in (False, "false"):
             if alias is None:
@@ -546,9 +551,6 @@ class _Mapper:
             if path == "$default":
                 path = "/{proxy+}"
             route: dict[str, Any] = {"method": method, "path": path}
-            alias = fn.get("trigger_alias")
-            if alias is not None:
-                route["alias"] = alias
             routes = fn.setdefault("http", [])
             self.locs[base + ("http", len(routes))] = loc
             self.locs[base + ("http", len(routes), "path")] = ploc + ("Path",)
