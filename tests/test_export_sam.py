@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -77,14 +78,17 @@ def rich_app(root: Path) -> tuple[AppSpec, Path]:
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The seed app and the rich app exported, each with its warnings."""
+    """The seed app, the rich app and a SAM app exported, each with its warnings."""
     root = tmp_path_factory.mktemp("export")
     seed_dir = write_seed(root)
     seed = load_app(seed_dir)
     rich, rich_dir = rich_app(root)
+    sam_dir = shutil.copytree(ROOT / "tests" / "apps" / "sam", root / "shop")
+    sam = load_app(sam_dir)
     return {
         "seed": (seed, export_sam(seed, seed_dir, root / "out-seed" / "hello")),
         "rich": (rich, export_sam(rich, rich_dir, root / "out-rich" / "rich")),
+        "sam": (sam, export_sam(sam, sam_dir, root / "out-sam" / "shop")),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,28 @@ def test_the_rich_app_comes_back(tmp_path: Path) -> None:
     assert back.functions["users"].layers == ("layers/common",)
     assert back.functions["welcome"].report_batch_failures is False
     assert back.functions["orders"].on_failure == "function:alerts"
+
+
+SAM_APP = Path(__file__).resolve().parent / "apps" / "sam"
+
+
+def test_a_sam_app_exported_and_loaded_again_is_the_same(tmp_path: Path) -> None:
+    app_dir = shutil.copytree(SAM_APP, tmp_path / "shop")
+    app = load_app(app_dir)
+    written = export_sam(app, app_dir, tmp_path / "out" / "shop")
+    _assert_same(app, load_app(written.template.parent))
+    assert written.warnings == [
+        "function Web: env TABLE holds an ARN in nimbus's account 000000000000 "
+        "(arn:aws:dynamodb:local:000000000000:table/Orders); on AWS, point it at the real "
+        "resource (!GetAtt or !Ref in the template)",
+        "function Worker: env TABLE holds an ARN in nimbus's account 000000000000 "
+        "(arn:aws:dynamodb:local:000000000000:table/Orders); on AWS, point it at the real "
+        "resource (!GetAtt or !Ref in the template)",
+        "function Ticker: env TABLE holds an ARN in nimbus's account 000000000000 "
+        "(arn:aws:dynamodb:local:000000000000:table/Orders); on AWS, point it at the real "
+        "resource (!GetAtt or !Ref in the template)",
+        "app: AWS::DynamoDB::Table Orders (template.yaml:30) was not provided by nimbus, so it "
+        "is not in the export; copy it from the original template"]
 
 
 SMALL = """\

@@ -52,6 +52,7 @@ LAMBDA_MIN_EVENT_AGE_S = 60
 LAMBDA_MAX_BATCHING_WINDOW_S = 300
 LAMBDA_MIN_EPHEMERAL_MB = 512
 SQS_MAX_VISIBILITY_S = 43200
+NIMBUS_ACCOUNT = "000000000000"  # the account id in the ARNs nimbus makes
 DEFAULT_PYTHON = "python3.11"  # the Lambda runtime for a bare ``python3``
 # Python runtimes Lambda no longer creates functions with; nimbus serves
 # them with its own Python 3.11, so that is what they become.
@@ -218,6 +219,8 @@ def template_for(app: AppSpec) -> Export:
     for notice in app.notices:
         if notice.startswith("not provided by nimbus: "):
             what = notice.removeprefix("not provided by nimbus: ")
+            if what.startswith("Outputs "):
+                continue  # the export has Outputs of its own: the API URLs
             out.warnings.append(f"app: {what} was not provided by nimbus, so it is not in "
                                 "the export; copy it from the original template")
     template["Metadata"] = {"nimbus": app_meta}
@@ -297,6 +300,11 @@ class _FnContext:
         env = {k: v for k, v in fn.env if k not in LAMBDA_RESERVED_ENV}
         if env:
             props["Environment"] = {"Variables": env}
+        for key, value in env.items():
+            if f":{NIMBUS_ACCOUNT}:" in value:
+                self.warn(f"env {key} holds an ARN in nimbus's account {NIMBUS_ACCOUNT} "
+                          f"({value}); on AWS, point it at the real resource (!GetAtt or "
+                          "!Ref in the template)")
         reserved = {k: v for k, v in fn.env if k in LAMBDA_RESERVED_ENV}
         if reserved:
             self.keep("env", reserved, f"env {', '.join(sorted(reserved))}: Lambda sets "
