@@ -93,6 +93,9 @@ def test_a_sam_app_exported_and_loaded_again_is_the_same(tmp_path: Path) -> None
         "function Ticker: env TABLE holds an ARN in nimbus's account 000000000000 "
         "(arn:aws:dynamodb:local:000000000000:table/Orders); on AWS, point it at the real "
         "resource (!GetAtt or !Ref in the template)",
+        "function Ticker: schedule 'rate(1 minute)': on AWS the function receives Input as "
+        "its whole event, where nimbus gives it as the Scheduled Event's detail; read both in "
+        "the handler (event.get('detail', event))",
         "app: AWS::DynamoDB::Table Orders (template.yaml:30) was not provided by nimbus, so it "
         "is not in the export; copy it from the original template"]
 

@@ -548,6 +548,9 @@ class _FnContext:
                 props, kind = {"Schedule": expr}, "Schedule"
             if s.input:
                 props["Input"] = json.dumps(dict(s.input), separators=(",", ":"))
+                self.warn(f"schedule {s.expression!r}: on AWS the function receives Input as "
+                          "its whole event, where nimbus gives it as the Scheduled Event's "
+                          "detail; read both in the handler (event.get('detail', event))")
             put(f"Schedule{i}", {"Type": kind, "Properties": props})
         if inexact:
             self.meta["schedules"] = [s.to_dict() for s in self.fn.schedules]
