@@ -377,3 +377,13 @@ def test_what_nimbus_did_not_provide_is_named_as_missing() -> None:
     assert template_for(app).warnings == [
         "app: AWS::DynamoDB::Table Orders (template.yaml:30) was not provided by nimbus, so "
         "it is not in the export; copy it from the original template"]
+
+
+def test_requirements_where_sam_build_looks_need_no_metadata() -> None:
+    res, warnings = _one(_fn(requirements="requirements.txt"))
+    assert "Metadata" not in res and warnings == []
+    res, warnings = _one(_fn(requirements="deps/prod.txt", code_dir="src"))
+    assert res["Metadata"]["nimbus"] == {"requirements": "deps/prod.txt"}
+    assert warnings == ["function f: requirements deps/prod.txt: 'sam build' installs "
+                        "src/requirements.txt (the CodeUri folder's requirements.txt) instead; "
+                        "kept in Metadata.nimbus.requirements"]

@@ -349,12 +349,11 @@ class _FnContext:
                       "Python 3.11); consider python3.11 or later")
         handler = fn.callable if fn.runtime.startswith("provided") else fn.handler
         props = {"CodeUri": fn.code_dir or ".", "Handler": handler, "Runtime": runtime}
-        if fn.requirements is not None:
-            self.meta["requirements"] = fn.requirements
-            expected = Path(fn.code_dir or ".") / "requirements.txt"
-            if Path(fn.requirements) != expected:
-                self.warn(f"requirements {fn.requirements}: 'sam build' installs "
-                          f"{expected.as_posix()} (the CodeUri folder's requirements.txt)")
+        expected = Path(fn.code_dir or ".") / "requirements.txt"
+        if fn.requirements is not None and Path(fn.requirements) != expected:
+            self.keep("requirements", fn.requirements,
+                      f"requirements {fn.requirements}: 'sam build' installs "
+                      f"{expected.as_posix()} (the CodeUri folder's requirements.txt) instead")
         return props
 
     def _limits(self) -> dict[str, Any]:
