@@ -15,6 +15,7 @@ import yaml
 
 from nimbus.events.schedule_expr import parse_schedule
 from nimbus.manifest.export_sam import (
+    Ref,
     aws_schedule,
     codedeploy_type,
     dump,
@@ -387,3 +388,14 @@ def test_requirements_where_sam_build_looks_need_no_metadata() -> None:
     assert warnings == ["function f: requirements deps/prod.txt: 'sam build' installs "
                         "src/requirements.txt (the CodeUri folder's requirements.txt) instead; "
                         "kept in Metadata.nimbus.requirements"]
+
+
+def test_a_topic_destination_is_an_sns_destination_and_a_topic() -> None:
+    app = AppSpec("a", "app.yaml", {"f": _fn(on_failure="topic:alarms")})
+    res = template_for(app).template["Resources"]
+    assert res["f"]["Properties"]["EventInvokeConfig"] == {"DestinationConfig": {
+        "OnFailure": {"Type": "SNS", "Destination": "AlarmsTopic"}}}
+    assert isinstance(res["f"]["Properties"]["EventInvokeConfig"]["DestinationConfig"][
+        "OnFailure"]["Destination"], Ref)
+    assert res["AlarmsTopic"] == {"Type": "AWS::SNS::Topic",
+                                  "Properties": {"TopicName": "alarms"}}

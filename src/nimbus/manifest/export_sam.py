@@ -183,7 +183,10 @@ def template_for(app: AppSpec) -> Export:
               for name in app.functions}
     queues = _queue_names(app)
     queue_ids = {q: ids.take(camel(q) + "Queue") for q in queues}
-    topics = list(dict.fromkeys(t for fn in app.functions.values() for t in fn.topics))
+    topics = list(dict.fromkeys(
+        [t for fn in app.functions.values() for t in fn.topics]
+        + [d.split(":", 1)[1] for fn in app.functions.values()
+           for d in (fn.on_success, fn.on_failure) if d and d.startswith("topic:")]))
     topic_ids = {t: ids.take(camel(t) + "Topic") for t in topics}
     layers = list(dict.fromkeys(lay for fn in app.functions.values() for lay in fn.layers))
     layer_ids = {lay: ids.take(camel(lay) + "Layer") for lay in layers}
@@ -425,6 +428,8 @@ class _FnContext:
         kind, _, name = ref.partition(":")
         if kind == "queue":
             return {"Type": "SQS", "Destination": GetAtt(f"{self.queue_ids[name]}.Arn")}
+        if kind == "topic":
+            return {"Type": "SNS", "Destination": Ref(self.topic_ids[name])}
         if name in self.fn_ids:
             return {"Type": "Lambda", "Destination": GetAtt(f"{self.fn_ids[name]}.Arn")}
         self.warn(f"destination {ref} names no function of this app: exported as the ARN "
