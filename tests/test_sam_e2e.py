@@ -4,6 +4,7 @@ its functions; the DynamoDB table it declares is listed as not provided."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,9 @@ def test_deploy_lists_what_nimbus_does_not_provide_once(sam: Any) -> None:
     out = n.output()
     assert out.count("not provided by nimbus: AWS::DynamoDB::Table Orders (template.yaml:30)") \
         == 1, out
-    assert out.count("not provided by nimbus: Outputs (template.yaml:100)") == 1
+    assert out.count("not provided by nimbus: Outputs (template.yaml:111)") == 1
     assert out.count("IAM is not enforced by nimbus") == 1
-    for fn in ("Web", "Worker", "Ticker"):
+    for fn in ("Web", "Worker", "Fails", "Ticker"):
         assert f"deployed shop/{fn}: version 1" in out
 
 
@@ -96,6 +97,26 @@ def test_topic_delivers(sam: Any) -> None:
     assert rec["status"] == "succeeded"
 
 
+def test_an_on_failure_destination_to_a_topic_reaches_its_subscriber(sam: Any) -> None:
+    _, ctl = sam
+    r = ctl.post("/v1/functions/Fails/invoke", json={"order": "o-7"},
+                 headers={"X-Amz-Invocation-Type": "Event"})
+    assert r.status_code == 202, r.text
+    iid = r.json()["invocationId"]
+
+    def delivered() -> Any:
+        recs = ctl.get("/v1/functions/Worker/invocations").json()
+        return [json.loads(seen["sns"]) for r in recs if r["status"] == "succeeded"
+                for seen in (r.get("result") or {}).get("seen", [])
+                if "requestContext" in seen.get("sns", "")]
+    [dest] = wait_for("the destination record", delivered)
+    assert dest["requestContext"]["requestId"] == iid
+    assert dest["requestContext"]["condition"] == "RetriesExhausted"
+    assert dest["requestPayload"] == {"order": "o-7"}
+    assert dest["responsePayload"]["errorMessage"] == "no luck: o-7"
+    assert record(ctl, iid)["attempts"] == 1, "MaximumRetryAttempts: 0"
+
+
 def test_schedule_runs_with_its_input(sam: Any) -> None:
     _, ctl = sam
 
@@ -103,4 +124,19 @@ def test_schedule_runs_with_its_input(sam: Any) -> None:
         return [r for r in ctl.get("/v1/functions/Ticker/invocations").json()
                 if r["status"] == "succeeded"]
     rec = wait_for("a tick", ticks)[0]
-    assert rec["result"] == {"detail": {"from": "schedule"}, "source": "aws.events"}
+    assert rec["result"] == {"event": {"from": "schedule"}}, "Input is the whole event"
+
+
+def test_deploy_sends_parameter_overrides_to_the_control_api(sam: Any) -> None:
+    n, ctl = sam
+    r = ctl.post("/v1/deploy", params={"parameters": '["Stage"]'}, content=b"")
+    assert r.status_code == 400 and "JSON object of strings" in r.text, r.text
+    app = n.state.parent / "shop"
+    p = n.cli("deploy", str(app), "--parameter-overrides", "Stage=dev",
+              "TickRate=rate(1 second)")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stderr.count("not provided by nimbus: AWS::DynamoDB::Table Orders") == 1
+    assert "deployed shop/Web: version 2" in p.stdout
+    assert n.http.get("/http/ada").json()["stage"] == "dev"
+    p = n.cli("deploy", str(app), "--parameter-overrides", "Stage=qa")
+    assert p.returncode == 2 and "'qa' is not one of the AllowedValues" in p.stderr

@@ -119,7 +119,8 @@ def up(app_dir: Path, host: str, port: int, control_host: str, control_port: int
        async_max_bytes: int, containment: str, uid_range: str, region: str,
        cluster_path: Path | None, trace_mode: str | None, otlp_endpoint: str | None,
        parameter_overrides: tuple[str, ...], **http_limits: Any) -> None:
-    """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml)."""
+    """Start nimbus in the foreground and deploy APP_DIR (if it has an app.yaml or a SAM
+    template.yaml)."""
     from nimbus.cli.up import run_up
     from nimbus.observe.tracing import trace_config
     from nimbus.region import set_region

@@ -115,7 +115,11 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                   "schema": {"type": "string", "maxLength": 1024}},
                  {"name": "min_requests", "in": "query", "required": False,
                   "description": "requests the new version must answer before a step passes",
-                  "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000}}],
+                  "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
+                 {"name": "parameters", "in": "query", "required": False,
+                  "description": "a SAM template's parameter overrides as a JSON object of "
+                                 "strings ({\"Stage\": \"prod\"})",
+                  "schema": {"type": "string", "maxLength": 16384}}],
                 {"required": True,
                  "description": "the app folder as a zip file (what nimbus deploy sends)",
                  "content": {"application/octet-stream": {"schema": {

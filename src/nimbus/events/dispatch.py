@@ -45,7 +45,7 @@ from nimbus.errors import (
     ThrottledError,
     UnavailableError,
 )
-from nimbus.events.names import Subscription, invoke_queue, user_queue
+from nimbus.events.names import Subscription, invoke_queue, topic_queue, user_queue
 from nimbus.events.retry import RetryPolicy, next_retry, too_old
 from nimbus.events.shapes import destination_record, sns_event, sqs_event
 from nimbus.gateway.split import Split
@@ -192,9 +192,11 @@ class Dispatcher:
     def __init__(self, queue: Delivery, pools: Callable[[], dict[str, FunctionPool]],
                  clock: Clock,
                  version_of: Callable[[str, int], Any | None] | None = None,
-                 alias_of: Callable[[str, str], Any | None] | None = None) -> None:
+                 alias_of: Callable[[str, str], Any | None] | None = None,
+                 topic_subs: Callable[[], dict[str, list[str]]] | None = None) -> None:
         self.queue = queue
         self._pools = pools
+        self._topic_subs = topic_subs  # topic -> its subscribers (topic destinations)
         self._version_of = version_of  # a referenced version's invoker (pinned work)
         self._alias_of = alias_of  # an alias's invoker (triggers that name one)
         self._clock = clock
@@ -432,12 +434,18 @@ class Dispatcher:
                                     attempts=m.attempts if tries is None else tries,
                                     payload=payload,
                                     response=response, now=self._clock.now(), error=error)
-        target = invoke_queue(name) if kind == "function" else user_queue(name)
         # The dedup key makes a repeat (after a crash before the ack) a no-op.
-        out = Outgoing(orjson.dumps(record), {"nimbus.source": "destination",
-                                              "nimbus.from": m.id},
-                       dedup_key=f"destination:{m.id}:{m.enqueued_at!r}:{condition}")
-        await self.queue.send(target, [out])
+        dedup = f"destination:{m.id}:{m.enqueued_at!r}:{condition}"
+        attrs = {"nimbus.source": "destination", "nimbus.from": m.id}
+        if kind == "topic":  # every subscriber gets it, as a publish does
+            subs = self._topic_subs() if self._topic_subs is not None else {}
+            attrs["nimbus.message_id"] = f"{m.id}-{condition}"
+            out = Outgoing(orjson.dumps(record), attrs, dedup_key=dedup)
+            await asyncio.gather(*(self.queue.send(topic_queue(name, fn), [out])
+                                   for fn in subs.get(name, ())))
+            return
+        target = invoke_queue(name) if kind == "function" else user_queue(name)
+        await self.queue.send(target, [Outgoing(orjson.dumps(record), attrs, dedup_key=dedup)])
 
     async def _settle(self, op: Awaitable[None]) -> bool:
         """Whether it settled (False: our lease ran out; the next delivery settles it)."""

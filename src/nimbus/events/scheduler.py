@@ -69,7 +69,9 @@ class Scheduled:
         backlog); two that are alike but for their place stay two."""
         spec = self.spec
         digest = hashlib.sha256(orjson.dumps([spec.expression, spec.timezone, dict(spec.input),
-                                              self.index], option=orjson.OPT_SORT_KEYS))
+                                              self.index, *(["event"] if spec.input_as_event
+                                                            else [])],
+                                             option=orjson.OPT_SORT_KEYS))
         return f"{self.function}/{digest.hexdigest()[:12]}"
 
     def parsed(self) -> Schedule:
@@ -189,7 +191,9 @@ class Scheduler:
         name = f"schedule-{s.index}"
         metrics.schedule_missed(s.function, name, skipped)
         for t in fire:
-            event = scheduled_event(new_id(), s.function, name, t, detail)
+            # an EventBridge target's Input replaces the event (SAM's Input)
+            event = detail if s.spec.input_as_event else scheduled_event(
+                new_id(), s.function, name, t, detail)
             await self.queue.send(invoke_queue(s.function), [Outgoing(
                 orjson.dumps(event), {"nimbus.source": "schedule"},
                 dedup_key=f"schedule:{s.key}:{t:.3f}")])

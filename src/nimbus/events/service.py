@@ -80,7 +80,8 @@ class Events:
         # aliases (route sync's ``invoker_for``)
         self.resolve: Callable[[str, str], Any] | None = None
         self.dispatcher = Dispatcher(self.delivery, lambda: self.pools, clock,
-                                     version_of=self._version_of, alias_of=self._alias_of)
+                                     version_of=self._version_of, alias_of=self._alias_of,
+                                     topic_subs=lambda: self.topic_subs)
         self.on_sync: list[Callable[[dict[str, FunctionPool]], None]] = []
         self._purger: asyncio.Task[None] | None = None
 

@@ -376,6 +376,8 @@ class Resolver:
                 raise self.error(loc, "Fn::Sub takes a string or [string, {variables}]")
             text = self.resolve(arg[0], loc + (0,))
             variables = self.resolve(arg[1], loc + (1,))
+            if not isinstance(variables, dict):
+                raise self.error(loc, "Fn::Sub takes a string or [string, {variables}]")
         else:
             text = self.resolve(arg, loc)
         if not isinstance(text, str):

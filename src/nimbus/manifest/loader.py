@@ -147,7 +147,7 @@ def _load_app(path: Path, check_code: bool, default_name: str | None,
         app_name, regions, drafts = rich.name, rich.regions, _rich_drafts(rich, src)
         rollouts = _rollouts(rich.rollout, {name: fn.rollout
                                             for name, fn in rich.functions.items()})
-    return _finish(src, file, app_dir, check_code, drafts, AppSpec(
+    return _finish(src, app_dir, check_code, drafts, AppSpec(
         name=app_name or sanitise_app_name(default_name or app_dir.resolve().name),
         source=str(file.resolve()), regions=regions, rollouts=rollouts))
 
@@ -164,8 +164,9 @@ def _load_sam(file: Path, app_dir: Path, check_code: bool, default_name: str | N
         rich = _validate(RichApp, sam.source)
         drafts = _rich_drafts(rich, sam.source)
         rollouts = _rollouts(rich.rollout, {n: fn.rollout for n, fn in rich.functions.items()})
-        app = _finish(sam.source, file, app_dir, check_code, drafts, AppSpec(
-            name=name, source=str(file.resolve()), rollouts=rollouts), sam)
+        app = _finish(sam.source, app_dir, check_code, drafts, AppSpec(
+            name=rich.name or name, source=str(file.resolve()), regions=rich.regions,
+            rollouts=rollouts), sam)
     except ManifestError as exc:
         raise sam.error(exc) from None
     functions = {}
@@ -180,8 +181,8 @@ def _load_sam(file: Path, app_dir: Path, check_code: bool, default_name: str | N
     return replace(app, functions=functions, notices=app.notices + tuple(sam.notices))
 
 
-def _finish(src: Source, file: Path, app_dir: Path, check_code: bool,
-            drafts: dict[str, _Draft], app: AppSpec, sam: SamApp | None = None) -> AppSpec:
+def _finish(src: Source, app_dir: Path, check_code: bool, drafts: dict[str, _Draft],
+            app: AppSpec, sam: SamApp | None = None) -> AppSpec:
     """``app`` with its functions, once the drafts pass the cross-checks."""
     provided = sam.provided if sam is not None else {}
     for draft in drafts.values():
@@ -198,8 +199,12 @@ def _finish(src: Source, file: Path, app_dir: Path, check_code: bool,
             _check_module_name(draft, src)
             _check_code(draft, app_dir, src, names_cache, check_code)
         _check_requirements(draft, app_dir, src)
-    _check_shadowing(app_dir, src, {m.split(".")[0] for d in drafts.values()
-                                     for m in d.settings.get("preload", ())})
+    preloaded = {m.split(".")[0] for d in drafts.values() for m in d.settings.get("preload", ())}
+    # the app folder, and each code folder (an import root of its own)
+    for root in dict.fromkeys([app_dir] + [app_dir / d.settings["code_dir"]
+                                           for d in drafts.values()
+                                           if d.settings.get("code_dir")]):
+        _check_shadowing(root, src, preloaded)
     functions = {d.name: _build(d) for d in drafts.values()}
     return replace(app, functions=functions, notices=_runtime_notices(
         d for d in drafts.values() if d.name not in provided))
@@ -370,7 +375,7 @@ def _merge_events(draft: _Draft, model: EventSettings, loc: Loc, src: Source) ->
                 sloc = loc + (key,) if single else loc + (key, j)
                 draft.schedules.append((ScheduleSpec(
                     sch.expression, sch.timezone, sch.missed,
-                    tuple(sorted(sch.input.items()))), sloc))
+                    tuple(sorted(sch.input.items())), sch.input_as_event), sloc))
             continue
         if key == "topic":
             draft.topics.extend((t, loc + (key,)) for t in value)
@@ -445,6 +450,11 @@ def _check_events(drafts: dict[str, _Draft], src: Source) -> None:
                 known = ", ".join(sorted(consumers)) or "none"
                 raise _error(src, wloc + ("queue",), f"destination queue {target.queue!r} is "
                              f"not consumed by any function of this app (queues: {known})")
+            topics = {t for d2 in drafts.values() for t, _loc in d2.topics}
+            if target.topic is not None and target.topic not in topics:
+                known = ", ".join(sorted(topics)) or "none"
+                raise _error(src, wloc + ("topic",), f"destination topic {target.topic!r} has "
+                             f"no subscriber among this app's functions (topics: {known})")
 
 
 def _merge_scaling(draft: _Draft, model: SeedHandler | FunctionModel, loc: Loc,

@@ -53,21 +53,26 @@ class Route:
 class ScheduleSpec:
     """One schedule trigger. ``missed``: what to do with ticks that passed
     while nothing was running: fire the latest ``once``, ``none`` or ``all``
-    (bounded). ``input``: the event's ``detail`` (JSON object)."""
+    (bounded). ``input``: the event's ``detail`` (JSON object), or with
+    ``input_as_event`` the whole event (as an EventBridge target's Input)."""
 
     expression: str
     timezone: str = "UTC"
     missed: str = "once"
     input: tuple[tuple[str, Any], ...] = ()
+    input_as_event: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        # input_as_event only when set: config hashes of older schedules stay
         return {"expression": self.expression, "timezone": self.timezone,
-                "missed": self.missed, "input": dict(self.input)}
+                "missed": self.missed, "input": dict(self.input)} | (
+                    {"input_as_event": True} if self.input_as_event else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScheduleSpec:
         return cls(d["expression"], d.get("timezone", "UTC"), d.get("missed", "once"),
-                   tuple(sorted(d.get("input", {}).items())))
+                   tuple(sorted(d.get("input", {}).items())),
+                   bool(d.get("input_as_event", False)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +108,7 @@ class FunctionSpec:
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S  # the first; doubling each time
     max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S
     dead_letter: bool = True  # keep events that ran out of tries for redrive
-    on_success: str | None = None  # "function:NAME" or "queue:NAME"
+    on_success: str | None = None  # "function:NAME", "queue:NAME" or "topic:NAME"
     on_failure: str | None = None
     schedules: tuple[ScheduleSpec, ...] = ()
     queue: str | None = None  # the queue whose messages this function consumes

@@ -16,6 +16,7 @@ nimbus cannot trigger, code that is not in the folder) are refused.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -33,6 +34,8 @@ QUEUE = "AWS::SQS::Queue"
 TOPIC = "AWS::SNS::Topic"
 APIS = ("AWS::Serverless::Api", "AWS::Serverless::HttpApi")
 PROVIDED_RUNTIMES = ("provided", "provided.al2", "provided.al2023")
+# The template's Metadata.nimbus keys -> the app.yaml keys they hold.
+TOP_KEYS = {"app": "name", "regions": "regions"}
 
 # Function properties read with no effect on how nimbus runs the function.
 _NO_EFFECT = {"Tracing", "Tags", "Description", "Policies", "Role", "VpcConfig",
@@ -69,7 +72,11 @@ class SamApp:
                         or name.startswith(f + "[")), key=len, default=None)
             if best is not None:
                 name = self.fields[best] + name[len(best):]
-        return ManifestError(exc.message, file=exc.file, line=exc.line, field=name)
+        message = exc.message
+        for rich in sorted(self.fields, key=len, reverse=True):
+            if rich.startswith("functions.") and rich in message:  # e.g. a route clash
+                message = message.replace(rich, self.fields[rich])
+        return ManifestError(message, file=exc.file, line=exc.line, field=name)
 
 
 def is_sam(data: Any) -> bool:
@@ -87,7 +94,26 @@ def read_sam(file: Path, app_dir: Path, *, app_name: str, region: str, account: 
                             "(nimbus reads SAM templates, not plain CloudFormation)",
                             file=file, line=tsrc.line(("Transform",), key=True),
                             field="Transform")
-    return _Mapper(tsrc, app_dir, app_name, region, account, parameters or {}).run()
+    meta = tsrc.data.get("Metadata")
+    nimbus = meta.get("nimbus") if isinstance(meta, dict) else None
+    if nimbus is not None and not isinstance(nimbus, dict):
+        raise ManifestError(f"expected a mapping (app, regions), got {show(nimbus)}",
+                            file=file, line=tsrc.line(("Metadata", "nimbus"), key=True),
+                            field="Metadata.nimbus")
+    nimbus = nimbus or {}
+    if isinstance(nimbus.get("app"), str):  # the app's name (nimbus export sam writes it)
+        app_name = nimbus["app"]
+    mapper = _Mapper(tsrc, app_dir, app_name, region, account, parameters or {})
+    for key in ("app", "regions"):
+        if key in nimbus:
+            mapper.put((TOP_KEYS[key],), ("Metadata", "nimbus", key), nimbus[key])
+    unknown = set(nimbus) - set(TOP_KEYS)
+    if unknown:
+        key = sorted(map(str, unknown))[0]
+        raise ManifestError(f"unknown key {key!r}; expected app or regions",
+                            file=file, line=tsrc.line(("Metadata", "nimbus", key), key=True),
+                            field=f"Metadata.nimbus.{key}")
+    return mapper.run()
 
 
 class _Mapper:
@@ -107,6 +133,7 @@ class _Mapper:
         self.layers: dict[str, str] = {}  # logical -> folder
         self.functions: dict[str, str] = {}  # logical -> nimbus function name
         self.apis: dict[str, dict[str, Any]] = {}
+        self.global_fn: dict[str, Any] = {}  # Globals.Function, resolved
         self.iam_noted = False
 
     # -- helpers ---------------------------------------------------------------
@@ -124,8 +151,6 @@ class _Mapper:
 
     def _name(self, logical: str) -> str | None:
         """The physical name a resource declares, if it is a usable nimbus name."""
-        import re
-
         res = self.t.data.get("Resources", {}).get(logical)
         if not isinstance(res, dict) or not isinstance(res.get("Properties"), dict):
             return None
@@ -155,6 +180,7 @@ class _Mapper:
     # -- the run ---------------------------------------------------------------
 
     def run(self) -> SamApp:
+        self.r.parameters  # noqa: B018 - overrides and defaults checked, used or not
         resources = self.r.resources
         if not resources:
             raise self.error(("Resources",), "the template declares no Resources")
@@ -202,9 +228,20 @@ class _Mapper:
     def _index(self, logical: str, res: dict[str, Any]) -> None:
         rtype = res["Type"]
         loc: Loc = ("Resources", logical)
+        if rtype not in (FUNCTION, QUEUE, TOPIC, LAYER, *APIS):
+            # listed, and its properties not evaluated: nimbus needs nothing of them
+            self.not_provided(f"{rtype} {logical}", loc)
+            return
         props = self.r.resolve(res.get("Properties") or {}, loc + ("Properties",))
+        if not isinstance(props, dict):
+            raise self.error(loc + ("Properties",), f"expected a mapping, got {show(props)}")
         if rtype == FUNCTION:
-            self.functions[logical] = self._name(logical) or logical
+            name = self._name(logical) or logical
+            other = next((k for k, v in self.functions.items() if v == name), None)
+            if other is not None:
+                raise self.error(loc + ("Properties", "FunctionName"), f"function name "
+                                 f"{name!r} is already the name of {other}")
+            self.functions[logical] = name
         elif rtype == QUEUE:
             self.queues[logical] = self._name(logical) or logical
         elif rtype == TOPIC:
@@ -216,6 +253,11 @@ class _Mapper:
             self.layers[logical] = self._folder(props.get("ContentUri"),
                                                 loc + ("Properties", "ContentUri"),
                                                 "ContentUri", required=True) or "."
+            meta = res.get("Metadata")
+            if isinstance(meta, dict) and meta.get("BuildMethod"):
+                self.notices.append(f"layer {logical} is not built by nimbus (Metadata "
+                                    "BuildMethod): its folder's python/ is used as it is "
+                                    f"({self.where(loc + ('Metadata', 'BuildMethod'))})")
         elif rtype in APIS:
             self._check_api_auth(props, loc + ("Properties",))
             self.apis[logical] = props
@@ -223,10 +265,12 @@ class _Mapper:
                 if key in props:
                     self.not_provided(f"{rtype} {logical} {key} (routes come from the "
                                       "functions' events)", loc + ("Properties", key))
-        else:
-            self.not_provided(f"{rtype} {logical}", loc)
 
     def _check_api_auth(self, props: dict[str, Any], loc: Loc) -> None:
+        for key in ("Cors", "CorsConfiguration"):
+            if props.get(key) not in (None, False):
+                self.not_provided(f"{key} (answer OPTIONS and add the CORS headers in the "
+                                  "handler)", loc + (key,))
         auth = props.get("Auth")
         if not isinstance(auth, dict):
             return
@@ -354,6 +398,56 @@ class _Mapper:
         self.payloads[name] = []
         for ev_name, ev in events.items():
             self._event(name, base, at("Events", ev_name), ev_name, ev)
+        meta = res.get("Metadata")
+        if isinstance(meta, dict) and meta.get("nimbus") is not None:
+            self._nimbus_metadata(name, base, ("Resources", logical, "Metadata", "nimbus"),
+                                  meta["nimbus"])
+
+    def _nimbus_metadata(self, name: str, base: Loc, loc: Loc, meta: Any) -> None:
+        """A function's ``Metadata: {nimbus: {...}}``: what Lambda has no place for
+        (``nimbus export sam`` writes it), keyed as in app.yaml, over what the
+        properties said; AWS ignores it."""
+        if not isinstance(meta, dict):
+            raise self.error(loc, f"expected a mapping of app.yaml keys, got {show(meta)}")
+        meta = self.r.resolve(meta, loc)
+        fn = self.rich["functions"][name]
+        for key, value in meta.items():
+            kloc = loc + (key,)
+            if key == "route_aliases":
+                if not isinstance(value, dict):
+                    raise self.error(kloc, 'expected {"METHOD /path": alias}')
+                for route_key, alias in value.items():
+                    found = [i for i, r in enumerate(fn.get("http", []))
+                             if f"{r['method']} {r['path']}" == route_key]
+                    if not found:
+                        raise self.error(kloc + (route_key,), f"{route_key!r} is no route of "
+                                         f"{name} (its events give them)")
+                    for i in found:
+                        fn["http"][i]["alias"] = alias
+                        self.locs[base + ("http", i, "alias")] = kloc + (route_key,)
+            elif key == "schedules":  # the schedules as nimbus runs them: all of them
+                if not isinstance(value, list):
+                    raise self.error(kloc, f"expected a list of schedules, got {show(value)}")
+                fn["schedule"] = value
+                self.locs[base + ("schedule",)] = kloc
+                for i in range(len(value)):
+                    self.locs[base + ("schedule", i)] = kloc + (i,)
+            elif key == "max_batching_window_s":
+                if "queue" not in fn:
+                    raise self.error(kloc, f"{key} needs an SQS event on {name}")
+                fn["queue"][key] = value
+                self.locs[base + ("queue", key)] = kloc
+            elif key == "rollout" and isinstance(value, dict):
+                block = dict(fn.get("rollout") or {})
+                for rkey, rvalue in value.items():
+                    rkey = "bake" if rkey == "bake_s" else rkey
+                    block[rkey] = rvalue
+                    self.locs[base + ("rollout", rkey)] = kloc + (rkey,)
+                self.put(base + ("rollout",), kloc, block)
+            elif key == "env" and isinstance(value, dict):
+                self.put(base + ("env",), kloc, {**(fn.get("env") or {}), **value})
+            else:  # an unknown key is the validation's to name, at this line
+                self.put(base + (key,), kloc, value)
 
     def _limits(self, props: dict[str, Any], at: Any, put: Any, logical: str) -> None:
         if "ReservedConcurrentExecutions" in props:
@@ -390,17 +484,22 @@ class _Mapper:
             return "function", self.functions[logical]
         return None
 
-    def _consumed(self, queue: str) -> bool:
+    def _consumed(self, kind: str, name: str) -> bool:
+        """Whether a function of the template consumes queue (or subscribes to
+        topic) ``name``: else nimbus has nothing that takes its messages."""
+        etype, key, names = (("SQS", "Queue", self.queues) if kind == "queue" else
+                             ("SNS", "Topic", self.topics))
         for logical, res in self.kept.items():
             if res["Type"] != FUNCTION:
                 continue
             for fn in (self.global_fn, res.get("Properties") or {}):
-                for ev in (fn.get("Events") or {}).values() if isinstance(fn, dict) else ():
-                    if isinstance(ev, dict) and ev.get("Type") == "SQS":
-                        q = ev.get("Properties", {}).get("Queue") if isinstance(
+                events = fn.get("Events") if isinstance(fn, dict) else None
+                for ev in events.values() if isinstance(events, dict) else ():
+                    if isinstance(ev, dict) and ev.get("Type") == etype:
+                        ref = ev.get("Properties", {}).get(key) if isinstance(
                             ev.get("Properties"), dict) else None
-                        owner = self.r.owner(self.r.resolve(q, ("Resources", logical)))
-                        if owner is not None and self.queues.get(owner) == queue:
+                        owner = self.r.owner(self.r.resolve(ref, ("Resources", logical)))
+                        if owner is not None and names.get(owner) == name:
                             return True
         return False
 
@@ -431,22 +530,26 @@ class _Mapper:
                                      f"{show(d.get('Destination'))} is not a {dtype} resource "
                                      "of this template")
                 kind, tname = target
-                if kind == "topic" or (kind == "queue" and not self._consumed(tname)):
-                    what = "topic" if kind == "topic" else "queue with no consumer"
+                if kind != "function" and not self._consumed(kind, tname):
+                    what = (f"{kind} {tname}, which no function of the template "
+                            f"{'consumes' if kind == 'queue' else 'subscribes to'}")
                     if key == "on_failure":
-                        self.notices.append(f"{name}: {when} to {what} {tname} is kept in "
+                        self.notices.append(f"{name}: {when} to {what}, is kept in "
                                             "nimbus's dead letters instead "
                                             f"({self.where(loc)})")
                         put("dead_letter", "EventInvokeConfig", True, "DestinationConfig")
                         on_failure_set = True
                     else:
-                        self.not_provided(f"{name}: {when} to {what} {tname}", loc)
+                        self.not_provided(f"{name}: {when} to {what}", loc)
                     continue
                 self.locs[("functions", name, "destinations")] = at("EventInvokeConfig")
                 self.rich["functions"][name].setdefault("destinations", {})[key] = {kind: tname}
                 self.locs[("functions", name, "destinations", key)] = loc
                 on_failure_set = on_failure_set or key == "on_failure"
         dlq = props.get("DeadLetterQueue")
+        if dlq is not None and not isinstance(dlq, dict):
+            raise self.error(at("DeadLetterQueue"),
+                             f"expected {{Type, TargetArn}}, got {show(dlq)}")
         if isinstance(dlq, dict):
             loc = at("DeadLetterQueue")
             target = self._target(dlq.get("TargetArn"), loc, {"SQS": "SQS", "SNS": "SNS"})
@@ -455,9 +558,9 @@ class _Mapper:
                                  f"{QUEUE} or {TOPIC} of this template, got "
                                  f"{show(dlq.get('TargetArn'))}")
             kind, tname = target
-            if kind == "queue" and self._consumed(tname) and not on_failure_set:
+            if self._consumed(kind, tname) and not on_failure_set:
                 fn = self.rich["functions"][name]
-                fn.setdefault("destinations", {})["on_failure"] = {"queue": tname}
+                fn.setdefault("destinations", {})["on_failure"] = {kind: tname}
                 self.locs[("functions", name, "destinations")] = loc
                 self.locs[("functions", name, "destinations", "on_failure")] = loc
             else:
@@ -512,6 +615,8 @@ class _Mapper:
         etype = ev["Type"]
         p = ev.get("Properties") or {}
         ploc = loc + ("Properties",)
+        if not isinstance(p, dict):
+            raise self.error(ploc, f"expected a mapping of properties, got {show(p)}")
         if etype not in _EVENT_TYPES:
             raise self.error(loc + ("Type",), f"event type {etype} is not provided by nimbus, "
                              f"so {name} would never run for it (nimbus triggers: "
@@ -528,6 +633,11 @@ class _Mapper:
                     raise self.error(ploc + ("Auth", key), f"Auth.{key}: nimbus does not "
                                      "provide API Gateway authorizers or API keys; serving "
                                      "this route without it would let every request in")
+            model = p.get("RequestModel")
+            if isinstance(model, dict) and model.get("ValidateBody") in (True, "true"):
+                raise self.error(ploc + ("RequestModel", "ValidateBody"), "request "
+                                 "validation is not provided by nimbus; the handler would "
+                                 "get bodies API Gateway refuses (validate in the handler)")
             api_props: dict[str, Any] = {}
             api_key = "RestApiId" if etype == "Api" else "ApiId"
             if p.get(api_key) is not None:
@@ -569,12 +679,13 @@ class _Mapper:
             entry: dict[str, Any] = {"expression": p.get(key)}
             if etype == "ScheduleV2" and "ScheduleExpressionTimezone" in p:
                 entry["timezone"] = p["ScheduleExpressionTimezone"]
-            if "Input" in p:
+            if "Input" in p:  # EventBridge passes it as the whole event
                 try:
                     entry["input"] = json.loads(p["Input"]) if isinstance(p["Input"], str) \
                         else p["Input"]
                 except ValueError as exc:
                     raise self.error(ploc + ("Input",), f"Input is not JSON: {exc}") from None
+                entry["input_as_event"] = True
             schedules = fn.setdefault("schedule", [])
             self.locs[base + ("schedule", len(schedules))] = ploc + (key,)
             self.locs[base + ("schedule", len(schedules), "input")] = ploc + ("Input",)

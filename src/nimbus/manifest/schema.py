@@ -377,6 +377,7 @@ class ScheduleModel(_Model):
     missed: Annotated[str, BeforeValidator(_missed)] = "once"
     input: Annotated[dict[str, Any], BeforeValidator(_json_mapping)] = Field(
         default_factory=dict, description="a mapping, passed as the event's detail")
+    input_as_event: bool = False  # true: input is the whole event (EventBridge's Input)
 
     @model_validator(mode="after")
     def _expression_in_zone(self) -> ScheduleModel:
@@ -405,16 +406,19 @@ class QueueTrigger(_Model):
 class Destination(_Model):
     function: Annotated[str, BeforeValidator(_function_name)] | None = None
     queue: QueueName | None = None
+    topic: QueueName | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Destination:
-        if (self.function is None) == (self.queue is None):
-            raise fail("expected exactly one of 'function: NAME' or 'queue: NAME'")
+        if [self.function, self.queue, self.topic].count(None) != 2:
+            raise fail("expected exactly one of 'function: NAME', 'queue: NAME' or "
+                       "'topic: NAME'")
         return self
 
     @property
     def ref(self) -> str:
-        return f"function:{self.function}" if self.function else f"queue:{self.queue}"
+        return (f"function:{self.function}" if self.function else
+                f"queue:{self.queue}" if self.queue else f"topic:{self.topic}")
 
 
 class Destinations(_Model):

@@ -36,5 +36,9 @@ def work(event, context):
     return {"seen": seen, "batchItemFailures": failures}
 
 
+def fail(event, context):
+    raise RuntimeError("no luck: " + event["order"])
+
+
 def tick(event, context):
-    return {"detail": event["detail"], "source": event["source"]}
+    return {"event": event}
