@@ -62,7 +62,8 @@ def rich_app(root: Path) -> tuple[AppSpec, Path]:
                              Route("GET", "/", payload="1.0"))),
         FunctionSpec("nightly", "jobs", "handler", schedules=(
             ScheduleSpec("rate(5 minutes)"),
-            ScheduleSpec("cron(0 2 * * ? *)", input=(("kind", "nightly"),)),
+            ScheduleSpec("cron(0 2 * * ? *)", input=(("kind", "nightly"),),
+                         input_as_event=True),
             ScheduleSpec("cron(0 9 ? * MON-FRI *)", timezone="Europe/Paris"))),
         FunctionSpec("orders", "orders", "handler", queue="orders", batch_size=5,
                      max_batching_window_s=2, timeout_s=20, retries=1, max_event_age_s=3600,
@@ -200,13 +201,9 @@ def test_events_queues_topics_destinations(exports: dict[str, Any]) -> None:
                                           "Properties": {"Topic": {"Ref": "SignupsTopic"}}}
 
 
-def test_rich_export_warns_only_about_schedule_input_and_copies_code(
-        exports: dict[str, Any]) -> None:
+def test_rich_export_has_no_warnings_and_copies_code(exports: dict[str, Any]) -> None:
     written = exports["rich"][1]
-    assert written.warnings == [
-        "function nightly: schedule 'cron(0 2 * * ? *)': on AWS the function receives Input "
-        "as its whole event, where nimbus gives it as the Scheduled Event's detail; read both "
-        "in the handler (event.get('detail', event))"]
+    assert written.warnings == []
     out = written.template.parent
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == ["alerts.py", "custom/bootstrap", "jobs.py",
@@ -399,3 +396,16 @@ def test_a_topic_destination_is_an_sns_destination_and_a_topic() -> None:
         "OnFailure"]["Destination"], Ref)
     assert res["AlarmsTopic"] == {"Type": "AWS::SNS::Topic",
                                   "Properties": {"TopicName": "alarms"}}
+
+
+def test_schedule_input_given_as_detail_has_no_aws_form() -> None:
+    spec = ScheduleSpec("rate(1 hour)", input=(("k", 1),))
+    res, warnings = _one(_fn(schedules=(spec,)))
+    assert res["Properties"]["Events"] == {"Schedule1": {"Type": "Schedule", "Properties": {
+        "Schedule": "rate(1 hour)", "Input": '{"k":1}'}}}
+    assert res["Metadata"]["nimbus"] == {"schedules": [spec.to_dict()]}
+    assert warnings == [
+        "function f: schedule 'rate(1 hour)': on AWS the function receives Input as its whole "
+        "event, where this schedule gives it as the Scheduled Event's detail; read both in the "
+        "handler (event.get('detail', event)), or set input_as_event: true",
+        "function f: the schedules as nimbus runs them are kept in Metadata.nimbus.schedules"]

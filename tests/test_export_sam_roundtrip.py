@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from nimbus.manifest.export_sam import export_sam
 from nimbus.manifest.loader import load_app
@@ -15,15 +17,12 @@ from nimbus.manifest.model import AppSpec, FunctionSpec
 from nimbus.rollout.policy import parse_strategy
 from tests.apps import write_seed
 from tests.conftest import Nimbus
-from tests.test_export_sam import rich_app
+from tests.test_export_sam import CFN_LINT, rich_app
 
 # What does not come back as it was, and why. Everything else must.
 EXCEPTIONS = {
     # a bare python3 is exported as python3.11, the interpreter nimbus serves it with
     "runtime": lambda before, after: before == "python3" and after == "python3.11",
-    # provisioned concurrency and DeploymentPreference need AutoPublishAlias: live, which
-    # reads back as triggers on alias live: what no trigger_alias means
-    "trigger_alias": lambda before, after: before is None and after == "live",
 }
 
 
@@ -75,6 +74,63 @@ def test_the_rich_app_comes_back(tmp_path: Path) -> None:
     assert back.functions["orders"].on_failure == "function:alerts"
 
 
+def test_what_lambda_cannot_hold_comes_back_from_metadata(tmp_path: Path) -> None:
+    app_dir = tmp_path / "limits"
+    app_dir.mkdir()
+    (app_dir / "jobs.py").write_text("def handler(event, context):\n    return 1\n")
+    (app_dir / "app.yaml").write_text(textwrap.dedent("""\
+        functions:
+          tight:
+            handler: jobs.handler
+            runtime: python3.7
+            memory_mb: 64
+            timeout_s: 2.5
+            ephemeral_storage_mb: 64
+            concurrency: 4
+            max_instances: 8
+            target_concurrency: 3
+            stable_window_s: 20
+            panic_window_s: 4
+            scale_to_zero_after_s: 120
+            max_queue: 7
+            preload: [json]
+            max_processes: 64
+            cpu: 0.5
+            retries: 5
+            retry_delay_s: 3
+            max_event_age_s: 30
+            dead_letter: false
+            trigger_alias: live
+            log_level: ERROR
+            env: {AWS_REGION: here, KEEP: "1"}
+            http: [{method: GET, path: /t}, {method: GET, path: /b, alias: beta}]
+            schedule:
+              - rate(30 seconds)
+              - {expression: "0 0 1 * 1", timezone: Europe/Paris, missed: all}
+              - {expression: rate(1 hour), input: {k: 1}}
+            rollout: {strategy: "linear:20%:1m", min_requests: 50, rollback_on: "error_rate > 5%"}
+          batch:
+            handler: jobs.handler
+            queue: {name: work, batch_size: 20, max_batching_window_s: 0.5}
+        """))
+    app = load_app(app_dir)
+    written = export_sam(app, app_dir, tmp_path / "out" / "limits")
+    meta = yaml.safe_load(written.template.read_text().replace("!", ""))["Resources"]
+    assert sorted(meta["tight"]["Metadata"]["nimbus"]) == sorted([
+        "runtime", "memory_mb", "timeout_s", "ephemeral_storage_mb", "concurrency",
+        "max_instances", "target_concurrency", "stable_window_s", "panic_window_s",
+        "scale_to_zero_after_s", "max_queue", "preload", "max_processes", "cpu", "retries",
+        "retry_delay_s", "max_event_age_s", "dead_letter", "trigger_alias", "log_level", "env",
+        "schedules", "rollout", "route_aliases"])
+    assert meta["batch"]["Metadata"]["nimbus"] == {"max_batching_window_s": 0.5}
+    lint = subprocess.run([str(CFN_LINT), str(written.template)], capture_output=True,
+                          text=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout + lint.stderr  # the clamped values are valid
+    _assert_same(app, load_app(written.template.parent))
+    back = load_app(written.template.parent)
+    assert back.rollouts["tight"] == app.rollouts["tight"]
+
+
 SAM_APP = Path(__file__).resolve().parent / "apps" / "sam"
 
 
@@ -83,19 +139,11 @@ def test_a_sam_app_exported_and_loaded_again_is_the_same(tmp_path: Path) -> None
     app = load_app(app_dir)
     written = export_sam(app, app_dir, tmp_path / "out" / "shop")
     _assert_same(app, load_app(written.template.parent))
-    assert written.warnings == [
-        "function Web: env TABLE holds an ARN in nimbus's account 000000000000 "
-        "(arn:aws:dynamodb:local:000000000000:table/Orders); on AWS, point it at the real "
-        "resource (!GetAtt or !Ref in the template)",
-        "function Worker: env TABLE holds an ARN in nimbus's account 000000000000 "
-        "(arn:aws:dynamodb:local:000000000000:table/Orders); on AWS, point it at the real "
-        "resource (!GetAtt or !Ref in the template)",
-        "function Ticker: env TABLE holds an ARN in nimbus's account 000000000000 "
-        "(arn:aws:dynamodb:local:000000000000:table/Orders); on AWS, point it at the real "
-        "resource (!GetAtt or !Ref in the template)",
-        "function Ticker: schedule 'rate(1 minute)': on AWS the function receives Input as "
-        "its whole event, where nimbus gives it as the Scheduled Event's detail; read both in "
-        "the handler (event.get('detail', event))",
+    table = "arn:aws:dynamodb:local:000000000000:table/Orders"
+    assert written.warnings == [  # Globals give every function TABLE: !GetAtt Orders.Arn
+        f"function {name}: env TABLE holds an ARN in nimbus's account 000000000000 ({table}); "
+        "on AWS, point it at the real resource (!GetAtt or !Ref in the template)"
+        for name in app.functions] + [
         "app: AWS::DynamoDB::Table Orders (template.yaml:30) was not provided by nimbus, so it "
         "is not in the export; copy it from the original template"]
 

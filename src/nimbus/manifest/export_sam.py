@@ -450,9 +450,11 @@ class _FnContext:
             age = max(LAMBDA_MIN_EVENT_AGE_S, math.ceil(fn.max_event_age_s))
             cfg["MaximumEventAgeInSeconds"] = age
             if age != fn.max_event_age_s:
+                why = (f"is below Lambda's minimum of {LAMBDA_MIN_EVENT_AGE_S}"
+                       if fn.max_event_age_s < LAMBDA_MIN_EVENT_AGE_S else
+                       "is not whole seconds")
                 self.keep("max_event_age_s", fn.max_event_age_s,
-                          f"max_event_age_s {fn.max_event_age_s:g} is not whole seconds from "
-                          f"{LAMBDA_MIN_EVENT_AGE_S}: exported as {age}")
+                          f"max_event_age_s {fn.max_event_age_s:g} {why}: exported as {age}")
         dest: dict[str, Any] = {}
         if fn.on_success:
             dest["OnSuccess"] = self._destination(fn.on_success)
@@ -552,9 +554,12 @@ class _FnContext:
                 props, kind = {"Schedule": expr}, "Schedule"
             if s.input:
                 props["Input"] = json.dumps(dict(s.input), separators=(",", ":"))
-                self.warn(f"schedule {s.expression!r}: on AWS the function receives Input as "
-                          "its whole event, where nimbus gives it as the Scheduled Event's "
-                          "detail; read both in the handler (event.get('detail', event))")
+                if not s.input_as_event:
+                    self.warn(f"schedule {s.expression!r}: on AWS the function receives Input "
+                              "as its whole event, where this schedule gives it as the "
+                              "Scheduled Event's detail; read both in the handler "
+                              "(event.get('detail', event)), or set input_as_event: true")
+                    inexact = True
             put(f"Schedule{i}", {"Type": kind, "Properties": props})
         if inexact:
             self.meta["schedules"] = [s.to_dict() for s in self.fn.schedules]
