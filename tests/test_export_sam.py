@@ -409,3 +409,15 @@ def test_schedule_input_given_as_detail_has_no_aws_form() -> None:
         "event, where this schedule gives it as the Scheduled Event's detail; read both in the "
         "handler (event.get('detail', event)), or set input_as_event: true",
         "function f: the schedules as nimbus runs them are kept in Metadata.nimbus.schedules"]
+
+
+def test_regions_go_in_the_template_metadata() -> None:
+    from nimbus.manifest.model import RegionsSpec
+
+    app = AppSpec("a", "app.yaml", {"f": _fn()},
+                  regions=RegionsSpec(("eu", "us"), "weighted", {"eu": 3, "us": 1}))
+    out = template_for(app)
+    assert out.template["Metadata"] == {"nimbus": {"app": "a", "regions": {
+        "names": ["eu", "us"], "policy": "weighted", "weights": {"eu": 3, "us": 1}}}}
+    assert out.warnings == ["app: regions have no place in a SAM template (one stack is one "
+                            "region); kept in Metadata.nimbus.regions"]
