@@ -79,6 +79,7 @@ def test_what_lambda_cannot_hold_comes_back_from_metadata(tmp_path: Path) -> Non
     app_dir.mkdir()
     (app_dir / "jobs.py").write_text("def handler(event, context):\n    return 1\n")
     (app_dir / "app.yaml").write_text(textwrap.dedent("""\
+        regions: {names: [eu, us], policy: weighted, weights: {eu: 3, us: 1}}
         functions:
           tight:
             handler: jobs.handler
@@ -129,6 +130,7 @@ def test_what_lambda_cannot_hold_comes_back_from_metadata(tmp_path: Path) -> Non
     _assert_same(app, load_app(written.template.parent))
     back = load_app(written.template.parent)
     assert back.rollouts["tight"] == app.rollouts["tight"]
+    assert back.regions == app.regions and app.regions is not None
 
 
 SAM_APP = Path(__file__).resolve().parent / "apps" / "sam"
