@@ -26,7 +26,6 @@ import yaml
 
 from nimbus.errors import UserInputError
 from nimbus.manifest.model import (
-    DEFAULT_BATCH_SIZE,
     DEFAULT_EPHEMERAL_STORAGE_MB,
     DEFAULT_MAX_EVENT_AGE_S,
     DEFAULT_MAX_INSTANCES,
@@ -526,8 +525,6 @@ class _FnContext:
             if fn.report_batch_failures:
                 props["FunctionResponseTypes"] = ["ReportBatchItemFailures"]
             put(camel(fn.queue) + "Messages", {"Type": "SQS", "Properties": props})
-        elif fn.batch_size != DEFAULT_BATCH_SIZE or fn.max_batching_window_s:
-            pass  # batch settings without a queue do nothing
         for t in fn.topics:
             put(camel(t) + "Messages",
                 {"Type": "SNS", "Properties": {"Topic": Ref(self.topic_ids[t])}})
