@@ -506,6 +506,7 @@ def main() -> None:
     import nimbus.cli.awscreds  # noqa: F401 - registers nimbus aws-credentials
     import nimbus.cli.dns  # noqa: F401 - registers nimbus dns
     import nimbus.cli.edge  # noqa: F401 - registers nimbus edge
+    import nimbus.cli.export  # noqa: F401 - registers nimbus export
     import nimbus.cli.init  # noqa: F401 - registers nimbus init
     import nimbus.cli.metrics  # noqa: F401 - registers nimbus metrics
     import nimbus.cli.roles  # noqa: F401 - registers the region's process commands
