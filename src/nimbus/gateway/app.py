@@ -167,13 +167,7 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - a bug of ours; the client gets a 500
             log.exception("request %s failed", rid)
             status, headers, data = error_response(exc, rid)
-        headers.append((REQUEST_ID_HEADER, rid.encode()))
-        if data or status not in NO_BODY:
-            headers.append((b"content-length", str(len(data)).encode()))
-        if span is not None:
-            _end_span(span, rid, status)
-        HTTP.count(function, status, received, len(data))
-        return status, headers, data
+        return _finish(status, headers, data, rid, span, function, received)
 
     async def _respond_v1(self, scope: dict[str, Any], receive: Any, route: RestRoute,
                           path_params: dict[str, str] | None, rid: str,
@@ -218,13 +212,7 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - a bug of ours; the client gets a 500
             log.exception("request %s failed", rid)
             status, headers, data = error_response(exc, rid)
-        headers.append((REQUEST_ID_HEADER, rid.encode()))
-        if data or status not in NO_BODY:
-            headers.append((b"content-length", str(len(data)).encode()))
-        if span is not None:
-            _end_span(span, rid, status)
-        HTTP.count(function, status, received, len(data))
-        return status, headers, data
+        return _finish(status, headers, data, rid, span, function, received)
 
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
         limit = self.config.max_body_bytes
@@ -316,3 +304,16 @@ async def _lifespan(receive: Any, send: Any) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def _finish(status: int, headers: list[tuple[bytes, bytes]], data: bytes, rid: str,
+            span: tracing.Span | None, function: str, received: int) -> Response:
+    """A response's last headers (request id, length), its span ended and
+    its counts taken: the same for every payload format."""
+    headers.append((REQUEST_ID_HEADER, rid.encode()))
+    if data or status not in NO_BODY:
+        headers.append((b"content-length", str(len(data)).encode()))
+    if span is not None:
+        _end_span(span, rid, status)
+    HTTP.count(function, status, received, len(data))
+    return status, headers, data
