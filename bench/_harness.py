@@ -209,10 +209,11 @@ def remote_gateway_up(app: Path, workers: list[tuple[str, str]], token: Path,
             proc.stdout.close()
 
 
-def tree_cpu_s(pids: list[int]) -> float:
+def tree_cpu_s(pids: list[int], *, reaped: bool = False) -> float:
     """CPU seconds (user + system) used so far by ``pids`` and every live
     process below them: what a side of a benchmark costs, whatever the
-    machine's load did to its throughput."""
+    machine's load did to its throughput. ``reaped``: with what their
+    children that ended used too (e.g. the curl a shell starts per request)."""
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
@@ -225,7 +226,8 @@ def tree_cpu_s(pids: list[int]) -> float:
         except OSError:
             continue
         parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+        last = 15 if reaped else 13  # utime, stime[, cutime, cstime]
+        times[int(entry)] = sum(int(x) for x in fields[11:last]) / tick
     tree = set(pids)
     frontier = set(pids)
     while frontier:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._harness import nimbus_up, wrk  # noqa: E402
+from bench._harness import nimbus_up, tree_cpu_s, wrk  # noqa: E402
 from nimbus.manifest.model import FunctionSpec  # noqa: E402
 from nimbus.observe.logs import LogSink  # noqa: E402
 from nimbus.worker.containment import Containment  # noqa: E402
@@ -132,29 +131,6 @@ def write_apps(root: Path) -> dict[str, Path]:
     return apps
 
 
-def tree_cpu_with_children_s(pid: int) -> float:
-    """CPU seconds of ``pid``'s live process tree, with what their reaped
-    children used (the curl and grep a shell bootstrap starts per request)."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = sum(int(x) for x in fields[11:15]) / tick
-    tree = frontier = {pid}
-    while frontier:
-        frontier = {c for c, p in parents.items() if p in frontier and c not in tree}
-        tree = tree | frontier
-    return sum(times.get(p, 0.0) for p in tree)
-
-
 def warm(seconds: int, rounds: int, containment: str) -> dict[str, dict[str, float]]:
     root = Path(tempfile.mkdtemp(prefix="nimbus-rtapi-apps-"))
     try:
@@ -171,9 +147,9 @@ def warm(seconds: int, rounds: int, containment: str) -> dict[str, dict[str, flo
             for _ in range(rounds):
                 for name in SIDES:
                     one = wrk(url + ROUTES[name], 1, seconds)
-                    cpu = tree_cpu_with_children_s(proc.pid)
+                    cpu = tree_cpu_s([proc.pid], reaped=True)
                     four = wrk(url + ROUTES[name], 4, seconds)
-                    cpu = tree_cpu_with_children_s(proc.pid) - cpu
+                    cpu = tree_cpu_s([proc.pid], reaped=True) - cpu
                     got[name].append({"p50_1": one["p50_ms"], "p99_1": one["p99_ms"],
                                       "rps1": one["rps"], "rps4": four["rps"],
                                       "cpu_us": cpu / max(four["requests"], 1) * 1e6,
