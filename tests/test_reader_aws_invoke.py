@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import gc
 import json
 import os
 import re
@@ -154,6 +155,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             yield e
         finally:
             e.close()
+            # responses nobody read still hold their keep-alive connections
+            # until collected: the server's graceful stop would wait for them
+            gc.collect()
     finally:
         n.stop()
 
