@@ -51,6 +51,8 @@ functions:
   big:
     handler: h.big
     memory_mb: 256
+  odd:
+    handler: h.odd
 """
 
 HANDLERS = '''\
@@ -88,6 +90,33 @@ def size(event, context):
 
 def big(event, context):
     return "y" * event["n"]
+
+def odd(event, context):
+    import datetime, decimal
+    kind = event["kind"]
+    if kind == "set":
+        return {{1, 2}}
+    if kind == "bytes":
+        return b"raw"
+    if kind == "intkeys":
+        return {{1: "a", 2: "b"}}
+    if kind == "decimal":
+        return {{"price": decimal.Decimal("1.5")}}
+    if kind == "datetime":
+        return datetime.datetime(2026, 1, 1)
+    if kind == "tuple":
+        return (1, 2)
+    if kind == "nan":
+        return float("nan")
+    if kind == "bigint":
+        return 2 ** 70
+    if kind == "exit":
+        import sys
+        sys.exit(3)
+    if kind == "raise_custom":
+        class MyError(Exception):
+            pass
+        raise MyError("custom")
 '''
 
 NO_RETRY = Config(retries={"total_max_attempts": 1}, read_timeout=60, connect_timeout=10)
@@ -593,3 +622,127 @@ def test_the_aws_keys_do_not_work_on_the_v1_routes(env: Env) -> None:
               "lambda", "us-east-1").add_auth(req)
     r = httpx.get(req.url, headers=dict(req.headers.items()))
     assert r.status_code in (401, 403), r.text
+
+
+# --- return values Lambda's Python runtime can marshal ------------------
+
+
+def odd(env: Env, kind: str) -> dict[str, Any]:
+    a = env.client().invoke(FunctionName="odd", Payload=json.dumps({"kind": kind}))
+    return {"status": a["StatusCode"], "error": a.get("FunctionError"),
+            "payload": json.loads(a["Payload"].read())}
+
+
+@pytest.mark.parametrize("kind", ["set", "bytes"])
+def test_a_result_json_cannot_hold_is_a_marshal_error(env: Env, kind: str) -> None:
+    got = odd(env, kind)
+    assert (got["status"], got["error"]) == (200, "Unhandled")
+    assert got["payload"]["errorType"] == "Runtime.MarshalError"
+    assert got["payload"]["errorMessage"].startswith("Unable to marshal response:")
+
+
+def test_a_tuple_is_a_list(env: Env) -> None:
+    assert odd(env, "tuple") == {"status": 200, "error": None, "payload": [1, 2]}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a decimal.Decimal in the result (what boto3's DynamoDB resource returns for numbers) "
+    "is a Runtime.MarshalError ('Type is not JSON serializable: decimal.Decimal'); "
+    "Lambda's Python runtime encodes Decimals as JSON numbers: {'price': Decimal('1.5')} "
+    "-> {\"price\": 1.5}"))
+def test_a_decimal_in_the_result_is_a_number(env: Env) -> None:
+    assert odd(env, "decimal") == {"status": 200, "error": None, "payload": {"price": 1.5}}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a dict with int keys in the result is a Runtime.MarshalError ('Dict key must be "
+    "str'); Lambda's Python runtime (json.dumps) turns the keys into strings: "
+    "{1: 'a', 2: 'b'} -> {\"1\": \"a\", \"2\": \"b\"}"))
+def test_int_keys_in_the_result_become_strings(env: Env) -> None:
+    assert odd(env, "intkeys") == {"status": 200, "error": None,
+                                   "payload": {"1": "a", "2": "b"}}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an integer beyond 64 bits in the result (2**70) is a Runtime.MarshalError "
+    "('Integer exceeds 64-bit range'); Lambda's Python runtime writes it as a JSON number "
+    "1180591620717411303424"))
+def test_a_big_integer_in_the_result_is_a_number(env: Env) -> None:
+    assert odd(env, "bigint") == {"status": 200, "error": None, "payload": 2 ** 70}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a datetime in the result is sent as an ISO string ('2026-01-01T00:00:00') with no "
+    "error; Lambda's Python runtime cannot marshal it (FunctionError Unhandled, "
+    "Runtime.MarshalError), so a handler that works on nimbus fails once moved back"))
+def test_a_datetime_in_the_result_is_a_marshal_error_as_on_lambda(env: Env) -> None:
+    got = odd(env, "datetime")
+    assert got["error"] == "Unhandled"
+    assert got["payload"]["errorType"] == "Runtime.MarshalError"
+
+
+def test_sys_exit_is_a_runtime_exit_error(env: Env) -> None:
+    got = odd(env, "exit")
+    assert (got["status"], got["error"]) == (200, "Unhandled")
+    assert got["payload"]["errorType"] == "Runtime.ExitError"
+
+
+def test_a_custom_exception_class_is_the_error_type(env: Env) -> None:
+    got = odd(env, "raise_custom")
+    assert got["error"] == "Unhandled"
+    assert (got["payload"]["errorType"], got["payload"]["errorMessage"]) == ("MyError",
+                                                                           "custom")
+
+
+# --- more signature checks -------------------------------------------------
+
+
+def _raw(env: Env, headers: dict[str, str], service: str = "lambda",
+         ) -> tuple[str, dict[str, str]]:
+    url = env.n.control_url.rstrip("/") + "/2015-03-31/functions/echo/invocations"
+    req = AWSRequest(method="POST", url=url, data=b"{}", headers=headers)
+    SigV4Auth(Credentials(env.creds["AWS_ACCESS_KEY_ID"], env.creds["AWS_SECRET_ACCESS_KEY"]),
+              service, "us-east-1").add_auth(req)
+    return url, dict(req.headers.items())
+
+
+def test_a_signature_for_another_service_is_refused(env: Env) -> None:
+    url, headers = _raw(env, {}, service="s3")
+    r = httpx.post(url, content=b"{}", headers=headers)
+    assert r.status_code == 403
+    assert r.headers["x-amzn-errortype"].split(":")[0] == "InvalidSignatureException"
+
+
+def test_a_signed_header_changed_after_signing_is_refused(env: Env) -> None:
+    url, headers = _raw(env, {"X-Amz-Invocation-Type": "DryRun"})
+    headers["X-Amz-Invocation-Type"] = "RequestResponse"
+    r = httpx.post(url, content=b"{}", headers=headers)
+    assert r.status_code == 403
+    assert r.headers["x-amzn-errortype"].split(":")[0] == "InvalidSignatureException"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an x-amz-* header that is not among the signed headers is obeyed: a request signed "
+    "without X-Amz-Invocation-Type, then sent with 'X-Amz-Invocation-Type: Event' added, "
+    "is accepted (202) and queued; SigV4 requires every x-amz-* header sent to be signed, "
+    "so whoever can alter a request in transit can switch its invocation type (or add "
+    "X-Amz-Log-Type: Tail) without breaking the signature; expected 403"))
+def test_an_unsigned_x_amz_header_is_refused(env: Env) -> None:
+    url, headers = _raw(env, {})
+    headers["X-Amz-Invocation-Type"] = "Event"
+    r = httpx.post(url, content=b"{}", headers=headers)
+    assert r.status_code == 403, (r.status_code, r.text)
+
+
+@pytest.mark.parametrize("auth", ["AWS4-HMAC-SHA256 foo",
+                                  "AWS4-HMAC-SHA256 Credential=x/y, SignedHeaders=host, "
+                                  "Signature=00",
+                                  "Basic abc"])
+def test_a_malformed_authorization_is_a_clean_403(env: Env, auth: str) -> None:
+    url = env.n.control_url.rstrip("/") + "/2015-03-31/functions/echo/invocations"
+    r = httpx.post(url, content=b"{}", headers={"authorization": auth})
+    assert r.status_code == 403, r.text
+    assert r.headers["x-amzn-errortype"].split(":")[0] in {
+        "IncompleteSignatureException", "InvalidSignatureException",
+        "MissingAuthenticationTokenException"}
+    assert "message" in r.json()
