@@ -412,3 +412,39 @@ def test_the_same_function_gets_a_2_0_event_on_its_default_route(up: Nimbus) -> 
     assert ev["routeKey"] == "GET /h/items/{id}"
     assert ev["queryStringParameters"] == {"a": "1,2"}
     assert "multiValueQueryStringParameters" not in ev
+
+
+def test_resource_id_is_stable_per_route_and_request_ids_are_the_request_id(up: Nimbus) -> None:
+    r1 = web(up).get("/r/items/1")
+    r2 = web(up).get("/r/items/2")
+    r3 = web(up).get("/r/plain")
+    c1, c2, c3 = (event_of(r)["requestContext"] for r in (r1, r2, r3))
+    assert c1["resourceId"] == c2["resourceId"] != c3["resourceId"]
+    for r, c in ((r1, c1), (r2, c2), (r3, c3)):
+        assert c["requestId"] == c["extendedRequestId"] == r.headers["x-nimbus-request-id"]
+    assert c1["requestId"] != c2["requestId"]
+
+
+@pytest.mark.parametrize("ctype", ["application/vnd.api+json", "application/problem+json",
+                                   "text/xml", "application/xml", "image/svg+xml",
+                                   "application/json; charset=utf-8", "text/csv"])
+def test_text_media_types_arrive_as_text(up: Nimbus, ctype: str) -> None:
+    ev = event_of(web(up).post("/r/any", content=b'{"a": 1}', headers={"content-type": ctype}))
+    assert ev["isBase64Encoded"] is False
+    assert ev["body"] == '{"a": 1}'
+
+
+def test_a_content_length_from_the_handler_does_not_break_the_answer(up: Nimbus) -> None:
+    r = httpx.post(up.url + "/r/respond", timeout=10,
+                   content=json.dumps({"r": {"statusCode": 200,
+                                             "headers": {"content-length": "999"},
+                                             "body": "x"}}))
+    assert r.status_code == 200
+    assert r.content == b"x"
+    assert r.headers["content-length"] == "1"
+
+
+def test_a_204_answer_has_no_body_even_if_one_is_given(up: Nimbus) -> None:
+    r = answer(up, {"statusCode": 204, "body": "ignored"})
+    assert r.status_code == 204
+    assert r.content == b""
