@@ -255,6 +255,30 @@ def test_event_invoke_is_202_and_runs(env: Env) -> None:
     assert result["event"] == {"async": True}
 
 
+def test_event_invoke_with_an_alias_runs_the_aliased_version(env: Env) -> None:
+    a = env.client().invoke(FunctionName="echo", Qualifier="beta", InvocationType="Event",
+                            Payload=b'{"pinned": 1}')
+    assert a["StatusCode"] == 202
+    with control(env.n) as ctl:
+        rec = settled(ctl, a["ResponseMetadata"]["RequestId"])
+    result = rec["result"]
+    if isinstance(result, str):
+        result = json.loads(result)
+    assert (result["code"], result["event"]) == ("one", {"pinned": 1})
+
+
+@pytest.mark.parametrize(("kwargs", "code"), [
+    ({"FunctionName": "nosuch"}, "ResourceNotFoundException"),
+    ({"FunctionName": "echo", "Qualifier": "gamma"}, "ResourceNotFoundException"),
+    ({"FunctionName": "echo", "Payload": b"not json"}, "InvalidRequestContentException"),
+], ids=["function", "qualifier", "payload"])
+def test_event_invoke_checks_before_accepting(env: Env, kwargs: dict[str, Any],
+                                              code: str) -> None:
+    with pytest.raises(ClientError) as e:
+        env.client().invoke(InvocationType="Event", **kwargs)
+    assert error_of(e)[0] == code
+
+
 def test_event_invoke_of_a_raising_function_is_still_202(env: Env) -> None:
     a = env.client().invoke(FunctionName="boom", InvocationType="Event", Payload=b"{}")
     assert a["StatusCode"] == 202
