@@ -509,30 +509,36 @@ def test_unicode_round_trips(env: Env) -> None:
     assert json.loads(a["Payload"].read()) == text
 
 
-def test_a_payload_just_under_6_mb_runs(env: Env) -> None:
-    event = {"s": "z" * 5_900_000}
-    a = env.client().invoke(FunctionName="size", Payload=json.dumps(event))
+def sized(n: int) -> bytes:
+    """A JSON payload of exactly ``n`` bytes."""
+    data = json.dumps({"s": "z" * (n - 9)}).encode()
+    assert len(data) == n
+    return data
+
+
+def test_a_payload_of_exactly_6_mb_runs(env: Env) -> None:
+    # Lambda's limit: 6 MB = 6,291,456 bytes for a synchronous request
+    a = env.client().invoke(FunctionName="size", Payload=sized(6_291_456))
     assert a["StatusCode"] == 200, a
-    assert json.loads(a["Payload"].read()) == len(json.dumps(event))
+    assert json.loads(a["Payload"].read()) == 6_291_456
 
 
-def test_a_payload_over_6_mb_is_request_too_large(env: Env) -> None:
+def test_a_payload_one_byte_over_6_mb_is_request_too_large(env: Env) -> None:
     with pytest.raises(ClientError) as e:
-        env.client().invoke(FunctionName="size",
-                            Payload=json.dumps({"s": "z" * 6_400_000}))
+        env.client().invoke(FunctionName="size", Payload=sized(6_291_457))
     assert error_of(e) == ("RequestTooLargeException", 413)
 
 
-def test_an_event_payload_under_256_kb_is_accepted(env: Env) -> None:
+def test_an_event_payload_of_exactly_256_kb_is_accepted(env: Env) -> None:
     a = env.client().invoke(FunctionName="size", InvocationType="Event",
-                            Payload=json.dumps({"s": "z" * 250_000}))
+                            Payload=sized(262_144))
     assert a["StatusCode"] == 202
 
 
-def test_an_event_payload_over_256_kb_is_request_too_large(env: Env) -> None:
+def test_an_event_payload_one_byte_over_256_kb_is_request_too_large(env: Env) -> None:
     with pytest.raises(ClientError) as e:
         env.client().invoke(FunctionName="size", InvocationType="Event",
-                            Payload=json.dumps({"s": "z" * 270_000}))
+                            Payload=sized(262_145))
     assert error_of(e) == ("RequestTooLargeException", 413)
 
 
