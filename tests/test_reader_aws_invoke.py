@@ -53,6 +53,8 @@ functions:
     memory_mb: 256
   odd:
     handler: h.odd
+  logs:
+    handler: h.logs
 """
 
 HANDLERS = '''\
@@ -90,6 +92,13 @@ def size(event, context):
 
 def big(event, context):
     return "y" * event["n"]
+
+def logs(event, context):
+    import logging
+    logging.getLogger().warning("warned %s", 1)
+    logging.getLogger("app.sub").error("sub error")
+    print("to stderr", file=__import__("sys").stderr)
+    return None
 
 def odd(event, context):
     import datetime, decimal
@@ -209,6 +218,20 @@ def test_aws_credentials_prints_the_four_exports(env: Env) -> None:
     assert env.creds["AWS_ENDPOINT_URL_LAMBDA"].rstrip("/") == env.n.control_url.rstrip("/")
     again = env.n.cli("aws-credentials")
     assert exports(again.stdout) == env.creds
+
+
+def test_another_token_gives_another_pair_that_is_refused(env: Env) -> None:
+    p = env.n.cli("aws-credentials", "--url", env.n.control_url, "--token", "not-the-token")
+    if p.returncode == 0:
+        other = exports(p.stdout)
+        assert other["AWS_ACCESS_KEY_ID"] != env.creds["AWS_ACCESS_KEY_ID"]
+        assert other["AWS_SECRET_ACCESS_KEY"] != env.creds["AWS_SECRET_ACCESS_KEY"]
+        with pytest.raises(ClientError) as e:
+            env.client(key=other["AWS_ACCESS_KEY_ID"],
+                       secret=other["AWS_SECRET_ACCESS_KEY"]).invoke(FunctionName="echo")
+        assert error_of(e) == ("UnrecognizedClientException", 403)
+    else:
+        assert p.stderr.startswith("nimbus: error:"), p.stderr
 
 
 def test_eval_of_the_printed_exports_is_all_plain_boto3_needs(env: Env, tmp_path: Path) -> None:
@@ -352,7 +375,21 @@ def test_a_timeout_is_sandbox_timedout(env: Env) -> None:
     a = env.client().invoke(FunctionName="slow")
     assert a["StatusCode"] == 200
     assert a["FunctionError"] == "Unhandled"
-    assert body(a)["errorType"] == "Sandbox.Timedout"
+    err = body(a)
+    assert err["errorType"] == "Sandbox.Timedout"
+    assert err["errorMessage"].endswith("Task timed out after 1.00 seconds"), err
+
+
+def test_tail_holds_logger_records_and_stderr(env: Env) -> None:
+    a = env.client().invoke(FunctionName="logs", LogType="Tail")
+    assert a["Payload"].read() == b"null"
+    rid = a["ResponseMetadata"]["RequestId"]
+    log = base64.b64decode(a["LogResult"]).decode()
+    warned = [x for x in log.splitlines() if "warned 1" in x]
+    assert len(warned) == 1, log
+    # Lambda's text format: [LEVEL]\ttimestamp\trequest id\tmessage
+    assert warned[0].startswith("[WARNING]\t") and f"\t{rid}\t" in warned[0], warned
+    assert "sub error" in log and "to stderr" in log
 
 
 # --- qualifiers and names ------------------------------------------------
