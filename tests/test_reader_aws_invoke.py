@@ -55,6 +55,8 @@ functions:
     handler: h.odd
   logs:
     handler: h.logs
+  overlap:
+    handler: h.overlap
 """
 
 HANDLERS = '''\
@@ -92,6 +94,13 @@ def size(event, context):
 
 def big(event, context):
     return "y" * event["n"]
+
+def overlap(event, context):
+    import time
+    for i in range(5):
+        print(f"mine {{context.aws_request_id}} {{i}}")
+        time.sleep(0.05)
+    return context.aws_request_id
 
 def logs(event, context):
     import logging
@@ -344,6 +353,24 @@ def test_tail_is_the_last_4_kb(env: Env) -> None:
     assert "line 0399 " in text
     assert "line 0000 " not in text
     assert text.rstrip("\n").splitlines()[-1].startswith("REPORT RequestId:")
+
+
+def test_concurrent_tails_hold_only_their_own_lines(env: Env) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(_: int) -> tuple[str, str]:
+        a = env.client().invoke(FunctionName="overlap", LogType="Tail")
+        return json.loads(a["Payload"].read()), base64.b64decode(a["LogResult"]).decode()
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(4)))
+    rids = {rid for rid, _ in results}
+    assert len(rids) == 4
+    for rid, log in results:
+        mine = [x for x in log.splitlines() if x.startswith("mine ")]
+        assert mine == [f"mine {rid} {i}" for i in range(5)], log
+        for other in rids - {rid}:
+            assert other not in log, log
 
 
 def test_without_tail_there_is_no_log_result(env: Env) -> None:
@@ -828,3 +855,16 @@ def test_a_big_integer_in_the_payload_stays_exact(env: Env) -> None:
 def test_a_float_and_a_nul_in_the_payload_survive(env: Env) -> None:
     a = env.client().invoke(FunctionName="echo", Payload=b'{"f": 0.1, "s": "a\\u0000b"}')
     assert body(a)["event"] == {"f": 0.1, "s": "a\x00b"}
+
+
+def test_an_endpoint_named_localhost_with_a_trailing_slash_works(env: Env) -> None:
+    port = env.n.control_url.rstrip("/").rsplit(":", 1)[1]
+    c = boto3.client("lambda", endpoint_url=f"http://localhost:{port}/", region_name="local",
+                     aws_access_key_id=env.creds["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=env.creds["AWS_SECRET_ACCESS_KEY"],
+                     config=NO_RETRY)
+    try:
+        a = c.invoke(FunctionName="echo", Payload=b'{"via": "localhost"}')
+        assert body(a)["event"] == {"via": "localhost"}
+    finally:
+        c.close()
