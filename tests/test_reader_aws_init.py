@@ -227,3 +227,16 @@ def test_an_app_in_a_folder_named_with_digits_deploys_as_made(tmp_path: Path) ->
         assert n.http.get("/hello").text == "Hello, World!"
     finally:
         n.stop()
+
+
+def test_init_without_a_name_is_a_usage_error(tmp_path: Path) -> None:
+    p = nimbus("init", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "nimbus: error:" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_template_option_may_follow_the_name(tmp_path: Path) -> None:
+    p = nimbus("init", "shop", "--template", "api", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "shop" / "api.py").is_file()
