@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime
 import gc
+import io
 import json
 import os
 import re
@@ -157,6 +158,22 @@ def exports(text: str) -> dict[str, str]:
     return out
 
 
+class Reading:
+    """A boto3 Lambda client whose answers are read at once: an unread
+    streaming payload would keep its connection out of the pool."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def invoke(self, **kwargs: Any) -> dict[str, Any]:
+        answer: dict[str, Any] = self.client.invoke(**kwargs)
+        answer["Payload"] = io.BytesIO(answer["Payload"].read())
+        return answer
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class Env:
     def __init__(self, n: Nimbus, creds: dict[str, str], printed: str) -> None:
         self.n = n
@@ -169,11 +186,11 @@ class Env:
         """One boto3 client per settings, kept for the module (closed at its end)."""
         k = (region, key, secret)
         if k not in self.clients:
-            self.clients[k] = boto3.client(
+            self.clients[k] = Reading(boto3.client(
                 "lambda", endpoint_url=self.n.control_url, region_name=region,
                 aws_access_key_id=key or self.creds["AWS_ACCESS_KEY_ID"],
                 aws_secret_access_key=secret or self.creds["AWS_SECRET_ACCESS_KEY"],
-                config=NO_RETRY)
+                config=NO_RETRY))
         return self.clients[k]
 
     def close(self) -> None:
@@ -202,8 +219,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             yield e
         finally:
             e.close()
-            # responses nobody read still hold their keep-alive connections
-            # until collected: the server's graceful stop would wait for them
+            # anything still holding a connection is let go before the
+            # server's graceful stop, which would wait for it
             gc.collect()
     finally:
         n.stop()
@@ -859,10 +876,10 @@ def test_a_float_and_a_nul_in_the_payload_survive(env: Env) -> None:
 
 def test_an_endpoint_named_localhost_with_a_trailing_slash_works(env: Env) -> None:
     port = env.n.control_url.rstrip("/").rsplit(":", 1)[1]
-    c = boto3.client("lambda", endpoint_url=f"http://localhost:{port}/", region_name="local",
-                     aws_access_key_id=env.creds["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=env.creds["AWS_SECRET_ACCESS_KEY"],
-                     config=NO_RETRY)
+    c = Reading(boto3.client(
+        "lambda", endpoint_url=f"http://localhost:{port}/", region_name="local",
+        aws_access_key_id=env.creds["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env.creds["AWS_SECRET_ACCESS_KEY"], config=NO_RETRY))
     try:
         a = c.invoke(FunctionName="echo", Payload=b'{"via": "localhost"}')
         assert body(a)["event"] == {"via": "localhost"}
