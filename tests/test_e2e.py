@@ -150,7 +150,7 @@ def test_context_env_and_tmp(kitchen):
     assert c["function_name"] == "ctx"
     assert c["function_version"] == "1"
     assert c["memory_limit_in_mb"] == "256"
-    assert c["invoked_function_arn"].endswith(":function:ctx:1")
+    assert c["invoked_function_arn"].endswith(":function:ctx")
     assert c["log_group_name"] == "/aws/lambda/ctx"
     assert c["log_stream_name"]
     assert 0 < c["remaining"] <= 3000

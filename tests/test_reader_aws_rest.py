@@ -465,11 +465,5 @@ def test_a_response_under_6_mb_is_sent(up: Nimbus) -> None:
     assert len(r.content) == 5_000_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a REST route's response over Lambda's 6 MB response payload limit is sent whole: "
-    "GET /r/big?n=7000000 (handler returns a 7,000,000-character body) answers 200 with "
-    "the 7 MB body; on AWS the function's response fails (Function.ResponseSizeTooLarge, "
-    "'Response payload size exceeded maximum allowed payload size (6291556 bytes)') and "
-    "API Gateway answers 502 {\"message\": \"Internal server error\"}"))
 def test_a_response_over_6_mb_is_502(up: Nimbus) -> None:
     assert_internal_error(web(up).get("/r/big", params={"n": "7000000"}))

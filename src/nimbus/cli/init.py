@@ -4,6 +4,7 @@ handler called with the event nimbus sends it) and a short README."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -367,7 +368,8 @@ def render(template: str, app: str) -> dict[str, str]:
     """The files of a new app: relative name -> text."""
     module, what, manifest, code, test, function, run = FILES[template]
     return {
-        "app.yaml": manifest.format(app=app),
+        # quoted: a name such as 123, true or 1e3 is a string, not a number
+        "app.yaml": manifest.format(app=f'"{app}"'),
         f"{module}.py": code,
         f"test_{module}.py": test.format(context=CONTEXT.format(function=function)),
         "README.md": README.format(app=app, template=template, what=what, module=module,
@@ -408,4 +410,4 @@ def init_cmd(name: Path, template: str) -> None:
     module = FILES[template][0]
     click.echo(f"created app {app!r} in {name} ({template}): app.yaml, {module}.py, "
                f"test_{module}.py, README.md")
-    click.echo(f"next: cd {name} && pytest && nimbus up .")
+    click.echo(f"next: cd {shlex.quote(str(name))} && pytest && nimbus up .")

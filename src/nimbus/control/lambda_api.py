@@ -401,5 +401,15 @@ def routes(platform: Platform, log_source: LogSource) -> list[Route]:
                 records, rid, target.version, duration_ms, getattr(spec, "memory_mb", None))
         return Response(body, 200, media_type="application/json", headers=headers)
 
-    return [Route(PATH, invoke, methods=["POST"])]
+    async def no_such_function(request: Request) -> Response:
+        """A name with a ``/`` in it (or any other path under the API):
+        no function has such a name, answered in AWS's shape."""
+        rest = request.path_params["rest"]
+        return aws_error(404, "ResourceNotFoundException",
+                         f"Function not found: {rest[:200]!r} (a function name has no '/')",
+                         new_id())
+
+    return [Route(PATH, invoke, methods=["POST"]),
+            Route("/2015-03-31/functions/{rest:path}", no_such_function,
+                  methods=["GET", "POST", "PUT", "DELETE", "PATCH"])]
 

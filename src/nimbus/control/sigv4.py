@@ -307,6 +307,12 @@ def precheck(method: str, raw_path: str, raw_query: str,
     if claim.service != SERVICE:
         raise _invalid(f"Credential should be scoped to correct service: '{SERVICE}', "
                        f"not {claim.service[:40]!r}")
+    # every x-amz-* header sent counts: one added after signing (say
+    # X-Amz-Invocation-Type) could change what the call does
+    unsigned = sorted(n for n in table if n.startswith("x-amz-") and n not in claim.signed
+                      and n != "x-amz-content-sha256")  # checked against the body itself
+    if unsigned:
+        raise _invalid(f"header {unsigned[0]} is not signed: sign every x-amz-* header sent")
     if presigned:
         expires = query.get("X-Amz-Expires", "")
         if not (expires.isascii() and expires.isdigit() and 0 < int(expires) <= MAX_EXPIRES_S):

@@ -158,6 +158,39 @@ def _context_factory(spec: dict[str, Any]) -> Callable[..., LambdaContext]:
     return make
 
 
+# Lambda's limit on a synchronous response, in bytes of JSON (6 MB and a
+# little: its own figure).
+RESPONSE_LIMIT_BYTES = 6_291_556
+_RESULT_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _lambda_default(o: Any) -> Any:
+    """What Lambda's Python runtime writes beyond plain JSON: a Decimal (as
+    boto3's DynamoDB resource returns numbers) as a number."""
+    import decimal
+
+    if isinstance(o, decimal.Decimal):
+        return float(o)
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
+def result_frame(rid: str, result: Any) -> bytes:
+    """``[rid, result]`` as JSON, written as Lambda's runtime writes a
+    handler's result (``json.dumps`` with Decimals as numbers): keys that
+    are not strings become strings, a datetime is refused, and integers past
+    64 bits stay exact. ``TypeError`` if it cannot be written."""
+    try:
+        return orjson.dumps([rid, result], default=_lambda_default, option=_RESULT_OPTIONS)
+    except TypeError:  # e.g. an integer past 64 bits: Python's json writes it
+        import json
+
+        try:
+            return json.dumps([rid, result], default=_lambda_default, allow_nan=False,
+                              separators=(",", ":")).encode()
+        except ValueError as exc:  # NaN or a circular reference
+            raise TypeError(str(exc)) from None
+
+
 def _invoke_one(
     channel: _Channel,
     handler: Callable[[Any, Any], Any],
@@ -175,11 +208,16 @@ def _invoke_one(
         # on this process's monotonic clock.
         result = handler(event, make_context(rid, received + timeout_s, traceparent, xray))
         try:
-            payload = orjson.dumps([rid, result])
+            payload = result_frame(rid, result)
             kind = p.RESULT
         except TypeError as exc:
             kind, payload = p.ERROR, _error_frame(
                 rid, f"Unable to marshal response: {exc}", "Runtime.MarshalError")
+        else:
+            if len(payload) - len(rid) - 5 > RESPONSE_LIMIT_BYTES:
+                kind, payload = p.ERROR, _error_frame(
+                    rid, f"Response payload size exceeded maximum allowed payload size "
+                         f"({RESPONSE_LIMIT_BYTES} bytes).", "Function.ResponseSizeTooLarge")
     except MemoryError:
         fatal = True  # the heap may be in any state: answer, then leave
         kind, payload = p.ERROR, _error_frame(

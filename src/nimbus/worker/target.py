@@ -35,7 +35,10 @@ class Target:
 
     @property
     def arn(self) -> str:
-        return f"arn:aws:lambda:{region()}:{ACCOUNT}:function:{self.spec.name}:{self.version}"
+        """The function's unqualified ARN: what an instance's context shows as
+        ``invoked_function_arn`` (on Lambda, a call that names a version or an
+        alias shows that qualifier; an instance here serves every caller)."""
+        return f"arn:aws:lambda:{region()}:{ACCOUNT}:function:{self.spec.name}"
 
     def instance_spec(self, instance_id: str, state_dir: Path,
                       containment: Containment) -> dict[str, Any]:
