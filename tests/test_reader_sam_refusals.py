@@ -438,6 +438,18 @@ Resources:
 """,
         "", "", "bootstrap",
         files=(("runtime/bootstrap", "#!/bin/sh\nexit 0\n", 0o644),)),
+    # CloudFormation refuses a Number parameter's value outside MinValue/MaxValue.
+    "number-above-max-value": Case(
+        HEAD + """\
+Parameters:
+  Workers:
+    Type: Number
+    Default: 1
+    MinValue: 1
+    MaxValue: 3
+Resources:
+""" + FN + "      ReservedConcurrentExecutions: !Ref Workers\n",
+        "MaxValue: 3", "Parameters.Workers.MaxValue", "'7'", ("Workers=7",)),
     # SAM itself refuses a property it does not know ("property Timout not
     # defined for resource of type AWS::Serverless::Function"): the function
     # would run with the default timeout.
@@ -453,6 +465,11 @@ XFAIL = {
         "Python traceback (ValueError: not enough values to unpack, in "
         "manifest/loader.py _rich_drafts) and exit 1, instead of "
         "`nimbus: error: template.yaml:LINE: Resources.F.Properties.Handler: ...`, exit 2"),
+    "number-above-max-value": (
+        "a Number parameter's MaxValue (and MinValue) is not checked: `--parameter-overrides "
+        "Workers=7` with `MaxValue: 3` deploys with 7 (exit 1 'cannot reach nimbus' here, i.e. "
+        "the template loaded); CloudFormation refuses it ('Parameter Workers must be a number "
+        "less than or equal to 3')"),
     "misspelt-function-property": (
         "an unknown AWS::Serverless::Function property (`Timout: 30`) is only noted "
         "(`property Timout of F is not read by nimbus`) and the app deploys with the default "
