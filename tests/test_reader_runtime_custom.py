@@ -130,6 +130,10 @@ function handler () {
       exit 3;;
     *'/skip"'*)
       return;;
+    *'/nap"'*)
+      sleep 0.3
+      echo "rested $REQUEST_ID"
+      return;;
     *'/noerrtype"'*)
       curl -sS -X POST "$API/invocation/$REQUEST_ID/error" -d 'plain words' > /dev/null
       return;;
@@ -377,6 +381,15 @@ def test_asking_for_the_next_event_without_answering_is_no_response(
     assert r.status_code == 500, r.text
     assert r.json()["errorType"] == "Runtime.NoResponse"
     assert rt["n"].http.get("/rt/after-skip").status_code == 200
+
+
+def test_concurrent_requests_each_get_their_own_answer(rt: dict[str, Any]) -> None:
+    n = rt["n"]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: httpx.get(n.url + "/rt/nap", timeout=30), range(4)))
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert [a.json() for a in answers] == [
+        f"rested {a.headers['x-nimbus-request-id']}" for a in answers]
 
 
 def test_the_runtime_api_refuses_bad_requests_as_documented(rt: dict[str, Any]) -> None:
