@@ -599,3 +599,21 @@ def test_refused_with_file_line_and_property(
         assert want in lines[0], f"{want!r} not in {lines[0]!r}"
     message = lines[0].split(f"/{name}", 1)[1]  # the case's folder name is not evidence
     assert case.says in message, lines[0]
+
+
+def test_nimbus_up_refuses_before_anything_starts(tmp_path: Path) -> None:
+    """`nimbus up` reads the template the same way: exit 2, one line, and no
+    server started (no control.json in the state folder)."""
+    case = CASES["override-outside-allowed-values"]
+    argv = write_app(tmp_path, "shop", case)
+    state = tmp_path / "state"
+    p = subprocess.run(
+        [sys.executable, "-m", "nimbus.cli.main", "up", argv[1], "--port", "0",
+         "--control-port", "0", "--state-dir", str(state), "--parameter-overrides", "Stage=qa"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert "Traceback" not in out
+    errors = [ln for ln in out.splitlines() if ln.startswith("nimbus: error: ")]
+    assert len(errors) == 1 and f"/shop/template.yaml:{case.line()}: {case.prop}" in errors[0], out
+    assert not (state / "control.json").exists()
