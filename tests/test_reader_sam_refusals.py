@@ -459,6 +459,18 @@ Resources:
         "Method: null",
         "Resources.HelloWorldFunction.Properties.Events.HelloWorld.Properties.Method",
         "got null"),
+    # README: paths under /_nimbus/ are reserved; a route there is never served.
+    "api-event-on-a-reserved-path": Case(
+        HEAD + "Resources:\n" + FN + """\
+      Events:
+        Health:
+          Type: Api
+          Properties:
+            Path: /_nimbus/status
+            Method: get
+""",
+        "Path: /_nimbus/status",
+        "Resources.HelloWorldFunction.Properties.Events.Health.Properties.Path", "reserved"),
     # Lambda's MaximumRetryAttempts is 0 to 2: CloudFormation refuses 5.
     "event-invoke-config-five-retries": Case(
         HEAD + "Resources:\n" + FN + """\
@@ -487,6 +499,55 @@ Resources:
         "Timout: 30", "Resources.HelloWorldFunction.Properties.Timout", "Timout"),
 }
 
+# Templates AWS deploys that nimbus must load too (the driver's deploy then
+# fails only because no nimbus listens: exit 1, "cannot reach nimbus").
+LOADS: dict[str, str] = {
+    "json-template": """\
+{"AWSTemplateFormatVersion": "2010-09-09", "Transform": "AWS::Serverless-2016-10-31",
+ "Resources": {"HelloWorldFunction": {"Type": "AWS::Serverless::Function",
+   "Properties": {"CodeUri": "hello_world/", "Handler": "app.lambda_handler",
+                  "Runtime": "python3.11",
+                  "Events": {"HelloWorld": {"Type": "Api",
+                                            "Properties": {"Path": "/hello", "Method": "get"}}}}}}}
+""",
+    "transform-as-a-list": HEAD.replace("Transform: AWS::Serverless-2016-10-31",
+                                        "Transform: [AWS::Serverless-2016-10-31]")
+    + "Resources:\n" + FN,
+    "handler-with-its-folder": HEAD + "Resources:\n" + FN.replace(
+        "CodeUri: hello_world/", "CodeUri: .").replace(
+        "Handler: app.lambda_handler", "Handler: hello_world/app.lambda_handler"),
+    "unknown-resource-types": HEAD + """\
+Resources:
+  Workflow:
+    Type: AWS::Serverless::StateMachine
+    Properties:
+      Definition: {StartAt: A, States: {A: {Type: Pass, End: true}}}
+  Alarm:
+    Type: AWS::CloudWatch::Alarm
+    Properties:
+      MetricName: Errors
+      Dimensions: [{Name: FunctionName, Value: !Ref HelloWorldFunction}]
+""" + FN,
+    # API Gateway serves both: GET /orders to one function, every other
+    # method to the other (the more specific method wins).
+    "any-and-get-on-one-path": HEAD + "Resources:\n" + FN + """\
+      Events:
+        All:
+          Type: Api
+          Properties: {Path: /orders, Method: any}
+  ListOrdersFunction:
+    Type: AWS::Serverless::Function
+    Properties:
+      CodeUri: hello_world/
+      Handler: app.lambda_handler
+      Runtime: python3.11
+      Events:
+        List:
+          Type: Api
+          Properties: {Path: /orders, Method: get}
+""",
+}
+
 # Cases that document a defect: what is wrong, precisely.
 XFAIL = {
     "handler-without-a-dot": (
@@ -501,9 +562,19 @@ XFAIL = {
     "api-event-method-null": (
         "`Method: null` on an Api event is reported as \"got 'NONE'\" (the text 'None' "
         "upper-cased), a value the template does not hold; other properties say 'got null'"),
+    "api-event-on-a-reserved-path": (
+        "an Api event on `/_nimbus/status` (README: paths under /_nimbus/ are reserved) "
+        "deploys and `nimbus deploy` lists `GET /_nimbus/status`, but every request to it "
+        "gets the gateway's 404 '/_nimbus/status is reserved for nimbus': the route is "
+        "accepted and never served, instead of being refused at its line (app.yaml the same)"),
     "event-invoke-config-five-retries": (
         "`EventInvokeConfig: {MaximumRetryAttempts: 5}` deploys (5 retries); Lambda accepts 0 to "
         "2 and CloudFormation refuses the template, so nimbus runs an app AWS would not"),
+    "any-and-get-on-one-path": (
+        "a template with `ANY /orders` in one function and `GET /orders` in another is "
+        "refused ('route GET /orders overlaps ANY /orders'); API Gateway (REST and HTTP APIs) "
+        "serves it, sending GET to the GET route and other methods to ANY, and docs/aws.md "
+        "does not list it among what is refused"),
     "number-above-max-value": (
         "a Number parameter's MaxValue (and MinValue) is not checked: `--parameter-overrides "
         "Workers=7` with `MaxValue: 3` deploys with 7 (exit 1 'cannot reach nimbus' here, i.e. "
@@ -573,6 +644,7 @@ def write_app(root: Path, name: str, case: Case) -> list[str]:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
     root = tmp_path_factory.mktemp("refusals")
     argvs = {name: write_app(root, name, case) for name, case in CASES.items()}
+    argvs |= {name: write_app(root, name, Case(text, "", "", "")) for name, text in LOADS.items()}
     p = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(argvs),
                        capture_output=True, text=True, timeout=120, cwd=root)
     assert p.returncode == 0, p.stderr
@@ -599,6 +671,17 @@ def test_refused_with_file_line_and_property(
         assert want in lines[0], f"{want!r} not in {lines[0]!r}"
     message = lines[0].split(f"/{name}", 1)[1]  # the case's folder name is not evidence
     assert case.says in message, lines[0]
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=XFAIL[n])) if n in XFAIL else n
+    for n in LOADS])
+def test_templates_aws_deploys_load(name: str, results: dict[str, Result]) -> None:
+    p = results[name]
+    out = p.stdout + p.stderr
+    assert "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert p.returncode == 1 and last.startswith("nimbus: error: cannot reach nimbus at "), out
 
 
 def test_nimbus_up_refuses_before_anything_starts(tmp_path: Path) -> None:
