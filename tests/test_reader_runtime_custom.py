@@ -251,6 +251,15 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         n.stop()
 
 
+def runtime_headers(raw: str) -> dict[str, str]:
+    """The Lambda-Runtime-* headers the bootstrap saw, joined with ';'."""
+    headers = {}
+    for i, part in enumerate(raw.rstrip(";").split(";Lambda-Runtime-")):
+        name, value = (part if i == 0 else "Lambda-Runtime-" + part).split(": ", 1)
+        headers[name.lower()] = value
+    return headers
+
+
 def test_the_tutorial_bootstrap_echoes_the_event(rt: dict[str, Any]) -> None:
     r = rt["n"].http.get("/rt/hello", params={"q": "1"})
     assert r.status_code == 200, r.text
@@ -269,11 +278,7 @@ def test_the_invocation_headers_and_environment_are_lambdas(rt: dict[str, Any]) 
     t1 = time.time() * 1000
     assert r.status_code == 200, r.text
     body = r.json()
-    raw = body.pop("headers").rstrip(";")
-    headers = {}
-    for i, part in enumerate(raw.split(";Lambda-Runtime-")):
-        name, value = (part if i == 0 else "Lambda-Runtime-" + part).split(": ", 1)
-        headers[name.lower()] = value
+    headers = runtime_headers(body.pop("headers"))
     assert headers["lambda-runtime-aws-request-id"] == r.headers["x-nimbus-request-id"]
     deadline = int(headers["lambda-runtime-deadline-ms"])
     assert t0 + 500 < deadline <= t1 + 1000 + 50, "now + timeout_s (1 s), in Unix ms"
@@ -363,6 +368,21 @@ def test_a_slow_bootstrap_times_out_as_a_python_handler_does(rt: dict[str, Any])
     assert s["errorMessage"].startswith("Task timed out after 1"), s
     again = n.http.get("/rt/again")
     assert again.status_code == 200, "the instance was replaced"
+
+    def sleepers() -> list[int]:
+        found = []
+        for pid in n.descendants():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().split(b"\0")[:2] == [b"sleep", b"30"]:
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+    deadline = time.monotonic() + 5
+    while sleepers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sleepers() == [], "the bootstrap's children die with it"
     logs = cli(n, "logs", "shell", "--request-id", shell.headers["x-nimbus-request-id"])
     assert "Task timed out after" in logs.stdout, logs.stdout + logs.stderr
 
@@ -443,9 +463,13 @@ def test_a_sam_template_with_a_provided_al2023_function_serves(rt: dict[str, Any
     event = json.loads(r.json()[len("Echoing request: '"):-1])
     assert (event["version"], event["routeKey"], event["body"]) == \
         ("2.0", "ANY /sam-rt/{what+}", "hi"), "an HttpApi event"
+    t0 = time.time() * 1000
     h = n.http.get("/sam-rt/headers")
+    t1 = time.time() * 1000
     assert h.status_code == 200, h.text
     body = h.json()
+    deadline = int(runtime_headers(body["headers"])["lambda-runtime-deadline-ms"])
+    assert t0 + 2500 < deadline <= t1 + 3000, "Globals.Function.Timeout: 3"
     assert (body["color"], body["handler"], body["fn"]) == \
         ("green", "function.handler", "ShellFunction")
     assert body["root"].endswith("/runtime") and body["pwd"] == body["root"], "CodeUri"
