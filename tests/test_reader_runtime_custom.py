@@ -226,7 +226,8 @@ def cli(n: Nimbus, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     return subprocess.run(
         [sys.executable, "-m", "nimbus.cli.main", *args, "--state-dir", str(n.state)],
-        capture_output=True, text=True, timeout=120, cwd=n.state.parent, env=env)
+        capture_output=True, text=True, timeout=120, cwd=n.state.parent, env=env,
+        stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
