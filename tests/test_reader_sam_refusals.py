@@ -528,6 +528,15 @@ Resources:
       MetricName: Errors
       Dimensions: [{Name: FunctionName, Value: !Ref HelloWorldFunction}]
 """ + FN,
+    # Every deployment preference type SAM documents.
+    "every-deployment-preference-type": HEAD + "Resources:\n" + "".join(
+        FN.replace("HelloWorldFunction", f"F{i}")
+        + f"      AutoPublishAlias: live\n      DeploymentPreference:\n        Type: {kind}\n"
+        for i, kind in enumerate((
+            "Canary10Percent30Minutes", "Canary10Percent5Minutes", "Canary10Percent10Minutes",
+            "Canary10Percent15Minutes", "Linear10PercentEvery10Minutes",
+            "Linear10PercentEvery1Minute", "Linear10PercentEvery2Minutes",
+            "Linear10PercentEvery3Minutes", "AllAtOnce"))),
     # API Gateway serves both: GET /orders to one function, every other
     # method to the other (the more specific method wins).
     "any-and-get-on-one-path": HEAD + "Resources:\n" + FN + """\
