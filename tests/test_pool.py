@@ -228,7 +228,7 @@ def test_instances_get_their_own_environment_and_tmp(tmp_path):
         "    with tempfile.NamedTemporaryFile() as f:\n"
         "        where = f.name\n"
         "    return {k: os.environ.get(k) for k in ('AWS_LAMBDA_FUNCTION_NAME', 'TMPDIR',"
-        " 'NIMBUS_INSTANCE_ID')} | {'tmp': where, 'cwd': os.getcwd()}\n")
+        " 'AWS_LAMBDA_LOG_STREAM_NAME')} | {'tmp': where, 'cwd': os.getcwd()}\n")
 
     async def scenario(pool: FunctionPool) -> None:
         got = await asyncio.gather(pool.invoke("a", {}), pool.invoke("b", {}))
@@ -236,7 +236,7 @@ def test_instances_get_their_own_environment_and_tmp(tmp_path):
         for g in got:
             assert g["tmp"].startswith(g["TMPDIR"] + os.sep)
             assert g["cwd"].endswith(os.path.join("code", "code"))
-        if got[0]["NIMBUS_INSTANCE_ID"] != got[1]["NIMBUS_INSTANCE_ID"]:
+        if got[0]["AWS_LAMBDA_LOG_STREAM_NAME"] != got[1]["AWS_LAMBDA_LOG_STREAM_NAME"]:
             assert got[0]["TMPDIR"] != got[1]["TMPDIR"]
 
     run(tmp_path, scenario, source=src, callable="env", max_instances=2)

@@ -346,12 +346,6 @@ def test_boto3_invokes_a_custom_runtime(rt: dict[str, Any]) -> None:
     assert (payload["errorMessage"], payload["errorType"]) == ("shell says no", "ShellError")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the stackTrace a custom runtime posts to /invocation/{id}/error is dropped: the runtime "
-    "posts {\"errorMessage\": \"shell says no\", \"errorType\": \"ShellError\", "
-    "\"stackTrace\": [\"l1\"]} and boto3 invoke's payload has \"stackTrace\": []; Lambda "
-    "returns the error document the runtime posted (awslambdaric posts the Python frames "
-    "there), and docs/aws.md says the payload's stackTrace holds the handler's own frames"))
 def test_boto3_invoke_returns_the_stack_trace_the_runtime_posted(rt: dict[str, Any]) -> None:
     lam = lambda_client(rt["n"])
     bad = lam.invoke(FunctionName="shell", Payload=json.dumps({"path": "/error"}))

@@ -521,12 +521,6 @@ def test_unsupported_resources_are_listed_once_with_logical_id_and_line(
     assert out.count("not provided by nimbus: Outputs") == 1, out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "`nimbus deploy` wraps its notices at 80 columns when its output is a pipe: "
-    "'NightlyFunction: schedule Nightly is disabled, so nimbus registers no schedule ' and "
-    "'for it (template.yaml:154)' arrive as two lines, so a notice's logical id and its "
-    "'(template.yaml:LINE)' are not on one line (same for the Cors notice); `nimbus up` prints "
-    "the same notice on one line"))
 def test_every_notice_is_one_line_with_its_template_line(sam: dict[str, Any]) -> None:
     d = sam["deployed"]
     line = line_of(ORDERS_TEMPLATE, "        Nightly:")  # the event's own line
@@ -711,10 +705,6 @@ def test_an_api_event_with_auth_none_serves_rest_events(sam: dict[str, Any]) -> 
         ("/echo/{proxy+}", "POST", {"proxy": "a/b"}, "Prod")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a function's environment holds NIMBUS_INSTANCE_ID (e.g. 'Echo-1-2f89-1'); README "
-    "(Containment) promises 'Lambda's environment only: AWS_*, LAMBDA_*, _HANDLER, TZ, PATH, "
-    "LANG, HOME and the manifest's env:; nothing of nimbus's'"))
 def test_the_environment_holds_nothing_of_nimbus(sam: dict[str, Any]) -> None:
     env = _echo(sam)["env"]
     assert [k for k in env if k.startswith("NIMBUS")] == []

@@ -559,41 +559,11 @@ Resources:
 
 # Cases that document a defect: what is wrong, precisely.
 XFAIL = {
-    "handler-without-a-dot": (
-        "a Handler without a module (`Handler: lambda_handler`) crashes `nimbus deploy` with a "
-        "Python traceback (ValueError: not enough values to unpack, in "
-        "manifest/loader.py _rich_drafts) and exit 1, instead of "
-        "`nimbus: error: template.yaml:LINE: Resources.F.Properties.Handler: ...`, exit 2"),
-    "join-of-a-nested-list": (
-        "`!Join [\",\", [a.example.com, [b.example.com]]]` is not refused: the app deploys and "
-        "the function's HOSTS is \"a.example.com,['b.example.com']\" (a Python list's repr); "
-        "CloudFormation refuses a Fn::Join whose values are not strings"),
-    "api-event-method-null": (
-        "`Method: null` on an Api event is reported as \"got 'NONE'\" (the text 'None' "
-        "upper-cased), a value the template does not hold; other properties say 'got null'"),
-    "api-event-on-a-reserved-path": (
-        "an Api event on `/_nimbus/status` (README: paths under /_nimbus/ are reserved) "
-        "deploys and `nimbus deploy` lists `GET /_nimbus/status`, but every request to it "
-        "gets the gateway's 404 '/_nimbus/status is reserved for nimbus': the route is "
-        "accepted and never served, instead of being refused at its line (app.yaml the same)"),
-    "event-invoke-config-five-retries": (
-        "`EventInvokeConfig: {MaximumRetryAttempts: 5}` deploys (5 retries); Lambda accepts 0 to "
-        "2 and CloudFormation refuses the template, so nimbus runs an app AWS would not"),
     "any-and-get-on-one-path": (
         "a template with `ANY /orders` in one function and `GET /orders` in another is "
         "refused ('route GET /orders overlaps ANY /orders'); API Gateway (REST and HTTP APIs) "
         "serves it, sending GET to the GET route and other methods to ANY, and docs/aws.md "
         "does not list it among what is refused"),
-    "number-above-max-value": (
-        "a Number parameter's MaxValue (and MinValue) is not checked: `--parameter-overrides "
-        "Workers=7` with `MaxValue: 3` deploys with 7 (exit 1 'cannot reach nimbus' here, i.e. "
-        "the template loaded); CloudFormation refuses it ('Parameter Workers must be a number "
-        "less than or equal to 3')"),
-    "misspelt-function-property": (
-        "an unknown AWS::Serverless::Function property (`Timout: 30`) is only noted "
-        "(`property Timout of F is not read by nimbus`) and the app deploys with the default "
-        "3 s timeout; SAM refuses the template (`property Timout not defined for resource of "
-        "type AWS::Serverless::Function`), as app.yaml refuses an unknown key"),
 }
 
 

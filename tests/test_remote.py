@@ -57,7 +57,7 @@ import os, time
 
 def work(event, context):
     marks = event.get("marks")
-    instance = os.environ["NIMBUS_INSTANCE_ID"]
+    instance = os.environ["AWS_LAMBDA_LOG_STREAM_NAME"]
     if marks:
         with open(os.path.join(marks, f"{context.aws_request_id} {instance}"), "w"):
             pass

@@ -25,7 +25,8 @@ def print_deploy_stream(lines: Iterable[dict[str, Any]], gateway_url: str | None
     with err_console.status("deploying…", spinner="dots") as spinner:
         for msg in lines:
             if "progress" in msg:
-                err_console.print(f"[dim]{msg['progress']}[/dim]", markup=True)
+                # one line each, however long (a notice ends with its file:line)
+                err_console.print(msg["progress"], style="dim", markup=False, soft_wrap=True)
                 spinner.update(msg["progress"][:70])
             elif "error" in msg:
                 err = msg["error"]

@@ -207,14 +207,21 @@ class Resolver:
                 if not ok:
                     raise self.error(loc + ("AllowedPattern",), f"parameter {name}: {where} "
                                      f"{text!r} does not match AllowedPattern {pattern!r}")
-            out[name] = self._typed(name, ptype, text, loc)
+            out[name] = self._typed(name, ptype, text, loc, spec)
         return out
 
-    def _typed(self, name: str, ptype: str, text: str, loc: Loc) -> Any:
+    def _typed(self, name: str, ptype: str, text: str, loc: Loc,
+               spec: dict[str, Any] | None = None) -> Any:
         if ptype == "Number":
             number = _number(text)
             if number is None:
                 raise self.error(loc, f"parameter {name} is a Number, got {text!r}")
+            for key, low in (("MinValue", True), ("MaxValue", False)):
+                bound = _number(_text((spec or {}).get(key))) \
+                    if (spec or {}).get(key) is not None else None
+                if bound is not None and (number < bound if low else number > bound):
+                    raise self.error(loc + (key,), f"parameter {name}: {text!r} is "
+                                     f"{'below' if low else 'above'} its {key} {bound}")
             return number
         if ptype == "CommaDelimitedList":
             return [p.strip() for p in text.split(",")] if text else []
@@ -410,6 +417,10 @@ class Resolver:
         if (not isinstance(arg, list) or len(arg) != 2 or not isinstance(arg[0], str)
                 or not isinstance(arg[1], list)):
             raise self.error(loc, "Fn::Join takes [delimiter, [values]]")
+        bad = next((v for v in arg[1] if isinstance(v, (list, dict))), None)
+        if bad is not None:
+            raise self.error(loc, f"Fn::Join joins strings, and one of its values is "
+                             f"{show(bad)}")
         return arg[0].join(_text(v) for v in arg[1])
 
     def _fn_select(self, arg: Any, loc: Loc) -> Any:

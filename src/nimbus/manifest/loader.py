@@ -169,6 +169,7 @@ def _load_sam(file: Path, app_dir: Path, check_code: bool, default_name: str | N
                    parameters=parameters)
     try:
         rich = _validate(RichApp, sam.source)
+        _check_rich_runtimes(rich, sam.source)
         drafts = _rich_drafts(rich, sam.source)
         rollouts = _rollouts(rich.rollout, {n: fn.rollout for n, fn in rich.functions.items()})
         app = _finish(sam.source, app_dir, check_code, drafts, AppSpec(

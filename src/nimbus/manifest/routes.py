@@ -23,6 +23,8 @@ def path_problem(path: str) -> str | None:
         return "a route path must start with '/'"
     if path == "/":
         return None
+    if path == "/_nimbus" or path.startswith("/_nimbus/"):
+        return "paths under /_nimbus/ are reserved for nimbus (its health check)"
     segments = path[1:].split("/")
     names: set[str] = set()
     for i, seg in enumerate(segments):

@@ -15,6 +15,7 @@ nimbus cannot trigger, code that is not in the folder) are refused.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -320,6 +321,11 @@ class _Mapper:
 
         for prop in props:
             if prop not in _HANDLED and prop not in _NO_EFFECT:
+                close = difflib.get_close_matches(str(prop), sorted(_HANDLED | _NO_EFFECT),
+                                                  n=1, cutoff=0.8)
+                if close:  # a misspelling: ignoring it would change what runs
+                    raise self.error(at(prop), f"unknown property {prop!r} of "
+                                     f"AWS::Serverless::Function; did you mean {close[0]!r}?")
                 self.notices.append(f"property {prop} of {logical} is not read by nimbus "
                                     f"({self.where(at(prop))})")
         if props.get("PackageType", "Zip") != "Zip" or "ImageUri" in props:
@@ -501,12 +507,18 @@ class _Mapper:
         on_failure_set = False
         eic = props.get("EventInvokeConfig")
         if isinstance(eic, dict):
-            if "MaximumRetryAttempts" in eic:
-                put("retries", "EventInvokeConfig", _num(eic["MaximumRetryAttempts"]),
-                    "MaximumRetryAttempts")
-            if "MaximumEventAgeInSeconds" in eic:
-                put("max_event_age_s", "EventInvokeConfig",
-                    _num(eic["MaximumEventAgeInSeconds"]), "MaximumEventAgeInSeconds")
+            for prop, key, low, high in (("MaximumRetryAttempts", "retries", 0, 2),
+                                         ("MaximumEventAgeInSeconds", "max_event_age_s",
+                                          60, 21600)):
+                if prop not in eic:
+                    continue
+                value = eic[prop]
+                if isinstance(value, str) and value.isascii() and value.isdigit():
+                    value = int(value)  # a Number parameter's text
+                if type(value) is not int or not low <= value <= high:
+                    raise self.error(at("EventInvokeConfig", prop), f"expected an integer "
+                                     f"from {low} to {high} (Lambda's range), got {show(value)}")
+                put(key, "EventInvokeConfig", _num(value), prop)
             dest = eic.get("DestinationConfig") or {}
             for when, key in (("OnSuccess", "on_success"), ("OnFailure", "on_failure")):
                 d = dest.get(when) if isinstance(dest, dict) else None
@@ -650,7 +662,11 @@ class _Mapper:
                 if payload not in ("1.0", "2.0"):
                     raise self.error(ploc + ("PayloadFormatVersion",), "expected "
                                      f"PayloadFormatVersion 1.0 or 2.0, got {payload!r}")
-            method = str(p.get("Method", "ANY")).upper()
+            method = p.get("Method", "ANY")
+            if not isinstance(method, str):
+                raise self.error(ploc + ("Method",), f"expected an HTTP method such as get or "
+                                 f"ANY, got {show(method)}")
+            method = method.upper()
             path = p.get("Path", "/{proxy+}")
             if path == "$default":
                 path = "/{proxy+}"

@@ -283,6 +283,8 @@ def _log_uncaught(channel: _Channel, rid: str, exc: BaseException) -> None:
     text = f"[ERROR] {type(exc).__name__}: {exc}\n" + "".join(
         traceback.format_exception(exc))
     channel.send(p.LOG, orjson.dumps([rid, "stderr", text, "ERROR", None]))
+
+
 def _trace_of(event: Any) -> tuple[str | None, str | None]:
     """The invocation's ``traceparent`` (from the event's headers) and its
     X-Ray form, which goes into ``_X_AMZN_TRACE_ID`` as on Lambda (process

@@ -440,7 +440,7 @@ def error_from_runtime(rid: str | None, body: bytes, headers: dict[str, str]) ->
                            "errorType": str(kind)}
     if rid is not None:
         err["requestId"] = rid
-    elif isinstance(doc.get("stackTrace"), list):
+    if isinstance(doc.get("stackTrace"), list):
         err["stackTrace"] = [str(line) for line in doc["stackTrace"]]
     return err
 
@@ -469,6 +469,15 @@ class _Frames:
         self.send(p.RESULT, orjson.dumps([rid, result]))
 
     def error(self, rid: str, error: dict[str, Any], fatal: bool = False) -> None:
+        trace = error.pop("stackTrace", None)
+        if trace is not None:
+            # the error document's stack trace goes to the function's log, as
+            # a Python handler's traceback does (the Invoke API reads it
+            # there); the answer itself is the same shape as a Python error
+            fields = {**error, "stackTrace": trace}
+            text = f"[ERROR] {error.get('errorType')}: {error.get('errorMessage')}\n" + \
+                "".join(f"  {line}\n" for line in trace)
+            self.send(p.LOG, orjson.dumps([rid, "stderr", text, "ERROR", fields]))
         self.send(p.ERROR, orjson.dumps([rid, error, fatal] if fatal else [rid, error]))
 
     def init_error(self, error: dict[str, Any]) -> None:

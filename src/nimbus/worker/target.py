@@ -80,7 +80,6 @@ class Target:
             "LAMBDA_RUNTIME_DIR": str(Path(__file__).resolve().parent.parent / "runtime"),
             "_HANDLER": spec.handler,
             "TMPDIR": str(tmp_dir),
-            "NIMBUS_INSTANCE_ID": instance_id,
         }
         if is_provided(spec.runtime):
             del env["AWS_EXECUTION_ENV"]  # as on Lambda: custom runtimes have none
