@@ -68,7 +68,8 @@ def rich_app(root: Path) -> tuple[AppSpec, Path]:
         FunctionSpec("orders", "orders", "handler", queue="orders", batch_size=5,
                      max_batching_window_s=2, timeout_s=20, retries=1, max_event_age_s=3600,
                      on_success="queue:plain", on_failure="function:alerts"),
-        FunctionSpec("alerts", "alerts", "handler", topics=("signups",)),
+        FunctionSpec("alerts", "alerts", "handler", topics=("signups",),
+                     dead_letter_to="queue:plain"),
         FunctionSpec("welcome", "mail", "handler", topics=("signups",), queue="plain",
                      report_batch_failures=False),
         FunctionSpec("shell", "", "handler.sh", runtime="provided.al2023", code_dir="custom"),
@@ -170,6 +171,8 @@ def test_functions_map_to_sam(exports: dict[str, Any]) -> None:
 
 def test_events_queues_topics_destinations(exports: dict[str, Any]) -> None:
     res = _template(exports, "rich")["Resources"]
+    assert res["alerts"]["Properties"]["DeadLetterQueue"] == {
+        "Type": "SQS", "TargetArn": {"GetAtt": "PlainQueue.Arn"}}
     assert res["nightly"]["Properties"]["Events"] == {
         "Schedule1": {"Type": "Schedule", "Properties": {"Schedule": "rate(5 minutes)"}},
         "Schedule2": {"Type": "Schedule", "Properties": {

@@ -606,13 +606,6 @@ def test_event_invoke_config_retries_then_sends_to_the_sqs_destination(
     assert body["requestPayload"] == {"order": "o-9"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a function's DeadLetterQueue gets Lambda's destination record "
-    "({\"version\": \"1.0\", \"requestContext\": {...\"condition\": \"RetriesExhausted\"}, "
-    "\"requestPayload\": ..., \"responsePayload\": ...}) as the message body; on Lambda a "
-    "dead-letter queue's message body is the event itself ({\"order\": \"o-3\"}), with the "
-    "error in the RequestID/ErrorCode/ErrorMessage message attributes, so a DLQ consumer "
-    "written for AWS breaks"))
 def test_a_dead_letter_queue_receives_the_failed_event_itself(sam: dict[str, Any]) -> None:
     n, ctl = sam["n"], sam["ctl"]
     r = ctl.post("/v1/functions/CheckoutFunction/invoke", json={"order": "o-3"},

@@ -429,7 +429,7 @@ def test_sns_destinations_and_dead_letter_topics(tmp_path: Path) -> None:
         """)
     a, b = app.functions["A"], app.functions["B"]
     assert (a.on_success, a.on_failure, a.dead_letter) == ("topic:News", None, True)
-    assert (b.on_failure, b.topics) == ("topic:News", ("News",))
+    assert (b.on_failure, b.dead_letter_to, b.topics) == (None, "topic:News", ("News",))
     assert app.notices == ("A: OnFailure to topic Lonely, which no function of the template "
                            "subscribes to, is kept in nimbus's dead letters instead "
                            "(template.yaml:13)",)

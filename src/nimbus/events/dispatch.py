@@ -416,6 +416,8 @@ class Dispatcher:
         if spec.on_failure and sub.kind != "queue":
             await self._destination(spec.on_failure, sub, m, condition, payload, error,
                                     error=True, tries=m.attempts if tried else m.attempts - 1)
+        if spec.dead_letter_to and sub.kind != "queue":
+            await self._dead_letter_to(spec.dead_letter_to, m, payload, error, rid)
         if spec.dead_letter:
             if await self._settle(self.queue.dead_letter(m, error=error,
                                                          request_id=rid or m.id)):
@@ -425,10 +427,33 @@ class Dispatcher:
         self._note(sub.function, rid or m.id, give_up_line(
             m.id, m.attempts if tried else m.attempts - 1, spec.dead_letter, error), "ERROR")
 
+    async def _dead_letter_to(self, ref: str, m: Message, payload: Any, error: dict[str, Any],
+                              rid: str | None) -> None:
+        """Lambda's dead-letter queue: the event as it was, with the request id
+        and the error in its message attributes."""
+        attrs = {"RequestID": rid or m.id, "ErrorCode": "200",
+                 "ErrorMessage": str(error.get("errorMessage", ""))[:1024],
+                 "nimbus.source": "dead-letter", "nimbus.from": m.id}
+        dedup = f"dead-letter:{m.id}:{m.enqueued_at!r}"
+        await self._send_to(ref, Outgoing(orjson.dumps(payload), attrs, dedup_key=dedup),
+                            f"{m.id}-dead-letter")
+
+    async def _send_to(self, ref: str, out: Outgoing, message_id: str) -> None:
+        """``out`` to a queue, a function (its async invocations) or every
+        subscriber of a topic."""
+        kind, _, name = ref.partition(":")
+        if kind == "topic":  # every subscriber gets it, as a publish does
+            subs = self._topic_subs() if self._topic_subs is not None else {}
+            out.attributes["nimbus.message_id"] = message_id
+            await asyncio.gather(*(self.queue.send(topic_queue(name, fn), [out])
+                                   for fn in subs.get(name, ())))
+            return
+        target = invoke_queue(name) if kind == "function" else user_queue(name)
+        await self.queue.send(target, [out])
+
     async def _destination(self, ref: str, sub: Subscription, m: Message, condition: str,
                            payload: Any, response: Any, *, error: bool,
                            tries: int | None = None) -> None:
-        kind, _, name = ref.partition(":")
         record = destination_record(request_id=m.id, function=sub.function,
                                     condition=condition,
                                     attempts=m.attempts if tries is None else tries,
@@ -437,15 +462,8 @@ class Dispatcher:
         # The dedup key makes a repeat (after a crash before the ack) a no-op.
         dedup = f"destination:{m.id}:{m.enqueued_at!r}:{condition}"
         attrs = {"nimbus.source": "destination", "nimbus.from": m.id}
-        if kind == "topic":  # every subscriber gets it, as a publish does
-            subs = self._topic_subs() if self._topic_subs is not None else {}
-            attrs["nimbus.message_id"] = f"{m.id}-{condition}"
-            out = Outgoing(orjson.dumps(record), attrs, dedup_key=dedup)
-            await asyncio.gather(*(self.queue.send(topic_queue(name, fn), [out])
-                                   for fn in subs.get(name, ())))
-            return
-        target = invoke_queue(name) if kind == "function" else user_queue(name)
-        await self.queue.send(target, [Outgoing(orjson.dumps(record), attrs, dedup_key=dedup)])
+        await self._send_to(ref, Outgoing(orjson.dumps(record), attrs, dedup_key=dedup),
+                            f"{m.id}-{condition}")
 
     async def _settle(self, op: Awaitable[None]) -> bool:
         """Whether it settled (False: our lease ran out; the next delivery settles it)."""

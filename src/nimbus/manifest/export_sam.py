@@ -185,7 +185,8 @@ def template_for(app: AppSpec) -> Export:
     topics = list(dict.fromkeys(
         [t for fn in app.functions.values() for t in fn.topics]
         + [d.split(":", 1)[1] for fn in app.functions.values()
-           for d in (fn.on_success, fn.on_failure) if d and d.startswith("topic:")]))
+           for d in (fn.on_success, fn.on_failure, fn.dead_letter_to)
+           if d and d.startswith("topic:")]))
     topic_ids = {t: ids.take(camel(t) + "Topic") for t in topics}
     layers = list(dict.fromkeys(lay for fn in app.functions.values() for lay in fn.layers))
     layer_ids = {lay: ids.take(camel(lay) + "Layer") for lay in layers}
@@ -239,7 +240,7 @@ def _queue_names(app: AppSpec) -> list[str]:
     for fn in app.functions.values():
         if fn.queue:
             names.append(fn.queue)
-        for dest in (fn.on_success, fn.on_failure):
+        for dest in (fn.on_success, fn.on_failure, fn.dead_letter_to):
             if dest and dest.startswith("queue:"):
                 names.append(dest.split(":", 1)[1])
     return list(dict.fromkeys(names))
@@ -320,6 +321,9 @@ class _FnContext:
         invoke = self._event_invoke_config()
         if invoke:
             props["EventInvokeConfig"] = invoke
+        if fn.dead_letter_to:
+            d = self._destination(fn.dead_letter_to)
+            props["DeadLetterQueue"] = {"Type": d["Type"], "TargetArn": d["Destination"]}
         deployment = self._deployment(rollout)
         if deployment or fn.min_instances > 0:
             props["AutoPublishAlias"] = ALIAS

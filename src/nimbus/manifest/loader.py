@@ -399,6 +399,8 @@ def _event_settings(draft: _Draft) -> dict[str, Any]:
         "topics": tuple(dict.fromkeys(t for t, _loc in draft.topics)),
         "on_success": dest.on_success.ref if dest and dest.on_success else None,
         "on_failure": dest.on_failure.ref if dest and dest.on_failure else None,
+        "dead_letter_to": dest.dead_letter_queue.ref
+        if dest and dest.dead_letter_queue else None,
     }
     for key in ("retries", "dead_letter"):
         if key in given:
@@ -432,11 +434,14 @@ def _check_events(drafts: dict[str, _Draft], src: Source) -> None:
         if d.events.get("destinations", (None,))[0] is None:
             continue
         dest, loc = d.events["destinations"]
-        for when in ("on_success", "on_failure"):
+        for when in ("on_success", "on_failure", "dead_letter_queue"):
             target = getattr(dest, when)
             if target is None:
                 continue
             wloc = loc + (when,)
+            if when == "dead_letter_queue" and target.function is not None:
+                raise _error(src, wloc + ("function",), "a dead-letter queue is a queue or a "
+                             "topic (as on Lambda), not a function")
             if target.function is not None and target.function not in drafts:
                 raise _error(src, wloc + ("function",), f"destination function "
                              f"{target.function!r} is not a function of this app; "

@@ -133,6 +133,9 @@ class FunctionSpec:
     # False: a queue handler's batchItemFailures are ignored (the whole
     # batch succeeded if it returned), as Lambda without ReportBatchItemFailures.
     report_batch_failures: bool = True
+    # Lambda's dead-letter queue: "queue:NAME" or "topic:NAME" gets an
+    # async event that ran out of tries as it was (not a destination record).
+    dead_letter_to: str | None = None
 
     def __post_init__(self) -> None:
         if self.target_concurrency is None:
@@ -204,7 +207,8 @@ def handler_text(spec: dict[str, Any]) -> str:
 
 # Fields added after records existed, left out of to_dict while at their default.
 _LATER_DEFAULTS: tuple[tuple[str, Any], ...] = (
-    ("code_dir", None), ("layers", []), ("report_batch_failures", True))
+    ("code_dir", None), ("layers", []), ("report_batch_failures", True),
+    ("dead_letter_to", None))
 
 
 ROUTING_POLICIES = ("failover", "weighted", "latency")

@@ -504,7 +504,6 @@ class _Mapper:
         return False
 
     def _async(self, props: dict[str, Any], at: Any, put: Any, name: str) -> None:
-        on_failure_set = False
         eic = props.get("EventInvokeConfig")
         if isinstance(eic, dict):
             for prop, key, low, high in (("MaximumRetryAttempts", "retries", 0, 2),
@@ -544,14 +543,12 @@ class _Mapper:
                                             "nimbus's dead letters instead "
                                             f"({self.where(loc)})")
                         put("dead_letter", "EventInvokeConfig", True, "DestinationConfig")
-                        on_failure_set = True
                     else:
                         self.not_provided(f"{name}: {when} to {what}", loc)
                     continue
                 self.locs[("functions", name, "destinations")] = at("EventInvokeConfig")
                 self.rich["functions"][name].setdefault("destinations", {})[key] = {kind: tname}
                 self.locs[("functions", name, "destinations", key)] = loc
-                on_failure_set = on_failure_set or key == "on_failure"
         dlq = props.get("DeadLetterQueue")
         if dlq is not None and not isinstance(dlq, dict):
             raise self.error(at("DeadLetterQueue"),
@@ -564,11 +561,11 @@ class _Mapper:
                                  f"{QUEUE} or {TOPIC} of this template, got "
                                  f"{show(dlq.get('TargetArn'))}")
             kind, tname = target
-            if self._consumed(kind, tname) and not on_failure_set:
+            if self._consumed(kind, tname):
                 fn = self.rich["functions"][name]
-                fn.setdefault("destinations", {})["on_failure"] = {kind: tname}
+                fn.setdefault("destinations", {})["dead_letter_queue"] = {kind: tname}
                 self.locs[("functions", name, "destinations")] = loc
-                self.locs[("functions", name, "destinations", "on_failure")] = loc
+                self.locs[("functions", name, "destinations", "dead_letter_queue")] = loc
             else:
                 self.notices.append(f"{name}: failed events are kept in nimbus's dead letters "
                                     f"(nimbus dead-letters), not sent to {kind} {tname} "

@@ -455,6 +455,8 @@ class Destination(_Model):
 class Destinations(_Model):
     on_success: Destination | None = None
     on_failure: Destination | None = None
+    # Lambda's dead-letter queue: the event itself, not a destination record
+    dead_letter_queue: Destination | None = None
 
 
 Schedules = Annotated[list[Annotated[ScheduleModel, BeforeValidator(_schedule_entry)]],
