@@ -451,6 +451,25 @@ def test_an_app_yaml_destination_topic_needs_a_subscriber(tmp_path: Path) -> Non
         load_app(app)
 
 
+def test_an_app_yaml_dead_letter_queue_is_a_queue_or_topic(tmp_path: Path) -> None:
+    app = tmp_path / "d"
+    app.mkdir()
+    (app / "app.py").write_text(APP_PY)
+    (app / "app.yaml").write_text(
+        "functions:\n  a:\n    handler: app.handler\n"
+        "    destinations: {dead_letter_queue: {queue: dlq}}\n"
+        "  b:\n    handler: app.handler\n    queue: dlq\n")
+    a = load_app(app).functions["a"]
+    assert (a.dead_letter_to, a.on_failure) == ("queue:dlq", None)
+    (app / "app.yaml").write_text(
+        "functions:\n  a:\n    handler: app.handler\n"
+        "    destinations: {dead_letter_queue: {function: b}}\n"
+        "  b:\n    handler: app.handler\n")
+    with pytest.raises(ManifestError, match="a dead-letter queue is a queue or a topic") as e:
+        load_app(app)
+    assert e.value.line == 4, e.value
+
+
 def test_unsupported_resources_are_not_evaluated_and_names_are_unique(tmp_path: Path) -> None:
     app = load(tmp_path, FN + """\
   Vpc:
