@@ -371,6 +371,23 @@ def test_an_output_folder_inside_the_app_is_not_copied_into_itself(tmp_path: Pat
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == files
 
 
+def test_links_are_exported_as_a_deploy_bundles_them(tmp_path: Path) -> None:
+    seed_dir = write_seed(tmp_path)
+    (seed_dir / "shared").mkdir()
+    (seed_dir / "shared" / "common.py").write_text("X = 1\n")
+    (seed_dir / "common.py").symlink_to("shared/common.py")  # inside: copied as a file
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text("SECRET = 1\n")
+    (seed_dir / "leak.py").symlink_to(outside)  # outside: left out, with a warning
+    (seed_dir / "linked").symlink_to(seed_dir / "shared")  # a folder: left out
+    out = tmp_path / "out"
+    written = export_sam(load_app(seed_dir), seed_dir, out)
+    assert (out / "common.py").read_text() == "X = 1\n" and not (out / "common.py").is_symlink()
+    assert not (out / "leak.py").exists() and not (out / "linked").exists()
+    left = [w for w in written.warnings if "is not exported" in w]
+    assert [w.split(":")[0] for w in left] == ["leak.py", "linked"], written.warnings
+
+
 def test_what_nimbus_did_not_provide_is_named_as_missing() -> None:
     app = AppSpec("a", "template.yaml", {"f": _fn()}, notices=(
         "not provided by nimbus: AWS::DynamoDB::Table Orders (template.yaml:30)",

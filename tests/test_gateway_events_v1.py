@@ -135,6 +135,7 @@ def test_response_minimal_and_no_body_status():
     {"statusCode": 200, "body": {"a": 1}},  # body must be a string
     {"statusCode": 200, "cookies": ["a=1"]},  # a 2.0 key
     {"statusCode": "OK"},
+    {"statusCode": "²"},  # a digit to str.isdigit, not to int()
     {"statusCode": True},
     {"statusCode": 700},
     {"statusCode": 200, "headers": {"x": ["a", "b"]}},

@@ -18,7 +18,7 @@ import pytest
 
 from nimbus.errors import ManifestError
 from nimbus.manifest.loader import load_app
-from nimbus.runtime.runtime_api import Invocation, RuntimeApi
+from nimbus.runtime.runtime_api import ApiError, Invocation, RuntimeApi, take_request
 from tests.apps import write_custom_runtimes
 from tests.conftest import Nimbus
 
@@ -377,3 +377,12 @@ def test_a_runtime_that_fails_to_start_fails_the_deploy_like_an_import_error(cus
     assert ("function broken: custom runtime failed to start: Runtime.ExitError: bootstrap "
             "exited with status 3 before asking for an invocation") in p.stderr
     assert custom.http.get("/sh/echo").status_code == 200
+
+
+@pytest.mark.parametrize("chunks", [b"-6\r\n", b"+6\r\nabcdef\r\n0\r\n\r\n",
+                                    b"6\r\nabcdefXX0\r\n\r\n", b"zz\r\n"])
+def test_malformed_chunked_bodies_are_400(chunks: bytes) -> None:
+    head = b"POST /2018-06-01/runtime/init/error HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with pytest.raises(ApiError) as info:
+        take_request(bytearray(head + chunks))
+    assert info.value.status == 400

@@ -162,7 +162,7 @@ def rest_response(result: Any) -> Response:
         raise _invalid(f"a payload 1.0 response may only have the keys "
                        f"{', '.join(sorted(RESPONSE_KEYS))}; it has {', '.join(sorted(extra))}")
     status = result.get("statusCode")
-    if type(status) is str and status.isdigit():
+    if type(status) is str and status.isascii() and status.isdigit():
         status = int(status)
     if type(status) is not int:
         raise _invalid(f"statusCode must be an integer, got {status!r}")

@@ -674,10 +674,14 @@ def export_sam(app: AppSpec, app_dir: Path, out_dir: Path, *, force: bool = Fals
     result = template_for(app)
     _check_paths(app, app_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = _copy_tree(app_dir, out_dir, {out_dir})
+    left_out: list[str] = []
+    files = _copy_tree(app_dir, out_dir, {out_dir}, root=app_dir, left_out=left_out)
     path = out_dir / TEMPLATE_NAME
     path.write_text(dump(result.template), encoding="utf-8")
-    return Written(path, files, result.warnings)
+    warnings = list(result.warnings) + [
+        f"{rel}: a link to outside the app folder (or to a folder) is not exported, as a "
+        "deploy leaves it out too" for rel in left_out]
+    return Written(path, files, warnings)
 
 
 def _check_paths(app: AppSpec, app_dir: Path) -> None:
@@ -687,21 +691,32 @@ def _check_paths(app: AppSpec, app_dir: Path) -> None:
                 raise UserInputError(f"function {fn.name}: folder {rel} is not in {app_dir}")
 
 
-def _copy_tree(src: Path, dst: Path, skip: set[Path], *, top: bool = True) -> int:
+def _copy_tree(src: Path, dst: Path, skip: set[Path], *, root: Path, left_out: list[str],
+               top: bool = True) -> int:
     """Copy ``src`` into ``dst`` without state, caches, virtual
-    environments or the app's own manifest; the number of files copied."""
+    environments or the app's own manifest; the number of files copied. As
+    in a deploy's bundle, a link to a file inside the app folder is copied
+    as that file; other links are left out (named in ``left_out``)."""
     count = 0
     for entry in sorted(src.iterdir()):
         if entry.name in SKIP_NAMES or entry.resolve() in skip:
             continue
         if entry.is_symlink():
-            continue  # links may point anywhere; SAM packages what they point at anyway
+            target = entry.resolve()
+            if target.is_file() and target.is_relative_to(root) \
+                    and not (top and entry.name in MANIFEST_FILES):
+                shutil.copyfile(target, dst / entry.name)
+                shutil.copymode(target, dst / entry.name)
+                count += 1
+            else:
+                left_out.append(entry.relative_to(root).as_posix())
+            continue
         if entry.is_dir():
             if (entry / "control.json").exists() or (entry / "nimbus.db").exists():
                 continue  # a nimbus state folder under another name
             target = dst / entry.name
             target.mkdir(exist_ok=True)
-            count += _copy_tree(entry, target, skip, top=False)
+            count += _copy_tree(entry, target, skip, root=root, left_out=left_out, top=False)
         elif entry.is_file() and not (top and entry.name in MANIFEST_FILES):
             shutil.copy2(entry, dst / entry.name)
             count += 1

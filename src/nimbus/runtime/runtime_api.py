@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import resource
 import signal
 import socket
@@ -48,7 +49,12 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024  # Lambda's synchronous payload limit
 # Address space a bootstrap may map beyond its memory: executables, shared
 # libraries and locale files count in RLIMIT_AS though they are not memory.
-BOOTSTRAP_AS_ALLOWANCE_MB = 512
+# Without a memory cgroup (rlimits containment) the bootstrap's address
+# space is capped at memory_mb plus this: runtimes reserve far more address
+# space than they use (Node.js's code range, the JVM's class space).
+BOOTSTRAP_AS_ALLOWANCE_MB = 4096
+MAX_BUFFERED_BYTES = 3 * MAX_RESPONSE_BYTES  # a connection holding more is closed
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
 
 _REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 403: "Forbidden",
             404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
@@ -301,6 +307,10 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        if len(self.buf) > MAX_BUFFERED_BYTES and self.transport is not None:
+            self.transport.close()  # more than any request may hold, in any state
+            self.transport = None
+            return
         if self.waiting is None:
             self._process()
 
@@ -379,10 +389,10 @@ def _chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
         eol = buf.find(b"\r\n", pos)
         if eol < 0:
             return None
-        try:
-            n = int(bytes(buf[pos:eol]).split(b";")[0], 16)
-        except ValueError:
-            raise ApiError(400, "BadRequest", "malformed chunk size") from None
+        size_text = bytes(buf[pos:eol]).split(b";")[0].strip()
+        if not _CHUNK_SIZE.fullmatch(size_text):
+            raise ApiError(400, "BadRequest", "malformed chunk size")
+        n = int(size_text, 16)
         pos = eol + 2
         if n == 0:
             while True:  # trailers, up to an empty line
@@ -397,6 +407,8 @@ def _chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
             raise ApiError(413, "RequestEntityTooLarge", "body too large")
         if len(buf) < pos + n + 2:
             return None
+        if buf[pos + n:pos + n + 2] != b"\r\n":
+            raise ApiError(400, "BadRequest", "a chunk does not end where its size says")
         spans.append((pos, pos + n))
         pos += n + 2
 
@@ -508,22 +520,32 @@ async def _serve_instance(sock: socket.socket, frames: _Frames, ids: Any,
     done: asyncio.Future[None] = loop.create_future()
     # With a uid per function, only the function's own processes may use the
     # API: loopback is shared with every other instance on the node.
+    # Only processes of this uid may use the API: under full containment that
+    # is the function's own uid; otherwise nimbus's (other users are kept out).
     full = (spec.get("contain") or {}).get("mode") == "full"
-    api = RuntimeApi(frames, spec["arn"], ids.begin, os.getuid() if full else None)
+    api = RuntimeApi(frames, spec["arn"], ids.begin, os.getuid())
     port = await api.start()
     env = dict(os.environ, AWS_LAMBDA_RUNTIME_API=f"127.0.0.1:{port}")
+    # Memory: the cgroup bounds the bootstrap and its children under full
+    # containment. Otherwise a soft address-space limit is set on this
+    # process around the fork, so the bootstrap starts with it (and what it
+    # forks at once inherits it), then ours is put back.
+    limit = (spec["memory_mb"] + BOOTSTRAP_AS_ALLOWANCE_MB) * 1024 * 1024
+    ours = resource.getrlimit(resource.RLIMIT_AS)
     try:
+        if not full:
+            hard = ours[1]
+            resource.setrlimit(resource.RLIMIT_AS, (
+                limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
         proc = subprocess.Popen(  # noqa: ASYNC220 - fork + exec; its exit is awaited below
             [spec["bootstrap"]], cwd=spec["code_dir"], env=env, stdin=subprocess.DEVNULL)
     except OSError as exc:
         frames.init_error({"errorMessage": f"could not run bootstrap: {exc}",
                            "errorType": "Runtime.InvalidEntrypoint"})
         return
-    limit = (spec["memory_mb"] + BOOTSTRAP_AS_ALLOWANCE_MB) * 1024 * 1024
-    try:
-        resource.prlimit(proc.pid, resource.RLIMIT_AS, (limit, limit))
-    except OSError:
-        pass  # it has already exited: noticed below
+    finally:
+        if not full:
+            resource.setrlimit(resource.RLIMIT_AS, ours)
 
     def finish() -> None:
         if not done.done():

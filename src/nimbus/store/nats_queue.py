@@ -115,6 +115,7 @@ CAS_TRIES = 50
 OPEN_READY_S = 30.0  # a cluster electing leaders, or a racing creator
 COUNT_WAIT_S = 10.0  # an operation waits this long for its counts to land
 UNKNOWN_WRITE_S = 30.0  # a write whose answer was lost is read back this long
+KEYS_PAGE_TIMEOUT_S = 10.0  # one page of a key listing (up to 100,000 subjects)
 WRITER_MEMORY_S = 3600.0  # how long a summary remembers a writer's last batch
 CLASSES = ("ready", "delayed", "running", "succeeded", "failed", "dead")
 SETTLED = ("succeeded", "failed", "dead")
@@ -791,8 +792,19 @@ class NatsQueue:
         key deleted with a tombstone is still listed (callers read each
         key anyway); dead-letter keys are purged outright, leaving none."""
         pre = self._kv._pre  # "$KV.<bucket>."
-        info = await self._js.stream_info(self._kv._stream, subjects_filter=pre + prefix + ">")
-        return sorted(s[len(pre):] for s in (info.state.subjects or {}))
+        subjects: list[str] = []
+        while True:  # the server answers up to 100,000 subjects a page
+            resp = await self._nc.request(
+                f"$JS.API.STREAM.INFO.{self._kv._stream}",
+                orjson.dumps({"subjects_filter": pre + prefix + ">", "offset": len(subjects)}),
+                timeout=KEYS_PAGE_TIMEOUT_S)
+            info = orjson.loads(resp.data)
+            if "error" in info:
+                raise UnavailableError(f"listing keys {prefix}>: {info['error']}")
+            page = list((info.get("state") or {}).get("subjects") or {})
+            subjects += page
+            if not page or len(subjects) >= int(info.get("total") or 0):
+                return sorted(s[len(pre):] for s in subjects)
 
     async def _dead_ids(self, queue: str) -> list[str]:
         prefix = f"x.{encode_name(queue)}."
