@@ -146,7 +146,7 @@ def query_regions(request: Request) -> RegionsSpec | None:
 def query_parameters(request: Request) -> dict[str, Any]:
     """``parameters``: a SAM template's parameter overrides, a JSON object of
     strings; as keyword arguments of a platform's deploy (none when absent)."""
-    raw = query_text(request, "parameters", 16384)
+    raw = query_text(request, "parameters", 4096)
     if raw is None:
         return {}
     try:

@@ -119,7 +119,7 @@ def document(*, max_bundle_bytes: int) -> dict[str, Any]:
                  {"name": "parameters", "in": "query", "required": False,
                   "description": "a SAM template's parameter overrides as a JSON object of "
                                  "strings ({\"Stage\": \"prod\"})",
-                  "schema": {"type": "string", "maxLength": 16384}}],
+                  "schema": {"type": "string", "maxLength": 4096}}],
                 {"required": True,
                  "description": "the app folder as a zip file (what nimbus deploy sends)",
                  "content": {"application/octet-stream": {"schema": {
