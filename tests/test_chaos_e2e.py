@@ -70,7 +70,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         log = open(root / "edge.log", "wb")  # noqa: SIM115
         edge = subprocess.Popen(
             [sys.executable, "-m", "nimbus", "edge", "--cluster", str(cluster.path),
-             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log)
+             "--host", "127.0.0.1", "--port", str(port), "--grace", "2"],
+            stdout=log, stderr=log)  # a short drain: its stop is waited for below
         url = f"http://127.0.0.1:{port}"
         try:
             wait_http(url + "/_nimbus/health", edge)
