@@ -62,13 +62,15 @@ def run(tmp_path: Path, scenario: Scenario, *, source: str = CODE, callable: str
                     "code", None)
 
     async def main() -> Any:
-        worker = Worker(state, LogSink(state / "logs"))
+        sink = LogSink(state / "logs")
+        worker = Worker(state, sink)
         await worker.start()
         try:
             async with asyncio.timeout(deadline_s):
                 return await scenario(worker.pool(target))
         finally:
             await worker.aclose(1.0)
+            sink.close()  # its files, now: not whenever the collector gets to them
 
     try:
         import uvloop
