@@ -521,3 +521,35 @@ def test_past_max_connections_the_longest_idle_makes_room() -> None:
             w.close()
 
     run_edge({"eu": ok("eu")}, test, max_connections=2)
+
+
+def test_stop_ends_a_background_task_that_lost_its_cancellation() -> None:
+    """A task that swallows a cancellation (as asyncio.wait_for can lose one
+    on Python 3.11) is cancelled again: the edge stops, within its deadline."""
+    async def main() -> float:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        edge = Edge(Cluster({"eu": Region("eu", (url,))}), EdgeConfig())
+        await edge.start("127.0.0.1", 0)
+        swallowed = 0
+
+        async def stubborn() -> None:
+            nonlocal swallowed
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    swallowed += 1
+                    if swallowed > 1:
+                        raise  # the second cancellation ends it
+
+        edge.add_task(stubborn())
+        await asyncio.sleep(0.05)
+        t0 = asyncio.get_running_loop().time()
+        await edge.stop(0.1)
+        server.close()
+        assert swallowed == 2, swallowed
+        return asyncio.get_running_loop().time() - t0
+
+    took = asyncio.run(main())
+    assert took < 5.0, f"stop took {took:.1f} s"

@@ -109,7 +109,11 @@ class Prober:   # probes every gateway's /_nimbus/health every interval, feeds a
     async def probe_once(self, conn: _ProbeConnection, url: str) -> None:
         start = time.perf_counter()  # (a loop's clock may tick in whole milliseconds)
         try:
-            await asyncio.wait_for(conn.probe(), self.config.timeout_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a
+            # cancellation that lands as the probe finishes, and this loop
+            # would then run on after the edge stopped it
+            async with asyncio.timeout(self.config.timeout_s):
+                await conn.probe()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ProbeFailed, ValueError, TimeoutError) as exc:
             conn.close()

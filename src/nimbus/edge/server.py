@@ -46,6 +46,7 @@ log = logging.getLogger("nimbus.edge")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 NOT_A_HEALTH_SIGNAL = frozenset({"TooManyConnections"})  # load shedding: retry, not down
+STOP_TASK_TRIES = 6  # a stopping edge cancels its background tasks this often, 0.5 s apart
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"content-length", b"expect",
                         b"x-forwarded-for"})
@@ -455,9 +456,18 @@ class Edge:
             await asyncio.sleep(0.05)
         for c in list(self.connections):
             c.abort()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # cancelled until they end, with a deadline: a task that lost a
+        # cancellation (it landed as something it awaited finished) is
+        # cancelled again rather than waited for forever
+        pending = {t for t in self._tasks if not t.done()}
+        for _ in range(STOP_TASK_TRIES):
+            if not pending:
+                break
+            for t in pending:
+                t.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=0.5)
+        if pending:
+            log.warning("%d background tasks did not end when cancelled", len(pending))
         for pool in self.pools.values():
             pool.close()
 
