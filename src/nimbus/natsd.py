@@ -95,7 +95,15 @@ class NatsServer:
         except (OSError, ValueError):
             return False
         meta = jsz.get("meta_cluster") or {}
-        return not meta or bool(meta.get("leader"))
+        if not meta:
+            return True
+        if meta.get("leader") != self.name:
+            return bool(meta.get("leader"))
+        # The meta leader places new streams: it must know every peer as
+        # current, or an R3 bucket made now is refused ("peer offline").
+        peers = meta.get("replicas") or []
+        return len(peers) + 1 >= int(meta.get("cluster_size") or 1) and all(
+            p.get("current") and not p.get("offline") for p in peers)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from nimbus.errors import ClosedError, NotFoundError, UnavailableError
 from nimbus.store.nats_conn import retry_read
 from nimbus.store.nats_store import (
     BUCKET_READY_S,
-    STREAM_NAME_IN_USE,
+    CREATE_AGAIN,
     STREAM_NOT_FOUND,
     _api_code,
     _describe,
@@ -104,7 +104,7 @@ class NatsBlobs:
                         return
                     except UnavailableError as exc2:
                         exc = exc2
-                if _api_code(exc) not in (None, STREAM_NAME_IN_USE) \
+                if _api_code(exc) not in CREATE_AGAIN \
                         or time.monotonic() > deadline:
                     raise exc from exc.__cause__
                 await asyncio.sleep(0.2)

@@ -80,6 +80,9 @@ WRONG_LAST_SEQUENCE = (10071, 10164)
 NO_MESSAGE_FOUND = 10037
 STREAM_NOT_FOUND = 10059
 STREAM_NAME_IN_USE = 10058
+NO_SUITABLE_PEERS = 10005  # a server just started is not yet known to the meta leader
+# A bucket's creation is tried again on these (and on no answer at all).
+CREATE_AGAIN = (None, STREAM_NAME_IN_USE, NO_SUITABLE_PEERS)
 BUCKET_READY_S = 20.0
 
 _KEEP = re.compile(r"[A-Za-z0-9_-]")
@@ -253,7 +256,7 @@ class NatsStore:
                         return
                     except UnavailableError as exc2:  # in use: someone was faster
                         exc = exc2
-                if _api_code(exc) not in (None, STREAM_NAME_IN_USE) \
+                if _api_code(exc) not in CREATE_AGAIN \
                         or time.monotonic() > deadline:
                     raise exc from exc.__cause__
                 await asyncio.sleep(0.2)
