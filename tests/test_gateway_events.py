@@ -174,3 +174,14 @@ class TestRouter:
 
     def test_head_falls_back_to_get(self):
         assert self.router().match("HEAD", "/hello").target == "hello"
+
+    def test_a_named_method_wins_over_any_on_one_path(self):
+        r = Router([("ANY", "/orders", "all"), ("GET", "/orders", "list"),
+                    ("ANY", "/o/{id}", "all-o"), ("GET", "/o/{id}", "get-o")])
+        assert (r.match("GET", "/orders").target, r.match("GET", "/orders").route_key) \
+            == ("list", "GET /orders")
+        m = r.match("POST", "/orders")
+        assert (m.target, m.route_key) == ("all", "ANY /orders")
+        assert r.match("DELETE", "/o/5").target == "all-o"
+        m = r.match("GET", "/o/5")
+        assert (m.target, m.path_params) == ("get-o", {"id": "5"})

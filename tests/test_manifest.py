@@ -628,13 +628,21 @@ def test_duplicate_route_in_one_function(tmp_path):
     assert "already declared by this function at functions.a.http[0] (line 5)" in err.message
 
 
-def test_any_conflicts_with_every_method(tmp_path):
-    err = load_error(rich(tmp_path, """\
+def test_any_beside_named_methods_on_one_path_loads(tmp_path):
+    spec = load_app(rich(tmp_path, """\
         a: {handler: api.plain, http: {method: DELETE, path: /x}}
         b: {handler: api.plain, http: {method: ANY, path: /x}}
         """))
+    assert spec.functions["b"].routes == (Route("ANY", "/x"),)
+
+
+def test_any_twice_on_one_path_conflicts(tmp_path):
+    err = load_error(rich(tmp_path, """\
+        a: {handler: api.plain, http: {method: ANY, path: /x}}
+        b: {handler: api.plain, http: {method: any, path: /x}}
+        """))
     assert (err.line, err.field) == (3, "functions.b.http")
-    assert err.message == ("route ANY /x overlaps DELETE /x: already declared by function 'a' "
+    assert err.message == ("duplicate route ANY /x: already declared by function 'a' "
                            "at functions.a.http (line 2)")
 
 
@@ -645,6 +653,17 @@ def test_same_route_with_other_parameter_names_conflicts(tmp_path):
         """))
     assert err.line == 3
     assert "route GET /u/{uid} overlaps GET /u/{id}" in err.message
+
+
+def test_one_path_with_other_parameter_names_conflicts_whatever_the_methods(tmp_path):
+    # POST /u/1 would reach neither: the router tries one spelling of the path
+    err = load_error(rich(tmp_path, """\
+        a: {handler: api.plain, http: {method: GET, path: '/u/{id}'}}
+        b: {handler: api.plain, http: {method: POST, path: '/u/{uid}'}}
+        """))
+    assert err.line == 3
+    assert err.message.startswith("route POST /u/{uid} overlaps GET /u/{id} (one path with "
+                                  "other parameter names; name them the same)")
 
 
 def test_duplicate_route_seed(tmp_path):

@@ -558,13 +558,7 @@ Resources:
 }
 
 # Cases that document a defect: what is wrong, precisely.
-XFAIL = {
-    "any-and-get-on-one-path": (
-        "a template with `ANY /orders` in one function and `GET /orders` in another is "
-        "refused ('route GET /orders overlaps ANY /orders'); API Gateway (REST and HTTP APIs) "
-        "serves it, sending GET to the GET route and other methods to ANY, and docs/aws.md "
-        "does not list it among what is refused"),
-}
+XFAIL: dict[str, str] = {}
 
 
 # One process runs every case through the CLI's entry point (the

@@ -38,7 +38,7 @@ def test_deploy_lists_what_nimbus_does_not_provide_once(sam: Any) -> None:
     out = n.output()
     assert out.count("not provided by nimbus: AWS::DynamoDB::Table Orders (template.yaml:30)") \
         == 1, out
-    assert out.count("not provided by nimbus: Outputs (template.yaml:111)") == 1
+    assert out.count("not provided by nimbus: Outputs (template.yaml:121)") == 1
     assert out.count("IAM is not enforced by nimbus") == 1
     for fn in ("Web", "Worker", "Fails", "Ticker"):
         assert f"deployed shop/{fn}: version 1" in out
@@ -68,6 +68,18 @@ def test_rest_api_route_serves(sam: Any) -> None:
             "multiValueQueryStringParameters", "requestContext"} <= set(body["keys"])
     assert body["resource_path"] == "/rest/{proxy+}"
     assert body["path_parameters"] == {"proxy": "a/b"}
+
+
+def test_a_get_route_beside_any_on_one_path_wins_for_get(sam: Any) -> None:
+    n, _ = sam
+    r = n.http.get("/orders")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"listed_by": "Ticker"}
+    for method in ("POST", "DELETE"):
+        r = n.http.request(method, "/orders")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["payload"] == "1.0" and body["resource_path"] == "/orders", body
 
 
 def test_queue_delivers_and_unreported_batch_failures_are_ignored(sam: Any) -> None:

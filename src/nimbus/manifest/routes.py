@@ -71,7 +71,10 @@ def find_conflict(routes: list[Declared]) -> tuple[Declared, Declared] | None:
     for route in routes:
         bucket = seen.setdefault(shape(route.path), [])
         for other in bucket:
-            if "ANY" in (route.method, other.method) or route.method == other.method:
+            # One path may have ANY beside other methods (the named method
+            # wins, as on API Gateway); one shape under two spellings of its
+            # parameters may not (API Gateway refuses such siblings too).
+            if route.method == other.method or route.path != other.path:
                 return other, route
         bucket.append(route)
     return None
@@ -80,6 +83,9 @@ def find_conflict(routes: list[Declared]) -> tuple[Declared, Declared] | None:
 def conflict_message(first: Declared, second: Declared) -> str:
     if (first.method, first.path) == (second.method, second.path):
         what = f"duplicate route {second.method} {second.path}"
+    elif first.path != second.path:
+        what = (f"route {second.method} {second.path} overlaps {first.method} {first.path} "
+                "(one path with other parameter names; name them the same)")
     else:
         what = f"route {second.method} {second.path} overlaps {first.method} {first.path}"
     mine = "this function" if first.function == second.function else f"function {first.function!r}"

@@ -43,4 +43,6 @@ def fail(event, context):
 
 
 def tick(event, context):
+    if "httpMethod" in event:  # GET /orders, beside the Web function's ANY /orders
+        return {"statusCode": 200, "body": json.dumps({"listed_by": context.function_name})}
     return {"event": event}
