@@ -82,6 +82,37 @@ def test_a_get_route_beside_any_on_one_path_wins_for_get(sam: Any) -> None:
         assert body["payload"] == "1.0" and body["resource_path"] == "/orders", body
 
 
+def _other_app(root: Path, name: str, method: str, path: str) -> Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / "app.yaml").write_text(
+        f"name: {name}\nfunctions:\n  {name}fn:\n    handler: h.handler\n"
+        f"    http: [{{method: {method}, path: '{path}'}}]\n")
+    (folder / "h.py").write_text(
+        "def handler(event, context):\n    return {'app': context.function_name}\n")
+    return folder
+
+
+def test_other_apps_routes_follow_the_same_overlap_rules(
+        sam: Any, tmp_path: Path) -> None:
+    n, _ = sam
+    # the same path, spelled with another parameter name: refused
+    out = n.cli("deploy", str(_other_app(tmp_path, "clash", "GET", "/rest/{rest+}")))
+    assert out.returncode != 0
+    assert ("route GET /rest/{rest+} of clashfn overlaps GET /rest/{proxy+}, "
+            "served by shop/Web") in out.stdout + out.stderr, out
+    # ANY on a path another app serves with ANY: refused
+    out = n.cli("deploy", str(_other_app(tmp_path, "twice", "ANY", "/orders")))
+    assert out.returncode != 0 and "overlaps ANY /orders, served by shop/Web" \
+        in out.stdout + out.stderr, out
+    # a named method beside another app's ANY: served, and wins for its method
+    out = n.cli("deploy", str(_other_app(tmp_path, "beside", "PUT", "/orders")))
+    assert out.returncode == 0, out
+    assert n.http.put("/orders").json() == {"app": "besidefn"}
+    assert n.http.post("/orders").json()["resource_path"] == "/orders"
+    assert n.http.get("/orders").json() == {"listed_by": "Ticker"}
+
+
 def test_queue_delivers_and_unreported_batch_failures_are_ignored(sam: Any) -> None:
     _, ctl = sam
     ids = {}

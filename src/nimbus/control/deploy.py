@@ -69,6 +69,7 @@ from nimbus.errors import (
 )
 from nimbus.manifest.loader import load_app
 from nimbus.manifest.model import AppSpec, FunctionSpec, RegionsSpec, RolloutSpec
+from nimbus.manifest.routes import collide
 from nimbus.rollout.traffic import DEFAULT_ALIAS
 from nimbus.store.base import Blobs, Store
 from nimbus.worker.containment import share_read_only
@@ -509,21 +510,20 @@ class Deployer:
                 await self.store.delete(key, revision=revision)
 
     async def _check_routes(self, app: AppSpec) -> None:
-        taken: dict[tuple[str, str], str] = {}
+        """Routes of other apps follow the rules of one app's routes."""
+        taken: list[tuple[str, str, str]] = []
         for entry in await self.store.list("apps/"):
             other = orjson.loads(entry.value)
             if other["name"] == app.name:
                 continue
             for method, path, fn, *_alias in other["routes"]:
-                taken[(method, path)] = f"{other['name']}/{fn}"
+                taken.append((method, path, f"{other['name']}/{fn}"))
         for fn in app.functions.values():
             for r in fn.routes:
-                for method in ([r.method] if r.method != "ANY" else
-                               sorted({m for m, p in taken if p == r.path})):
-                    holder = taken.get((method, r.path)) or taken.get(("ANY", r.path))
-                    if holder:
-                        raise DeployError(
-                            f"route {r.method} {r.path} of {fn.name} is already served by {holder}")
+                for method, path, holder in taken:
+                    if collide(r.method, r.path, method, path):
+                        raise DeployError(f"route {r.method} {r.path} of {fn.name} overlaps "
+                                          f"{method} {path}, served by {holder}")
 
     async def _next_version(self, fn: str) -> int:
         entries = await self.store.list(f"functions/{fn}/versions/")

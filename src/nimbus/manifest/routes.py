@@ -65,16 +65,21 @@ class Declared:
     payload: str = "2.0"
 
 
+def collide(method: str, path: str, other_method: str, other_path: str) -> bool:
+    """Whether two routes would match the same request. One path may have ANY
+    beside other methods (the named method wins, as on API Gateway); one shape
+    under two spellings of its parameters may not, whatever the methods (API
+    Gateway refuses such siblings too, and the router tries one spelling)."""
+    return shape(path) == shape(other_path) and (method == other_method or path != other_path)
+
+
 def find_conflict(routes: list[Declared]) -> tuple[Declared, Declared] | None:
     """The first (earlier, later) pair of routes that would match the same request."""
     seen: dict[str, list[Declared]] = {}
     for route in routes:
         bucket = seen.setdefault(shape(route.path), [])
         for other in bucket:
-            # One path may have ANY beside other methods (the named method
-            # wins, as on API Gateway); one shape under two spellings of its
-            # parameters may not (API Gateway refuses such siblings too).
-            if route.method == other.method or route.path != other.path:
+            if collide(route.method, route.path, other.method, other.path):
                 return other, route
         bucket.append(route)
     return None
