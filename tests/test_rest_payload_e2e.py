@@ -4,6 +4,7 @@ into it and serving."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -104,6 +105,37 @@ def test_rest_and_http_api_events_side_by_side(up: Nimbus) -> None:
     assert ev2["queryStringParameters"] == {"tag": "a,b"}
     assert ev2["headers"]["x-many"] == "one,two"
     assert "multiValueHeaders" not in ev2 and "resource" not in ev2
+
+
+def _raw_get(up: Nimbus, target: str, head: bytes) -> dict:
+    """GET ``target`` with exactly the header lines ``head`` (names as written)."""
+    host, port = up.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET " + target.encode() + b" HTTP/1.1\r\n" + head
+                     + b"Connection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status, _, body = data.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200"), data[:500]
+    return orjson.loads(body)
+
+
+def test_rest_events_keep_header_names_as_sent_and_http_api_events_lower_them(
+        up: Nimbus) -> None:
+    head = (b"Host: shop.example\r\nUser-Agent: raw/1\r\nX-Mixed-Case: a\r\n"
+            b"x-lower: b\r\nX-Twice: 1\r\nX-Twice: 2\r\nAccept: */*\r\n")
+    ev = _raw_get(up, "/v1/items/7", head)
+    assert {"Host", "User-Agent", "X-Mixed-Case", "x-lower", "X-Twice", "Accept"} \
+        <= set(ev["headers"]), ev["headers"]
+    assert ev["headers"]["X-Twice"] == "2" and ev["multiValueHeaders"]["X-Twice"] == ["1", "2"]
+    assert "x-mixed-case" not in ev["headers"]
+    assert set(ev["headers"]) == set(ev["multiValueHeaders"])
+    rc = ev["requestContext"]
+    assert (rc["domainName"], rc["identity"]["userAgent"]) == ("shop.example", "raw/1")
+    ev2 = _raw_get(up, "/v2/items/7", head)
+    assert ev2["headers"]["x-mixed-case"] == "a" and ev2["headers"]["x-twice"] == "1,2"
+    assert "X-Mixed-Case" not in ev2["headers"]
 
 
 def test_binary_body_round_trip(up: Nimbus) -> None:

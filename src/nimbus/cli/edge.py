@@ -39,8 +39,9 @@ from nimbus.cli.main import cli, fail
               help="Bring regions that missed a 'nimbus deploy --cluster' (down at the "
                    "time, or back at another version) up to date in the background.")
 @click.option("--metrics-token-file", type=click.Path(path_type=Path),
-              help="A file holding the Bearer token that GET /_nimbus/metrics asks for "
-                   "[default: no token, served only when --host is a loopback address].")
+              help="A file holding the Bearer token that GET /_nimbus/metrics and "
+                   "/_nimbus/regions ask for [default: no token, served only when --host "
+                   "is a loopback address].")
 @click.option("--emit", type=click.Choice(["haproxy"]),
               help="Write an equivalent configuration for this proxy to stdout, "
                    "listening on --host/--port, and exit.")
@@ -84,8 +85,9 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
         click.echo(f"nimbus edge: serving http://{bound[0]}:{bound[1]} "
                    f"(regions {names}; health at /_nimbus/regions)")
         if metrics_token is None and not is_loopback(host):
-            click.echo(f"nimbus edge: /_nimbus/metrics answers 403: --host {host} is not a "
-                       "loopback address and no --metrics-token-file was given")
+            click.echo(f"nimbus edge: /_nimbus/metrics and /_nimbus/regions answer 403: "
+                       f"--host {host} is not a loopback address and no "
+                       "--metrics-token-file was given")
         sys.stdout.flush()
 
     background = None

@@ -46,6 +46,7 @@ from nimbus.edge.health import HealthBook
 from nimbus.observe.metrics import authorized, is_loopback, platform_memory
 
 METRICS_PATH = b"/_nimbus/metrics"
+REGIONS_PATH = b"/_nimbus/regions"  # the edge's view of regions: as guarded as metrics
 DETECTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                      30.0)
 NO_REGION = ""
@@ -117,26 +118,29 @@ class _Families(Collector):
 
 
 class MetricsAuth:
-    """Who may read ``/_nimbus/metrics``: a Bearer token, or anyone when the
-    edge listens on loopback only and no token is set."""
+    """Who may read the edge's operator pages (``/_nimbus/metrics`` and
+    ``/_nimbus/regions``, which name every gateway and its last error): a
+    Bearer token, or anyone when the edge listens on loopback only and no
+    token is set. ``/_nimbus/health`` stays open for load balancers."""
 
     def __init__(self, token: str | None, host: str) -> None:
         self.token = token or None
         self.open = self.token is None and is_loopback(host)
         self.host = host
 
-    def check(self, headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+    def check(self, headers: list[tuple[bytes, bytes]], what: str = "metrics",
+              ) -> tuple[int, str] | None:
         """None when allowed, else (status, message)."""
         if self.token is None:
             if self.open:
                 return None
-            return 403, (f"metrics are served without a token only on loopback; this edge "
+            return 403, (f"{what} are served without a token only on loopback; this edge "
                          f"listens on {self.host}: start it with --metrics-token-file FILE")
         given = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers
                  if n == b"authorization"}
         if authorized(given, self.token):
             return None
-        return 401, "metrics need 'Authorization: Bearer TOKEN' (the --metrics-token-file)"
+        return 401, f"{what} need 'Authorization: Bearer TOKEN' (the --metrics-token-file)"
 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()

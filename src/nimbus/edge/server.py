@@ -33,7 +33,14 @@ import orjson
 from nimbus.edge.apps import App, AppRefresher, AppTable, ControlRegion, EdgeSpec
 from nimbus.edge.budget import RetryBudget
 from nimbus.edge.health import HealthBook, HealthConfig
-from nimbus.edge.metrics import CONTENT_TYPE, METRICS_PATH, NO_REGION, EdgeMetrics, MetricsAuth
+from nimbus.edge.metrics import (
+    CONTENT_TYPE,
+    METRICS_PATH,
+    NO_REGION,
+    REGIONS_PATH,
+    EdgeMetrics,
+    MetricsAuth,
+)
 from nimbus.edge.policy import region_order
 from nimbus.edge.prober import Prober
 from nimbus.edge.types import ClusterLike
@@ -141,14 +148,18 @@ class RequestBody:
 
 
 class Request:
-    __slots__ = ("method", "url", "headers", "keep_alive", "body", "has_body", "chunked",
-                 "length", "host", "version")
+    __slots__ = ("method", "url", "headers", "names", "keep_alive", "body", "has_body",
+                 "chunked", "length", "host", "version")
 
     def __init__(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
-                 keep_alive: bool, body: RequestBody, version: str) -> None:
+                 keep_alive: bool, body: RequestBody, version: str,
+                 names: list[bytes] | None = None) -> None:
         self.method = method
         self.url = url
-        self.headers = headers
+        self.headers = headers  # names in lower case
+        # the names as the client wrote them, forwarded as written (a REST
+        # event behind the edge shows them as API Gateway would)
+        self.names = names if names is not None else [n for n, _v in headers]
         self.keep_alive = keep_alive
         self.body = body
         self.version = version
@@ -274,6 +285,7 @@ class ClientConn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._names: list[bytes] = []
         self._header_bytes = 0
         if not self.busy:
             self._arm(self.edge.config.header_timeout_s)
@@ -287,12 +299,13 @@ class ClientConn(asyncio.Protocol):
         if self._header_bytes > self.edge.config.max_header_bytes:
             raise ValueError("request head over the limit")
         self._headers.append((name.lower(), value))
+        self._names.append(name)
 
     def on_headers_complete(self) -> None:
         self.deadline = 0.0
         p = self.parser
         req = Request(p.get_method(), self._url, self._headers, p.should_keep_alive(),
-                      RequestBody(self), p.get_http_version())
+                      RequestBody(self), p.get_http_version(), self._names)
         if req.has_body and any(n == b"expect" and v.lower() == b"100-continue"
                                 for n, v in req.headers):
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -676,14 +689,14 @@ class Edge:
         context replaces the client's."""
         parts = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
         xff = None
-        for n, v in req.headers:
+        for (n, v), written in zip(req.headers, req.names, strict=True):
             if n in HOP_BY_HOP:
                 if n == b"x-forwarded-for":
                     xff = v
                 continue
             if span is not None and (n == b"traceparent" or n == b"tracestate"):
                 continue
-            parts += (n, b": ", v, b"\r\n")
+            parts += (written, b": ", v, b"\r\n")
         if span is not None:
             parts += (b"traceparent: ", span.traceparent.encode(), b"\r\n")
             if span.tracestate:
@@ -847,11 +860,13 @@ class Edge:
         await req.body.read_all(self.config.body_timeout_s)
         if path == METRICS_PATH:
             return self._metrics(conn, req)
+        if path == REGIONS_PATH and self._denied(conn, req, "region views"):
+            return True
         if path == b"/_nimbus/health":
             up = sorted(self.book.up_regions(now))
             status = 503 if self.draining else 200
             body: Any = {"status": "draining" if self.draining else "ok", "regions_up": up}
-        elif path == b"/_nimbus/regions":
+        elif path == REGIONS_PATH:
             status = 200
             body = self.book.snapshot(now)
             body.update(order=list(self.order), stats=self.stats,
@@ -868,14 +883,20 @@ class Edge:
                                  head_only=req.method == b"HEAD"))
         return True
 
+    def _denied(self, conn: ClientConn, req: Request, what: str) -> bool:
+        """Answer 401/403 (and say so) when the caller may not read ``what``."""
+        denied = self.metrics_auth.check(req.headers, what)
+        if denied is None:
+            return False
+        status, message = denied
+        conn.write(json_response(status, {
+            "errorType": "Unauthorized" if status == 401 else "Forbidden",
+            "errorMessage": message}, b"edge", req.keep_alive,
+            head_only=req.method == b"HEAD"))
+        return True
+
     def _metrics(self, conn: ClientConn, req: Request) -> bool:
-        denied = self.metrics_auth.check(req.headers)
-        if denied is not None:
-            status, message = denied
-            conn.write(json_response(status, {
-                "errorType": "Unauthorized" if status == 401 else "Forbidden",
-                "errorMessage": message}, b"edge", req.keep_alive,
-                head_only=req.method == b"HEAD"))
+        if self._denied(conn, req, "metrics"):
             return True
         data = self.metrics.exposition()
         head = (b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n"

@@ -385,9 +385,11 @@ class GatewayHttpProtocol(GuardedHttpToolsProtocol):
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
+        self.header_names: list[bytes] = []
         self._forwarded = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_names.append(name)  # as sent: REST (payload 1.0) events keep it
         name = name.lower()
         if name == b"expect":
             if value.lower() == b"100-continue":
@@ -423,7 +425,7 @@ class GatewayHttpProtocol(GuardedHttpToolsProtocol):
                  "path": root + path if root else path,
                  "raw_path": root.encode("ascii") + raw_path if root else raw_path,
                  "query_string": parsed_url.query or b"", "headers": self.headers,
-                 "client": client}
+                 "header_names": self.header_names, "client": client}
         exchange = _Exchange(scope, self.transport, self.flow,
                              http_version != "1.0" and parser.should_keep_alive(),
                              self.expect_100_continue)

@@ -87,6 +87,9 @@ def parse_query_multi(raw: str) -> tuple[dict[str, str] | None, dict[str, list[s
     return {k: vs[-1] for k, vs in multi.items()}, multi
 
 
+_KNOWN = frozenset((b"host", b"content-type", b"user-agent"))
+
+
 def rest_event(
     scope: dict[str, Any],
     body: bytes,
@@ -98,11 +101,20 @@ def rest_event(
     now_s: float,
 ) -> dict[str, Any]:
     """The event a REST API's Lambda proxy integration sends for this request."""
+    # Header names as the client wrote them (API Gateway's REST APIs keep
+    # their case; HTTP APIs lower it), when the server kept them.
+    pairs = scope["headers"]
+    names = scope.get("header_names")
+    if names is None or len(names) != len(pairs):
+        names = [n for n, _v in pairs]
     headers: dict[str, str] = {}
     multi_headers: dict[str, list[str]] = {}
-    for raw_name, raw_value in scope["headers"]:
+    known: dict[bytes, str] = {}  # host, content-type, user-agent: the last value
+    for raw_name, (lower, raw_value) in zip(names, pairs, strict=True):
         name = raw_name.decode("latin-1")
         value = raw_value.decode("latin-1")
+        if lower in _KNOWN:
+            known[lower] = value
         headers[name] = value  # the last value, as API Gateway's `headers`
         values = multi_headers.get(name)
         if values is None:
@@ -114,8 +126,8 @@ def rest_event(
     method = scope["method"]
     path = scope["path"]
     client = scope.get("client")
-    host = headers.get("host", "localhost")
-    text, is_b64 = encode_body(body, headers.get("content-type")) if body else (None, False)
+    host = known.get(b"host", "localhost")
+    text, is_b64 = encode_body(body, known.get(b"content-type")) if body else (None, False)
     return {
         "resource": resource,
         "path": path,
@@ -139,7 +151,7 @@ def rest_event(
             "domainPrefix": host.split(".", 1)[0],
             "requestTimeEpoch": int(now_s * 1000),
             "requestId": request_id,
-            "identity": _identity(client[0] if client else "", headers.get("user-agent")),
+            "identity": _identity(client[0] if client else "", known.get(b"user-agent")),
             "domainName": host,
             "apiId": API_ID,
         },
