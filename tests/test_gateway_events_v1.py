@@ -12,7 +12,9 @@ from nimbus.gateway.events_v1 import (
     ERROR_BODY,
     RestRoute,
     error_response,
+    header,
     parse_query_multi,
+    put_trace_context,
     rest_event,
     rest_response,
 )
@@ -24,12 +26,58 @@ IDENTITY_NULLS = ("accessKey", "accountId", "apiKey", "apiKeyId", "caller",
                   "userArn")
 
 
-def scope(method="GET", path="/users/42", qs=b"", headers=()):
-    return {
+def scope(method="GET", path="/users/42", qs=b"", headers=(), names=None):
+    s = {
         "type": "http", "method": method, "path": path, "raw_path": path.encode(),
         "query_string": qs, "headers": list(headers), "client": ("10.1.2.3", 5555),
         "http_version": "1.1",
     }
+    if names is not None:
+        s["header_names"] = list(names)
+    return s
+
+
+def spelled(*pairs):
+    """A scope with the headers as written (the server lowers the names)."""
+    return scope(headers=[(n.lower(), v) for n, v in pairs], names=[n for n, _ in pairs])
+
+
+def test_header_names_keep_their_spelling_and_one_name_is_one_header():
+    spellings = {}
+    ev = rest_event(spelled((b"Host", b"api.example"), (b"X-A", b"1"), (b"x-a", b"2"),
+                            (b"USER-AGENT", b"ua/1"), (b"Content-Type", b"text/plain")),
+                    b"hi", resource="/x", resource_id="r", path_params=None,
+                    request_id="r", now_s=0, spellings=spellings)
+    assert ev["headers"] == {"Host": "api.example", "X-A": "2", "USER-AGENT": "ua/1",
+                             "Content-Type": "text/plain"}
+    assert ev["multiValueHeaders"]["X-A"] == ["1", "2"]
+    assert set(ev["headers"]) == set(ev["multiValueHeaders"])
+    assert ev["requestContext"]["domainName"] == "api.example"
+    assert ev["requestContext"]["identity"]["userAgent"] == "ua/1"
+    assert (ev["body"], ev["isBase64Encoded"]) == ("hi", False)  # its content type was read
+    assert header(ev, spellings, b"x-a") == "2" and header(ev, spellings, b"user-agent") == "ua/1"
+    assert header(ev, spellings, b"idempotency-key") is None
+
+
+def test_names_the_server_did_not_keep_are_the_lower_case_ones():
+    ev = rest_event(scope(headers=[(b"x-a", b"1")], names=[b"X-A", b"X-B"]), b"",
+                    resource="/x", resource_id="r", path_params=None, request_id="r", now_s=0)
+    assert ev["headers"] == {"x-a": "1"}
+
+
+def test_the_gateway_s_trace_context_replaces_the_client_s_in_any_spelling():
+    spellings = {}
+    ev = rest_event(spelled((b"Traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"),
+                            (b"TraceState", b"a=1"), (b"X-Other", b"x")),
+                    b"", resource="/x", resource_id="r", path_params=None,
+                    request_id="r", now_s=0, spellings=spellings)
+    mine = "00-" + "3" * 32 + "-" + "4" * 16 + "-01"
+    put_trace_context(ev, spellings, mine, "")
+    assert ev["headers"] == {"X-Other": "x", "traceparent": mine}
+    assert ev["multiValueHeaders"] == {"X-Other": ["x"], "traceparent": [mine]}
+    put_trace_context(ev, spellings, mine, "n=2")
+    assert ev["headers"]["tracestate"] == "n=2" and ev["multiValueHeaders"]["tracestate"] == ["n=2"]
+    assert header(ev, spellings, b"traceparent") == mine
 
 
 def test_event_has_the_rest_proxy_shape():
@@ -191,3 +239,10 @@ def test_sticky_key_of_a_rest_event():
     assert sticky_key(ev([(b"x-nimbus-sticky", b"u1"), (b"cookie", b"nimbus-sticky=u7")])) == "u1"
     assert sticky_key(ev([(b"cookie", b"a=1")])) is None
     assert sticky_key(ev([])) is None
+    # as the client wrote the names
+    assert sticky_key(rest_event(spelled((b"X-Nimbus-Sticky", b"u3")), b"", resource="/x",
+                                 resource_id="r", path_params=None, request_id="r",
+                                 now_s=0)) == "u3"
+    assert sticky_key(rest_event(spelled((b"Cookie", b"nimbus-sticky=u4")), b"",
+                                 resource="/x", resource_id="r", path_params=None,
+                                 request_id="r", now_s=0)) == "u4"

@@ -674,6 +674,9 @@ def test_idempotent_methods_come_from_the_http_event():
     assert not any(idempotent(http(m)) for m in ("POST", "PATCH"))
     assert not idempotent({"Records": []})  # queue batches and async events
     assert not idempotent({"requestContext": "odd"}) and not idempotent(None)
+    # payload 1.0 (REST) events name the method at the top
+    assert idempotent({"httpMethod": "GET", "requestContext": {"httpMethod": "GET"}})
+    assert not idempotent({"httpMethod": "POST", "requestContext": {"httpMethod": "POST"}})
 
 
 def test_errors_cross_the_wire_as_themselves():

@@ -59,7 +59,6 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
     from nimbus.edge.health import HealthConfig
     from nimbus.edge.server import EdgeConfig, run
     from nimbus.multiregion.clusterfile import load_cluster
-    from nimbus.observe.metrics import is_loopback
 
     cluster = load_cluster(cluster_path)
     for region in cluster.regions.values():
@@ -80,11 +79,11 @@ def edge(cluster_path: Path, host: str, port: int, interval_s: float, timeout_s:
                         grace_s=grace_s, max_connections=max_connections,
                         metrics_token=metrics_token)
 
-    def ready(_edge: Any, bound: tuple[str, int]) -> None:
+    def ready(edge: Any, bound: tuple[str, int]) -> None:
         names = ", ".join(cluster.names)
         click.echo(f"nimbus edge: serving http://{bound[0]}:{bound[1]} "
                    f"(regions {names}; health at /_nimbus/regions)")
-        if metrics_token is None and not is_loopback(host):
+        if metrics_token is None and not edge.metrics_auth.open:
             click.echo(f"nimbus edge: /_nimbus/metrics and /_nimbus/regions answer 403: "
                        f"--host {host} is not a loopback address and no "
                        "--metrics-token-file was given")

@@ -522,8 +522,10 @@ class Deployer:
             for r in fn.routes:
                 for method, path, holder in taken:
                     if collide(r.method, r.path, method, path):
+                        hint = ("" if r.path == path else
+                                " (one path with other parameter names; name them the same)")
                         raise DeployError(f"route {r.method} {r.path} of {fn.name} overlaps "
-                                          f"{method} {path}, served by {holder}")
+                                          f"{method} {path}, served by {holder}{hint}")
 
     async def _next_version(self, fn: str) -> int:
         entries = await self.store.list(f"functions/{fn}/versions/")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import signal
 import threading
 import time
@@ -48,6 +49,7 @@ from nimbus.edge.upstream import Pool, Upstream, UpstreamFailure
 from nimbus.gateway.responses import GATEWAY_ERROR_HEADER
 from nimbus.ids import new_id
 from nimbus.observe import tracing
+from nimbus.observe.metrics import is_loopback
 
 log = logging.getLogger("nimbus.edge")
 
@@ -386,6 +388,14 @@ def json_response(status: int, body: Any, region: bytes, keep_alive: bool,
     return head if head_only else head + data
 
 
+_URL = re.compile(r"(?:gateway )?\bhttps?://\S+")
+
+
+def without_urls(reason: str) -> str:
+    """``reason`` with any gateway URL in it said as "a gateway"."""
+    return _URL.sub("a gateway", reason)
+
+
 def gateway_failure(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> str | None:
     """The errorType of a 502/503 the gateway itself made because it could
     not serve (it marks those with ``x-nimbus-error: gateway``, a header no
@@ -443,7 +453,11 @@ class Edge:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.server = await self.loop.create_server(lambda: ClientConn(self), host, port,
                                                     reuse_address=True, backlog=1024)
-        self.metrics_auth = MetricsAuth(self.config.metrics_token, host)
+        # what was bound decides (``127.1`` and ``localhost`` are loopback too)
+        bound = [sock.getsockname()[0] for sock in self.server.sockets]
+        self.metrics_auth = MetricsAuth(
+            self.config.metrics_token,
+            bound[0] if bound and all(is_loopback(a) for a in bound) else host)
         self._tasks.append(self.loop.create_task(self.prober.run()))
         self._tasks.append(self.loop.create_task(self._sweep()))
         regions: Mapping[str, ControlRegion] = self.cluster.regions  # type: ignore[assignment]
@@ -587,7 +601,10 @@ class Edge:
         codes[502] = codes.get(502, 0) + 1
         conn.write(json_response(502, {
             "errorType": "RegionFailed",
-            "errorMessage": f"region {region} failed: {reason}" if failed or order else reason,
+            # clients learn the region and what went wrong, not where the
+            # region's gateways are (that is for /_nimbus/regions and the log)
+            "errorMessage": (f"region {region} failed: {without_urls(reason)}"
+                             if failed or order else reason),
             "region": region,
             "tried": [r for r, _ in failed],
         }, region.encode(), req.keep_alive, head_only=req.method == b"HEAD"))

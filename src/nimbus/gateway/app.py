@@ -17,7 +17,7 @@ import orjson
 
 from nimbus.errors import HandlerError, NimbusError, PayloadTooLargeError, UserInputError
 from nimbus.gateway.events import http_event
-from nimbus.gateway.events_v1 import RestRoute, rest_event, rest_response
+from nimbus.gateway.events_v1 import RestRoute, header, put_trace_context, rest_event, rest_response
 from nimbus.gateway.events_v1 import error_response as rest_error_response
 from nimbus.gateway.responses import JSON, NO_BODY, Response, error_response, result_response
 from nimbus.gateway.router import Router
@@ -33,6 +33,7 @@ log = logging.getLogger("nimbus.gateway")
 REQUEST_ID_HEADER = b"x-nimbus-request-id"
 INVOCATION_ID_HEADER = b"x-nimbus-invocation-id"
 INVOCATION_TYPE_HEADERS = ("x-nimbus-invocation-type", "x-amz-invocation-type")
+INVOCATION_TYPE_NAMES = tuple(h.encode() for h in INVOCATION_TYPE_HEADERS)
 RESERVED_PREFIX = "/_nimbus/"
 
 
@@ -140,10 +141,11 @@ class Gateway:
                     span.attrs["nimbus.function"] = function
                     tracing.inject(span, ev_headers)
                 if ((INVOCATION_TYPE_HEADERS[0] in ev_headers
-                        or INVOCATION_TYPE_HEADERS[1] in ev_headers) and invocation_type(
+                        or INVOCATION_TYPE_HEADERS[1] in ev_headers) and (kind := invocation_type(
                         ev_headers.get(INVOCATION_TYPE_HEADERS[0])
-                        or ev_headers.get(INVOCATION_TYPE_HEADERS[1])) != "RequestResponse"):
-                    status, headers, data = await self._not_now(match.target, event)
+                        or ev_headers.get(INVOCATION_TYPE_HEADERS[1]))) != "RequestResponse"):
+                    status, headers, data = await self._not_now(
+                        match.target, event, kind, ev_headers.get("idempotency-key"))
                     headers.append((REQUEST_ID_HEADER, rid.encode()))
                     headers.append((b"content-length", str(len(data)).encode()))
                     if span is not None:
@@ -179,19 +181,18 @@ class Gateway:
         try:
             body = await self._read_body(scope, receive)
             received = len(body)
+            spellings: dict[bytes, str] = {}  # header names as this event spells them
             event = rest_event(scope, body, resource=route.resource,
                                resource_id=route.resource_id, path_params=path_params,
-                               request_id=rid, now_s=time.time())
-            ev_headers = event["headers"] or {}
+                               request_id=rid, now_s=time.time(), spellings=spellings)
             if span is not None:
                 span.attrs["nimbus.function"] = function
-                if event["headers"] is not None:
-                    tracing.inject(span, ev_headers)
-            if ((INVOCATION_TYPE_HEADERS[0] in ev_headers
-                    or INVOCATION_TYPE_HEADERS[1] in ev_headers) and invocation_type(
-                    ev_headers.get(INVOCATION_TYPE_HEADERS[0])
-                    or ev_headers.get(INVOCATION_TYPE_HEADERS[1])) != "RequestResponse"):
-                status, headers, data = await self._not_now(route, event)
+                put_trace_context(event, spellings, span.traceparent, span.tracestate)
+            asked = (header(event, spellings, INVOCATION_TYPE_NAMES[0])
+                     or header(event, spellings, INVOCATION_TYPE_NAMES[1]))
+            if asked is not None and (kind := invocation_type(asked)) != "RequestResponse":
+                status, headers, data = await self._not_now(
+                    route, event, kind, header(event, spellings, b"idempotency-key"))
             else:
                 result = await route.invoke(rid, event)
                 try:
@@ -243,13 +244,11 @@ class Gateway:
                 break
         return b"".join(chunks)
 
-    async def _not_now(self, target: Any, event: dict[str, Any]) -> tuple[
+    async def _not_now(self, target: Any, event: dict[str, Any], kind: str,
+                       idempotency_key: str | None) -> tuple[
             int, list[tuple[bytes, bytes]], bytes]:
-        """An HTTP request that asked not to wait: ``Event`` stores it and
-        answers 202 with the invocation id; ``DryRun`` only checks it."""
-        h = event["headers"] or {}
-        kind = invocation_type(h.get(INVOCATION_TYPE_HEADERS[0])
-                               or h.get(INVOCATION_TYPE_HEADERS[1]))
+        """An HTTP request that asked not to wait (``kind``): ``Event`` stores
+        it and answers 202 with the invocation id; ``DryRun`` only checks it."""
         if kind == "DryRun":
             return 204, [], b""
         if self.events is None:
@@ -260,7 +259,7 @@ class Gateway:
         # Pinned now: the version this route's alias picks for this client.
         chosen = target.pick(sticky_key(event)) if type(target) is Split else target
         result = await self.events.submit(function, orjson.dumps(event),
-                                          idempotency_key=h.get("idempotency-key"),
+                                          idempotency_key=idempotency_key,
                                           source="http", version=chosen.target.version)
         body = {"invocationId": result.id, "function": function,
                 "duplicate": not result.created}

@@ -87,9 +87,6 @@ def parse_query_multi(raw: str) -> tuple[dict[str, str] | None, dict[str, list[s
     return {k: vs[-1] for k, vs in multi.items()}, multi
 
 
-_KNOWN = frozenset((b"host", b"content-type", b"user-agent"))
-
-
 def rest_event(
     scope: dict[str, Any],
     body: bytes,
@@ -99,35 +96,38 @@ def rest_event(
     path_params: dict[str, str] | None,
     request_id: str,
     now_s: float,
+    spellings: dict[bytes, str] | None = None,
 ) -> dict[str, Any]:
-    """The event a REST API's Lambda proxy integration sends for this request."""
+    """The event a REST API's Lambda proxy integration sends for this request;
+    ``spellings``, when given, gets each header's lower-case name mapped to
+    its key in the event's ``headers`` (for :func:`header`)."""
     # Header names as the client wrote them (API Gateway's REST APIs keep
-    # their case; HTTP APIs lower it), when the server kept them.
+    # their case; HTTP APIs lower it), when the server kept them. One name
+    # in several spellings is one repeated header, under its first spelling.
     pairs = scope["headers"]
     names = scope.get("header_names")
     if names is None or len(names) != len(pairs):
         names = [n for n, _v in pairs]
     headers: dict[str, str] = {}
     multi_headers: dict[str, list[str]] = {}
-    known: dict[bytes, str] = {}  # host, content-type, user-agent: the last value
+    shown = {} if spellings is None else spellings  # lower-case name -> its key here
     for raw_name, (lower, raw_value) in zip(names, pairs, strict=True):
-        name = raw_name.decode("latin-1")
         value = raw_value.decode("latin-1")
-        if lower in _KNOWN:
-            known[lower] = value
-        headers[name] = value  # the last value, as API Gateway's `headers`
-        values = multi_headers.get(name)
-        if values is None:
+        name = shown.get(lower)
+        if name is None:
+            name = shown[lower] = raw_name.decode("latin-1")
             multi_headers[name] = [value]
         else:
-            values.append(value)
+            multi_headers[name].append(value)
+        headers[name] = value  # the last value, as API Gateway's `headers`
     raw_qs = scope.get("query_string", b"").decode("latin-1")
     query, multi_query = parse_query_multi(raw_qs) if raw_qs else (None, None)
     method = scope["method"]
     path = scope["path"]
     client = scope.get("client")
-    host = known.get(b"host", "localhost")
-    text, is_b64 = encode_body(body, known.get(b"content-type")) if body else (None, False)
+    host = headers[shown[b"host"]] if b"host" in shown else "localhost"
+    content_type = headers[shown[b"content-type"]] if b"content-type" in shown else None
+    text, is_b64 = encode_body(body, content_type) if body else (None, False)
     return {
         "resource": resource,
         "path": path,
@@ -151,13 +151,44 @@ def rest_event(
             "domainPrefix": host.split(".", 1)[0],
             "requestTimeEpoch": int(now_s * 1000),
             "requestId": request_id,
-            "identity": _identity(client[0] if client else "", known.get(b"user-agent")),
+            "identity": _identity(client[0] if client else "",
+                                  headers[shown[b"user-agent"]] if b"user-agent" in shown
+                                  else None),
             "domainName": host,
             "apiId": API_ID,
         },
         "body": text,
         "isBase64Encoded": is_b64,
     }
+
+
+def header(event: dict[str, Any], spellings: dict[bytes, str], lower: bytes) -> str | None:
+    """The (last) value of the header named ``lower`` in any spelling."""
+    name = spellings.get(lower)
+    return None if name is None else event["headers"][name]
+
+
+def put_trace_context(event: dict[str, Any], spellings: dict[bytes, str],
+                      traceparent: str, tracestate: str) -> None:
+    """Replace the client's W3C trace headers (in whatever spelling) with the
+    gateway span's, under lower-case names (what handlers and the worker
+    look up)."""
+    headers = event["headers"]
+    multi = event["multiValueHeaders"]
+    if headers is None:
+        headers = event["headers"] = {}
+        multi = event["multiValueHeaders"] = {}
+    for lower in (b"traceparent", b"tracestate"):
+        name = spellings.pop(lower, None)
+        if name is not None:
+            del headers[name], multi[name]
+    headers["traceparent"] = traceparent
+    multi["traceparent"] = [traceparent]
+    spellings[b"traceparent"] = "traceparent"
+    if tracestate:
+        headers["tracestate"] = tracestate
+        multi["tracestate"] = [tracestate]
+        spellings[b"tracestate"] = "tracestate"
 
 
 def rest_response(result: Any) -> Response:

@@ -101,9 +101,9 @@ class HandshakeError(Exception):
 def idempotent(event: Any) -> bool:
     """Whether ``event`` may run twice: an HTTP request whose method says so."""
     try:
-        method = event["requestContext"]["http"]["method"]
+        method = event["requestContext"]["http"]["method"]  # payload 2.0
     except (KeyError, TypeError, IndexError):
-        return False
+        method = event.get("httpMethod") if type(event) is dict else None  # payload 1.0
     return isinstance(method, str) and method.upper() in IDEMPOTENT_METHODS
 
 

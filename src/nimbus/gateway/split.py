@@ -87,8 +87,11 @@ def sticky_key(event: Any) -> str | None:
     if type(event) is not dict:
         return None
     headers = event.get("headers")
+    rest = "httpMethod" in event  # payload 1.0: header names as the client wrote them
     if headers:
         key = headers.get(STICKY_HEADER)
+        if key is None and rest:
+            key = _any_case(headers, STICKY_HEADER)
         if key is not None:
             return str(key)
     cookies = event.get("cookies")
@@ -97,10 +100,18 @@ def sticky_key(event: Any) -> str | None:
             if c.startswith(STICKY_COOKIE):
                 return str(c[len(STICKY_COOKIE):])
     elif headers:
-        raw = headers.get("cookie")  # a payload 1.0 event keeps them in their header
+        # a payload 1.0 event keeps them in their header
+        raw = headers.get("cookie") or (_any_case(headers, "cookie") if rest else None)
         if raw:
             for c in raw.split(";"):
                 c = c.strip()
                 if c.startswith(STICKY_COOKIE):
                     return str(c[len(STICKY_COOKIE):])
+    return None
+
+
+def _any_case(headers: dict[str, Any], lower: str) -> Any:
+    for name, value in headers.items():
+        if name.lower() == lower:
+            return value
     return None
