@@ -59,6 +59,15 @@ def test_header_names_keep_their_spelling_and_one_name_is_one_header():
     assert header(ev, spellings, b"idempotency-key") is None
 
 
+def test_trace_headers_are_read_under_lower_case_names_whatever_the_spelling():
+    tp = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    ev = rest_event(spelled((b"TraceParent", tp.encode()), (b"TRACESTATE", b"a=1"),
+                            (b"X-Other", b"x")), b"", resource="/x", resource_id="r",
+                    path_params=None, request_id="r", now_s=0)
+    assert ev["headers"] == {"traceparent": tp, "tracestate": "a=1", "X-Other": "x"}
+    assert ev["multiValueHeaders"]["traceparent"] == [tp]
+
+
 def test_names_the_server_did_not_keep_are_the_lower_case_ones():
     ev = rest_event(scope(headers=[(b"x-a", b"1")], names=[b"X-A", b"X-B"]), b"",
                     resource="/x", resource_id="r", path_params=None, request_id="r", now_s=0)

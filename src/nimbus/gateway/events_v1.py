@@ -87,6 +87,9 @@ def parse_query_multi(raw: str) -> tuple[dict[str, str] | None, dict[str, list[s
     return {k: vs[-1] for k, vs in multi.items()}, multi
 
 
+_TRACE_NAMES = ((b"traceparent", "traceparent"), (b"tracestate", "tracestate"))
+
+
 def rest_event(
     scope: dict[str, Any],
     body: bytes,
@@ -120,6 +123,14 @@ def rest_event(
         else:
             multi_headers[name].append(value)
         headers[name] = value  # the last value, as API Gateway's `headers`
+    # The W3C trace headers are nimbus's to read (the handler's context joins
+    # the trace): under their lower-case names, whatever the client wrote.
+    for lower, plain in _TRACE_NAMES:
+        name = shown.get(lower)
+        if name is not None and name != plain:
+            headers[plain] = headers.pop(name)
+            multi_headers[plain] = multi_headers.pop(name)
+            shown[lower] = plain
     raw_qs = scope.get("query_string", b"").decode("latin-1")
     query, multi_query = parse_query_multi(raw_qs) if raw_qs else (None, None)
     method = scope["method"]
