@@ -181,25 +181,22 @@ def header(event: dict[str, Any], spellings: dict[bytes, str], lower: bytes) -> 
 
 def put_trace_context(event: dict[str, Any], spellings: dict[bytes, str],
                       traceparent: str, tracestate: str) -> None:
-    """Replace the client's W3C trace headers (in whatever spelling) with the
-    gateway span's, under lower-case names (what handlers and the worker
-    look up)."""
+    """Put the gateway span's W3C context in place of the client's (which
+    :func:`rest_event` already keeps under the lower-case names)."""
     headers = event["headers"]
-    multi = event["multiValueHeaders"]
     if headers is None:
         headers = event["headers"] = {}
-        multi = event["multiValueHeaders"] = {}
-    for lower in (b"traceparent", b"tracestate"):
-        name = spellings.pop(lower, None)
-        if name is not None:
-            del headers[name], multi[name]
-    headers["traceparent"] = traceparent
-    multi["traceparent"] = [traceparent]
-    spellings[b"traceparent"] = "traceparent"
-    if tracestate:
-        headers["tracestate"] = tracestate
-        multi["tracestate"] = [tracestate]
-        spellings[b"tracestate"] = "tracestate"
+        event["multiValueHeaders"] = {}
+    multi = event["multiValueHeaders"]
+    for name, value in (("traceparent", traceparent), ("tracestate", tracestate)):
+        if value:
+            headers[name] = value
+            multi[name] = [value]
+            spellings[name.encode()] = name
+        else:
+            headers.pop(name, None)
+            multi.pop(name, None)
+            spellings.pop(name.encode(), None)
 
 
 def rest_response(result: Any) -> Response:
