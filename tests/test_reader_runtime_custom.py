@@ -445,7 +445,13 @@ def test_a_runtime_that_exits_at_start_fails_its_deploy(rt: dict[str, Any]) -> N
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("nimbus: error: function quits: custom runtime failed to start: "
                            "Runtime.ExitError: bootstrap exited with status 1"), p.stderr
-    logs = cli(n, "logs", "quits", "--tail", "20").stdout
+    # the log file is written every 100 ms: a few reads, within 5 s
+    deadline = time.monotonic() + 5
+    while True:
+        logs = cli(n, "logs", "quits", "--tail", "20").stdout
+        if "cannot start: missing config" in logs or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert "cannot start: missing config" in logs, "what the bootstrap wrote is in its logs"
 
 

@@ -21,11 +21,15 @@ would fill and the next write to fd 1 would block the handler for good.
 
 from __future__ import annotations
 
+import array
 import codecs
+import fcntl
 import io
 import os
 import selectors
+import termios
 import threading
+import time
 from collections.abc import Callable
 
 Send = Callable[[str | None, str, str], None]  # (request_id, stream, text)
@@ -111,9 +115,13 @@ class LogWriter(io.TextIOBase):
         return False
 
 
-def capture_fds(send: Send, ids: RequestIds) -> None:
-    """Point fds 1 and 2 at pipes drained by a daemon thread into ``send``."""
+def capture_fds(send: Send, ids: RequestIds) -> Callable[[float], None]:
+    """Point fds 1 and 2 at pipes drained by a daemon thread into ``send``;
+    returns ``drain(timeout_s)``, which waits (at most ``timeout_s``) until
+    what was written to them so far has been sent: a child that wrote its
+    last words and exited gets them sent before its exit is reported."""
     streams = {}
+    busy = [False]  # the thread has taken bytes off a pipe and not yet sent them
     for fd, name in ((1, "stdout"), (2, "stderr")):
         r, w = os.pipe()
         os.dup2(w, fd)
@@ -127,6 +135,7 @@ def capture_fds(send: Send, ids: RequestIds) -> None:
         pending = {r: _Pending(streams[r]) for r in streams}
         while streams:
             for key, _ in sel.select():
+                busy[0] = True  # before the read: until then the bytes show in the pipe
                 r = key.fd
                 try:
                     data = os.read(r, 65536)
@@ -141,8 +150,25 @@ def capture_fds(send: Send, ids: RequestIds) -> None:
                         send(ids.current(), pending[r].stream, text)
                 except Exception:  # noqa: BLE001 - keep draining, whatever happened
                     pending[r].reset()
+            busy[0] = False
+
+    def drain(timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        waiting = array.array("i", [0])
+        while time.monotonic() < deadline:
+            queued = 0
+            for r in list(streams):
+                try:
+                    fcntl.ioctl(r, termios.FIONREAD, waiting)
+                except OSError:
+                    continue
+                queued += waiting[0]
+            if not queued and not busy[0]:
+                return
+            time.sleep(0.005)
 
     threading.Thread(target=pump, name="nimbus-fd-capture", daemon=True).start()
+    return drain
 
 
 class _Pending:

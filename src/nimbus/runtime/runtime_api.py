@@ -54,6 +54,7 @@ MAX_RESPONSE_BYTES = 6 * 1024 * 1024  # Lambda's synchronous payload limit
 # space than they use (Node.js's code range, the JVM's class space).
 BOOTSTRAP_AS_ALLOWANCE_MB = 4096
 MAX_BUFFERED_BYTES = 3 * MAX_RESPONSE_BYTES  # a connection holding more is closed
+OUTPUT_DRAIN_S = 0.5  # at most this long for a dead bootstrap's last output to be sent
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
 
 _REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 403: "Forbidden",
@@ -509,13 +510,13 @@ def run_instance(sock: socket.socket, spec: dict[str, Any]) -> None:
     def send_log(rid: str | None, stream: str, text: str) -> None:
         frames.send(p.LOG, orjson.dumps([rid, stream, text]))
 
-    capture_fds(send_log, ids)  # the bootstrap writes to our fds 1 and 2
+    drain_output = capture_fds(send_log, ids)  # the bootstrap writes to our fds 1 and 2
     _apply_spec(spec)
-    asyncio.run(_serve_instance(sock, frames, ids, spec))
+    asyncio.run(_serve_instance(sock, frames, ids, spec, drain_output))
 
 
 async def _serve_instance(sock: socket.socket, frames: _Frames, ids: Any,
-                          spec: dict[str, Any]) -> None:
+                          spec: dict[str, Any], drain_output: Callable[[float], None]) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     # With a uid per function, only the function's own processes may use the
@@ -572,6 +573,7 @@ async def _serve_instance(sock: socket.socket, frames: _Frames, ids: Any,
 
     def wait_exit() -> None:
         code = proc.wait()
+        drain_output(OUTPUT_DRAIN_S)  # its last lines are logged before its exit is told
         loop.call_soon_threadsafe(exited, code)
 
     # INVOKE frames are read on the loop itself (no thread hop per
